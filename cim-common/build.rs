@@ -1,0 +1,23 @@
+//! Generates the protobuf types (prost) and their proto3 JSON mapping (pbjson) from `proto/`.
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../proto");
+    let files = [proto_dir.join("cim.proto"), proto_dir.join("cluster.proto")];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let descriptor_path = out_dir.join("descriptors.bin");
+    prost_build::Config::new()
+        .file_descriptor_set_path(&descriptor_path)
+        .compile_protos(&files, &[proto_dir])
+        .map_err(|e| {
+            format!("{e}\n(cim needs `protoc` to build: install the Debian package protobuf-compiler)")
+        })?;
+    let descriptors = std::fs::read(descriptor_path)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .build(&[".cim"])?;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Connecting to the production backends (Redis + etcd) from one config section shared by
+//! every binary.
+
+use crate::{
+    registry::{EtcdRegistry, Registry},
+    store::{RedisStore, StateStore},
+};
+use serde::{Deserialize, Serialize};
+use std::{sync::Arc, time::Duration};
+
+/// Where the shared state and the registry live.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+    pub redis_url: String,
+    /// etcd endpoints, e.g. `["http://127.0.0.1:2379"]`.
+    pub etcd_endpoints: Vec<String>,
+    /// Prefix of every Redis key (`{prefix}:...`) and etcd key (`/{prefix}/...`): clusters
+    /// (or test runs) sharing one Redis / etcd keep apart by prefix.
+    pub prefix: String,
+    /// Deadline of every Redis / etcd call.
+    pub timeout_ms: u64,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "cim".into(),
+            timeout_ms: 3000,
+        }
+    }
+}
+
+impl BackendConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.etcd_endpoints.is_empty() {
+            return Err("etcd_endpoints must list at least one endpoint".into());
+        }
+        if !crate::ids::valid_instance_name(&self.prefix) {
+            return Err("prefix must be 1-64 characters of [A-Za-z0-9_.-]".into());
+        }
+        if self.timeout_ms == 0 {
+            return Err("timeout_ms must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// The two backends a cim process uses.
+#[derive(Clone)]
+pub struct Backends {
+    pub store: Arc<dyn StateStore>,
+    pub registry: Arc<dyn Registry>,
+}
+
+impl Backends {
+    /// Connects to Redis and etcd, failing fast with a message naming the one that is missing.
+    pub async fn connect(config: &BackendConfig) -> Result<Self, String> {
+        let store = RedisStore::connect(&config.redis_url, &config.prefix, config.timeout())
+            .await
+            .map_err(|e| format!("redis at {}: {e}", config.redis_url))?;
+        let registry = EtcdRegistry::connect(
+            &config.etcd_endpoints,
+            &format!("/{}", config.prefix),
+            config.timeout(),
+        )
+        .await
+        .map_err(|e| format!("etcd at {:?}: {e}", config.etcd_endpoints))?;
+        Ok(Self {
+            store: Arc::new(store),
+            registry: Arc::new(registry),
+        })
+    }
+}

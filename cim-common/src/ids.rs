@@ -1,0 +1,65 @@
+//! Identifiers: message ids (ULIDs, sortable by time, unique across processes without
+//! coordination) and server instance ids.
+
+use rand::Rng;
+use std::sync::Mutex;
+
+static GENERATOR: Mutex<Option<ulid::Generator>> = Mutex::new(None);
+
+/// A new message id: a ULID, monotonic within this process.
+pub fn message_id() -> String {
+    let mut guard = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let generator = guard.get_or_insert_with(ulid::Generator::new);
+    // The generator only fails when 80 random bits overflow within one millisecond.
+    match generator.generate() {
+        Ok(id) => id.to_string(),
+        Err(_) => ulid::Ulid::new().to_string(),
+    }
+}
+
+/// A per-process instance id: `{name}-{6 hex digits}`. The random part makes a restarted
+/// server a new instance, so state left by its previous life (routes, login slots) is
+/// recognisably stale.
+pub fn instance_id(name: &str) -> String {
+    let n: u32 = rand::rng().random_range(0..0x100_0000);
+    format!("{name}-{n:06x}")
+}
+
+/// A random session id (128 bits, hex).
+pub fn session_id() -> String {
+    let n: u128 = rand::rng().random();
+    format!("{n:032x}")
+}
+
+/// Names of servers and routes: used in Redis values and etcd keys, so restricted to
+/// `[A-Za-z0-9_.-]`, 1..=64 characters.
+pub fn valid_instance_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_are_unique_and_sorted() {
+        let ids: Vec<String> = (0..1000).map(|_| message_id()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted, ids);
+    }
+
+    #[test]
+    fn instance_ids_are_valid_names() {
+        let id = instance_id("server");
+        assert!(id.starts_with("server-"));
+        assert!(valid_instance_name(&id));
+        assert!(!valid_instance_name("a|b"));
+        assert!(!valid_instance_name(""));
+    }
+}

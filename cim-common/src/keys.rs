@@ -1,0 +1,128 @@
+//! The Redis key layout, in one place. Every key starts with a configurable prefix (default
+//! `cim`) so several clusters or test runs can share one Redis.
+//!
+//! | key | type | value |
+//! | --- | --- | --- |
+//! | `{p}:user:next_id` | string | last user id handed out (INCR) |
+//! | `{p}:user:name:{name}` | string | user id of that name |
+//! | `{p}:user:{id}` | hash | `name`, `pw` (salted argon2 hash) |
+//! | `{p}:login:{{id}}` | string | login slot: `{session}` (pending) or `{session}@{server}` |
+//! | `{p}:route:{{id}}` | string | `{server}\|{session}`: where the user's connection lives |
+//! | `{p}:online` | sorted set | lexicographic index `{name}\x1f{id}` of connected users |
+//!
+//! The login slot and the route of one user share a hash tag (`{id}`) so the Lua scripts that
+//! touch both stay within one Redis Cluster slot.
+
+/// Builds keys under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// Separator between name and id in the online index (names never contain control characters).
+pub const ONLINE_SEP: char = '\x1f';
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn next_user_id(&self) -> String {
+        format!("{}:user:next_id", self.prefix)
+    }
+
+    pub fn user_name(&self, name: &str) -> String {
+        format!("{}:user:name:{name}", self.prefix)
+    }
+
+    pub fn user(&self, id: u64) -> String {
+        format!("{}:user:{id}", self.prefix)
+    }
+
+    pub fn login(&self, id: u64) -> String {
+        format!("{}:login:{{{id}}}", self.prefix)
+    }
+
+    pub fn route(&self, id: u64) -> String {
+        format!("{}:route:{{{id}}}", self.prefix)
+    }
+
+    /// SCAN pattern matching every route key.
+    pub fn route_pattern(&self) -> String {
+        format!("{}:route:*", self.prefix)
+    }
+
+    /// The user id of a route key, if it is one.
+    pub fn parse_route_key(&self, key: &str) -> Option<u64> {
+        key.strip_prefix(&self.prefix)?
+            .strip_prefix(":route:{")?
+            .strip_suffix('}')?
+            .parse()
+            .ok()
+    }
+
+    pub fn online(&self) -> String {
+        format!("{}:online", self.prefix)
+    }
+}
+
+/// Value of a route key.
+pub fn route_value(server_id: &str, session: &str) -> String {
+    format!("{server_id}|{session}")
+}
+
+/// `(server_id, session)` of a route value.
+pub fn parse_route_value(value: &str) -> Option<(&str, &str)> {
+    value.split_once('|')
+}
+
+/// Value of an attached login slot.
+pub fn attached_slot(session: &str, server_id: &str) -> String {
+    format!("{session}@{server_id}")
+}
+
+/// `(session, Some(server))` of an attached slot, `(session, None)` of a pending one.
+pub fn parse_slot(value: &str) -> (&str, Option<&str>) {
+    match value.split_once('@') {
+        Some((s, server)) => (s, Some(server)),
+        None => (value, None),
+    }
+}
+
+/// Member of the online index.
+pub fn online_member(name: &str, user_id: u64) -> String {
+    format!("{name}{ONLINE_SEP}{user_id}")
+}
+
+pub fn parse_online_member(member: &str) -> Option<(&str, u64)> {
+    let (name, id) = member.rsplit_once(ONLINE_SEP)?;
+    Some((name, id.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_keys_round_trip() {
+        let k = Keys::new("t1");
+        assert_eq!(k.route(42), "t1:route:{42}");
+        assert_eq!(k.parse_route_key(&k.route(42)), Some(42));
+        assert_eq!(k.parse_route_key("t2:route:{42}"), None);
+        assert_eq!(k.parse_route_key("t1:route:{x}"), None);
+    }
+
+    #[test]
+    fn values_round_trip() {
+        assert_eq!(parse_route_value(&route_value("s-1", "abc")), Some(("s-1", "abc")));
+        assert_eq!(parse_slot(&attached_slot("abc", "s-1")), ("abc", Some("s-1")));
+        assert_eq!(parse_slot("abc"), ("abc", None));
+        assert_eq!(parse_online_member(&online_member("bob", 9)), Some(("bob", 9)));
+    }
+}

@@ -1,0 +1,29 @@
+//! Shared foundation of cim: the wire types, the frame codec, tokens, ids, configuration
+//! loading, internal-call helpers, and the two backend traits with their implementations.
+//!
+//! # Layout
+//! - [`proto`]: types generated from `proto/cim.proto` (client contract, with proto3 JSON via
+//!   serde) and `proto/cluster.proto` (internal calls).
+//! - [`codec`]: varint32-delimited protobuf framing for TCP, with a maximum frame size.
+//! - [`token`]: HMAC-signed connect and session tokens (stateless, bound to user and server).
+//! - [`keys`]: the Redis key layout, in one place.
+//! - [`store`]: the shared-state trait ([`store::StateStore`]) and its Redis implementation.
+//! - [`registry`]: the service-registry trait ([`registry::Registry`]) and its etcd implementation.
+//! - [`backend`]: one config section for Redis + etcd, and connecting to both.
+//! - [`cluster`]: authenticated protobuf-over-HTTP calls between cim processes.
+//! - [`config`]: layered configuration (defaults, file, environment, flags) and logging setup.
+//! - [`ids`]: message ids and server ids; [`time`]: clock helpers.
+
+pub mod backend;
+pub mod cluster;
+pub mod codec;
+pub mod config;
+pub mod ids;
+pub mod keys;
+pub mod proto;
+pub mod registry;
+pub mod store;
+pub mod time;
+pub mod token;
+
+pub use proto::cim as pb;

@@ -1,0 +1,292 @@
+//! [`Registry`] on etcd: `{prefix}/{servers|routes}/{id}` → JSON [`ServiceInfo`], attached to a
+//! lease kept alive at a third of its TTL. If the lease is lost (etcd restarted, a long pause),
+//! the keeper grants a new one and puts the key again.
+
+use super::*;
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions,
+};
+use std::collections::BTreeMap;
+use tokio_util::sync::CancellationToken;
+
+fn unavailable(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Unavailable(e.to_string())
+}
+
+/// etcd-backed registry.
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    client: Client,
+    prefix: String,
+}
+
+impl EtcdRegistry {
+    /// Connects to the endpoints (`host:port` or `http://host:port`). Calls time out after
+    /// `timeout`.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        timeout: Duration,
+    ) -> RegistryResult<Self> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(5), timeout);
+        let client = tokio::time::timeout(timeout * 2, Client::connect(endpoints, Some(options)))
+            .await
+            .map_err(|_| unavailable(format!("connecting to etcd {endpoints:?} timed out")))?
+            .map_err(unavailable)?;
+        // Fail at start-up, not at first use, when etcd is not there.
+        let mut probe = client.clone();
+        tokio::time::timeout(timeout, probe.get("cim-probe", None))
+            .await
+            .map_err(|_| unavailable(format!("etcd {endpoints:?} did not answer")))?
+            .map_err(unavailable)?;
+        Ok(Self {
+            client,
+            prefix: prefix.trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn kind_prefix(&self, kind: ServiceKind) -> String {
+        format!("{}/{}/", self.prefix, kind.as_str())
+    }
+}
+
+struct EtcdRegistration {
+    client: Client,
+    lease: Arc<std::sync::atomic::AtomicI64>,
+    stop: CancellationToken,
+}
+
+impl Drop for EtcdRegistration {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[async_trait]
+impl Registration for EtcdRegistration {
+    async fn deregister(self: Box<Self>) -> RegistryResult<()> {
+        self.stop.cancel();
+        let lease = self.lease.load(std::sync::atomic::Ordering::SeqCst);
+        let mut client = self.client.clone();
+        client.lease_revoke(lease).await.map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+async fn grant_and_put(
+    client: &mut Client,
+    key: &str,
+    value: &str,
+    ttl: Duration,
+) -> Result<i64, etcd_client::Error> {
+    let lease = client
+        .lease_grant(ttl.as_secs().max(1) as i64, None)
+        .await?
+        .id();
+    client
+        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+        .await?;
+    Ok(lease)
+}
+
+/// Renews `lease` every ttl/3 until `stop`; re-registers when the lease is lost.
+async fn keep_alive(
+    mut client: Client,
+    key: String,
+    value: String,
+    ttl: Duration,
+    lease: Arc<std::sync::atomic::AtomicI64>,
+    stop: CancellationToken,
+) {
+    use std::sync::atomic::Ordering;
+    let period = (ttl / 3).max(Duration::from_millis(200));
+    loop {
+        let id = lease.load(Ordering::SeqCst);
+        let attempt = async {
+            let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
+            loop {
+                keeper.keep_alive().await?;
+                match tokio::time::timeout(period, stream.message()).await {
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                    Ok(Ok(_)) => {
+                        return Err(etcd_client::Error::LeaseKeepAliveError(
+                            "lease expired".into(),
+                        ))
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        return Err(etcd_client::Error::LeaseKeepAliveError(
+                            "keep-alive timed out".into(),
+                        ))
+                    }
+                }
+                tokio::time::sleep(period).await;
+            }
+        };
+        let result: Result<(), etcd_client::Error> =
+            stop.run_until_cancelled(attempt).await.unwrap_or(Ok(()));
+        if stop.is_cancelled() {
+            return;
+        }
+        if let Err(e) = result {
+            tracing::warn!(key, error = %e, "registry lease lost, registering again");
+        }
+        // Back off a little, then try to re-register with a fresh lease.
+        loop {
+            if stop
+                .run_until_cancelled(tokio::time::sleep(period))
+                .await
+                .is_none()
+            {
+                return;
+            }
+            match stop
+                .run_until_cancelled(grant_and_put(&mut client, &key, &value, ttl))
+                .await
+            {
+                None => return,
+                Some(Ok(new_lease)) => {
+                    lease.store(new_lease, Ordering::SeqCst);
+                    tracing::info!(key, "registered again");
+                    break;
+                }
+                Some(Err(e)) => tracing::warn!(key, error = %e, "re-registration failed"),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Registry for EtcdRegistry {
+    async fn register(
+        &self,
+        kind: ServiceKind,
+        info: &ServiceInfo,
+        ttl: Duration,
+    ) -> RegistryResult<Box<dyn Registration>> {
+        let key = format!("{}{}", self.kind_prefix(kind), info.id);
+        let value = serde_json::to_string(info).map_err(unavailable)?;
+        let mut client = self.client.clone();
+        let lease = grant_and_put(&mut client, &key, &value, ttl)
+            .await
+            .map_err(unavailable)?;
+        let lease = Arc::new(std::sync::atomic::AtomicI64::new(lease));
+        let stop = CancellationToken::new();
+        tokio::spawn(keep_alive(
+            client.clone(),
+            key,
+            value,
+            ttl,
+            lease.clone(),
+            stop.clone(),
+        ));
+        Ok(Box::new(EtcdRegistration {
+            client,
+            lease,
+            stop,
+        }))
+    }
+
+    async fn watch(&self, kind: ServiceKind) -> RegistryResult<MembersRx> {
+        let prefix = self.kind_prefix(kind);
+        let mut client = self.client.clone();
+        let (members, revision) = load(&mut client, &prefix).await.map_err(unavailable)?;
+        let (tx, rx) = watch::channel(snapshot(&members));
+        tokio::spawn(follow(client, prefix, members, revision, tx));
+        Ok(rx)
+    }
+}
+
+type MemberMap = BTreeMap<String, ServiceInfo>;
+
+fn snapshot(members: &MemberMap) -> Members {
+    // BTreeMap keys are `{prefix}{id}` with one prefix, so values come out sorted by id.
+    Arc::new(members.values().cloned().collect())
+}
+
+fn parse(value: &[u8]) -> Option<ServiceInfo> {
+    serde_json::from_slice(value).ok()
+}
+
+async fn load(client: &mut Client, prefix: &str) -> Result<(MemberMap, i64), etcd_client::Error> {
+    let resp = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let members = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| Some((kv.key_str().ok()?.to_string(), parse(kv.value())?)))
+        .collect();
+    Ok((members, revision))
+}
+
+/// Applies watch events to the list until every receiver is gone; on a broken watch, reloads
+/// the whole list and watches again.
+async fn follow(
+    mut client: Client,
+    prefix: String,
+    mut members: MemberMap,
+    mut revision: i64,
+    tx: watch::Sender<Members>,
+) {
+    loop {
+        let run = async {
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1);
+            let mut stream = client.watch(prefix.as_str(), Some(options)).await?;
+            while let Some(resp) = stream.message().await? {
+                if resp.canceled() {
+                    break;
+                }
+                let mut changed = false;
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    revision = revision.max(kv.mod_revision());
+                    let Ok(key) = kv.key_str() else { continue };
+                    match event.event_type() {
+                        EventType::Put => {
+                            if let Some(info) = parse(kv.value()) {
+                                members.insert(key.to_string(), info);
+                                changed = true;
+                            }
+                        }
+                        EventType::Delete => changed |= members.remove(key).is_some(),
+                    }
+                }
+                if changed {
+                    tx.send_replace(snapshot(&members));
+                }
+            }
+            Ok::<(), etcd_client::Error>(())
+        };
+        tokio::select! {
+            _ = tx.closed() => return,
+            result = run => {
+                if let Err(e) = result {
+                    tracing::warn!(prefix, error = %e, "registry watch broke, reloading");
+                }
+            }
+        }
+        // Reload: the watch may have missed events (compaction, etcd restart).
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            match load(&mut client, &prefix).await {
+                Ok((m, rev)) => {
+                    members = m;
+                    revision = rev;
+                    tx.send_replace(snapshot(&members));
+                    break;
+                }
+                Err(e) => tracing::warn!(prefix, error = %e, "registry reload failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Shared state: accounts, login slots, routes and the online index.
+//!
+//! [`StateStore`] is the one interface; [`redis::RedisStore`] is the production implementation
+//! (an in-memory one for standalone mode implements the same trait). Every call has a deadline
+//! (the Redis response timeout), so a dead Redis produces an error, never a hang.
+
+pub mod redis;
+
+use async_trait::async_trait;
+use std::time::Duration;
+
+pub use self::redis::RedisStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    #[error("corrupt value in state store: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub id: u64,
+    pub name: String,
+    pub password_hash: String,
+}
+
+/// Outcome of taking a user's login slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The slot is ours, pending until a server attaches the connection.
+    Claimed,
+    /// Another live session holds it: connected to `server` (or `None`: logged in, not yet
+    /// connected, and the pending slot expires by itself).
+    Held { server: Option<String> },
+}
+
+/// Outcome of attaching a connection to its login session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachOutcome {
+    Attached,
+    /// The session is not pending: the token was already used, or the session ended.
+    SessionInvalid,
+}
+
+/// Where a user's connection lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub user_id: u64,
+    pub server_id: String,
+    pub session: String,
+}
+
+/// One entry of the online index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlineEntry {
+    pub user_id: u64,
+    pub name: String,
+    /// Opaque cursor: pass it as `after` to continue after this entry.
+    pub cursor: String,
+}
+
+/// Predicate "is this server instance alive" (from the registry).
+pub type IsLive<'a> = &'a (dyn Fn(&str) -> bool + Send + Sync);
+
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Creates an account. `Ok(None)` when the name is taken.
+    async fn create_user(&self, name: &str, password_hash: &str) -> StoreResult<Option<u64>>;
+    async fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRecord>>;
+    async fn user_name(&self, id: u64) -> StoreResult<Option<String>>;
+
+    /// Takes the login slot of `user_id` for `session`, pending for `pending_ttl` (the slot
+    /// expires unless a server attaches a connection in time). A slot held by a session whose
+    /// server is not live is taken over.
+    async fn claim_login(
+        &self,
+        user_id: u64,
+        session: &str,
+        pending_ttl: Duration,
+        is_live: IsLive<'_>,
+    ) -> StoreResult<ClaimOutcome>;
+
+    /// Whether `session` still holds the login slot (pending or attached).
+    async fn session_active(&self, user_id: u64, session: &str) -> StoreResult<bool>;
+
+    /// Frees the slot if `session` holds it. Returns the server it was attached to, if any.
+    async fn release_login(&self, user_id: u64, session: &str) -> StoreResult<Option<String>>;
+
+    /// A server accepted the connection of a pending session: atomically marks the slot as
+    /// attached to `server_id` (without expiry), records the route, then indexes the user as
+    /// online. Single-use: a second attach of the same session fails.
+    async fn attach(
+        &self,
+        user_id: u64,
+        name: &str,
+        session: &str,
+        server_id: &str,
+    ) -> StoreResult<AttachOutcome>;
+
+    /// The connection closed: removes the route and the slot, each only if it still belongs
+    /// to this session on this server (compare-and-delete), and the online index entry.
+    async fn detach(
+        &self,
+        user_id: u64,
+        name: &str,
+        session: &str,
+        server_id: &str,
+    ) -> StoreResult<()>;
+
+    /// Routes of many users in one round trip; `None` for users not connected.
+    async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>>;
+
+    /// One SCAN step over the route keys. Returns the next cursor (0: done) and the routes.
+    async fn scan_routes(&self, cursor: u64, count: usize)
+        -> StoreResult<(u64, Vec<RouteEntry>)>;
+
+    /// A page of the online index in name order, names starting with `prefix`, after the
+    /// entry with cursor `after`. At most `limit` entries.
+    async fn online_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<OnlineEntry>>;
+
+    /// Drops a route (and the index entry) that was found stale, if it is unchanged.
+    async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()>;
+}
