@@ -1,0 +1,178 @@
+//! One client connection to a connection server, over any of the three encodings the server
+//! speaks: TCP with delimited protobuf, WebSocket binary (protobuf), WebSocket text (proto3
+//! JSON). Higher layers (reconnect, terminal client) see only [`Frame`]s.
+
+use crate::pb::{frame::Body, Frame, Login, LoginResult};
+use cim_common::codec::{CodecError, FrameCodec};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::{tungstenite::Message as WsMessage, MaybeTlsStream, WebSocketStream};
+use tokio_util::codec::Framed;
+
+/// Which transport and encoding to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP, varint32-delimited protobuf.
+    Tcp,
+    /// WebSocket, binary messages of protobuf.
+    WsBinary,
+    /// WebSocket, text messages of proto3 JSON.
+    WsJson,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("frame: {0}")]
+    Codec(#[from] CodecError),
+    #[error("undecodable frame from server: {0}")]
+    Decode(String),
+    #[error("timed out waiting for the server")]
+    Timeout,
+    #[error("connection closed by the server")]
+    Closed,
+    #[error("login refused: {code:?}: {message}")]
+    LoginRefused {
+        code: Option<crate::pb::ErrorCode>,
+        message: String,
+    },
+}
+
+enum Inner {
+    Tcp(Framed<TcpStream, FrameCodec>),
+    Ws {
+        stream: Box<WebSocketStream<MaybeTlsStream<TcpStream>>>,
+        json: bool,
+    },
+}
+
+/// An open connection (not yet logged in until [`Connection::login`]).
+pub struct Connection {
+    inner: Inner,
+}
+
+impl Connection {
+    /// Opens a connection to `addr` (`host:port`, the TCP or WS address the route assigned).
+    pub async fn connect(addr: &str, transport: Transport) -> Result<Self, ConnError> {
+        let inner = match transport {
+            Transport::Tcp => {
+                let stream = TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| ConnError::Connect {
+                        addr: addr.to_string(),
+                        source,
+                    })?;
+                stream.set_nodelay(true).ok();
+                Inner::Tcp(Framed::new(stream, FrameCodec::default()))
+            }
+            Transport::WsBinary | Transport::WsJson => {
+                let (stream, _) =
+                    tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await?;
+                Inner::Ws {
+                    stream: Box::new(stream),
+                    json: transport == Transport::WsJson,
+                }
+            }
+        };
+        Ok(Self { inner })
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
+        match &mut self.inner {
+            Inner::Tcp(framed) => framed.send(frame).await?,
+            Inner::Ws { stream, json } => {
+                let msg = if *json {
+                    let text = serde_json::to_string(frame)
+                        .map_err(|e| ConnError::Decode(e.to_string()))?;
+                    WsMessage::text(text)
+                } else {
+                    WsMessage::binary(frame.encode_to_vec())
+                };
+                stream.send(msg).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Next frame; `Ok(None)` when the server closed the connection cleanly.
+    pub async fn recv(&mut self) -> Result<Option<Frame>, ConnError> {
+        match &mut self.inner {
+            Inner::Tcp(framed) => framed.next().await.transpose().map_err(Into::into),
+            Inner::Ws { stream, .. } => loop {
+                let Some(msg) = stream.next().await else {
+                    return Ok(None);
+                };
+                match msg {
+                    Ok(WsMessage::Binary(b)) => {
+                        return Frame::decode(b)
+                            .map(Some)
+                            .map_err(|e| ConnError::Decode(e.to_string()))
+                    }
+                    Ok(WsMessage::Text(t)) => {
+                        return serde_json::from_str(t.as_str())
+                            .map(Some)
+                            .map_err(|e| ConnError::Decode(e.to_string()))
+                    }
+                    Ok(WsMessage::Close(_)) => return Ok(None),
+                    Ok(_) => continue, // ping/pong handled by tungstenite
+                    Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed) => {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            },
+        }
+    }
+
+    /// Next frame within `deadline`.
+    pub async fn recv_timeout(&mut self, deadline: Duration) -> Result<Option<Frame>, ConnError> {
+        tokio::time::timeout(deadline, self.recv())
+            .await
+            .map_err(|_| ConnError::Timeout)?
+    }
+
+    /// Sends the login frame and waits for the result (deadline 10 s).
+    pub async fn login(&mut self, connect_token: &str) -> Result<LoginResult, ConnError> {
+        self.send(&Frame::new(Body::Login(Login {
+            token: connect_token.to_string(),
+        })))
+        .await?;
+        match self.recv_timeout(Duration::from_secs(10)).await? {
+            Some(Frame {
+                body: Some(Body::LoginResult(r)),
+            }) => Ok(r),
+            Some(Frame {
+                body: Some(Body::Error(e)),
+            }) => Err(ConnError::LoginRefused {
+                code: crate::pb::ErrorCode::try_from(e.code).ok(),
+                message: e.message,
+            }),
+            Some(other) => Err(ConnError::Decode(format!(
+                "expected login_result, got {}",
+                other.kind_name()
+            ))),
+            None => Err(ConnError::Closed),
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        match &mut self.inner {
+            Inner::Tcp(framed) => {
+                let _ = SinkExt::<&Frame>::close(framed).await;
+            }
+            Inner::Ws { stream, .. } => {
+                let _ = WebSocketStream::close(&mut **stream, None).await;
+            }
+        }
+    }
+}
