@@ -18,20 +18,21 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
     file: Option<&Path>,
     env_prefix: &str,
     overrides: &impl Serialize,
-) -> Result<T, figment::Error> {
+) -> Result<T, Box<figment::Error>> {
     let mut fig = Figment::from(Serialized::defaults(T::default()));
     if let Some(file) = file {
         if !file.exists() {
-            return Err(figment::Error::from(format!(
+            return Err(Box::new(figment::Error::from(format!(
                 "config file {} does not exist",
                 file.display()
-            )));
+            ))));
         }
         fig = fig.merge(Toml::file(file));
     }
     fig.merge(Env::prefixed(env_prefix))
         .merge(Serialized::defaults(overrides))
         .extract()
+        .map_err(Box::new)
 }
 
 /// Installs the global `tracing` subscriber: `RUST_LOG` filter (default `info`), plain text to
@@ -39,8 +40,11 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: log files stay free of escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -57,6 +57,7 @@ struct EtcdRegistration {
     client: Client,
     lease: Arc<std::sync::atomic::AtomicI64>,
     stop: CancellationToken,
+    keeper: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for EtcdRegistration {
@@ -67,8 +68,13 @@ impl Drop for EtcdRegistration {
 
 #[async_trait]
 impl Registration for EtcdRegistration {
-    async fn deregister(self: Box<Self>) -> RegistryResult<()> {
+    async fn deregister(mut self: Box<Self>) -> RegistryResult<()> {
         self.stop.cancel();
+        // Wait for the keeper so no re-registration races the revoke (bounded: a keeper in
+        // the middle of a re-grant finishes within the call timeouts).
+        if let Some(keeper) = self.keeper.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), keeper).await;
+        }
         let lease = self.lease.load(std::sync::atomic::Ordering::SeqCst);
         let mut client = self.client.clone();
         client.lease_revoke(lease).await.map_err(unavailable)?;
@@ -143,17 +149,15 @@ async fn keep_alive(
             {
                 return;
             }
-            match stop
-                .run_until_cancelled(grant_and_put(&mut client, &key, &value, ttl))
-                .await
-            {
-                None => return,
-                Some(Ok(new_lease)) => {
+            // Not cancellable half-way: a key put under a new lease must have that lease
+            // recorded, so that `deregister` (which waits for this task) revokes it.
+            match grant_and_put(&mut client, &key, &value, ttl).await {
+                Ok(new_lease) => {
                     lease.store(new_lease, Ordering::SeqCst);
                     tracing::info!(key, "registered again");
                     break;
                 }
-                Some(Err(e)) => tracing::warn!(key, error = %e, "re-registration failed"),
+                Err(e) => tracing::warn!(key, error = %e, "re-registration failed"),
             }
         }
     }
@@ -175,7 +179,7 @@ impl Registry for EtcdRegistry {
             .map_err(unavailable)?;
         let lease = Arc::new(std::sync::atomic::AtomicI64::new(lease));
         let stop = CancellationToken::new();
-        tokio::spawn(keep_alive(
+        let keeper = tokio::spawn(keep_alive(
             client.clone(),
             key,
             value,
@@ -187,6 +191,7 @@ impl Registry for EtcdRegistry {
             client,
             lease,
             stop,
+            keeper: Some(keeper),
         }))
     }
 

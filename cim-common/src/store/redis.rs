@@ -111,6 +111,27 @@ impl RedisStore {
         self.conn.clone()
     }
 
+    /// Removes a user from the online index after their route was deleted. The index lives
+    /// in another hash slot than the route, so this cannot be part of the route's script: if
+    /// the user attached again in between, put the entry back (the route is the truth).
+    async fn unindex(&self, user_id: u64, name: &str) -> StoreResult<()> {
+        let mut c = self.conn();
+        let member = keys::online_member(name, user_id);
+        let (_, route): ((), Option<String>) = ::redis::pipe()
+            .zrem(self.keys.online(), &member)
+            .get(self.keys.route(user_id))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        if route.is_some() {
+            let _: () = c
+                .zadd(self.keys.online(), &member, 0)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
     fn parse_route(user_id: u64, value: &str) -> Option<RouteEntry> {
         let (server, session) = keys::parse_route_value(value)?;
         Some(RouteEntry {
@@ -299,10 +320,7 @@ impl StateStore for RedisStore {
             .await
             .map_err(unavailable)?;
         if removed == 1 {
-            let _: () = c
-                .zrem(self.keys.online(), keys::online_member(name, user_id))
-                .await
-                .map_err(unavailable)?;
+            self.unindex(user_id, name).await?;
         }
         Ok(())
     }
@@ -403,10 +421,7 @@ impl StateStore for RedisStore {
             .map_err(unavailable)?;
         if removed == 1 {
             if let Some(name) = self.user_name(entry.user_id).await? {
-                let _: () = c
-                    .zrem(self.keys.online(), keys::online_member(&name, entry.user_id))
-                    .await
-                    .map_err(unavailable)?;
+                self.unindex(entry.user_id, &name).await?;
             }
         }
         Ok(())

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Installs the Debian packages cim needs to build and test, if they are missing:
+#   protoc (protobuf-compiler), redis-server (redis-server), etcd (etcd-server).
+# Extra requirements can be given as COMMAND=PACKAGE arguments, e.g. `curl=curl`.
+#
+# Used by ./test.sh (and so by .ci/run) and by deploy/cluster.sh. Idempotent: does nothing when
+# every command is already there. Runs `apt-get update` only if the first install fails, uses
+# sudo only when not root, and keeps the packages' own system services from starting on install
+# (the tests and the local cluster run their own processes; nothing relies on system services).
+set -euo pipefail
+
+requirements=(protoc=protobuf-compiler redis-server=redis-server etcd=etcd-server "$@")
+
+missing=()
+for req in "${requirements[@]}"; do
+    cmd=${req%%=*}
+    pkg=${req#*=}
+    if ! command -v "$cmd" >/dev/null 2>&1; then
+        missing+=("$pkg")
+    fi
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+    exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}" >&2
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-deps: apt-get not found; install these packages by hand: ${missing[*]}" >&2
+    exit 1
+fi
+
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+        echo "install-deps: not root and no sudo; install these packages by hand: ${missing[*]}" >&2
+        exit 1
+    fi
+    sudo=(sudo -n)
+fi
+export DEBIAN_FRONTEND=noninteractive
+
+# Keep redis-server / etcd-server from starting their system services on install (they would
+# take ports 6379 / 2379), unless the machine already has its own policy.
+policy=/usr/sbin/policy-rc.d
+added_policy=false
+if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
+    "${sudo[@]}" chmod 755 "$policy"
+    added_policy=true
+fi
+remove_policy() {
+    if [[ $added_policy == true ]]; then
+        "${sudo[@]}" rm -f "$policy"
+    fi
+}
+trap remove_policy EXIT
+
+install() {
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+if ! install; then
+    echo "install-deps: install failed, running apt-get update and trying again" >&2
+    "${sudo[@]}" apt-get update -q
+    install
+fi
+
+for req in "${requirements[@]}"; do
+    cmd=${req%%=*}
+    if ! command -v "$cmd" >/dev/null 2>&1; then
+        echo "install-deps: $cmd still missing after installing ${missing[*]}" >&2
+        exit 1
+    fi
+done

@@ -1,0 +1,261 @@
+//! A real `redis-server` process on a free port, in its own temporary directory.
+
+use crate::process::{free_ports, locate_binary, log_tail, report_on_panic, ChildGuard};
+use crate::wait_until;
+use anyhow::{anyhow, Context as _};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Mutex,
+    time::Duration,
+};
+use tempfile::TempDir;
+
+/// How long a start (or restart) may take before it is an error.
+const START_DEADLINE: Duration = Duration::from_secs(10);
+/// Attempts with fresh ports when the process exits at start (a port taken meanwhile).
+const START_ATTEMPTS: usize = 5;
+/// Deadline of one readiness probe.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Options of [`Redis::start_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// Persist with the append-only file (`appendfsync always`): every acknowledged write
+    /// survives [`Redis::kill`] + [`Redis::restart`]. Without it, a restart starts empty.
+    pub aof: bool,
+}
+
+/// A `redis-server` child process on `127.0.0.1:{port}`, killed (SIGKILL) when dropped.
+/// Its working directory (data, `redis.log`) is a temporary directory removed on drop.
+#[derive(Debug)]
+pub struct Redis {
+    options: RedisOptions,
+    port: u16,
+    binary: PathBuf,
+    process: Mutex<Option<ChildGuard>>,
+    // Declared last: removed after the process is killed (see Drop).
+    dir: TempDir,
+}
+
+enum LaunchError {
+    /// The process exited before answering (port taken, bad flag): see the log.
+    Exited(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl Redis {
+    /// Starts a throw-away Redis (no persistence) and waits until it answers.
+    pub async fn start() -> anyhow::Result<Redis> {
+        Self::start_with(RedisOptions::default()).await
+    }
+
+    /// Starts a Redis with `options` and waits until it answers PING (as this very process:
+    /// its `INFO` must report our pid, so a port taken by another test is never mistaken for
+    /// ours). Retries on fresh ports when the process exits at start.
+    pub async fn start_with(options: RedisOptions) -> anyhow::Result<Redis> {
+        let binary = locate_binary("redis-server", "CIM_TEST_REDIS_SERVER", "redis-server")?;
+        let dir = tempfile::Builder::new()
+            .prefix("cim-test-redis-")
+            .tempdir()
+            .context("creating a temporary directory for redis")?;
+        let mut redis = Redis {
+            options,
+            port: 0,
+            binary,
+            process: Mutex::new(None),
+            dir,
+        };
+        let mut last = None;
+        for _ in 0..START_ATTEMPTS {
+            let [port] = free_ports::<1>()?;
+            redis.port = port;
+            match redis.launch().await {
+                Ok(()) => return Ok(redis),
+                Err(LaunchError::Exited(e)) => last = Some(e),
+                Err(LaunchError::Other(e)) => return Err(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| anyhow!("redis-server did not start"))
+            .context(format!("redis-server failed {START_ATTEMPTS} times")))
+    }
+
+    /// `redis://127.0.0.1:{port}/0`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The working directory (RDB / AOF files, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The file receiving the server's stdout and stderr.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    pub fn options(&self) -> RedisOptions {
+        self.options
+    }
+
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        let mut guard = self.guard();
+        let g = guard.as_mut()?;
+        if g.is_running() {
+            g.id()
+        } else {
+            None
+        }
+    }
+
+    /// Whether the process is running (it may have been killed or have crashed).
+    pub fn is_running(&self) -> bool {
+        self.guard().as_mut().is_some_and(|g| g.is_running())
+    }
+
+    /// SIGKILLs the server (a crash: no shutdown save). Idempotent.
+    pub fn kill(&mut self) {
+        if let Some(mut g) = self.guard().take() {
+            g.kill();
+        }
+    }
+
+    /// Kills the server if it runs, then starts it again on the same port and directory (with
+    /// AOF on, the data is still there) and waits until it answers.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        // The old socket is closed (the process is reaped) and Redis binds with SO_REUSEADDR,
+        // so the port is normally free at once; a few attempts cover a brief race.
+        let mut last = None;
+        for _ in 0..3 {
+            match self.launch().await {
+                Ok(()) => return Ok(()),
+                Err(LaunchError::Exited(e)) => last = Some(e),
+                Err(LaunchError::Other(e)) => return Err(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| anyhow!("redis-server did not restart"))
+            .context(format!("restarting redis-server on port {}", self.port)))
+    }
+
+    /// A new client connection (for tests that look at raw keys).
+    pub async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url())?;
+        tokio::time::timeout(START_DEADLINE, client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| anyhow!("connecting to redis at {} timed out", self.url()))?
+            .with_context(|| format!("connecting to redis at {}", self.url()))
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, Option<ChildGuard>> {
+        self.process.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--port".into(),
+            self.port.to_string().into(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--dir".into(),
+            self.dir.path().into(),
+            "--daemonize".into(),
+            "no".into(),
+            "--save".into(),
+            "".into(),
+            "--logfile".into(),
+            "".into(),
+            "--loglevel".into(),
+            "warning".into(),
+        ];
+        if self.options.aof {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(OsString::from));
+        } else {
+            args.extend(["--appendonly", "no"].map(OsString::from));
+        }
+        args
+    }
+
+    /// Spawns the process on `self.port` and waits until it answers as itself.
+    async fn launch(&self) -> Result<(), LaunchError> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(self.args()).current_dir(self.dir.path());
+        let guard = ChildGuard::spawn(format!("redis:{}", self.port), cmd, &self.log_path())
+            .map_err(LaunchError::Other)?;
+        let pid = guard.id().unwrap_or_default();
+        *self.guard() = Some(guard);
+
+        let port = self.port;
+        let process = &self.process;
+        let ready = wait_until(
+            &format!("redis-server on port {port} to answer"),
+            START_DEADLINE,
+            || {
+                let exited = process
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                    .is_none_or(|g| !g.is_running());
+                async move { exited || answers_as(port, pid).await }
+            },
+        )
+        .await;
+        let exited = !self.is_running();
+        let log = || {
+            format!(
+                "log {}:\n{}",
+                self.log_path().display(),
+                log_tail(&self.log_path(), 20)
+            )
+        };
+        match (ready, exited) {
+            (Ok(()), false) => Ok(()),
+            (_, true) => Err(LaunchError::Exited(anyhow!(
+                "redis-server exited at start on port {port}; {}",
+                log()
+            ))),
+            (Err(e), false) => {
+                if let Some(mut g) = self.guard().take() {
+                    g.kill();
+                }
+                Err(LaunchError::Other(e.context(log())))
+            }
+        }
+    }
+}
+
+/// Whether the Redis on `port` answers and is the process `pid`.
+async fn answers_as(port: u16, pid: u32) -> bool {
+    let probe = async {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).ok()?;
+        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut c)
+            .await
+            .ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    };
+    matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Some(p)) if p == pid)
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        report_on_panic(
+            &format!("redis-server on port {}", self.port),
+            &self.log_path(),
+        );
+        self.kill();
+    }
+}
