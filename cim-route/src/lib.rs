@@ -1,1 +1,294 @@
-//! placeholder
+//! cim-route: the stateless HTTP service of cim. Accounts, login with single-login, round-robin
+//! assignment of connection servers, and all message routing (private and group), for
+//! clients over HTTP and for messages that connection servers forward.
+//!
+//! # Layout
+//! - [`config`]: [`RouteConfig`], defaults that work on one machine, validation.
+//! - [`state`]: [`AppState`], what handlers share (backends, live-server watch, signer).
+//! - [`error`]: the API's one error shape, and extractors that keep rejections in it.
+//! - [`auth`]: the bearer-token extractor ([`auth::AuthUser`]).
+//! - [`api`]: the public router ([`app`]) and its handlers: `accounts`, `messages`, `presence`.
+//! - [`routing`]: message routing, shared by the HTTP API and the internal forward endpoint.
+//! - [`internal`]: the internal listener (`/internal/forward`, cluster-secret protected).
+//! - [`password`]: Argon2id hashing off the async threads.
+//!
+//! [`start`] runs an instance on already-bound listeners (tests bind `127.0.0.1:0`).
+//!
+//! Architecture invariant: no business state lives in a route between requests. Everything
+//! is in Redis; the registry watch and the round-robin counter are the only per-instance
+//! values, so any route instance serves any request and killing one loses nothing.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod internal;
+pub mod password;
+pub mod routing;
+pub mod state;
+
+#[cfg(test)]
+mod testing;
+
+pub use api::app;
+pub use config::RouteConfig;
+pub use state::AppState;
+
+use anyhow::Context;
+use cim_common::{
+    backend::Backends,
+    ids,
+    registry::{Registration, ServiceInfo, ServiceKind},
+};
+use std::{net::SocketAddr, time::Duration};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+/// The two listeners of a route, already bound.
+pub struct Listeners {
+    /// Public HTTP API.
+    pub http: TcpListener,
+    /// Internal API (forwards from connection servers).
+    pub internal: TcpListener,
+}
+
+/// A running route instance. Dropping it stops serving without deregistering (the registry
+/// entry expires with its lease, as after a crash); [`RouteHandle::shutdown`] is the clean way.
+pub struct RouteHandle {
+    id: String,
+    http_addr: SocketAddr,
+    internal_addr: SocketAddr,
+    cancel: CancellationToken,
+    registration: Option<Box<dyn Registration>>,
+    tasks: Vec<JoinHandle<()>>,
+    /// How long shutdown waits for in-flight requests.
+    drain: Duration,
+}
+
+impl RouteHandle {
+    /// This instance's id (as registered).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The bound public address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The bound internal address.
+    pub fn internal_addr(&self) -> SocketAddr {
+        self.internal_addr
+    }
+
+    /// Leaves the registry first (servers stop forwarding here), then stops accepting, lets
+    /// in-flight requests finish within the request deadline, and returns.
+    pub async fn shutdown(mut self) {
+        if let Some(registration) = self.registration.take() {
+            if let Err(e) = registration.deregister().await {
+                tracing::warn!(error = %e, "deregistering failed; the entry expires with its lease");
+            }
+        }
+        self.cancel.cancel();
+        let tasks = std::mem::take(&mut self.tasks);
+        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        if tokio::time::timeout(self.drain, futures_util::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight requests outlived the shutdown deadline; aborting them");
+            aborts.iter().for_each(|a| a.abort());
+        }
+        tracing::info!(id = %self.id, "route stopped");
+    }
+}
+
+impl Drop for RouteHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Serves `router` on `listener` until `cancel` fires.
+async fn serve(listener: TcpListener, router: axum::Router, cancel: CancellationToken, what: &str) {
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
+        tracing::error!(listener = what, error = %e, "serving failed");
+    }
+}
+
+/// Starts a route instance: watches the live servers, serves both listeners, then registers
+/// in the registry (so nobody finds it before it answers).
+pub async fn start(
+    config: RouteConfig,
+    listeners: Listeners,
+    backends: Backends,
+) -> anyhow::Result<RouteHandle> {
+    config.validate()?;
+    if config.uses_dev_secret() {
+        tracing::warn!(
+            "cluster_secret is the built-in development secret: anyone can forge tokens; \
+             set a secret of your own outside a single development machine"
+        );
+    }
+    let id = ids::instance_id(&config.name);
+    let http_addr = listeners
+        .http
+        .local_addr()
+        .context("reading the public listener's address")?;
+    let internal_addr = listeners
+        .internal
+        .local_addr()
+        .context("reading the internal listener's address")?;
+    let info = ServiceInfo {
+        id: id.clone(),
+        http_addr: config.advertised(config.advertise_http.as_deref(), http_addr),
+        internal_addr: config.advertised(config.advertise_internal.as_deref(), internal_addr),
+        ..Default::default()
+    };
+
+    let servers = backends
+        .registry
+        .watch(ServiceKind::Server)
+        .await
+        .context("watching the live connection servers")?;
+    let ttl = config.registry_ttl();
+    let drain = config.request_timeout() + Duration::from_secs(1);
+    let state = AppState::new(id.clone(), config, backends.store.clone(), servers);
+
+    let cancel = CancellationToken::new();
+    let tasks = vec![
+        tokio::spawn(serve(
+            listeners.http,
+            app(state.clone()),
+            cancel.clone(),
+            "public",
+        )),
+        tokio::spawn(serve(
+            listeners.internal,
+            internal::app(state),
+            cancel.clone(),
+            "internal",
+        )),
+    ];
+    let mut handle = RouteHandle {
+        id,
+        http_addr,
+        internal_addr,
+        cancel,
+        registration: None,
+        tasks,
+        drain,
+    };
+    match backends
+        .registry
+        .register(ServiceKind::Route, &info, ttl)
+        .await
+    {
+        Ok(registration) => handle.registration = Some(registration),
+        Err(e) => {
+            handle.shutdown().await;
+            return Err(e).context("registering the route in the registry");
+        }
+    }
+    tracing::info!(
+        id = %info.id,
+        http = %info.http_addr,
+        internal = %info.internal_addr,
+        "route started"
+    );
+    Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{MemRegistry, MemStore};
+    use cim_common::{
+        cluster::ClusterClient,
+        config::DEV_SECRET,
+        pb::cluster::{ForwardRequest, ForwardResponse},
+    };
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn start_serves_registers_and_shuts_down() {
+        let registry = Arc::new(MemRegistry::default());
+        let backends = Backends {
+            store: Arc::new(MemStore::default()),
+            registry: registry.clone(),
+        };
+        let listeners = Listeners {
+            http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            internal: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let config = RouteConfig {
+            advertise_http: Some("route.example:80".into()),
+            ..Default::default()
+        };
+        let handle = start(config, listeners, backends).await.unwrap();
+        assert!(handle.id().starts_with("route-"));
+
+        let routes = registry.list(ServiceKind::Route);
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].id, handle.id());
+        assert_eq!(routes[0].http_addr, "route.example:80");
+        assert_eq!(routes[0].internal_addr, handle.internal_addr().to_string());
+
+        let health = http_get(handle.http_addr(), "/healthz").await.unwrap();
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        assert!(
+            health.contains(&format!("\"id\":\"{}\"", handle.id())),
+            "{health}"
+        );
+
+        let client = ClusterClient::new(DEV_SECRET, Duration::from_secs(5));
+        let resp: ForwardResponse = client
+            .call(
+                &handle.internal_addr().to_string(),
+                "/internal/forward",
+                &ForwardRequest::default(),
+            )
+            .await
+            .unwrap();
+        assert!(resp.results.is_empty());
+
+        let http_addr = handle.http_addr();
+        handle.shutdown().await;
+        assert!(registry.list(ServiceKind::Route).is_empty(), "deregistered");
+        assert!(
+            http_get(http_addr, "/healthz").await.is_err(),
+            "no longer serving"
+        );
+    }
+
+    #[tokio::test]
+    async fn start_refuses_an_invalid_config() {
+        let backends = Backends {
+            store: Arc::new(MemStore::default()),
+            registry: Arc::new(MemRegistry::default()),
+        };
+        let listeners = Listeners {
+            http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            internal: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let config = RouteConfig {
+            scan_batch: 0,
+            ..Default::default()
+        };
+        let err = start(config, listeners, backends).await.err().unwrap();
+        assert!(err.to_string().contains("scan_batch"), "{err}");
+    }
+}

@@ -1,0 +1,325 @@
+//! Accounts and login sessions: register, login (single-login slot, server assignment,
+//! tokens), logout.
+//!
+//! - `POST /api/register` `{"name","password"}` → 201 `{"user_id","name"}`
+//! - `POST /api/login` `{"name","password"}` → 200 `{"user_id","name","server":{..},
+//!   "connect_token","session_token"}`
+//! - `POST /api/logout` (bearer) → 200 `{"ok":true}`
+
+use crate::{
+    auth::AuthUser,
+    error::{ApiJson, AppError},
+    state::{is_live, live_server, AppState},
+};
+use axum::{extract::State, http::StatusCode, Json};
+use cim_common::{
+    ids,
+    pb::{cluster::KickRequest, cluster::KickResponse, Kick, KickReason},
+    registry::ServiceInfo,
+    store::ClaimOutcome,
+    time::now_ms,
+    token::{ConnectClaims, SessionClaims},
+};
+use serde::{Deserialize, Serialize};
+
+/// Path of the connection servers' kick endpoint.
+pub const KICK_PATH: &str = "/internal/kick";
+
+/// Characters that are syntax in the terminal client (`;` separates, `@` addresses, `#` and
+/// `|` are reserved), so names cannot contain them.
+const RESERVED_NAME_CHARS: [char; 4] = [';', '@', '#', '|'];
+
+/// Why a name is not acceptable, or `Ok`.
+pub fn validate_name(name: &str, max_len: usize) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("name must not be empty".into());
+    }
+    if name.chars().count() > max_len {
+        return Err(format!("name must be at most {max_len} characters"));
+    }
+    if name.chars().any(char::is_whitespace) {
+        return Err("name must not contain whitespace".into());
+    }
+    if name.chars().any(char::is_control) {
+        return Err("name must not contain control characters".into());
+    }
+    if let Some(c) = name.chars().find(|c| RESERVED_NAME_CHARS.contains(c)) {
+        return Err(format!("name must not contain {c:?} (one of ; @ # |)"));
+    }
+    Ok(())
+}
+
+/// Why a password is not acceptable (its length, in characters), or `Ok`.
+pub fn validate_password(password: &str, min_len: usize, max_len: usize) -> Result<(), String> {
+    let len = password.chars().count();
+    if len < min_len || len > max_len {
+        return Err(format!(
+            "password must be {min_len} to {max_len} characters long"
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+pub struct Credentials {
+    pub name: String,
+    pub password: String,
+}
+
+// Never derive Debug on Credentials: it would make logging a password one `{:?}` away.
+
+#[derive(Serialize)]
+pub struct Registered {
+    pub user_id: u64,
+    pub name: String,
+}
+
+pub async fn register(
+    State(state): State<AppState>,
+    ApiJson(creds): ApiJson<Credentials>,
+) -> Result<(StatusCode, Json<Registered>), AppError> {
+    let config = state.config();
+    validate_name(&creds.name, config.max_name_len)
+        .map_err(|m| AppError::new(StatusCode::BAD_REQUEST, "invalid_name", m))?;
+    validate_password(
+        &creds.password,
+        config.min_password_len,
+        config.max_password_len,
+    )
+    .map_err(|m| AppError::new(StatusCode::BAD_REQUEST, "invalid_password", m))?;
+    let taken = || {
+        AppError::new(
+            StatusCode::CONFLICT,
+            "name_taken",
+            format!("the name {:?} is already taken", creds.name),
+        )
+    };
+    // Cheap check first, so a taken name costs no hash; create_user settles races.
+    if state.store().user_by_name(&creds.name).await?.is_some() {
+        return Err(taken());
+    }
+    let hash = state
+        .passwords()
+        .hash(creds.password.clone())
+        .await
+        .map_err(AppError::internal)?;
+    let Some(user_id) = state.store().create_user(&creds.name, &hash).await? else {
+        return Err(taken());
+    };
+    tracing::info!(user_id, name = %creds.name, "registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            user_id,
+            name: creds.name,
+        }),
+    ))
+}
+
+/// The public addresses of a connection server (never its internal one).
+#[derive(Serialize)]
+pub struct ServerAddrs {
+    pub id: String,
+    pub tcp_addr: String,
+    pub ws_addr: String,
+}
+
+impl From<&ServiceInfo> for ServerAddrs {
+    fn from(s: &ServiceInfo) -> Self {
+        Self {
+            id: s.id.clone(),
+            tcp_addr: s.tcp_addr.clone(),
+            ws_addr: s.ws_addr.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct LoggedIn {
+    pub user_id: u64,
+    pub name: String,
+    pub server: ServerAddrs,
+    /// Presented in the first frame to `server`; single-use, short-lived.
+    pub connect_token: String,
+    /// Bearer token of the HTTP API for this login session.
+    pub session_token: String,
+    /// How often the client should ping, when the route knows the server's setting. The
+    /// registry does not carry it yet, so it is omitted; the server's LoginResult has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_hint_ms: Option<u64>,
+}
+
+fn bad_credentials() -> AppError {
+    AppError::unauthorized("bad_credentials", "wrong name or password")
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    ApiJson(creds): ApiJson<Credentials>,
+) -> Result<Json<LoggedIn>, AppError> {
+    let config = state.config();
+    // No stored password is this long; refuse before hashing an attacker-chosen amount of
+    // data. (The length of the attempt says nothing about whether the account exists.)
+    if creds.password.chars().count() > config.max_password_len {
+        return Err(bad_credentials());
+    }
+    // A name no account can have skips the lookup but still pays for a (dummy) verification,
+    // so the response time does not tell registered names apart.
+    let user = match validate_name(&creds.name, config.max_name_len) {
+        Ok(()) => state.store().user_by_name(&creds.name).await?,
+        Err(_) => None,
+    };
+    let ok = state
+        .passwords()
+        .verify(
+            creds.password,
+            user.as_ref().map(|u| u.password_hash.clone()),
+        )
+        .await
+        .map_err(AppError::internal)?;
+    let user = match user {
+        Some(user) if ok => user,
+        _ => return Err(bad_credentials()),
+    };
+
+    let servers = state.servers();
+    let server = state.pick_server(&servers).ok_or_else(|| {
+        AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_server",
+            "no connection server is available, retry later",
+        )
+    })?;
+    let session = ids::session_id();
+    let outcome = state
+        .store()
+        .claim_login(user.id, &session, config.connect_token_ttl(), &|s| {
+            is_live(&servers, s)
+        })
+        .await?;
+    if let ClaimOutcome::Held { server } = outcome {
+        let detail = match server {
+            Some(s) => format!("connected to server {s}"),
+            None => "logged in but not yet connected".into(),
+        };
+        return Err(AppError::new(
+            StatusCode::CONFLICT,
+            "already_logged_in",
+            format!(
+                "{} is already logged in elsewhere ({detail}); the login frees when that session \
+                 disconnects or logs out, or at the latest within the heartbeat timeout \
+                 (a login that never connects frees within {} ms)",
+                user.name, config.connect_token_ttl_ms
+            ),
+        ));
+    }
+
+    let now = now_ms();
+    let connect_exp =
+        now.saturating_add(i64::try_from(config.connect_token_ttl_ms).unwrap_or(i64::MAX));
+    let session_ttl_ms = config.session_token_ttl().as_millis();
+    let session_exp = now.saturating_add(i64::try_from(session_ttl_ms).unwrap_or(i64::MAX));
+    let connect_token = state.signer().sign_connect(&ConnectClaims {
+        user_id: user.id,
+        user_name: user.name.clone(),
+        server_id: server.id.clone(),
+        session: session.clone(),
+        exp_ms: connect_exp,
+    });
+    let session_token = state.signer().sign_session(&SessionClaims {
+        user_id: user.id,
+        user_name: user.name.clone(),
+        session,
+        exp_ms: session_exp,
+    });
+    tracing::info!(user_id = user.id, server = %server.id, "logged in");
+    Ok(Json(LoggedIn {
+        user_id: user.id,
+        name: user.name,
+        server: ServerAddrs::from(&server),
+        connect_token,
+        session_token,
+        heartbeat_hint_ms: None,
+    }))
+}
+
+#[derive(Serialize)]
+pub struct OkBody {
+    pub ok: bool,
+}
+
+pub async fn logout(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> Result<Json<OkBody>, AppError> {
+    let attached = state
+        .store()
+        .release_login(user.user_id, &user.session)
+        .await?;
+    tracing::info!(user_id = user.user_id, "logged out");
+    // The slot is free now; close the connection too so the session really ends. Best
+    // effort: if the kick fails, the connection's heartbeat ends it, and its detach is a
+    // no-op on the slot we already released.
+    let servers = state.servers();
+    if let Some(server) = attached.as_deref().and_then(|id| live_server(&servers, id)) {
+        let req = KickRequest {
+            user_ids: vec![user.user_id],
+            kick: Some(Kick {
+                reason: KickReason::LoggedOut as i32,
+                message: "logged out".into(),
+            }),
+            session: user.session.clone(),
+        };
+        if server.internal_addr.is_empty() {
+            tracing::warn!(server = %server.id, "cannot kick: server advertises no internal address");
+        } else if let Err(e) = state
+            .cluster()
+            .call::<_, KickResponse>(&server.internal_addr, KICK_PATH, &req)
+            .await
+        {
+            tracing::warn!(server = %server.id, user_id = user.user_id, error = %e, "kick after logout failed");
+        }
+    }
+    Ok(Json(OkBody { ok: true }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(validate_name("alice", 32), Ok(()));
+        assert_eq!(validate_name("Ålice_2.0-ü", 32), Ok(()));
+        assert_eq!(
+            validate_name(&"é".repeat(32), 32),
+            Ok(()),
+            "counted in characters"
+        );
+        for bad in [
+            "",
+            "   ",
+            "a b",
+            " alice",
+            "alice\t",
+            "a\u{1f}b",
+            "a\u{7f}",
+            "a;b",
+            "a@b",
+            "#a",
+            "a|b",
+            "a\u{3000}b",
+        ] {
+            assert!(validate_name(bad, 32).is_err(), "{bad:?} must be rejected");
+        }
+        assert!(validate_name(&"a".repeat(33), 32).is_err());
+    }
+
+    #[test]
+    fn passwords() {
+        assert!(validate_password("12345", 6, 256).is_err());
+        assert_eq!(validate_password("123456", 6, 256), Ok(()));
+        assert_eq!(validate_password(&"ü".repeat(256), 6, 256), Ok(()));
+        assert!(validate_password(&"a".repeat(257), 6, 256).is_err());
+    }
+}

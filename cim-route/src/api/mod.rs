@@ -1,0 +1,92 @@
+//! The public HTTP API (JSON): the router and its service stack. Handlers live in one module
+//! per concern; every error, including the framework's own, has the shape
+//! `{"error":{"code","message"}}` (see [`crate::error`]).
+
+pub mod accounts;
+pub mod messages;
+pub mod presence;
+
+use crate::{
+    error::{error_response, normalize_errors, overloaded, AppError},
+    state::AppState,
+};
+use axum::{
+    error_handling::HandleErrorLayer,
+    extract::{DefaultBodyLimit, Request, State},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::Response,
+    routing::{get, post},
+    Router,
+};
+use std::time::Duration;
+use tower::{limit::GlobalConcurrencyLimitLayer, ServiceBuilder};
+use tower_http::{
+    limit::RequestBodyLimitLayer,
+    trace::{DefaultOnFailure, TraceLayer},
+};
+
+/// The public API router with its whole service stack (testable with `oneshot`).
+///
+/// Stack, outermost first: tracing; load shedding over a concurrency limit shared by all
+/// routes (503 `overloaded`); JSON-ifying of framework errors; the request deadline
+/// (503 `timeout`); the body limit (413).
+pub fn app(state: AppState) -> Router {
+    let config = state.config();
+    let max_body = config.max_request_body;
+    let deadline = config.request_timeout();
+    let limit = config.concurrency_limit;
+    Router::new()
+        .route("/healthz", get(presence::healthz))
+        .route("/api/register", post(accounts::register))
+        .route("/api/login", post(accounts::login))
+        .route("/api/logout", post(accounts::logout))
+        .route("/api/servers", get(presence::servers))
+        .route("/api/users/online", get(presence::online))
+        .route("/api/messages/private", post(messages::private))
+        .route("/api/messages/group", post(messages::group))
+        .fallback(not_found)
+        .with_state(state)
+        // tower-http's limit (below) is the one in force, whatever axum's default is.
+        .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(middleware::from_fn_with_state(deadline, request_deadline))
+        .layer(middleware::map_response(normalize_errors))
+        // Router::layer wraps each route separately: the *global* limit shares one semaphore
+        // across them, so `concurrency_limit` bounds the whole API.
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(overloaded))
+                .load_shed()
+                .layer(GlobalConcurrencyLimitLayer::new(limit)),
+        )
+        // 5xx causes are logged where they are known (AppError, the shedder, the deadline);
+        // the trace layer would only repeat them without the cause, at ERROR.
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
+}
+
+async fn not_found() -> AppError {
+    AppError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// Every public request has a deadline. Work that must not be cut in half (message
+/// delivery) runs in its own task and finishes anyway; see `routing::route_detached`.
+async fn request_deadline(State(deadline): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(deadline, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::warn!(deadline_ms = deadline.as_millis(), "request timed out");
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                &format!("the request took longer than {} ms", deadline.as_millis()),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

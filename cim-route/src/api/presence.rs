@@ -1,0 +1,207 @@
+//! Who and what is online: the online-users list (bearer, paginated), the live connection
+//! servers, and the health check.
+//!
+//! - `GET /api/users/online?prefix=&after=&limit=` (bearer) →
+//!   `{"users":[{"user_id","name","server_id"}],"next":cursor|null}`
+//! - `GET /api/servers` → `{"servers":[{"id","tcp_addr","ws_addr"}]}`
+//! - `GET /healthz` → `{"status":"ok","id","servers":n}`
+
+use crate::{
+    api::accounts::ServerAddrs,
+    auth::AuthUser,
+    error::{ApiQuery, AppError},
+    state::{is_live, AppState},
+};
+use axum::{extract::State, Json};
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use cim_common::{keys, store::RouteEntry};
+use futures_util::future::join_all;
+use serde::{Deserialize, Serialize};
+
+/// Page size when the client names none.
+pub const DEFAULT_PAGE: usize = 50;
+
+#[derive(Deserialize)]
+pub struct OnlineQuery {
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Parsed by hand for a clear message on `limit=abc`.
+    #[serde(default)]
+    pub limit: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct OnlineUser {
+    pub user_id: u64,
+    pub name: String,
+    pub server_id: String,
+}
+
+#[derive(Serialize)]
+pub struct OnlinePage {
+    pub users: Vec<OnlineUser>,
+    /// Pass as `after` for the next page; null on the last one.
+    pub next: Option<String>,
+}
+
+/// The page size: default [`DEFAULT_PAGE`], clamped to `max`; 0 or not a number is an error.
+pub fn parse_limit(limit: Option<&str>, max: usize) -> Result<usize, AppError> {
+    let Some(raw) = limit.filter(|s| !s.is_empty()) else {
+        return Ok(DEFAULT_PAGE.min(max));
+    };
+    match raw.parse::<u64>() {
+        // Too many digits for u64 is still "more than the maximum".
+        Err(_) if raw.bytes().all(|b| b.is_ascii_digit()) => Ok(max),
+        Ok(0) | Err(_) => Err(AppError::bad_request(format!(
+            "limit must be a positive integer (at most {max} are returned)"
+        ))),
+        Ok(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX).min(max)),
+    }
+}
+
+/// Cursors are the store's opaque index members, base64url-encoded so clients treat them as
+/// tokens (they contain a control character).
+pub fn encode_cursor(cursor: &str) -> String {
+    URL_SAFE_NO_PAD.encode(cursor)
+}
+
+pub fn decode_cursor(cursor: &str) -> Result<String, AppError> {
+    let bad = || AppError::bad_request("invalid cursor in `after`");
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    keys::parse_online_member(&text).ok_or_else(bad)?;
+    Ok(text)
+}
+
+pub async fn online(
+    State(state): State<AppState>,
+    _user: AuthUser,
+    ApiQuery(q): ApiQuery<OnlineQuery>,
+) -> Result<Json<OnlinePage>, AppError> {
+    let config = state.config();
+    let limit = parse_limit(q.limit.as_deref(), config.online_page_max)?;
+    let prefix = q.prefix.unwrap_or_default();
+    if prefix.chars().count() > config.max_name_len {
+        return Err(AppError::bad_request(format!(
+            "prefix must be at most {} characters",
+            config.max_name_len
+        )));
+    }
+    // No name has control characters; the index uses one as its separator, so a prefix
+    // with one could match on ids rather than names.
+    if prefix.chars().any(char::is_control) {
+        return Err(AppError::bad_request(
+            "prefix must not contain control characters",
+        ));
+    }
+    let after = q
+        .after
+        .filter(|a| !a.is_empty())
+        .map(|a| decode_cursor(&a))
+        .transpose()?;
+
+    let entries = state
+        .store()
+        .online_page(&prefix, after.as_deref(), limit)
+        .await?;
+    // The cursor continues after the last entry the index returned, even if that one is
+    // filtered out below; a full page means there may be more.
+    let next = if entries.len() >= limit {
+        entries.last().map(|e| encode_cursor(&e.cursor))
+    } else {
+        None
+    };
+    let ids: Vec<u64> = entries.iter().map(|e| e.user_id).collect();
+    let routes = state.store().routes(&ids).await?;
+
+    let servers = state.servers();
+    let mut users = Vec::with_capacity(entries.len());
+    let mut stale: Vec<RouteEntry> = Vec::new();
+    for (entry, route) in entries.into_iter().zip(routes) {
+        // No route: the index entry outlived its connection (it is only listed while routed).
+        let Some(route) = route else { continue };
+        if !is_live(&servers, &route.server_id) {
+            stale.push(route);
+            continue;
+        }
+        users.push(OnlineUser {
+            user_id: entry.user_id,
+            name: entry.name,
+            server_id: route.server_id,
+        });
+    }
+    // Best effort and bounded by the page size.
+    let store = state.store();
+    join_all(stale.iter().map(|r| async move {
+        if let Err(e) = store.remove_stale_route(r).await {
+            tracing::debug!(user_id = r.user_id, error = %e, "removing a stale route failed");
+        }
+    }))
+    .await;
+    Ok(Json(OnlinePage { users, next }))
+}
+
+#[derive(Serialize)]
+pub struct ServerList {
+    pub servers: Vec<ServerAddrs>,
+}
+
+pub async fn servers(State(state): State<AppState>) -> Json<ServerList> {
+    let servers = state.servers();
+    Json(ServerList {
+        servers: servers.iter().map(ServerAddrs::from).collect(),
+    })
+}
+
+#[derive(Serialize)]
+pub struct Health {
+    pub status: &'static str,
+    pub id: String,
+    pub servers: usize,
+}
+
+pub async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        id: state.id().to_string(),
+        servers: state.servers().len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits() {
+        assert_eq!(parse_limit(None, 500).unwrap(), 50);
+        assert_eq!(parse_limit(None, 10).unwrap(), 10);
+        assert_eq!(parse_limit(Some("7"), 500).unwrap(), 7);
+        assert_eq!(parse_limit(Some("100000"), 500).unwrap(), 500);
+        assert_eq!(
+            parse_limit(Some("99999999999999999999999"), 500).unwrap(),
+            500
+        );
+        assert_eq!(parse_limit(Some("0"), 500).unwrap_err().code, "bad_request");
+        assert_eq!(
+            parse_limit(Some("-1"), 500).unwrap_err().code,
+            "bad_request"
+        );
+        assert_eq!(
+            parse_limit(Some("abc"), 500).unwrap_err().code,
+            "bad_request"
+        );
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let member = keys::online_member("bob", 42);
+        let c = encode_cursor(&member);
+        assert!(!c.contains('\u{1f}'));
+        assert_eq!(decode_cursor(&c).unwrap(), member);
+        assert!(decode_cursor("!!!").is_err());
+        assert!(decode_cursor(&encode_cursor("no-separator")).is_err());
+    }
+}

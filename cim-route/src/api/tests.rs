@@ -1,0 +1,633 @@
+//! The public API through `app(state).oneshot(..)`, on the in-memory store double.
+
+use super::app;
+use crate::testing::{fake_server, server, state_with, MemStore};
+use axum::{
+    body::Body,
+    http::{header, Request, StatusCode},
+    Router,
+};
+use cim_common::{
+    config::DEV_SECRET,
+    pb::KickReason,
+    store::StateStore,
+    time::now_ms,
+    token::{SessionClaims, TokenSigner},
+};
+use serde_json::{json, Value};
+use std::sync::{atomic::Ordering, Arc};
+use tower::ServiceExt;
+
+async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&bytes)));
+    (status, value)
+}
+
+fn post(path: &str, body: Value, token: Option<&str>) -> Request<Body> {
+    let mut req = Request::post(path).header(header::CONTENT_TYPE, "application/json");
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    req.body(Body::from(body.to_string())).unwrap()
+}
+
+fn get(path: &str, token: Option<&str>) -> Request<Body> {
+    let mut req = Request::get(path);
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    req.body(Body::empty()).unwrap()
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {v}"))
+}
+
+/// Registers `name` and logs in; returns the login response.
+async fn register_and_login(app: &Router, name: &str) -> Value {
+    let creds = json!({"name": name, "password": "secret-pw"});
+    let (s, _) = call(app, post("/api/register", creds.clone(), None)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, v) = call(app, post("/api/login", creds, None)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v
+}
+
+#[tokio::test]
+async fn malformed_requests_get_the_error_shape() {
+    let (state, _tx) = state_with(Arc::new(MemStore::default()), vec![], |_| {});
+    let app = app(state);
+
+    let bad_json = Request::post("/api/register")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{\"name\": "))
+        .unwrap();
+    let (s, v) = call(&app, bad_json).await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_json"));
+
+    let wrong_type = Request::post("/api/register")
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("{}"))
+        .unwrap();
+    let (s, v) = call(&app, wrong_type).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+
+    let (s, v) = call(&app, post("/api/register", json!({"name": 5}), None)).await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_request"));
+
+    let (s, v) = call(&app, get("/nope", None)).await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+
+    let (s, v) = call(&app, get("/api/register", None)).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+}
+
+#[tokio::test]
+async fn oversize_bodies_get_413_json() {
+    let (state, _tx) = state_with(Arc::new(MemStore::default()), vec![], |_| {});
+    let max = state.config().max_request_body;
+    let app = app(state);
+    let big = json!({"name": "x".repeat(max), "password": "secret-pw"}).to_string();
+
+    // Declared length: refused before reading.
+    let declared = Request::post("/api/register")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, big.len())
+        .body(Body::from(big.clone()))
+        .unwrap();
+    let (s, v) = call(&app, declared).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+
+    // Streamed without a length: cut while reading.
+    let chunks = futures_util::stream::iter(
+        big.into_bytes()
+            .chunks(4096)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let streamed = Request::post("/api/register")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    let (s, v) = call(&app, streamed).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+}
+
+#[tokio::test]
+async fn bearer_is_required_and_checked() {
+    let store = Arc::new(MemStore::default());
+    let (state, _tx) = state_with(store.clone(), vec![], |_| {});
+    let app = app(state);
+    let body = json!({"body": "hi"});
+
+    let resp = app
+        .clone()
+        .oneshot(post("/api/messages/group", body.clone(), None))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.headers()[header::WWW_AUTHENTICATE], "Bearer");
+
+    let (s, v) = call(&app, post("/api/messages/group", body.clone(), None)).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    let (s, v) = call(
+        &app,
+        post("/api/messages/group", body.clone(), Some("garbage")),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+
+    let signer = TokenSigner::new(DEV_SECRET);
+    let claims = |exp_ms| SessionClaims {
+        user_id: 1,
+        user_name: "alice".into(),
+        session: "s-1".into(),
+        exp_ms,
+    };
+    let forged =
+        TokenSigner::new("some-other-secret-value").sign_session(&claims(now_ms() + 60_000));
+    let (s, v) = call(
+        &app,
+        post("/api/messages/group", body.clone(), Some(&forged)),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+
+    let expired = signer.sign_session(&claims(now_ms() - 1));
+    let (s, v) = call(
+        &app,
+        post("/api/messages/group", body.clone(), Some(&expired)),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "token_expired"));
+
+    // Well signed, but the session does not hold the login slot.
+    let ended = signer.sign_session(&claims(now_ms() + 60_000));
+    let (s, v) = call(&app, post("/api/messages/group", body, Some(&ended))).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "session_ended"));
+}
+
+#[tokio::test]
+async fn register_validates_and_refuses_duplicates() {
+    let store = Arc::new(MemStore::default());
+    let (state, _tx) = state_with(store.clone(), vec![], |_| {});
+    let app = app(state);
+
+    let (s, v) = call(
+        &app,
+        post(
+            "/api/register",
+            json!({"name": "alice", "password": "secret-pw"}),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["name"], "alice");
+    let id = v["user_id"].as_u64().unwrap();
+    let stored = store.user_by_name("alice").await.unwrap().unwrap();
+    assert_eq!(stored.id, id);
+    assert!(stored.password_hash.starts_with("$argon2id$"));
+    assert!(!stored.password_hash.contains("secret-pw"));
+
+    let (s, v) = call(
+        &app,
+        post(
+            "/api/register",
+            json!({"name": "alice", "password": "other-pw"}),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "name_taken"));
+
+    for name in ["", "a b", "a;b", "a@b", "#a", "a|b", "a\u{1}"] {
+        let (s, v) = call(
+            &app,
+            post(
+                "/api/register",
+                json!({"name": name, "password": "secret-pw"}),
+                None,
+            ),
+        )
+        .await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::BAD_REQUEST, "invalid_name"),
+            "{name:?}"
+        );
+    }
+    let (s, v) = call(
+        &app,
+        post(
+            "/api/register",
+            json!({"name": "bob", "password": "short"}),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "invalid_password"));
+}
+
+#[tokio::test]
+async fn login_checks_credentials_and_assigns_round_robin() {
+    let store = Arc::new(MemStore::default());
+    let (state, tx) = state_with(store.clone(), vec![], |_| {});
+    let signer = state.signer().clone();
+    let app = app(state);
+    for name in ["alice", "bob", "carol"] {
+        let creds = json!({"name": name, "password": "secret-pw"});
+        assert_eq!(
+            call(&app, post("/api/register", creds, None)).await.0,
+            StatusCode::CREATED
+        );
+    }
+
+    let wrong = json!({"name": "alice", "password": "wrong-pw"});
+    let (s, v) = call(&app, post("/api/login", wrong, None)).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "bad_credentials"));
+    let (s, v2) = call(
+        &app,
+        post(
+            "/api/login",
+            json!({"name": "nobody", "password": "secret-pw"}),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, &v2),
+        (StatusCode::UNAUTHORIZED, &v),
+        "unknown user looks like a wrong password"
+    );
+
+    let alice = json!({"name": "alice", "password": "secret-pw"});
+    let (s, v) = call(&app, post("/api/login", alice.clone(), None)).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "no_server")
+    );
+
+    tx.send(crate::testing::members(vec![
+        server("server-a"),
+        server("server-b"),
+    ]))
+    .unwrap();
+    let mut assigned = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        let (s, v) = call(
+            &app,
+            post(
+                "/api/login",
+                json!({"name": name, "password": "secret-pw"}),
+                None,
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["name"], name);
+        assert!(v.get("heartbeat_hint_ms").is_none());
+        let server_id = v["server"]["id"].as_str().unwrap().to_string();
+        assert_eq!(v["server"]["tcp_addr"], format!("{server_id}.tcp:7000"));
+        assert!(
+            v["server"].get("internal_addr").is_none(),
+            "internal address stays internal"
+        );
+        let connect = signer
+            .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
+            .unwrap();
+        assert_eq!(connect.user_id, v["user_id"].as_u64().unwrap());
+        assert_eq!(connect.server_id, server_id);
+        let session = signer
+            .verify_session(v["session_token"].as_str().unwrap(), now_ms())
+            .unwrap();
+        assert_eq!(session.session, connect.session);
+        assert!(store
+            .session_active(connect.user_id, &connect.session)
+            .await
+            .unwrap());
+        assigned.push(server_id);
+    }
+    assert_ne!(assigned[0], assigned[1], "round robin");
+    assert_eq!(assigned[0], assigned[2]);
+
+    // Single login: the pending slot is held.
+    let (s, v) = call(&app, post("/api/login", alice, None)).await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "already_logged_in"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("heartbeat timeout"));
+}
+
+#[tokio::test]
+async fn logout_frees_the_slot_and_kicks_the_connection() {
+    let store = Arc::new(MemStore::default());
+    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
+    let signer = state.signer().clone();
+    let app = app(state);
+    let v = register_and_login(&app, "alice").await;
+    let token = v["session_token"].as_str().unwrap().to_string();
+    let claims = signer
+        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
+        .unwrap();
+    // What the server does when the client connects with the token.
+    store
+        .attach(claims.user_id, "alice", &claims.session, &a.id)
+        .await
+        .unwrap();
+
+    let (s, v) = call(&app, post("/api/logout", json!({}), Some(&token))).await;
+    assert_eq!((s, &v), (StatusCode::OK, &json!({"ok": true})));
+    {
+        let kicks = rec.kicks.lock().unwrap();
+        assert_eq!(kicks.len(), 1);
+        assert_eq!(kicks[0].user_ids, vec![claims.user_id]);
+        assert_eq!(kicks[0].session, claims.session);
+        assert_eq!(
+            kicks[0].kick.as_ref().unwrap().reason,
+            KickReason::LoggedOut as i32
+        );
+    }
+    let (s, v) = call(&app, post("/api/logout", json!({}), Some(&token))).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "session_ended"));
+    // The slot is free: logging in again works.
+    let (s, _) = call(
+        &app,
+        post(
+            "/api/login",
+            json!({"name": "alice", "password": "secret-pw"}),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn online_users_page_through_live_routes() {
+    let store = Arc::new(MemStore::default());
+    let (state, _tx) = state_with(store.clone(), vec![server("server-a")], |c| {
+        c.online_page_max = 2
+    });
+    let app = app(state);
+    let token = register_and_login(&app, "viewer").await["session_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for name in ["ann", "bea", "cat", "dan"] {
+        let id = store.add_user(name);
+        store.connect(id, "server-a");
+    }
+    let ghost = store.add_user("bo-ghost");
+    store.connect(ghost, "server-dead");
+
+    for bad in [
+        "limit=0",
+        "limit=abc",
+        "limit=-3",
+        "after=%21%21",
+        "prefix=ann%1F",
+    ] {
+        let (s, v) = call(&app, get(&format!("/api/users/online?{bad}"), Some(&token))).await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+            "{bad}"
+        );
+    }
+
+    // limit=100 is clamped to online_page_max = 2.
+    let mut names = Vec::new();
+    let mut query = "/api/users/online?limit=100".to_string();
+    for _ in 0..10 {
+        let (s, v) = call(&app, get(&query, Some(&token))).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let users = v["users"].as_array().unwrap();
+        assert!(users.len() <= 2);
+        for u in users {
+            assert_eq!(u["server_id"], "server-a");
+            names.push(u["name"].as_str().unwrap().to_string());
+        }
+        match v["next"].as_str() {
+            Some(next) => query = format!("/api/users/online?limit=100&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        names,
+        ["ann", "bea", "cat", "dan"],
+        "the ghost on a dead server is hidden"
+    );
+    assert!(!store.has_route(ghost), "and its stale route removed");
+
+    let (s, v) = call(&app, get("/api/users/online?prefix=c", Some(&token))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["users"].as_array().unwrap().len(), 1);
+    assert_eq!(v["users"][0]["name"], "cat");
+    assert_eq!(v["next"], Value::Null);
+
+    let (s, v) = call(&app, get("/api/users/online", None)).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+}
+
+#[tokio::test]
+async fn messages_over_http_use_the_token_user() {
+    let store = Arc::new(MemStore::default());
+    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
+    let app = app(state);
+    let login = register_and_login(&app, "alice").await;
+    let token = login["session_token"].as_str().unwrap().to_string();
+    let alice = login["user_id"].as_u64().unwrap();
+    let bob = store.add_user("bob");
+    let carol = store.add_user("carol");
+    store.connect(bob, &a.id);
+
+    // A forged sender in the body is ignored (unknown fields are not identity).
+    let (s, v) = call(
+        &app,
+        post(
+            "/api/messages/private",
+            json!({"to": bob, "body": "hi", "sender_id": carol}),
+            Some(&token),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "delivered");
+    assert!(v["timestamp_ms"].as_i64().unwrap() > 0);
+    let id = v["id"].as_str().unwrap().to_string();
+    {
+        let pushes = rec.pushes.lock().unwrap();
+        let m = pushes[0].deliveries[0].message.as_ref().unwrap();
+        assert_eq!(
+            (m.sender_id, m.sender_name.as_str(), m.id.as_str()),
+            (alice, "alice", id.as_str())
+        );
+    }
+
+    let (s, v) = call(
+        &app,
+        post(
+            "/api/messages/private",
+            json!({"to_name": "carol", "body": "hi"}),
+            Some(&token),
+        ),
+    )
+    .await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("offline")));
+
+    let (s, v) = call(
+        &app,
+        post(
+            "/api/messages/private",
+            json!({"to_name": "zed", "body": "hi"}),
+            Some(&token),
+        ),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "unknown_user"));
+    let (s, v) = call(
+        &app,
+        post(
+            "/api/messages/private",
+            json!({"to": bob, "body": ""}),
+            Some(&token),
+        ),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_request"));
+    let (s, v) = call(
+        &app,
+        post("/api/messages/private", json!({"body": "hi"}), Some(&token)),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_request"));
+    let long = "x".repeat(8193);
+    let (s, v) = call(
+        &app,
+        post(
+            "/api/messages/private",
+            json!({"to": bob, "body": long}),
+            Some(&token),
+        ),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_request"));
+
+    let (s, v) = call(
+        &app,
+        post(
+            "/api/messages/group",
+            json!({"body": "hello all"}),
+            Some(&token),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["delivered"], 1,
+        "bob only: alice is the sender and carol is offline"
+    );
+    assert!(!v["id"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn backend_failures_are_503() {
+    let store = Arc::new(MemStore::default());
+    let (state, _tx) = state_with(store.clone(), vec![], |_| {});
+    let app = app(state);
+    store.fail.store(true, Ordering::SeqCst);
+    let (s, v) = call(
+        &app,
+        post(
+            "/api/register",
+            json!({"name": "alice", "password": "secret-pw"}),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    );
+    assert!(
+        !v.to_string().contains("test double"),
+        "causes stay in the logs"
+    );
+}
+
+#[tokio::test]
+async fn health_and_servers() {
+    let (state, _tx) = state_with(
+        Arc::new(MemStore::default()),
+        vec![server("server-a")],
+        |_| {},
+    );
+    let app = app(state);
+    let (s, v) = call(&app, get("/healthz", None)).await;
+    assert_eq!(
+        (s, &v),
+        (
+            StatusCode::OK,
+            &json!({"status": "ok", "id": "route-test", "servers": 1})
+        )
+    );
+    let (s, v) = call(&app, get("/api/servers", None)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        v,
+        json!({"servers": [{"id": "server-a", "tcp_addr": "server-a.tcp:7000", "ws_addr": "server-a.ws:7001"}]})
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_requests_hit_the_deadline() {
+    let store = Arc::new(MemStore::default());
+    let (state, _tx) = state_with(store.clone(), vec![], |c| c.request_timeout_ms = 100);
+    let app = app(state);
+    store.hang.store(true, Ordering::SeqCst);
+    let creds = json!({"name": "alice", "password": "secret-pw"});
+    let (s, v) = call(&app, post("/api/register", creds, None)).await;
+    assert_eq!((s, code(&v)), (StatusCode::SERVICE_UNAVAILABLE, "timeout"));
+}
+
+#[tokio::test]
+async fn requests_over_the_concurrency_limit_are_shed() {
+    let store = Arc::new(MemStore::default());
+    let (state, _tx) = state_with(store.clone(), vec![], |c| c.concurrency_limit = 1);
+    let app = app(state);
+    store.hang.store(true, Ordering::SeqCst);
+    let creds = json!({"name": "alice", "password": "secret-pw"});
+    let stuck = tokio::spawn(app.clone().oneshot(post("/api/register", creds, None)));
+    // The first request holds the only permit once it is stuck in the store.
+    store.entered.notified().await;
+    let (s, v) = call(&app, get("/healthz", None)).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+    );
+    stuck.abort();
+}

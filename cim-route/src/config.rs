@@ -1,0 +1,315 @@
+//! Configuration of a route instance: one serde struct whose defaults run a whole cluster on
+//! one machine, loaded by `cim_common::config::load` (defaults < file < env < flags) and
+//! checked by [`RouteConfig::validate`] before anything starts.
+
+use cim_common::{backend::BackendConfig, config::DEV_SECRET, ids::valid_instance_name};
+use serde::{Deserialize, Serialize};
+use std::{net::SocketAddr, time::Duration};
+
+/// Why a configuration cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid route configuration: {field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Everything a route instance can be told.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Instance name; the instance id is `{name}-{random}`.
+    pub name: String,
+    /// Public HTTP API listen address.
+    pub http_listen: String,
+    /// Internal API (forwards from servers) listen address; keep it off public networks.
+    pub internal_listen: String,
+    /// Host others reach this route at, combined with the bound ports. Defaults to the listen
+    /// IP, or 127.0.0.1 when listening on all interfaces.
+    pub advertise_host: Option<String>,
+    /// Full advertised public address (`host:port`), overriding `advertise_host`.
+    pub advertise_http: Option<String>,
+    /// Full advertised internal address (`host:port`), overriding `advertise_host`.
+    pub advertise_internal: Option<String>,
+    /// Shared by every cim process: signs tokens and authenticates internal calls.
+    pub cluster_secret: String,
+    /// Redis + etcd.
+    pub backend: BackendConfig,
+    /// Lifetime of a connect token, and of a pending login slot: a user who logs in and never
+    /// connects is locked out at most this long.
+    pub connect_token_ttl_ms: u64,
+    /// Lifetime of a session (bearer) token.
+    pub session_token_ttl_secs: u64,
+    /// TTL of this instance's registry lease.
+    pub registry_ttl_secs: u64,
+    /// Deadline of one public HTTP request.
+    pub request_timeout_ms: u64,
+    /// Largest public request body, in bytes.
+    pub max_request_body: usize,
+    /// Largest message body text, in bytes.
+    pub max_message_len: usize,
+    /// Longest user name, in characters.
+    pub max_name_len: usize,
+    /// Password length bounds, in characters.
+    pub min_password_len: usize,
+    pub max_password_len: usize,
+    /// Largest page of the online-users list.
+    pub online_page_max: usize,
+    /// COUNT hint of one SCAN step over the routes during a group fan-out.
+    pub scan_batch: usize,
+    /// Deadline of one push (or kick) call to a connection server.
+    pub push_timeout_ms: u64,
+    /// Public requests in flight at once; more are shed with 503 `overloaded`.
+    pub concurrency_limit: usize,
+    /// Argon2id memory cost of new password hashes, in KiB (default: argon2's, 19 MiB).
+    /// Existing hashes keep verifying with the parameters stored in them. Lower it only
+    /// for tests: each step down makes stolen hashes cheaper to crack.
+    pub password_memory_kib: u32,
+    /// Argon2id iterations of new password hashes (default: argon2's, 2).
+    pub password_iterations: u32,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        Self {
+            name: "route".into(),
+            http_listen: "0.0.0.0:8080".into(),
+            internal_listen: "127.0.0.1:8081".into(),
+            advertise_host: None,
+            advertise_http: None,
+            advertise_internal: None,
+            cluster_secret: DEV_SECRET.into(),
+            backend: BackendConfig::default(),
+            connect_token_ttl_ms: 30_000,
+            session_token_ttl_secs: 86_400,
+            registry_ttl_secs: 10,
+            request_timeout_ms: 10_000,
+            max_request_body: 64 * 1024,
+            max_message_len: 8192,
+            max_name_len: 32,
+            min_password_len: 6,
+            max_password_len: 256,
+            online_page_max: 500,
+            scan_batch: 1000,
+            push_timeout_ms: 3000,
+            concurrency_limit: 1024,
+            password_memory_kib: argon2::Params::DEFAULT_M_COST,
+            password_iterations: argon2::Params::DEFAULT_T_COST,
+        }
+    }
+}
+
+/// Whether `s` is `host:port` with a non-empty host and a non-zero port.
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+impl RouteConfig {
+    /// Checks every field, naming the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !valid_instance_name(&self.name) {
+            return Err(invalid("name", "must be 1-64 characters of [A-Za-z0-9_.-]"));
+        }
+        self.http_listen_addr()?;
+        self.internal_listen_addr()?;
+        if let Some(host) = &self.advertise_host {
+            if host.is_empty() || host.contains(char::is_whitespace) {
+                return Err(invalid("advertise_host", "must be a host name or IP"));
+            }
+        }
+        for (field, value) in [
+            ("advertise_http", &self.advertise_http),
+            ("advertise_internal", &self.advertise_internal),
+        ] {
+            if let Some(v) = value {
+                if !valid_host_port(v) {
+                    return Err(invalid(field, format!("{v:?} is not host:port")));
+                }
+            }
+        }
+        cim_common::config::validate_secret(&self.cluster_secret)
+            .map_err(|m| invalid("cluster_secret", m))?;
+        self.backend.validate().map_err(|m| invalid("backend", m))?;
+        let positive: [(&'static str, u64); 11] = [
+            ("connect_token_ttl_ms", self.connect_token_ttl_ms),
+            ("session_token_ttl_secs", self.session_token_ttl_secs),
+            ("registry_ttl_secs", self.registry_ttl_secs),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("max_message_len", self.max_message_len as u64),
+            ("max_name_len", self.max_name_len as u64),
+            ("min_password_len", self.min_password_len as u64),
+            ("online_page_max", self.online_page_max as u64),
+            ("scan_batch", self.scan_batch as u64),
+            ("push_timeout_ms", self.push_timeout_ms),
+            ("concurrency_limit", self.concurrency_limit as u64),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(invalid(field, "must be positive"));
+            }
+        }
+        if self.max_password_len < self.min_password_len {
+            return Err(invalid(
+                "max_password_len",
+                "must be at least min_password_len",
+            ));
+        }
+        // A request must be able to carry the largest message plus its JSON envelope.
+        if self.max_request_body < self.max_message_len + 1024 {
+            return Err(invalid(
+                "max_request_body",
+                "must exceed max_message_len by at least 1024 bytes",
+            ));
+        }
+        // The message travels inside internal protobuf bodies, which have a fixed maximum.
+        if self.max_message_len > cim_common::cluster::MAX_BODY / 16 {
+            return Err(invalid("max_message_len", "is unreasonably large"));
+        }
+        self.password_params()
+            .map_err(|m| invalid("password_memory_kib", m))?;
+        // Names are stored in Redis keys and the online index; keep them small.
+        if self.max_name_len > 256 {
+            return Err(invalid("max_name_len", "must be at most 256"));
+        }
+        Ok(())
+    }
+
+    /// Whether the well-known development secret is in use (warn about it).
+    pub fn uses_dev_secret(&self) -> bool {
+        self.cluster_secret == DEV_SECRET
+    }
+
+    pub fn http_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.http_listen.parse().map_err(|_| {
+            invalid(
+                "http_listen",
+                format!("{:?} is not ip:port", self.http_listen),
+            )
+        })
+    }
+
+    pub fn internal_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.internal_listen.parse().map_err(|_| {
+            invalid(
+                "internal_listen",
+                format!("{:?} is not ip:port", self.internal_listen),
+            )
+        })
+    }
+
+    /// Argon2id parameters of new hashes (one lane).
+    pub fn password_params(&self) -> Result<argon2::Params, String> {
+        argon2::Params::new(self.password_memory_kib, self.password_iterations, 1, None).map_err(
+            |e| {
+                format!(
+                    "password_memory_kib {} / password_iterations {} are not valid argon2 \
+                     parameters: {e}",
+                    self.password_memory_kib, self.password_iterations
+                )
+            },
+        )
+    }
+
+    pub fn connect_token_ttl(&self) -> Duration {
+        Duration::from_millis(self.connect_token_ttl_ms)
+    }
+
+    pub fn session_token_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_token_ttl_secs)
+    }
+
+    pub fn registry_ttl(&self) -> Duration {
+        Duration::from_secs(self.registry_ttl_secs)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn push_timeout(&self) -> Duration {
+        Duration::from_millis(self.push_timeout_ms)
+    }
+
+    /// The address advertised for a listener bound at `bound`: the explicit override, else
+    /// `advertise_host` with the bound port, else the bound address (127.0.0.1 for a wildcard
+    /// bind, which only works on one machine).
+    pub fn advertised(&self, explicit: Option<&str>, bound: SocketAddr) -> String {
+        if let Some(addr) = explicit {
+            return addr.to_string();
+        }
+        let port = bound.port();
+        match &self.advertise_host {
+            Some(host) if host.contains(':') && !host.starts_with('[') => {
+                format!("[{host}]:{port}")
+            }
+            Some(host) => format!("{host}:{port}"),
+            None if bound.ip().is_unspecified() => format!("127.0.0.1:{port}"),
+            None => bound.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = RouteConfig::default();
+        assert_eq!(c.validate(), Ok(()));
+        assert!(c.uses_dev_secret());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut c = RouteConfig {
+            http_listen: "nope".into(),
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "http_listen");
+        c.http_listen = "127.0.0.1:0".into();
+        c.cluster_secret = "short".into();
+        assert_eq!(c.validate().unwrap_err().field, "cluster_secret");
+        c.cluster_secret = "a-long-enough-secret".into();
+        c.scan_batch = 0;
+        assert_eq!(c.validate().unwrap_err().field, "scan_batch");
+        c.scan_batch = 10;
+        c.advertise_http = Some("host-without-port".into());
+        assert_eq!(c.validate().unwrap_err().field, "advertise_http");
+        c.advertise_http = Some("example.com:80".into());
+        assert_eq!(c.validate(), Ok(()));
+        c.password_memory_kib = 1;
+        assert_eq!(c.validate().unwrap_err().field, "password_memory_kib");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<RouteConfig>(r#"{"nmae":"x"}"#).unwrap_err();
+        assert!(err.to_string().contains("nmae"), "{err}");
+    }
+
+    #[test]
+    fn advertised_addresses() {
+        let c = RouteConfig::default();
+        let any: SocketAddr = "0.0.0.0:9000".parse().unwrap();
+        let local: SocketAddr = "10.0.0.5:9001".parse().unwrap();
+        assert_eq!(c.advertised(None, any), "127.0.0.1:9000");
+        assert_eq!(c.advertised(None, local), "10.0.0.5:9001");
+        assert_eq!(c.advertised(Some("lb:80"), any), "lb:80");
+        let c = RouteConfig {
+            advertise_host: Some("route1.internal".into()),
+            ..Default::default()
+        };
+        assert_eq!(c.advertised(None, any), "route1.internal:9000");
+    }
+}

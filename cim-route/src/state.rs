@@ -1,0 +1,117 @@
+//! What every request handler shares: configuration, backends, the live-server list from the
+//! registry watch, token signer, internal-call client, and the round-robin counter.
+//!
+//! Architecture invariant: nothing here caches business state. Two route instances answer
+//! any request identically; the only per-instance values are the registry watch (a cache of
+//! etcd, updated by etcd) and the round-robin position (which only spreads load).
+
+use crate::{config::RouteConfig, password::Passwords};
+use cim_common::{
+    cluster::ClusterClient,
+    registry::{self, Members, MembersRx, ServiceInfo},
+    store::StateStore,
+    token::TokenSigner,
+};
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
+
+/// Cheap to clone: one shared [`Arc`].
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: String,
+    config: RouteConfig,
+    store: Arc<dyn StateStore>,
+    servers: MembersRx,
+    signer: TokenSigner,
+    cluster: ClusterClient,
+    passwords: Passwords,
+    next_server: AtomicUsize,
+}
+
+impl AppState {
+    /// `id` is this instance's id; `servers` the watched list of live connection servers.
+    pub fn new(
+        id: String,
+        config: RouteConfig,
+        store: Arc<dyn StateStore>,
+        servers: MembersRx,
+    ) -> Self {
+        // Bound concurrent hashes by the cores: more would only queue inside the pool.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // `validate` checked the parameters; fall back to the defaults rather than panic.
+        let params = config.password_params().unwrap_or_default();
+        let passwords = Passwords::with_params(params, cores);
+        let signer = TokenSigner::new(&config.cluster_secret);
+        let cluster = ClusterClient::new(&config.cluster_secret, config.push_timeout());
+        Self {
+            inner: Arc::new(Inner {
+                id,
+                config,
+                store,
+                servers,
+                signer,
+                cluster,
+                passwords,
+                next_server: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    pub fn config(&self) -> &RouteConfig {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &dyn StateStore {
+        self.inner.store.as_ref()
+    }
+
+    pub fn signer(&self) -> &TokenSigner {
+        &self.inner.signer
+    }
+
+    pub fn cluster(&self) -> &ClusterClient {
+        &self.inner.cluster
+    }
+
+    pub fn passwords(&self) -> &Passwords {
+        &self.inner.passwords
+    }
+
+    /// A snapshot of the live servers (sorted by id). Take one per request and use it for
+    /// every liveness decision of that request, so they agree with each other.
+    pub fn servers(&self) -> Members {
+        self.inner.servers.borrow().clone()
+    }
+
+    /// The next server in round-robin order, from `servers`.
+    pub fn pick_server(&self, servers: &Members) -> Option<ServiceInfo> {
+        if servers.is_empty() {
+            return None;
+        }
+        let n = self.inner.next_server.fetch_add(1, Ordering::Relaxed);
+        servers.get(n % servers.len()).cloned()
+    }
+}
+
+/// The live server `id` in `servers`, if it is there.
+pub fn live_server<'a>(servers: &'a Members, id: &str) -> Option<&'a ServiceInfo> {
+    servers
+        .binary_search_by(|m| m.id.as_str().cmp(id))
+        .ok()
+        .and_then(|i| servers.get(i))
+}
+
+/// Whether server `id` is live in `servers`.
+pub fn is_live(servers: &Members, id: &str) -> bool {
+    registry::contains(servers, id)
+}
