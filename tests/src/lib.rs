@@ -36,9 +36,9 @@
 //! ```
 //!
 //! Modules: [`process`] (child guard and helpers); the Redis and etcd starters are re-exported
-//! at the root. Starting cim servers and routes in-process belongs in a `cluster` module of its
-//! own, built on [`Infra`].
+//! at the root; [`cluster`] starts cim servers and routes in-process on top of an [`Infra`].
 
+pub mod cluster;
 pub mod process;
 
 mod etcd_server;
