@@ -1,1 +1,38 @@
-//! placeholder
+//! cim connection server: holds long-lived client connections over TCP (varint32-delimited
+//! protobuf frames) and WebSocket (`/ws`, protobuf binary or proto3 JSON text), checks connect
+//! tokens, keeps heartbeats, and delivers what routes push. It holds no business logic:
+//! whatever a client sends is forwarded to a route (`cim-route`), which decides.
+//!
+//! # Layout
+//! - `config`: [`ServerConfig`], every listener, limit and timeout, with validation.
+//! - `server`: [`start`], [`Listeners`], [`ServerHandle`]: assembling, registering in the
+//!   registry, accept loops, graceful shutdown.
+//! - `session`: the life of one connection (login, heartbeats, frames both ways, cleanup),
+//!   written once over the `Transport` trait.
+//! - `tcp`: the TCP transport (delimited protobuf, small buffers, batched writes).
+//! - `ws`: the WebSocket transport (tokio-tungstenite, binary or JSON, small buffers).
+//! - `conn`: the shared handle of a logged-in connection with its bounded outbound queue,
+//!   shared pre-encoded outbound frames, and the table of connections by user.
+//! - `forward`: batching client sends to live routes (`POST /internal/forward`) and handing
+//!   the results back to the connections.
+//! - `internal`: the internal API for routes (`/internal/push`, `/internal/kick`) and
+//!   `/healthz`.
+
+mod config;
+mod conn;
+mod forward;
+mod internal;
+mod server;
+mod session;
+mod tcp;
+mod ws;
+
+#[cfg(test)]
+mod server_tests;
+#[cfg(test)]
+mod testing;
+
+pub use config::ServerConfig;
+pub use server::{start, Listeners, ServerHandle};
+
+pub(crate) use cim_common::pb;

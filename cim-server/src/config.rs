@@ -1,0 +1,292 @@
+//! Configuration of a connection server: where it listens, what it advertises in the registry,
+//! the cluster secret, the backends, and every limit (timeouts, queue capacities, frame size).
+//!
+//! Loaded by the binary through `cim_common::config::load` (defaults < file < environment
+//! `CIM_SERVER_*` < flags); [`ServerConfig::default`] runs a server on one machine as is.
+
+use cim_common::backend::BackendConfig;
+use serde::{Deserialize, Serialize};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+/// Largest accepted `max_frame_len`: the WebSocket layer and the internal API are sized for it.
+const MAX_FRAME_LEN_LIMIT: usize = 16 * 1024 * 1024;
+/// Smallest accepted `max_frame_len`: a `Login` frame with its token must fit.
+const MIN_FRAME_LEN: usize = 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Instance name; the instance id is `{name}-{random}`.
+    pub name: String,
+    /// Client TCP listener.
+    pub tcp_listen: String,
+    /// Client WebSocket listener (path `/ws`).
+    pub ws_listen: String,
+    /// Internal API listener (pushes and kicks from routes). Keep it off public networks.
+    pub internal_listen: String,
+    /// Host put into the addresses registered in etcd. `None`: the bound IP, or 127.0.0.1 when
+    /// bound to a wildcard address.
+    pub advertise_host: Option<String>,
+    /// Full `host:port` overrides of the registered addresses (e.g. behind NAT or a proxy).
+    pub advertise_tcp: Option<String>,
+    pub advertise_ws: Option<String>,
+    pub advertise_internal: Option<String>,
+    /// Shared secret: signs connect tokens and authenticates internal calls.
+    pub cluster_secret: String,
+    /// Redis and etcd.
+    pub backend: BackendConfig,
+    /// Clients send a Ping at least this often.
+    pub heartbeat_interval_ms: u64,
+    /// A connection silent for this many intervals is closed.
+    pub heartbeat_timeout_intervals: u32,
+    /// Deadline for the first frame (the Login), and for the WebSocket handshake.
+    pub login_timeout_ms: u64,
+    /// Largest frame a client may send (encoded protobuf bytes).
+    pub max_frame_len: usize,
+    /// Frames queued for one connection before it is closed as a slow consumer.
+    pub outbound_queue_frames: usize,
+    /// Deadline of one write burst to a client.
+    pub write_timeout_ms: u64,
+    /// Lease TTL of the registration in etcd.
+    pub registry_ttl_secs: u64,
+    /// Largest number of client sends in one forward call to a route.
+    pub forward_batch_max: usize,
+    /// Client sends waiting to be forwarded; past that a send fails with OVERLOADED.
+    pub forward_queue: usize,
+    /// Forward calls in flight at once.
+    pub forward_concurrency: usize,
+    /// Deadline of one internal call (forward to a route).
+    pub internal_timeout_ms: u64,
+    /// How long a shutdown waits for connections to close and tasks to finish.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            name: "server".into(),
+            tcp_listen: "0.0.0.0:9000".into(),
+            ws_listen: "0.0.0.0:9001".into(),
+            internal_listen: "127.0.0.1:9100".into(),
+            advertise_host: None,
+            advertise_tcp: None,
+            advertise_ws: None,
+            advertise_internal: None,
+            cluster_secret: cim_common::config::DEV_SECRET.into(),
+            backend: BackendConfig::default(),
+            heartbeat_interval_ms: 10_000,
+            heartbeat_timeout_intervals: 3,
+            login_timeout_ms: 5_000,
+            max_frame_len: cim_common::codec::DEFAULT_MAX_FRAME_LEN,
+            outbound_queue_frames: 1024,
+            write_timeout_ms: 10_000,
+            registry_ttl_secs: 10,
+            forward_batch_max: 256,
+            forward_queue: 8192,
+            forward_concurrency: 32,
+            internal_timeout_ms: 3_000,
+            shutdown_grace_ms: 2_000,
+        }
+    }
+}
+
+/// Checks a `host:port` string (the host may be a name or a bracketed IPv6 address).
+fn validate_host_port(field: &str, value: &str) -> Result<(), String> {
+    let bad = || format!("{field} must be host:port, got {value:?}");
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+fn positive(field: &str, value: u64) -> Result<(), String> {
+    if value == 0 {
+        return Err(format!("{field} must be positive"));
+    }
+    Ok(())
+}
+
+impl ServerConfig {
+    /// Checks every field, naming the first bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        if !cim_common::ids::valid_instance_name(&self.name) {
+            return Err(format!(
+                "name must be 1-64 characters of [A-Za-z0-9_.-], got {:?}",
+                self.name
+            ));
+        }
+        validate_host_port("tcp_listen", &self.tcp_listen)?;
+        validate_host_port("ws_listen", &self.ws_listen)?;
+        validate_host_port("internal_listen", &self.internal_listen)?;
+        if let Some(host) = &self.advertise_host {
+            if host.is_empty() || host.contains(char::is_whitespace) {
+                return Err(format!(
+                    "advertise_host must be a host name or IP, got {host:?}"
+                ));
+            }
+        }
+        for (field, value) in [
+            ("advertise_tcp", &self.advertise_tcp),
+            ("advertise_ws", &self.advertise_ws),
+            ("advertise_internal", &self.advertise_internal),
+        ] {
+            if let Some(value) = value {
+                validate_host_port(field, value)?;
+            }
+        }
+        cim_common::config::validate_secret(&self.cluster_secret)?;
+        self.backend
+            .validate()
+            .map_err(|e| format!("backend: {e}"))?;
+        positive("heartbeat_interval_ms", self.heartbeat_interval_ms)?;
+        positive(
+            "heartbeat_timeout_intervals",
+            u64::from(self.heartbeat_timeout_intervals),
+        )?;
+        // Both travel to clients as uint32 in LoginResult.
+        if u32::try_from(self.heartbeat_timeout_ms()).is_err() {
+            return Err(
+                "heartbeat_interval_ms * heartbeat_timeout_intervals must fit in 32 bits".into(),
+            );
+        }
+        positive("login_timeout_ms", self.login_timeout_ms)?;
+        if !(MIN_FRAME_LEN..=MAX_FRAME_LEN_LIMIT).contains(&self.max_frame_len) {
+            return Err(format!(
+                "max_frame_len must be between {MIN_FRAME_LEN} and {MAX_FRAME_LEN_LIMIT}, got {}",
+                self.max_frame_len
+            ));
+        }
+        positive("outbound_queue_frames", self.outbound_queue_frames as u64)?;
+        positive("write_timeout_ms", self.write_timeout_ms)?;
+        positive("registry_ttl_secs", self.registry_ttl_secs)?;
+        positive("forward_batch_max", self.forward_batch_max as u64)?;
+        positive("forward_queue", self.forward_queue as u64)?;
+        positive("forward_concurrency", self.forward_concurrency as u64)?;
+        positive("internal_timeout_ms", self.internal_timeout_ms)?;
+        Ok(())
+    }
+
+    /// Whether the built-in development secret is in use (the server warns at start).
+    pub fn uses_dev_secret(&self) -> bool {
+        self.cluster_secret == cim_common::config::DEV_SECRET
+    }
+
+    /// Silence after which a connection is closed.
+    pub fn heartbeat_timeout_ms(&self) -> u64 {
+        self.heartbeat_interval_ms
+            .saturating_mul(u64::from(self.heartbeat_timeout_intervals))
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms())
+    }
+
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_millis(self.login_timeout_ms)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    pub fn internal_timeout(&self) -> Duration {
+        Duration::from_millis(self.internal_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    pub fn registry_ttl(&self) -> Duration {
+        Duration::from_secs(self.registry_ttl_secs)
+    }
+
+    /// The address to register for a listener bound to `bound`: the full override if given,
+    /// else `advertise_host` (or the bound IP; 127.0.0.1 for a wildcard bind) with the bound port.
+    pub fn advertised(&self, bound: SocketAddr, full_override: Option<&str>) -> String {
+        if let Some(addr) = full_override {
+            return addr.to_string();
+        }
+        match &self.advertise_host {
+            Some(host) => match host.parse::<IpAddr>() {
+                // Formatting through SocketAddr brackets IPv6 literals.
+                Ok(ip) => SocketAddr::new(ip, bound.port()).to_string(),
+                Err(_) => format!("{host}:{}", bound.port()),
+            },
+            None => {
+                let ip = if bound.ip().is_unspecified() {
+                    IpAddr::V4(Ipv4Addr::LOCALHOST)
+                } else {
+                    bound.ip()
+                };
+                SocketAddr::new(ip, bound.port()).to_string()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        ServerConfig::default().validate().unwrap();
+        assert!(ServerConfig::default().uses_dev_secret());
+        assert_eq!(ServerConfig::default().heartbeat_timeout_ms(), 30_000);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let check = |f: fn(&mut ServerConfig), field: &str| {
+            let mut c = ServerConfig::default();
+            f(&mut c);
+            let err = c.validate().unwrap_err();
+            assert!(err.contains(field), "{err:?} should name {field}");
+        };
+        check(|c| c.name = "a b".into(), "name");
+        check(|c| c.tcp_listen = "9000".into(), "tcp_listen");
+        check(
+            |c| c.advertise_ws = Some("host:99999".into()),
+            "advertise_ws",
+        );
+        check(|c| c.cluster_secret = "short".into(), "cluster_secret");
+        check(|c| c.heartbeat_interval_ms = 0, "heartbeat_interval_ms");
+        check(|c| c.heartbeat_interval_ms = u64::MAX, "32 bits");
+        check(|c| c.max_frame_len = 10, "max_frame_len");
+        check(|c| c.outbound_queue_frames = 0, "outbound_queue_frames");
+        check(|c| c.forward_concurrency = 0, "forward_concurrency");
+        check(|c| c.backend.etcd_endpoints.clear(), "backend");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<ServerConfig>(r#"{"nmae":"x"}"#).unwrap_err();
+        assert!(err.to_string().contains("nmae"), "{err}");
+        let ok: ServerConfig =
+            serde_json::from_str(r#"{"name":"s1","backend":{"prefix":"t"}}"#).unwrap();
+        assert_eq!(ok.name, "s1");
+        assert_eq!(ok.backend.prefix, "t");
+        assert_eq!(ok.backend.timeout_ms, BackendConfig::default().timeout_ms);
+    }
+
+    #[test]
+    fn advertised_addresses() {
+        let mut c = ServerConfig::default();
+        let wildcard: SocketAddr = "0.0.0.0:9000".parse().unwrap();
+        let v6_wildcard: SocketAddr = "[::]:9000".parse().unwrap();
+        let bound: SocketAddr = "10.1.2.3:9001".parse().unwrap();
+        assert_eq!(c.advertised(wildcard, None), "127.0.0.1:9000");
+        assert_eq!(c.advertised(v6_wildcard, None), "127.0.0.1:9000");
+        assert_eq!(c.advertised(bound, None), "10.1.2.3:9001");
+        assert_eq!(c.advertised(bound, Some("lb:80")), "lb:80");
+        c.advertise_host = Some("im.example.org".into());
+        assert_eq!(c.advertised(wildcard, None), "im.example.org:9000");
+        c.advertise_host = Some("fe80::1".into());
+        assert_eq!(c.advertised(wildcard, None), "[fe80::1]:9000");
+    }
+}

@@ -1,0 +1,128 @@
+//! The internal API that routes call (axum, on the internal listener): pushes of messages to
+//! connected users and kicks. Every `/internal/*` call must carry the cluster secret; the
+//! check runs before the body is read. `/healthz` is open (for load balancers and probes).
+
+use crate::{
+    conn::Outbound,
+    pb::{
+        cluster::{DeliveryResult, KickRequest, KickResponse, PushRequest, PushResponse},
+        frame::Body,
+        Frame, Kick, KickReason, Push,
+    },
+    server::ServerState,
+};
+use axum::{
+    extract::{DefaultBodyLimit, Request, State},
+    middleware::{self, Next},
+    response::Response,
+    routing::{get, post},
+    Json, Router,
+};
+use cim_common::cluster::{authorized, unauthorized, Protobuf, MAX_BODY};
+use std::sync::{atomic::Ordering, Arc};
+use tokio::net::TcpListener;
+use tracing::{error, info};
+
+type AppState = Arc<ServerState>;
+
+/// The internal API's routes.
+pub(crate) fn router(state: AppState) -> Router {
+    let internal = Router::new()
+        .route("/internal/push", post(push))
+        .route("/internal/kick", post(kick))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_secret,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(internal)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serves the internal API until the server shuts down.
+pub(crate) async fn serve(state: AppState, listener: TcpListener) {
+    let cancel = state.cancel.clone();
+    let app = router(state);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
+        error!(error = %e, "internal API stopped");
+    }
+}
+
+async fn require_secret(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if authorized(req.headers(), &state.config.cluster_secret) {
+        next.run(req).await
+    } else {
+        unauthorized()
+    }
+}
+
+/// Each delivery is one Push frame shared by all its recipients here; `delivered` lists those
+/// whose queue accepted it (absent users and full queues are left out).
+async fn push(
+    State(state): State<AppState>,
+    Protobuf(request): Protobuf<PushRequest>,
+) -> Protobuf<PushResponse> {
+    let results = request
+        .deliveries
+        .into_iter()
+        .map(|delivery| {
+            let Some(message) = delivery.message else {
+                return DeliveryResult::default();
+            };
+            let item = Outbound::new(Frame::new(Body::Push(Push {
+                messages: vec![message],
+            })));
+            DeliveryResult {
+                delivered: state.table.enqueue_many(&delivery.recipients, &item),
+            }
+        })
+        .collect();
+    Protobuf(PushResponse { results })
+}
+
+/// Sends the Kick and closes each listed user's connection (only the given login session's,
+/// when `session` is set).
+async fn kick(
+    State(state): State<AppState>,
+    Protobuf(request): Protobuf<KickRequest>,
+) -> Protobuf<KickResponse> {
+    let kick = request.kick.unwrap_or_else(|| Kick {
+        reason: KickReason::Admin as i32,
+        message: "disconnected by the server".into(),
+    });
+    let reason = KickReason::try_from(kick.reason).unwrap_or(KickReason::Unspecified);
+    let frame = Outbound::new(Frame::new(Body::Kick(kick)));
+    let mut kicked = Vec::new();
+    for user_id in request.user_ids {
+        let Some(conn) = state.table.get(user_id) else {
+            continue;
+        };
+        if !request.session.is_empty() && conn.session != request.session {
+            continue;
+        }
+        if conn.close(frame.clone(), reason, true) {
+            kicked.push(user_id);
+        }
+    }
+    if !kicked.is_empty() {
+        info!(
+            count = kicked.len(),
+            reason = reason.as_str_name(),
+            "kicked connections"
+        );
+    }
+    Protobuf(KickResponse { kicked })
+}
+
+async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "id": state.id,
+        "connections": state.open.load(Ordering::Relaxed),
+    }))
+}

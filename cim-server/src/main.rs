@@ -1,0 +1,240 @@
+//! `cim-server` binary: loads the configuration (defaults < `--config` file < `CIM_SERVER_*`
+//! environment < flags), connects to Redis and etcd, binds the listeners, runs the server until
+//! ctrl-c or SIGTERM, then shuts it down gracefully.
+
+use anyhow::{anyhow, Context};
+use cim_common::backend::Backends;
+use cim_server::{Listeners, ServerConfig};
+use clap::Parser;
+use serde::Serialize;
+use std::path::PathBuf;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+/// File descriptors kept for everything that is not a client connection (listeners, Redis,
+/// etcd, route calls, logs).
+const RESERVED_FDS: u64 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "cim-server", version, about = "cim connection server")]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Instance name (the id is `{name}-{random}`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Client TCP listener, host:port.
+    #[arg(long)]
+    tcp_listen: Option<String>,
+    /// Client WebSocket listener, host:port.
+    #[arg(long)]
+    ws_listen: Option<String>,
+    /// Internal API listener, host:port.
+    #[arg(long)]
+    internal_listen: Option<String>,
+    /// Host registered for the three addresses.
+    #[arg(long)]
+    advertise_host: Option<String>,
+    /// Redis URL.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// etcd endpoint (repeat for several).
+    #[arg(long = "etcd")]
+    etcd: Vec<String>,
+    /// Key prefix in Redis and etcd.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Cluster secret (prefer the config file or CIM_SERVER_CLUSTER_SECRET: flags are visible
+    /// in the process list).
+    #[arg(long)]
+    cluster_secret: Option<String>,
+}
+
+/// The flags that were given, as a config layer (absent flags are left out).
+#[derive(Serialize, Default)]
+struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ws_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    internal_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advertise_host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_secret: Option<String>,
+    #[serde(skip_serializing_if = "BackendOverrides::is_empty")]
+    backend: BackendOverrides,
+}
+
+#[derive(Serialize, Default)]
+struct BackendOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_endpoints: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix: Option<String>,
+}
+
+impl BackendOverrides {
+    fn is_empty(&self) -> bool {
+        self.redis_url.is_none() && self.etcd_endpoints.is_none() && self.prefix.is_none()
+    }
+}
+
+impl From<Cli> for Overrides {
+    fn from(cli: Cli) -> Self {
+        Overrides {
+            name: cli.name,
+            tcp_listen: cli.tcp_listen,
+            ws_listen: cli.ws_listen,
+            internal_listen: cli.internal_listen,
+            advertise_host: cli.advertise_host,
+            cluster_secret: cli.cluster_secret,
+            backend: BackendOverrides {
+                redis_url: cli.redis_url,
+                etcd_endpoints: (!cli.etcd.is_empty()).then_some(cli.etcd),
+                prefix: cli.prefix,
+            },
+        }
+    }
+}
+
+/// Each connection is a file descriptor: raise the soft limit to the hard one.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(
+            fd_limit = limit,
+            "file descriptor limit: room for about {} connections",
+            limit.saturating_sub(RESERVED_FDS)
+        ),
+        Err(e) => warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
+}
+
+async fn bind(field: &str, addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {field} {addr}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            warn!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("ctrl-c received"),
+        () = terminate => info!("SIGTERM received"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut cli = Cli::parse();
+    let file = cli.config.take();
+    let overrides = Overrides::from(cli);
+    let config: ServerConfig = cim_common::config::load(file.as_deref(), "CIM_SERVER_", &overrides)
+        .context("loading configuration")?;
+    config
+        .validate()
+        .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+    cim_common::config::init_logging();
+    raise_fd_limit();
+
+    let backends = Backends::connect(&config.backend)
+        .await
+        .map_err(|e| anyhow!("cannot reach a backend: {e}"))?;
+    let listeners = Listeners {
+        tcp: bind("tcp_listen", &config.tcp_listen).await?,
+        ws: bind("ws_listen", &config.ws_listen).await?,
+        internal: bind("internal_listen", &config.internal_listen).await?,
+    };
+    let handle = cim_server::start(config, listeners, backends).await?;
+    shutdown_signal().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> ServerConfig {
+        let mut cli =
+            Cli::try_parse_from(std::iter::once("cim-server").chain(args.iter().copied())).unwrap();
+        let file = cli.config.take();
+        cim_common::config::load(
+            file.as_deref(),
+            "CIM_SERVER_TEST_UNUSED_",
+            &Overrides::from(cli),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn flags_override_defaults() {
+        let config = load(&[
+            "--name",
+            "edge1",
+            "--tcp-listen",
+            "127.0.0.1:7000",
+            "--etcd",
+            "http://a:2379",
+            "--etcd",
+            "http://b:2379",
+            "--prefix",
+            "t1",
+        ]);
+        assert_eq!(config.name, "edge1");
+        assert_eq!(config.tcp_listen, "127.0.0.1:7000");
+        assert_eq!(
+            config.backend.etcd_endpoints,
+            vec!["http://a:2379".to_string(), "http://b:2379".to_string()]
+        );
+        assert_eq!(config.backend.prefix, "t1");
+        // Untouched fields keep their defaults, including the rest of `backend`.
+        let defaults = ServerConfig::default();
+        assert_eq!(config.backend.redis_url, defaults.backend.redis_url);
+        assert_eq!(config.ws_listen, defaults.ws_listen);
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("cim-server-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("server.toml");
+        std::fs::write(
+            &file,
+            "name = \"fromfile\"\nheartbeat_interval_ms = 2000\n[backend]\nredis_url = \"redis://r:1/0\"\n",
+        )
+        .unwrap();
+        let config = load(&["--config", file.to_str().unwrap(), "--name", "fromflag"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(config.name, "fromflag");
+        assert_eq!(config.heartbeat_interval_ms, 2000);
+        assert_eq!(config.backend.redis_url, "redis://r:1/0");
+        assert_eq!(config.backend.prefix, "cim");
+    }
+}

@@ -1,0 +1,303 @@
+//! Assembling a running server: the shared state, the accept loops, the forwarder, the
+//! internal API, the registration in the registry, and the graceful shutdown.
+
+use crate::pb::KickReason;
+use crate::{
+    config::ServerConfig,
+    conn::ConnTable,
+    forward::{ForwardQueue, Forwarder},
+    internal, session,
+    tcp::TcpTransport,
+    ws,
+};
+use anyhow::{anyhow, Context as _};
+use cim_common::{
+    backend::Backends,
+    cluster::ClusterClient,
+    registry::{Registration, ServiceInfo, ServiceKind},
+    store::StateStore,
+    token::TokenSigner,
+};
+use std::{
+    net::SocketAddr,
+    sync::{atomic::AtomicUsize, atomic::Ordering, Arc},
+    time::Duration,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn, Instrument};
+
+/// Pause after a failed accept before the next one.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What sessions, the forwarder and the internal API share.
+pub(crate) struct ServerState {
+    /// Instance id (`{name}-{random}`), as registered and as put in connect tokens.
+    pub id: String,
+    pub config: ServerConfig,
+    pub signer: TokenSigner,
+    pub store: Arc<dyn StateStore>,
+    pub table: ConnTable,
+    pub forward: ForwardQueue,
+    /// Cancelled when the server shuts down.
+    pub cancel: CancellationToken,
+    /// Open client connections (logging in, logged in, or closing).
+    pub open: AtomicUsize,
+}
+
+impl ServerState {
+    pub(crate) fn new(
+        id: String,
+        config: ServerConfig,
+        store: Arc<dyn StateStore>,
+        forward: ForwardQueue,
+    ) -> Self {
+        Self {
+            id,
+            signer: TokenSigner::new(&config.cluster_secret),
+            config,
+            store,
+            table: ConnTable::default(),
+            forward,
+            cancel: CancellationToken::new(),
+            open: AtomicUsize::new(0),
+        }
+    }
+
+    /// Starts the shutdown of every connection: connections still logging in see the
+    /// cancellation, logged-in ones get a SERVER_SHUTDOWN kick after their pending frames.
+    pub(crate) fn shutdown_connections(&self) {
+        self.cancel.cancel();
+        for conn in self.table.all() {
+            conn.close(session::shutdown_kick(), KickReason::ServerShutdown, true);
+        }
+    }
+}
+
+/// The three listeners, bound by the caller (tests bind `127.0.0.1:0`).
+pub struct Listeners {
+    /// Client TCP connections.
+    pub tcp: TcpListener,
+    /// Client WebSocket connections.
+    pub ws: TcpListener,
+    /// Internal API (routes).
+    pub internal: TcpListener,
+}
+
+/// A running server. [`ServerHandle::shutdown`] stops it gracefully; dropping the handle
+/// stops it too, without leaving the registry first (the registration then expires).
+pub struct ServerHandle {
+    state: Arc<ServerState>,
+    tracker: TaskTracker,
+    registration: Option<Box<dyn Registration>>,
+    tcp_addr: SocketAddr,
+    ws_addr: SocketAddr,
+    internal_addr: SocketAddr,
+}
+
+/// Starts a server on the given listeners: watches routes, serves clients and the internal
+/// API, and registers in the registry. Returns once everything runs.
+pub async fn start(
+    config: ServerConfig,
+    listeners: Listeners,
+    backends: Backends,
+) -> anyhow::Result<ServerHandle> {
+    config
+        .validate()
+        .map_err(|e| anyhow!("invalid server config: {e}"))?;
+    if config.uses_dev_secret() {
+        warn!("cluster_secret is the built-in development secret: set your own in production");
+    }
+    let tcp_addr = listeners.tcp.local_addr().context("tcp listener address")?;
+    let ws_addr = listeners.ws.local_addr().context("ws listener address")?;
+    let internal_addr = listeners
+        .internal
+        .local_addr()
+        .context("internal listener address")?;
+    let id = cim_common::ids::instance_id(&config.name);
+
+    let routes = backends
+        .registry
+        .watch(ServiceKind::Route)
+        .await
+        .context("watching routes in the registry")?;
+    let (forward, forward_rx) = ForwardQueue::new(config.forward_queue);
+    let forwarder = Forwarder::new(
+        forward_rx,
+        routes,
+        ClusterClient::new(&config.cluster_secret, config.internal_timeout()),
+        id.clone(),
+        config.forward_batch_max,
+        config.forward_concurrency,
+    );
+    let info = ServiceInfo {
+        id: id.clone(),
+        tcp_addr: config.advertised(tcp_addr, config.advertise_tcp.as_deref()),
+        ws_addr: config.advertised(ws_addr, config.advertise_ws.as_deref()),
+        internal_addr: config.advertised(internal_addr, config.advertise_internal.as_deref()),
+        http_addr: String::new(),
+    };
+    let ttl = config.registry_ttl();
+    let state = Arc::new(ServerState::new(id, config, backends.store, forward));
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(forwarder.run(state.cancel.clone(), tracker.clone()));
+    tracker.spawn(accept_tcp(state.clone(), listeners.tcp, tracker.clone()));
+    tracker.spawn(accept_ws(state.clone(), listeners.ws, tracker.clone()));
+    tracker.spawn(internal::serve(state.clone(), listeners.internal));
+
+    // Registered last: routes assign clients only to a server that already serves them.
+    let registration = match backends
+        .registry
+        .register(ServiceKind::Server, &info, ttl)
+        .await
+    {
+        Ok(registration) => registration,
+        Err(e) => {
+            state.cancel.cancel();
+            tracker.close();
+            tracker.wait().await;
+            return Err(anyhow!(e).context("registering in the registry"));
+        }
+    };
+    info!(
+        id = %state.id,
+        tcp = %info.tcp_addr,
+        ws = %info.ws_addr,
+        internal = %info.internal_addr,
+        "server started"
+    );
+    Ok(ServerHandle {
+        state,
+        tracker,
+        registration: Some(registration),
+        tcp_addr,
+        ws_addr,
+        internal_addr,
+    })
+}
+
+impl ServerHandle {
+    /// Instance id (as registered, and as routes put in connect tokens).
+    pub fn id(&self) -> &str {
+        &self.state.id
+    }
+
+    /// Bound client TCP address.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    /// Bound client WebSocket address (path `/ws`).
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    /// Bound internal API address.
+    pub fn internal_addr(&self) -> SocketAddr {
+        self.internal_addr
+    }
+
+    /// Open client connections, including ones still logging in or closing.
+    pub fn connection_count(&self) -> usize {
+        self.state.open.load(Ordering::Relaxed)
+    }
+
+    /// Graceful stop: leaves the registry (routes stop assigning this server), stops
+    /// accepting, kicks every connection with SERVER_SHUTDOWN (each is detached), and waits
+    /// for tasks up to `shutdown_grace_ms`.
+    pub async fn shutdown(mut self) {
+        info!(id = %self.state.id, connections = self.connection_count(), "server shutting down");
+        if let Some(registration) = self.registration.take() {
+            if let Err(e) = registration.deregister().await {
+                warn!(error = %e, "leaving the registry failed: the registration expires by itself");
+            }
+        }
+        self.state.shutdown_connections();
+        self.tracker.close();
+        let grace = self.state.config.shutdown_grace();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                tasks = self.tracker.len(),
+                connections = self.connection_count(),
+                "shutdown grace period over with tasks still running"
+            );
+        }
+        info!(id = %self.state.id, "server stopped");
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        // Stop serving (nothing left to do after `shutdown`). The registration, dropped with
+        // the handle, stops renewing and expires.
+        if !self.state.cancel.is_cancelled() {
+            self.state.shutdown_connections();
+        }
+    }
+}
+
+/// The next client connection, or `None` once the server shuts down.
+async fn next_connection(
+    state: &ServerState,
+    listener: &TcpListener,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = state.cancel.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    // Frames are small and latency matters more than packet count; writes
+                    // are batched by the session anyway.
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer));
+                }
+                Err(e) => {
+                    // E.g. out of file descriptors: pause rather than spin while it lasts.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+}
+
+async fn accept_tcp(state: Arc<ServerState>, listener: TcpListener, tracker: TaskTracker) {
+    while let Some((stream, peer)) = next_connection(&state, &listener).await {
+        let transport = TcpTransport::new(stream, state.config.max_frame_len);
+        tracker.spawn(session::run(state.clone(), transport, peer));
+    }
+    debug!("tcp listener closed");
+}
+
+async fn accept_ws(state: Arc<ServerState>, listener: TcpListener, tracker: TaskTracker) {
+    while let Some((stream, peer)) = next_connection(&state, &listener).await {
+        let state = state.clone();
+        tracker.spawn(async move {
+            // The handshake shares the login deadline: a client that opens a socket and says
+            // nothing is dropped just the same. Boxed, like the login: it is short-lived.
+            let handshake = async {
+                let handshake = ws::accept(stream, state.config.max_frame_len);
+                match tokio::time::timeout(state.config.login_timeout(), handshake).await {
+                    Ok(Ok(transport)) => Some(transport),
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "websocket handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        debug!("websocket handshake timed out");
+                        None
+                    }
+                }
+            };
+            let handshake = Box::pin(handshake.instrument(session::span(peer, "ws")));
+            if let Some(transport) = handshake.await {
+                session::run(state, transport, peer).await;
+            }
+        });
+    }
+    debug!("websocket listener closed");
+}

@@ -1,0 +1,591 @@
+//! Whole-server tests over real loopback sockets, with the in-memory test backends of
+//! [`crate::testing`] and a fake route played by an axum app: TCP and WebSocket clients, the
+//! internal API, forwarding with retries, registration and graceful shutdown.
+
+use crate::{
+    pb::{
+        cluster::{
+            Delivery, ForwardRequest, ForwardResponse, KickRequest, KickResponse, PushRequest,
+            PushResponse,
+        },
+        frame::Body,
+        ErrorCode, Frame, Kick, KickReason, Message as ChatMessage, Ping, Pong, Send, SendResult,
+        SendStatus,
+    },
+    start,
+    testing::{
+        assert_closed, login_frame, next, test_config, token, MemRegistry, MemStore,
+        SharedRegistry, SECRET,
+    },
+    Listeners, ServerConfig, ServerHandle,
+};
+use axum::{routing::post, Router};
+use cim_common::{
+    backend::Backends,
+    cluster::{ClusterClient, ClusterError, Protobuf},
+    codec::FrameCodec,
+    registry::{ServiceInfo, ServiceKind},
+};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_util::codec::Framed;
+
+struct Cluster {
+    server: ServerHandle,
+    store: Arc<MemStore>,
+    registry: Arc<MemRegistry>,
+    internal: ClusterClient,
+}
+
+async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+async fn start_server(config: ServerConfig) -> Cluster {
+    let store = Arc::new(MemStore::default());
+    let registry = Arc::new(MemRegistry::default());
+    let backends = Backends {
+        store: store.clone(),
+        registry: Arc::new(SharedRegistry(registry.clone())),
+    };
+    let listeners = Listeners {
+        tcp: listener().await,
+        ws: listener().await,
+        internal: listener().await,
+    };
+    let server = start(config, listeners, backends).await.unwrap();
+    Cluster {
+        server,
+        store,
+        registry,
+        internal: ClusterClient::new(SECRET, Duration::from_secs(5)),
+    }
+}
+
+impl Cluster {
+    async fn tcp_login(&self, user_id: u64) -> Framed<TcpStream, FrameCodec> {
+        let session = format!("s{user_id}");
+        self.store.claim(user_id, &session);
+        let stream = TcpStream::connect(self.server.tcp_addr()).await.unwrap();
+        let mut client = Framed::new(stream, FrameCodec::default());
+        client
+            .send(login_frame(token(user_id, &session, self.server.id())))
+            .await
+            .unwrap();
+        match next(&mut client).await.body {
+            Some(Body::LoginResult(r)) => assert_eq!(r.user_id, user_id),
+            other => panic!("expected LoginResult, got {other:?}"),
+        }
+        client
+    }
+
+    async fn push(&self, recipients: Vec<u64>, body: &str) -> PushResponse {
+        let request = PushRequest {
+            deliveries: vec![Delivery {
+                message: Some(ChatMessage {
+                    id: "m1".into(),
+                    body: body.into(),
+                    ..Default::default()
+                }),
+                recipients,
+            }],
+        };
+        self.internal
+            .call(
+                &self.server.internal_addr().to_string(),
+                "/internal/push",
+                &request,
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Plays a route at `addr` (registered as `id`).
+    fn add_route(&self, id: &str, addr: String) {
+        self.registry.put(
+            ServiceKind::Route,
+            ServiceInfo {
+                id: id.into(),
+                internal_addr: addr,
+                ..Default::default()
+            },
+        );
+    }
+}
+
+/// A route that answers every forwarded send as delivered to one connection, counting calls.
+async fn fake_route(calls: Arc<AtomicUsize>) -> String {
+    let app = Router::new().route(
+        "/internal/forward",
+        post(move |Protobuf(req): Protobuf<ForwardRequest>| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let results = req
+                    .items
+                    .iter()
+                    .map(|item| SendResult {
+                        client_id: item.send.as_ref().map_or(0, |s| s.client_id),
+                        status: SendStatus::Delivered as i32,
+                        // Echo the authenticated sender so the test can check it.
+                        message_id: format!("{}:{}", item.sender_id, item.sender_name),
+                        delivered: 1,
+                        ..Default::default()
+                    })
+                    .collect();
+                Protobuf(ForwardResponse { results })
+            }
+        }),
+    );
+    let listener = listener().await;
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// An address where nothing listens (connections are refused).
+async fn dead_addr() -> String {
+    let l = listener().await;
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    addr
+}
+
+fn send(client_id: u64) -> Frame {
+    Frame::new(Body::Send(Send {
+        client_id,
+        to_user_id: 2,
+        body: "hello".into(),
+        ..Default::default()
+    }))
+}
+
+fn send_result(frame: Frame) -> SendResult {
+    match frame.body {
+        Some(Body::SendResult(r)) => r,
+        other => panic!("expected SendResult, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn registers_serves_and_shuts_down() {
+    let c = start_server(test_config()).await;
+    let servers = c.registry.members(ServiceKind::Server);
+    assert_eq!(servers.len(), 1);
+    assert_eq!(servers[0].id, c.server.id());
+    assert_eq!(servers[0].tcp_addr, c.server.tcp_addr().to_string());
+    assert_eq!(servers[0].ws_addr, c.server.ws_addr().to_string());
+    assert_eq!(
+        servers[0].internal_addr,
+        c.server.internal_addr().to_string()
+    );
+
+    let mut client = c.tcp_login(1).await;
+    assert_eq!(c.server.connection_count(), 1);
+    client
+        .send(Frame::new(Body::Ping(Ping { nonce: 3 })))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut client).await,
+        Frame::new(Body::Pong(Pong { nonce: 3 }))
+    );
+
+    let registry = c.registry.clone();
+    let store = c.store.clone();
+    let shutdown = tokio::spawn(c.server.shutdown());
+    match next(&mut client).await.body {
+        Some(Body::Kick(Kick { reason, .. })) => {
+            assert_eq!(reason, KickReason::ServerShutdown as i32)
+        }
+        other => panic!("expected a shutdown Kick, got {other:?}"),
+    }
+    assert!(
+        registry.members(ServiceKind::Server).is_empty(),
+        "left the registry before kicking anyone"
+    );
+    assert_closed(&mut client).await;
+    // The server waits (briefly) for clients to close after the kick.
+    drop(client);
+    shutdown.await.unwrap();
+    assert_eq!(store.slot(1), None, "detached during shutdown");
+}
+
+#[tokio::test]
+async fn push_reaches_connected_users_only() {
+    let c = start_server(test_config()).await;
+    let mut alice = c.tcp_login(1).await;
+    let mut bob = c.tcp_login(2).await;
+    let response = c.push(vec![1, 2, 3], "hi all").await;
+    assert_eq!(response.results.len(), 1);
+    assert_eq!(response.results[0].delivered, vec![1, 2]);
+    for client in [&mut alice, &mut bob] {
+        match next(client).await.body {
+            Some(Body::Push(push)) => assert_eq!(push.messages[0].body, "hi all"),
+            other => panic!("expected Push, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn internal_api_requires_the_secret() {
+    let c = start_server(test_config()).await;
+    let intruder = ClusterClient::new("wrong-secret-0123456789", Duration::from_secs(5));
+    let err = intruder
+        .call::<_, PushResponse>(
+            &c.server.internal_addr().to_string(),
+            "/internal/push",
+            &PushRequest::default(),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        ClusterError::Status { status, .. } => assert_eq!(status.as_u16(), 401),
+        other => panic!("expected 401, got {other}"),
+    }
+    // Health needs no secret.
+    let health: serde_json::Value =
+        reqwest::get(format!("http://{}/healthz", c.server.internal_addr()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["id"], c.server.id());
+    assert_eq!(health["connections"], 0);
+}
+
+#[tokio::test]
+async fn kick_by_user_and_session() {
+    let c = start_server(test_config()).await;
+    let mut alice = c.tcp_login(1).await;
+    let addr = c.server.internal_addr().to_string();
+    let kick = |session: &str| KickRequest {
+        user_ids: vec![1, 9],
+        kick: Some(Kick {
+            reason: KickReason::LoggedOut as i32,
+            message: "logged out".into(),
+        }),
+        session: session.into(),
+    };
+    // Another session of the same user: nothing happens.
+    let response: KickResponse = c
+        .internal
+        .call(&addr, "/internal/kick", &kick("other"))
+        .await
+        .unwrap();
+    assert!(response.kicked.is_empty());
+    let response: KickResponse = c
+        .internal
+        .call(&addr, "/internal/kick", &kick("s1"))
+        .await
+        .unwrap();
+    assert_eq!(response.kicked, vec![1]);
+    match next(&mut alice).await.body {
+        Some(Body::Kick(k)) => assert_eq!(k.reason, KickReason::LoggedOut as i32),
+        other => panic!("expected Kick, got {other:?}"),
+    }
+    assert_closed(&mut alice).await;
+}
+
+#[tokio::test]
+async fn sends_go_to_a_route_and_results_come_back() {
+    let c = start_server(test_config()).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    c.add_route("route-a", fake_route(calls.clone()).await);
+    let mut alice = c.tcp_login(1).await;
+    alice.send(send(10)).await.unwrap();
+    let result = send_result(next(&mut alice).await);
+    assert_eq!(result.client_id, 10);
+    assert_eq!(result.status, SendStatus::Delivered as i32);
+    assert_eq!(
+        result.message_id, "1:user1",
+        "sender is the connection's user"
+    );
+    // A burst is answered completely (batched into fewer calls than sends).
+    for id in 0..50 {
+        alice.feed(send(100 + id)).await.unwrap();
+    }
+    SinkExt::<Frame>::flush(&mut alice).await.unwrap();
+    let mut ids: Vec<u64> = Vec::new();
+    for _ in 0..50 {
+        ids.push(send_result(next(&mut alice).await).client_id);
+    }
+    ids.sort();
+    assert_eq!(ids, (100..150).collect::<Vec<_>>());
+    assert!(calls.load(Ordering::SeqCst) <= 51);
+}
+
+#[tokio::test]
+async fn a_refusing_route_is_skipped() {
+    let c = start_server(test_config()).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    // Sorted by id, the dead route comes first in the round-robin.
+    c.add_route("route-a", dead_addr().await);
+    c.add_route("route-b", fake_route(calls.clone()).await);
+    let mut alice = c.tcp_login(1).await;
+    for id in 0..4 {
+        alice.send(send(id)).await.unwrap();
+        let result = send_result(next(&mut alice).await);
+        assert_eq!(result.status, SendStatus::Delivered as i32, "{result:?}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn no_route_means_unavailable() {
+    let c = start_server(test_config()).await;
+    let mut alice = c.tcp_login(1).await;
+    alice.send(send(5)).await.unwrap();
+    let result = send_result(next(&mut alice).await);
+    assert_eq!(result.status, SendStatus::Failed as i32);
+    assert_eq!(result.error.unwrap().code(), ErrorCode::Unavailable);
+    // Only dead routes: the same.
+    c.add_route("route-a", dead_addr().await);
+    alice.send(send(6)).await.unwrap();
+    let result = send_result(next(&mut alice).await);
+    assert_eq!(result.error.unwrap().code(), ErrorCode::Unavailable);
+}
+
+async fn ws_connect(
+    c: &Cluster,
+    path: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    tungstenite::Error,
+> {
+    let url = format!("ws://{}{path}", c.server.ws_addr());
+    tokio_tungstenite::connect_async(url)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+#[tokio::test]
+async fn websocket_binary_and_json() {
+    let c = start_server(test_config()).await;
+    c.store.claim(1, "s1");
+    let mut ws = ws_connect(&c, "/ws").await.unwrap();
+    let login = login_frame(token(1, "s1", c.server.id()));
+    ws.send(WsMessage::Binary(login.encode_to_vec().into()))
+        .await
+        .unwrap();
+    match ws.next().await {
+        Some(Ok(WsMessage::Binary(bytes))) => match Frame::decode(bytes).unwrap().body {
+            Some(Body::LoginResult(r)) => assert_eq!(r.user_id, 1),
+            other => panic!("expected LoginResult, got {other:?}"),
+        },
+        other => panic!("expected a binary message, got {other:?}"),
+    }
+    // The client switches to JSON: answers follow.
+    ws.send(WsMessage::text(r#"{"ping":{"nonce":"9"}}"#))
+        .await
+        .unwrap();
+    match ws.next().await {
+        Some(Ok(WsMessage::Text(text))) => {
+            let frame: Frame = serde_json::from_str(text.as_str()).unwrap();
+            assert_eq!(frame, Frame::new(Body::Pong(Pong { nonce: 9 })));
+        }
+        other => panic!("expected a text message, got {other:?}"),
+    }
+    // Pushes too, and unknown bodies get UNSUPPORTED_FRAME with the connection kept.
+    assert_eq!(
+        c.push(vec![1], "json push").await.results[0].delivered,
+        vec![1]
+    );
+    ws.send(WsMessage::text(r#"{"teleport":{}}"#))
+        .await
+        .unwrap();
+    let mut texts = Vec::new();
+    for _ in 0..2 {
+        match ws.next().await {
+            Some(Ok(WsMessage::Text(text))) => texts.push(text.as_str().to_string()),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+    assert!(texts[0].contains("json push"), "{texts:?}");
+    assert!(
+        texts[1].contains("ERROR_CODE_UNSUPPORTED_FRAME"),
+        "{texts:?}"
+    );
+    // Garbage JSON closes with BAD_FRAME.
+    ws.send(WsMessage::text("not json")).await.unwrap();
+    match ws.next().await {
+        Some(Ok(WsMessage::Text(text))) => {
+            assert!(text.as_str().contains("ERROR_CODE_BAD_FRAME"), "{text}")
+        }
+        other => panic!("expected a text message, got {other:?}"),
+    }
+    loop {
+        match ws.next().await {
+            Some(Ok(WsMessage::Close(_))) => continue,
+            None | Some(Err(_)) => break,
+            Some(Ok(other)) => panic!("expected the close, got {other:?}"),
+        }
+    }
+    assert_eq!(c.store.slot(1), None, "detached");
+}
+
+#[tokio::test]
+async fn websocket_oversize_message_is_refused() {
+    let c = start_server(ServerConfig {
+        max_frame_len: 2048,
+        ..test_config()
+    })
+    .await;
+    let mut ws = ws_connect(&c, "/ws").await.unwrap();
+    ws.send(WsMessage::Binary(vec![0u8; 4096].into()))
+        .await
+        .unwrap();
+    match ws.next().await {
+        Some(Ok(WsMessage::Binary(bytes))) => match Frame::decode(bytes).unwrap().body {
+            Some(Body::Error(e)) => assert_eq!(e.code(), ErrorCode::FrameTooLarge),
+            other => panic!("expected Error, got {other:?}"),
+        },
+        other => panic!("expected a binary message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn websocket_other_paths_are_not_found() {
+    let c = start_server(test_config()).await;
+    match ws_connect(&c, "/chat").await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 404),
+        other => panic!("expected 404, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn dropping_the_handle_stops_the_server() {
+    let c = start_server(test_config()).await;
+    let mut alice = c.tcp_login(1).await;
+    drop(c.server);
+    match next(&mut alice).await.body {
+        Some(Body::Kick(k)) => assert_eq!(k.reason, KickReason::ServerShutdown as i32),
+        other => panic!("expected Kick, got {other:?}"),
+    }
+}
+
+/// Opens a logged-in connection with blocking std sockets (no client-side memory in this
+/// process beyond the descriptor), over TCP or a hand-rolled WebSocket.
+fn open_blocking(addr: std::net::SocketAddr, ws: bool, login: &Frame) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut buf = [0u8; 1024];
+    if ws {
+        write!(
+            s,
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "handshake refused");
+            head.extend_from_slice(&buf[..n]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"));
+        // One masked binary message.
+        let payload = login.encode_to_vec();
+        let mask = [1u8, 2, 3, 4];
+        let mut out = vec![0x82, 0x80 | 126];
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        s.write_all(&out).unwrap();
+    } else {
+        s.write_all(&cim_common::codec::frame_to_bytes(login))
+            .unwrap();
+    }
+    let n = s.read(&mut buf).unwrap();
+    assert!(n > 0, "no LoginResult");
+    s
+}
+
+/// Resident memory per idle logged-in connection, with spans recorded as in production
+/// (info level, output discarded). The test store's own per-user entry (~30 bytes) is
+/// included.
+async fn idle_memory(ws: bool) -> f64 {
+    fn rss_bytes() -> usize {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096
+    }
+    if std::env::var_os("NO_TRACING").is_none() {
+        let _ = tracing_subscriber_init();
+    }
+    // Two descriptors per connection here (both ends live in this process).
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    const N: u64 = 8_000; // stays under common hard limits of 20k descriptors
+    const WARM: u64 = 200;
+    let c = start_server(test_config()).await;
+    let addr = if ws {
+        c.server.ws_addr()
+    } else {
+        c.server.tcp_addr()
+    };
+    let id = c.server.id().to_string();
+    for user in 1..=N {
+        c.store.claim(user, &format!("s{user}"));
+    }
+    let open = |users: std::ops::RangeInclusive<u64>| {
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || {
+            users
+                .map(|user| {
+                    open_blocking(
+                        addr,
+                        ws,
+                        &login_frame(token(user, &format!("s{user}"), &id)),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    // Warm up allocator pools first.
+    let warm = open(1..=WARM).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_bytes();
+    let sockets = open(WARM + 1..=N).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes();
+    assert_eq!(c.server.connection_count() as u64, N);
+    drop((warm, sockets));
+    (after - before) as f64 / (N - WARM) as f64
+}
+
+/// Run with `cargo test --release -p cim-server idle_memory -- --ignored --nocapture`
+/// (one at a time: each measures its whole process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: prints bytes per connection"]
+async fn idle_memory_tcp() {
+    let per = idle_memory(false).await;
+    eprintln!("{per:.0} bytes per idle TCP connection");
+    assert!(per < 2048.0, "{per:.0} bytes per idle TCP connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: prints bytes per connection"]
+async fn idle_memory_ws() {
+    let per = idle_memory(true).await;
+    eprintln!("{per:.0} bytes per idle WebSocket connection");
+    assert!(per < 4096.0, "{per:.0} bytes per idle WebSocket connection");
+}
+
+fn tracing_subscriber_init() -> Result<(), tracing::subscriber::SetGlobalDefaultError> {
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_writer(std::io::sink)
+        .finish();
+    tracing::subscriber::set_global_default(subscriber)
+}

@@ -1,0 +1,969 @@
+//! The life of one client connection, written once for every transport: login handshake,
+//! heartbeats, frames from the client, delivery of queued frames, and cleanup.
+//!
+//! One task per connection runs [`run`]. Once logged in, it waits on three things at once
+//! (its outbound queue, the next client frame, the heartbeat deadline) and holds no other
+//! task, timer or buffer while idle. Kicks, slow-consumer closes and the server shutdown all
+//! arrive through the queue (`ConnShared::close`).
+//!
+//! Sequence: the first frame must be a `Login` with a connect token valid for this server;
+//! the login session is attached in the state store, the connection enters the table and gets
+//! a `LoginResult`. On exit, for whatever reason, it leaves the table and is detached.
+
+use crate::{
+    conn::{ConnShared, Outbound},
+    pb::{frame::Body, ErrorCode, Frame, KickReason, LoginResult, Pong, SendResult},
+    server::ServerState,
+};
+use cim_common::{store::AttachOutcome, time::now_ms, token::TokenError};
+use futures_util::FutureExt;
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument, Span};
+
+/// Frames handled per wake-up before answers are written: frames a client pipelined are
+/// answered in one write, and a flood cannot keep the session from writing.
+const MAX_FRAMES_PER_WAKE: usize = 64;
+/// Longest wait for the client to close after our last frame.
+const MAX_LINGER: Duration = Duration::from_secs(1);
+
+/// A way of exchanging frames with one client.
+pub(crate) trait Transport: Send {
+    /// Short name for logs ("tcp", "ws").
+    const KIND: &'static str;
+
+    /// The next frame; `Ok(None)` when the client closed the connection. Must be
+    /// cancel-safe: the session drops it whenever something else happens first.
+    fn recv(&mut self) -> impl Future<Output = Result<Option<Frame>, RecvError>> + Send;
+
+    /// Writes a burst of frames and flushes them.
+    fn send(&mut self, items: &[Outbound]) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Closes the connection after the last frame, waiting at most `linger` for the client.
+    fn close(&mut self, linger: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// Why `recv` produced no frame.
+#[derive(Debug)]
+pub(crate) enum RecvError {
+    /// The client sent something that is not a frame: answer `code`, then close.
+    Protocol { code: ErrorCode, message: String },
+    /// The connection broke (reset, truncated frame, ...): nothing can be sent anymore.
+    Io(String),
+}
+
+/// Why a session ended (for the log line).
+#[derive(Debug)]
+enum End {
+    PeerClosed,
+    /// We sent an Error frame with this code and closed.
+    Failed(ErrorCode, String),
+    Kicked(KickReason),
+    Shutdown,
+    ReadFailed(String),
+    WriteFailed(String),
+}
+
+impl End {
+    fn log(&self) {
+        match self {
+            End::PeerClosed => debug!("connection closed by the client"),
+            End::Shutdown => debug!("connection closed: server shutting down"),
+            End::Kicked(reason) => info!(reason = reason.as_str_name(), "connection kicked"),
+            End::Failed(ErrorCode::HeartbeatTimeout, message) => info!("{message}"),
+            End::Failed(code, message) => {
+                warn!(code = code.as_str_name(), "closing connection: {message}")
+            }
+            // Mostly resets by the client or its network: the client's doing.
+            End::ReadFailed(e) => info!(error = %e, "connection lost"),
+            End::WriteFailed(e) => warn!(error = %e, "write to client failed"),
+        }
+    }
+}
+
+/// The tracing span of one connection (`user_id` is recorded once known).
+///
+/// It covers the phases that log: accepting and logging in, and the end (why it closed,
+/// cleanup). It is not kept open while the connection idles: a live span costs about 500
+/// bytes per connection in the subscriber, a quarter of an idle connection's budget. Both
+/// instances carry the same fields, so log lines read the same.
+pub(crate) fn span(peer: SocketAddr, transport: &'static str) -> Span {
+    tracing::info_span!(
+        "conn",
+        peer = %peer,
+        transport,
+        user_id = tracing::field::Empty
+    )
+}
+
+/// Counts the connection as open for its whole life, cleanup included.
+struct OpenGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> OpenGuard<'a> {
+    fn new(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub(crate) fn shutdown_kick() -> Outbound {
+    Outbound::new(Frame::kick(
+        KickReason::ServerShutdown,
+        "server shutting down, reconnect",
+    ))
+}
+
+/// Writes a burst under the write deadline.
+async fn write<T: Transport>(
+    transport: &mut T,
+    items: &[Outbound],
+    timeout: Duration,
+) -> Result<(), String> {
+    // Boxed: a write is short-lived, and its timer and buffers inline would enlarge the
+    // session future that every idle connection keeps.
+    match Box::pin(tokio::time::timeout(timeout, transport.send(items))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "write timed out after {} ms (client not reading)",
+            timeout.as_millis()
+        )),
+    }
+}
+
+/// Sends a last Error frame (best effort: the connection closes anyway).
+async fn fail<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    code: ErrorCode,
+    message: String,
+) -> End {
+    let frame = Outbound::new(Frame::error(code, message.clone()));
+    let _ = write(transport, &[frame], state.config.write_timeout()).await;
+    End::Failed(code, message)
+}
+
+/// [`fail`] for a logged-in connection: what is already queued (answers to the frames
+/// before the bad one, deliveries) is written first.
+async fn fail_after_queued<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    conn: &ConnShared,
+    code: ErrorCode,
+    message: String,
+) -> End {
+    let (mut items, _) = conn.take();
+    items.push(Outbound::new(Frame::error(code, message.clone())));
+    let _ = write(transport, &items, state.config.write_timeout()).await;
+    End::Failed(code, message)
+}
+
+/// Runs one connection to its end.
+pub(crate) async fn run<T: Transport>(state: Arc<ServerState>, mut transport: T, peer: SocketAddr) {
+    let _open = OpenGuard::new(&state.open);
+    // Login and cleanup run boxed: they are short, and inline they would enlarge the future
+    // that every idle connection keeps for its whole life.
+    let login = login_or_close(&state, &mut transport).instrument(span(peer, T::KIND));
+    let Some(conn) = Box::pin(login).await else {
+        return;
+    };
+    let end = serve(&state, &mut transport, &conn).await;
+    let span = span(peer, T::KIND);
+    span.record("user_id", conn.user_id);
+    let finish = async {
+        end.log();
+        cleanup(&state, &mut transport, &conn).await;
+    };
+    Box::pin(finish.instrument(span)).await;
+}
+
+/// [`login`], closing the connection when it fails.
+async fn login_or_close<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+) -> Option<Arc<ConnShared>> {
+    match login(state, transport).await {
+        Ok(conn) => Some(conn),
+        Err(end) => {
+            end.log();
+            transport.close(linger(state)).await;
+            None
+        }
+    }
+}
+
+fn linger(state: &ServerState) -> Duration {
+    state.config.write_timeout().min(MAX_LINGER)
+}
+
+/// After a logged-in connection ended: it leaves the table (unless already replaced there)
+/// and its login session is detached, while the transport closes.
+async fn cleanup<T: Transport>(state: &ServerState, transport: &mut T, conn: &Arc<ConnShared>) {
+    conn.mark_closed();
+    state.table.remove_if_same(conn);
+    let detach = async {
+        if let Err(e) = state
+            .store
+            .detach(conn.user_id, &conn.user_name, &conn.session, &state.id)
+            .await
+        {
+            warn!(error = %e, "detach failed: the route expires with the server's registration");
+        }
+    };
+    tokio::join!(transport.close(linger(state)), detach);
+}
+
+/// Waits for the Login frame and checks it. On success the connection is attached and in the
+/// table (the caller must clean up); on failure nothing needs undoing.
+async fn login<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+) -> Result<Arc<ConnShared>, End> {
+    let config = &state.config;
+    let first = tokio::select! {
+        biased;
+        () = state.cancel.cancelled() => {
+            let _ = write(transport, &[shutdown_kick()], config.write_timeout()).await;
+            return Err(End::Shutdown);
+        }
+        r = tokio::time::timeout(config.login_timeout(), transport.recv()) => r,
+    };
+    let frame = match first {
+        Err(_) => {
+            let msg = format!("no Login frame within {} ms", config.login_timeout_ms);
+            return Err(fail(state, transport, ErrorCode::LoginTimeout, msg).await);
+        }
+        Ok(Ok(None)) => return Err(End::PeerClosed),
+        Ok(Err(RecvError::Io(e))) => return Err(End::ReadFailed(e)),
+        Ok(Err(RecvError::Protocol { code, message })) => {
+            return Err(fail(state, transport, code, message).await)
+        }
+        Ok(Ok(Some(frame))) => frame,
+    };
+    let token = match frame.body {
+        Some(Body::Login(login)) => login.token,
+        _ => {
+            let msg = format!("the first frame must be a Login, got {}", frame.kind_name());
+            return Err(fail(state, transport, ErrorCode::LoginRequired, msg).await);
+        }
+    };
+    let claims = match state.signer.verify_connect(&token, now_ms()) {
+        Ok(claims) => claims,
+        Err(TokenError::Expired) => {
+            let msg = "connect token expired: log in again".to_string();
+            return Err(fail(state, transport, ErrorCode::TokenExpired, msg).await);
+        }
+        Err(e) => {
+            let msg = format!("invalid connect token: {e}");
+            return Err(fail(state, transport, ErrorCode::InvalidToken, msg).await);
+        }
+    };
+    if claims.server_id != state.id {
+        let msg = format!(
+            "the token is for server {}, this is {}: log in again",
+            claims.server_id, state.id
+        );
+        return Err(fail(state, transport, ErrorCode::WrongServer, msg).await);
+    }
+    Span::current().record("user_id", claims.user_id);
+    match state
+        .store
+        .attach(
+            claims.user_id,
+            &claims.user_name,
+            &claims.session,
+            &state.id,
+        )
+        .await
+    {
+        Ok(AttachOutcome::Attached) => {}
+        Ok(AttachOutcome::SessionInvalid) => {
+            let msg = "login session not pending: the token was already used or the session \
+                       ended; log in again"
+                .to_string();
+            return Err(fail(state, transport, ErrorCode::SessionInvalid, msg).await);
+        }
+        Err(e) => {
+            warn!(error = %e, "attach failed");
+            let msg = "state store unavailable, retry later".to_string();
+            return Err(fail(state, transport, ErrorCode::Unavailable, msg).await);
+        }
+    }
+    // Attached before entering the table (a replayed token must not kick the legitimate
+    // connection), so a push arriving in between finds nobody here; delivery guarantees
+    // (inbox replay) cover that window.
+    let conn = Arc::new(ConnShared::new(
+        claims.user_id,
+        claims.user_name,
+        claims.session,
+        config.outbound_queue_frames,
+    ));
+    if let Some(old) = state.table.insert(conn.clone()) {
+        let kick = Frame::kick(
+            KickReason::Replaced,
+            "a newer connection of this user took over",
+        );
+        old.close(Outbound::new(kick), KickReason::Replaced, true);
+    }
+    // A shutdown kicks the connections in the table; one that entered after that sweep
+    // sees the cancellation here (the table lock orders the two).
+    if state.cancel.is_cancelled() {
+        conn.close(shutdown_kick(), KickReason::ServerShutdown, true);
+    }
+    Ok(conn)
+}
+
+/// What a received frame asks the session to do.
+enum Step {
+    Continue,
+    End(End),
+    /// Answer this error, then close.
+    Fail(ErrorCode, String),
+}
+
+/// Handles one result of `recv` in the logged-in loop. Answers go through the connection's
+/// own queue so that they are written together with pending deliveries.
+fn on_recv(
+    state: &ServerState,
+    conn: &Arc<ConnShared>,
+    received: Result<Option<Frame>, RecvError>,
+) -> Step {
+    let frame = match received {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return Step::End(End::PeerClosed),
+        Err(RecvError::Io(e)) => return Step::End(End::ReadFailed(e)),
+        Err(RecvError::Protocol { code, message }) => return Step::Fail(code, message),
+    };
+    let kind = frame.kind_name();
+    match frame.body {
+        Some(Body::Ping(ping)) => conn.reply(Frame::new(Body::Pong(Pong { nonce: ping.nonce }))),
+        Some(Body::Send(send)) => {
+            if let Err(send) = state.forward.submit(conn, send) {
+                let result = SendResult::failed(
+                    send.client_id,
+                    ErrorCode::Overloaded,
+                    "too many sends waiting for a route: slow down and retry",
+                );
+                conn.reply(Frame::new(Body::SendResult(result)));
+            }
+        }
+        // Delivery guarantees (acks against the per-user inbox) come later; until then an
+        // Ack is valid and needs no answer.
+        Some(Body::Ack(_)) => {}
+        Some(Body::Login(_)) => conn.reply(Frame::error(
+            ErrorCode::UnsupportedFrame,
+            "already logged in",
+        )),
+        Some(_) => conn.reply(Frame::error(
+            ErrorCode::UnsupportedFrame,
+            format!("{kind} frames are sent by the server, not to it"),
+        )),
+        None => conn.reply(Frame::error(
+            ErrorCode::UnsupportedFrame,
+            "unknown frame body",
+        )),
+    }
+    Step::Continue
+}
+
+/// Writes what is queued for the connection; `Some` when the connection must end (a close
+/// was requested, or the write failed).
+async fn flush_queue<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    conn: &ConnShared,
+) -> Option<End> {
+    let (mut items, closing) = conn.take();
+    let timeout = state.config.write_timeout();
+    if let Some(closing) = closing {
+        if !closing.flush {
+            items.clear();
+        }
+        items.push(closing.frame);
+        let _ = write(transport, &items, timeout).await;
+        return Some(match closing.reason {
+            KickReason::ServerShutdown => End::Shutdown,
+            reason => End::Kicked(reason),
+        });
+    }
+    if items.is_empty() {
+        return None;
+    }
+    write(transport, &items, timeout)
+        .await
+        .err()
+        .map(End::WriteFailed)
+}
+
+/// The logged-in part: LoginResult, then frames both ways until something ends it.
+async fn serve<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    conn: &Arc<ConnShared>,
+) -> End {
+    let config = &state.config;
+    let login_result = Frame::new(Body::LoginResult(LoginResult {
+        user_id: conn.user_id,
+        user_name: conn.user_name.clone(),
+        server_id: state.id.clone(),
+        // Validated to fit in 32 bits.
+        heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms).unwrap_or(u32::MAX),
+        heartbeat_timeout_ms: u32::try_from(config.heartbeat_timeout_ms()).unwrap_or(u32::MAX),
+        max_frame_len: u32::try_from(config.max_frame_len).unwrap_or(u32::MAX),
+    }));
+    if let Err(e) = write(
+        transport,
+        &[Outbound::new(login_result)],
+        config.write_timeout(),
+    )
+    .await
+    {
+        return End::WriteFailed(e);
+    }
+
+    // The deadline timer is re-armed only when it fires (from the last activity), not on
+    // every frame: a busy connection does not churn the timer wheel. (Values are read from
+    // the config where used rather than kept in locals: every idle connection's future would
+    // carry them.)
+    let mut last_activity = Instant::now();
+    let deadline = tokio::time::sleep_until(last_activity + config.heartbeat_timeout());
+    tokio::pin!(deadline);
+
+    loop {
+        tokio::select! {
+            biased;
+            () = conn.notified() => {
+                if let Some(end) = Box::pin(flush_queue(state, transport, conn)).await {
+                    return end;
+                }
+            }
+            received = transport.recv() => {
+                last_activity = Instant::now();
+                let mut step = on_recv(state, conn, received);
+                // Frames already buffered are handled now, their answers leave in one write.
+                for _ in 1..MAX_FRAMES_PER_WAKE {
+                    if !matches!(step, Step::Continue) {
+                        break;
+                    }
+                    match transport.recv().now_or_never() {
+                        Some(received) => step = on_recv(state, conn, received),
+                        None => break,
+                    }
+                }
+                match step {
+                    Step::Continue => {}
+                    Step::End(end) => return end,
+                    Step::Fail(code, message) => {
+                        return Box::pin(fail_after_queued(state, transport, conn, code, message))
+                            .await;
+                    }
+                }
+            }
+            () = &mut deadline => {
+                let expires = last_activity + config.heartbeat_timeout();
+                if Instant::now() < expires {
+                    deadline.as_mut().reset(expires);
+                    continue;
+                }
+                let msg = format!(
+                    "no frame for {} ms: heartbeat timeout",
+                    config.heartbeat_timeout_ms()
+                );
+                return Box::pin(fail_after_queued(state, transport, conn, ErrorCode::HeartbeatTimeout, msg)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+    use crate::{
+        conn::Enqueued,
+        pb::{Kick, Ping, Push, Send},
+        tcp::TcpTransport,
+        testing::{assert_closed, error_code, login_frame, next, test_config, token, Harness},
+    };
+    use cim_common::{
+        codec::put_len_prefix,
+        token::{ConnectClaims, TokenSigner},
+    };
+    use futures_util::SinkExt;
+    use tokio::io::AsyncWriteExt;
+
+    fn ping(nonce: u64) -> Frame {
+        Frame::new(Body::Ping(Ping { nonce }))
+    }
+
+    fn kick_reason(frame: &Frame) -> KickReason {
+        match &frame.body {
+            Some(Body::Kick(Kick { reason, .. })) => {
+                KickReason::try_from(*reason).expect("known reason")
+            }
+            other => panic!("expected a Kick, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn login_then_ping_pong() {
+        let h = Harness::new(test_config());
+        h.store.claim(7, "s1");
+        let (mut client, task) = h.connect();
+        client
+            .send(login_frame(token(7, "s1", &h.state.id)))
+            .await
+            .unwrap();
+        match next(&mut client).await.body {
+            Some(Body::LoginResult(r)) => {
+                assert_eq!(r.user_id, 7);
+                assert_eq!(r.user_name, "user7");
+                assert_eq!(r.server_id, h.state.id);
+                assert_eq!(r.heartbeat_interval_ms, 10_000);
+                assert_eq!(r.heartbeat_timeout_ms, 30_000);
+                assert_eq!(r.max_frame_len, 65_536);
+            }
+            other => panic!("expected LoginResult, got {other:?}"),
+        }
+        assert_eq!(
+            h.store.slot(7).unwrap().server.as_deref(),
+            Some(h.state.id.as_str())
+        );
+        assert!(h.state.table.get(7).is_some());
+        assert_eq!(h.state.open.load(Ordering::Relaxed), 1);
+
+        client.send(ping(42)).await.unwrap();
+        assert_eq!(
+            next(&mut client).await,
+            Frame::new(Body::Pong(Pong { nonce: 42 }))
+        );
+
+        // The client leaves: the session ends, leaves the table, and is detached.
+        drop(client);
+        task.await.unwrap();
+        assert!(h.state.table.get(7).is_none());
+        assert_eq!(h.store.slot(7), None);
+        assert_eq!(h.state.open.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn pipelined_pings_are_all_answered_in_order() {
+        let h = Harness::new(test_config());
+        let (mut client, _task) = h.login(1, "s").await;
+        for n in 0..200 {
+            client.feed(ping(n)).await.unwrap();
+        }
+        SinkExt::<Frame>::flush(&mut client).await.unwrap();
+        for n in 0..200 {
+            assert_eq!(
+                next(&mut client).await,
+                Frame::new(Body::Pong(Pong { nonce: n }))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn unexpected_frames_are_refused_but_keep_the_connection() {
+        let h = Harness::new(test_config());
+        let (mut client, _task) = h.login(1, "s").await;
+        let frames = [
+            Frame::default(),                        // a body this server does not know
+            Frame::new(Body::Push(Push::default())), // server -> client only
+            login_frame(token(1, "s", &h.state.id)), // already logged in
+        ];
+        for frame in frames {
+            client.send(frame).await.unwrap();
+            assert_eq!(
+                error_code(&next(&mut client).await),
+                ErrorCode::UnsupportedFrame
+            );
+        }
+        // Acks need no answer; the connection is still usable.
+        client
+            .send(Frame::new(Body::Ack(Default::default())))
+            .await
+            .unwrap();
+        client.send(ping(1)).await.unwrap();
+        assert_eq!(
+            next(&mut client).await,
+            Frame::new(Body::Pong(Pong { nonce: 1 }))
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_closes_with_bad_frame_and_detaches() {
+        let h = Harness::new(test_config());
+        let (client, task) = h.login(3, "s").await;
+        let mut io = client.into_inner();
+        // A valid length, then bytes that are no Frame (field 1, wire type 7).
+        io.write_all(&[3, 0x0f, 0xff, 0xff]).await.unwrap();
+        let mut client = tokio_util::codec::Framed::new(io, Default::default());
+        assert_eq!(error_code(&next(&mut client).await), ErrorCode::BadFrame);
+        assert_closed(&mut client).await;
+        drop(client); // the server's linger ends when the client closes
+        task.await.unwrap();
+        assert_eq!(h.store.slot(3), None, "detached");
+        assert!(h.state.table.get(3).is_none());
+    }
+
+    #[tokio::test]
+    async fn frames_before_garbage_are_answered_first() {
+        let h = Harness::new(test_config());
+        let (client, _task) = h.login(3, "s").await;
+        let mut io = client.into_inner();
+        let mut bytes = cim_common::codec::frame_to_bytes(&ping(1)).to_vec();
+        bytes.extend_from_slice(&cim_common::codec::frame_to_bytes(&ping(2)));
+        bytes.extend_from_slice(&[3, 0x0f, 0xff, 0xff]);
+        io.write_all(&bytes).await.unwrap();
+        let mut client = tokio_util::codec::Framed::new(io, Default::default());
+        assert_eq!(
+            next(&mut client).await,
+            Frame::new(Body::Pong(Pong { nonce: 1 }))
+        );
+        assert_eq!(
+            next(&mut client).await,
+            Frame::new(Body::Pong(Pong { nonce: 2 }))
+        );
+        assert_eq!(error_code(&next(&mut client).await), ErrorCode::BadFrame);
+        assert_closed(&mut client).await;
+    }
+
+    #[tokio::test]
+    async fn oversize_frame_closes_with_frame_too_large() {
+        let h = Harness::new(test_config());
+        let (client, task) = h.login(3, "s").await;
+        let mut io = client.into_inner();
+        let mut prefix = bytes::BytesMut::new();
+        put_len_prefix(65_537, &mut prefix);
+        io.write_all(&prefix).await.unwrap();
+        let mut client = tokio_util::codec::Framed::new(io, Default::default());
+        assert_eq!(
+            error_code(&next(&mut client).await),
+            ErrorCode::FrameTooLarge
+        );
+        assert_closed(&mut client).await;
+        drop(client); // the server's linger ends when the client closes
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn garbage_before_login_is_bad_frame() {
+        let h = Harness::new(test_config());
+        let (client, task) = h.connect();
+        let mut io = client.into_inner();
+        // An HTTP request on the TCP port ('G' reads as a 71-byte length).
+        io.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl/8.0\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n").await.unwrap();
+        let mut client = tokio_util::codec::Framed::new(io, Default::default());
+        assert_eq!(error_code(&next(&mut client).await), ErrorCode::BadFrame);
+        assert_closed(&mut client).await;
+        drop(client); // the server's linger ends when the client closes
+        task.await.unwrap();
+        assert_eq!(h.state.open.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn login_timeout() {
+        let h = Harness::new(test_config());
+        let (mut client, task) = h.connect();
+        let started = Instant::now();
+        assert_eq!(
+            error_code(&next(&mut client).await),
+            ErrorCode::LoginTimeout
+        );
+        assert!(started.elapsed() >= Duration::from_millis(5_000));
+        assert_closed(&mut client).await;
+        drop(client); // the server's linger ends when the client closes
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn first_frame_must_be_login() {
+        let h = Harness::new(test_config());
+        let (mut client, _task) = h.connect();
+        client.send(ping(1)).await.unwrap();
+        assert_eq!(
+            error_code(&next(&mut client).await),
+            ErrorCode::LoginRequired
+        );
+        assert_closed(&mut client).await;
+    }
+
+    /// Logs in with `token` and returns the error code the server answered.
+    async fn login_error(h: &Harness, token: String) -> ErrorCode {
+        let (mut client, task) = h.connect();
+        client.send(login_frame(token)).await.unwrap();
+        let code = error_code(&next(&mut client).await);
+        assert_closed(&mut client).await;
+        drop(client); // the server's linger ends when the client closes
+        task.await.unwrap();
+        code
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_are_refused() {
+        let h = Harness::new(test_config());
+        h.store.claim(5, "s");
+        let id = h.state.id.clone();
+        assert_eq!(
+            login_error(&h, "nonsense".into()).await,
+            ErrorCode::InvalidToken
+        );
+        let forged = TokenSigner::new("another-secret-0123456789").sign_connect(&ConnectClaims {
+            user_id: 5,
+            user_name: "x".into(),
+            server_id: id.clone(),
+            session: "s".into(),
+            exp_ms: now_ms() + 60_000,
+        });
+        assert_eq!(login_error(&h, forged).await, ErrorCode::InvalidToken);
+        let expired = TokenSigner::new(crate::testing::SECRET).sign_connect(&ConnectClaims {
+            user_id: 5,
+            user_name: "x".into(),
+            server_id: id.clone(),
+            session: "s".into(),
+            exp_ms: now_ms() - 1,
+        });
+        assert_eq!(login_error(&h, expired).await, ErrorCode::TokenExpired);
+        assert_eq!(
+            login_error(&h, token(5, "s", "server-other")).await,
+            ErrorCode::WrongServer
+        );
+        // Not pending (never claimed, or claimed by another session).
+        assert_eq!(
+            login_error(&h, token(5, "other", &id)).await,
+            ErrorCode::SessionInvalid
+        );
+        h.store.set_unavailable(true);
+        assert_eq!(
+            login_error(&h, token(5, "s", &id)).await,
+            ErrorCode::Unavailable
+        );
+        h.store.set_unavailable(false);
+        // None of these attached anything.
+        assert_eq!(h.store.slot(5).unwrap().server, None);
+        assert!(h.state.table.get(5).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_token_works_once() {
+        let h = Harness::new(test_config());
+        let (_client, _task) = h.login(5, "s").await;
+        assert_eq!(
+            login_error(&h, token(5, "s", &h.state.id)).await,
+            ErrorCode::SessionInvalid
+        );
+        // The replay did not disturb the first connection.
+        assert!(h.state.table.get(5).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeat_timeout_and_activity() {
+        let h = Harness::new(test_config());
+        let (mut client, task) = h.login(9, "s").await;
+        let started = Instant::now();
+        // Activity at 20 s pushes the deadline to 50 s.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        client.send(ping(1)).await.unwrap();
+        assert_eq!(
+            next(&mut client).await,
+            Frame::new(Body::Pong(Pong { nonce: 1 }))
+        );
+        assert_eq!(
+            error_code(&next(&mut client).await),
+            ErrorCode::HeartbeatTimeout
+        );
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(50) && elapsed < Duration::from_secs(51),
+            "{elapsed:?}"
+        );
+        assert_closed(&mut client).await;
+        drop(client); // the server's linger ends when the client closes
+        task.await.unwrap();
+        assert_eq!(h.store.slot(9), None, "detached");
+    }
+
+    #[tokio::test]
+    async fn slow_consumer_is_kicked() {
+        let h = Harness::new(ServerConfig {
+            outbound_queue_frames: 4,
+            ..test_config()
+        });
+        let (mut client, task) = h.login(2, "s").await;
+        let conn = h.state.table.get(2).unwrap();
+        // The client does not read: the queue fills up while the session is parked. Pushes
+        // run on this test's thread; the session task only runs when we yield.
+        let push = Outbound::new(Frame::new(Body::Push(Push::default())));
+        let outcomes: Vec<_> = (0..5).map(|_| conn.enqueue(push.clone())).collect();
+        assert_eq!(outcomes[..4], [Enqueued::Queued; 4]);
+        assert_eq!(outcomes[4], Enqueued::Full);
+        // The queued pushes are dropped: only the Kick arrives, then the close.
+        assert_eq!(
+            kick_reason(&next(&mut client).await),
+            KickReason::SlowConsumer
+        );
+        assert_closed(&mut client).await;
+        drop(client); // the server's linger ends when the client closes
+        task.await.unwrap();
+        assert!(h.state.table.get(2).is_none());
+        assert_eq!(conn.enqueue(push), Enqueued::Closed);
+    }
+
+    #[tokio::test]
+    async fn newer_connection_replaces_older() {
+        let h = Harness::new(test_config());
+        let (mut first, first_task) = h.login(4, "s1").await;
+        let (mut second, _second_task) = h.login(4, "s2").await;
+        assert_eq!(kick_reason(&next(&mut first).await), KickReason::Replaced);
+        assert_closed(&mut first).await;
+        drop(first); // the server's linger ends when the client closes
+        first_task.await.unwrap();
+        // The old session's cleanup left the new one alone.
+        assert_eq!(h.state.table.get(4).unwrap().session, "s2");
+        assert_eq!(h.store.slot(4).unwrap().session, "s2");
+        second.send(ping(5)).await.unwrap();
+        assert_eq!(
+            next(&mut second).await,
+            Frame::new(Body::Pong(Pong { nonce: 5 }))
+        );
+    }
+
+    #[tokio::test]
+    async fn sends_are_forwarded_with_the_authenticated_sender() {
+        let mut h = Harness::new(test_config());
+        let (mut client, _task) = h.login(11, "s").await;
+        let send = Send {
+            client_id: 77,
+            to_user_id: 12,
+            body: "hi".into(),
+            ..Default::default()
+        };
+        client
+            .send(Frame::new(Body::Send(send.clone())))
+            .await
+            .unwrap();
+        let pending = h.forwarded.recv().await.unwrap();
+        assert_eq!(pending.conn.user_id, 11);
+        assert_eq!(pending.conn.user_name, "user11");
+        assert_eq!(pending.send, send);
+    }
+
+    #[tokio::test]
+    async fn full_forward_queue_answers_overloaded() {
+        let h = Harness::new(ServerConfig {
+            forward_queue: 1,
+            ..test_config()
+        });
+        let (mut client, _task) = h.login(11, "s").await;
+        for client_id in [1, 2] {
+            let send = Send {
+                client_id,
+                ..Default::default()
+            };
+            client.send(Frame::new(Body::Send(send))).await.unwrap();
+        }
+        match next(&mut client).await.body {
+            Some(Body::SendResult(r)) => {
+                assert_eq!(r.client_id, 2);
+                assert_eq!(r.error.unwrap().code(), ErrorCode::Overloaded);
+            }
+            other => panic!("expected SendResult, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_kicks_and_detaches() {
+        let h = Harness::new(test_config());
+        let (mut client, task) = h.login(6, "s").await;
+        let (mut anonymous, anonymous_task) = h.connect();
+        h.state.shutdown_connections();
+        assert_eq!(
+            kick_reason(&next(&mut client).await),
+            KickReason::ServerShutdown
+        );
+        assert_closed(&mut client).await;
+        assert_eq!(
+            kick_reason(&next(&mut anonymous).await),
+            KickReason::ServerShutdown
+        );
+        assert_closed(&mut anonymous).await;
+        // The server's linger ends when the clients close.
+        drop((client, anonymous));
+        task.await.unwrap();
+        anonymous_task.await.unwrap();
+        assert_eq!(h.store.slot(6), None);
+    }
+
+    #[tokio::test]
+    async fn kick_flushes_pending_frames_first() {
+        let h = Harness::new(test_config());
+        let (mut client, _task) = h.login(8, "s").await;
+        let conn = h.state.table.get(8).unwrap();
+        let push = Frame::new(Body::Push(Push::default()));
+        conn.enqueue(Outbound::new(push.clone()));
+        let kick = Frame::kick(KickReason::LoggedOut, "bye");
+        conn.close(Outbound::new(kick.clone()), KickReason::LoggedOut, true);
+        assert_eq!(next(&mut client).await, push);
+        assert_eq!(next(&mut client).await, kick);
+        assert_closed(&mut client).await;
+    }
+
+    #[tokio::test]
+    async fn idle_tcp_connection_holds_no_read_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut transport = TcpTransport::new(server, 64 * 1024);
+        let big = login_frame("x".repeat(20_000));
+        let mut bytes = cim_common::codec::frame_to_bytes(&big).to_vec();
+        bytes.extend_from_slice(&cim_common::codec::frame_to_bytes(&ping(1)));
+        client.write_all(&bytes).await.unwrap();
+        assert_eq!(transport.recv().await.unwrap(), Some(big));
+        assert_eq!(transport.recv().await.unwrap(), Some(ping(1)));
+        // Nothing more comes: the pending read holds no buffer.
+        let idle = tokio::time::timeout(Duration::from_millis(50), transport.recv()).await;
+        assert!(idle.is_err(), "no frame expected");
+        assert_eq!(transport.read_buffer_capacity(), 0);
+        // And reading still works afterwards.
+        client
+            .write_all(&cim_common::codec::frame_to_bytes(&ping(2)))
+            .await
+            .unwrap();
+        assert_eq!(transport.recv().await.unwrap(), Some(ping(2)));
+    }
+
+    /// An idle connection's memory is mostly its task, i.e. this future (measured end to end
+    /// by the ignored `idle_memory_*` tests): keep it small.
+    #[test]
+    fn session_future_is_small() {
+        let h = Harness::new(test_config());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _peer = std::net::TcpStream::connect(addr).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        let future = run(h.state.clone(), TcpTransport::new(stream, 65_536), addr);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 800, "session future is {size} bytes");
+    }
+}

@@ -1,0 +1,155 @@
+//! The TCP transport: varint32-delimited protobuf frames (`cim_common::codec`) over any byte
+//! stream (a `TcpStream` in production, `tokio::io::duplex` in tests).
+//!
+//! An idle connection holds no read buffer at all (it waits for readability first, then reads
+//! into a small buffer, see [`READ_CHUNK`]), instead of the 8 KiB a `FramedRead` keeps per
+//! connection; and the write path encodes a whole burst of frames into one buffer written with
+//! one `write_all`, freed afterwards.
+
+use crate::{
+    conn::Outbound,
+    session::{RecvError, Transport},
+};
+use bytes::BytesMut;
+use cim_common::{
+    codec::{decode_frame, encode_payload, CodecError},
+    pb::Frame,
+};
+use std::{future::Future, io, time::Duration};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Room reserved before a read. Most frames (pings, small sends) fit in one read of this size.
+const READ_CHUNK: usize = 512;
+/// Below this much free room, reserve another chunk before reading.
+const MIN_READ_ROOM: usize = 64;
+/// Bytes read and discarded after our last frame while waiting for the peer to close (see
+/// [`TcpTransport::close`]).
+const LINGER_DRAIN_MAX: usize = 64 * 1024;
+
+/// A byte stream the TCP transport runs on.
+pub(crate) trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Waits until input is available, without holding a buffer. A stream that cannot tell
+    /// returns at once, and the read itself waits with its buffer reserved.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+impl ByteStream for TcpStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        // The poll form keeps the waker in the socket's registration; `TcpStream::readable`
+        // would put a ~130-byte waiter node into every idle connection's future.
+        std::future::poll_fn(|cx| self.poll_read_ready(cx))
+    }
+}
+
+#[cfg(test)]
+impl ByteStream for tokio::io::DuplexStream {}
+
+pub(crate) struct TcpTransport<S> {
+    stream: S,
+    read_buf: BytesMut,
+    max_frame_len: usize,
+}
+
+impl<S> TcpTransport<S> {
+    pub(crate) fn new(stream: S, max_frame_len: usize) -> Self {
+        Self {
+            stream,
+            read_buf: BytesMut::new(),
+            max_frame_len,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn read_buffer_capacity(&self) -> usize {
+        self.read_buf.capacity()
+    }
+}
+
+fn codec_error(e: CodecError) -> RecvError {
+    match e.error_code() {
+        Some(code) => RecvError::Protocol {
+            code,
+            message: e.to_string(),
+        },
+        None => RecvError::Io(e.to_string()),
+    }
+}
+
+impl<S: ByteStream> Transport for TcpTransport<S> {
+    const KIND: &'static str = "tcp";
+
+    /// Cancel-safe: bytes only enter `read_buf` when a read completes, and a frame is only
+    /// taken out of it when it is returned.
+    async fn recv(&mut self) -> Result<Option<Frame>, RecvError> {
+        loop {
+            if let Some(frame) =
+                decode_frame(&mut self.read_buf, self.max_frame_len).map_err(codec_error)?
+            {
+                return Ok(Some(frame));
+            }
+            if self.read_buf.is_empty() {
+                // Idle between frames: wait for input holding no buffer at all (most
+                // connections spend most of their life here).
+                self.read_buf = BytesMut::new();
+                self.stream
+                    .readable()
+                    .await
+                    .map_err(|e| RecvError::Io(e.to_string()))?;
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < MIN_READ_ROOM {
+                self.read_buf.reserve(READ_CHUNK);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read_buf)
+                .await
+                .map_err(|e| RecvError::Io(e.to_string()))?;
+            if n == 0 {
+                return if self.read_buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(codec_error(CodecError::Truncated))
+                };
+            }
+        }
+    }
+
+    async fn send(&mut self, items: &[Outbound]) -> io::Result<()> {
+        // Length prefix (at most 5 bytes) + payload per frame, in one buffer: one syscall per
+        // burst. The buffer lives only for this burst.
+        let total: usize = items.iter().map(|i| i.proto().len() + 5).sum();
+        let mut buf = BytesMut::with_capacity(total);
+        for item in items {
+            encode_payload(item.proto(), &mut buf);
+        }
+        self.stream.write_all(&buf).await?;
+        self.stream.flush().await
+    }
+
+    /// Half-closes, then reads and discards until the peer closes too (bounded in bytes and
+    /// time). Closing a socket with unread input makes the kernel send a reset, which can
+    /// destroy our last frame (the error or kick telling the client why) before it reads it.
+    async fn close(&mut self, linger: Duration) {
+        self.read_buf = BytesMut::new();
+        if self.stream.shutdown().await.is_err() {
+            return;
+        }
+        let drain = async {
+            // On the heap: an array here would enlarge every idle session's future.
+            let mut scratch = vec![0u8; 1024];
+            let mut drained = 0;
+            while drained < LINGER_DRAIN_MAX {
+                match self.stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(linger, drain).await;
+    }
+}

@@ -1,0 +1,231 @@
+//! The WebSocket transport (tokio-tungstenite): one `Frame` per message on path `/ws`, binary
+//! messages as protobuf, text messages as proto3 JSON. Answers use the format of the last
+//! message the client sent, so a browser speaking JSON gets JSON back.
+//!
+//! tungstenite's default buffers are 128 KiB each; here they are 0.5-1 KiB (see
+//! [`config`]) to keep an idle connection within a few KiB.
+
+use crate::{
+    conn::Outbound,
+    pb::{ErrorCode, Frame},
+    session::{RecvError, Transport},
+};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use std::{io, time::Duration};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::{
+    accept_hdr_async_with_config,
+    tungstenite::{
+        error::ProtocolError,
+        handshake::server::{Callback, ErrorResponse, Request, Response},
+        http::StatusCode,
+        protocol::WebSocketConfig,
+        Error as WsError, Message,
+    },
+    WebSocketStream,
+};
+
+/// The only path that upgrades to a WebSocket.
+pub(crate) const WS_PATH: &str = "/ws";
+
+/// tungstenite allocates this eagerly per connection and reads at most this much at a time.
+const READ_BUFFER: usize = 512;
+/// Messages are buffered up to this size before being written; `flush` writes the rest. The
+/// buffer keeps its capacity between bursts, so it is kept small too.
+const WRITE_BUFFER: usize = 1024;
+
+/// Body names of `Frame` in proto3 JSON (both spellings pbjson accepts).
+const BODY_NAMES: &[&str] = &[
+    "login",
+    "loginResult",
+    "login_result",
+    "ping",
+    "pong",
+    "send",
+    "sendResult",
+    "send_result",
+    "push",
+    "kick",
+    "error",
+    "ack",
+];
+
+/// The WebSocket settings of a connection accepting frames up to `max_frame_len` bytes.
+pub(crate) fn config(max_frame_len: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        // A bound, not an allocation: room for a few of the largest frames (JSON can be larger
+        // than protobuf). Must stay above `write_buffer_size` (tungstenite asserts it).
+        .max_write_buffer_size(WRITE_BUFFER + 8 * max_frame_len)
+        .max_message_size(Some(max_frame_len))
+        .max_frame_size(Some(max_frame_len))
+}
+
+/// Handshake callback: only [`WS_PATH`] upgrades, anything else is answered 404.
+struct OnlyWsPath;
+
+impl Callback for OnlyWsPath {
+    fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
+        if request.uri().path() == WS_PATH {
+            return Ok(response);
+        }
+        let mut refusal = ErrorResponse::new(Some(format!(
+            "not found: the WebSocket endpoint is {WS_PATH}"
+        )));
+        *refusal.status_mut() = StatusCode::NOT_FOUND;
+        Err(refusal)
+    }
+}
+
+/// Performs the server handshake (any path other than [`WS_PATH`] is refused).
+pub(crate) async fn accept<S>(stream: S, max_frame_len: usize) -> Result<WsTransport<S>, WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let ws = accept_hdr_async_with_config(stream, OnlyWsPath, Some(config(max_frame_len))).await?;
+    Ok(WsTransport { ws, text: false })
+}
+
+pub(crate) struct WsTransport<S> {
+    ws: WebSocketStream<S>,
+    /// The client's last data message was text: answer in JSON.
+    text: bool,
+}
+
+fn bad_frame(message: String) -> RecvError {
+    RecvError::Protocol {
+        code: ErrorCode::BadFrame,
+        message,
+    }
+}
+
+/// Parses a text message. A JSON object naming no body this server knows is a frame from a
+/// newer client: it becomes an empty frame (answered with UNSUPPORTED_FRAME, connection kept
+/// open), as an unknown protobuf field would. The generated deserializer rejects unknown keys,
+/// hence the second look on failure.
+fn parse_json(text: &str) -> Result<Frame, RecvError> {
+    match serde_json::from_str::<Frame>(text) {
+        Ok(frame) => Ok(frame),
+        Err(e) => match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) {
+            Ok(object) if !object.keys().any(|k| BODY_NAMES.contains(&k.as_str())) => {
+                Ok(Frame::default())
+            }
+            _ => Err(bad_frame(format!("undecodable JSON frame: {e}"))),
+        },
+    }
+}
+
+fn recv_error(e: WsError) -> Result<Option<Frame>, RecvError> {
+    match e {
+        WsError::ConnectionClosed | WsError::AlreadyClosed => Ok(None),
+        WsError::Capacity(e) => Err(RecvError::Protocol {
+            code: ErrorCode::FrameTooLarge,
+            message: e.to_string(),
+        }),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Err(RecvError::Io(
+            "connection reset without closing handshake".into(),
+        )),
+        WsError::Protocol(e) => Err(bad_frame(format!("websocket protocol error: {e}"))),
+        WsError::Utf8(e) => Err(bad_frame(format!("text message is not UTF-8: {e}"))),
+        WsError::Io(e) => Err(RecvError::Io(e.to_string())),
+        other => Err(RecvError::Io(other.to_string())),
+    }
+}
+
+fn io_error(e: WsError) -> io::Error {
+    match e {
+        WsError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+impl<S> Transport for WsTransport<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    const KIND: &'static str = "ws";
+
+    /// Cancel-safe: `StreamExt::next` keeps partial input inside the stream.
+    async fn recv(&mut self) -> Result<Option<Frame>, RecvError> {
+        loop {
+            let message = match self.ws.next().await {
+                None => return Ok(None),
+                Some(Err(e)) => return recv_error(e),
+                Some(Ok(m)) => m,
+            };
+            match message {
+                Message::Binary(bytes) => {
+                    self.text = false;
+                    return Frame::decode(bytes)
+                        .map(Some)
+                        .map_err(|e| bad_frame(format!("undecodable frame: {e}")));
+                }
+                Message::Text(text) => {
+                    self.text = true;
+                    return parse_json(text.as_str()).map(Some);
+                }
+                Message::Close(_) => return Ok(None),
+                // Control frames: tungstenite answers pings itself.
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            }
+        }
+    }
+
+    async fn send(&mut self, items: &[Outbound]) -> io::Result<()> {
+        for item in items {
+            let message = if self.text {
+                Message::Text(item.json().clone())
+            } else {
+                Message::Binary(item.proto().clone())
+            };
+            // `feed` buffers (writing only past WRITE_BUFFER); one flush for the burst.
+            self.ws.feed(message).await.map_err(io_error)?;
+        }
+        self.ws.flush().await.map_err(io_error)
+    }
+
+    /// Sends a Close and waits (bounded) for the client's, so it reads our last frame before
+    /// the socket goes away.
+    async fn close(&mut self, linger: Duration) {
+        let ws = &mut self.ws;
+        let _ = tokio::time::timeout(linger, async move {
+            if ws.close(None).await.is_err() {
+                return;
+            }
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::{frame::Body, Ping};
+
+    #[test]
+    fn json_frames() {
+        let ping = parse_json(r#"{"ping":{"nonce":"5"}}"#).unwrap();
+        assert_eq!(ping, Frame::new(Body::Ping(Ping { nonce: 5 })));
+        // A body from the future: an empty frame, not an error.
+        assert_eq!(parse_json(r#"{"hologram":{}}"#).unwrap(), Frame::default());
+        assert_eq!(parse_json("{}").unwrap(), Frame::default());
+        // A known body that is broken, or not JSON at all: BAD_FRAME.
+        for bad in [r#"{"ping":{"nonce":"x"}}"#, "hello", "[1]"] {
+            match parse_json(bad) {
+                Err(RecvError::Protocol { code, .. }) => assert_eq!(code, ErrorCode::BadFrame),
+                other => panic!("{bad}: expected BAD_FRAME, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn config_is_valid_and_small() {
+        let c = config(64 * 1024);
+        assert!(c.max_write_buffer_size > c.write_buffer_size);
+        assert!(c.read_buffer_size <= 4096);
+        assert_eq!(c.max_message_size, Some(64 * 1024));
+    }
+}
