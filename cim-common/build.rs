@@ -13,7 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(&descriptor_path)
         .compile_protos(&files, &[proto_dir])
         .map_err(|e| {
-            format!("{e}\n(cim needs `protoc` to build: install the Debian package protobuf-compiler)")
+            format!(
+                "{e}\n(cim needs `protoc` to build: install the Debian package protobuf-compiler)"
+            )
         })?;
     let descriptors = std::fs::read(descriptor_path)?;
     pbjson_build::Builder::new()

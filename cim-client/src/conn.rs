@@ -64,12 +64,13 @@ impl Connection {
     pub async fn connect(addr: &str, transport: Transport) -> Result<Self, ConnError> {
         let inner = match transport {
             Transport::Tcp => {
-                let stream = TcpStream::connect(addr)
-                    .await
-                    .map_err(|source| ConnError::Connect {
-                        addr: addr.to_string(),
-                        source,
-                    })?;
+                let stream =
+                    TcpStream::connect(addr)
+                        .await
+                        .map_err(|source| ConnError::Connect {
+                            addr: addr.to_string(),
+                            source,
+                        })?;
                 stream.set_nodelay(true).ok();
                 Inner::Tcp(Framed::new(stream, FrameCodec::default()))
             }

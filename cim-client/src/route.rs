@@ -240,7 +240,11 @@ impl RouteClient {
         .await
     }
 
-    pub async fn send_group(&self, session_token: &str, body: &str) -> Result<GroupSent, RouteError> {
+    pub async fn send_group(
+        &self,
+        session_token: &str,
+        body: &str,
+    ) -> Result<GroupSent, RouteError> {
         self.post(
             "/api/messages/group",
             Some(session_token),

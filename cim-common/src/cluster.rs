@@ -92,10 +92,13 @@ impl ClusterClient {
                 source,
             })?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|source| ClusterError::Transport {
-            url: url.clone(),
-            source,
-        })?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| ClusterError::Transport {
+                url: url.clone(),
+                source,
+            })?;
         if !status.is_success() {
             let body = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
             return Err(ClusterError::Status { url, status, body });
@@ -115,14 +118,22 @@ impl<T: Message + Default, S: Send + Sync> FromRequest<S> for Protobuf<T> {
             .await
             .map_err(IntoResponse::into_response)?;
         T::decode(bytes).map(Protobuf).map_err(|e| {
-            (StatusCode::BAD_REQUEST, format!("undecodable protobuf body: {e}")).into_response()
+            (
+                StatusCode::BAD_REQUEST,
+                format!("undecodable protobuf body: {e}"),
+            )
+                .into_response()
         })
     }
 }
 
 impl<T: Message> IntoResponse for Protobuf<T> {
     fn into_response(self) -> Response {
-        ([(header::CONTENT_TYPE, CONTENT_TYPE)], self.0.encode_to_vec()).into_response()
+        (
+            [(header::CONTENT_TYPE, CONTENT_TYPE)],
+            self.0.encode_to_vec(),
+        )
+            .into_response()
     }
 }
 

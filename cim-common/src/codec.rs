@@ -215,7 +215,12 @@ mod tests {
         put_len_prefix(1025, &mut buf);
         let cap_before = buf.capacity();
         match codec.decode(&mut buf) {
-            Err(e @ CodecError::TooLarge { len: 1025, max: 1024 }) => {
+            Err(
+                e @ CodecError::TooLarge {
+                    len: 1025,
+                    max: 1024,
+                },
+            ) => {
                 assert_eq!(e.error_code(), Some(ErrorCode::FrameTooLarge))
             }
             other => panic!("expected TooLarge, got {other:?}"),

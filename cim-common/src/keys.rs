@@ -120,9 +120,18 @@ mod tests {
 
     #[test]
     fn values_round_trip() {
-        assert_eq!(parse_route_value(&route_value("s-1", "abc")), Some(("s-1", "abc")));
-        assert_eq!(parse_slot(&attached_slot("abc", "s-1")), ("abc", Some("s-1")));
+        assert_eq!(
+            parse_route_value(&route_value("s-1", "abc")),
+            Some(("s-1", "abc"))
+        );
+        assert_eq!(
+            parse_slot(&attached_slot("abc", "s-1")),
+            ("abc", Some("s-1"))
+        );
         assert_eq!(parse_slot("abc"), ("abc", None));
-        assert_eq!(parse_online_member(&online_member("bob", 9)), Some(("bob", 9)));
+        assert_eq!(
+            parse_online_member(&online_member("bob", 9)),
+            Some(("bob", 9))
+        );
     }
 }

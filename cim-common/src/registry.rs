@@ -85,7 +85,5 @@ pub trait Registry: Send + Sync + 'static {
 
 /// Whether `id` is in the list.
 pub fn contains(members: &Members, id: &str) -> bool {
-    members
-        .binary_search_by(|m| m.id.as_str().cmp(id))
-        .is_ok()
+    members.binary_search_by(|m| m.id.as_str().cmp(id)).is_ok()
 }

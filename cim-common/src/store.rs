@@ -115,8 +115,7 @@ pub trait StateStore: Send + Sync + 'static {
     async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>>;
 
     /// One SCAN step over the route keys. Returns the next cursor (0: done) and the routes.
-    async fn scan_routes(&self, cursor: u64, count: usize)
-        -> StoreResult<(u64, Vec<RouteEntry>)>;
+    async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)>;
 
     /// A page of the online index in name order, names starting with `prefix`, after the
     /// entry with cursor `after`. At most `limit` entries.

@@ -13,10 +13,10 @@ use cim_client::{
     pb::{self, frame::Body, Frame},
     Connection, LoginInfo, RouteClient, Transport,
 };
-use std::collections::VecDeque;
 use cim_common::backend::Backends;
 use cim_route::{RouteConfig, RouteHandle};
 use cim_server::{ServerConfig, ServerHandle};
+use std::collections::VecDeque;
 use std::{net::SocketAddr, time::Duration};
 use tokio::{net::TcpListener, runtime::Runtime};
 
@@ -425,7 +425,8 @@ impl TestUser {
         // A push may carry several messages: keep the rest, in order, for the next calls.
         let first = batch.remove(0);
         if !batch.is_empty() {
-            self.pending.push_front(Frame::new(Body::Push(pb::Push { messages: batch })));
+            self.pending
+                .push_front(Frame::new(Body::Push(pb::Push { messages: batch })));
         }
         Ok(first)
     }

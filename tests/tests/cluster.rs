@@ -500,7 +500,8 @@ async fn oversize_length_closes_that_connection_with_an_error_frame() -> anyhow:
 }
 
 #[tokio::test]
-async fn an_unknown_frame_after_login_is_refused_and_the_connection_stays_open() -> anyhow::Result<()> {
+async fn an_unknown_frame_after_login_is_refused_and_the_connection_stays_open(
+) -> anyhow::Result<()> {
     let cluster = Cluster::builder().servers(1).start().await?;
     let login = cluster.register_and_login("alice").await?;
     let mut conn = Connection::connect(&login.server.tcp_addr, Transport::Tcp).await?;

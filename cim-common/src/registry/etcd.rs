@@ -3,9 +3,7 @@
 //! the keeper grants a new one and puts the key again.
 
 use super::*;
-use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions,
-};
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
 use std::collections::BTreeMap;
 use tokio_util::sync::CancellationToken;
 

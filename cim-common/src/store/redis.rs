@@ -152,10 +152,7 @@ impl StateStore for RedisStore {
             .map_err(unavailable)?;
         // Write the record first, then publish the name: a name never points at a missing user.
         let _: () = c
-            .hset_multiple(
-                self.keys.user(id),
-                &[("name", name), ("pw", password_hash)],
-            )
+            .hset_multiple(self.keys.user(id), &[("name", name), ("pw", password_hash)])
             .await
             .map_err(unavailable)?;
         let won: bool = c
@@ -172,7 +169,10 @@ impl StateStore for RedisStore {
 
     async fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRecord>> {
         let mut c = self.conn();
-        let id: Option<u64> = c.get(self.keys.user_name(name)).await.map_err(unavailable)?;
+        let id: Option<u64> = c
+            .get(self.keys.user_name(name))
+            .await
+            .map_err(unavailable)?;
         let Some(id) = id else { return Ok(None) };
         let (name, pw): (Option<String>, Option<String>) = ::redis::cmd("HMGET")
             .arg(self.keys.user(id))
@@ -344,11 +344,7 @@ impl StateStore for RedisStore {
             .collect())
     }
 
-    async fn scan_routes(
-        &self,
-        cursor: u64,
-        count: usize,
-    ) -> StoreResult<(u64, Vec<RouteEntry>)> {
+    async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)> {
         let mut c = self.conn();
         let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
             .arg(cursor)
