@@ -468,3 +468,42 @@ impl TestUser {
         &self.login.server.id
     }
 }
+
+impl Cluster {
+    /// Base URL of the first route: what SDK clients are configured with.
+    pub fn route_url(&self) -> String {
+        self.routes[0].url()
+    }
+
+    /// Kicks `user_id`'s connection on server `server_id` with `reason`, through the server's
+    /// internal API (what a route does on logout or a business force-offline). Returns the
+    /// user ids that were kicked.
+    pub async fn kick(
+        &self,
+        server_id: &str,
+        user_id: u64,
+        reason: pb::KickReason,
+        message: &str,
+    ) -> anyhow::Result<Vec<u64>> {
+        let server = self
+            .server(server_id)
+            .with_context(|| format!("no server {server_id} in the cluster"))?;
+        let request = pb::cluster::KickRequest {
+            user_ids: vec![user_id],
+            kick: Some(pb::Kick {
+                reason: reason as i32,
+                message: message.to_string(),
+            }),
+            session: String::new(),
+        };
+        let response: pb::cluster::KickResponse =
+            cim_common::cluster::ClusterClient::new(TEST_SECRET, FRAME_DEADLINE)
+                .call(
+                    &server.internal_addr.to_string(),
+                    "/internal/kick",
+                    &request,
+                )
+                .await?;
+        Ok(response.kicked)
+    }
+}

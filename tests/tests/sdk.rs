@@ -1,0 +1,751 @@
+//! End-to-end tests of the client SDK (`cim_client::Client`) against a real cluster (etcd,
+//! Redis, two connection servers, a route): chatting, reconnecting after a server dies or
+//! shuts down, the decisions on kicks, logout, and the errors a caller sees.
+
+use anyhow::{bail, Context};
+use cim_client::{
+    pb::{ErrorCode, KickReason, MessageKind, SendStatus},
+    Client, ClientConfig, ClientError, ConnState, Event, Events, Recipient, Transport,
+};
+use cim_tests::cluster::Cluster;
+use std::time::Duration;
+
+/// Deadline for any single awaited event; reconnects included (they take a few backoff
+/// steps while a killed server's lease expires).
+const EVENT_DEADLINE: Duration = Duration::from_secs(30);
+
+fn password(name: &str) -> String {
+    format!("password-{name}")
+}
+
+/// Config for `name` against the cluster's route, with short backoffs to keep tests fast.
+fn config(cluster: &Cluster, name: &str, transport: Transport) -> ClientConfig {
+    let mut c = ClientConfig::new(&cluster.route_url(), name, &password(name));
+    c.transport = transport;
+    c.reconnect.max_backoff = Duration::from_secs(1);
+    c
+}
+
+/// Registers `name` and connects it.
+async fn user(
+    cluster: &Cluster,
+    name: &str,
+    transport: Transport,
+) -> anyhow::Result<(Client, Events)> {
+    Client::register(&cluster.route_url(), name, &password(name)).await?;
+    connected(cluster, name, transport).await
+}
+
+/// Connects the registered user `name`; checks that the first event says where it connected.
+async fn connected(
+    cluster: &Cluster,
+    name: &str,
+    transport: Transport,
+) -> anyhow::Result<(Client, Events)> {
+    let (client, mut events) = Client::connect(config(cluster, name, transport)).await?;
+    let first = next_event(&mut events).await?;
+    let info = client.info();
+    match &first {
+        Event::State(ConnState::Connected { server_id, addr }) => {
+            assert_eq!(Some(server_id), info.server_id.as_ref());
+            assert_eq!(Some(addr), info.server_addr.as_ref());
+        }
+        other => bail!("{name}: first event {other:?}"),
+    }
+    assert_eq!(info.name, name);
+    Ok((client, events))
+}
+
+async fn next_event(events: &mut Events) -> anyhow::Result<Event> {
+    tokio::time::timeout(EVENT_DEADLINE, events.next())
+        .await
+        .context("no event in time")?
+        .context("events ended")
+}
+
+/// Reads events until `pick` accepts one; returns the events read before it and the pick.
+async fn wait_for<T>(
+    events: &mut Events,
+    what: &str,
+    mut pick: impl FnMut(&Event) -> Option<T>,
+) -> anyhow::Result<(Vec<Event>, T)> {
+    let mut skipped = Vec::new();
+    let deadline = tokio::time::Instant::now() + EVENT_DEADLINE;
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .with_context(|| format!("waiting for {what}; saw {skipped:?}"))?
+            .with_context(|| format!("events ended waiting for {what}; saw {skipped:?}"))?;
+        if let Some(t) = pick(&event) {
+            return Ok((skipped, t));
+        }
+        skipped.push(event);
+    }
+}
+
+/// The next received message, skipping state events (a message must not come after Closed).
+async fn next_message(events: &mut Events) -> anyhow::Result<cim_client::pb::Message> {
+    let (skipped, m) = wait_for(events, "a message", |e| match e {
+        Event::Message(m) => Some(m.clone()),
+        _ => None,
+    })
+    .await?;
+    assert!(
+        skipped
+            .iter()
+            .all(|e| !matches!(e, Event::State(ConnState::Closed { .. }))),
+        "{skipped:?}"
+    );
+    Ok(m)
+}
+
+/// The server id of the next `Connected` state, and the events before it.
+async fn reconnected(events: &mut Events) -> anyhow::Result<(Vec<Event>, String)> {
+    wait_for(events, "Connected", |e| match e {
+        Event::State(ConnState::Connected { server_id, .. }) => Some(server_id.clone()),
+        _ => None,
+    })
+    .await
+}
+
+/// Reads the remaining events up to the end of the stream; fails if it does not end.
+async fn rest(events: &mut Events) -> anyhow::Result<Vec<Event>> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + EVENT_DEADLINE;
+    while let Some(e) = tokio::time::timeout_at(deadline, events.next())
+        .await
+        .with_context(|| format!("events did not end; saw {out:?}"))?
+    {
+        out.push(e);
+    }
+    Ok(out)
+}
+
+fn closed_reason(events: &[Event]) -> Option<&str> {
+    match events.last() {
+        Some(Event::State(ConnState::Closed { reason })) => Some(reason),
+        _ => None,
+    }
+}
+
+fn server_of(client: &Client) -> String {
+    client.info().server_id.expect("connected")
+}
+
+#[tokio::test]
+async fn clients_on_different_servers_chat_privately_and_in_groups() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let (alice, mut alice_events) = user(&cluster, "alice", Transport::Tcp).await?;
+    let (bob, mut bob_events) = user(&cluster, "bob", Transport::Tcp).await?;
+    assert_ne!(server_of(&alice), server_of(&bob), "round-robin");
+    let bob_id = bob.info().user_id;
+
+    // By id.
+    let sent = alice.send(Recipient::Id(bob_id), "hi bob").await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    assert_eq!(sent.delivered, 1);
+    assert!(sent.timestamp_ms > 0);
+    let m = next_message(&mut bob_events).await?;
+    assert_eq!(m.id, sent.message_id);
+    assert_eq!(m.body, "hi bob");
+    assert_eq!(m.sender_name, "alice");
+    assert_eq!(m.sender_id, alice.info().user_id);
+    assert_eq!(m.receiver_id, bob_id);
+    assert_eq!(m.kind(), MessageKind::Private);
+
+    // By name, the other way round.
+    let sent = bob.send("alice".into(), "hello alice ✓").await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    let m = next_message(&mut alice_events).await?;
+    assert_eq!((m.body.as_str(), m.sender_id), ("hello alice ✓", bob_id));
+
+    // Group: everyone online except the sender.
+    let sent = alice.send_group("hello everyone").await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    assert_eq!(sent.delivered, 1);
+    let m = next_message(&mut bob_events).await?;
+    assert_eq!(m.body, "hello everyone");
+    assert_eq!(m.kind(), MessageKind::Group);
+    assert_eq!(m.id, sent.message_id);
+
+    // A registered user who is not connected.
+    let carol = Client::register(&cluster.route_url(), "carol", &password("carol")).await?;
+    let sent = alice.send(Recipient::Id(carol), "are you there?").await?;
+    assert_eq!(sent.status, SendStatus::Offline);
+    assert_eq!(sent.delivered, 0);
+    assert!(!sent.message_id.is_empty());
+    let sent = alice
+        .send(Recipient::Name("carol".into()), "still?")
+        .await?;
+    assert_eq!(sent.status, SendStatus::Offline);
+
+    // Refusals are errors with the route's code, and the connection stays usable.
+    let err = alice
+        .send(Recipient::Name("nobody".into()), "x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Send {
+                code: ErrorCode::UnknownUser,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = alice.send(Recipient::Id(bob_id), "").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Send {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Too large for the server's frame limit: refused before sending, connection intact.
+    let err = alice
+        .send(Recipient::Id(bob_id), &"x".repeat(70 * 1024))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Send {
+                code: ErrorCode::FrameTooLarge,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let sent = alice
+        .send(Recipient::Id(bob_id), "after the refusals")
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    assert_eq!(
+        next_message(&mut bob_events).await?.body,
+        "after the refusals"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_whose_server_is_killed_reconnects_to_the_other_server() -> anyhow::Result<()> {
+    let mut cluster = Cluster::builder()
+        .server_config(|c| c.registry_ttl_secs = 2)
+        .start()
+        .await?;
+    let (alice, mut alice_events) = user(&cluster, "alice", Transport::Tcp).await?;
+    let (bob, mut bob_events) = user(&cluster, "bob", Transport::Tcp).await?;
+    let victim = server_of(&alice);
+    let survivor = server_of(&bob);
+    assert_ne!(victim, survivor);
+
+    cluster.take_server(&victim).context("victim")?.kill();
+    // The loss is reported first, with the attempt that follows.
+    match next_event(&mut alice_events).await? {
+        Event::State(ConnState::Reconnecting { attempt: 1, .. }) => {}
+        other => bail!("expected Reconnecting, got {other:?}"),
+    }
+    // A send made while reconnecting waits for the new connection.
+    let queued = {
+        let alice = alice.clone();
+        let bob_id = bob.info().user_id;
+        tokio::spawn(async move {
+            alice
+                .send(Recipient::Id(bob_id), "sent while reconnecting")
+                .await
+        })
+    };
+    // The route may still hand out the dead server until its lease expires: the client
+    // retries by itself and lands on the survivor.
+    let (before, server) = reconnected(&mut alice_events).await?;
+    assert_eq!(server, survivor, "events before: {before:?}");
+    assert!(
+        before.iter().all(|e| matches!(
+            e,
+            Event::State(ConnState::Connecting | ConnState::Reconnecting { .. })
+        )),
+        "{before:?}"
+    );
+    assert_eq!(alice.info().server_id.as_deref(), Some(survivor.as_str()));
+    assert_eq!(
+        alice.info().state,
+        ConnState::Connected {
+            server_id: survivor.clone(),
+            addr: cluster.server(&survivor).unwrap().tcp_addr.to_string()
+        }
+    );
+
+    let sent = queued.await??;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    assert_eq!(
+        next_message(&mut bob_events).await?.body,
+        "sent while reconnecting"
+    );
+    // And the next message to alice reaches her new connection.
+    let sent = bob
+        .send(Recipient::Id(alice.info().user_id), "welcome back")
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    assert_eq!(next_message(&mut alice_events).await?.body, "welcome back");
+    // Bob, whose server lived, never noticed anything.
+    assert!(bob_events.try_next().is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_graceful_server_shutdown_moves_the_client_to_another_server() -> anyhow::Result<()> {
+    let mut cluster = Cluster::builder().start().await?;
+    let (alice, mut alice_events) = user(&cluster, "alice", Transport::WsBinary).await?;
+    let (bob, mut bob_events) = user(&cluster, "bob", Transport::Tcp).await?;
+    let stopping = server_of(&alice);
+    cluster
+        .take_server(&stopping)
+        .context("server")?
+        .shutdown()
+        .await?;
+
+    match next_event(&mut alice_events).await? {
+        Event::Kicked { reason, .. } => assert_eq!(reason, KickReason::ServerShutdown),
+        other => bail!("expected the shutdown kick, got {other:?}"),
+    }
+    match next_event(&mut alice_events).await? {
+        Event::State(ConnState::Reconnecting {
+            attempt: 1, reason, ..
+        }) => {
+            assert!(reason.contains("SERVER_SHUTDOWN"), "{reason}");
+        }
+        other => bail!("expected Reconnecting, got {other:?}"),
+    }
+    let (_, server) = reconnected(&mut alice_events).await?;
+    assert_eq!(server, server_of(&bob));
+    // Over WebSocket again: the address is the server's WebSocket one.
+    assert_eq!(
+        alice.info().server_addr,
+        Some(cluster.server(&server).unwrap().ws_addr.to_string())
+    );
+
+    let sent = bob
+        .send(Recipient::Name("alice".into()), "still here")
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    assert_eq!(next_message(&mut alice_events).await?.body, "still here");
+    let sent = alice.send(Recipient::Name("bob".into()), "me too").await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    assert_eq!(next_message(&mut bob_events).await?.body, "me too");
+    Ok(())
+}
+
+#[tokio::test]
+async fn connect_errors_are_returned_to_the_caller() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let url = cluster.route_url();
+    Client::register(&url, "alice", &password("alice")).await?;
+
+    // Each of these returns promptly instead of retrying.
+    let bounded = |f| tokio::time::timeout(EVENT_DEADLINE, f);
+
+    let err = bounded(Client::connect(ClientConfig::new(
+        &url,
+        "alice",
+        "wrong-password",
+    )))
+    .await?
+    .unwrap_err();
+    assert!(matches!(err, ClientError::BadCredentials), "{err:?}");
+    assert_eq!(
+        (err.code(), err.status()),
+        (Some("bad_credentials"), Some(401))
+    );
+    let err = bounded(Client::connect(ClientConfig::new(
+        &url, "nobody", "password",
+    )))
+    .await?
+    .unwrap_err();
+    assert!(matches!(err, ClientError::BadCredentials), "{err:?}");
+
+    // A taken name.
+    let err = Client::register(&url, "alice", "another-password")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("name_taken"), "{err:?}");
+
+    // A second connect of a connected user is refused, and the first stays connected.
+    let (alice, _alice_events) = Client::connect(config(&cluster, "alice", Transport::Tcp)).await?;
+    let err = bounded(Client::connect(config(
+        &cluster,
+        "alice",
+        Transport::WsJson,
+    )))
+    .await?
+    .unwrap_err();
+    assert!(matches!(err, ClientError::AlreadyLoggedIn(_)), "{err:?}");
+    let sent = alice
+        .send(Recipient::Id(alice.info().user_id), "note to self")
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+
+    // Nothing listens on the route URL.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.local_addr()?
+    };
+    let nowhere = format!("http://{closed}");
+    let err = bounded(Client::connect(ClientConfig::new(
+        &nowhere, "alice", "password",
+    )))
+    .await?
+    .unwrap_err();
+    assert!(err.is_transport(), "{err:?}");
+    assert_eq!(err.code(), None);
+    let err = Client::register(&nowhere, "zed", "password-zed")
+        .await
+        .unwrap_err();
+    assert!(err.is_transport(), "{err:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_live_server_is_an_error() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().servers(0).start().await?;
+    let url = cluster.route_url();
+    Client::register(&url, "zed", &password("zed")).await?;
+    let err = tokio::time::timeout(
+        EVENT_DEADLINE,
+        Client::connect(config(&cluster, "zed", Transport::Tcp)),
+    )
+    .await?
+    .unwrap_err();
+    assert!(matches!(err, ClientError::NoServer), "{err:?}");
+    assert_eq!(err.status(), Some(503));
+    Ok(())
+}
+
+#[tokio::test]
+async fn logout_closes_for_good_and_the_user_can_log_in_again() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let (alice, mut events) = user(&cluster, "alice", Transport::Tcp).await?;
+    let (bob, _bob_events) = user(&cluster, "bob", Transport::Tcp).await?;
+    let other_handle = alice.clone();
+
+    alice.logout().await?;
+    let rest = rest(&mut events).await?;
+    assert_eq!(closed_reason(&rest), Some("logged out"), "{rest:?}");
+    assert!(
+        !rest
+            .iter()
+            .any(|e| matches!(e, Event::State(ConnState::Reconnecting { .. }))),
+        "{rest:?}"
+    );
+    assert!(matches!(
+        other_handle.info().state,
+        ConnState::Closed { .. }
+    ));
+    let err = other_handle
+        .send(Recipient::Name("bob".into()), "x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Closed), "{err:?}");
+    // A second logout has nothing left to do.
+    other_handle.logout().await?;
+
+    // The route freed the slot synchronously: the next login works at once.
+    let (alice, mut events) = connected(&cluster, "alice", Transport::WsJson).await?;
+    let sent = bob.send(Recipient::Name("alice".into()), "welcome").await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    assert_eq!(next_message(&mut events).await?.body, "welcome");
+    drop(alice);
+    Ok(())
+}
+
+#[tokio::test]
+async fn dropping_every_handle_takes_the_user_offline() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let (alice, mut events) = user(&cluster, "alice", Transport::Tcp).await?;
+    let (bob, _bob_events) = user(&cluster, "bob", Transport::Tcp).await?;
+    let clone = alice.clone();
+    drop(alice);
+    // One handle left: still connected.
+    let sent = bob
+        .send(Recipient::Name("alice".into()), "still there?")
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    drop(clone);
+
+    let rest = rest(&mut events).await?;
+    let reason = closed_reason(&rest).context("ends with Closed")?;
+    assert!(reason.contains("dropped"), "{reason}");
+    // The server noticed the closed connection and freed the user.
+    cim_tests::wait_until("alice goes offline", EVENT_DEADLINE, || async {
+        bob.online_users(None, 10)
+            .await
+            .is_ok_and(|users| users.iter().all(|u| u.name != "alice"))
+    })
+    .await?;
+    connected(&cluster, "alice", Transport::Tcp).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn kicks_decide_between_reconnecting_and_closing() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let (alice, mut alice_events) = user(&cluster, "alice", Transport::Tcp).await?;
+    let (bob, mut bob_events) = user(&cluster, "bob", Transport::WsJson).await?;
+
+    // A slow-consumer kick: reconnect and carry on.
+    let kicked = cluster
+        .kick(
+            &server_of(&alice),
+            alice.info().user_id,
+            KickReason::SlowConsumer,
+            "too slow",
+        )
+        .await?;
+    assert_eq!(kicked, [alice.info().user_id]);
+    match next_event(&mut alice_events).await? {
+        Event::Kicked { reason, message } => {
+            assert_eq!(
+                (reason, message.as_str()),
+                (KickReason::SlowConsumer, "too slow")
+            );
+        }
+        other => bail!("expected the kick, got {other:?}"),
+    }
+    reconnected(&mut alice_events).await?;
+    let sent = bob.send(Recipient::Name("alice".into()), "back?").await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    assert_eq!(next_message(&mut alice_events).await?.body, "back?");
+
+    // An admin kick (forced offline): no reconnect, the events end.
+    cluster
+        .kick(
+            &server_of(&bob),
+            bob.info().user_id,
+            KickReason::Admin,
+            "banned for a while",
+        )
+        .await?;
+    let rest = rest(&mut bob_events).await?;
+    assert!(
+        matches!(
+            rest.first(),
+            Some(Event::Kicked {
+                reason: KickReason::Admin,
+                ..
+            })
+        ),
+        "{rest:?}"
+    );
+    assert_eq!(rest.len(), 2, "kick then closed: {rest:?}");
+    assert!(
+        closed_reason(&rest).is_some_and(|r| r.contains("ADMIN")),
+        "{rest:?}"
+    );
+    assert!(matches!(
+        bob.send_group("anyone?").await,
+        Err(ClientError::Closed)
+    ));
+    // Bob is offline now.
+    let sent = alice.send(Recipient::Name("bob".into()), "bob?").await?;
+    assert_eq!(sent.status, SendStatus::Offline);
+    Ok(())
+}
+
+#[tokio::test]
+async fn reconnecting_gives_up_after_max_attempts() -> anyhow::Result<()> {
+    let mut cluster = Cluster::builder().servers(1).start().await?;
+    Client::register(&cluster.route_url(), "alice", &password("alice")).await?;
+    let mut c = config(&cluster, "alice", Transport::Tcp);
+    c.reconnect.initial_backoff = Duration::from_millis(10);
+    c.reconnect.max_attempts = Some(2);
+    let (alice, mut events) = Client::connect(c).await?;
+    let server = server_of(&alice);
+    // The only server goes away: every re-login answers no_server.
+    cluster
+        .take_server(&server)
+        .context("server")?
+        .shutdown()
+        .await?;
+
+    let events = rest(&mut events).await?;
+    let states: Vec<_> = events
+        .iter()
+        .map(|e| match e {
+            Event::State(ConnState::Connected { .. }) => "connected".to_string(),
+            Event::State(ConnState::Connecting) => "connecting".to_string(),
+            Event::State(ConnState::Reconnecting { attempt, .. }) => {
+                format!("reconnecting {attempt}")
+            }
+            Event::State(ConnState::Closed { .. }) => "closed".to_string(),
+            Event::Kicked { reason, .. } => format!("kicked {}", reason.as_str_name()),
+            Event::Message(_) => "message".to_string(),
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "connected",
+            "kicked KICK_REASON_SERVER_SHUTDOWN",
+            "reconnecting 1",
+            "connecting",
+            "reconnecting 2",
+            "connecting",
+            "closed"
+        ]
+    );
+    let reason = closed_reason(&events).unwrap_or_default();
+    assert!(reason.contains("gave up after 2"), "{reason}");
+    assert!(reason.contains("no_server"), "{reason}");
+    match &events[4] {
+        Event::State(ConnState::Reconnecting { reason, .. }) => {
+            assert!(reason.contains("no_server"), "{reason}")
+        }
+        other => bail!("{other:?}"),
+    }
+    assert!(matches!(
+        alice.send_group("hello?").await,
+        Err(ClientError::Closed)
+    ));
+    assert!(matches!(alice.info().state, ConnState::Closed { .. }));
+    Ok(())
+}
+
+/// A TCP proxy in front of `upstream`: the first connection it accepts goes silent (both
+/// directions stop, sockets stay open) when `freeze` fires; later connections pass through.
+async fn freezable_proxy(
+    listener: tokio::net::TcpListener,
+    upstream: std::net::SocketAddr,
+    freeze: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut freeze = Some(freeze);
+    while let Ok((mut client, _)) = listener.accept().await {
+        let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+            continue;
+        };
+        let freeze = freeze.take();
+        tokio::spawn(async move {
+            let pipe = tokio::io::copy_bidirectional(&mut client, &mut server);
+            match freeze {
+                Some(freeze) => {
+                    tokio::select! {
+                        _ = pipe => {}
+                        _ = freeze => std::future::pending::<()>().await,
+                    }
+                }
+                None => {
+                    let _ = pipe.await;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_detected_by_heartbeats_and_replaced() -> anyhow::Result<()> {
+    // The server advertises a proxy, so the test can silence one connection without closing it
+    // (a dead network path, a frozen process).
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let proxy_addr = proxy.local_addr()?.to_string();
+    let cluster = Cluster::builder()
+        .servers(1)
+        .server_config(move |c| {
+            c.advertise_tcp = Some(proxy_addr.clone());
+            c.heartbeat_interval_ms = 200;
+        })
+        .start()
+        .await?;
+    let (freeze, frozen) = tokio::sync::oneshot::channel();
+    tokio::spawn(freezable_proxy(proxy, cluster.servers[0].tcp_addr, frozen));
+
+    let (alice, mut alice_events) = user(&cluster, "alice", Transport::Tcp).await?;
+    let (bob, _bob_events) = user(&cluster, "bob", Transport::Tcp).await?;
+    let _ = freeze.send(());
+
+    // No pong within two heartbeat intervals: the client gives the connection up by itself.
+    match next_event(&mut alice_events).await? {
+        Event::State(ConnState::Reconnecting { reason, .. }) => {
+            assert!(reason.contains("no answer from the server"), "{reason}");
+        }
+        other => bail!("expected Reconnecting, got {other:?}"),
+    }
+    reconnected(&mut alice_events).await?;
+    let sent = bob
+        .send(Recipient::Id(alice.info().user_id), "found you")
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    assert_eq!(next_message(&mut alice_events).await?.body, "found you");
+    Ok(())
+}
+
+#[tokio::test]
+async fn online_users_are_filtered_by_prefix_and_limited() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let mut clients = Vec::new();
+    for name in ["ann", "anna", "annie", "bob"] {
+        clients.push(user(&cluster, name, Transport::Tcp).await?);
+    }
+    let bob = &clients[3].0;
+    let names = |users: Vec<cim_client::OnlineUser>| -> Vec<String> {
+        users.into_iter().map(|u| u.name).collect()
+    };
+    assert_eq!(
+        names(bob.online_users(Some("ann"), 10).await?),
+        ["ann", "anna", "annie"]
+    );
+    assert_eq!(
+        names(bob.online_users(Some("ann"), 2).await?),
+        ["ann", "anna"]
+    );
+    assert_eq!(names(bob.online_users(Some("anni"), 10).await?), ["annie"]);
+    assert!(bob.online_users(Some("zz"), 10).await?.is_empty());
+    assert!(bob.online_users(None, 0).await?.is_empty());
+    let all = bob.online_users(None, 1000).await?;
+    assert_eq!(all.len(), 4);
+    let ann = all.iter().find(|u| u.name == "ann").context("ann")?;
+    assert_eq!(ann.user_id, clients[0].0.info().user_id);
+    assert_eq!(Some(&ann.server_id), clients[0].0.info().server_id.as_ref());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_websocket_json_client_chats_with_a_tcp_client() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let (web, mut web_events) = user(&cluster, "web", Transport::WsJson).await?;
+    let (tcp, mut tcp_events) = user(&cluster, "tcp", Transport::Tcp).await?;
+    assert_eq!(
+        web.info().server_addr,
+        Some(
+            cluster
+                .server(&server_of(&web))
+                .unwrap()
+                .ws_addr
+                .to_string()
+        )
+    );
+
+    let sent = web
+        .send(Recipient::Name("tcp".into()), "from the browser <b>&</b>")
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    let m = next_message(&mut tcp_events).await?;
+    assert_eq!(m.body, "from the browser <b>&</b>");
+    assert_eq!(m.sender_name, "web");
+
+    let sent = tcp
+        .send(Recipient::Id(web.info().user_id), "from the terminal ✓")
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    let m = next_message(&mut web_events).await?;
+    assert_eq!(
+        (m.body.as_str(), m.id.as_str()),
+        ("from the terminal ✓", sent.message_id.as_str())
+    );
+
+    let sent = web.send_group("json group").await?;
+    assert_eq!(sent.delivered, 1);
+    assert_eq!(next_message(&mut tcp_events).await?.body, "json group");
+    Ok(())
+}
