@@ -1,15 +1,26 @@
 //! cim client SDK.
 //!
 //! # Layout
+//! - [`client`]: the SDK most applications want: [`Client::connect`] logs in, stays connected
+//!   (heartbeats, reconnects, de-duplication) and reports [`Event`]s; [`Client::send`],
+//!   [`Client::send_group`], [`Client::online_users`], [`Client::logout`].
 //! - [`route`]: the route's HTTP API (register, login, logout, online users, messages).
 //! - [`conn`]: one connection to a connection server over TCP (delimited protobuf) or
 //!   WebSocket (binary protobuf or JSON text frames): login handshake, send and receive frames.
 //!
-//! The terminal client, reconnect logic and the load generator build on these two layers.
+//! The terminal client and the load generator build on these layers.
 
+pub mod client;
 pub mod conn;
+mod recent;
 pub mod route;
+pub mod terminal;
+mod worker;
 
 pub use cim_common::pb;
+pub use client::{
+    Client, ClientConfig, ClientError, ClientInfo, ConnState, Event, Events, Recipient,
+    ReconnectPolicy, SendOutcome,
+};
 pub use conn::{Connection, Transport};
-pub use route::{LoginInfo, RouteClient, RouteError};
+pub use route::{LoginInfo, OnlineUser, RouteClient, RouteError};

@@ -1,0 +1,479 @@
+//! The client's event loop: logs in, then turns typed lines into SDK calls and SDK events
+//! into printed lines.
+//!
+//! Typed lines are handled strictly in order, one at a time: a line that needs the network
+//! (a send, `:olu`) runs while the loop keeps printing incoming messages and state changes,
+//! and the next line starts when it finished. So a script's `hi` then `:q!` sends `hi` before
+//! quitting, and one's own messages leave in the order typed. `:delay` timers run beside the
+//! queue and join it when they fire.
+//!
+//! Exit status: 0 after `:q!` / end of input / Ctrl-C (logged out); 1 when the login fails or
+//! the connection ends for good (kicked, logged out elsewhere, gave up reconnecting).
+
+use super::{
+    command::{self, Input, Outgoing, To},
+    history::{Direction, Entry, History, Kind},
+    input::{InputEvent, Output, Terminal},
+    render::{self, Style},
+    Args,
+};
+use crate::{pb, route::RouteError, Client, ClientConfig, ClientError, Event, Events, Recipient};
+use std::{collections::VecDeque, future::Future, pin::Pin, process::ExitCode};
+use tokio::task::JoinSet;
+
+/// Most online users one `:olu` / `:pu` lists.
+const ONLINE_LIMIT: usize = 100;
+/// Most history matches one `:q` shows (the newest).
+const SEARCH_LIMIT: usize = 50;
+/// Most `:delay` messages waiting at once: each is a timer in this process.
+const MAX_DELAYED: usize = 100;
+/// Parsed lines waiting for the one in progress. When full, the loop stops reading input
+/// (the input channel, then the terminal, buffer the rest).
+const QUEUE_CAPACITY: usize = 64;
+
+/// Logs in and runs until the user quits or the connection ends for good.
+pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
+    let route = args.route.trim_end_matches('/').to_string();
+    if args.register {
+        match Client::register(&route, &args.name, &password).await {
+            Ok(id) => println!("registered {} (#{id})", args.name),
+            // Documented choice: `--register` of an existing name logs in to it, so a script
+            // can always pass `--register`; a wrong password then fails the login below.
+            Err(e) if e.code() == Some("name_taken") => {
+                println!("{} is already registered; logging in", args.name)
+            }
+            Err(e) => {
+                eprintln!(
+                    "{}",
+                    render::error(style, &format!("register failed: {}", describe(&e, &route)))
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("connecting to {route} as {}…", args.name);
+    let config = ClientConfig {
+        transport: args.transport.into(),
+        ..ClientConfig::new(&route, &args.name, &password)
+    };
+    let (client, events) = match Client::connect(config).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "{}",
+                render::error(style, &format!("login failed: {}", describe(&e, &route)))
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let info = client.info();
+    let base = args.data_dir.clone().or_else(super::default_data_dir);
+    let dir = base.map(|b| super::user_dir(&b, &route, &info.name));
+    let mut notices = Vec::new();
+    let history = match &dir {
+        Some(dir) => match History::open(&dir.join("history.jsonl"), args.history_lines) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                notices.push(format!("history disabled: {}: {e}", dir.display()));
+                None
+            }
+        },
+        None => {
+            notices.push("history disabled: no data directory (use --data-dir)".into());
+            None
+        }
+    };
+    let input_history = history
+        .as_ref()
+        .and(dir.as_ref())
+        .map(|d| d.join("input_history.txt"));
+    let terminal = match Terminal::start(format!("{}> ", info.name), input_history) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}", render::error(style, &format!("terminal: {e}")));
+            let _ = client.logout().await;
+            return ExitCode::FAILURE;
+        }
+    };
+    let output = terminal.output.clone();
+    for n in notices {
+        output.print(render::notice(style, &n)).await;
+    }
+    output
+        .print(render::notice(style, "type :help for the commands"))
+        .await;
+
+    let mut app = App {
+        client: Some(client),
+        me: info.user_id,
+        my_name: info.name,
+        out: output,
+        style,
+        history,
+        last_state: None,
+    };
+    let mut terminal = terminal;
+    let (code, input_stopped) = app.run(events, &mut terminal).await;
+    drop(app);
+    terminal.finish(input_stopped);
+    code
+}
+
+/// What a line that needed the network came back with.
+enum Done {
+    Sent {
+        message: Outgoing,
+        result: Result<crate::SendOutcome, ClientError>,
+    },
+    Online {
+        prefix: Option<String>,
+        result: Result<Vec<crate::route::OnlineUser>, ClientError>,
+    },
+}
+
+type Work = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+struct App {
+    /// `None` once logged out.
+    client: Option<Client>,
+    me: u64,
+    my_name: String,
+    out: Output,
+    style: Style,
+    history: Option<History>,
+    /// Last state line printed, so a repeated state is not printed twice.
+    last_state: Option<String>,
+}
+
+impl App {
+    /// The loop; returns the exit code and whether the input thread stopped.
+    async fn run(&mut self, mut events: Events, terminal: &mut Terminal) -> (ExitCode, bool) {
+        let mut queue: VecDeque<Input> = VecDeque::new();
+        let mut running: Option<Work> = None;
+        let mut delayed: JoinSet<Outgoing> = JoinSet::new();
+        let mut input_open = true;
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        let mut signalled = false;
+
+        loop {
+            // Start what is queued, in order: local commands complete at once, a network one
+            // becomes `running` and holds the rest back until it is done.
+            while running.is_none() {
+                let Some(input) = queue.pop_front() else {
+                    break;
+                };
+                if input == Input::Quit {
+                    let code = self.quit(delayed.len()).await;
+                    return (code, !input_open);
+                }
+                running = self.start(input, &mut delayed).await;
+            }
+
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(event) => self.on_event(event).await,
+                    // The client closed for good (the `Closed` state was printed).
+                    None => return (ExitCode::FAILURE, !input_open),
+                },
+                done = async { running.as_mut().expect("guarded by the condition").await },
+                    if running.is_some() =>
+                {
+                    running = None;
+                    self.on_done(done).await;
+                }
+                Some(fired) = delayed.join_next(), if !delayed.is_empty() => {
+                    // A timer task cannot fail (it only sleeps); a panic would be a bug and
+                    // dropping that one message is the sane outcome.
+                    if let Ok(message) = fired {
+                        queue.push_back(Input::Send(message));
+                    }
+                }
+                line = terminal.lines.recv(), if input_open && queue.len() < QUEUE_CAPACITY => {
+                    match line {
+                        Some(InputEvent::Line(line)) => queue.push_back(command::parse(&line)),
+                        Some(InputEvent::Failed(e)) => {
+                            self.error(format!("terminal: {e}")).await;
+                            input_open = false;
+                            queue.push_back(Input::Quit);
+                        }
+                        Some(InputEvent::Eof | InputEvent::Interrupted) | None => {
+                            input_open = false;
+                            queue.push_back(Input::Quit);
+                        }
+                    }
+                }
+                // Ctrl-C outside line editing (piped input): quit the same polite way.
+                _ = &mut ctrl_c, if !signalled => {
+                    signalled = true;
+                    queue.clear();
+                    queue.push_back(Input::Quit);
+                }
+            }
+        }
+    }
+
+    /// Handles one parsed line; returns the network work it started, if any.
+    async fn start(&mut self, input: Input, delayed: &mut JoinSet<Outgoing>) -> Option<Work> {
+        let client = self.client.clone()?;
+        match input {
+            Input::Empty | Input::Quit => None,
+            Input::Send(message) => Some(Box::pin(async move {
+                let result = match &message.to {
+                    To::All => client.send_group(&message.body).await,
+                    To::User(name) => {
+                        client
+                            .send(Recipient::Name(name.clone()), &message.body)
+                            .await
+                    }
+                };
+                Done::Sent { message, result }
+            })),
+            Input::Online { prefix } => Some(Box::pin(async move {
+                let result = client.online_users(prefix.as_deref(), ONLINE_LIMIT).await;
+                Done::Online { prefix, result }
+            })),
+            Input::Help => {
+                self.print(render::help(self.style)).await;
+                None
+            }
+            Input::Info => {
+                let path = self.history.as_ref().map(|h| h.path().to_path_buf());
+                self.print(render::info(&client.info(), path.as_deref()))
+                    .await;
+                None
+            }
+            Input::Search(keyword) => {
+                let text = match &self.history {
+                    None => render::error(self.style, "history is disabled"),
+                    Some(h) => match h.search(&keyword, SEARCH_LIMIT) {
+                        Ok((found, left_out)) => {
+                            render::search(self.style, &keyword, &found, left_out)
+                        }
+                        Err(e) => render::error(self.style, &format!("history: {e}")),
+                    },
+                };
+                self.print(text).await;
+                None
+            }
+            Input::Delay { after, message } => {
+                if delayed.len() >= MAX_DELAYED {
+                    self.error(format!(
+                        "{MAX_DELAYED} delayed messages are already waiting; not scheduled"
+                    ))
+                    .await;
+                    return None;
+                }
+                let to = match &message.to {
+                    To::All => "everyone".to_string(),
+                    To::User(name) => name.clone(),
+                };
+                self.print(render::notice(
+                    self.style,
+                    &format!("will send to {to} in {}s", after.as_secs()),
+                ))
+                .await;
+                delayed.spawn(async move {
+                    tokio::time::sleep(after).await;
+                    message
+                });
+                None
+            }
+            Input::Unknown(name) => {
+                self.error(format!("unknown command {name}")).await;
+                self.print(render::help(self.style)).await;
+                None
+            }
+            Input::Invalid(why) => {
+                self.error(why).await;
+                None
+            }
+        }
+    }
+
+    async fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Sent { message, result } => self.on_sent(message, result).await,
+            Done::Online { prefix, result } => {
+                let text = match result {
+                    Ok(users) => {
+                        render::online(self.style, &users, prefix.as_deref(), self.me, ONLINE_LIMIT)
+                    }
+                    Err(e) => render::error(
+                        self.style,
+                        &format!("online users: {}", describe(&e, "the route")),
+                    ),
+                };
+                self.print(text).await;
+            }
+        }
+    }
+
+    async fn on_sent(
+        &mut self,
+        message: Outgoing,
+        result: Result<crate::SendOutcome, ClientError>,
+    ) {
+        let to_name = match &message.to {
+            To::All => None,
+            To::User(name) => Some(name.as_str()),
+        };
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(ClientError::Send {
+                code: pb::ErrorCode::UnknownUser,
+                ..
+            }) => {
+                let who = to_name.unwrap_or("receiver");
+                return self
+                    .error(format!("not sent: there is no user {who}"))
+                    .await;
+            }
+            Err(e) => {
+                let to = to_name.unwrap_or("everyone");
+                return self
+                    .error(format!("not sent to {to}: {}", describe(&e, "the route")))
+                    .await;
+            }
+        };
+        if outcome.status == pb::SendStatus::Offline {
+            return self
+                .print(render::offline(self.style, to_name.unwrap_or("receiver")))
+                .await;
+        }
+        self.print(render::outgoing(
+            self.style,
+            outcome.timestamp_ms,
+            to_name,
+            &message.body,
+        ))
+        .await;
+        if to_name.is_none() && outcome.delivered == 0 {
+            self.print(render::nobody_online(self.style)).await;
+        }
+        let entry = Entry {
+            ts: outcome.timestamp_ms,
+            id: outcome.message_id,
+            dir: Direction::Out,
+            kind: if to_name.is_some() {
+                Kind::Private
+            } else {
+                Kind::Group
+            },
+            from: self.my_name.clone(),
+            to: to_name.map(str::to_string),
+            body: message.body,
+        };
+        self.record(&entry).await;
+    }
+
+    async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::State(state) => {
+                let line = render::state(&state);
+                if self.last_state.as_deref() != Some(line.as_str()) {
+                    self.print(render::notice(self.style, &line)).await;
+                    self.last_state = Some(line);
+                }
+            }
+            Event::Kicked { reason, message } => {
+                self.error(render::kicked(reason, &message)).await;
+            }
+            Event::Message(m) => {
+                self.print(render::incoming(self.style, &m)).await;
+                let kind = match pb::MessageKind::try_from(m.kind) {
+                    Ok(pb::MessageKind::Private) => Kind::Private,
+                    Ok(pb::MessageKind::Group | pb::MessageKind::Channel) => Kind::Group,
+                    _ => Kind::System,
+                };
+                let entry = Entry {
+                    ts: m.timestamp_ms,
+                    id: m.id,
+                    dir: Direction::In,
+                    kind,
+                    from: if m.sender_name.is_empty() {
+                        "system".into()
+                    } else {
+                        m.sender_name
+                    },
+                    to: (kind == Kind::Private).then(|| self.my_name.clone()),
+                    body: m.body,
+                };
+                self.record(&entry).await;
+            }
+        }
+    }
+
+    /// Logs out (pending delayed messages are dropped, and said so) and returns exit code 0,
+    /// or 1 if the logout failed.
+    async fn quit(&mut self, pending_delayed: usize) -> ExitCode {
+        if pending_delayed > 0 {
+            self.print(render::notice(
+                self.style,
+                &format!("{pending_delayed} delayed message(s) not sent"),
+            ))
+            .await;
+        }
+        let Some(client) = self.client.take() else {
+            return ExitCode::SUCCESS;
+        };
+        match client.logout().await {
+            Ok(()) => {
+                self.print("logged out, bye".into()).await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                self.error(format!("logout failed: {}", describe(&e, "the route")))
+                    .await;
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn record(&mut self, entry: &Entry) {
+        let Some(history) = self.history.as_mut() else {
+            return;
+        };
+        if let Err(e) = history.append(entry) {
+            // Keep chatting without history rather than failing on every message.
+            self.history = None;
+            self.error(format!("history disabled: {e}")).await;
+        }
+    }
+
+    async fn print(&self, text: String) {
+        self.out.print(text).await;
+    }
+
+    async fn error(&self, text: String) {
+        self.out.print(render::error(self.style, &text)).await;
+    }
+}
+
+/// A readable explanation of an SDK error (the `Display` of some variants carries HTTP
+/// details a chat user does not need). `route` names the route in "unreachable".
+fn describe(e: &ClientError, route: &str) -> String {
+    match e {
+        ClientError::Route(RouteError::Transport(t)) => {
+            let why = if t.is_timeout() {
+                "timed out".to_string()
+            } else if t.is_connect() {
+                "connection refused or host unreachable".to_string()
+            } else {
+                t.to_string()
+            };
+            format!("route {route} unreachable ({why})")
+        }
+        ClientError::Route(RouteError::Api { code, message, .. }) => match code.as_str() {
+            "name_taken" => "this name is taken".into(),
+            "session_ended" => "the session ended (reconnecting?)".into(),
+            _ => message.clone(),
+        },
+        ClientError::AlreadyLoggedIn(_) => {
+            "already logged in elsewhere (single login: quit the other client first)".into()
+        }
+        ClientError::Send { message, .. } if !message.is_empty() => message.clone(),
+        e => e.to_string(),
+    }
+}

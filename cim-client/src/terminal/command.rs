@@ -1,0 +1,446 @@
+//! What a typed line means: a message (to everyone or to one user) or a built-in command.
+//!
+//! The syntax follows CIM's terminal client:
+//! - a plain line goes to everyone online;
+//! - `bob;;hi` (CIM's private syntax) and `@bob hi` go to bob only;
+//! - a line starting with `:` and a letter is a command (`:olu`, `:q!`, ...);
+//!   `::text` sends `:text` literally, and `:)`-like lines are plain messages.
+//!
+//! Parsing is pure: it never talks to the network, so every rule is unit-tested here.
+
+use std::time::Duration;
+
+/// Longest delay `:delay` accepts. A delayed message lives only in this process, so an hour
+/// is plenty and bounds how many timers a user can pile up by mistake.
+pub const MAX_DELAY_SECS: u64 = 3600;
+
+/// Who a message goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum To {
+    /// Everyone online except the sender (CIM's group chat).
+    All,
+    /// One user, by name.
+    User(String),
+}
+
+/// A message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub to: To,
+    pub body: String,
+}
+
+/// One parsed input line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Blank line: ignored.
+    Empty,
+    /// Send a message now.
+    Send(Outgoing),
+    /// `:all` / `:help`: list the commands.
+    Help,
+    /// `:olu` (all online users) or `:pu <prefix>` (online users whose name starts with it).
+    Online { prefix: Option<String> },
+    /// `:q!`: log out and exit.
+    Quit,
+    /// `:q <keyword>`: search the local history.
+    Search(String),
+    /// `:info`: who am I, where am I connected.
+    Info,
+    /// `:delay <seconds> <message…>`: send `message` (any message syntax) later.
+    Delay { after: Duration, message: Outgoing },
+    /// A `:command` that does not exist (the name as typed).
+    Unknown(String),
+    /// A known command used wrongly, or a message without text: what to tell the user.
+    Invalid(String),
+}
+
+/// One line of the command list: syntax and what it does.
+pub const COMMANDS: &[(&str, &str)] = &[
+    ("<text>", "send to everyone online"),
+    ("<user>;;<text>", "send to one user (CIM syntax)"),
+    ("@<user> <text>", "send to one user"),
+    (":all, :help", "list these commands"),
+    (":olu", "list online users"),
+    (
+        ":pu <prefix>",
+        "list online users whose name starts with <prefix>",
+    ),
+    (":q <keyword>", "search the local message history"),
+    (":info", "show user, route, server and connection state"),
+    (
+        ":delay <seconds> <message>",
+        "send <message> (any form above) after 1 to 3600 seconds",
+    ),
+    ("::<text>", "send a text that starts with ':' to everyone"),
+    (":q!", "log out and quit (also Ctrl-D, Ctrl-C)"),
+];
+
+/// Whether `name` can be a user name as the route accepts them: no whitespace or control
+/// characters and none of the separators `; @ # |`. (The route also bounds its length; an
+/// over-long name simply gets the route's "unknown user" answer.)
+pub fn is_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ';' | '@' | '#' | '|'))
+}
+
+/// Parses one line as typed (surrounding whitespace does not matter).
+pub fn parse(line: &str) -> Input {
+    let line = line.trim();
+    if line.is_empty() {
+        return Input::Empty;
+    }
+    if let Some(rest) = line.strip_prefix(':') {
+        // `::text` escapes a leading colon; only `:` + letter is a command, so smileys such as
+        // `:)` or `:-D` are sent as they are instead of answering with the command list.
+        if rest.starts_with(':') {
+            return Input::Send(Outgoing {
+                to: To::All,
+                body: rest.to_string(),
+            });
+        }
+        if rest.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            return parse_command(rest);
+        }
+    }
+    match parse_message(line) {
+        Ok(message) => Input::Send(message),
+        Err(why) => Input::Invalid(why),
+    }
+}
+
+/// A message line: `@name text`, `name;;text` or plain text.
+fn parse_message(line: &str) -> Result<Outgoing, String> {
+    let line = line.trim();
+    // The name follows the `@` directly: `@ hi` is text.
+    if let Some(rest) = line
+        .strip_prefix('@')
+        .filter(|r| !r.starts_with(char::is_whitespace))
+    {
+        let (name, body) = split_word(rest);
+        if is_user_name(name) {
+            if body.is_empty() {
+                return Err(format!("nothing to send to {name}: write @{name} <text>"));
+            }
+            return Ok(Outgoing {
+                to: To::User(name.to_string()),
+                body: body.to_string(),
+            });
+        }
+        // `@ hi` or `@@x`: not an address, just text.
+    }
+    if let Some((name, body)) = line.split_once(";;") {
+        if is_user_name(name) {
+            let body = body.trim();
+            if body.is_empty() {
+                return Err(format!("nothing to send to {name}: write {name};;<text>"));
+            }
+            return Ok(Outgoing {
+                to: To::User(name.to_string()),
+                body: body.to_string(),
+            });
+        }
+        // `a b;;c`: the part before `;;` cannot be a name, so the whole line is text.
+    }
+    if line.is_empty() {
+        return Err("nothing to send".into());
+    }
+    Ok(Outgoing {
+        to: To::All,
+        body: line.to_string(),
+    })
+}
+
+/// First whitespace-separated word and the trimmed rest.
+fn split_word(s: &str) -> (&str, &str) {
+    let s = s.trim_start();
+    match s.find(char::is_whitespace) {
+        Some(i) => (&s[..i], s[i..].trim()),
+        None => (s, ""),
+    }
+}
+
+/// `rest` is the line after the leading `:`.
+fn parse_command(rest: &str) -> Input {
+    let (name, args) = split_word(rest);
+    match name {
+        "all" | "help" | "olu" | "info" | "q!" if !args.is_empty() => {
+            Input::Invalid(format!(":{name} takes no arguments"))
+        }
+        "all" | "help" => Input::Help,
+        "olu" => Input::Online { prefix: None },
+        "info" => Input::Info,
+        "q!" => Input::Quit,
+        "pu" => match args {
+            "" => Input::Invalid("usage: :pu <prefix>".into()),
+            prefix if prefix.contains(char::is_whitespace) => {
+                Input::Invalid("usage: :pu <prefix> (one word: names have no spaces)".into())
+            }
+            prefix => Input::Online {
+                prefix: Some(prefix.to_string()),
+            },
+        },
+        "q" => match args {
+            "" => Input::Invalid("usage: :q <keyword> (to quit: :q!)".into()),
+            keyword => Input::Search(keyword.to_string()),
+        },
+        "delay" => parse_delay(args),
+        other => Input::Unknown(format!(":{other}")),
+    }
+}
+
+fn parse_delay(args: &str) -> Input {
+    const USAGE: &str = "usage: :delay <seconds> <message> (seconds: 1 to 3600)";
+    let (secs, message) = split_word(args);
+    let Ok(secs) = secs.parse::<u64>() else {
+        return Input::Invalid(USAGE.into());
+    };
+    if !(1..=MAX_DELAY_SECS).contains(&secs) {
+        return Input::Invalid(format!(
+            ":delay: {secs} seconds is out of range (1 to {MAX_DELAY_SECS})"
+        ));
+    }
+    if message.is_empty() {
+        return Input::Invalid(USAGE.into());
+    }
+    // The message keeps its own syntax (`bob;;hi`, `@bob hi`, `::text`), but is never a command:
+    // `:delay 5 :q!` sends the text ":q!" rather than quitting in five seconds.
+    let message = match message.strip_prefix(':') {
+        Some(rest) if rest.starts_with(':') => Ok(Outgoing {
+            to: To::All,
+            body: rest.to_string(),
+        }),
+        _ => parse_message(message),
+    };
+    match message {
+        Ok(message) => Input::Delay {
+            after: Duration::from_secs(secs),
+            message,
+        },
+        Err(why) => Input::Invalid(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(body: &str) -> Input {
+        Input::Send(Outgoing {
+            to: To::All,
+            body: body.into(),
+        })
+    }
+
+    fn private(to: &str, body: &str) -> Input {
+        Input::Send(Outgoing {
+            to: To::User(to.into()),
+            body: body.into(),
+        })
+    }
+
+    fn invalid(input: &str) -> String {
+        match parse(input) {
+            Input::Invalid(why) => why,
+            other => panic!("{input:?} should be invalid, parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn blank_lines_are_empty() {
+        assert_eq!(parse(""), Input::Empty);
+        assert_eq!(parse("   \t "), Input::Empty);
+        assert_eq!(parse("\r"), Input::Empty);
+    }
+
+    #[test]
+    fn plain_text_goes_to_everyone_trimmed() {
+        assert_eq!(parse("hello world"), all("hello world"));
+        assert_eq!(parse("  hi  "), all("hi"));
+        assert_eq!(parse("你好"), all("你好"));
+    }
+
+    #[test]
+    fn cim_private_syntax() {
+        assert_eq!(parse("bob;;hi"), private("bob", "hi"));
+        assert_eq!(parse("bob;; hi there "), private("bob", "hi there"));
+        // Only the first `;;` separates: the body may contain more.
+        assert_eq!(parse("bob;;a;;b"), private("bob", "a;;b"));
+        assert!(invalid("bob;;").contains("bob;;<text>"));
+        assert!(invalid("bob;;   ").contains("nothing to send to bob"));
+    }
+
+    #[test]
+    fn double_semicolon_after_non_name_is_text() {
+        assert_eq!(parse("a b;;c"), all("a b;;c"));
+        assert_eq!(parse(";;hi"), all(";;hi"));
+        assert_eq!(parse("x@y;;z"), all("x@y;;z"));
+    }
+
+    #[test]
+    fn at_private_syntax() {
+        assert_eq!(parse("@bob hi"), private("bob", "hi"));
+        assert_eq!(parse("@bob   hi  there"), private("bob", "hi  there"));
+        assert_eq!(parse("@bob\thi"), private("bob", "hi"));
+        assert!(invalid("@bob").contains("@bob <text>"));
+        assert!(invalid("@bob   ").contains("nothing to send to bob"));
+    }
+
+    #[test]
+    fn at_without_a_name_is_text() {
+        assert_eq!(parse("@ hi"), all("@ hi"));
+        assert_eq!(parse("@@bob hi"), all("@@bob hi"));
+        assert_eq!(parse("me@home"), all("me@home"));
+    }
+
+    #[test]
+    fn at_takes_precedence_over_double_semicolon() {
+        assert_eq!(parse("@bob x;;y"), private("bob", "x;;y"));
+    }
+
+    #[test]
+    fn help_commands() {
+        assert_eq!(parse(":all"), Input::Help);
+        assert_eq!(parse(":help"), Input::Help);
+        assert_eq!(parse("  :help  "), Input::Help);
+        assert!(invalid(":help me").contains("no arguments"));
+    }
+
+    #[test]
+    fn online_commands() {
+        assert_eq!(parse(":olu"), Input::Online { prefix: None });
+        assert_eq!(
+            parse(":pu al"),
+            Input::Online {
+                prefix: Some("al".into())
+            }
+        );
+        assert!(invalid(":pu").contains("usage: :pu"));
+        assert!(invalid(":pu a b").contains("one word"));
+        assert!(invalid(":olu x").contains("no arguments"));
+    }
+
+    #[test]
+    fn quit_and_search() {
+        assert_eq!(parse(":q!"), Input::Quit);
+        assert!(invalid(":q! now").contains("no arguments"));
+        assert_eq!(parse(":q hi"), Input::Search("hi".into()));
+        assert_eq!(parse(":q  two words "), Input::Search("two words".into()));
+        assert!(invalid(":q").contains(":q!"));
+    }
+
+    #[test]
+    fn info() {
+        assert_eq!(parse(":info"), Input::Info);
+        assert!(invalid(":info x").contains("no arguments"));
+    }
+
+    #[test]
+    fn delay_keeps_the_whole_rest_of_the_line() {
+        assert_eq!(
+            parse(":delay 5 see you   in five"),
+            Input::Delay {
+                after: Duration::from_secs(5),
+                message: Outgoing {
+                    to: To::All,
+                    body: "see you   in five".into()
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn delay_message_may_be_private() {
+        for line in [":delay 10 bob;;later", ":delay 10 @bob later"] {
+            assert_eq!(
+                parse(line),
+                Input::Delay {
+                    after: Duration::from_secs(10),
+                    message: Outgoing {
+                        to: To::User("bob".into()),
+                        body: "later".into()
+                    }
+                },
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn delayed_message_is_never_a_command() {
+        assert_eq!(
+            parse(":delay 1 :q!"),
+            Input::Delay {
+                after: Duration::from_secs(1),
+                message: Outgoing {
+                    to: To::All,
+                    body: ":q!".into()
+                }
+            }
+        );
+        assert_eq!(
+            parse(":delay 1 ::x"),
+            Input::Delay {
+                after: Duration::from_secs(1),
+                message: Outgoing {
+                    to: To::All,
+                    body: ":x".into()
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn delay_bounds_and_bad_input() {
+        assert!(matches!(parse(":delay 1 x"), Input::Delay { .. }));
+        assert!(matches!(parse(":delay 3600 x"), Input::Delay { .. }));
+        assert!(invalid(":delay 0 x").contains("out of range"));
+        assert!(invalid(":delay 3601 x").contains("out of range"));
+        assert!(invalid(":delay 99999999999999999999999 x").contains("usage"));
+        assert!(invalid(":delay -1 x").contains("usage"));
+        assert!(invalid(":delay 1.5 x").contains("usage"));
+        assert!(invalid(":delay abc x").contains("usage"));
+        assert!(invalid(":delay").contains("usage"));
+        assert!(invalid(":delay 5").contains("usage"));
+        assert!(invalid(":delay 5    ").contains("usage"));
+        assert!(invalid(":delay 5 bob;;").contains("nothing to send to bob"));
+    }
+
+    #[test]
+    fn unknown_commands_are_reported_by_name() {
+        assert_eq!(parse(":nope"), Input::Unknown(":nope".into()));
+        assert_eq!(parse(":OLU"), Input::Unknown(":OLU".into()));
+        assert_eq!(parse(":q!!"), Input::Unknown(":q!!".into()));
+    }
+
+    #[test]
+    fn colon_lines_that_are_not_commands_are_text() {
+        assert_eq!(parse(":)"), all(":)"));
+        assert_eq!(parse(":-D"), all(":-D"));
+        assert_eq!(parse(":"), all(":"));
+        assert_eq!(parse("::olu"), all(":olu"));
+        assert_eq!(parse("::"), all(":"));
+    }
+
+    #[test]
+    fn user_names_follow_the_route_rules() {
+        assert!(is_user_name("alice"));
+        assert!(is_user_name("张三"));
+        assert!(is_user_name("a.b-c_d"));
+        for bad in ["", "a b", "a;b", "a@b", "a#b", "a|b", "a\u{7}b"] {
+            assert!(!is_user_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn command_list_names_every_command() {
+        let syntax: String = COMMANDS.iter().map(|(s, _)| *s).collect();
+        for cmd in [
+            ":all", ":help", ":olu", ":pu", ":q!", ":q <", ":info", ":delay", ";;", "@",
+        ] {
+            assert!(syntax.contains(cmd), "{cmd} missing from the list");
+        }
+    }
+}

@@ -1,0 +1,543 @@
+//! How things look on the terminal: messages, connection states, command answers.
+//!
+//! Every function here is pure (text in, text out) so the exact wording is unit-tested and
+//! the app loop only decides *when* to print. Colour is optional ([`Style`]): off when
+//! stdout is not a terminal or `NO_COLOR` is set, so piped output stays plain text.
+
+use super::command::COMMANDS;
+use super::history::{find_matches, Entry};
+use crate::{pb, route::OnlineUser, ClientInfo, ConnState};
+use chrono::{DateTime, Local, TimeZone};
+use std::time::Duration;
+
+const RESET: &str = "\x1b[0m";
+const BOLD: &str = "\x1b[1m";
+const DIM: &str = "\x1b[2m";
+const RED: &str = "\x1b[31m";
+const YELLOW: &str = "\x1b[33m";
+const MAGENTA: &str = "\x1b[35m";
+const CYAN: &str = "\x1b[36m";
+/// Search matches: bold on yellow background, readable on dark and light terminals.
+pub const HIGHLIGHT: &str = "\x1b[1;30;43m";
+
+/// Whether to use ANSI colours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Style {
+    pub color: bool,
+}
+
+impl Style {
+    pub const PLAIN: Style = Style { color: false };
+    pub const COLOR: Style = Style { color: true };
+
+    fn paint(self, code: &str, text: &str) -> String {
+        if self.color {
+            format!("{code}{text}{RESET}")
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+/// `HH:MM:SS` in local time (a timestamp out of range shows as `??:??:??`).
+pub fn time_of_day(ts_ms: i64) -> String {
+    local(ts_ms).map_or_else(|| "??:??:??".into(), |t| t.format("%H:%M:%S").to_string())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in local time, for history, where the day matters.
+pub fn date_time(ts_ms: i64) -> String {
+    local(ts_ms).map_or_else(
+        || "????-??-?? ??:??:??".into(),
+        |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+    )
+}
+
+fn local(ts_ms: i64) -> Option<DateTime<Local>> {
+    Local.timestamp_millis_opt(ts_ms).single()
+}
+
+/// Message bodies come from other users: control characters (escape sequences that could
+/// move the cursor, clear the screen or retitle the terminal) are shown as `\u{..}` escapes
+/// instead of being interpreted. Newlines are kept, indented under the message.
+pub fn sanitize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\n    "),
+            '\t' => out.push(' '),
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A received message: `[12:03:04] bob → you: hi` (private), `[12:03:04] bob → all: hi`
+/// (group), `[12:03:04] system: hi` (system).
+pub fn incoming(style: Style, m: &pb::Message) -> String {
+    let time = style.paint(DIM, &format!("[{}]", time_of_day(m.timestamp_ms)));
+    let from = style.paint(
+        BOLD,
+        &sanitize(if m.sender_name.is_empty() {
+            "system"
+        } else {
+            &m.sender_name
+        }),
+    );
+    let body = sanitize(&m.body);
+    match pb::MessageKind::try_from(m.kind).unwrap_or(pb::MessageKind::Unspecified) {
+        pb::MessageKind::Private => {
+            format!("{time} {from} → {}: {body}", style.paint(MAGENTA, "you"))
+        }
+        pb::MessageKind::Group => format!("{time} {from} → all: {body}"),
+        pb::MessageKind::Channel => {
+            format!("{time} {from} → #{}: {body}", sanitize(&m.channel))
+        }
+        pb::MessageKind::System | pb::MessageKind::Unspecified => {
+            format!("{time} {}: {body}", style.paint(CYAN, "system"))
+        }
+    }
+}
+
+/// One of our own messages, once the route accepted it: `[12:03:04] you → bob: hi`.
+/// `to` is `None` for a group message.
+pub fn outgoing(style: Style, ts_ms: i64, to: Option<&str>, body: &str) -> String {
+    let time = style.paint(DIM, &format!("[{}]", time_of_day(ts_ms)));
+    let to = match to {
+        Some(name) => style.paint(MAGENTA, &sanitize(name)),
+        None => "all".into(),
+    };
+    format!("{time} you → {to}: {}", sanitize(body))
+}
+
+/// A group message that reached nobody.
+pub fn nobody_online(style: Style) -> String {
+    style.paint(YELLOW, "(nobody else is online: not delivered)")
+}
+
+/// A private message to a user who is not connected.
+pub fn offline(style: Style, name: &str) -> String {
+    style.paint(
+        YELLOW,
+        &format!("{} is offline (not delivered)", sanitize(name)),
+    )
+}
+
+/// An error line, `prefix: detail`, in red.
+pub fn error(style: Style, text: &str) -> String {
+    style.paint(RED, text)
+}
+
+/// A neutral notice (connection state, confirmations), in yellow.
+pub fn notice(style: Style, text: &str) -> String {
+    style.paint(YELLOW, text)
+}
+
+/// `1.2s`, `350ms`: short and precise enough for retry delays.
+pub fn short_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// The line shown when the connection state changes.
+pub fn state(s: &ConnState) -> String {
+    match s {
+        ConnState::Connecting => "connecting…".into(),
+        ConnState::Connected { server_id, addr } => {
+            format!("connected to server {server_id} ({addr})")
+        }
+        ConnState::Reconnecting {
+            attempt,
+            retry_in,
+            reason,
+        } => format!(
+            "reconnecting… (attempt {attempt}, retry in {}): {reason}",
+            short_duration(*retry_in)
+        ),
+        ConnState::Closed { reason } => format!("disconnected: {reason}"),
+    }
+}
+
+/// Short state for `:info`.
+pub fn state_word(s: &ConnState) -> String {
+    match s {
+        ConnState::Connecting => "connecting".into(),
+        ConnState::Connected { .. } => "connected".into(),
+        ConnState::Reconnecting { attempt, .. } => format!("reconnecting (attempt {attempt})"),
+        ConnState::Closed { reason } => format!("closed ({reason})"),
+    }
+}
+
+/// `kicked: <why>[: <server's message>]`.
+pub fn kicked(reason: pb::KickReason, message: &str) -> String {
+    let why = match reason {
+        pb::KickReason::ServerShutdown => "the server is shutting down",
+        pb::KickReason::SlowConsumer => "messages were not read fast enough",
+        pb::KickReason::LoggedOut => "logged out",
+        pb::KickReason::Replaced => "logged in elsewhere",
+        pb::KickReason::Admin => "forced offline by an administrator",
+        pb::KickReason::Unspecified => "no reason given",
+    };
+    if message.is_empty() {
+        format!("kicked: {why}")
+    } else {
+        format!("kicked: {why}: {}", sanitize(message))
+    }
+}
+
+/// The answer of `:olu` / `:pu`: a count line, then one user per line. `me` is marked.
+/// `limit` is how many were asked for: reaching it means there may be more.
+pub fn online(
+    style: Style,
+    users: &[OnlineUser],
+    prefix: Option<&str>,
+    me: u64,
+    limit: usize,
+) -> String {
+    let n = users.len();
+    let plural = if n == 1 { "user" } else { "users" };
+    let mut out = match prefix {
+        Some(p) => format!("{n} {plural} online whose name starts with {:?}", p),
+        None => format!("{n} {plural} online"),
+    };
+    if n >= limit {
+        out.push_str(&format!(" (first {limit} shown)"));
+    }
+    out.push(if n == 0 { '.' } else { ':' });
+    for u in users {
+        let name = style.paint(BOLD, &sanitize(&u.name));
+        let you = if u.user_id == me { " (you)" } else { "" };
+        out.push_str(&format!(
+            "\n  {name}{you}  #{} on {}",
+            u.user_id, u.server_id
+        ));
+    }
+    out
+}
+
+/// The answer of `:info`.
+pub fn info(i: &ClientInfo, history: Option<&std::path::Path>) -> String {
+    let server = match (&i.server_id, &i.server_addr) {
+        (Some(id), Some(addr)) => format!("{id} ({addr})"),
+        (Some(id), None) => id.clone(),
+        _ => "none".into(),
+    };
+    let history = history.map_or_else(|| "disabled".into(), |p| p.display().to_string());
+    format!(
+        "user:    {} (#{})\nroute:   {}\nserver:  {server}\nstate:   {}\nhistory: {history}",
+        i.name,
+        i.user_id,
+        i.route_url,
+        state_word(&i.state)
+    )
+}
+
+/// The command list (`:help`, `:all`, unknown commands).
+pub fn help(style: Style) -> String {
+    let width = COMMANDS.iter().map(|(s, _)| s.chars().count()).max();
+    let width = width.unwrap_or(0);
+    let mut out = String::from("commands:");
+    for (syntax, what) in COMMANDS {
+        let pad = " ".repeat(width - syntax.chars().count());
+        out.push_str(&format!("\n  {}{pad}  {what}", style.paint(BOLD, syntax)));
+    }
+    out
+}
+
+/// `text` with every case-insensitive occurrence of `keyword` highlighted.
+pub fn highlight(style: Style, text: &str, keyword: &str) -> String {
+    if !style.color {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut at = 0;
+    for (start, end) in find_matches(text, keyword) {
+        out.push_str(&text[at..start]);
+        out.push_str(HIGHLIGHT);
+        out.push_str(&text[start..end]);
+        out.push_str(RESET);
+        at = end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// The answer of `:q <keyword>`: matches oldest first, keyword highlighted.
+pub fn search(style: Style, keyword: &str, found: &[Entry], left_out: usize) -> String {
+    if found.is_empty() {
+        return format!("no message in the history matches {keyword:?}");
+    }
+    let n = found.len() + left_out;
+    let plural = if n == 1 { "message" } else { "messages" };
+    let mut out = format!("{n} {plural} match {keyword:?}");
+    if left_out > 0 {
+        out.push_str(&format!(" (newest {} shown)", found.len()));
+    }
+    out.push(':');
+    for e in found {
+        // Highlight before sanitizing would split escapes; sanitize first, then search the
+        // text as displayed (a keyword never contains control characters the user could type).
+        let text = sanitize(&e.searchable());
+        out.push_str(&format!(
+            "\n  {} {}",
+            style.paint(DIM, &format!("[{}]", date_time(e.ts))),
+            highlight(style, &text, keyword)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::terminal::history::{Direction, Kind};
+
+    fn msg(kind: pb::MessageKind, from: &str, body: &str) -> pb::Message {
+        pb::Message {
+            id: "01".into(),
+            sender_id: 2,
+            sender_name: from.into(),
+            receiver_id: 1,
+            kind: kind as i32,
+            body: body.into(),
+            timestamp_ms: 1_700_000_000_000,
+            ..Default::default()
+        }
+    }
+
+    fn strip_time(s: &str) -> &str {
+        // "[HH:MM:SS] " is 11 characters.
+        assert!(s.starts_with('[') && &s[9..11] == "] ", "{s}");
+        &s[11..]
+    }
+
+    #[test]
+    fn time_is_local_hh_mm_ss() {
+        let t = time_of_day(1_700_000_000_000);
+        assert_eq!(t.len(), 8);
+        assert_eq!(&t[2..3], ":");
+        assert_eq!(&t[5..6], ":");
+        // 1_700_000_000 s is 22:13:20 UTC; today's zone offsets are whole minutes, so the
+        // seconds read the same in every local time zone.
+        assert_eq!(&t[6..], "20");
+        assert_eq!(time_of_day(i64::MAX), "??:??:??");
+        assert_eq!(date_time(1_700_000_000_000).len(), 19);
+    }
+
+    #[test]
+    fn incoming_private_group_and_system() {
+        let p = incoming(Style::PLAIN, &msg(pb::MessageKind::Private, "bob", "hi"));
+        assert_eq!(strip_time(&p), "bob → you: hi");
+        let g = incoming(Style::PLAIN, &msg(pb::MessageKind::Group, "bob", "hi all"));
+        assert_eq!(strip_time(&g), "bob → all: hi all");
+        let s = incoming(
+            Style::PLAIN,
+            &msg(pb::MessageKind::System, "", "maintenance"),
+        );
+        assert_eq!(strip_time(&s), "system: maintenance");
+        let mut c = msg(pb::MessageKind::Channel, "bob", "x");
+        c.channel = "news".into();
+        assert_eq!(strip_time(&incoming(Style::PLAIN, &c)), "bob → #news: x");
+    }
+
+    #[test]
+    fn colour_only_when_asked() {
+        let m = msg(pb::MessageKind::Private, "bob", "hi");
+        assert!(!incoming(Style::PLAIN, &m).contains('\x1b'));
+        let coloured = incoming(Style::COLOR, &m);
+        assert!(
+            coloured.contains(BOLD) && coloured.contains(RESET),
+            "{coloured:?}"
+        );
+    }
+
+    #[test]
+    fn control_characters_from_others_are_neutralised() {
+        let m = msg(
+            pb::MessageKind::Group,
+            "eve\x1b[2J",
+            "\x1b]0;pwned\x07line1\nline2",
+        );
+        let line = incoming(Style::PLAIN, &m);
+        assert!(!line.contains('\x1b') && !line.contains('\x07'), "{line:?}");
+        assert!(
+            line.contains("\\u{1b}]0;pwned\\u{7}line1\n    line2"),
+            "{line:?}"
+        );
+    }
+
+    #[test]
+    fn outgoing_lines() {
+        assert_eq!(
+            strip_time(&outgoing(Style::PLAIN, 0, Some("bob"), "hi")),
+            "you → bob: hi"
+        );
+        assert_eq!(
+            strip_time(&outgoing(Style::PLAIN, 0, None, "hi")),
+            "you → all: hi"
+        );
+        assert_eq!(
+            offline(Style::PLAIN, "carol"),
+            "carol is offline (not delivered)"
+        );
+    }
+
+    #[test]
+    fn state_lines() {
+        assert_eq!(state(&ConnState::Connecting), "connecting…");
+        assert_eq!(
+            state(&ConnState::Connected {
+                server_id: "s1".into(),
+                addr: "127.0.0.1:9000".into()
+            }),
+            "connected to server s1 (127.0.0.1:9000)"
+        );
+        assert_eq!(
+            state(&ConnState::Reconnecting {
+                attempt: 2,
+                retry_in: Duration::from_millis(1234),
+                reason: "connection lost".into()
+            }),
+            "reconnecting… (attempt 2, retry in 1.2s): connection lost"
+        );
+        assert_eq!(
+            state(&ConnState::Closed {
+                reason: "logged out".into()
+            }),
+            "disconnected: logged out"
+        );
+        assert_eq!(short_duration(Duration::from_millis(350)), "350ms");
+    }
+
+    #[test]
+    fn kick_lines() {
+        assert_eq!(
+            kicked(pb::KickReason::Admin, ""),
+            "kicked: forced offline by an administrator"
+        );
+        assert_eq!(
+            kicked(pb::KickReason::ServerShutdown, "bye"),
+            "kicked: the server is shutting down: bye"
+        );
+    }
+
+    #[test]
+    fn online_lists_count_and_mark_me() {
+        let users = vec![
+            OnlineUser {
+                user_id: 1,
+                name: "alice".into(),
+                server_id: "s1".into(),
+            },
+            OnlineUser {
+                user_id: 2,
+                name: "bob".into(),
+                server_id: "s2".into(),
+            },
+        ];
+        let all = online(Style::PLAIN, &users, None, 1, 100);
+        assert_eq!(
+            all,
+            "2 users online:\n  alice (you)  #1 on s1\n  bob  #2 on s2"
+        );
+        let some = online(Style::PLAIN, &users[..1], Some("al"), 1, 100);
+        assert!(
+            some.starts_with("1 user online whose name starts with \"al\":"),
+            "{some}"
+        );
+        assert_eq!(
+            online(Style::PLAIN, &[], Some("zz"), 1, 100),
+            "0 users online whose name starts with \"zz\"."
+        );
+        assert!(online(Style::PLAIN, &users, None, 1, 2).contains("(first 2 shown)"));
+    }
+
+    #[test]
+    fn info_shows_user_route_server_state() {
+        let i = ClientInfo {
+            user_id: 7,
+            name: "alice".into(),
+            route_url: "http://r:8080".into(),
+            server_id: Some("s1".into()),
+            server_addr: Some("127.0.0.1:9000".into()),
+            state: ConnState::Connected {
+                server_id: "s1".into(),
+                addr: "127.0.0.1:9000".into(),
+            },
+        };
+        let text = info(&i, Some(std::path::Path::new("/h/history.jsonl")));
+        assert_eq!(
+            text,
+            "user:    alice (#7)\nroute:   http://r:8080\nserver:  s1 (127.0.0.1:9000)\n\
+             state:   connected\nhistory: /h/history.jsonl"
+        );
+        let closed = ClientInfo {
+            server_id: None,
+            server_addr: None,
+            state: ConnState::Closed { reason: "x".into() },
+            ..i
+        };
+        let text = info(&closed, None);
+        assert!(text.contains("server:  none") && text.contains("closed (x)"));
+        assert!(text.contains("history: disabled"));
+    }
+
+    #[test]
+    fn help_lists_every_command_aligned() {
+        let h = help(Style::PLAIN);
+        assert_eq!(h.lines().count(), COMMANDS.len() + 1);
+        let columns: std::collections::HashSet<usize> = COMMANDS
+            .iter()
+            .map(|(syntax, what)| {
+                let line = h
+                    .lines()
+                    .find(|l| l.trim_start().starts_with(syntax) && l.ends_with(what))
+                    .unwrap_or_else(|| panic!("{syntax} missing:\n{h}"));
+                line.chars().count() - what.chars().count()
+            })
+            .collect();
+        assert_eq!(columns.len(), 1, "descriptions start in one column:\n{h}");
+    }
+
+    #[test]
+    fn highlight_marks_every_match_case_insensitively() {
+        assert_eq!(
+            highlight(Style::COLOR, "Hi hi", "hi"),
+            format!("{HIGHLIGHT}Hi{RESET} {HIGHLIGHT}hi{RESET}")
+        );
+        assert_eq!(highlight(Style::COLOR, "nothing", "xyz"), "nothing");
+        assert_eq!(highlight(Style::PLAIN, "Hi hi", "hi"), "Hi hi");
+        assert_eq!(
+            highlight(Style::COLOR, "说你好", "你好"),
+            format!("说{HIGHLIGHT}你好{RESET}")
+        );
+    }
+
+    #[test]
+    fn search_answer() {
+        let e = Entry {
+            ts: 1_700_000_000_000,
+            id: "1".into(),
+            dir: Direction::Out,
+            kind: Kind::Private,
+            from: "alice".into(),
+            to: Some("bob".into()),
+            body: "say HI".into(),
+        };
+        let text = search(Style::COLOR, "hi", std::slice::from_ref(&e), 0);
+        assert!(text.starts_with("1 message match \"hi\":"), "{text}");
+        assert!(
+            text.contains(&format!("alice → bob: say {HIGHLIGHT}HI{RESET}")),
+            "{text:?}"
+        );
+        let text = search(Style::PLAIN, "hi", std::slice::from_ref(&e), 4);
+        assert!(text.starts_with("5 messages match \"hi\" (newest 1 shown):"));
+        assert_eq!(
+            search(Style::PLAIN, "zz", &[], 0),
+            "no message in the history matches \"zz\""
+        );
+    }
+}
