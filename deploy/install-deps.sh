@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Installs the Debian packages cim needs to build and test, if they are missing:
 #   protoc (protobuf-compiler), redis-server (redis-server), etcd (etcd-server).
+# `--build-only` as the first argument: protoc alone (what building needs; ./start.sh runs the
+# standalone mode, which needs neither Redis nor etcd).
 # Extra requirements can be given as COMMAND=PACKAGE arguments, e.g. `curl=curl`.
 #
-# Used by ./test.sh (and so by .ci/run) and by deploy/cluster.sh. Idempotent: does nothing when
+# Used by ./test.sh (and so by .ci/run), by deploy/cluster.sh and by ./start.sh. Idempotent: does nothing when
 # every command is already there. Runs `apt-get update` only if the first install fails, uses
 # sudo only when not root, and keeps the packages' own system services from starting on install
 # (the tests and the local cluster run their own processes; nothing relies on system services).
 set -euo pipefail
 
-requirements=(protoc=protobuf-compiler redis-server=redis-server etcd=etcd-server "$@")
+requirements=(protoc=protobuf-compiler)
+if [[ ${1:-} == --build-only ]]; then
+    shift
+else
+    requirements+=(redis-server=redis-server etcd=etcd-server)
+fi
+requirements+=("$@")
 
 missing=()
 for req in "${requirements[@]}"; do

@@ -1,9 +1,9 @@
 //! Connecting to the production backends (Redis + etcd) from one config section shared by
-//! every binary.
+//! every binary, or creating the in-memory pair of standalone mode.
 
 use crate::{
-    registry::{EtcdRegistry, Registry},
-    store::{RedisStore, StateStore},
+    registry::{EtcdRegistry, MemoryRegistry, Registry},
+    store::{MemoryStore, RedisStore, StateStore},
 };
 use serde::{Deserialize, Serialize};
 use std::{sync::Arc, time::Duration};
@@ -61,6 +61,15 @@ pub struct Backends {
 }
 
 impl Backends {
+    /// A fresh in-memory store and registry, for processes that run every cim role inside
+    /// themselves (standalone mode). Clones share them: give each role a clone.
+    pub fn memory() -> Self {
+        Self {
+            store: Arc::new(MemoryStore::new()),
+            registry: Arc::new(MemoryRegistry::new()),
+        }
+    }
+
     /// Connects to Redis and etcd, failing fast with a message naming the one that is missing.
     pub async fn connect(config: &BackendConfig) -> Result<Self, String> {
         let store = RedisStore::connect(&config.redis_url, &config.prefix, config.timeout())

@@ -7,14 +7,20 @@
 //! - [`codec`]: varint32-delimited protobuf framing for TCP, with a maximum frame size.
 //! - [`token`]: HMAC-signed connect and session tokens (stateless, bound to user and server).
 //! - [`keys`]: the Redis key layout, in one place.
-//! - [`store`]: the shared-state trait ([`store::StateStore`]) and its Redis implementation.
-//! - [`registry`]: the service-registry trait ([`registry::Registry`]) and its etcd implementation.
-//! - [`backend`]: one config section for Redis + etcd, and connecting to both.
+//! - [`store`]: the shared-state trait ([`store::StateStore`]) and its Redis and in-memory
+//!   implementations.
+//! - [`registry`]: the service-registry trait ([`registry::Registry`]) and its etcd and
+//!   in-memory implementations.
+//! - [`backend`]: one config section for Redis + etcd, connecting to both, or the in-memory
+//!   pair ([`backend::Backends::memory`]).
+//! - [`cli`]: command-line plumbing shared by the binaries (backend flags, binding listeners,
+//!   waiting for ctrl-c / SIGTERM).
 //! - [`cluster`]: authenticated protobuf-over-HTTP calls between cim processes.
 //! - [`config`]: layered configuration (defaults, file, environment, flags) and logging setup.
 //! - [`ids`]: message ids and server ids; [`time`]: clock helpers.
 
 pub mod backend;
+pub mod cli;
 pub mod cluster;
 pub mod codec;
 pub mod config;

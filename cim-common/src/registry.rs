@@ -1,11 +1,14 @@
 //! Service registry: which connection servers and routes are alive, and where.
 //!
-//! [`Registry`] is the interface; [`etcd::EtcdRegistry`] is the production implementation.
+//! [`Registry`] is the interface; [`etcd::EtcdRegistry`] is the production implementation and
+//! [`memory::MemoryRegistry`] the one of standalone mode and unit tests.
 //! A member registers with a TTL lease it keeps alive; watchers get the whole live list through
 //! a [`tokio::sync::watch`] channel, updated from a prefix watch (never polled per request).
-//! A member that dies stops renewing and its key disappears when the lease expires.
+//! A member that dies stops renewing and its key disappears when the lease expires (in memory,
+//! at once: see [`memory`]).
 
 pub mod etcd;
+pub mod memory;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -13,6 +16,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 
 pub use self::etcd::EtcdRegistry;
+pub use self::memory::MemoryRegistry;
 
 /// What kind of member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,7 +67,8 @@ pub enum RegistryError {
 pub type RegistryResult<T> = Result<T, RegistryError>;
 
 /// A live registration. Dropping it stops renewing (the key expires with the lease: what a
-/// crash looks like); [`Registration::deregister`] removes it at once (a clean shutdown).
+/// crash looks like; in memory it goes at once); [`Registration::deregister`] removes it at
+/// once (a clean shutdown).
 #[async_trait]
 pub trait Registration: Send + Sync {
     async fn deregister(self: Box<Self>) -> RegistryResult<()>;

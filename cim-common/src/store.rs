@@ -1,14 +1,17 @@
 //! Shared state: accounts, login slots, routes and the online index.
 //!
 //! [`StateStore`] is the one interface; [`redis::RedisStore`] is the production implementation
-//! (an in-memory one for standalone mode implements the same trait). Every call has a deadline
-//! (the Redis response timeout), so a dead Redis produces an error, never a hang.
+//! and [`memory::MemoryStore`] the one of standalone mode and unit tests, with the same
+//! semantics. Every Redis call has a deadline (the Redis response timeout), so a dead Redis
+//! produces an error, never a hang; the memory store never waits.
 
+pub mod memory;
 pub mod redis;
 
 use async_trait::async_trait;
 use std::time::Duration;
 
+pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -65,7 +65,7 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{state_with, MemStore};
+    use crate::testing::{state_with, StoreExt};
     use axum::{
         body::Body,
         http::{header, Request, StatusCode},
@@ -73,6 +73,7 @@ mod tests {
     use cim_common::{
         config::DEV_SECRET,
         pb::{cluster::ForwardItem, ErrorCode, MessageKind, Send, SendStatus},
+        store::MemoryStore,
     };
     use prost::Message as _;
     use std::sync::Arc;
@@ -89,7 +90,7 @@ mod tests {
 
     #[tokio::test]
     async fn forward_requires_the_cluster_secret() {
-        let (state, _tx) = state_with(Arc::new(MemStore::default()), vec![], |_| {});
+        let (state, _tx) = state_with(Arc::new(MemoryStore::new()), vec![], |_| {});
         let router = app(state);
         for secret in [None, Some("wrong-secret-wrong-secret")] {
             let resp = router
@@ -108,9 +109,9 @@ mod tests {
 
     #[tokio::test]
     async fn forward_answers_each_item_in_order() {
-        let store = Arc::new(MemStore::default());
-        let alice = store.add_user("alice");
-        store.add_user("bob");
+        let store = Arc::new(MemoryStore::new());
+        let alice = store.add_user("alice").await;
+        store.add_user("bob").await;
         let (state, _tx) = state_with(store, vec![], |_| {});
         let send = |client_id, kind: MessageKind, to: &str| Send {
             client_id,

@@ -205,11 +205,12 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{MemRegistry, MemStore};
     use cim_common::{
         cluster::ClusterClient,
         config::DEV_SECRET,
         pb::cluster::{ForwardRequest, ForwardResponse},
+        registry::MemoryRegistry,
+        store::MemoryStore,
     };
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -225,9 +226,9 @@ mod tests {
 
     #[tokio::test]
     async fn start_serves_registers_and_shuts_down() {
-        let registry = Arc::new(MemRegistry::default());
+        let registry = Arc::new(MemoryRegistry::new());
         let backends = Backends {
-            store: Arc::new(MemStore::default()),
+            store: Arc::new(MemoryStore::new()),
             registry: registry.clone(),
         };
         let listeners = Listeners {
@@ -241,7 +242,7 @@ mod tests {
         let handle = start(config, listeners, backends).await.unwrap();
         assert!(handle.id().starts_with("route-"));
 
-        let routes = registry.list(ServiceKind::Route);
+        let routes = registry.members(ServiceKind::Route);
         assert_eq!(routes.len(), 1);
         assert_eq!(routes[0].id, handle.id());
         assert_eq!(routes[0].http_addr, "route.example:80");
@@ -267,7 +268,10 @@ mod tests {
 
         let http_addr = handle.http_addr();
         handle.shutdown().await;
-        assert!(registry.list(ServiceKind::Route).is_empty(), "deregistered");
+        assert!(
+            registry.members(ServiceKind::Route).is_empty(),
+            "deregistered"
+        );
         assert!(
             http_get(http_addr, "/healthz").await.is_err(),
             "no longer serving"
@@ -277,8 +281,8 @@ mod tests {
     #[tokio::test]
     async fn start_refuses_an_invalid_config() {
         let backends = Backends {
-            store: Arc::new(MemStore::default()),
-            registry: Arc::new(MemRegistry::default()),
+            store: Arc::new(MemoryStore::new()),
+            registry: Arc::new(MemoryRegistry::new()),
         };
         let listeners = Listeners {
             http: TcpListener::bind("127.0.0.1:0").await.unwrap(),

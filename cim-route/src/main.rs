@@ -2,12 +2,14 @@
 //! connects to Redis and etcd, binds, runs until ctrl-c or SIGTERM, then shuts down cleanly.
 
 use anyhow::{Context, Result};
-use cim_common::backend::Backends;
+use cim_common::{
+    backend::Backends,
+    cli::{bind, shutdown_signal, BackendFlags},
+};
 use cim_route::{Listeners, RouteConfig};
 use clap::Parser;
 use serde::Serialize;
 use std::path::PathBuf;
-use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,15 +33,8 @@ struct Cli {
     /// Host advertised in the registry.
     #[arg(long)]
     advertise_host: Option<String>,
-    /// Redis URL.
-    #[arg(long)]
-    redis_url: Option<String>,
-    /// etcd endpoint (repeatable).
-    #[arg(long = "etcd")]
-    etcd: Vec<String>,
-    /// Key prefix in Redis and etcd.
-    #[arg(long)]
-    prefix: Option<String>,
+    #[command(flatten)]
+    backend: BackendFlags,
     /// Cluster secret shared by every cim process.
     #[arg(long)]
     cluster_secret: Option<String>,
@@ -58,24 +53,8 @@ struct Overrides {
     advertise_host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster_secret: Option<String>,
-    #[serde(skip_serializing_if = "BackendOverrides::is_empty")]
-    backend: BackendOverrides,
-}
-
-#[derive(Serialize, Default)]
-struct BackendOverrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    redis_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    etcd_endpoints: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prefix: Option<String>,
-}
-
-impl BackendOverrides {
-    fn is_empty(&self) -> bool {
-        self.redis_url.is_none() && self.etcd_endpoints.is_none() && self.prefix.is_none()
-    }
+    #[serde(skip_serializing_if = "BackendFlags::is_empty")]
+    backend: BackendFlags,
 }
 
 impl Cli {
@@ -86,46 +65,8 @@ impl Cli {
             internal_listen: self.internal_listen,
             advertise_host: self.advertise_host,
             cluster_secret: self.cluster_secret,
-            backend: BackendOverrides {
-                redis_url: self.redis_url,
-                etcd_endpoints: (!self.etcd.is_empty()).then_some(self.etcd),
-                prefix: self.prefix,
-            },
+            backend: self.backend,
         }
-    }
-}
-
-async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} ({what})"))
-}
-
-/// Resolves on ctrl-c or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for ctrl-c");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
 }
 
@@ -144,12 +85,11 @@ async fn main() -> Result<()> {
         .map_err(anyhow::Error::msg)
         .context("connecting to the backends")?;
     let listeners = Listeners {
-        http: bind(&config.http_listen, "http_listen").await?,
-        internal: bind(&config.internal_listen, "internal_listen").await?,
+        http: bind("http_listen", &config.http_listen).await?,
+        internal: bind("internal_listen", &config.internal_listen).await?,
     };
     let handle = cim_route::start(config, listeners, backends).await?;
     shutdown_signal().await;
-    tracing::info!("shutting down");
     handle.shutdown().await;
     Ok(())
 }

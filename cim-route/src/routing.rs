@@ -494,8 +494,8 @@ async fn deliver_group(state: &AppState, servers: &Members, run: &[Accepted]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{fake_server, server, state_with, MemStore};
-    use cim_common::config::DEV_SECRET;
+    use crate::testing::{fake_server, server, state_with, FaultyStore, StoreExt};
+    use cim_common::{config::DEV_SECRET, store::MemoryStore};
     use std::sync::{atomic::Ordering, Arc};
 
     fn send(kind: MessageKind, client_id: u64, to: u64, to_name: &str, body: &str) -> Send {
@@ -527,13 +527,13 @@ mod tests {
 
     #[tokio::test]
     async fn private_batch_makes_one_lookup_and_one_push_per_server() {
-        let store = Arc::new(MemStore::default());
-        let alice = store.add_user("alice");
-        let bob = store.add_user("bob");
-        let carol = store.add_user("carol");
+        let store = Arc::new(FaultyStore::default());
+        let alice = store.add_user("alice").await;
+        let bob = store.add_user("bob").await;
+        let carol = store.add_user("carol").await;
         let (a, rec) = fake_server("server-a", DEV_SECRET).await;
-        store.connect(bob, &a.id);
-        store.connect(carol, &a.id);
+        store.connect(bob, &a.id).await;
+        store.connect(carol, &a.id).await;
         let (state, _tx) = state_with(store.clone(), vec![a], |_| {});
 
         let results = route_batch(
@@ -583,14 +583,14 @@ mod tests {
 
     #[tokio::test]
     async fn private_offline_and_failures() {
-        let store = Arc::new(MemStore::default());
-        let alice = store.add_user("alice");
-        let dave = store.add_user("dave"); // not connected
-        let erin = store.add_user("erin"); // on a dead server
-        let frank = store.add_user("frank"); // on a live server that does not have him
+        let store = Arc::new(MemoryStore::new());
+        let alice = store.add_user("alice").await;
+        let dave = store.add_user("dave").await; // not connected
+        let erin = store.add_user("erin").await; // on a dead server
+        let frank = store.add_user("frank").await; // on a live server that does not have him
         let (a, rec) = fake_server("server-a", DEV_SECRET).await;
-        store.connect(erin, "server-dead");
-        store.connect(frank, &a.id);
+        store.connect(erin, "server-dead").await;
+        store.connect(frank, &a.id).await;
         rec.absent.lock().unwrap().insert(frank);
         let (state, _tx) = state_with(store.clone(), vec![a], |c| c.max_message_len = 10);
 
@@ -634,10 +634,10 @@ mod tests {
             assert!(r.message_id.is_empty());
         }
         assert!(
-            !store.has_route(erin),
+            !store.has_route(erin).await,
             "the dead server's route was removed"
         );
-        assert!(store.has_route(frank));
+        assert!(store.has_route(frank).await);
         let pushes = rec.pushes.lock().unwrap();
         assert_eq!(pushes.len(), 1);
         assert_eq!(
@@ -649,9 +649,9 @@ mod tests {
 
     #[tokio::test]
     async fn failed_push_counts_as_offline() {
-        let store = Arc::new(MemStore::default());
-        let alice = store.add_user("alice");
-        let bob = store.add_user("bob");
+        let store = Arc::new(MemoryStore::new());
+        let alice = store.add_user("alice").await;
+        let bob = store.add_user("bob").await;
         // Live in the registry, but nothing listens on its internal address.
         let unreachable = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -662,7 +662,7 @@ mod tests {
                 ..server("server-x")
             }
         };
-        store.connect(bob, &unreachable.id);
+        store.connect(bob, &unreachable.id).await;
         let (state, _tx) = state_with(store.clone(), vec![unreachable], |_| {});
         let results = route_batch(
             &state,
@@ -674,22 +674,35 @@ mod tests {
         )
         .await;
         assert_eq!(status(&results[0]), SendStatus::Offline);
-        assert!(store.has_route(bob), "a live server's route is not stale");
+        assert!(
+            store.has_route(bob).await,
+            "a live server's route is not stale"
+        );
     }
 
     #[tokio::test]
     async fn group_pushes_once_per_server_per_scan_step_without_the_sender() {
-        let store = Arc::new(MemStore::default());
+        let store = Arc::new(FaultyStore::default());
         let (a, rec_a) = fake_server("server-a", DEV_SECRET).await;
         let (b, rec_b) = fake_server("server-b", DEV_SECRET).await;
-        let sender = store.add_user("sender");
-        let on_a: Vec<u64> = (0..5).map(|i| store.add_user(&format!("a{i}"))).collect();
-        let on_b: Vec<u64> = (0..2).map(|i| store.add_user(&format!("b{i}"))).collect();
-        let ghost = store.add_user("ghost");
-        store.connect(sender, &a.id);
-        on_a.iter().for_each(|&u| store.connect(u, &a.id));
-        on_b.iter().for_each(|&u| store.connect(u, &b.id));
-        store.connect(ghost, "server-dead");
+        let sender = store.add_user("sender").await;
+        let mut on_a = Vec::new();
+        for i in 0..5 {
+            on_a.push(store.add_user(&format!("a{i}")).await);
+        }
+        let mut on_b = Vec::new();
+        for i in 0..2 {
+            on_b.push(store.add_user(&format!("b{i}")).await);
+        }
+        let ghost = store.add_user("ghost").await;
+        store.connect(sender, &a.id).await;
+        for &u in &on_a {
+            store.connect(u, &a.id).await;
+        }
+        for &u in &on_b {
+            store.connect(u, &b.id).await;
+        }
+        store.connect(ghost, "server-dead").await;
         // 9 routes, 4 per SCAN step: 3 steps.
         let (state, _tx) = state_with(store.clone(), vec![a, b], |c| c.scan_batch = 4);
 
@@ -725,18 +738,18 @@ mod tests {
         want.sort_unstable();
         assert_eq!(got, want, "everyone online but the sender, exactly once");
         assert!(
-            !store.has_route(ghost),
+            !store.has_route(ghost).await,
             "the dead server's route was removed"
         );
     }
 
     #[tokio::test]
     async fn mixed_batch_keeps_results_aligned() {
-        let store = Arc::new(MemStore::default());
-        let alice = store.add_user("alice");
-        let bob = store.add_user("bob");
+        let store = Arc::new(MemoryStore::new());
+        let alice = store.add_user("alice").await;
+        let bob = store.add_user("bob").await;
         let (a, rec) = fake_server("server-a", DEV_SECRET).await;
-        store.connect(bob, &a.id);
+        store.connect(bob, &a.id).await;
         let (state, _tx) = state_with(store.clone(), vec![a], |_| {});
         let results = route_batch(
             &state,
@@ -777,9 +790,9 @@ mod tests {
 
     #[tokio::test]
     async fn store_failure_is_unavailable() {
-        let store = Arc::new(MemStore::default());
-        let alice = store.add_user("alice");
-        let bob = store.add_user("bob");
+        let store = Arc::new(FaultyStore::default());
+        let alice = store.add_user("alice").await;
+        let bob = store.add_user("bob").await;
         store.fail.store(true, Ordering::SeqCst);
         let (state, _tx) = state_with(store.clone(), vec![server("server-a")], |_| {});
         let results = route_batch(

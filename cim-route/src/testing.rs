@@ -1,5 +1,6 @@
-//! Test doubles for the crate's unit tests: an in-memory [`StateStore`] with the semantics
-//! the route relies on, a fake connection server that records pushes and kicks, and an
+//! Test support for the crate's unit tests: helpers over the in-memory store of cim-common
+//! ([`StoreExt`]), a thin wrapper around it for the tests that need faults or call counts
+//! ([`FaultyStore`]), a fake connection server that records pushes and kicks, and an
 //! [`AppState`] built on them. (Real Redis / etcd are exercised by the end-to-end tests.)
 
 use crate::{config::RouteConfig, state::AppState};
@@ -7,16 +8,12 @@ use async_trait::async_trait;
 use axum::{extract::State, http::HeaderMap, response::Response, routing::post, Router};
 use cim_common::{
     cluster::{self, Protobuf},
-    keys,
     pb::cluster::{DeliveryResult, KickRequest, KickResponse, PushRequest, PushResponse},
-    registry::{
-        Members, MembersRx, Registration, Registry, RegistryError, RegistryResult, ServiceInfo,
-        ServiceKind,
-    },
+    registry::{Members, ServiceInfo},
     store::*,
 };
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::HashSet,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -25,21 +22,50 @@ use std::{
 };
 use tokio::sync::watch;
 
-#[derive(Default)]
-struct Mem {
-    next_id: u64,
-    names: HashMap<String, u64>,
-    users: HashMap<u64, (String, String)>,
-    slots: HashMap<u64, String>,
-    routes: BTreeMap<u64, RouteEntry>,
-    online: BTreeSet<String>,
+/// Shortcuts that set up users and connections through the [`StateStore`] API itself.
+pub trait StoreExt: StateStore {
+    /// Creates a user with a placeholder hash (no login possible) and returns its id.
+    async fn add_user(&self, name: &str) -> u64 {
+        self.create_user(name, "$argon2id$placeholder")
+            .await
+            .unwrap()
+            .expect("a fresh name")
+    }
+
+    /// Marks `user_id` connected to `server_id` (slot, route and online index), as a login
+    /// (taking over any slot) followed by the server's attach.
+    async fn connect(&self, user_id: u64, server_id: &str) {
+        let name = self
+            .user_name(user_id)
+            .await
+            .unwrap()
+            .expect("a known user");
+        let session = format!("s{user_id}");
+        let claimed = self
+            .claim_login(user_id, &session, Duration::from_secs(3600), &|_| false)
+            .await
+            .unwrap();
+        assert_eq!(claimed, ClaimOutcome::Claimed);
+        let attached = self
+            .attach(user_id, &name, &session, server_id)
+            .await
+            .unwrap();
+        assert_eq!(attached, AttachOutcome::Attached);
+    }
+
+    async fn has_route(&self, user_id: u64) -> bool {
+        self.routes(&[user_id]).await.unwrap()[0].is_some()
+    }
 }
 
-/// In-memory store. `fail` makes every call answer `Unavailable`; `hang` makes
-/// `user_by_name` never answer (signalling `entered` when a call gets stuck).
+impl<T: StateStore + ?Sized> StoreExt for T {}
+
+/// [`MemoryStore`] with fault injection and call counts, for the tests that need them (the
+/// product type stays free of test knobs). `fail` makes every call answer `Unavailable`;
+/// `hang` makes `user_by_name` never answer (signalling `entered` when a call gets stuck).
 #[derive(Default)]
-pub struct MemStore {
-    mem: Mutex<Mem>,
+pub struct FaultyStore {
+    inner: MemoryStore,
     pub fail: AtomicBool,
     pub hang: AtomicBool,
     pub entered: tokio::sync::Notify,
@@ -47,60 +73,20 @@ pub struct MemStore {
     pub route_lookups: AtomicUsize,
 }
 
-impl MemStore {
-    fn mem(&self) -> StoreResult<std::sync::MutexGuard<'_, Mem>> {
+impl FaultyStore {
+    fn check(&self) -> StoreResult<()> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("test double set to fail".into()));
         }
-        Ok(self.mem.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Creates a user with a placeholder hash (no login possible) and returns its id.
-    pub fn add_user(&self, name: &str) -> u64 {
-        let mut m = self.mem().unwrap();
-        m.next_id += 1;
-        let id = m.next_id;
-        m.names.insert(name.into(), id);
-        m.users
-            .insert(id, (name.into(), "$argon2id$placeholder".into()));
-        id
-    }
-
-    /// Marks `user_id` connected to `server_id` (slot, route and online index).
-    pub fn connect(&self, user_id: u64, server_id: &str) {
-        let mut m = self.mem().unwrap();
-        let name = m.users[&user_id].0.clone();
-        let session = format!("s{user_id}");
-        m.slots
-            .insert(user_id, keys::attached_slot(&session, server_id));
-        m.routes.insert(
-            user_id,
-            RouteEntry {
-                user_id,
-                server_id: server_id.into(),
-                session,
-            },
-        );
-        m.online.insert(keys::online_member(&name, user_id));
-    }
-
-    pub fn has_route(&self, user_id: u64) -> bool {
-        self.mem().unwrap().routes.contains_key(&user_id)
+        Ok(())
     }
 }
 
 #[async_trait]
-impl StateStore for MemStore {
+impl StateStore for FaultyStore {
     async fn create_user(&self, name: &str, password_hash: &str) -> StoreResult<Option<u64>> {
-        let mut m = self.mem()?;
-        if m.names.contains_key(name) {
-            return Ok(None);
-        }
-        m.next_id += 1;
-        let id = m.next_id;
-        m.names.insert(name.into(), id);
-        m.users.insert(id, (name.into(), password_hash.into()));
-        Ok(Some(id))
+        self.check()?;
+        self.inner.create_user(name, password_hash).await
     }
 
     async fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRecord>> {
@@ -108,61 +94,36 @@ impl StateStore for MemStore {
             self.entered.notify_one();
             std::future::pending::<()>().await;
         }
-        let m = self.mem()?;
-        Ok(m.names.get(name).map(|&id| UserRecord {
-            id,
-            name: m.users[&id].0.clone(),
-            password_hash: m.users[&id].1.clone(),
-        }))
+        self.check()?;
+        self.inner.user_by_name(name).await
     }
 
     async fn user_name(&self, id: u64) -> StoreResult<Option<String>> {
-        Ok(self.mem()?.users.get(&id).map(|u| u.0.clone()))
+        self.check()?;
+        self.inner.user_name(id).await
     }
 
     async fn claim_login(
         &self,
         user_id: u64,
         session: &str,
-        _pending_ttl: Duration,
+        pending_ttl: Duration,
         is_live: IsLive<'_>,
     ) -> StoreResult<ClaimOutcome> {
-        let mut m = self.mem()?;
-        if let Some(current) = m.slots.get(&user_id) {
-            match keys::parse_slot(current) {
-                (_, None) => return Ok(ClaimOutcome::Held { server: None }),
-                (_, Some(server)) if is_live(server) => {
-                    return Ok(ClaimOutcome::Held {
-                        server: Some(server.to_string()),
-                    })
-                }
-                _ => {}
-            }
-        }
-        m.slots.insert(user_id, session.into());
-        Ok(ClaimOutcome::Claimed)
+        self.check()?;
+        self.inner
+            .claim_login(user_id, session, pending_ttl, is_live)
+            .await
     }
 
     async fn session_active(&self, user_id: u64, session: &str) -> StoreResult<bool> {
-        Ok(self
-            .mem()?
-            .slots
-            .get(&user_id)
-            .is_some_and(|v| keys::parse_slot(v).0 == session))
+        self.check()?;
+        self.inner.session_active(user_id, session).await
     }
 
     async fn release_login(&self, user_id: u64, session: &str) -> StoreResult<Option<String>> {
-        let mut m = self.mem()?;
-        let Some(v) = m.slots.get(&user_id).cloned() else {
-            return Ok(None);
-        };
-        let (s, server) = keys::parse_slot(&v);
-        if s != session {
-            return Ok(None);
-        }
-        let server = server.map(str::to_string);
-        m.slots.remove(&user_id);
-        Ok(server)
+        self.check()?;
+        self.inner.release_login(user_id, session).await
     }
 
     async fn attach(
@@ -172,22 +133,8 @@ impl StateStore for MemStore {
         session: &str,
         server_id: &str,
     ) -> StoreResult<AttachOutcome> {
-        let mut m = self.mem()?;
-        if m.slots.get(&user_id).map(String::as_str) != Some(session) {
-            return Ok(AttachOutcome::SessionInvalid);
-        }
-        m.slots
-            .insert(user_id, keys::attached_slot(session, server_id));
-        m.routes.insert(
-            user_id,
-            RouteEntry {
-                user_id,
-                server_id: server_id.into(),
-                session: session.into(),
-            },
-        );
-        m.online.insert(keys::online_member(name, user_id));
-        Ok(AttachOutcome::Attached)
+        self.check()?;
+        self.inner.attach(user_id, name, session, server_id).await
     }
 
     async fn detach(
@@ -197,42 +144,20 @@ impl StateStore for MemStore {
         session: &str,
         server_id: &str,
     ) -> StoreResult<()> {
-        let mut m = self.mem()?;
-        if m.routes
-            .get(&user_id)
-            .is_some_and(|r| r.session == session && r.server_id == server_id)
-        {
-            m.routes.remove(&user_id);
-            m.online.remove(&keys::online_member(name, user_id));
-        }
-        if m.slots.get(&user_id) == Some(&keys::attached_slot(session, server_id)) {
-            m.slots.remove(&user_id);
-        }
-        Ok(())
+        self.check()?;
+        self.inner.detach(user_id, name, session, server_id).await
     }
 
     async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>> {
         self.route_lookups.fetch_add(1, Ordering::SeqCst);
-        let m = self.mem()?;
-        Ok(user_ids
-            .iter()
-            .map(|id| m.routes.get(id).cloned())
-            .collect())
+        self.check()?;
+        self.inner.routes(user_ids).await
     }
 
-    /// The cursor is an offset into the id-ordered routes, plus one (0 means done).
     async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)> {
         self.scans.fetch_add(1, Ordering::SeqCst);
-        let m = self.mem()?;
-        let start = cursor.saturating_sub(1) as usize;
-        let page: Vec<RouteEntry> = m.routes.values().skip(start).take(count).cloned().collect();
-        let end = start + page.len();
-        let next = if end < m.routes.len() {
-            end as u64 + 1
-        } else {
-            0
-        };
-        Ok((next, page))
+        self.check()?;
+        self.inner.scan_routes(cursor, count).await
     }
 
     async fn online_page(
@@ -241,32 +166,13 @@ impl StateStore for MemStore {
         after: Option<&str>,
         limit: usize,
     ) -> StoreResult<Vec<OnlineEntry>> {
-        let m = self.mem()?;
-        Ok(m.online
-            .iter()
-            .filter(|member| member.starts_with(prefix))
-            .filter(|member| after.is_none_or(|a| member.as_str() > a))
-            .take(limit)
-            .filter_map(|member| {
-                let (name, id) = keys::parse_online_member(member)?;
-                Some(OnlineEntry {
-                    user_id: id,
-                    name: name.into(),
-                    cursor: member.clone(),
-                })
-            })
-            .collect())
+        self.check()?;
+        self.inner.online_page(prefix, after, limit).await
     }
 
     async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()> {
-        let mut m = self.mem()?;
-        if m.routes.get(&entry.user_id) == Some(entry) {
-            m.routes.remove(&entry.user_id);
-            if let Some((name, _)) = m.users.get(&entry.user_id).cloned() {
-                m.online.remove(&keys::online_member(&name, entry.user_id));
-            }
-        }
-        Ok(())
+        self.check()?;
+        self.inner.remove_stale_route(entry).await
     }
 }
 
@@ -290,7 +196,7 @@ pub fn server(id: &str) -> ServiceInfo {
 /// An [`AppState`] on `store` with `servers` live, cheap password hashing, and the config
 /// `tweak` leaves. The sender keeps the server list changeable (and the watch open).
 pub fn state_with(
-    store: Arc<MemStore>,
+    store: Arc<dyn StateStore>,
     servers: Vec<ServiceInfo>,
     tweak: impl FnOnce(&mut RouteConfig),
 ) -> (AppState, watch::Sender<Members>) {
@@ -375,81 +281,4 @@ pub async fn fake_server(id: &str, secret: &str) -> (ServiceInfo, Arc<Recorded>)
         ..server(id)
     };
     (info, recorded)
-}
-
-/// In-memory registry: members by kind, published through watch channels.
-pub struct MemRegistry {
-    members: Arc<Mutex<HashMap<&'static str, Vec<ServiceInfo>>>>,
-    servers: watch::Sender<Members>,
-}
-
-impl Default for MemRegistry {
-    fn default() -> Self {
-        Self {
-            members: Arc::default(),
-            servers: watch::channel(members(vec![])).0,
-        }
-    }
-}
-
-impl MemRegistry {
-    pub fn list(&self, kind: ServiceKind) -> Vec<ServiceInfo> {
-        self.members
-            .lock()
-            .unwrap()
-            .get(kind.as_str())
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    fn publish(&self) {
-        self.servers
-            .send_replace(members(self.list(ServiceKind::Server)));
-    }
-}
-
-struct MemRegistration {
-    members: Arc<Mutex<HashMap<&'static str, Vec<ServiceInfo>>>>,
-    kind: ServiceKind,
-    id: String,
-}
-
-#[async_trait]
-impl Registration for MemRegistration {
-    async fn deregister(self: Box<Self>) -> RegistryResult<()> {
-        if let Some(list) = self.members.lock().unwrap().get_mut(self.kind.as_str()) {
-            list.retain(|m| m.id != self.id);
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Registry for MemRegistry {
-    async fn register(
-        &self,
-        kind: ServiceKind,
-        info: &ServiceInfo,
-        _ttl: Duration,
-    ) -> RegistryResult<Box<dyn Registration>> {
-        self.members
-            .lock()
-            .unwrap()
-            .entry(kind.as_str())
-            .or_default()
-            .push(info.clone());
-        self.publish();
-        Ok(Box::new(MemRegistration {
-            members: self.members.clone(),
-            kind,
-            id: info.id.clone(),
-        }))
-    }
-
-    async fn watch(&self, kind: ServiceKind) -> RegistryResult<MembersRx> {
-        match kind {
-            ServiceKind::Server => Ok(self.servers.subscribe()),
-            ServiceKind::Route => Err(RegistryError::Unavailable("not needed by tests".into())),
-        }
-    }
 }

@@ -3,12 +3,14 @@
 //! ctrl-c or SIGTERM, then shuts it down gracefully.
 
 use anyhow::{anyhow, Context};
-use cim_common::backend::Backends;
+use cim_common::{
+    backend::Backends,
+    cli::{bind, shutdown_signal, BackendFlags},
+};
 use cim_server::{Listeners, ServerConfig};
 use clap::Parser;
 use serde::Serialize;
 use std::path::PathBuf;
-use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 /// File descriptors kept for everything that is not a client connection (listeners, Redis,
@@ -36,15 +38,8 @@ struct Cli {
     /// Host registered for the three addresses.
     #[arg(long)]
     advertise_host: Option<String>,
-    /// Redis URL.
-    #[arg(long)]
-    redis_url: Option<String>,
-    /// etcd endpoint (repeat for several).
-    #[arg(long = "etcd")]
-    etcd: Vec<String>,
-    /// Key prefix in Redis and etcd.
-    #[arg(long)]
-    prefix: Option<String>,
+    #[command(flatten)]
+    backend: BackendFlags,
     /// Cluster secret (prefer the config file or CIM_SERVER_CLUSTER_SECRET: flags are visible
     /// in the process list).
     #[arg(long)]
@@ -66,24 +61,8 @@ struct Overrides {
     advertise_host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster_secret: Option<String>,
-    #[serde(skip_serializing_if = "BackendOverrides::is_empty")]
-    backend: BackendOverrides,
-}
-
-#[derive(Serialize, Default)]
-struct BackendOverrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    redis_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    etcd_endpoints: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prefix: Option<String>,
-}
-
-impl BackendOverrides {
-    fn is_empty(&self) -> bool {
-        self.redis_url.is_none() && self.etcd_endpoints.is_none() && self.prefix.is_none()
-    }
+    #[serde(skip_serializing_if = "BackendFlags::is_empty")]
+    backend: BackendFlags,
 }
 
 impl From<Cli> for Overrides {
@@ -95,11 +74,7 @@ impl From<Cli> for Overrides {
             internal_listen: cli.internal_listen,
             advertise_host: cli.advertise_host,
             cluster_secret: cli.cluster_secret,
-            backend: BackendOverrides {
-                redis_url: cli.redis_url,
-                etcd_endpoints: (!cli.etcd.is_empty()).then_some(cli.etcd),
-                prefix: cli.prefix,
-            },
+            backend: cli.backend,
         }
     }
 }
@@ -113,40 +88,6 @@ fn raise_fd_limit() {
             limit.saturating_sub(RESERVED_FDS)
         ),
         Err(e) => warn!(error = %e, "cannot raise the file descriptor limit"),
-    }
-}
-
-async fn bind(field: &str, addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {field} {addr}"))
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            warn!(error = %e, "cannot listen for ctrl-c");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => info!("ctrl-c received"),
-        () = terminate => info!("SIGTERM received"),
     }
 }
 

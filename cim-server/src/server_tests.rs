@@ -1,5 +1,5 @@
-//! Whole-server tests over real loopback sockets, with the in-memory test backends of
-//! [`crate::testing`] and a fake route played by an axum app: TCP and WebSocket clients, the
+//! Whole-server tests over real loopback sockets, with the in-memory backends (the store
+//! behind [`crate::testing::TestStore`]) and a fake route played by an axum app: TCP and WebSocket clients, the
 //! internal API, forwarding with retries, registration and graceful shutdown.
 
 use crate::{
@@ -13,10 +13,7 @@ use crate::{
         SendStatus,
     },
     start,
-    testing::{
-        assert_closed, login_frame, next, test_config, token, MemRegistry, MemStore,
-        SharedRegistry, SECRET,
-    },
+    testing::{assert_closed, login_frame, next, test_config, token, TestStore, SECRET},
     Listeners, ServerConfig, ServerHandle,
 };
 use axum::{routing::post, Router};
@@ -24,14 +21,14 @@ use cim_common::{
     backend::Backends,
     cluster::{ClusterClient, ClusterError, Protobuf},
     codec::FrameCodec,
-    registry::{ServiceInfo, ServiceKind},
+    registry::{MemoryRegistry, Registration, Registry, ServiceInfo, ServiceKind},
 };
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -41,8 +38,10 @@ use tokio_util::codec::Framed;
 
 struct Cluster {
     server: ServerHandle,
-    store: Arc<MemStore>,
-    registry: Arc<MemRegistry>,
+    store: Arc<TestStore>,
+    registry: MemoryRegistry,
+    /// Routes played by tests stay registered while these are held.
+    routes: Mutex<Vec<Box<dyn Registration>>>,
     internal: ClusterClient,
 }
 
@@ -51,11 +50,11 @@ async fn listener() -> TcpListener {
 }
 
 async fn start_server(config: ServerConfig) -> Cluster {
-    let store = Arc::new(MemStore::default());
-    let registry = Arc::new(MemRegistry::default());
+    let store = Arc::new(TestStore::default());
+    let registry = MemoryRegistry::new();
     let backends = Backends {
         store: store.clone(),
-        registry: Arc::new(SharedRegistry(registry.clone())),
+        registry: Arc::new(registry.clone()),
     };
     let listeners = Listeners {
         tcp: listener().await,
@@ -67,6 +66,7 @@ async fn start_server(config: ServerConfig) -> Cluster {
         server,
         store,
         registry,
+        routes: Mutex::default(),
         internal: ClusterClient::new(SECRET, Duration::from_secs(5)),
     }
 }
@@ -74,7 +74,7 @@ async fn start_server(config: ServerConfig) -> Cluster {
 impl Cluster {
     async fn tcp_login(&self, user_id: u64) -> Framed<TcpStream, FrameCodec> {
         let session = format!("s{user_id}");
-        self.store.claim(user_id, &session);
+        self.store.claim(user_id, &session).await;
         let stream = TcpStream::connect(self.server.tcp_addr()).await.unwrap();
         let mut client = Framed::new(stream, FrameCodec::default());
         client
@@ -110,15 +110,18 @@ impl Cluster {
     }
 
     /// Plays a route at `addr` (registered as `id`).
-    fn add_route(&self, id: &str, addr: String) {
-        self.registry.put(
-            ServiceKind::Route,
-            ServiceInfo {
-                id: id.into(),
-                internal_addr: addr,
-                ..Default::default()
-            },
-        );
+    async fn add_route(&self, id: &str, addr: String) {
+        let info = ServiceInfo {
+            id: id.into(),
+            internal_addr: addr,
+            ..Default::default()
+        };
+        let registration = self
+            .registry
+            .register(ServiceKind::Route, &info, Duration::from_secs(10))
+            .await
+            .unwrap();
+        self.routes.lock().unwrap().push(registration);
     }
 }
 
@@ -302,7 +305,8 @@ async fn kick_by_user_and_session() {
 async fn sends_go_to_a_route_and_results_come_back() {
     let c = start_server(test_config()).await;
     let calls = Arc::new(AtomicUsize::new(0));
-    c.add_route("route-a", fake_route(calls.clone()).await);
+    c.add_route("route-a", fake_route(calls.clone()).await)
+        .await;
     let mut alice = c.tcp_login(1).await;
     alice.send(send(10)).await.unwrap();
     let result = send_result(next(&mut alice).await);
@@ -331,8 +335,9 @@ async fn a_refusing_route_is_skipped() {
     let c = start_server(test_config()).await;
     let calls = Arc::new(AtomicUsize::new(0));
     // Sorted by id, the dead route comes first in the round-robin.
-    c.add_route("route-a", dead_addr().await);
-    c.add_route("route-b", fake_route(calls.clone()).await);
+    c.add_route("route-a", dead_addr().await).await;
+    c.add_route("route-b", fake_route(calls.clone()).await)
+        .await;
     let mut alice = c.tcp_login(1).await;
     for id in 0..4 {
         alice.send(send(id)).await.unwrap();
@@ -351,7 +356,7 @@ async fn no_route_means_unavailable() {
     assert_eq!(result.status, SendStatus::Failed as i32);
     assert_eq!(result.error.unwrap().code(), ErrorCode::Unavailable);
     // Only dead routes: the same.
-    c.add_route("route-a", dead_addr().await);
+    c.add_route("route-a", dead_addr().await).await;
     alice.send(send(6)).await.unwrap();
     let result = send_result(next(&mut alice).await);
     assert_eq!(result.error.unwrap().code(), ErrorCode::Unavailable);
@@ -373,7 +378,7 @@ async fn ws_connect(
 #[tokio::test]
 async fn websocket_binary_and_json() {
     let c = start_server(test_config()).await;
-    c.store.claim(1, "s1");
+    c.store.claim(1, "s1").await;
     let mut ws = ws_connect(&c, "/ws").await.unwrap();
     let login = login_frame(token(1, "s1", c.server.id()));
     ws.send(WsMessage::Binary(login.encode_to_vec().into()))

@@ -520,7 +520,7 @@ mod tests {
     #[tokio::test]
     async fn login_then_ping_pong() {
         let h = Harness::new(test_config());
-        h.store.claim(7, "s1");
+        h.store.claim(7, "s1").await;
         let (mut client, task) = h.connect();
         client
             .send(login_frame(token(7, "s1", &h.state.id)))
@@ -714,7 +714,7 @@ mod tests {
     #[tokio::test]
     async fn bad_tokens_are_refused() {
         let h = Harness::new(test_config());
-        h.store.claim(5, "s");
+        h.store.claim(5, "s").await;
         let id = h.state.id.clone();
         assert_eq!(
             login_error(&h, "nonsense".into()).await,

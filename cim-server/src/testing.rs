@@ -1,7 +1,7 @@
-//! Test doubles for unit tests (compiled only under `cfg(test)`): a state store that
-//! implements the login-slot calls a server makes (attach / detach), a registry kept in
-//! memory, and a harness running sessions over `tokio::io::duplex`. Integration tests against
-//! real Redis and etcd live in the workspace's `tests/` crate.
+//! Test support for unit tests (compiled only under `cfg(test)`): the in-memory store of
+//! cim-common behind a thin fault-injection wrapper, and a harness running sessions over
+//! `tokio::io::duplex`. The registry is `cim_common::registry::MemoryRegistry` as is.
+//! Integration tests against real Redis and etcd live in the workspace's `tests/` crate.
 
 use crate::{
     config::ServerConfig,
@@ -13,26 +13,29 @@ use crate::{
 use async_trait::async_trait;
 use cim_common::{
     codec::FrameCodec,
+    keys,
     pb::{frame::Body, Frame, Login},
-    registry::{
-        Members, MembersRx, Registration, Registry, RegistryResult, ServiceInfo, ServiceKind,
-    },
     store::{
-        AttachOutcome, ClaimOutcome, IsLive, OnlineEntry, RouteEntry, StateStore, StoreError,
-        StoreResult, UserRecord,
+        AttachOutcome, ClaimOutcome, IsLive, MemoryStore, OnlineEntry, RouteEntry, StateStore,
+        StoreError, StoreResult, UserRecord,
     },
     token::{ConnectClaims, TokenSigner},
 };
 use futures_util::{SinkExt, StreamExt};
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Duration,
 };
-use tokio::{io::DuplexStream, sync::mpsc, sync::watch, task::JoinHandle};
+use tokio::{io::DuplexStream, sync::mpsc, task::JoinHandle};
 use tokio_util::codec::Framed;
 
 pub(crate) const SECRET: &str = "test-secret-0123456789";
+
+/// Pending-slot TTL of test logins: far longer than any test.
+const CLAIM_TTL: Duration = Duration::from_secs(3600);
 
 /// Login slot of one user: `server` is set once attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,35 +44,41 @@ pub(crate) struct Slot {
     pub server: Option<String>,
 }
 
-/// The attach / detach half of the state store, in memory.
+/// [`MemoryStore`] with a switch that makes every call fail as if Redis were down. The fault
+/// injection lives here rather than in the product type: only error-path tests need it.
 #[derive(Default)]
-pub(crate) struct MemStore {
-    slots: Mutex<HashMap<u64, Slot>>,
-    unavailable: Mutex<bool>,
+pub(crate) struct TestStore {
+    inner: MemoryStore,
+    unavailable: AtomicBool,
 }
 
-impl MemStore {
-    /// What a route's login does: a pending slot for `session`.
-    pub(crate) fn claim(&self, user_id: u64, session: &str) {
-        self.slots.lock().unwrap().insert(
-            user_id,
-            Slot {
-                session: session.into(),
-                server: None,
-            },
-        );
+impl TestStore {
+    /// What a route's login does: a pending slot for `session`. A slot another session
+    /// holds is taken over (as after its server died), so tests can log a user in again.
+    pub(crate) async fn claim(&self, user_id: u64, session: &str) {
+        let outcome = self
+            .inner
+            .claim_login(user_id, session, CLAIM_TTL, &|_| false)
+            .await
+            .unwrap();
+        assert_eq!(outcome, ClaimOutcome::Claimed, "claim of user {user_id}");
     }
 
     pub(crate) fn slot(&self, user_id: u64) -> Option<Slot> {
-        self.slots.lock().unwrap().get(&user_id).cloned()
+        let (value, _) = self.inner.login_slot(user_id)?;
+        let (session, server) = keys::parse_slot(&value);
+        Some(Slot {
+            session: session.into(),
+            server: server.map(Into::into),
+        })
     }
 
     pub(crate) fn set_unavailable(&self, down: bool) {
-        *self.unavailable.lock().unwrap() = down;
+        self.unavailable.store(down, Ordering::SeqCst);
     }
 
     fn check(&self) -> StoreResult<()> {
-        if *self.unavailable.lock().unwrap() {
+        if self.unavailable.load(Ordering::SeqCst) {
             Err(StoreError::Unavailable("test store is down".into()))
         } else {
             Ok(())
@@ -77,173 +86,80 @@ impl MemStore {
     }
 }
 
-fn not_here<T>() -> StoreResult<T> {
-    Err(StoreError::Unavailable(
-        "not implemented by the test store".into(),
-    ))
-}
-
 #[async_trait]
-impl StateStore for MemStore {
-    async fn create_user(&self, _: &str, _: &str) -> StoreResult<Option<u64>> {
-        not_here()
+impl StateStore for TestStore {
+    async fn create_user(&self, name: &str, password_hash: &str) -> StoreResult<Option<u64>> {
+        self.check()?;
+        self.inner.create_user(name, password_hash).await
     }
-    async fn user_by_name(&self, _: &str) -> StoreResult<Option<UserRecord>> {
-        not_here()
+    async fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRecord>> {
+        self.check()?;
+        self.inner.user_by_name(name).await
     }
-    async fn user_name(&self, _: u64) -> StoreResult<Option<String>> {
-        not_here()
+    async fn user_name(&self, id: u64) -> StoreResult<Option<String>> {
+        self.check()?;
+        self.inner.user_name(id).await
     }
     async fn claim_login(
         &self,
-        _: u64,
-        _: &str,
-        _: Duration,
-        _: IsLive<'_>,
+        user_id: u64,
+        session: &str,
+        pending_ttl: Duration,
+        is_live: IsLive<'_>,
     ) -> StoreResult<ClaimOutcome> {
-        not_here()
+        self.check()?;
+        self.inner
+            .claim_login(user_id, session, pending_ttl, is_live)
+            .await
     }
-    async fn session_active(&self, _: u64, _: &str) -> StoreResult<bool> {
-        not_here()
+    async fn session_active(&self, user_id: u64, session: &str) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.session_active(user_id, session).await
     }
-    async fn release_login(&self, _: u64, _: &str) -> StoreResult<Option<String>> {
-        not_here()
+    async fn release_login(&self, user_id: u64, session: &str) -> StoreResult<Option<String>> {
+        self.check()?;
+        self.inner.release_login(user_id, session).await
     }
     async fn attach(
         &self,
         user_id: u64,
-        _name: &str,
+        name: &str,
         session: &str,
         server_id: &str,
     ) -> StoreResult<AttachOutcome> {
         self.check()?;
-        let mut slots = self.slots.lock().unwrap();
-        match slots.get_mut(&user_id) {
-            Some(slot) if slot.session == session && slot.server.is_none() => {
-                slot.server = Some(server_id.into());
-                Ok(AttachOutcome::Attached)
-            }
-            _ => Ok(AttachOutcome::SessionInvalid),
-        }
+        self.inner.attach(user_id, name, session, server_id).await
     }
     async fn detach(
         &self,
         user_id: u64,
-        _name: &str,
+        name: &str,
         session: &str,
         server_id: &str,
     ) -> StoreResult<()> {
         self.check()?;
-        let mut slots = self.slots.lock().unwrap();
-        if slots.get(&user_id).is_some_and(|slot| {
-            slot.session == session && slot.server.as_deref() == Some(server_id)
-        }) {
-            slots.remove(&user_id);
-        }
-        Ok(())
+        self.inner.detach(user_id, name, session, server_id).await
     }
-    async fn routes(&self, _: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>> {
-        not_here()
+    async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>> {
+        self.check()?;
+        self.inner.routes(user_ids).await
     }
-    async fn scan_routes(&self, _: u64, _: usize) -> StoreResult<(u64, Vec<RouteEntry>)> {
-        not_here()
+    async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)> {
+        self.check()?;
+        self.inner.scan_routes(cursor, count).await
     }
     async fn online_page(
         &self,
-        _: &str,
-        _: Option<&str>,
-        _: usize,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
     ) -> StoreResult<Vec<OnlineEntry>> {
-        not_here()
+        self.check()?;
+        self.inner.online_page(prefix, after, limit).await
     }
-    async fn remove_stale_route(&self, _: &RouteEntry) -> StoreResult<()> {
-        not_here()
-    }
-}
-
-/// A registry in memory: one watch channel per kind.
-pub(crate) struct MemRegistry {
-    servers: watch::Sender<Members>,
-    routes: watch::Sender<Members>,
-}
-
-impl Default for MemRegistry {
-    fn default() -> Self {
-        Self {
-            servers: watch::Sender::new(Members::default()),
-            routes: watch::Sender::new(Members::default()),
-        }
-    }
-}
-
-impl MemRegistry {
-    fn channel(&self, kind: ServiceKind) -> &watch::Sender<Members> {
-        match kind {
-            ServiceKind::Server => &self.servers,
-            ServiceKind::Route => &self.routes,
-        }
-    }
-
-    pub(crate) fn members(&self, kind: ServiceKind) -> Members {
-        self.channel(kind).borrow().clone()
-    }
-
-    /// Adds or replaces a member directly (for routes played by tests).
-    pub(crate) fn put(&self, kind: ServiceKind, info: ServiceInfo) {
-        self.channel(kind).send_modify(|members| {
-            let mut list: Vec<ServiceInfo> = members
-                .iter()
-                .filter(|m| m.id != info.id)
-                .cloned()
-                .collect();
-            list.push(info);
-            list.sort_by(|a, b| a.id.cmp(&b.id));
-            *members = Arc::new(list);
-        });
-    }
-
-    fn remove(&self, kind: ServiceKind, id: &str) {
-        self.channel(kind).send_modify(|members| {
-            *members = Arc::new(members.iter().filter(|m| m.id != id).cloned().collect());
-        });
-    }
-}
-
-struct MemRegistration {
-    registry: Arc<MemRegistry>,
-    kind: ServiceKind,
-    id: String,
-}
-
-#[async_trait]
-impl Registration for MemRegistration {
-    async fn deregister(self: Box<Self>) -> RegistryResult<()> {
-        self.registry.remove(self.kind, &self.id);
-        Ok(())
-    }
-}
-
-/// `Registry` for an `Arc<MemRegistry>`, so tests keep a handle to inspect it.
-pub(crate) struct SharedRegistry(pub Arc<MemRegistry>);
-
-#[async_trait]
-impl Registry for SharedRegistry {
-    async fn register(
-        &self,
-        kind: ServiceKind,
-        info: &ServiceInfo,
-        _ttl: Duration,
-    ) -> RegistryResult<Box<dyn Registration>> {
-        self.0.put(kind, info.clone());
-        Ok(Box::new(MemRegistration {
-            registry: self.0.clone(),
-            kind,
-            id: info.id.clone(),
-        }))
-    }
-
-    async fn watch(&self, kind: ServiceKind) -> RegistryResult<MembersRx> {
-        Ok(self.0.channel(kind).subscribe())
+    async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()> {
+        self.check()?;
+        self.inner.remove_stale_route(entry).await
     }
 }
 
@@ -275,14 +191,14 @@ pub(crate) type Client = Framed<DuplexStream, FrameCodec>;
 /// Sessions over in-memory pipes, without listeners or a forwarder task.
 pub(crate) struct Harness {
     pub state: Arc<ServerState>,
-    pub store: Arc<MemStore>,
+    pub store: Arc<TestStore>,
     /// What sessions submitted for forwarding.
     pub forwarded: mpsc::Receiver<Pending>,
 }
 
 impl Harness {
     pub(crate) fn new(config: ServerConfig) -> Self {
-        let store = Arc::new(MemStore::default());
+        let store = Arc::new(TestStore::default());
         let (forward, forwarded) = ForwardQueue::new(config.forward_queue);
         let state = Arc::new(ServerState::new(
             "server-test01".into(),
@@ -308,7 +224,7 @@ impl Harness {
 
     /// Opens a connection and logs `user_id` in (a fresh pending session).
     pub(crate) async fn login(&self, user_id: u64, session: &str) -> (Client, JoinHandle<()>) {
-        self.store.claim(user_id, session);
+        self.store.claim(user_id, session).await;
         let (mut client, task) = self.connect();
         client
             .send(login_frame(token(user_id, session, &self.state.id)))

@@ -1,15 +1,24 @@
-//! The production backends of cim-common (`RedisStore`, `EtcdRegistry`) against real
-//! `redis-server` and `etcd` processes started by the testkit. Each test has its own processes
-//! and its own key prefix.
+//! The backends of cim-common, held to one behaviour.
+//!
+//! Each behavioural test of the state store is written once, as an async fn over a
+//! [`StoreUnderTest`] (a `dyn StateStore` plus a way to look inside), and run twice by
+//! [`for_each_store!`]: against `RedisStore` on a real `redis-server` started by the testkit
+//! (`<test>::redis`) and against the in-memory `MemoryStore` of standalone mode
+//! (`<test>::memory`). The registry tests do the same with [`RegistryUnderTest`] for
+//! `EtcdRegistry` on a real `etcd` and `MemoryRegistry`. What only a real process can show
+//! (an outage, a restart, lease expiry, keys of other prefixes) is tested on it alone, below
+//! the shared suites. Each test has its own processes and its own key prefix.
 
 use cim_common::{
     keys::{self, Keys},
-    registry::{self, EtcdRegistry, Members, MembersRx, Registry, ServiceInfo, ServiceKind},
-    store::{AttachOutcome, ClaimOutcome, RedisStore, RouteEntry, StateStore},
+    registry::{
+        self, EtcdRegistry, Members, MembersRx, MemoryRegistry, Registry, ServiceInfo, ServiceKind,
+    },
+    store::{AttachOutcome, ClaimOutcome, MemoryStore, RedisStore, RouteEntry, StateStore},
 };
 use cim_tests::{unique_prefix, wait_until, Etcd, Infra, Redis, RedisOptions};
 use redis::AsyncCommands as _;
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, ops::Deref, sync::Arc, time::Duration};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pending-slot TTL of the normal tests: long enough never to expire by accident.
@@ -24,23 +33,696 @@ fn everyone_live(_: &str) -> bool {
     true
 }
 
-/// A store under a fresh prefix, and its key layout.
+fn route(user_id: u64, server: &str, session: &str) -> RouteEntry {
+    RouteEntry {
+        user_id,
+        server_id: server.to_string(),
+        session: session.to_string(),
+    }
+}
+
+// =============================================================================================
+// The state store under test
+
+/// How to look at what a store holds, beside its API.
+enum Peek {
+    /// Raw commands on the Redis server (which the struct keeps running).
+    Redis { redis: Redis, keys: Keys },
+    /// The memory store's inspection methods.
+    Memory(Arc<MemoryStore>),
+}
+
+/// One implementation of [`StateStore`], fresh and empty, with a window into it. Derefs to
+/// the store, so tests call `s.claim_login(..)`.
+struct StoreUnderTest {
+    store: Arc<dyn StateStore>,
+    peek: Peek,
+}
+
+impl Deref for StoreUnderTest {
+    type Target = dyn StateStore;
+
+    fn deref(&self) -> &Self::Target {
+        self.store.as_ref()
+    }
+}
+
+impl StoreUnderTest {
+    /// A `RedisStore` on its own `redis-server`, under a fresh prefix.
+    async fn redis() -> anyhow::Result<Self> {
+        let redis = Redis::start().await?;
+        let prefix = unique_prefix();
+        let store = RedisStore::connect(&redis.url(), &prefix, CALL_TIMEOUT).await?;
+        Ok(Self {
+            store: Arc::new(store),
+            peek: Peek::Redis {
+                redis,
+                keys: Keys::new(prefix),
+            },
+        })
+    }
+
+    fn memory() -> Self {
+        let store = Arc::new(MemoryStore::new());
+        Self {
+            store: store.clone(),
+            peek: Peek::Memory(store),
+        }
+    }
+
+    /// Another, empty store of the same kind (on the same Redis, under another prefix).
+    async fn another(&self) -> anyhow::Result<Arc<dyn StateStore>> {
+        Ok(match &self.peek {
+            Peek::Redis { redis, .. } => {
+                Arc::new(RedisStore::connect(&redis.url(), &unique_prefix(), CALL_TIMEOUT).await?)
+            }
+            Peek::Memory(_) => Arc::new(MemoryStore::new()),
+        })
+    }
+
+    /// The raw login slot of `user` (`{session}` or `{session}@{server}`).
+    async fn slot(&self, user: u64) -> Option<String> {
+        match &self.peek {
+            Peek::Redis { redis, keys } => {
+                let mut c = redis.connection().await.expect("redis connection");
+                c.get(keys.login(user)).await.expect("GET")
+            }
+            Peek::Memory(m) => m.login_slot(user).map(|(value, _)| value),
+        }
+    }
+
+    /// Time to live of `user`'s slot, in whole milliseconds: `None` without expiry. Panics
+    /// when there is no slot.
+    async fn slot_ttl_ms(&self, user: u64) -> Option<u64> {
+        match &self.peek {
+            Peek::Redis { redis, keys } => {
+                let mut c = redis.connection().await.expect("redis connection");
+                let pttl: i64 = redis::cmd("PTTL")
+                    .arg(keys.login(user))
+                    .query_async(&mut c)
+                    .await
+                    .expect("PTTL");
+                assert_ne!(pttl, -2, "user {user} has no slot");
+                u64::try_from(pttl).ok()
+            }
+            Peek::Memory(m) => {
+                let (_, ttl) = m
+                    .login_slot(user)
+                    .unwrap_or_else(|| panic!("user {user} has no slot"));
+                ttl.map(|t| t.as_millis() as u64)
+            }
+        }
+    }
+
+    /// The online index, in order.
+    async fn online(&self) -> Vec<String> {
+        match &self.peek {
+            Peek::Redis { redis, keys } => {
+                let mut c = redis.connection().await.expect("redis connection");
+                c.zrange(keys.online(), 0, -1).await.expect("ZRANGE")
+            }
+            Peek::Memory(m) => m.online_members(),
+        }
+    }
+
+    /// Claims and attaches `session` of `user` on `server` (asserting both succeed).
+    async fn connect_user(&self, user: u64, name: &str, session: &str, server: &str) {
+        assert_eq!(
+            self.claim_login(user, session, LONG_TTL, &nobody_live)
+                .await
+                .unwrap(),
+            ClaimOutcome::Claimed,
+            "claim of user {user}"
+        );
+        assert_eq!(
+            self.attach(user, name, session, server).await.unwrap(),
+            AttachOutcome::Attached,
+            "attach of user {user}"
+        );
+    }
+}
+
+/// Runs each named `async fn(&StoreUnderTest) -> anyhow::Result<()>` as two tests,
+/// `<name>::redis` and `<name>::memory`. Multi-threaded, so concurrent calls really overlap.
+macro_rules! for_each_store {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() -> anyhow::Result<()> {
+                super::$name(&super::StoreUnderTest::redis().await?).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() -> anyhow::Result<()> {
+                super::$name(&super::StoreUnderTest::memory()).await
+            }
+        }
+    )*};
+}
+
+for_each_store!(
+    create_user_and_look_up,
+    concurrent_create_of_one_name_has_one_winner,
+    claim_pending_is_held_then_expires,
+    claim_of_attached_slot_depends_on_server_liveness,
+    concurrent_claims_have_one_winner,
+    attach_is_single_use,
+    detach_removes_only_its_own_route_and_slot,
+    late_detach_of_an_old_session_keeps_the_new_one,
+    release_login_frees_the_slot_and_returns_the_server,
+    routes_returns_one_entry_per_id_in_order,
+    scan_routes_visits_every_route_exactly_once,
+    scan_routes_reaches_every_route_present_throughout,
+    remove_stale_route_removes_only_an_unchanged_route,
+    online_page_filters_by_prefix_and_pages_by_cursor,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Accounts
+
+async fn create_user_and_look_up(s: &StoreUnderTest) -> anyhow::Result<()> {
+    // Ids count from 1; a refused duplicate uses one up (INCR comes first in Redis).
+    assert_eq!(s.create_user("alice", "hash-a").await?, Some(1));
+    assert_eq!(s.create_user("bob", "hash-b").await?, Some(2));
+    assert_eq!(s.create_user("alice", "other").await?, None);
+    assert_eq!(s.create_user("carol", "hash-c").await?, Some(4));
+    let (alice, bob) = (1, 2);
+
+    let rec = s.user_by_name("alice").await?.expect("alice record");
+    assert_eq!(
+        (rec.id, rec.name.as_str(), rec.password_hash.as_str()),
+        (alice, "alice", "hash-a"),
+        "the duplicate must not overwrite the first account"
+    );
+    assert_eq!(s.user_by_name("nobody").await?, None);
+    assert_eq!(s.user_by_name("Alice").await?, None, "names are exact");
+    assert_eq!(s.user_name(alice).await?.as_deref(), Some("alice"));
+    assert_eq!(s.user_name(bob).await?.as_deref(), Some("bob"));
+    assert_eq!(s.user_name(3).await?, None, "the refused duplicate's id");
+    assert_eq!(s.user_name(999_999).await?, None);
+    Ok(())
+}
+
+async fn concurrent_create_of_one_name_has_one_winner(s: &StoreUnderTest) -> anyhow::Result<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let store = s.store.clone();
+        set.spawn(async move { store.create_user("carol", &format!("pw{i}")).await });
+    }
+    let mut winners = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Some(id) = r?? {
+            winners.push(id);
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let rec = s.user_by_name("carol").await?.unwrap();
+    assert_eq!(rec.id, winners[0]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Login slots
+
+async fn claim_pending_is_held_then_expires(s: &StoreUnderTest) -> anyhow::Result<()> {
+    let ttl = Duration::from_millis(300);
+
+    assert_eq!(
+        s.claim_login(7, "s1", ttl, &everyone_live).await?,
+        ClaimOutcome::Claimed
+    );
+    // Pending (logged in, not connected): held, with no server, whoever is live.
+    assert_eq!(
+        s.claim_login(7, "s2", ttl, &nobody_live).await?,
+        ClaimOutcome::Held { server: None }
+    );
+    assert!(s.session_active(7, "s1").await?);
+    assert!(!s.session_active(7, "s2").await?);
+    assert_eq!(s.slot(7).await.as_deref(), Some("s1"));
+    let left = s.slot_ttl_ms(7).await.expect("a pending slot expires");
+    assert!(left > 0 && left <= 300, "PTTL {left}");
+    // Another user's slot is independent.
+    assert_eq!(
+        s.claim_login(8, "s2", ttl, &nobody_live).await?,
+        ClaimOutcome::Claimed
+    );
+
+    wait_until("the pending slot to expire", DEADLINE, || async {
+        !s.session_active(7, "s1").await.unwrap()
+    })
+    .await?;
+    assert_eq!(s.slot(7).await, None);
+    assert_eq!(
+        s.claim_login(7, "s2", ttl, &nobody_live).await?,
+        ClaimOutcome::Claimed
+    );
+    // An expired pending session cannot attach any more.
+    assert_eq!(
+        s.attach(7, "u7", "s1", "srv-a").await?,
+        AttachOutcome::SessionInvalid
+    );
+    Ok(())
+}
+
+async fn claim_of_attached_slot_depends_on_server_liveness(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    let ttl = Duration::from_millis(300);
+
+    assert_eq!(
+        s.claim_login(1, "s1", ttl, &nobody_live).await?,
+        ClaimOutcome::Claimed
+    );
+    assert_eq!(
+        s.attach(1, "dora", "s1", "srv-a").await?,
+        AttachOutcome::Attached
+    );
+    assert_eq!(
+        s.slot_ttl_ms(1).await,
+        None,
+        "an attached slot must have no expiry"
+    );
+
+    let only_a = |server: &str| server == "srv-a";
+    assert_eq!(
+        s.claim_login(1, "s2", ttl, &only_a).await?,
+        ClaimOutcome::Held {
+            server: Some("srv-a".into())
+        }
+    );
+    assert!(s.session_active(1, "s1").await?);
+
+    // srv-a died: the slot is taken over by the new session, pending again.
+    assert_eq!(
+        s.claim_login(1, "s2", ttl, &nobody_live).await?,
+        ClaimOutcome::Claimed
+    );
+    assert!(!s.session_active(1, "s1").await?);
+    assert!(s.session_active(1, "s2").await?);
+    let pttl = s.slot_ttl_ms(1).await;
+    assert!(
+        pttl.is_some_and(|ms| ms > 0 && ms <= 300),
+        "a taken-over slot is pending with the new TTL, got PTTL {pttl:?}"
+    );
+    // The old session can neither attach again nor release the new one.
+    assert_eq!(
+        s.attach(1, "dora", "s1", "srv-a").await?,
+        AttachOutcome::SessionInvalid
+    );
+    assert_eq!(s.release_login(1, "s1").await?, None);
+    assert!(s.session_active(1, "s2").await?);
+    Ok(())
+}
+
+async fn concurrent_claims_have_one_winner(s: &StoreUnderTest) -> anyhow::Result<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let store = s.store.clone();
+        set.spawn(async move {
+            let session = format!("s{i}");
+            let out = store.claim_login(3, &session, LONG_TTL, &nobody_live).await;
+            (session, out)
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let (session, out) = r?;
+        match out? {
+            ClaimOutcome::Claimed => winners.push(session),
+            ClaimOutcome::Held { server } => assert_eq!(server, None),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    assert!(s.session_active(3, &winners[0]).await?);
+    Ok(())
+}
+
+async fn attach_is_single_use(s: &StoreUnderTest) -> anyhow::Result<()> {
+    // Never claimed.
+    assert_eq!(
+        s.attach(2, "erin", "s1", "srv-a").await?,
+        AttachOutcome::SessionInvalid
+    );
+    assert_eq!(s.routes(&[2]).await?, vec![None]);
+
+    s.claim_login(1, "s1", LONG_TTL, &nobody_live).await?;
+    // Another session than the pending one.
+    assert_eq!(
+        s.attach(1, "dora", "s-other", "srv-a").await?,
+        AttachOutcome::SessionInvalid
+    );
+    assert_eq!(
+        s.attach(1, "dora", "s1", "srv-a").await?,
+        AttachOutcome::Attached
+    );
+    assert_eq!(s.slot(1).await.as_deref(), Some("s1@srv-a"));
+    // The same token again, on the same or on another server.
+    assert_eq!(
+        s.attach(1, "dora", "s1", "srv-a").await?,
+        AttachOutcome::SessionInvalid
+    );
+    assert_eq!(
+        s.attach(1, "dora", "s1", "srv-b").await?,
+        AttachOutcome::SessionInvalid
+    );
+    assert_eq!(s.routes(&[1]).await?, vec![Some(route(1, "srv-a", "s1"))]);
+    assert!(s.session_active(1, "s1").await?);
+    assert_eq!(s.online().await, vec![keys::online_member("dora", 1)]);
+    Ok(())
+}
+
+async fn detach_removes_only_its_own_route_and_slot(s: &StoreUnderTest) -> anyhow::Result<()> {
+    s.connect_user(1, "dora", "s1", "srv-a").await;
+
+    // Wrong session, wrong server: nothing changes.
+    s.detach(1, "dora", "s-other", "srv-a").await?;
+    s.detach(1, "dora", "s1", "srv-b").await?;
+    assert_eq!(s.routes(&[1]).await?, vec![Some(route(1, "srv-a", "s1"))]);
+    assert!(s.session_active(1, "s1").await?);
+    assert_eq!(s.online().await.len(), 1);
+
+    s.detach(1, "dora", "s1", "srv-a").await?;
+    assert_eq!(s.routes(&[1]).await?, vec![None]);
+    assert!(!s.session_active(1, "s1").await?);
+    assert!(s.online().await.is_empty());
+    assert_eq!(s.slot(1).await, None);
+    // Detaching twice is harmless.
+    s.detach(1, "dora", "s1", "srv-a").await?;
+    Ok(())
+}
+
+async fn late_detach_of_an_old_session_keeps_the_new_one(s: &StoreUnderTest) -> anyhow::Result<()> {
+    s.connect_user(1, "dora", "s1", "srv-a").await;
+
+    // srv-a is declared dead; the user logs in again and lands on srv-b.
+    assert_eq!(
+        s.claim_login(1, "s2", LONG_TTL, &nobody_live).await?,
+        ClaimOutcome::Claimed
+    );
+    assert_eq!(
+        s.attach(1, "dora", "s2", "srv-b").await?,
+        AttachOutcome::Attached
+    );
+    // srv-a wakes up and cleans up its old connection.
+    s.detach(1, "dora", "s1", "srv-a").await?;
+    assert_eq!(s.routes(&[1]).await?, vec![Some(route(1, "srv-b", "s2"))]);
+    assert_eq!(s.slot(1).await.as_deref(), Some("s2@srv-b"));
+    assert_eq!(
+        s.online().await,
+        vec![keys::online_member("dora", 1)],
+        "the user is still online"
+    );
+
+    // Reconnect on the same server with a new session: same story.
+    s.release_login(1, "s2").await?;
+    s.connect_user(1, "dora", "s3", "srv-b").await;
+    s.detach(1, "dora", "s2", "srv-b").await?;
+    assert_eq!(s.routes(&[1]).await?, vec![Some(route(1, "srv-b", "s3"))]);
+    assert_eq!(s.online().await.len(), 1);
+    Ok(())
+}
+
+async fn release_login_frees_the_slot_and_returns_the_server(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    // Pending: freed, no server.
+    s.claim_login(1, "ab", LONG_TTL, &nobody_live).await?;
+    assert_eq!(s.release_login(1, "other").await?, None);
+    assert!(s.session_active(1, "ab").await?);
+    assert_eq!(s.release_login(1, "ab").await?, None);
+    assert!(!s.session_active(1, "ab").await?);
+    assert_eq!(s.slot(1).await, None);
+
+    // Attached: freed, returns the server.
+    s.connect_user(1, "dora", "abc", "srv-a").await;
+    // A session id that is a prefix of the holder's must not match.
+    assert_eq!(s.release_login(1, "ab").await?, None);
+    assert!(s.session_active(1, "abc").await?);
+    assert_eq!(s.release_login(1, "abc").await?.as_deref(), Some("srv-a"));
+    assert!(!s.session_active(1, "abc").await?);
+    // Released twice: nothing more.
+    assert_eq!(s.release_login(1, "abc").await?, None);
+    // Free for a new login.
+    assert_eq!(
+        s.claim_login(1, "s9", LONG_TTL, &everyone_live).await?,
+        ClaimOutcome::Claimed
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+
+async fn routes_returns_one_entry_per_id_in_order(s: &StoreUnderTest) -> anyhow::Result<()> {
+    s.connect_user(10, "u10", "s10", "srv-a").await;
+    s.connect_user(20, "u20", "s20", "srv-b").await;
+
+    assert_eq!(s.routes(&[]).await?, vec![]);
+    assert_eq!(
+        s.routes(&[10]).await?,
+        vec![Some(route(10, "srv-a", "s10"))]
+    );
+    assert_eq!(s.routes(&[11]).await?, vec![None]);
+    assert_eq!(
+        s.routes(&[20, 11, 10, 20, 12]).await?,
+        vec![
+            Some(route(20, "srv-b", "s20")),
+            None,
+            Some(route(10, "srv-a", "s10")),
+            Some(route(20, "srv-b", "s20")),
+            None,
+        ]
+    );
+    // 1000 ids in one call (one MGET).
+    let ids: Vec<u64> = (0..1000).collect();
+    let got = s.routes(&ids).await?;
+    assert_eq!(got.len(), 1000);
+    assert_eq!(got.iter().flatten().count(), 2);
+    assert_eq!(got[10], Some(route(10, "srv-a", "s10")));
+    Ok(())
+}
+
+/// Every route of a full scan, checking that none comes twice.
+async fn scan_all(
+    store: &dyn StateStore,
+    count: usize,
+) -> anyhow::Result<(Vec<RouteEntry>, usize)> {
+    let mut seen: BTreeMap<u64, RouteEntry> = BTreeMap::new();
+    let mut cursor = 0;
+    let mut steps = 0;
+    loop {
+        let (next, batch) = store.scan_routes(cursor, count).await?;
+        steps += 1;
+        assert!(steps < 10_000, "scan does not terminate");
+        for e in batch {
+            let id = e.user_id;
+            if let Some(before) = seen.insert(id, e) {
+                panic!("route of user {id} returned twice, first as {before:?}");
+            }
+        }
+        if next == 0 {
+            return Ok((seen.into_values().collect(), steps));
+        }
+        cursor = next;
+    }
+}
+
+async fn scan_routes_visits_every_route_exactly_once(s: &StoreUnderTest) -> anyhow::Result<()> {
+    const N: u64 = 600;
+    // User 0 too: a cursor of 0 means "start", never "resume at user 0".
+    for id in 0..N {
+        let server = format!("srv-{}", id % 7);
+        s.connect_user(id, &format!("u{id}"), &format!("s{id}"), &server)
+            .await;
+    }
+    // Logged in but not connected: a slot, no route.
+    s.claim_login(N, "pending", LONG_TTL, &nobody_live).await?;
+
+    let (all, steps) = scan_all(&**s, 50).await?;
+    assert!(steps > 1, "expected batches, got one step");
+    assert!(all.iter().map(|e| e.user_id).eq(0..N), "missing routes");
+    for e in &all {
+        assert_eq!(
+            (e.server_id.clone(), e.session.clone()),
+            (format!("srv-{}", e.user_id % 7), format!("s{}", e.user_id)),
+        );
+    }
+
+    // An empty store scans to nothing.
+    let (none, _) = scan_all(&*s.another().await?, 1000).await?;
+    assert!(none.is_empty());
+    Ok(())
+}
+
+async fn scan_routes_reaches_every_route_present_throughout(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    // Users 1..=300 connected; while a scan runs, the odd ones leave and 301..=400 arrive.
+    for id in 1..=300 {
+        s.connect_user(id, &format!("u{id}"), &format!("s{id}"), "srv-a")
+            .await;
+    }
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut cursor = 0;
+    let mut step = 0;
+    loop {
+        let (next, batch) = s.scan_routes(cursor, 40).await?;
+        for e in batch {
+            *seen.entry(e.user_id).or_default() += 1;
+        }
+        if step == 1 {
+            for id in (1..=300).filter(|id| id % 2 == 1) {
+                s.detach(id, &format!("u{id}"), &format!("s{id}"), "srv-a")
+                    .await?;
+            }
+            for id in 301..=400 {
+                s.connect_user(id, &format!("u{id}"), &format!("s{id}"), "srv-b")
+                    .await;
+            }
+        }
+        step += 1;
+        assert!(step < 10_000, "scan does not terminate");
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    // SCAN's guarantee, which fan-outs rely on: whoever is online throughout is reached.
+    // (Redis may repeat a key while its table resizes, so repeats are not checked here.)
+    for id in (2..=300).step_by(2) {
+        assert!(seen.contains_key(&id), "user {id} was online throughout");
+    }
+    assert!(
+        seen.keys().all(|id| (1..=400).contains(id)),
+        "only routes that existed: {seen:?}"
+    );
+    Ok(())
+}
+
+async fn remove_stale_route_removes_only_an_unchanged_route(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    let id = s.create_user("dora", "pw").await?.unwrap();
+    s.connect_user(id, "dora", "s1", "srv-a").await;
+
+    // Not the current route: no effect.
+    s.remove_stale_route(&route(id, "srv-a", "s0")).await?;
+    s.remove_stale_route(&route(id, "srv-b", "s1")).await?;
+    assert_eq!(s.routes(&[id]).await?, vec![Some(route(id, "srv-a", "s1"))]);
+    assert_eq!(s.online().await.len(), 1);
+
+    // Read as stale, but the user reconnected meanwhile: the new route stays.
+    let stale = s.routes(&[id]).await?[0].clone().unwrap();
+    assert_eq!(
+        s.claim_login(id, "s2", LONG_TTL, &nobody_live).await?,
+        ClaimOutcome::Claimed
+    );
+    s.attach(id, "dora", "s2", "srv-b").await?;
+    s.remove_stale_route(&stale).await?;
+    assert_eq!(s.routes(&[id]).await?, vec![Some(route(id, "srv-b", "s2"))]);
+    assert_eq!(s.online().await, vec![keys::online_member("dora", id)]);
+
+    // Unchanged: removed, with its online entry.
+    s.remove_stale_route(&route(id, "srv-b", "s2")).await?;
+    assert_eq!(s.routes(&[id]).await?, vec![None]);
+    assert!(s.online().await.is_empty());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Online index
+
+async fn online_page_filters_by_prefix_and_pages_by_cursor(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    let names = [
+        "bob", "al", "alice", "albert", "bobby", "carol", "alfred", "zoë", "Alan",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let id = 100 + i as u64;
+        s.connect_user(id, name, &format!("s{id}"), "srv-a").await;
+    }
+    let page_names = |page: &[cim_common::store::OnlineEntry]| {
+        page.iter().map(|e| e.name.clone()).collect::<Vec<_>>()
+    };
+
+    // Everyone, in byte order of names.
+    let all = s.online_page("", None, 100).await?;
+    assert_eq!(
+        page_names(&all),
+        ["Alan", "al", "albert", "alfred", "alice", "bob", "bobby", "carol", "zoë"]
+    );
+    for e in &all {
+        let i = names.iter().position(|n| *n == e.name).unwrap();
+        assert_eq!(e.user_id, 100 + i as u64);
+        assert_eq!(e.cursor, keys::online_member(&e.name, e.user_id));
+    }
+
+    // Prefix "al", two at a time.
+    let p1 = s.online_page("al", None, 2).await?;
+    assert_eq!(page_names(&p1), ["al", "albert"]);
+    let p2 = s
+        .online_page("al", Some(&p1.last().unwrap().cursor), 2)
+        .await?;
+    assert_eq!(page_names(&p2), ["alfred", "alice"]);
+    let p3 = s
+        .online_page("al", Some(&p2.last().unwrap().cursor), 2)
+        .await?;
+    assert!(p3.is_empty(), "got {:?}", page_names(&p3));
+
+    // A cursor before the prefix range starts at the prefix; one after it ends the listing.
+    let bob = s.online_page("bob", Some(&all[0].cursor), 10).await?;
+    assert_eq!(page_names(&bob), ["bob", "bobby"]);
+    let after_bob = s.online_page("bob", Some(&bob[0].cursor), 10).await?;
+    assert_eq!(page_names(&after_bob), ["bobby"]);
+    let past = s.online_page("al", Some(&bob[0].cursor), 10).await?;
+    assert!(past.is_empty());
+
+    // A cursor that is no member: strictly after it, in byte order.
+    assert_eq!(
+        page_names(&s.online_page("", Some("b"), 100).await?),
+        ["bob", "bobby", "carol", "zoë"]
+    );
+    assert_eq!(
+        page_names(&s.online_page("al", Some("alf"), 10).await?),
+        ["alfred", "alice"]
+    );
+
+    // Multi-byte prefix, no match, limit 0.
+    assert_eq!(page_names(&s.online_page("zo", None, 10).await?), ["zoë"]);
+    assert!(s.online_page("zz", None, 10).await?.is_empty());
+    assert!(s.online_page("", None, 0).await?.is_empty());
+
+    // Paging through everyone one by one yields everyone once.
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.online_page("", after.as_deref(), 1).await?;
+        let Some(e) = page.last() else { break };
+        after = Some(e.cursor.clone());
+        paged.extend(page_names(&page));
+        assert!(paged.len() <= names.len());
+    }
+    assert_eq!(paged, page_names(&all));
+
+    // Offline users leave the index.
+    s.detach(102, "alice", "s102", "srv-a").await?;
+    assert_eq!(
+        page_names(&s.online_page("al", None, 10).await?),
+        ["al", "albert", "alfred"]
+    );
+    Ok(())
+}
+
+// =============================================================================================
+// RedisStore only: raw keys, outages
+
 async fn store_on(redis: &Redis) -> (RedisStore, Keys) {
     let prefix = unique_prefix();
     let store = RedisStore::connect(&redis.url(), &prefix, CALL_TIMEOUT)
         .await
         .expect("connect to redis");
     (store, Keys::new(prefix))
-}
-
-async fn raw_get(redis: &Redis, key: &str) -> Option<String> {
-    let mut c = redis.connection().await.expect("redis connection");
-    c.get(key).await.expect("GET")
-}
-
-async fn online_members(redis: &Redis, keys: &Keys) -> Vec<String> {
-    let mut c = redis.connection().await.expect("redis connection");
-    c.zrange(keys.online(), 0, -1).await.expect("ZRANGE")
 }
 
 /// Claims and attaches `session` of `user` on `server` (asserting both succeed).
@@ -60,39 +742,14 @@ async fn connect_user(store: &RedisStore, user: u64, name: &str, session: &str, 
     );
 }
 
-fn route(user_id: u64, server: &str, session: &str) -> RouteEntry {
-    RouteEntry {
-        user_id,
-        server_id: server.to_string(),
-        session: session.to_string(),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// RedisStore: accounts
-
 #[tokio::test]
-async fn create_user_and_look_up() -> anyhow::Result<()> {
+async fn a_refused_duplicate_leaves_no_record_in_redis() -> anyhow::Result<()> {
     let redis = Redis::start().await?;
     let (store, keys) = store_on(&redis).await;
-
     let alice = store.create_user("alice", "hash-a").await?.expect("alice");
     let bob = store.create_user("bob", "hash-b").await?.expect("bob");
-    assert_ne!(alice, bob);
     assert_eq!(store.create_user("alice", "other").await?, None);
 
-    let rec = store.user_by_name("alice").await?.expect("alice record");
-    assert_eq!(
-        (rec.id, rec.name.as_str(), rec.password_hash.as_str()),
-        (alice, "alice", "hash-a"),
-        "the duplicate must not overwrite the first account"
-    );
-    assert_eq!(store.user_by_name("nobody").await?, None);
-    assert_eq!(store.user_name(alice).await?.as_deref(), Some("alice"));
-    assert_eq!(store.user_name(bob).await?.as_deref(), Some("bob"));
-    assert_eq!(store.user_name(999_999).await?, None);
-
-    // The losing duplicate left no orphan record behind.
     let mut c = redis.connection().await?;
     let user_keys: Vec<String> = c.keys(format!("{}:user:*", keys.prefix())).await?;
     let mut records: Vec<&String> = user_keys
@@ -112,339 +769,8 @@ async fn create_user_and_look_up() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_create_of_one_name_has_one_winner() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, _) = store_on(&redis).await;
-    let store = Arc::new(store);
-    let mut set = tokio::task::JoinSet::new();
-    for i in 0..20 {
-        let store = store.clone();
-        set.spawn(async move { store.create_user("carol", &format!("pw{i}")).await });
-    }
-    let mut winners = Vec::new();
-    while let Some(r) = set.join_next().await {
-        if let Some(id) = r?? {
-            winners.push(id);
-        }
-    }
-    assert_eq!(winners.len(), 1, "winners: {winners:?}");
-    let rec = store.user_by_name("carol").await?.unwrap();
-    assert_eq!(rec.id, winners[0]);
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// RedisStore: login slots
-
 #[tokio::test]
-async fn claim_pending_is_held_then_expires() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, _) = store_on(&redis).await;
-    let ttl = Duration::from_millis(300);
-
-    assert_eq!(
-        store.claim_login(7, "s1", ttl, &everyone_live).await?,
-        ClaimOutcome::Claimed
-    );
-    // Pending (logged in, not connected): held, with no server, whoever is live.
-    assert_eq!(
-        store.claim_login(7, "s2", ttl, &nobody_live).await?,
-        ClaimOutcome::Held { server: None }
-    );
-    assert!(store.session_active(7, "s1").await?);
-    assert!(!store.session_active(7, "s2").await?);
-    // Another user's slot is independent.
-    assert_eq!(
-        store.claim_login(8, "s2", ttl, &nobody_live).await?,
-        ClaimOutcome::Claimed
-    );
-
-    wait_until("the pending slot to expire", DEADLINE, || async {
-        !store.session_active(7, "s1").await.unwrap()
-    })
-    .await?;
-    assert_eq!(
-        store.claim_login(7, "s2", ttl, &nobody_live).await?,
-        ClaimOutcome::Claimed
-    );
-    // An expired pending session cannot attach any more.
-    assert_eq!(
-        store.attach(7, "u7", "s1", "srv-a").await?,
-        AttachOutcome::SessionInvalid
-    );
-    Ok(())
-}
-
-#[tokio::test]
-async fn claim_of_attached_slot_depends_on_server_liveness() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, keys) = store_on(&redis).await;
-    let ttl = Duration::from_millis(300);
-
-    assert_eq!(
-        store.claim_login(1, "s1", ttl, &nobody_live).await?,
-        ClaimOutcome::Claimed
-    );
-    assert_eq!(
-        store.attach(1, "dora", "s1", "srv-a").await?,
-        AttachOutcome::Attached
-    );
-    // Attached slots do not expire.
-    let mut c = redis.connection().await?;
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(keys.login(1))
-        .query_async(&mut c)
-        .await?;
-    assert_eq!(pttl, -1, "an attached slot must have no expiry");
-
-    let only_a = |s: &str| s == "srv-a";
-    assert_eq!(
-        store.claim_login(1, "s2", ttl, &only_a).await?,
-        ClaimOutcome::Held {
-            server: Some("srv-a".into())
-        }
-    );
-    assert!(store.session_active(1, "s1").await?);
-
-    // srv-a died: the slot is taken over by the new session, pending again.
-    assert_eq!(
-        store.claim_login(1, "s2", ttl, &nobody_live).await?,
-        ClaimOutcome::Claimed
-    );
-    assert!(!store.session_active(1, "s1").await?);
-    assert!(store.session_active(1, "s2").await?);
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(keys.login(1))
-        .query_async(&mut c)
-        .await?;
-    assert!(
-        pttl > 0 && pttl <= 300,
-        "a taken-over slot is pending with the new TTL, got PTTL {pttl}"
-    );
-    // The old session can neither attach again nor release the new one.
-    assert_eq!(
-        store.attach(1, "dora", "s1", "srv-a").await?,
-        AttachOutcome::SessionInvalid
-    );
-    assert_eq!(store.release_login(1, "s1").await?, None);
-    assert!(store.session_active(1, "s2").await?);
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_claims_have_one_winner() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, _) = store_on(&redis).await;
-    let store = Arc::new(store);
-    let mut set = tokio::task::JoinSet::new();
-    for i in 0..20 {
-        let store = store.clone();
-        set.spawn(async move {
-            let s = format!("s{i}");
-            let out = store.claim_login(3, &s, LONG_TTL, &nobody_live).await;
-            (s, out)
-        });
-    }
-    let mut winners = Vec::new();
-    while let Some(r) = set.join_next().await {
-        let (s, out) = r?;
-        match out? {
-            ClaimOutcome::Claimed => winners.push(s),
-            ClaimOutcome::Held { server } => assert_eq!(server, None),
-        }
-    }
-    assert_eq!(winners.len(), 1, "winners: {winners:?}");
-    assert!(store.session_active(3, &winners[0]).await?);
-    Ok(())
-}
-
-#[tokio::test]
-async fn attach_is_single_use() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, keys) = store_on(&redis).await;
-
-    // Never claimed.
-    assert_eq!(
-        store.attach(2, "erin", "s1", "srv-a").await?,
-        AttachOutcome::SessionInvalid
-    );
-    assert_eq!(raw_get(&redis, &keys.route(2)).await, None);
-
-    store.claim_login(1, "s1", LONG_TTL, &nobody_live).await?;
-    // Another session than the pending one.
-    assert_eq!(
-        store.attach(1, "dora", "s-other", "srv-a").await?,
-        AttachOutcome::SessionInvalid
-    );
-    assert_eq!(
-        store.attach(1, "dora", "s1", "srv-a").await?,
-        AttachOutcome::Attached
-    );
-    assert_eq!(
-        raw_get(&redis, &keys.login(1)).await.as_deref(),
-        Some("s1@srv-a")
-    );
-    // The same token again, on the same or on another server.
-    assert_eq!(
-        store.attach(1, "dora", "s1", "srv-a").await?,
-        AttachOutcome::SessionInvalid
-    );
-    assert_eq!(
-        store.attach(1, "dora", "s1", "srv-b").await?,
-        AttachOutcome::SessionInvalid
-    );
-    assert_eq!(
-        store.routes(&[1]).await?,
-        vec![Some(route(1, "srv-a", "s1"))]
-    );
-    assert!(store.session_active(1, "s1").await?);
-    assert_eq!(
-        online_members(&redis, &keys).await,
-        vec![keys::online_member("dora", 1)]
-    );
-    Ok(())
-}
-
-#[tokio::test]
-async fn detach_removes_only_its_own_route_and_slot() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, keys) = store_on(&redis).await;
-    connect_user(&store, 1, "dora", "s1", "srv-a").await;
-
-    // Wrong session, wrong server: nothing changes.
-    store.detach(1, "dora", "s-other", "srv-a").await?;
-    store.detach(1, "dora", "s1", "srv-b").await?;
-    assert_eq!(
-        store.routes(&[1]).await?,
-        vec![Some(route(1, "srv-a", "s1"))]
-    );
-    assert!(store.session_active(1, "s1").await?);
-    assert_eq!(online_members(&redis, &keys).await.len(), 1);
-
-    store.detach(1, "dora", "s1", "srv-a").await?;
-    assert_eq!(store.routes(&[1]).await?, vec![None]);
-    assert!(!store.session_active(1, "s1").await?);
-    assert!(online_members(&redis, &keys).await.is_empty());
-    assert_eq!(raw_get(&redis, &keys.login(1)).await, None);
-    // Detaching twice is harmless.
-    store.detach(1, "dora", "s1", "srv-a").await?;
-    Ok(())
-}
-
-#[tokio::test]
-async fn late_detach_of_an_old_session_keeps_the_new_one() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, keys) = store_on(&redis).await;
-    connect_user(&store, 1, "dora", "s1", "srv-a").await;
-
-    // srv-a is declared dead; the user logs in again and lands on srv-b.
-    assert_eq!(
-        store.claim_login(1, "s2", LONG_TTL, &nobody_live).await?,
-        ClaimOutcome::Claimed
-    );
-    assert_eq!(
-        store.attach(1, "dora", "s2", "srv-b").await?,
-        AttachOutcome::Attached
-    );
-    // srv-a wakes up and cleans up its old connection.
-    store.detach(1, "dora", "s1", "srv-a").await?;
-    assert_eq!(
-        store.routes(&[1]).await?,
-        vec![Some(route(1, "srv-b", "s2"))]
-    );
-    assert_eq!(
-        raw_get(&redis, &keys.login(1)).await.as_deref(),
-        Some("s2@srv-b")
-    );
-    assert_eq!(
-        online_members(&redis, &keys).await,
-        vec![keys::online_member("dora", 1)],
-        "the user is still online"
-    );
-
-    // Reconnect on the same server with a new session: same story.
-    store.release_login(1, "s2").await?;
-    connect_user(&store, 1, "dora", "s3", "srv-b").await;
-    store.detach(1, "dora", "s2", "srv-b").await?;
-    assert_eq!(
-        store.routes(&[1]).await?,
-        vec![Some(route(1, "srv-b", "s3"))]
-    );
-    assert_eq!(online_members(&redis, &keys).await.len(), 1);
-    Ok(())
-}
-
-#[tokio::test]
-async fn release_login_frees_the_slot_and_returns_the_server() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, keys) = store_on(&redis).await;
-
-    // Pending: freed, no server.
-    store.claim_login(1, "ab", LONG_TTL, &nobody_live).await?;
-    assert_eq!(store.release_login(1, "other").await?, None);
-    assert!(store.session_active(1, "ab").await?);
-    assert_eq!(store.release_login(1, "ab").await?, None);
-    assert!(!store.session_active(1, "ab").await?);
-    assert_eq!(raw_get(&redis, &keys.login(1)).await, None);
-
-    // Attached: freed, returns the server.
-    connect_user(&store, 1, "dora", "abc", "srv-a").await;
-    // A session id that is a prefix of the holder's must not match.
-    assert_eq!(store.release_login(1, "ab").await?, None);
-    assert!(store.session_active(1, "abc").await?);
-    assert_eq!(
-        store.release_login(1, "abc").await?.as_deref(),
-        Some("srv-a")
-    );
-    assert!(!store.session_active(1, "abc").await?);
-    // Released twice: nothing more.
-    assert_eq!(store.release_login(1, "abc").await?, None);
-    // Free for a new login.
-    assert_eq!(
-        store.claim_login(1, "s9", LONG_TTL, &everyone_live).await?,
-        ClaimOutcome::Claimed
-    );
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// RedisStore: routes
-
-#[tokio::test]
-async fn routes_returns_one_entry_per_id_in_order() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, _) = store_on(&redis).await;
-    connect_user(&store, 10, "u10", "s10", "srv-a").await;
-    connect_user(&store, 20, "u20", "s20", "srv-b").await;
-
-    assert_eq!(store.routes(&[]).await?, vec![]);
-    assert_eq!(
-        store.routes(&[10]).await?,
-        vec![Some(route(10, "srv-a", "s10"))]
-    );
-    assert_eq!(store.routes(&[11]).await?, vec![None]);
-    assert_eq!(
-        store.routes(&[20, 11, 10, 20, 12]).await?,
-        vec![
-            Some(route(20, "srv-b", "s20")),
-            None,
-            Some(route(10, "srv-a", "s10")),
-            Some(route(20, "srv-b", "s20")),
-            None,
-        ]
-    );
-    // 1000 ids in one call (one MGET).
-    let ids: Vec<u64> = (0..1000).collect();
-    let got = store.routes(&ids).await?;
-    assert_eq!(got.len(), 1000);
-    assert_eq!(got.iter().flatten().count(), 2);
-    assert_eq!(got[10], Some(route(10, "srv-a", "s10")));
-    Ok(())
-}
-
-#[tokio::test]
-async fn scan_routes_visits_every_route_exactly_once() -> anyhow::Result<()> {
+async fn scan_routes_skips_keys_that_are_not_our_routes() -> anyhow::Result<()> {
     const N: u64 = 2500;
     let redis = Redis::start().await?;
     let (store, keys) = store_on(&redis).await;
@@ -475,161 +801,16 @@ async fn scan_routes_visits_every_route_exactly_once() -> anyhow::Result<()> {
         .ignore();
     let _: () = pipe.query_async(&mut c).await?;
 
-    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
-    let mut cursor = 0;
-    let mut steps = 0;
-    loop {
-        let (next, batch) = store.scan_routes(cursor, 100).await?;
-        steps += 1;
-        assert!(steps < 10_000, "scan does not terminate");
-        for e in batch {
-            assert_eq!(
-                (e.server_id.clone(), e.session.clone()),
-                (format!("srv-{}", e.user_id % 7), format!("s{}", e.user_id)),
-                "not one of our routes: {e:?}"
-            );
-            *seen.entry(e.user_id).or_default() += 1;
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    let dups: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
-    assert!(dups.is_empty(), "routes returned more than once: {dups:?}");
-    assert_eq!(seen.len() as u64, N, "missing routes");
-    assert!(seen.keys().copied().eq(0..N));
+    let (all, steps) = scan_all(&store, 100).await?;
     assert!(steps > 1, "expected batches, got one step");
-
-    // An empty keyspace scans to nothing.
-    let (empty, _) = store_on(&redis).await;
-    let mut cursor = 0;
-    loop {
-        let (next, batch) = empty.scan_routes(cursor, 1000).await?;
-        assert!(batch.is_empty());
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    Ok(())
-}
-
-#[tokio::test]
-async fn remove_stale_route_removes_only_an_unchanged_route() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, keys) = store_on(&redis).await;
-    let id = store.create_user("dora", "pw").await?.unwrap();
-    connect_user(&store, id, "dora", "s1", "srv-a").await;
-
-    // Not the current route: no effect.
-    store.remove_stale_route(&route(id, "srv-a", "s0")).await?;
-    store.remove_stale_route(&route(id, "srv-b", "s1")).await?;
-    assert_eq!(
-        store.routes(&[id]).await?,
-        vec![Some(route(id, "srv-a", "s1"))]
-    );
-    assert_eq!(online_members(&redis, &keys).await.len(), 1);
-
-    // Read as stale, but the user reconnected meanwhile: the new route stays.
-    let stale = store.routes(&[id]).await?[0].clone().unwrap();
-    assert_eq!(
-        store.claim_login(id, "s2", LONG_TTL, &nobody_live).await?,
-        ClaimOutcome::Claimed
-    );
-    store.attach(id, "dora", "s2", "srv-b").await?;
-    store.remove_stale_route(&stale).await?;
-    assert_eq!(
-        store.routes(&[id]).await?,
-        vec![Some(route(id, "srv-b", "s2"))]
-    );
-    assert_eq!(
-        online_members(&redis, &keys).await,
-        vec![keys::online_member("dora", id)]
-    );
-
-    // Unchanged: removed, with its online entry.
-    store.remove_stale_route(&route(id, "srv-b", "s2")).await?;
-    assert_eq!(store.routes(&[id]).await?, vec![None]);
-    assert!(online_members(&redis, &keys).await.is_empty());
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// RedisStore: online index
-
-#[tokio::test]
-async fn online_page_filters_by_prefix_and_pages_by_cursor() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let (store, _) = store_on(&redis).await;
-    let names = [
-        "bob", "al", "alice", "albert", "bobby", "carol", "alfred", "zoë", "Alan",
-    ];
-    for (i, name) in names.iter().enumerate() {
-        let id = 100 + i as u64;
-        connect_user(&store, id, name, &format!("s{id}"), "srv-a").await;
-    }
-    let page_names = |page: &[cim_common::store::OnlineEntry]| {
-        page.iter().map(|e| e.name.clone()).collect::<Vec<_>>()
-    };
-
-    // Everyone, in byte order of names.
-    let all = store.online_page("", None, 100).await?;
-    assert_eq!(
-        page_names(&all),
-        ["Alan", "al", "albert", "alfred", "alice", "bob", "bobby", "carol", "zoë"]
-    );
+    assert!(all.iter().map(|e| e.user_id).eq(0..N), "missing routes");
     for e in &all {
-        let i = names.iter().position(|n| *n == e.name).unwrap();
-        assert_eq!(e.user_id, 100 + i as u64);
+        assert_eq!(
+            (e.server_id.clone(), e.session.clone()),
+            (format!("srv-{}", e.user_id % 7), format!("s{}", e.user_id)),
+            "not one of our routes: {e:?}"
+        );
     }
-
-    // Prefix "al", two at a time.
-    let p1 = store.online_page("al", None, 2).await?;
-    assert_eq!(page_names(&p1), ["al", "albert"]);
-    let p2 = store
-        .online_page("al", Some(&p1.last().unwrap().cursor), 2)
-        .await?;
-    assert_eq!(page_names(&p2), ["alfred", "alice"]);
-    let p3 = store
-        .online_page("al", Some(&p2.last().unwrap().cursor), 2)
-        .await?;
-    assert!(p3.is_empty(), "got {:?}", page_names(&p3));
-
-    // A cursor before the prefix range starts at the prefix; one after it ends the listing.
-    let bob = store.online_page("bob", Some(&all[0].cursor), 10).await?;
-    assert_eq!(page_names(&bob), ["bob", "bobby"]);
-    let after_bob = store.online_page("bob", Some(&bob[0].cursor), 10).await?;
-    assert_eq!(page_names(&after_bob), ["bobby"]);
-    let past = store.online_page("al", Some(&bob[0].cursor), 10).await?;
-    assert!(past.is_empty());
-
-    // Multi-byte prefix, no match, limit 0.
-    assert_eq!(
-        page_names(&store.online_page("zo", None, 10).await?),
-        ["zoë"]
-    );
-    assert!(store.online_page("zz", None, 10).await?.is_empty());
-    assert!(store.online_page("", None, 0).await?.is_empty());
-
-    // Paging through everyone one by one yields everyone once.
-    let mut paged = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.online_page("", after.as_deref(), 1).await?;
-        let Some(e) = page.last() else { break };
-        after = Some(e.cursor.clone());
-        paged.extend(page_names(&page));
-        assert!(paged.len() <= names.len());
-    }
-    assert_eq!(paged, page_names(&all));
-
-    // Offline users leave the index.
-    store.detach(102, "alice", "s102", "srv-a").await?;
-    assert_eq!(
-        page_names(&store.online_page("al", None, 10).await?),
-        ["al", "albert", "alfred"]
-    );
     Ok(())
 }
 
@@ -665,18 +846,8 @@ async fn store_calls_fail_fast_while_redis_is_down_and_recover() -> anyhow::Resu
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------------
-// EtcdRegistry
-
-async fn registry_on(etcd: &Etcd) -> EtcdRegistry {
-    EtcdRegistry::connect(
-        &[etcd.endpoint()],
-        &format!("/{}", unique_prefix()),
-        CALL_TIMEOUT,
-    )
-    .await
-    .expect("connect to etcd")
-}
+// =============================================================================================
+// The registry under test
 
 fn server(id: &str) -> ServiceInfo {
     ServiceInfo {
@@ -728,26 +899,106 @@ async fn wait_members(
     })?
 }
 
-#[tokio::test]
-async fn watcher_sees_registrations_sorted_by_id() -> anyhow::Result<()> {
-    let etcd = Etcd::start().await?;
-    let reg = registry_on(&etcd).await;
-    let mut rx = reg.watch(ServiceKind::Server).await?;
+async fn registry_on(etcd: &Etcd) -> EtcdRegistry {
+    EtcdRegistry::connect(
+        &[etcd.endpoint()],
+        &format!("/{}", unique_prefix()),
+        CALL_TIMEOUT,
+    )
+    .await
+    .expect("connect to etcd")
+}
+
+enum RegistryBackend {
+    /// A real etcd (kept running by the struct) and the prefix of this test.
+    Etcd {
+        etcd: Etcd,
+        prefix: String,
+    },
+    Memory(MemoryRegistry),
+}
+
+/// One implementation of [`Registry`], fresh and empty. Derefs to the registry.
+struct RegistryUnderTest {
+    registry: Arc<dyn Registry>,
+    backend: RegistryBackend,
+}
+
+impl Deref for RegistryUnderTest {
+    type Target = dyn Registry;
+
+    fn deref(&self) -> &Self::Target {
+        self.registry.as_ref()
+    }
+}
+
+impl RegistryUnderTest {
+    async fn etcd() -> anyhow::Result<Self> {
+        let etcd = Etcd::start().await?;
+        let prefix = format!("/{}", unique_prefix());
+        let registry = EtcdRegistry::connect(&[etcd.endpoint()], &prefix, CALL_TIMEOUT).await?;
+        Ok(Self {
+            registry: Arc::new(registry),
+            backend: RegistryBackend::Etcd { etcd, prefix },
+        })
+    }
+
+    fn memory() -> Self {
+        let registry = MemoryRegistry::new();
+        Self {
+            registry: Arc::new(registry.clone()),
+            backend: RegistryBackend::Memory(registry),
+        }
+    }
+
+    /// Another client of the same registry: a second connection (another process) for
+    /// etcd, a clone for memory (where the process is the registry).
+    async fn another_client(&self) -> anyhow::Result<Arc<dyn Registry>> {
+        Ok(match &self.backend {
+            RegistryBackend::Etcd { etcd, prefix } => {
+                Arc::new(EtcdRegistry::connect(&[etcd.endpoint()], prefix, CALL_TIMEOUT).await?)
+            }
+            RegistryBackend::Memory(registry) => Arc::new(registry.clone()),
+        })
+    }
+}
+
+/// Runs each named `async fn(&RegistryUnderTest) -> anyhow::Result<()>` as two tests,
+/// `<name>::etcd` and `<name>::memory`.
+macro_rules! for_each_registry {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn etcd() -> anyhow::Result<()> {
+                super::$name(&super::RegistryUnderTest::etcd().await?).await
+            }
+
+            #[tokio::test]
+            async fn memory() -> anyhow::Result<()> {
+                super::$name(&super::RegistryUnderTest::memory()).await
+            }
+        }
+    )*};
+}
+
+for_each_registry!(
+    watcher_sees_registrations_sorted_by_id,
+    deregister_removes_at_once,
+    a_dropped_registration_leaves_the_list,
+    late_watcher_sees_the_current_list,
+    servers_and_routes_are_listed_apart,
+);
+
+async fn watcher_sees_registrations_sorted_by_id(r: &RegistryUnderTest) -> anyhow::Result<()> {
+    let mut rx = r.watch(ServiceKind::Server).await?;
     assert!(rx.borrow().is_empty());
 
-    let _b = reg
-        .register(
-            ServiceKind::Server,
-            &server("srv-b"),
-            Duration::from_secs(10),
-        )
+    let ttl = Duration::from_secs(10);
+    let _b = r
+        .register(ServiceKind::Server, &server("srv-b"), ttl)
         .await?;
-    let _a = reg
-        .register(
-            ServiceKind::Server,
-            &server("srv-a"),
-            Duration::from_secs(10),
-        )
+    let _a = r
+        .register(ServiceKind::Server, &server("srv-a"), ttl)
         .await?;
     let list = wait_members(&mut rx, "both servers", DEADLINE, |m| m.len() == 2).await?;
     assert_eq!(ids(&list), ["srv-a", "srv-b"]);
@@ -758,17 +1009,14 @@ async fn watcher_sees_registrations_sorted_by_id() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn deregister_removes_at_once() -> anyhow::Result<()> {
-    let etcd = Etcd::start().await?;
-    let reg = registry_on(&etcd).await;
-    let mut rx = reg.watch(ServiceKind::Server).await?;
+async fn deregister_removes_at_once(r: &RegistryUnderTest) -> anyhow::Result<()> {
+    let mut rx = r.watch(ServiceKind::Server).await?;
     // A long TTL: only deregistration, not expiry, can remove it within the deadline.
     let ttl = Duration::from_secs(60);
-    let a = reg
+    let a = r
         .register(ServiceKind::Server, &server("srv-a"), ttl)
         .await?;
-    let _b = reg
+    let _b = r
         .register(ServiceKind::Server, &server("srv-b"), ttl)
         .await?;
     wait_members(&mut rx, "both servers", DEADLINE, |m| m.len() == 2).await?;
@@ -781,6 +1029,75 @@ async fn deregister_removes_at_once() -> anyhow::Result<()> {
     assert_eq!(ids(&list), ["srv-b"]);
     Ok(())
 }
+
+async fn a_dropped_registration_leaves_the_list(r: &RegistryUnderTest) -> anyhow::Result<()> {
+    let mut rx = r.watch(ServiceKind::Server).await?;
+    // etcd: the lease runs out after the TTL (how long exactly is the etcd-only test's
+    // business); memory: no lease, gone at once.
+    let ttl = Duration::from_secs(1);
+    let a = r
+        .register(ServiceKind::Server, &server("srv-a"), ttl)
+        .await?;
+    let _b = r
+        .register(ServiceKind::Server, &server("srv-b"), ttl)
+        .await?;
+    wait_members(&mut rx, "both servers", DEADLINE, |m| m.len() == 2).await?;
+
+    // A crash: no deregistration.
+    drop(a);
+    let list = wait_members(&mut rx, "srv-a to leave", ttl + DEADLINE, |m| {
+        !registry::contains(m, "srv-a")
+    })
+    .await?;
+    assert_eq!(ids(&list), ["srv-b"], "the held registration stays");
+    Ok(())
+}
+
+async fn late_watcher_sees_the_current_list(r: &RegistryUnderTest) -> anyhow::Result<()> {
+    let ttl = Duration::from_secs(10);
+    let _c = r
+        .register(ServiceKind::Server, &server("srv-c"), ttl)
+        .await?;
+    let _a = r
+        .register(ServiceKind::Server, &server("srv-a"), ttl)
+        .await?;
+
+    // The same client, and another one, watching after the fact: the first value is loaded
+    // before `watch` returns.
+    let rx = r.watch(ServiceKind::Server).await?;
+    assert_eq!(ids(&rx.borrow()), ["srv-a", "srv-c"]);
+    let other = r.another_client().await?;
+    let rx = other.watch(ServiceKind::Server).await?;
+    assert_eq!(ids(&rx.borrow()), ["srv-a", "srv-c"]);
+    Ok(())
+}
+
+async fn servers_and_routes_are_listed_apart(r: &RegistryUnderTest) -> anyhow::Result<()> {
+    let mut servers = r.watch(ServiceKind::Server).await?;
+    let mut routes = r.watch(ServiceKind::Route).await?;
+    let ttl = Duration::from_secs(10);
+    let _s = r.register(ServiceKind::Server, &server("x-1"), ttl).await?;
+    let _r = r
+        .register(ServiceKind::Route, &route_member("x-2"), ttl)
+        .await?;
+
+    let s = wait_members(&mut servers, "the server", DEADLINE, |m| !m.is_empty()).await?;
+    let rl = wait_members(&mut routes, "the route", DEADLINE, |m| !m.is_empty()).await?;
+    assert_eq!(ids(&s), ["x-1"]);
+    assert_eq!(ids(&rl), ["x-2"]);
+    assert_eq!(rl[0], route_member("x-2"));
+    // Same id in both kinds: two members, one per list.
+    let _r2 = r
+        .register(ServiceKind::Route, &route_member("x-1"), ttl)
+        .await?;
+    let rl = wait_members(&mut routes, "the second route", DEADLINE, |m| m.len() == 2).await?;
+    assert_eq!(ids(&rl), ["x-1", "x-2"]);
+    assert_eq!(ids(&servers.borrow()), ["x-1"]);
+    Ok(())
+}
+
+// =============================================================================================
+// EtcdRegistry only: leases, prefixes, restarts
 
 #[tokio::test]
 async fn dropped_registration_expires_with_its_lease() -> anyhow::Result<()> {
@@ -850,29 +1167,6 @@ async fn registration_comes_back_when_its_lease_is_lost() -> anyhow::Result<()> 
 }
 
 #[tokio::test]
-async fn late_watcher_sees_the_current_list() -> anyhow::Result<()> {
-    let etcd = Etcd::start().await?;
-    let prefix = format!("/{}", unique_prefix());
-    let reg = EtcdRegistry::connect(&[etcd.endpoint()], &prefix, CALL_TIMEOUT).await?;
-    let ttl = Duration::from_secs(10);
-    let _c = reg
-        .register(ServiceKind::Server, &server("srv-c"), ttl)
-        .await?;
-    let _a = reg
-        .register(ServiceKind::Server, &server("srv-a"), ttl)
-        .await?;
-
-    // The same client, and another one (another process), watching after the fact: the first
-    // value is loaded before `watch` returns.
-    let rx = reg.watch(ServiceKind::Server).await?;
-    assert_eq!(ids(&rx.borrow()), ["srv-a", "srv-c"]);
-    let other = EtcdRegistry::connect(&[etcd.endpoint()], &prefix, CALL_TIMEOUT).await?;
-    let rx = other.watch(ServiceKind::Server).await?;
-    assert_eq!(ids(&rx.borrow()), ["srv-a", "srv-c"]);
-    Ok(())
-}
-
-#[tokio::test]
 async fn registries_share_a_prefix_only() -> anyhow::Result<()> {
     let etcd = Etcd::start().await?;
     let prefix = format!("/{}", unique_prefix());
@@ -898,35 +1192,6 @@ async fn registries_share_a_prefix_only() -> anyhow::Result<()> {
     assert_eq!(ids(&list), ["srv-a", "srv-b"]);
     let longer_rx = longer.watch(ServiceKind::Server).await?;
     assert_eq!(ids(&longer_rx.borrow()), ["srv-x"]);
-    Ok(())
-}
-
-#[tokio::test]
-async fn servers_and_routes_are_listed_apart() -> anyhow::Result<()> {
-    let etcd = Etcd::start().await?;
-    let reg = registry_on(&etcd).await;
-    let mut servers = reg.watch(ServiceKind::Server).await?;
-    let mut routes = reg.watch(ServiceKind::Route).await?;
-    let ttl = Duration::from_secs(10);
-    let _s = reg
-        .register(ServiceKind::Server, &server("x-1"), ttl)
-        .await?;
-    let _r = reg
-        .register(ServiceKind::Route, &route_member("x-2"), ttl)
-        .await?;
-
-    let s = wait_members(&mut servers, "the server", DEADLINE, |m| !m.is_empty()).await?;
-    let r = wait_members(&mut routes, "the route", DEADLINE, |m| !m.is_empty()).await?;
-    assert_eq!(ids(&s), ["x-1"]);
-    assert_eq!(ids(&r), ["x-2"]);
-    assert_eq!(r[0], route_member("x-2"));
-    // Same id in both kinds: two members, one per list.
-    let _r2 = reg
-        .register(ServiceKind::Route, &route_member("x-1"), ttl)
-        .await?;
-    let r = wait_members(&mut routes, "the second route", DEADLINE, |m| m.len() == 2).await?;
-    assert_eq!(ids(&r), ["x-1", "x-2"]);
-    assert_eq!(ids(&servers.borrow()), ["x-1"]);
     Ok(())
 }
 
@@ -968,6 +1233,9 @@ async fn registry_follows_an_etcd_restart() -> anyhow::Result<()> {
     Ok(())
 }
 
+// =============================================================================================
+// Connecting
+
 #[tokio::test]
 async fn backends_connect_to_the_testkit_and_fail_fast_without_it() -> anyhow::Result<()> {
     let infra = Infra::start().await?;
@@ -992,5 +1260,32 @@ async fn backends_connect_to_the_testkit_and_fail_fast_without_it() -> anyhow::R
     assert!(err.starts_with("redis at"), "{err}");
     assert!(err.contains(&redis_port.to_string()), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
+    Ok(())
+}
+
+#[tokio::test]
+async fn memory_backends_are_shared_by_their_clones() -> anyhow::Result<()> {
+    // Standalone mode gives one clone to the route and one to the server: both must see the
+    // same users and the same members.
+    let route_side = cim_common::backend::Backends::memory();
+    let server_side = route_side.clone();
+    let id = route_side.store.create_user("dora", "pw").await?.unwrap();
+    assert_eq!(
+        server_side.store.user_name(id).await?.as_deref(),
+        Some("dora")
+    );
+    let rx = route_side.registry.watch(ServiceKind::Server).await?;
+    let _s = server_side
+        .registry
+        .register(
+            ServiceKind::Server,
+            &server("srv-a"),
+            Duration::from_secs(10),
+        )
+        .await?;
+    assert_eq!(ids(&rx.borrow()), ["srv-a"]);
+    // A fresh pair shares nothing with them.
+    let other = cim_common::backend::Backends::memory();
+    assert_eq!(other.store.user_name(id).await?, None);
     Ok(())
 }

@@ -1,7 +1,8 @@
-//! The public API through `app(state).oneshot(..)`, on the in-memory store double.
+//! The public API through `app(state).oneshot(..)`, on the in-memory store (wrapped in
+//! [`FaultyStore`] where a test breaks it).
 
 use super::app;
-use crate::testing::{fake_server, server, state_with, MemStore};
+use crate::testing::{fake_server, server, state_with, FaultyStore, StoreExt};
 use axum::{
     body::Body,
     http::{header, Request, StatusCode},
@@ -10,7 +11,7 @@ use axum::{
 use cim_common::{
     config::DEV_SECRET,
     pb::KickReason,
-    store::StateStore,
+    store::{MemoryStore, StateStore},
     time::now_ms,
     token::{SessionClaims, TokenSigner},
 };
@@ -63,7 +64,7 @@ async fn register_and_login(app: &Router, name: &str) -> Value {
 
 #[tokio::test]
 async fn malformed_requests_get_the_error_shape() {
-    let (state, _tx) = state_with(Arc::new(MemStore::default()), vec![], |_| {});
+    let (state, _tx) = state_with(Arc::new(MemoryStore::new()), vec![], |_| {});
     let app = app(state);
 
     let bad_json = Request::post("/api/register")
@@ -98,7 +99,7 @@ async fn malformed_requests_get_the_error_shape() {
 
 #[tokio::test]
 async fn oversize_bodies_get_413_json() {
-    let (state, _tx) = state_with(Arc::new(MemStore::default()), vec![], |_| {});
+    let (state, _tx) = state_with(Arc::new(MemoryStore::new()), vec![], |_| {});
     let max = state.config().max_request_body;
     let app = app(state);
     let big = json!({"name": "x".repeat(max), "password": "secret-pw"}).to_string();
@@ -135,7 +136,7 @@ async fn oversize_bodies_get_413_json() {
 
 #[tokio::test]
 async fn bearer_is_required_and_checked() {
-    let store = Arc::new(MemStore::default());
+    let store = Arc::new(MemoryStore::new());
     let (state, _tx) = state_with(store.clone(), vec![], |_| {});
     let app = app(state);
     let body = json!({"body": "hi"});
@@ -189,7 +190,7 @@ async fn bearer_is_required_and_checked() {
 
 #[tokio::test]
 async fn register_validates_and_refuses_duplicates() {
-    let store = Arc::new(MemStore::default());
+    let store = Arc::new(MemoryStore::new());
     let (state, _tx) = state_with(store.clone(), vec![], |_| {});
     let app = app(state);
 
@@ -251,7 +252,7 @@ async fn register_validates_and_refuses_duplicates() {
 
 #[tokio::test]
 async fn login_checks_credentials_and_assigns_round_robin() {
-    let store = Arc::new(MemStore::default());
+    let store = Arc::new(MemoryStore::new());
     let (state, tx) = state_with(store.clone(), vec![], |_| {});
     let signer = state.signer().clone();
     let app = app(state);
@@ -342,7 +343,7 @@ async fn login_checks_credentials_and_assigns_round_robin() {
 
 #[tokio::test]
 async fn logout_frees_the_slot_and_kicks_the_connection() {
-    let store = Arc::new(MemStore::default());
+    let store = Arc::new(MemoryStore::new());
     let (a, rec) = fake_server("server-a", DEV_SECRET).await;
     let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
     let signer = state.signer().clone();
@@ -387,7 +388,7 @@ async fn logout_frees_the_slot_and_kicks_the_connection() {
 
 #[tokio::test]
 async fn online_users_page_through_live_routes() {
-    let store = Arc::new(MemStore::default());
+    let store = Arc::new(MemoryStore::new());
     let (state, _tx) = state_with(store.clone(), vec![server("server-a")], |c| {
         c.online_page_max = 2
     });
@@ -397,11 +398,11 @@ async fn online_users_page_through_live_routes() {
         .unwrap()
         .to_string();
     for name in ["ann", "bea", "cat", "dan"] {
-        let id = store.add_user(name);
-        store.connect(id, "server-a");
+        let id = store.add_user(name).await;
+        store.connect(id, "server-a").await;
     }
-    let ghost = store.add_user("bo-ghost");
-    store.connect(ghost, "server-dead");
+    let ghost = store.add_user("bo-ghost").await;
+    store.connect(ghost, "server-dead").await;
 
     for bad in [
         "limit=0",
@@ -440,7 +441,7 @@ async fn online_users_page_through_live_routes() {
         ["ann", "bea", "cat", "dan"],
         "the ghost on a dead server is hidden"
     );
-    assert!(!store.has_route(ghost), "and its stale route removed");
+    assert!(!store.has_route(ghost).await, "and its stale route removed");
 
     let (s, v) = call(&app, get("/api/users/online?prefix=c", Some(&token))).await;
     assert_eq!(s, StatusCode::OK);
@@ -454,16 +455,16 @@ async fn online_users_page_through_live_routes() {
 
 #[tokio::test]
 async fn messages_over_http_use_the_token_user() {
-    let store = Arc::new(MemStore::default());
+    let store = Arc::new(MemoryStore::new());
     let (a, rec) = fake_server("server-a", DEV_SECRET).await;
     let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
     let app = app(state);
     let login = register_and_login(&app, "alice").await;
     let token = login["session_token"].as_str().unwrap().to_string();
     let alice = login["user_id"].as_u64().unwrap();
-    let bob = store.add_user("bob");
-    let carol = store.add_user("carol");
-    store.connect(bob, &a.id);
+    let bob = store.add_user("bob").await;
+    let carol = store.add_user("carol").await;
+    store.connect(bob, &a.id).await;
 
     // A forged sender in the body is ignored (unknown fields are not identity).
     let (s, v) = call(
@@ -556,7 +557,7 @@ async fn messages_over_http_use_the_token_user() {
 
 #[tokio::test]
 async fn backend_failures_are_503() {
-    let store = Arc::new(MemStore::default());
+    let store = Arc::new(FaultyStore::default());
     let (state, _tx) = state_with(store.clone(), vec![], |_| {});
     let app = app(state);
     store.fail.store(true, Ordering::SeqCst);
@@ -582,7 +583,7 @@ async fn backend_failures_are_503() {
 #[tokio::test]
 async fn health_and_servers() {
     let (state, _tx) = state_with(
-        Arc::new(MemStore::default()),
+        Arc::new(MemoryStore::new()),
         vec![server("server-a")],
         |_| {},
     );
@@ -605,7 +606,7 @@ async fn health_and_servers() {
 
 #[tokio::test(start_paused = true)]
 async fn slow_requests_hit_the_deadline() {
-    let store = Arc::new(MemStore::default());
+    let store = Arc::new(FaultyStore::default());
     let (state, _tx) = state_with(store.clone(), vec![], |c| c.request_timeout_ms = 100);
     let app = app(state);
     store.hang.store(true, Ordering::SeqCst);
@@ -616,7 +617,7 @@ async fn slow_requests_hit_the_deadline() {
 
 #[tokio::test]
 async fn requests_over_the_concurrency_limit_are_shed() {
-    let store = Arc::new(MemStore::default());
+    let store = Arc::new(FaultyStore::default());
     let (state, _tx) = state_with(store.clone(), vec![], |c| c.concurrency_limit = 1);
     let app = app(state);
     store.hang.store(true, Ordering::SeqCst);

@@ -1,0 +1,143 @@
+//! Command-line plumbing every cim binary shares, so the binaries differ only in what they run:
+//!
+//! - [`BackendFlags`]: `--redis-url`, `--etcd` (repeatable), `--prefix`, to `#[command(flatten)]`
+//!   into a clap parser. The same struct serializes as the `backend` layer of the config
+//!   overrides, leaving out the flags that were not given (so they do not mask the file or
+//!   the environment; see [`crate::config::load`]).
+//! - [`bind`]: binds a listener with an error that names the config field and the address.
+//! - [`shutdown_signal`]: resolves on ctrl-c or SIGTERM, logging which.
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+/// Where the backends are, as flags. Serialized in the shape of
+/// [`BackendConfig`](crate::backend::BackendConfig), absent flags left out.
+#[derive(clap::Args, Serialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendFlags {
+    /// Redis URL, e.g. redis://127.0.0.1:6379/0.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// etcd endpoint (repeat for several).
+    #[arg(long = "etcd", value_name = "ENDPOINT")]
+    #[serde(rename = "etcd_endpoints", skip_serializing_if = "Vec::is_empty")]
+    pub etcd: Vec<String>,
+    /// Key prefix in Redis and etcd.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+impl BackendFlags {
+    /// No backend flag was given: skip the whole `backend` layer
+    /// (`#[serde(skip_serializing_if = "BackendFlags::is_empty")]`).
+    pub fn is_empty(&self) -> bool {
+        self.redis_url.is_none() && self.etcd.is_empty() && self.prefix.is_none()
+    }
+}
+
+/// Binds `addr`; the error names the config `field` and the address, which is what an
+/// operator needs to fix it ("address in use" alone does not say which of three listeners).
+pub async fn bind(field: &str, addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {field} {addr}"))
+}
+
+/// Resolves on ctrl-c (SIGINT) or SIGTERM, logging which. A signal that cannot be listened
+/// for is logged and never fires; the other one still does.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("ctrl-c received, shutting down"),
+        () = terminate => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendConfig;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        backend: BackendFlags,
+    }
+
+    #[derive(Serialize)]
+    struct Overrides {
+        #[serde(skip_serializing_if = "BackendFlags::is_empty")]
+        backend: BackendFlags,
+    }
+
+    #[derive(serde::Deserialize, Serialize, Default)]
+    #[serde(default)]
+    struct Config {
+        backend: BackendConfig,
+    }
+
+    fn load(args: &[&str]) -> BackendConfig {
+        let cli = Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied())).unwrap();
+        let overrides = Overrides {
+            backend: cli.backend,
+        };
+        crate::config::load::<Config>(None, "CIM_CLI_TEST_UNUSED_", &overrides)
+            .unwrap()
+            .backend
+    }
+
+    #[test]
+    fn given_flags_override_and_absent_ones_keep_the_layer_below() {
+        let defaults = BackendConfig::default();
+        assert_eq!(load(&[]), defaults);
+        let config = load(&["--etcd", "http://a:2379", "--etcd", "b:2379"]);
+        assert_eq!(config.etcd_endpoints, ["http://a:2379", "b:2379"]);
+        assert_eq!(config.redis_url, defaults.redis_url);
+        assert_eq!(config.prefix, defaults.prefix);
+        let config = load(&["--redis-url", "redis://r:1/0", "--prefix", "p1"]);
+        assert_eq!(config.redis_url, "redis://r:1/0");
+        assert_eq!(config.prefix, "p1");
+        assert_eq!(config.etcd_endpoints, defaults.etcd_endpoints);
+    }
+
+    #[tokio::test]
+    async fn bind_errors_name_the_field_and_the_address() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let err = bind("ws_listen", &addr).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("cannot listen on ws_listen {addr}")
+        );
+        let err = bind("tcp_listen", "not-an-address").await.unwrap_err();
+        assert!(
+            err.to_string().contains("tcp_listen not-an-address"),
+            "{err}"
+        );
+        let ok = bind("http_listen", "127.0.0.1:0").await.unwrap();
+        assert_ne!(ok.local_addr().unwrap().port(), 0);
+    }
+}

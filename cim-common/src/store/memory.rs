@@ -1,0 +1,509 @@
+//! [`StateStore`] in memory: the shared state of standalone mode (one process, no Redis) and
+//! of unit tests.
+//!
+//! The semantics are those of [`super::RedisStore`] and its Lua scripts, call for call, so the
+//! same behavioural test suite runs against both (`tests/tests/backends.rs`): the same ids,
+//! the same outcomes, the same page order. Where Redis needs two round trips (attach, then
+//! index the user as online), this store does both under one lock, which is the outcome the
+//! Redis version converges to.
+//!
+//! One `std::sync::Mutex` guards everything. It is never held across an `.await` (no method
+//! awaits anything), and callbacks from the caller (`is_live`) run outside it, as they run
+//! between round trips in the Redis version.
+//!
+//! Expiry of pending login slots is checked lazily against [`tokio::time::Instant`] (so tests
+//! with a paused clock see it): an expired slot is dropped whenever it is touched, all expired
+//! slots are purged at the start of every route scan, and claims purge them once the slot map
+//! has doubled since the last purge. Nothing else grows except with users and their sessions.
+
+use super::*;
+use crate::keys;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    ops::Bound,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+use tokio::time::Instant;
+
+/// Slot-map size below which claims never bother to purge expired slots.
+const MIN_PURGE_AT: usize = 64;
+
+/// A login slot: the value the Redis store keeps under `login:{id}` and its expiry.
+#[derive(Debug, Clone)]
+struct Slot {
+    /// `{session}` (pending) or `{session}@{server}` (attached).
+    value: String,
+    /// `None`: no expiry (attached).
+    expires: Option<Instant>,
+}
+
+impl Slot {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|at| at <= now)
+    }
+}
+
+struct User {
+    name: String,
+    password_hash: String,
+}
+
+#[derive(Default)]
+struct State {
+    /// Last id handed out (the Redis `user:next_id` counter).
+    last_user_id: u64,
+    names: HashMap<String, u64>,
+    users: HashMap<u64, User>,
+    slots: HashMap<u64, Slot>,
+    /// user → (server, session). Ordered: scans walk it by user id.
+    routes: BTreeMap<u64, (String, String)>,
+    /// Members `{name}\x1f{id}`. `String` orders by bytes, as a Redis sorted set of equal
+    /// scores orders by memcmp, so ranges below match `ZRANGEBYLEX`.
+    online: BTreeSet<String>,
+    /// Slot count at which the next claim purges expired slots.
+    purge_at: usize,
+}
+
+impl State {
+    /// The live slot of `user_id`, dropping it if it expired (a Redis key vanishes the same).
+    fn slot(&mut self, user_id: u64, now: Instant) -> Option<&Slot> {
+        if self.slots.get(&user_id).is_some_and(|s| s.expired(now)) {
+            self.slots.remove(&user_id);
+        }
+        self.slots.get(&user_id)
+    }
+
+    fn slot_value(&mut self, user_id: u64, now: Instant) -> Option<String> {
+        self.slot(user_id, now).map(|s| s.value.clone())
+    }
+
+    fn purge_expired(&mut self, now: Instant) {
+        self.slots.retain(|_, slot| !slot.expired(now));
+        self.purge_at = (self.slots.len() * 2).max(MIN_PURGE_AT);
+    }
+
+    fn set_pending(&mut self, user_id: u64, session: &str, ttl: Duration, now: Instant) {
+        // `SET ... PX ttl_ms` with at least 1 ms, as the Redis store sends it.
+        let ttl = ttl.max(Duration::from_millis(1));
+        self.slots.insert(
+            user_id,
+            Slot {
+                value: session.to_string(),
+                expires: Some(now + ttl),
+            },
+        );
+    }
+
+    fn route_is(&self, user_id: u64, server_id: &str, session: &str) -> bool {
+        self.routes
+            .get(&user_id)
+            .is_some_and(|(server, s)| server == server_id && s == session)
+    }
+
+    fn route_entry(&self, user_id: u64) -> Option<RouteEntry> {
+        self.routes
+            .get(&user_id)
+            .map(|(server, session)| RouteEntry {
+                user_id,
+                server_id: server.clone(),
+                session: session.clone(),
+            })
+    }
+}
+
+/// In-memory shared state for one process. Share it with `Arc` between the route and the
+/// server of a standalone process: it is their common Redis.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+/// Sizes only: the state holds password hashes, which have no business in a log.
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("MemoryStore")
+            .field("users", &state.users.len())
+            .field("slots", &state.slots.len())
+            .field("routes", &state.routes.len())
+            .field("online", &state.online.len())
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update below is complete before anything can panic, so a poisoned lock still
+        // guards consistent data: carry on rather than take the whole process down.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Inspection (tests, diagnostics): the raw value of a user's login slot in the Redis
+    /// layout (`{session}` pending, `{session}@{server}` attached) and its remaining time to
+    /// live (`None`: no expiry). `None` when there is no live slot.
+    pub fn login_slot(&self, user_id: u64) -> Option<(String, Option<Duration>)> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let slot = state.slot(user_id, now)?;
+        Some((
+            slot.value.clone(),
+            slot.expires.map(|at| at.saturating_duration_since(now)),
+        ))
+    }
+
+    /// Inspection (tests, diagnostics): the online index in order, as `{name}\x1f{id}`.
+    pub fn online_members(&self) -> Vec<String> {
+        self.lock().online.iter().cloned().collect()
+    }
+
+    /// Inspection (tests, diagnostics): login slots held in memory, expired ones included
+    /// until they are purged.
+    pub fn slots_in_memory(&self) -> usize {
+        self.lock().slots.len()
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStore {
+    async fn create_user(&self, name: &str, password_hash: &str) -> StoreResult<Option<u64>> {
+        let mut state = self.lock();
+        // Like INCR before SET NX: a refused duplicate still uses up an id.
+        state.last_user_id += 1;
+        let id = state.last_user_id;
+        if state.names.contains_key(name) {
+            return Ok(None);
+        }
+        state.names.insert(name.to_string(), id);
+        state.users.insert(
+            id,
+            User {
+                name: name.to_string(),
+                password_hash: password_hash.to_string(),
+            },
+        );
+        Ok(Some(id))
+    }
+
+    async fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRecord>> {
+        let state = self.lock();
+        let Some(&id) = state.names.get(name) else {
+            return Ok(None);
+        };
+        match state.users.get(&id) {
+            Some(user) => Ok(Some(UserRecord {
+                id,
+                name: user.name.clone(),
+                password_hash: user.password_hash.clone(),
+            })),
+            None => Err(StoreError::Corrupt(format!("user {id} has no record"))),
+        }
+    }
+
+    async fn user_name(&self, id: u64) -> StoreResult<Option<String>> {
+        Ok(self.lock().users.get(&id).map(|u| u.name.clone()))
+    }
+
+    async fn claim_login(
+        &self,
+        user_id: u64,
+        session: &str,
+        pending_ttl: Duration,
+        is_live: IsLive<'_>,
+    ) -> StoreResult<ClaimOutcome> {
+        let current = {
+            let now = Instant::now();
+            let mut state = self.lock();
+            if state.slots.len() >= state.purge_at {
+                state.purge_expired(now);
+            }
+            match state.slot_value(user_id, now) {
+                None => {
+                    state.set_pending(user_id, session, pending_ttl, now);
+                    return Ok(ClaimOutcome::Claimed);
+                }
+                Some(current) => current,
+            }
+        };
+        match keys::parse_slot(&current) {
+            (_, None) => Ok(ClaimOutcome::Held { server: None }),
+            (_, Some(server)) if is_live(server) => Ok(ClaimOutcome::Held {
+                server: Some(server.to_string()),
+            }),
+            (_, Some(server)) => {
+                // Held by a session on a dead server: take it over unless it changed while
+                // `is_live` ran (the Redis store's compare-and-set).
+                let now = Instant::now();
+                let mut state = self.lock();
+                if state.slot_value(user_id, now).as_deref() == Some(current.as_str()) {
+                    state.set_pending(user_id, session, pending_ttl, now);
+                    Ok(ClaimOutcome::Claimed)
+                } else {
+                    Ok(ClaimOutcome::Held {
+                        server: Some(server.to_string()),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn session_active(&self, user_id: u64, session: &str) -> StoreResult<bool> {
+        let mut state = self.lock();
+        Ok(state
+            .slot(user_id, Instant::now())
+            .is_some_and(|s| keys::parse_slot(&s.value).0 == session))
+    }
+
+    async fn release_login(&self, user_id: u64, session: &str) -> StoreResult<Option<String>> {
+        let mut state = self.lock();
+        let Some(value) = state.slot_value(user_id, Instant::now()) else {
+            return Ok(None);
+        };
+        // The session exactly, or attached as `{session}@...`: never a longer session id
+        // that merely starts with this one.
+        let ours = value == session
+            || value
+                .strip_prefix(session)
+                .is_some_and(|rest| rest.starts_with('@'));
+        if !ours {
+            return Ok(None);
+        }
+        state.slots.remove(&user_id);
+        Ok(keys::parse_slot(&value).1.map(str::to_string))
+    }
+
+    async fn attach(
+        &self,
+        user_id: u64,
+        name: &str,
+        session: &str,
+        server_id: &str,
+    ) -> StoreResult<AttachOutcome> {
+        let mut state = self.lock();
+        // Only a pending slot of exactly this session: single use, since attaching changes it.
+        if state.slot_value(user_id, Instant::now()).as_deref() != Some(session) {
+            return Ok(AttachOutcome::SessionInvalid);
+        }
+        state.slots.insert(
+            user_id,
+            Slot {
+                value: keys::attached_slot(session, server_id),
+                expires: None,
+            },
+        );
+        state
+            .routes
+            .insert(user_id, (server_id.to_string(), session.to_string()));
+        state.online.insert(keys::online_member(name, user_id));
+        Ok(AttachOutcome::Attached)
+    }
+
+    async fn detach(
+        &self,
+        user_id: u64,
+        name: &str,
+        session: &str,
+        server_id: &str,
+    ) -> StoreResult<()> {
+        let mut state = self.lock();
+        let removed = state.route_is(user_id, server_id, session);
+        if removed {
+            state.routes.remove(&user_id);
+        }
+        let attached = keys::attached_slot(session, server_id);
+        if state.slot_value(user_id, Instant::now()).as_deref() == Some(attached.as_str()) {
+            state.slots.remove(&user_id);
+        }
+        if removed {
+            // No route is left for this user (just removed, under the same lock): the Redis
+            // store's "unindex unless attached again meanwhile" is a plain removal here.
+            state.online.remove(&keys::online_member(name, user_id));
+        }
+        Ok(())
+    }
+
+    async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>> {
+        let state = self.lock();
+        Ok(user_ids.iter().map(|&id| state.route_entry(id)).collect())
+    }
+
+    /// The cursor is the user id to resume at (0: from the start; the first route may belong
+    /// to user 0, which a resumed scan never needs to revisit). A route present for the whole
+    /// scan is returned exactly once, as SCAN guarantees; unlike SCAN, never twice.
+    async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)> {
+        let mut state = self.lock();
+        if cursor == 0 {
+            // A fan-out walks every route now and then: the moment to drop pending slots
+            // that expired without anyone touching them again.
+            state.purge_expired(Instant::now());
+        }
+        let batch: Vec<RouteEntry> = state
+            .routes
+            .range(cursor..)
+            .take(count.max(1))
+            .map(|(&user_id, (server, session))| RouteEntry {
+                user_id,
+                server_id: server.clone(),
+                session: session.clone(),
+            })
+            .collect();
+        let next = match batch.last() {
+            Some(last) => match last.user_id.checked_add(1) {
+                Some(next) if state.routes.range(next..).next().is_some() => next,
+                _ => 0,
+            },
+            None => 0,
+        };
+        Ok((next, batch))
+    }
+
+    async fn online_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<OnlineEntry>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // The bounds of the Redis store's ZRANGEBYLEX: after the cursor when it lies at or
+        // past the prefix, else from the prefix; up to the last member starting with it.
+        let start: Bound<&str> = match after {
+            Some(a) if a.as_bytes() >= prefix.as_bytes() => Bound::Excluded(a),
+            _ if prefix.is_empty() => Bound::Unbounded,
+            _ => Bound::Included(prefix),
+        };
+        let state = self.lock();
+        Ok(state
+            .online
+            .range::<str, _>((start, Bound::Unbounded))
+            // Members at or past `prefix` sort below `prefix + 0xff` exactly when they start
+            // with it (0xff never occurs in UTF-8).
+            .take_while(|m| m.starts_with(prefix))
+            .take(limit)
+            .filter_map(|m| {
+                let (name, id) = keys::parse_online_member(m)?;
+                Some(OnlineEntry {
+                    user_id: id,
+                    name: name.to_string(),
+                    cursor: m.clone(),
+                })
+            })
+            .collect())
+    }
+
+    async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()> {
+        let mut state = self.lock();
+        if !state.route_is(entry.user_id, &entry.server_id, &entry.session) {
+            return Ok(());
+        }
+        state.routes.remove(&entry.user_id);
+        if let Some(name) = state.users.get(&entry.user_id).map(|u| u.name.clone()) {
+            state
+                .online
+                .remove(&keys::online_member(&name, entry.user_id));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What only the memory store has: a clock it reads lazily, and purging. Its behaviour
+    //! shared with Redis is tested once for both in `tests/tests/backends.rs`.
+
+    use super::*;
+
+    fn nobody_live(_: &str) -> bool {
+        false
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pending_slots_expire_on_the_tokio_clock() {
+        let store = MemoryStore::new();
+        let ttl = Duration::from_secs(30);
+        assert_eq!(
+            store.claim_login(1, "s1", ttl, &nobody_live).await.unwrap(),
+            ClaimOutcome::Claimed
+        );
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(store.session_active(1, "s1").await.unwrap());
+        let (value, left) = store.login_slot(1).unwrap();
+        assert_eq!(value, "s1");
+        assert_eq!(left, Some(Duration::from_secs(1)));
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!store.session_active(1, "s1").await.unwrap());
+        assert_eq!(store.login_slot(1), None);
+        assert_eq!(
+            store.attach(1, "u1", "s1", "srv-a").await.unwrap(),
+            AttachOutcome::SessionInvalid
+        );
+        assert_eq!(
+            store.claim_login(1, "s2", ttl, &nobody_live).await.unwrap(),
+            ClaimOutcome::Claimed
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attached_slots_never_expire() {
+        let store = MemoryStore::new();
+        store
+            .claim_login(1, "s1", Duration::from_secs(1), &nobody_live)
+            .await
+            .unwrap();
+        store.attach(1, "u1", "s1", "srv-a").await.unwrap();
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(store.login_slot(1), Some(("s1@srv-a".into(), None)));
+        store.scan_routes(0, 10).await.unwrap();
+        assert_eq!(store.slots_in_memory(), 1, "a purge keeps attached slots");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_slots_nobody_touches_are_purged() {
+        let store = MemoryStore::new();
+        let ttl = Duration::from_secs(1);
+        // Users who log in and never connect, nor come back.
+        for user in 0..1000 {
+            store
+                .claim_login(user, "s", ttl, &nobody_live)
+                .await
+                .unwrap();
+            if user % 10 == 0 {
+                tokio::time::advance(ttl).await;
+            }
+        }
+        // Claims alone keep the map within twice the live slots (plus the floor).
+        assert!(
+            store.slots_in_memory() <= 2 * 10 + MIN_PURGE_AT,
+            "{} slots kept",
+            store.slots_in_memory()
+        );
+
+        tokio::time::advance(ttl).await;
+        store.scan_routes(0, 10).await.unwrap();
+        assert_eq!(store.slots_in_memory(), 0, "a scan from the start purges");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_scan_does_not_revisit_user_zero() {
+        let store = MemoryStore::new();
+        for user in [0, 1, 2] {
+            let session = format!("s{user}");
+            store
+                .claim_login(user, &session, Duration::from_secs(60), &nobody_live)
+                .await
+                .unwrap();
+            store.attach(user, "u", &session, "srv-a").await.unwrap();
+        }
+        let (next, first) = store.scan_routes(0, 1).await.unwrap();
+        assert_eq!((next, first[0].user_id), (1, 0));
+        let (next, second) = store.scan_routes(next, 1).await.unwrap();
+        assert_eq!((next, second[0].user_id), (2, 1));
+        let (next, third) = store.scan_routes(next, 5).await.unwrap();
+        assert_eq!((next, third[0].user_id), (0, 2));
+    }
+}
