@@ -75,6 +75,23 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// File descriptors kept for everything that is not a client connection (listeners, Redis,
+/// etcd, internal calls, logs).
+const RESERVED_FDS: u64 = 64;
+
+/// Each client connection is a file descriptor: raises the soft limit to the hard one and
+/// logs the connection capacity that gives.
+pub fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(
+            fd_limit = limit,
+            "file descriptor limit: room for about {} connections",
+            limit.saturating_sub(RESERVED_FDS)
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

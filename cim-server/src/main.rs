@@ -11,11 +11,6 @@ use cim_server::{Listeners, ServerConfig};
 use clap::Parser;
 use serde::Serialize;
 use std::path::PathBuf;
-use tracing::{info, warn};
-
-/// File descriptors kept for everything that is not a client connection (listeners, Redis,
-/// etcd, route calls, logs).
-const RESERVED_FDS: u64 = 64;
 
 #[derive(Parser, Debug)]
 #[command(name = "cim-server", version, about = "cim connection server")]
@@ -79,18 +74,6 @@ impl From<Cli> for Overrides {
     }
 }
 
-/// Each connection is a file descriptor: raise the soft limit to the hard one.
-fn raise_fd_limit() {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => info!(
-            fd_limit = limit,
-            "file descriptor limit: room for about {} connections",
-            limit.saturating_sub(RESERVED_FDS)
-        ),
-        Err(e) => warn!(error = %e, "cannot raise the file descriptor limit"),
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
@@ -102,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
         .validate()
         .map_err(|e| anyhow!("invalid configuration: {e}"))?;
     cim_common::config::init_logging();
-    raise_fd_limit();
+    cim_common::cli::raise_fd_limit();
 
     let backends = Backends::connect(&config.backend)
         .await

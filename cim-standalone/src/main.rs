@@ -10,6 +10,7 @@ use std::io::Write;
 async fn main() -> anyhow::Result<()> {
     let config = cim_standalone::Cli::parse().load()?;
     cim_common::config::init_logging();
+    cim_common::cli::raise_fd_limit();
     let running = cim_standalone::start(&config).await?;
     // Plain stdout, flushed: people read it, and so do scripts and tests (port 0 binds).
     let mut out = std::io::stdout().lock();
