@@ -6,9 +6,12 @@ use crate::pb::{frame::Body, Frame, Login, LoginResult};
 use cim_common::codec::{CodecError, FrameCodec};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use std::time::Duration;
-use tokio::net::TcpStream;
-use tokio_tungstenite::{tungstenite::Message as WsMessage, MaybeTlsStream, WebSocketStream};
+use std::{net::IpAddr, time::Duration};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::{
+    tungstenite::{protocol::WebSocketConfig, Message as WsMessage},
+    MaybeTlsStream, WebSocketStream,
+};
 use tokio_util::codec::Framed;
 
 /// Which transport and encoding to use.
@@ -54,6 +57,21 @@ enum Inner {
     },
 }
 
+/// How to open a connection, beyond the address and the transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// Local IP to bind before connecting (the kernel picks the port). Each local IP has its
+    /// own ephemeral ports, so a load generator cycling through several loopback IPs can open
+    /// more connections to one server than one IP's port range allows. `None`: the kernel
+    /// picks the source address too.
+    pub local_ip: Option<IpAddr>,
+    /// Initial read and write buffer size in bytes (buffers still grow for larger frames).
+    /// `None`: the libraries' defaults (8 KiB for TCP, 128 KiB for WebSocket reads), which
+    /// suit one busy connection; a process holding thousands of mostly idle connections
+    /// wants a few hundred bytes.
+    pub buffer_size: Option<usize>,
+}
+
 /// An open connection (not yet logged in until [`Connection::login`]).
 pub struct Connection {
     inner: Inner,
@@ -62,21 +80,62 @@ pub struct Connection {
 impl Connection {
     /// Opens a connection to `addr` (`host:port`, the TCP or WS address the route assigned).
     pub async fn connect(addr: &str, transport: Transport) -> Result<Self, ConnError> {
-        let inner = match transport {
-            Transport::Tcp => {
-                let stream =
-                    TcpStream::connect(addr)
-                        .await
-                        .map_err(|source| ConnError::Connect {
-                            addr: addr.to_string(),
-                            source,
-                        })?;
-                stream.set_nodelay(true).ok();
-                Inner::Tcp(Framed::new(stream, FrameCodec::default()))
+        Self::connect_with(addr, transport, ConnectOptions::default()).await
+    }
+
+    /// [`Connection::connect`] with a local IP to bind and buffer sizes.
+    pub async fn connect_with(
+        addr: &str,
+        transport: Transport,
+        options: ConnectOptions,
+    ) -> Result<Self, ConnError> {
+        let connect_error = |source| ConnError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let stream = match options.local_ip {
+            None => TcpStream::connect(addr).await.map_err(connect_error)?,
+            Some(ip) => {
+                let remote = tokio::net::lookup_host(addr)
+                    .await
+                    .map_err(connect_error)?
+                    .find(|r| r.is_ipv4() == ip.is_ipv4())
+                    .ok_or_else(|| {
+                        connect_error(std::io::Error::new(
+                            std::io::ErrorKind::AddrNotAvailable,
+                            format!("no address of the family of {ip}"),
+                        ))
+                    })?;
+                let socket = if ip.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+                .map_err(connect_error)?;
+                socket
+                    .bind(std::net::SocketAddr::new(ip, 0))
+                    .map_err(connect_error)?;
+                socket.connect(remote).await.map_err(connect_error)?
             }
+        };
+        stream.set_nodelay(true).ok();
+        let inner = match transport {
+            Transport::Tcp => Inner::Tcp(match options.buffer_size {
+                Some(size) => Framed::with_capacity(stream, FrameCodec::default(), size),
+                None => Framed::new(stream, FrameCodec::default()),
+            }),
             Transport::WsBinary | Transport::WsJson => {
-                let (stream, _) =
-                    tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await?;
+                let config = options.buffer_size.map(|size| {
+                    WebSocketConfig::default()
+                        .read_buffer_size(size)
+                        .write_buffer_size(size)
+                });
+                let (stream, _) = tokio_tungstenite::client_async_with_config(
+                    format!("ws://{addr}/ws"),
+                    MaybeTlsStream::Plain(stream),
+                    config,
+                )
+                .await?;
                 Inner::Ws {
                     stream: Box::new(stream),
                     json: transport == Transport::WsJson,
@@ -88,8 +147,15 @@ impl Connection {
 
     /// Sends one frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ConnError> {
+        self.feed(frame).await?;
+        self.flush().await
+    }
+
+    /// Queues one frame without flushing it, so several frames can go out in one write
+    /// ([`Connection::flush`] sends them).
+    pub async fn feed(&mut self, frame: &Frame) -> Result<(), ConnError> {
         match &mut self.inner {
-            Inner::Tcp(framed) => framed.send(frame).await?,
+            Inner::Tcp(framed) => framed.feed(frame).await?,
             Inner::Ws { stream, json } => {
                 let msg = if *json {
                     let text = serde_json::to_string(frame)
@@ -98,8 +164,17 @@ impl Connection {
                 } else {
                     WsMessage::binary(frame.encode_to_vec())
                 };
-                stream.send(msg).await?;
+                stream.feed(msg).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Writes every frame queued by [`Connection::feed`].
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        match &mut self.inner {
+            Inner::Tcp(framed) => SinkExt::<&Frame>::flush(framed).await?,
+            Inner::Ws { stream, .. } => stream.flush().await?,
         }
         Ok(())
     }

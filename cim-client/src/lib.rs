@@ -10,6 +10,7 @@
 //!
 //! The terminal client and the load generator build on these layers.
 
+pub mod bench;
 pub mod client;
 pub mod conn;
 mod recent;

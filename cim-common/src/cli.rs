@@ -40,10 +40,28 @@ impl BackendFlags {
 /// Binds `addr`; the error names the config `field` and the address, which is what an
 /// operator needs to fix it ("address in use" alone does not say which of three listeners).
 pub async fn bind(field: &str, addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
+    let context = || format!("cannot listen on {field} {addr}");
+    let sock_addr = tokio::net::lookup_host(addr)
         .await
-        .with_context(|| format!("cannot listen on {field} {addr}"))
+        .with_context(context)?
+        .next()
+        .with_context(context)?;
+    let socket = if sock_addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .with_context(context)?;
+    socket.set_reuseaddr(true).with_context(context)?;
+    socket.bind(sock_addr).with_context(context)?;
+    // A long accept queue: thousands of clients reconnecting at once (a server restart) must
+    // not overflow it, or their handshakes are dropped and retried a second later. The kernel
+    // caps it at net.core.somaxconn; tokio's default is 1,024.
+    socket.listen(LISTEN_BACKLOG).with_context(context)
 }
+
+/// Accept-queue length asked for by [`bind`].
+pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Resolves on ctrl-c (SIGINT) or SIGTERM, logging which. A signal that cannot be listened
 /// for is logged and never fires; the other one still does.

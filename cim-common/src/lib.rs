@@ -18,6 +18,7 @@
 //! - [`cluster`]: authenticated protobuf-over-HTTP calls between cim processes.
 //! - [`config`]: layered configuration (defaults, file, environment, flags) and logging setup.
 //! - [`ids`]: message ids and server ids; [`time`]: clock helpers.
+//! - [`procinfo`]: this process's resident memory and CPU time (for `/healthz`).
 
 pub mod backend;
 pub mod cli;
@@ -26,6 +27,7 @@ pub mod codec;
 pub mod config;
 pub mod ids;
 pub mod keys;
+pub mod procinfo;
 pub mod proto;
 pub mod registry;
 pub mod store;

@@ -9,6 +9,9 @@
 //!
 //! A route counts only while its server is live in the registry watch; a route pointing at
 //! a dead server is removed (compare-and-delete, best effort) when routing stumbles on it.
+//!
+//! The group fan-out's pure CPU steps, [`group_by_server`] and [`group_deliveries`], are
+//! public so that `benches/fanout.rs` measures the code routing runs, not a copy of it.
 
 use crate::state::{live_server, AppState};
 use cim_common::{
@@ -398,6 +401,69 @@ async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) 
         .collect()
 }
 
+/// One fan-out step's recipients, grouped by the live server that holds their connection.
+#[derive(Debug, Default)]
+pub struct ServerGroups<'a> {
+    /// Per live server, in server id order: the server and its users, in route order.
+    pub per_server: BTreeMap<&'a str, (&'a ServiceInfo, Vec<u64>)>,
+    /// Routes that point at servers no longer live (to remove, best effort).
+    pub stale: Vec<RouteEntry>,
+}
+
+/// Groups `routes` by live server (from the `servers` snapshot). Users already in `seen` are
+/// skipped and every other user is added to it, so a user that a SCAN returns twice gets one
+/// delivery per fan-out. Pure (no I/O): the group fan-out's per-step CPU work, which the
+/// `fanout` benchmark measures.
+pub fn group_by_server<'a>(
+    servers: &'a Members,
+    routes: impl IntoIterator<Item = RouteEntry>,
+    seen: &mut HashSet<u64>,
+) -> ServerGroups<'a> {
+    let mut groups = ServerGroups::default();
+    for route in routes {
+        if !seen.insert(route.user_id) {
+            continue;
+        }
+        match live_server(servers, &route.server_id) {
+            Some(server) => groups
+                .per_server
+                .entry(server.id.as_str())
+                .or_insert_with(|| (server, Vec::new()))
+                .1
+                .push(route.user_id),
+            None => groups.stale.push(route),
+        }
+    }
+    groups
+}
+
+/// The deliveries of one push to a server holding `users`: one per message, to every user
+/// there except its sender (a group message never goes back to who sent it). Messages with
+/// no recipient left are skipped; `positions[j]` is the index in `messages` of
+/// `deliveries[j]`, to map the push's results back.
+pub fn group_deliveries<'m>(
+    messages: impl IntoIterator<Item = &'m Message>,
+    users: &[u64],
+) -> (Vec<usize>, Vec<Delivery>) {
+    let mut positions = Vec::new();
+    let mut deliveries = Vec::new();
+    for (p, message) in messages.into_iter().enumerate() {
+        let recipients: Vec<u64> = users
+            .iter()
+            .copied()
+            .filter(|&u| u != message.sender_id)
+            .collect();
+        if !recipients.is_empty() {
+            positions.push(p);
+            deliveries.push(Delivery {
+                message: Some(message.clone()),
+                recipients,
+            });
+        }
+    }
+    (positions, deliveries)
+}
+
 async fn deliver_group(state: &AppState, servers: &Members, run: &[Accepted]) -> Vec<SendResult> {
     let store = state.store();
     let scan_batch = state.config().scan_batch;
@@ -415,38 +481,9 @@ async fn deliver_group(state: &AppState, servers: &Members, run: &[Accepted]) ->
                 break;
             }
         };
-        let mut per_server: BTreeMap<&str, (&ServiceInfo, Vec<u64>)> = BTreeMap::new();
-        let mut stale = Vec::new();
-        for route in routes {
-            if !seen.insert(route.user_id) {
-                continue;
-            }
-            match live_server(servers, &route.server_id) {
-                Some(server) => per_server
-                    .entry(server.id.as_str())
-                    .or_insert_with(|| (server, Vec::new()))
-                    .1
-                    .push(route.user_id),
-                None => stale.push(route),
-            }
-        }
+        let ServerGroups { per_server, stale } = group_by_server(servers, routes, &mut seen);
         let pushes = per_server.into_values().map(|(server, users)| {
-            let mut positions = Vec::new();
-            let mut deliveries = Vec::new();
-            for (p, a) in run.iter().enumerate() {
-                let recipients: Vec<u64> = users
-                    .iter()
-                    .copied()
-                    .filter(|&u| u != a.message.sender_id)
-                    .collect();
-                if !recipients.is_empty() {
-                    positions.push(p);
-                    deliveries.push(Delivery {
-                        message: Some(a.message.clone()),
-                        recipients,
-                    });
-                }
-            }
+            let (positions, deliveries) = group_deliveries(run.iter().map(|a| &a.message), &users);
             async move {
                 if deliveries.is_empty() {
                     return (positions, None);

@@ -1,6 +1,7 @@
 //! The internal API that routes call (axum, on the internal listener): pushes of messages to
 //! connected users and kicks. Every `/internal/*` call must carry the cluster secret; the
-//! check runs before the body is read. `/healthz` is open (for load balancers and probes).
+//! check runs before the body is read. `/healthz` is open (for load balancers and probes, and
+//! `cim-bench`, which reads the process's memory and CPU time from it).
 
 use crate::{
     conn::Outbound,
@@ -119,10 +120,17 @@ async fn kick(
     Protobuf(KickResponse { kicked })
 }
 
+/// Liveness plus what a load generator needs to compute memory per connection and CPU per
+/// message from two readings: open connections, pid (servers sharing one process are counted
+/// once), resident memory and CPU time of the process (`null` where `/proc` cannot tell).
 async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let usage = cim_common::procinfo::self_usage();
     Json(serde_json::json!({
         "status": "ok",
         "id": state.id,
         "connections": state.open.load(Ordering::Relaxed),
+        "pid": std::process::id(),
+        "rss_bytes": usage.map(|u| u.rss_bytes),
+        "cpu_ms": usage.map(|u| u.cpu_ms),
     }))
 }

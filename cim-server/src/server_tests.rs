@@ -266,6 +266,9 @@ async fn internal_api_requires_the_secret() {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["id"], c.server.id());
     assert_eq!(health["connections"], 0);
+    assert_eq!(health["pid"], std::process::id());
+    assert!(health["rss_bytes"].as_u64().unwrap() > 0, "{health}");
+    assert!(health["cpu_ms"].is_u64(), "{health}");
 }
 
 #[tokio::test]

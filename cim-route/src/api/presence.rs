@@ -4,7 +4,8 @@
 //! - `GET /api/users/online?prefix=&after=&limit=` (bearer) →
 //!   `{"users":[{"user_id","name","server_id"}],"next":cursor|null}`
 //! - `GET /api/servers` → `{"servers":[{"id","tcp_addr","ws_addr"}]}`
-//! - `GET /healthz` → `{"status":"ok","id","servers":n}`
+//! - `GET /healthz` → `{"status":"ok","id","servers":n,"pid","rss_bytes","cpu_ms"}` (the last
+//!   three: this process, for `cim-bench`'s CPU per message; `null` where `/proc` cannot tell)
 
 use crate::{
     api::accounts::ServerAddrs,
@@ -160,13 +161,20 @@ pub struct Health {
     pub status: &'static str,
     pub id: String,
     pub servers: usize,
+    pub pid: u32,
+    pub rss_bytes: Option<u64>,
+    pub cpu_ms: Option<u64>,
 }
 
 pub async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    let usage = cim_common::procinfo::self_usage();
     Json(Health {
         status: "ok",
         id: state.id().to_string(),
         servers: state.servers().len(),
+        pid: std::process::id(),
+        rss_bytes: usage.map(|u| u.rss_bytes),
+        cpu_ms: usage.map(|u| u.cpu_ms),
     })
 }
 

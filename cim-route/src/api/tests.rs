@@ -588,14 +588,13 @@ async fn health_and_servers() {
         |_| {},
     );
     let app = app(state);
-    let (s, v) = call(&app, get("/healthz", None)).await;
-    assert_eq!(
-        (s, &v),
-        (
-            StatusCode::OK,
-            &json!({"status": "ok", "id": "route-test", "servers": 1})
-        )
-    );
+    let (s, mut v) = call(&app, get("/healthz", None)).await;
+    assert_eq!(s, StatusCode::OK);
+    let usage = v.as_object_mut().unwrap();
+    assert_eq!(usage.remove("pid"), Some(json!(std::process::id())));
+    assert!(usage.remove("rss_bytes").unwrap().as_u64().unwrap() > 0);
+    assert!(usage.remove("cpu_ms").unwrap().is_u64());
+    assert_eq!(v, json!({"status": "ok", "id": "route-test", "servers": 1}));
     let (s, v) = call(&app, get("/api/servers", None)).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(

@@ -1,0 +1,496 @@
+//! The `fanout` scenario: one sender, N receivers spread round-robin over the live servers.
+//! Every `interval` the sender sends a group message (numbered, with its send time); each
+//! receiver notes when it got it. Per message: the time from the send until the *last*
+//! receiver had it. Reported: median and maximum of that time, missing deliveries, the
+//! delivery rate while a message fans out, and CPU per delivery.
+//!
+//! A group message goes to everyone online except its sender, so any other connected user
+//! (another bench, a person) gets these messages too and adds to the work measured. The
+//! scenario counts who else is online before it starts and reports it (`other_online`); run
+//! it on a cluster where nothing else is connected.
+
+use super::{
+    connect::{servers_of, transport_name},
+    p2p::opt,
+    probe::{self, CpuUsage},
+    report::{self, code_name, int, ms, num, per_sec, Failures},
+    setup::{close_all, heartbeat, ping, Opened, Setup},
+    DRAIN_DEADLINE,
+};
+use crate::{
+    conn::{Connection, Transport},
+    pb::{frame::Body, Frame, MessageKind, Send, SendStatus},
+};
+use cim_common::registry::{ServiceInfo, ServiceKind};
+use serde::Serialize;
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    time::Duration,
+};
+use tokio::{sync::Notify, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Initial buffer size of each receiver connection (a push of one message is ~100 bytes).
+const BUFFER: usize = 1024;
+
+/// Most messages one run sends (each has a slot of counters).
+pub const MAX_MESSAGES: usize = 100_000;
+
+/// Deadline of one send's `SendResult` (the route answers after the whole fan-out).
+const RESULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Route keys read per SCAN step when counting who else is online.
+const SCAN_COUNT: usize = 1000;
+
+/// Prefix of every bench message body.
+const BODY_PREFIX: &str = "fanout ";
+
+/// Options of [`run_fanout`].
+#[derive(Debug, Clone)]
+pub struct FanoutOpts {
+    pub receivers: usize,
+    /// Time between two messages.
+    pub interval: Duration,
+    /// Messages sent.
+    pub count: usize,
+    pub transport: Transport,
+    pub user_offset: u64,
+}
+
+impl Default for FanoutOpts {
+    fn default() -> Self {
+        Self {
+            receivers: 1000,
+            interval: Duration::from_secs(1),
+            count: 10,
+            transport: Transport::Tcp,
+            user_offset: 0,
+        }
+    }
+}
+
+/// What [`run_fanout`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutReport {
+    pub scenario: &'static str,
+    pub transport: &'static str,
+    pub servers: usize,
+    pub receivers: usize,
+    /// Users online before the run that are not part of it (they receive the messages too).
+    pub other_online: u64,
+    pub messages: usize,
+    /// Messages the route accepted.
+    pub sent: u64,
+    pub send_failures: BTreeMap<String, u64>,
+    /// Connections the route pushed to, summed over messages (its `SendResult.delivered`).
+    pub pushed: u64,
+    /// `receivers × accepted messages`.
+    pub expected_deliveries: u64,
+    pub deliveries: u64,
+    pub missing: u64,
+    /// From a send until the last receiver had the message, over messages that reached at
+    /// least one receiver.
+    pub time_to_last_median_ms: Option<f64>,
+    pub time_to_last_max_ms: Option<f64>,
+    /// Deliveries per second while messages fan out: all deliveries over the summed
+    /// send-to-last-receipt times.
+    pub deliveries_per_sec: Option<f64>,
+    pub cpu: CpuUsage,
+    /// Server CPU per delivery, microseconds.
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// All CPU (servers, routes, Redis) per delivery, microseconds.
+    pub cpu_us_per_delivery: Option<f64>,
+}
+
+/// Per message: when it was sent, how many receivers got it, when the last one did.
+#[derive(Default)]
+struct Slot {
+    sent_ns: AtomicU64,
+    received: AtomicU64,
+    last_ns: AtomicU64,
+}
+
+struct Shared {
+    slots: Vec<Slot>,
+    deliveries: AtomicU64,
+    failures: Failures,
+    /// Signalled whenever deliveries grow.
+    progress: Notify,
+}
+
+/// Runs the `fanout` scenario.
+pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<FanoutReport> {
+    let n = opts.receivers;
+    if n == 0 || opts.count == 0 || opts.count > MAX_MESSAGES {
+        anyhow::bail!("fanout needs at least one receiver and 1 to {MAX_MESSAGES} messages");
+    }
+    super::ensure_fd_capacity(n + 1)?;
+    let servers: Vec<Arc<ServiceInfo>> = setup.servers().await?.into_iter().map(Arc::new).collect();
+    let routes = setup.members(ServiceKind::Route).await?;
+    // User 0 sends (on the first server); users 1..=n receive, round-robin over servers.
+    let ttl = Duration::from_secs(300);
+    let prepared = setup
+        .prepare_users(opts.user_offset, n + 1, ttl, |i| {
+            servers[i.saturating_sub(1) % servers.len()].clone()
+        })
+        .await?;
+    if !prepared.failures.is_empty() {
+        setup.release(&prepared.users).await;
+        anyhow::bail!(
+            "{} bench users are logged in already (another cim-bench on the same \
+             --user-offset range?): {}",
+            prepared.failures.len(),
+            prepared.failures[0]
+        );
+    }
+    let ours: HashSet<u64> = prepared.users.iter().map(|u| u.id).collect();
+    let other_online = match count_others(setup, &ours).await {
+        Ok(n) => n,
+        Err(e) => {
+            setup.release(&prepared.users).await;
+            return Err(e);
+        }
+    };
+    if other_online > 0 {
+        eprintln!(
+            "cim-bench: {other_online} other users are online: they receive every group \
+             message too, and the CPU figures include their deliveries"
+        );
+    }
+    let opened = match setup
+        .open_all(&prepared.users, opts.transport, Some(BUFFER))
+        .await
+    {
+        Ok(o) => o,
+        Err(e) => {
+            setup.release(&prepared.users).await;
+            return Err(e);
+        }
+    };
+    let mut opened = opened.into_iter();
+    let sender = opened.next().expect("the sender is user 0");
+
+    let shared = Arc::new(Shared {
+        slots: (0..opts.count).map(|_| Slot::default()).collect(),
+        deliveries: AtomicU64::new(0),
+        failures: Failures::default(),
+        progress: Notify::new(),
+    });
+    let base = Instant::now();
+    let stop = CancellationToken::new();
+    let receiver_tasks: Vec<_> = opened
+        .map(|r| tokio::spawn(receive(r, base, shared.clone(), stop.clone())))
+        .collect();
+
+    let before = setup.snapshot(&servers_of(&servers), &routes).await;
+    let sent_so_far = Arc::new(AtomicU64::new(0));
+    let progress_stop = CancellationToken::new();
+    let progress = report::progress(setup.progress, progress_stop.clone(), {
+        let (s, sent) = (shared.clone(), sent_so_far.clone());
+        let count = opts.count;
+        move || {
+            format!(
+                "fanout: message {}/{count}, deliveries {}",
+                sent.load(Relaxed),
+                s.deliveries.load(Relaxed)
+            )
+        }
+    });
+    let outcome = send_all(sender, &opts, base, &shared, &sent_so_far).await;
+    // Every message was answered (or failed): wait for the receivers to have them all.
+    let expected = outcome.accepted * n as u64;
+    let drained = async {
+        loop {
+            let notified = shared.progress.notified();
+            if shared.deliveries.load(Relaxed) >= expected {
+                return;
+            }
+            notified.await;
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_DEADLINE, drained).await;
+    let after = setup.snapshot(&servers_of(&servers), &routes).await;
+    stop.cancel();
+    for task in receiver_tasks {
+        let _ = task.await;
+    }
+    progress_stop.cancel();
+    if let Some(p) = progress {
+        let _ = p.await;
+    }
+    setup.settle(&prepared.users).await;
+    setup.release(&prepared.users).await;
+
+    // Time to the last receipt of every message that reached anyone.
+    let mut times: Vec<f64> = shared
+        .slots
+        .iter()
+        .filter(|s| s.received.load(Relaxed) > 0)
+        .map(|s| {
+            let ns = s
+                .last_ns
+                .load(Relaxed)
+                .saturating_sub(s.sent_ns.load(Relaxed));
+            ns as f64 / 1e6
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let deliveries = shared.deliveries.load(Relaxed);
+    let busy_secs: f64 = times.iter().sum::<f64>() / 1000.0;
+    let cpu = probe::cpu_delta(&before, &after);
+    let per_delivery = |ms: Option<u64>| ms.and_then(|ms| per_sec(ms * 1000, deliveries as f64));
+    let mut failures = shared.failures.snapshot();
+    for (k, v) in outcome.failures.snapshot() {
+        *failures.entry(k).or_default() += v;
+    }
+    Ok(FanoutReport {
+        scenario: "fanout",
+        transport: transport_name(opts.transport),
+        servers: servers.len(),
+        receivers: n,
+        other_online,
+        messages: opts.count,
+        sent: outcome.accepted,
+        send_failures: failures,
+        pushed: outcome.pushed,
+        expected_deliveries: expected,
+        deliveries,
+        missing: expected.saturating_sub(deliveries),
+        time_to_last_median_ms: median(&times),
+        time_to_last_max_ms: times.last().copied(),
+        deliveries_per_sec: per_sec(deliveries, busy_secs),
+        server_cpu_us_per_delivery: per_delivery(cpu.servers_ms),
+        cpu_us_per_delivery: per_delivery(cpu.total_ms),
+        cpu,
+    })
+}
+
+fn median(sorted: &[f64]) -> Option<f64> {
+    match sorted.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[n / 2]),
+        n => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+/// Online users that are not `ours`, from one pass over the route keys.
+async fn count_others(setup: &Setup, ours: &HashSet<u64>) -> anyhow::Result<u64> {
+    let store = &setup.backends.store;
+    let mut cursor = 0;
+    let mut others = 0;
+    // A SCAN pass ends when the cursor returns to 0; the step bound only guards against a
+    // store that never says so (10 million keys at 1000 per step).
+    for _ in 0..10_000 {
+        let (next, routes) = store.scan_routes(cursor, SCAN_COUNT).await?;
+        others += routes.iter().filter(|r| !ours.contains(&r.user_id)).count() as u64;
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(others)
+}
+
+struct SendOutcome {
+    accepted: u64,
+    pushed: u64,
+    failures: Failures,
+}
+
+/// Sends the numbered group messages on schedule, each after the previous one's result, and
+/// closes the sender. Pings keep the sender's connection alive across long intervals.
+async fn send_all(
+    sender: Opened,
+    opts: &FanoutOpts,
+    base: Instant,
+    shared: &Shared,
+    sent_so_far: &AtomicU64,
+) -> SendOutcome {
+    let mut out = SendOutcome {
+        accepted: 0,
+        pushed: 0,
+        failures: Failures::default(),
+    };
+    let Opened {
+        mut conn,
+        heartbeat: interval,
+        ..
+    } = sender;
+    let mut tick = heartbeat(interval);
+    let start = Instant::now();
+    for seq in 0..opts.count {
+        let due = start + opts.interval * seq as u32;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => break,
+                _ = tick.tick() => {
+                    if conn.send(&ping()).await.is_err() {
+                        out.failures.add("sender connection lost");
+                        return out;
+                    }
+                }
+            }
+        }
+        let sent_ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        shared.slots[seq].sent_ns.store(sent_ns, Relaxed);
+        let client_id = seq as u64 + 1;
+        let frame = Frame::new(Body::Send(Send {
+            client_id,
+            kind: MessageKind::Group as i32,
+            body: format!("{BODY_PREFIX}{seq}"),
+            ..Default::default()
+        }));
+        if conn.send(&frame).await.is_err() {
+            out.failures.add("sender connection lost");
+            return out;
+        }
+        sent_so_far.fetch_add(1, Relaxed);
+        match await_result(&mut conn, client_id).await {
+            Ok(r) => match SendStatus::try_from(r.status) {
+                Ok(SendStatus::Delivered | SendStatus::Offline) => {
+                    out.accepted += 1;
+                    out.pushed += u64::from(r.delivered);
+                }
+                _ => out.failures.add(
+                    r.error
+                        .map_or_else(|| "failed".into(), |e| code_name(e.code)),
+                ),
+            },
+            Err(reason) => {
+                out.failures.add(reason);
+                return out;
+            }
+        }
+    }
+    close_all([conn]).await;
+    out
+}
+
+/// Reads the sender's frames until the `SendResult` of `client_id` (others are pongs).
+async fn await_result(
+    conn: &mut Connection,
+    client_id: u64,
+) -> Result<crate::pb::SendResult, &'static str> {
+    let deadline = Instant::now() + RESULT_DEADLINE;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.recv()).await {
+            Err(_) => return Err("no send result"),
+            Ok(Ok(Some(Frame {
+                body: Some(Body::SendResult(r)),
+            }))) if r.client_id == client_id => return Ok(r),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None) | Err(_)) => return Err("sender connection lost"),
+        }
+    }
+}
+
+/// One receiver: notes the receipt of every bench message until `stop`, then closes.
+async fn receive(receiver: Opened, base: Instant, shared: Arc<Shared>, stop: CancellationToken) {
+    let Opened {
+        mut conn,
+        heartbeat: interval,
+        ..
+    } = receiver;
+    let mut tick = heartbeat(interval);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {
+                if conn.send(&ping()).await.is_err() {
+                    shared.failures.add("receiver connection lost");
+                    return;
+                }
+            }
+            frame = conn.recv() => match frame {
+                Ok(Some(Frame { body: Some(Body::Push(push)) })) => {
+                    let now_ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    let mut got = 0;
+                    for m in &push.messages {
+                        if m.kind != MessageKind::Group as i32 {
+                            continue;
+                        }
+                        let Some(seq) = m.body.strip_prefix(BODY_PREFIX).and_then(|s| s.parse::<usize>().ok()) else {
+                            continue;
+                        };
+                        let Some(slot) = shared.slots.get(seq) else { continue };
+                        slot.received.fetch_add(1, Relaxed);
+                        slot.last_ns.fetch_max(now_ns, Relaxed);
+                        got += 1;
+                    }
+                    if got > 0 {
+                        shared.deliveries.fetch_add(got, Relaxed);
+                        shared.progress.notify_waiters();
+                    }
+                }
+                Ok(Some(_)) => {}
+                _ => {
+                    shared.failures.add("receiver connection lost");
+                    return;
+                }
+            }
+        }
+    }
+    close_all([conn]).await;
+}
+
+impl std::fmt::Display for FanoutReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let title = format!(
+            "cim-bench fanout ({}, {} receivers on {} server{}, {} messages)",
+            self.transport,
+            self.receivers,
+            self.servers,
+            if self.servers == 1 { "" } else { "s" },
+            self.messages
+        );
+        let ms_opt = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{} ms", ms(v)));
+        let cpu = &self.cpu;
+        f.write_str(&report::table(
+            &title,
+            &[
+                ("other users online", int(self.other_online)),
+                ("sent (accepted)", int(self.sent)),
+                ("send failures", report::failures_line(&self.send_failures)),
+                ("pushed by the route", int(self.pushed)),
+                (
+                    "deliveries",
+                    format!(
+                        "{} of {}",
+                        int(self.deliveries),
+                        int(self.expected_deliveries)
+                    ),
+                ),
+                ("missing", int(self.missing)),
+                (
+                    "send → last receipt",
+                    format!(
+                        "median {}, max {}",
+                        ms_opt(self.time_to_last_median_ms),
+                        ms_opt(self.time_to_last_max_ms)
+                    ),
+                ),
+                (
+                    "delivery rate",
+                    format!("{} deliveries/s", num(self.deliveries_per_sec)),
+                ),
+                (
+                    "cpu",
+                    format!(
+                        "servers {} µs/delivery, all {} µs/delivery (servers {} ms, routes {} ms, \
+                         redis {} ms; this bench {} ms)",
+                        num(self.server_cpu_us_per_delivery),
+                        num(self.cpu_us_per_delivery),
+                        opt(cpu.servers_ms),
+                        opt(cpu.routes_ms),
+                        opt(cpu.redis_ms),
+                        opt(cpu.bench_ms)
+                    ),
+                ),
+            ],
+        ))
+    }
+}

@@ -1,0 +1,225 @@
+//! `cim-bench`: the load generator. Connects to a running cluster's Redis and etcd and runs one
+//! scenario (`connect`, `p2p`, `fanout`); everything it does is in [`cim_client::bench`], this
+//! file only parses flags. Progress goes to stderr once a second, the summary to stdout (one
+//! JSON object with `--json`). Exit status 1 when the scenario could not run, 2 for bad flags.
+
+use cim_client::{
+    bench::{self, ConnectOpts, FanoutOpts, Load, P2pOpts, Setup},
+    Transport,
+};
+use cim_common::{backend::BackendConfig, cli::BackendFlags, config::DEV_SECRET};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::{net::IpAddr, process::ExitCode, time::Duration};
+
+/// Load generator for a cim cluster: connections, private messages, group fan-out.
+///
+/// Bench users are `bench-{k}` accounts created directly in Redis (they cannot log in through
+/// a route); their login slots are taken and connect tokens signed with the cluster secret,
+/// so no HTTP login or password hashing is measured. One process opens at most 19,000
+/// connections: run several with disjoint --user-offset ranges for more.
+#[derive(Parser, Debug)]
+#[command(name = "cim-bench", version)]
+struct Cli {
+    #[command(flatten)]
+    backend: BackendFlags,
+    /// Cluster secret (signs connect tokens); must be the cluster's. Default: cim's
+    /// development secret, what a cluster without a configured secret uses.
+    #[arg(long, env = "CIM_CLUSTER_SECRET", default_value = DEV_SECRET, hide_env_values = true, hide_default_value = true)]
+    cluster_secret: String,
+    /// Print the summary as one JSON object instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// Open N connections at a rate, hold them with heartbeats, report connect rate and
+    /// server memory per connection.
+    Connect(ConnectArgs),
+    /// Private messages between pairs across two servers: throughput, one-way latency, loss,
+    /// CPU per message.
+    P2p(P2pArgs),
+    /// Group messages from one sender to N receivers: time to the last receipt, missing
+    /// deliveries, CPU per delivery. Nobody else should be online.
+    Fanout(FanoutArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TransportArg {
+    Tcp,
+    Ws,
+}
+
+impl From<TransportArg> for Transport {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Tcp => Transport::Tcp,
+            TransportArg::Ws => Transport::WsBinary,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// Connection transport (ws: WebSocket with binary protobuf frames).
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: TransportArg,
+    /// First bench user number: users are bench-{offset}, bench-{offset+1}, …
+    #[arg(long, default_value_t = 0)]
+    user_offset: u64,
+}
+
+#[derive(Args, Debug)]
+struct ConnectArgs {
+    /// Connections to open (at most 19,000 per process).
+    #[arg(long)]
+    connections: usize,
+    /// How long to hold them once all are open (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = bench::parse_duration)]
+    hold: Duration,
+    /// Local IPs to bind, cycled (e.g. 127.0.0.2-127.0.0.40): more ephemeral ports.
+    #[arg(long, value_parser = parse_ip_list)]
+    source_ips: Option<IpList>,
+    /// New connections per second.
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct P2pArgs {
+    /// Sender/receiver pairs.
+    #[arg(long)]
+    pairs: usize,
+    /// How long to send.
+    #[arg(long, default_value = "10s", value_parser = bench::parse_duration)]
+    duration: Duration,
+    /// Total messages per second over all senders [default: 1000].
+    #[arg(long, conflicts_with = "flat_out")]
+    rate: Option<f64>,
+    /// Send as fast as answers come: each sender keeps --window sends outstanding.
+    #[arg(long)]
+    flat_out: bool,
+    /// Outstanding sends per sender with --flat-out.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct FanoutArgs {
+    /// Receivers, round-robin over the live servers.
+    #[arg(long)]
+    receivers: usize,
+    /// Time between two group messages.
+    #[arg(long, default_value = "1s", value_parser = bench::parse_duration)]
+    interval: Duration,
+    /// Group messages to send.
+    #[arg(long, default_value_t = 10)]
+    count: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// The addresses of one `--source-ips` value (a newtype: clap would read a `Vec` as a flag
+/// given several times).
+#[derive(Clone, Debug)]
+struct IpList(Vec<IpAddr>);
+
+fn parse_ip_list(s: &str) -> Result<IpList, String> {
+    bench::parse_ips(s).map(IpList)
+}
+
+fn backend_config(flags: BackendFlags) -> BackendConfig {
+    let mut config = BackendConfig::default();
+    if let Some(url) = flags.redis_url {
+        config.redis_url = url;
+    }
+    if !flags.etcd.is_empty() {
+        config.etcd_endpoints = flags.etcd;
+    }
+    if let Some(prefix) = flags.prefix {
+        config.prefix = prefix;
+    }
+    config
+}
+
+async fn run(cli: Cli) -> anyhow::Result<String> {
+    let setup = Setup::connect(&backend_config(cli.backend), &cli.cluster_secret)
+        .await?
+        .with_progress(true);
+    let json = cli.json;
+    let render = |text: String, value: serde_json::Value| {
+        if json {
+            value.to_string()
+        } else {
+            text
+        }
+    };
+    Ok(match cli.scenario {
+        Scenario::Connect(a) => {
+            let opts = ConnectOpts {
+                connections: a.connections,
+                transport: a.common.transport.into(),
+                hold: a.hold,
+                source_ips: a.source_ips.map(|l| l.0).unwrap_or_default(),
+                rate: a.rate,
+                user_offset: a.common.user_offset,
+            };
+            let r = bench::run_connect(&setup, opts).await?;
+            render(r.to_string(), serde_json::to_value(&r)?)
+        }
+        Scenario::P2p(a) => {
+            let opts = P2pOpts {
+                pairs: a.pairs,
+                duration: a.duration,
+                load: if a.flat_out {
+                    Load::FlatOut
+                } else {
+                    Load::Rate(a.rate.unwrap_or(1000.0))
+                },
+                window: a.window,
+                transport: a.common.transport.into(),
+                user_offset: a.common.user_offset,
+            };
+            let r = bench::run_p2p(&setup, opts).await?;
+            render(r.to_string(), serde_json::to_value(&r)?)
+        }
+        Scenario::Fanout(a) => {
+            let opts = FanoutOpts {
+                receivers: a.receivers,
+                interval: a.interval,
+                count: a.count,
+                transport: a.common.transport.into(),
+                user_offset: a.common.user_offset,
+            };
+            let r = bench::run_fanout(&setup, opts).await?;
+            render(r.to_string(), serde_json::to_value(&r)?)
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cim-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(summary) => {
+            println!("{}", summary.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cim-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,561 @@
+#!/usr/bin/env bash
+# The performance baseline of cim, in about ten minutes on 2 cores: starts a local cluster
+# with deploy/cluster.sh in its own run folder and on its own ports (a development cluster on
+# the standard ports can keep running), runs the cim-bench scenarios one after the other,
+# writes every result as JSON plus a markdown summary, prints the summary, and stops
+# everything it started, also on failure or ctrl-c.
+#
+#   deploy/baseline.sh              build (release), then run the baseline
+#   BASELINE_100K=1 deploy/baseline.sh
+#                                   the 100k-connection mode instead: 6 servers, 6 bench
+#                                   processes of ~16,700 idle TCP connections each
+#
+# Steps (sizes in brackets, each overridable by the variable named):
+#   connect-tcp   [19000] BASELINE_TCP_CONNECTIONS idle TCP connections from 2 bench processes
+#                 in parallel (disjoint users and source IPs), held [20s] BASELINE_HOLD
+#   connect-ws    [10000] BASELINE_WS_CONNECTIONS the same over WebSocket
+#   p2p-unloaded  1 pair at [200] BASELINE_P2P_UNLOADED_RATE msg/s: latency without load
+#   p2p-rate      [200] BASELINE_P2P_PAIRS pairs at [10000] BASELINE_P2P_RATE msg/s in total
+#   p2p-flat      [1000] BASELINE_P2P_FLAT_PAIRS pairs sending flat out (window 32)
+#                 (each p2p step sends for [10s] BASELINE_P2P_DURATION)
+#   fanout        [10000] BASELINE_FANOUT_RECEIVERS receivers in one process, [10]
+#                 BASELINE_FANOUT_COUNT group messages [1s] BASELINE_FANOUT_INTERVAL apart
+# Each step starts only once the servers report no open connection, so none sees the
+# previous step's clients. Server memory per connection is measured here too, from the
+# servers' resident memory before a connect step and while its connections are all open
+# (the bench processes' own figures overlap when two of them connect at once).
+# 100k mode: [100000] BASELINE_100K_CONNECTIONS over [6] BASELINE_100K_PROCESSES processes,
+# opened at [1000] BASELINE_100K_RATE per second per process (at 5,000 each, 2 cores fall
+# behind and logins time out), held [30s] BASELINE_100K_HOLD, on [6] BASELINE_100K_SERVERS
+# servers (2 to 8: cluster.sh's two and server-c… started here with its flags). Six, not
+# five: a server holds its share plus a few hundred files, and 100,000 / 5 does not fit under
+# a 20,000-file hard limit; with fewer servers the open-file limit is raised, which needs the
+# right to (root with CAP_SYS_RESOURCE).
+#
+# Results in ./run/baseline/results/ (results-100k/ in 100k mode; BASELINE_RUN_DIR sets the
+# run folder), replaced at each run: STEP.json (one cim-bench report; STEP-N.json for each
+# process of a parallel step), STEP.log / STEP-N.log (its progress lines), memory-STEP.json,
+# baseline.json (everything, with the machine and commit), summary.md. The cluster's logs are
+# in the run folder.
+#
+# Environment: BASELINE_SKIP_BUILD=1 uses target/release as it is; BASELINE_CONNECT_RATE
+# [5000] new connections per second per bench process; the ports are cluster.sh's CIM_*
+# variables, defaulting here to etcd 23790/23800, redis 16390, route 18080/18081, servers
+# 19000/19001/19100, 19010/19011/19110; the 100k mode's further servers take the next tens
+# (server-c 19020/19021/19120, server-d 19030/…); CIM_CLUSTER_SECRET reaches both the cluster
+# and cim-bench.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+run_dir=${BASELINE_RUN_DIR:-$repo/run/baseline}
+mode_100k=${BASELINE_100K:-0}
+# The 100k mode keeps its own results, so that it does not wipe the baseline's.
+if [[ $mode_100k == 1 ]]; then
+    results=$run_dir/results-100k
+else
+    results=$run_dir/results
+fi
+bin_dir=$repo/target/release
+host=127.0.0.1
+
+# cluster.sh reads these; defaults off the standard ports so both clusters can coexist.
+export CIM_RUN_DIR=$run_dir
+export CIM_BIN_DIR=$bin_dir
+export CIM_ETCD_PORT=${CIM_ETCD_PORT:-23790}
+export CIM_ETCD_PEER_PORT=${CIM_ETCD_PEER_PORT:-23800}
+export CIM_REDIS_PORT=${CIM_REDIS_PORT:-16390}
+export CIM_SRV_A_TCP=${CIM_SRV_A_TCP:-19000}
+export CIM_SRV_A_WS=${CIM_SRV_A_WS:-19001}
+export CIM_SRV_A_INTERNAL=${CIM_SRV_A_INTERNAL:-19100}
+export CIM_SRV_B_TCP=${CIM_SRV_B_TCP:-19010}
+export CIM_SRV_B_WS=${CIM_SRV_B_WS:-19011}
+export CIM_SRV_B_INTERNAL=${CIM_SRV_B_INTERNAL:-19110}
+export CIM_RT_HTTP=${CIM_RT_HTTP:-18080}
+export CIM_RT_INTERNAL=${CIM_RT_INTERNAL:-18081}
+
+etcd_url=http://$host:$CIM_ETCD_PORT
+redis_url=redis://$host:$CIM_REDIS_PORT/0
+route_url=http://$host:$CIM_RT_HTTP
+
+hold=${BASELINE_HOLD:-20s}
+connect_rate=${BASELINE_CONNECT_RATE:-5000}
+tcp_connections=${BASELINE_TCP_CONNECTIONS:-19000}
+ws_connections=${BASELINE_WS_CONNECTIONS:-10000}
+p2p_duration=${BASELINE_P2P_DURATION:-10s}
+p2p_unloaded_rate=${BASELINE_P2P_UNLOADED_RATE:-200}
+p2p_pairs=${BASELINE_P2P_PAIRS:-200}
+p2p_rate=${BASELINE_P2P_RATE:-10000}
+p2p_flat_pairs=${BASELINE_P2P_FLAT_PAIRS:-1000}
+fanout_receivers=${BASELINE_FANOUT_RECEIVERS:-10000}
+fanout_count=${BASELINE_FANOUT_COUNT:-10}
+fanout_interval=${BASELINE_FANOUT_INTERVAL:-1s}
+big_connections=${BASELINE_100K_CONNECTIONS:-100000}
+big_processes=${BASELINE_100K_PROCESSES:-6}
+big_hold=${BASELINE_100K_HOLD:-30s}
+big_servers=${BASELINE_100K_SERVERS:-6}
+big_rate=${BASELINE_100K_RATE:-1000}
+
+# Source addresses for the bench processes: all of 127.0.0.0/8 is loopback on Linux, and each
+# address has its own ephemeral ports, so parallel processes get disjoint slices of these.
+source_first=2
+source_last=40
+
+# Names of the servers beyond cluster.sh's two, in 100k mode.
+extra_names=(server-c server-d server-e server-f server-g server-h)
+
+bench=$bin_dir/cim-bench
+bench_global=(--redis-url "$redis_url" --etcd "$etcd_url" --json)
+
+# Every server's internal address and pid file, filled once the cluster runs.
+server_internal=()
+server_pid_files=()
+# Bench processes and extra servers started here, by pid, for the cleanup.
+bench_pids=()
+extra_pids=()
+failed_steps=()
+# Set once this run may have started cluster processes in the run folder: only then does the
+# cleanup stop them (a cluster found running there belongs to someone else).
+cluster_owned=false
+started_at=$(date -u +%FT%TZ)
+started_secs=$SECONDS
+
+log() {
+    echo "baseline: $*" >&2
+}
+
+die() {
+    log "$*"
+    exit 1
+}
+
+# Whether process PID runs (exists and is not a zombie).
+running() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != [ZX] ]]
+}
+
+# SIGTERM to the given pids, SIGKILL to whatever still runs after TIMEOUT seconds.
+stop_pids() {
+    local timeout=$1 pid
+    shift
+    local -a left=()
+    for pid in "$@"; do
+        if running "$pid"; then
+            kill -TERM "$pid" 2>/dev/null || true
+            left+=("$pid")
+        fi
+    done
+    local deadline=$((SECONDS + timeout))
+    while [[ ${#left[@]} -gt 0 ]]; do
+        local -a still=()
+        for pid in "${left[@]}"; do
+            if running "$pid"; then
+                still+=("$pid")
+            fi
+        done
+        left=("${still[@]+"${still[@]}"}")
+        [[ ${#left[@]} -gt 0 ]] || break
+        if ((SECONDS >= deadline)); then
+            kill -KILL "${left[@]}" 2>/dev/null || true
+            break
+        fi
+        sleep 0.2
+    done
+}
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    set +e
+    local pid
+    for pid in "${bench_pids[@]+"${bench_pids[@]}"}"; do
+        if running "$pid"; then
+            log "stopping bench process $pid"
+            stop_pids 10 "$pid"
+        fi
+    done
+    if [[ ${#extra_pids[@]} -gt 0 ]]; then
+        log "stopping the extra servers"
+        stop_pids 15 "${extra_pids[@]}"
+        rm -f "$run_dir"/server-[c-h].pid
+    fi
+    if [[ $cluster_owned == true ]]; then
+        "$repo/deploy/cluster.sh" stop
+    fi
+    if ((status != 0)); then
+        log "failed (status $status); logs in $run_dir and $results"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Resident memory of every server process, in bytes.
+servers_rss() {
+    local file pid kib total=0
+    for file in "${server_pid_files[@]}"; do
+        pid=$(<"$file")
+        kib=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || kib=0
+        total=$((total + ${kib:-0} * 1024))
+    done
+    echo "$total"
+}
+
+# Open connections over every server (their /healthz); fails when a server does not answer.
+servers_connections() {
+    local addr body total=0
+    for addr in "${server_internal[@]}"; do
+        body=$(curl -fsS --max-time 2 "http://$addr/healthz") || return 1
+        total=$((total + $(jq -r '.connections // 0' <<<"$body")))
+    done
+    echo "$total"
+}
+
+# Waits until the servers hold no connection (the previous step's clients are gone).
+wait_idle() {
+    local deadline=$((SECONDS + 60)) n=
+    while :; do
+        n=$(servers_connections) || n=
+        [[ $n != 0 ]] || return 0
+        if ((SECONDS >= deadline)); then
+            die "servers still report ${n:-no answer} connections after 60s"
+        fi
+        sleep 0.5
+    done
+}
+
+# `start-end` of slice I (0-based) of N of the source addresses.
+source_slice() {
+    local i=$1 n=$2 count=$((source_last - source_first + 1))
+    local from=$((source_first + i * count / n)) to=$((source_first + (i + 1) * count / n - 1))
+    echo "127.0.0.$from-127.0.0.$to"
+}
+
+# Seconds in a duration such as 20s, 1500ms or 2m (rounded up), for deadlines.
+secs_of() {
+    local d=$1
+    case $d in
+        *ms) echo $(((${d%ms} + 999) / 1000)) ;;
+        *s) echo "${d%s}" | awk '{ printf "%d\n", $1 + 0.999 }' ;;
+        *m) echo $((${d%m} * 60)) ;;
+        *) echo "$d" | awk '{ printf "%d\n", $1 + 0.999 }' ;;
+    esac
+}
+
+# Starts one cim-bench in the background, its report to NAME.json and its progress to
+# NAME.log, stopped by `timeout` after LIMIT seconds so a hung run cannot hang the baseline.
+# Sets `launched` to its pid.
+launch_bench() {
+    local name=$1 limit=$2
+    shift 2
+    log "  $name: cim-bench $*"
+    timeout --kill-after=10 "$limit" "$bench" "${bench_global[@]}" "$@" \
+        >"$results/$name.json" 2>"$results/$name.log" </dev/null &
+    launched=$!
+    bench_pids+=("$launched")
+}
+
+# Waits for the given bench pids; the names of those that failed go to failed_steps.
+wait_benches() {
+    local i pid status
+    local -a names=()
+    read -r -a names <<<"$1"
+    shift
+    i=0
+    for pid in "$@"; do
+        status=0
+        wait "$pid" || status=$?
+        if ((status != 0)); then
+            log "  ${names[$i]} failed (status $status); last lines of $results/${names[$i]}.log:"
+            tail -n 5 "$results/${names[$i]}.log" >&2 || true
+            failed_steps+=("${names[$i]}")
+            rm -f "$results/${names[$i]}.json"
+        fi
+        i=$((i + 1))
+    done
+}
+
+# connect STEP TRANSPORT TOTAL PROCESSES USER_OFFSET HOLD RATE: TOTAL idle connections from
+# PROCESSES bench processes in parallel (RATE new ones per second each), and the servers'
+# memory per connection meanwhile.
+connect_step() {
+    local step=$1 transport=$2 total=$3 procs=$4 offset=$5 hold_for=$6 rate=$7
+    local per=$(((total + procs - 1) / procs)) i n name limit
+    local -a pids=() names=()
+    wait_idle
+    log "$step: $total $transport connections from $procs processes, held $hold_for"
+    local rss_before
+    rss_before=$(servers_rss)
+    # Connecting is paced by --rate in each process; allow it twice over, plus the hold.
+    limit=$((per * 2 / rate + $(secs_of "$hold_for") + 120))
+    for ((i = 0; i < procs; i++)); do
+        n=$((total / procs + (i < total % procs ? 1 : 0)))
+        name=$step-$i
+        launch_bench "$name" "$limit" connect --connections "$n" --transport "$transport" \
+            --hold "$hold_for" --rate "$rate" --source-ips "$(source_slice "$i" "$procs")" \
+            --user-offset $((offset + i * per))
+        pids+=("$launched")
+        names+=("$name")
+    done
+
+    # Memory while every connection is open: wait until the servers count them all, or the
+    # count stops growing for 3 s (some failed), then read both at once.
+    local conns=0 last=-1 stable=0 deadline=$((SECONDS + limit))
+    while ((SECONDS < deadline)); do
+        conns=$(servers_connections) || conns=0
+        if ((conns >= total)); then
+            break
+        fi
+        if ((conns > 0 && conns == last)); then
+            stable=$((stable + 1))
+            ((stable < 6)) || break
+        else
+            stable=0
+        fi
+        last=$conns
+        local alive=false pid
+        for pid in "${pids[@]}"; do
+            if running "$pid"; then
+                alive=true
+            fi
+        done
+        [[ $alive == true ]] || break
+        sleep 0.5
+    done
+    sleep 1
+    local rss_during
+    conns=$(servers_connections) || conns=0
+    rss_during=$(servers_rss)
+    jq -n --arg step "$step" --arg transport "$transport" --argjson connections "$conns" \
+        --argjson before "$rss_before" --argjson during "$rss_during" '{
+            step: $step, transport: $transport, connections: $connections,
+            servers_rss_before_bytes: $before, servers_rss_during_bytes: $during,
+            bytes_per_connection: (if $connections > 0
+                then (($during - $before) / $connections | floor) else null end)
+        }' >"$results/memory-$step.json"
+    log "  $conns connections open, servers' memory $((rss_before / 1048576)) → $((rss_during / 1048576)) MiB"
+    wait_benches "${names[*]}" "${pids[@]}"
+}
+
+# bench_step NAME LIMIT ARGS…: one bench process, waited for.
+bench_step() {
+    local name=$1 limit=$2
+    shift 2
+    wait_idle
+    log "$name"
+    launch_bench "$name" "$limit" "$@"
+    wait_benches "$name" "$launched"
+}
+
+# Starts servers 3..TOTAL of the 100k mode with cluster.sh's flags, and waits until the
+# route counts them all.
+start_extra_servers() {
+    local total=$1 k name tcp ws internal
+    local -a server_args=()
+    read -r -a server_args <<<"${CIM_SRV_ARGS:-}"
+    if [[ -n ${CIM_CLUSTER_SECRET:-} ]]; then
+        export CIM_SERVER_CLUSTER_SECRET=$CIM_CLUSTER_SECRET
+    fi
+    for ((k = 2; k < total; k++)); do
+        name=${extra_names[k - 2]}
+        tcp=$((CIM_SRV_A_TCP + 10 * k))
+        ws=$((CIM_SRV_A_WS + 10 * k))
+        internal=$((CIM_SRV_A_INTERNAL + 10 * k))
+        log "starting $name"
+        echo "=== $(date -u +%FT%TZ) starting $name" >>"$run_dir/$name.log"
+        RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 setsid "$bin_dir/cim-server" --name "$name" \
+            --tcp-listen "$host:$tcp" --ws-listen "$host:$ws" --internal-listen "$host:$internal" \
+            --redis-url "$redis_url" --etcd "$etcd_url" "${server_args[@]}" \
+            >>"$run_dir/$name.log" 2>&1 </dev/null &
+        extra_pids+=("$!")
+        echo "$!" >"$run_dir/$name.pid"
+        server_internal+=("$host:$internal")
+        server_pid_files+=("$run_dir/$name.pid")
+    done
+    local deadline=$((SECONDS + 60)) servers=
+    while :; do
+        servers=$(curl -fsS --max-time 2 "$route_url/healthz" | jq -r '.servers // 0') || servers=0
+        ((servers < total)) || break
+        ((SECONDS < deadline)) || die "the route sees $servers servers, not $total, after 60s"
+        sleep 0.5
+    done
+}
+
+# Stops and starts the cluster (Redis and etcd keep their data in the run folder).
+restart_cluster() {
+    log "restarting the cluster"
+    "$repo/deploy/cluster.sh" stop
+    CIM_SKIP_BUILD=1 "$repo/deploy/cluster.sh" start >>"$results/cluster-start.txt"
+}
+
+# Raises this shell's open-file limit (inherited by the cluster and the benches) to NEED.
+raise_fd_limit() {
+    local need=$1
+    if (($(ulimit -Hn) < need)); then
+        ulimit -Hn "$need" 2>/dev/null ||
+            die "the servers need $need open files, the hard limit is $(ulimit -Hn): run as root or raise it"
+    fi
+    ulimit -Sn "$(ulimit -Hn)"
+}
+
+# jq helpers of the summary: `f(d)` a number with d decimals or "-", `row` a table row.
+jq_lib='
+    def f(d): if . == null then "-" else (. * pow(10; d) | round / pow(10; d) | tostring) end;
+    def row: "| " + (map(tostring) | join(" | ")) + " |";
+'
+
+# One row per connect step; its processes ran in parallel, so counts and rates add up and
+# the latency columns show the slowest process.
+connect_row() {
+    local step=$1
+    jq -rs --slurpfile mem "$results/memory-$step.json" --arg step "$step" "$jq_lib"'
+        ($mem[0].bytes_per_connection) as $b
+        | ["\($step) (\(length) proc.)",
+           "\(map(.connected) | add) / \(map(.requested) | add)",
+           (map(.failed) | add), (map(.dropped) | add),
+           (map(.connect_rate_per_sec // 0) | add | f(0)),
+           "\(map(.connect_latency.p50_ms) | max | f(1)) / \(map(.connect_latency.p99_ms) | max | f(1))",
+           "\(if $b == null then "-" else "\($b / 1024 | f(2)) KiB" end) (\($mem[0].connections) conn.)"]
+        | row' "$results/$step"-[0-9]*.json 2>/dev/null ||
+        echo "| $step | failed: see $step-*.log | | | | | |"
+}
+
+p2p_row() {
+    local step=$1
+    jq -r --arg step "$step" "$jq_lib"'
+        ["\($step) (\(.pairs) pair\(if .pairs == 1 then "" else "s" end))",
+         "\(.mode)\(if .target_rate then " \(.target_rate | f(0))/s" else "" end)",
+         .sent, .delivered, .lost, (.throughput_per_sec | f(0)),
+         "\(.latency.p50_ms | f(2)) / \(.latency.p99_ms | f(2)) / \(.latency.p999_ms | f(2)) / \(.latency.max_ms | f(1))",
+         (.cpu_us_per_message | f(1))]
+        | row' "$results/$step.json" 2>/dev/null ||
+        echo "| $step | failed: see $step.log | | | | | | |"
+}
+
+fanout_row() {
+    jq -r "$jq_lib"'
+        ["fanout (\(.messages) messages)", .receivers,
+         "\(.deliveries) / \(.expected_deliveries)", .missing,
+         "\(.time_to_last_median_ms | f(1)) / \(.time_to_last_max_ms | f(1))",
+         (.deliveries_per_sec | f(0)),
+         "\(.cpu_us_per_delivery | f(2)) (\(.server_cpu_us_per_delivery | f(2)))"]
+        | row' "$results/fanout.json" 2>/dev/null ||
+        echo "| fanout | failed: see fanout.log | | | | | |"
+}
+
+# Writes summary.md and baseline.json from the step results, and prints the summary.
+summary() {
+    local out=$results/summary.md step commit cpu dirty=
+    commit=$(git -C "$repo" rev-parse HEAD 2>/dev/null) || commit=unknown
+    git -C "$repo" diff --quiet HEAD 2>/dev/null || dirty=" (with local changes)"
+    cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+    {
+        echo "# cim baseline, $started_at"
+        echo
+        echo "$(nproc) cores ($cpu), Linux $(uname -r), commit ${commit:0:12}$dirty;" \
+            "took $((SECONDS - started_secs)) s."
+        echo
+        echo "| connections | open | failed | dropped | connect rate /s | connect p50 / p99 ms | server memory / connection |"
+        echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        if [[ $mode_100k == 1 ]]; then
+            connect_row connect-100k
+        else
+            connect_row connect-tcp
+            connect_row connect-ws
+            echo
+            echo "| private messages | mode | sent | delivered | lost | msg/s | p50 / p99 / p99.9 / max ms | CPU µs / msg |"
+            echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+            for step in p2p-unloaded p2p-rate p2p-flat; do
+                p2p_row "$step"
+            done
+            echo
+            echo "| group fan-out | receivers | deliveries / expected | missing | send → last receipt, median / max ms | deliveries/s | CPU µs / delivery (servers') |"
+            echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+            fanout_row
+        fi
+        if [[ ${#failed_steps[@]} -gt 0 ]]; then
+            echo
+            echo "Failed: ${failed_steps[*]} (see their .log files)."
+        fi
+    } >"$out"
+
+    # Everything in one file for tools: every report and memory reading under its file name.
+    local -a parts=()
+    local file
+    for file in "$results"/*.json; do
+        [[ ${file##*/} == baseline.json ]] || parts+=("$file")
+    done
+    jq -n --arg started "$started_at" --argjson secs $((SECONDS - started_secs)) \
+        --arg commit "$commit" --argjson cores "$(nproc)" --arg kernel "$(uname -r)" \
+        --arg failed "${failed_steps[*]+"${failed_steps[*]}"}" '{
+            started: $started, duration_secs: $secs, commit: $commit, cores: $cores,
+            kernel: $kernel, failed: ($failed | split(" ") | map(select(. != ""))),
+            results: (reduce inputs as $r ({};
+                . + {(input_filename | split("/") | last | rtrimstr(".json")): $r}))
+        }' "${parts[@]+"${parts[@]}"}" >"$results/baseline.json" </dev/null
+    cat "$out"
+}
+
+main() {
+    "$repo/deploy/install-deps.sh" curl=curl jq=jq setsid=util-linux timeout=coreutils
+
+    if [[ ${BASELINE_SKIP_BUILD:-} != 1 ]]; then
+        log "building: cargo build --release (cim-server, cim-route, cim-bench)"
+        (cd "$repo" && cargo build --release -p cim-server -p cim-route -p cim-client \
+            --bin cim-server --bin cim-route --bin cim-bench)
+    fi
+    [[ -x $bench ]] || die "$bench is missing (build failed?)"
+
+    if [[ $mode_100k == 1 ]]; then
+        ((big_servers >= 2 && big_servers <= 8)) || die "BASELINE_100K_SERVERS must be 2 to 8"
+        # A server's share, plus its listeners, Redis, etcd and internal HTTP connections.
+        raise_fd_limit $((big_connections / big_servers + 1024))
+    else
+        raise_fd_limit 20000
+    fi
+
+    rm -rf "$results"
+    mkdir -p "$results"
+    local status=0
+    "$repo/deploy/cluster.sh" status >/dev/null 2>&1 || status=$?
+    ((status == 3)) || die "a cluster already runs in $run_dir: stop it with CIM_RUN_DIR=$run_dir deploy/cluster.sh stop"
+    cluster_owned=true
+    CIM_SKIP_BUILD=1 "$repo/deploy/cluster.sh" start >"$results/cluster-start.txt"
+    server_internal=("$host:$CIM_SRV_A_INTERNAL" "$host:$CIM_SRV_B_INTERNAL")
+    server_pid_files=("$run_dir/server-a.pid" "$run_dir/server-b.pid")
+
+    if [[ $mode_100k == 1 ]]; then
+        start_extra_servers "$big_servers"
+        connect_step connect-100k tcp "$big_connections" "$big_processes" 1000000 "$big_hold" \
+            "$big_rate"
+    else
+        connect_step connect-tcp tcp "$tcp_connections" 2 0 "$hold" "$connect_rate"
+        # Fresh servers for the WebSocket figure: memory the TCP step freed stays with the
+        # allocator, and reusing it would make WebSocket connections look free.
+        restart_cluster
+        connect_step connect-ws ws "$ws_connections" 2 100000 "$hold" "$connect_rate"
+        local d
+        d=$(secs_of "$p2p_duration")
+        bench_step p2p-unloaded $((d + 120)) p2p --pairs 1 --rate "$p2p_unloaded_rate" \
+            --duration "$p2p_duration" --user-offset 200000
+        bench_step p2p-rate $((d + 120)) p2p --pairs "$p2p_pairs" --rate "$p2p_rate" \
+            --duration "$p2p_duration" --user-offset 210000
+        bench_step p2p-flat $((d + 120)) p2p --pairs "$p2p_flat_pairs" --flat-out \
+            --duration "$p2p_duration" --user-offset 220000
+        bench_step fanout \
+            $(($(secs_of "$fanout_interval") * fanout_count + fanout_receivers / connect_rate + 120)) \
+            fanout --receivers "$fanout_receivers" --interval "$fanout_interval" \
+            --count "$fanout_count" --user-offset 300000
+    fi
+    wait_idle
+    summary
+    log "done in $((SECONDS - started_secs)) s; results in $results"
+    if [[ ${#failed_steps[@]} -gt 0 ]]; then
+        die "failed steps: ${failed_steps[*]}"
+    fi
+}
+
+main "$@"

@@ -1,0 +1,195 @@
+//! The load generator (`cim_client::bench`) against a real cluster (two servers, one route,
+//! real Redis and etcd), at tiny sizes: the three scenarios must keep working and their
+//! reports must add up. The figures themselves are meaningless here (every cim node runs in
+//! this test process, so memory and CPU are the whole process's).
+
+use cim_client::bench::{self, ConnectOpts, FanoutOpts, Load, P2pOpts, Setup};
+use cim_tests::cluster::{Cluster, TEST_SECRET};
+use std::time::Duration;
+
+async fn cluster_and_setup() -> anyhow::Result<(Cluster, Setup)> {
+    let cluster = Cluster::builder().start().await?;
+    let setup = Setup::connect(&cluster.infra.backend_config(&cluster.prefix), TEST_SECRET).await?;
+    Ok((cluster, setup))
+}
+
+/// Connections the cluster's servers hold right now.
+fn connections(cluster: &Cluster) -> usize {
+    cluster.servers.iter().map(|s| s.connection_count()).sum()
+}
+
+/// Waits until the servers hold no connection: a run returns once its users are detached in
+/// Redis, and a server counts a connection as gone a moment after it detached it.
+async fn all_closed(cluster: &Cluster) -> anyhow::Result<()> {
+    cim_tests::wait_until(
+        "servers to count no connection",
+        Duration::from_secs(5),
+        || std::future::ready(connections(cluster) == 0),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn connect_opens_holds_and_closes_everything() -> anyhow::Result<()> {
+    let (cluster, setup) = cluster_and_setup().await?;
+    let report = bench::run_connect(
+        &setup,
+        ConnectOpts {
+            connections: 20,
+            hold: Duration::from_secs(1),
+            rate: 200.0,
+            // Loopback addresses other than 127.0.0.1 exist on Linux without configuration.
+            source_ips: bench::parse_ips("127.0.0.2-127.0.0.4").map_err(anyhow::Error::msg)?,
+            ..ConnectOpts::default()
+        },
+    )
+    .await?;
+    assert_eq!(report.servers, 2);
+    assert_eq!(report.connected, 20, "{report}");
+    assert_eq!(report.failed, 0, "{report}");
+    assert_eq!(report.dropped, 0, "{report}");
+    assert!(report.connect_rate_per_sec.is_some_and(|r| r > 0.0));
+    assert_eq!(report.connect_latency.count, 20);
+    assert!(report.held_secs >= 1.0);
+    // Both servers live in this process: one process, 20 connections gained.
+    assert!(report.memory.bytes_per_connection.is_some(), "{report}");
+    assert_eq!(report.memory.processes.len(), 1);
+    assert_eq!(report.memory.processes[0].connections, 20);
+    let json = serde_json::to_value(&report)?;
+    assert!(json["memory"]["bytes_per_connection"].is_number(), "{json}");
+    all_closed(&cluster).await?;
+
+    // The same users again: their slots were freed (by the servers' detach), so a second
+    // run connects them all as well.
+    let again = bench::run_connect(
+        &setup,
+        ConnectOpts {
+            connections: 5,
+            hold: Duration::ZERO,
+            rate: 1000.0,
+            ..ConnectOpts::default()
+        },
+    )
+    .await?;
+    assert_eq!((again.connected, again.failed), (5, 0), "{again}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn p2p_delivers_every_message_across_servers() -> anyhow::Result<()> {
+    let (cluster, setup) = cluster_and_setup().await?;
+    let report = bench::run_p2p(
+        &setup,
+        P2pOpts {
+            pairs: 3,
+            duration: Duration::from_secs(1),
+            load: Load::Rate(60.0),
+            ..P2pOpts::default()
+        },
+    )
+    .await?;
+    assert!(report.cross_server, "{report}");
+    assert_ne!(report.sender_server, report.receiver_server);
+    assert!(report.sent > 0, "{report}");
+    assert_eq!(report.delivered, report.sent, "{report}");
+    assert_eq!((report.lost, report.offline, report.unanswered), (0, 0, 0));
+    assert!(report.send_failures.is_empty(), "{report}");
+    let l = report.latency;
+    assert_eq!(l.count, report.delivered);
+    assert!(l.p50_ms > 0.0, "{report}");
+    assert!(l.p50_ms <= l.p99_ms && l.p99_ms <= l.max_ms, "{report}");
+    assert!(report.throughput_per_sec.is_some_and(|t| t > 0.0));
+    // Every node is in this process, so CPU is measured (once) under servers.
+    assert!(report.cpu.servers_ms.is_some() && report.cpu.redis_ms.is_some());
+    all_closed(&cluster).await?;
+
+    // Flat out, briefly: still nothing lost.
+    let report = bench::run_p2p(
+        &setup,
+        P2pOpts {
+            pairs: 2,
+            duration: Duration::from_millis(300),
+            load: Load::FlatOut,
+            window: 4,
+            ..P2pOpts::default()
+        },
+    )
+    .await?;
+    assert!(report.sent > 0, "{report}");
+    assert_eq!(report.delivered, report.sent, "{report}");
+    assert_eq!(report.lost, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn fanout_reaches_every_receiver() -> anyhow::Result<()> {
+    let (cluster, setup) = cluster_and_setup().await?;
+    let report = bench::run_fanout(
+        &setup,
+        FanoutOpts {
+            receivers: 10,
+            interval: Duration::from_millis(200),
+            count: 3,
+            ..FanoutOpts::default()
+        },
+    )
+    .await?;
+    assert_eq!(report.other_online, 0);
+    assert_eq!(report.sent, 3, "{report}");
+    assert_eq!(report.pushed, 30, "{report}");
+    assert_eq!(report.expected_deliveries, 30);
+    assert_eq!(report.deliveries, 30, "{report}");
+    assert_eq!(report.missing, 0);
+    let (median, max) = (
+        report.time_to_last_median_ms.unwrap(),
+        report.time_to_last_max_ms.unwrap(),
+    );
+    assert!(median > 0.0 && median <= max, "{report}");
+    assert!(report.deliveries_per_sec.is_some_and(|d| d > 0.0));
+    assert!(report.server_cpu_us_per_delivery.is_some());
+    all_closed(&cluster).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn users_held_elsewhere_are_reported_not_stolen() -> anyhow::Result<()> {
+    let (cluster, setup) = cluster_and_setup().await?;
+    // A connect run holds bench-0..3 while a p2p run on the same users must refuse to start.
+    let holding = bench::run_connect(
+        &setup,
+        ConnectOpts {
+            connections: 4,
+            hold: Duration::from_secs(2),
+            ..ConnectOpts::default()
+        },
+    );
+    let second = async {
+        // Start once the first run's users are online.
+        cim_tests::wait_until("first run connected", Duration::from_secs(10), || async {
+            connections(&cluster) == 4
+        })
+        .await?;
+        let setup2 =
+            Setup::connect(&cluster.infra.backend_config(&cluster.prefix), TEST_SECRET).await?;
+        let refused = bench::run_p2p(
+            &setup2,
+            P2pOpts {
+                pairs: 2,
+                duration: Duration::from_millis(100),
+                ..P2pOpts::default()
+            },
+        )
+        .await;
+        anyhow::Ok(refused)
+    };
+    let (held, refused) = tokio::join!(holding, second);
+    let held = held?;
+    assert_eq!(held.connected, 4, "{held}");
+    assert_eq!(
+        held.dropped, 0,
+        "the refused run must not disturb the held users"
+    );
+    let err = refused?.expect_err("users are logged in").to_string();
+    assert!(err.contains("logged in already"), "{err}");
+    Ok(())
+}
