@@ -652,6 +652,21 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Whether a kick with this reason ends the client for good (no reconnect).
+///
+/// Logged out or forced offline on purpose, or another connection of ours took over: coming
+/// back would undo the logout or fight the other connection. Shutdown and slow consumer ask
+/// for a fresh connection; an unknown reason (a newer server) is treated like a dropped
+/// connection.
+pub fn kick_ends_session(reason: pb::KickReason) -> bool {
+    match reason {
+        pb::KickReason::LoggedOut | pb::KickReason::Admin | pb::KickReason::Replaced => true,
+        pb::KickReason::ServerShutdown
+        | pb::KickReason::SlowConsumer
+        | pb::KickReason::Unspecified => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -239,17 +239,10 @@ fn on_frame(
                 reason,
                 message: kick.message,
             });
-            return Some(match reason {
-                // Ended on purpose, or another connection of ours took over: coming back
-                // would undo the logout or fight the other connection.
-                KickReason::LoggedOut | KickReason::Admin | KickReason::Replaced => {
-                    End::Closed(why)
-                }
-                // Shutdown and slow consumer ask for a fresh connection; an unknown reason
-                // (a newer server) is treated like a dropped connection.
-                KickReason::ServerShutdown | KickReason::SlowConsumer | KickReason::Unspecified => {
-                    End::Reconnect(why)
-                }
+            return Some(if crate::client::kick_ends_session(reason) {
+                End::Closed(why)
+            } else {
+                End::Reconnect(why)
             });
         }
         Some(Body::Error(error)) => {

@@ -373,12 +373,22 @@ impl App {
             Event::State(state) => {
                 let line = render::state(&state);
                 if self.last_state.as_deref() != Some(line.as_str()) {
-                    self.print(render::notice(self.style, &line)).await;
+                    let text = render::notice(self.style, &line);
+                    if matches!(state, crate::ConnState::Closed { .. }) {
+                        self.out.print_final(text).await;
+                    } else {
+                        self.print(text).await;
+                    }
                     self.last_state = Some(line);
                 }
             }
             Event::Kicked { reason, message } => {
-                self.error(render::kicked(reason, &message)).await;
+                let text = render::error(self.style, &render::kicked(reason, &message));
+                if crate::client::kick_ends_session(reason) {
+                    self.out.print_final(text).await;
+                } else {
+                    self.print(text).await;
+                }
             }
             Event::Message(m) => {
                 self.print(render::incoming(self.style, &m)).await;

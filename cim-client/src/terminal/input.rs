@@ -43,10 +43,20 @@ pub enum InputEvent {
     Failed(String),
 }
 
+/// One piece of output.
+enum Line {
+    /// Printed above the prompt (through rustyline's external printer on a terminal).
+    Normal(String),
+    /// The session is over and the process will exit soon: written straight to stdout, as is
+    /// everything after it. rustyline's external printer only queues text for the editor
+    /// thread, which may never get to render it before the process exits.
+    Final(String),
+}
+
 /// Sends text to the output thread; cheap to clone.
 #[derive(Clone)]
 pub struct Output {
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<Line>,
 }
 
 impl Output {
@@ -54,7 +64,12 @@ impl Output {
     pub async fn print(&self, text: impl Into<String>) {
         // Fails only once the output thread ended, which happens after the last sender is
         // gone: nothing to print to then.
-        let _ = self.tx.send(text.into()).await;
+        let _ = self.tx.send(Line::Normal(text.into())).await;
+    }
+
+    /// Prints `text` as one of the last lines before exiting (see [`Line::Final`]).
+    pub async fn print_final(&self, text: impl Into<String>) {
+        let _ = self.tx.send(Line::Final(text.into())).await;
     }
 }
 
@@ -99,7 +114,7 @@ impl Terminal {
             .name("cim-input".into())
             .spawn(move || read_lines(editor, &prompt, input_history, lines_tx))?;
 
-        let (out_tx, out_rx) = mpsc::channel::<String>(OUTPUT_CAPACITY);
+        let (out_tx, out_rx) = mpsc::channel::<Line>(OUTPUT_CAPACITY);
         let printer = thread::Builder::new()
             .name("cim-output".into())
             .spawn(move || print_lines(printer, out_rx))?;
@@ -177,9 +192,19 @@ fn read_lines(
     }
 }
 
-fn print_lines(mut printer: Option<impl ExternalPrinter>, mut rx: mpsc::Receiver<String>) {
+fn print_lines(mut printer: Option<impl ExternalPrinter>, mut rx: mpsc::Receiver<Line>) {
     let mut stdout = io::stdout();
-    while let Some(mut text) = rx.blocking_recv() {
+    while let Some(line) = rx.blocking_recv() {
+        let mut text = match line {
+            Line::Normal(text) => text,
+            Line::Final(text) => {
+                if printer.take().is_some() {
+                    // Leave the prompt line rustyline drew.
+                    let _ = stdout.write_all(b"\r\n");
+                }
+                text
+            }
+        };
         text.push('\n');
         let printed = match printer.as_mut() {
             Some(p) => p.print(text.clone()).is_ok(),
