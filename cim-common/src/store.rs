@@ -5,6 +5,8 @@
 //! semantics. Every Redis call has a deadline (the Redis response timeout), so a dead Redis
 //! produces an error, never a hang; the memory store never waits.
 
+#[cfg(feature = "test-support")]
+pub mod faulty;
 pub mod memory;
 pub mod redis;
 

@@ -4,7 +4,6 @@
 //! [`AppState`] built on them. (Real Redis / etcd are exercised by the end-to-end tests.)
 
 use crate::{config::RouteConfig, state::AppState};
-use async_trait::async_trait;
 use axum::{extract::State, http::HeaderMap, response::Response, routing::post, Router};
 use cim_common::{
     cluster::{self, Protobuf},
@@ -14,10 +13,7 @@ use cim_common::{
 };
 use std::{
     collections::HashSet,
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 use tokio::sync::watch;
@@ -60,121 +56,7 @@ pub trait StoreExt: StateStore {
 
 impl<T: StateStore + ?Sized> StoreExt for T {}
 
-/// [`MemoryStore`] with fault injection and call counts, for the tests that need them (the
-/// product type stays free of test knobs). `fail` makes every call answer `Unavailable`;
-/// `hang` makes `user_by_name` never answer (signalling `entered` when a call gets stuck).
-#[derive(Default)]
-pub struct FaultyStore {
-    inner: MemoryStore,
-    pub fail: AtomicBool,
-    pub hang: AtomicBool,
-    pub entered: tokio::sync::Notify,
-    pub scans: AtomicUsize,
-    pub route_lookups: AtomicUsize,
-}
-
-impl FaultyStore {
-    fn check(&self) -> StoreResult<()> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("test double set to fail".into()));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl StateStore for FaultyStore {
-    async fn create_user(&self, name: &str, password_hash: &str) -> StoreResult<Option<u64>> {
-        self.check()?;
-        self.inner.create_user(name, password_hash).await
-    }
-
-    async fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRecord>> {
-        if self.hang.load(Ordering::SeqCst) {
-            self.entered.notify_one();
-            std::future::pending::<()>().await;
-        }
-        self.check()?;
-        self.inner.user_by_name(name).await
-    }
-
-    async fn user_name(&self, id: u64) -> StoreResult<Option<String>> {
-        self.check()?;
-        self.inner.user_name(id).await
-    }
-
-    async fn claim_login(
-        &self,
-        user_id: u64,
-        session: &str,
-        pending_ttl: Duration,
-        is_live: IsLive<'_>,
-    ) -> StoreResult<ClaimOutcome> {
-        self.check()?;
-        self.inner
-            .claim_login(user_id, session, pending_ttl, is_live)
-            .await
-    }
-
-    async fn session_active(&self, user_id: u64, session: &str) -> StoreResult<bool> {
-        self.check()?;
-        self.inner.session_active(user_id, session).await
-    }
-
-    async fn release_login(&self, user_id: u64, session: &str) -> StoreResult<Option<String>> {
-        self.check()?;
-        self.inner.release_login(user_id, session).await
-    }
-
-    async fn attach(
-        &self,
-        user_id: u64,
-        name: &str,
-        session: &str,
-        server_id: &str,
-    ) -> StoreResult<AttachOutcome> {
-        self.check()?;
-        self.inner.attach(user_id, name, session, server_id).await
-    }
-
-    async fn detach(
-        &self,
-        user_id: u64,
-        name: &str,
-        session: &str,
-        server_id: &str,
-    ) -> StoreResult<()> {
-        self.check()?;
-        self.inner.detach(user_id, name, session, server_id).await
-    }
-
-    async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>> {
-        self.route_lookups.fetch_add(1, Ordering::SeqCst);
-        self.check()?;
-        self.inner.routes(user_ids).await
-    }
-
-    async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)> {
-        self.scans.fetch_add(1, Ordering::SeqCst);
-        self.check()?;
-        self.inner.scan_routes(cursor, count).await
-    }
-
-    async fn online_page(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<OnlineEntry>> {
-        self.check()?;
-        self.inner.online_page(prefix, after, limit).await
-    }
-
-    async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()> {
-        self.check()?;
-        self.inner.remove_stale_route(entry).await
-    }
-}
+pub use cim_common::store::faulty::FaultyStore;
 
 /// A member list as the registry would publish it (sorted by id).
 pub fn members(mut servers: Vec<ServiceInfo>) -> Members {

@@ -13,7 +13,9 @@ use crate::{
         SendStatus,
     },
     start,
-    testing::{assert_closed, login_frame, next, test_config, token, TestStore, SECRET},
+    testing::{
+        assert_closed, login_frame, next, test_config, token, TestStore, TestStoreExt, SECRET,
+    },
     Listeners, ServerConfig, ServerHandle,
 };
 use axum::{routing::post, Router};

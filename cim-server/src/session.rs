@@ -495,7 +495,9 @@ mod tests {
         conn::Enqueued,
         pb::{Kick, Ping, Push, Send},
         tcp::TcpTransport,
-        testing::{assert_closed, error_code, login_frame, next, test_config, token, Harness},
+        testing::{
+            assert_closed, error_code, login_frame, next, test_config, token, Harness, TestStoreExt,
+        },
     };
     use cim_common::{
         codec::put_len_prefix,

@@ -10,25 +10,15 @@ use crate::{
     session,
     tcp::TcpTransport,
 };
-use async_trait::async_trait;
 use cim_common::{
     codec::FrameCodec,
     keys,
     pb::{frame::Body, Frame, Login},
-    store::{
-        AttachOutcome, ClaimOutcome, IsLive, MemoryStore, OnlineEntry, RouteEntry, StateStore,
-        StoreError, StoreResult, UserRecord,
-    },
+    store::{ClaimOutcome, StateStore},
     token::{ConnectClaims, TokenSigner},
 };
 use futures_util::{SinkExt, StreamExt};
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 use tokio::{io::DuplexStream, sync::mpsc, task::JoinHandle};
 use tokio_util::codec::Framed;
 
@@ -44,28 +34,31 @@ pub(crate) struct Slot {
     pub server: Option<String>,
 }
 
-/// [`MemoryStore`] with a switch that makes every call fail as if Redis were down. The fault
-/// injection lives here rather than in the product type: only error-path tests need it.
-#[derive(Default)]
-pub(crate) struct TestStore {
-    inner: MemoryStore,
-    unavailable: AtomicBool,
-}
+/// The in-memory store with fault injection, from cim-common's `test-support`.
+pub(crate) use cim_common::store::faulty::FaultyStore as TestStore;
 
-impl TestStore {
+/// What the server's tests do to the store besides the trait calls.
+pub(crate) trait TestStoreExt {
     /// What a route's login does: a pending slot for `session`. A slot another session
     /// holds is taken over (as after its server died), so tests can log a user in again.
-    pub(crate) async fn claim(&self, user_id: u64, session: &str) {
+    async fn claim(&self, user_id: u64, session: &str);
+    fn slot(&self, user_id: u64) -> Option<Slot>;
+    /// Makes every call fail as if Redis were down, or work again.
+    fn set_unavailable(&self, down: bool);
+}
+
+impl TestStoreExt for TestStore {
+    async fn claim(&self, user_id: u64, session: &str) {
         let outcome = self
-            .inner
+            .inner()
             .claim_login(user_id, session, CLAIM_TTL, &|_| false)
             .await
             .unwrap();
         assert_eq!(outcome, ClaimOutcome::Claimed, "claim of user {user_id}");
     }
 
-    pub(crate) fn slot(&self, user_id: u64) -> Option<Slot> {
-        let (value, _) = self.inner.login_slot(user_id)?;
+    fn slot(&self, user_id: u64) -> Option<Slot> {
+        let (value, _) = self.inner().login_slot(user_id)?;
         let (session, server) = keys::parse_slot(&value);
         Some(Slot {
             session: session.into(),
@@ -73,93 +66,8 @@ impl TestStore {
         })
     }
 
-    pub(crate) fn set_unavailable(&self, down: bool) {
-        self.unavailable.store(down, Ordering::SeqCst);
-    }
-
-    fn check(&self) -> StoreResult<()> {
-        if self.unavailable.load(Ordering::SeqCst) {
-            Err(StoreError::Unavailable("test store is down".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-#[async_trait]
-impl StateStore for TestStore {
-    async fn create_user(&self, name: &str, password_hash: &str) -> StoreResult<Option<u64>> {
-        self.check()?;
-        self.inner.create_user(name, password_hash).await
-    }
-    async fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRecord>> {
-        self.check()?;
-        self.inner.user_by_name(name).await
-    }
-    async fn user_name(&self, id: u64) -> StoreResult<Option<String>> {
-        self.check()?;
-        self.inner.user_name(id).await
-    }
-    async fn claim_login(
-        &self,
-        user_id: u64,
-        session: &str,
-        pending_ttl: Duration,
-        is_live: IsLive<'_>,
-    ) -> StoreResult<ClaimOutcome> {
-        self.check()?;
-        self.inner
-            .claim_login(user_id, session, pending_ttl, is_live)
-            .await
-    }
-    async fn session_active(&self, user_id: u64, session: &str) -> StoreResult<bool> {
-        self.check()?;
-        self.inner.session_active(user_id, session).await
-    }
-    async fn release_login(&self, user_id: u64, session: &str) -> StoreResult<Option<String>> {
-        self.check()?;
-        self.inner.release_login(user_id, session).await
-    }
-    async fn attach(
-        &self,
-        user_id: u64,
-        name: &str,
-        session: &str,
-        server_id: &str,
-    ) -> StoreResult<AttachOutcome> {
-        self.check()?;
-        self.inner.attach(user_id, name, session, server_id).await
-    }
-    async fn detach(
-        &self,
-        user_id: u64,
-        name: &str,
-        session: &str,
-        server_id: &str,
-    ) -> StoreResult<()> {
-        self.check()?;
-        self.inner.detach(user_id, name, session, server_id).await
-    }
-    async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>> {
-        self.check()?;
-        self.inner.routes(user_ids).await
-    }
-    async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)> {
-        self.check()?;
-        self.inner.scan_routes(cursor, count).await
-    }
-    async fn online_page(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<OnlineEntry>> {
-        self.check()?;
-        self.inner.online_page(prefix, after, limit).await
-    }
-    async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()> {
-        self.check()?;
-        self.inner.remove_stale_route(entry).await
+    fn set_unavailable(&self, down: bool) {
+        self.set_fail(down);
     }
 }
 
