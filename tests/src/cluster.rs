@@ -23,85 +23,50 @@ use tokio::{net::TcpListener, runtime::Runtime};
 /// Cluster secret used by test clusters.
 pub const TEST_SECRET: &str = "test-cluster-secret-0123456789";
 
-/// A connection server running on its own runtime.
-pub struct ServerNode {
+/// A cim node (server or route) on a runtime of its own; see the module docs for why.
+struct Isolated<H> {
     rt: Option<Runtime>,
-    handle: Option<ServerHandle>,
-    pub id: String,
-    pub tcp_addr: SocketAddr,
-    pub ws_addr: SocketAddr,
-    pub internal_addr: SocketAddr,
+    handle: Option<H>,
 }
 
-/// A route running on its own runtime.
-pub struct RouteNode {
-    rt: Option<Runtime>,
-    handle: Option<RouteHandle>,
-    pub id: String,
-    pub http_addr: SocketAddr,
-    pub internal_addr: SocketAddr,
-}
-
-fn runtime() -> anyhow::Result<Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?)
-}
-
-async fn bind() -> anyhow::Result<TcpListener> {
-    Ok(TcpListener::bind("127.0.0.1:0").await?)
-}
-
-impl ServerNode {
-    /// Starts a server with `config` (its backend section is filled in by the cluster).
-    pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
-        let rt = runtime()?;
-        let (handle, id, tcp, ws, internal) = rt
-            .spawn(async move {
-                let backends = Backends::connect(&config.backend)
-                    .await
-                    .map_err(anyhow::Error::msg)?;
-                let listeners = cim_server::Listeners {
-                    tcp: bind().await?,
-                    ws: bind().await?,
-                    internal: bind().await?,
-                };
-                let handle = cim_server::start(config, listeners, backends).await?;
-                let id = handle.id().to_string();
-                let (t, w, i) = (handle.tcp_addr(), handle.ws_addr(), handle.internal_addr());
-                anyhow::Ok((handle, id, t, w, i))
-            })
+impl<H: Send + 'static> Isolated<H> {
+    /// Runs `start` on a new one-thread runtime; it returns the node's handle and whatever
+    /// the caller wants to know about it (addresses, id).
+    async fn start<T, F>(what: &str, start: F) -> anyhow::Result<(Self, T)>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = anyhow::Result<(H, T)>> + Send + 'static,
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let (handle, info) = rt
+            .spawn(start)
             .await
-            .context("server start task")??;
-        Ok(Self {
+            .with_context(|| format!("{what} start task"))??;
+        let node = Self {
             rt: Some(rt),
             handle: Some(handle),
-            id,
-            tcp_addr: tcp,
-            ws_addr: ws,
-            internal_addr: internal,
-        })
+        };
+        Ok((node, info))
     }
 
-    pub fn connection_count(&self) -> usize {
-        self.handle.as_ref().map_or(0, |h| h.connection_count())
-    }
-
-    /// Graceful shutdown: leaves etcd, kicks clients, closes.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    /// Runs the handle's graceful shutdown on the node's own runtime.
+    async fn shutdown<Fut>(mut self, shutdown: impl FnOnce(H) -> Fut) -> anyhow::Result<()>
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         if let (Some(rt), Some(handle)) = (self.rt.as_ref(), self.handle.take()) {
-            rt.spawn(handle.shutdown()).await?;
+            rt.spawn(shutdown(handle)).await?;
         }
         Ok(())
     }
+}
 
-    /// Hard stop, like `kill -9`: every task of this server is dropped, nothing cleans up.
-    pub fn kill(mut self) {
-        self.kill_in_place();
-    }
-
-    fn kill_in_place(&mut self) {
+impl<H> Isolated<H> {
+    /// Hard stop, like `kill -9`: every task is dropped, nothing cleans up.
+    fn kill(&mut self) {
         // The handle must not run its own cleanup either: forget it with the runtime.
         let handle = self.handle.take();
         if let Some(rt) = self.rt.take() {
@@ -111,37 +76,103 @@ impl ServerNode {
     }
 }
 
-impl Drop for ServerNode {
+impl<H> Drop for Isolated<H> {
     fn drop(&mut self) {
-        self.kill_in_place();
+        self.kill();
+    }
+}
+
+/// A connection server running on its own runtime.
+pub struct ServerNode {
+    node: Isolated<ServerHandle>,
+    pub id: String,
+    pub tcp_addr: SocketAddr,
+    pub ws_addr: SocketAddr,
+    pub internal_addr: SocketAddr,
+}
+
+/// A route running on its own runtime.
+pub struct RouteNode {
+    node: Isolated<RouteHandle>,
+    pub id: String,
+    pub http_addr: SocketAddr,
+    pub internal_addr: SocketAddr,
+}
+
+async fn bind() -> anyhow::Result<TcpListener> {
+    Ok(TcpListener::bind("127.0.0.1:0").await?)
+}
+
+impl ServerNode {
+    /// Starts a server with `config` (its backend section is filled in by the cluster).
+    pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
+        let (node, (id, tcp_addr, ws_addr, internal_addr)) =
+            Isolated::start("server", async move {
+                let backends = Backends::connect(&config.backend)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                let listeners = cim_server::Listeners {
+                    tcp: bind().await?,
+                    ws: bind().await?,
+                    internal: bind().await?,
+                };
+                let h = cim_server::start(config, listeners, backends).await?;
+                let info = (
+                    h.id().to_string(),
+                    h.tcp_addr(),
+                    h.ws_addr(),
+                    h.internal_addr(),
+                );
+                anyhow::Ok((h, info))
+            })
+            .await?;
+        Ok(Self {
+            node,
+            id,
+            tcp_addr,
+            ws_addr,
+            internal_addr,
+        })
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.node
+            .handle
+            .as_ref()
+            .map_or(0, |h| h.connection_count())
+    }
+
+    /// Graceful shutdown: leaves etcd, kicks clients, closes.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.node.shutdown(ServerHandle::shutdown).await
+    }
+
+    /// Hard stop, like `kill -9`: every task of this server is dropped, nothing cleans up.
+    pub fn kill(mut self) {
+        self.node.kill();
     }
 }
 
 impl RouteNode {
     pub async fn start(config: RouteConfig) -> anyhow::Result<Self> {
-        let rt = runtime()?;
-        let (handle, id, http, internal) = rt
-            .spawn(async move {
-                let backends = Backends::connect(&config.backend)
-                    .await
-                    .map_err(anyhow::Error::msg)?;
-                let listeners = cim_route::Listeners {
-                    http: bind().await?,
-                    internal: bind().await?,
-                };
-                let handle = cim_route::start(config, listeners, backends).await?;
-                let id = handle.id().to_string();
-                let (h, i) = (handle.http_addr(), handle.internal_addr());
-                anyhow::Ok((handle, id, h, i))
-            })
-            .await
-            .context("route start task")??;
+        let (node, (id, http_addr, internal_addr)) = Isolated::start("route", async move {
+            let backends = Backends::connect(&config.backend)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let listeners = cim_route::Listeners {
+                http: bind().await?,
+                internal: bind().await?,
+            };
+            let h = cim_route::start(config, listeners, backends).await?;
+            let info = (h.id().to_string(), h.http_addr(), h.internal_addr());
+            anyhow::Ok((h, info))
+        })
+        .await?;
         Ok(Self {
-            rt: Some(rt),
-            handle: Some(handle),
+            node,
             id,
-            http_addr: http,
-            internal_addr: internal,
+            http_addr,
+            internal_addr,
         })
     }
 
@@ -153,30 +184,13 @@ impl RouteNode {
         RouteClient::new(&self.url())
     }
 
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        if let (Some(rt), Some(handle)) = (self.rt.as_ref(), self.handle.take()) {
-            rt.spawn(handle.shutdown()).await?;
-        }
-        Ok(())
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.node.shutdown(RouteHandle::shutdown).await
     }
 
     /// Hard stop, like `kill -9`.
     pub fn kill(mut self) {
-        self.kill_in_place();
-    }
-
-    fn kill_in_place(&mut self) {
-        let handle = self.handle.take();
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-        drop(handle);
-    }
-}
-
-impl Drop for RouteNode {
-    fn drop(&mut self) {
-        self.kill_in_place();
+        self.node.kill();
     }
 }
 
