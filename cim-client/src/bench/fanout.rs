@@ -14,7 +14,7 @@ use super::{
     p2p::opt,
     probe::{self, CpuUsage},
     report::{self, code_name, int, ms, num, per_sec, Failures},
-    setup::{close_all, heartbeat, ping, Opened, Setup},
+    setup::{close_all, heartbeat, ping, receive_pushes, Opened, Setup},
     DRAIN_DEADLINE,
 };
 use crate::{
@@ -390,51 +390,33 @@ async fn await_result(
 
 /// One receiver: notes the receipt of every bench message until `stop`, then closes.
 async fn receive(receiver: Opened, base: Instant, shared: Arc<Shared>, stop: CancellationToken) {
-    let Opened {
-        mut conn,
-        heartbeat: interval,
-        ..
-    } = receiver;
-    let mut tick = heartbeat(interval);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            _ = tick.tick() => {
-                if conn.send(&ping()).await.is_err() {
-                    shared.failures.add("receiver connection lost");
-                    return;
-                }
+    receive_pushes(receiver, stop, &shared.failures, |messages| {
+        let now_ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let mut got = 0;
+        for m in messages {
+            if m.kind != MessageKind::Group as i32 {
+                continue;
             }
-            frame = conn.recv() => match frame {
-                Ok(Some(Frame { body: Some(Body::Push(push)) })) => {
-                    let now_ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    let mut got = 0;
-                    for m in &push.messages {
-                        if m.kind != MessageKind::Group as i32 {
-                            continue;
-                        }
-                        let Some(seq) = m.body.strip_prefix(BODY_PREFIX).and_then(|s| s.parse::<usize>().ok()) else {
-                            continue;
-                        };
-                        let Some(slot) = shared.slots.get(seq) else { continue };
-                        slot.received.fetch_add(1, Relaxed);
-                        slot.last_ns.fetch_max(now_ns, Relaxed);
-                        got += 1;
-                    }
-                    if got > 0 {
-                        shared.deliveries.fetch_add(got, Relaxed);
-                        shared.progress.notify_waiters();
-                    }
-                }
-                Ok(Some(_)) => {}
-                _ => {
-                    shared.failures.add("receiver connection lost");
-                    return;
-                }
-            }
+            let Some(seq) = m
+                .body
+                .strip_prefix(BODY_PREFIX)
+                .and_then(|s| s.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            let Some(slot) = shared.slots.get(seq) else {
+                continue;
+            };
+            slot.received.fetch_add(1, Relaxed);
+            slot.last_ns.fetch_max(now_ns, Relaxed);
+            got += 1;
         }
-    }
-    close_all([conn]).await;
+        if got > 0 {
+            shared.deliveries.fetch_add(got, Relaxed);
+            shared.progress.notify_waiters();
+        }
+    })
+    .await;
 }
 
 impl std::fmt::Display for FanoutReport {

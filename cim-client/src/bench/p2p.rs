@@ -17,11 +17,11 @@ use super::{
     connect::{servers_of, transport_name},
     probe::{self, CpuUsage},
     report::{self, code_name, int, num, per_sec, Failures, Latencies, LatencySummary},
-    setup::{close_all, heartbeat, ping, Opened, Setup, CLOSE_DEADLINE},
+    setup::{heartbeat, ping, receive_pushes, Opened, Setup, CLOSE_DEADLINE},
     DRAIN_DEADLINE,
 };
 use crate::{
-    conn::{Connection, Transport},
+    conn::Transport,
     pb::{frame::Body, MessageKind, Send, SendStatus},
 };
 use cim_common::registry::{ServiceInfo, ServiceKind};
@@ -443,35 +443,10 @@ async fn receive(
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) {
-    let Opened {
-        mut conn,
-        heartbeat: interval,
-        ..
-    } = receiver;
-    let mut tick = heartbeat(interval);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            _ = tick.tick() => {
-                if conn.send(&ping()).await.is_err() {
-                    counters.failures.add("receiver connection lost");
-                    return;
-                }
-            }
-            frame = conn.recv() => match frame {
-                Ok(Some(frame)) => {
-                    if let Some(Body::Push(push)) = frame.body {
-                        on_push(&counters, base, &push.messages);
-                    }
-                }
-                _ => {
-                    counters.failures.add("receiver connection lost");
-                    return;
-                }
-            }
-        }
-    }
-    close(conn).await;
+    receive_pushes(receiver, stop, &counters.failures, |messages| {
+        on_push(&counters, base, messages)
+    })
+    .await;
 }
 
 fn on_push(counters: &Counters, base: Instant, messages: &[crate::pb::Message]) {
@@ -490,10 +465,6 @@ fn on_push(counters: &Counters, base: Instant, messages: &[crate::pb::Message]) 
     counters.last_delivery_ns.fetch_max(now_ns, Relaxed);
     counters.received.fetch_add(n, Relaxed);
     counters.progress.notify_waiters();
-}
-
-async fn close(conn: Connection) {
-    close_all([conn]).await;
 }
 
 impl std::fmt::Display for P2pReport {

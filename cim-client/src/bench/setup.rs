@@ -377,3 +377,40 @@ pub(crate) fn heartbeat(interval: Duration) -> tokio::time::Interval {
 pub(crate) fn ping() -> Frame {
     Frame::new(Body::Ping(Ping { nonce: 0 }))
 }
+
+/// One receiving connection: answers nothing, pings at the server's interval, hands every
+/// pushed batch to `on_push`, until `stop` (then closes) or until the connection is lost
+/// (counted in `failures`).
+pub(crate) async fn receive_pushes(
+    receiver: Opened,
+    stop: tokio_util::sync::CancellationToken,
+    failures: &super::report::Failures,
+    mut on_push: impl FnMut(&[crate::pb::Message]),
+) {
+    let Opened {
+        mut conn,
+        heartbeat: interval,
+        ..
+    } = receiver;
+    let mut tick = heartbeat(interval);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {
+                if conn.send(&ping()).await.is_err() {
+                    failures.add("receiver connection lost");
+                    return;
+                }
+            }
+            frame = conn.recv() => match frame {
+                Ok(Some(Frame { body: Some(Body::Push(push)) })) => on_push(&push.messages),
+                Ok(Some(_)) => {}
+                _ => {
+                    failures.add("receiver connection lost");
+                    return;
+                }
+            }
+        }
+    }
+    close_all([conn]).await;
+}
