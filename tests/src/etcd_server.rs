@@ -1,9 +1,12 @@
 //! A real single-member `etcd` process on free ports, in its own temporary directory.
 
-use crate::process::{free_ports, locate_binary, log_tail, report_on_panic, ChildGuard};
+use crate::process::{
+    free_ports, locate_binary, log_tail, relaunch, report_on_panic, ChildGuard, LaunchError,
+    ProcessSlot,
+};
 use crate::wait_until;
 use anyhow::{anyhow, Context as _};
-use std::{ffi::OsString, path::PathBuf, process::Command, sync::Mutex, time::Duration};
+use std::{ffi::OsString, path::PathBuf, process::Command, time::Duration};
 use tempfile::TempDir;
 
 /// How long a start (or restart) may take before it is an error.
@@ -24,14 +27,9 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     binary: PathBuf,
-    process: Mutex<Option<ChildGuard>>,
+    process: ProcessSlot,
     // Declared last: removed after the process is killed (see Drop).
     dir: TempDir,
-}
-
-enum LaunchError {
-    Exited(anyhow::Error),
-    Other(anyhow::Error),
 }
 
 impl Etcd {
@@ -49,7 +47,7 @@ impl Etcd {
             client_port: 0,
             peer_port: 0,
             binary,
-            process: Mutex::new(None),
+            process: ProcessSlot::default(),
             dir,
         };
         let mut last = None;
@@ -96,50 +94,28 @@ impl Etcd {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        let mut guard = self.guard();
-        let g = guard.as_mut()?;
-        if g.is_running() {
-            g.id()
-        } else {
-            None
-        }
+        self.process.pid()
     }
 
     pub fn is_running(&self) -> bool {
-        self.guard().as_mut().is_some_and(|g| g.is_running())
+        self.process.is_running()
     }
 
     /// SIGKILLs etcd (a crash). Idempotent.
     pub fn kill(&mut self) {
-        if let Some(mut g) = self.guard().take() {
-            g.kill();
-        }
+        self.process.kill();
     }
 
     /// Kills etcd if it runs, then starts it again on the same ports and data dir (keys and
     /// leases survive) and waits until it answers.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        let mut last = None;
-        for _ in 0..3 {
-            match self.launch().await {
-                Ok(()) => return Ok(()),
-                Err(LaunchError::Exited(e)) => last = Some(e),
-                Err(LaunchError::Other(e)) => return Err(e),
-            }
-        }
-        Err(last
-            .unwrap_or_else(|| anyhow!("etcd did not restart"))
-            .context(format!("restarting etcd on port {}", self.client_port)))
+        relaunch("etcd", self.client_port, || self.launch()).await
     }
 
     /// A client of this etcd (for tests that look at raw keys).
     pub async fn client(&self) -> anyhow::Result<etcd_client::Client> {
         connect(&self.endpoint(), START_DEADLINE).await
-    }
-
-    fn guard(&self) -> std::sync::MutexGuard<'_, Option<ChildGuard>> {
-        self.process.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn args(&self) -> Vec<OsString> {
@@ -170,7 +146,7 @@ impl Etcd {
         cmd.args(self.args()).current_dir(self.dir.path());
         let guard = ChildGuard::spawn(format!("etcd:{}", self.client_port), cmd, &self.log_path())
             .map_err(LaunchError::Other)?;
-        *self.guard() = Some(guard);
+        self.process.set(guard);
 
         let endpoint = self.endpoint();
         let name = self.name.as_str();
@@ -179,11 +155,7 @@ impl Etcd {
             &format!("etcd at {endpoint} to answer"),
             START_DEADLINE,
             || {
-                let exited = process
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_mut()
-                    .is_none_or(|g| !g.is_running());
+                let exited = !process.is_running();
                 let endpoint = endpoint.clone();
                 async move { exited || answers_as(&endpoint, name).await }
             },
@@ -206,9 +178,7 @@ impl Etcd {
                 log()
             ))),
             (Err(e), false) => {
-                if let Some(mut g) = self.guard().take() {
-                    g.kill();
-                }
+                self.process.kill();
                 Err(LaunchError::Other(e.context(log())))
             }
         }

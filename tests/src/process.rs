@@ -230,6 +230,72 @@ pub(crate) fn report_on_panic(what: &str, log: &Path) {
     }
 }
 
+/// The current run of a process that tests may kill and start again (Redis, etcd).
+#[derive(Debug, Default)]
+pub struct ProcessSlot(std::sync::Mutex<Option<ChildGuard>>);
+
+impl ProcessSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ChildGuard>> {
+        // A panic while holding the lock leaves the data usable: it is only an Option.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new run (the previous one must have been killed).
+    pub fn set(&self, guard: ChildGuard) {
+        *self.lock() = Some(guard);
+    }
+
+    /// The pid while the process runs.
+    pub fn pid(&self) -> Option<u32> {
+        let mut guard = self.lock();
+        let g = guard.as_mut()?;
+        if g.is_running() {
+            g.id()
+        } else {
+            None
+        }
+    }
+
+    /// Whether the process runs (it may have been killed or have crashed).
+    pub fn is_running(&self) -> bool {
+        self.lock().as_mut().is_some_and(|g| g.is_running())
+    }
+
+    /// SIGKILLs the current run. Idempotent.
+    pub fn kill(&self) {
+        if let Some(mut g) = self.lock().take() {
+            g.kill();
+        }
+    }
+}
+
+/// Why one attempt to start a process failed.
+pub(crate) enum LaunchError {
+    /// The process exited before answering (port taken, bad flag): see the log.
+    Exited(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+/// Starts a killed process again on the same ports and directory: a few attempts cover a
+/// brief race for the port the old run had.
+pub(crate) async fn relaunch<F, Fut>(what: &str, port: u16, mut launch: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), LaunchError>>,
+{
+    let mut last = None;
+    for _ in 0..3 {
+        match launch().await {
+            Ok(()) => return Ok(()),
+            Err(LaunchError::Exited(e)) => last = Some(e),
+            Err(LaunchError::Other(e)) => return Err(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| anyhow!("{what} did not restart"))
+        .context(format!("restarting {what} on port {port}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,15 @@
 //! A real `redis-server` process on a free port, in its own temporary directory.
 
-use crate::process::{free_ports, locate_binary, log_tail, report_on_panic, ChildGuard};
+use crate::process::{
+    free_ports, locate_binary, log_tail, relaunch, report_on_panic, ChildGuard, LaunchError,
+    ProcessSlot,
+};
 use crate::wait_until;
 use anyhow::{anyhow, Context as _};
 use std::{
     ffi::OsString,
     path::{Path, PathBuf},
     process::Command,
-    sync::Mutex,
     time::Duration,
 };
 use tempfile::TempDir;
@@ -34,15 +36,9 @@ pub struct Redis {
     options: RedisOptions,
     port: u16,
     binary: PathBuf,
-    process: Mutex<Option<ChildGuard>>,
+    process: ProcessSlot,
     // Declared last: removed after the process is killed (see Drop).
     dir: TempDir,
-}
-
-enum LaunchError {
-    /// The process exited before answering (port taken, bad flag): see the log.
-    Exited(anyhow::Error),
-    Other(anyhow::Error),
 }
 
 impl Redis {
@@ -64,7 +60,7 @@ impl Redis {
             options,
             port: 0,
             binary,
-            process: Mutex::new(None),
+            process: ProcessSlot::default(),
             dir,
         };
         let mut last = None;
@@ -107,44 +103,24 @@ impl Redis {
 
     /// The server's pid while it runs.
     pub fn pid(&self) -> Option<u32> {
-        let mut guard = self.guard();
-        let g = guard.as_mut()?;
-        if g.is_running() {
-            g.id()
-        } else {
-            None
-        }
+        self.process.pid()
     }
 
     /// Whether the process is running (it may have been killed or have crashed).
     pub fn is_running(&self) -> bool {
-        self.guard().as_mut().is_some_and(|g| g.is_running())
+        self.process.is_running()
     }
 
     /// SIGKILLs the server (a crash: no shutdown save). Idempotent.
     pub fn kill(&mut self) {
-        if let Some(mut g) = self.guard().take() {
-            g.kill();
-        }
+        self.process.kill();
     }
 
     /// Kills the server if it runs, then starts it again on the same port and directory (with
     /// AOF on, the data is still there) and waits until it answers.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        // The old socket is closed (the process is reaped) and Redis binds with SO_REUSEADDR,
-        // so the port is normally free at once; a few attempts cover a brief race.
-        let mut last = None;
-        for _ in 0..3 {
-            match self.launch().await {
-                Ok(()) => return Ok(()),
-                Err(LaunchError::Exited(e)) => last = Some(e),
-                Err(LaunchError::Other(e)) => return Err(e),
-            }
-        }
-        Err(last
-            .unwrap_or_else(|| anyhow!("redis-server did not restart"))
-            .context(format!("restarting redis-server on port {}", self.port)))
+        relaunch("redis-server", self.port, || self.launch()).await
     }
 
     /// A new client connection (for tests that look at raw keys).
@@ -154,10 +130,6 @@ impl Redis {
             .await
             .map_err(|_| anyhow!("connecting to redis at {} timed out", self.url()))?
             .with_context(|| format!("connecting to redis at {}", self.url()))
-    }
-
-    fn guard(&self) -> std::sync::MutexGuard<'_, Option<ChildGuard>> {
-        self.process.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn args(&self) -> Vec<OsString> {
@@ -192,7 +164,7 @@ impl Redis {
         let guard = ChildGuard::spawn(format!("redis:{}", self.port), cmd, &self.log_path())
             .map_err(LaunchError::Other)?;
         let pid = guard.id().unwrap_or_default();
-        *self.guard() = Some(guard);
+        self.process.set(guard);
 
         let port = self.port;
         let process = &self.process;
@@ -200,11 +172,7 @@ impl Redis {
             &format!("redis-server on port {port} to answer"),
             START_DEADLINE,
             || {
-                let exited = process
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_mut()
-                    .is_none_or(|g| !g.is_running());
+                let exited = !process.is_running();
                 async move { exited || answers_as(port, pid).await }
             },
         )
@@ -224,9 +192,7 @@ impl Redis {
                 log()
             ))),
             (Err(e), false) => {
-                if let Some(mut g) = self.guard().take() {
-                    g.kill();
-                }
+                self.process.kill();
                 Err(LaunchError::Other(e.context(log())))
             }
         }
