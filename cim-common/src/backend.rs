@@ -3,7 +3,7 @@
 
 use crate::{
     registry::{EtcdRegistry, MemoryRegistry, Registry},
-    store::{MemoryStore, RedisStore, StateStore},
+    store::{InboxLimits, MemoryStore, RedisStore, StateStore},
 };
 use serde::{Deserialize, Serialize};
 use std::{sync::Arc, time::Duration};
@@ -21,6 +21,10 @@ pub struct BackendConfig {
     pub prefix: String,
     /// Deadline of every Redis / etcd call.
     pub timeout_ms: u64,
+    /// Unacked private messages kept per user; one more drops the oldest.
+    pub inbox_max_messages: usize,
+    /// Age after which a stored message is no longer delivered (seconds).
+    pub inbox_max_age_secs: u64,
 }
 
 impl Default for BackendConfig {
@@ -30,6 +34,8 @@ impl Default for BackendConfig {
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
             prefix: "cim".into(),
             timeout_ms: 3000,
+            inbox_max_messages: InboxLimits::default().max_messages,
+            inbox_max_age_secs: InboxLimits::default().max_age.as_secs(),
         }
     }
 }
@@ -45,7 +51,20 @@ impl BackendConfig {
         if self.timeout_ms == 0 {
             return Err("timeout_ms must be positive".into());
         }
+        if !(1..=1_000_000).contains(&self.inbox_max_messages) {
+            return Err("inbox_max_messages must be 1 ..= 1000000".into());
+        }
+        if self.inbox_max_age_secs == 0 {
+            return Err("inbox_max_age_secs must be positive".into());
+        }
         Ok(())
+    }
+
+    pub fn inbox_limits(&self) -> InboxLimits {
+        InboxLimits {
+            max_messages: self.inbox_max_messages,
+            max_age: Duration::from_secs(self.inbox_max_age_secs),
+        }
     }
 
     pub fn timeout(&self) -> Duration {
@@ -74,7 +93,8 @@ impl Backends {
     pub async fn connect(config: &BackendConfig) -> Result<Self, String> {
         let store = RedisStore::connect(&config.redis_url, &config.prefix, config.timeout())
             .await
-            .map_err(|e| format!("redis at {}: {e}", config.redis_url))?;
+            .map_err(|e| format!("redis at {}: {e}", config.redis_url))?
+            .with_inbox_limits(config.inbox_limits());
         let registry = EtcdRegistry::connect(
             &config.etcd_endpoints,
             &format!("/{}", config.prefix),

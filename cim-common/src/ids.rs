@@ -41,6 +41,19 @@ pub fn valid_instance_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
 }
 
+/// Longest message id a client may choose.
+pub const MAX_MESSAGE_ID_LEN: usize = 64;
+
+/// Message ids chosen by clients (`Send.message_id`): 1..=64 characters of `[0-9A-Za-z_-]`,
+/// so they are safe in keys, logs and URLs.
+pub fn valid_message_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_MESSAGE_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,6 +65,17 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted, ids);
+    }
+
+    #[test]
+    fn client_message_ids() {
+        assert!(valid_message_id(&message_id()));
+        assert!(valid_message_id("a-b_C9"));
+        assert!(valid_message_id(&"x".repeat(64)));
+        for bad in ["", "a b", "a:b", "é", "a\n"] {
+            assert!(!valid_message_id(bad), "{bad:?}");
+        }
+        assert!(!valid_message_id(&"x".repeat(65)));
     }
 
     #[test]

@@ -9,9 +9,13 @@
 //! | `{p}:login:{{id}}` | string | login slot: `{session}` (pending) or `{session}@{server}` |
 //! | `{p}:route:{{id}}` | string | `{server}\|{session}`: where the user's connection lives |
 //! | `{p}:online` | sorted set | lexicographic index `{name}\x1f{id}` of connected users |
+//! | `{p}:inbox:{{id}}` | hash | message id → protobuf `Message` (unacked private messages) |
+//! | `{p}:inbox:order:{{id}}` | sorted set | message id, scored by its seq: the inbox order |
+//! | `{p}:inbox:rcpt:{{id}}` | hash | message id → sender id, for messages that asked for a receipt |
+//! | `{p}:inbox:seq:{{id}}` | string | last seq handed out in this inbox (INCR; never expires) |
 //!
 //! The login slot and the route of one user share a hash tag (`{id}`) so the Lua scripts that
-//! touch both stay within one Redis Cluster slot.
+//! touch both stay within one Redis Cluster slot; so do the four inbox keys of one user.
 
 /// Builds keys under one prefix.
 #[derive(Debug, Clone)]
@@ -69,6 +73,22 @@ impl Keys {
 
     pub fn online(&self) -> String {
         format!("{}:online", self.prefix)
+    }
+
+    pub fn inbox(&self, id: u64) -> String {
+        format!("{}:inbox:{{{id}}}", self.prefix)
+    }
+
+    pub fn inbox_order(&self, id: u64) -> String {
+        format!("{}:inbox:order:{{{id}}}", self.prefix)
+    }
+
+    pub fn inbox_receipts(&self, id: u64) -> String {
+        format!("{}:inbox:rcpt:{{{id}}}", self.prefix)
+    }
+
+    pub fn inbox_seq(&self, id: u64) -> String {
+        format!("{}:inbox:seq:{{{id}}}", self.prefix)
     }
 }
 

@@ -1,4 +1,4 @@
-//! Shared state: accounts, login slots, routes and the online index.
+//! Shared state: accounts, login slots, routes, the online index and the per-user inboxes.
 //!
 //! [`StateStore`] is the one interface; [`redis::RedisStore`] is the production implementation
 //! and [`memory::MemoryStore`] the one of standalone mode and unit tests, with the same
@@ -10,6 +10,7 @@ pub mod faulty;
 pub mod memory;
 pub mod redis;
 
+use crate::pb::Message;
 use async_trait::async_trait;
 use std::time::Duration;
 
@@ -66,6 +67,35 @@ pub struct OnlineEntry {
     pub name: String,
     /// Opaque cursor: pass it as `after` to continue after this entry.
     pub cursor: String,
+}
+
+/// Bounds of every user's inbox (private messages and receipts waiting for an ack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxLimits {
+    /// Messages kept per user; storing one more drops the oldest.
+    pub max_messages: usize,
+    /// Messages older than this (by `timestamp_ms`) are never replayed; an inbox that got
+    /// nothing new for this long expires as a whole.
+    pub max_age: Duration,
+}
+
+impl Default for InboxLimits {
+    fn default() -> Self {
+        Self {
+            max_messages: 1000,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// A stored message that asked for a receipt, acked by its receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckedReceipt {
+    pub message_id: String,
+    /// Who sent the message (and gets the receipt).
+    pub sender_id: u64,
+    /// Who acked it (the inbox's owner).
+    pub receiver_id: u64,
 }
 
 /// Predicate "is this server instance alive" (from the registry).
@@ -133,4 +163,26 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Drops a route (and the index entry) that was found stale, if it is unchanged.
     async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()>;
+
+    /// Stores each message in the inbox of its `receiver_id`, in slice order, and sets its
+    /// `seq` (increasing per receiver, never reused). Idempotent by (receiver, id): a message
+    /// already in the inbox keeps its place and seq (a retried send). One round trip for the
+    /// whole slice. An inbox over `max_messages` drops its oldest messages.
+    async fn inbox_store(&self, messages: &mut [Message]) -> StoreResult<()>;
+
+    /// Up to `limit` messages of `user_id`'s inbox with `seq > after_seq`, in seq order, each
+    /// with its `seq` set. Messages older than `max_age` are skipped (and removed).
+    async fn inbox_read(
+        &self,
+        user_id: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>>;
+
+    /// Removes acked messages, for many `(user_id, message ids)` in one round trip. Returns
+    /// the removed messages that asked for a receipt, each once (a repeated ack finds nothing).
+    async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>>;
+
+    /// Number of messages in `user_id`'s inbox.
+    async fn inbox_len(&self, user_id: u64) -> StoreResult<usize>;
 }

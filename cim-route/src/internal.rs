@@ -3,6 +3,8 @@
 //!
 //! `POST /internal/forward`: `ForwardRequest` → `ForwardResponse`, `results[i]` answers
 //! `items[i]`. The sender of each item is the one the server authenticated on its connection.
+//! The request's `receipts` (acks of messages that asked for one) become RECEIPT messages to
+//! their original senders.
 
 use crate::{
     routing::{self, Outgoing},
@@ -58,7 +60,12 @@ async fn forward(
             send: item.send.unwrap_or_default(),
         })
         .collect();
-    let results = routing::route_detached(&state, items).await;
+    let receipts = req.receipts;
+    let (results, ()) = tokio::join!(routing::route_detached(&state, items), async {
+        if !receipts.is_empty() {
+            routing::route_receipts(&state, receipts).await;
+        }
+    });
     Protobuf(ForwardResponse { results })
 }
 
@@ -72,8 +79,11 @@ mod tests {
     };
     use cim_common::{
         config::DEV_SECRET,
-        pb::{cluster::ForwardItem, ErrorCode, MessageKind, Send, SendStatus},
-        store::MemoryStore,
+        pb::{
+            cluster::{AckedReceipt, ForwardItem},
+            ErrorCode, MessageKind, Send, SendStatus,
+        },
+        store::{MemoryStore, StateStore},
     };
     use prost::Message as _;
     use std::sync::Arc;
@@ -139,6 +149,7 @@ mod tests {
                     send: None,
                 },
             ],
+            ..Default::default()
         };
         let resp = app(state)
             .oneshot(request(Some(DEV_SECRET), req.encode_to_vec()))
@@ -151,7 +162,7 @@ mod tests {
         let results = ForwardResponse::decode(bytes).unwrap().results;
         assert_eq!(results.len(), 3);
         assert_eq!(results[0].client_id, 11);
-        assert_eq!(results[0].status, SendStatus::Offline as i32);
+        assert_eq!(results[0].status, SendStatus::Stored as i32);
         assert_eq!(results[1].client_id, 12);
         assert_eq!(
             results[1].error.as_ref().unwrap().code,
@@ -162,5 +173,43 @@ mod tests {
             results[2].error.as_ref().unwrap().code,
             ErrorCode::BadRequest as i32
         );
+    }
+
+    #[tokio::test]
+    async fn forwarded_receipts_reach_the_original_senders_inbox() {
+        let store = Arc::new(MemoryStore::new());
+        let alice = store.add_user("alice").await;
+        let bob = store.add_user("bob").await;
+        let (state, _tx) = state_with(store.clone(), vec![], |_| {});
+        let acked_at = cim_common::time::now_ms();
+        let receipt = |id: &str| AckedReceipt {
+            message_id: id.into(),
+            sender_id: alice,
+            receiver_id: bob,
+            receiver_name: "bob".into(),
+            acked_at_ms: acked_at,
+        };
+        let req = ForwardRequest {
+            server_id: "server-a".into(),
+            // The same receipt twice (a retried forward) is stored once.
+            receipts: vec![receipt("m1"), receipt("m1")],
+            ..Default::default()
+        };
+        for _ in 0..2 {
+            let resp = app(state.clone())
+                .oneshot(request(Some(DEV_SECRET), req.encode_to_vec()))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        let inbox = store.inbox_read(alice, 0, 10).await.unwrap();
+        assert_eq!(inbox.len(), 1, "{inbox:?}");
+        let r = &inbox[0];
+        assert_eq!(r.kind(), MessageKind::Receipt);
+        assert_eq!(r.receipt_for, "m1");
+        assert_eq!((r.sender_id, r.sender_name.as_str()), (bob, "bob"));
+        assert_eq!(r.receiver_id, alice);
+        assert_eq!(r.timestamp_ms, acked_at);
+        assert!(store.inbox_read(bob, 0, 10).await.unwrap().is_empty());
     }
 }

@@ -2,8 +2,11 @@
 //! that clients made over their server connections) both call [`route_batch`].
 //!
 //! Round trips per batch:
-//! - private: one lookup per distinct receiver (does the user exist), ONE `MGET` of all
-//!   receivers' routes, then ONE push per connection server holding receivers (concurrently);
+//! - private: one lookup per distinct receiver (does the user exist), then ONE pipelined
+//!   inbox store of all messages together with ONE `MGET` of all receivers' routes, then ONE
+//!   push per connection server holding receivers (concurrently). A message is in its
+//!   receiver's inbox before any push leaves; a receiver that is not connected (or whose
+//!   push fails) gets it when it connects next (`SendStatus::Stored`);
 //! - group (everyone online but the sender): per SCAN step over the route keys, ONE push per
 //!   server holding recipients of that step. Never a request per recipient, never `KEYS`.
 //!
@@ -17,7 +20,7 @@ use crate::state::{live_server, AppState};
 use cim_common::{
     ids,
     pb::{
-        cluster::{Delivery, DeliveryResult, PushRequest, PushResponse},
+        cluster::{AckedReceipt, Delivery, DeliveryResult, PushRequest, PushResponse},
         Error, ErrorCode, Message, MessageKind, Send, SendResult, SendStatus,
     },
     registry::{Members, ServiceInfo},
@@ -64,12 +67,16 @@ struct Valid {
 }
 
 /// A message accepted for delivery: it has an id and a timestamp.
-struct Accepted {
+pub(crate) struct Accepted {
     index: usize,
     client_id: u64,
     kind: Kind,
     message: Message,
 }
+
+/// Prefix of a receipt's message id (followed by the id of the acked message), so a receipt
+/// forwarded twice is stored once.
+const RECEIPT_ID_PREFIX: &str = "rcpt-";
 
 fn failed(client_id: u64, code: ErrorCode, message: impl Into<String>) -> SendResult {
     SendResult::failed(client_id, code, message)
@@ -129,6 +136,16 @@ fn validate(
             client_id,
             ErrorCode::BadRequest,
             "message body is empty",
+        ));
+    }
+    if !send.message_id.is_empty() && !ids::valid_message_id(&send.message_id) {
+        return Err(failed(
+            client_id,
+            ErrorCode::BadRequest,
+            format!(
+                "message_id must be 1 to {} characters of [0-9A-Za-z_-]",
+                ids::MAX_MESSAGE_ID_LEN
+            ),
         ));
     }
     if send.body.len() > max_message_len {
@@ -239,18 +256,25 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
             Kind::Private => MessageKind::Private,
             Kind::Group => MessageKind::Group,
         };
+        let send = v.item.send;
+        let id = if send.message_id.is_empty() {
+            ids::message_id()
+        } else {
+            send.message_id
+        };
         accepted.push(Accepted {
             index: v.index,
             client_id,
             kind: v.kind,
             message: Message {
-                id: ids::message_id(),
+                id,
                 sender_id: v.item.sender_id,
                 sender_name: v.item.sender_name,
                 receiver_id,
                 kind: kind as i32,
-                body: v.item.send.body,
+                body: send.body,
                 timestamp_ms: now_ms(),
+                receipt: v.kind == Kind::Private && send.receipt,
                 ..Default::default()
             },
         });
@@ -332,17 +356,66 @@ fn count(result: Option<&DeliveryResult>) -> u32 {
     result.map_or(0, |r| u32::try_from(r.delivered.len()).unwrap_or(u32::MAX))
 }
 
+/// Sends each original sender a RECEIPT message for a message its receiver acked. Receipts
+/// are stored and delivered like private messages (so an offline sender gets them later);
+/// a receipt forwarded twice is stored once (its id derives from the acked message's).
+pub async fn route_receipts(state: &AppState, receipts: Vec<AckedReceipt>) {
+    let servers = state.servers();
+    let run: Vec<Accepted> = receipts
+        .into_iter()
+        .filter(|r| r.sender_id != 0 && r.receiver_id != 0 && !r.message_id.is_empty())
+        .enumerate()
+        .map(|(index, r)| Accepted {
+            index,
+            client_id: 0,
+            kind: Kind::Private,
+            message: Message {
+                id: format!("{RECEIPT_ID_PREFIX}{}", r.message_id),
+                sender_id: r.receiver_id,
+                sender_name: r.receiver_name,
+                receiver_id: r.sender_id,
+                kind: MessageKind::Receipt as i32,
+                timestamp_ms: r.acked_at_ms,
+                receipt_for: r.message_id,
+                ..Default::default()
+            },
+        })
+        .collect();
+    if run.is_empty() {
+        return;
+    }
+    let results = deliver_private(state, &servers, &run).await;
+    let failed = results
+        .iter()
+        .filter(|r| r.status == SendStatus::Failed as i32)
+        .count();
+    if failed > 0 {
+        tracing::warn!(failed, "receipts could not be stored");
+    }
+}
+
+/// Stores a run of private messages in their receivers' inboxes, then pushes them to the
+/// receivers' servers. The route lookup runs concurrently with the store (the store must
+/// finish before any push, the lookup need not).
 async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) -> Vec<SendResult> {
     let mut ids: Vec<u64> = run.iter().map(|a| a.message.receiver_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let routes = match state.store().routes(&ids).await {
-        Ok(routes) => routes,
-        Err(e) => {
-            tracing::warn!(error = %e, "route lookup failed");
-            return run.iter().map(|a| unavailable(a.client_id)).collect();
-        }
-    };
+    // Copies that get their inbox seq; they are what the pushes carry.
+    let mut messages: Vec<Message> = run.iter().map(|a| a.message.clone()).collect();
+    let (stored, routes) = tokio::join!(
+        state.store().inbox_store(&mut messages),
+        state.store().routes(&ids)
+    );
+    if let Err(e) = stored {
+        tracing::warn!(error = %e, "storing messages failed");
+        return run.iter().map(|a| unavailable(a.client_id)).collect();
+    }
+    // Stored: from here on the messages are accepted whatever happens to the pushes.
+    let routes = routes.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "route lookup failed: the messages wait in the inboxes");
+        Vec::new()
+    });
     let mut live: HashMap<u64, &ServiceInfo> = HashMap::new();
     let mut stale = Vec::new();
     for route in routes.into_iter().flatten() {
@@ -365,12 +438,13 @@ async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) 
                 .push(pos);
         }
     }
+    let messages = &messages;
     let pushes = per_server.into_values().map(|(server, positions)| {
         let deliveries = positions
             .iter()
             .map(|&p| Delivery {
-                message: Some(run[p].message.clone()),
-                recipients: vec![run[p].message.receiver_id],
+                message: Some(messages[p].clone()),
+                recipients: vec![messages[p].receiver_id],
             })
             .collect();
         async move { (positions, push(state, server, deliveries).await) }
@@ -387,15 +461,13 @@ async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) 
                 .is_some_and(|r| r.delivered.contains(&receiver));
         }
     }
-    // TODO(offline inbox, later issue): a message not delivered here is stored in the
-    // receiver's inbox and replayed on the next connection; for now it is only reported.
     run.iter()
         .zip(delivered)
         .map(|(a, d)| {
             if d {
                 accepted_result(a, SendStatus::Delivered, 1)
             } else {
-                accepted_result(a, SendStatus::Offline, 0)
+                accepted_result(a, SendStatus::Stored, 0)
             }
         })
         .collect()
@@ -653,7 +725,7 @@ mod tests {
         let ids: Vec<u64> = results.iter().map(|r| r.client_id).collect();
         assert_eq!(ids, (1..=11).collect::<Vec<_>>());
         for r in &results[..3] {
-            assert_eq!(status(r), SendStatus::Offline, "{r:?}");
+            assert_eq!(status(r), SendStatus::Stored, "{r:?}");
             assert!(!r.message_id.is_empty(), "accepted messages have an id");
         }
         for (r, code) in results[3..].iter().zip([
@@ -710,11 +782,87 @@ mod tests {
             )],
         )
         .await;
-        assert_eq!(status(&results[0]), SendStatus::Offline);
+        assert_eq!(status(&results[0]), SendStatus::Stored);
         assert!(
             store.has_route(bob).await,
             "a live server's route is not stale"
         );
+    }
+
+    #[tokio::test]
+    async fn private_messages_are_stored_before_the_push_and_carry_their_seq() {
+        let store = Arc::new(MemoryStore::new());
+        let alice = store.add_user("alice").await;
+        let bob = store.add_user("bob").await; // online
+        let dave = store.add_user("dave").await; // offline
+        let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+        store.connect(bob, &a.id).await;
+        let (state, _tx) = state_with(store.clone(), vec![a], |_| {});
+        let p = MessageKind::Private;
+        let mut with_receipt = send(p, 1, bob, "", "to bob");
+        with_receipt.receipt = true;
+        let results = route_batch(
+            &state,
+            vec![
+                from(alice, "alice", with_receipt),
+                from(alice, "alice", send(p, 2, dave, "", "to dave")),
+                from(alice, "alice", send(MessageKind::Group, 3, 0, "", "all")),
+            ],
+        )
+        .await;
+        assert_eq!(status(&results[0]), SendStatus::Delivered);
+        assert_eq!(status(&results[1]), SendStatus::Stored);
+        assert_eq!(status(&results[2]), SendStatus::Delivered);
+
+        // Both private messages wait in their receivers' inboxes until acked; the group
+        // message is nowhere.
+        let bobs = store.inbox_read(bob, 0, 10).await.unwrap();
+        assert_eq!(bobs.len(), 1);
+        assert_eq!(bobs[0].id, results[0].message_id);
+        assert!(bobs[0].receipt, "the receipt request is kept");
+        let daves = store.inbox_read(dave, 0, 10).await.unwrap();
+        assert_eq!(daves.len(), 1);
+        assert_eq!(daves[0].body, "to dave");
+        assert_eq!(store.inbox_len(alice).await.unwrap(), 0);
+
+        // The push carries the stored seq (the server drops pushes its replay covered).
+        let pushes = rec.pushes.lock().unwrap();
+        let pushed = pushes[0].deliveries[0].message.as_ref().unwrap();
+        assert_eq!(pushed.id, bobs[0].id);
+        assert_eq!(pushed.seq, bobs[0].seq);
+        assert!(pushed.seq > 0);
+    }
+
+    #[tokio::test]
+    async fn client_message_ids_are_used_validated_and_stored_once() {
+        let store = Arc::new(MemoryStore::new());
+        let alice = store.add_user("alice").await;
+        let dave = store.add_user("dave").await; // offline
+        let (state, _tx) = state_with(store.clone(), vec![], |_| {});
+        let with_id = |client_id, id: &str| {
+            let mut s = send(MessageKind::Private, client_id, dave, "", "hello");
+            s.message_id = id.into();
+            s
+        };
+        let results = route_batch(
+            &state,
+            vec![
+                from(alice, "alice", with_id(1, "client-chosen_1")),
+                // A resend after a lost answer: same id.
+                from(alice, "alice", with_id(2, "client-chosen_1")),
+                from(alice, "alice", with_id(3, "has space")),
+                from(alice, "alice", with_id(4, &"x".repeat(65))),
+            ],
+        )
+        .await;
+        assert_eq!(results[0].message_id, "client-chosen_1");
+        assert_eq!(status(&results[1]), SendStatus::Stored);
+        assert_eq!(results[1].message_id, "client-chosen_1");
+        for r in &results[2..] {
+            assert_eq!(status(r), SendStatus::Failed);
+            assert_eq!(error_code(r), ErrorCode::BadRequest);
+        }
+        assert_eq!(store.inbox_len(dave).await.unwrap(), 1, "stored once");
     }
 
     #[tokio::test]

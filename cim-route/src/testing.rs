@@ -7,7 +7,10 @@ use crate::{config::RouteConfig, state::AppState};
 use axum::{extract::State, http::HeaderMap, response::Response, routing::post, Router};
 use cim_common::{
     cluster::{self, Protobuf},
-    pb::cluster::{DeliveryResult, KickRequest, KickResponse, PushRequest, PushResponse},
+    pb::cluster::{
+        ConnectedUser, DeliveryResult, KickRequest, KickResponse, PresenceRequest,
+        PresenceResponse, PushRequest, PushResponse,
+    },
     registry::{Members, ServiceInfo},
     store::*,
 };
@@ -142,6 +145,24 @@ async fn fake_kick(
     Protobuf(KickResponse { kicked })
 }
 
+/// Everyone not `absent` is connected here (under a made-up session).
+async fn fake_presence(
+    State(s): State<FakeServer>,
+    Protobuf(req): Protobuf<PresenceRequest>,
+) -> Protobuf<PresenceResponse> {
+    let absent = s.recorded.absent.lock().unwrap().clone();
+    let connected = req
+        .user_ids
+        .into_iter()
+        .filter(|u| !absent.contains(u))
+        .map(|user_id| ConnectedUser {
+            user_id,
+            session: "fake".into(),
+        })
+        .collect();
+    Protobuf(PresenceResponse { connected })
+}
+
 /// Starts a fake connection server's internal API on a free port; returns its registry
 /// entry and what it records. It stops with the test's runtime.
 pub async fn fake_server(id: &str, secret: &str) -> (ServiceInfo, Arc<Recorded>) {
@@ -149,6 +170,7 @@ pub async fn fake_server(id: &str, secret: &str) -> (ServiceInfo, Arc<Recorded>)
     let app = Router::new()
         .route("/internal/push", post(fake_push))
         .route("/internal/kick", post(fake_kick))
+        .route("/internal/presence", post(fake_presence))
         .with_state(FakeServer {
             recorded: recorded.clone(),
             secret: secret.into(),

@@ -5,10 +5,16 @@
 //!
 //! - [`ForwardQueue`] (in the server state) takes sends from sessions without blocking; when
 //!   it is full the session answers OVERLOADED at once.
-//! - [`Forwarder`] (one task) takes whatever is queued, up to `forward_batch_max`, as soon as
-//!   one item is there, so batching adds no latency when idle and grows under load. At most
-//!   `forward_concurrency` calls are in flight; routes are chosen round-robin and a batch a
-//!   route refused is retried on the next one.
+//! - [`Forwarder`] runs `forward_concurrency` lanes. A user's sends always take the same lane
+//!   (by user id) and a lane has one call in flight at a time, so one sender's messages reach
+//!   the route, the inbox and the receiver in the order they were sent, while different
+//!   senders proceed in parallel. A lane takes whatever is queued, up to
+//!   `forward_batch_max`, as soon as one item is there: batching adds no latency when idle
+//!   and grows under load.
+//! - Every item carries a message id before it leaves (the client's `message_id`, or one the
+//!   server assigns), and routes store messages idempotently by id. So a call that failed in
+//!   any way — refused, timed out, connection lost mid-call — is retried on the next live
+//!   route ([`RouteCaller`]) without risking a duplicate.
 
 use crate::{
     conn::{ConnShared, Outbound},
@@ -18,13 +24,16 @@ use crate::{
         ErrorCode, Frame, Send, SendResult,
     },
 };
-use axum::http::StatusCode;
 use cim_common::{
-    cluster::{ClusterClient, ClusterError},
+    cluster::ClusterClient,
+    ids,
     registry::{MembersRx, ServiceInfo},
 };
-use std::sync::Arc;
-use tokio::sync::{mpsc, Semaphore};
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
@@ -32,6 +41,8 @@ use tracing::{debug, warn};
 pub(crate) const FORWARD_PATH: &str = "/internal/forward";
 /// Calls per batch at most (the first and two retries on other routes).
 const MAX_ATTEMPTS: usize = 3;
+/// Smallest queue of one lane.
+pub(crate) const MIN_LANE_QUEUE: usize = 16;
 
 /// One client send waiting to be forwarded, with the connection that gets its result.
 pub(crate) struct Pending {
@@ -39,21 +50,26 @@ pub(crate) struct Pending {
     pub(crate) send: Send,
 }
 
-/// The submitting side, shared by all sessions.
+/// The submitting side, shared by all sessions: one bounded queue per lane.
 pub(crate) struct ForwardQueue {
-    tx: mpsc::Sender<Pending>,
+    lanes: Vec<mpsc::Sender<Pending>>,
 }
 
 impl ForwardQueue {
-    pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<Pending>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (Self { tx }, rx)
+    /// `lanes` queues sharing `capacity` (each at least [`MIN_LANE_QUEUE`]).
+    pub(crate) fn new(capacity: usize, lanes: usize) -> (Self, Vec<mpsc::Receiver<Pending>>) {
+        let lanes = lanes.max(1);
+        let per_lane = capacity.div_ceil(lanes).max(MIN_LANE_QUEUE);
+        let (txs, rxs) = (0..lanes).map(|_| mpsc::channel(per_lane)).unzip();
+        (Self { lanes: txs }, rxs)
     }
 
-    /// Queues a send of `conn`'s user. Gives the send back when the queue is full (or the
-    /// forwarder stopped), for the caller to answer it.
+    /// Queues a send of `conn`'s user on the user's lane. Gives the send back when the lane
+    /// is full (or the forwarder stopped), for the caller to answer it.
     pub(crate) fn submit(&self, conn: &Arc<ConnShared>, send: Send) -> Result<(), Send> {
-        self.tx
+        // Lanes are few (≤ a few hundred): the remainder fits in usize on every platform.
+        let lane = (conn.user_id % self.lanes.len() as u64) as usize;
+        self.lanes[lane]
             .try_send(Pending {
                 conn: conn.clone(),
                 send,
@@ -71,110 +87,140 @@ fn route_addr(route: &ServiceInfo) -> Option<&str> {
         .map(String::as_str)
 }
 
-/// Whether a failed call certainly did not reach the route's handler, so sending the batch
-/// elsewhere cannot duplicate messages. A timeout or a connection lost mid-call is ambiguous:
-/// the route may have routed the messages, and a retry would send them twice.
-fn retryable(e: &ClusterError) -> bool {
-    match e {
-        ClusterError::Transport { source, .. } => source.is_connect(),
-        ClusterError::Status { status, .. } => matches!(
-            *status,
-            StatusCode::TOO_MANY_REQUESTS
-                | StatusCode::BAD_GATEWAY
-                | StatusCode::SERVICE_UNAVAILABLE
-                | StatusCode::GATEWAY_TIMEOUT
-        ),
-        ClusterError::Decode { .. } => false,
-    }
-}
-
-/// What the batches share.
-struct Context {
+/// Calls `/internal/forward` on live routes: round-robin, and on failure the next one.
+pub(crate) struct RouteCaller {
     client: ClusterClient,
     routes: MembersRx,
     server_id: String,
+    next: AtomicUsize,
 }
 
-/// The batching task's state.
+impl RouteCaller {
+    pub(crate) fn new(client: ClusterClient, routes: MembersRx, server_id: String) -> Self {
+        Self {
+            client,
+            routes,
+            server_id,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// Up to [`MAX_ATTEMPTS`] calls, each to the next live route. Safe to repeat because
+    /// what a request carries is idempotent by message id. `Err` is the message for clients.
+    pub(crate) async fn call(&self, request: &ForwardRequest) -> Result<ForwardResponse, String> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = String::from("no route is registered");
+        for attempt in 0..MAX_ATTEMPTS {
+            // Re-read the live list each time: a route that just died may have left it.
+            let addr = {
+                let routes = self.routes.borrow();
+                let addrs: Vec<&str> = routes.iter().filter_map(route_addr).collect();
+                if addrs.is_empty() {
+                    break;
+                }
+                addrs[start.wrapping_add(attempt) % addrs.len()].to_string()
+            };
+            match self
+                .client
+                .call::<_, ForwardResponse>(&addr, FORWARD_PATH, request)
+                .await
+            {
+                Ok(response) => return Ok(response),
+                Err(e) => {
+                    warn!(route = %addr, attempt = attempt + 1, error = %e, "forward failed, trying the next route");
+                    last_error = e.to_string();
+                }
+            }
+        }
+        warn!(
+            items = request.items.len(),
+            receipts = request.receipts.len(),
+            "no route took the forward: {last_error}"
+        );
+        Err(format!("no route reachable, retry later ({last_error})"))
+    }
+}
+
+/// The lanes' task factory.
 pub(crate) struct Forwarder {
-    rx: mpsc::Receiver<Pending>,
-    ctx: Arc<Context>,
+    lanes: Vec<mpsc::Receiver<Pending>>,
+    caller: Arc<RouteCaller>,
     batch_max: usize,
-    concurrency: usize,
 }
 
 impl Forwarder {
     pub(crate) fn new(
-        rx: mpsc::Receiver<Pending>,
-        routes: MembersRx,
-        client: ClusterClient,
-        server_id: String,
+        lanes: Vec<mpsc::Receiver<Pending>>,
+        caller: Arc<RouteCaller>,
         batch_max: usize,
-        concurrency: usize,
     ) -> Self {
         Self {
-            rx,
-            ctx: Arc::new(Context {
-                client,
-                routes,
-                server_id,
-            }),
+            lanes,
+            caller,
             batch_max,
-            concurrency,
         }
     }
 
-    /// Runs until `cancel`. Batch calls run as tasks on `tracker`.
-    pub(crate) async fn run(mut self, cancel: CancellationToken, tracker: TaskTracker) {
-        let permits = Arc::new(Semaphore::new(self.concurrency));
-        let mut next_route = 0usize;
-        loop {
-            // A permit first, then the items: while every call is in flight, sends pile up
-            // and leave together in the next batch.
-            let permit = tokio::select! {
-                () = cancel.cancelled() => break,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break, // never closed
-                },
-            };
-            let mut batch = Vec::new();
-            let n = tokio::select! {
-                () = cancel.cancelled() => break,
-                n = self.rx.recv_many(&mut batch, self.batch_max) => n,
-            };
-            if n == 0 {
-                break; // every sender is gone: the server is being dropped
-            }
-            let start = next_route;
-            next_route = next_route.wrapping_add(1);
-            let ctx = self.ctx.clone();
-            tracker.spawn(async move {
-                deliver(&ctx, batch, start).await;
-                drop(permit);
-            });
+    /// Runs every lane as a task on `tracker` until `cancel`.
+    pub(crate) fn spawn(self, cancel: &CancellationToken, tracker: &TaskTracker) {
+        for rx in self.lanes {
+            tracker.spawn(run_lane(
+                rx,
+                self.caller.clone(),
+                self.batch_max,
+                cancel.clone(),
+            ));
         }
-        debug!("forwarder stopped");
     }
 }
 
+/// One lane: one batch in flight at a time, the next one gathering meanwhile.
+async fn run_lane(
+    mut rx: mpsc::Receiver<Pending>,
+    caller: Arc<RouteCaller>,
+    batch_max: usize,
+    cancel: CancellationToken,
+) {
+    let mut batch = Vec::new();
+    loop {
+        let n = tokio::select! {
+            () = cancel.cancelled() => break,
+            n = rx.recv_many(&mut batch, batch_max) => n,
+        };
+        if n == 0 {
+            break; // every sender is gone: the server is being dropped
+        }
+        deliver(&caller, std::mem::take(&mut batch)).await;
+    }
+    debug!("forward lane stopped");
+}
+
 /// Calls routes for one batch, then hands each result to its connection.
-async fn deliver(ctx: &Context, batch: Vec<Pending>, start: usize) {
+async fn deliver(caller: &RouteCaller, batch: Vec<Pending>) {
     let (conns, items): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .map(|p| {
+            let mut send = p.send;
+            if send.message_id.is_empty() {
+                send.message_id = ids::message_id();
+            }
             // The sender is the connection's authenticated user, whatever the frame says.
             let item = ForwardItem {
                 sender_id: p.conn.user_id,
                 sender_name: p.conn.user_name.clone(),
-                send: Some(p.send),
+                send: Some(send),
             };
             (p.conn, item)
         })
         .unzip();
     let request = ForwardRequest {
-        server_id: ctx.server_id.clone(),
+        server_id: caller.server_id().to_string(),
         items,
+        receipts: Vec::new(),
     };
     let client_id = |i: usize| {
         request.items[i]
@@ -182,7 +228,7 @@ async fn deliver(ctx: &Context, batch: Vec<Pending>, start: usize) {
             .as_ref()
             .map_or(0, |send| send.client_id)
     };
-    let results = match call_routes(ctx, &request, start).await {
+    let results = match caller.call(&request).await {
         Ok(response) => {
             if response.results.len() != conns.len() {
                 warn!(
@@ -214,47 +260,6 @@ async fn deliver(ctx: &Context, batch: Vec<Pending>, start: usize) {
     }
 }
 
-/// Up to [`MAX_ATTEMPTS`] calls, each to the next live route. `Err` is the message for the
-/// clients.
-async fn call_routes(
-    ctx: &Context,
-    request: &ForwardRequest,
-    start: usize,
-) -> Result<ForwardResponse, String> {
-    for attempt in 0..MAX_ATTEMPTS {
-        // Re-read the live list each time: a route that just died may have left it.
-        let addr = {
-            let routes = ctx.routes.borrow();
-            let addrs: Vec<&str> = routes.iter().filter_map(route_addr).collect();
-            if addrs.is_empty() {
-                warn!(
-                    "no route is registered: failing {} sends",
-                    request.items.len()
-                );
-                break;
-            }
-            addrs[start.wrapping_add(attempt) % addrs.len()].to_string()
-        };
-        match ctx
-            .client
-            .call::<_, ForwardResponse>(&addr, FORWARD_PATH, request)
-            .await
-        {
-            Ok(response) => return Ok(response),
-            Err(e) if retryable(&e) => {
-                warn!(route = %addr, attempt = attempt + 1, error = %e, "forward failed, trying the next route");
-            }
-            Err(e) => {
-                warn!(route = %addr, error = %e, "forward failed after reaching the route");
-                return Err(format!(
-                    "route did not answer: the message may or may not have been sent ({e})"
-                ));
-            }
-        }
-    }
-    Err("no route reachable".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,15 +278,24 @@ mod tests {
     }
 
     #[test]
-    fn queue_refuses_when_full() {
-        let (queue, _rx) = ForwardQueue::new(1);
+    fn queue_refuses_when_the_lane_is_full() {
+        let (queue, mut lanes) = ForwardQueue::new(1, 2);
+        assert_eq!(lanes.len(), 2);
         let conn = Arc::new(ConnShared::new(1, "a".into(), "s".into(), 8));
         let send = |id| Send {
             client_id: id,
             ..Default::default()
         };
-        assert!(queue.submit(&conn, send(1)).is_ok());
-        let refused = queue.submit(&conn, send(2)).unwrap_err();
-        assert_eq!(refused.client_id, 2);
+        for id in 0..MIN_LANE_QUEUE as u64 {
+            assert!(queue.submit(&conn, send(id)).is_ok());
+        }
+        let refused = queue.submit(&conn, send(99)).unwrap_err();
+        assert_eq!(refused.client_id, 99);
+        // User 1's sends all went to lane 1, in order; lane 0 is free for user 2.
+        assert_eq!(lanes[1].try_recv().unwrap().send.client_id, 0);
+        assert!(lanes[0].try_recv().is_err());
+        let other = Arc::new(ConnShared::new(2, "b".into(), "s".into(), 8));
+        assert!(queue.submit(&other, send(7)).is_ok());
+        assert_eq!(lanes[0].try_recv().unwrap().send.client_id, 7);
     }
 }

@@ -6,7 +6,10 @@
 use crate::{
     conn::Outbound,
     pb::{
-        cluster::{DeliveryResult, KickRequest, KickResponse, PushRequest, PushResponse},
+        cluster::{
+            ConnectedUser, DeliveryResult, KickRequest, KickResponse, PresenceRequest,
+            PresenceResponse, PushRequest, PushResponse,
+        },
         frame::Body,
         Frame, Kick, KickReason, Push,
     },
@@ -31,6 +34,7 @@ pub(crate) fn router(state: AppState) -> Router {
     let internal = Router::new()
         .route("/internal/push", post(push))
         .route("/internal/kick", post(kick))
+        .route("/internal/presence", post(presence))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,
@@ -77,6 +81,7 @@ async fn push(
             };
             let item = Outbound::new(Frame::new(Body::Push(Push {
                 messages: vec![message],
+                replay: false,
             })));
             DeliveryResult {
                 delivered: state.table.enqueue_many(&delivery.recipients, &item),
@@ -84,6 +89,29 @@ async fn push(
         })
         .collect();
     Protobuf(PushResponse { results })
+}
+
+/// Most users one presence call may ask about.
+const MAX_PRESENCE_USERS: usize = 10_000;
+
+/// Which of the listed users have a logged-in connection here (and its login session).
+async fn presence(
+    State(state): State<AppState>,
+    Protobuf(request): Protobuf<PresenceRequest>,
+) -> Protobuf<PresenceResponse> {
+    let connected = request
+        .user_ids
+        .into_iter()
+        .take(MAX_PRESENCE_USERS)
+        .filter_map(|user_id| {
+            let conn = state.table.get(user_id)?;
+            Some(ConnectedUser {
+                user_id,
+                session: conn.session.clone(),
+            })
+        })
+        .collect();
+    Protobuf(PresenceResponse { connected })
 }
 
 /// Sends the Kick and closes each listed user's connection (only the given login session's,

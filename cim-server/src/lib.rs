@@ -7,17 +7,20 @@
 //! - `config`: [`ServerConfig`], every listener, limit and timeout, with validation.
 //! - `server`: [`start`], [`Listeners`], [`ServerHandle`]: assembling, registering in the
 //!   registry, accept loops, graceful shutdown.
-//! - `session`: the life of one connection (login, heartbeats, frames both ways, cleanup),
-//!   written once over the `Transport` trait.
+//! - `session`: the life of one connection (login, inbox replay, heartbeats, frames both
+//!   ways, cleanup), written once over the `Transport` trait.
 //! - `tcp`: the TCP transport (delimited protobuf, small buffers, batched writes).
 //! - `ws`: the WebSocket transport (tokio-tungstenite, binary or JSON, small buffers).
 //! - `conn`: the shared handle of a logged-in connection with its bounded outbound queue,
 //!   shared pre-encoded outbound frames, and the table of connections by user.
-//! - `forward`: batching client sends to live routes (`POST /internal/forward`) and handing
-//!   the results back to the connections.
+//! - `forward`: batching client sends to live routes (`POST /internal/forward`) in per-sender
+//!   lanes and handing the results back to the connections.
+//! - `ack`: batching clients' acks into inbox removals, and forwarding the receipts they
+//!   produce to a route.
 //! - `internal`: the internal API for routes (`/internal/push`, `/internal/kick`) and
 //!   `/healthz`.
 
+mod ack;
 mod config;
 mod conn;
 mod forward;

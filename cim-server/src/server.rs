@@ -5,7 +5,8 @@ use crate::pb::KickReason;
 use crate::{
     config::ServerConfig,
     conn::ConnTable,
-    forward::{ForwardQueue, Forwarder},
+    ack::{self, AckQueue},
+    forward::{ForwardQueue, Forwarder, RouteCaller},
     internal, session,
     tcp::TcpTransport,
     ws,
@@ -39,6 +40,7 @@ pub(crate) struct ServerState {
     pub store: Arc<dyn StateStore>,
     pub table: ConnTable,
     pub forward: ForwardQueue,
+    pub acks: AckQueue,
     /// Cancelled when the server shuts down.
     pub cancel: CancellationToken,
     /// Open client connections (logging in, logged in, or closing).
@@ -51,6 +53,7 @@ impl ServerState {
         config: ServerConfig,
         store: Arc<dyn StateStore>,
         forward: ForwardQueue,
+        acks: AckQueue,
     ) -> Self {
         Self {
             id,
@@ -59,6 +62,7 @@ impl ServerState {
             store,
             table: ConnTable::default(),
             forward,
+            acks,
             cancel: CancellationToken::new(),
             open: AtomicUsize::new(0),
         }
@@ -121,15 +125,14 @@ pub async fn start(
         .watch(ServiceKind::Route)
         .await
         .context("watching routes in the registry")?;
-    let (forward, forward_rx) = ForwardQueue::new(config.forward_queue);
-    let forwarder = Forwarder::new(
-        forward_rx,
-        routes,
+    let caller = Arc::new(RouteCaller::new(
         ClusterClient::new(&config.cluster_secret, config.internal_timeout()),
+        routes,
         id.clone(),
-        config.forward_batch_max,
-        config.forward_concurrency,
-    );
+    ));
+    let (forward, lanes) = ForwardQueue::new(config.forward_queue, config.forward_concurrency);
+    let forwarder = Forwarder::new(lanes, caller.clone(), config.forward_batch_max);
+    let (acks, acks_rx) = AckQueue::new(ack::QUEUE_CAPACITY);
     let info = ServiceInfo {
         id: id.clone(),
         tcp_addr: config.advertised(tcp_addr, config.advertise_tcp.as_deref()),
@@ -138,10 +141,23 @@ pub async fn start(
         http_addr: String::new(),
     };
     let ttl = config.registry_ttl();
-    let state = Arc::new(ServerState::new(id, config, backends.store, forward));
+    let state = Arc::new(ServerState::new(
+        id,
+        config,
+        backends.store.clone(),
+        forward,
+        acks,
+    ));
 
     let tracker = TaskTracker::new();
-    tracker.spawn(forwarder.run(state.cancel.clone(), tracker.clone()));
+    forwarder.spawn(&state.cancel, &tracker);
+    tracker.spawn(ack::run(
+        acks_rx,
+        backends.store,
+        caller,
+        state.cancel.clone(),
+        tracker.clone(),
+    ));
     tracker.spawn(accept_tcp(state.clone(), listeners.tcp, tracker.clone()));
     tracker.spawn(accept_ws(state.clone(), listeners.ws, tracker.clone()));
     tracker.spawn(internal::serve(state.clone(), listeners.internal));

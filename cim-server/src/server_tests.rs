@@ -5,7 +5,8 @@
 use crate::{
     pb::{
         cluster::{
-            Delivery, ForwardRequest, ForwardResponse, KickRequest, KickResponse, PushRequest,
+            ConnectedUser, Delivery, ForwardRequest, ForwardResponse, KickRequest, KickResponse,
+            PresenceRequest, PresenceResponse, PushRequest,
             PushResponse,
         },
         frame::Body,
@@ -286,6 +287,25 @@ async fn kick_by_user_and_session() {
         }),
         session: session.into(),
     };
+    // Presence names the connected users with their sessions (9 is not connected).
+    let presence: PresenceResponse = c
+        .internal
+        .call(
+            &addr,
+            "/internal/presence",
+            &PresenceRequest {
+                user_ids: vec![1, 9],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        presence.connected,
+        vec![ConnectedUser {
+            user_id: 1,
+            session: "s1".into()
+        }]
+    );
     // Another session of the same user: nothing happens.
     let response: KickResponse = c
         .internal

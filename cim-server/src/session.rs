@@ -8,11 +8,20 @@
 //!
 //! Sequence: the first frame must be a `Login` with a connect token valid for this server;
 //! the login session is attached in the state store, the connection enters the table and gets
-//! a `LoginResult`. On exit, for whatever reason, it leaves the table and is detached.
+//! a `LoginResult`. Then the user's inbox (stored messages not acked yet) is replayed, oldest
+//! first, as `Push { replay: true }` frames, and only then does the queue of live deliveries
+//! flow. On exit, for whatever reason, it leaves the table and is detached.
+//!
+//! Replay and live pushes overlap safely: the connection is attached (so routes push here)
+//! before the inbox is read, and routes store a message before pushing it. A message stored
+//! before the read is replayed; its live push, if one arrives, carries a seq not above the
+//! last replayed one and is dropped here; a message stored after the read has a higher seq and
+//! is delivered live. Either way it reaches the client, once per connection.
 
 use crate::{
+    ack::{self, AckItem},
     conn::{ConnShared, Outbound},
-    pb::{frame::Body, ErrorCode, Frame, KickReason, LoginResult, Pong, SendResult},
+    pb::{frame::Body, ErrorCode, Frame, KickReason, LoginResult, Message, Pong, Push, SendResult},
     server::ServerState,
 };
 use cim_common::{store::AttachOutcome, time::now_ms, token::TokenError};
@@ -32,6 +41,11 @@ use tracing::{debug, info, warn, Instrument, Span};
 const MAX_FRAMES_PER_WAKE: usize = 64;
 /// Longest wait for the client to close after our last frame.
 const MAX_LINGER: Duration = Duration::from_secs(1);
+/// Messages per inbox read during the replay.
+const REPLAY_PAGE: usize = 200;
+/// Encoded size of one replay Push at most (unless one message is larger): well below the
+/// frame limit of any client, however many messages wait.
+const REPLAY_FRAME_BYTES: usize = 32 * 1024;
 
 /// A way of exchanging frames with one client.
 pub(crate) trait Transport: Send {
@@ -359,9 +373,15 @@ fn on_recv(
                 conn.reply(Frame::new(Body::SendResult(result)));
             }
         }
-        // Delivery guarantees (acks against the per-user inbox) come later; until then an
-        // Ack is valid and needs no answer.
-        Some(Body::Ack(_)) => {}
+        Some(Body::Ack(a)) => match ack::validate(a.message_ids) {
+            Ok(ids) if ids.is_empty() => {}
+            Ok(ids) => state.acks.submit(AckItem {
+                user_id: conn.user_id,
+                user_name: conn.user_name.clone(),
+                ids,
+            }),
+            Err(message) => conn.reply(Frame::error(ErrorCode::BadRequest, message)),
+        },
         Some(Body::Login(_)) => conn.reply(Frame::error(
             ErrorCode::UnsupportedFrame,
             "already logged in",
@@ -378,14 +398,33 @@ fn on_recv(
     Step::Continue
 }
 
+/// Whether `item` is a live push of stored messages that the replay already wrote.
+fn replayed_already(item: &Outbound, replayed_upto: u64) -> bool {
+    match &item.frame().body {
+        Some(Body::Push(push)) => {
+            !push.replay
+                && !push.messages.is_empty()
+                && push
+                    .messages
+                    .iter()
+                    .all(|m| m.seq != 0 && m.seq <= replayed_upto)
+        }
+        _ => false,
+    }
+}
+
 /// Writes what is queued for the connection; `Some` when the connection must end (a close
-/// was requested, or the write failed).
+/// was requested, or the write failed). Pushes the replay covered are skipped.
 async fn flush_queue<T: Transport>(
     state: &ServerState,
     transport: &mut T,
     conn: &ConnShared,
+    replayed_upto: u64,
 ) -> Option<End> {
     let (mut items, closing) = conn.take();
+    if replayed_upto > 0 {
+        items.retain(|item| !replayed_already(item, replayed_upto));
+    }
     let timeout = state.config.write_timeout();
     if let Some(closing) = closing {
         if !closing.flush {
@@ -407,7 +446,69 @@ async fn flush_queue<T: Transport>(
         .map(End::WriteFailed)
 }
 
-/// The logged-in part: LoginResult, then frames both ways until something ends it.
+/// Splits replayed messages into Push frames of at most [`REPLAY_FRAME_BYTES`].
+fn replay_frames(messages: Vec<Message>) -> Vec<Outbound> {
+    let frame = |messages| {
+        Outbound::new(Frame::new(Body::Push(Push {
+            messages,
+            replay: true,
+        })))
+    };
+    let mut frames = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for message in messages {
+        let len = prost::Message::encoded_len(&message);
+        if !current.is_empty() && bytes + len > REPLAY_FRAME_BYTES {
+            frames.push(frame(std::mem::take(&mut current)));
+            bytes = 0;
+        }
+        bytes += len;
+        current.push(message);
+    }
+    if !current.is_empty() {
+        frames.push(frame(current));
+    }
+    frames
+}
+
+/// Writes the user's inbox, oldest first, as replay Push frames. Returns the last seq
+/// written (0: the inbox was empty).
+async fn replay<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    conn: &ConnShared,
+) -> Result<u64, End> {
+    let mut after = 0;
+    loop {
+        let page = match state
+            .store
+            .inbox_read(conn.user_id, after, REPLAY_PAGE)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                warn!(error = %e, "reading the inbox failed");
+                // Closing makes the client reconnect and try again; going on without the
+                // replay would leave its stored messages waiting for the next connection.
+                let msg = "state store unavailable: your stored messages cannot be read,                            reconnect later"
+                    .to_string();
+                return Err(fail(state, transport, ErrorCode::Unavailable, msg).await);
+            }
+        };
+        let Some(last) = page.last() else {
+            return Ok(after);
+        };
+        after = last.seq;
+        let frames = replay_frames(page);
+        write(transport, &frames, state.config.write_timeout())
+            .await
+            .map_err(End::WriteFailed)?;
+    }
+}
+
+/// The logged-in part: LoginResult, the inbox replay, then frames both ways until
+/// something ends it.
 async fn serve<T: Transport>(
     state: &ServerState,
     transport: &mut T,
@@ -432,6 +533,10 @@ async fn serve<T: Transport>(
     {
         return End::WriteFailed(e);
     }
+    let replayed_upto = match Box::pin(replay(state, transport, conn)).await {
+        Ok(upto) => upto,
+        Err(end) => return end,
+    };
 
     // The deadline timer is re-armed only when it fires (from the last activity), not on
     // every frame: a busy connection does not churn the timer wheel. (Values are read from
@@ -445,7 +550,7 @@ async fn serve<T: Transport>(
         tokio::select! {
             biased;
             () = conn.notified() => {
-                if let Some(end) = Box::pin(flush_queue(state, transport, conn)).await {
+                if let Some(end) = Box::pin(flush_queue(state, transport, conn, replayed_upto)).await {
                     return end;
                 }
             }
@@ -869,7 +974,9 @@ mod tests {
             ..test_config()
         });
         let (mut client, _task) = h.login(11, "s").await;
-        for client_id in [1, 2] {
+        // The one lane holds its minimum; nobody drains it here.
+        let overflow = crate::forward::MIN_LANE_QUEUE as u64 + 1;
+        for client_id in 1..=overflow {
             let send = Send {
                 client_id,
                 ..Default::default()
@@ -878,7 +985,7 @@ mod tests {
         }
         match next(&mut client).await.body {
             Some(Body::SendResult(r)) => {
-                assert_eq!(r.client_id, 2);
+                assert_eq!(r.client_id, overflow);
                 assert_eq!(r.error.unwrap().code(), ErrorCode::Overloaded);
             }
             other => panic!("expected SendResult, got {other:?}"),
@@ -967,5 +1074,104 @@ mod tests {
         let future = run(h.state.clone(), TcpTransport::new(stream, 65_536), addr);
         let size = std::mem::size_of_val(&future);
         assert!(size <= 800, "session future is {size} bytes");
+    }
+
+    use cim_common::store::StateStore;
+
+    fn stored(user_id: u64, id: &str, body: &str) -> crate::pb::Message {
+        crate::pb::Message {
+            id: id.into(),
+            sender_id: 99,
+            sender_name: "sender".into(),
+            receiver_id: user_id,
+            kind: crate::pb::MessageKind::Private as i32,
+            body: body.into(),
+            timestamp_ms: now_ms(),
+            ..Default::default()
+        }
+    }
+
+    fn push_of(frame: Frame) -> Push {
+        match frame.body {
+            Some(Body::Push(push)) => push,
+            other => panic!("expected a Push, got {other:?}"),
+        }
+    }
+
+    fn live_push(message: crate::pb::Message) -> Outbound {
+        Outbound::new(Frame::new(Body::Push(Push {
+            messages: vec![message],
+            replay: false,
+        })))
+    }
+
+    #[tokio::test]
+    async fn inbox_is_replayed_before_live_pushes_without_duplicates() {
+        let h = Harness::new(test_config());
+        let mut waiting = vec![stored(7, "m1", "one"), stored(7, "m2", "two")];
+        h.store.inbox_store(&mut waiting).await.unwrap();
+        let (mut client, _task) = h.login(7, "s").await;
+        let replayed = push_of(next(&mut client).await);
+        assert!(replayed.replay);
+        let ids: Vec<&str> = replayed.messages.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["m1", "m2"]);
+        assert!(replayed.messages[0].seq < replayed.messages[1].seq);
+
+        // A live push of a message the replay covered (it was stored before the inbox was
+        // read) is dropped; a newer one goes through, then the Pong.
+        let conn = h.state.table.get(7).unwrap();
+        conn.enqueue(live_push(waiting[1].clone()));
+        let mut newer = vec![stored(7, "m3", "three")];
+        h.store.inbox_store(&mut newer).await.unwrap();
+        conn.enqueue(live_push(newer[0].clone()));
+        client.send(ping(5)).await.unwrap();
+        let live = push_of(next(&mut client).await);
+        assert!(!live.replay);
+        assert_eq!(live.messages[0].id, "m3");
+        assert_eq!(next(&mut client).await, Frame::new(Body::Pong(Pong { nonce: 5 })));
+    }
+
+    #[tokio::test]
+    async fn a_large_inbox_is_replayed_in_bounded_frames_in_order() {
+        let h = Harness::new(test_config());
+        let body = "x".repeat(2000);
+        let mut waiting: Vec<_> = (0..60).map(|i| stored(8, &format!("m{i:02}"), &body)).collect();
+        h.store.inbox_store(&mut waiting).await.unwrap();
+        let (mut client, _task) = h.login(8, "s").await;
+        let mut ids = Vec::new();
+        let mut frames = 0;
+        while ids.len() < 60 {
+            let frame = next(&mut client).await;
+            assert!(prost::Message::encoded_len(&frame) <= REPLAY_FRAME_BYTES + 4096);
+            let push = push_of(frame);
+            assert!(push.replay);
+            ids.extend(push.messages.into_iter().map(|m| m.id));
+            frames += 1;
+        }
+        assert!(frames > 1, "60 × 2 KB must not fit one frame");
+        let expected: Vec<String> = (0..60).map(|i| format!("m{i:02}")).collect();
+        assert_eq!(ids, expected);
+    }
+
+    #[tokio::test]
+    async fn acks_go_to_the_acker_and_bad_acks_are_refused() {
+        let mut h = Harness::new(test_config());
+        let (mut client, _task) = h.login(9, "s").await;
+        let ack = |ids: Vec<String>| Frame::new(Body::Ack(crate::pb::Ack { message_ids: ids }));
+        client.send(ack(vec!["a".into(), "b".into()])).await.unwrap();
+        let item = h.acked.recv().await.unwrap();
+        assert_eq!(item.user_id, 9);
+        assert_eq!(item.user_name, "user9");
+        assert_eq!(item.ids, ["a", "b"]);
+
+        client
+            .send(ack(vec!["a".into(); ack::MAX_IDS_PER_ACK + 1]))
+            .await
+            .unwrap();
+        assert_eq!(error_code(&next(&mut client).await), ErrorCode::BadRequest);
+        // The connection stays open.
+        client.send(ping(1)).await.unwrap();
+        assert_eq!(next(&mut client).await, Frame::new(Body::Pong(Pong { nonce: 1 })));
+        assert!(h.acked.try_recv().is_err(), "the refused ack went nowhere");
     }
 }

@@ -5,6 +5,7 @@
 
 use crate::{
     config::ServerConfig,
+    ack::{AckItem, AckQueue},
     forward::{ForwardQueue, Pending},
     server::ServerState,
     session,
@@ -102,22 +103,27 @@ pub(crate) struct Harness {
     pub store: Arc<TestStore>,
     /// What sessions submitted for forwarding.
     pub forwarded: mpsc::Receiver<Pending>,
+    /// What sessions submitted for removal from inboxes.
+    pub acked: mpsc::Receiver<AckItem>,
 }
 
 impl Harness {
     pub(crate) fn new(config: ServerConfig) -> Self {
         let store = Arc::new(TestStore::default());
-        let (forward, forwarded) = ForwardQueue::new(config.forward_queue);
+        let (forward, mut lanes) = ForwardQueue::new(config.forward_queue, 1);
+        let (acks, acked) = AckQueue::new(64);
         let state = Arc::new(ServerState::new(
             "server-test01".into(),
             config,
             store.clone(),
             forward,
+            acks,
         ));
         Self {
             state,
             store,
-            forwarded,
+            forwarded: lanes.remove(0),
+            acked,
         }
     }
 

@@ -38,12 +38,14 @@
 //! Modules: [`process`] (child guard and helpers); the Redis and etcd starters are re-exported
 //! at the root; [`cluster`] starts cim servers and routes in-process on top of an [`Infra`].
 
+pub mod bin_node;
 pub mod cluster;
 pub mod process;
 
 mod etcd_server;
 mod redis_server;
 
+pub use bin_node::{RouteProcess, ServerProcess};
 pub use etcd_server::Etcd;
 pub use process::ChildGuard;
 pub use redis_server::{Redis, RedisOptions};
@@ -120,6 +122,7 @@ impl Infra {
             etcd_endpoints: vec![self.etcd.endpoint()],
             prefix: prefix.to_string(),
             timeout_ms: 2000,
+            ..BackendConfig::default()
         }
     }
 }

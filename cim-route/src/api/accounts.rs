@@ -14,7 +14,10 @@ use crate::{
 use axum::{extract::State, http::StatusCode, Json};
 use cim_common::{
     ids,
-    pb::{cluster::KickRequest, cluster::KickResponse, Kick, KickReason},
+    pb::{
+        cluster::{KickRequest, KickResponse, PresenceRequest, PresenceResponse},
+        Kick, KickReason,
+    },
     registry::ServiceInfo,
     store::ClaimOutcome,
     time::now_ms,
@@ -24,6 +27,8 @@ use serde::{Deserialize, Serialize};
 
 /// Path of the connection servers' kick endpoint.
 pub const KICK_PATH: &str = "/internal/kick";
+/// Path of the connection servers' presence endpoint.
+pub const PRESENCE_PATH: &str = "/internal/presence";
 
 /// Characters that are syntax in the terminal client (`;` separates, `@` addresses, `#` and
 /// `|` are reserved), so names cannot contain them.
@@ -191,12 +196,32 @@ pub async fn login(
         )
     })?;
     let session = ids::session_id();
-    let outcome = state
+    let mut outcome = state
         .store()
         .claim_login(user.id, &session, config.connect_token_ttl(), &|s| {
             is_live(&servers, s)
         })
         .await?;
+    if let ClaimOutcome::Held {
+        server: Some(holder),
+    } = &outcome
+    {
+        // The slot says "connected to a live server". After a crash the registry lists the
+        // server until its lease expires, so ask it: if it does not hold the user (or does
+        // not answer), the slot is stale and this login takes it over at once.
+        if let Some(server) = live_server(&servers, holder) {
+            if !holds_user(&state, server, user.id).await {
+                tracing::info!(user_id = user.id, server = %holder, "login slot was stale: taken over");
+                let stale = holder.clone();
+                outcome = state
+                    .store()
+                    .claim_login(user.id, &session, config.connect_token_ttl(), &|s| {
+                        s != stale && is_live(&servers, s)
+                    })
+                    .await?;
+            }
+        }
+    }
     if let ClaimOutcome::Held { server } = outcome {
         let detail = match server {
             Some(s) => format!("connected to server {s}"),
@@ -241,6 +266,28 @@ pub async fn login(
         session_token,
         heartbeat_hint_ms: None,
     }))
+}
+
+/// Whether `server` has a logged-in connection of `user_id`. A server that cannot be asked
+/// (crashed, unreachable) holds nobody.
+async fn holds_user(state: &AppState, server: &ServiceInfo, user_id: u64) -> bool {
+    if server.internal_addr.is_empty() {
+        return true; // cannot ask: trust the slot
+    }
+    let req = PresenceRequest {
+        user_ids: vec![user_id],
+    };
+    match state
+        .cluster()
+        .call::<_, PresenceResponse>(&server.internal_addr, PRESENCE_PATH, &req)
+        .await
+    {
+        Ok(resp) => resp.connected.iter().any(|c| c.user_id == user_id),
+        Err(e) => {
+            tracing::warn!(server = %server.id, error = %e, "presence check failed: treating the server as gone");
+            false
+        }
+    }
 }
 
 #[derive(Serialize)]

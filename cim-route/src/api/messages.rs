@@ -1,8 +1,10 @@
 //! Sending messages over HTTP (bearer): the same routing as messages sent over a server
 //! connection, with the token's user as the sender.
 //!
-//! - `POST /api/messages/private` `{"to":u64}` or `{"to_name":"bob"}`, plus `"body"` →
-//!   200 `{"id","status":"delivered"|"offline","timestamp_ms"}`
+//! - `POST /api/messages/private` `{"to":u64}` or `{"to_name":"bob"}`, plus `"body"`, and
+//!   optionally `"id"` (client-chosen message id: a retry with the same id is stored once) and
+//!   `"receipt":true` → 200 `{"id","status":"delivered"|"stored","timestamp_ms"}`. `stored`:
+//!   the receiver is offline and gets it from their inbox at their next connection.
 //! - `POST /api/messages/group` `{"body"}` → 200 `{"id","delivered":n,"timestamp_ms"}`
 
 use crate::{
@@ -26,12 +28,18 @@ pub struct PrivateRequest {
     /// Missing counts as empty, answered 400 like an empty one.
     #[serde(default)]
     pub body: String,
+    /// Optional message id chosen by the caller (1-64 of `[0-9A-Za-z_-]`), for safe retries.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Send the sender a RECEIPT message once the receiver acked this one.
+    #[serde(default)]
+    pub receipt: bool,
 }
 
 #[derive(Serialize)]
 pub struct PrivateSent {
     pub id: String,
-    /// `delivered` or `offline`.
+    /// `delivered` or `stored`.
     pub status: &'static str,
     pub timestamp_ms: i64,
 }
@@ -87,13 +95,15 @@ pub async fn private(
         to_user_id: req.to.unwrap_or(0),
         to_user_name: req.to_name.unwrap_or_default(),
         body: req.body,
+        message_id: req.id.unwrap_or_default(),
+        receipt: req.receipt,
         ..Default::default()
     };
     let result = route_one(&state, user, send).await?;
     let status = if result.status == SendStatus::Delivered as i32 {
         "delivered"
     } else {
-        "offline"
+        "stored"
     };
     Ok(Json(PrivateSent {
         id: result.message_id,

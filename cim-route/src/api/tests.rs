@@ -342,6 +342,77 @@ async fn login_checks_credentials_and_assigns_round_robin() {
 }
 
 #[tokio::test]
+async fn a_slot_held_on_a_server_that_no_longer_has_the_user_is_taken_over() {
+    let store = Arc::new(MemoryStore::new());
+    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
+    let signer = state.signer().clone();
+    let app = app(state);
+    let v = register_and_login(&app, "alice").await;
+    let claims = signer
+        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
+        .unwrap();
+    store
+        .attach(claims.user_id, "alice", &claims.session, &a.id)
+        .await
+        .unwrap();
+    let alice = json!({"name": "alice", "password": "secret-pw"});
+
+    // server-a says alice is connected there: single login holds.
+    let (s, v) = call(&app, post("/api/login", alice.clone(), None)).await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "already_logged_in"));
+
+    // Her connection died (server-a no longer has her) before the slot was freed: the next
+    // login takes the slot over at once instead of waiting.
+    rec.absent.lock().unwrap().insert(claims.user_id);
+    let (s, v) = call(&app, post("/api/login", alice, None)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let new = signer
+        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
+        .unwrap();
+    assert!(store
+        .session_active(new.user_id, &new.session)
+        .await
+        .unwrap());
+    assert!(!store
+        .session_active(claims.user_id, &claims.session)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn a_slot_held_on_an_unreachable_server_is_taken_over() {
+    let store = Arc::new(MemoryStore::new());
+    // Still in the registry (its lease has not expired), but the process is gone.
+    let crashed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        cim_common::registry::ServiceInfo {
+            internal_addr: addr.to_string(),
+            ..server("server-x")
+        }
+    };
+    let (state, _tx) = state_with(store.clone(), vec![crashed.clone()], |_| {});
+    let signer = state.signer().clone();
+    let app = app(state);
+    let v = register_and_login(&app, "bob").await;
+    let claims = signer
+        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
+        .unwrap();
+    store
+        .attach(claims.user_id, "bob", &claims.session, &crashed.id)
+        .await
+        .unwrap();
+    let (s, v) = call(
+        &app,
+        post("/api/login", json!({"name": "bob", "password": "secret-pw"}), None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
 async fn logout_frees_the_slot_and_kicks_the_connection() {
     let store = Arc::new(MemoryStore::new());
     let (a, rec) = fake_server("server-a", DEV_SECRET).await;
@@ -498,7 +569,7 @@ async fn messages_over_http_use_the_token_user() {
         ),
     )
     .await;
-    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("offline")));
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("stored")));
 
     let (s, v) = call(
         &app,

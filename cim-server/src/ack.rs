@@ -1,0 +1,189 @@
+//! Acks: a client acks the stored (private and receipt) messages it received, and they leave
+//! its inbox. Sessions hand acks to the [`AckQueue`] without waiting; one task takes whatever
+//! is queued and removes it from the inboxes of all those users in one state-store round
+//! trip, so acks cost O(1) round trips per batch, not per message or per user.
+//!
+//! Messages that asked for a receipt come back from the store when acked (each once); they
+//! are forwarded to a route (`ForwardRequest.receipts`), which sends the original sender a
+//! RECEIPT message. Servers hold no routing rules, so the server never pushes receipts itself.
+//!
+//! Losing an ack is safe, never wrong: the message stays in the inbox, is replayed at the next
+//! connection and de-duplicated by id in the client (at-least-once to the device).
+
+use crate::forward::RouteCaller;
+use cim_common::{
+    pb::cluster::{AckedReceipt, ForwardRequest},
+    store::StateStore,
+    time::now_ms,
+};
+use std::{collections::HashMap, sync::Arc};
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, warn};
+
+/// Most message ids one Ack frame may carry.
+pub(crate) const MAX_IDS_PER_ACK: usize = 1024;
+/// Longest id worth looking up (stored ids are at most 64 characters; receipts add a prefix).
+pub(crate) const MAX_ID_LEN: usize = 128;
+/// Ack frames waiting for the acker at most.
+pub(crate) const QUEUE_CAPACITY: usize = 16_384;
+/// Ack frames removed per store call at most.
+const BATCH_MAX: usize = 512;
+
+/// The acks of one Ack frame.
+pub(crate) struct AckItem {
+    pub user_id: u64,
+    pub user_name: String,
+    pub ids: Vec<String>,
+}
+
+/// The submitting side, shared by all sessions.
+pub(crate) struct AckQueue {
+    tx: mpsc::Sender<AckItem>,
+}
+
+impl AckQueue {
+    pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<AckItem>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Self { tx }, rx)
+    }
+
+    /// Queues acks without waiting. When the queue is full they are dropped (logged): the
+    /// messages stay in the inbox and come again at the next connection.
+    pub(crate) fn submit(&self, item: AckItem) {
+        if let Err(e) = self.tx.try_send(item) {
+            let item = e.into_inner();
+            debug!(
+                user_id = item.user_id,
+                ids = item.ids.len(),
+                "ack queue full: acks dropped, the messages will be replayed"
+            );
+        }
+    }
+}
+
+/// Runs until `cancel`, then removes what is still queued and stops.
+pub(crate) async fn run(
+    mut rx: mpsc::Receiver<AckItem>,
+    store: Arc<dyn StateStore>,
+    routes: Arc<RouteCaller>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut batch = Vec::new();
+    loop {
+        let n = tokio::select! {
+            () = cancel.cancelled() => break,
+            n = rx.recv_many(&mut batch, BATCH_MAX) => n,
+        };
+        if n == 0 {
+            break;
+        }
+        apply(&*store, &routes, &tracker, std::mem::take(&mut batch)).await;
+    }
+    // Acks of connections that closed at shutdown: remove them now rather than replaying
+    // those messages at the next connection.
+    rx.close();
+    while let Ok(item) = rx.try_recv() {
+        batch.push(item);
+    }
+    if !batch.is_empty() {
+        apply(&*store, &routes, &tracker, batch).await;
+    }
+    debug!("acker stopped");
+}
+
+async fn apply(
+    store: &dyn StateStore,
+    routes: &Arc<RouteCaller>,
+    tracker: &TaskTracker,
+    batch: Vec<AckItem>,
+) {
+    let mut names = HashMap::with_capacity(batch.len());
+    let acks: Vec<(u64, Vec<String>)> = batch
+        .into_iter()
+        .map(|item| {
+            names.insert(item.user_id, item.user_name);
+            (item.user_id, item.ids)
+        })
+        .collect();
+    let receipts = match store.inbox_ack(&acks).await {
+        Ok(receipts) => receipts,
+        Err(e) => {
+            warn!(error = %e, users = acks.len(), "removing acked messages failed: they will be replayed");
+            return;
+        }
+    };
+    if receipts.is_empty() {
+        return;
+    }
+    let now = now_ms();
+    let request = ForwardRequest {
+        server_id: routes.server_id().to_string(),
+        items: Vec::new(),
+        receipts: receipts
+            .into_iter()
+            .map(|r| AckedReceipt {
+                receiver_name: names.get(&r.receiver_id).cloned().unwrap_or_default(),
+                message_id: r.message_id,
+                sender_id: r.sender_id,
+                receiver_id: r.receiver_id,
+                acked_at_ms: now,
+            })
+            .collect(),
+    };
+    // In a task of its own: a slow route must not hold up the next acks.
+    let routes = routes.clone();
+    tracker.spawn(async move {
+        if let Err(e) = routes.call(&request).await {
+            warn!(
+                receipts = request.receipts.len(),
+                "receipts could not be forwarded and are lost: {e}"
+            );
+        }
+    });
+}
+
+/// Why an Ack frame is refused, or `Ok` with the ids worth acking.
+pub(crate) fn validate(ids: Vec<String>) -> Result<Vec<String>, String> {
+    if ids.len() > MAX_IDS_PER_ACK {
+        return Err(format!(
+            "an Ack carries at most {MAX_IDS_PER_ACK} message ids, got {}",
+            ids.len()
+        ));
+    }
+    if ids.iter().any(|id| id.is_empty() || id.len() > MAX_ID_LEN) {
+        return Err(format!(
+            "message ids in an Ack are 1 to {MAX_ID_LEN} bytes long"
+        ));
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_frames_are_bounded() {
+        assert_eq!(validate(vec!["a".into()]).unwrap(), vec!["a".to_string()]);
+        assert!(validate(vec![String::new()]).is_err());
+        assert!(validate(vec!["x".repeat(MAX_ID_LEN + 1)]).is_err());
+        assert!(validate(vec!["a".into(); MAX_IDS_PER_ACK]).is_ok());
+        assert!(validate(vec!["a".into(); MAX_IDS_PER_ACK + 1]).is_err());
+    }
+
+    #[test]
+    fn a_full_queue_drops_instead_of_blocking() {
+        let (queue, mut rx) = AckQueue::new(1);
+        let item = |id: &str| AckItem {
+            user_id: 1,
+            user_name: "a".into(),
+            ids: vec![id.into()],
+        };
+        queue.submit(item("1"));
+        queue.submit(item("2"));
+        assert_eq!(rx.try_recv().unwrap().ids, vec!["1".to_string()]);
+        assert!(rx.try_recv().is_err());
+    }
+}
