@@ -54,6 +54,7 @@ fn message(n: u64) -> Message {
 fn push(messages: u64) -> Frame {
     Frame::new(Body::Push(Push {
         messages: (0..messages).map(message).collect(),
+        replay: false,
     }))
 }
 

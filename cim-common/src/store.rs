@@ -171,7 +171,9 @@ pub trait StateStore: Send + Sync + 'static {
     async fn inbox_store(&self, messages: &mut [Message]) -> StoreResult<()>;
 
     /// Up to `limit` messages of `user_id`'s inbox with `seq > after_seq`, in seq order, each
-    /// with its `seq` set. Messages older than `max_age` are skipped (and removed).
+    /// with its `seq` set. Messages older than `max_age` are skipped (and removed), and the
+    /// page is filled past them: fewer than `limit` means there is no more. `limit` is capped
+    /// at [`redis::MAX_INBOX_READ`].
     async fn inbox_read(
         &self,
         user_id: u64,
@@ -181,6 +183,8 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Removes acked messages, for many `(user_id, message ids)` in one round trip. Returns
     /// the removed messages that asked for a receipt, each once (a repeated ack finds nothing).
+    /// Unknown ids are no-ops; of each entry, ids past the first [`redis::MAX_ACK_IDS`] and
+    /// ids longer than [`redis::MAX_ACK_ID_LEN`] bytes are ignored.
     async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>>;
 
     /// Number of messages in `user_id`'s inbox.

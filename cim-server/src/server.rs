@@ -3,9 +3,9 @@
 
 use crate::pb::KickReason;
 use crate::{
+    ack::{self, AckQueue},
     config::ServerConfig,
     conn::ConnTable,
-    ack::{self, AckQueue},
     forward::{ForwardQueue, Forwarder, RouteCaller},
     internal, session,
     tcp::TcpTransport,

@@ -6,8 +6,7 @@ use crate::{
     pb::{
         cluster::{
             ConnectedUser, Delivery, ForwardRequest, ForwardResponse, KickRequest, KickResponse,
-            PresenceRequest, PresenceResponse, PushRequest,
-            PushResponse,
+            PresenceRequest, PresenceResponse, PushRequest, PushResponse,
         },
         frame::Body,
         ErrorCode, Frame, Kick, KickReason, Message as ChatMessage, Ping, Pong, Send, SendResult,

@@ -1128,14 +1128,19 @@ mod tests {
         let live = push_of(next(&mut client).await);
         assert!(!live.replay);
         assert_eq!(live.messages[0].id, "m3");
-        assert_eq!(next(&mut client).await, Frame::new(Body::Pong(Pong { nonce: 5 })));
+        assert_eq!(
+            next(&mut client).await,
+            Frame::new(Body::Pong(Pong { nonce: 5 }))
+        );
     }
 
     #[tokio::test]
     async fn a_large_inbox_is_replayed_in_bounded_frames_in_order() {
         let h = Harness::new(test_config());
         let body = "x".repeat(2000);
-        let mut waiting: Vec<_> = (0..60).map(|i| stored(8, &format!("m{i:02}"), &body)).collect();
+        let mut waiting: Vec<_> = (0..60)
+            .map(|i| stored(8, &format!("m{i:02}"), &body))
+            .collect();
         h.store.inbox_store(&mut waiting).await.unwrap();
         let (mut client, _task) = h.login(8, "s").await;
         let mut ids = Vec::new();
@@ -1158,7 +1163,10 @@ mod tests {
         let mut h = Harness::new(test_config());
         let (mut client, _task) = h.login(9, "s").await;
         let ack = |ids: Vec<String>| Frame::new(Body::Ack(crate::pb::Ack { message_ids: ids }));
-        client.send(ack(vec!["a".into(), "b".into()])).await.unwrap();
+        client
+            .send(ack(vec!["a".into(), "b".into()]))
+            .await
+            .unwrap();
         let item = h.acked.recv().await.unwrap();
         assert_eq!(item.user_id, 9);
         assert_eq!(item.user_name, "user9");
@@ -1171,7 +1179,10 @@ mod tests {
         assert_eq!(error_code(&next(&mut client).await), ErrorCode::BadRequest);
         // The connection stays open.
         client.send(ping(1)).await.unwrap();
-        assert_eq!(next(&mut client).await, Frame::new(Body::Pong(Pong { nonce: 1 })));
+        assert_eq!(
+            next(&mut client).await,
+            Frame::new(Body::Pong(Pong { nonce: 1 }))
+        );
         assert!(h.acked.try_recv().is_err(), "the refused ack went nowhere");
     }
 }

@@ -4,8 +4,8 @@
 //! Integration tests against real Redis and etcd live in the workspace's `tests/` crate.
 
 use crate::{
-    config::ServerConfig,
     ack::{AckItem, AckQueue},
+    config::ServerConfig,
     forward::{ForwardQueue, Pending},
     server::ServerState,
     session,

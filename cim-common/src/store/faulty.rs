@@ -25,6 +25,13 @@ impl FaultyStore {
         &self.inner
     }
 
+    /// Sets the inbox bounds of the store underneath.
+    #[must_use]
+    pub fn with_inbox_limits(mut self, limits: InboxLimits) -> Self {
+        self.inner = self.inner.with_inbox_limits(limits);
+        self
+    }
+
     /// Makes every call fail as if Redis were down (`true`), or work again.
     pub fn set_fail(&self, fail: bool) {
         self.fail.store(fail, Ordering::SeqCst);
@@ -129,5 +136,30 @@ impl StateStore for FaultyStore {
     async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()> {
         self.check()?;
         self.inner.remove_stale_route(entry).await
+    }
+
+    async fn inbox_store(&self, messages: &mut [Message]) -> StoreResult<()> {
+        self.check()?;
+        self.inner.inbox_store(messages).await
+    }
+
+    async fn inbox_read(
+        &self,
+        user_id: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        self.check()?;
+        self.inner.inbox_read(user_id, after_seq, limit).await
+    }
+
+    async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>> {
+        self.check()?;
+        self.inner.inbox_ack(acks).await
+    }
+
+    async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {
+        self.check()?;
+        self.inner.inbox_len(user_id).await
     }
 }

@@ -14,9 +14,21 @@
 //! Expiry of pending login slots is checked lazily against [`tokio::time::Instant`] (so tests
 //! with a paused clock see it): an expired slot is dropped whenever it is touched, all expired
 //! slots are purged at the start of every route scan, and claims purge them once the slot map
-//! has doubled since the last purge. Nothing else grows except with users and their sessions.
+//! has doubled since the last purge. Nothing else grows except with users and their sessions,
+//! and with inboxes.
+//!
+//! Inboxes follow the Redis store's scripts: per user a seq counter (never reset), the
+//! messages by seq, an id index and the receipt senders, trimmed to `max_messages` on every
+//! store. Their ages are checked against the wall clock ([`crate::time::now_ms`], as
+//! `timestamp_ms` is), and an inbox that got nothing new for `max_age` is emptied when next
+//! touched (the Redis keys' expiry). One difference, to spare memory: a store also drops the
+//! expired messages at the front of the inbox, which Redis leaves for the next read to skip
+//! and delete; so `inbox_len` may be lower here before that read.
 
-use super::*;
+use super::{
+    redis::{ack_ids, oldest_kept_ms, MAX_INBOX_READ},
+    *,
+};
 use crate::keys;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -62,6 +74,9 @@ struct State {
     online: BTreeSet<String>,
     /// Slot count at which the next claim purges expired slots.
     purge_at: usize,
+    /// Per-user inboxes. An entry stays once created (its seq counter never resets, as the
+    /// Redis seq key never expires); its messages are bounded by the inbox limits.
+    inboxes: HashMap<u64, Inbox>,
 }
 
 impl State {
@@ -111,11 +126,88 @@ impl State {
     }
 }
 
+/// One user's inbox: the four Redis keys `inbox`, `inbox:order`, `inbox:rcpt`, `inbox:seq`.
+#[derive(Default)]
+struct Inbox {
+    /// Last seq handed out (never reset).
+    last_seq: u64,
+    /// seq → message (with its seq set): the order set and the hash in one.
+    entries: BTreeMap<u64, Message>,
+    /// message id → seq.
+    by_id: HashMap<String, u64>,
+    /// message id → sender, for messages that asked for a receipt.
+    receipts: HashMap<String, u64>,
+    /// Wall-clock ms at which the whole inbox expires unless something is stored (the Redis
+    /// keys' PEXPIRE); 0: nothing was ever stored.
+    expires_ms: i64,
+}
+
+impl Inbox {
+    /// Empties the inbox if it got nothing new for the max age (the Redis keys expired).
+    fn expire_idle(&mut self, now_ms: i64) {
+        if self.expires_ms != 0 && now_ms >= self.expires_ms {
+            self.entries.clear();
+            self.by_id.clear();
+            self.receipts.clear();
+            self.expires_ms = 0;
+        }
+    }
+
+    fn remove_seq(&mut self, seq: u64) -> Option<Message> {
+        let m = self.entries.remove(&seq)?;
+        self.by_id.remove(&m.id);
+        self.receipts.remove(&m.id);
+        Some(m)
+    }
+
+    /// Stores `m` and returns its seq (the one it has when it is already stored).
+    fn store(&mut self, m: &Message, limits: &InboxLimits, now_ms: i64) -> u64 {
+        self.expire_idle(now_ms);
+        if let Some(&seq) = self.by_id.get(&m.id) {
+            return seq;
+        }
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        let mut stored = m.clone();
+        stored.seq = seq;
+        self.entries.insert(seq, stored);
+        self.by_id.insert(m.id.clone(), seq);
+        // Sender 0 (the system) gets no receipt: the Redis store passes 0 as "none".
+        if m.receipt && m.sender_id != 0 {
+            self.receipts.insert(m.id.clone(), m.sender_id);
+        }
+        while self.entries.len() > limits.max_messages {
+            let Some((&oldest, _)) = self.entries.first_key_value() else {
+                break;
+            };
+            self.remove_seq(oldest);
+        }
+        // Drop the expired oldest messages now rather than at the next read (memory is
+        // what this store has to spare); an expired one behind a newer one waits for a read.
+        let oldest_ms = oldest_kept_ms(limits, now_ms);
+        while let Some((&oldest, first)) = self.entries.first_key_value() {
+            if first.timestamp_ms >= oldest_ms || oldest == seq {
+                break;
+            }
+            self.remove_seq(oldest);
+        }
+        self.expires_ms = now_ms.saturating_add(max_age_ms(limits));
+        seq
+    }
+}
+
+fn max_age_ms(limits: &InboxLimits) -> i64 {
+    i64::try_from(limits.max_age.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
 /// In-memory shared state for one process. Share it with `Arc` between the route and the
 /// server of a standalone process: it is their common Redis.
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    limits: InboxLimits,
 }
 
 /// Sizes only: the state holds password hashes, which have no business in a log.
@@ -127,6 +219,8 @@ impl std::fmt::Debug for MemoryStore {
             .field("slots", &state.slots.len())
             .field("routes", &state.routes.len())
             .field("online", &state.online.len())
+            .field("inboxes", &state.inboxes.len())
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -134,6 +228,13 @@ impl std::fmt::Debug for MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets the bounds of every inbox (default: [`InboxLimits::default`]).
+    #[must_use]
+    pub fn with_inbox_limits(mut self, limits: InboxLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -408,6 +509,88 @@ impl StateStore for MemoryStore {
         }
         Ok(())
     }
+
+    async fn inbox_store(&self, messages: &mut [Message]) -> StoreResult<()> {
+        let now_ms = crate::time::now_ms();
+        let mut state = self.lock();
+        for m in messages.iter_mut() {
+            m.seq = state
+                .inboxes
+                .entry(m.receiver_id)
+                .or_default()
+                .store(m, &self.limits, now_ms);
+        }
+        Ok(())
+    }
+
+    async fn inbox_read(
+        &self,
+        user_id: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let limit = limit.min(MAX_INBOX_READ);
+        let now_ms = crate::time::now_ms();
+        let oldest_ms = oldest_kept_ms(&self.limits, now_ms);
+        let mut state = self.lock();
+        let Some(inbox) = state.inboxes.get_mut(&user_id) else {
+            return Ok(Vec::new());
+        };
+        inbox.expire_idle(now_ms);
+        let mut out = Vec::new();
+        let mut expired = Vec::new();
+        if limit > 0 {
+            for (&seq, m) in inbox.entries.range(after_seq.saturating_add(1)..) {
+                if m.timestamp_ms < oldest_ms {
+                    expired.push(seq);
+                    continue;
+                }
+                out.push(m.clone());
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        for seq in expired {
+            inbox.remove_seq(seq);
+        }
+        Ok(out)
+    }
+
+    async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>> {
+        let now_ms = crate::time::now_ms();
+        let mut state = self.lock();
+        let mut receipts = Vec::new();
+        for (user_id, ids) in acks {
+            let Some(inbox) = state.inboxes.get_mut(user_id) else {
+                continue;
+            };
+            inbox.expire_idle(now_ms);
+            for id in ack_ids(ids) {
+                let Some(seq) = inbox.by_id.get(id.as_str()).copied() else {
+                    continue;
+                };
+                let sender = inbox.receipts.get(id.as_str()).copied();
+                inbox.remove_seq(seq);
+                if let Some(sender_id) = sender {
+                    receipts.push(AckedReceipt {
+                        message_id: id.clone(),
+                        sender_id,
+                        receiver_id: *user_id,
+                    });
+                }
+            }
+        }
+        Ok(receipts)
+    }
+
+    async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {
+        let mut state = self.lock();
+        Ok(state.inboxes.get_mut(&user_id).map_or(0, |inbox| {
+            inbox.expire_idle(crate::time::now_ms());
+            inbox.entries.len()
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -486,6 +669,85 @@ mod tests {
         tokio::time::advance(ttl).await;
         store.scan_routes(0, 10).await.unwrap();
         assert_eq!(store.slots_in_memory(), 0, "a scan from the start purges");
+    }
+
+    fn message(id: &str, timestamp_ms: i64) -> Message {
+        Message {
+            id: id.to_string(),
+            sender_id: 1,
+            receiver_id: 2,
+            timestamp_ms,
+            ..Message::default()
+        }
+    }
+
+    const HOUR_MS: i64 = 3_600_000;
+
+    fn hour_limits() -> InboxLimits {
+        InboxLimits {
+            max_messages: 10,
+            max_age: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn an_idle_inbox_expires_as_a_whole_and_keeps_its_seqs() {
+        let limits = hour_limits();
+        let t0 = 1_000_000_000;
+        let mut inbox = Inbox::default();
+        assert_eq!(inbox.store(&message("a", t0), &limits, t0), 1);
+        assert_eq!(inbox.store(&message("b", t0), &limits, t0 + 10), 2);
+
+        // Each store keeps the inbox alive for the max age from then (the Redis PEXPIRE).
+        inbox.expire_idle(t0 + 10 + HOUR_MS - 1);
+        assert_eq!(inbox.entries.len(), 2);
+        inbox.expire_idle(t0 + 10 + HOUR_MS);
+        assert!(inbox.entries.is_empty() && inbox.by_id.is_empty());
+
+        let later = t0 + 2 * HOUR_MS;
+        assert_eq!(inbox.store(&message("a", later), &limits, later), 3);
+    }
+
+    #[test]
+    fn a_store_drops_the_expired_oldest_messages() {
+        let limits = hour_limits();
+        let now = 5 * HOUR_MS;
+        let mut inbox = Inbox::default();
+        let mut receipt = message("old1", now - 2 * HOUR_MS);
+        receipt.receipt = true;
+        inbox.store(&receipt, &limits, now);
+        inbox.store(&message("old2", now - 2 * HOUR_MS), &limits, now);
+        inbox.store(&message("fresh", now), &limits, now);
+        inbox.store(&message("old3", now - 2 * HOUR_MS), &limits, now);
+        // The expired front is gone with its receipt; one behind a fresh one (and the one
+        // just stored) wait for a read, as in Redis.
+        let ids: Vec<&str> = inbox.entries.values().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["fresh", "old3"]);
+        assert_eq!(inbox.by_id.len(), 2);
+        assert!(inbox.receipts.is_empty());
+    }
+
+    #[tokio::test]
+    async fn inbox_memory_stays_bounded() {
+        let store = MemoryStore::new().with_inbox_limits(hour_limits());
+        let now = crate::time::now_ms();
+        for round in 0..100 {
+            let mut batch: Vec<Message> = (0..10)
+                .map(|i| {
+                    let mut m = message(&format!("m{round}-{i}"), now);
+                    m.receipt = true;
+                    m
+                })
+                .collect();
+            store.inbox_store(&mut batch).await.unwrap();
+        }
+        let state = store.lock();
+        let inbox = &state.inboxes[&2];
+        assert_eq!(inbox.last_seq, 1000);
+        assert_eq!(
+            (inbox.entries.len(), inbox.by_id.len(), inbox.receipts.len()),
+            (10, 10, 10)
+        );
     }
 
     #[tokio::test]

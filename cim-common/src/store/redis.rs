@@ -2,11 +2,24 @@
 //! tasks; atomic multi-step updates are Lua scripts over keys of one hash slot.
 //!
 //! Round trips: claim 1 (2 when the slot is held), attach 2, detach 2, routes of N users 1
-//! (MGET), one SCAN step 2 (SCAN + MGET).
+//! (MGET), one SCAN step 2 (SCAN + MGET). Inboxes: storing N messages 1 (a pipeline of one
+//! script call per message, applied in slice order), acking for N users 1 (a pipeline of one
+//! script call per user), inbox length 1 (ZCARD), a read 1 — plus, only when it skipped
+//! expired or unreadable messages, one more per refill of the page and one to delete them.
+//! A pipeline that meets NOSCRIPT (Redis restarted, or SCRIPT FLUSH) loads its scripts and
+//! runs again: 2 more.
+//!
+//! An inbox is four keys under one hash tag (see [`crate::keys`]): the messages (hash), their
+//! order (sorted set scored by seq), the senders waiting for a receipt (hash), and the seq
+//! counter. Every store trims the inbox to `max_messages` and sets the first three to expire
+//! after `max_age`; the counter never expires, so seqs are never reused. Messages older than
+//! `max_age` (by `timestamp_ms`, which Lua cannot decode) are filtered here after a read and
+//! deleted by a second script, only if they still hold the seq the read saw.
 
 use super::*;
 use crate::keys::{self, Keys};
-use ::redis::{aio::ConnectionManager, AsyncCommands, Script};
+use ::redis::{aio::ConnectionManager, AsyncCommands, Script, ScriptInvocation};
+use prost::Message as _;
 use std::sync::LazyLock;
 
 /// Attach: KEYS = login slot, route; ARGV = session, attached slot value, route value.
@@ -71,11 +84,125 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// Store one message in its receiver's inbox. KEYS = inbox hash, order, receipts, seq counter;
+/// ARGV = message id, encoded message, max messages, max age in ms, sender to send a receipt
+/// to ("0": none). Returns the message's seq: the one it already has when it is stored
+/// (a retry), else a new one. Trims the oldest messages past the maximum and keeps the
+/// inbox (not the seq counter: seqs are never reused) alive for the max age.
+static INBOX_STORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local old = redis.call('ZSCORE', KEYS[2], ARGV[1])
+        if old then return tonumber(old) end
+        local seq = redis.call('INCR', KEYS[4])
+        redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+        redis.call('ZADD', KEYS[2], seq, ARGV[1])
+        if ARGV[5] ~= '0' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) end
+        local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+        if excess > 0 then
+            local popped = redis.call('ZPOPMIN', KEYS[2], excess)
+            for i = 1, #popped, 2 do
+                redis.call('HDEL', KEYS[1], popped[i])
+                redis.call('HDEL', KEYS[3], popped[i])
+            end
+        end
+        redis.call('PEXPIRE', KEYS[1], ARGV[4])
+        redis.call('PEXPIRE', KEYS[2], ARGV[4])
+        redis.call('PEXPIRE', KEYS[3], ARGV[4])
+        return seq",
+    )
+});
+
+/// A page of an inbox. KEYS = inbox hash, order, receipts; ARGV = after seq, limit.
+/// Returns `{id, seq, message}` per entry in seq order; `message` is nil (and the entry
+/// removed) when the hash has no value for it.
+static INBOX_READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local page = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf',
+            'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+        local out = {}
+        if #page == 0 then return out end
+        local ids = {}
+        for i = 1, #page, 2 do ids[#ids + 1] = page[i] end
+        local values = redis.call('HMGET', KEYS[1], unpack(ids))
+        for i, id in ipairs(ids) do
+            local value = values[i]
+            if not value then
+                redis.call('ZREM', KEYS[2], id)
+                redis.call('HDEL', KEYS[3], id)
+            end
+            out[i] = {id, tonumber(page[2 * i]), value}
+        end
+        return out",
+    )
+});
+
+/// Acks. KEYS = inbox hash, order, receipts; ARGV = message ids. Removes each message;
+/// returns `{id, sender}` for each removed one that asked for a receipt.
+static INBOX_ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local out = {}
+        for _, id in ipairs(ARGV) do
+            if redis.call('ZREM', KEYS[2], id) == 1 then
+                redis.call('HDEL', KEYS[1], id)
+                local sender = redis.call('HGET', KEYS[3], id)
+                if sender then
+                    redis.call('HDEL', KEYS[3], id)
+                    out[#out + 1] = {id, sender}
+                end
+            end
+        end
+        return out",
+    )
+});
+
+/// Drops messages a read found expired or unreadable, each only if it still has the seq
+/// the read saw (it may have been acked and stored again since). No receipt is sent for
+/// them. KEYS = inbox hash, order, receipts; ARGV = id, seq, id, seq, ...
+static INBOX_PRUNE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        for i = 1, #ARGV, 2 do
+            local seq = redis.call('ZSCORE', KEYS[2], ARGV[i])
+            if seq and tonumber(seq) == tonumber(ARGV[i + 1]) then
+                redis.call('ZREM', KEYS[2], ARGV[i])
+                redis.call('HDEL', KEYS[1], ARGV[i])
+                redis.call('HDEL', KEYS[3], ARGV[i])
+            end
+        end
+        return 0",
+    )
+});
+
+/// Most messages one inbox read returns, whatever the caller asks for.
+pub const MAX_INBOX_READ: usize = 1000;
+/// Most ids one ack entry (one user) is looked at; the rest are ignored.
+pub const MAX_ACK_IDS: usize = 1024;
+/// Longest message id an ack looks up (longer ones cannot exist and are ignored).
+pub const MAX_ACK_ID_LEN: usize = 128;
+
+/// The ids of an ack entry that are looked at: the first [`MAX_ACK_IDS`], without those
+/// longer than [`MAX_ACK_ID_LEN`] bytes.
+pub(super) fn ack_ids(ids: &[String]) -> impl Iterator<Item = &String> {
+    ids.iter()
+        .take(MAX_ACK_IDS)
+        .filter(|id| id.len() <= MAX_ACK_ID_LEN)
+}
+
+/// The oldest `timestamp_ms` an inbox still delivers at `now_ms`.
+pub(super) fn oldest_kept_ms(limits: &InboxLimits, now_ms: i64) -> i64 {
+    let max_age_ms = i64::try_from(limits.max_age.as_millis()).unwrap_or(i64::MAX);
+    now_ms.saturating_sub(max_age_ms)
+}
+
 /// Redis-backed shared state.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
     keys: Keys,
+    limits: InboxLimits,
 }
 
 fn unavailable(e: ::redis::RedisError) -> StoreError {
@@ -100,7 +227,15 @@ impl RedisStore {
         Ok(Self {
             conn,
             keys: Keys::new(prefix),
+            limits: InboxLimits::default(),
         })
+    }
+
+    /// Sets the bounds of every inbox (default: [`InboxLimits::default`]).
+    #[must_use]
+    pub fn with_inbox_limits(mut self, limits: InboxLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     pub fn keys(&self) -> &Keys {
@@ -130,6 +265,55 @@ impl RedisStore {
                 .map_err(unavailable)?;
         }
         Ok(())
+    }
+
+    /// The inbox max age as a PEXPIRE argument (at least 1 ms: 0 would delete at once).
+    fn max_age_ms(&self) -> u64 {
+        u64::try_from(self.limits.max_age.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn prune_invocation(
+        &self,
+        user_id: u64,
+        entries: &[(String, u64)],
+    ) -> ScriptInvocation<'static> {
+        let mut invocation = INBOX_PRUNE.prepare_invoke();
+        invocation
+            .key(self.keys.inbox(user_id))
+            .key(self.keys.inbox_order(user_id))
+            .key(self.keys.inbox_receipts(user_id));
+        for (id, seq) in entries {
+            invocation.arg(id).arg(seq);
+        }
+        invocation
+    }
+
+    /// Runs a pipeline of script invocations in one round trip. Redis forgets scripts when
+    /// it restarts (or on SCRIPT FLUSH): on NOSCRIPT, load `scripts` and run the whole
+    /// pipeline once more. That is safe for every inbox script: storing and pruning are
+    /// idempotent and reading changes nothing a second run depends on. An ack pipeline
+    /// answered NOSCRIPT was not applied either, unless the script cache was flushed between
+    /// two of its commands: then the acks before the flush are applied and their receipts
+    /// (which the rerun no longer finds) are lost.
+    async fn run_scripts<T: ::redis::FromRedisValue>(
+        &self,
+        pipe: &::redis::Pipeline,
+        scripts: &[&Script],
+    ) -> StoreResult<T> {
+        let mut c = self.conn();
+        match pipe.query_async(&mut c).await {
+            Err(e) if e.kind() == ::redis::ErrorKind::NoScriptError => {
+                let mut load = ::redis::pipe();
+                for script in scripts {
+                    load.load_script(script).ignore();
+                }
+                let () = load.query_async(&mut c).await.map_err(unavailable)?;
+                pipe.query_async(&mut c).await.map_err(unavailable)
+            }
+            result => result.map_err(unavailable),
+        }
     }
 
     fn parse_route(user_id: u64, value: &str) -> Option<RouteEntry> {
@@ -421,5 +605,164 @@ impl StateStore for RedisStore {
             }
         }
         Ok(())
+    }
+
+    async fn inbox_store(&self, messages: &mut [Message]) -> StoreResult<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let max_messages = self.limits.max_messages;
+        let max_age_ms = self.max_age_ms();
+        let mut pipe = ::redis::pipe();
+        for m in messages.iter_mut() {
+            // Stored without its seq: the order set holds it, and a read puts it back.
+            let seq = std::mem::take(&mut m.seq);
+            let bytes = m.encode_to_vec();
+            m.seq = seq;
+            let receipt_sender = if m.receipt { m.sender_id } else { 0 };
+            let user = m.receiver_id;
+            pipe.invoke_script(
+                INBOX_STORE
+                    .key(self.keys.inbox(user))
+                    .key(self.keys.inbox_order(user))
+                    .key(self.keys.inbox_receipts(user))
+                    .key(self.keys.inbox_seq(user))
+                    .arg(&m.id)
+                    .arg(bytes)
+                    .arg(max_messages)
+                    .arg(max_age_ms)
+                    .arg(receipt_sender),
+            );
+        }
+        let seqs: Vec<u64> = self.run_scripts(&pipe, &[&INBOX_STORE]).await?;
+        if seqs.len() != messages.len() {
+            return Err(StoreError::Corrupt(format!(
+                "inbox store: {} answers for {} messages",
+                seqs.len(),
+                messages.len()
+            )));
+        }
+        for (m, seq) in messages.iter_mut().zip(seqs) {
+            m.seq = seq;
+        }
+        Ok(())
+    }
+
+    async fn inbox_read(
+        &self,
+        user_id: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let limit = limit.min(MAX_INBOX_READ);
+        let oldest_ms = oldest_kept_ms(&self.limits, crate::time::now_ms());
+        let mut out: Vec<Message> = Vec::new();
+        // (id, seq) of entries found expired or undecodable, removed with the next call.
+        let mut prune: Vec<(String, u64)> = Vec::new();
+        let mut after = after_seq;
+        // Skipped entries leave a page short; read on after them so that a short page still
+        // means "nothing more". Each pass removes what the previous one skipped, so expired
+        // messages are read past (and deleted) once.
+        while out.len() < limit {
+            let want = limit - out.len();
+            let mut pipe = ::redis::pipe();
+            if !prune.is_empty() {
+                pipe.invoke_script(&self.prune_invocation(user_id, &prune))
+                    .ignore();
+                prune.clear();
+            }
+            pipe.invoke_script(
+                INBOX_READ
+                    .key(self.keys.inbox(user_id))
+                    .key(self.keys.inbox_order(user_id))
+                    .key(self.keys.inbox_receipts(user_id))
+                    .arg(after)
+                    .arg(want),
+            );
+            let (entries,): (Vec<(String, u64, Option<Vec<u8>>)>,) = self
+                .run_scripts(&pipe, &[&INBOX_PRUNE, &INBOX_READ])
+                .await?;
+            let scanned = entries.len();
+            for (id, seq, value) in entries {
+                after = after.max(seq);
+                // A missing value was already dropped by the script (an inbox half-expired).
+                let Some(value) = value else { continue };
+                match Message::decode(value.as_slice()) {
+                    Ok(mut m) if m.timestamp_ms >= oldest_ms => {
+                        m.seq = seq;
+                        out.push(m);
+                    }
+                    Ok(_) => prune.push((id, seq)),
+                    Err(e) => {
+                        tracing::warn!(user_id, message_id = %id, seq, error = %e,
+                            "inbox: dropping a stored message that does not decode");
+                        prune.push((id, seq));
+                    }
+                }
+            }
+            if scanned < want {
+                break;
+            }
+        }
+        if !prune.is_empty() {
+            // Best effort: what is left is skipped (and removed) by the next read.
+            let result: StoreResult<()> = self
+                .run_scripts(
+                    ::redis::pipe()
+                        .invoke_script(&self.prune_invocation(user_id, &prune))
+                        .ignore(),
+                    &[&INBOX_PRUNE],
+                )
+                .await;
+            if let Err(e) = result {
+                tracing::debug!(user_id, error = %e, "inbox: removing expired messages failed");
+            }
+        }
+        Ok(out)
+    }
+
+    async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>> {
+        let mut pipe = ::redis::pipe();
+        let mut users = Vec::new();
+        for (user, ids) in acks {
+            let mut invocation = INBOX_ACK.prepare_invoke();
+            invocation
+                .key(self.keys.inbox(*user))
+                .key(self.keys.inbox_order(*user))
+                .key(self.keys.inbox_receipts(*user));
+            let mut any = false;
+            for id in ack_ids(ids) {
+                invocation.arg(id);
+                any = true;
+            }
+            if any {
+                pipe.invoke_script(&invocation);
+                users.push(*user);
+            }
+        }
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let acked: Vec<Vec<(String, u64)>> = self.run_scripts(&pipe, &[&INBOX_ACK]).await?;
+        Ok(users
+            .into_iter()
+            .zip(acked)
+            .flat_map(|(receiver_id, receipts)| {
+                receipts
+                    .into_iter()
+                    .map(move |(message_id, sender_id)| AckedReceipt {
+                        message_id,
+                        sender_id,
+                        receiver_id,
+                    })
+            })
+            .collect())
+    }
+
+    async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {
+        self.conn()
+            .zcard(self.keys.inbox_order(user_id))
+            .await
+            .map_err(unavailable)
     }
 }

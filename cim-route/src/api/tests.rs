@@ -406,7 +406,11 @@ async fn a_slot_held_on_an_unreachable_server_is_taken_over() {
         .unwrap();
     let (s, v) = call(
         &app,
-        post("/api/login", json!({"name": "bob", "password": "secret-pw"}), None),
+        post(
+            "/api/login",
+            json!({"name": "bob", "password": "secret-pw"}),
+            None,
+        ),
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
