@@ -3,20 +3,26 @@
 //! [`Client::connect`] logs in through the route, connects to the assigned server and starts a
 //! background task that owns the connection. The application gets a cheap [`Client`] handle to
 //! send messages and list online users, and an [`Events`] stream of state changes, received
-//! messages and kicks.
+//! messages, receipts and kicks.
 //!
 //! ```no_run
-//! use cim_client::{Client, ClientConfig, ClientError, Event, Recipient};
+//! use cim_client::{Client, ClientConfig, ClientError, Event, Recipient, SendOptions};
 //!
 //! async fn chat() -> Result<(), ClientError> {
 //!     let config = ClientConfig::new("http://127.0.0.1:8080", "alice", "secret1");
 //!     let (client, mut events) = Client::connect(config).await?;
 //!     let sent = client.send(Recipient::Name("bob".into()), "hi bob").await?;
-//!     println!("{} {:?}", sent.message_id, sent.status); // Delivered, or Offline
+//!     println!("{} {:?}", sent.message_id, sent.status); // Delivered, or Stored (bob is offline)
+//!     let receipt = SendOptions { receipt: true, ..SendOptions::default() };
+//!     client.send_with("bob".into(), "tell me when you got this", receipt).await?;
 //!     while let Some(event) = events.next().await {
 //!         match event {
-//!             Event::Message(m) if m.body == "bye" => break,
-//!             Event::Message(m) => println!("{}: {}", m.sender_name, m.body),
+//!             Event::Message { message, .. } if message.body == "bye" => break,
+//!             Event::Message { message, replayed } => {
+//!                 let when = if replayed { " (while you were offline)" } else { "" };
+//!                 println!("{}: {}{when}", message.sender_name, message.body);
+//!             }
+//!             Event::Receipt { message_id, by_name, .. } => println!("{by_name} got {message_id}"),
 //!             Event::State(state) => println!("{state:?}"), // Reconnecting, Connected, Closed
 //!             Event::Kicked { reason, message } => println!("kicked: {reason:?} {message}"),
 //!         }
@@ -44,16 +50,35 @@
 //!   dropped. Each of these ends [`Events`] with `State(Closed)`.
 //! - **Sends while reconnecting wait** for the next connection, within the send deadline
 //!   ([`SEND_TIMEOUT`], 10 s), then fail with [`ClientError::Timeout`]. A send whose caller
-//!   gave up is never written later. A send written to a connection that then died fails with
-//!   [`ClientError::ConnectionLost`]: it may or may not have been delivered.
+//!   gave up is never written later.
+//! - **Sends are re-sent, not lost.** Every send carries a message id chosen by the SDK (a
+//!   ULID, or [`SendOptions::message_id`]). A send written to a connection that died before
+//!   its result arrived (a server crash, a dropped network) is written again on the next
+//!   connection with the same id, within its deadline; the server stores a message id once,
+//!   so the receiver gets it once (and de-duplicates by id anyway, see below). Only when the
+//!   client ends for good (logout, final kick, gave up reconnecting) do such sends fail with
+//!   [`ClientError::ConnectionLost`]: they may or may not have been delivered.
+//! - **Stored messages and acks.** Private messages and receipts are kept in the receiver's
+//!   inbox until acknowledged: a message to a user who is offline is answered
+//!   [`pb::SendStatus::Stored`] (a success) and arrives at their next connection, in a push
+//!   marked as replayed ([`Event::Message`]'s `replayed`). The SDK acknowledges the stored
+//!   messages of each push with one `Ack` frame once they are in the events channel (so
+//!   taking them is the application's part); a message still in the SDK's hands when the
+//!   connection or the client ends is not acked and comes again.
+//! - **Receipts.** [`Client::send_with`] and [`SendOptions::receipt`] ask for one: when the
+//!   receiver's client acks the message, the sender gets [`Event::Receipt`] (also when it was
+//!   offline at that moment: receipts are stored like messages).
 //! - **De-duplication.** Each received message id is remembered (the last 4096), and a message
-//!   whose id was seen is not delivered again. Nothing duplicates today; the delivery
-//!   guarantees will replay unacknowledged messages on reconnect and rely on this.
+//!   whose id was seen is not delivered again, but still acked. Messages can come twice: the
+//!   inbox is replayed at every connection until acked, and a re-sent message may have been
+//!   delivered before. A new client (another process, a new [`Client::connect`]) does not
+//!   remember what an earlier one received: a message it had not acked yet comes again.
 //! - **Back-pressure.** Events go through a bounded channel ([`EVENT_CAPACITY`]). An
 //!   application that stops reading events stops the task from reading its connection (it keeps
 //!   sending heartbeats): the server's queue for this user fills up and the server eventually
 //!   kicks it as a slow consumer, after which the client reconnects. Nothing buffers without
-//!   limit.
+//!   limit. An application that drops [`Events`] no longer receives anything: messages are
+//!   acked and dropped.
 
 use crate::{
     conn::{ConnError, Connection},
@@ -215,8 +240,26 @@ pub enum ConnState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     State(ConnState),
-    /// A received message (each id at most once, see the module doc).
-    Message(pb::Message),
+    /// A received message (each id at most once, see the module doc): private, group or
+    /// system. Receipts are [`Event::Receipt`] instead.
+    Message {
+        message: pb::Message,
+        /// It comes from the inbox replayed at the start of a connection: it arrived while
+        /// this user was offline (or was received before and not acknowledged).
+        /// `message.timestamp_ms` is when it was sent.
+        replayed: bool,
+    },
+    /// A message this user sent with a receipt ([`SendOptions::receipt`]) was received: the
+    /// receiver's client acknowledged it.
+    Receipt {
+        /// Id of the message sent ([`SendOutcome::message_id`]).
+        message_id: String,
+        /// Who received it.
+        by_user_id: u64,
+        by_name: String,
+        /// When they acknowledged it (unix milliseconds).
+        at_ms: i64,
+    },
     /// The server closed the connection with this reason; a `State` event follows
     /// (`Reconnecting` or `Closed`, see the module doc for which).
     Kicked {
@@ -225,11 +268,24 @@ pub enum Event {
     },
 }
 
+/// Options of [`Client::send_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendOptions {
+    /// Ask for an [`Event::Receipt`] once the receiver's client acknowledged the message.
+    pub receipt: bool,
+    /// The message id to use (1-64 characters of `[0-9A-Za-z_-]`); `None` (default): the SDK
+    /// generates a ULID. An application that keeps its own outbox across restarts sends
+    /// again with the same id, and the server stores the message once.
+    pub message_id: Option<String>,
+}
+
 /// The outcome of an accepted send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendOutcome {
     pub message_id: String,
-    /// `Delivered` or `Offline` (a failed send is a [`ClientError::Send`]).
+    /// `Delivered` (pushed to the receiver's connection; group: to `delivered` connections)
+    /// or `Stored` (private: the receiver is offline and gets it at their next connection).
+    /// Both are successes; a failed send is a [`ClientError::Send`].
     pub status: pb::SendStatus,
     /// Number of connections the message was pushed to.
     pub delivered: u32,
@@ -279,8 +335,9 @@ pub enum ClientError {
         code: pb::ErrorCode,
         message: String,
     },
-    /// The connection died after the message was written and before its result arrived: it
-    /// may or may not have been delivered.
+    /// The client ended for good (logout, final kick, gave up reconnecting) after the message
+    /// was written and before its result arrived: it may or may not have been delivered. (A
+    /// connection lost while the client reconnects does not fail a send: it is re-sent.)
     #[error("connection lost before the send result arrived; it may or may not be delivered")]
     ConnectionLost,
     /// The client is closed (logged out, kicked for good, gave up reconnecting, dropped).
@@ -520,18 +577,45 @@ impl Client {
         Ok((client, Events { rx: events_rx }))
     }
 
-    /// Sends a private message over the connection. `Offline` is a successful outcome (the
-    /// receiver is not connected); an unknown receiver is `Send { code: UnknownUser }`.
+    /// Sends a private message over the connection. `Stored` is a successful outcome (the
+    /// receiver is not connected and gets it at their next connection); an unknown receiver
+    /// is `Send { code: UnknownUser }`.
     pub async fn send(&self, to: Recipient, body: &str) -> Result<SendOutcome, ClientError> {
+        self.send_with(to, body, SendOptions::default()).await
+    }
+
+    /// [`Client::send`] with options: ask for a receipt, choose the message id. An invalid
+    /// `message_id` is `Send { code: BadRequest }`, refused before sending.
+    pub async fn send_with(
+        &self,
+        to: Recipient,
+        body: &str,
+        options: SendOptions,
+    ) -> Result<SendOutcome, ClientError> {
         let (to_user_id, to_user_name) = match to {
             Recipient::Id(id) => (id, String::new()),
             Recipient::Name(name) => (0, name),
+        };
+        let message_id = match options.message_id {
+            Some(id) if !cim_common::ids::valid_message_id(&id) => {
+                return Err(ClientError::Send {
+                    code: pb::ErrorCode::BadRequest,
+                    message: format!(
+                        "message id {id:?} is not 1-{} characters of [0-9A-Za-z_-]",
+                        cim_common::ids::MAX_MESSAGE_ID_LEN
+                    ),
+                });
+            }
+            Some(id) => id,
+            None => String::new(),
         };
         self.submit(pb::Send {
             kind: pb::MessageKind::Private as i32,
             to_user_id,
             to_user_name,
             body: body.to_string(),
+            receipt: options.receipt,
+            message_id,
             ..Default::default()
         })
         .await
@@ -556,6 +640,11 @@ impl Client {
             .shared
             .next_client_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Chosen here, before anything is written: a re-send after a lost connection carries
+        // the same id, and the server stores the message once.
+        if send.message_id.is_empty() {
+            send.message_id = cim_common::ids::message_id();
+        }
         let deadline = tokio::time::Instant::now() + SEND_TIMEOUT;
         let (reply, result) = oneshot::channel();
         let command = Command {
@@ -799,6 +888,76 @@ mod tests {
         send_sync::<Client>();
         send_sync::<ClientError>();
         send::<Events>();
+    }
+
+    #[tokio::test]
+    async fn an_invalid_message_id_is_refused_before_sending() {
+        let (commands, mut queued) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            info: Mutex::new(ClientInfo {
+                user_id: 1,
+                name: "alice".into(),
+                route_url: "http://r".into(),
+                server_id: None,
+                server_addr: None,
+                state: ConnState::Connecting,
+            }),
+            session_token: Mutex::new(String::new()),
+            stop: CancellationToken::new(),
+            logout: Mutex::new(LogoutSlot::Open),
+            next_client_id: AtomicU64::new(1),
+        });
+        let client = Client {
+            shared: shared.clone(),
+            route: RouteClient::new("http://r"),
+            commands,
+            _guard: Arc::new(HandleGuard(shared.stop.clone())),
+        };
+        for bad in ["", "has space", &"x".repeat(65)] {
+            let options = SendOptions {
+                message_id: Some(bad.to_string()),
+                ..SendOptions::default()
+            };
+            let err = client.send_with("bob".into(), "hi", options).await;
+            assert!(
+                matches!(
+                    err,
+                    Err(ClientError::Send {
+                        code: pb::ErrorCode::BadRequest,
+                        ..
+                    })
+                ),
+                "{bad:?}: {err:?}"
+            );
+        }
+        assert!(queued.try_recv().is_err(), "nothing was queued");
+        // A valid id and the receipt flag go out as given; without an id the SDK picks one.
+        let sending = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let options = SendOptions {
+                    receipt: true,
+                    message_id: Some("my-id_1".into()),
+                };
+                let _ = client.send_with(Recipient::Id(2), "hi", options).await;
+            })
+        };
+        let command = queued.recv().await.expect("queued");
+        assert_eq!(command.send.message_id, "my-id_1");
+        assert!(command.send.receipt);
+        drop(command);
+        sending.await.unwrap();
+        let sending = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let _ = client.send_group("all").await;
+            })
+        };
+        let command = queued.recv().await.expect("queued");
+        assert!(cim_common::ids::valid_message_id(&command.send.message_id));
+        assert!(!command.send.receipt);
+        drop(command);
+        sending.await.unwrap();
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! speaks: TCP with delimited protobuf, WebSocket binary (protobuf), WebSocket text (proto3
 //! JSON). Higher layers (reconnect, terminal client) see only [`Frame`]s.
 
-use crate::pb::{frame::Body, Frame, Login, LoginResult};
+use crate::pb::{frame::Body, Ack, Frame, Login, LoginResult, Message, Push};
 use cim_common::codec::{CodecError, FrameCodec};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
@@ -13,6 +13,43 @@ use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
 };
 use tokio_util::codec::Framed;
+
+/// Most message ids one `Ack` frame may carry (the server refuses longer acks).
+pub const MAX_ACK_IDS: usize = 1024;
+
+/// The ids a client acknowledges after taking the messages of `push`: every stored message
+/// (`seq != 0`: private messages and receipts), including ones it already had (a replay
+/// after a reconnect repeats them, and only an ack takes them out of the inbox). Group and
+/// system messages are not stored and need no ack.
+pub fn ack_ids(push: &Push) -> Vec<String> {
+    stored_ids(&push.messages)
+}
+
+/// [`ack_ids`] for a slice of messages.
+pub fn stored_ids(messages: &[Message]) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|m| m.seq != 0 && !m.id.is_empty())
+        .map(|m| m.id.clone())
+        .collect()
+}
+
+/// `Ack` frames for `ids`, at most [`MAX_ACK_IDS`] each (none for no ids).
+pub fn ack_frames(ids: Vec<String>) -> Vec<Frame> {
+    if ids.len() <= MAX_ACK_IDS {
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        return vec![Frame::new(Body::Ack(Ack { message_ids: ids }))];
+    }
+    ids.chunks(MAX_ACK_IDS)
+        .map(|chunk| {
+            Frame::new(Body::Ack(Ack {
+                message_ids: chunk.to_vec(),
+            }))
+        })
+        .collect()
+}
 
 /// Which transport and encoding to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +216,19 @@ impl Connection {
         Ok(())
     }
 
+    /// Acknowledges the messages `ids` (see [`ack_ids`]): one `Ack` frame per
+    /// [`MAX_ACK_IDS`] ids, written together. No ids, no write.
+    pub async fn ack(&mut self, ids: Vec<String>) -> Result<(), ConnError> {
+        let frames = ack_frames(ids);
+        if frames.is_empty() {
+            return Ok(());
+        }
+        for frame in &frames {
+            self.feed(frame).await?;
+        }
+        self.flush().await
+    }
+
     /// Next frame; `Ok(None)` when the server closed the connection cleanly.
     pub async fn recv(&mut self) -> Result<Option<Frame>, ConnError> {
         match &mut self.inner {
@@ -250,5 +300,55 @@ impl Connection {
                 let _ = WebSocketStream::close(&mut **stream, None).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(frames: &[Frame]) -> Vec<usize> {
+        frames
+            .iter()
+            .map(|f| match &f.body {
+                Some(Body::Ack(a)) => a.message_ids.len(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn acks_are_split_at_the_limit_per_frame() {
+        assert!(ack_frames(Vec::new()).is_empty());
+        let n = |count: usize| (0..count).map(|i| i.to_string()).collect::<Vec<_>>();
+        assert_eq!(ids(&ack_frames(n(1))), [1]);
+        assert_eq!(ids(&ack_frames(n(MAX_ACK_IDS))), [MAX_ACK_IDS]);
+        assert_eq!(
+            ids(&ack_frames(n(2 * MAX_ACK_IDS + 1))),
+            [MAX_ACK_IDS, MAX_ACK_IDS, 1]
+        );
+        // In order, nothing lost.
+        let all: Vec<String> = ack_frames(n(3000))
+            .into_iter()
+            .flat_map(|f| match f.body {
+                Some(Body::Ack(a)) => a.message_ids,
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(all, n(3000));
+    }
+
+    #[test]
+    fn only_stored_messages_are_acked() {
+        let m = |id: &str, seq| Message {
+            id: id.into(),
+            seq,
+            ..Default::default()
+        };
+        let push = Push {
+            messages: vec![m("a", 3), m("group", 0), m("b", 4), m("", 5)],
+            replay: false,
+        };
+        assert_eq!(ack_ids(&push), ["a", "b"]);
     }
 }

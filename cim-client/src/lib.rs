@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //! - [`client`]: the SDK most applications want: [`Client::connect`] logs in, stays connected
-//!   (heartbeats, reconnects, de-duplication) and reports [`Event`]s; [`Client::send`],
-//!   [`Client::send_group`], [`Client::online_users`], [`Client::logout`].
+//!   (heartbeats, reconnects, re-sends, acks, de-duplication) and reports [`Event`]s;
+//!   [`Client::send`], [`Client::send_with`] (receipts), [`Client::send_group`],
+//!   [`Client::online_users`], [`Client::logout`].
 //! - [`route`]: the route's HTTP API (register, login, logout, online users, messages).
 //! - [`conn`]: one connection to a connection server over TCP (delimited protobuf) or
 //!   WebSocket (binary protobuf or JSON text frames): login handshake, send and receive frames.
@@ -21,7 +22,7 @@ mod worker;
 pub use cim_common::pb;
 pub use client::{
     Client, ClientConfig, ClientError, ClientInfo, ConnState, Event, Events, Recipient,
-    ReconnectPolicy, SendOutcome,
+    ReconnectPolicy, SendOptions, SendOutcome,
 };
 pub use conn::{Connection, Transport};
 pub use route::{LoginInfo, OnlineUser, RouteClient, RouteError};

@@ -1,17 +1,18 @@
 //! The background task of a [`crate::Client`]: owns the connection, heartbeats, matches send
-//! results to sends, turns pushes into events, reconnects, and ends the session. The
-//! behaviour it implements is described in [`crate::client`]'s module doc.
+//! results to sends (and re-sends the unanswered ones after a reconnect), turns pushes into
+//! events, acknowledges stored messages, reconnects, and ends the session. The behaviour it
+//! implements is described in [`crate::client`]'s module doc.
 
 use crate::{
     client::{lock, open, ClientConfig, ClientError, ConnState, Event, Live, SendOutcome},
-    conn::{ConnError, Connection},
+    conn::{self, ConnError, Connection},
     pb::{self, frame::Body, Frame, KickReason},
     recent::RecentIds,
     route::{RouteClient, RouteError},
     ClientInfo, Transport,
 };
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, VecDeque},
     sync::{atomic::AtomicU64, Mutex},
     time::Duration,
 };
@@ -55,6 +56,17 @@ pub(crate) struct Command {
     pub deadline: Instant,
 }
 
+/// What a connection's run hands on, in order: events for the application, and acks, each
+/// written once every event before it is in the events channel.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Item {
+    Event(Event),
+    /// Ids of stored messages of one push (see [`conn::ack_ids`]).
+    Ack(Vec<String>),
+}
+
+pub(crate) type Backlog = VecDeque<Item>;
+
 /// Why a connection's run ended.
 enum End {
     /// The connection is gone but the session should continue elsewhere.
@@ -71,7 +83,26 @@ enum Failed {
     Final(String),
 }
 
-type PendingSends = HashMap<u64, oneshot::Sender<Result<SendOutcome, ClientError>>>;
+/// A send written to a connection and waiting for its result.
+pub(crate) struct InFlight {
+    /// The `Send` frame as written, with its `message_id`: what a re-send writes again.
+    frame: Frame,
+    reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
+    deadline: Instant,
+}
+
+impl InFlight {
+    /// Whether the caller still waits for the result (it has not given up, and its deadline
+    /// has not passed).
+    fn awaited(&self) -> bool {
+        !self.reply.is_closed() && Instant::now() < self.deadline
+    }
+}
+
+/// Sends waiting for their results, by `client_id`, which increases: iterating re-sends them
+/// in the order they were first sent. They outlive a connection: after a reconnect, the ones
+/// still awaited are written again (same `message_id`, so the server stores them once).
+pub(crate) type PendingSends = BTreeMap<u64, InFlight>;
 
 pub(crate) struct Worker {
     pub shared: std::sync::Arc<Shared>,
@@ -89,10 +120,11 @@ pub(crate) struct Worker {
 
 impl Worker {
     pub(crate) async fn run(mut self, first: Live) {
-        let mut backlog = VecDeque::new();
+        let mut backlog = Backlog::new();
+        let mut pending = PendingSends::new();
         let mut live = first;
         let (end, conn) = loop {
-            let end = self.serve(&mut live, &mut backlog).await;
+            let end = self.serve(&mut live, &mut backlog, &mut pending).await;
             let End::Reconnect(reason) = end else {
                 break (end, Some(live.conn));
             };
@@ -118,24 +150,37 @@ impl Worker {
                 Err(end) => break (end, None),
             }
         };
+        // Sends still waiting will not be re-sent: they may or may not have been delivered.
+        for (_, sent) in std::mem::take(&mut pending) {
+            let _ = sent.reply.send(Err(ClientError::ConnectionLost));
+        }
         self.finish(end, conn, backlog).await;
     }
 
     /// Runs one connection until it ends. Received messages and kicks go to `backlog` first
     /// and from there into the events channel; while the backlog is not empty the connection
-    /// is not read (back-pressure), but heartbeats and sends continue.
-    async fn serve(&mut self, live: &mut Live, backlog: &mut VecDeque<Event>) -> End {
+    /// is not read (back-pressure), but heartbeats and sends continue. The acks of a push are
+    /// written once its messages are in the events channel. Sends of `pending` (left from the
+    /// previous connection) are written again first.
+    async fn serve(
+        &mut self,
+        live: &mut Live,
+        backlog: &mut Backlog,
+        pending: &mut PendingSends,
+    ) -> End {
         let interval = live.heartbeat;
         let silence_limit = interval.saturating_mul(2);
         let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let mut nonce = 0u64;
-        let mut pending = PendingSends::new();
         // An error frame the server sent before closing: the best reason for that close.
         let mut last_error: Option<String> = None;
         let transport = self.config.transport;
-        let end = loop {
+        if let Err(e) = resend(live, pending).await {
+            return End::Reconnect(format!("send failed: {e}"));
+        }
+        loop {
             let listening = backlog.is_empty();
             // Unbiased on purpose: a flood of incoming frames must not starve heartbeats
             // (the server closes a connection that sends nothing) or sends, and vice versa.
@@ -144,12 +189,16 @@ impl Worker {
                 permit = self.events.reserve(), if !listening => {
                     match permit {
                         Ok(permit) => {
-                            if let Some(event) = backlog.pop_front() {
+                            if let Some(Item::Event(event)) = backlog.pop_front() {
                                 permit.send(event);
                             }
                         }
-                        // Nobody listens to events any more: drop them, keep the session.
-                        Err(_) => backlog.clear(),
+                        // Nobody listens to events any more: drop them (the application
+                        // gave up receiving), keep the session and the acks.
+                        Err(_) => backlog.retain(|item| matches!(item, Item::Ack(_))),
+                    }
+                    if let Err(e) = write_acks(&mut live.conn, backlog).await {
+                        break End::Reconnect(format!("ack failed: {e}"));
                     }
                     if backlog.is_empty() {
                         // The connection was not read meanwhile: its silence does not count.
@@ -171,24 +220,28 @@ impl Worker {
                     let end = on_frame(
                         frame,
                         &mut self.recent,
-                        &mut pending,
+                        pending,
                         backlog,
                         &mut last_error,
                     );
                     if let Some(end) = end {
                         break end;
                     }
+                    // A push of messages we had already has its ack at the front at once.
+                    if let Err(e) = write_acks(&mut live.conn, backlog).await {
+                        break End::Reconnect(format!("ack failed: {e}"));
+                    }
                 }
                 command = self.commands.recv() => {
                     // `None`: every handle is gone; the stop token is cancelled too.
                     let Some(command) = command else { break End::Stop };
-                    if let Err(e) = submit(live, transport, command, &mut pending).await {
+                    if let Err(e) = submit(live, transport, command, pending).await {
                         break End::Reconnect(format!("send failed: {e}"));
                     }
                 }
                 _ = ping.tick() => {
                     // Results of sends whose callers gave up are no longer awaited.
-                    pending.retain(|_, reply| !reply.is_closed());
+                    pending.retain(|_, sent| !sent.reply.is_closed());
                     nonce += 1;
                     let frame = Frame::new(Body::Ping(pb::Ping { nonce }));
                     if let Err(e) = write(&mut live.conn, &frame).await {
@@ -202,11 +255,74 @@ impl Worker {
                     ));
                 }
             }
-        };
-        for (_, reply) in pending.drain() {
-            let _ = reply.send(Err(ClientError::ConnectionLost));
         }
-        end
+    }
+}
+
+/// Writes the sends of `pending` again (a new connection), in their original order; the ones
+/// no longer awaited are dropped (a caller whose deadline passed is told `Timeout`).
+async fn resend(live: &mut Live, pending: &mut PendingSends) -> Result<(), ConnError> {
+    let gone: Vec<u64> = pending
+        .iter()
+        .filter(|(_, sent)| !sent.awaited())
+        .map(|(id, _)| *id)
+        .collect();
+    for id in gone {
+        if let Some(sent) = pending.remove(&id) {
+            // Only a caller still waiting can read this; one that gave up ignores it.
+            let _ = sent.reply.send(Err(ClientError::Timeout));
+        }
+    }
+    if pending.is_empty() {
+        return Ok(());
+    }
+    tracing::debug!(sends = pending.len(), "re-sending unanswered sends");
+    let conn = &mut live.conn;
+    let write_all = async {
+        for sent in pending.values() {
+            conn.feed(&sent.frame).await?;
+        }
+        conn.flush().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write_all)
+        .await
+        .map_err(|_| ConnError::Timeout)?
+}
+
+/// Writes the acks at the front of `backlog` (every event before them is in the events
+/// channel), merged into as few frames as the limit per frame allows.
+async fn write_acks(conn: &mut Connection, backlog: &mut Backlog) -> Result<(), ConnError> {
+    let ids = take_front_acks(backlog);
+    if ids.is_empty() {
+        return Ok(());
+    }
+    tokio::time::timeout(WRITE_TIMEOUT, conn.ack(ids))
+        .await
+        .map_err(|_| ConnError::Timeout)?
+}
+
+/// Removes the acks at the front of `backlog` and returns their ids.
+fn take_front_acks(backlog: &mut Backlog) -> Vec<String> {
+    let mut ids = Vec::new();
+    while matches!(backlog.front(), Some(Item::Ack(_))) {
+        if let Some(Item::Ack(more)) = backlog.pop_front() {
+            ids.extend(more);
+        }
+    }
+    ids
+}
+
+/// The event for one received (new) message: receipts have their own.
+fn event_of(message: pb::Message, replayed: bool) -> Event {
+    if message.kind == pb::MessageKind::Receipt as i32 {
+        Event::Receipt {
+            message_id: message.receipt_for,
+            by_user_id: message.sender_id,
+            by_name: message.sender_name,
+            at_ms: message.timestamp_ms,
+        }
+    } else {
+        Event::Message { message, replayed }
     }
 }
 
@@ -215,30 +331,37 @@ fn on_frame(
     frame: Frame,
     recent: &mut RecentIds,
     pending: &mut PendingSends,
-    backlog: &mut VecDeque<Event>,
+    backlog: &mut Backlog,
     last_error: &mut Option<String>,
 ) -> Option<End> {
     match frame.body {
         Some(Body::Push(push)) => {
+            // Duplicates are acked too: a replay repeats what we had, and only an ack takes it
+            // out of the inbox.
+            let ack = conn::ack_ids(&push);
+            let replayed = push.replay;
             for message in push.messages {
                 if recent.insert(&message.id) {
-                    backlog.push_back(Event::Message(message));
+                    backlog.push_back(Item::Event(event_of(message, replayed)));
                 }
+            }
+            if !ack.is_empty() {
+                backlog.push_back(Item::Ack(ack));
             }
         }
         Some(Body::SendResult(result)) => {
-            if let Some(reply) = pending.remove(&result.client_id) {
-                let _ = reply.send(outcome(result));
+            if let Some(sent) = pending.remove(&result.client_id) {
+                let _ = sent.reply.send(outcome(result));
             }
         }
         Some(Body::Pong(_)) => {}
         Some(Body::Kick(kick)) => {
             let reason = KickReason::try_from(kick.reason).unwrap_or(KickReason::Unspecified);
             let why = format!("kicked ({}): {}", reason.as_str_name(), kick.message);
-            backlog.push_back(Event::Kicked {
+            backlog.push_back(Item::Event(Event::Kicked {
                 reason,
                 message: kick.message,
-            });
+            }));
             return Some(if crate::client::kick_ends_session(reason) {
                 End::Closed(why)
             } else {
@@ -374,9 +497,13 @@ impl Worker {
         }
     }
 
-    async fn emit_backlog(&mut self, backlog: &mut VecDeque<Event>) {
+    /// Hands the backlog's events to the application after the connection was lost. Its acks
+    /// are dropped: the messages come again at the next connection, where the ring of
+    /// recent ids filters them out and they are acked.
+    async fn emit_backlog(&mut self, backlog: &mut Backlog) {
         let stop = self.shared.stop.clone();
-        while let Some(event) = backlog.pop_front() {
+        while let Some(item) = backlog.pop_front() {
+            let Item::Event(event) = item else { continue };
             tokio::select! {
                 sent = self.events.send(event) => if sent.is_err() { backlog.clear() },
                 () = stop.cancelled() => return,
@@ -385,7 +512,7 @@ impl Worker {
     }
 
     /// Ends the session: logout if asked, close the connection, report `Closed`.
-    async fn finish(mut self, end: End, conn: Option<Connection>, mut backlog: VecDeque<Event>) {
+    async fn finish(mut self, end: End, conn: Option<Connection>, mut backlog: Backlog) {
         // Taken under the lock that `logout` checks, so a logout either is answered here or
         // sees `Finished` and returns at once.
         let logout = match std::mem::replace(&mut *lock(&self.shared.logout), LogoutSlot::Finished)
@@ -429,10 +556,13 @@ impl Worker {
         }
         // Queued sends are answered `Closed` when their reply senders drop with the receiver.
         self.commands.close();
-        backlog.push_back(Event::State(ConnState::Closed { reason }));
+        backlog.push_back(Item::Event(Event::State(ConnState::Closed { reason })));
         let events = self.events;
         let deliver = async {
-            for event in backlog {
+            for item in backlog {
+                // Acks cannot be written any more: those messages come again at the next
+                // login (a new client has no memory of them, so they arrive twice).
+                let Item::Event(event) = item else { continue };
                 if events.send(event).await.is_err() {
                     return;
                 }
@@ -450,7 +580,9 @@ impl Worker {
     }
 }
 
-/// Writes one send to the connection, unless its caller gave up or it is too large.
+/// Writes one send to the connection, unless its caller gave up or it is too large. It stays
+/// in `pending` until its result arrives, also when the write fails (re-sent on the next
+/// connection).
 async fn submit(
     live: &mut Live,
     transport: Transport,
@@ -463,7 +595,11 @@ async fn submit(
         deadline,
     } = command;
     // A caller told "timed out" must not have its message sent afterwards.
-    if reply.is_closed() || Instant::now() >= deadline {
+    if reply.is_closed() {
+        return Ok(());
+    }
+    if Instant::now() >= deadline {
+        let _ = reply.send(Err(ClientError::Timeout));
         return Ok(());
     }
     let client_id = send.client_id;
@@ -480,8 +616,13 @@ async fn submit(
         }));
         return Ok(());
     }
-    pending.insert(client_id, reply);
-    write(&mut live.conn, &frame).await
+    let sent = InFlight {
+        frame,
+        reply,
+        deadline,
+    };
+    pending.insert(client_id, sent);
+    write(&mut live.conn, &pending[&client_id].frame).await
 }
 
 /// Size of `frame` as the server measures it for `transport`.
@@ -524,6 +665,442 @@ async fn close(conn: Connection) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{client::ReconnectPolicy, recent::DEFAULT_CAPACITY};
+    use cim_common::codec::FrameCodec;
+    use futures_util::{SinkExt, StreamExt};
+    use std::sync::Arc;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::codec::Framed;
+
+    /// Deadline of every wait in these tests.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    fn message(id: &str, seq: u64, kind: pb::MessageKind) -> pb::Message {
+        pb::Message {
+            id: id.into(),
+            sender_id: 2,
+            sender_name: "bob".into(),
+            receiver_id: 1,
+            kind: kind as i32,
+            body: format!("body of {id}"),
+            timestamp_ms: 1_700_000_000_000,
+            seq,
+            ..Default::default()
+        }
+    }
+
+    fn private(id: &str, seq: u64) -> pb::Message {
+        message(id, seq, pb::MessageKind::Private)
+    }
+
+    fn push(replay: bool, messages: Vec<pb::Message>) -> Frame {
+        Frame::new(Body::Push(pb::Push { messages, replay }))
+    }
+
+    fn events(backlog: &Backlog) -> Vec<&Event> {
+        backlog
+            .iter()
+            .filter_map(|i| match i {
+                Item::Event(e) => Some(e),
+                Item::Ack(_) => None,
+            })
+            .collect()
+    }
+
+    /// Runs `on_frame` on a push with fresh state, keeping `recent` for the next call.
+    fn on_push(recent: &mut RecentIds, frame: Frame) -> Backlog {
+        let mut backlog = Backlog::new();
+        let end = on_frame(
+            frame,
+            recent,
+            &mut PendingSends::new(),
+            &mut backlog,
+            &mut None,
+        );
+        assert!(end.is_none());
+        backlog
+    }
+
+    #[test]
+    fn a_push_is_acked_once_after_its_events_with_duplicates_and_without_unstored() {
+        let mut recent = RecentIds::new(16);
+        let first = on_push(&mut recent, push(false, vec![private("a", 1)]));
+        assert_eq!(
+            first.back(),
+            Some(&Item::Ack(vec!["a".to_string()])),
+            "{first:?}"
+        );
+        // "a" again (a replay after a reconnect), a group message (not stored: seq 0), "b".
+        let group = message("g", 0, pb::MessageKind::Group);
+        let second = on_push(
+            &mut recent,
+            push(true, vec![private("a", 1), group.clone(), private("b", 2)]),
+        );
+        assert_eq!(
+            second,
+            [
+                Item::Event(Event::Message {
+                    message: group,
+                    replayed: true
+                }),
+                Item::Event(Event::Message {
+                    message: private("b", 2),
+                    replayed: true
+                }),
+                // One ack for the whole push, the duplicate included, after its events.
+                Item::Ack(vec!["a".to_string(), "b".to_string()]),
+            ]
+            .into_iter()
+            .collect::<Backlog>()
+        );
+        // Only duplicates: nothing for the application, the ack all the same.
+        let third = on_push(&mut recent, push(false, vec![private("a", 1)]));
+        assert_eq!(third, Backlog::from([Item::Ack(vec!["a".to_string()])]));
+        // A push of unstored messages only needs no ack.
+        let fourth = on_push(
+            &mut recent,
+            push(false, vec![message("s", 0, pb::MessageKind::System)]),
+        );
+        assert_eq!(fourth.len(), 1);
+        assert!(matches!(fourth[0], Item::Event(Event::Message { .. })));
+    }
+
+    #[test]
+    fn the_replay_flag_of_a_push_reaches_its_events() {
+        let mut recent = RecentIds::new(16);
+        let live = on_push(&mut recent, push(false, vec![private("a", 1)]));
+        let replayed = on_push(&mut recent, push(true, vec![private("b", 2)]));
+        assert!(matches!(
+            events(&live)[..],
+            [Event::Message {
+                replayed: false,
+                ..
+            }]
+        ));
+        assert!(matches!(
+            events(&replayed)[..],
+            [Event::Message { replayed: true, .. }]
+        ));
+    }
+
+    #[test]
+    fn receipts_become_receipt_events_and_are_acked() {
+        let mut recent = RecentIds::new(16);
+        let mut receipt = message("r1", 7, pb::MessageKind::Receipt);
+        receipt.receipt_for = "m42".into();
+        receipt.timestamp_ms = 1234;
+        let backlog = on_push(&mut recent, push(false, vec![receipt.clone()]));
+        assert_eq!(
+            backlog,
+            [
+                Item::Event(Event::Receipt {
+                    message_id: "m42".into(),
+                    by_user_id: 2,
+                    by_name: "bob".into(),
+                    at_ms: 1234
+                }),
+                Item::Ack(vec!["r1".to_string()]),
+            ]
+            .into_iter()
+            .collect::<Backlog>()
+        );
+        // A receipt replayed after a reconnect is reported once, and acked again.
+        let again = on_push(&mut recent, push(true, vec![receipt]));
+        assert_eq!(again, Backlog::from([Item::Ack(vec!["r1".to_string()])]));
+    }
+
+    #[test]
+    fn acks_at_the_front_are_merged_and_the_rest_waits() {
+        let event = || Item::Event(Event::State(ConnState::Connecting));
+        let mut backlog: Backlog = [
+            Item::Ack(vec!["a".into()]),
+            Item::Ack(vec!["b".into(), "c".into()]),
+            event(),
+            Item::Ack(vec!["d".into()]),
+        ]
+        .into();
+        assert_eq!(take_front_acks(&mut backlog), ["a", "b", "c"]);
+        assert_eq!(backlog.len(), 2);
+        // An event in front: nothing is taken until the application has it.
+        assert!(take_front_acks(&mut backlog).is_empty());
+        backlog.pop_front();
+        assert_eq!(take_front_acks(&mut backlog), ["d"]);
+        assert!(backlog.is_empty());
+    }
+
+    /// A worker whose connections the test makes itself (no route behind it).
+    struct Harness {
+        worker: Worker,
+        events: mpsc::Receiver<Event>,
+        commands: mpsc::Sender<Command>,
+        listener: TcpListener,
+    }
+
+    async fn harness(event_capacity: usize) -> Harness {
+        let config = ClientConfig {
+            reconnect: ReconnectPolicy::default(),
+            ..ClientConfig::new("http://127.0.0.1:1", "alice", "password")
+        };
+        let info = ClientInfo {
+            user_id: 1,
+            name: "alice".into(),
+            route_url: config.route_url.clone(),
+            server_id: None,
+            server_addr: None,
+            state: ConnState::Connecting,
+        };
+        let shared = Arc::new(Shared {
+            info: Mutex::new(info),
+            session_token: Mutex::new(String::new()),
+            stop: CancellationToken::new(),
+            logout: Mutex::new(LogoutSlot::Open),
+            next_client_id: AtomicU64::new(1),
+        });
+        let (events_tx, events) = mpsc::channel(event_capacity);
+        let (commands, commands_rx) = mpsc::channel(16);
+        let worker = Worker {
+            shared,
+            route: RouteClient::new(&config.route_url),
+            config,
+            events: events_tx,
+            commands: commands_rx,
+            recent: RecentIds::new(DEFAULT_CAPACITY),
+            token: None,
+            attempt: 0,
+        };
+        Harness {
+            worker,
+            events,
+            commands,
+            listener: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        }
+    }
+
+    type Server = Framed<TcpStream, FrameCodec>;
+
+    impl Harness {
+        /// A new connection: the worker's side (as if logged in, pinging every `heartbeat`)
+        /// and the fake server's.
+        async fn connection(&self, heartbeat: Duration) -> (Live, Server) {
+            let addr = self.listener.local_addr().expect("addr").to_string();
+            let (conn, accepted) = tokio::join!(
+                Connection::connect(&addr, Transport::Tcp),
+                self.listener.accept()
+            );
+            let live = Live {
+                conn: conn.expect("connect"),
+                server_id: "s1".into(),
+                addr,
+                heartbeat,
+                max_frame_len: 0,
+                since: Instant::now(),
+            };
+            let server = Framed::new(accepted.expect("accept").0, FrameCodec::default());
+            (live, server)
+        }
+
+        fn command(&self, message_id: &str) -> (Command, oneshot::Receiver<SendResultOf>) {
+            let (reply, result) = oneshot::channel();
+            let client_id = self.worker.shared.next_client_id.fetch_add(1, Relaxed);
+            let command = Command {
+                send: pb::Send {
+                    client_id,
+                    kind: pb::MessageKind::Private as i32,
+                    to_user_id: 2,
+                    body: format!("body of {message_id}"),
+                    message_id: message_id.into(),
+                    ..Default::default()
+                },
+                reply,
+                deadline: Instant::now() + DEADLINE,
+            };
+            (command, result)
+        }
+    }
+
+    type SendResultOf = Result<SendOutcome, ClientError>;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    /// The next frame the fake server receives, skipping pings.
+    async fn next_frame(server: &mut Server) -> Body {
+        loop {
+            let frame = tokio::time::timeout(DEADLINE, server.next())
+                .await
+                .expect("a frame in time")
+                .expect("connection open")
+                .expect("a valid frame");
+            match frame.body {
+                Some(Body::Ping(_)) => continue,
+                Some(body) => return body,
+                None => panic!("empty frame"),
+            }
+        }
+    }
+
+    async fn next_event(events: &mut mpsc::Receiver<Event>) -> Event {
+        tokio::time::timeout(DEADLINE, events.recv())
+            .await
+            .expect("an event in time")
+            .expect("events open")
+    }
+
+    #[tokio::test]
+    async fn acks_follow_the_events_into_the_channel() {
+        let mut h = harness(1).await;
+        let (mut live, mut server) = h.connection(Duration::from_millis(20)).await;
+        let stop = h.worker.shared.stop.clone();
+        let mut backlog = Backlog::new();
+        let mut pending = PendingSends::new();
+        let served = async {
+            let end = h.worker.serve(&mut live, &mut backlog, &mut pending).await;
+            assert!(matches!(end, End::Stop));
+        };
+        let test = async {
+            server
+                .send(push(true, vec![private("a", 1), private("b", 2)]))
+                .await
+                .unwrap();
+            // The channel holds one event: "b" waits in the backlog, and so does the ack.
+            // Heartbeats go on meanwhile; the next pings come before any ack.
+            for _ in 0..3 {
+                let frame = tokio::time::timeout(DEADLINE, server.next())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
+                assert!(matches!(frame.body, Some(Body::Ping(_))), "{frame:?}");
+            }
+            for id in ["a", "b"] {
+                match next_event(&mut h.events).await {
+                    Event::Message { message, replayed } => {
+                        assert_eq!((message.id.as_str(), replayed), (id, true));
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            // Both taken: one ack for the push.
+            match next_frame(&mut server).await {
+                Body::Ack(ack) => assert_eq!(ack.message_ids, ["a", "b"]),
+                other => panic!("{other:?}"),
+            }
+            stop.cancel();
+        };
+        tokio::time::timeout(DEADLINE, async { tokio::join!(served, test) })
+            .await
+            .expect("in time");
+    }
+
+    #[tokio::test]
+    async fn unanswered_sends_are_resent_on_the_next_connection_with_their_id() {
+        let mut h = harness(16).await;
+        let hour = Duration::from_secs(3600);
+        let mut backlog = Backlog::new();
+        let mut pending = PendingSends::new();
+
+        // First connection: two sends are written, the server dies without answering.
+        let (mut live, mut server) = h.connection(hour).await;
+        let (kept, kept_result) = h.command("m-kept");
+        let (abandoned, abandoned_result) = h.command("m-abandoned");
+        h.commands.send(kept).await.unwrap();
+        h.commands.send(abandoned).await.unwrap();
+        let served = h.worker.serve(&mut live, &mut backlog, &mut pending);
+        let server_side = async {
+            for id in ["m-kept", "m-abandoned"] {
+                match next_frame(&mut server).await {
+                    Body::Send(send) => assert_eq!(send.message_id, id),
+                    other => panic!("{other:?}"),
+                }
+            }
+            drop(server);
+        };
+        let (end, ()) = tokio::join!(served, server_side);
+        assert!(matches!(end, End::Reconnect(_)));
+        assert_eq!(pending.len(), 2, "kept for the next connection");
+        // The second caller gives up during the outage.
+        drop(abandoned_result);
+
+        // Second connection: the send still awaited goes out first, same ids, and its
+        // result reaches the caller; the abandoned one is not written again.
+        let (mut live, mut server) = h.connection(hour).await;
+        let stop = h.worker.shared.stop.clone();
+        let (later, later_result) = h.command("m-later");
+        let commands = h.commands.clone();
+        let served = async {
+            let end = h.worker.serve(&mut live, &mut backlog, &mut pending).await;
+            assert!(matches!(end, End::Stop));
+        };
+        let server_side = async {
+            let resent = match next_frame(&mut server).await {
+                Body::Send(send) => send,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(
+                (resent.message_id.as_str(), resent.body.as_str()),
+                ("m-kept", "body of m-kept")
+            );
+            commands.send(later).await.unwrap();
+            match next_frame(&mut server).await {
+                Body::Send(send) => assert_eq!(send.message_id, "m-later"),
+                other => panic!("{other:?}"),
+            }
+            server
+                .send(Frame::new(Body::SendResult(pb::SendResult {
+                    client_id: resent.client_id,
+                    status: pb::SendStatus::Stored as i32,
+                    message_id: resent.message_id.clone(),
+                    timestamp_ms: 9,
+                    delivered: 0,
+                    error: None,
+                })))
+                .await
+                .unwrap();
+            let outcome = tokio::time::timeout(DEADLINE, kept_result)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (outcome.message_id.as_str(), outcome.status),
+                ("m-kept", pb::SendStatus::Stored)
+            );
+            stop.cancel();
+        };
+        tokio::time::timeout(DEADLINE, async { tokio::join!(served, server_side) })
+            .await
+            .expect("in time");
+        // Still unanswered when the worker stopped: "m-later" (the run loop fails it).
+        assert_eq!(pending.keys().count(), 1);
+        drop(later_result);
+    }
+
+    #[tokio::test]
+    async fn a_send_whose_deadline_passed_during_the_outage_times_out() {
+        let mut h = harness(16).await;
+        let hour = Duration::from_secs(3600);
+        let mut backlog = Backlog::new();
+        let mut pending = PendingSends::new();
+        let (mut live, mut server) = h.connection(hour).await;
+        let (command, result) = h.command("m-late");
+        h.commands.send(command).await.unwrap();
+        let served = h.worker.serve(&mut live, &mut backlog, &mut pending);
+        let server_side = async {
+            assert!(matches!(next_frame(&mut server).await, Body::Send(_)));
+            drop(server);
+        };
+        let (end, ()) = tokio::join!(served, server_side);
+        assert!(matches!(end, End::Reconnect(_)));
+        // The outage outlasts the send's deadline.
+        assert_eq!(pending.len(), 1);
+        for sent in pending.values_mut() {
+            sent.deadline = Instant::now();
+        }
+        let (mut live, _server) = h.connection(hour).await;
+        h.worker.shared.stop.cancel();
+        let end = h.worker.serve(&mut live, &mut backlog, &mut pending).await;
+        assert!(matches!(end, End::Stop));
+        assert!(pending.is_empty());
+        assert!(matches!(result.await, Ok(Err(ClientError::Timeout))));
+    }
 
     #[test]
     fn failed_results_are_errors_and_others_outcomes() {
@@ -539,7 +1116,7 @@ mod tests {
         }
         let ok = pb::SendResult {
             client_id: 4,
-            status: pb::SendStatus::Offline as i32,
+            status: pb::SendStatus::Stored as i32,
             message_id: "01X".into(),
             timestamp_ms: 5,
             delivered: 0,
@@ -549,7 +1126,7 @@ mod tests {
             outcome(ok).unwrap(),
             SendOutcome {
                 message_id: "01X".into(),
-                status: pb::SendStatus::Offline,
+                status: pb::SendStatus::Stored,
                 delivered: 0,
                 timestamp_ms: 5
             }

@@ -311,6 +311,12 @@ async fn two_terminals_chat_and_use_every_command() -> anyhow::Result<()> {
         bob.line("@alice 你好，世界");
         alice.expect("bob → you: 你好，世界");
 
+        // With a receipt: once bob's client acknowledged it, alice is told.
+        alice.line(":r bob did you get this?");
+        alice.expect("you → bob: did you get this?");
+        bob.expect("alice → you: did you get this?");
+        alice.expect("✓ bob received your message (id ");
+
         // Online users: everyone, then by prefix.
         alice.line(":olu");
         alice.expect("2 users online:");
@@ -414,21 +420,38 @@ async fn two_terminals_chat_and_use_every_command() -> anyhow::Result<()> {
     assert!(stdout.contains("3 users online:"), "{stdout}");
     assert!(!stdout.contains('\x1b'), "no colour when piped: {stdout:?}");
 
+    let alice_dir = dirs[0].path().to_path_buf();
+    let route2 = route.clone();
     tokio::task::spawn_blocking(move || {
         alice.expect("carol → you: hi from a script");
         // Quitting logs out and exits 0.
         alice.line(":q!");
         alice.expect("logged out");
         assert!(alice.exit_status().success());
-        // alice is gone: bob is told instead of silently losing the message.
+        // alice is gone: bob is told that she gets the message at her next login.
         bob.line("alice;;are you there?");
-        bob.expect("alice is offline");
+        bob.expect("you → alice: are you there?");
+        bob.expect("alice is offline: they will get it at their next login");
         bob.line("carol;;?");
         bob.expect("carol is offline");
         bob.line("nobody;;?");
         bob.expect("not sent: there is no user nobody");
         bob.line(":q!");
         assert!(bob.exit_status().success());
+
+        // Back online, alice gets it, marked as received while offline, with its time.
+        let mut alice = Pty::spawn(
+            "alice",
+            &client_args(&route2, "alice", &alice_dir),
+            "alice-password",
+            &alice_dir,
+        );
+        alice.expect("connected to server");
+        let seen = alice.expect("[offline] bob → you: are you there?");
+        assert!(has_time_stamp(&seen, "[offline] bob → you"), "{seen:?}");
+        alice.line(":q!");
+        alice.expect("logged out");
+        assert!(alice.exit_status().success());
     })
     .await?;
 

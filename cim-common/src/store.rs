@@ -166,7 +166,8 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Stores each message in the inbox of its `receiver_id`, in slice order, and sets its
     /// `seq` (increasing per receiver, never reused). Idempotent by (receiver, id): a message
-    /// already in the inbox keeps its place and seq (a retried send). One round trip for the
+    /// already in the inbox keeps its place and seq (a retried send), and the slice entry is
+    /// replaced by the stored copy, so what a retry pushes equals what the first attempt did. One round trip for the
     /// whole slice. An inbox over `max_messages` drops its oldest messages.
     async fn inbox_store(&self, messages: &mut [Message]) -> StoreResult<()>;
 

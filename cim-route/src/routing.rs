@@ -257,10 +257,14 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
             Kind::Group => MessageKind::Group,
         };
         let send = v.item.send;
+        // A client-chosen id is unique only among its sender's messages: scoped by the
+        // sender, two senders picking the same id can never make one message pass for the
+        // other (the inbox stores once per id). It cannot collide with a bare ULID or a
+        // receipt id either (those have no '-' / start with a letter).
         let id = if send.message_id.is_empty() {
             ids::message_id()
         } else {
-            send.message_id
+            format!("{}-{}", v.item.sender_id, send.message_id)
         };
         accepted.push(Accepted {
             index: v.index,
@@ -462,13 +466,17 @@ async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) 
         }
     }
     run.iter()
+        .zip(messages)
         .zip(delivered)
-        .map(|(a, d)| {
-            if d {
+        .map(|((a, stored), d)| {
+            let mut r = if d {
                 accepted_result(a, SendStatus::Delivered, 1)
             } else {
                 accepted_result(a, SendStatus::Stored, 0)
-            }
+            };
+            // A retry answers with the first attempt's timestamp (the stored copy's).
+            r.timestamp_ms = stored.timestamp_ms;
+            r
         })
         .collect()
 }
@@ -855,9 +863,14 @@ mod tests {
             ],
         )
         .await;
-        assert_eq!(results[0].message_id, "client-chosen_1");
+        let id = format!("{alice}-client-chosen_1");
+        assert_eq!(results[0].message_id, id, "scoped by the sender");
         assert_eq!(status(&results[1]), SendStatus::Stored);
-        assert_eq!(results[1].message_id, "client-chosen_1");
+        assert_eq!(results[1].message_id, id);
+        assert_eq!(
+            results[1].timestamp_ms, results[0].timestamp_ms,
+            "a retry answers with the stored message's timestamp"
+        );
         for r in &results[2..] {
             assert_eq!(status(r), SendStatus::Failed);
             assert_eq!(error_code(r), ErrorCode::BadRequest);

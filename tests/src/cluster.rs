@@ -7,7 +7,7 @@
 //! detach, sockets simply closed. That is what `kill -9` does to a process, as far as every
 //! other component can observe, and it keeps the tests fast (no binary spawn per test).
 
-use crate::Infra;
+use crate::{Infra, RedisOptions};
 use anyhow::Context;
 use cim_client::{
     pb::{self, frame::Body, Frame},
@@ -209,6 +209,7 @@ pub struct ClusterBuilder {
     routes: usize,
     server_config: Box<dyn Fn(&mut ServerConfig)>,
     route_config: Box<dyn Fn(&mut RouteConfig)>,
+    redis: RedisOptions,
 }
 
 impl Default for ClusterBuilder {
@@ -218,6 +219,7 @@ impl Default for ClusterBuilder {
             routes: 1,
             server_config: Box::new(|_| {}),
             route_config: Box::new(|_| {}),
+            redis: RedisOptions::default(),
         }
     }
 }
@@ -244,8 +246,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// Starts Redis with `options` (e.g. AOF on, for tests that kill and restart it).
+    pub fn redis(mut self, options: RedisOptions) -> Self {
+        self.redis = options;
+        self
+    }
+
     pub async fn start(self) -> anyhow::Result<Cluster> {
-        let infra = Infra::start().await?;
+        let infra = Infra::start_with(self.redis).await?;
         let prefix = crate::unique_prefix();
         let mut cluster = Cluster {
             servers: Vec::new(),
@@ -430,19 +438,7 @@ impl TestUser {
 
     /// The next pushed message.
     pub async fn next_message(&mut self) -> anyhow::Result<pb::Message> {
-        let mut batch = self
-            .next_where("a pushed message", |f| match &f.body {
-                Some(Body::Push(p)) if !p.messages.is_empty() => Some(p.messages.clone()),
-                _ => None,
-            })
-            .await?;
-        // A push may carry several messages: keep the rest, in order, for the next calls.
-        let first = batch.remove(0);
-        if !batch.is_empty() {
-            self.pending
-                .push_front(Frame::new(Body::Push(pb::Push { messages: batch })));
-        }
-        Ok(first)
+        Ok(self.next_delivery().await?.0)
     }
 
     /// Messages received until (and including) the first one whose body is `marker`.
@@ -519,5 +515,444 @@ impl Cluster {
                 )
                 .await?;
         Ok(response.kicked)
+    }
+}
+
+/// The password [`Cluster::register_and_login`] gives `name`.
+pub fn test_password(name: &str) -> String {
+    format!("password-{name}")
+}
+
+/// Pause between two attempts of a login that was refused (old slot still held, no server).
+const RELOGIN_RETRY: Duration = Duration::from_millis(100);
+
+impl Cluster {
+    /// Logs `name` (registered before) in again and connects, retrying while the route
+    /// refuses (e.g. the previous connection's login slot is not released yet) for up to
+    /// `deadline`.
+    pub async fn relogin(
+        &self,
+        name: &str,
+        transport: Transport,
+        deadline: Duration,
+    ) -> anyhow::Result<TestUser> {
+        TestUser::login_again(&self.route(), name, transport, deadline).await
+    }
+
+    /// A direct connection to this cluster's Redis state store, for tests that look at what
+    /// is stored (inboxes) rather than only at what clients receive.
+    pub async fn store(&self) -> anyhow::Result<std::sync::Arc<dyn cim_common::store::StateStore>> {
+        let backends = Backends::connect(&self.infra.backend_config(&self.prefix))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok(backends.store)
+    }
+}
+
+/// One message as a [`TestUser`] received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Which connection of the user got it: 0 for the first, +1 per reconnection.
+    pub connection: usize,
+    /// It came in a `Push` with `replay` set (from the inbox, at the start of a connection).
+    pub replay: bool,
+    pub message: pb::Message,
+}
+
+/// What [`TestUser::collect_until`] received, over all connections.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub received: Vec<Received>,
+    /// Connections used (1 when the first one lasted).
+    pub connections: usize,
+    /// For each reconnection: how long from noticing the loss to being connected again.
+    pub reconnect_times: Vec<Duration>,
+}
+
+/// Outcome of one send of [`TestUser::stream_private`].
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// The message number: its body is `n.to_string()`.
+    pub n: u64,
+    /// The id the message has: the client-chosen one scoped by the sender,
+    /// `{sender_id}-{chosen}`.
+    pub id: String,
+    pub result: pb::SendResult,
+    /// From writing the Send to reading its result.
+    pub latency: Duration,
+}
+
+impl Sent {
+    /// Delivered or stored: the message must reach its receiver.
+    pub fn accepted(&self) -> bool {
+        matches!(
+            self.result.status(),
+            pb::SendStatus::Delivered | pb::SendStatus::Stored
+        )
+    }
+}
+
+/// Counts of [`check_stream_delivery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryCheck {
+    pub accepted: usize,
+    pub failed: usize,
+    /// Distinct numbered messages received.
+    pub received: usize,
+    /// Copies received beyond the first (replays after a reconnection, retried pushes).
+    pub redelivered: usize,
+}
+
+/// Checks what a receiver got from a stream of numbered private messages (the marker body
+/// `marker` excluded): every id received was sent, with the body of its number; every
+/// accepted message arrived; de-duplicated by id they arrived in send order; and unless
+/// `allow_repeats_on_one_connection`, no connection got the same id twice (copies are only
+/// allowed from a replay on a later connection).
+pub fn check_stream_delivery(
+    sent: &[Sent],
+    collected: &Collected,
+    marker: &str,
+    allow_repeats_on_one_connection: bool,
+) -> anyhow::Result<DeliveryCheck> {
+    use std::collections::{HashMap, HashSet};
+    let by_id: HashMap<&str, &Sent> = sent.iter().map(|s| (s.id.as_str(), s)).collect();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut per_connection: HashSet<(usize, &str)> = HashSet::new();
+    let mut last_n = None;
+    let mut redelivered = 0;
+    for r in &collected.received {
+        let m = &r.message;
+        if m.body == marker {
+            continue;
+        }
+        let s = by_id.get(m.id.as_str()).with_context(|| {
+            format!(
+                "received id {:?} (body {:?}) that was never sent",
+                m.id, m.body
+            )
+        })?;
+        anyhow::ensure!(
+            m.body == s.n.to_string(),
+            "id {} carries body {:?}, sent as {}",
+            m.id,
+            m.body,
+            s.n
+        );
+        anyhow::ensure!(
+            m.kind() == pb::MessageKind::Private && m.seq != 0,
+            "message {} is not a stored private message: {m:?}",
+            m.id
+        );
+        if !per_connection.insert((r.connection, m.id.as_str())) && !allow_repeats_on_one_connection
+        {
+            anyhow::bail!(
+                "message {} (n = {}) arrived twice on connection {}",
+                m.id,
+                s.n,
+                r.connection
+            );
+        }
+        if !seen.insert(m.id.as_str()) {
+            redelivered += 1;
+            continue;
+        }
+        if let Some(last) = last_n {
+            anyhow::ensure!(
+                s.n > last,
+                "out of order: {} arrived (first) after {last} (connection {}, replay {})",
+                s.n,
+                r.connection,
+                r.replay
+            );
+        }
+        last_n = Some(s.n);
+    }
+    let missing: Vec<u64> = sent
+        .iter()
+        .filter(|s| s.accepted() && !seen.contains(s.id.as_str()))
+        .map(|s| s.n)
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{} accepted messages never arrived: {missing:?}",
+        missing.len()
+    );
+    let accepted = sent.iter().filter(|s| s.accepted()).count();
+    Ok(DeliveryCheck {
+        accepted,
+        failed: sent.len() - accepted,
+        received: seen.len(),
+        redelivered,
+    })
+}
+
+impl TestUser {
+    /// Logs `name` (registered, password [`test_password`]) in through `route` and connects,
+    /// retrying for up to `deadline` while the login is refused or the assigned server cannot
+    /// be reached (a server that just died may still be assigned until its lease expires; the
+    /// failed session is logged out so its pending slot does not lock the user out).
+    pub async fn login_again(
+        route: &RouteClient,
+        name: &str,
+        transport: Transport,
+        deadline: Duration,
+    ) -> anyhow::Result<TestUser> {
+        let password = test_password(name);
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            let error = match route.login(name, &password).await {
+                Ok(login) => {
+                    let session = login.session_token.clone();
+                    match TestUser::connect(login, transport).await {
+                        Ok(user) => return Ok(user),
+                        Err(e) => {
+                            let _ = route.logout(&session).await;
+                            e
+                        }
+                    }
+                }
+                Err(e) => anyhow::Error::from(e),
+            };
+            if tokio::time::Instant::now() + RELOGIN_RETRY >= end {
+                return Err(error.context(format!("{name}: no accepted login within {deadline:?}")));
+            }
+            tokio::time::sleep(RELOGIN_RETRY).await;
+        }
+    }
+
+    /// Sends a frame without waiting for anything.
+    pub async fn send_frame(&mut self, frame: &Frame) -> anyhow::Result<()> {
+        self.conn.send(frame).await.context("sending a frame")
+    }
+
+    /// Writes a Send (its `client_id` is chosen here) without waiting for the result; returns
+    /// the client id to find the result with [`TestUser::result_of`].
+    pub async fn submit(&mut self, mut send: pb::Send) -> anyhow::Result<u64> {
+        let client_id = self.next_client_id;
+        self.next_client_id += 1;
+        send.client_id = client_id;
+        self.send_frame(&Frame::new(Body::Send(send))).await?;
+        Ok(client_id)
+    }
+
+    /// The SendResult of the send with `client_id`.
+    pub async fn result_of(&mut self, client_id: u64) -> anyhow::Result<pb::SendResult> {
+        self.next_where("send_result", |f| match &f.body {
+            Some(Body::SendResult(r)) if r.client_id == client_id => Some(r.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Acknowledges stored messages (they leave the inbox; receipts follow).
+    pub async fn ack(&mut self, ids: Vec<String>) -> anyhow::Result<()> {
+        self.send_frame(&Frame::new(Body::Ack(pb::Ack { message_ids: ids })))
+            .await
+    }
+
+    /// Sends a Ping and returns every frame that arrived before its Pong (frames kept from
+    /// earlier calls included, and no longer kept). The server answers frames in order and
+    /// writes a connection's inbox replay before reading anything, so what the Pong did not
+    /// overtake is everything the server had queued for this connection by then.
+    pub async fn ping(&mut self, nonce: u64) -> anyhow::Result<Vec<Frame>> {
+        self.send_frame(&Frame::new(Body::Ping(pb::Ping { nonce })))
+            .await?;
+        let mut before: Vec<Frame> = self.pending.drain(..).collect();
+        let deadline = tokio::time::Instant::now() + FRAME_DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let frame = self
+                .conn
+                .recv_timeout(left)
+                .await
+                .with_context(|| format!("{}: waiting for pong {nonce}", self.login.name))?
+                .with_context(|| format!("{}: closed before pong {nonce}", self.login.name))?;
+            if matches!(&frame.body, Some(Body::Pong(p)) if p.nonce == nonce) {
+                return Ok(before);
+            }
+            before.push(frame);
+        }
+    }
+
+    /// The next Push frame with messages, whole (its `replay` flag included).
+    pub async fn next_push(&mut self) -> anyhow::Result<pb::Push> {
+        self.next_where("a push", |f| match &f.body {
+            Some(Body::Push(p)) if !p.messages.is_empty() => Some(p.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next pushed message, and whether it came in a replay Push.
+    pub async fn next_delivery(&mut self) -> anyhow::Result<(pb::Message, bool)> {
+        let mut push = self.next_push().await?;
+        // A push may carry several messages: keep the rest, in order, for the next calls.
+        let first = push.messages.remove(0);
+        let replay = push.replay;
+        if !push.messages.is_empty() {
+            self.pending.push_front(Frame::new(Body::Push(push)));
+        }
+        Ok((first, replay))
+    }
+
+    /// The next Push frame with messages, or `None` when the connection ended (closed or
+    /// reset) first. Other frames are kept. Fails after `deadline` without either.
+    pub async fn next_push_or_end(
+        &mut self,
+        deadline: Duration,
+    ) -> anyhow::Result<Option<pb::Push>> {
+        let is_push = |f: &Frame| matches!(&f.body, Some(Body::Push(p)) if !p.messages.is_empty());
+        if let Some(i) = self.pending.iter().position(is_push) {
+            if let Some(Frame {
+                body: Some(Body::Push(p)),
+            }) = self.pending.remove(i)
+            {
+                return Ok(Some(p));
+            }
+        }
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            match self.conn.recv_timeout(left).await {
+                Ok(Some(Frame {
+                    body: Some(Body::Push(p)),
+                })) if !p.messages.is_empty() => return Ok(Some(p)),
+                Ok(Some(other)) => self.pending.push_back(other),
+                Ok(None) => return Ok(None),
+                Err(cim_client::conn::ConnError::Timeout) => {
+                    anyhow::bail!("{}: no push within {deadline:?}", self.login.name)
+                }
+                // A reset (the server process died) ends the connection too.
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// Streams numbered private messages `numbers` to `to`: message `n` has body
+    /// `n.to_string()` and the client-chosen id `id_of(n)`; at most `window` sends are
+    /// unanswered at any time. `on_result` sees each outcome as it arrives (to act mid-stream,
+    /// e.g. kill a process). Returns every outcome, in send order.
+    pub async fn stream_private(
+        &mut self,
+        to: u64,
+        numbers: std::ops::Range<u64>,
+        window: usize,
+        id_of: impl Fn(u64) -> String,
+        mut on_result: impl FnMut(&Sent),
+    ) -> anyhow::Result<Vec<Sent>> {
+        use std::collections::HashMap;
+        let window = window.max(1);
+        let mut in_flight: HashMap<u64, (u64, String, std::time::Instant)> = HashMap::new();
+        let mut out = Vec::with_capacity(numbers.clone().count());
+        let mut next = numbers.start;
+        while next < numbers.end || !in_flight.is_empty() {
+            while next < numbers.end && in_flight.len() < window {
+                let id = id_of(next);
+                let client_id = self
+                    .submit(pb::Send {
+                        kind: pb::MessageKind::Private as i32,
+                        to_user_id: to,
+                        body: next.to_string(),
+                        message_id: id.clone(),
+                        ..Default::default()
+                    })
+                    .await?;
+                let id = format!("{}-{id}", self.id());
+                in_flight.insert(client_id, (next, id, std::time::Instant::now()));
+                next += 1;
+            }
+            let result = self
+                .next_where("a streamed send's result", |f| match &f.body {
+                    Some(Body::SendResult(r)) if in_flight.contains_key(&r.client_id) => {
+                        Some(r.clone())
+                    }
+                    _ => None,
+                })
+                .await?;
+            let (n, id, started) = in_flight
+                .remove(&result.client_id)
+                .expect("picked from in_flight");
+            let sent = Sent {
+                n,
+                id,
+                result,
+                latency: started.elapsed(),
+            };
+            on_result(&sent);
+            out.push(sent);
+        }
+        out.sort_by_key(|s| s.n);
+        Ok(out)
+    }
+
+    /// Receives pushes until a message with body `marker` arrives, acking stored messages
+    /// once `ack_lag` newer ones have arrived after them (0: right away; more leaves that
+    /// many unacked at any time, for a reconnection to replay). When the connection ends it
+    /// logs in again through `route` ([`TestUser::login_again`]) and goes on over the new
+    /// connection. `progress` gets the number of messages received so far. Everything must
+    /// happen within `deadline`.
+    pub async fn collect_until(
+        self,
+        route: RouteClient,
+        marker: &str,
+        ack_lag: usize,
+        deadline: Duration,
+        progress: tokio::sync::watch::Sender<usize>,
+    ) -> anyhow::Result<Collected> {
+        let end = tokio::time::Instant::now() + deadline;
+        let name = self.login.name.clone();
+        let transport = self.transport;
+        let mut user = self;
+        let mut collected = Collected {
+            connections: 1,
+            ..Default::default()
+        };
+        // Received, not acked yet (on this connection).
+        let mut unacked: VecDeque<String> = VecDeque::new();
+        loop {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            let push = user.next_push_or_end(left).await.with_context(|| {
+                format!(
+                    "{name}: {} messages so far, marker {marker:?} not received",
+                    collected.received.len()
+                )
+            })?;
+            let Some(push) = push else {
+                let lost = std::time::Instant::now();
+                let left = end.saturating_duration_since(tokio::time::Instant::now());
+                user = TestUser::login_again(&route, &name, transport, left).await?;
+                // What was not acked comes again with the replay.
+                unacked.clear();
+                collected.reconnect_times.push(lost.elapsed());
+                collected.connections += 1;
+                continue;
+            };
+            unacked.extend(
+                push.messages
+                    .iter()
+                    .filter(|m| m.seq != 0)
+                    .map(|m| m.id.clone()),
+            );
+            let done = push.messages.iter().any(|m| m.body == marker);
+            let keep = if done { 0 } else { ack_lag };
+            let ack: Vec<String> = unacked
+                .drain(..unacked.len().saturating_sub(keep))
+                .collect();
+            for message in push.messages {
+                collected.received.push(Received {
+                    connection: collected.connections - 1,
+                    replay: push.replay,
+                    message,
+                });
+            }
+            progress.send_replace(collected.received.len());
+            if !ack.is_empty() {
+                // A failed write means the connection is gone: the next read says so.
+                let _ = user.ack(ack).await;
+            }
+            if done {
+                return Ok(collected);
+            }
+        }
     }
 }

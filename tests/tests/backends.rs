@@ -826,6 +826,10 @@ async fn inbox_store_is_idempotent_by_receiver_and_id(s: &StoreUnderTest) -> any
     assert_eq!(msg_ids(&page), ["a", "b", "c"]);
     assert_eq!(seqs(&page), [1, 2, 3]);
     assert_eq!(page[0].body, "body of a", "the first copy stays");
+    assert_eq!(
+        again[0], page[0],
+        "a retry gets the stored copy back (to push the same message the first attempt did)"
+    );
 
     // The same id to another receiver is another message.
     let mut other = vec![msg("a", 1, 3)];

@@ -3,6 +3,7 @@
 //! reports must add up. The figures themselves are meaningless here (every cim node runs in
 //! this test process, so memory and CPU are the whole process's).
 
+use anyhow::Context;
 use cim_client::bench::{self, ConnectOpts, FanoutOpts, Load, P2pOpts, Setup};
 use cim_tests::cluster::{Cluster, TEST_SECRET};
 use std::time::Duration;
@@ -102,6 +103,27 @@ async fn p2p_delivers_every_message_across_servers() -> anyhow::Result<()> {
     // Every node is in this process, so CPU is measured (once) under servers.
     assert!(report.cpu.servers_ms.is_some() && report.cpu.redis_ms.is_some());
     all_closed(&cluster).await?;
+    // The receivers acked what they got: no inbox keeps anything (the servers remove acked
+    // messages in the background, hence the wait).
+    let store = cluster.store().await?;
+    let mut users = Vec::new();
+    for k in 0..6 {
+        let name = format!("bench-{k}");
+        let user = store.user_by_name(&name).await?;
+        users.push(user.with_context(|| format!("{name} exists"))?.id);
+    }
+    cim_tests::wait_until("every inbox is empty", Duration::from_secs(5), || {
+        let (store, users) = (store.clone(), users.clone());
+        async move {
+            for id in users {
+                if store.inbox_len(id).await.ok() != Some(0) {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await?;
 
     // Flat out, briefly: still nothing lost.
     let report = bench::run_p2p(

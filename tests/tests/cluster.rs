@@ -104,12 +104,12 @@ async fn offline_recipient_gets_a_clear_answer() -> anyhow::Result<()> {
     let carol = route.register("carol", "password-carol").await?;
     let mut alice = cluster.user("alice", Transport::Tcp).await?;
     let r = alice.send_private(carol.user_id, "are you there?").await?;
-    assert_eq!(r.status(), SendStatus::Offline, "{r:?}");
+    assert_eq!(r.status(), SendStatus::Stored, "{r:?}");
     // The same through the HTTP API.
     let sent = route
         .send_private(&alice.login.session_token, carol.user_id, "still?")
         .await?;
-    assert_eq!(sent.status, "offline");
+    assert_eq!(sent.status, "stored");
     let err = route
         .send_private(&alice.login.session_token, 424_242, "x")
         .await

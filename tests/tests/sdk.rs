@@ -1,11 +1,12 @@
 //! End-to-end tests of the client SDK (`cim_client::Client`) against a real cluster (etcd,
 //! Redis, two connection servers, a route): chatting, reconnecting after a server dies or
-//! shuts down, the decisions on kicks, logout, and the errors a caller sees.
+//! shuts down, the decisions on kicks, logout, the errors a caller sees, and the delivery
+//! guarantees (stored messages, acks, receipts, re-sends after a lost connection).
 
 use anyhow::{bail, Context};
 use cim_client::{
     pb::{ErrorCode, KickReason, MessageKind, SendStatus},
-    Client, ClientConfig, ClientError, ConnState, Event, Events, Recipient, Transport,
+    Client, ClientConfig, ClientError, ConnState, Event, Events, Recipient, SendOptions, Transport,
 };
 use cim_tests::cluster::Cluster;
 use std::time::Duration;
@@ -85,8 +86,13 @@ async fn wait_for<T>(
 
 /// The next received message, skipping state events (a message must not come after Closed).
 async fn next_message(events: &mut Events) -> anyhow::Result<cim_client::pb::Message> {
-    let (skipped, m) = wait_for(events, "a message", |e| match e {
-        Event::Message(m) => Some(m.clone()),
+    Ok(next_received(events).await?.0)
+}
+
+/// The next received message and whether it was replayed from the inbox.
+async fn next_received(events: &mut Events) -> anyhow::Result<(cim_client::pb::Message, bool)> {
+    let (skipped, received) = wait_for(events, "a message", |e| match e {
+        Event::Message { message, replayed } => Some((message.clone(), *replayed)),
         _ => None,
     })
     .await?;
@@ -96,7 +102,34 @@ async fn next_message(events: &mut Events) -> anyhow::Result<cim_client::pb::Mes
             .all(|e| !matches!(e, Event::State(ConnState::Closed { .. }))),
         "{skipped:?}"
     );
-    Ok(m)
+    Ok(received)
+}
+
+/// Messages received up to and including the one whose body is `marker`, with their replay
+/// flags; the other events on the way are returned too.
+async fn messages_until(
+    events: &mut Events,
+    marker: &str,
+) -> anyhow::Result<(Vec<(cim_client::pb::Message, bool)>, Vec<Event>)> {
+    let mut messages = Vec::new();
+    let mut others = Vec::new();
+    let deadline = tokio::time::Instant::now() + EVENT_DEADLINE;
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .with_context(|| format!("waiting for {marker:?}; saw {messages:?} {others:?}"))?
+            .with_context(|| format!("events ended waiting for {marker:?}; saw {others:?}"))?;
+        match event {
+            Event::Message { message, replayed } => {
+                let done = message.body == marker;
+                messages.push((message, replayed));
+                if done {
+                    return Ok((messages, others));
+                }
+            }
+            other => others.push(other),
+        }
+    }
 }
 
 /// The server id of the next `Connected` state, and the events before it.
@@ -171,13 +204,13 @@ async fn clients_on_different_servers_chat_privately_and_in_groups() -> anyhow::
     // A registered user who is not connected.
     let carol = Client::register(&cluster.route_url(), "carol", &password("carol")).await?;
     let sent = alice.send(Recipient::Id(carol), "are you there?").await?;
-    assert_eq!(sent.status, SendStatus::Offline);
+    assert_eq!(sent.status, SendStatus::Stored);
     assert_eq!(sent.delivered, 0);
     assert!(!sent.message_id.is_empty());
     let sent = alice
         .send(Recipient::Name("carol".into()), "still?")
         .await?;
-    assert_eq!(sent.status, SendStatus::Offline);
+    assert_eq!(sent.status, SendStatus::Stored);
 
     // Refusals are errors with the route's code, and the connection stays usable.
     let err = alice
@@ -550,7 +583,7 @@ async fn kicks_decide_between_reconnecting_and_closing() -> anyhow::Result<()> {
     ));
     // Bob is offline now.
     let sent = alice.send(Recipient::Name("bob".into()), "bob?").await?;
-    assert_eq!(sent.status, SendStatus::Offline);
+    assert_eq!(sent.status, SendStatus::Stored);
     Ok(())
 }
 
@@ -581,7 +614,8 @@ async fn reconnecting_gives_up_after_max_attempts() -> anyhow::Result<()> {
             }
             Event::State(ConnState::Closed { .. }) => "closed".to_string(),
             Event::Kicked { reason, .. } => format!("kicked {}", reason.as_str_name()),
-            Event::Message(_) => "message".to_string(),
+            Event::Message { .. } => "message".to_string(),
+            Event::Receipt { .. } => "receipt".to_string(),
         })
         .collect();
     assert_eq!(
@@ -747,5 +781,231 @@ async fn a_websocket_json_client_chats_with_a_tcp_client() -> anyhow::Result<()>
     let sent = web.send_group("json group").await?;
     assert_eq!(sent.delivered, 1);
     assert_eq!(next_message(&mut tcp_events).await?.body, "json group");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_to_an_offline_user_is_stored_and_arrives_once_at_login() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let (alice, _alice_events) = user(&cluster, "alice", Transport::Tcp).await?;
+    Client::register(&cluster.route_url(), "carol", &password("carol")).await?;
+
+    let stored = alice
+        .send(Recipient::Name("carol".into()), "while you were away")
+        .await?;
+    assert_eq!(stored.status, SendStatus::Stored);
+    assert_eq!(stored.delivered, 0);
+
+    // At login the inbox comes first, marked as replayed, then live messages.
+    let (carol, mut carol_events) = connected(&cluster, "carol", Transport::WsJson).await?;
+    let live = alice
+        .send(Recipient::Id(carol.info().user_id), "welcome")
+        .await?;
+    assert_eq!(live.status, SendStatus::Delivered);
+    let (messages, _) = messages_until(&mut carol_events, "welcome").await?;
+    let seen: Vec<(&str, bool)> = messages
+        .iter()
+        .map(|(m, replayed)| (m.body.as_str(), *replayed))
+        .collect();
+    assert_eq!(seen, [("while you were away", true), ("welcome", false)]);
+    let (m, _) = &messages[0];
+    assert_eq!(m.id, stored.message_id);
+    assert_eq!(m.timestamp_ms, stored.timestamp_ms, "the time it was sent");
+    assert_eq!(m.sender_name, "alice");
+    assert_eq!(m.kind(), MessageKind::Private);
+    assert!(m.seq > 0, "stored messages carry their inbox position");
+    assert_eq!(messages[1].0.id, live.message_id);
+    Ok(())
+}
+
+#[tokio::test]
+async fn receipts_reach_the_sender_once_the_receiver_acked() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let (alice, mut alice_events) = user(&cluster, "alice", Transport::Tcp).await?;
+    let (bob, mut bob_events) = user(&cluster, "bob", Transport::WsBinary).await?;
+    let bob_id = bob.info().user_id;
+    let receipt = || SendOptions {
+        receipt: true,
+        ..SendOptions::default()
+    };
+
+    // Online: bob's SDK acks the message, alice gets the receipt.
+    let sent = alice
+        .send_with(Recipient::Id(bob_id), "read me", receipt())
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered);
+    let (m, replayed) = next_received(&mut bob_events).await?;
+    assert_eq!(
+        (m.body.as_str(), m.receipt, replayed),
+        ("read me", true, false)
+    );
+    let (skipped, (message_id, by_user_id, by_name, at_ms)) =
+        wait_for(&mut alice_events, "a receipt", |e| match e {
+            Event::Receipt {
+                message_id,
+                by_user_id,
+                by_name,
+                at_ms,
+            } => Some((message_id.clone(), *by_user_id, by_name.clone(), *at_ms)),
+            _ => None,
+        })
+        .await?;
+    assert!(skipped.is_empty(), "{skipped:?}");
+    assert_eq!(message_id, sent.message_id);
+    assert_eq!((by_user_id, by_name.as_str()), (bob_id, "bob"));
+    assert!(
+        at_ms >= sent.timestamp_ms,
+        "{at_ms} < {}",
+        sent.timestamp_ms
+    );
+
+    // The receipt exists because the ack removed the message from bob's inbox: a new
+    // connection of bob does not get it again.
+    bob.logout().await?;
+    let (bob, mut bob_events) = connected(&cluster, "bob", Transport::Tcp).await?;
+    alice.send(Recipient::Id(bob_id), "marker").await?;
+    let (messages, _) = messages_until(&mut bob_events, "marker").await?;
+    assert_eq!(messages.len(), 1, "nothing replayed: {messages:?}");
+
+    // A message without a receipt request gets none.
+    alice.send(Recipient::Id(bob_id), "no receipt").await?;
+    assert!(!next_message(&mut bob_events).await?.receipt);
+
+    // Offline both ways: carol acks while alice is offline; the receipt waits in alice's
+    // inbox and arrives at her next login, after the messages stored before it.
+    Client::register(&cluster.route_url(), "carol", &password("carol")).await?;
+    let for_carol = alice
+        .send_with(Recipient::Name("carol".into()), "when you can", receipt())
+        .await?;
+    assert_eq!(for_carol.status, SendStatus::Stored);
+    alice.logout().await?;
+    let (_carol, mut carol_events) = connected(&cluster, "carol", Transport::Tcp).await?;
+    let (m, replayed) = next_received(&mut carol_events).await?;
+    assert_eq!(
+        (m.id.as_str(), replayed),
+        (for_carol.message_id.as_str(), true)
+    );
+    let (_alice, mut alice_events) = connected(&cluster, "alice", Transport::Tcp).await?;
+    let (_, message_id) = wait_for(&mut alice_events, "the stored receipt", |e| match e {
+        Event::Receipt {
+            message_id,
+            by_name,
+            ..
+        } if by_name == "carol" => Some(message_id.clone()),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(message_id, for_carol.message_id);
+    drop(bob);
+    Ok(())
+}
+
+/// A TCP proxy in front of `upstream` whose server-to-client direction can be muted: while
+/// `mute` is set, what the server writes is read and dropped (the client hears nothing, the
+/// server still gets everything). When the server side closes, so does the client side.
+async fn mutable_proxy(
+    listener: tokio::net::TcpListener,
+    upstream: std::net::SocketAddr,
+    mute: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((client, _)) = listener.accept().await {
+        let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+            continue;
+        };
+        let mute = mute.clone();
+        tokio::spawn(async move {
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let up = tokio::io::copy(&mut client_read, &mut server_write);
+            let down = async {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match server_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if mute.load(std::sync::atomic::Ordering::SeqCst) {
+                                continue;
+                            }
+                            if client_write.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = up => {}
+                () = down => {}
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_send_in_flight_when_the_server_dies_is_resent_and_received_once() -> anyhow::Result<()> {
+    // Each server is reached through a proxy that can mute it, so a send can reach the
+    // server while its result never comes back.
+    let proxies = [
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    ];
+    let advertised: Vec<String> = proxies
+        .iter()
+        .map(|p| p.local_addr().map(|a| a.to_string()))
+        .collect::<Result<_, _>>()?;
+    let started = std::sync::atomic::AtomicUsize::new(0);
+    let mut cluster = Cluster::builder()
+        .server_config(move |c| {
+            let i = started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            c.advertise_tcp = Some(advertised[i].clone());
+            c.registry_ttl_secs = 2;
+        })
+        .start()
+        .await?;
+    let mut mutes = Vec::new();
+    for (proxy, server) in proxies.into_iter().zip(&cluster.servers) {
+        let mute = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn(mutable_proxy(proxy, server.tcp_addr, mute.clone()));
+        mutes.push((server.id.clone(), mute));
+    }
+
+    let (alice, mut alice_events) = user(&cluster, "alice", Transport::Tcp).await?;
+    let (bob, mut bob_events) = user(&cluster, "bob", Transport::Tcp).await?;
+    let victim = server_of(&alice);
+    assert_ne!(victim, server_of(&bob), "round-robin");
+    let (_, mute) = mutes
+        .iter()
+        .find(|(id, _)| *id == victim)
+        .context("proxy")?;
+
+    // Alice's server takes the send and routes it (bob has it), but its answer is lost ...
+    mute.store(true, std::sync::atomic::Ordering::SeqCst);
+    let in_flight = {
+        let alice = alice.clone();
+        let bob_id = bob.info().user_id;
+        tokio::spawn(async move { alice.send(Recipient::Id(bob_id), "in flight").await })
+    };
+    let (first, replayed) = next_received(&mut bob_events).await?;
+    assert_eq!((first.body.as_str(), replayed), ("in flight", false));
+    // ... and then the server dies.
+    cluster.take_server(&victim).context("victim")?.kill();
+    let (_, server) = reconnected(&mut alice_events).await?;
+    assert_ne!(server, victim);
+
+    // The SDK wrote the send again on the new connection, with the same id: the caller gets
+    // its result instead of `ConnectionLost`, under the id bob already has.
+    let sent = tokio::time::timeout(EVENT_DEADLINE, in_flight).await???;
+    assert_eq!(sent.message_id, first.id);
+    assert!(
+        matches!(sent.status, SendStatus::Delivered | SendStatus::Stored),
+        "{sent:?}"
+    );
+    // Bob sees it once.
+    alice
+        .send(Recipient::Name("bob".into()), "after the crash")
+        .await?;
+    let (messages, _) = messages_until(&mut bob_events, "after the crash").await?;
+    assert_eq!(messages.len(), 1, "no second copy: {messages:?}");
     Ok(())
 }

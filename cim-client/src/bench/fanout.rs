@@ -351,7 +351,7 @@ async fn send_all(
         sent_so_far.fetch_add(1, Relaxed);
         match await_result(&mut conn, client_id).await {
             Ok(r) => match SendStatus::try_from(r.status) {
-                Ok(SendStatus::Delivered | SendStatus::Offline) => {
+                Ok(SendStatus::Delivered | SendStatus::Stored) => {
                     out.accepted += 1;
                     out.pushed += u64::from(r.delivered);
                 }

@@ -7,9 +7,11 @@
 //! sender and receiver are both here, so one clock serves both) and the receiver records the
 //! one-way latency. Load is either a total rate spread evenly over the senders (open loop:
 //! sends go out on schedule whether or not earlier ones were answered, up to a safety cap), or
-//! flat out: each sender keeps `window` sends waiting for their `SendResult`.
+//! flat out: each sender keeps `window` sends waiting for their `SendResult`. Receivers
+//! acknowledge every push with one `Ack`, as the SDK does, so the whole life of a stored
+//! private message (inbox write, push, ack, removal) is in the measured cost.
 //!
-//! Counted: sends the route accepted (`DELIVERED` or `OFFLINE`), messages received, failures
+//! Counted: sends the route accepted (`DELIVERED` or `STORED`), messages received, failures
 //! by error code, and the CPU time of every server, route and Redis between the start and the
 //! end of the drain, per message delivered.
 
@@ -93,9 +95,10 @@ pub struct P2pReport {
     /// False when only one server was live (messages then stay on it).
     pub cross_server: bool,
     pub duration_secs: f64,
-    /// Sends the route accepted (answered `DELIVERED` or `OFFLINE`).
+    /// Sends the route accepted (answered `DELIVERED` or `STORED`).
     pub sent: u64,
-    /// Accepted, but the receiver was not online (should be 0).
+    /// Accepted, but the receiver was not online: stored in its inbox (should be 0; not
+    /// counted as delivered, it arrives at that user's next connection).
     pub offline: u64,
     /// Messages the receivers got.
     pub delivered: u64,
@@ -404,7 +407,7 @@ async fn send(
                                 counters.accepted.fetch_add(1, Relaxed);
                                 counters.expected.fetch_add(1, Relaxed);
                             }
-                            Ok(SendStatus::Offline) => {
+                            Ok(SendStatus::Stored) => {
                                 counters.accepted.fetch_add(1, Relaxed);
                                 counters.offline.fetch_add(1, Relaxed);
                             }

@@ -28,6 +28,9 @@ pub const OPEN_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Deadline of a polite close.
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
+/// Longest write of one receiver's acks: a server that does not read them for this long
+/// lost the connection.
+const ACK_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The password hash of bench accounts: not a valid argon2 hash, so no password verifies and
 /// the accounts cannot be logged in to through a route.
@@ -378,9 +381,12 @@ pub(crate) fn ping() -> Frame {
     Frame::new(Body::Ping(Ping { nonce: 0 }))
 }
 
-/// One receiving connection: answers nothing, pings at the server's interval, hands every
-/// pushed batch to `on_push`, until `stop` (then closes) or until the connection is lost
-/// (counted in `failures`).
+/// One receiving connection: pings at the server's interval, hands every live pushed batch to
+/// `on_push` and then acknowledges its stored messages (one `Ack` per push, as the SDK does,
+/// so the receivers' inboxes do not fill up), until `stop` (then closes) or until the
+/// connection is lost (counted in `failures`). A replayed push (the inbox at login: messages
+/// left unacknowledged by an earlier run) is acknowledged but not handed on: its messages
+/// belong to that run.
 pub(crate) async fn receive_pushes(
     receiver: Opened,
     stop: tokio_util::sync::CancellationToken,
@@ -403,7 +409,17 @@ pub(crate) async fn receive_pushes(
                 }
             }
             frame = conn.recv() => match frame {
-                Ok(Some(Frame { body: Some(Body::Push(push)) })) => on_push(&push.messages),
+                Ok(Some(Frame { body: Some(Body::Push(push)) })) => {
+                    if !push.replay {
+                        on_push(&push.messages);
+                    }
+                    let ack = crate::conn::ack_ids(&push);
+                    let acked = tokio::time::timeout(ACK_DEADLINE, conn.ack(ack)).await;
+                    if !matches!(acked, Ok(Ok(()))) {
+                        failures.add("receiver connection lost");
+                        return;
+                    }
+                }
                 Ok(Some(_)) => {}
                 _ => {
                     failures.add("receiver connection lost");

@@ -17,7 +17,9 @@ use super::{
     render::{self, Style},
     Args,
 };
-use crate::{pb, route::RouteError, Client, ClientConfig, ClientError, Event, Events, Recipient};
+use crate::{
+    pb, route::RouteError, Client, ClientConfig, ClientError, Event, Events, Recipient, SendOptions,
+};
 use std::{collections::VecDeque, future::Future, pin::Pin, process::ExitCode};
 use tokio::task::JoinSet;
 
@@ -223,8 +225,12 @@ impl App {
                 let result = match &message.to {
                     To::All => client.send_group(&message.body).await,
                     To::User(name) => {
+                        let options = SendOptions {
+                            receipt: message.receipt,
+                            ..SendOptions::default()
+                        };
                         client
-                            .send(Recipient::Name(name.clone()), &message.body)
+                            .send_with(Recipient::Name(name.clone()), &message.body, options)
                             .await
                     }
                 };
@@ -337,11 +343,6 @@ impl App {
                     .await;
             }
         };
-        if outcome.status == pb::SendStatus::Offline {
-            return self
-                .print(render::offline(self.style, to_name.unwrap_or("receiver")))
-                .await;
-        }
         self.print(render::outgoing(
             self.style,
             outcome.timestamp_ms,
@@ -349,7 +350,11 @@ impl App {
             &message.body,
         ))
         .await;
-        if to_name.is_none() && outcome.delivered == 0 {
+        if outcome.status == pb::SendStatus::Stored {
+            // Accepted and kept for them: it arrives at their next login.
+            self.print(render::offline(self.style, to_name.unwrap_or("receiver")))
+                .await;
+        } else if to_name.is_none() && outcome.delivered == 0 {
             self.print(render::nobody_online(self.style)).await;
         }
         let entry = Entry {
@@ -390,8 +395,20 @@ impl App {
                     self.print(text).await;
                 }
             }
-            Event::Message(m) => {
-                self.print(render::incoming(self.style, &m)).await;
+            Event::Receipt {
+                message_id,
+                by_name,
+                at_ms,
+                ..
+            } => {
+                self.print(render::receipt(self.style, &by_name, &message_id, at_ms))
+                    .await;
+            }
+            Event::Message {
+                message: m,
+                replayed,
+            } => {
+                self.print(render::incoming(self.style, &m, replayed)).await;
                 let kind = match pb::MessageKind::try_from(m.kind) {
                     Ok(pb::MessageKind::Private) => Kind::Private,
                     Ok(pb::MessageKind::Group | pb::MessageKind::Channel) => Kind::Group,

@@ -3,6 +3,7 @@
 //! The syntax follows CIM's terminal client:
 //! - a plain line goes to everyone online;
 //! - `bob;;hi` (CIM's private syntax) and `@bob hi` go to bob only;
+//! - `:r bob hi` goes to bob only and asks for a receipt;
 //! - a line starting with `:` and a letter is a command (`:olu`, `:q!`, ...);
 //!   `::text` sends `:text` literally, and `:)`-like lines are plain messages.
 //!
@@ -28,6 +29,18 @@ pub enum To {
 pub struct Outgoing {
     pub to: To,
     pub body: String,
+    /// Ask for a receipt (`:r`; private messages only).
+    pub receipt: bool,
+}
+
+impl Outgoing {
+    fn new(to: To, body: impl Into<String>) -> Self {
+        Self {
+            to,
+            body: body.into(),
+            receipt: false,
+        }
+    }
 }
 
 /// One parsed input line.
@@ -60,6 +73,10 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("<text>", "send to everyone online"),
     ("<user>;;<text>", "send to one user (CIM syntax)"),
     ("@<user> <text>", "send to one user"),
+    (
+        ":r <user> <text>",
+        "send to one user and show when they received it (receipt)",
+    ),
     (":all, :help", "list these commands"),
     (":olu", "list online users"),
     (
@@ -96,10 +113,7 @@ pub fn parse(line: &str) -> Input {
         // `::text` escapes a leading colon; only `:` + letter is a command, so smileys such as
         // `:)` or `:-D` are sent as they are instead of answering with the command list.
         if rest.starts_with(':') {
-            return Input::Send(Outgoing {
-                to: To::All,
-                body: rest.to_string(),
-            });
+            return Input::Send(Outgoing::new(To::All, rest));
         }
         if rest.starts_with(|c: char| c.is_ascii_alphabetic()) {
             return parse_command(rest);
@@ -124,10 +138,7 @@ fn parse_message(line: &str) -> Result<Outgoing, String> {
             if body.is_empty() {
                 return Err(format!("nothing to send to {name}: write @{name} <text>"));
             }
-            return Ok(Outgoing {
-                to: To::User(name.to_string()),
-                body: body.to_string(),
-            });
+            return Ok(Outgoing::new(To::User(name.to_string()), body));
         }
         // `@ hi` or `@@x`: not an address, just text.
     }
@@ -137,20 +148,14 @@ fn parse_message(line: &str) -> Result<Outgoing, String> {
             if body.is_empty() {
                 return Err(format!("nothing to send to {name}: write {name};;<text>"));
             }
-            return Ok(Outgoing {
-                to: To::User(name.to_string()),
-                body: body.to_string(),
-            });
+            return Ok(Outgoing::new(To::User(name.to_string()), body));
         }
         // `a b;;c`: the part before `;;` cannot be a name, so the whole line is text.
     }
     if line.is_empty() {
         return Err("nothing to send".into());
     }
-    Ok(Outgoing {
-        to: To::All,
-        body: line.to_string(),
-    })
+    Ok(Outgoing::new(To::All, line))
 }
 
 /// First whitespace-separated word and the trimmed rest.
@@ -187,8 +192,29 @@ fn parse_command(rest: &str) -> Input {
             keyword => Input::Search(keyword.to_string()),
         },
         "delay" => parse_delay(args),
+        "r" => parse_receipt(args),
         other => Input::Unknown(format!(":{other}")),
     }
+}
+
+/// `:r <user> <text>`: a private message with a receipt.
+fn parse_receipt(args: &str) -> Input {
+    const USAGE: &str = "usage: :r <user> <text>";
+    let (name, body) = split_word(args);
+    if name.is_empty() {
+        return Input::Invalid(USAGE.into());
+    }
+    if !is_user_name(name) {
+        return Input::Invalid(format!("{name:?} is not a user name ({USAGE})"));
+    }
+    if body.is_empty() {
+        return Input::Invalid(format!("nothing to send to {name}: write :r {name} <text>"));
+    }
+    Input::Send(Outgoing {
+        to: To::User(name.to_string()),
+        body: body.to_string(),
+        receipt: true,
+    })
 }
 
 fn parse_delay(args: &str) -> Input {
@@ -208,10 +234,7 @@ fn parse_delay(args: &str) -> Input {
     // The message keeps its own syntax (`bob;;hi`, `@bob hi`, `::text`), but is never a command:
     // `:delay 5 :q!` sends the text ":q!" rather than quitting in five seconds.
     let message = match message.strip_prefix(':') {
-        Some(rest) if rest.starts_with(':') => Ok(Outgoing {
-            to: To::All,
-            body: rest.to_string(),
-        }),
+        Some(rest) if rest.starts_with(':') => Ok(Outgoing::new(To::All, rest)),
         _ => parse_message(message),
     };
     match message {
@@ -228,17 +251,11 @@ mod tests {
     use super::*;
 
     fn all(body: &str) -> Input {
-        Input::Send(Outgoing {
-            to: To::All,
-            body: body.into(),
-        })
+        Input::Send(Outgoing::new(To::All, body))
     }
 
     fn private(to: &str, body: &str) -> Input {
-        Input::Send(Outgoing {
-            to: To::User(to.into()),
-            body: body.into(),
-        })
+        Input::Send(Outgoing::new(To::User(to.into()), body))
     }
 
     fn invalid(input: &str) -> String {
@@ -343,10 +360,7 @@ mod tests {
             parse(":delay 5 see you   in five"),
             Input::Delay {
                 after: Duration::from_secs(5),
-                message: Outgoing {
-                    to: To::All,
-                    body: "see you   in five".into()
-                }
+                message: Outgoing::new(To::All, "see you   in five")
             }
         );
     }
@@ -358,10 +372,7 @@ mod tests {
                 parse(line),
                 Input::Delay {
                     after: Duration::from_secs(10),
-                    message: Outgoing {
-                        to: To::User("bob".into()),
-                        body: "later".into()
-                    }
+                    message: Outgoing::new(To::User("bob".into()), "later")
                 },
                 "{line}"
             );
@@ -374,20 +385,14 @@ mod tests {
             parse(":delay 1 :q!"),
             Input::Delay {
                 after: Duration::from_secs(1),
-                message: Outgoing {
-                    to: To::All,
-                    body: ":q!".into()
-                }
+                message: Outgoing::new(To::All, ":q!")
             }
         );
         assert_eq!(
             parse(":delay 1 ::x"),
             Input::Delay {
                 after: Duration::from_secs(1),
-                message: Outgoing {
-                    to: To::All,
-                    body: ":x".into()
-                }
+                message: Outgoing::new(To::All, ":x")
             }
         );
     }
@@ -406,6 +411,27 @@ mod tests {
         assert!(invalid(":delay 5").contains("usage"));
         assert!(invalid(":delay 5    ").contains("usage"));
         assert!(invalid(":delay 5 bob;;").contains("nothing to send to bob"));
+    }
+
+    #[test]
+    fn receipt_command_sends_privately_with_a_receipt() {
+        assert_eq!(
+            parse(":r bob did you get this?"),
+            Input::Send(Outgoing {
+                to: To::User("bob".into()),
+                body: "did you get this?".into(),
+                receipt: true
+            })
+        );
+        assert!(invalid(":r").contains("usage: :r"));
+        assert!(invalid(":r bob").contains("nothing to send to bob"));
+        assert!(invalid(":r bob    ").contains(":r bob <text>"));
+        assert!(invalid(":r a;b hi").contains("not a user name"));
+        // Plain private syntaxes ask for none.
+        assert!(matches!(
+            parse("@bob hi"),
+            Input::Send(Outgoing { receipt: false, .. })
+        ));
     }
 
     #[test]
@@ -438,7 +464,7 @@ mod tests {
     fn command_list_names_every_command() {
         let syntax: String = COMMANDS.iter().map(|(s, _)| *s).collect();
         for cmd in [
-            ":all", ":help", ":olu", ":pu", ":q!", ":q <", ":info", ":delay", ";;", "@",
+            ":all", ":help", ":olu", ":pu", ":q!", ":q <", ":info", ":delay", ";;", "@", ":r ",
         ] {
             assert!(syntax.contains(cmd), "{cmd} missing from the list");
         }

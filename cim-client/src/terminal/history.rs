@@ -46,7 +46,7 @@ pub enum Kind {
 pub struct Entry {
     /// Unix milliseconds, as the route stamped it.
     pub ts: i64,
-    /// Message id assigned by the route.
+    /// Message id (chosen by the sending client, or by the route when it did not).
     pub id: String,
     pub dir: Direction,
     pub kind: Kind,

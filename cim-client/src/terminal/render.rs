@@ -17,6 +17,7 @@ const RED: &str = "\x1b[31m";
 const YELLOW: &str = "\x1b[33m";
 const MAGENTA: &str = "\x1b[35m";
 const CYAN: &str = "\x1b[36m";
+const GREEN: &str = "\x1b[32m";
 /// Search matches: bold on yellow background, readable on dark and light terminals.
 pub const HIGHLIGHT: &str = "\x1b[1;30;43m";
 
@@ -72,10 +73,37 @@ pub fn sanitize(text: &str) -> String {
     out
 }
 
+/// The tag of a message received while offline (replayed from the inbox at login).
+pub const OFFLINE_TAG: &str = "[offline]";
+
 /// A received message: `[12:03:04] bob → you: hi` (private), `[12:03:04] bob → all: hi`
-/// (group), `[12:03:04] system: hi` (system).
-pub fn incoming(style: Style, m: &pb::Message) -> String {
-    let time = style.paint(DIM, &format!("[{}]", time_of_day(m.timestamp_ms)));
+/// (group), `[12:03:04] system: hi` (system). One that arrived while offline (`replayed`)
+/// is tagged: `[12:03:04] [offline] bob → you: hi`, with the date too when it was sent on
+/// another day than today: `[2024-05-01 12:03:04] [offline] …`.
+pub fn incoming(style: Style, m: &pb::Message, replayed: bool) -> String {
+    incoming_at(style, m, replayed, chrono::Utc::now().timestamp_millis())
+}
+
+/// [`incoming`] as seen at `now_ms` (which decides whether the date is shown).
+pub fn incoming_at(style: Style, m: &pb::Message, replayed: bool, now_ms: i64) -> String {
+    let time = if replayed {
+        let same_day = match (local(m.timestamp_ms), local(now_ms)) {
+            (Some(t), Some(now)) => t.date_naive() == now.date_naive(),
+            _ => false,
+        };
+        let when = if same_day {
+            time_of_day(m.timestamp_ms)
+        } else {
+            date_time(m.timestamp_ms)
+        };
+        format!(
+            "{} {}",
+            style.paint(DIM, &format!("[{when}]")),
+            style.paint(YELLOW, OFFLINE_TAG)
+        )
+    } else {
+        style.paint(DIM, &format!("[{}]", time_of_day(m.timestamp_ms)))
+    };
     let from = style.paint(
         BOLD,
         &sanitize(if m.sender_name.is_empty() {
@@ -93,10 +121,23 @@ pub fn incoming(style: Style, m: &pb::Message) -> String {
         pb::MessageKind::Channel => {
             format!("{time} {from} → #{}: {body}", sanitize(&m.channel))
         }
-        pb::MessageKind::System | pb::MessageKind::Unspecified => {
+        // Receipts are events of their own ([`receipt`]); one shown as a message is odd but
+        // harmless, so it reads like a system line.
+        pb::MessageKind::System | pb::MessageKind::Receipt | pb::MessageKind::Unspecified => {
             format!("{time} {}: {body}", style.paint(CYAN, "system"))
         }
     }
+}
+
+/// A receipt for one of our messages: `[12:03:05] ✓ bob received your message (id 01J…)`.
+pub fn receipt(style: Style, by_name: &str, message_id: &str, at_ms: i64) -> String {
+    let time = style.paint(DIM, &format!("[{}]", time_of_day(at_ms)));
+    let check = style.paint(GREEN, "✓");
+    format!(
+        "{time} {check} {} received your message (id {})",
+        sanitize(by_name),
+        sanitize(message_id)
+    )
 }
 
 /// One of our own messages, once the route accepted it: `[12:03:04] you → bob: hi`.
@@ -115,11 +156,14 @@ pub fn nobody_online(style: Style) -> String {
     style.paint(YELLOW, "(nobody else is online: not delivered)")
 }
 
-/// A private message to a user who is not connected.
+/// A private message to a user who is not connected: stored, delivered at their next login.
 pub fn offline(style: Style, name: &str) -> String {
     style.paint(
         YELLOW,
-        &format!("{} is offline (not delivered)", sanitize(name)),
+        &format!(
+            "{} is offline: they will get it at their next login",
+            sanitize(name)
+        ),
     )
 }
 
@@ -329,25 +373,66 @@ mod tests {
 
     #[test]
     fn incoming_private_group_and_system() {
-        let p = incoming(Style::PLAIN, &msg(pb::MessageKind::Private, "bob", "hi"));
+        let p = incoming(
+            Style::PLAIN,
+            &msg(pb::MessageKind::Private, "bob", "hi"),
+            false,
+        );
         assert_eq!(strip_time(&p), "bob → you: hi");
-        let g = incoming(Style::PLAIN, &msg(pb::MessageKind::Group, "bob", "hi all"));
+        let g = incoming(
+            Style::PLAIN,
+            &msg(pb::MessageKind::Group, "bob", "hi all"),
+            false,
+        );
         assert_eq!(strip_time(&g), "bob → all: hi all");
         let s = incoming(
             Style::PLAIN,
             &msg(pb::MessageKind::System, "", "maintenance"),
+            false,
         );
         assert_eq!(strip_time(&s), "system: maintenance");
         let mut c = msg(pb::MessageKind::Channel, "bob", "x");
         c.channel = "news".into();
-        assert_eq!(strip_time(&incoming(Style::PLAIN, &c)), "bob → #news: x");
+        assert_eq!(
+            strip_time(&incoming(Style::PLAIN, &c, false)),
+            "bob → #news: x"
+        );
+    }
+
+    #[test]
+    fn messages_received_while_offline_are_tagged_with_their_time() {
+        let m = msg(pb::MessageKind::Private, "bob", "hi");
+        // Seen a second later: the same day in every time zone (the seconds read :20).
+        let same_day = incoming_at(Style::PLAIN, &m, true, m.timestamp_ms + 1000);
+        assert_eq!(
+            same_day,
+            format!("[{}] [offline] bob → you: hi", time_of_day(m.timestamp_ms))
+        );
+        // Two days later: the date is shown too.
+        let later = incoming_at(Style::PLAIN, &m, true, m.timestamp_ms + 2 * 86_400_000);
+        assert_eq!(
+            later,
+            format!("[{}] [offline] bob → you: hi", date_time(m.timestamp_ms))
+        );
+        // Live messages carry no tag.
+        assert!(!incoming(Style::PLAIN, &m, false).contains(OFFLINE_TAG));
+        let coloured = incoming_at(Style::COLOR, &m, true, m.timestamp_ms);
+        assert!(coloured.contains(&format!("{YELLOW}{OFFLINE_TAG}{RESET}")));
+    }
+
+    #[test]
+    fn receipt_lines() {
+        let line = receipt(Style::PLAIN, "bob", "01JABC", 1_700_000_000_000);
+        assert_eq!(strip_time(&line), "✓ bob received your message (id 01JABC)");
+        let line = receipt(Style::PLAIN, "eve\x1b[2J", "x\x07", 0);
+        assert!(!line.contains('\x1b') && !line.contains('\x07'), "{line:?}");
     }
 
     #[test]
     fn colour_only_when_asked() {
         let m = msg(pb::MessageKind::Private, "bob", "hi");
-        assert!(!incoming(Style::PLAIN, &m).contains('\x1b'));
-        let coloured = incoming(Style::COLOR, &m);
+        assert!(!incoming(Style::PLAIN, &m, false).contains('\x1b'));
+        let coloured = incoming(Style::COLOR, &m, false);
         assert!(
             coloured.contains(BOLD) && coloured.contains(RESET),
             "{coloured:?}"
@@ -361,7 +446,7 @@ mod tests {
             "eve\x1b[2J",
             "\x1b]0;pwned\x07line1\nline2",
         );
-        let line = incoming(Style::PLAIN, &m);
+        let line = incoming(Style::PLAIN, &m, false);
         assert!(!line.contains('\x1b') && !line.contains('\x07'), "{line:?}");
         assert!(
             line.contains("\\u{1b}]0;pwned\\u{7}line1\n    line2"),
@@ -381,7 +466,7 @@ mod tests {
         );
         assert_eq!(
             offline(Style::PLAIN, "carol"),
-            "carol is offline (not delivered)"
+            "carol is offline: they will get it at their next login"
         );
     }
 

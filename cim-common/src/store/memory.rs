@@ -161,10 +161,13 @@ impl Inbox {
     }
 
     /// Stores `m` and returns its seq (the one it has when it is already stored).
-    fn store(&mut self, m: &Message, limits: &InboxLimits, now_ms: i64) -> u64 {
+    /// Stores `m`, sets its seq and returns it; a message already stored (same id) is
+    /// replaced by the stored copy instead.
+    fn store(&mut self, m: &mut Message, limits: &InboxLimits, now_ms: i64) -> u64 {
         self.expire_idle(now_ms);
-        if let Some(&seq) = self.by_id.get(&m.id) {
-            return seq;
+        if let Some(stored) = self.by_id.get(&m.id).and_then(|seq| self.entries.get(seq)) {
+            *m = stored.clone();
+            return m.seq;
         }
         self.last_seq += 1;
         let seq = self.last_seq;
@@ -192,6 +195,7 @@ impl Inbox {
             self.remove_seq(oldest);
         }
         self.expires_ms = now_ms.saturating_add(max_age_ms(limits));
+        m.seq = seq;
         seq
     }
 }
@@ -514,7 +518,7 @@ impl StateStore for MemoryStore {
         let now_ms = crate::time::now_ms();
         let mut state = self.lock();
         for m in messages.iter_mut() {
-            m.seq = state
+            state
                 .inboxes
                 .entry(m.receiver_id)
                 .or_default()
@@ -695,8 +699,8 @@ mod tests {
         let limits = hour_limits();
         let t0 = 1_000_000_000;
         let mut inbox = Inbox::default();
-        assert_eq!(inbox.store(&message("a", t0), &limits, t0), 1);
-        assert_eq!(inbox.store(&message("b", t0), &limits, t0 + 10), 2);
+        assert_eq!(inbox.store(&mut message("a", t0), &limits, t0), 1);
+        assert_eq!(inbox.store(&mut message("b", t0), &limits, t0 + 10), 2);
 
         // Each store keeps the inbox alive for the max age from then (the Redis PEXPIRE).
         inbox.expire_idle(t0 + 10 + HOUR_MS - 1);
@@ -705,7 +709,7 @@ mod tests {
         assert!(inbox.entries.is_empty() && inbox.by_id.is_empty());
 
         let later = t0 + 2 * HOUR_MS;
-        assert_eq!(inbox.store(&message("a", later), &limits, later), 3);
+        assert_eq!(inbox.store(&mut message("a", later), &limits, later), 3);
     }
 
     #[test]
@@ -715,10 +719,10 @@ mod tests {
         let mut inbox = Inbox::default();
         let mut receipt = message("old1", now - 2 * HOUR_MS);
         receipt.receipt = true;
-        inbox.store(&receipt, &limits, now);
-        inbox.store(&message("old2", now - 2 * HOUR_MS), &limits, now);
-        inbox.store(&message("fresh", now), &limits, now);
-        inbox.store(&message("old3", now - 2 * HOUR_MS), &limits, now);
+        inbox.store(&mut receipt, &limits, now);
+        inbox.store(&mut message("old2", now - 2 * HOUR_MS), &limits, now);
+        inbox.store(&mut message("fresh", now), &limits, now);
+        inbox.store(&mut message("old3", now - 2 * HOUR_MS), &limits, now);
         // The expired front is gone with its receipt; one behind a fresh one (and the one
         // just stored) wait for a read, as in Redis.
         let ids: Vec<&str> = inbox.entries.values().map(|m| m.id.as_str()).collect();

@@ -86,14 +86,14 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 
 /// Store one message in its receiver's inbox. KEYS = inbox hash, order, receipts, seq counter;
 /// ARGV = message id, encoded message, max messages, max age in ms, sender to send a receipt
-/// to ("0": none). Returns the message's seq: the one it already has when it is stored
-/// (a retry), else a new one. Trims the oldest messages past the maximum and keeps the
+/// to ("0": none). Returns `{seq, nil}` for a newly stored message, `{seq, stored message}` for
+/// one that was already there (a retry): the caller goes on with the stored copy. Trims the oldest messages past the maximum and keeps the
 /// inbox (not the seq counter: seqs are never reused) alive for the max age.
 static INBOX_STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
         local old = redis.call('ZSCORE', KEYS[2], ARGV[1])
-        if old then return tonumber(old) end
+        if old then return {tonumber(old), redis.call('HGET', KEYS[1], ARGV[1]) or false} end
         local seq = redis.call('INCR', KEYS[4])
         redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
         redis.call('ZADD', KEYS[2], seq, ARGV[1])
@@ -109,7 +109,7 @@ static INBOX_STORE: LazyLock<Script> = LazyLock::new(|| {
         redis.call('PEXPIRE', KEYS[1], ARGV[4])
         redis.call('PEXPIRE', KEYS[2], ARGV[4])
         redis.call('PEXPIRE', KEYS[3], ARGV[4])
-        return seq",
+        return {seq, false}",
     )
 });
 
@@ -216,7 +216,10 @@ impl RedisStore {
         let config = ::redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(timeout)
             .set_response_timeout(timeout)
-            .set_number_of_retries(2);
+            // No retry loop inside a call: redis-rs backs off from 1 s up to a minute between
+            // reconnect attempts, and every command would wait for it. One immediate
+            // reconnect attempt per call keeps "Redis down" a fast error.
+            .set_number_of_retries(0);
         let conn = tokio::time::timeout(
             timeout * 3,
             ConnectionManager::new_with_config(client, config),
@@ -634,15 +637,25 @@ impl StateStore for RedisStore {
                     .arg(receipt_sender),
             );
         }
-        let seqs: Vec<u64> = self.run_scripts(&pipe, &[&INBOX_STORE]).await?;
-        if seqs.len() != messages.len() {
+        let answers: Vec<(u64, Option<Vec<u8>>)> = self.run_scripts(&pipe, &[&INBOX_STORE]).await?;
+        if answers.len() != messages.len() {
             return Err(StoreError::Corrupt(format!(
                 "inbox store: {} answers for {} messages",
-                seqs.len(),
+                answers.len(),
                 messages.len()
             )));
         }
-        for (m, seq) in messages.iter_mut().zip(seqs) {
+        for (m, (seq, stored)) in messages.iter_mut().zip(answers) {
+            // Already stored (a retry): the stored copy is the message (its timestamp, its
+            // receipt request), not the one this retry built.
+            if let Some(bytes) = stored {
+                match <Message as prost::Message>::decode(bytes.as_slice()) {
+                    Ok(copy) => *m = copy,
+                    Err(e) => {
+                        tracing::warn!(id = %m.id, error = %e, "stored message does not decode")
+                    }
+                }
+            }
             m.seq = seq;
         }
         Ok(())
