@@ -100,13 +100,7 @@ async fn apply(
     batch: Vec<AckItem>,
 ) {
     let mut names = HashMap::with_capacity(batch.len());
-    let acks: Vec<(u64, Vec<String>)> = batch
-        .into_iter()
-        .map(|item| {
-            names.insert(item.user_id, item.user_name);
-            (item.user_id, item.ids)
-        })
-        .collect();
+    let acks = merge_by_user(batch, &mut names);
     let receipts = match store.inbox_ack(&acks).await {
         Ok(receipts) => receipts,
         Err(e) => {
@@ -144,6 +138,26 @@ async fn apply(
     });
 }
 
+/// One entry per user (several when a user's ids exceed what one entry may carry), in
+/// first-seen order: the store pays its per-user cost once per batch, not once per frame.
+fn merge_by_user(batch: Vec<AckItem>, names: &mut HashMap<u64, String>) -> Vec<(u64, Vec<String>)> {
+    let mut acks: Vec<(u64, Vec<String>)> = Vec::with_capacity(batch.len());
+    let mut open: HashMap<u64, usize> = HashMap::with_capacity(batch.len());
+    for item in batch {
+        names.insert(item.user_id, item.user_name);
+        match open.get(&item.user_id) {
+            Some(&i) if acks[i].1.len() + item.ids.len() <= MAX_IDS_PER_ACK => {
+                acks[i].1.extend(item.ids);
+            }
+            _ => {
+                open.insert(item.user_id, acks.len());
+                acks.push((item.user_id, item.ids));
+            }
+        }
+    }
+    acks
+}
+
 /// Why an Ack frame is refused, or `Ok` with the ids worth acking.
 pub(crate) fn validate(ids: Vec<String>) -> Result<Vec<String>, String> {
     if ids.len() > MAX_IDS_PER_ACK {
@@ -171,6 +185,29 @@ mod tests {
         assert!(validate(vec!["x".repeat(MAX_ID_LEN + 1)]).is_err());
         assert!(validate(vec!["a".into(); MAX_IDS_PER_ACK]).is_ok());
         assert!(validate(vec!["a".into(); MAX_IDS_PER_ACK + 1]).is_err());
+    }
+
+    #[test]
+    fn acks_merge_per_user_within_the_per_entry_limit() {
+        let item = |user_id, n: usize, tag: &str| AckItem {
+            user_id,
+            user_name: format!("u{user_id}"),
+            ids: (0..n).map(|i| format!("{tag}{i}")).collect(),
+        };
+        let mut names = HashMap::new();
+        let acks = merge_by_user(
+            vec![
+                item(1, 2, "a"),
+                item(2, 1, "b"),
+                item(1, 1, "c"),
+                item(1, MAX_IDS_PER_ACK, "d"),
+            ],
+            &mut names,
+        );
+        let shape: Vec<(u64, usize)> = acks.iter().map(|(u, ids)| (*u, ids.len())).collect();
+        assert_eq!(shape, [(1, 3), (2, 1), (1, MAX_IDS_PER_ACK)]);
+        assert_eq!(acks[0].1, ["a0", "a1", "c0"]);
+        assert_eq!(names[&2], "u2");
     }
 
     #[test]

@@ -84,21 +84,66 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// Store one message in its receiver's inbox. KEYS = inbox hash, order, receipts, seq counter;
-/// ARGV = message id, encoded message, max messages, max age in ms, sender to send a receipt
-/// to ("0": none). Returns `{seq, nil}` for a newly stored message, `{seq, stored message}` for
-/// one that was already there (a retry): the caller goes on with the stored copy. Trims the oldest messages past the maximum and keeps the
-/// inbox (not the seq counter: seqs are never reused) alive for the max age.
+/// Store messages of one receiver in its inbox, in argument order. KEYS = inbox hash, order,
+/// receipts, seq counter; ARGV = max messages, max age in ms, then per message: id, encoded
+/// message, sender to send a receipt to ("0": none). Returns per message `{seq, nil}` when
+/// newly stored, `{seq, stored message}` when it was already there (a retry: the caller goes
+/// on with the stored copy). Trims the oldest messages past the maximum and keeps the inbox
+/// (not the seq counter: seqs are never reused) alive for the max age. One call per receiver
+/// and batch: the script's fixed cost (most of it, measured) is paid once for all of them.
 static INBOX_STORE: LazyLock<Script> = LazyLock::new(|| {
+    // Costs are per `redis.call` (measured: the call overhead exceeds the commands'), so one
+    // call's messages share one ZMSCORE (which are stored already), one HSET, one INCRBY and
+    // one ZADD, however many they are.
     Script::new(
         r"
-        local old = redis.call('ZSCORE', KEYS[2], ARGV[1])
-        if old then return {tonumber(old), redis.call('HGET', KEYS[1], ARGV[1]) or false} end
-        local seq = redis.call('INCR', KEYS[4])
-        redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-        redis.call('ZADD', KEYS[2], seq, ARGV[1])
-        if ARGV[5] ~= '0' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) end
-        local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+        local ids = {}
+        for i = 3, #ARGV, 3 do ids[#ids + 1] = ARGV[i] end
+        local scores = redis.call('ZMSCORE', KEYS[2], unpack(ids))
+        local out, fresh, stored, dups, pending = {}, {}, {}, {}, {}
+        for k, id in ipairs(ids) do
+            out[k] = false
+            if scores[k] then
+                stored[#stored + 1] = {k, tonumber(scores[k]), id}
+            elseif pending[id] then
+                dups[#dups + 1] = {k, pending[id], id}
+            else
+                pending[id] = k
+                fresh[#fresh + 1] = k
+            end
+        end
+        local receipts = false
+        if #fresh > 0 then
+            local first = redis.call('INCRBY', KEYS[4], #fresh) - #fresh
+            local values, order, senders = {}, {}, {}
+            for j, k in ipairs(fresh) do
+                local seq = first + j
+                local i = 3 * k
+                out[k] = {seq, false}
+                values[#values + 1] = ARGV[i]
+                values[#values + 1] = ARGV[i + 1]
+                order[#order + 1] = seq
+                order[#order + 1] = ARGV[i]
+                if ARGV[i + 2] ~= '0' then
+                    senders[#senders + 1] = ARGV[i]
+                    senders[#senders + 1] = ARGV[i + 2]
+                end
+            end
+            redis.call('HSET', KEYS[1], unpack(values))
+            redis.call('ZADD', KEYS[2], unpack(order))
+            if #senders > 0 then
+                redis.call('HSET', KEYS[3], unpack(senders))
+                receipts = true
+            end
+        end
+        -- Already stored (a retry), or twice in this call: the stored seq and copy.
+        for _, d in ipairs(stored) do
+            out[d[1]] = {d[2], redis.call('HGET', KEYS[1], d[3])}
+        end
+        for _, d in ipairs(dups) do
+            out[d[1]] = {out[d[2]][1], redis.call('HGET', KEYS[1], d[3])}
+        end
+        local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[1])
         if excess > 0 then
             local popped = redis.call('ZPOPMIN', KEYS[2], excess)
             for i = 1, #popped, 2 do
@@ -106,10 +151,12 @@ static INBOX_STORE: LazyLock<Script> = LazyLock::new(|| {
                 redis.call('HDEL', KEYS[3], popped[i])
             end
         end
-        redis.call('PEXPIRE', KEYS[1], ARGV[4])
-        redis.call('PEXPIRE', KEYS[2], ARGV[4])
-        redis.call('PEXPIRE', KEYS[3], ARGV[4])
-        return {seq, false}",
+        redis.call('PEXPIRE', KEYS[1], ARGV[2])
+        redis.call('PEXPIRE', KEYS[2], ARGV[2])
+        if receipts or redis.call('EXISTS', KEYS[3]) == 1 then
+            redis.call('PEXPIRE', KEYS[3], ARGV[2])
+        end
+        return out",
     )
 });
 
@@ -138,21 +185,28 @@ static INBOX_READ: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// Acks. KEYS = inbox hash, order, receipts; ARGV = message ids. Removes each message;
-/// returns `{id, sender}` for each removed one that asked for a receipt.
+/// Acks. KEYS = inbox hash, order, receipts; ARGV = message ids (at least one, at most
+/// [`MAX_ACK_IDS`]). Removes each message; returns `{id, sender}` for each one that asked for
+/// a receipt, once (a receipt request leaves with its message).
 static INBOX_ACK: LazyLock<Script> = LazyLock::new(|| {
+    // Variadic commands for all ids at once: a few calls per user, not three per id.
     Script::new(
         r"
         local out = {}
-        for _, id in ipairs(ARGV) do
-            if redis.call('ZREM', KEYS[2], id) == 1 then
-                redis.call('HDEL', KEYS[1], id)
-                local sender = redis.call('HGET', KEYS[3], id)
-                if sender then
-                    redis.call('HDEL', KEYS[3], id)
-                    out[#out + 1] = {id, sender}
+        redis.call('ZREM', KEYS[2], unpack(ARGV))
+        redis.call('HDEL', KEYS[1], unpack(ARGV))
+        if redis.call('EXISTS', KEYS[3]) == 1 then
+            local senders = redis.call('HMGET', KEYS[3], unpack(ARGV))
+            local found, seen = {}, {}
+            for i = 1, #ARGV do
+                local id = ARGV[i]
+                if senders[i] and not seen[id] then
+                    seen[id] = true
+                    found[#found + 1] = id
+                    out[#out + 1] = {id, senders[i]}
                 end
             end
+            if #found > 0 then redis.call('HDEL', KEYS[3], unpack(found)) end
         end
         return out",
     )
@@ -616,28 +670,44 @@ impl StateStore for RedisStore {
         }
         let max_messages = self.limits.max_messages;
         let max_age_ms = self.max_age_ms();
-        let mut pipe = ::redis::pipe();
-        for m in messages.iter_mut() {
-            // Stored without its seq: the order set holds it, and a read puts it back.
-            let seq = std::mem::take(&mut m.seq);
-            let bytes = m.encode_to_vec();
-            m.seq = seq;
-            let receipt_sender = if m.receipt { m.sender_id } else { 0 };
-            let user = m.receiver_id;
-            pipe.invoke_script(
-                INBOX_STORE
-                    .key(self.keys.inbox(user))
-                    .key(self.keys.inbox_order(user))
-                    .key(self.keys.inbox_receipts(user))
-                    .key(self.keys.inbox_seq(user))
-                    .arg(&m.id)
-                    .arg(bytes)
-                    .arg(max_messages)
-                    .arg(max_age_ms)
-                    .arg(receipt_sender),
-            );
+        // One script call per receiver, its messages in slice order; `order` lists the
+        // positions in call order, to map the answers back.
+        let mut by_receiver: Vec<(u64, Vec<usize>)> = Vec::new();
+        let mut index: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+        for (pos, m) in messages.iter().enumerate() {
+            let slot = *index.entry(m.receiver_id).or_insert_with(|| {
+                by_receiver.push((m.receiver_id, Vec::new()));
+                by_receiver.len() - 1
+            });
+            by_receiver[slot].1.push(pos);
         }
-        let answers: Vec<(u64, Option<Vec<u8>>)> = self.run_scripts(&pipe, &[&INBOX_STORE]).await?;
+        let mut pipe = ::redis::pipe();
+        let mut order = Vec::with_capacity(messages.len());
+        for (user, positions) in &by_receiver {
+            let user = *user;
+            let mut invocation = INBOX_STORE.prepare_invoke();
+            invocation
+                .key(self.keys.inbox(user))
+                .key(self.keys.inbox_order(user))
+                .key(self.keys.inbox_receipts(user))
+                .key(self.keys.inbox_seq(user))
+                .arg(max_messages)
+                .arg(max_age_ms);
+            for &pos in positions {
+                let m = &mut messages[pos];
+                // Stored without its seq: the order set holds it, and a read puts it back.
+                let seq = std::mem::take(&mut m.seq);
+                let bytes = m.encode_to_vec();
+                m.seq = seq;
+                let receipt_sender = if m.receipt { m.sender_id } else { 0 };
+                invocation.arg(&m.id).arg(bytes).arg(receipt_sender);
+                order.push(pos);
+            }
+            pipe.invoke_script(&invocation);
+        }
+        let per_receiver: Vec<Vec<(u64, Option<Vec<u8>>)>> =
+            self.run_scripts(&pipe, &[&INBOX_STORE]).await?;
+        let answers: Vec<(u64, Option<Vec<u8>>)> = per_receiver.into_iter().flatten().collect();
         if answers.len() != messages.len() {
             return Err(StoreError::Corrupt(format!(
                 "inbox store: {} answers for {} messages",
@@ -645,7 +715,8 @@ impl StateStore for RedisStore {
                 messages.len()
             )));
         }
-        for (m, (seq, stored)) in messages.iter_mut().zip(answers) {
+        for (pos, (seq, stored)) in order.into_iter().zip(answers) {
+            let m = &mut messages[pos];
             // Already stored (a retry): the stored copy is the message (its timestamp, its
             // receipt request), not the one this retry built.
             if let Some(bytes) = stored {
