@@ -291,7 +291,7 @@ async fn a_whole_chat_through_one_standalone_process() -> anyhow::Result<()> {
     assert!(online.users.iter().all(|u| u.server_id == alice.server.id));
 
     // Logout: alice's connection is kicked and closed, she leaves the online list, and a
-    // message to her is answered offline.
+    // message to her is stored for her next login.
     route.logout(&alice.session_token).await?;
     let reason = next_frame(&mut alice_conn, "the logout kick", |f| match f.body {
         Some(Body::Kick(k)) => Some(k.reason()),
@@ -315,7 +315,7 @@ async fn a_whole_chat_through_one_standalone_process() -> anyhow::Result<()> {
     let sent = route
         .send_private(&bob.session_token, alice.user_id, "are you there?")
         .await?;
-    assert_eq!(sent.status, "offline");
+    assert_eq!(sent.status, "stored");
 
     // SIGTERM: bob is told the server shuts down, and the process exits cleanly.
     let pid = process.child.id().context("the process is running")?;
