@@ -69,6 +69,18 @@ pub struct OnlineEntry {
     pub cursor: String,
 }
 
+impl OnlineEntry {
+    /// The entry of an online-index member (`None` for a malformed one).
+    pub fn from_member(member: &str) -> Option<Self> {
+        let (name, id) = crate::keys::parse_online_member(member)?;
+        Some(OnlineEntry {
+            user_id: id,
+            name: name.to_string(),
+            cursor: member.to_string(),
+        })
+    }
+}
+
 /// Bounds of every user's inbox (private messages and receipts waiting for an ack).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InboxLimits {

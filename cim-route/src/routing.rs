@@ -67,7 +67,7 @@ struct Valid {
 }
 
 /// A message accepted for delivery: it has an id and a timestamp.
-pub(crate) struct Accepted {
+struct Accepted {
     index: usize,
     client_id: u64,
     kind: Kind,
@@ -442,17 +442,24 @@ async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) 
                 .push(pos);
         }
     }
-    let messages = &messages;
-    let pushes = per_server.into_values().map(|(server, positions)| {
-        let deliveries = positions
-            .iter()
-            .map(|&p| Delivery {
-                message: Some(messages[p].clone()),
-                recipients: vec![messages[p].receiver_id],
-            })
-            .collect();
-        async move { (positions, push(state, server, deliveries).await) }
-    });
+    // A retry answers with the first attempt's timestamp (the stored copy's); the copies
+    // themselves move into the pushes.
+    let timestamps: Vec<i64> = messages.iter().map(|m| m.timestamp_ms).collect();
+    let mut messages: Vec<Option<Message>> = messages.into_iter().map(Some).collect();
+    let pushes: Vec<_> = per_server
+        .into_values()
+        .map(|(server, positions)| {
+            let deliveries = positions
+                .iter()
+                .filter_map(|&p| messages[p].take())
+                .map(|message| Delivery {
+                    recipients: vec![message.receiver_id],
+                    message: Some(message),
+                })
+                .collect();
+            async move { (positions, push(state, server, deliveries).await) }
+        })
+        .collect();
     let (outcomes, ()) = tokio::join!(join_all(pushes), remove_stale(state.store(), &stale));
 
     let mut delivered = vec![false; run.len()];
@@ -466,16 +473,15 @@ async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) 
         }
     }
     run.iter()
-        .zip(messages)
+        .zip(timestamps)
         .zip(delivered)
-        .map(|((a, stored), d)| {
+        .map(|((a, timestamp_ms), d)| {
             let mut r = if d {
                 accepted_result(a, SendStatus::Delivered, 1)
             } else {
                 accepted_result(a, SendStatus::Stored, 0)
             };
-            // A retry answers with the first attempt's timestamp (the stored copy's).
-            r.timestamp_ms = stored.timestamp_ms;
+            r.timestamp_ms = timestamp_ms;
             r
         })
         .collect()

@@ -10,7 +10,7 @@
 //! Losing an ack is safe, never wrong: the message stays in the inbox, is replayed at the next
 //! connection and de-duplicated by id in the client (at-least-once to the device).
 
-use crate::forward::RouteCaller;
+use crate::{conn::ConnShared, forward::RouteCaller};
 use cim_common::{
     pb::cluster::{AckedReceipt, ForwardRequest},
     store::StateStore,
@@ -30,10 +30,10 @@ pub(crate) const QUEUE_CAPACITY: usize = 16_384;
 /// Ack frames removed per store call at most.
 const BATCH_MAX: usize = 512;
 
-/// The acks of one Ack frame.
+/// The acks of one Ack frame, with the connection they came from (its user; a reference
+/// rather than a copy of the name, which only receipts need).
 pub(crate) struct AckItem {
-    pub user_id: u64,
-    pub user_name: String,
+    pub conn: Arc<ConnShared>,
     pub ids: Vec<String>,
 }
 
@@ -54,7 +54,7 @@ impl AckQueue {
         if let Err(e) = self.tx.try_send(item) {
             let item = e.into_inner();
             debug!(
-                user_id = item.user_id,
+                user_id = item.conn.user_id,
                 ids = item.ids.len(),
                 "ack queue full: acks dropped, the messages will be replayed"
             );
@@ -144,14 +144,17 @@ fn merge_by_user(batch: Vec<AckItem>, names: &mut HashMap<u64, String>) -> Vec<(
     let mut acks: Vec<(u64, Vec<String>)> = Vec::with_capacity(batch.len());
     let mut open: HashMap<u64, usize> = HashMap::with_capacity(batch.len());
     for item in batch {
-        names.insert(item.user_id, item.user_name);
-        match open.get(&item.user_id) {
+        let user_id = item.conn.user_id;
+        names
+            .entry(user_id)
+            .or_insert_with(|| item.conn.user_name.clone());
+        match open.get(&user_id) {
             Some(&i) if acks[i].1.len() + item.ids.len() <= MAX_IDS_PER_ACK => {
                 acks[i].1.extend(item.ids);
             }
             _ => {
-                open.insert(item.user_id, acks.len());
-                acks.push((item.user_id, item.ids));
+                open.insert(user_id, acks.len());
+                acks.push((user_id, item.ids));
             }
         }
     }
@@ -190,8 +193,12 @@ mod tests {
     #[test]
     fn acks_merge_per_user_within_the_per_entry_limit() {
         let item = |user_id, n: usize, tag: &str| AckItem {
-            user_id,
-            user_name: format!("u{user_id}"),
+            conn: Arc::new(ConnShared::new(
+                user_id,
+                format!("u{user_id}"),
+                "s".into(),
+                8,
+            )),
             ids: (0..n).map(|i| format!("{tag}{i}")).collect(),
         };
         let mut names = HashMap::new();
@@ -213,9 +220,9 @@ mod tests {
     #[test]
     fn a_full_queue_drops_instead_of_blocking() {
         let (queue, mut rx) = AckQueue::new(1);
+        let conn = Arc::new(ConnShared::new(1, "a".into(), "s".into(), 8));
         let item = |id: &str| AckItem {
-            user_id: 1,
-            user_name: "a".into(),
+            conn: conn.clone(),
             ids: vec![id.into()],
         };
         queue.submit(item("1"));

@@ -376,8 +376,7 @@ fn on_recv(
         Some(Body::Ack(a)) => match ack::validate(a.message_ids) {
             Ok(ids) if ids.is_empty() => {}
             Ok(ids) => state.acks.submit(AckItem {
-                user_id: conn.user_id,
-                user_name: conn.user_name.clone(),
+                conn: conn.clone(),
                 ids,
             }),
             Err(message) => conn.reply(Frame::error(ErrorCode::BadRequest, message)),
@@ -1168,8 +1167,8 @@ mod tests {
             .await
             .unwrap();
         let item = h.acked.recv().await.unwrap();
-        assert_eq!(item.user_id, 9);
-        assert_eq!(item.user_name, "user9");
+        assert_eq!(item.conn.user_id, 9);
+        assert_eq!(item.conn.user_name, "user9");
         assert_eq!(item.ids, ["a", "b"]);
 
         client

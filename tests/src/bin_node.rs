@@ -39,8 +39,9 @@ const START_DEADLINE: Duration = Duration::from_secs(20);
 const START_ATTEMPTS: usize = 3;
 
 /// One run of a binary: the process, its directory (config, log) and what it registered.
+/// [`ServerProcess`] and [`RouteProcess`] dereference to it for what they share.
 #[derive(Debug)]
-struct BinProcess {
+pub struct BinProcess {
     what: &'static str,
     guard: ChildGuard,
     log: PathBuf,
@@ -50,6 +51,34 @@ struct BinProcess {
 }
 
 impl BinProcess {
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.guard.is_running()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Its temporary directory (config file, log), removed on drop.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last `lines` lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log, lines)
+    }
+
+    /// `kill -9`, and reaps it. Nothing cleans up: its registration stays until the lease
+    /// expires, its users' routes and login slots stay in Redis. Idempotent.
+    pub fn kill(&mut self) {
+        self.guard.kill();
+    }
+
     /// Starts `binary --config <file>` until it registers as `kind`. `configure` gets fresh
     /// ports on each attempt and returns the TOML text and the address the process must
     /// register (`pick` reads that address from a registry entry).
@@ -230,33 +259,31 @@ impl ServerProcess {
     pub fn internal_addr(&self) -> &str {
         &self.process.info.internal_addr
     }
+}
 
-    pub fn pid(&self) -> Option<u32> {
-        self.process.guard.id()
+impl std::ops::Deref for ServerProcess {
+    type Target = BinProcess;
+    fn deref(&self) -> &BinProcess {
+        &self.process
     }
+}
 
-    pub fn is_running(&mut self) -> bool {
-        self.process.guard.is_running()
+impl std::ops::DerefMut for ServerProcess {
+    fn deref_mut(&mut self) -> &mut BinProcess {
+        &mut self.process
     }
+}
 
-    pub fn log_path(&self) -> &Path {
-        &self.process.log
+impl std::ops::Deref for RouteProcess {
+    type Target = BinProcess;
+    fn deref(&self) -> &BinProcess {
+        &self.process
     }
+}
 
-    /// Its temporary directory (config file, log), removed on drop.
-    pub fn dir(&self) -> &Path {
-        self.process.dir.path()
-    }
-
-    /// The last `lines` lines of its log.
-    pub fn log_tail(&self, lines: usize) -> String {
-        log_tail(&self.process.log, lines)
-    }
-
-    /// `kill -9`, and reaps it. Nothing cleans up: its registration stays until the lease
-    /// expires, its users' routes and login slots stay in Redis. Idempotent.
-    pub fn kill(&mut self) {
-        self.process.guard.kill();
+impl std::ops::DerefMut for RouteProcess {
+    fn deref_mut(&mut self) -> &mut BinProcess {
+        &mut self.process
     }
 }
 
@@ -318,31 +345,5 @@ impl RouteProcess {
 
     pub fn client(&self) -> cim_client::RouteClient {
         cim_client::RouteClient::new(&self.url())
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.process.guard.id()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.process.guard.is_running()
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.process.log
-    }
-
-    /// Its temporary directory (config file, log), removed on drop.
-    pub fn dir(&self) -> &Path {
-        self.process.dir.path()
-    }
-
-    pub fn log_tail(&self, lines: usize) -> String {
-        log_tail(&self.process.log, lines)
-    }
-
-    /// `kill -9`, and reaps it. Its registration stays until the lease expires. Idempotent.
-    pub fn kill(&mut self) {
-        self.process.guard.kill();
     }
 }

@@ -489,14 +489,7 @@ impl StateStore for MemoryStore {
             // with it (0xff never occurs in UTF-8).
             .take_while(|m| m.starts_with(prefix))
             .take(limit)
-            .filter_map(|m| {
-                let (name, id) = keys::parse_online_member(m)?;
-                Some(OnlineEntry {
-                    user_id: id,
-                    name: name.to_string(),
-                    cursor: m.clone(),
-                })
-            })
+            .filter_map(|m| OnlineEntry::from_member(m))
             .collect())
     }
 

@@ -637,14 +637,7 @@ impl StateStore for RedisStore {
             .map_err(unavailable)?;
         Ok(members
             .iter()
-            .filter_map(|m| {
-                let (name, id) = keys::parse_online_member(m)?;
-                Some(OnlineEntry {
-                    user_id: id,
-                    name: name.to_string(),
-                    cursor: m.clone(),
-                })
-            })
+            .filter_map(|m| OnlineEntry::from_member(m))
             .collect())
     }
 

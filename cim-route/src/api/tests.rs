@@ -62,6 +62,27 @@ async fn register_and_login(app: &Router, name: &str) -> Value {
     v
 }
 
+/// Registers and logs in `name`, then attaches the session to `server_id` as that server
+/// does when the client connects with the token. Returns the login answer and the token's
+/// claims.
+async fn login_and_attach(
+    app: &Router,
+    store: &MemoryStore,
+    signer: &TokenSigner,
+    name: &str,
+    server_id: &str,
+) -> (Value, cim_common::token::ConnectClaims) {
+    let v = register_and_login(app, name).await;
+    let claims = signer
+        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
+        .unwrap();
+    store
+        .attach(claims.user_id, name, &claims.session, server_id)
+        .await
+        .unwrap();
+    (v, claims)
+}
+
 #[tokio::test]
 async fn malformed_requests_get_the_error_shape() {
     let (state, _tx) = state_with(Arc::new(MemoryStore::new()), vec![], |_| {});
@@ -348,14 +369,7 @@ async fn a_slot_held_on_a_server_that_no_longer_has_the_user_is_taken_over() {
     let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
     let signer = state.signer().clone();
     let app = app(state);
-    let v = register_and_login(&app, "alice").await;
-    let claims = signer
-        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
-        .unwrap();
-    store
-        .attach(claims.user_id, "alice", &claims.session, &a.id)
-        .await
-        .unwrap();
+    let (_, claims) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
     let alice = json!({"name": "alice", "password": "secret-pw"});
 
     // server-a says alice is connected there: single login holds.
@@ -396,14 +410,7 @@ async fn a_slot_held_on_an_unreachable_server_is_taken_over() {
     let (state, _tx) = state_with(store.clone(), vec![crashed.clone()], |_| {});
     let signer = state.signer().clone();
     let app = app(state);
-    let v = register_and_login(&app, "bob").await;
-    let claims = signer
-        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
-        .unwrap();
-    store
-        .attach(claims.user_id, "bob", &claims.session, &crashed.id)
-        .await
-        .unwrap();
+    login_and_attach(&app, &store, &signer, "bob", &crashed.id).await;
     let (s, v) = call(
         &app,
         post(
@@ -423,16 +430,8 @@ async fn logout_frees_the_slot_and_kicks_the_connection() {
     let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
     let signer = state.signer().clone();
     let app = app(state);
-    let v = register_and_login(&app, "alice").await;
+    let (v, claims) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
     let token = v["session_token"].as_str().unwrap().to_string();
-    let claims = signer
-        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
-        .unwrap();
-    // What the server does when the client connects with the token.
-    store
-        .attach(claims.user_id, "alice", &claims.session, &a.id)
-        .await
-        .unwrap();
 
     let (s, v) = call(&app, post("/api/logout", json!({}), Some(&token))).await;
     assert_eq!((s, &v), (StatusCode::OK, &json!({"ok": true})));
