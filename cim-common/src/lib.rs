@@ -17,6 +17,7 @@
 //!   waiting for ctrl-c / SIGTERM).
 //! - [`cluster`]: authenticated protobuf-over-HTTP calls between cim processes.
 //! - [`config`]: layered configuration (defaults, file, environment, flags) and logging setup.
+//! - [`events`]: presence events (online / offline) and their ids.
 //! - [`ids`]: message ids and server ids; [`time`]: clock helpers.
 //! - [`procinfo`]: this process's resident memory and CPU time (for `/healthz`).
 
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod events;
 pub mod ids;
 pub mod keys;
 pub mod procinfo;

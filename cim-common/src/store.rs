@@ -1,4 +1,5 @@
-//! Shared state: accounts, login slots, routes, the online index and the per-user inboxes.
+//! Shared state: accounts, login slots, routes, the online index, the per-user inboxes,
+//! channels, and the presence-event stream.
 //!
 //! [`StateStore`] is the one interface; [`redis::RedisStore`] is the production implementation
 //! and [`memory::MemoryStore`] the one of standalone mode and unit tests, with the same
@@ -10,7 +11,7 @@ pub mod faulty;
 pub mod memory;
 pub mod redis;
 
-use crate::pb::Message;
+use crate::{events::StoredEvent, pb::Message};
 use async_trait::async_trait;
 use std::time::Duration;
 
@@ -110,6 +111,33 @@ pub struct AckedReceipt {
     pub receiver_id: u64,
 }
 
+/// Outcome of joining a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinOutcome {
+    Joined,
+    /// Already a member: nothing changed.
+    AlreadyMember,
+    /// The user is in `max_channels` channels already: nothing changed.
+    TooManyChannels,
+}
+
+/// Size of a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelInfo {
+    pub name: String,
+    /// Members (online or not).
+    pub members: u64,
+    /// Members connected right now (members that are in the online-id set).
+    pub online: u64,
+}
+
+/// Most events one `events_after` / `events_wait` call returns.
+pub const MAX_EVENTS_READ: usize = 1000;
+/// Most channel members or names one page call returns.
+pub const MAX_CHANNEL_PAGE: usize = 1000;
+/// Most channels one `channel_stats` call describes.
+pub const MAX_CHANNEL_STATS: usize = 1000;
+
 /// Predicate "is this server instance alive" (from the registry).
 pub type IsLive<'a> = &'a (dyn Fn(&str) -> bool + Send + Sync);
 
@@ -139,7 +167,8 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// A server accepted the connection of a pending session: atomically marks the slot as
     /// attached to `server_id` (without expiry), records the route, then indexes the user as
-    /// online. Single-use: a second attach of the same session fails.
+    /// online (name index and online-id set) and publishes an online event. Single-use: a
+    /// second attach of the same session fails (and publishes nothing).
     async fn attach(
         &self,
         user_id: u64,
@@ -149,13 +178,17 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> StoreResult<AttachOutcome>;
 
     /// The connection closed: removes the route and the slot, each only if it still belongs
-    /// to this session on this server (compare-and-delete), and the online index entry.
+    /// to this session on this server (compare-and-delete). When the route was removed, also
+    /// the online index entries, and publishes an offline event with `reason` (one of
+    /// [`crate::events::reason`]); a connection whose route a newer session took over
+    /// publishes nothing (the user is still online).
     async fn detach(
         &self,
         user_id: u64,
         name: &str,
         session: &str,
         server_id: &str,
+        reason: &str,
     ) -> StoreResult<()>;
 
     /// Routes of many users in one round trip; `None` for users not connected.
@@ -173,7 +206,8 @@ pub trait StateStore: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<OnlineEntry>>;
 
-    /// Drops a route (and the index entry) that was found stale, if it is unchanged.
+    /// Drops a route (and the index entries) that was found stale, if it is unchanged, and
+    /// then publishes an offline event with reason `server_lost`.
     async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()>;
 
     /// Stores each message in the inbox of its `receiver_id`, in slice order, and sets its
@@ -202,4 +236,71 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Number of messages in `user_id`'s inbox.
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize>;
+
+    // --- presence events -------------------------------------------------------------------
+
+    /// Events with an id after `after` (`None`: from the oldest kept), oldest first, at most
+    /// `limit` (capped at [`MAX_EVENTS_READ`]). Never waits. The stream keeps the newest
+    /// `events_max_len` events (approximately, in Redis).
+    async fn events_after(&self, after: Option<&str>, limit: usize)
+        -> StoreResult<Vec<StoredEvent>>;
+
+    /// Like [`Self::events_after`] from `after`, but when there is none yet, waits up to
+    /// `timeout` for one to be published; empty when none came. Redis: a blocking XREAD on
+    /// a connection of its own (never the shared multiplexed one, which it would stall).
+    async fn events_wait(
+        &self,
+        after: &str,
+        limit: usize,
+        timeout: Duration,
+    ) -> StoreResult<Vec<StoredEvent>>;
+
+    /// Id of the newest event (`"0-0"` when there is none): tail the stream from there to get
+    /// only new events.
+    async fn events_last_id(&self) -> StoreResult<String>;
+
+    /// Takes or renews the lease `name` for `owner` for `ttl`: true while `owner` holds it.
+    /// (One route instance at a time runs the webhook delivery.)
+    async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool>;
+
+    /// A named cursor (the webhook's last delivered event id).
+    async fn cursor(&self, name: &str) -> StoreResult<Option<String>>;
+    async fn set_cursor(&self, name: &str, value: &str) -> StoreResult<()>;
+
+    // --- channels --------------------------------------------------------------------------
+
+    /// Adds `user_id` to `channel` (created by its first member), unless the user is in
+    /// `max_channels` channels already.
+    async fn channel_join(
+        &self,
+        channel: &str,
+        user_id: u64,
+        max_channels: usize,
+    ) -> StoreResult<JoinOutcome>;
+
+    /// Removes `user_id` from `channel` (a channel without members is gone). False when the
+    /// user was not a member.
+    async fn channel_leave(&self, channel: &str, user_id: u64) -> StoreResult<bool>;
+
+    async fn channel_is_member(&self, channel: &str, user_id: u64) -> StoreResult<bool>;
+
+    /// The channels `user_id` is a member of, in name order.
+    async fn user_channels(&self, user_id: u64) -> StoreResult<Vec<String>>;
+
+    /// A page of `channel`'s member ids, ascending, all greater than `after` (0: from the
+    /// start), at most `limit` (capped at [`MAX_CHANNEL_PAGE`]).
+    async fn channel_members(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<u64>>;
+
+    /// A page of channel names (channels with at least one member), in byte order, after
+    /// `after`, at most `limit` (capped at [`MAX_CHANNEL_PAGE`]).
+    async fn channel_list(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>>;
+
+    /// Member and online counts of each channel, in one round trip; an unknown channel has
+    /// zero of both. At most [`MAX_CHANNEL_STATS`] channels (more is an error-free truncation).
+    async fn channel_stats(&self, channels: &[String]) -> StoreResult<Vec<ChannelInfo>>;
 }

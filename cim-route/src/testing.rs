@@ -160,7 +160,10 @@ async fn fake_presence(
             session: "fake".into(),
         })
         .collect();
-    Protobuf(PresenceResponse { connected })
+    Protobuf(PresenceResponse {
+        connected,
+        online: 0,
+    })
 }
 
 /// Starts a fake connection server's internal API on a free port; returns its registry

@@ -293,7 +293,7 @@ impl ConnTable {
         self.read().values().cloned().collect()
     }
 
-    #[cfg(test)]
+    /// Logged-in connections.
     pub(crate) fn len(&self) -> usize {
         self.read().len()
     }

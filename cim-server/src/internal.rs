@@ -94,7 +94,8 @@ async fn push(
 /// Most users one presence call may ask about.
 const MAX_PRESENCE_USERS: usize = 10_000;
 
-/// Which of the listed users have a logged-in connection here (and its login session).
+/// Which of the listed users have a logged-in connection here (and its login session), and
+/// how many logged-in connections there are.
 async fn presence(
     State(state): State<AppState>,
     Protobuf(request): Protobuf<PresenceRequest>,
@@ -111,7 +112,10 @@ async fn presence(
             })
         })
         .collect();
-    Protobuf(PresenceResponse { connected })
+    Protobuf(PresenceResponse {
+        connected,
+        online: state.table.len() as u64,
+    })
 }
 
 /// Sends the Kick and closes each listed user's connection (only the given login session's,

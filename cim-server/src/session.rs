@@ -85,6 +85,24 @@ enum End {
 }
 
 impl End {
+    /// The reason of the offline event this end publishes (see `cim_common::events`).
+    fn offline_reason(&self) -> &'static str {
+        use cim_common::events::reason;
+        match self {
+            End::PeerClosed => reason::CLOSED,
+            End::Shutdown | End::Kicked(KickReason::ServerShutdown) => reason::SERVER_SHUTDOWN,
+            End::Kicked(KickReason::LoggedOut) => reason::LOGGED_OUT,
+            End::Kicked(KickReason::SlowConsumer) => reason::SLOW_CONSUMER,
+            // Replaced: the newer connection owns the route, so no event is published.
+            End::Kicked(KickReason::Admin | KickReason::Replaced | KickReason::Unspecified) => {
+                reason::KICKED
+            }
+            End::Failed(ErrorCode::HeartbeatTimeout, _) => reason::HEARTBEAT_TIMEOUT,
+            End::Failed(..) => reason::PROTOCOL_ERROR,
+            End::ReadFailed(_) | End::WriteFailed(_) => reason::CONNECTION_LOST,
+        }
+    }
+
     fn log(&self) {
         match self {
             End::PeerClosed => debug!("connection closed by the client"),
@@ -198,7 +216,7 @@ pub(crate) async fn run<T: Transport>(state: Arc<ServerState>, mut transport: T,
     span.record("user_id", conn.user_id);
     let finish = async {
         end.log();
-        cleanup(&state, &mut transport, &conn).await;
+        cleanup(&state, &mut transport, &conn, end.offline_reason()).await;
     };
     Box::pin(finish.instrument(span)).await;
 }
@@ -224,13 +242,24 @@ fn linger(state: &ServerState) -> Duration {
 
 /// After a logged-in connection ended: it leaves the table (unless already replaced there)
 /// and its login session is detached, while the transport closes.
-async fn cleanup<T: Transport>(state: &ServerState, transport: &mut T, conn: &Arc<ConnShared>) {
+async fn cleanup<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    conn: &Arc<ConnShared>,
+    reason: &str,
+) {
     conn.mark_closed();
     state.table.remove_if_same(conn);
     let detach = async {
         if let Err(e) = state
             .store
-            .detach(conn.user_id, &conn.user_name, &conn.session, &state.id)
+            .detach(
+                conn.user_id,
+                &conn.user_name,
+                &conn.session,
+                &state.id,
+                reason,
+            )
             .await
         {
             warn!(error = %e, "detach failed: the route expires with the server's registration");

@@ -422,19 +422,19 @@ async fn detach_removes_only_its_own_route_and_slot(s: &StoreUnderTest) -> anyho
     s.connect_user(1, "dora", "s1", "srv-a").await;
 
     // Wrong session, wrong server: nothing changes.
-    s.detach(1, "dora", "s-other", "srv-a").await?;
-    s.detach(1, "dora", "s1", "srv-b").await?;
+    s.detach(1, "dora", "s-other", "srv-a", "closed").await?;
+    s.detach(1, "dora", "s1", "srv-b", "closed").await?;
     assert_eq!(s.routes(&[1]).await?, vec![Some(route(1, "srv-a", "s1"))]);
     assert!(s.session_active(1, "s1").await?);
     assert_eq!(s.online().await.len(), 1);
 
-    s.detach(1, "dora", "s1", "srv-a").await?;
+    s.detach(1, "dora", "s1", "srv-a", "closed").await?;
     assert_eq!(s.routes(&[1]).await?, vec![None]);
     assert!(!s.session_active(1, "s1").await?);
     assert!(s.online().await.is_empty());
     assert_eq!(s.slot(1).await, None);
     // Detaching twice is harmless.
-    s.detach(1, "dora", "s1", "srv-a").await?;
+    s.detach(1, "dora", "s1", "srv-a", "closed").await?;
     Ok(())
 }
 
@@ -451,7 +451,7 @@ async fn late_detach_of_an_old_session_keeps_the_new_one(s: &StoreUnderTest) -> 
         AttachOutcome::Attached
     );
     // srv-a wakes up and cleans up its old connection.
-    s.detach(1, "dora", "s1", "srv-a").await?;
+    s.detach(1, "dora", "s1", "srv-a", "closed").await?;
     assert_eq!(s.routes(&[1]).await?, vec![Some(route(1, "srv-b", "s2"))]);
     assert_eq!(s.slot(1).await.as_deref(), Some("s2@srv-b"));
     assert_eq!(
@@ -463,7 +463,7 @@ async fn late_detach_of_an_old_session_keeps_the_new_one(s: &StoreUnderTest) -> 
     // Reconnect on the same server with a new session: same story.
     s.release_login(1, "s2").await?;
     s.connect_user(1, "dora", "s3", "srv-b").await;
-    s.detach(1, "dora", "s2", "srv-b").await?;
+    s.detach(1, "dora", "s2", "srv-b", "closed").await?;
     assert_eq!(s.routes(&[1]).await?, vec![Some(route(1, "srv-b", "s3"))]);
     assert_eq!(s.online().await.len(), 1);
     Ok(())
@@ -599,8 +599,7 @@ async fn scan_routes_reaches_every_route_present_throughout(
         }
         if step == 1 {
             for id in (1..=300).filter(|id| id % 2 == 1) {
-                s.detach(id, &format!("u{id}"), &format!("s{id}"), "srv-a")
-                    .await?;
+                s.detach(id, &format!("u{id}"), &format!("s{id}"), "srv-a", "closed").await?;
             }
             for id in 301..=400 {
                 s.connect_user(id, &format!("u{id}"), &format!("s{id}"), "srv-b")
@@ -733,7 +732,7 @@ async fn online_page_filters_by_prefix_and_pages_by_cursor(
     assert_eq!(paged, page_names(&all));
 
     // Offline users leave the index.
-    s.detach(102, "alice", "s102", "srv-a").await?;
+    s.detach(102, "alice", "s102", "srv-a", "closed").await?;
     assert_eq!(
         page_names(&s.online_page("al", None, 10).await?),
         ["al", "albert", "alfred"]
@@ -1268,7 +1267,7 @@ async fn store_calls_fail_fast_while_redis_is_down_and_recover() -> anyhow::Resu
     assert_eq!(store.user_name(id).await?.as_deref(), Some("dora"));
     // The restarted Redis has an empty script cache: the Lua-scripted calls still work.
     connect_user(&store, id, "dora", "s1", "srv-a").await;
-    store.detach(id, "dora", "s1", "srv-a").await?;
+    store.detach(id, "dora", "s1", "srv-a", "closed").await?;
     assert_eq!(store.routes(&[id]).await?, vec![None]);
     Ok(())
 }

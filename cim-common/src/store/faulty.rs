@@ -106,9 +106,10 @@ impl StateStore for FaultyStore {
         name: &str,
         session: &str,
         server_id: &str,
+        reason: &str,
     ) -> StoreResult<()> {
         self.check()?;
-        self.inner.detach(user_id, name, session, server_id).await
+        self.inner.detach(user_id, name, session, server_id, reason).await
     }
 
     async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>> {
@@ -156,6 +157,71 @@ impl StateStore for FaultyStore {
     async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>> {
         self.check()?;
         self.inner.inbox_ack(acks).await
+    }
+
+    async fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+        self.check()?;
+        self.inner.events_after(after, limit).await
+    }
+
+    async fn events_wait(&self, after: &str, limit: usize, timeout: Duration) -> StoreResult<Vec<StoredEvent>> {
+        self.check()?;
+        self.inner.events_wait(after, limit, timeout).await
+    }
+
+    async fn events_last_id(&self) -> StoreResult<String> {
+        self.check()?;
+        self.inner.events_last_id().await
+    }
+
+    async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.lease(name, owner, ttl).await
+    }
+
+    async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {
+        self.check()?;
+        self.inner.cursor(name).await
+    }
+
+    async fn set_cursor(&self, name: &str, value: &str) -> StoreResult<()> {
+        self.check()?;
+        self.inner.set_cursor(name, value).await
+    }
+
+    async fn channel_join(&self, channel: &str, user_id: u64, max_channels: usize) -> StoreResult<JoinOutcome> {
+        self.check()?;
+        self.inner.channel_join(channel, user_id, max_channels).await
+    }
+
+    async fn channel_leave(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.channel_leave(channel, user_id).await
+    }
+
+    async fn channel_is_member(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.channel_is_member(channel, user_id).await
+    }
+
+    async fn user_channels(&self, user_id: u64) -> StoreResult<Vec<String>> {
+        self.check()?;
+        self.inner.user_channels(user_id).await
+    }
+
+    async fn channel_members(&self, channel: &str, after: u64, limit: usize) -> StoreResult<Vec<u64>> {
+        self.check()?;
+        self.inner.channel_members(channel, after, limit).await
+    }
+
+    async fn channel_list(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
+        self.check()?;
+        self.inner.channel_list(after, limit).await
+    }
+
+    async fn channel_stats(&self, channels: &[String]) -> StoreResult<Vec<ChannelInfo>> {
+        self.check()?;
+        self.inner.channel_stats(channels).await
     }
 
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {

@@ -412,6 +412,7 @@ impl StateStore for MemoryStore {
         name: &str,
         session: &str,
         server_id: &str,
+        reason: &str,
     ) -> StoreResult<()> {
         let mut state = self.lock();
         let removed = state.route_is(user_id, server_id, session);
@@ -579,6 +580,70 @@ impl StateStore for MemoryStore {
             }
         }
         Ok(receipts)
+    }
+
+    async fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+        let _ = (after, limit);
+        Err(StoreError::Unavailable("events_after: not implemented yet".into()))
+    }
+
+    async fn events_wait(&self, after: &str, limit: usize, timeout: Duration) -> StoreResult<Vec<StoredEvent>> {
+        let _ = (after, limit, timeout);
+        Err(StoreError::Unavailable("events_wait: not implemented yet".into()))
+    }
+
+    async fn events_last_id(&self) -> StoreResult<String> {
+        Err(StoreError::Unavailable("events_last_id: not implemented yet".into()))
+    }
+
+    async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
+        let _ = (name, owner, ttl);
+        Err(StoreError::Unavailable("lease: not implemented yet".into()))
+    }
+
+    async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {
+        let _ = (name);
+        Err(StoreError::Unavailable("cursor: not implemented yet".into()))
+    }
+
+    async fn set_cursor(&self, name: &str, value: &str) -> StoreResult<()> {
+        let _ = (name, value);
+        Err(StoreError::Unavailable("set_cursor: not implemented yet".into()))
+    }
+
+    async fn channel_join(&self, channel: &str, user_id: u64, max_channels: usize) -> StoreResult<JoinOutcome> {
+        let _ = (channel, user_id, max_channels);
+        Err(StoreError::Unavailable("channel_join: not implemented yet".into()))
+    }
+
+    async fn channel_leave(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
+        let _ = (channel, user_id);
+        Err(StoreError::Unavailable("channel_leave: not implemented yet".into()))
+    }
+
+    async fn channel_is_member(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
+        let _ = (channel, user_id);
+        Err(StoreError::Unavailable("channel_is_member: not implemented yet".into()))
+    }
+
+    async fn user_channels(&self, user_id: u64) -> StoreResult<Vec<String>> {
+        let _ = (user_id);
+        Err(StoreError::Unavailable("user_channels: not implemented yet".into()))
+    }
+
+    async fn channel_members(&self, channel: &str, after: u64, limit: usize) -> StoreResult<Vec<u64>> {
+        let _ = (channel, after, limit);
+        Err(StoreError::Unavailable("channel_members: not implemented yet".into()))
+    }
+
+    async fn channel_list(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
+        let _ = (after, limit);
+        Err(StoreError::Unavailable("channel_list: not implemented yet".into()))
+    }
+
+    async fn channel_stats(&self, channels: &[String]) -> StoreResult<Vec<ChannelInfo>> {
+        let _ = (channels);
+        Err(StoreError::Unavailable("channel_stats: not implemented yet".into()))
     }
 
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {

@@ -1,0 +1,153 @@
+//! Presence events: a user came online on a server, or went offline (and why).
+//!
+//! Servers publish them through the state store as part of attaching and detaching a
+//! connection (no extra round trip, and only when the route really changed hands: a
+//! connection replaced by a newer one of the same user publishes no offline event). In Redis
+//! they are a capped stream (`{p}:events`), so any route instance can serve them to business
+//! backends (server-sent events, webhook) and a subscriber that reconnects can resume from the
+//! last id it saw. Event ids are the stream's (`{ms}-{n}`), increasing; [`EventId`] compares
+//! them.
+
+use serde::{Deserialize, Serialize};
+
+/// Why a user went offline (`reason` of an offline event).
+pub mod reason {
+    /// The client closed the connection.
+    pub const CLOSED: &str = "closed";
+    /// The connection broke (reset, write failure).
+    pub const CONNECTION_LOST: &str = "connection_lost";
+    /// No frame within the heartbeat timeout.
+    pub const HEARTBEAT_TIMEOUT: &str = "heartbeat_timeout";
+    /// The user logged out.
+    pub const LOGGED_OUT: &str = "logged_out";
+    /// Forced offline through the business API.
+    pub const KICKED: &str = "kicked";
+    /// The client did not read its messages fast enough.
+    pub const SLOW_CONSUMER: &str = "slow_consumer";
+    /// The client broke the protocol (bad frame, oversize frame, ...).
+    pub const PROTOCOL_ERROR: &str = "protocol_error";
+    /// The connection server shut down (its clients reconnect elsewhere).
+    pub const SERVER_SHUTDOWN: &str = "server_shutdown";
+    /// The connection server disappeared without detaching (crash); found by a route.
+    pub const SERVER_LOST: &str = "server_lost";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceKind {
+    Online,
+    Offline,
+}
+
+impl PresenceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceKind::Online => "online",
+            PresenceKind::Offline => "offline",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "online" => Some(PresenceKind::Online),
+            "offline" => Some(PresenceKind::Offline),
+            _ => None,
+        }
+    }
+}
+
+/// One presence change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEvent {
+    #[serde(rename = "type")]
+    pub kind: PresenceKind,
+    pub user_id: u64,
+    pub name: String,
+    /// The connection server the user connected to / was connected to.
+    pub server_id: String,
+    /// Unix milliseconds, by the clock of the process that published it.
+    pub at_ms: i64,
+    /// Offline events: one of [`reason`]; empty for online events.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// An event as stored, with its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub id: String,
+    pub event: PresenceEvent,
+}
+
+/// A parsed event id (`{ms}-{n}`), ordered like Redis stream ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl EventId {
+    /// Before every event.
+    pub const ZERO: EventId = EventId { ms: 0, seq: 0 };
+
+    /// `None` unless `s` is `{u64}-{u64}`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ms, seq) = s.split_once('-')?;
+        if ms.is_empty() || seq.is_empty() {
+            return None;
+        }
+        if !ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(EventId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_parse_and_order() {
+        let a = EventId::parse("1700000000000-0").unwrap();
+        let b = EventId::parse("1700000000000-12").unwrap();
+        let c = EventId::parse("1700000000001-0").unwrap();
+        assert!(EventId::ZERO < a && a < b && b < c);
+        assert_eq!(b.to_string(), "1700000000000-12");
+        for bad in ["", "-", "1-", "-1", "1", "a-1", "1-b", "+1-1", "1-1-1", "99999999999999999999-0"] {
+            assert_eq!(EventId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_shape() {
+        let e = PresenceEvent {
+            kind: PresenceKind::Offline,
+            user_id: 7,
+            name: "bob".into(),
+            server_id: "server-1".into(),
+            at_ms: 5,
+            reason: reason::HEARTBEAT_TIMEOUT.into(),
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "offline");
+        assert_eq!(v["reason"], "heartbeat_timeout");
+        let online = PresenceEvent {
+            kind: PresenceKind::Online,
+            reason: String::new(),
+            ..e
+        };
+        let v = serde_json::to_value(&online).unwrap();
+        assert_eq!(v["type"], "online");
+        assert!(v.get("reason").is_none());
+    }
+}
