@@ -54,9 +54,32 @@ pub fn valid_message_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Longest channel name, in characters.
+pub const MAX_CHANNEL_NAME_LEN: usize = 64;
+
+/// Channel names: 1..=64 characters, each a Unicode letter or digit or one of `_ - .`. No
+/// spaces, `#` or `/`: they appear after `#` in the terminal client and in URL paths.
+pub fn valid_channel_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().count() <= MAX_CHANNEL_NAME_LEN
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn channel_names() {
+        for good in ["room1", "Lobby", "live-42", "a.b_c", "聊天室", "ä", &"x".repeat(64)] {
+            assert!(valid_channel_name(good), "{good:?}");
+        }
+        for bad in ["", "a b", "#a", "a/b", "a\u{1f}", "a;b", "a@b", "a|b", &"x".repeat(65)] {
+            assert!(!valid_channel_name(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn message_ids_are_unique_and_sorted() {

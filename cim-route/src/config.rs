@@ -74,6 +74,20 @@ pub struct RouteConfig {
     pub password_memory_kib: u32,
     /// Argon2id iterations of new password hashes (default: argon2's, 2).
     pub password_iterations: u32,
+    /// Keys of the business API (`/api/admin/*`, header `X-Api-Key`). Empty (the default):
+    /// the business API refuses every call.
+    pub api_keys: Vec<String>,
+    /// Channels one user can be a member of.
+    pub max_channels_per_user: usize,
+    /// Most receivers of one business-API message.
+    pub max_receivers: usize,
+    /// Where presence events are POSTed (`{"events":[...]}`), if anywhere. One route instance
+    /// at a time delivers them, in order, retrying until the hook answers 2xx.
+    pub webhook_url: Option<String>,
+    /// Signs webhook bodies (`X-Cim-Signature: sha256=<hex HMAC-SHA256>`), if set.
+    pub webhook_secret: Option<String>,
+    /// Deadline of one webhook POST.
+    pub webhook_timeout_ms: u64,
 }
 
 impl Default for RouteConfig {
@@ -102,6 +116,12 @@ impl Default for RouteConfig {
             concurrency_limit: 1024,
             password_memory_kib: argon2::Params::DEFAULT_M_COST,
             password_iterations: argon2::Params::DEFAULT_T_COST,
+            api_keys: Vec::new(),
+            max_channels_per_user: 100,
+            max_receivers: 1000,
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_timeout_ms: 5000,
         }
     }
 }
@@ -140,7 +160,23 @@ impl RouteConfig {
         cim_common::config::validate_secret(&self.cluster_secret)
             .map_err(|m| invalid("cluster_secret", m))?;
         self.backend.validate().map_err(|m| invalid("backend", m))?;
-        let positive: [(&'static str, u64); 11] = [
+        for key in &self.api_keys {
+            // Compared in constant time; a short key is guessable whatever the comparison.
+            if key.len() < 16 || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    "api_keys",
+                    "each key must be at least 16 characters without whitespace",
+                ));
+            }
+        }
+        if let Some(url) = &self.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || reqwest::Url::parse(url).is_err()
+            {
+                return Err(invalid("webhook_url", format!("{url:?} is not an http(s) URL")));
+            }
+        }
+        let positive: [(&'static str, u64); 14] = [
             ("connect_token_ttl_ms", self.connect_token_ttl_ms),
             ("session_token_ttl_secs", self.session_token_ttl_secs),
             ("registry_ttl_secs", self.registry_ttl_secs),
@@ -152,6 +188,9 @@ impl RouteConfig {
             ("scan_batch", self.scan_batch as u64),
             ("push_timeout_ms", self.push_timeout_ms),
             ("concurrency_limit", self.concurrency_limit as u64),
+            ("max_channels_per_user", self.max_channels_per_user as u64),
+            ("max_receivers", self.max_receivers as u64),
+            ("webhook_timeout_ms", self.webhook_timeout_ms),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -234,6 +273,10 @@ impl RouteConfig {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn webhook_timeout(&self) -> Duration {
+        Duration::from_millis(self.webhook_timeout_ms)
     }
 
     pub fn push_timeout(&self) -> Duration {

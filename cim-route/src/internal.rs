@@ -53,11 +53,13 @@ async fn forward(
     let items = req
         .items
         .into_iter()
-        .map(|item| Outgoing {
-            sender_id: item.sender_id,
-            sender_name: item.sender_name,
+        .map(|item| {
             // A missing Send decodes as the default: kind UNSPECIFIED, answered as FAILED.
-            send: item.send.unwrap_or_default(),
+            Outgoing::from_user(
+                item.sender_id,
+                item.sender_name,
+                item.send.unwrap_or_default(),
+            )
         })
         .collect();
     let receipts = req.receipts;

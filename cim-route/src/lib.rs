@@ -22,10 +22,12 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod internal;
 pub mod password;
 pub mod routing;
 pub mod state;
+pub mod web;
 
 #[cfg(test)]
 mod testing;
@@ -156,10 +158,23 @@ pub async fn start(
         .context("watching the live connection servers")?;
     let ttl = config.registry_ttl();
     let drain = config.request_timeout() + Duration::from_secs(1);
+    let business_api = !config.api_keys.is_empty();
     let state = AppState::new(id.clone(), config, backends.store.clone(), servers);
 
     let cancel = CancellationToken::new();
-    let tasks = vec![
+    let mut tasks = Vec::new();
+    if business_api {
+        // Only backends (API key) read events: without a key nobody could subscribe.
+        tasks.push(tokio::spawn(events::run_tail(
+            state.clone(),
+            cancel.clone(),
+        )));
+        tasks.push(tokio::spawn(events::run_webhook(
+            state.clone(),
+            cancel.clone(),
+        )));
+    }
+    tasks.extend([
         tokio::spawn(serve(
             listeners.http,
             app(state.clone()),
@@ -172,7 +187,7 @@ pub async fn start(
             cancel.clone(),
             "internal",
         )),
-    ];
+    ]);
     let mut handle = RouteHandle {
         id,
         http_addr,

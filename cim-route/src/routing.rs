@@ -24,7 +24,7 @@ use cim_common::{
         Error, ErrorCode, Message, MessageKind, Send, SendResult, SendStatus,
     },
     registry::{Members, ServiceInfo},
-    store::{RouteEntry, StateStore},
+    store::{RouteEntry, StateStore, StoreError, StoreResult, MAX_CHANNEL_PAGE},
     time::now_ms,
 };
 use futures_util::{future::join_all, stream, StreamExt};
@@ -40,15 +40,40 @@ const LOOKUP_CONCURRENCY: usize = 32;
 /// server connection it arrived on; never from the message itself).
 #[derive(Debug, Clone)]
 pub struct Outgoing {
+    /// 0: the system (only from the business API).
     pub sender_id: u64,
     pub sender_name: String,
     pub send: Send,
+    /// Sent through the business API (API key): may be from the system (sender 0, kind
+    /// SYSTEM) and may send to a channel the sender is not a member of. False for everything
+    /// a user sends (connection or bearer).
+    pub backend: bool,
 }
 
+impl Outgoing {
+    /// A message from a user (over a connection or with a bearer token).
+    pub fn from_user(sender_id: u64, sender_name: String, send: Send) -> Self {
+        Self {
+            sender_id,
+            sender_name,
+            send,
+            backend: false,
+        }
+    }
+}
+
+/// Sender name of system messages.
+pub const SYSTEM_SENDER_NAME: &str = "system";
+
+/// How a message is delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    /// To one receiver, stored in their inbox first (PRIVATE, and SYSTEM to a user).
     Private,
+    /// To everyone online but the sender (GROUP, and SYSTEM without a receiver).
     Group,
+    /// To the online members of a channel but the sender (CHANNEL).
+    Channel,
 }
 
 /// How a private message names its receiver.
@@ -62,6 +87,7 @@ enum Receiver {
 struct Valid {
     index: usize,
     kind: Kind,
+    message_kind: MessageKind,
     receiver: Option<Receiver>,
     item: Outgoing,
 }
@@ -71,6 +97,8 @@ struct Accepted {
     index: usize,
     client_id: u64,
     kind: Kind,
+    /// Channel messages from users: the sender must be a member (checked at delivery).
+    check_member: bool,
     message: Message,
 }
 
@@ -110,20 +138,40 @@ fn validate(
 ) -> Result<Valid, SendResult> {
     let send = &item.send;
     let client_id = send.client_id;
-    if item.sender_id == 0 {
+    let system = item.sender_id == 0;
+    if system && !item.backend {
         return Err(failed(client_id, ErrorCode::BadRequest, "missing sender"));
     }
-    let kind = match MessageKind::try_from(send.kind) {
-        Ok(MessageKind::Private) => Kind::Private,
-        Ok(MessageKind::Group) => Kind::Group,
-        Ok(other) => {
+    let has_receiver = send.to_user_id != 0 || !send.to_user_name.trim().is_empty();
+    let message_kind = MessageKind::try_from(send.kind).ok();
+    let kind = match message_kind {
+        Some(MessageKind::Private) if !system => Kind::Private,
+        Some(MessageKind::Group) if !system => Kind::Group,
+        Some(MessageKind::System) if system && has_receiver => Kind::Private,
+        Some(MessageKind::System) if system => Kind::Group,
+        Some(MessageKind::Channel) => Kind::Channel,
+        Some(MessageKind::System) if item.backend => {
+            return Err(failed(
+                client_id,
+                ErrorCode::BadRequest,
+                "system messages have no sender",
+            ))
+        }
+        Some(MessageKind::Private | MessageKind::Group) => {
+            return Err(failed(
+                client_id,
+                ErrorCode::BadRequest,
+                "messages of the system are of kind SYSTEM",
+            ))
+        }
+        Some(other) => {
             return Err(failed(
                 client_id,
                 ErrorCode::BadRequest,
                 format!("unsupported kind {}", other.as_str_name()),
             ))
         }
-        Err(_) => {
+        None => {
             return Err(failed(
                 client_id,
                 ErrorCode::BadRequest,
@@ -131,6 +179,24 @@ fn validate(
             ))
         }
     };
+    let message_kind = message_kind.unwrap_or(MessageKind::Unspecified);
+    if kind == Kind::Channel && !ids::valid_channel_name(&send.channel) {
+        return Err(failed(
+            client_id,
+            ErrorCode::BadRequest,
+            format!(
+                "channel must be 1 to {} letters, digits or _-.",
+                ids::MAX_CHANNEL_NAME_LEN
+            ),
+        ));
+    }
+    if send.receipt && (kind != Kind::Private || system) {
+        return Err(failed(
+            client_id,
+            ErrorCode::BadRequest,
+            "receipts are for private messages from a user",
+        ));
+    }
     if send.body.trim().is_empty() {
         return Err(failed(
             client_id,
@@ -156,7 +222,7 @@ fn validate(
         ));
     }
     let receiver = match kind {
-        Kind::Group => None,
+        Kind::Group | Kind::Channel => None,
         Kind::Private if send.to_user_id != 0 => Some(Receiver::Id(send.to_user_id)),
         Kind::Private => {
             let name = send.to_user_name.trim();
@@ -181,6 +247,7 @@ fn validate(
     Ok(Valid {
         index,
         kind,
+        message_kind,
         receiver,
         item,
     })
@@ -252,33 +319,41 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
                 }
             },
         };
-        let kind = match v.kind {
-            Kind::Private => MessageKind::Private,
-            Kind::Group => MessageKind::Group,
-        };
         let send = v.item.send;
         // A client-chosen id is unique only among its sender's messages: scoped by the
         // sender, two senders picking the same id can never make one message pass for the
         // other (the inbox stores once per id). It cannot collide with a bare ULID or a
-        // receipt id either (those have no '-' / start with a letter).
-        let id = if send.message_id.is_empty() {
-            ids::message_id()
+        // receipt id either (those have no '-' / start with a letter). The system's scope
+        // is `sys`.
+        let id = match (send.message_id.is_empty(), v.item.sender_id) {
+            (true, _) => ids::message_id(),
+            (false, 0) => format!("sys-{}", send.message_id),
+            (false, sender) => format!("{sender}-{}", send.message_id),
+        };
+        let sender_name = if v.item.sender_id == 0 {
+            SYSTEM_SENDER_NAME.to_string()
         } else {
-            format!("{}-{}", v.item.sender_id, send.message_id)
+            v.item.sender_name
         };
         accepted.push(Accepted {
             index: v.index,
             client_id,
             kind: v.kind,
+            check_member: v.kind == Kind::Channel && !v.item.backend,
             message: Message {
                 id,
                 sender_id: v.item.sender_id,
-                sender_name: v.item.sender_name,
+                sender_name,
                 receiver_id,
-                kind: kind as i32,
+                kind: v.message_kind as i32,
                 body: send.body,
                 timestamp_ms: now_ms(),
                 receipt: v.kind == Kind::Private && send.receipt,
+                channel: if v.kind == Kind::Channel {
+                    send.channel
+                } else {
+                    String::new()
+                },
                 ..Default::default()
             },
         });
@@ -290,6 +365,7 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
         let outcomes = match run[0].kind {
             Kind::Private => deliver_private(state, &servers, run).await,
             Kind::Group => deliver_group(state, &servers, run).await,
+            Kind::Channel => deliver_channels(state, &servers, run).await,
         };
         for (a, r) in run.iter().zip(outcomes) {
             results[a.index] = Some(r);
@@ -373,6 +449,7 @@ pub async fn route_receipts(state: &AppState, receipts: Vec<AckedReceipt>) {
             index,
             client_id: 0,
             kind: Kind::Private,
+            check_member: false,
             message: Message {
                 id: format!("{RECEIPT_ID_PREFIX}{}", r.message_id),
                 sender_id: r.receiver_id,
@@ -592,26 +669,165 @@ async fn deliver_group(state: &AppState, servers: &Members, run: &[Accepted]) ->
 
     run.iter()
         .zip(counts)
-        .map(|(a, n)| match &failure {
-            None => accepted_result(a, SendStatus::Delivered, n),
-            Some(e) => {
-                tracing::warn!(error = %e, delivered = n, "group fan-out interrupted");
-                // Tell the sender how far it got: the id is set only if someone got it.
-                let mut r = accepted_result(a, SendStatus::Failed, n);
-                if n == 0 {
-                    r.message_id.clear();
-                    r.timestamp_ms = 0;
-                }
-                r.error = Some(Error {
-                    code: ErrorCode::Unavailable as i32,
-                    message: format!(
-                        "state store unavailable during the fan-out (delivered to {n} users)"
-                    ),
-                });
-                r
-            }
-        })
+        .map(|(a, n)| fan_out_result(a, n, failure.as_ref()))
         .collect()
+}
+
+/// The failed result of a channel message whose sender is not a member.
+fn not_a_member(a: &Accepted) -> SendResult {
+    failed(
+        a.client_id,
+        ErrorCode::Forbidden,
+        format!(
+            "not a member of channel {:?}: join it first",
+            a.message.channel
+        ),
+    )
+}
+
+/// Channel messages: per channel (in order of first appearance), the senders' membership is
+/// checked, then the members are paged through ([`MAX_CHANNEL_PAGE`] at a time, one member
+/// page and ONE route `MGET` per page) and every page's online members get ONE push per
+/// server with all of the channel's messages. A member is on exactly one page, so nobody gets
+/// a message twice; the sender is skipped. Never stored: offline members do not get it later.
+async fn deliver_channels(
+    state: &AppState,
+    servers: &Members,
+    run: &[Accepted],
+) -> Vec<SendResult> {
+    let store = state.store();
+    let mut results: Vec<Option<SendResult>> = vec![None; run.len()];
+
+    // Membership of each distinct (channel, sender) that needs checking, concurrently.
+    // (Owned keys: a stream of futures borrowing from `run` trips the compiler's
+    // higher-ranked lifetime check once the whole routing future is spawned.)
+    let checks: HashSet<(String, u64)> = run
+        .iter()
+        .filter(|a| a.check_member)
+        .map(|a| (a.message.channel.clone(), a.message.sender_id))
+        .collect();
+    let member: HashMap<(String, u64), StoreResult<bool>> = stream::iter(checks)
+        .map(|(channel, user)| async move {
+            let is = store.channel_is_member(&channel, user).await;
+            ((channel, user), is)
+        })
+        .buffer_unordered(LOOKUP_CONCURRENCY)
+        .collect()
+        .await;
+
+    let mut channels: Vec<&str> = Vec::new();
+    let mut per_channel: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (pos, a) in run.iter().enumerate() {
+        if a.check_member {
+            match member.get(&(a.message.channel.clone(), a.message.sender_id)) {
+                Some(Ok(true)) => {}
+                Some(Ok(false)) => {
+                    results[pos] = Some(not_a_member(a));
+                    continue;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "channel membership check failed");
+                    results[pos] = Some(unavailable(a.client_id));
+                    continue;
+                }
+                None => {
+                    results[pos] = Some(unavailable(a.client_id));
+                    continue;
+                }
+            }
+        }
+        let channel = a.message.channel.as_str();
+        per_channel
+            .entry(channel)
+            .or_insert_with(|| {
+                channels.push(channel);
+                Vec::new()
+            })
+            .push(pos);
+    }
+
+    for channel in channels {
+        let positions = &per_channel[channel];
+        let messages: Vec<&Message> = positions.iter().map(|&p| &run[p].message).collect();
+        let (counts, failure) = fan_out_channel(state, servers, channel, &messages).await;
+        for (j, &p) in positions.iter().enumerate() {
+            results[p] = Some(fan_out_result(&run[p], counts[j], failure.as_ref()));
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| failed(0, ErrorCode::Internal, "message was not routed")))
+        .collect()
+}
+
+/// Pushes `messages` to the online members of `channel`, page by page. Returns the number of
+/// recipients of each message and the store failure that cut the fan-out short, if one did.
+async fn fan_out_channel(
+    state: &AppState,
+    servers: &Members,
+    channel: &str,
+    messages: &[&Message],
+) -> (Vec<u32>, Option<StoreError>) {
+    let store = state.store();
+    let mut counts = vec![0u32; messages.len()];
+    let mut after = 0u64;
+    // Member pages never repeat a user; `seen` only satisfies `group_by_server`.
+    let mut seen: HashSet<u64> = HashSet::new();
+    loop {
+        let members = match store.channel_members(channel, after, MAX_CHANNEL_PAGE).await {
+            Ok(m) => m,
+            Err(e) => return (counts, Some(e)),
+        };
+        let Some(&last) = members.last() else { break };
+        let routes = match store.routes(&members).await {
+            Ok(r) => r,
+            Err(e) => return (counts, Some(e)),
+        };
+        seen.clear();
+        let ServerGroups { per_server, stale } =
+            group_by_server(servers, routes.into_iter().flatten(), &mut seen);
+        let pushes = per_server.into_values().map(|(server, users)| {
+            let (positions, deliveries) = group_deliveries(messages.iter().copied(), &users);
+            async move {
+                if deliveries.is_empty() {
+                    return (positions, None);
+                }
+                (positions, push(state, server, deliveries).await)
+            }
+        });
+        let (outcomes, ()) = tokio::join!(join_all(pushes), remove_stale(store, &stale));
+        for (positions, results) in outcomes {
+            let Some(results) = results else { continue };
+            for (j, &p) in positions.iter().enumerate() {
+                counts[p] = counts[p].saturating_add(count(results.get(j)));
+            }
+        }
+        if members.len() < MAX_CHANNEL_PAGE {
+            break;
+        }
+        after = last;
+    }
+    (counts, None)
+}
+
+/// The result of a fan-out (group or channel) message that reached `n` users, or was cut
+/// short by `failure`.
+fn fan_out_result(a: &Accepted, n: u32, failure: Option<&StoreError>) -> SendResult {
+    let Some(e) = failure else {
+        return accepted_result(a, SendStatus::Delivered, n);
+    };
+    tracing::warn!(error = %e, delivered = n, "fan-out interrupted");
+    // Tell the sender how far it got: the id is set only if someone got it.
+    let mut r = accepted_result(a, SendStatus::Failed, n);
+    if n == 0 {
+        r.message_id.clear();
+        r.timestamp_ms = 0;
+    }
+    r.error = Some(Error {
+        code: ErrorCode::Unavailable as i32,
+        message: format!("state store unavailable during the fan-out (delivered to {n} users)"),
+    });
+    r
 }
 
 #[cfg(test)]
@@ -633,11 +849,7 @@ mod tests {
     }
 
     fn from(sender_id: u64, name: &str, send: Send) -> Outgoing {
-        Outgoing {
-            sender_id,
-            sender_name: name.into(),
-            send,
-        }
+        Outgoing::from_user(sender_id, name.into(), send)
     }
 
     fn status(r: &SendResult) -> SendStatus {

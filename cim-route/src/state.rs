@@ -1,11 +1,14 @@
 //! What every request handler shares: configuration, backends, the live-server list from the
-//! registry watch, token signer, internal-call client, and the round-robin counter.
+//! registry watch, token signer, internal-call client, the round-robin counter, and the
+//! in-memory fan-out of presence events.
 //!
 //! Architecture invariant: nothing here caches business state. Two route instances answer
 //! any request identically; the only per-instance values are the registry watch (a cache of
-//! etcd, updated by etcd) and the round-robin position (which only spreads load).
+//! etcd, updated by etcd), the round-robin position (which only spreads load), and the event
+//! hub (a pass-through of the store's event stream, holding nothing a subscriber cannot
+//! re-read from the store).
 
-use crate::{config::RouteConfig, password::Passwords};
+use crate::{config::RouteConfig, events::EventHub, password::Passwords};
 use cim_common::{
     cluster::ClusterClient,
     registry::{self, Members, MembersRx, ServiceInfo},
@@ -32,6 +35,7 @@ struct Inner {
     cluster: ClusterClient,
     passwords: Passwords,
     next_server: AtomicUsize,
+    events: EventHub,
 }
 
 impl AppState {
@@ -59,6 +63,7 @@ impl AppState {
                 cluster,
                 passwords,
                 next_server: AtomicUsize::new(0),
+                events: EventHub::new(),
             }),
         }
     }
@@ -81,6 +86,11 @@ impl AppState {
 
     pub fn cluster(&self) -> &ClusterClient {
         &self.inner.cluster
+    }
+
+    /// This instance's fan-out of presence events (fed by `events::run_tail`).
+    pub fn events(&self) -> &EventHub {
+        &self.inner.events
     }
 
     pub fn passwords(&self) -> &Passwords {

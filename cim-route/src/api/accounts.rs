@@ -186,7 +186,22 @@ pub async fn login(
         Some(user) if ok => user,
         _ => return Err(bad_credentials()),
     };
+    Ok(Json(open_session(&state, user.id, user.name).await?))
+}
 
+/// Starts a login session of an authenticated user: takes the single-login slot, assigns a
+/// server, signs the tokens. Shared by `login` and the business API's connect call (a
+/// backend that authenticated the user itself).
+pub(crate) async fn open_session(
+    state: &AppState,
+    user_id: u64,
+    user_name: String,
+) -> Result<LoggedIn, AppError> {
+    let config = state.config();
+    let user = UserRef {
+        id: user_id,
+        name: user_name,
+    };
     let servers = state.servers();
     let server = state.pick_server(&servers).ok_or_else(|| {
         AppError::new(
@@ -210,7 +225,7 @@ pub async fn login(
         // server until its lease expires, so ask it: if it does not hold the user (or does
         // not answer), the slot is stale and this login takes it over at once.
         if let Some(server) = live_server(&servers, holder) {
-            if !holds_user(&state, server, user.id).await {
+            if !holds_user(state, server, user.id).await {
                 tracing::info!(user_id = user.id, server = %holder, "login slot was stale: taken over");
                 let stale = holder.clone();
                 outcome = state
@@ -258,14 +273,20 @@ pub async fn login(
         exp_ms: session_exp,
     });
     tracing::info!(user_id = user.id, server = %server.id, "logged in");
-    Ok(Json(LoggedIn {
+    Ok(LoggedIn {
         user_id: user.id,
         name: user.name,
         server: ServerAddrs::from(&server),
         connect_token,
         session_token,
         heartbeat_hint_ms: None,
-    }))
+    })
+}
+
+/// The user a session is opened for.
+struct UserRef {
+    id: u64,
+    name: String,
 }
 
 /// Whether `server` has a logged-in connection of `user_id`. A server that cannot be asked

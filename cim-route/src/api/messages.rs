@@ -58,12 +58,7 @@ pub struct GroupSent {
 }
 
 /// Routes one message and returns its result, or the HTTP error of a failed one.
-async fn route_one(state: &AppState, user: AuthUser, send: Send) -> Result<SendResult, AppError> {
-    let item = Outgoing {
-        sender_id: user.user_id,
-        sender_name: user.user_name,
-        send,
-    };
+pub(crate) async fn route_one(state: &AppState, item: Outgoing) -> Result<SendResult, AppError> {
     let result = routing::route_detached(state, vec![item])
         .await
         .pop()
@@ -71,18 +66,25 @@ async fn route_one(state: &AppState, user: AuthUser, send: Send) -> Result<SendR
     if result.status != SendStatus::Failed as i32 {
         return Ok(result);
     }
+    Err(send_error(&result))
+}
+
+/// The HTTP error of a FAILED send result.
+pub(crate) fn send_error(result: &SendResult) -> AppError {
     let (code, message) = result
         .error
-        .map(|e| (e.code, e.message))
+        .as_ref()
+        .map(|e| (e.code, e.message.clone()))
         .unwrap_or((ErrorCode::Internal as i32, "failed".into()));
-    Err(match ErrorCode::try_from(code) {
+    match ErrorCode::try_from(code) {
         Ok(ErrorCode::UnknownUser) => AppError::new(StatusCode::NOT_FOUND, "unknown_user", message),
         Ok(ErrorCode::BadRequest) => AppError::bad_request(message),
+        Ok(ErrorCode::Forbidden) => AppError::new(StatusCode::FORBIDDEN, "not_a_member", message),
         Ok(ErrorCode::Unavailable) => {
             AppError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
         }
         _ => AppError::internal(message),
-    })
+    }
 }
 
 pub async fn private(
@@ -99,7 +101,8 @@ pub async fn private(
         receipt: req.receipt,
         ..Default::default()
     };
-    let result = route_one(&state, user, send).await?;
+    let item = Outgoing::from_user(user.user_id, user.user_name, send);
+    let result = route_one(&state, item).await?;
     let status = if result.status == SendStatus::Delivered as i32 {
         "delivered"
     } else {
@@ -122,7 +125,8 @@ pub async fn group(
         body: req.body,
         ..Default::default()
     };
-    let result = route_one(&state, user, send).await?;
+    let item = Outgoing::from_user(user.user_id, user.user_name, send);
+    let result = route_one(&state, item).await?;
     Ok(Json(GroupSent {
         id: result.message_id,
         delivered: result.delivered,

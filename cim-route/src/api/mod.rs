@@ -3,6 +3,9 @@
 //! `{"error":{"code","message"}}` (see [`crate::error`]).
 
 pub mod accounts;
+pub mod admin;
+pub mod channels;
+pub mod events;
 pub mod messages;
 pub mod presence;
 
@@ -45,6 +48,27 @@ pub fn app(state: AppState) -> Router {
         .route("/api/users/online", get(presence::online))
         .route("/api/messages/private", post(messages::private))
         .route("/api/messages/group", post(messages::group))
+        .route("/api/channels", get(channels::list))
+        .route("/api/channels/mine", get(channels::mine))
+        .route("/api/channels/{name}", get(channels::info))
+        .route("/api/channels/{name}/join", post(channels::join))
+        .route("/api/channels/{name}/leave", post(channels::leave))
+        .route("/api/channels/{name}/members", get(channels::members))
+        .route("/api/channels/{name}/messages", post(channels::send))
+        .route("/api/admin/messages", post(admin::messages))
+        .route("/api/admin/broadcast", post(admin::broadcast))
+        .route("/api/admin/presence", get(admin::presence))
+        .route("/api/admin/online", get(admin::online))
+        .route("/api/admin/online/count", get(admin::online_count))
+        .route("/api/admin/users/{id}/kick", post(admin::kick))
+        .route("/api/admin/users/{id}/connect", post(admin::connect))
+        .route("/api/admin/users/{id}/channels", get(admin::user_channels))
+        .route("/api/admin/channels/{name}/join", post(admin::channel_join))
+        .route("/api/admin/channels/{name}/leave", post(admin::channel_leave))
+        .route("/api/admin/channels/{name}/messages", post(admin::channel_message))
+        .route("/api/admin/events", get(events::stream_events))
+        .route("/api/admin/events/recent", get(events::recent))
+        .merge(crate::web::routes())
         .fallback(not_found)
         .with_state(state)
         // tower-http's limit (below) is the one in force, whatever axum's default is.

@@ -81,6 +81,11 @@ pub async fn online(
     _user: AuthUser,
     ApiQuery(q): ApiQuery<OnlineQuery>,
 ) -> Result<Json<OnlinePage>, AppError> {
+    Ok(Json(online_page(&state, q).await?))
+}
+
+/// A page of the online users (shared with the business API).
+pub async fn online_page(state: &AppState, q: OnlineQuery) -> Result<OnlinePage, AppError> {
     let config = state.config();
     let limit = parse_limit(q.limit.as_deref(), config.online_page_max)?;
     let prefix = q.prefix.unwrap_or_default();
@@ -141,7 +146,7 @@ pub async fn online(
         }
     }))
     .await;
-    Ok(Json(OnlinePage { users, next }))
+    Ok(OnlinePage { users, next })
 }
 
 #[derive(Serialize)]

@@ -1,0 +1,484 @@
+//! The business API (FreeIM's ImHelper role): what a backend does without touching connection
+//! servers. Every call needs an API key from the configuration (`X-Api-Key`; with none
+//! configured, every call is 401 `api_disabled`).
+//!
+//! - `POST /api/admin/messages` `{"to":[ids],"body","from"?,"receipt"?,"id"?}` →
+//!   `{"results":[{"to","id","status","error"?}]}`: as the system (no `from`: kind SYSTEM,
+//!   sender 0) or on behalf of user `from` (kind PRIVATE). Stored before pushed, like any
+//!   private message; `status` is `delivered`, `stored` or `failed`.
+//! - `POST /api/admin/broadcast` `{"body","from"?}` → `{"id","delivered","timestamp_ms"}`:
+//!   everyone online (never stored).
+//! - `GET /api/admin/presence?user_ids=1,2` → `{"users":[{"user_id","online","server_id"}]}`
+//! - `GET /api/admin/online?prefix=&after=&limit=` → the online list of `GET /api/users/online`
+//! - `GET /api/admin/online/count` → `{"online":n,"servers":[{"id","online"}]}`: asked of every
+//!   live server (its logged-in connections), so a crashed server's users never count.
+//! - `POST /api/admin/users/{id}/kick` `{"reason"?}` → `{"kicked":bool}`: the client gets
+//!   `Kick{KICK_REASON_ADMIN}` and does not reconnect by itself.
+//! - `POST /api/admin/users/{id}/connect` → the body of `/api/login`: a backend that did its
+//!   own authentication hands the connect token (single-use) and session token to its app.
+//! - `POST /api/admin/channels/{name}/join|leave` `{"user_id"}`,
+//!   `GET /api/admin/users/{id}/channels`,
+//!   `POST /api/admin/channels/{name}/messages` `{"body","from"?}`
+//! - events: see [`super::events`].
+
+use crate::{
+    api::{
+        accounts::{open_session, LoggedIn, KICK_PATH, PRESENCE_PATH},
+        channels::{
+            channel_name, channel_send, channels_of, join_user, leave_user, send_to_channel,
+            ChannelList, Joined, Left,
+        },
+        messages::{route_one, send_error, GroupSent},
+        presence::{online_page, OnlinePage, OnlineQuery},
+    },
+    auth::ApiKey,
+    error::{ApiJson, ApiQuery, AppError},
+    routing::{self, Outgoing},
+    state::{is_live, live_server, AppState},
+};
+use axum::{
+    body::Bytes,
+    extract::{Path, State},
+    http::StatusCode,
+    Json,
+};
+use cim_common::pb::{
+    cluster::{KickRequest, KickResponse, PresenceRequest, PresenceResponse},
+    Kick, KickReason, MessageKind, Send, SendStatus,
+};
+use futures_util::future::join_all;
+use serde::{Deserialize, Serialize};
+
+/// Longest kick reason, in bytes (it travels in a Kick frame).
+const MAX_REASON_LEN: usize = 256;
+
+#[derive(Deserialize)]
+pub struct AdminMessage {
+    #[serde(default)]
+    pub to: Vec<u64>,
+    #[serde(default)]
+    pub body: String,
+    /// On behalf of this user; absent or 0: from the system.
+    #[serde(default)]
+    pub from: Option<u64>,
+    /// Send `from` a RECEIPT message when a receiver acked it (needs `from`).
+    #[serde(default)]
+    pub receipt: bool,
+    /// Message id chosen by the caller (1-64 of `[0-9A-Za-z_-]`): a retry is stored once.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct ErrorView {
+    pub code: &'static str,
+    pub message: String,
+}
+
+#[derive(Serialize)]
+pub struct AdminResult {
+    pub to: u64,
+    /// Set unless the send failed.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// `delivered`, `stored` or `failed`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorView>,
+}
+
+#[derive(Serialize)]
+pub struct AdminResults {
+    pub results: Vec<AdminResult>,
+}
+
+#[derive(Deserialize)]
+pub struct Broadcast {
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub from: Option<u64>,
+}
+
+#[derive(Deserialize)]
+pub struct UserRef {
+    pub user_id: u64,
+}
+
+#[derive(Deserialize)]
+pub struct PresenceQuery {
+    /// Comma-separated user ids.
+    #[serde(default)]
+    pub user_ids: String,
+}
+
+#[derive(Serialize)]
+pub struct UserPresence {
+    pub user_id: u64,
+    pub online: bool,
+    pub server_id: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct PresenceList {
+    pub users: Vec<UserPresence>,
+}
+
+#[derive(Serialize)]
+pub struct ServerCount {
+    pub id: String,
+    pub online: u64,
+}
+
+#[derive(Serialize)]
+pub struct OnlineCount {
+    pub online: u64,
+    pub servers: Vec<ServerCount>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct KickBody {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct Kicked {
+    pub kicked: bool,
+}
+
+/// The sender of a business-API message: `(0, "")` for the system, else the named user, who
+/// must exist.
+async fn sender(state: &AppState, from: Option<u64>) -> Result<(u64, String), AppError> {
+    match from.filter(|&id| id != 0) {
+        None => Ok((0, String::new())),
+        Some(id) => Ok((id, existing_user(state, id).await?)),
+    }
+}
+
+/// The name of user `id`, or 404 `unknown_user`.
+async fn existing_user(state: &AppState, id: u64) -> Result<String, AppError> {
+    state.store().user_name(id).await?.ok_or_else(|| {
+        AppError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+            format!("no user with id {id}"),
+        )
+    })
+}
+
+fn backend_item(sender_id: u64, sender_name: String, send: Send) -> Outgoing {
+    Outgoing {
+        sender_id,
+        sender_name,
+        send,
+        backend: true,
+    }
+}
+
+pub async fn messages(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    ApiJson(req): ApiJson<AdminMessage>,
+) -> Result<Json<AdminResults>, AppError> {
+    let max = state.config().max_receivers;
+    if req.to.is_empty() || req.to.len() > max {
+        return Err(AppError::bad_request(format!(
+            "`to` must list 1 to {max} user ids"
+        )));
+    }
+    if req.to.contains(&0) {
+        return Err(AppError::bad_request("`to` must not contain 0"));
+    }
+    let (sender_id, sender_name) = sender(&state, req.from).await?;
+    if req.receipt && sender_id == 0 {
+        return Err(AppError::bad_request(
+            "`receipt` needs `from`: receipts go to the user who sent the message",
+        ));
+    }
+    let kind = if sender_id == 0 {
+        MessageKind::System
+    } else {
+        MessageKind::Private
+    };
+    let items: Vec<Outgoing> = req
+        .to
+        .iter()
+        .map(|&to| {
+            let send = Send {
+                kind: kind as i32,
+                to_user_id: to,
+                body: req.body.clone(),
+                receipt: req.receipt,
+                message_id: req.id.clone().unwrap_or_default(),
+                ..Default::default()
+            };
+            backend_item(sender_id, sender_name.clone(), send)
+        })
+        .collect();
+    let results = routing::route_detached(&state, items).await;
+    let results = req
+        .to
+        .iter()
+        .zip(results)
+        .map(|(&to, r)| {
+            let status = match SendStatus::try_from(r.status) {
+                Ok(SendStatus::Delivered) => "delivered",
+                Ok(SendStatus::Stored) => "stored",
+                _ => "failed",
+            };
+            let error = (status == "failed").then(|| {
+                let e = send_error(&r);
+                ErrorView {
+                    code: e.code,
+                    message: e.message,
+                }
+            });
+            AdminResult {
+                to,
+                id: r.message_id,
+                status,
+                error,
+            }
+        })
+        .collect();
+    Ok(Json(AdminResults { results }))
+}
+
+pub async fn broadcast(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    ApiJson(req): ApiJson<Broadcast>,
+) -> Result<Json<GroupSent>, AppError> {
+    let (sender_id, sender_name) = sender(&state, req.from).await?;
+    let kind = if sender_id == 0 {
+        MessageKind::System
+    } else {
+        MessageKind::Group
+    };
+    let send = Send {
+        kind: kind as i32,
+        body: req.body,
+        ..Default::default()
+    };
+    let result = route_one(&state, backend_item(sender_id, sender_name, send)).await?;
+    Ok(Json(GroupSent {
+        id: result.message_id,
+        delivered: result.delivered,
+        timestamp_ms: result.timestamp_ms,
+    }))
+}
+
+/// Parses `1,2,3` (1 to `max` ids).
+fn parse_ids(raw: &str, max: usize) -> Result<Vec<u64>, AppError> {
+    let bad = || {
+        AppError::bad_request(format!(
+            "user_ids must be 1 to {max} comma-separated user ids"
+        ))
+    };
+    let ids = raw
+        .split(',')
+        .map(|s| s.trim().parse::<u64>().map_err(|_| bad()))
+        .collect::<Result<Vec<u64>, _>>()?;
+    if ids.is_empty() || ids.len() > max {
+        return Err(bad());
+    }
+    Ok(ids)
+}
+
+pub async fn presence(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    ApiQuery(q): ApiQuery<PresenceQuery>,
+) -> Result<Json<PresenceList>, AppError> {
+    let ids = parse_ids(&q.user_ids, state.config().max_receivers)?;
+    let routes = state.store().routes(&ids).await?;
+    let servers = state.servers();
+    let users = ids
+        .into_iter()
+        .zip(routes)
+        .map(|(user_id, route)| {
+            let server_id = route
+                .map(|r| r.server_id)
+                .filter(|s| is_live(&servers, s));
+            UserPresence {
+                user_id,
+                online: server_id.is_some(),
+                server_id,
+            }
+        })
+        .collect();
+    Ok(Json(PresenceList { users }))
+}
+
+pub async fn online(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    ApiQuery(q): ApiQuery<OnlineQuery>,
+) -> Result<Json<OnlinePage>, AppError> {
+    Ok(Json(online_page(&state, q).await?))
+}
+
+pub async fn online_count(
+    State(state): State<AppState>,
+    _key: ApiKey,
+) -> Result<Json<OnlineCount>, AppError> {
+    let servers = state.servers();
+    let asks = servers.iter().map(|server| {
+        let state = state.clone();
+        async move {
+            let resp = state
+                .cluster()
+                .call::<_, PresenceResponse>(
+                    &server.internal_addr,
+                    PRESENCE_PATH,
+                    &PresenceRequest::default(),
+                )
+                .await;
+            (server.id.clone(), resp)
+        }
+    });
+    let mut counts = Vec::with_capacity(servers.len());
+    for (id, resp) in join_all(asks).await {
+        match resp {
+            Ok(r) => counts.push(ServerCount { id, online: r.online }),
+            // A live server that does not answer cannot be counted: say so rather than
+            // answer a number that is silently short.
+            Err(e) => {
+                return Err(AppError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("server {id} did not answer, retry later"),
+                )
+                .with_cause(e))
+            }
+        }
+    }
+    Ok(Json(OnlineCount {
+        online: counts.iter().map(|c| c.online).sum(),
+        servers: counts,
+    }))
+}
+
+pub async fn kick(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    Path(user_id): Path<u64>,
+    body: Bytes,
+) -> Result<Json<Kicked>, AppError> {
+    let req: KickBody = if body.iter().all(u8::is_ascii_whitespace) {
+        KickBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| AppError::bad_request(format!("invalid JSON body: {e}")))?
+    };
+    let reason = req
+        .reason
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "disconnected by the service".into());
+    if reason.len() > MAX_REASON_LEN {
+        return Err(AppError::bad_request(format!(
+            "reason must be at most {MAX_REASON_LEN} bytes"
+        )));
+    }
+    existing_user(&state, user_id).await?;
+    let routes = state.store().routes(&[user_id]).await?;
+    let servers = state.servers();
+    let Some(server) = routes
+        .into_iter()
+        .flatten()
+        .next()
+        .and_then(|r| live_server(&servers, &r.server_id).cloned())
+    else {
+        return Ok(Json(Kicked { kicked: false }));
+    };
+    let req = KickRequest {
+        user_ids: vec![user_id],
+        kick: Some(Kick {
+            reason: KickReason::Admin as i32,
+            message: reason,
+        }),
+        session: String::new(),
+    };
+    let resp: KickResponse = state
+        .cluster()
+        .call(&server.internal_addr, KICK_PATH, &req)
+        .await
+        .map_err(|e| {
+            AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("server {} did not answer, retry later", server.id),
+            )
+            .with_cause(e)
+        })?;
+    let kicked = resp.kicked.contains(&user_id);
+    tracing::info!(user_id, kicked, "forced offline through the business API");
+    Ok(Json(Kicked { kicked }))
+}
+
+pub async fn connect(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    Path(user_id): Path<u64>,
+) -> Result<Json<LoggedIn>, AppError> {
+    let name = existing_user(&state, user_id).await?;
+    Ok(Json(open_session(&state, user_id, name).await?))
+}
+
+pub async fn channel_join(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<UserRef>,
+) -> Result<Json<Joined>, AppError> {
+    let channel = channel_name(name)?;
+    existing_user(&state, req.user_id).await?;
+    Ok(Json(join_user(&state, channel, req.user_id).await?))
+}
+
+pub async fn channel_leave(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<UserRef>,
+) -> Result<Json<Left>, AppError> {
+    let channel = channel_name(name)?;
+    Ok(Json(leave_user(&state, channel, req.user_id).await?))
+}
+
+pub async fn user_channels(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    Path(user_id): Path<u64>,
+) -> Result<Json<ChannelList>, AppError> {
+    existing_user(&state, user_id).await?;
+    Ok(Json(channels_of(&state, user_id).await?))
+}
+
+pub async fn channel_message(
+    State(state): State<AppState>,
+    _key: ApiKey,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<Broadcast>,
+) -> Result<Json<GroupSent>, AppError> {
+    let channel = channel_name(name)?;
+    let (sender_id, sender_name) = sender(&state, req.from).await?;
+    let item = backend_item(sender_id, sender_name, channel_send(channel, req.body));
+    Ok(Json(send_to_channel(&state, item).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_lists() {
+        assert_eq!(parse_ids("1,2, 3", 10).unwrap(), vec![1, 2, 3]);
+        assert!(parse_ids("", 10).is_err());
+        assert!(parse_ids("1,,2", 10).is_err());
+        assert!(parse_ids("a", 10).is_err());
+        assert!(parse_ids("-1", 10).is_err());
+        assert!(parse_ids("1,2,3", 2).is_err());
+    }
+}
