@@ -173,7 +173,10 @@ impl RouteConfig {
             if !(url.starts_with("http://") || url.starts_with("https://"))
                 || reqwest::Url::parse(url).is_err()
             {
-                return Err(invalid("webhook_url", format!("{url:?} is not an http(s) URL")));
+                return Err(invalid(
+                    "webhook_url",
+                    format!("{url:?} is not an http(s) URL"),
+                ));
             }
         }
         let positive: [(&'static str, u64); 14] = [

@@ -1,15 +1,19 @@
 //! cim-route: the stateless HTTP service of cim. Accounts, login with single-login, round-robin
-//! assignment of connection servers, and all message routing (private and group), for
-//! clients over HTTP and for messages that connection servers forward.
+//! assignment of connection servers, all message routing (private, group, channel), for
+//! clients over HTTP and for messages that connection servers forward, and the business API
+//! for backends (API key): system messages, presence and its events, channels.
 //!
 //! # Layout
 //! - [`config`]: [`RouteConfig`], defaults that work on one machine, validation.
 //! - [`state`]: [`AppState`], what handlers share (backends, live-server watch, signer).
 //! - [`error`]: the API's one error shape, and extractors that keep rejections in it.
-//! - [`auth`]: the bearer-token extractor ([`auth::AuthUser`]).
-//! - [`api`]: the public router ([`app`]) and its handlers: `accounts`, `messages`, `presence`.
+//! - [`auth`]: the bearer-token extractor ([`auth::AuthUser`]), API keys ([`auth::ApiKey`]).
+//! - [`api`]: the public router ([`app`]) and its handlers: `accounts`, `messages`, `presence`,
+//!   `channels`, `admin` (business API), `events` (presence events for backends).
 //! - [`routing`]: message routing, shared by the HTTP API and the internal forward endpoint.
 //! - [`internal`]: the internal listener (`/internal/forward`, cluster-secret protected).
+//! - [`events`]: presence events: the store tail shared by SSE subscribers, the webhook.
+//! - [`sweep`]: removes the routes of a server that vanished, publishing `server_lost` events.
 //! - [`password`]: Argon2id hashing off the async threads.
 //!
 //! [`start`] runs an instance on already-bound listeners (tests bind `127.0.0.1:0`).
@@ -27,6 +31,7 @@ pub mod internal;
 pub mod password;
 pub mod routing;
 pub mod state;
+pub mod sweep;
 pub mod web;
 
 #[cfg(test)]
@@ -159,10 +164,15 @@ pub async fn start(
     let ttl = config.registry_ttl();
     let drain = config.request_timeout() + Duration::from_secs(1);
     let business_api = !config.api_keys.is_empty();
+    let watch = servers.clone();
     let state = AppState::new(id.clone(), config, backends.store.clone(), servers);
 
     let cancel = CancellationToken::new();
-    let mut tasks = Vec::new();
+    let mut tasks = vec![tokio::spawn(sweep::run(
+        state.clone(),
+        watch,
+        cancel.clone(),
+    ))];
     if business_api {
         // Only backends (API key) read events: without a key nobody could subscribe.
         tasks.push(tokio::spawn(events::run_tail(

@@ -774,7 +774,10 @@ async fn fan_out_channel(
     // Member pages never repeat a user; `seen` only satisfies `group_by_server`.
     let mut seen: HashSet<u64> = HashSet::new();
     loop {
-        let members = match store.channel_members(channel, after, MAX_CHANNEL_PAGE).await {
+        let members = match store
+            .channel_members(channel, after, MAX_CHANNEL_PAGE)
+            .await
+        {
             Ok(m) => m,
             Err(e) => return (counts, Some(e)),
         };

@@ -99,7 +99,11 @@ mod tests {
         for (path, content_type, marker) in [
             ("/", "text/html; charset=utf-8", "<!doctype html>"),
             ("/index.html", "text/html; charset=utf-8", "<!doctype html>"),
-            ("/app.js", "text/javascript; charset=utf-8", "\"use strict\""),
+            (
+                "/app.js",
+                "text/javascript; charset=utf-8",
+                "\"use strict\"",
+            ),
             ("/style.css", "text/css; charset=utf-8", "@media"),
         ] {
             let (status, headers, body) = get(path).await;

@@ -58,10 +58,8 @@ impl Api {
 
     fn bearer(cluster: &Cluster, login: &LoginInfo) -> Self {
         let mut api = Self::new(cluster);
-        api.headers.push((
-            "authorization",
-            format!("Bearer {}", login.session_token),
-        ));
+        api.headers
+            .push(("authorization", format!("Bearer {}", login.session_token)));
         api
     }
 
@@ -207,7 +205,10 @@ async fn system_and_on_behalf_messages_are_stored_and_delivered() -> anyhow::Res
     let id = v["results"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(id, format!("{}-order-1", alice.id()));
     let m = bob.next_message().await?;
-    assert_eq!((m.sender_id, m.kind), (alice.id(), MessageKind::Private as i32));
+    assert_eq!(
+        (m.sender_id, m.kind),
+        (alice.id(), MessageKind::Private as i32)
+    );
     bob.ack(vec![m.id]).await?;
     let receipt = next_message(&mut alice).await?;
     assert_eq!(receipt.kind, MessageKind::Receipt as i32);
@@ -217,8 +218,16 @@ async fn system_and_on_behalf_messages_are_stored_and_delivered() -> anyhow::Res
     for (body, code, status) in [
         (json!({"to": [], "body": "x"}), "bad_request", 400),
         (json!({"to": [bob.id()], "body": ""}), "failed", 200),
-        (json!({"to": [bob.id()], "body": "x", "receipt": true}), "bad_request", 400),
-        (json!({"to": [bob.id()], "body": "x", "from": 999_999}), "unknown_user", 404),
+        (
+            json!({"to": [bob.id()], "body": "x", "receipt": true}),
+            "bad_request",
+            400,
+        ),
+        (
+            json!({"to": [bob.id()], "body": "x", "from": 999_999}),
+            "unknown_user",
+            404,
+        ),
         (json!({"to": "bob"}), "bad_request", 400),
     ] {
         let (s, v) = admin.post("/api/admin/messages", body.clone()).await?;
@@ -263,11 +272,17 @@ async fn broadcast_presence_and_online_count() -> anyhow::Result<()> {
     }
     // On behalf of alice: everyone but alice.
     let v = admin
-        .ok("/api/admin/broadcast", json!({"body": "from alice", "from": alice.id()}))
+        .ok(
+            "/api/admin/broadcast",
+            json!({"body": "from alice", "from": alice.id()}),
+        )
         .await?;
     assert_eq!(v["delivered"], 1, "{v}");
     let m = bob.next_message().await?;
-    assert_eq!((m.kind, m.sender_id), (MessageKind::Group as i32, alice.id()));
+    assert_eq!(
+        (m.kind, m.sender_id),
+        (MessageKind::Group as i32, alice.id())
+    );
 
     let v = admin
         .ok_get(&format!(
@@ -344,13 +359,12 @@ async fn force_offline_kicks_with_the_admin_reason() -> anyhow::Result<()> {
     })
     .await?;
     let path = format!("/api/admin/users/{}/kick", alice.id());
-    let resp = admin
-        .request(reqwest::Method::POST, &path)
-        .send()
-        .await?;
+    let resp = admin.request(reqwest::Method::POST, &path).send().await?;
     assert_eq!(resp.status(), 200, "no body is fine");
     assert_eq!(resp.json::<Value>().await?["kicked"], false);
-    let (s, v) = admin.post("/api/admin/users/999999/kick", json!({})).await?;
+    let (s, v) = admin
+        .post("/api/admin/users/999999/kick", json!({}))
+        .await?;
     assert_eq!((s, error_code(&v)), (404, "unknown_user"));
     let (s, _) = admin
         .post(&path, json!({"reason": "x".repeat(300)}))
@@ -367,7 +381,10 @@ async fn a_backend_gets_connect_tokens_for_its_users() -> anyhow::Result<()> {
     let alice = route.register("alice", "password-alice").await?;
 
     let v = admin
-        .ok(&format!("/api/admin/users/{}/connect", alice.user_id), json!({}))
+        .ok(
+            &format!("/api/admin/users/{}/connect", alice.user_id),
+            json!({}),
+        )
         .await?;
     let login: LoginInfo = serde_json::from_value(v)?;
     assert_eq!(login.user_id, alice.user_id);
@@ -376,7 +393,10 @@ async fn a_backend_gets_connect_tokens_for_its_users() -> anyhow::Result<()> {
 
     // Single login holds for backends too.
     let (s, v) = admin
-        .post(&format!("/api/admin/users/{}/connect", alice.user_id), json!({}))
+        .post(
+            &format!("/api/admin/users/{}/connect", alice.user_id),
+            json!({}),
+        )
         .await?;
     assert_eq!((s, error_code(&v)), (409, "already_logged_in"));
     let (s, v) = admin
@@ -428,7 +448,8 @@ impl SseReader {
             loop {
                 if let Some(end) = self.buf.find("\n\n") {
                     let block: String = self.buf.drain(..end + 2).collect();
-                    let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
+                    let (mut id, mut event, mut data) =
+                        (String::new(), String::new(), String::new());
                     for line in block.lines() {
                         if let Some(v) = line.strip_prefix("id:") {
                             id = v.trim().to_string();
@@ -505,7 +526,10 @@ async fn presence_events_stream_logins_logouts_and_timeouts() -> anyhow::Result<
     let bob = online(&cluster, "bob").await?;
     assert_ne!(bob.server_id(), alice_server);
     let e = events.next_of(bob.id()).await?;
-    assert_eq!((e.event.as_str(), &e.data["server_id"]), ("online", &json!(bob.server_id())));
+    assert_eq!(
+        (e.event.as_str(), &e.data["server_id"]),
+        ("online", &json!(bob.server_id()))
+    );
     let e = events.next_of(bob.id()).await?;
     assert_eq!(e.data["reason"], "heartbeat_timeout", "{:?}", e);
 
@@ -567,7 +591,9 @@ async fn presence_events_reach_the_webhook_signed_and_in_order() -> anyhow::Resu
     let got: Hooked = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/hook", listener.local_addr()?);
-    let app = Router::new().route("/hook", post(hook)).with_state(got.clone());
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state(got.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let hook_url = url.clone();
@@ -614,7 +640,10 @@ async fn presence_events_reach_the_webhook_signed_and_in_order() -> anyhow::Resu
     for (body, sig) in got.lock().unwrap().iter() {
         assert_eq!(
             sig,
-            &format!("sha256={}", cim_route::events::signature("hook-secret", body))
+            &format!(
+                "sha256={}",
+                cim_route::events::signature("hook-secret", body)
+            )
         );
     }
     Ok(())
@@ -626,7 +655,11 @@ async fn channel_messages_reach_exactly_the_online_members() -> anyhow::Result<(
     let admin = Api::admin(&cluster);
     let mut alice = online(&cluster, "alice").await?;
     let mut bob = online(&cluster, "bob").await?;
-    assert_ne!(alice.server_id(), bob.server_id(), "members on both servers");
+    assert_ne!(
+        alice.server_id(),
+        bob.server_id(),
+        "members on both servers"
+    );
     let mut dave = online(&cluster, "dave").await?; // online, not a member
     let carol = cluster.route().register("carol", "password-carol").await?; // member, offline
 
@@ -637,7 +670,10 @@ async fn channel_messages_reach_exactly_the_online_members() -> anyhow::Result<(
         assert_eq!(v, json!({"channel": "room-1", "joined": true}));
     }
     let v = admin
-        .ok("/api/admin/channels/room-1/join", json!({"user_id": carol.user_id}))
+        .ok(
+            "/api/admin/channels/room-1/join",
+            json!({"user_id": carol.user_id}),
+        )
         .await?;
     assert_eq!(v["joined"], true);
     // Joining twice changes nothing.
@@ -659,13 +695,19 @@ async fn channel_messages_reach_exactly_the_online_members() -> anyhow::Result<(
     assert_eq!((m.sender_id, m.sender_name.as_str()), (alice.id(), "alice"));
     // Over HTTP as bob, then from the system: markers that prove nothing else came first.
     let v = Api::bearer(&cluster, &bob.login)
-        .ok("/api/channels/room-1/messages", json!({"body": "hello alice"}))
+        .ok(
+            "/api/channels/room-1/messages",
+            json!({"body": "hello alice"}),
+        )
         .await?;
     assert_eq!(v["delivered"], 1);
     let m = alice.next_message().await?;
     assert_eq!((m.sender_id, m.body.as_str()), (bob.id(), "hello alice"));
     let v = admin
-        .ok("/api/admin/channels/room-1/messages", json!({"body": "room closes soon"}))
+        .ok(
+            "/api/admin/channels/room-1/messages",
+            json!({"body": "room closes soon"}),
+        )
         .await?;
     assert_eq!(v["delivered"], 2);
     for user in [&mut alice, &mut bob] {
@@ -730,7 +772,12 @@ async fn channel_lists_and_members_page_within_limits() -> anyhow::Result<()> {
     let route = cluster.route();
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(route.register(&format!("user{i}"), "password-x").await?.user_id);
+        ids.push(
+            route
+                .register(&format!("user{i}"), "password-x")
+                .await?
+                .user_id,
+        );
     }
     for &id in &ids {
         admin
@@ -781,9 +828,15 @@ async fn channel_lists_and_members_page_within_limits() -> anyhow::Result<()> {
         .collect();
     assert_eq!(names, ["a1", "a3"]);
     let v = admin
-        .ok_get(&format!("/api/channels?after={}", v["next"].as_str().unwrap()))
+        .ok_get(&format!(
+            "/api/channels?after={}",
+            v["next"].as_str().unwrap()
+        ))
         .await?;
-    assert_eq!(v["channels"], json!([{"name": "big", "members": 5, "online": 0}]));
+    assert_eq!(
+        v["channels"],
+        json!([{"name": "big", "members": 5, "online": 0}])
+    );
     assert_eq!(v["next"], Value::Null);
     let (s, v) = admin.get("/api/channels/nobody-here").await?;
     assert_eq!((s, error_code(&v)), (404, "unknown_channel"));
@@ -795,9 +848,49 @@ async fn channel_lists_and_members_page_within_limits() -> anyhow::Result<()> {
     assert_eq!(s, 404);
     // Clients see the lists too, with their bearer token; anonymous callers do not.
     let login = route.login("user4", "password-x").await?;
-    let v = Api::bearer(&cluster, &login).ok_get("/api/channels").await?;
+    let v = Api::bearer(&cluster, &login)
+        .ok_get("/api/channels")
+        .await?;
     assert_eq!(v["channels"].as_array().unwrap().len(), 2);
     let (s, _) = Api::new(&cluster).get("/api/channels").await?;
     assert_eq!(s, 401);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_crashed_servers_users_go_offline_with_reason_server_lost() -> anyhow::Result<()> {
+    let mut cluster = Cluster::builder()
+        .route_config(|c| c.api_keys = vec![API_KEY.into()])
+        .server_config(|c| c.registry_ttl_secs = 2)
+        .start()
+        .await?;
+    let admin = Api::admin(&cluster);
+    let alice = online(&cluster, "alice").await?;
+    let bob = online(&cluster, "bob").await?;
+    for user in [&alice.login, &bob.login] {
+        Api::bearer(&cluster, user)
+            .ok("/api/channels/lobby/join", json!({}))
+            .await?;
+    }
+    let mut events = SseReader::open(&admin, "/api/admin/events", None).await?;
+    let victim = alice.server_id().to_string();
+    cluster.take_server(&victim).unwrap().kill();
+
+    // Once the registry drops the server (its lease expires), the route sweeps its routes.
+    let e = events.next_of(alice.id()).await?;
+    assert_eq!(e.event, "offline");
+    assert_eq!(e.data["reason"], "server_lost");
+    assert_eq!(e.data["server_id"], victim);
+    let v = admin
+        .ok_get(&format!("/api/admin/presence?user_ids={}", alice.id()))
+        .await?;
+    assert_eq!(v["users"][0]["online"], false);
+    let v = admin.ok_get("/api/channels/lobby").await?;
+    assert_eq!(v["online"], 1, "{v}");
+    // Bob, on the surviving server, is untouched.
+    let v = admin
+        .ok_get(&format!("/api/admin/presence?user_ids={}", bob.id()))
+        .await?;
+    assert_eq!(v["users"][0]["online"], true);
     Ok(())
 }

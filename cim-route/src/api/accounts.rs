@@ -7,6 +7,7 @@
 //! - `POST /api/logout` (bearer) → 200 `{"ok":true}`
 
 use crate::{
+    api::openapi::ErrorBody,
     auth::AuthUser,
     error::{ApiJson, AppError},
     state::{is_live, live_server, AppState},
@@ -24,6 +25,7 @@ use cim_common::{
     token::{ConnectClaims, SessionClaims},
 };
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Path of the connection servers' kick endpoint.
 pub const KICK_PATH: &str = "/internal/kick";
@@ -65,20 +67,40 @@ pub fn validate_password(password: &str, min_len: usize, max_len: usize) -> Resu
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct Credentials {
+    /// Account name: no whitespace, control characters or `;@#|`.
+    #[schema(example = "alice")]
     pub name: String,
+    #[schema(format = Password)]
     pub password: String,
 }
 
 // Never derive Debug on Credentials: it would make logging a password one `{:?}` away.
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Registered {
     pub user_id: u64,
     pub name: String,
 }
 
+/// Register an account.
+///
+/// Creates an account with a unique name. The password is stored as an Argon2id hash.
+#[utoipa::path(
+    post,
+    path = "/api/register",
+    tag = "accounts",
+    request_body = Credentials,
+    responses(
+        (status = 201, description = "Registered", body = Registered),
+        (status = 400, description = "`invalid_name`, `invalid_password`, `invalid_json` or `bad_request`", body = ErrorBody),
+        (status = 409, description = "`name_taken`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn register(
     State(state): State<AppState>,
     ApiJson(creds): ApiJson<Credentials>,
@@ -122,7 +144,7 @@ pub async fn register(
 }
 
 /// The public addresses of a connection server (never its internal one).
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ServerAddrs {
     pub id: String,
     pub tcp_addr: String,
@@ -139,7 +161,7 @@ impl From<&ServiceInfo> for ServerAddrs {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct LoggedIn {
     pub user_id: u64,
     pub name: String,
@@ -151,6 +173,7 @@ pub struct LoggedIn {
     /// How often the client should ping, when the route knows the server's setting. The
     /// registry does not carry it yet, so it is omitted; the server's LoginResult has it.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub heartbeat_hint_ms: Option<u64>,
 }
 
@@ -158,6 +181,27 @@ fn bad_credentials() -> AppError {
     AppError::unauthorized("bad_credentials", "wrong name or password")
 }
 
+/// Log in.
+///
+/// Takes the user's single-login slot, assigns a connection server (round robin over the live
+/// ones) and returns a single-use, short-lived `connect_token` for the first frame to that
+/// server plus a `session_token`, the bearer token of this API for the login session. A user
+/// already logged in elsewhere gets 409 until that session ends.
+#[utoipa::path(
+    post,
+    path = "/api/login",
+    tag = "accounts",
+    request_body = Credentials,
+    responses(
+        (status = 200, description = "Logged in: connect to `server` with `connect_token`", body = LoggedIn),
+        (status = 400, description = "`invalid_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`bad_credentials`: wrong name or password", body = ErrorBody),
+        (status = 409, description = "`already_logged_in`: the user is logged in elsewhere", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 503, description = "`no_server` (no connection server is live), `unavailable`, `overloaded` or `timeout`", body = ErrorBody),
+    )
+)]
 pub async fn login(
     State(state): State<AppState>,
     ApiJson(creds): ApiJson<Credentials>,
@@ -311,11 +355,26 @@ async fn holds_user(state: &AppState, server: &ServiceInfo, user_id: u64) -> boo
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct OkBody {
     pub ok: bool,
 }
 
+/// Log out.
+///
+/// Ends the caller's login session: frees the single-login slot, invalidates the session token
+/// and closes the session's connection (best effort).
+#[utoipa::path(
+    post,
+    path = "/api/logout",
+    tag = "accounts",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Logged out", body = OkBody),
+        (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn logout(
     State(state): State<AppState>,
     user: AuthUser,

@@ -29,6 +29,7 @@ use crate::{
             ChannelList, Joined, Left,
         },
         messages::{route_one, send_error, GroupSent},
+        openapi::ErrorBody,
         presence::{online_page, OnlinePage, OnlineQuery},
     },
     auth::ApiKey,
@@ -48,15 +49,20 @@ use cim_common::pb::{
 };
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 /// Longest kick reason, in bytes (it travels in a Kick frame).
 const MAX_REASON_LEN: usize = 256;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct AdminMessage {
+    /// Receivers: 1 to the route's `max_receivers` user ids.
     #[serde(default)]
+    #[schema(required = true)]
     pub to: Vec<u64>,
+    /// Missing counts as empty, answered 400 like an empty one.
     #[serde(default)]
+    #[schema(required = true)]
     pub body: String,
     /// On behalf of this user; absent or 0: from the system.
     #[serde(default)]
@@ -69,80 +75,93 @@ pub struct AdminMessage {
     pub id: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ErrorView {
     pub code: &'static str,
     pub message: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AdminResult {
     pub to: u64,
     /// Set unless the send failed.
     #[serde(skip_serializing_if = "String::is_empty")]
+    #[schema(required = false)]
     pub id: String,
     /// `delivered`, `stored` or `failed`.
+    #[schema(example = "delivered")]
     pub status: &'static str,
+    /// Why the send failed (only when `status` is `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub error: Option<ErrorView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AdminResults {
     pub results: Vec<AdminResult>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct Broadcast {
+    /// Missing counts as empty, answered 400 like an empty one.
     #[serde(default)]
+    #[schema(required = true)]
     pub body: String,
+    /// On behalf of this user; absent or 0: from the system.
     #[serde(default)]
     pub from: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct UserRef {
     pub user_id: u64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PresenceQuery {
-    /// Comma-separated user ids.
+    /// Comma-separated user ids (1 to the route's `max_receivers`).
     #[serde(default)]
+    #[param(required = true, example = "1,2")]
     pub user_ids: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct UserPresence {
     pub user_id: u64,
     pub online: bool,
+    /// The live server the user is connected to; null when offline.
+    #[schema(required = true)]
     pub server_id: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct PresenceList {
     pub users: Vec<UserPresence>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ServerCount {
     pub id: String,
     pub online: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct OnlineCount {
+    /// Logged-in connections on all live servers.
     pub online: u64,
     pub servers: Vec<ServerCount>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 pub struct KickBody {
+    /// Shown to the user (at most 256 bytes); default "disconnected by the service".
     #[serde(default)]
     pub reason: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Kicked {
     pub kicked: bool,
 }
@@ -176,6 +195,27 @@ fn backend_item(sender_id: u64, sender_name: String, send: Send) -> Outgoing {
     }
 }
 
+/// Send messages as the system or on behalf of a user.
+///
+/// One message to each of `to`: as the system (no `from`: kind SYSTEM, sender 0) or on behalf
+/// of user `from` (kind PRIVATE). Stored before pushed, like any private message; each result
+/// is `delivered`, `stored` or `failed` (with its error).
+#[utoipa::path(
+    post,
+    path = "/api/admin/messages",
+    tag = "admin",
+    security(("api_key" = [])),
+    request_body = AdminMessage,
+    responses(
+        (status = 200, description = "One result per receiver, in the order of `to`", body = AdminResults),
+        (status = 400, description = "`bad_request` (bad `to`, `receipt` without `from`, ...) or `invalid_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 404, description = "`unknown_user`: no user `from`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn messages(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -245,6 +285,25 @@ pub async fn messages(
     Ok(Json(AdminResults { results }))
 }
 
+/// Broadcast to everyone online.
+///
+/// As the system (no `from`) or on behalf of user `from`; never stored.
+#[utoipa::path(
+    post,
+    path = "/api/admin/broadcast",
+    tag = "admin",
+    security(("api_key" = [])),
+    request_body = Broadcast,
+    responses(
+        (status = 200, description = "Sent; `delivered` counts the receivers", body = GroupSent),
+        (status = 400, description = "`bad_request` (e.g. empty body) or `invalid_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 404, description = "`unknown_user`: no user `from`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn broadcast(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -286,6 +345,22 @@ fn parse_ids(raw: &str, max: usize) -> Result<Vec<u64>, AppError> {
     Ok(ids)
 }
 
+/// Whether users are online.
+///
+/// For each user id: online or not, and the live server it is connected to.
+#[utoipa::path(
+    get,
+    path = "/api/admin/presence",
+    tag = "admin",
+    security(("api_key" = [])),
+    params(PresenceQuery),
+    responses(
+        (status = 200, description = "One entry per requested id", body = PresenceList),
+        (status = 400, description = "`bad_request`: bad `user_ids`", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn presence(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -298,9 +373,7 @@ pub async fn presence(
         .into_iter()
         .zip(routes)
         .map(|(user_id, route)| {
-            let server_id = route
-                .map(|r| r.server_id)
-                .filter(|s| is_live(&servers, s));
+            let server_id = route.map(|r| r.server_id).filter(|s| is_live(&servers, s));
             UserPresence {
                 user_id,
                 online: server_id.is_some(),
@@ -311,6 +384,23 @@ pub async fn presence(
     Ok(Json(PresenceList { users }))
 }
 
+/// List online users.
+///
+/// The online list of `GET /api/users/online`, for backends.
+#[utoipa::path(
+    get,
+    path = "/api/admin/online",
+    operation_id = "admin_online",
+    tag = "admin",
+    security(("api_key" = [])),
+    params(OnlineQuery),
+    responses(
+        (status = 200, description = "A page of online users", body = OnlinePage),
+        (status = 400, description = "`bad_request`: bad `limit`, `prefix` or cursor", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn online(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -319,6 +409,21 @@ pub async fn online(
     Ok(Json(online_page(&state, q).await?))
 }
 
+/// Count the online users.
+///
+/// Asked of every live server (its logged-in connections), so a crashed server's users never
+/// count; 503 when a live server does not answer.
+#[utoipa::path(
+    get,
+    path = "/api/admin/online/count",
+    tag = "admin",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The total and each server's count", body = OnlineCount),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 503, description = "`unavailable` (a backend or a connection server did not answer), `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn online_count(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -341,7 +446,10 @@ pub async fn online_count(
     let mut counts = Vec::with_capacity(servers.len());
     for (id, resp) in join_all(asks).await {
         match resp {
-            Ok(r) => counts.push(ServerCount { id, online: r.online }),
+            Ok(r) => counts.push(ServerCount {
+                id,
+                online: r.online,
+            }),
             // A live server that does not answer cannot be counted: say so rather than
             // answer a number that is silently short.
             Err(e) => {
@@ -360,6 +468,27 @@ pub async fn online_count(
     }))
 }
 
+/// Force a user offline.
+///
+/// The client gets `Kick{KICK_REASON_ADMIN}` and does not reconnect by itself. The body is
+/// optional.
+#[utoipa::path(
+    post,
+    path = "/api/admin/users/{id}/kick",
+    tag = "admin",
+    security(("api_key" = [])),
+    params(("id" = u64, Path, description = "User id"),),
+    // Optional (an empty body is fine): `ApiDoc`'s modifier marks it so.
+    request_body(content = KickBody, description = "Optional: an empty body kicks with the default reason"),
+    responses(
+        (status = 200, description = "`kicked` false: the user was not connected", body = Kicked),
+        (status = 400, description = "`bad_request`: bad id, invalid JSON or a reason over 256 bytes", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 404, description = "`unknown_user`: no such user", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 503, description = "`unavailable` (a backend or a connection server did not answer), `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn kick(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -417,6 +546,25 @@ pub async fn kick(
     Ok(Json(Kicked { kicked }))
 }
 
+/// Open a login session for a user.
+///
+/// For a backend that did its own authentication: answers like `/api/login`, so it can hand the
+/// (single-use) connect token and the session token to its app.
+#[utoipa::path(
+    post,
+    path = "/api/admin/users/{id}/connect",
+    tag = "admin",
+    security(("api_key" = [])),
+    params(("id" = u64, Path, description = "User id"),),
+    responses(
+        (status = 200, description = "Logged in: connect to `server` with `connect_token`", body = LoggedIn),
+        (status = 400, description = "`bad_request`: bad id", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 404, description = "`unknown_user`: no such user", body = ErrorBody),
+        (status = 409, description = "`already_logged_in`: the user is logged in elsewhere", body = ErrorBody),
+        (status = 503, description = "`no_server` (no connection server is live), `unavailable`, `overloaded` or `timeout`", body = ErrorBody),
+    )
+)]
 pub async fn connect(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -426,6 +574,27 @@ pub async fn connect(
     Ok(Json(open_session(&state, user_id, name).await?))
 }
 
+/// Add a user to a channel.
+///
+/// The business API's join, acting for user `user_id` (who must exist).
+#[utoipa::path(
+    post,
+    path = "/api/admin/channels/{name}/join",
+    tag = "admin",
+    security(("api_key" = [])),
+    params(("name" = String, Path, description = "Channel name: 1 to 64 letters, digits or `_-.`"),),
+    request_body = UserRef,
+    responses(
+        (status = 200, description = "Joined (`joined` false: already a member)", body = Joined),
+        (status = 400, description = "`invalid_channel`, `invalid_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 404, description = "`unknown_user`: no such user", body = ErrorBody),
+        (status = 409, description = "`too_many_channels`: the user is in as many channels as allowed", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn channel_join(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -437,6 +606,25 @@ pub async fn channel_join(
     Ok(Json(join_user(&state, channel, req.user_id).await?))
 }
 
+/// Remove a user from a channel.
+///
+/// The business API's leave, acting for user `user_id`.
+#[utoipa::path(
+    post,
+    path = "/api/admin/channels/{name}/leave",
+    tag = "admin",
+    security(("api_key" = [])),
+    params(("name" = String, Path, description = "Channel name: 1 to 64 letters, digits or `_-.`"),),
+    request_body = UserRef,
+    responses(
+        (status = 200, description = "Left (`left` false: was not a member)", body = Left),
+        (status = 400, description = "`invalid_channel`, `invalid_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn channel_leave(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -447,6 +635,23 @@ pub async fn channel_leave(
     Ok(Json(leave_user(&state, channel, req.user_id).await?))
 }
 
+/// List a user's channels.
+///
+/// Every channel user `id` is a member of, with its member and online counts.
+#[utoipa::path(
+    get,
+    path = "/api/admin/users/{id}/channels",
+    tag = "admin",
+    security(("api_key" = [])),
+    params(("id" = u64, Path, description = "User id"),),
+    responses(
+        (status = 200, description = "The user's channels", body = ChannelList),
+        (status = 400, description = "`bad_request`: bad id", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 404, description = "`unknown_user`: no such user", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn user_channels(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -456,6 +661,27 @@ pub async fn user_channels(
     Ok(Json(channels_of(&state, user_id).await?))
 }
 
+/// Send a message to a channel.
+///
+/// As the system (no `from`) or on behalf of user `from`, who need not be a member. Delivered
+/// once to the online members but the sender; never stored.
+#[utoipa::path(
+    post,
+    path = "/api/admin/channels/{name}/messages",
+    tag = "admin",
+    security(("api_key" = [])),
+    params(("name" = String, Path, description = "Channel name: 1 to 64 letters, digits or `_-.`"),),
+    request_body = Broadcast,
+    responses(
+        (status = 200, description = "Sent; `delivered` counts the receivers", body = GroupSent),
+        (status = 400, description = "`invalid_channel`, `invalid_json` or `bad_request` (e.g. empty body)", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 404, description = "`unknown_user`: no user `from`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn channel_message(
     State(state): State<AppState>,
     _key: ApiKey,

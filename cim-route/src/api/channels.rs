@@ -24,6 +24,7 @@
 use crate::{
     api::{
         messages::{route_one, GroupSent},
+        openapi::ErrorBody,
         presence::parse_limit,
     },
     auth::{AuthUser, Caller},
@@ -43,6 +44,7 @@ use cim_common::{
 };
 use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 /// The channel name of a path, validated.
 pub fn channel_name(name: String) -> Result<String, AppError> {
@@ -60,21 +62,21 @@ pub fn channel_name(name: String) -> Result<String, AppError> {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Joined {
     pub channel: String,
     /// False when the user was a member already.
     pub joined: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Left {
     pub channel: String,
     /// False when the user was not a member.
     pub left: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ChannelView {
     pub name: String,
     pub members: u64,
@@ -91,48 +93,60 @@ impl From<ChannelInfo> for ChannelView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ChannelList {
     pub channels: Vec<ChannelView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ChannelPage {
     pub channels: Vec<ChannelView>,
     /// Pass as `after` for the next page; null on the last one.
+    #[schema(required = true)]
     pub next: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Member {
     pub user_id: u64,
     pub name: String,
     pub online: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct MemberPage {
     pub members: Vec<Member>,
     /// Pass as `after` for the next page; null on the last one.
+    #[schema(required = true)]
     pub next: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// The `next` cursor of the previous page.
     #[serde(default)]
     pub after: Option<String>,
+    /// Page size (default 50, capped by the route's configuration).
     #[serde(default)]
+    #[param(value_type = Option<u64>, minimum = 1)]
     pub limit: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct ChannelMessage {
+    /// Missing counts as empty, answered 400 like an empty one.
     #[serde(default)]
+    #[schema(required = true)]
     pub body: String,
 }
 
 /// Adds `user_id` to `channel` (shared with the business API).
-pub async fn join_user(state: &AppState, channel: String, user_id: u64) -> Result<Joined, AppError> {
+pub async fn join_user(
+    state: &AppState,
+    channel: String,
+    user_id: u64,
+) -> Result<Joined, AppError> {
     let max = state.config().max_channels_per_user;
     match state.store().channel_join(&channel, user_id, max).await? {
         JoinOutcome::Joined => {
@@ -189,6 +203,23 @@ pub fn channel_send(channel: String, body: String) -> Send {
     }
 }
 
+/// Join a channel.
+///
+/// Makes the caller a member; a channel exists while it has members.
+#[utoipa::path(
+    post,
+    path = "/api/channels/{name}/join",
+    tag = "channels",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Channel name: 1 to 64 letters, digits or `_-.`"),),
+    responses(
+        (status = 200, description = "Joined (`joined` false: already a member)", body = Joined),
+        (status = 400, description = "`invalid_channel`: bad channel name", body = ErrorBody),
+        (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
+        (status = 409, description = "`too_many_channels`: the user is in as many channels as allowed", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn join(
     State(state): State<AppState>,
     user: AuthUser,
@@ -198,6 +229,22 @@ pub async fn join(
     Ok(Json(join_user(&state, channel, user.user_id).await?))
 }
 
+/// Leave a channel.
+///
+/// Ends the caller's membership; the channel is gone when its last member leaves.
+#[utoipa::path(
+    post,
+    path = "/api/channels/{name}/leave",
+    tag = "channels",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Channel name: 1 to 64 letters, digits or `_-.`"),),
+    responses(
+        (status = 200, description = "Left (`left` false: was not a member)", body = Left),
+        (status = 400, description = "`invalid_channel`: bad channel name", body = ErrorBody),
+        (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn leave(
     State(state): State<AppState>,
     user: AuthUser,
@@ -207,6 +254,20 @@ pub async fn leave(
     Ok(Json(leave_user(&state, channel, user.user_id).await?))
 }
 
+/// List the caller's channels.
+///
+/// Every channel the caller is a member of, with its member and online counts.
+#[utoipa::path(
+    get,
+    path = "/api/channels/mine",
+    tag = "channels",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller's channels", body = ChannelList),
+        (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn mine(
     State(state): State<AppState>,
     user: AuthUser,
@@ -214,12 +275,31 @@ pub async fn mine(
     Ok(Json(channels_of(&state, user.user_id).await?))
 }
 
+/// List channels.
+///
+/// One page of all channels (those with members) in name order.
+#[utoipa::path(
+    get,
+    path = "/api/channels",
+    tag = "channels",
+    security(("bearer" = []), ("api_key" = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of channels", body = ChannelPage),
+        (status = 400, description = "`bad_request`: bad `limit` or cursor", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (no or bad bearer token or API key), `token_expired`, `session_ended` or `api_disabled`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     _caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<ChannelPage>, AppError> {
-    let limit = parse_limit(q.limit.as_deref(), MAX_CHANNEL_PAGE.min(state.config().online_page_max))?;
+    let limit = parse_limit(
+        q.limit.as_deref(),
+        MAX_CHANNEL_PAGE.min(state.config().online_page_max),
+    )?;
     let after = q.after.filter(|a| !a.is_empty());
     if let Some(a) = &after {
         // Names are the cursor: a valid one only (no arbitrary strings into the store).
@@ -238,13 +318,34 @@ pub async fn list(
     }))
 }
 
+/// Describe a channel.
+///
+/// Its member and online counts. (A channel named `mine` is listed by the other calls; this
+/// path is the caller's list.)
+#[utoipa::path(
+    get,
+    path = "/api/channels/{name}",
+    tag = "channels",
+    security(("bearer" = []), ("api_key" = [])),
+    params(("name" = String, Path, description = "Channel name: 1 to 64 letters, digits or `_-.`"),),
+    responses(
+        (status = 200, description = "The channel", body = ChannelView),
+        (status = 400, description = "`invalid_channel`: bad channel name", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (no or bad bearer token or API key), `token_expired`, `session_ended` or `api_disabled`", body = ErrorBody),
+        (status = 404, description = "`unknown_channel`: the channel has no members", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn info(
     State(state): State<AppState>,
     _caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<ChannelView>, AppError> {
     let channel = channel_name(name)?;
-    let stats = state.store().channel_stats(std::slice::from_ref(&channel)).await?;
+    let stats = state
+        .store()
+        .channel_stats(std::slice::from_ref(&channel))
+        .await?;
     match stats.into_iter().next() {
         Some(c) if c.members > 0 => Ok(Json(c.into())),
         _ => Err(AppError::new(
@@ -258,6 +359,25 @@ pub async fn info(
 /// Name lookups of one member page in flight at once.
 const NAME_LOOKUPS: usize = 32;
 
+/// List a channel's members.
+///
+/// One page of the members in user-id order, with whether each is online.
+#[utoipa::path(
+    get,
+    path = "/api/channels/{name}/members",
+    tag = "channels",
+    security(("bearer" = []), ("api_key" = [])),
+    params(
+        ("name" = String, Path, description = "Channel name: 1 to 64 letters, digits or `_-.`"),
+        PageQuery,
+    ),
+    responses(
+        (status = 200, description = "A page of members", body = MemberPage),
+        (status = 400, description = "`invalid_channel`, or `bad_request`: bad `limit` or cursor", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (no or bad bearer token or API key), `token_expired`, `session_ended` or `api_disabled`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn members(
     State(state): State<AppState>,
     _caller: Caller,
@@ -301,6 +421,26 @@ pub async fn members(
     Ok(Json(MemberPage { members, next }))
 }
 
+/// Send a message to a channel.
+///
+/// Members only. Delivered once to the online members but the sender; never stored.
+#[utoipa::path(
+    post,
+    path = "/api/channels/{name}/messages",
+    tag = "channels",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Channel name: 1 to 64 letters, digits or `_-.`"),),
+    request_body = ChannelMessage,
+    responses(
+        (status = 200, description = "Sent; `delivered` counts the receivers", body = GroupSent),
+        (status = 400, description = "`invalid_channel`, `invalid_json` or `bad_request` (e.g. empty body)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
+        (status = 403, description = "`not_a_member`: join the channel first", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn send(
     State(state): State<AppState>,
     user: AuthUser,
@@ -308,6 +448,10 @@ pub async fn send(
     ApiJson(req): ApiJson<ChannelMessage>,
 ) -> Result<Json<GroupSent>, AppError> {
     let channel = channel_name(name)?;
-    let item = Outgoing::from_user(user.user_id, user.user_name, channel_send(channel, req.body));
+    let item = Outgoing::from_user(
+        user.user_id,
+        user.user_name,
+        channel_send(channel, req.body),
+    );
     Ok(Json(send_to_channel(&state, item).await?))
 }

@@ -12,7 +12,7 @@
 //! [`crate::events`]).
 
 use crate::{
-    api::presence::parse_limit,
+    api::{openapi::ErrorBody, presence::parse_limit},
     auth::ApiKey,
     error::{ApiQuery, AppError},
     events::EventView,
@@ -32,22 +32,63 @@ use futures_util::{stream, Stream};
 use serde::{Deserialize, Serialize};
 use std::{collections::VecDeque, convert::Infallible, sync::Arc, time::Duration};
 use tokio::sync::broadcast::{self, error::RecvError};
+use utoipa::{IntoParams, ToSchema};
 
 /// Interval of keep-alive comments on an idle stream (below common proxy idle timeouts).
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
+    /// Event id (`<ms>-<n>`) to continue after.
     #[serde(default)]
     pub after: Option<String>,
+    /// Page size (default 50, at most the store's read limit). Ignored by the stream.
     #[serde(default)]
+    #[param(value_type = Option<u64>, minimum = 1)]
     pub limit: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct RecentEvents<'a> {
+    #[schema(value_type = Vec<EventDoc>)]
     pub events: Vec<EventView<'a>>,
+    /// The id to pass as `after`; null when there was nothing.
+    #[schema(value_type = Option<String>, required = true)]
     pub next: Option<&'a str>,
+}
+
+/// The documented form of one event as served (`crate::events::EventView`, which flattens
+/// `cim_common::events::PresenceEvent`): schema only, checked against the real serialization
+/// by the OpenAPI tests.
+#[derive(Serialize, ToSchema)]
+#[schema(as = PresenceEvent)]
+pub struct EventDoc {
+    /// Event id, `<ms>-<n>`, increasing.
+    #[schema(example = "1718000000000-0")]
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: EventKindDoc,
+    pub user_id: u64,
+    pub name: String,
+    /// The connection server the user connected to / was connected to.
+    pub server_id: String,
+    /// Unix milliseconds, by the clock of the process that published it.
+    pub at_ms: i64,
+    /// Offline events only: `closed`, `connection_lost`, `heartbeat_timeout`, `logged_out`,
+    /// `kicked`, `slow_consumer`, `protocol_error`, `server_shutdown` or `server_lost`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    #[schema(required = false)]
+    pub reason: String,
+}
+
+/// The kind of a presence event (also the SSE `event:` field).
+#[derive(Serialize, ToSchema)]
+#[schema(as = PresenceKind)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKindDoc {
+    Online,
+    Offline,
 }
 
 /// A validated event id from the client.
@@ -57,6 +98,23 @@ fn event_id(raw: &str) -> Result<String, AppError> {
         .ok_or_else(|| AppError::bad_request("invalid event id: expected `<ms>-<n>`"))
 }
 
+/// Poll presence events.
+///
+/// The events of the SSE stream by polling: up to `limit` events after `after` (or the oldest
+/// the store still has). `next` is the id to pass as `after`.
+#[utoipa::path(
+    get,
+    path = "/api/admin/events/recent",
+    tag = "events",
+    security(("api_key" = [])),
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "A page of events, oldest first", body = RecentEvents),
+        (status = 400, description = "`bad_request`: bad `limit` or event id", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn recent(
     State(state): State<AppState>,
     _key: ApiKey,
@@ -159,6 +217,30 @@ impl Subscription {
     }
 }
 
+/// Stream presence events (server-sent events).
+///
+/// One SSE event per presence change: `id: <event id>`, `event: online|offline`,
+/// `data: {"type","user_id","name","server_id","at_ms","reason"?}` (the `PresenceEvent`
+/// schema without `id`, one line of JSON). Without a resume point it starts with the next
+/// event; with `Last-Event-ID` (what browsers' EventSource send on reconnect) or `?after=<id>`
+/// it first replays what the store still has after that id. Comment lines keep idle
+/// connections open. Every route instance serves every subscriber.
+#[utoipa::path(
+    get,
+    path = "/api/admin/events",
+    tag = "events",
+    security(("api_key" = [])),
+    params(
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "Resume after this event id (takes precedence over `after`)"),
+        EventsQuery,
+    ),
+    responses(
+        (status = 200, description = "An endless `text/event-stream`; each event is `id: <ms>-<n>`, `event: online|offline`, `data: <PresenceEvent JSON without id>`", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`bad_request`: invalid event id", body = ErrorBody),
+        (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `timeout`", body = ErrorBody),
+    )
+)]
 pub async fn stream_events(
     State(state): State<AppState>,
     _key: ApiKey,

@@ -8,6 +8,7 @@
 //! - `POST /api/messages/group` `{"body"}` → 200 `{"id","delivered":n,"timestamp_ms"}`
 
 use crate::{
+    api::openapi::ErrorBody,
     auth::AuthUser,
     error::{ApiJson, AppError},
     routing::{self, Outgoing},
@@ -16,8 +17,9 @@ use crate::{
 use axum::{extract::State, http::StatusCode, Json};
 use cim_common::pb::{ErrorCode, MessageKind, Send, SendResult, SendStatus};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct PrivateRequest {
     /// Receiver by id ...
     #[serde(default)]
@@ -27,6 +29,7 @@ pub struct PrivateRequest {
     pub to_name: Option<String>,
     /// Missing counts as empty, answered 400 like an empty one.
     #[serde(default)]
+    #[schema(required = true)]
     pub body: String,
     /// Optional message id chosen by the caller (1-64 of `[0-9A-Za-z_-]`), for safe retries.
     #[serde(default)]
@@ -36,21 +39,26 @@ pub struct PrivateRequest {
     pub receipt: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct PrivateSent {
     pub id: String,
-    /// `delivered` or `stored`.
+    /// `delivered` or `stored` (the receiver is offline and gets it from their inbox at their
+    /// next connection).
+    #[schema(example = "delivered")]
     pub status: &'static str,
     pub timestamp_ms: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct GroupRequest {
+    /// Missing counts as empty, answered 400 like an empty one.
     #[serde(default)]
+    #[schema(required = true)]
     pub body: String,
 }
 
-#[derive(Serialize)]
+/// The result of a message to many: group, broadcast or channel.
+#[derive(Serialize, ToSchema)]
 pub struct GroupSent {
     pub id: String,
     pub delivered: u32,
@@ -87,6 +95,28 @@ pub(crate) fn send_error(result: &SendResult) -> AppError {
     }
 }
 
+/// Send a private message.
+///
+/// Routes the message like one sent over a server connection, with the token's user as the
+/// sender. The receiver is named by `to` (id) or `to_name`. `stored`: the receiver is offline
+/// and gets it from their inbox at their next connection. A retry with the same `id` is stored
+/// once.
+#[utoipa::path(
+    post,
+    path = "/api/messages/private",
+    tag = "messages",
+    security(("bearer" = [])),
+    request_body = PrivateRequest,
+    responses(
+        (status = 200, description = "Delivered or stored", body = PrivateSent),
+        (status = 400, description = "`bad_request` (empty body, bad id, no receiver, ...) or `invalid_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
+        (status = 404, description = "`unknown_user`: no such receiver", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn private(
     State(state): State<AppState>,
     user: AuthUser,
@@ -115,6 +145,24 @@ pub async fn private(
     }))
 }
 
+/// Send a group message.
+///
+/// Delivered to every online user but the sender, once; never stored.
+#[utoipa::path(
+    post,
+    path = "/api/messages/group",
+    tag = "messages",
+    security(("bearer" = [])),
+    request_body = GroupRequest,
+    responses(
+        (status = 200, description = "Sent; `delivered` counts the receivers", body = GroupSent),
+        (status = 400, description = "`bad_request` (e.g. empty body) or `invalid_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn group(
     State(state): State<AppState>,
     user: AuthUser,

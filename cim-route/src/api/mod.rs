@@ -7,6 +7,7 @@ pub mod admin;
 pub mod channels;
 pub mod events;
 pub mod messages;
+pub mod openapi;
 pub mod presence;
 
 use crate::{
@@ -64,10 +65,17 @@ pub fn app(state: AppState) -> Router {
         .route("/api/admin/users/{id}/connect", post(admin::connect))
         .route("/api/admin/users/{id}/channels", get(admin::user_channels))
         .route("/api/admin/channels/{name}/join", post(admin::channel_join))
-        .route("/api/admin/channels/{name}/leave", post(admin::channel_leave))
-        .route("/api/admin/channels/{name}/messages", post(admin::channel_message))
+        .route(
+            "/api/admin/channels/{name}/leave",
+            post(admin::channel_leave),
+        )
+        .route(
+            "/api/admin/channels/{name}/messages",
+            post(admin::channel_message),
+        )
         .route("/api/admin/events", get(events::stream_events))
         .route("/api/admin/events/recent", get(events::recent))
+        .route("/api/openapi.json", get(openapi::serve))
         .merge(crate::web::routes())
         .fallback(not_found)
         .with_state(state)

@@ -8,7 +8,7 @@
 //!   three: this process, for `cim-bench`'s CPU per message; `null` where `/proc` cannot tell)
 
 use crate::{
-    api::accounts::ServerAddrs,
+    api::{accounts::ServerAddrs, openapi::ErrorBody},
     auth::AuthUser,
     error::{ApiQuery, AppError},
     state::{is_live, AppState},
@@ -18,32 +18,39 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use cim_common::{keys, store::RouteEntry};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 /// Page size when the client names none.
 pub const DEFAULT_PAGE: usize = 50;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct OnlineQuery {
+    /// Only users whose name starts with this.
     #[serde(default)]
     pub prefix: Option<String>,
+    /// The `next` cursor of the previous page.
     #[serde(default)]
     pub after: Option<String>,
-    /// Parsed by hand for a clear message on `limit=abc`.
+    /// Page size (default 50, capped by the route's `online_page_max`).
+    // Parsed by hand for a clear message on `limit=abc`.
     #[serde(default)]
+    #[param(value_type = Option<u64>, minimum = 1)]
     pub limit: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct OnlineUser {
     pub user_id: u64,
     pub name: String,
     pub server_id: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct OnlinePage {
     pub users: Vec<OnlineUser>,
     /// Pass as `after` for the next page; null on the last one.
+    #[schema(required = true)]
     pub next: Option<String>,
 }
 
@@ -76,6 +83,22 @@ pub fn decode_cursor(cursor: &str) -> Result<String, AppError> {
     Ok(text)
 }
 
+/// List online users.
+///
+/// One page of the online users in name order, with the server each is connected to.
+#[utoipa::path(
+    get,
+    path = "/api/users/online",
+    tag = "presence",
+    security(("bearer" = [])),
+    params(OnlineQuery),
+    responses(
+        (status = 200, description = "A page of online users", body = OnlinePage),
+        (status = 400, description = "`bad_request`: bad `limit`, `prefix` or cursor", body = ErrorBody),
+        (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn online(
     State(state): State<AppState>,
     _user: AuthUser,
@@ -149,11 +172,23 @@ pub async fn online_page(state: &AppState, q: OnlineQuery) -> Result<OnlinePage,
     Ok(OnlinePage { users, next })
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ServerList {
     pub servers: Vec<ServerAddrs>,
 }
 
+/// List the live connection servers.
+///
+/// Their public addresses (TCP and WebSocket).
+#[utoipa::path(
+    get,
+    path = "/api/servers",
+    tag = "presence",
+    responses(
+        (status = 200, description = "The live connection servers", body = ServerList),
+        (status = 503, description = "`overloaded` or `timeout`: retry later", body = ErrorBody),
+    )
+)]
 pub async fn servers(State(state): State<AppState>) -> Json<ServerList> {
     let servers = state.servers();
     Json(ServerList {
@@ -161,16 +196,38 @@ pub async fn servers(State(state): State<AppState>) -> Json<ServerList> {
     })
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
     pub status: &'static str,
+    /// This route instance's id.
     pub id: String,
+    /// Live connection servers this instance knows.
     pub servers: usize,
+    /// This process (for `cim-bench`'s CPU per message).
     pub pid: u32,
+    /// Resident memory of this process; null where `/proc` cannot tell.
+    #[schema(required = true)]
     pub rss_bytes: Option<u64>,
+    /// CPU time of this process; null where `/proc` cannot tell.
+    #[schema(required = true)]
     pub cpu_ms: Option<u64>,
 }
 
+/// Health check.
+///
+/// `ok` with this instance's id, the number of live connection servers and this process's
+/// pid, resident memory and CPU time (the last two null where `/proc` cannot tell).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "presence",
+    responses(
+        (status = 200, description = "Healthy", body = Health),
+        (status = 503, description = "`overloaded` or `timeout`", body = ErrorBody),
+    )
+)]
 pub async fn healthz(State(state): State<AppState>) -> Json<Health> {
     let usage = cim_common::procinfo::self_usage();
     Json(Health {

@@ -1,0 +1,1016 @@
+/*
+ * cim web client: plain JavaScript, no framework, no build step. Served by cim-route at `/`.
+ *
+ * The flow of a session:
+ *
+ *   1. Log in over HTTP: POST /api/login {name, password} (POST /api/register first for a new
+ *      account). The answer names a connection server (server.ws_addr), a single-use connect
+ *      token and a session token (bearer of the other HTTP calls).
+ *   2. Open ws://{server.ws_addr}/ws. Every frame is one proto3 JSON text message: camelCase
+ *      fields, enums as strings ("MESSAGE_KIND_PRIVATE"), 64-bit integers as strings.
+ *   3. The first frame is {"login":{"token": connect_token}}; the server answers loginResult
+ *      with the heartbeat interval.
+ *   4. Ping loop: {"ping":{"nonce":"N"}} every heartbeatIntervalMs. A connection that stays
+ *      silent longer than heartbeatTimeoutMs is given up (and replaced, step 6).
+ *   5. Frames from the server: push (messages; at the start of a connection the ones that
+ *      arrived while we were away, with replay: true), sendResult (the outcome of our sends),
+ *      kick, error. Received messages are de-duplicated by id and shown; the stored kinds
+ *      (PRIVATE, SYSTEM, RECEIPT) are then acked ({"ack":{"messageIds":[...]}}) so they leave
+ *      the inbox; unacked ones come again on the next connection.
+ *   6. When the connection ends: a kick with reason LOGGED_OUT, ADMIN or REPLACED ends the
+ *      session (shown, no reconnect). Anything else reconnects through the route: wait
+ *      (exponential backoff with jitter), log the old session out (frees its login slot at
+ *      once), log in again with the remembered credentials (409 already_logged_in: the old
+ *      slot is not free yet, try again later), and continue at step 2, maybe on another
+ *      server. Private messages whose result never came are sent again with the same message
+ *      id, so the route stores them once.
+ *
+ * Besides the socket, HTTP calls with the session token list the people online
+ * (GET /api/users/online) and manage channels (POST /api/channels/{name}/join|leave,
+ * GET /api/channels/mine); both lists refresh periodically and after events.
+ *
+ * Everything a user typed (names, message bodies, channel names) reaches the page through
+ * textContent and createElement only, never as markup.
+ */
+"use strict";
+
+// ---------------------------------------------------------------------------------------
+// Settings
+
+const RECONNECT_MIN_MS = 500;
+const RECONNECT_MAX_MS = 30000;
+/** How long a login from the form waits for the previous session's slot (e.g. after a reload). */
+const FIRST_LOGIN_PATIENCE_MS = 15000;
+/** A connection that has not logged in by then is given up. */
+const CONNECT_TIMEOUT_MS = 10000;
+const LIST_REFRESH_MS = 10000;
+const ONLINE_PAGE = 500;
+const ONLINE_MAX_PAGES = 4;
+const SEEN_IDS_MAX = 5000;
+const MESSAGES_PER_CONVERSATION = 500;
+const ACK_BATCH_MAX = 1024;
+const CHANNEL_NAME = /^[\p{L}\p{N}_.-]{1,64}$/u;
+
+/** Kinds the server stores until acked. */
+const STORED_KINDS = new Set([
+  "MESSAGE_KIND_PRIVATE",
+  "MESSAGE_KIND_SYSTEM",
+  "MESSAGE_KIND_RECEIPT",
+]);
+
+/** Kicks that end the session: no reconnect. */
+const FINAL_KICKS = {
+  KICK_REASON_LOGGED_OUT: "logged out (this session ended)",
+  KICK_REASON_ADMIN: "disconnected by an administrator",
+  KICK_REASON_REPLACED: "your account connected somewhere else",
+};
+
+const OTHER_KICKS = {
+  KICK_REASON_SERVER_SHUTDOWN: "the server is shutting down",
+  KICK_REASON_SLOW_CONSUMER: "the server dropped a slow connection",
+};
+
+// ---------------------------------------------------------------------------------------
+// State
+
+/** The login session and its connection. */
+const session = {
+  name: "",
+  password: "",
+  userId: "",
+  sessionToken: null,
+  serverId: "",
+  /** Bumped whenever a session starts or ends: callbacks of an older one do nothing. */
+  generation: 0,
+  ended: true,
+  ws: null,
+  loggedIn: false,
+  /** Last kick / error frame of the current socket: why it closes. */
+  kick: null,
+  lastError: null,
+  lastHeard: 0,
+  heartbeatMs: 10000,
+  timeoutMs: 30000,
+  attempt: 0,
+  timers: { ping: null, connect: null, reconnect: null, lists: null },
+  nextClientId: 1,
+  nextNonce: 1,
+  /** clientId → { send, record }: sends whose result has not come yet. */
+  pending: new Map(),
+};
+
+/** What the page shows. */
+const chat = {
+  /** key ("group", "system", "user:NAME", "channel:NAME") → conversation */
+  conversations: new Map(),
+  active: "group",
+  /** name → { userId, serverId } of the people online (without me) */
+  online: new Map(),
+  /** [{ name, members, online }] of my channels */
+  channels: [],
+  channelsAvailable: true,
+  seen: new Set(),
+  seenOrder: [],
+  /** message id → record of a message I sent (for receipts) */
+  mine: new Map(),
+  refreshing: false,
+  /** the online list refresh in flight, if any */
+  onlineRefresh: null,
+};
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+
+const $ = (id) => document.getElementById(id);
+
+/**
+ * Creates an element. `props`: "class", "text" (textContent), "data-*" attributes, or
+ * element properties. Children are nodes or strings (strings become text nodes).
+ */
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === undefined || value === null) continue;
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("data-") || key.startsWith("aria-")) node.setAttribute(key, value);
+    else node[key] = value;
+  }
+  for (const child of children) {
+    if (child !== null && child !== undefined && child !== false) node.append(child);
+  }
+  return node;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Exponential backoff with jitter for the given attempt (1, 2, ...). */
+function backoff(attempt) {
+  const base = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** (attempt - 1));
+  return Math.round(base / 2 + Math.random() * (base / 2));
+}
+
+/** A message id of our own (1-64 of [0-9A-Za-z_-]); resends reuse it. */
+function newMessageId() {
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return "web" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** localStorage, when the browser allows it (the last name used, to prefill the form). */
+function remember(key, value) {
+  try {
+    localStorage.setItem(key, value);
+  } catch {
+    // storage disabled: nothing to prefill next time
+  }
+}
+
+function recall(key) {
+  try {
+    return localStorage.getItem(key) || "";
+  } catch {
+    return "";
+  }
+}
+
+function formatTime(ms) {
+  const date = new Date(Number(ms) || Date.now());
+  const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  if (date.toDateString() === new Date().toDateString()) return time;
+  return `${date.toLocaleDateString()} ${time}`;
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP API of the route (same origin)
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function api(method, path, body, token = session.sessionToken) {
+  const headers = {};
+  if (body !== undefined) headers["content-type"] = "application/json";
+  if (token) headers.authorization = `Bearer ${token}`;
+  let resp;
+  try {
+    resp = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new ApiError(0, "unreachable", "the route is unreachable");
+  }
+  const data = await resp.json().catch(() => null);
+  if (!resp.ok) {
+    const error = (data && data.error) || {};
+    throw new ApiError(resp.status, error.code || `http_${resp.status}`, error.message || resp.statusText);
+  }
+  return data;
+}
+
+const login = (name, password) => api("POST", "/api/login", { name, password }, null);
+
+/** Best effort: ends a session token's login (frees its slot). */
+function logoutToken(token) {
+  if (token) api("POST", "/api/logout", undefined, token).catch(() => {});
+}
+
+// ---------------------------------------------------------------------------------------
+// Connection state shown in the top bar
+
+/** state: "connecting" | "online" | "reconnecting" | "offline" */
+function setStatus(state, text) {
+  const status = $("status");
+  status.dataset.state = state;
+  status.textContent = text;
+  status.title = text;
+  $("composer").classList.toggle("disconnected", state !== "online");
+}
+
+// ---------------------------------------------------------------------------------------
+// Login form
+
+function showLoginView(notice) {
+  $("chat-view").hidden = true;
+  $("login-view").hidden = false;
+  $("me").hidden = true;
+  $("logout").hidden = true;
+  setLoginNotice(notice || "");
+  const nameInput = $("login-name");
+  if (!nameInput.value) nameInput.value = recall("cim.name");
+  (nameInput.value ? $("login-password") : nameInput).focus();
+}
+
+function setLoginNotice(text) {
+  $("login-notice").textContent = text;
+  $("login-notice").hidden = !text;
+}
+
+function setLoginBusy(busy) {
+  $("login-button").disabled = busy;
+  $("register-button").disabled = busy;
+}
+
+async function onLoginForm(register) {
+  const form = $("login-form");
+  if (!form.reportValidity()) return;
+  const name = $("login-name").value.trim();
+  const password = $("login-password").value;
+  setLoginBusy(true);
+  setLoginNotice("");
+  setStatus("connecting", "logging in…");
+  try {
+    const nameTaken = register && (await registerAccount(name, password));
+    const answer = await loginPatiently(name, password).catch((e) => {
+      if (nameTaken && e.code === "bad_credentials") {
+        throw new ApiError(e.status, e.code, `the name ${name} is taken (and the password does not match)`);
+      }
+      throw e;
+    });
+    $("login-password").value = "";
+    startSession(name, password, answer);
+  } catch (e) {
+    setStatus("offline", `offline: ${e.message}`);
+    setLoginNotice(e.message);
+  } finally {
+    setLoginBusy(false);
+  }
+}
+
+/** Creates the account; returns true when the name was taken already (then we log in). */
+async function registerAccount(name, password) {
+  try {
+    await api("POST", "/api/register", { name, password }, null);
+    return false;
+  } catch (e) {
+    if (e.code === "name_taken") return true;
+    throw e;
+  }
+}
+
+/**
+ * Logs in; while the account is still logged in (409: e.g. this page was just reloaded and
+ * the server has not seen the old connection close yet), tries again for a while.
+ */
+async function loginPatiently(name, password) {
+  const deadline = Date.now() + FIRST_LOGIN_PATIENCE_MS;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await login(name, password);
+    } catch (e) {
+      if (e.code !== "already_logged_in" || Date.now() > deadline) throw e;
+      setStatus("connecting", "waiting for your previous session to end…");
+      await sleep(backoff(attempt));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Session: start, connection, reconnect, end
+
+function startSession(name, password, answer) {
+  session.generation++;
+  session.ended = false;
+  session.name = name;
+  session.password = password;
+  session.attempt = 0;
+  session.userId = String(answer.user_id);
+  remember("cim.name", name);
+  resetChat();
+  showChatView();
+  session.timers.lists = setInterval(refreshLists, LIST_REFRESH_MS);
+  connect(answer);
+}
+
+/** Opens the WebSocket of a login answer and sends the login frame. */
+function connect(answer) {
+  session.userId = String(answer.user_id);
+  session.sessionToken = answer.session_token;
+  session.serverId = answer.server.id;
+  session.loggedIn = false;
+  session.kick = null;
+  session.lastError = null;
+  setStatus("connecting", `connecting to ${answer.server.id}…`);
+
+  let ws;
+  try {
+    ws = new WebSocket(wsUrl(answer.server.ws_addr));
+  } catch (e) {
+    scheduleReconnect(`cannot connect to ${answer.server.ws_addr}: ${e.message}`);
+    return;
+  }
+  session.ws = ws;
+  ws.onopen = () => sendFrame({ login: { token: answer.connect_token } });
+  ws.onmessage = (event) => {
+    if (ws === session.ws) onMessageEvent(event);
+  };
+  ws.onclose = (event) => {
+    if (ws === session.ws) connectionLost(closeReason(event));
+  };
+  clearTimeout(session.timers.connect);
+  session.timers.connect = setTimeout(() => {
+    if (ws === session.ws && !session.loggedIn) connectionLost("the server did not answer the login");
+  }, CONNECT_TIMEOUT_MS);
+}
+
+function wsUrl(wsAddr) {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  return `${scheme}://${wsAddr}/ws`;
+}
+
+function sendFrame(frame) {
+  const ws = session.ws;
+  if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+  ws.send(JSON.stringify(frame));
+  return true;
+}
+
+function closeReason(event) {
+  if (session.kick) return OTHER_KICKS[session.kick.reason] || session.kick.message || "kicked by the server";
+  if (session.lastError) return session.lastError;
+  if (event.code === 1000) return "closed by the server";
+  return "connection lost";
+}
+
+/** The socket is gone (closed, silent, or never logged in): end or reconnect. */
+function connectionLost(reason) {
+  const ws = session.ws;
+  session.ws = null;
+  stopHeartbeat();
+  clearTimeout(session.timers.connect);
+  if (ws) {
+    ws.onclose = ws.onmessage = null;
+    ws.close();
+  }
+  if (session.ended) return;
+  const kick = session.kick;
+  if (kick && FINAL_KICKS[kick.reason]) {
+    const detail = kick.message ? ` (${kick.message})` : "";
+    endSession(`${FINAL_KICKS[kick.reason]}${detail}`);
+    return;
+  }
+  scheduleReconnect(reason);
+}
+
+function scheduleReconnect(reason) {
+  session.attempt++;
+  const delay = backoff(session.attempt);
+  const seconds = (delay / 1000).toFixed(1);
+  setStatus("reconnecting", `reconnecting (attempt ${session.attempt}, in ${seconds} s): ${reason}`);
+  const generation = session.generation;
+  clearTimeout(session.timers.reconnect);
+  session.timers.reconnect = setTimeout(() => reconnect(generation), delay);
+}
+
+/** Logs in again through the route with the remembered credentials. */
+async function reconnect(generation) {
+  session.timers.reconnect = null;
+  if (generation !== session.generation) return;
+  setStatus("connecting", `logging in again (attempt ${session.attempt})…`);
+  // The old connection may still hold the login slot on its server: free it at once.
+  const old = session.sessionToken;
+  session.sessionToken = null;
+  if (old) await api("POST", "/api/logout", undefined, old).catch(() => {});
+  if (generation !== session.generation) return;
+  let answer;
+  try {
+    answer = await login(session.name, session.password);
+  } catch (e) {
+    if (generation !== session.generation) return;
+    if (e.code === "bad_credentials") endSession("your password changed: log in again");
+    else scheduleReconnect(e.code === "already_logged_in" ? "still logged in on the old connection" : e.message);
+    return;
+  }
+  if (generation !== session.generation) {
+    logoutToken(answer.session_token);
+    return;
+  }
+  connect(answer);
+}
+
+/** Ends the session for good (logout, final kick, password changed) and shows why. */
+function endSession(why) {
+  session.ended = true;
+  session.generation++;
+  const ws = session.ws;
+  session.ws = null;
+  if (ws) {
+    ws.onclose = ws.onmessage = null;
+    ws.close(1000);
+  }
+  stopHeartbeat();
+  for (const timer of ["connect", "reconnect"]) clearTimeout(session.timers[timer]);
+  clearInterval(session.timers.lists);
+  failPending("not sent: the session ended");
+  session.password = "";
+  setStatus("offline", `offline: ${why}`);
+  showLoginView(`Offline: ${why}.`);
+}
+
+async function logout() {
+  const token = session.sessionToken;
+  session.sessionToken = null;
+  endSession("you logged out");
+  if (token) await api("POST", "/api/logout", undefined, token).catch(() => {});
+}
+
+// ---------------------------------------------------------------------------------------
+// Frames from the server
+
+function onMessageEvent(event) {
+  if (typeof event.data !== "string") return; // we speak JSON; binary frames are not for us
+  let frame;
+  try {
+    frame = JSON.parse(event.data);
+  } catch {
+    console.warn("cim: undecodable frame", event.data);
+    return;
+  }
+  session.lastHeard = Date.now();
+  if (frame.loginResult) onLoginResult(frame.loginResult);
+  else if (frame.push) onPush(frame.push);
+  else if (frame.sendResult) onSendResult(frame.sendResult);
+  else if (frame.kick) session.kick = frame.kick; // the server closes right after
+  else if (frame.error) onErrorFrame(frame.error);
+  // pong: lastHeard is all it is for
+}
+
+function onLoginResult(result) {
+  session.loggedIn = true;
+  session.attempt = 0;
+  clearTimeout(session.timers.connect);
+  session.serverId = result.serverId || session.serverId;
+  session.heartbeatMs = Number(result.heartbeatIntervalMs) || 10000;
+  session.timeoutMs = Number(result.heartbeatTimeoutMs) || 3 * session.heartbeatMs;
+  setStatus("online", `online · ${session.serverId}`);
+  $("status").dataset.server = session.serverId;
+  startHeartbeat();
+  resendPending();
+  refreshLists();
+}
+
+function onErrorFrame(error) {
+  const text = error.message || error.code || "error";
+  session.lastError = text;
+  console.warn("cim: server error", error.code, error.message);
+  if (session.loggedIn) addNote(`server: ${text}`);
+}
+
+// ---------------------------------------------------------------------------------------
+// Heartbeat
+
+function startHeartbeat() {
+  stopHeartbeat();
+  session.lastHeard = Date.now();
+  session.timers.ping = setInterval(heartbeat, session.heartbeatMs);
+}
+
+function stopHeartbeat() {
+  clearInterval(session.timers.ping);
+  session.timers.ping = null;
+}
+
+function heartbeat() {
+  if (Date.now() - session.lastHeard > session.timeoutMs) {
+    connectionLost("the connection went silent");
+    return;
+  }
+  sendFrame({ ping: { nonce: String(session.nextNonce++) } });
+}
+
+// ---------------------------------------------------------------------------------------
+// Receiving messages
+
+function onPush(push) {
+  const replay = Boolean(push.replay);
+  const toAck = [];
+  for (const message of push.messages || []) {
+    if (STORED_KINDS.has(message.kind) && message.id) toAck.push(message.id);
+    if (!message.id || firstSighting(message.id)) showIncoming(message, replay);
+  }
+  renderSidebar();
+  // Acked after they are shown; a repeat is acked again (its first ack may have been lost).
+  sendAcks(toAck);
+}
+
+/** Remembers a message id; false when it was seen before (a repeat after a reconnect). */
+function firstSighting(id) {
+  if (chat.seen.has(id)) return false;
+  chat.seen.add(id);
+  chat.seenOrder.push(id);
+  if (chat.seenOrder.length > SEEN_IDS_MAX) chat.seen.delete(chat.seenOrder.shift());
+  return true;
+}
+
+function sendAcks(ids) {
+  for (let i = 0; i < ids.length; i += ACK_BATCH_MAX) {
+    sendFrame({ ack: { messageIds: ids.slice(i, i + ACK_BATCH_MAX) } });
+  }
+}
+
+function showIncoming(message, replay) {
+  if (message.kind === "MESSAGE_KIND_RECEIPT") {
+    markReceived(message.receiptFor, message.senderName);
+    return;
+  }
+  const key = conversationKeyOf(message);
+  addMessage(conversation(key), {
+    id: message.id,
+    mine: false,
+    from: message.senderName || (message.kind === "MESSAGE_KIND_SYSTEM" ? "system" : "?"),
+    body: message.body || "",
+    at: message.timestampMs,
+    replay,
+  });
+  // Someone we did not know was online: the list is behind.
+  if (Number(message.senderId) && !chat.online.has(message.senderName)) refreshOnline();
+}
+
+function conversationKeyOf(message) {
+  switch (message.kind) {
+    case "MESSAGE_KIND_PRIVATE":
+      return `user:${message.senderName}`;
+    case "MESSAGE_KIND_GROUP":
+      return "group";
+    case "MESSAGE_KIND_CHANNEL":
+      return `channel:${message.channel}`;
+    default:
+      return "system";
+  }
+}
+
+function markReceived(messageId, by) {
+  const record = chat.mine.get(messageId);
+  if (record) setRecordStatus(record, "received", `✓ ${by} received it`);
+}
+
+// ---------------------------------------------------------------------------------------
+// Sending messages
+
+function onComposerSubmit() {
+  const input = $("message-input");
+  const text = input.value;
+  if (!text.trim()) return;
+  const conv = conversation(chat.active);
+  const send = sendFrameFor(conv, text);
+  if (!send) return;
+  input.value = "";
+  const record = { mine: true, from: session.name, body: text, at: Date.now(), replay: false };
+  addMessage(conv, record);
+  if (!session.loggedIn && send.kind !== "MESSAGE_KIND_PRIVATE") {
+    setRecordStatus(record, "failed", "not sent: not connected");
+    return;
+  }
+  const clientId = String(session.nextClientId++);
+  send.clientId = clientId;
+  session.pending.set(clientId, { send, record });
+  setRecordStatus(record, "sending", session.loggedIn ? "sending…" : "waiting for the connection…");
+  if (session.loggedIn) sendFrame({ send });
+}
+
+/** The Send frame body for a message to a conversation (null: nothing can be sent there). */
+function sendFrameFor(conv, body) {
+  if (conv.key === "group") return { kind: "MESSAGE_KIND_GROUP", body };
+  if (conv.key.startsWith("user:")) {
+    return { kind: "MESSAGE_KIND_PRIVATE", toUserName: conv.name, body, messageId: newMessageId() };
+  }
+  if (conv.key.startsWith("channel:")) return { kind: "MESSAGE_KIND_CHANNEL", channel: conv.name, body };
+  return null;
+}
+
+function onSendResult(result) {
+  const entry = session.pending.get(String(result.clientId));
+  if (!entry) return;
+  session.pending.delete(String(result.clientId));
+  const { send, record } = entry;
+  if (result.messageId) {
+    record.id = result.messageId;
+    chat.mine.set(result.messageId, record);
+    if (record.el) record.el.dataset.id = result.messageId;
+  }
+  if (result.timestampMs) record.at = result.timestampMs;
+  switch (result.status) {
+    case "SEND_STATUS_DELIVERED":
+      setRecordStatus(record, "delivered", deliveredText(send, result.delivered));
+      break;
+    case "SEND_STATUS_STORED":
+      setRecordStatus(record, "stored", "✓ stored: they get it when they come online");
+      refreshOnline();
+      break;
+    default: {
+      const error = result.error || {};
+      setRecordStatus(record, "failed", `not sent: ${error.message || error.code || "failed"}`);
+    }
+  }
+}
+
+function deliveredText(send, count) {
+  if (send.kind === "MESSAGE_KIND_PRIVATE") return "✓ delivered";
+  const n = Number(count) || 0;
+  return `✓ delivered to ${n} ${n === 1 ? "person" : "people"} online`;
+}
+
+/**
+ * After a reconnect: private messages without a result are sent again (same message id, so
+ * the route stores them once); group and channel messages are not stored, so a resend could
+ * show them twice: they are marked as possibly not sent instead.
+ */
+function resendPending() {
+  for (const [clientId, { send, record }] of session.pending) {
+    if (send.kind === "MESSAGE_KIND_PRIVATE") {
+      setRecordStatus(record, "sending", "sending…");
+      sendFrame({ send });
+    } else {
+      session.pending.delete(clientId);
+      setRecordStatus(record, "failed", "maybe not sent: the connection dropped");
+    }
+  }
+}
+
+function failPending(text) {
+  for (const { record } of session.pending.values()) setRecordStatus(record, "failed", text);
+  session.pending.clear();
+}
+
+// ---------------------------------------------------------------------------------------
+// Conversations and messages on screen
+
+function resetChat() {
+  chat.conversations.clear();
+  chat.online.clear();
+  chat.channels = [];
+  chat.channelsAvailable = true;
+  chat.seen.clear();
+  chat.seenOrder = [];
+  chat.mine.clear();
+  session.pending.clear();
+  conversation("group");
+  chat.active = "group";
+}
+
+/** The conversation with this key, created on first use. */
+function conversation(key) {
+  let conv = chat.conversations.get(key);
+  if (!conv) {
+    const [kind, ...rest] = key.split(":");
+    const name = rest.join(":");
+    conv = { key, kind, name, messages: [], unread: 0 };
+    chat.conversations.set(key, conv);
+  }
+  return conv;
+}
+
+function conversationTitle(conv) {
+  switch (conv.kind) {
+    case "group":
+      return "Everyone online";
+    case "system":
+      return "System messages";
+    case "channel":
+      return `# ${conv.name}`;
+    default:
+      return conv.name;
+  }
+}
+
+function addMessage(conv, record) {
+  conv.messages.push(record);
+  if (conv.messages.length > MESSAGES_PER_CONVERSATION) conv.messages.shift();
+  if (conv.key === chat.active) {
+    const list = $("messages");
+    const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+    list.append(messageElement(record));
+    if (atBottom || record.mine) list.scrollTop = list.scrollHeight;
+  } else {
+    conv.unread++;
+  }
+}
+
+/** A line in the active conversation that is not a message (e.g. a server error). */
+function addNote(text) {
+  $("messages").append(el("li", { class: "note", text }));
+}
+
+function messageElement(record) {
+  const meta = el(
+    "div",
+    { class: "meta" },
+    el("span", { class: "from", text: record.mine ? "you" : record.from }),
+    el("time", { class: "time", text: formatTime(record.at) }),
+    record.replay && el("span", { class: "badge", text: "offline", title: "sent while you were offline" }),
+  );
+  const status = el("div", { class: "status", "data-status": record.status || "", text: record.statusText || "" });
+  const item = el(
+    "li",
+    { class: "msg" + (record.mine ? " mine" : "") + (record.replay ? " replay" : ""), "data-id": record.id },
+    meta,
+    el("div", { class: "body", text: record.body }),
+    record.mine && status,
+  );
+  record.el = item;
+  record.statusEl = status;
+  return item;
+}
+
+function setRecordStatus(record, status, text) {
+  record.status = status;
+  record.statusText = text;
+  if (record.statusEl) {
+    record.statusEl.dataset.status = status;
+    record.statusEl.textContent = text;
+  }
+}
+
+function openConversation(key) {
+  const conv = conversation(key);
+  chat.active = key;
+  conv.unread = 0;
+  $("conversation-title").textContent = conversationTitle(conv);
+  $("leave-channel").hidden = conv.kind !== "channel";
+  const input = $("message-input");
+  input.disabled = conv.kind === "system";
+  input.placeholder = composerHint(conv);
+  for (const record of conv.messages) record.el = record.statusEl = null;
+  const list = $("messages");
+  list.replaceChildren(...conv.messages.map(messageElement));
+  list.scrollTop = list.scrollHeight;
+  setSidebarOpen(false);
+  renderSidebar();
+  if (!input.disabled) input.focus();
+}
+
+function composerHint(conv) {
+  switch (conv.kind) {
+    case "group":
+      return "Message everyone online";
+    case "channel":
+      return `Message #${conv.name}`;
+    case "user":
+      return `Message ${conv.name}`;
+    default:
+      return "System messages cannot be answered";
+  }
+}
+
+function showChatView() {
+  $("login-view").hidden = true;
+  $("chat-view").hidden = false;
+  $("me").hidden = false;
+  $("me").textContent = session.name;
+  $("me").dataset.userId = session.userId;
+  $("logout").hidden = false;
+  openConversation(chat.active);
+}
+
+// ---------------------------------------------------------------------------------------
+// Sidebar: rooms, channels, people
+
+function renderSidebar() {
+  renderRooms();
+  renderChannels();
+  renderPeople();
+  const unread = [...chat.conversations.values()].reduce((n, c) => n + c.unread, 0);
+  $("toggle-sidebar").textContent = unread ? `Conversations (${unread} unread)` : "Conversations";
+}
+
+function conversationButton(key, label, detail, extraClass = "") {
+  const conv = conversation(key);
+  const button = el(
+    "button",
+    {
+      type: "button",
+      class: `conv ${extraClass}` + (key === chat.active ? " active" : ""),
+      "data-conv": key,
+      "aria-current": key === chat.active ? "true" : undefined,
+    },
+    el("span", { class: "label", text: label }),
+    detail && el("span", { class: "detail", text: detail }),
+    conv.unread > 0 && el("span", { class: "unread", text: String(conv.unread) }),
+  );
+  button.addEventListener("click", () => openConversation(key));
+  return el("li", {}, button);
+}
+
+function renderRooms() {
+  const items = [conversationButton("group", "Everyone online", "group chat")];
+  if (chat.conversations.has("system")) items.push(conversationButton("system", "System", ""));
+  $("rooms").replaceChildren(...items);
+}
+
+function renderChannels() {
+  const names = new Set(chat.channels.map((c) => c.name));
+  const items = chat.channels.map((c) =>
+    conversationButton(`channel:${c.name}`, `# ${c.name}`, `${c.members} members · ${c.online} online`),
+  );
+  // Channel messages of channels not in the list (yet): still reachable.
+  for (const conv of chat.conversations.values()) {
+    if (conv.kind === "channel" && !names.has(conv.name) && conv.messages.length) {
+      items.push(conversationButton(conv.key, `# ${conv.name}`, "not a member"));
+    }
+  }
+  $("channels").replaceChildren(...items);
+}
+
+function renderPeople() {
+  const names = new Set(chat.online.keys());
+  for (const conv of chat.conversations.values()) {
+    if (conv.kind === "user") names.add(conv.name);
+  }
+  names.delete(session.name);
+  const sorted = [...names].sort((a, b) => {
+    const online = Number(chat.online.has(b)) - Number(chat.online.has(a));
+    return online || a.localeCompare(b);
+  });
+  $("people").replaceChildren(
+    ...sorted.map((name) => {
+      const online = chat.online.has(name);
+      return conversationButton(`user:${name}`, name, null, online ? "online" : "offline");
+    }),
+  );
+  $("online-count").textContent = `(${chat.online.size} online)`;
+}
+
+function setSidebarOpen(open) {
+  $("chat-view").classList.toggle("sidebar-open", open);
+  $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+}
+
+// ---------------------------------------------------------------------------------------
+// Lists over HTTP: people online, my channels
+
+async function refreshLists() {
+  if (!session.sessionToken || chat.refreshing) return;
+  chat.refreshing = true;
+  try {
+    await Promise.all([refreshOnline(), refreshChannels()]);
+  } finally {
+    chat.refreshing = false;
+  }
+}
+
+/** Refreshes the people online (one refresh at a time: calls during one share it). */
+function refreshOnline() {
+  if (!chat.onlineRefresh) {
+    chat.onlineRefresh = fetchOnline().finally(() => {
+      chat.onlineRefresh = null;
+    });
+  }
+  return chat.onlineRefresh;
+}
+
+async function fetchOnline() {
+  const generation = session.generation;
+  const online = new Map();
+  let after = "";
+  try {
+    for (let page = 0; page < ONLINE_MAX_PAGES; page++) {
+      const query = `limit=${ONLINE_PAGE}` + (after ? `&after=${encodeURIComponent(after)}` : "");
+      const answer = await api("GET", `/api/users/online?${query}`);
+      for (const user of answer.users || []) {
+        if (user.name !== session.name) online.set(user.name, { userId: user.user_id, serverId: user.server_id });
+      }
+      if (!answer.next) break;
+      after = answer.next;
+    }
+  } catch (e) {
+    console.warn("cim: online users", e.message);
+    return;
+  }
+  if (generation !== session.generation) return;
+  chat.online = online;
+  renderSidebar();
+}
+
+async function refreshChannels() {
+  if (!chat.channelsAvailable) return;
+  const generation = session.generation;
+  try {
+    const answer = await api("GET", "/api/channels/mine");
+    if (generation !== session.generation) return;
+    chat.channels = answer.channels || [];
+    renderSidebar();
+  } catch (e) {
+    if (e.status === 404 && e.code === "not_found") {
+      chat.channelsAvailable = false;
+      setChannelNotice("channels are not available on this route");
+    }
+  }
+}
+
+function setChannelNotice(text) {
+  $("channel-notice").textContent = text;
+  $("channel-notice").hidden = !text;
+}
+
+async function joinChannel(name) {
+  if (!CHANNEL_NAME.test(name)) {
+    setChannelNotice("a channel name is 1-64 letters, digits, _ - or .");
+    return;
+  }
+  try {
+    await api("POST", `/api/channels/${encodeURIComponent(name)}/join`);
+    setChannelNotice("");
+    $("join-name").value = "";
+    chat.channelsAvailable = true;
+    await refreshChannels();
+    openConversation(`channel:${name}`);
+  } catch (e) {
+    setChannelNotice(`could not join ${name}: ${e.message}`);
+  }
+}
+
+async function leaveChannel(name) {
+  try {
+    await api("POST", `/api/channels/${encodeURIComponent(name)}/leave`);
+    setChannelNotice("");
+    chat.conversations.delete(`channel:${name}`);
+    await refreshChannels();
+    openConversation("group");
+  } catch (e) {
+    setChannelNotice(`could not leave ${name}: ${e.message}`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Wiring
+
+function wire() {
+  $("login-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    onLoginForm(false);
+  });
+  $("register-button").addEventListener("click", () => onLoginForm(true));
+  $("logout").addEventListener("click", logout);
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    onComposerSubmit();
+  });
+  $("join-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    joinChannel($("join-name").value.trim());
+  });
+  $("leave-channel").addEventListener("click", () => {
+    const conv = conversation(chat.active);
+    if (conv.kind === "channel") leaveChannel(conv.name);
+  });
+  $("toggle-sidebar").addEventListener("click", () => {
+    setSidebarOpen(!$("chat-view").classList.contains("sidebar-open"));
+  });
+  // Back online: do not wait for the backoff.
+  window.addEventListener("online", () => {
+    if (session.timers.reconnect) {
+      clearTimeout(session.timers.reconnect);
+      reconnect(session.generation);
+    }
+  });
+  setStatus("offline", "offline");
+  showLoginView("");
+}
+
+wire();
