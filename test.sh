@@ -15,7 +15,7 @@ if [[ ${1:-} == "--" ]]; then
     test_args=("$@")
 fi
 
-./deploy/install-deps.sh
+./deploy/install-deps.sh --tests
 
 # rustfmt and clippy come with the default rustup profile; add them if this toolchain lacks them.
 have_component() {

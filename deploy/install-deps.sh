@@ -1,23 +1,50 @@
 #!/usr/bin/env bash
 # Installs the Debian packages cim needs to build and test, if they are missing:
-#   protoc (protobuf-compiler), redis-server (redis-server), etcd (etcd-server).
+#   protoc (protobuf-compiler), redis-server (redis-server), etcd (etcd-server), and for the
+#   web client's browser test (tests/tests/web.rs): chromium (chromium), node and npm (nodejs,
+#   npm); then the test's npm packages (`npm ci` in tests/web when node_modules is missing or
+#   was installed from another package-lock.json).
 # `--build-only` as the first argument: protoc alone (what building needs; ./start.sh runs the
-# standalone mode, which needs neither Redis nor etcd).
+# standalone mode, which needs neither Redis nor etcd nor a browser). `--tests`: also the
+# browser test's chromium, node, npm and npm packages (what ./test.sh needs).
 # Extra requirements can be given as COMMAND=PACKAGE arguments, e.g. `curl=curl`.
 #
 # Used by ./test.sh (and so by .ci/run), by deploy/cluster.sh and by ./start.sh. Idempotent: does nothing when
-# every command is already there. Runs `apt-get update` only if the first install fails, uses
+# every command and the npm packages are already there. Runs `apt-get update` only if the first install fails, uses
 # sudo only when not root, and keeps the packages' own system services from starting on install
 # (the tests and the local cluster run their own processes; nothing relies on system services).
 set -euo pipefail
 
 requirements=(protoc=protobuf-compiler)
+web_tests=false
 if [[ ${1:-} == --build-only ]]; then
     shift
 else
     requirements+=(redis-server=redis-server etcd=etcd-server)
+    # The browser, node and npm only for the test suite (./test.sh passes --tests), not for
+    # the local cluster or the baseline.
+    if [[ ${1:-} == --tests ]]; then
+        shift
+        web_tests=true
+        requirements+=(chromium=chromium node=nodejs npm=npm)
+    fi
 fi
 requirements+=("$@")
+
+# The browser test's npm packages (playwright-core, pinned by package-lock.json). The stamp
+# holds the hash of the lock file node_modules was installed from; a changed lock reinstalls.
+web_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/web
+npm_packages() {
+    [[ $web_tests == true && -f $web_dir/package-lock.json ]] || return 0
+    local stamp=$web_dir/node_modules/.cim-lock-sha256 want
+    want=$(sha256sum "$web_dir/package-lock.json" | cut -d' ' -f1)
+    if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+        return 0
+    fi
+    echo "install-deps: npm ci in tests/web" >&2
+    (cd "$web_dir" && npm ci --no-audit --no-fund --loglevel=error >&2)
+    echo "$want" >"$stamp"
+}
 
 missing=()
 for req in "${requirements[@]}"; do
@@ -28,6 +55,7 @@ for req in "${requirements[@]}"; do
     fi
 done
 if [[ ${#missing[@]} -eq 0 ]]; then
+    npm_packages
     exit 0
 fi
 
@@ -80,3 +108,4 @@ for req in "${requirements[@]}"; do
         exit 1
     fi
 done
+npm_packages

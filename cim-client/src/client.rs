@@ -65,6 +65,15 @@
 //!   messages of each push with one `Ack` frame once they are in the events channel (so
 //!   taking them is the application's part); a message still in the SDK's hands when the
 //!   connection or the client ends is not acked and comes again.
+//! - **Channels.** [`Client::join_channel`], [`Client::leave_channel`],
+//!   [`Client::my_channels`], [`Client::channels`], [`Client::channel`] and
+//!   [`Client::channel_members`] call the route's HTTP API with the current session (while
+//!   reconnecting they may fail with `Route` code `session_ended`, like
+//!   [`Client::online_users`]); [`Client::send_channel`] sends over the connection like any
+//!   other send (re-sent after a lost connection, see above). A channel message reaches the
+//!   members online at that moment as [`Event::Message`] with `kind` `Channel` and `channel`
+//!   set; it is not stored, so it is never replayed nor acked. Channel names are checked
+//!   before any network call ([`ClientError::InvalidChannel`]).
 //! - **Receipts.** [`Client::send_with`] and [`SendOptions::receipt`] ask for one: when the
 //!   receiver's client acks the message, the sender gets [`Event::Receipt`] (also when it was
 //!   offline at that moment: receipts are stored like messages).
@@ -84,7 +93,10 @@ use crate::{
     conn::{ConnError, Connection},
     pb,
     recent::{RecentIds, DEFAULT_CAPACITY},
-    route::{LoginInfo, OnlineUser, RouteClient, RouteError},
+    route::{
+        channel_name_error, ChannelInfo, ChannelPage, LoginInfo, MemberPage, OnlineUser,
+        RouteClient, RouteError,
+    },
     worker::{Command, LogoutSlot, Shared, Worker},
     Transport,
 };
@@ -240,8 +252,9 @@ pub enum ConnState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     State(ConnState),
-    /// A received message (each id at most once, see the module doc): private, group or
-    /// system. Receipts are [`Event::Receipt`] instead.
+    /// A received message (each id at most once, see the module doc): private, group,
+    /// channel (`message.kind` `Channel`, `message.channel` names the channel) or system.
+    /// Receipts are [`Event::Receipt`] instead.
     Message {
         message: pb::Message,
         /// It comes from the inbox replayed at the start of a connection: it arrived while
@@ -335,6 +348,11 @@ pub enum ClientError {
         code: pb::ErrorCode,
         message: String,
     },
+    /// The channel name breaks the route's rule (see [`crate::route::channel_name_error`]):
+    /// refused before any network call. [`ClientError::code`] is `invalid_channel`, what
+    /// the route answers for a bad name.
+    #[error("invalid channel name: {0}")]
+    InvalidChannel(String),
     /// The client ended for good (logout, final kick, gave up reconnecting) after the message
     /// was written and before its result arrived: it may or may not have been delivered. (A
     /// connection lost while the client reconnects does not fail a send: it is re-sent.)
@@ -372,6 +390,7 @@ impl ClientError {
             ClientError::BadCredentials => Some("bad_credentials"),
             ClientError::AlreadyLoggedIn(_) => Some("already_logged_in"),
             ClientError::NoServer => Some("no_server"),
+            ClientError::InvalidChannel(_) => Some("invalid_channel"),
             _ => None,
         }
     }
@@ -632,6 +651,24 @@ impl Client {
         .await
     }
 
+    /// Sends a message to the online members of channel `name`, except this user, over the
+    /// connection; `delivered` counts the members it reached. The sender must be a member
+    /// ([`Client::join_channel`]): otherwise `Send { code: Forbidden }`. A bad name is
+    /// [`ClientError::InvalidChannel`], refused before sending. Channel messages are not
+    /// stored: members offline now never get it. Like every send, one unanswered when the
+    /// connection drops is written again on the next connection with the same message id
+    /// (the receivers' clients drop the repeat by id).
+    pub async fn send_channel(&self, name: &str, body: &str) -> Result<SendOutcome, ClientError> {
+        check_channel(name)?;
+        self.submit(pb::Send {
+            kind: pb::MessageKind::Channel as i32,
+            channel: name.to_string(),
+            body: body.to_string(),
+            ..Default::default()
+        })
+        .await
+    }
+
     async fn submit(&self, mut send: pb::Send) -> Result<SendOutcome, ClientError> {
         if self.is_closed() {
             return Err(ClientError::Closed);
@@ -673,10 +710,7 @@ impl Client {
         prefix: Option<&str>,
         limit: usize,
     ) -> Result<Vec<OnlineUser>, ClientError> {
-        if self.is_closed() {
-            return Err(ClientError::Closed);
-        }
-        let token = lock(&self.shared.session_token).clone();
+        let token = self.token()?;
         let mut users = Vec::new();
         let mut after: Option<String> = None;
         while users.len() < limit {
@@ -696,6 +730,86 @@ impl Client {
         }
         users.truncate(limit);
         Ok(users)
+    }
+
+    /// Joins channel `name` (a channel exists while it has members: the first join creates
+    /// it). `Ok(false)` when this user was a member already. Errors: a bad name is
+    /// [`ClientError::InvalidChannel`] (no network call); the route's `too_many_channels`
+    /// (409) as `Route`. Uses the current session, like [`Client::online_users`].
+    pub async fn join_channel(&self, name: &str) -> Result<bool, ClientError> {
+        check_channel(name)?;
+        let token = self.token()?;
+        let joined = self.route.join_channel(&token, name).await;
+        Ok(joined.map_err(ClientError::Route)?.joined)
+    }
+
+    /// Leaves channel `name`; `Ok(false)` when this user was not a member.
+    pub async fn leave_channel(&self, name: &str) -> Result<bool, ClientError> {
+        check_channel(name)?;
+        let token = self.token()?;
+        let left = self.route.leave_channel(&token, name).await;
+        Ok(left.map_err(ClientError::Route)?.left)
+    }
+
+    /// The channels this user is a member of, with their member and online counts, in name
+    /// order.
+    pub async fn my_channels(&self) -> Result<Vec<ChannelInfo>, ClientError> {
+        let token = self.token()?;
+        self.route
+            .my_channels(&token)
+            .await
+            .map_err(ClientError::Route)
+    }
+
+    /// One page of all channels (those with at least one member), in name order, after the
+    /// channel `after` (the previous page's `next`); `limit` `None` is the route's default.
+    pub async fn channels(
+        &self,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<ChannelPage, ClientError> {
+        let token = self.token()?;
+        self.route
+            .channels(&token, after, limit)
+            .await
+            .map_err(ClientError::Route)
+    }
+
+    /// Member and online counts of channel `name`; a channel without members is `Route`
+    /// code `unknown_channel` (404).
+    pub async fn channel(&self, name: &str) -> Result<ChannelInfo, ClientError> {
+        check_channel(name)?;
+        let token = self.token()?;
+        self.route
+            .channel_info(&token, name)
+            .await
+            .map_err(ClientError::Route)
+    }
+
+    /// One page of channel `name`'s members, in user id order, with ids above `after` (the
+    /// previous page's `next`); `limit` `None` is the route's default page size.
+    pub async fn channel_members(
+        &self,
+        name: &str,
+        after: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<MemberPage, ClientError> {
+        check_channel(name)?;
+        let token = self.token()?;
+        self.route
+            .channel_members(&token, name, after, limit)
+            .await
+            .map_err(ClientError::Route)
+    }
+
+    /// The bearer token of the current session, for the route's HTTP API. While
+    /// reconnecting it may be one the route no longer accepts (`Route` code
+    /// `session_ended`): the caller may retry once connected again.
+    fn token(&self) -> Result<String, ClientError> {
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        Ok(lock(&self.shared.session_token).clone())
     }
 
     /// Who is logged in, where, and the connection state.
@@ -739,6 +853,14 @@ impl Client {
 /// written (every critical section is a plain assignment or clone), so poisoning is ignored.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A channel name the route would refuse, as an error before any network call.
+fn check_channel(name: &str) -> Result<(), ClientError> {
+    match channel_name_error(name) {
+        Some(why) => Err(ClientError::InvalidChannel(why)),
+        None => Ok(()),
+    }
 }
 
 /// Whether a kick with this reason ends the client for good (no reconnect).
@@ -958,6 +1080,81 @@ mod tests {
         assert!(!command.send.receipt);
         drop(command);
         sending.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn channel_sends_carry_the_channel_and_bad_names_are_refused_before_anything() {
+        let (commands, mut queued) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            info: Mutex::new(ClientInfo {
+                user_id: 1,
+                name: "alice".into(),
+                route_url: "http://127.0.0.1:1".into(),
+                server_id: None,
+                server_addr: None,
+                state: ConnState::Connecting,
+            }),
+            session_token: Mutex::new(String::new()),
+            stop: CancellationToken::new(),
+            logout: Mutex::new(LogoutSlot::Open),
+            next_client_id: AtomicU64::new(1),
+        });
+        // Port 1: any HTTP call would fail as unreachable, not as an invalid name.
+        let client = Client {
+            shared: shared.clone(),
+            route: RouteClient::new("http://127.0.0.1:1"),
+            commands,
+            _guard: Arc::new(HandleGuard(shared.stop.clone())),
+        };
+        for bad in ["", "a b", "#room", "a/b", ".", "..", &"x".repeat(65)] {
+            let invalid = |r: Result<(), ClientError>| match r {
+                Err(e @ ClientError::InvalidChannel(_)) => {
+                    assert_eq!(e.code(), Some("invalid_channel"));
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            };
+            invalid(client.send_channel(bad, "hi").await.map(drop));
+            invalid(client.join_channel(bad).await.map(drop));
+            invalid(client.leave_channel(bad).await.map(drop));
+            invalid(client.channel(bad).await.map(drop));
+            invalid(client.channel_members(bad, None, None).await.map(drop));
+        }
+        assert!(queued.try_recv().is_err(), "nothing was queued");
+        // A valid name reaches the network (here: an unreachable route).
+        let e = client.join_channel("频道-1").await.unwrap_err();
+        assert!(e.is_transport(), "{e:?}");
+        let sending = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let _ = client.send_channel("频道-1", "hello").await;
+            })
+        };
+        let command = queued.recv().await.expect("queued");
+        assert_eq!(command.send.kind, pb::MessageKind::Channel as i32);
+        assert_eq!(
+            (command.send.channel.as_str(), command.send.body.as_str()),
+            ("频道-1", "hello")
+        );
+        assert!(cim_common::ids::valid_message_id(&command.send.message_id));
+        assert_eq!(
+            (command.send.to_user_id, command.send.to_user_name.as_str()),
+            (0, "")
+        );
+        drop(command);
+        sending.await.unwrap();
+        // A closed client says so before looking at anything else.
+        *lock(&shared.info) = ClientInfo {
+            state: ConnState::Closed { reason: "x".into() },
+            ..client.info()
+        };
+        assert!(matches!(
+            client.my_channels().await,
+            Err(ClientError::Closed)
+        ));
+        assert!(matches!(
+            client.send_channel("room", "x").await,
+            Err(ClientError::Closed)
+        ));
     }
 
     #[test]

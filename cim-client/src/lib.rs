@@ -4,8 +4,10 @@
 //! - [`client`]: the SDK most applications want: [`Client::connect`] logs in, stays connected
 //!   (heartbeats, reconnects, re-sends, acks, de-duplication) and reports [`Event`]s;
 //!   [`Client::send`], [`Client::send_with`] (receipts), [`Client::send_group`],
-//!   [`Client::online_users`], [`Client::logout`].
-//! - [`route`]: the route's HTTP API (register, login, logout, online users, messages).
+//!   [`Client::send_channel`], [`Client::join_channel`], [`Client::leave_channel`],
+//!   [`Client::my_channels`], [`Client::online_users`], [`Client::logout`].
+//! - [`route`]: the route's HTTP API (register, login, logout, online users, messages,
+//!   channels).
 //! - [`conn`]: one connection to a connection server over TCP (delimited protobuf) or
 //!   WebSocket (binary protobuf or JSON text frames): login handshake, send and receive frames.
 //!
@@ -25,4 +27,7 @@ pub use client::{
     ReconnectPolicy, SendOptions, SendOutcome,
 };
 pub use conn::{Connection, Transport};
-pub use route::{LoginInfo, OnlineUser, RouteClient, RouteError};
+pub use route::{
+    ChannelInfo, ChannelMember, ChannelPage, LoginInfo, MemberPage, OnlineUser, RouteClient,
+    RouteError,
+};

@@ -96,6 +96,142 @@ pub struct GroupSent {
     pub timestamp_ms: i64,
 }
 
+/// Longest channel name, in characters.
+pub const MAX_CHANNEL_NAME_CHARS: usize = cim_common::ids::MAX_CHANNEL_NAME_LEN;
+
+/// Why `name` cannot be a channel name, or `None` when it can. The route's rule: 1 to
+/// [`MAX_CHANNEL_NAME_CHARS`] characters, each a Unicode letter or digit or one of `_ - .`
+/// (so no spaces, `#` or `/`); names are case-sensitive. Also refused: `.` and `..`, which
+/// the rule allows but no HTTP client can put in a URL path (URL parsing removes such a
+/// segment, so the call would reach another endpoint).
+pub fn channel_name_error(name: &str) -> Option<String> {
+    let chars = name.chars().count();
+    if chars == 0 {
+        return Some("a channel name cannot be empty".into());
+    }
+    if chars > MAX_CHANNEL_NAME_CHARS {
+        return Some(format!(
+            "a channel name has at most {MAX_CHANNEL_NAME_CHARS} characters ({chars} given)"
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Some(format!(
+            "{:?} is not a channel name: {bad:?} is not allowed (letters, digits, _ - . only)",
+            name
+        ));
+    }
+    if cim_common::ids::RESERVED_CHANNEL_NAMES.contains(&name) {
+        return Some(format!(
+            "{name:?} is reserved and cannot be used as a channel name"
+        ));
+    }
+    debug_assert!(cim_common::ids::valid_channel_name(name), "{name:?}");
+    None
+}
+
+/// Whether `name` is a valid channel name (see [`channel_name_error`]).
+pub fn is_channel_name(name: &str) -> bool {
+    channel_name_error(name).is_none()
+}
+
+/// Member and online counts of one channel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChannelInfo {
+    pub name: String,
+    /// Members, online or not.
+    pub members: u64,
+    /// Members connected right now.
+    pub online: u64,
+}
+
+/// The caller's channels (`GET /api/channels/mine`).
+#[derive(Debug, Clone, Deserialize)]
+struct MyChannels {
+    channels: Vec<ChannelInfo>,
+}
+
+/// One page of channels (with at least one member), in name order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChannelPage {
+    pub channels: Vec<ChannelInfo>,
+    /// Pass as `after` for the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// A member of a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChannelMember {
+    pub user_id: u64,
+    pub name: String,
+    pub online: bool,
+}
+
+/// One page of a channel's members, in user id order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MemberPage {
+    pub members: Vec<ChannelMember>,
+    /// The user id to pass as `after` for the next page; `None` on the last page.
+    #[serde(default, deserialize_with = "id_cursor")]
+    pub next: Option<u64>,
+}
+
+/// `s` percent-encoded for a URL path segment: ASCII letters, digits and `_ - .` stay,
+/// every other byte (non-ASCII letters as UTF-8) becomes `%XX`.
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The members cursor is a user id written as a string (`"42"`); a number is taken too.
+fn id_cursor<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Cursor {
+        Text(String),
+        Number(u64),
+    }
+    match Option::<Cursor>::deserialize(d)? {
+        None => Ok(None),
+        Some(Cursor::Number(n)) => Ok(Some(n)),
+        Some(Cursor::Text(s)) => s.parse().map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Answer of a channel join.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Joined {
+    pub channel: String,
+    /// False when the caller was a member already.
+    pub joined: bool,
+}
+
+/// Answer of a channel leave.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Left {
+    pub channel: String,
+    /// False when the caller was not a member.
+    pub left: bool,
+}
+
+/// Answer of a channel message sent over HTTP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChannelSent {
+    pub id: String,
+    /// Online members it was pushed to (the sender excluded).
+    pub delivered: u64,
+    pub timestamp_ms: i64,
+}
+
 #[derive(Deserialize)]
 struct ErrorBody {
     error: ErrorDetail,
@@ -182,6 +318,31 @@ impl RouteClient {
         Self::decode(req.send().await?).await
     }
 
+    /// `{base}/api/channels/{name}{suffix}`, the name percent-encoded as one path segment.
+    fn channel_url(&self, name: &str, suffix: &str) -> Result<String, RouteError> {
+        // Checked here too: a reserved name (`.`, `..`: removed by URL parsers) never leaves.
+        if let Some(why) = channel_name_error(name) {
+            return Err(RouteError::Api {
+                status: 400,
+                code: "invalid_channel".into(),
+                message: why,
+            });
+        }
+        Ok(format!(
+            "{}/api/channels/{}{suffix}",
+            self.base,
+            encode_segment(name)
+        ))
+    }
+
+    async fn send_json<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        bearer: &str,
+    ) -> Result<T, RouteError> {
+        Self::decode(req.bearer_auth(bearer).send().await?).await
+    }
+
     pub async fn register(&self, name: &str, password: &str) -> Result<RegisterInfo, RouteError> {
         self.post("/api/register", None, &Credentials { name, password })
             .await
@@ -251,5 +412,186 @@ impl RouteClient {
             &serde_json::json!({"body": body}),
         )
         .await
+    }
+
+    /// Joins channel `name` as the session's user (creating it if it had no member).
+    /// `joined` is false when already a member; over the per-user limit: 409
+    /// `too_many_channels`; a bad name: 400 `invalid_channel` (checked before sending).
+    pub async fn join_channel(
+        &self,
+        session_token: &str,
+        name: &str,
+    ) -> Result<Joined, RouteError> {
+        let url = self.channel_url(name, "/join")?;
+        let req = self.http.post(url).json(&serde_json::json!({}));
+        self.send_json(req, session_token).await
+    }
+
+    /// Leaves channel `name`; `left` is false when the user was not a member.
+    pub async fn leave_channel(&self, session_token: &str, name: &str) -> Result<Left, RouteError> {
+        let url = self.channel_url(name, "/leave")?;
+        let req = self.http.post(url).json(&serde_json::json!({}));
+        self.send_json(req, session_token).await
+    }
+
+    /// The session user's channels with their counts, in name order.
+    pub async fn my_channels(&self, session_token: &str) -> Result<Vec<ChannelInfo>, RouteError> {
+        let mine: MyChannels = self
+            .get("/api/channels/mine", Some(session_token), &[])
+            .await?;
+        Ok(mine.channels)
+    }
+
+    /// One page of all channels (those with at least one member), in name order, after the
+    /// channel `after` (the previous page's `next`).
+    pub async fn channels(
+        &self,
+        session_token: &str,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<ChannelPage, RouteError> {
+        let limit = limit.map(|l| l.to_string());
+        let mut q: Vec<(&str, &str)> = Vec::new();
+        if let Some(a) = after {
+            q.push(("after", a));
+        }
+        if let Some(l) = &limit {
+            q.push(("limit", l));
+        }
+        self.get("/api/channels", Some(session_token), &q).await
+    }
+
+    /// Counts of channel `name`; 404 `unknown_channel` when it has no member.
+    pub async fn channel_info(
+        &self,
+        session_token: &str,
+        name: &str,
+    ) -> Result<ChannelInfo, RouteError> {
+        let url = self.channel_url(name, "")?;
+        self.send_json(self.http.get(url), session_token).await
+    }
+
+    /// One page of the members of channel `name`, in user id order, with ids above `after`
+    /// (the previous page's `next`).
+    pub async fn channel_members(
+        &self,
+        session_token: &str,
+        name: &str,
+        after: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<MemberPage, RouteError> {
+        let url = self.channel_url(name, "/members")?;
+        let mut q: Vec<(&str, String)> = Vec::new();
+        if let Some(a) = after {
+            q.push(("after", a.to_string()));
+        }
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        self.send_json(self.http.get(url).query(&q), session_token)
+            .await
+    }
+
+    /// Sends `body` to the online members of channel `name` (the sender excluded) over HTTP;
+    /// 403 `not_a_member` if the session user is not a member. Not stored: members offline
+    /// now never get it.
+    pub async fn send_channel(
+        &self,
+        session_token: &str,
+        name: &str,
+        body: &str,
+    ) -> Result<ChannelSent, RouteError> {
+        let url = self.channel_url(name, "/messages")?;
+        let req = self
+            .http
+            .post(url)
+            .json(&serde_json::json!({ "body": body }));
+        self.send_json(req, session_token).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_follow_the_route_rule() {
+        for good in [
+            "room1",
+            "a",
+            "news.eu-west_2",
+            "频道",
+            "Ünïcode",
+            "٣",
+            "...",
+            &"x".repeat(64),
+        ] {
+            assert!(is_channel_name(good), "{good:?}");
+        }
+        let long = "é".repeat(65);
+        for bad in [
+            "", "a b", "#room", "a/b", "a:b", "a%b", "tab\t", "\u{7}", &long, ".", "..", "mine",
+        ] {
+            assert!(!is_channel_name(bad), "{bad:?}");
+        }
+        // The same rule as the route's.
+        for name in [
+            "room1", "a b", "", "频道", "#x", &long, "a.b", "...", "-", "x\u{1f}",
+        ] {
+            assert_eq!(
+                is_channel_name(name),
+                cim_common::ids::valid_channel_name(name),
+                "{name:?}"
+            );
+        }
+        // 64 characters, not bytes.
+        assert!(is_channel_name(&"é".repeat(64)));
+        assert!(channel_name_error("a b").unwrap().contains("' '"));
+        assert!(channel_name_error(&long).unwrap().contains("at most 64"));
+        assert!(channel_name_error("").unwrap().contains("empty"));
+    }
+
+    #[test]
+    fn channel_urls_hold_the_name_as_one_encoded_segment() {
+        let r = RouteClient::new("http://127.0.0.1:8080/");
+        assert_eq!(
+            r.channel_url("room1", "/join").unwrap(),
+            "http://127.0.0.1:8080/api/channels/room1/join"
+        );
+        let url = r.channel_url("频道", "").unwrap();
+        assert_eq!(url, "http://127.0.0.1:8080/api/channels/%E9%A2%91%E9%81%93");
+        // What reqwest sends is that path, unchanged.
+        let parsed = reqwest::Url::parse(&url).unwrap();
+        assert_eq!(parsed.path(), "/api/channels/%E9%A2%91%E9%81%93");
+        let url = r.channel_url("...", "/members").unwrap();
+        assert_eq!(
+            reqwest::Url::parse(&url).unwrap().path(),
+            "/api/channels/.../members"
+        );
+        // Behind a prefix.
+        let r = RouteClient::new("https://lb.example/cim");
+        assert_eq!(
+            r.channel_url("a.b-c_D", "/leave").unwrap(),
+            "https://lb.example/cim/api/channels/a.b-c_D/leave"
+        );
+        for bad in ["..", ".", "a/b", ""] {
+            let e = r.channel_url(bad, "/join").unwrap_err();
+            assert_eq!((e.code(), e.status()), (Some("invalid_channel"), Some(400)));
+        }
+    }
+
+    #[test]
+    fn member_cursors_are_user_ids_as_text_or_numbers() {
+        let page: MemberPage = serde_json::from_str(
+            r#"{"members":[{"user_id":7,"name":"alice","online":true}],"next":"7"}"#,
+        )
+        .unwrap();
+        assert_eq!(page.next, Some(7));
+        assert_eq!(page.members[0].name, "alice");
+        let last: MemberPage = serde_json::from_str(r#"{"members":[],"next":null}"#).unwrap();
+        assert_eq!(last.next, None);
+        let number: MemberPage = serde_json::from_str(r#"{"members":[],"next":9}"#).unwrap();
+        assert_eq!(number.next, Some(9));
+        assert!(serde_json::from_str::<MemberPage>(r#"{"members":[],"next":"x"}"#).is_err());
     }
 }

@@ -766,6 +766,38 @@ mod tests {
     }
 
     #[test]
+    fn channel_messages_become_message_events_once_and_are_never_acked() {
+        let mut recent = RecentIds::new(16);
+        let mut channel = message("c1", 0, pb::MessageKind::Channel);
+        channel.channel = "room1".into();
+        channel.receiver_id = 0;
+        // Mixed with a stored private message: only that one is acked.
+        let backlog = on_push(
+            &mut recent,
+            push(false, vec![channel.clone(), private("p1", 3)]),
+        );
+        assert_eq!(
+            backlog,
+            [
+                Item::Event(Event::Message {
+                    message: channel.clone(),
+                    replayed: false
+                }),
+                Item::Event(Event::Message {
+                    message: private("p1", 3),
+                    replayed: false
+                }),
+                Item::Ack(vec!["p1".to_string()]),
+            ]
+            .into_iter()
+            .collect::<Backlog>()
+        );
+        // The same channel message again (a sender's re-send after a lost connection):
+        // dropped by id, and still nothing to ack.
+        assert!(on_push(&mut recent, push(false, vec![channel])).is_empty());
+    }
+
+    #[test]
     fn the_replay_flag_of_a_push_reaches_its_events() {
         let mut recent = RecentIds::new(16);
         let live = on_push(&mut recent, push(false, vec![private("a", 1)]));

@@ -21,6 +21,8 @@ const DEADLINE: Duration = Duration::from_secs(15);
 /// What `:q` wraps around a match (see `render::HIGHLIGHT`).
 const HIGHLIGHT: &str = "\x1b[1;30;43m";
 const BIN: &str = env!("CARGO_BIN_EXE_cim-client");
+/// The business API key of the cluster that forces a client offline.
+const API_KEY: &str = "test-api-key-0123456789abcdef";
 
 #[derive(Default)]
 struct Screen {
@@ -371,6 +373,40 @@ async fn two_terminals_chat_and_use_every_command() -> anyhow::Result<()> {
         alice.expect("will send to bob in 1s");
         bob.expect("alice → you: later");
 
+        // Channels: join (with or without the #), list, send, leave.
+        alice.line("#room1 too early");
+        alice.expect("not sent: you are not a member of #room1 (:join room1 first)");
+        alice.line(":join room1");
+        alice.expect("joined #room1");
+        alice.line(":join room1");
+        alice.expect("already a member of #room1");
+        bob.line(":join #room1");
+        bob.expect("joined #room1");
+        bob.line(":chans");
+        bob.expect("you are in 1 channel:");
+        let list = bob.until_prompt();
+        assert!(list.contains("#room1  2 members, 2 online"), "{list}");
+        alice.line("#room1 hi room");
+        alice.expect("you → #room1: hi room");
+        let seen = bob.expect("alice → #room1: hi room");
+        assert!(has_time_stamp(&seen, "alice → #room1"), "{seen:?}");
+        alice.line("#room1");
+        alice.expect("nothing to send to #room1: write #room1 <text>");
+        alice.line(":join bad/name");
+        alice.expect("'/' is not allowed");
+        bob.line(":leave room1");
+        bob.expect("left #room1");
+        bob.line(":chans");
+        bob.expect("you are in no channel (:join <channel> to join one).");
+        alice.line("#room1 anyone?");
+        alice.expect("you → #room1: anyone?");
+        alice.expect("(no other member of #room1 is online: not delivered)");
+        // Channel messages are in the history and searchable by channel.
+        alice.line(":q #room1");
+        alice.expect("messages match \"#room1\":");
+        let found = alice.until_prompt();
+        assert!(found.contains("alice → #room1: hi room"), "{found}");
+
         // A second login of alice is refused clearly.
         let mut again = Pty::spawn(
             "alice",
@@ -530,7 +566,10 @@ async fn wrong_password_and_unreachable_route_fail_clearly() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_changes_are_shown() -> anyhow::Result<()> {
-    let mut cluster = Cluster::builder().start().await?;
+    let mut cluster = Cluster::builder()
+        .route_config(|c| c.api_keys = vec![API_KEY.to_string()])
+        .start()
+        .await?;
     let route = cluster.routes[0].url();
     let dir = tempfile::tempdir()?;
     let path = dir.path().to_path_buf();
@@ -572,21 +611,35 @@ async fn connection_changes_are_shown() -> anyhow::Result<()> {
     })
     .await?;
 
-    // Forced offline by the business side: said so, no reconnect, exit status 1.
-    let kicked = cluster
-        .kick(
-            &cluster.servers[0].id,
-            user_id,
-            cim_client::pb::KickReason::Admin,
-            "maintenance",
-        )
+    // Forced offline by the business side (its API): said so, no reconnect, exit status 1.
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/api/admin/users/{user_id}/kick",
+            cluster.routes[0].url()
+        ))
+        .header("X-Api-Key", API_KEY)
+        .json(&serde_json::json!({"reason": "maintenance"}))
+        .send()
         .await?;
-    assert_eq!(kicked, [user_id]);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<serde_json::Value>().await?,
+        serde_json::json!({"kicked": true})
+    );
     tokio::task::spawn_blocking(move || {
-        erin.expect("kicked: forced offline by an administrator: maintenance");
+        erin.expect("disconnected by the service: maintenance");
         erin.expect("disconnected: ");
         let status = erin.exit_status();
         assert_eq!(status.exit_code(), 1, "{status:?}");
+        // Everything it printed after the kick, up to its exit: no reconnect attempt.
+        let output = strip_ansi(&erin.raw());
+        let (_, after) = output
+            .rsplit_once("disconnected by the service: maintenance")
+            .expect("printed above");
+        assert!(
+            !after.contains("reconnecting") && !after.contains("connected to server"),
+            "{after}"
+        );
     })
     .await?;
     drop(cluster);

@@ -3,7 +3,7 @@
 
 use crate::{
     registry::{EtcdRegistry, MemoryRegistry, Registry},
-    store::{InboxLimits, MemoryStore, RedisStore, StateStore},
+    store::{InboxLimits, MemoryStore, RedisStore, StateStore, DEFAULT_EVENTS_MAX_LEN},
 };
 use serde::{Deserialize, Serialize};
 use std::{sync::Arc, time::Duration};
@@ -25,6 +25,9 @@ pub struct BackendConfig {
     pub inbox_max_messages: usize,
     /// Age after which a stored message is no longer delivered (seconds).
     pub inbox_max_age_secs: u64,
+    /// Presence events kept in the stream (Redis trims approximately: up to one stream node,
+    /// by default 100 events, more). A subscriber that is further behind misses the oldest.
+    pub events_max_len: usize,
 }
 
 impl Default for BackendConfig {
@@ -36,6 +39,7 @@ impl Default for BackendConfig {
             timeout_ms: 3000,
             inbox_max_messages: InboxLimits::default().max_messages,
             inbox_max_age_secs: InboxLimits::default().max_age.as_secs(),
+            events_max_len: DEFAULT_EVENTS_MAX_LEN,
         }
     }
 }
@@ -56,6 +60,9 @@ impl BackendConfig {
         }
         if self.inbox_max_age_secs == 0 {
             return Err("inbox_max_age_secs must be positive".into());
+        }
+        if !(1..=10_000_000).contains(&self.events_max_len) {
+            return Err("events_max_len must be 1 ..= 10000000".into());
         }
         Ok(())
     }
@@ -94,7 +101,8 @@ impl Backends {
         let store = RedisStore::connect(&config.redis_url, &config.prefix, config.timeout())
             .await
             .map_err(|e| format!("redis at {}: {e}", config.redis_url))?
-            .with_inbox_limits(config.inbox_limits());
+            .with_inbox_limits(config.inbox_limits())
+            .with_events_max_len(config.events_max_len);
         let registry = EtcdRegistry::connect(
             &config.etcd_endpoints,
             &format!("/{}", config.prefix),
@@ -106,5 +114,29 @@ impl Backends {
             store: Arc::new(store),
             registry: Arc::new(registry),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_max_len_is_bounded() {
+        let ok = BackendConfig::default();
+        assert_eq!(ok.events_max_len, 100_000);
+        assert_eq!(ok.validate(), Ok(()));
+        for bad in [0, 10_000_001] {
+            let config = BackendConfig {
+                events_max_len: bad,
+                ..BackendConfig::default()
+            };
+            assert!(config.validate().unwrap_err().contains("events_max_len"));
+        }
+        let edge = BackendConfig {
+            events_max_len: 10_000_000,
+            ..BackendConfig::default()
+        };
+        assert_eq!(edge.validate(), Ok(()));
     }
 }

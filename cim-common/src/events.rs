@@ -79,8 +79,9 @@ pub struct StoredEvent {
     pub event: PresenceEvent,
 }
 
-/// A parsed event id (`{ms}-{n}`), ordered like Redis stream ids.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A parsed event id (`{ms}-{n}`), ordered like Redis stream ids. The default is
+/// [`EventId::ZERO`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId {
     pub ms: u64,
     pub seq: u64,
@@ -123,7 +124,18 @@ mod tests {
         let c = EventId::parse("1700000000001-0").unwrap();
         assert!(EventId::ZERO < a && a < b && b < c);
         assert_eq!(b.to_string(), "1700000000000-12");
-        for bad in ["", "-", "1-", "-1", "1", "a-1", "1-b", "+1-1", "1-1-1", "99999999999999999999-0"] {
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "1",
+            "a-1",
+            "1-b",
+            "+1-1",
+            "1-1-1",
+            "99999999999999999999-0",
+        ] {
             assert_eq!(EventId::parse(bad), None, "{bad:?}");
         }
     }

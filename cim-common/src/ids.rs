@@ -57,10 +57,16 @@ pub fn valid_message_id(id: &str) -> bool {
 /// Longest channel name, in characters.
 pub const MAX_CHANNEL_NAME_LEN: usize = 64;
 
-/// Channel names: 1..=64 characters, each a Unicode letter or digit or one of `_ - .`. No
-/// spaces, `#` or `/`: they appear after `#` in the terminal client and in URL paths.
+/// Names no channel can have: `.` and `..` are path segments URL parsers remove (no HTTP
+/// client could address them), and `/api/channels/mine` is the caller's own list.
+pub const RESERVED_CHANNEL_NAMES: [&str; 3] = [".", "..", "mine"];
+
+/// Channel names: 1..=64 characters, each a Unicode letter or digit or one of `_ - .`, and
+/// not one of [`RESERVED_CHANNEL_NAMES`]. No spaces, `#` or `/`: they appear after `#` in the
+/// terminal client and in URL paths.
 pub fn valid_channel_name(name: &str) -> bool {
     !name.is_empty()
+        && !RESERVED_CHANNEL_NAMES.contains(&name)
         && name.chars().count() <= MAX_CHANNEL_NAME_LEN
         && name
             .chars()
@@ -73,10 +79,28 @@ mod tests {
 
     #[test]
     fn channel_names() {
-        for good in ["room1", "Lobby", "live-42", "a.b_c", "聊天室", "ä", &"x".repeat(64)] {
+        for good in [
+            "room1",
+            "Lobby",
+            "live-42",
+            "a.b_c",
+            "聊天室",
+            "ä",
+            &"x".repeat(64),
+        ] {
             assert!(valid_channel_name(good), "{good:?}");
         }
-        for bad in ["", "a b", "#a", "a/b", "a\u{1f}", "a;b", "a@b", "a|b", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "a b",
+            "#a",
+            "a/b",
+            "a\u{1f}",
+            "a;b",
+            "a@b",
+            "a|b",
+            &"x".repeat(65),
+        ] {
             assert!(!valid_channel_name(bad), "{bad:?}");
         }
     }

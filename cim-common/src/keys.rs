@@ -9,6 +9,13 @@
 //! | `{p}:login:{{id}}` | string | login slot: `{session}` (pending) or `{session}@{server}` |
 //! | `{p}:route:{{id}}` | string | `{server}\|{session}`: where the user's connection lives |
 //! | `{p}:online` | sorted set | lexicographic index `{name}\x1f{id}` of connected users |
+//! | `{p}:online:ids` | set | user ids of connected users (channel online counts: ZINTERCARD) |
+//! | `{p}:events` | stream | presence events, fields `t` (`online`/`offline`), `u` (user id), `n` (name), `s` (server id), `at` (unix ms), `r` (offline reason); capped with `MAXLEN ~` |
+//! | `{p}:lease:{name}` | string | holder of a lease (owner id), expiring with the lease |
+//! | `{p}:cursor:{name}` | string | a named cursor (the webhook's last delivered event id) |
+//! | `{p}:chan:{{name}}` | sorted set | member user ids of a channel, each scored by itself (pages by id) |
+//! | `{p}:user:chans:{{id}}` | set | names of the channels a user is a member of |
+//! | `{p}:chans` | sorted set | names of the channels with members, score 0 (pages by name) |
 //! | `{p}:inbox:{{id}}` | hash | message id → protobuf `Message` (unacked private messages) |
 //! | `{p}:inbox:order:{{id}}` | sorted set | message id, scored by its seq: the inbox order |
 //! | `{p}:inbox:rcpt:{{id}}` | hash | message id → sender id, for messages that asked for a receipt |
@@ -16,6 +23,9 @@
 //!
 //! The login slot and the route of one user share a hash tag (`{id}`) so the Lua scripts that
 //! touch both stay within one Redis Cluster slot; so do the four inbox keys of one user.
+//! A channel's member set has its own hash tag (`{name}`), a user's channel set that of the
+//! user (`{id}`): joining touches both (and the channel list), so it is ordered writes rather
+//! than one script (see the Redis store).
 
 /// Builds keys under one prefix.
 #[derive(Debug, Clone)]
@@ -73,6 +83,34 @@ impl Keys {
 
     pub fn online(&self) -> String {
         format!("{}:online", self.prefix)
+    }
+
+    pub fn online_ids(&self) -> String {
+        format!("{}:online:ids", self.prefix)
+    }
+
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    pub fn lease(&self, name: &str) -> String {
+        format!("{}:lease:{name}", self.prefix)
+    }
+
+    pub fn cursor(&self, name: &str) -> String {
+        format!("{}:cursor:{name}", self.prefix)
+    }
+
+    pub fn channel(&self, name: &str) -> String {
+        format!("{}:chan:{{{name}}}", self.prefix)
+    }
+
+    pub fn user_channels(&self, id: u64) -> String {
+        format!("{}:user:chans:{{{id}}}", self.prefix)
+    }
+
+    pub fn channels(&self) -> String {
+        format!("{}:chans", self.prefix)
     }
 
     pub fn inbox(&self, id: u64) -> String {
@@ -136,6 +174,17 @@ mod tests {
         assert_eq!(k.parse_route_key(&k.route(42)), Some(42));
         assert_eq!(k.parse_route_key("t2:route:{42}"), None);
         assert_eq!(k.parse_route_key("t1:route:{x}"), None);
+    }
+
+    #[test]
+    fn channel_keys_carry_their_hash_tag() {
+        let k = Keys::new("t1");
+        assert_eq!(k.channel("room.1"), "t1:chan:{room.1}");
+        assert_eq!(k.user_channels(7), "t1:user:chans:{7}");
+        assert_eq!(k.channels(), "t1:chans");
+        assert_eq!(k.online_ids(), "t1:online:ids");
+        // A user channel set is no route key, nor an account record.
+        assert_eq!(k.parse_route_key(&k.user_channels(7)), None);
     }
 
     #[test]

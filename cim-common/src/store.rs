@@ -137,6 +137,8 @@ pub const MAX_EVENTS_READ: usize = 1000;
 pub const MAX_CHANNEL_PAGE: usize = 1000;
 /// Most channels one `channel_stats` call describes.
 pub const MAX_CHANNEL_STATS: usize = 1000;
+/// Presence events the stream keeps by default (`events_max_len` of the backend config).
+pub const DEFAULT_EVENTS_MAX_LEN: usize = 100_000;
 
 /// Predicate "is this server instance alive" (from the registry).
 pub type IsLive<'a> = &'a (dyn Fn(&str) -> bool + Send + Sync);
@@ -241,13 +243,21 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Events with an id after `after` (`None`: from the oldest kept), oldest first, at most
     /// `limit` (capped at [`MAX_EVENTS_READ`]). Never waits. The stream keeps the newest
-    /// `events_max_len` events (approximately, in Redis).
-    async fn events_after(&self, after: Option<&str>, limit: usize)
-        -> StoreResult<Vec<StoredEvent>>;
+    /// `events_max_len` events (approximately, in Redis: up to one stream node, by default
+    /// 100 events, more). An `after` that is no event id (`{u64}-{u64}`, see
+    /// [`crate::events::EventId`]) is [`StoreError::Corrupt`]: callers validate ids they
+    /// were given.
+    async fn events_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>>;
 
     /// Like [`Self::events_after`] from `after`, but when there is none yet, waits up to
-    /// `timeout` for one to be published; empty when none came. Redis: a blocking XREAD on
-    /// a connection of its own (never the shared multiplexed one, which it would stall).
+    /// `timeout` for one to be published; empty when none came (a zero `timeout` does not
+    /// wait). Redis: a blocking XREAD on a connection of its own (never the shared
+    /// multiplexed one, which it would stall); concurrent calls on one store take turns, each
+    /// still answering within its `timeout` (plus one call's deadline).
     async fn events_wait(
         &self,
         after: &str,
@@ -270,7 +280,8 @@ pub trait StateStore: Send + Sync + 'static {
     // --- channels --------------------------------------------------------------------------
 
     /// Adds `user_id` to `channel` (created by its first member), unless the user is in
-    /// `max_channels` channels already.
+    /// `max_channels` channels already (checked atomically: concurrent joins of one user
+    /// cannot pass the limit together).
     async fn channel_join(
         &self,
         channel: &str,
@@ -297,7 +308,10 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> StoreResult<Vec<u64>>;
 
     /// A page of channel names (channels with at least one member), in byte order, after
-    /// `after`, at most `limit` (capped at [`MAX_CHANNEL_PAGE`]).
+    /// `after`, at most `limit` (capped at [`MAX_CHANNEL_PAGE`]). Redis: the list is an index
+    /// beside the member sets; when a user's join and leave of one channel race each other,
+    /// the channel may stay listed without members (until its next join or leave), so a
+    /// caller showing counts should skip channels whose `channel_stats` say 0 members.
     async fn channel_list(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>>;
 
     /// Member and online counts of each channel, in one round trip; an unknown channel has

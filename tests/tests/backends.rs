@@ -10,14 +10,16 @@
 //! the shared suites. Each test has its own processes and its own key prefix.
 
 use cim_common::{
+    events::{reason, EventId, PresenceEvent, PresenceKind, StoredEvent},
     keys::{self, Keys},
     pb::{Message, MessageKind},
     registry::{
         self, EtcdRegistry, Members, MembersRx, MemoryRegistry, Registry, ServiceInfo, ServiceKind,
     },
     store::{
-        AckedReceipt, AttachOutcome, ClaimOutcome, InboxLimits, MemoryStore, RedisStore,
-        RouteEntry, StateStore,
+        AckedReceipt, AttachOutcome, ChannelInfo, ClaimOutcome, InboxLimits, JoinOutcome,
+        MemoryStore, RedisStore, RouteEntry, StateStore, StoreError, MAX_CHANNEL_PAGE,
+        MAX_CHANNEL_STATS, MAX_EVENTS_READ,
     },
     time::now_ms,
 };
@@ -115,6 +117,46 @@ impl StoreUnderTest {
             ),
             Peek::Memory(_) => Arc::new(MemoryStore::new().with_inbox_limits(limits)),
         })
+    }
+
+    /// Another, empty store of the same kind keeping `max_len` presence events.
+    async fn with_events_max_len(&self, max_len: usize) -> anyhow::Result<Arc<dyn StateStore>> {
+        Ok(match &self.peek {
+            Peek::Redis { redis, .. } => Arc::new(
+                RedisStore::connect(&redis.url(), &unique_prefix(), CALL_TIMEOUT)
+                    .await?
+                    .with_events_max_len(max_len),
+            ),
+            Peek::Memory(_) => Arc::new(MemoryStore::new().with_events_max_len(max_len)),
+        })
+    }
+
+    fn is_redis(&self) -> bool {
+        matches!(self.peek, Peek::Redis { .. })
+    }
+
+    /// Returns once a blocking read of the event stream is waiting in Redis (`INFO clients`
+    /// counts it); at once for the memory store, whose waiters cannot be observed (an event
+    /// published before the wait starts is found by its first look: the test holds either way).
+    async fn wait_for_blocked_reader(&self) -> anyhow::Result<()> {
+        let Peek::Redis { redis, .. } = &self.peek else {
+            return Ok(());
+        };
+        let c = redis.connection().await?;
+        wait_until("a blocking read to wait in Redis", DEADLINE, || {
+            let mut c = c.clone();
+            async move {
+                let info: String = redis::cmd("INFO")
+                    .arg("clients")
+                    .query_async(&mut c)
+                    .await
+                    .expect("INFO");
+                info.lines()
+                    .filter_map(|l| l.strip_prefix("blocked_clients:"))
+                    .any(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0))
+            }
+        })
+        .await
     }
 
     /// The raw login slot of `user` (`{session}` or `{session}@{server}`).
@@ -222,6 +264,18 @@ for_each_store!(
     inbox_ack_returns_each_receipt_once,
     inbox_ack_ignores_oversized_input,
     inboxes_of_users_are_separate,
+    attach_and_detach_publish_presence_events,
+    remove_stale_route_publishes_server_lost,
+    events_after_pages_from_an_exclusive_start,
+    events_wait_returns_new_events_or_nothing_after_its_timeout,
+    event_stream_is_capped_near_events_max_len,
+    leases_are_held_renewed_and_expire,
+    cursors_are_stored_by_name,
+    channel_join_leave_and_membership,
+    channel_join_respects_the_per_user_limit,
+    channel_members_page_by_user_id,
+    channel_list_pages_by_name_and_drops_empty_channels,
+    channel_stats_count_members_and_online,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -599,7 +653,8 @@ async fn scan_routes_reaches_every_route_present_throughout(
         }
         if step == 1 {
             for id in (1..=300).filter(|id| id % 2 == 1) {
-                s.detach(id, &format!("u{id}"), &format!("s{id}"), "srv-a", "closed").await?;
+                s.detach(id, &format!("u{id}"), &format!("s{id}"), "srv-a", "closed")
+                    .await?;
             }
             for id in 301..=400 {
                 s.connect_user(id, &format!("u{id}"), &format!("s{id}"), "srv-b")
@@ -1140,6 +1195,643 @@ async fn inboxes_of_users_are_separate(s: &StoreUnderTest) -> anyhow::Result<()>
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Presence events
+
+/// `(kind, user, name, server, reason)` of events, to compare without ids and times.
+fn summary(events: &[StoredEvent]) -> Vec<(PresenceKind, u64, String, String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            let PresenceEvent {
+                kind,
+                user_id,
+                name,
+                server_id,
+                reason,
+                ..
+            } = &e.event;
+            (
+                *kind,
+                *user_id,
+                name.clone(),
+                server_id.clone(),
+                reason.clone(),
+            )
+        })
+        .collect()
+}
+
+fn online(user: u64, name: &str, server: &str) -> (PresenceKind, u64, String, String, String) {
+    (
+        PresenceKind::Online,
+        user,
+        name.into(),
+        server.into(),
+        String::new(),
+    )
+}
+
+fn offline(
+    user: u64,
+    name: &str,
+    server: &str,
+    why: &str,
+) -> (PresenceKind, u64, String, String, String) {
+    (
+        PresenceKind::Offline,
+        user,
+        name.into(),
+        server.into(),
+        why.into(),
+    )
+}
+
+/// Every event kept (at most 1000), oldest first.
+async fn all_events(store: &dyn StateStore) -> anyhow::Result<Vec<StoredEvent>> {
+    Ok(store.events_after(None, MAX_EVENTS_READ).await?)
+}
+
+fn event_ids(events: &[StoredEvent]) -> Vec<EventId> {
+    events
+        .iter()
+        .map(|e| EventId::parse(&e.id).unwrap_or_else(|| panic!("bad event id {:?}", e.id)))
+        .collect()
+}
+
+async fn attach_and_detach_publish_presence_events(s: &StoreUnderTest) -> anyhow::Result<()> {
+    assert_eq!(s.events_last_id().await?, "0-0");
+    assert!(all_events(&**s).await?.is_empty());
+
+    let before = now_ms();
+    s.connect_user(1, "dora", "s1", "srv-a").await;
+    let after = now_ms();
+    let events = all_events(&**s).await?;
+    assert_eq!(summary(&events), [online(1, "dora", "srv-a")]);
+    assert!(
+        (before..=after).contains(&events[0].event.at_ms),
+        "at_ms {} not within {before}..={after}",
+        events[0].event.at_ms
+    );
+    assert_eq!(s.events_last_id().await?, events[0].id);
+
+    // A refused attach, and detaches of what is not the route, publish nothing.
+    assert_eq!(
+        s.attach(1, "dora", "s1", "srv-a").await?,
+        AttachOutcome::SessionInvalid
+    );
+    s.detach(1, "dora", "s-other", "srv-a", reason::CLOSED)
+        .await?;
+    s.detach(1, "dora", "s1", "srv-b", reason::CLOSED).await?;
+    assert_eq!(all_events(&**s).await?.len(), 1);
+
+    s.detach(1, "dora", "s1", "srv-a", reason::HEARTBEAT_TIMEOUT)
+        .await?;
+    s.detach(1, "dora", "s1", "srv-a", reason::CLOSED).await?;
+    assert_eq!(
+        summary(&all_events(&**s).await?),
+        [
+            online(1, "dora", "srv-a"),
+            offline(1, "dora", "srv-a", reason::HEARTBEAT_TIMEOUT)
+        ]
+    );
+
+    // Replaced: srv-a is taken for dead, the user lands on srv-b, then srv-a's late detach
+    // of the old connection publishes nothing (the user is still online).
+    s.connect_user(1, "dora", "s2", "srv-a").await;
+    assert_eq!(
+        s.claim_login(1, "s3", LONG_TTL, &nobody_live).await?,
+        ClaimOutcome::Claimed
+    );
+    assert_eq!(
+        s.attach(1, "dora", "s3", "srv-b").await?,
+        AttachOutcome::Attached
+    );
+    s.detach(1, "dora", "s2", "srv-a", reason::CONNECTION_LOST)
+        .await?;
+    let events = all_events(&**s).await?;
+    assert_eq!(
+        summary(&events[2..]),
+        [online(1, "dora", "srv-a"), online(1, "dora", "srv-b")]
+    );
+    let ids = event_ids(&events);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+    assert_eq!(s.events_last_id().await?, events[3].id);
+    Ok(())
+}
+
+async fn remove_stale_route_publishes_server_lost(s: &StoreUnderTest) -> anyhow::Result<()> {
+    let id = s.create_user("dora", "pw").await?.unwrap();
+    s.connect_user(id, "dora", "s1", "srv-a").await;
+    // Not the route (any more): nothing.
+    s.remove_stale_route(&route(id, "srv-a", "s0")).await?;
+    assert_eq!(all_events(&**s).await?.len(), 1);
+
+    s.remove_stale_route(&route(id, "srv-a", "s1")).await?;
+    s.remove_stale_route(&route(id, "srv-a", "s1")).await?;
+    assert_eq!(
+        summary(&all_events(&**s).await?),
+        [
+            online(id, "dora", "srv-a"),
+            offline(id, "dora", "srv-a", reason::SERVER_LOST)
+        ]
+    );
+    Ok(())
+}
+
+async fn events_after_pages_from_an_exclusive_start(s: &StoreUnderTest) -> anyhow::Result<()> {
+    for id in 1..=15 {
+        let (name, session) = (format!("u{id}"), format!("s{id}"));
+        s.connect_user(id, &name, &session, "srv-a").await;
+        s.detach(id, &name, &session, "srv-a", reason::CLOSED)
+            .await?;
+    }
+    let all = all_events(&**s).await?;
+    assert_eq!(all.len(), 30);
+
+    // Pages of 7, each after the last id of the one before.
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.events_after(after.as_deref(), 7).await?;
+        assert!(page.len() <= 7);
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        paged.extend(page);
+        assert!(paged.len() <= 30);
+    }
+    assert_eq!(paged, all);
+
+    // Exclusive start, at an event or between two; "0-0" is before everything.
+    assert_eq!(s.events_after(Some(&all[28].id), 10).await?, &all[29..]);
+    assert!(s.events_after(Some(&all[29].id), 10).await?.is_empty());
+    let id = EventId::parse(&all[9].id).unwrap();
+    let between = EventId {
+        ms: id.ms,
+        seq: id.seq + 1,
+    };
+    let from_between = s.events_after(Some(&between.to_string()), 100).await?;
+    assert!(from_between.len() <= 20 && from_between.last() == all.last());
+    assert_eq!(s.events_after(Some("0-0"), 100).await?, all);
+    assert!(s.events_after(None, 0).await?.is_empty());
+    for past in [
+        "99999999999999-0",
+        "18446744073709551615-18446744073709551615",
+    ] {
+        assert!(s.events_after(Some(past), 10).await?.is_empty(), "{past}");
+    }
+    // Not an event id: the caller's bug, not "from the start".
+    for bad in ["", "abc", "1-", "-", "(1-0", "+"] {
+        let err = s.events_after(Some(bad), 10).await.unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{bad:?}: {err:?}");
+        let err = s
+            .events_wait(bad, 10, Duration::from_millis(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{bad:?}: {err:?}");
+    }
+
+    // One read returns at most 1000, whatever the caller asks.
+    for id in 100..700 {
+        let (name, session) = (format!("u{id}"), format!("s{id}"));
+        s.connect_user(id, &name, &session, "srv-b").await;
+        s.detach(id, &name, &session, "srv-b", reason::CLOSED)
+            .await?;
+    }
+    let first = s.events_after(None, usize::MAX).await?;
+    assert_eq!(first.len(), MAX_EVENTS_READ);
+    assert_eq!(first[..30], all[..]);
+    let rest = s.events_after(Some(&first[999].id), usize::MAX).await?;
+    assert_eq!(rest.len(), 1230 - MAX_EVENTS_READ);
+    assert_eq!(s.events_last_id().await?, rest.last().unwrap().id);
+    Ok(())
+}
+
+async fn events_wait_returns_new_events_or_nothing_after_its_timeout(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    let start = s.events_last_id().await?;
+
+    // Nothing comes: empty, after the timeout.
+    let started = std::time::Instant::now();
+    let none = s.events_wait(&start, 10, Duration::from_millis(50)).await?;
+    assert!(none.is_empty(), "{none:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(45),
+        "returned after {:?}",
+        started.elapsed()
+    );
+
+    // Already there: returned at once, however long the caller would wait.
+    s.connect_user(1, "dora", "s1", "srv-a").await;
+    let started = std::time::Instant::now();
+    let got = s.events_wait(&start, 10, DEADLINE * 6).await?;
+    assert_eq!(summary(&got), [online(1, "dora", "srv-a")]);
+    assert!(started.elapsed() < DEADLINE, "took {:?}", started.elapsed());
+
+    // Published while waiting: the wait returns it.
+    let last = got[0].id.clone();
+    let waiting = {
+        let store = s.store.clone();
+        let last = last.clone();
+        tokio::spawn(async move { store.events_wait(&last, 10, DEADLINE * 6).await })
+    };
+    s.wait_for_blocked_reader().await?;
+    // A blocked read holds up no other call.
+    let started = std::time::Instant::now();
+    assert_eq!(s.routes(&[1]).await?, vec![Some(route(1, "srv-a", "s1"))]);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a call during a blocked read took {:?}",
+        started.elapsed()
+    );
+    // Nor does it hold up another wait beyond that one's own timeout.
+    let started = std::time::Instant::now();
+    assert!(s
+        .events_wait(&last, 10, Duration::from_millis(100))
+        .await?
+        .is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a second wait took {:?}",
+        started.elapsed()
+    );
+    s.detach(1, "dora", "s1", "srv-a", reason::LOGGED_OUT)
+        .await?;
+    let got = tokio::time::timeout(DEADLINE, waiting).await???;
+    assert_eq!(
+        summary(&got),
+        [offline(1, "dora", "srv-a", reason::LOGGED_OUT)]
+    );
+    assert!(EventId::parse(&got[0].id) > EventId::parse(&last));
+
+    // A wait given up by its caller (dropped mid-read) does not break the next one.
+    let abandoned = {
+        let store = s.store.clone();
+        let last = got[0].id.clone();
+        tokio::spawn(async move { store.events_wait(&last, 10, DEADLINE * 6).await })
+    };
+    s.wait_for_blocked_reader().await?;
+    abandoned.abort();
+    assert!(abandoned.await.unwrap_err().is_cancelled());
+    s.connect_user(2, "erin", "s2", "srv-b").await;
+    let next = s
+        .events_wait(&got[0].id, 10, Duration::from_millis(50))
+        .await?;
+    assert_eq!(summary(&next), [online(2, "erin", "srv-b")]);
+    // A limit and no wait.
+    assert!(s.events_wait(&start, 0, DEADLINE).await?.is_empty());
+    assert_eq!(s.events_wait(&start, 1, Duration::ZERO).await?.len(), 1);
+    Ok(())
+}
+
+async fn event_stream_is_capped_near_events_max_len(s: &StoreUnderTest) -> anyhow::Result<()> {
+    const MAX: usize = 10;
+    // Redis trims with `MAXLEN ~`: whole stream nodes only, so it keeps up to one node
+    // (stream-node-max-entries, 100 by default) more than asked. The memory store is exact.
+    const SLACK: usize = 100;
+    let store = s.with_events_max_len(MAX).await?;
+    let mut published = Vec::new();
+    for id in 1..=150 {
+        let (name, session) = (format!("u{id}"), format!("s{id}"));
+        assert_eq!(
+            store
+                .claim_login(id, &session, LONG_TTL, &nobody_live)
+                .await?,
+            ClaimOutcome::Claimed
+        );
+        store.attach(id, &name, &session, "srv-a").await?;
+        store
+            .detach(id, &name, &session, "srv-a", reason::CLOSED)
+            .await?;
+        published.push(online(id, &name, "srv-a"));
+        published.push(offline(id, &name, "srv-a", reason::CLOSED));
+    }
+    let kept = all_events(&*store).await?;
+    assert!(
+        (MAX..=MAX + SLACK).contains(&kept.len()),
+        "{} events kept of {}",
+        kept.len(),
+        published.len()
+    );
+    if !s.is_redis() {
+        assert_eq!(kept.len(), MAX);
+    }
+    // The newest ones, in order.
+    assert_eq!(summary(&kept), published[published.len() - kept.len()..]);
+    assert_eq!(store.events_last_id().await?, kept.last().unwrap().id);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases and cursors
+
+async fn leases_are_held_renewed_and_expire(s: &StoreUnderTest) -> anyhow::Result<()> {
+    assert!(s.lease("webhook", "route-a", LONG_TTL).await?);
+    assert!(!s.lease("webhook", "route-b", LONG_TTL).await?);
+    assert!(s.lease("webhook", "route-a", LONG_TTL).await?, "renewal");
+    assert!(!s.lease("webhook", "route-b", LONG_TTL).await?);
+    // Names are separate.
+    assert!(s.lease("other", "route-b", LONG_TTL).await?);
+
+    // A short lease its holder does not renew passes to the next one asking.
+    let short = Duration::from_millis(200);
+    assert!(s.lease("short", "route-a", short).await?);
+    assert!(!s.lease("short", "route-b", LONG_TTL).await?);
+    wait_until("the short lease to expire", DEADLINE, || async {
+        s.lease("short", "route-b", LONG_TTL).await.unwrap()
+    })
+    .await?;
+    assert!(!s.lease("short", "route-a", short).await?);
+    Ok(())
+}
+
+async fn cursors_are_stored_by_name(s: &StoreUnderTest) -> anyhow::Result<()> {
+    assert_eq!(s.cursor("webhook").await?, None);
+    s.set_cursor("webhook", "1700000000000-0").await?;
+    assert_eq!(
+        s.cursor("webhook").await?.as_deref(),
+        Some("1700000000000-0")
+    );
+    s.set_cursor("webhook", "1700000000000-7").await?;
+    assert_eq!(
+        s.cursor("webhook").await?.as_deref(),
+        Some("1700000000000-7")
+    );
+    assert_eq!(s.cursor("other").await?, None);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channels
+
+async fn channel_join_leave_and_membership(s: &StoreUnderTest) -> anyhow::Result<()> {
+    assert!(!s.channel_is_member("room", 1).await?);
+    assert!(s.user_channels(1).await?.is_empty());
+    assert_eq!(s.channel_join("room", 1, 10).await?, JoinOutcome::Joined);
+    assert_eq!(
+        s.channel_join("room", 1, 10).await?,
+        JoinOutcome::AlreadyMember
+    );
+    assert_eq!(s.channel_join("room", 2, 10).await?, JoinOutcome::Joined);
+    assert_eq!(s.channel_join("lobby", 1, 10).await?, JoinOutcome::Joined);
+    assert!(s.channel_is_member("room", 1).await?);
+    assert!(s.channel_is_member("room", 2).await?);
+    assert!(!s.channel_is_member("lobby", 2).await?);
+    assert!(!s.channel_is_member("Room", 1).await?, "names are exact");
+    assert_eq!(s.user_channels(1).await?, ["lobby", "room"]);
+    assert_eq!(s.user_channels(2).await?, ["room"]);
+
+    assert!(s.channel_leave("room", 1).await?);
+    assert!(!s.channel_leave("room", 1).await?, "left already");
+    assert!(!s.channel_leave("nowhere", 1).await?);
+    assert!(!s.channel_is_member("room", 1).await?);
+    assert!(s.channel_is_member("room", 2).await?);
+    assert_eq!(s.user_channels(1).await?, ["lobby"]);
+    assert_eq!(s.channel_members("room", 0, 10).await?, [2]);
+
+    // Whatever the name, it is one channel and nothing else (route-validated names are a
+    // subset of these).
+    let odd = ["", "a}b", "{x}", "sp ace", "ü.-_", "room*", "chan:{1}"];
+    for name in odd {
+        assert_eq!(
+            s.channel_join(name, 3, 10).await?,
+            JoinOutcome::Joined,
+            "{name:?}"
+        );
+    }
+    let mut sorted: Vec<String> = odd.iter().map(|n| n.to_string()).collect();
+    sorted.sort();
+    assert_eq!(s.user_channels(3).await?, sorted);
+    for name in odd {
+        assert_eq!(s.channel_members(name, 0, 10).await?, [3], "{name:?}");
+    }
+    assert!(!s.channel_is_member("room", 3).await?);
+    assert!(!s.channel_is_member("a", 3).await?);
+    for name in odd {
+        assert!(s.channel_leave(name, 3).await?, "{name:?}");
+    }
+    assert!(s.user_channels(3).await?.is_empty());
+    assert_eq!(s.channel_list(None, 100).await?, ["lobby", "room"]);
+    Ok(())
+}
+
+async fn channel_join_respects_the_per_user_limit(s: &StoreUnderTest) -> anyhow::Result<()> {
+    assert_eq!(s.channel_join("a", 1, 2).await?, JoinOutcome::Joined);
+    assert_eq!(s.channel_join("b", 1, 2).await?, JoinOutcome::Joined);
+    assert_eq!(
+        s.channel_join("c", 1, 2).await?,
+        JoinOutcome::TooManyChannels
+    );
+    assert!(!s.channel_is_member("c", 1).await?);
+    assert!(s.channel_members("c", 0, 10).await?.is_empty());
+    assert!(!s.channel_list(None, 10).await?.contains(&"c".to_string()));
+    // A member at the limit is still a member.
+    assert_eq!(s.channel_join("a", 1, 2).await?, JoinOutcome::AlreadyMember);
+    assert_eq!(s.user_channels(1).await?, ["a", "b"]);
+    // Others are not limited by this user.
+    assert_eq!(s.channel_join("c", 2, 2).await?, JoinOutcome::Joined);
+    // Leaving frees a place.
+    s.channel_leave("a", 1).await?;
+    assert_eq!(s.channel_join("c", 1, 2).await?, JoinOutcome::Joined);
+    assert_eq!(s.user_channels(1).await?, ["b", "c"]);
+    assert_eq!(
+        s.channel_join("x", 3, 0).await?,
+        JoinOutcome::TooManyChannels
+    );
+
+    // Concurrent joins of one user cannot pass the limit together.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let store = s.store.clone();
+        set.spawn(async move { store.channel_join(&format!("c{i:02}"), 9, 3).await });
+    }
+    let mut joined = 0;
+    while let Some(r) = set.join_next().await {
+        if r?? == JoinOutcome::Joined {
+            joined += 1;
+        }
+    }
+    assert_eq!(joined, 3);
+    let mine = s.user_channels(9).await?;
+    assert_eq!(mine.len(), 3);
+    for name in &mine {
+        assert!(s.channel_is_member(name, 9).await?);
+    }
+    Ok(())
+}
+
+async fn channel_members_page_by_user_id(s: &StoreUnderTest) -> anyhow::Result<()> {
+    let ids = [5, 3, 100, 42, 7, 1000, 2, 10, 9, 1 << 40];
+    for id in ids {
+        assert_eq!(s.channel_join("room", id, 10).await?, JoinOutcome::Joined);
+    }
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(s.channel_members("room", 0, 100).await?, sorted);
+
+    // Pages of 3, each after the last id of the one before.
+    let mut paged = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = s.channel_members("room", after, 3).await?;
+        assert!(page.len() <= 3);
+        let Some(&last) = page.last() else { break };
+        after = last;
+        paged.extend(page);
+        assert!(paged.len() <= ids.len());
+    }
+    assert_eq!(paged, sorted);
+    assert_eq!(s.channel_members("room", 42, 2).await?, [100, 1000]);
+    assert_eq!(s.channel_members("room", 41, 1).await?, [42]);
+    assert!(s.channel_members("room", 1 << 40, 10).await?.is_empty());
+    assert!(s.channel_members("room", 0, 0).await?.is_empty());
+    assert!(s.channel_members("nowhere", 0, 10).await?.is_empty());
+
+    // One page is at most 1000, whatever the caller asks.
+    for id in 1..=1100 {
+        s.channel_join("big", id, 10).await?;
+    }
+    let first = s.channel_members("big", 0, usize::MAX).await?;
+    assert_eq!(first, (1..=MAX_CHANNEL_PAGE as u64).collect::<Vec<_>>());
+    let rest = s.channel_members("big", 1000, usize::MAX).await?;
+    assert_eq!(rest, (1001..=1100).collect::<Vec<u64>>());
+    Ok(())
+}
+
+async fn channel_list_pages_by_name_and_drops_empty_channels(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    assert!(s.channel_list(None, 10).await?.is_empty());
+    for name in ["b", "a", "c.1", "B", "ä", "a-b"] {
+        s.channel_join(name, 1, 100).await?;
+    }
+    s.channel_join("a", 2, 100).await?;
+    // Byte order.
+    let all = ["B", "a", "a-b", "b", "c.1", "ä"];
+    assert_eq!(s.channel_list(None, 100).await?, all);
+
+    let mut paged: Vec<String> = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.channel_list(after.as_deref(), 4).await?;
+        assert!(page.len() <= 4);
+        let Some(last) = page.last() else { break };
+        after = Some(last.clone());
+        paged.extend(page);
+        assert!(paged.len() <= all.len());
+    }
+    assert_eq!(paged, all);
+    assert_eq!(s.channel_list(Some("b"), 10).await?, ["c.1", "ä"]);
+    assert_eq!(s.channel_list(Some("a0"), 2).await?, ["b", "c.1"]);
+    assert!(s.channel_list(Some("ä"), 10).await?.is_empty());
+    assert!(s.channel_list(None, 0).await?.is_empty());
+
+    // A channel is gone with its last member, not before.
+    s.channel_leave("a", 1).await?;
+    assert!(s.channel_list(None, 100).await?.contains(&"a".to_string()));
+    s.channel_leave("a", 2).await?;
+    s.channel_leave("ä", 1).await?;
+    assert_eq!(s.channel_list(None, 100).await?, ["B", "a-b", "b", "c.1"]);
+    // And back with a new one.
+    s.channel_join("a", 3, 100).await?;
+    assert_eq!(
+        s.channel_list(None, 100).await?,
+        ["B", "a", "a-b", "b", "c.1"]
+    );
+
+    // One page is at most 1000, whatever the caller asks.
+    for i in 0..1100 {
+        s.channel_join(&format!("n{i:04}"), 5, 2000).await?;
+    }
+    let page = s.channel_list(Some("c.1"), usize::MAX).await?;
+    assert_eq!(page.len(), MAX_CHANNEL_PAGE);
+    assert_eq!(page[0], "n0000");
+    let rest = s
+        .channel_list(page.last().map(String::as_str), usize::MAX)
+        .await?;
+    assert_eq!(rest.len(), 100);
+    assert_eq!(rest.last().map(String::as_str), Some("n1099"));
+    Ok(())
+}
+
+async fn channel_stats_count_members_and_online(s: &StoreUnderTest) -> anyhow::Result<()> {
+    let info = |name: &str, members: u64, online: u64| ChannelInfo {
+        name: name.to_string(),
+        members,
+        online,
+    };
+    assert!(s.channel_stats(&[]).await?.is_empty());
+    let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let dora = s.create_user("dora", "pw").await?.unwrap();
+    let erin = s.create_user("erin", "pw").await?.unwrap();
+    let fay = s.create_user("fay", "pw").await?.unwrap();
+    let gus = s.create_user("gus", "pw").await?.unwrap();
+    for user in [dora, erin, fay] {
+        s.channel_join("room", user, 10).await?;
+    }
+    s.channel_join("duo", dora, 10).await?;
+    let query = names(&["room", "ghost", "duo", "room"]);
+    assert_eq!(
+        s.channel_stats(&query).await?,
+        [
+            info("room", 3, 0),
+            info("ghost", 0, 0),
+            info("duo", 1, 0),
+            info("room", 3, 0)
+        ]
+    );
+
+    s.connect_user(dora, "dora", "s1", "srv-a").await;
+    s.connect_user(erin, "erin", "s2", "srv-b").await;
+    // Online but in no channel: counts nowhere.
+    s.connect_user(gus, "gus", "s4", "srv-a").await;
+    assert_eq!(
+        s.channel_stats(&names(&["room", "duo"])).await?,
+        [info("room", 3, 2), info("duo", 1, 1)]
+    );
+    s.detach(dora, "dora", "s1", "srv-a", reason::CLOSED)
+        .await?;
+    assert_eq!(
+        s.channel_stats(&names(&["room", "duo"])).await?,
+        [info("room", 3, 1), info("duo", 1, 0)]
+    );
+    // A replaced connection's late detach keeps the user online.
+    s.connect_user(dora, "dora", "s5", "srv-a").await;
+    assert_eq!(
+        s.claim_login(dora, "s6", LONG_TTL, &nobody_live).await?,
+        ClaimOutcome::Claimed
+    );
+    s.attach(dora, "dora", "s6", "srv-b").await?;
+    s.detach(dora, "dora", "s5", "srv-a", reason::CLOSED)
+        .await?;
+    assert_eq!(
+        s.channel_stats(&names(&["room"])).await?,
+        [info("room", 3, 2)]
+    );
+    // Found stale: offline too.
+    s.remove_stale_route(&route(erin, "srv-b", "s2")).await?;
+    assert_eq!(
+        s.channel_stats(&names(&["room"])).await?,
+        [info("room", 3, 1)]
+    );
+    // Leaving lowers both counts.
+    s.channel_leave("room", dora).await?;
+    assert_eq!(
+        s.channel_stats(&names(&["room", "duo"])).await?,
+        [info("room", 2, 0), info("duo", 1, 1)]
+    );
+
+    // At most 1000 channels per call.
+    let many: Vec<String> = (0..MAX_CHANNEL_STATS + 100)
+        .map(|i| format!("c{i}"))
+        .collect();
+    let stats = s.channel_stats(&many).await?;
+    assert_eq!(stats.len(), MAX_CHANNEL_STATS);
+    assert_eq!(stats[999], info("c999", 0, 0));
+    Ok(())
+}
+
 // =============================================================================================
 // RedisStore only: raw keys, outages
 
@@ -1357,6 +2049,209 @@ async fn inbox_scripts_are_reloaded_after_a_script_flush() -> anyhow::Result<()>
         [receipt("a", 1, 2)]
     );
     assert_eq!(store.inbox_len(2).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn presence_is_kept_in_the_documented_keys() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let (store, keys) = store_on(&redis).await;
+    let mut c = redis.connection().await?;
+    connect_user(&store, 7, "dora", "s1", "srv-a").await;
+    connect_user(&store, 8, "erin", "s2", "srv-a").await;
+    let ids: Vec<u64> = c.smembers(keys.online_ids()).await?;
+    assert_eq!(ids.len(), 2);
+    store
+        .detach(7, "dora", "s1", "srv-a", reason::KICKED)
+        .await?;
+    let ids: Vec<u64> = c.smembers(keys.online_ids()).await?;
+    assert_eq!(ids, [8]);
+
+    // Compact, explicit fields; `r` only on offline events.
+    let raw: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(keys.events())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await?;
+    let fields: Vec<Vec<&str>> = raw
+        .iter()
+        .map(|(_, f)| f.iter().step_by(2).map(String::as_str).collect())
+        .collect();
+    assert_eq!(fields[0], ["t", "u", "n", "s", "at"]);
+    assert_eq!(fields[2], ["t", "u", "n", "s", "at", "r"]);
+    assert_eq!(raw[2].1[..4], ["t", "offline", "u", "7"]);
+    assert_eq!(raw[2].1[11], "kicked");
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_stream_entries_are_skipped_and_read_past() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let (store, keys) = store_on(&redis).await;
+    let mut c = redis.connection().await?;
+    let xadd = |fields: &[(&str, &str)]| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(keys.events()).arg("*");
+        for (f, v) in fields {
+            cmd.arg(*f).arg(*v);
+        }
+        cmd
+    };
+    connect_user(&store, 1, "dora", "s1", "srv-a").await;
+    let first = store.events_last_id().await?;
+    // Written by something else: unknown kind, a missing field, a bad number, a stranger.
+    for bad in [
+        &[
+            ("t", "away"),
+            ("u", "1"),
+            ("n", "x"),
+            ("s", "y"),
+            ("at", "1"),
+        ][..],
+        &[("t", "online"), ("u", "1"), ("n", "x"), ("at", "1")],
+        &[
+            ("t", "online"),
+            ("u", "-1"),
+            ("n", "x"),
+            ("s", "y"),
+            ("at", "1"),
+        ],
+        &[("hello", "world")],
+    ] {
+        let _: String = xadd(bad).query_async(&mut c).await?;
+    }
+    // Unknown extra fields are fine (a newer writer).
+    let _: String = xadd(&[
+        ("t", "offline"),
+        ("u", "2"),
+        ("n", "erin"),
+        ("s", "srv-b"),
+        ("at", "5"),
+        ("r", "closed"),
+        ("x", "new"),
+    ])
+    .query_async(&mut c)
+    .await?;
+
+    let all = store.events_after(None, 100).await?;
+    assert_eq!(
+        summary(&all),
+        [
+            online(1, "dora", "srv-a"),
+            offline(2, "erin", "srv-b", "closed")
+        ]
+    );
+    // A page that meets them reads on past them: short still means "no more".
+    let page = store.events_after(Some(&first), 2).await?;
+    assert_eq!(summary(&page), [offline(2, "erin", "srv-b", "closed")]);
+    assert_eq!(store.events_last_id().await?, all[1].id);
+
+    // Only malformed entries after `after`: a wait goes on past them, for new events.
+    let _: String = xadd(&[("t", "nope")]).query_async(&mut c).await?;
+    let started = std::time::Instant::now();
+    let none = store
+        .events_wait(&all[1].id, 10, Duration::from_millis(100))
+        .await?;
+    assert!(none.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(90));
+    let waiting = {
+        let store = store.clone();
+        let after = all[1].id.clone();
+        tokio::spawn(async move { store.events_wait(&after, 10, DEADLINE * 6).await })
+    };
+    connect_user(&store, 3, "fay", "s3", "srv-c").await;
+    let got = tokio::time::timeout(DEADLINE, waiting).await???;
+    assert_eq!(summary(&got), [online(3, "fay", "srv-c")]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn lease_renewal_extends_its_ttl_in_redis() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let (store, keys) = store_on(&redis).await;
+    let mut c = redis.connection().await?;
+    assert!(store.lease("hook", "a", Duration::from_secs(5)).await?);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(keys.lease("hook"))
+        .query_async(&mut c)
+        .await?;
+    assert!(pttl > 0 && pttl <= 5000, "PTTL {pttl}");
+    assert!(store.lease("hook", "a", Duration::from_secs(60)).await?);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(keys.lease("hook"))
+        .query_async(&mut c)
+        .await?;
+    assert!(pttl > 5000 && pttl <= 60_000, "PTTL {pttl}");
+    // Contended: the holder's TTL is not touched.
+    assert!(!store.lease("hook", "b", Duration::from_secs(1)).await?);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(keys.lease("hook"))
+        .query_async(&mut c)
+        .await?;
+    assert!(pttl > 5000, "PTTL {pttl}");
+    let holder: String = c.get(keys.lease("hook")).await?;
+    assert_eq!(holder, "a");
+    Ok(())
+}
+
+#[tokio::test]
+async fn channel_writes_interrupted_halfway_are_repaired() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let (store, keys) = store_on(&redis).await;
+    let mut c = redis.connection().await?;
+
+    // A join that listed the channel for the user, then died: not a member, and the
+    // half-listed channel does not count twice toward the limit.
+    let _: () = c.sadd(keys.user_channels(1), "room").await?;
+    assert!(!store.channel_is_member("room", 1).await?);
+    assert_eq!(store.channel_join("room", 1, 1).await?, JoinOutcome::Joined);
+    assert!(store.channel_is_member("room", 1).await?);
+    assert_eq!(store.channel_list(None, 10).await?, ["room"]);
+
+    // A join that added the member, then died: the next join lists the channel everywhere.
+    let _: () = c.zadd(keys.channel("hall"), 2, 2).await?;
+    assert_eq!(
+        store.channel_join("hall", 2, 5).await?,
+        JoinOutcome::AlreadyMember
+    );
+    assert_eq!(store.user_channels(2).await?, ["hall"]);
+    assert_eq!(store.channel_list(None, 10).await?, ["hall", "room"]);
+
+    // A leave that removed the member, then died: the next leave unlists it for the user.
+    let _: () = c.sadd(keys.user_channels(3), "gone").await?;
+    assert!(!store.channel_leave("gone", 3).await?);
+    assert!(store.user_channels(3).await?.is_empty());
+
+    // An empty channel left listed: any leave of it unlists it.
+    let _: () = c.zadd(keys.channels(), "ghost", 0).await?;
+    assert!(!store.channel_leave("ghost", 9).await?);
+    assert_eq!(store.channel_list(None, 10).await?, ["hall", "room"]);
+
+    // The keys are the documented ones.
+    let members: Vec<u64> = c.zrange(keys.channel("room"), 0, -1).await?;
+    assert_eq!(members, [1]);
+    let score: f64 = c.zscore(keys.channel("room"), 1).await?;
+    assert_eq!(score, 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn pipelined_scripts_are_reloaded_after_a_script_flush() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let (store, _) = store_on(&redis).await;
+    let mut c = redis.connection().await?;
+    let flush = || redis::cmd("SCRIPT").arg("FLUSH").to_owned();
+
+    let _: () = flush().query_async(&mut c).await?;
+    assert_eq!(store.channel_join("room", 1, 5).await?, JoinOutcome::Joined);
+    let id = store.create_user("dora", "pw").await?.unwrap();
+    connect_user(&store, id, "dora", "s1", "srv-a").await;
+    let _: () = flush().query_async(&mut c).await?;
+    store.remove_stale_route(&route(id, "srv-a", "s1")).await?;
+    assert_eq!(store.routes(&[id]).await?, vec![None]);
+    let _: () = flush().query_async(&mut c).await?;
+    assert!(store.lease("hook", "a", LONG_TTL).await?);
     Ok(())
 }
 

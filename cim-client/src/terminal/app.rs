@@ -132,6 +132,15 @@ enum Done {
         prefix: Option<String>,
         result: Result<Vec<crate::route::OnlineUser>, ClientError>,
     },
+    Joined {
+        channel: String,
+        result: Result<bool, ClientError>,
+    },
+    Left {
+        channel: String,
+        result: Result<bool, ClientError>,
+    },
+    Channels(Result<Vec<crate::route::ChannelInfo>, ClientError>),
 }
 
 type Work = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -224,6 +233,7 @@ impl App {
             Input::Send(message) => Some(Box::pin(async move {
                 let result = match &message.to {
                     To::All => client.send_group(&message.body).await,
+                    To::Channel(name) => client.send_channel(name, &message.body).await,
                     To::User(name) => {
                         let options = SendOptions {
                             receipt: message.receipt,
@@ -239,6 +249,17 @@ impl App {
             Input::Online { prefix } => Some(Box::pin(async move {
                 let result = client.online_users(prefix.as_deref(), ONLINE_LIMIT).await;
                 Done::Online { prefix, result }
+            })),
+            Input::Join(channel) => Some(Box::pin(async move {
+                let result = client.join_channel(&channel).await;
+                Done::Joined { channel, result }
+            })),
+            Input::Leave(channel) => Some(Box::pin(async move {
+                let result = client.leave_channel(&channel).await;
+                Done::Left { channel, result }
+            })),
+            Input::Channels => Some(Box::pin(async move {
+                Done::Channels(client.my_channels().await)
             })),
             Input::Help => {
                 self.print(render::help(self.style)).await;
@@ -274,6 +295,7 @@ impl App {
                 let to = match &message.to {
                     To::All => "everyone".to_string(),
                     To::User(name) => name.clone(),
+                    To::Channel(name) => format!("#{name}"),
                 };
                 self.print(render::notice(
                     self.style,
@@ -313,6 +335,36 @@ impl App {
                 };
                 self.print(text).await;
             }
+            Done::Joined { channel, result } => {
+                let text = match result {
+                    Ok(joined) => render::joined(self.style, &channel, joined),
+                    Err(e) => render::error(
+                        self.style,
+                        &format!("could not join #{channel}: {}", describe(&e, "the route")),
+                    ),
+                };
+                self.print(text).await;
+            }
+            Done::Left { channel, result } => {
+                let text = match result {
+                    Ok(left) => render::left(self.style, &channel, left),
+                    Err(e) => render::error(
+                        self.style,
+                        &format!("could not leave #{channel}: {}", describe(&e, "the route")),
+                    ),
+                };
+                self.print(text).await;
+            }
+            Done::Channels(result) => {
+                let text = match result {
+                    Ok(list) => render::channels(self.style, &list),
+                    Err(e) => render::error(
+                        self.style,
+                        &format!("channels: {}", describe(&e, "the route")),
+                    ),
+                };
+                self.print(text).await;
+            }
         }
     }
 
@@ -321,53 +373,43 @@ impl App {
         message: Outgoing,
         result: Result<crate::SendOutcome, ClientError>,
     ) {
-        let to_name = match &message.to {
-            To::All => None,
-            To::User(name) => Some(name.as_str()),
-        };
         let outcome = match result {
             Ok(outcome) => outcome,
-            Err(ClientError::Send {
-                code: pb::ErrorCode::UnknownUser,
-                ..
-            }) => {
-                let who = to_name.unwrap_or("receiver");
-                return self
-                    .error(format!("not sent: there is no user {who}"))
-                    .await;
-            }
-            Err(e) => {
-                let to = to_name.unwrap_or("everyone");
-                return self
-                    .error(format!("not sent to {to}: {}", describe(&e, "the route")))
-                    .await;
-            }
+            Err(e) => return self.error(not_sent(&message.to, &e)).await,
         };
         self.print(render::outgoing(
             self.style,
             outcome.timestamp_ms,
-            to_name,
+            &message.to,
             &message.body,
         ))
         .await;
-        if outcome.status == pb::SendStatus::Stored {
+        match &message.to {
             // Accepted and kept for them: it arrives at their next login.
-            self.print(render::offline(self.style, to_name.unwrap_or("receiver")))
-                .await;
-        } else if to_name.is_none() && outcome.delivered == 0 {
-            self.print(render::nobody_online(self.style)).await;
+            To::User(name) if outcome.status == pb::SendStatus::Stored => {
+                self.print(render::offline(self.style, name)).await;
+            }
+            To::All if outcome.delivered == 0 => {
+                self.print(render::nobody_online(self.style)).await;
+            }
+            To::Channel(name) if outcome.delivered == 0 => {
+                self.print(render::nobody_in_channel(self.style, name))
+                    .await;
+            }
+            _ => {}
         }
+        let (kind, to) = match message.to {
+            To::All => (Kind::Group, None),
+            To::User(name) => (Kind::Private, Some(name)),
+            To::Channel(name) => (Kind::Channel, Some(name)),
+        };
         let entry = Entry {
             ts: outcome.timestamp_ms,
             id: outcome.message_id,
             dir: Direction::Out,
-            kind: if to_name.is_some() {
-                Kind::Private
-            } else {
-                Kind::Group
-            },
+            kind,
             from: self.my_name.clone(),
-            to: to_name.map(str::to_string),
+            to,
             body: message.body,
         };
         self.record(&entry).await;
@@ -411,7 +453,8 @@ impl App {
                 self.print(render::incoming(self.style, &m, replayed)).await;
                 let kind = match pb::MessageKind::try_from(m.kind) {
                     Ok(pb::MessageKind::Private) => Kind::Private,
-                    Ok(pb::MessageKind::Group | pb::MessageKind::Channel) => Kind::Group,
+                    Ok(pb::MessageKind::Group) => Kind::Group,
+                    Ok(pb::MessageKind::Channel) => Kind::Channel,
                     _ => Kind::System,
                 };
                 let entry = Entry {
@@ -424,7 +467,11 @@ impl App {
                     } else {
                         m.sender_name
                     },
-                    to: (kind == Kind::Private).then(|| self.my_name.clone()),
+                    to: match kind {
+                        Kind::Private => Some(self.my_name.clone()),
+                        Kind::Channel => Some(m.channel),
+                        Kind::Group | Kind::System => None,
+                    },
                     body: m.body,
                 };
                 self.record(&entry).await;
@@ -475,6 +522,23 @@ impl App {
 
     async fn error(&self, text: String) {
         self.out.print(render::error(self.style, &text)).await;
+    }
+}
+
+/// The line for a refused or failed send to `to`.
+fn not_sent(to: &To, e: &ClientError) -> String {
+    let code = match e {
+        ClientError::Send { code, .. } => Some(*code),
+        _ => None,
+    };
+    match (to, code) {
+        (To::User(name), Some(pb::ErrorCode::UnknownUser)) => {
+            format!("not sent: there is no user {name}")
+        }
+        (To::Channel(name), Some(pb::ErrorCode::Forbidden)) => render::not_a_member(name),
+        (To::User(name), _) => format!("not sent to {name}: {}", describe(e, "the route")),
+        (To::Channel(name), _) => format!("not sent to #{name}: {}", describe(e, "the route")),
+        (To::All, _) => format!("not sent to everyone: {}", describe(e, "the route")),
     }
 }
 

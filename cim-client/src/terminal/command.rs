@@ -4,11 +4,14 @@
 //! - a plain line goes to everyone online;
 //! - `bob;;hi` (CIM's private syntax) and `@bob hi` go to bob only;
 //! - `:r bob hi` goes to bob only and asks for a receipt;
+//! - `#room hi` goes to the online members of channel `room` (`:join room` first);
+//!   `##text` sends `#text` to everyone;
 //! - a line starting with `:` and a letter is a command (`:olu`, `:q!`, ...);
 //!   `::text` sends `:text` literally, and `:)`-like lines are plain messages.
 //!
 //! Parsing is pure: it never talks to the network, so every rule is unit-tested here.
 
+use crate::route::channel_name_error;
 use std::time::Duration;
 
 /// Longest delay `:delay` accepts. A delayed message lives only in this process, so an hour
@@ -22,6 +25,8 @@ pub enum To {
     All,
     /// One user, by name.
     User(String),
+    /// The online members of a channel (the sender must be one), by name without the `#`.
+    Channel(String),
 }
 
 /// A message to send.
@@ -60,6 +65,12 @@ pub enum Input {
     Search(String),
     /// `:info`: who am I, where am I connected.
     Info,
+    /// `:join <channel>`.
+    Join(String),
+    /// `:leave <channel>`.
+    Leave(String),
+    /// `:chans`: my channels with their member and online counts.
+    Channels,
     /// `:delay <seconds> <message…>`: send `message` (any message syntax) later.
     Delay { after: Duration, message: Outgoing },
     /// A `:command` that does not exist (the name as typed).
@@ -77,6 +88,16 @@ pub const COMMANDS: &[(&str, &str)] = &[
         ":r <user> <text>",
         "send to one user and show when they received it (receipt)",
     ),
+    (
+        "#<channel> <text>",
+        "send to the online members of a channel",
+    ),
+    (
+        ":join <channel>",
+        "join a channel (created by its first member)",
+    ),
+    (":leave <channel>", "leave a channel"),
+    (":chans", "list your channels with member and online counts"),
     (":all, :help", "list these commands"),
     (":olu", "list online users"),
     (
@@ -90,6 +111,7 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "send <message> (any form above) after 1 to 3600 seconds",
     ),
     ("::<text>", "send a text that starts with ':' to everyone"),
+    ("##<text>", "send a text that starts with '#' to everyone"),
     (":q!", "log out and quit (also Ctrl-D, Ctrl-C)"),
 ];
 
@@ -125,9 +147,16 @@ pub fn parse(line: &str) -> Input {
     }
 }
 
-/// A message line: `@name text`, `name;;text` or plain text.
+/// A message line: `#channel text`, `@name text`, `name;;text` or plain text.
 fn parse_message(line: &str) -> Result<Outgoing, String> {
     let line = line.trim();
+    if let Some(rest) = line.strip_prefix('#') {
+        // `##text` escapes a leading `#`: to everyone.
+        if rest.starts_with('#') {
+            return Ok(Outgoing::new(To::All, rest));
+        }
+        return parse_channel_message(rest);
+    }
     // The name follows the `@` directly: `@ hi` is text.
     if let Some(rest) = line
         .strip_prefix('@')
@@ -158,6 +187,40 @@ fn parse_message(line: &str) -> Result<Outgoing, String> {
     Ok(Outgoing::new(To::All, line))
 }
 
+/// `rest` is a message line after its leading `#`: `<channel> <text>`.
+fn parse_channel_message(rest: &str) -> Result<Outgoing, String> {
+    const USAGE: &str =
+        "usage: #<channel> <text> (to send a text starting with # to everyone: ##<text>)";
+    // The name follows the `#` directly: `# hi` names no channel.
+    if rest.is_empty() || rest.starts_with(char::is_whitespace) {
+        return Err(USAGE.into());
+    }
+    let (name, body) = split_word(rest);
+    if let Some(why) = channel_name_error(name) {
+        return Err(format!("{why} ({USAGE})"));
+    }
+    if body.is_empty() {
+        return Err(format!("nothing to send to #{name}: write #{name} <text>"));
+    }
+    Ok(Outgoing::new(To::Channel(name.to_string()), body))
+}
+
+/// The one channel argument of `:join` / `:leave` (a leading `#` is allowed: `:join #room`).
+fn parse_channel_arg(command: &str, args: &str) -> Result<String, String> {
+    let usage = format!("usage: :{command} <channel>");
+    let name = args.strip_prefix('#').unwrap_or(args);
+    if name.is_empty() {
+        return Err(usage);
+    }
+    if name.contains(char::is_whitespace) {
+        return Err(format!("{usage} (one channel; names have no spaces)"));
+    }
+    match channel_name_error(name) {
+        Some(why) => Err(why),
+        None => Ok(name.to_string()),
+    }
+}
+
 /// First whitespace-separated word and the trimmed rest.
 fn split_word(s: &str) -> (&str, &str) {
     let s = s.trim_start();
@@ -171,13 +234,16 @@ fn split_word(s: &str) -> (&str, &str) {
 fn parse_command(rest: &str) -> Input {
     let (name, args) = split_word(rest);
     match name {
-        "all" | "help" | "olu" | "info" | "q!" if !args.is_empty() => {
+        "all" | "help" | "olu" | "info" | "chans" | "q!" if !args.is_empty() => {
             Input::Invalid(format!(":{name} takes no arguments"))
         }
         "all" | "help" => Input::Help,
         "olu" => Input::Online { prefix: None },
         "info" => Input::Info,
+        "chans" => Input::Channels,
         "q!" => Input::Quit,
+        "join" => parse_channel_arg(name, args).map_or_else(Input::Invalid, Input::Join),
+        "leave" => parse_channel_arg(name, args).map_or_else(Input::Invalid, Input::Leave),
         "pu" => match args {
             "" => Input::Invalid("usage: :pu <prefix>".into()),
             prefix if prefix.contains(char::is_whitespace) => {
@@ -434,6 +500,72 @@ mod tests {
         ));
     }
 
+    fn channel(name: &str, body: &str) -> Input {
+        Input::Send(Outgoing::new(To::Channel(name.into()), body))
+    }
+
+    #[test]
+    fn hash_sends_to_a_channel() {
+        assert_eq!(parse("#room1 hi all"), channel("room1", "hi all"));
+        assert_eq!(
+            parse("  #room1   hi  there "),
+            channel("room1", "hi  there")
+        );
+        assert_eq!(parse("#room1\thi"), channel("room1", "hi"));
+        assert_eq!(parse("#频道 你好"), channel("频道", "你好"));
+        assert_eq!(parse("#news.eu-west_2 up"), channel("news.eu-west_2", "up"));
+        // The body may hold anything, a `#` or `;;` included.
+        assert_eq!(parse("#a b;;c #d"), channel("a", "b;;c #d"));
+        // Case matters: names are case-sensitive.
+        assert_eq!(parse("#Room x"), channel("Room", "x"));
+    }
+
+    #[test]
+    fn hash_lines_that_are_not_channel_messages() {
+        assert!(invalid("#room").contains("nothing to send to #room: write #room <text>"));
+        assert!(invalid("#room    ").contains("nothing to send to #room"));
+        assert!(invalid("# hi").contains("usage: #<channel> <text>"));
+        assert!(invalid("#").contains("usage: #<channel> <text>"));
+        assert!(invalid("#a/b hi").contains("'/' is not allowed"));
+        assert!(invalid("#a:b hi").contains("not a channel name"));
+        assert!(invalid(&format!("#{} hi", "x".repeat(65))).contains("at most 64"));
+        assert!(invalid("#.. hi").contains("cannot be used"));
+        // `##` escapes: text starting with `#`, to everyone.
+        assert_eq!(parse("##1 priority"), all("#1 priority"));
+        assert_eq!(parse("##"), all("#"));
+        // A `#` later in the line is plain text.
+        assert_eq!(parse("issue #42 fixed"), all("issue #42 fixed"));
+    }
+
+    #[test]
+    fn channel_commands() {
+        assert_eq!(parse(":join room1"), Input::Join("room1".into()));
+        assert_eq!(parse(":join #room1"), Input::Join("room1".into()));
+        assert_eq!(parse(":join 频道"), Input::Join("频道".into()));
+        assert_eq!(parse(":leave room1"), Input::Leave("room1".into()));
+        assert_eq!(parse(":leave  #room1 "), Input::Leave("room1".into()));
+        assert_eq!(parse(":chans"), Input::Channels);
+        assert!(invalid(":join").contains("usage: :join <channel>"));
+        assert!(invalid(":join #").contains("usage: :join <channel>"));
+        assert!(invalid(":leave").contains("usage: :leave <channel>"));
+        assert!(invalid(":join a b").contains("one channel"));
+        assert!(invalid(":join a/b").contains("not allowed"));
+        assert!(invalid(":join ##a").contains("'#' is not allowed"));
+        assert!(invalid(":chans x").contains("no arguments"));
+    }
+
+    #[test]
+    fn delayed_channel_messages() {
+        assert_eq!(
+            parse(":delay 2 #room later"),
+            Input::Delay {
+                after: Duration::from_secs(2),
+                message: Outgoing::new(To::Channel("room".into()), "later")
+            }
+        );
+        assert!(invalid(":delay 2 #room").contains("nothing to send to #room"));
+    }
+
     #[test]
     fn unknown_commands_are_reported_by_name() {
         assert_eq!(parse(":nope"), Input::Unknown(":nope".into()));
@@ -464,7 +596,22 @@ mod tests {
     fn command_list_names_every_command() {
         let syntax: String = COMMANDS.iter().map(|(s, _)| *s).collect();
         for cmd in [
-            ":all", ":help", ":olu", ":pu", ":q!", ":q <", ":info", ":delay", ";;", "@", ":r ",
+            ":all",
+            ":help",
+            ":olu",
+            ":pu",
+            ":q!",
+            ":q <",
+            ":info",
+            ":delay",
+            ";;",
+            "@",
+            ":r ",
+            "#<channel>",
+            ":join",
+            ":leave",
+            ":chans",
+            "##",
         ] {
             assert!(syntax.contains(cmd), "{cmd} missing from the list");
         }

@@ -39,6 +39,8 @@ pub enum Kind {
     Private,
     Group,
     System,
+    /// To the members of a channel; `to` is the channel's name (without `#`).
+    Channel,
 }
 
 /// One stored message.
@@ -52,7 +54,8 @@ pub struct Entry {
     pub kind: Kind,
     /// Sender name.
     pub from: String,
-    /// Receiver name for private messages; `None` for group and system messages.
+    /// Receiver name for private messages, the channel's name for channel messages; `None`
+    /// for group and system messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
     pub body: String,
@@ -62,9 +65,10 @@ impl Entry {
     /// Text a search looks at: who, to whom, what (not the time, which is rendered apart).
     pub fn searchable(&self) -> String {
         let to = match (&self.to, self.kind) {
-            (Some(to), _) => to.as_str(),
-            (None, Kind::Group) => "all",
-            (None, _) => "you",
+            (Some(channel), Kind::Channel) => format!("#{channel}"),
+            (Some(to), _) => to.clone(),
+            (None, Kind::Group) => "all".into(),
+            (None, _) => "you".into(),
         };
         format!("{} → {}: {}", self.from, to, self.body)
     }
@@ -475,5 +479,13 @@ mod tests {
         e.kind = Kind::Private;
         e.to = Some("bob".into());
         assert_eq!(e.searchable(), "alice → bob: x");
+        e.kind = Kind::Channel;
+        e.to = Some("room1".into());
+        assert_eq!(e.searchable(), "alice → #room1: x");
+        let line = serde_json::to_string(&e).unwrap();
+        assert!(
+            line.contains(r#""kind":"channel","from":"alice","to":"room1""#),
+            "{line}"
+        );
     }
 }

@@ -67,7 +67,7 @@ impl Output {
         let _ = self.tx.send(Line::Normal(text.into())).await;
     }
 
-    /// Prints `text` as one of the last lines before exiting (see [`Line::Final`]).
+    /// Prints `text` as one of the last lines before exiting (see `Line::Final`).
     pub async fn print_final(&self, text: impl Into<String>) {
         let _ = self.tx.send(Line::Final(text.into())).await;
     }

@@ -4,9 +4,13 @@
 //! the app loop only decides *when* to print. Colour is optional ([`Style`]): off when
 //! stdout is not a terminal or `NO_COLOR` is set, so piped output stays plain text.
 
-use super::command::COMMANDS;
+use super::command::{To, COMMANDS};
 use super::history::{find_matches, Entry};
-use crate::{pb, route::OnlineUser, ClientInfo, ConnState};
+use crate::{
+    pb,
+    route::{ChannelInfo, OnlineUser},
+    ClientInfo, ConnState,
+};
 use chrono::{DateTime, Local, TimeZone};
 use std::time::Duration;
 
@@ -77,7 +81,7 @@ pub fn sanitize(text: &str) -> String {
 pub const OFFLINE_TAG: &str = "[offline]";
 
 /// A received message: `[12:03:04] bob → you: hi` (private), `[12:03:04] bob → all: hi`
-/// (group), `[12:03:04] system: hi` (system). One that arrived while offline (`replayed`)
+/// (group), `[12:03:04] bob → #room1: hi` (channel), `[12:03:04] system: hi` (system). One that arrived while offline (`replayed`)
 /// is tagged: `[12:03:04] [offline] bob → you: hi`, with the date too when it was sent on
 /// another day than today: `[2024-05-01 12:03:04] [offline] …`.
 pub fn incoming(style: Style, m: &pb::Message, replayed: bool) -> String {
@@ -119,7 +123,7 @@ pub fn incoming_at(style: Style, m: &pb::Message, replayed: bool, now_ms: i64) -
         }
         pb::MessageKind::Group => format!("{time} {from} → all: {body}"),
         pb::MessageKind::Channel => {
-            format!("{time} {from} → #{}: {body}", sanitize(&m.channel))
+            format!("{time} {from} → {}: {body}", channel(style, &m.channel))
         }
         // Receipts are events of their own ([`receipt`]); one shown as a message is odd but
         // harmless, so it reads like a system line.
@@ -140,15 +144,83 @@ pub fn receipt(style: Style, by_name: &str, message_id: &str, at_ms: i64) -> Str
     )
 }
 
-/// One of our own messages, once the route accepted it: `[12:03:04] you → bob: hi`.
-/// `to` is `None` for a group message.
-pub fn outgoing(style: Style, ts_ms: i64, to: Option<&str>, body: &str) -> String {
+/// `#name`, coloured: how a channel is named everywhere.
+pub fn channel(style: Style, name: &str) -> String {
+    style.paint(GREEN, &format!("#{}", sanitize(name)))
+}
+
+/// One of our own messages, once the route accepted it: `[12:03:04] you → bob: hi`,
+/// `you → all: hi`, `you → #room1: hi`.
+pub fn outgoing(style: Style, ts_ms: i64, to: &To, body: &str) -> String {
     let time = style.paint(DIM, &format!("[{}]", time_of_day(ts_ms)));
     let to = match to {
-        Some(name) => style.paint(MAGENTA, &sanitize(name)),
-        None => "all".into(),
+        To::User(name) => style.paint(MAGENTA, &sanitize(name)),
+        To::Channel(name) => channel(style, name),
+        To::All => "all".into(),
     };
     format!("{time} you → {to}: {}", sanitize(body))
+}
+
+/// A channel message that reached nobody.
+pub fn nobody_in_channel(style: Style, name: &str) -> String {
+    style.paint(
+        YELLOW,
+        &format!(
+            "(no other member of #{} is online: not delivered)",
+            sanitize(name)
+        ),
+    )
+}
+
+/// The answer of `:join`: `joined #room1`, or `already a member of #room1`.
+pub fn joined(style: Style, name: &str, joined: bool) -> String {
+    let name = channel(style, name);
+    if joined {
+        format!("joined {name}")
+    } else {
+        format!("already a member of {name}")
+    }
+}
+
+/// The answer of `:leave`: `left #room1`, or `not a member of #room1`.
+pub fn left(style: Style, name: &str, left: bool) -> String {
+    let name = channel(style, name);
+    if left {
+        format!("left {name}")
+    } else {
+        format!("not a member of {name}: nothing to leave")
+    }
+}
+
+/// A send refused because we are not a member of the channel.
+pub fn not_a_member(name: &str) -> String {
+    let name = sanitize(name);
+    format!("not sent: you are not a member of #{name} (:join {name} first)")
+}
+
+/// The answer of `:chans`: a count line, then one channel per line with its counts.
+pub fn channels(style: Style, list: &[ChannelInfo]) -> String {
+    if list.is_empty() {
+        return "you are in no channel (:join <channel> to join one).".into();
+    }
+    let n = list.len();
+    let mut out = format!(
+        "you are in {n} {}:",
+        if n == 1 { "channel" } else { "channels" }
+    );
+    let width = list.iter().map(|c| sanitize(&c.name).chars().count()).max();
+    let width = width.unwrap_or(0);
+    for c in list {
+        let pad = " ".repeat(width - sanitize(&c.name).chars().count());
+        let members = if c.members == 1 { "member" } else { "members" };
+        out.push_str(&format!(
+            "\n  {}{pad}  {} {members}, {} online",
+            channel(style, &c.name),
+            c.members,
+            c.online
+        ));
+    }
+    out
 }
 
 /// A group message that reached nobody.
@@ -215,20 +287,33 @@ pub fn state_word(s: &ConnState) -> String {
     }
 }
 
-/// `kicked: <why>[: <server's message>]`.
+/// `kicked: <why>[: <server's message>]`; a force-offline by the service (business API):
+/// `disconnected by the service[: <its message>]`.
 pub fn kicked(reason: pb::KickReason, message: &str) -> String {
     let why = match reason {
         pb::KickReason::ServerShutdown => "the server is shutting down",
         pb::KickReason::SlowConsumer => "messages were not read fast enough",
         pb::KickReason::LoggedOut => "logged out",
         pb::KickReason::Replaced => "logged in elsewhere",
-        pb::KickReason::Admin => "forced offline by an administrator",
+        pb::KickReason::Admin => return by_service(message),
         pb::KickReason::Unspecified => "no reason given",
     };
     if message.is_empty() {
         format!("kicked: {why}")
     } else {
         format!("kicked: {why}: {}", sanitize(message))
+    }
+}
+
+/// `disconnected by the service[: <its message>]`.
+fn by_service(message: &str) -> String {
+    const BY_SERVICE: &str = "disconnected by the service";
+    // The route's message when the service gave none is this very phrase.
+    let message = message.trim();
+    if message.is_empty() || message.eq_ignore_ascii_case(BY_SERVICE) {
+        BY_SERVICE.into()
+    } else {
+        format!("{BY_SERVICE}: {}", sanitize(message))
     }
 }
 
@@ -397,6 +482,51 @@ mod tests {
             strip_time(&incoming(Style::PLAIN, &c, false)),
             "bob → #news: x"
         );
+        c.channel = "频道\x1b[2J".into();
+        let line = incoming(Style::COLOR, &c, false);
+        assert!(
+            line.contains(&format!("{GREEN}#频道\\u{{1b}}[2J{RESET}")),
+            "{line:?}"
+        );
+    }
+
+    #[test]
+    fn channel_answers() {
+        assert_eq!(joined(Style::PLAIN, "room1", true), "joined #room1");
+        assert_eq!(
+            joined(Style::PLAIN, "room1", false),
+            "already a member of #room1"
+        );
+        assert_eq!(left(Style::PLAIN, "room1", true), "left #room1");
+        assert_eq!(
+            left(Style::PLAIN, "room1", false),
+            "not a member of #room1: nothing to leave"
+        );
+        assert_eq!(
+            not_a_member("room1"),
+            "not sent: you are not a member of #room1 (:join room1 first)"
+        );
+        assert_eq!(
+            nobody_in_channel(Style::PLAIN, "room1"),
+            "(no other member of #room1 is online: not delivered)"
+        );
+        let info = |name: &str, members, online| ChannelInfo {
+            name: name.into(),
+            members,
+            online,
+        };
+        assert_eq!(
+            channels(Style::PLAIN, &[info("a", 1, 1), info("room1", 3, 2)]),
+            "you are in 2 channels:\n  #a      1 member, 1 online\n  #room1  3 members, 2 online"
+        );
+        assert_eq!(
+            channels(Style::PLAIN, &[info("频道", 2, 0)]),
+            "you are in 1 channel:\n  #频道  2 members, 0 online"
+        );
+        assert_eq!(
+            channels(Style::PLAIN, &[]),
+            "you are in no channel (:join <channel> to join one)."
+        );
     }
 
     #[test]
@@ -457,12 +587,21 @@ mod tests {
     #[test]
     fn outgoing_lines() {
         assert_eq!(
-            strip_time(&outgoing(Style::PLAIN, 0, Some("bob"), "hi")),
+            strip_time(&outgoing(Style::PLAIN, 0, &To::User("bob".into()), "hi")),
             "you → bob: hi"
         );
         assert_eq!(
-            strip_time(&outgoing(Style::PLAIN, 0, None, "hi")),
+            strip_time(&outgoing(Style::PLAIN, 0, &To::All, "hi")),
             "you → all: hi"
+        );
+        assert_eq!(
+            strip_time(&outgoing(
+                Style::PLAIN,
+                0,
+                &To::Channel("room1".into()),
+                "hi"
+            )),
+            "you → #room1: hi"
         );
         assert_eq!(
             offline(Style::PLAIN, "carol"),
@@ -501,7 +640,15 @@ mod tests {
     fn kick_lines() {
         assert_eq!(
             kicked(pb::KickReason::Admin, ""),
-            "kicked: forced offline by an administrator"
+            "disconnected by the service"
+        );
+        assert_eq!(
+            kicked(pb::KickReason::Admin, "disconnected by the service"),
+            "disconnected by the service"
+        );
+        assert_eq!(
+            kicked(pb::KickReason::Admin, "maintenance\x1b[2J"),
+            "disconnected by the service: maintenance\\u{1b}[2J"
         );
         assert_eq!(
             kicked(pb::KickReason::ServerShutdown, "bye"),

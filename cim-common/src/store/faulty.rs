@@ -109,7 +109,9 @@ impl StateStore for FaultyStore {
         reason: &str,
     ) -> StoreResult<()> {
         self.check()?;
-        self.inner.detach(user_id, name, session, server_id, reason).await
+        self.inner
+            .detach(user_id, name, session, server_id, reason)
+            .await
     }
 
     async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>> {
@@ -159,12 +161,21 @@ impl StateStore for FaultyStore {
         self.inner.inbox_ack(acks).await
     }
 
-    async fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+    async fn events_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>> {
         self.check()?;
         self.inner.events_after(after, limit).await
     }
 
-    async fn events_wait(&self, after: &str, limit: usize, timeout: Duration) -> StoreResult<Vec<StoredEvent>> {
+    async fn events_wait(
+        &self,
+        after: &str,
+        limit: usize,
+        timeout: Duration,
+    ) -> StoreResult<Vec<StoredEvent>> {
         self.check()?;
         self.inner.events_wait(after, limit, timeout).await
     }
@@ -189,9 +200,16 @@ impl StateStore for FaultyStore {
         self.inner.set_cursor(name, value).await
     }
 
-    async fn channel_join(&self, channel: &str, user_id: u64, max_channels: usize) -> StoreResult<JoinOutcome> {
+    async fn channel_join(
+        &self,
+        channel: &str,
+        user_id: u64,
+        max_channels: usize,
+    ) -> StoreResult<JoinOutcome> {
         self.check()?;
-        self.inner.channel_join(channel, user_id, max_channels).await
+        self.inner
+            .channel_join(channel, user_id, max_channels)
+            .await
     }
 
     async fn channel_leave(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
@@ -209,7 +227,12 @@ impl StateStore for FaultyStore {
         self.inner.user_channels(user_id).await
     }
 
-    async fn channel_members(&self, channel: &str, after: u64, limit: usize) -> StoreResult<Vec<u64>> {
+    async fn channel_members(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<u64>> {
         self.check()?;
         self.inner.channel_members(channel, after, limit).await
     }

@@ -24,18 +24,30 @@
 //! touched (the Redis keys' expiry). One difference, to spare memory: a store also drops the
 //! expired messages at the front of the inbox, which Redis leaves for the next read to skip
 //! and delete; so `inbox_len` may be lower here before that read.
+//!
+//! Presence events are a bounded queue with Redis-like ids (`{ms}-{n}`, wall clock, strictly
+//! increasing), trimmed exactly to `events_max_len` (Redis keeps up to a stream node more);
+//! `events_wait` sleeps on a [`Notify`] that every append wakes, under a tokio-clock
+//! deadline. The Redis online-id set needs no copy here: it is the set of users with a route.
+//! Leases expire on the tokio clock, like pending slots. Channels are a member set per
+//! channel (a channel without members is removed, so the channel list is the map's keys) and
+//! a channel set per user, updated together under the lock: the repairs and races the Redis
+//! store documents cannot happen here.
 
 use super::{
-    redis::{ack_ids, oldest_kept_ms, MAX_INBOX_READ},
+    redis::{ack_ids, oldest_kept_ms, parse_event_id, presence_event, MAX_INBOX_READ},
     *,
 };
-use crate::keys;
+use crate::{
+    events::{reason, EventId, PresenceEvent, PresenceKind},
+    keys,
+};
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     ops::Bound,
     sync::{Mutex, MutexGuard, PoisonError},
 };
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
 
 /// Slot-map size below which claims never bother to purge expired slots.
 const MIN_PURGE_AT: usize = 64;
@@ -77,6 +89,17 @@ struct State {
     /// Per-user inboxes. An entry stays once created (its seq counter never resets, as the
     /// Redis seq key never expires); its messages are bounded by the inbox limits.
     inboxes: HashMap<u64, Inbox>,
+    /// Presence events, oldest first, ids increasing; at most `events_max_len`.
+    events: VecDeque<(EventId, StoredEvent)>,
+    /// Id of the last event appended (ids stay increasing when the stream is trimmed).
+    last_event: EventId,
+    /// Lease name → (owner, expiry).
+    leases: HashMap<String, (String, Instant)>,
+    cursors: HashMap<String, String>,
+    /// Channel → member ids. A channel without members is removed (it is gone).
+    channels: BTreeMap<String, BTreeSet<u64>>,
+    /// User → the channels they are a member of (no entry: none).
+    user_channels: HashMap<u64, BTreeSet<String>>,
 }
 
 impl State {
@@ -113,6 +136,49 @@ impl State {
         self.routes
             .get(&user_id)
             .is_some_and(|(server, s)| server == server_id && s == session)
+    }
+
+    /// Appends an event with the next id (`{ms}-{n}` like a Redis stream's: the wall clock,
+    /// never going back) and drops the oldest past `max_len`.
+    fn publish(&mut self, event: PresenceEvent, max_len: usize) {
+        let now = u64::try_from(crate::time::now_ms()).unwrap_or(0);
+        let last = self.last_event;
+        let id = if now > last.ms {
+            EventId { ms: now, seq: 0 }
+        } else {
+            EventId {
+                ms: last.ms,
+                seq: last.seq.saturating_add(1),
+            }
+        };
+        self.last_event = id;
+        self.events.push_back((
+            id,
+            StoredEvent {
+                id: id.to_string(),
+                event,
+            },
+        ));
+        while self.events.len() > max_len.max(1) {
+            self.events.pop_front();
+        }
+    }
+
+    fn events_after(&self, after: Option<EventId>, limit: usize) -> Vec<StoredEvent> {
+        let start = after.map_or(0, |after| {
+            self.events.partition_point(|(id, _)| *id <= after)
+        });
+        self.events
+            .range(start..)
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// The online index entry (name) and the online id (route) go together here: the id set
+    /// of the Redis store is the set of users with a route.
+    fn is_online(&self, user_id: u64) -> bool {
+        self.routes.contains_key(&user_id)
     }
 
     fn route_entry(&self, user_id: u64) -> Option<RouteEntry> {
@@ -208,10 +274,23 @@ fn max_age_ms(limits: &InboxLimits) -> i64 {
 
 /// In-memory shared state for one process. Share it with `Arc` between the route and the
 /// server of a standalone process: it is their common Redis.
-#[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
     limits: InboxLimits,
+    events_max_len: usize,
+    /// Wakes `events_wait` callers when an event is appended.
+    events_changed: Notify,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            limits: InboxLimits::default(),
+            events_max_len: DEFAULT_EVENTS_MAX_LEN,
+            events_changed: Notify::new(),
+        }
+    }
 }
 
 /// Sizes only: the state holds password hashes, which have no business in a log.
@@ -224,7 +303,10 @@ impl std::fmt::Debug for MemoryStore {
             .field("routes", &state.routes.len())
             .field("online", &state.online.len())
             .field("inboxes", &state.inboxes.len())
+            .field("events", &state.events.len())
+            .field("channels", &state.channels.len())
             .field("limits", &self.limits)
+            .field("events_max_len", &self.events_max_len)
             .finish()
     }
 }
@@ -238,6 +320,14 @@ impl MemoryStore {
     #[must_use]
     pub fn with_inbox_limits(mut self, limits: InboxLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Sets how many presence events are kept (default: [`DEFAULT_EVENTS_MAX_LEN`]; at least
+    /// 1). Exactly that many, where Redis keeps up to a stream node more.
+    #[must_use]
+    pub fn with_events_max_len(mut self, max_len: usize) -> Self {
+        self.events_max_len = max_len.max(1);
         self
     }
 
@@ -403,6 +493,10 @@ impl StateStore for MemoryStore {
             .routes
             .insert(user_id, (server_id.to_string(), session.to_string()));
         state.online.insert(keys::online_member(name, user_id));
+        let online = presence_event(PresenceKind::Online, user_id, name, server_id, "");
+        state.publish(online, self.events_max_len);
+        drop(state);
+        self.events_changed.notify_waiters();
         Ok(AttachOutcome::Attached)
     }
 
@@ -427,6 +521,10 @@ impl StateStore for MemoryStore {
             // No route is left for this user (just removed, under the same lock): the Redis
             // store's "unindex unless attached again meanwhile" is a plain removal here.
             state.online.remove(&keys::online_member(name, user_id));
+            let offline = presence_event(PresenceKind::Offline, user_id, name, server_id, reason);
+            state.publish(offline, self.events_max_len);
+            drop(state);
+            self.events_changed.notify_waiters();
         }
         Ok(())
     }
@@ -500,11 +598,22 @@ impl StateStore for MemoryStore {
             return Ok(());
         }
         state.routes.remove(&entry.user_id);
-        if let Some(name) = state.users.get(&entry.user_id).map(|u| u.name.clone()) {
+        let name = state.users.get(&entry.user_id).map(|u| u.name.clone());
+        if let Some(name) = &name {
             state
                 .online
-                .remove(&keys::online_member(&name, entry.user_id));
+                .remove(&keys::online_member(name, entry.user_id));
         }
+        let offline = presence_event(
+            PresenceKind::Offline,
+            entry.user_id,
+            name.as_deref().unwrap_or_default(),
+            &entry.server_id,
+            reason::SERVER_LOST,
+        );
+        state.publish(offline, self.events_max_len);
+        drop(state);
+        self.events_changed.notify_waiters();
         Ok(())
     }
 
@@ -582,68 +691,217 @@ impl StateStore for MemoryStore {
         Ok(receipts)
     }
 
-    async fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>> {
-        let _ = (after, limit);
-        Err(StoreError::Unavailable("events_after: not implemented yet".into()))
+    async fn events_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let after = after.map(parse_event_id).transpose()?;
+        let limit = limit.min(MAX_EVENTS_READ);
+        Ok(self.lock().events_after(after, limit))
     }
 
-    async fn events_wait(&self, after: &str, limit: usize, timeout: Duration) -> StoreResult<Vec<StoredEvent>> {
-        let _ = (after, limit, timeout);
-        Err(StoreError::Unavailable("events_wait: not implemented yet".into()))
+    async fn events_wait(
+        &self,
+        after: &str,
+        limit: usize,
+        timeout: Duration,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let after = parse_event_id(after)?;
+        let limit = limit.min(MAX_EVENTS_READ);
+        // `None`: a wait too long to represent, i.e. no deadline.
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            // Registered before looking, so an event appended right after the look wakes it.
+            let changed = self.events_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let page = self.lock().events_after(Some(after), limit);
+            if !page.is_empty() || limit == 0 {
+                return Ok(page);
+            }
+            match deadline {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        return Ok(Vec::new());
+                    }
+                }
+                None => changed.await,
+            }
+        }
     }
 
     async fn events_last_id(&self) -> StoreResult<String> {
-        Err(StoreError::Unavailable("events_last_id: not implemented yet".into()))
+        Ok(self
+            .lock()
+            .events
+            .back()
+            .map_or_else(|| EventId::ZERO.to_string(), |(_, e)| e.id.clone()))
     }
 
     async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
-        let _ = (name, owner, ttl);
-        Err(StoreError::Unavailable("lease: not implemented yet".into()))
+        let now = Instant::now();
+        // `PX ttl_ms` with at least 1 ms, as the Redis store sends it.
+        let expires = now + ttl.max(Duration::from_millis(1));
+        let mut state = self.lock();
+        match state.leases.get_mut(name) {
+            Some((holder, until)) if *until > now => {
+                if holder == owner {
+                    *until = expires;
+                    Ok(true)
+                } else {
+                    Ok(false)
+                }
+            }
+            _ => {
+                state
+                    .leases
+                    .insert(name.to_string(), (owner.to_string(), expires));
+                Ok(true)
+            }
+        }
     }
 
     async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {
-        let _ = (name);
-        Err(StoreError::Unavailable("cursor: not implemented yet".into()))
+        Ok(self.lock().cursors.get(name).cloned())
     }
 
     async fn set_cursor(&self, name: &str, value: &str) -> StoreResult<()> {
-        let _ = (name, value);
-        Err(StoreError::Unavailable("set_cursor: not implemented yet".into()))
+        self.lock()
+            .cursors
+            .insert(name.to_string(), value.to_string());
+        Ok(())
     }
 
-    async fn channel_join(&self, channel: &str, user_id: u64, max_channels: usize) -> StoreResult<JoinOutcome> {
-        let _ = (channel, user_id, max_channels);
-        Err(StoreError::Unavailable("channel_join: not implemented yet".into()))
+    async fn channel_join(
+        &self,
+        channel: &str,
+        user_id: u64,
+        max_channels: usize,
+    ) -> StoreResult<JoinOutcome> {
+        let mut state = self.lock();
+        if state
+            .channels
+            .get(channel)
+            .is_some_and(|members| members.contains(&user_id))
+        {
+            return Ok(JoinOutcome::AlreadyMember);
+        }
+        let mine = state.user_channels.entry(user_id).or_default();
+        if mine.len() >= max_channels {
+            if mine.is_empty() {
+                state.user_channels.remove(&user_id);
+            }
+            return Ok(JoinOutcome::TooManyChannels);
+        }
+        mine.insert(channel.to_string());
+        state
+            .channels
+            .entry(channel.to_string())
+            .or_default()
+            .insert(user_id);
+        Ok(JoinOutcome::Joined)
     }
 
     async fn channel_leave(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
-        let _ = (channel, user_id);
-        Err(StoreError::Unavailable("channel_leave: not implemented yet".into()))
+        let mut state = self.lock();
+        let removed = match state.channels.get_mut(channel) {
+            Some(members) => {
+                let removed = members.remove(&user_id);
+                if members.is_empty() {
+                    state.channels.remove(channel);
+                }
+                removed
+            }
+            None => false,
+        };
+        if let Some(mine) = state.user_channels.get_mut(&user_id) {
+            mine.remove(channel);
+            if mine.is_empty() {
+                state.user_channels.remove(&user_id);
+            }
+        }
+        Ok(removed)
     }
 
     async fn channel_is_member(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
-        let _ = (channel, user_id);
-        Err(StoreError::Unavailable("channel_is_member: not implemented yet".into()))
+        Ok(self
+            .lock()
+            .channels
+            .get(channel)
+            .is_some_and(|members| members.contains(&user_id)))
     }
 
     async fn user_channels(&self, user_id: u64) -> StoreResult<Vec<String>> {
-        let _ = (user_id);
-        Err(StoreError::Unavailable("user_channels: not implemented yet".into()))
+        Ok(self
+            .lock()
+            .user_channels
+            .get(&user_id)
+            .map(|mine| mine.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
-    async fn channel_members(&self, channel: &str, after: u64, limit: usize) -> StoreResult<Vec<u64>> {
-        let _ = (channel, after, limit);
-        Err(StoreError::Unavailable("channel_members: not implemented yet".into()))
+    async fn channel_members(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<u64>> {
+        let limit = limit.min(MAX_CHANNEL_PAGE);
+        let state = self.lock();
+        Ok(state
+            .channels
+            .get(channel)
+            .map_or_else(Vec::new, |members| {
+                members
+                    .range((Bound::Excluded(after), Bound::Unbounded))
+                    .take(limit)
+                    .copied()
+                    .collect()
+            }))
     }
 
     async fn channel_list(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
-        let _ = (after, limit);
-        Err(StoreError::Unavailable("channel_list: not implemented yet".into()))
+        let limit = limit.min(MAX_CHANNEL_PAGE);
+        let start: Bound<&str> = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let state = self.lock();
+        Ok(state
+            .channels
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(limit)
+            .map(|(name, _)| name.clone())
+            .collect())
     }
 
     async fn channel_stats(&self, channels: &[String]) -> StoreResult<Vec<ChannelInfo>> {
-        let _ = (channels);
-        Err(StoreError::Unavailable("channel_stats: not implemented yet".into()))
+        let state = self.lock();
+        Ok(channels
+            .iter()
+            .take(MAX_CHANNEL_STATS)
+            .map(|name| {
+                let (members, online) = match state.channels.get(name) {
+                    None => (0, 0),
+                    // Walk the smaller side, as ZINTERCARD does.
+                    Some(members) if members.len() <= state.routes.len() => (
+                        members.len(),
+                        members.iter().filter(|id| state.is_online(**id)).count(),
+                    ),
+                    Some(members) => (
+                        members.len(),
+                        state
+                            .routes
+                            .keys()
+                            .filter(|id| members.contains(id))
+                            .count(),
+                    ),
+                };
+                ChannelInfo {
+                    name: name.clone(),
+                    members: members as u64,
+                    online: online as u64,
+                }
+            })
+            .collect())
     }
 
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {
@@ -810,6 +1068,107 @@ mod tests {
             (inbox.entries.len(), inbox.by_id.len(), inbox.receipts.len()),
             (10, 10, 10)
         );
+    }
+
+    async fn connect(store: &MemoryStore, user: u64, session: &str) {
+        store
+            .claim_login(user, session, Duration::from_secs(60), &nobody_live)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.attach(user, "u", session, "srv-a").await.unwrap(),
+            AttachOutcome::Attached
+        );
+    }
+
+    #[tokio::test]
+    async fn events_are_trimmed_exactly_with_increasing_ids() {
+        let store = MemoryStore::new().with_events_max_len(5);
+        for user in 1..=20 {
+            connect(&store, user, "s").await;
+        }
+        let kept = store.events_after(None, 100).await.unwrap();
+        let users: Vec<u64> = kept.iter().map(|e| e.event.user_id).collect();
+        assert_eq!(users, [16, 17, 18, 19, 20]);
+        let ids: Vec<EventId> = kept
+            .iter()
+            .map(|e| EventId::parse(&e.id).unwrap())
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        // Ids go on increasing past the trimmed ones.
+        assert_eq!(store.events_last_id().await.unwrap(), kept[4].id);
+        let after_trimmed = store.events_after(Some("0-0"), 100).await.unwrap();
+        assert_eq!(after_trimmed, kept);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_wait_times_out_on_the_tokio_clock() {
+        let store = MemoryStore::new();
+        let started = Instant::now();
+        let none = store
+            .events_wait("0-0", 10, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_wait_wakes_on_an_append() {
+        let store = std::sync::Arc::new(MemoryStore::new());
+        let waiting = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .events_wait("0-0", 10, Duration::from_secs(3600))
+                    .await
+            })
+        };
+        // The paused clock moves only when every task is idle: after this, the waiter waits.
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        connect(&store, 1, "s").await;
+        let got = waiting.await.unwrap().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].event.kind, PresenceKind::Online);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(1),
+            "woken, not timed out"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_expire_on_the_tokio_clock() {
+        let store = MemoryStore::new();
+        let ttl = Duration::from_secs(10);
+        assert!(store.lease("hook", "a", ttl).await.unwrap());
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!store.lease("hook", "b", ttl).await.unwrap());
+        // Renewed by its holder: 10 s from now.
+        assert!(store.lease("hook", "a", ttl).await.unwrap());
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!store.lease("hook", "b", ttl).await.unwrap());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(store.lease("hook", "b", ttl).await.unwrap());
+        assert!(!store.lease("hook", "a", ttl).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn empty_channels_and_channel_sets_leave_no_trace() {
+        let store = MemoryStore::new();
+        assert_eq!(
+            store.channel_join("c", 1, 0).await.unwrap(),
+            JoinOutcome::TooManyChannels
+        );
+        store.channel_join("c", 1, 5).await.unwrap();
+        store.channel_join("d", 1, 5).await.unwrap();
+        store.channel_leave("c", 1).await.unwrap();
+        store.channel_leave("d", 1).await.unwrap();
+        store.channel_leave("e", 2).await.unwrap();
+        let state = store.lock();
+        assert!(state.channels.is_empty());
+        assert!(state.user_channels.is_empty());
     }
 
     #[tokio::test]

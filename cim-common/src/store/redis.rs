@@ -1,13 +1,32 @@
 //! [`StateStore`] on Redis. One multiplexed connection (auto-reconnecting) shared by all
 //! tasks; atomic multi-step updates are Lua scripts over keys of one hash slot.
 //!
-//! Round trips: claim 1 (2 when the slot is held), attach 2, detach 2, routes of N users 1
+//! Round trips: claim 1 (2 when the slot is held), attach 2, detach 2, a stale route's
+//! removal 2 (each 1 more when the user attached again meanwhile), routes of N users 1
 //! (MGET), one SCAN step 2 (SCAN + MGET). Inboxes: storing N messages 1 (a pipeline of one
 //! script call per message, applied in slice order), acking for N users 1 (a pipeline of one
 //! script call per user), inbox length 1 (ZCARD), a read 1 — plus, only when it skipped
 //! expired or unreadable messages, one more per refill of the page and one to delete them.
+//! Presence events, leases, cursors: 1 each (a blocking read: plus a connect on first use
+//! and after an error; one more read per page of malformed entries it skips). Channels: join
+//! 2 (1 when already a member or over the limit), leave 1 (2 when it was the last member, 3
+//! when a join came in between), membership, a user's channels, a page of members or names
+//! 1, the stats of N channels 1 (ZINTERCARD: Redis 7.0 or later).
 //! A pipeline that meets NOSCRIPT (Redis restarted, or SCRIPT FLUSH) loads its scripts and
 //! runs again: 2 more.
+//!
+//! Presence: attaching indexes the user as online twice, by name (`online`, for listing)
+//! and by id (`online:ids`, for the online counts of channels), and appends an online event
+//! to the `events` stream, all in the round trip after the attach script; detaching (only
+//! when the route was still ours) undoes it and appends an offline event with the reason.
+//! The stream is capped with `MAXLEN ~` on every append. A blocking read of it
+//! (`events_wait`) runs on a connection of its own, never on the shared one, where it would
+//! hold up every command behind it.
+//!
+//! Channels are a member set per channel (sorted by user id, for paging), a channel set per
+//! user (for the per-user limit and "my channels"), and the list of channel names. They live
+//! in three hash slots, so a join or leave is ordered writes that a later join or leave
+//! repairs if interrupted (see `channel_join` below), not one script.
 //!
 //! An inbox is four keys under one hash tag (see [`crate::keys`]): the messages (hash), their
 //! order (sorted set scored by seq), the senders waiting for a receipt (hash), and the seq
@@ -17,10 +36,16 @@
 //! deleted by a second script, only if they still hold the seq the read saw.
 
 use super::*;
-use crate::keys::{self, Keys};
-use ::redis::{aio::ConnectionManager, AsyncCommands, Script, ScriptInvocation};
+use crate::{
+    events::{reason, EventId, PresenceEvent, PresenceKind},
+    keys::{self, Keys},
+};
+use ::redis::{
+    aio::{ConnectionManager, MultiplexedConnection},
+    AsyncCommands, AsyncConnectionConfig, Script, ScriptInvocation, Value,
+};
 use prost::Message as _;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 /// Attach: KEYS = login slot, route; ARGV = session, attached slot value, route value.
 static ATTACH: LazyLock<Script> = LazyLock::new(|| {
@@ -81,6 +106,33 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
             return v
         end
         return nil",
+    )
+});
+
+/// Take or renew a lease. KEYS = lease; ARGV = owner, ttl ms. Returns 1 while `owner` holds it.
+static LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        if redis.call('GET', KEYS[1]) == ARGV[1] then
+            redis.call('PEXPIRE', KEYS[1], ARGV[2])
+            return 1
+        end
+        if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+        return 0",
+    )
+});
+
+/// The user's half of joining a channel, atomic so that concurrent joins cannot pass the
+/// limit together. KEYS = the user's channel set; ARGV = channel, max channels. Returns 1
+/// when the channel was listed already, 2 when added now, 0 when the user is at the limit
+/// (nothing added).
+static JOIN_INDEX: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+        if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+        redis.call('SADD', KEYS[1], ARGV[1])
+        return 2",
     )
 });
 
@@ -251,12 +303,156 @@ pub(super) fn oldest_kept_ms(limits: &InboxLimits, now_ms: i64) -> i64 {
     now_ms.saturating_sub(max_age_ms)
 }
 
+/// A presence event stamped now (`reason` empty for online events).
+pub(super) fn presence_event(
+    kind: PresenceKind,
+    user_id: u64,
+    name: &str,
+    server_id: &str,
+    reason: &str,
+) -> PresenceEvent {
+    PresenceEvent {
+        kind,
+        user_id,
+        name: name.to_string(),
+        server_id: server_id.to_string(),
+        at_ms: crate::time::now_ms(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The id of an `after` argument; not an event id is a caller's bug, reported as such.
+pub(super) fn parse_event_id(after: &str) -> StoreResult<EventId> {
+    EventId::parse(after).ok_or_else(|| StoreError::Corrupt(format!("invalid event id {after:?}")))
+}
+
+/// The highest id a stream can hold: nothing comes after it.
+const LAST_EVENT_ID: EventId = EventId {
+    ms: u64::MAX,
+    seq: u64::MAX,
+};
+
+/// UTF-8 text of a reply element.
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// What a read of the stream returned.
+#[derive(Default)]
+struct StreamPage {
+    /// The well-formed entries, as events.
+    events: Vec<StoredEvent>,
+    /// Entries read, malformed ones included.
+    entries: usize,
+    /// Id of the last entry read, malformed or not: where to go on from.
+    last_id: Option<EventId>,
+}
+
+/// An XRANGE / XREVRANGE reply (an array of `[id, [field, value, ...]]`). Malformed entries
+/// are skipped (the stream is shared state anything with access can write to) but counted,
+/// so that a reader can go on past them rather than stop at them.
+fn stream_page(reply: &Value) -> StreamPage {
+    let Value::Array(entries) = reply else {
+        return StreamPage::default();
+    };
+    let mut page = StreamPage {
+        entries: entries.len(),
+        ..StreamPage::default()
+    };
+    for entry in entries {
+        if let Some(id) = entry_id(entry) {
+            page.last_id = Some(id);
+        }
+        match parse_stream_entry(entry) {
+            Some(event) => page.events.push(event),
+            None => tracing::debug!(?entry, "events: skipping a malformed stream entry"),
+        }
+    }
+    page
+}
+
+/// An XREAD reply on one stream: nil (timed out), `[[key, entries]]` (RESP2) or
+/// `{key: entries}` (RESP3).
+fn xread_page(reply: &Value) -> StreamPage {
+    let entries = match reply {
+        Value::Array(streams) => streams.iter().find_map(|s| match s {
+            Value::Array(parts) if parts.len() == 2 => Some(&parts[1]),
+            _ => None,
+        }),
+        Value::Map(streams) => streams.first().map(|(_, entries)| entries),
+        _ => None,
+    };
+    entries.map(stream_page).unwrap_or_default()
+}
+
+/// The id of a stream entry, even if its fields are malformed.
+fn entry_id(entry: &Value) -> Option<EventId> {
+    let Value::Array(parts) = entry else {
+        return None;
+    };
+    EventId::parse(text(parts.first()?)?)
+}
+
+/// One stream entry as an event (fields in [`crate::keys`]; unknown fields are ignored, so
+/// a newer writer may add some).
+fn parse_stream_entry(entry: &Value) -> Option<StoredEvent> {
+    let Value::Array(parts) = entry else {
+        return None;
+    };
+    let [id, Value::Array(fields)] = parts.as_slice() else {
+        return None;
+    };
+    let id = text(id)?;
+    EventId::parse(id)?;
+    let (mut kind, mut user_id, mut name, mut server_id, mut at_ms) =
+        (None, None, None, None, None);
+    let mut reason = String::new();
+    for pair in fields.chunks(2) {
+        let [field, value] = pair else { return None };
+        let value = text(value)?;
+        match text(field)? {
+            "t" => kind = Some(PresenceKind::parse(value)?),
+            "u" => user_id = Some(value.parse().ok()?),
+            "n" => name = Some(value.to_string()),
+            "s" => server_id = Some(value.to_string()),
+            "at" => at_ms = Some(value.parse().ok()?),
+            "r" => reason = value.to_string(),
+            _ => {}
+        }
+    }
+    Some(StoredEvent {
+        id: id.to_string(),
+        event: PresenceEvent {
+            kind: kind?,
+            user_id: user_id?,
+            name: name?,
+            server_id: server_id?,
+            at_ms: at_ms?,
+            reason,
+        },
+    })
+}
+
 /// Redis-backed shared state.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// For the connection of blocking reads.
+    client: ::redis::Client,
+    /// Deadline of every call (blocking reads: on top of their wait).
+    timeout: Duration,
     keys: Keys,
     limits: InboxLimits,
+    events_max_len: usize,
+    /// The connection of `events_wait` (a blocking XREAD would stall every command queued
+    /// behind it on the shared one). Made on first use; taken out for the duration of a read
+    /// and put back only after a complete answer, so an error or a cancelled read drops it
+    /// (with the XREAD possibly still blocked on it) and the next read connects afresh.
+    waiter: Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
 }
 
 fn unavailable(e: ::redis::RedisError) -> StoreError {
@@ -276,15 +472,19 @@ impl RedisStore {
             .set_number_of_retries(0);
         let conn = tokio::time::timeout(
             timeout * 3,
-            ConnectionManager::new_with_config(client, config),
+            ConnectionManager::new_with_config(client.clone(), config),
         )
         .await
         .map_err(|_| StoreError::Unavailable(format!("connecting to {url} timed out")))?
         .map_err(unavailable)?;
         Ok(Self {
             conn,
+            client,
+            timeout,
             keys: Keys::new(prefix),
             limits: InboxLimits::default(),
+            events_max_len: DEFAULT_EVENTS_MAX_LEN,
+            waiter: Arc::default(),
         })
     }
 
@@ -292,6 +492,16 @@ impl RedisStore {
     #[must_use]
     pub fn with_inbox_limits(mut self, limits: InboxLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Sets how many presence events the stream keeps (default:
+    /// [`DEFAULT_EVENTS_MAX_LEN`]; at least 1). Trimming is approximate (`MAXLEN ~`): Redis
+    /// drops whole stream nodes only, so the stream holds up to one node (by default 100
+    /// entries, `stream-node-max-entries`) more.
+    #[must_use]
+    pub fn with_events_max_len(mut self, max_len: usize) -> Self {
+        self.events_max_len = max_len.max(1);
         self
     }
 
@@ -303,23 +513,79 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    /// Removes a user from the online index after their route was deleted. The index lives
-    /// in another hash slot than the route, so this cannot be part of the route's script: if
-    /// the user attached again in between, put the entry back (the route is the truth).
-    async fn unindex(&self, user_id: u64, name: &str) -> StoreResult<()> {
+    /// Appends `event` to the stream (trimmed to about `events_max_len`) in `pipe`.
+    fn publish(&self, pipe: &mut ::redis::Pipeline, event: &PresenceEvent) {
+        pipe.cmd("XADD")
+            .arg(self.keys.events())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.events_max_len)
+            .arg("*")
+            .arg("t")
+            .arg(event.kind.as_str())
+            .arg("u")
+            .arg(event.user_id)
+            .arg("n")
+            .arg(&event.name)
+            .arg("s")
+            .arg(&event.server_id)
+            .arg("at")
+            .arg(event.at_ms);
+        if !event.reason.is_empty() {
+            pipe.arg("r").arg(&event.reason);
+        }
+        pipe.ignore();
+    }
+
+    /// Indexes a user as online (name index, id set) and publishes `online`, in `pipe`.
+    fn index(&self, pipe: &mut ::redis::Pipeline, name: Option<&str>, online: &PresenceEvent) {
+        if let Some(name) = name {
+            pipe.zadd(
+                self.keys.online(),
+                keys::online_member(name, online.user_id),
+                0,
+            )
+            .ignore();
+        }
+        pipe.sadd(self.keys.online_ids(), online.user_id).ignore();
+        self.publish(pipe, online);
+    }
+
+    /// After a user's route was deleted: removes them from the online index and the id set
+    /// (the name index only with the `name`, when known) and publishes `offline`. These keys
+    /// live in other hash slots than the route, so this cannot be part of the route's script:
+    /// if the user attached again in between, put the entries back and publish them online
+    /// again (the route is the truth). The event goes before the GET of the route, so either
+    /// that GET sees the new route, or the new attach (whose writes follow its route) publishes
+    /// after us: either way the last event of the user says online. The price of the first
+    /// case: an online event can come twice in a row.
+    async fn unindex(
+        &self,
+        user_id: u64,
+        name: Option<&str>,
+        offline: &PresenceEvent,
+    ) -> StoreResult<()> {
         let mut c = self.conn();
-        let member = keys::online_member(name, user_id);
-        let (_, route): ((), Option<String>) = ::redis::pipe()
-            .zrem(self.keys.online(), &member)
-            .get(self.keys.route(user_id))
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        if route.is_some() {
-            let _: () = c
-                .zadd(self.keys.online(), &member, 0)
-                .await
-                .map_err(unavailable)?;
+        let mut pipe = ::redis::pipe();
+        if let Some(name) = name {
+            pipe.zrem(self.keys.online(), keys::online_member(name, user_id))
+                .ignore();
+        }
+        pipe.srem(self.keys.online_ids(), user_id).ignore();
+        self.publish(&mut pipe, offline);
+        pipe.get(self.keys.route(user_id));
+        let (route,): (Option<String>,) = pipe.query_async(&mut c).await.map_err(unavailable)?;
+        if let Some((server_id, _)) = route.as_deref().and_then(keys::parse_route_value) {
+            let online = presence_event(
+                PresenceKind::Online,
+                user_id,
+                name.unwrap_or_default(),
+                server_id,
+                "",
+            );
+            let mut pipe = ::redis::pipe();
+            self.index(&mut pipe, name, &online);
+            let () = pipe.query_async(&mut c).await.map_err(unavailable)?;
         }
         Ok(())
     }
@@ -537,10 +803,10 @@ impl StateStore for RedisStore {
         if ok != 1 {
             return Ok(AttachOutcome::SessionInvalid);
         }
-        let _: () = c
-            .zadd(self.keys.online(), keys::online_member(name, user_id), 0)
-            .await
-            .map_err(unavailable)?;
+        let online = presence_event(PresenceKind::Online, user_id, name, server_id, "");
+        let mut pipe = ::redis::pipe();
+        self.index(&mut pipe, Some(name), &online);
+        let () = pipe.query_async(&mut c).await.map_err(unavailable)?;
         Ok(AttachOutcome::Attached)
     }
 
@@ -562,7 +828,8 @@ impl StateStore for RedisStore {
             .await
             .map_err(unavailable)?;
         if removed == 1 {
-            self.unindex(user_id, name).await?;
+            let offline = presence_event(PresenceKind::Offline, user_id, name, server_id, reason);
+            self.unindex(user_id, Some(name), &offline).await?;
         }
         Ok(())
     }
@@ -643,17 +910,27 @@ impl StateStore for RedisStore {
     }
 
     async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()> {
-        let mut c = self.conn();
-        let removed: i32 = DEL_IF_EQ
-            .key(self.keys.route(entry.user_id))
-            .arg(keys::route_value(&entry.server_id, &entry.session))
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
+        // The name (for the name index and the event) comes with the compare-and-delete.
+        let mut pipe = ::redis::pipe();
+        pipe.invoke_script(
+            DEL_IF_EQ
+                .key(self.keys.route(entry.user_id))
+                .arg(keys::route_value(&entry.server_id, &entry.session)),
+        )
+        .hget(self.keys.user(entry.user_id), "name");
+        let (removed, name): (i32, Option<String>) = self.run_scripts(&pipe, &[&DEL_IF_EQ]).await?;
         if removed == 1 {
-            if let Some(name) = self.user_name(entry.user_id).await? {
-                self.unindex(entry.user_id, &name).await?;
-            }
+            // Without an account record (never in practice) the name index entry cannot be
+            // found; the id set and the event do not need the name.
+            let offline = presence_event(
+                PresenceKind::Offline,
+                entry.user_id,
+                name.as_deref().unwrap_or_default(),
+                &entry.server_id,
+                reason::SERVER_LOST,
+            );
+            self.unindex(entry.user_id, name.as_deref(), &offline)
+                .await?;
         }
         Ok(())
     }
@@ -837,68 +1114,329 @@ impl StateStore for RedisStore {
             .collect())
     }
 
-    async fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>> {
-        let _ = (after, limit);
-        Err(StoreError::Unavailable("events_after: not implemented yet".into()))
+    async fn events_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let mut after = after.map(parse_event_id).transpose()?;
+        let limit = limit.min(MAX_EVENTS_READ);
+        let mut out = Vec::new();
+        // One XRANGE, unless it met malformed entries: then read on past them, so that a
+        // short page still means "nothing more" and paging never stalls on one.
+        while out.len() < limit {
+            let want = limit - out.len();
+            let start = match after {
+                None => "-".to_string(),
+                // `(` past the last possible id is an error in Redis; nothing comes after it.
+                Some(LAST_EVENT_ID) => break,
+                Some(id) => format!("({id}"),
+            };
+            let reply: Value = ::redis::cmd("XRANGE")
+                .arg(self.keys.events())
+                .arg(start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(want)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            let page = stream_page(&reply);
+            out.extend(page.events);
+            match page.last_id {
+                Some(last) if page.entries == want => after = Some(last),
+                _ => break,
+            }
+        }
+        Ok(out)
     }
 
-    async fn events_wait(&self, after: &str, limit: usize, timeout: Duration) -> StoreResult<Vec<StoredEvent>> {
-        let _ = (after, limit, timeout);
-        Err(StoreError::Unavailable("events_wait: not implemented yet".into()))
+    async fn events_wait(
+        &self,
+        after: &str,
+        limit: usize,
+        timeout: Duration,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let mut after = parse_event_id(after)?;
+        let limit = limit.min(MAX_EVENTS_READ);
+        let started = tokio::time::Instant::now();
+        // One blocking read at a time on the connection: a caller that waited its whole
+        // timeout for its turn just looks (what came meanwhile is there to read).
+        let Ok(mut waiter) = tokio::time::timeout(timeout, self.waiter.lock()).await else {
+            return self.events_after(Some(&after.to_string()), limit).await;
+        };
+        loop {
+            // BLOCK 0 would wait forever: with no time left, a plain read.
+            let left = timeout.saturating_sub(started.elapsed());
+            let block_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            if limit == 0 || block_ms == 0 {
+                drop(waiter);
+                return self.events_after(Some(&after.to_string()), limit).await;
+            }
+            let mut conn = match waiter.take() {
+                Some(conn) => conn,
+                None => {
+                    let config = AsyncConnectionConfig::new().set_connection_timeout(self.timeout);
+                    tokio::time::timeout(
+                        self.timeout,
+                        self.client
+                            .get_multiplexed_async_connection_with_config(&config),
+                    )
+                    .await
+                    .map_err(|_| StoreError::Unavailable("connecting timed out".into()))?
+                    .map_err(unavailable)?
+                }
+            };
+            let read = ::redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(limit)
+                .arg("BLOCK")
+                .arg(block_ms)
+                .arg("STREAMS")
+                .arg(self.keys.events())
+                .arg(after.to_string())
+                .to_owned();
+            // The deadline of the call on top of the wait; the connection has none of its
+            // own, as each read waits for as long as its caller asks.
+            let deadline = left.saturating_add(self.timeout);
+            let reply: Value = tokio::time::timeout(deadline, read.query_async(&mut conn))
+                .await
+                .map_err(|_| StoreError::Unavailable("blocking read timed out".into()))?
+                .map_err(unavailable)?;
+            *waiter = Some(conn);
+            let page = xread_page(&reply);
+            match page.last_id {
+                // Only malformed entries: wait on past them for the time that is left.
+                Some(last) if page.events.is_empty() => after = last,
+                _ => return Ok(page.events),
+            }
+        }
     }
 
     async fn events_last_id(&self) -> StoreResult<String> {
-        Err(StoreError::Unavailable("events_last_id: not implemented yet".into()))
+        let reply: Value = ::redis::cmd("XREVRANGE")
+            .arg(self.keys.events())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let last = match &reply {
+            Value::Array(entries) => entries.first().and_then(entry_id),
+            _ => None,
+        };
+        Ok(last.unwrap_or(EventId::ZERO).to_string())
     }
 
     async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
-        let _ = (name, owner, ttl);
-        Err(StoreError::Unavailable("lease: not implemented yet".into()))
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let held: i32 = LEASE
+            .key(self.keys.lease(name))
+            .arg(owner)
+            .arg(ttl_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(held == 1)
     }
 
     async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {
-        let _ = (name);
-        Err(StoreError::Unavailable("cursor: not implemented yet".into()))
+        self.conn()
+            .get(self.keys.cursor(name))
+            .await
+            .map_err(unavailable)
     }
 
     async fn set_cursor(&self, name: &str, value: &str) -> StoreResult<()> {
-        let _ = (name, value);
-        Err(StoreError::Unavailable("set_cursor: not implemented yet".into()))
+        self.conn()
+            .set(self.keys.cursor(name), value)
+            .await
+            .map_err(unavailable)
     }
 
-    async fn channel_join(&self, channel: &str, user_id: u64, max_channels: usize) -> StoreResult<JoinOutcome> {
-        let _ = (channel, user_id, max_channels);
-        Err(StoreError::Unavailable("channel_join: not implemented yet".into()))
+    /// The member set of the channel is the truth; the user's channel set (which counts
+    /// toward the limit) and the channel list are indexes in other hash slots. Round 1 checks
+    /// membership and, atomically on the user's set, the limit while listing the channel
+    /// there; round 2 adds the member and lists the channel. Every write is idempotent and a
+    /// join or leave repairs what an interrupted one left: listed for the user but no member
+    /// (the next join goes on, the limit not counting it twice; a leave unlists it), a member
+    /// whose channel is not listed for the user or in the channel list (the next join puts
+    /// them back).
+    async fn channel_join(
+        &self,
+        channel: &str,
+        user_id: u64,
+        max_channels: usize,
+    ) -> StoreResult<JoinOutcome> {
+        let members = self.keys.channel(channel);
+        let mine = self.keys.user_channels(user_id);
+        let list = self.keys.channels();
+        let mut pipe = ::redis::pipe();
+        pipe.zscore(&members, user_id)
+            .invoke_script(JOIN_INDEX.key(&mine).arg(channel).arg(max_channels))
+            .zscore(&list, channel);
+        let (score, indexed, listed): (Option<f64>, i32, Option<f64>) =
+            self.run_scripts(&pipe, &[&JOIN_INDEX]).await?;
+        if score.is_some() {
+            if indexed == 0 || listed.is_none() {
+                let () = ::redis::pipe()
+                    .sadd(&mine, channel)
+                    .ignore()
+                    .zadd(&list, channel, 0)
+                    .ignore()
+                    .query_async(&mut self.conn())
+                    .await
+                    .map_err(unavailable)?;
+            }
+            return Ok(JoinOutcome::AlreadyMember);
+        }
+        if indexed == 0 {
+            return Ok(JoinOutcome::TooManyChannels);
+        }
+        // The member first, then the listing: a listed channel has had a member.
+        let () = ::redis::pipe()
+            .zadd(&members, user_id, user_id)
+            .ignore()
+            .zadd(&list, channel, 0)
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(JoinOutcome::Joined)
     }
 
+    /// Unlisting an empty channel checks again after the removal and lists it back if a join
+    /// came in between (a join adds its member before listing the channel, so one of the two
+    /// sees the other). What can remain: a channel listed without members when a user's join
+    /// and leave of that channel race each other (until the next join or leave of it).
     async fn channel_leave(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
-        let _ = (channel, user_id);
-        Err(StoreError::Unavailable("channel_leave: not implemented yet".into()))
+        let members = self.keys.channel(channel);
+        let list = self.keys.channels();
+        let mut c = self.conn();
+        let (removed, left): (i32, u64) = ::redis::pipe()
+            .zrem(&members, user_id)
+            .srem(self.keys.user_channels(user_id), channel)
+            .ignore()
+            .zcard(&members)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        if left == 0 {
+            let (again,): (u64,) = ::redis::pipe()
+                .zrem(&list, channel)
+                .ignore()
+                .zcard(&members)
+                .query_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            if again > 0 {
+                let () = c.zadd(&list, channel, 0).await.map_err(unavailable)?;
+            }
+        }
+        Ok(removed == 1)
     }
 
     async fn channel_is_member(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
-        let _ = (channel, user_id);
-        Err(StoreError::Unavailable("channel_is_member: not implemented yet".into()))
+        let score: Option<f64> = self
+            .conn()
+            .zscore(self.keys.channel(channel), user_id)
+            .await
+            .map_err(unavailable)?;
+        Ok(score.is_some())
     }
 
     async fn user_channels(&self, user_id: u64) -> StoreResult<Vec<String>> {
-        let _ = (user_id);
-        Err(StoreError::Unavailable("user_channels: not implemented yet".into()))
+        let mut names: Vec<String> = self
+            .conn()
+            .smembers(self.keys.user_channels(user_id))
+            .await
+            .map_err(unavailable)?;
+        names.sort_unstable();
+        Ok(names)
     }
 
-    async fn channel_members(&self, channel: &str, after: u64, limit: usize) -> StoreResult<Vec<u64>> {
-        let _ = (channel, after, limit);
-        Err(StoreError::Unavailable("channel_members: not implemented yet".into()))
+    async fn channel_members(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<u64>> {
+        let limit = limit.min(MAX_CHANNEL_PAGE);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let members: Vec<String> = ::redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.channel(channel))
+            .arg(format!("({after}"))
+            .arg("+inf")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
     }
 
     async fn channel_list(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
-        let _ = (after, limit);
-        Err(StoreError::Unavailable("channel_list: not implemented yet".into()))
+        let limit = limit.min(MAX_CHANNEL_PAGE);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let min: Vec<u8> = match after {
+            Some(after) => [b"(", after.as_bytes()].concat(),
+            None => b"-".to_vec(),
+        };
+        ::redis::cmd("ZRANGEBYLEX")
+            .arg(self.keys.channels())
+            .arg(min)
+            .arg("+")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
     }
 
     async fn channel_stats(&self, channels: &[String]) -> StoreResult<Vec<ChannelInfo>> {
-        let _ = (channels);
-        Err(StoreError::Unavailable("channel_stats: not implemented yet".into()))
+        let channels = &channels[..channels.len().min(MAX_CHANNEL_STATS)];
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let online = self.keys.online_ids();
+        let mut pipe = ::redis::pipe();
+        for name in channels {
+            let members = self.keys.channel(name);
+            // ZINTERCARD (Redis 7) takes the plain set of online ids as one of its inputs.
+            pipe.zcard(&members)
+                .cmd("ZINTERCARD")
+                .arg(2)
+                .arg(&members)
+                .arg(&online);
+        }
+        let counts: Vec<u64> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        if counts.len() != 2 * channels.len() {
+            return Err(StoreError::Corrupt(format!(
+                "channel stats: {} answers for {} channels",
+                counts.len(),
+                channels.len()
+            )));
+        }
+        Ok(channels
+            .iter()
+            .zip(counts.chunks(2))
+            .map(|(name, c)| ChannelInfo {
+                name: name.clone(),
+                members: c[0],
+                online: c[1],
+            })
+            .collect())
     }
 
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {

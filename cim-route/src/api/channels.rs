@@ -313,7 +313,13 @@ pub async fn list(
     };
     let stats = state.store().channel_stats(&names).await?;
     Ok(Json(ChannelPage {
-        channels: stats.into_iter().map(ChannelView::from).collect(),
+        // A join racing the last leave can leave an empty channel's name in the index for a
+        // while: it is not a channel anyone is in.
+        channels: stats
+            .into_iter()
+            .filter(|c| c.members > 0)
+            .map(ChannelView::from)
+            .collect(),
         next,
     }))
 }
