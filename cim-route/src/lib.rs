@@ -163,7 +163,9 @@ pub async fn start(
         .context("watching the live connection servers")?;
     let ttl = config.registry_ttl();
     let drain = config.request_timeout() + Duration::from_secs(1);
-    let business_api = !config.api_keys.is_empty();
+    // Events are read by backends (API key) and by the webhook; with neither, nobody could
+    // read them, so there is no tail to keep.
+    let events_read = !config.api_keys.is_empty() || config.webhook_url.is_some();
     let watch = servers.clone();
     let state = AppState::new(id.clone(), config, backends.store.clone(), servers);
 
@@ -173,12 +175,12 @@ pub async fn start(
         watch,
         cancel.clone(),
     ))];
-    if business_api {
-        // Only backends (API key) read events: without a key nobody could subscribe.
+    if events_read {
         tasks.push(tokio::spawn(events::run_tail(
             state.clone(),
             cancel.clone(),
         )));
+        // Returns at once without a webhook_url.
         tasks.push(tokio::spawn(events::run_webhook(
             state.clone(),
             cancel.clone(),
