@@ -25,10 +25,10 @@ use crate::{
     api::{
         accounts::{open_session, LoggedIn, KICK_PATH, PRESENCE_PATH},
         channels::{
-            channel_name, channel_send, channels_of, join_user, leave_user, send_to_channel,
-            ChannelList, Joined, Left,
+            channel_name, channel_send, channels_of, join_user, leave_user, ChannelList, Joined,
+            Left,
         },
-        messages::{route_one, send_error, GroupSent},
+        messages::{route_fan_out, send_error, GroupSent},
         openapi::ErrorBody,
         presence::{online_page, OnlinePage, OnlineQuery},
     },
@@ -186,6 +186,16 @@ async fn existing_user(state: &AppState, id: u64) -> Result<String, AppError> {
     })
 }
 
+/// A connection server that did not answer an internal call.
+fn server_unavailable(id: &str, cause: impl std::fmt::Display) -> AppError {
+    AppError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        format!("server {id} did not answer, retry later"),
+    )
+    .with_cause(cause)
+}
+
 fn backend_item(sender_id: u64, sender_name: String, send: Send) -> Outgoing {
     Outgoing {
         sender_id,
@@ -320,12 +330,8 @@ pub async fn broadcast(
         body: req.body,
         ..Default::default()
     };
-    let result = route_one(&state, backend_item(sender_id, sender_name, send)).await?;
-    Ok(Json(GroupSent {
-        id: result.message_id,
-        delivered: result.delivered,
-        timestamp_ms: result.timestamp_ms,
-    }))
+    let item = backend_item(sender_id, sender_name, send);
+    Ok(Json(route_fan_out(&state, item).await?))
 }
 
 /// Parses `1,2,3` (1 to `max` ids).
@@ -452,14 +458,7 @@ pub async fn online_count(
             }),
             // A live server that does not answer cannot be counted: say so rather than
             // answer a number that is silently short.
-            Err(e) => {
-                return Err(AppError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    format!("server {id} did not answer, retry later"),
-                )
-                .with_cause(e))
-            }
+            Err(e) => return Err(server_unavailable(&id, e)),
         }
     }
     Ok(Json(OnlineCount {
@@ -533,14 +532,7 @@ pub async fn kick(
         .cluster()
         .call(&server.internal_addr, KICK_PATH, &req)
         .await
-        .map_err(|e| {
-            AppError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("server {} did not answer, retry later", server.id),
-            )
-            .with_cause(e)
-        })?;
+        .map_err(|e| server_unavailable(&server.id, e))?;
     let kicked = resp.kicked.contains(&user_id);
     tracing::info!(user_id, kicked, "forced offline through the business API");
     Ok(Json(Kicked { kicked }))
@@ -691,7 +683,7 @@ pub async fn channel_message(
     let channel = channel_name(name)?;
     let (sender_id, sender_name) = sender(&state, req.from).await?;
     let item = backend_item(sender_id, sender_name, channel_send(channel, req.body));
-    Ok(Json(send_to_channel(&state, item).await?))
+    Ok(Json(route_fan_out(&state, item).await?))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@
 
 use crate::{
     api::{
-        messages::{route_one, GroupSent},
+        messages::{route_fan_out, GroupSent},
         openapi::ErrorBody,
         presence::parse_limit,
     },
@@ -180,16 +180,6 @@ pub async fn channels_of(state: &AppState, user_id: u64) -> Result<ChannelList, 
     let stats = state.store().channel_stats(&names).await?;
     Ok(ChannelList {
         channels: stats.into_iter().map(ChannelView::from).collect(),
-    })
-}
-
-/// Routes a channel message from `item`'s sender and answers like a group send.
-pub async fn send_to_channel(state: &AppState, item: Outgoing) -> Result<GroupSent, AppError> {
-    let result = route_one(state, item).await?;
-    Ok(GroupSent {
-        id: result.message_id,
-        delivered: result.delivered,
-        timestamp_ms: result.timestamp_ms,
     })
 }
 
@@ -459,5 +449,5 @@ pub async fn send(
         user.user_name,
         channel_send(channel, req.body),
     );
-    Ok(Json(send_to_channel(&state, item).await?))
+    Ok(Json(route_fan_out(&state, item).await?))
 }

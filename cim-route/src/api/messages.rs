@@ -65,6 +65,16 @@ pub struct GroupSent {
     pub timestamp_ms: i64,
 }
 
+/// Routes one message to many (group, broadcast, channel) and answers with its id and reach.
+pub(crate) async fn route_fan_out(state: &AppState, item: Outgoing) -> Result<GroupSent, AppError> {
+    let result = route_one(state, item).await?;
+    Ok(GroupSent {
+        id: result.message_id,
+        delivered: result.delivered,
+        timestamp_ms: result.timestamp_ms,
+    })
+}
+
 /// Routes one message and returns its result, or the HTTP error of a failed one.
 pub(crate) async fn route_one(state: &AppState, item: Outgoing) -> Result<SendResult, AppError> {
     let result = routing::route_detached(state, vec![item])
@@ -174,10 +184,5 @@ pub async fn group(
         ..Default::default()
     };
     let item = Outgoing::from_user(user.user_id, user.user_name, send);
-    let result = route_one(&state, item).await?;
-    Ok(Json(GroupSent {
-        id: result.message_id,
-        delivered: result.delivered,
-        timestamp_ms: result.timestamp_ms,
-    }))
+    Ok(Json(route_fan_out(&state, item).await?))
 }
