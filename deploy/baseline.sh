@@ -43,7 +43,9 @@
 # variables, defaulting here to etcd 23790/23800, redis 16390, route 18080/18081, servers
 # 19000/19001/19100, 19010/19011/19110; the 100k mode's further servers take the next tens
 # (server-c 19020/19021/19120, server-d 19030/…); CIM_CLUSTER_SECRET reaches both the cluster
-# and cim-bench.
+# and cim-bench; CIM_WORKER_THREADS [1] is the tokio worker count of every cim-server and
+# cim-route (cluster.sh's, and the 100k mode's further servers): all of them, Redis, etcd and
+# the bench share the machine, so one worker each by default; 0 = one per core.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -368,7 +370,8 @@ start_extra_servers() {
         echo "=== $(date -u +%FT%TZ) starting $name" >>"$run_dir/$name.log"
         RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 setsid "$bin_dir/cim-server" --name "$name" \
             --tcp-listen "$host:$tcp" --ws-listen "$host:$ws" --internal-listen "$host:$internal" \
-            --redis-url "$redis_url" --etcd "$etcd_url" "${server_args[@]}" \
+            --redis-url "$redis_url" --etcd "$etcd_url" \
+            --worker-threads "${CIM_WORKER_THREADS:-1}" "${server_args[@]}" \
             >>"$run_dir/$name.log" 2>&1 </dev/null &
         extra_pids+=("$!")
         echo "$!" >"$run_dir/$name.pid"

@@ -16,6 +16,11 @@
 #   CIM_SRV_A_TCP [9000]  CIM_SRV_A_WS [9001]  CIM_SRV_A_INTERNAL [9100]
 #   CIM_SRV_B_TCP [9010]  CIM_SRV_B_WS [9011]  CIM_SRV_B_INTERNAL [9110]
 #   CIM_RT_HTTP [8080]    CIM_RT_INTERNAL [8081]
+#   CIM_WORKER_THREADS [1] tokio worker threads of every cim-server / cim-route
+#                         (--worker-threads). This cluster runs 3 cim processes plus Redis and
+#                         etcd on one machine: one worker each keeps the sum near the cores
+#                         (tokio's default, one per core in every process, spends the CPU on
+#                         thread wake-ups and context switches); 0 = one per core
 #   CIM_SRV_ARGS, CIM_RT_ARGS   extra flags for every cim-server / cim-route (word-split)
 #   CIM_CLUSTER_SECRET    cluster secret of every cim process, passed through the environment
 #                         (CIM_SERVER_CLUSTER_SECRET / CIM_ROUTE_CLUSTER_SECRET), not a flag;
@@ -46,6 +51,7 @@ route_http=${CIM_RT_HTTP:-8080}
 route_internal=${CIM_RT_INTERNAL:-8081}
 start_timeout=${CIM_START_TIMEOUT:-60}
 stop_timeout=${CIM_STOP_TIMEOUT:-15}
+worker_threads=${CIM_WORKER_THREADS:-1}
 
 etcd_url=http://$host:$etcd_port
 redis_url=redis://$host:$redis_port/0
@@ -264,14 +270,17 @@ cmd_start() {
     launch server-a "$bin_dir/cim-server" --name server-a \
         --tcp-listen "$host:$a_tcp" --ws-listen "$host:$a_ws" \
         --internal-listen "$host:$a_internal" \
-        --redis-url "$redis_url" --etcd "$etcd_url" "${server_args[@]}"
+        --redis-url "$redis_url" --etcd "$etcd_url" --worker-threads "$worker_threads" \
+        "${server_args[@]}"
     launch server-b "$bin_dir/cim-server" --name server-b \
         --tcp-listen "$host:$b_tcp" --ws-listen "$host:$b_ws" \
         --internal-listen "$host:$b_internal" \
-        --redis-url "$redis_url" --etcd "$etcd_url" "${server_args[@]}"
+        --redis-url "$redis_url" --etcd "$etcd_url" --worker-threads "$worker_threads" \
+        "${server_args[@]}"
     launch route-a "$bin_dir/cim-route" --name route-a \
         --http-listen "$host:$route_http" --internal-listen "$host:$route_internal" \
-        --redis-url "$redis_url" --etcd "$etcd_url" "${route_args[@]}"
+        --redis-url "$redis_url" --etcd "$etcd_url" --worker-threads "$worker_threads" \
+        "${route_args[@]}"
 
     log "waiting for $route_url/healthz to report 2 servers (up to ${start_timeout}s)"
     local deadline=$((SECONDS + start_timeout)) servers=

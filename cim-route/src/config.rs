@@ -88,6 +88,9 @@ pub struct RouteConfig {
     pub webhook_secret: Option<String>,
     /// Deadline of one webhook POST.
     pub webhook_timeout_ms: u64,
+    /// Tokio worker threads. 0: tokio's default (`TOKIO_WORKER_THREADS`, else one per core).
+    /// Where several cim processes share a machine, keep their sum near the core count.
+    pub worker_threads: usize,
 }
 
 impl Default for RouteConfig {
@@ -122,6 +125,7 @@ impl Default for RouteConfig {
             webhook_url: None,
             webhook_secret: None,
             webhook_timeout_ms: 5000,
+            worker_threads: 0,
         }
     }
 }
@@ -223,6 +227,8 @@ impl RouteConfig {
         if self.max_name_len > 256 {
             return Err(invalid("max_name_len", "must be at most 256"));
         }
+        cim_common::cli::validate_worker_threads(self.worker_threads)
+            .map_err(|m| invalid("worker_threads", m))?;
         Ok(())
     }
 
@@ -314,6 +320,7 @@ mod tests {
         let c = RouteConfig::default();
         assert_eq!(c.validate(), Ok(()));
         assert!(c.uses_dev_secret());
+        assert_eq!(c.worker_threads, 0, "tokio's default");
     }
 
     #[test]
@@ -336,6 +343,13 @@ mod tests {
         assert_eq!(c.validate(), Ok(()));
         c.password_memory_kib = 1;
         assert_eq!(c.validate().unwrap_err().field, "password_memory_kib");
+        c.password_memory_kib = RouteConfig::default().password_memory_kib;
+        c.worker_threads = 1024;
+        assert_eq!(c.validate(), Ok(()));
+        c.worker_threads = 1025;
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.field, "worker_threads");
+        assert!(err.to_string().contains("1025"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `cim-route` binary: loads the configuration (defaults < file < `CIM_ROUTE_*` env < flags),
-//! connects to Redis and etcd, binds, runs until ctrl-c or SIGTERM, then shuts down cleanly.
+//! builds a tokio runtime of `worker_threads` workers, connects to Redis and etcd, binds, runs
+//! until ctrl-c or SIGTERM, then shuts down cleanly.
 
 use anyhow::{Context, Result};
 use cim_common::{
@@ -38,6 +39,9 @@ struct Cli {
     /// Cluster secret shared by every cim process.
     #[arg(long)]
     cluster_secret: Option<String>,
+    /// Tokio worker threads (0: TOKIO_WORKER_THREADS, else one per core).
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 /// The flags that were given, in the shape of [`RouteConfig`] (absent ones omitted).
@@ -53,6 +57,8 @@ struct Overrides {
     advertise_host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster_secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_threads: Option<usize>,
     #[serde(skip_serializing_if = "BackendFlags::is_empty")]
     backend: BackendFlags,
 }
@@ -65,13 +71,13 @@ impl Cli {
             internal_listen: self.internal_listen,
             advertise_host: self.advertise_host,
             cluster_secret: self.cluster_secret,
+            worker_threads: self.worker_threads,
             backend: self.backend,
         }
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let mut cli = Cli::parse();
     let file = cli.config.take();
     let config: RouteConfig =
@@ -79,7 +85,17 @@ async fn main() -> Result<()> {
             .context("loading the configuration")?;
     config.validate()?;
     cim_common::config::init_logging();
+    let runtime =
+        cim_common::cli::runtime(config.worker_threads).context("building the tokio runtime")?;
+    tracing::info!(
+        worker_threads = runtime.metrics().num_workers(),
+        configured = config.worker_threads,
+        "tokio runtime"
+    );
+    runtime.block_on(run(config))
+}
 
+async fn run(config: RouteConfig) -> Result<()> {
     let backends = Backends::connect(&config.backend)
         .await
         .map_err(anyhow::Error::msg)
@@ -92,4 +108,48 @@ async fn main() -> Result<()> {
     shutdown_signal().await;
     handle.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env_prefix: &str, args: &[&str]) -> RouteConfig {
+        let mut cli =
+            Cli::try_parse_from(std::iter::once("cim-route").chain(args.iter().copied())).unwrap();
+        let file = cli.config.take();
+        cim_common::config::load(file.as_deref(), env_prefix, &cli.overrides()).unwrap()
+    }
+
+    #[test]
+    fn worker_threads_from_file_env_and_flag() {
+        const UNUSED: &str = "CIM_ROUTE_TEST_UNUSED_";
+        assert_eq!(load(UNUSED, &[]).worker_threads, 0, "default: tokio's");
+        let dir = std::env::temp_dir().join(format!("cim-route-wt-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("route.toml");
+        std::fs::write(&file, "worker_threads = 3\nscan_batch = 7\n").unwrap();
+        let file = file.to_str().unwrap();
+        let config = load(UNUSED, &["--config", file]);
+        assert_eq!((config.worker_threads, config.scan_batch), (3, 7));
+        // A variable of its own: no other test reads this prefix.
+        std::env::set_var("CIM_ROUTE_TEST_WT_WORKER_THREADS", "2");
+        assert_eq!(
+            load("CIM_ROUTE_TEST_WT_", &["--config", file]).worker_threads,
+            2,
+            "the environment beats the file"
+        );
+        let config = load(
+            "CIM_ROUTE_TEST_WT_",
+            &["--config", file, "--worker-threads", "1"],
+        );
+        std::env::remove_var("CIM_ROUTE_TEST_WT_WORKER_THREADS");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(config.worker_threads, 1, "the flag beats both");
+        assert_eq!(config.validate(), Ok(()));
+        let err = load(UNUSED, &["--worker-threads", "5000"])
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "worker_threads");
+    }
 }

@@ -532,6 +532,7 @@ async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) 
                 .map(|message| Delivery {
                     recipients: vec![message.receiver_id],
                     message: Some(message),
+                    everyone: false,
                 })
                 .collect();
             async move { (positions, push(state, server, deliveries).await) }
@@ -621,55 +622,59 @@ pub fn group_deliveries<'m>(
             deliveries.push(Delivery {
                 message: Some(message.clone()),
                 recipients,
+                everyone: false,
             });
         }
     }
     (positions, deliveries)
 }
 
+/// Group messages (to everyone online): ONE push per live server, carrying all of the run's
+/// messages as `everyone` deliveries; each server hands every message to all of its
+/// logged-in connections but the sender's and answers with counts. Nothing is looked up:
+/// who is online is exactly who holds a connection on a live server, and every live server
+/// is asked, at the same time. (The first version SCANned the `route:*` keys and MGET the
+/// routes page by page, ten sequential Redis rounds and a push list per page for 10,000
+/// users; see README, Performance.) A server whose push fails counts zero (logged), like a
+/// failed private push (when none answers, the send fails: UNAVAILABLE); a user between
+/// two servers may get the message on both or neither,
+/// which the not-stored group kind allows.
 async fn deliver_group(state: &AppState, servers: &Members, run: &[Accepted]) -> Vec<SendResult> {
-    let store = state.store();
-    let scan_batch = state.config().scan_batch;
-    // SCAN may return a key more than once; this keeps delivery at most once per user. It
-    // grows with the number of online users, for the duration of one fan-out.
-    let mut seen: HashSet<u64> = HashSet::new();
-    let mut counts = vec![0u32; run.len()];
-    let mut cursor = 0u64;
-    let mut failure = None;
-    loop {
-        let (next, routes) = match store.scan_routes(cursor, scan_batch).await {
-            Ok(step) => step,
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        };
-        let ServerGroups { per_server, stale } = group_by_server(servers, routes, &mut seen);
-        let pushes = per_server.into_values().map(|(server, users)| {
-            let (positions, deliveries) = group_deliveries(run.iter().map(|a| &a.message), &users);
-            async move {
-                if deliveries.is_empty() {
-                    return (positions, None);
-                }
-                (positions, push(state, server, deliveries).await)
-            }
-        });
-        let (outcomes, ()) = tokio::join!(join_all(pushes), remove_stale(store, &stale));
-        for (positions, results) in outcomes {
-            let Some(results) = results else { continue };
-            for (j, &p) in positions.iter().enumerate() {
-                counts[p] = counts[p].saturating_add(count(results.get(j)));
-            }
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
+    let deliveries: Vec<Delivery> = run
+        .iter()
+        .map(|a| Delivery {
+            message: Some(a.message.clone()),
+            recipients: Vec::new(),
+            everyone: true,
+        })
+        .collect();
+    let outcomes = join_all(
+        servers
+            .iter()
+            .map(|server| push(state, server, deliveries.clone())),
+    )
+    .await;
+    if !outcomes.is_empty() && outcomes.iter().all(Option::is_none) {
+        return run
+            .iter()
+            .map(|a| {
+                failed(
+                    a.client_id,
+                    ErrorCode::Unavailable,
+                    "no connection server answered: the group message reached nobody",
+                )
+            })
+            .collect();
     }
-
+    let mut counts = vec![0u32; run.len()];
+    for results in outcomes.into_iter().flatten() {
+        for (n, result) in counts.iter_mut().zip(&results) {
+            *n = n.saturating_add(u32::try_from(result.count).unwrap_or(u32::MAX));
+        }
+    }
     run.iter()
         .zip(counts)
-        .map(|(a, n)| fan_out_result(a, n, failure.as_ref()))
+        .map(|(a, n)| fan_out_result(a, n, None))
         .collect()
 }
 
@@ -1100,65 +1105,61 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn group_pushes_once_per_server_per_scan_step_without_the_sender() {
+    async fn group_pushes_once_per_live_server_to_everyone_there_and_reads_nothing() {
         let store = Arc::new(FaultyStore::default());
         let (a, rec_a) = fake_server("server-a", DEV_SECRET).await;
         let (b, rec_b) = fake_server("server-b", DEV_SECRET).await;
+        rec_a.everyone.store(5, Ordering::SeqCst);
+        rec_b.everyone.store(2, Ordering::SeqCst);
+        // A live server that refuses every push (wrong secret) counts zero, not an error.
+        let (c, rec_c) = fake_server("server-c", "another-secret-entirely").await;
+        rec_c.everyone.store(100, Ordering::SeqCst);
         let sender = store.add_user("sender").await;
-        let mut on_a = Vec::new();
-        for i in 0..5 {
-            on_a.push(store.add_user(&format!("a{i}")).await);
-        }
-        let mut on_b = Vec::new();
-        for i in 0..2 {
-            on_b.push(store.add_user(&format!("b{i}")).await);
-        }
-        let ghost = store.add_user("ghost").await;
         store.connect(sender, &a.id).await;
-        for &u in &on_a {
-            store.connect(u, &a.id).await;
-        }
-        for &u in &on_b {
-            store.connect(u, &b.id).await;
-        }
-        store.connect(ghost, "server-dead").await;
-        // 9 routes, 4 per SCAN step: 3 steps.
-        let (state, _tx) = state_with(store.clone(), vec![a, b], |c| c.scan_batch = 4);
+        let (state, _tx) = state_with(store.clone(), vec![a, b, c], |_| {});
 
         let results = route_batch(
             &state,
-            vec![from(
-                sender,
-                "sender",
-                send(MessageKind::Group, 7, 0, "", "hello all"),
-            )],
+            vec![
+                from(
+                    sender,
+                    "sender",
+                    send(MessageKind::Group, 7, 0, "", "hello all"),
+                ),
+                from(
+                    sender,
+                    "sender",
+                    send(MessageKind::Group, 8, 0, "", "again"),
+                ),
+            ],
         )
         .await;
 
-        let r = &results[0];
-        assert_eq!(status(r), SendStatus::Delivered, "{r:?}");
-        assert_eq!(r.client_id, 7);
-        assert_eq!(r.delivered, 7);
-        assert_eq!(store.scans.load(Ordering::SeqCst), 3);
-        let mut got: Vec<u64> = Vec::new();
+        assert_eq!(results.len(), 2);
+        for (r, client_id) in results.iter().zip([7, 8]) {
+            assert_eq!(status(r), SendStatus::Delivered, "{r:?}");
+            assert_eq!(r.client_id, client_id);
+            assert_eq!(r.delivered, 7, "5 on server-a + 2 on server-b");
+        }
+        assert_eq!(store.scans.load(Ordering::SeqCst), 0, "no route lookup");
         for rec in [&rec_a, &rec_b] {
             let pushes = rec.pushes.lock().unwrap();
-            assert!(pushes.len() <= 3, "at most one push per server per step");
-            for p in pushes.iter() {
-                assert_eq!(p.deliveries.len(), 1);
-                let m = p.deliveries[0].message.as_ref().unwrap();
+            assert_eq!(pushes.len(), 1, "one push per server for the whole run");
+            let deliveries = &pushes[0].deliveries;
+            assert_eq!(deliveries.len(), 2);
+            for (d, r) in deliveries.iter().zip(&results) {
+                assert!(d.everyone && d.recipients.is_empty(), "{d:?}");
+                let m = d.message.as_ref().unwrap();
                 assert_eq!((m.kind, m.receiver_id), (MessageKind::Group as i32, 0));
-                assert_eq!(m.id, r.message_id);
-                got.extend(&p.deliveries[0].recipients);
+                assert_eq!(
+                    (m.id.as_str(), m.sender_id),
+                    (r.message_id.as_str(), sender)
+                );
             }
         }
-        got.sort_unstable();
-        let mut want: Vec<u64> = on_a.iter().chain(&on_b).copied().collect();
-        want.sort_unstable();
-        assert_eq!(got, want, "everyone online but the sender, exactly once");
         assert!(
-            !store.has_route(ghost).await,
-            "the dead server's route was removed"
+            rec_c.pushes.lock().unwrap().is_empty(),
+            "refused, not recorded"
         );
     }
 

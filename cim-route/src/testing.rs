@@ -16,7 +16,10 @@ use cim_common::{
 };
 use std::{
     collections::HashSet,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 use tokio::sync::watch;
@@ -103,6 +106,8 @@ pub struct Recorded {
     pub kicks: Mutex<Vec<KickRequest>>,
     /// Recipients that are *not* connected here (everyone else is).
     pub absent: Mutex<HashSet<u64>>,
+    /// How many connections an `everyone` delivery reaches here (the fake has none to count).
+    pub everyone: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -123,13 +128,23 @@ async fn fake_push(
     let results = req
         .deliveries
         .iter()
-        .map(|d| DeliveryResult {
-            delivered: d
+        .map(|d| {
+            if d.everyone {
+                return DeliveryResult {
+                    delivered: Vec::new(),
+                    count: s.recorded.everyone.load(Ordering::SeqCst),
+                };
+            }
+            let delivered: Vec<u64> = d
                 .recipients
                 .iter()
                 .copied()
                 .filter(|r| !absent.contains(r))
-                .collect(),
+                .collect();
+            DeliveryResult {
+                count: delivered.len() as u64,
+                delivered,
+            }
         })
         .collect();
     s.recorded.pushes.lock().unwrap().push(req);

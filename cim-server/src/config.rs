@@ -62,6 +62,9 @@ pub struct ServerConfig {
     pub internal_timeout_ms: u64,
     /// How long a shutdown waits for connections to close and tasks to finish.
     pub shutdown_grace_ms: u64,
+    /// Tokio worker threads. 0: tokio's default (`TOKIO_WORKER_THREADS`, else one per core).
+    /// Where several cim processes share a machine, keep their sum near the core count.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +92,7 @@ impl Default for ServerConfig {
             forward_concurrency: 32,
             internal_timeout_ms: 3_000,
             shutdown_grace_ms: 2_000,
+            worker_threads: 0,
         }
     }
 }
@@ -167,6 +171,8 @@ impl ServerConfig {
         positive("forward_queue", self.forward_queue as u64)?;
         positive("forward_concurrency", self.forward_concurrency as u64)?;
         positive("internal_timeout_ms", self.internal_timeout_ms)?;
+        cim_common::cli::validate_worker_threads(self.worker_threads)
+            .map_err(|m| format!("worker_threads {m}"))?;
         Ok(())
     }
 
@@ -236,6 +242,7 @@ mod tests {
     #[test]
     fn default_is_valid() {
         ServerConfig::default().validate().unwrap();
+        assert_eq!(ServerConfig::default().worker_threads, 0, "tokio's default");
         assert!(ServerConfig::default().uses_dev_secret());
         assert_eq!(ServerConfig::default().heartbeat_timeout_ms(), 30_000);
     }
@@ -261,6 +268,7 @@ mod tests {
         check(|c| c.outbound_queue_frames = 0, "outbound_queue_frames");
         check(|c| c.forward_concurrency = 0, "forward_concurrency");
         check(|c| c.backend.etcd_endpoints.clear(), "backend");
+        check(|c| c.worker_threads = 1025, "worker_threads");
     }
 
     #[test]

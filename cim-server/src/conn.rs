@@ -288,6 +288,21 @@ impl ConnTable {
             .collect()
     }
 
+    /// Offers `item` to every connection here except `except`'s (0: nobody is excepted, no
+    /// user has id 0); returns how many queues accepted it. One table lock for the whole
+    /// pass, and no list of recipients is built: a message to everyone online costs one
+    /// enqueue per connection.
+    pub(crate) fn enqueue_all(&self, item: &Outbound, except: u64) -> u64 {
+        let map = self.read();
+        let mut queued = 0;
+        for (&user_id, conn) in map.iter() {
+            if user_id != except && conn.enqueue(item.clone()) == Enqueued::Queued {
+                queued += 1;
+            }
+        }
+        queued
+    }
+
     /// Every connection (a snapshot).
     pub(crate) fn all(&self) -> Vec<Arc<ConnShared>> {
         self.read().values().cloned().collect()
@@ -367,6 +382,25 @@ mod tests {
         tokio::task::yield_now().await;
         conn.enqueue(ping(1));
         assert_eq!(waiter.await.unwrap(), 1);
+    }
+
+    #[test]
+    fn enqueue_all_reaches_every_open_connection_but_the_sender() {
+        let table = ConnTable::default();
+        let conns: Vec<Arc<ConnShared>> = (1..=4)
+            .map(|id| Arc::new(ConnShared::new(id, format!("u{id}"), "s".into(), 8)))
+            .collect();
+        for c in &conns {
+            table.insert(c.clone());
+        }
+        conns[3].mark_closed();
+        // User 2 sent it; user 4's connection is closing: 1 and 3 get it.
+        assert_eq!(table.enqueue_all(&ping(9), 2), 2);
+        let queued: Vec<usize> = conns.iter().map(|c| c.queued()).collect();
+        assert_eq!(queued, [1, 0, 1, 0]);
+        // From the system (sender 0): nobody is skipped.
+        assert_eq!(table.enqueue_all(&ping(10), 0), 3);
+        assert_eq!(conns[1].queued(), 1);
     }
 
     #[test]

@@ -67,7 +67,8 @@ async fn require_secret(State(state): State<AppState>, req: Request, next: Next)
 }
 
 /// Each delivery is one Push frame shared by all its recipients here; `delivered` lists those
-/// whose queue accepted it (absent users and full queues are left out).
+/// whose queue accepted it (absent users and full queues are left out). An `everyone`
+/// delivery goes to every connection here but its sender's and answers with a count only.
 async fn push(
     State(state): State<AppState>,
     Protobuf(request): Protobuf<PushRequest>,
@@ -79,12 +80,22 @@ async fn push(
             let Some(message) = delivery.message else {
                 return DeliveryResult::default();
             };
+            let sender = message.sender_id;
             let item = Outbound::new(Frame::new(Body::Push(Push {
                 messages: vec![message],
                 replay: false,
             })));
-            DeliveryResult {
-                delivered: state.table.enqueue_many(&delivery.recipients, &item),
+            if delivery.everyone {
+                DeliveryResult {
+                    delivered: Vec::new(),
+                    count: state.table.enqueue_all(&item, sender),
+                }
+            } else {
+                let delivered = state.table.enqueue_many(&delivery.recipients, &item);
+                DeliveryResult {
+                    count: delivered.len() as u64,
+                    delivered,
+                }
             }
         })
         .collect();

@@ -1,6 +1,7 @@
 //! `cim-server` binary: loads the configuration (defaults < `--config` file < `CIM_SERVER_*`
-//! environment < flags), connects to Redis and etcd, binds the listeners, runs the server until
-//! ctrl-c or SIGTERM, then shuts it down gracefully.
+//! environment < flags), builds a tokio runtime of `worker_threads` workers, connects to Redis
+//! and etcd, binds the listeners, runs the server until ctrl-c or SIGTERM, then shuts it down
+//! gracefully.
 
 use anyhow::{anyhow, Context};
 use cim_common::{
@@ -39,6 +40,9 @@ struct Cli {
     /// in the process list).
     #[arg(long)]
     cluster_secret: Option<String>,
+    /// Tokio worker threads (0: TOKIO_WORKER_THREADS, else one per core).
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 /// The flags that were given, as a config layer (absent flags are left out).
@@ -56,6 +60,8 @@ struct Overrides {
     advertise_host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster_secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_threads: Option<usize>,
     #[serde(skip_serializing_if = "BackendFlags::is_empty")]
     backend: BackendFlags,
 }
@@ -69,13 +75,13 @@ impl From<Cli> for Overrides {
             internal_listen: cli.internal_listen,
             advertise_host: cli.advertise_host,
             cluster_secret: cli.cluster_secret,
+            worker_threads: cli.worker_threads,
             backend: cli.backend,
         }
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
     let file = cli.config.take();
     let overrides = Overrides::from(cli);
@@ -86,7 +92,17 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow!("invalid configuration: {e}"))?;
     cim_common::config::init_logging();
     cim_common::cli::raise_fd_limit();
+    let runtime =
+        cim_common::cli::runtime(config.worker_threads).context("building the tokio runtime")?;
+    tracing::info!(
+        worker_threads = runtime.metrics().num_workers(),
+        configured = config.worker_threads,
+        "tokio runtime"
+    );
+    runtime.block_on(run(config))
+}
 
+async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let backends = Backends::connect(&config.backend)
         .await
         .map_err(|e| anyhow!("cannot reach a backend: {e}"))?;
@@ -106,15 +122,46 @@ mod tests {
     use super::*;
 
     fn load(args: &[&str]) -> ServerConfig {
+        load_with_env("CIM_SERVER_TEST_UNUSED_", args)
+    }
+
+    fn load_with_env(env_prefix: &str, args: &[&str]) -> ServerConfig {
         let mut cli =
             Cli::try_parse_from(std::iter::once("cim-server").chain(args.iter().copied())).unwrap();
         let file = cli.config.take();
-        cim_common::config::load(
-            file.as_deref(),
-            "CIM_SERVER_TEST_UNUSED_",
-            &Overrides::from(cli),
-        )
-        .unwrap()
+        cim_common::config::load(file.as_deref(), env_prefix, &Overrides::from(cli)).unwrap()
+    }
+
+    #[test]
+    fn worker_threads_from_file_env_and_flag() {
+        assert_eq!(load(&[]).worker_threads, 0, "default: tokio's");
+        let dir = std::env::temp_dir().join(format!("cim-server-wt-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("server.toml");
+        std::fs::write(&file, "worker_threads = 3\n").unwrap();
+        let file = file.to_str().unwrap();
+        assert_eq!(load(&["--config", file]).worker_threads, 3);
+        // A variable of its own: no other test reads this prefix.
+        std::env::set_var("CIM_SERVER_TEST_WT_WORKER_THREADS", "2");
+        assert_eq!(
+            load_with_env("CIM_SERVER_TEST_WT_", &["--config", file]).worker_threads,
+            2,
+            "the environment beats the file"
+        );
+        let config = load_with_env(
+            "CIM_SERVER_TEST_WT_",
+            &["--config", file, "--worker-threads", "1"],
+        );
+        std::env::remove_var("CIM_SERVER_TEST_WT_WORKER_THREADS");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(config.worker_threads, 1, "the flag beats both");
+        config.validate().unwrap();
+        let err = load(&["--worker-threads", "5000"]).validate().unwrap_err();
+        assert!(err.contains("worker_threads"), "{err}");
+        assert!(
+            Cli::try_parse_from(["cim-server", "--worker-threads", "-1"]).is_err(),
+            "not a count"
+        );
     }
 
     #[test]

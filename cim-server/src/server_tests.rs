@@ -91,15 +91,21 @@ impl Cluster {
     }
 
     async fn push(&self, recipients: Vec<u64>, body: &str) -> PushResponse {
+        self.push_delivery(Delivery {
+            message: Some(ChatMessage {
+                id: "m1".into(),
+                body: body.into(),
+                ..Default::default()
+            }),
+            recipients,
+            everyone: false,
+        })
+        .await
+    }
+
+    async fn push_delivery(&self, delivery: Delivery) -> PushResponse {
         let request = PushRequest {
-            deliveries: vec![Delivery {
-                message: Some(ChatMessage {
-                    id: "m1".into(),
-                    body: body.into(),
-                    ..Default::default()
-                }),
-                recipients,
-            }],
+            deliveries: vec![delivery],
         };
         self.internal
             .call(
@@ -238,6 +244,41 @@ async fn push_reaches_connected_users_only() {
             Some(Body::Push(push)) => assert_eq!(push.messages[0].body, "hi all"),
             other => panic!("expected Push, got {other:?}"),
         }
+    }
+}
+
+#[tokio::test]
+async fn push_to_everyone_reaches_all_but_the_sender() {
+    let c = start_server(test_config()).await;
+    let mut alice = c.tcp_login(1).await;
+    let mut bob = c.tcp_login(2).await;
+    let mut carol = c.tcp_login(3).await;
+    let response = c
+        .push_delivery(Delivery {
+            message: Some(ChatMessage {
+                id: "g1".into(),
+                sender_id: 1,
+                body: "hello everyone".into(),
+                ..Default::default()
+            }),
+            recipients: Vec::new(),
+            everyone: true,
+        })
+        .await;
+    assert_eq!(response.results.len(), 1);
+    let result = &response.results[0];
+    assert_eq!((result.count, result.delivered.len()), (2, 0), "{result:?}");
+    for client in [&mut bob, &mut carol] {
+        match next(client).await.body {
+            Some(Body::Push(push)) => assert_eq!(push.messages[0].body, "hello everyone"),
+            other => panic!("expected Push, got {other:?}"),
+        }
+    }
+    // Alice's next frame is a later push to her alone: the broadcast skipped its sender.
+    assert_eq!(c.push(vec![1], "just alice").await.results[0].count, 1);
+    match next(&mut alice).await.body {
+        Some(Body::Push(push)) => assert_eq!(push.messages[0].body, "just alice"),
+        other => panic!("expected Push, got {other:?}"),
     }
 }
 

@@ -612,6 +612,8 @@ async fn messages_over_http_use_the_token_user() {
     .await;
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_request"));
 
+    // The server counts who got a message to everyone (bob: alice sent it, carol is offline).
+    rec.everyone.store(1, std::sync::atomic::Ordering::SeqCst);
     let (s, v) = call(
         &app,
         post(
@@ -622,11 +624,16 @@ async fn messages_over_http_use_the_token_user() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert_eq!(
-        v["delivered"], 1,
-        "bob only: alice is the sender and carol is offline"
-    );
+    assert_eq!(v["delivered"], 1, "{v}");
     assert!(!v["id"].as_str().unwrap().is_empty());
+    let pushes = rec.pushes.lock().unwrap();
+    let d = &pushes.last().unwrap().deliveries[0];
+    let m = d.message.as_ref().unwrap();
+    assert!(d.everyone, "{d:?}");
+    assert_eq!(
+        (m.sender_id, m.id.as_str()),
+        (alice, v["id"].as_str().unwrap())
+    );
 }
 
 #[tokio::test]
