@@ -28,6 +28,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod internal;
+pub mod known_users;
 pub mod password;
 pub mod routing;
 pub mod state;

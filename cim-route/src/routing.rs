@@ -16,7 +16,10 @@
 //! The group fan-out's pure CPU steps, [`group_by_server`] and [`group_deliveries`], are
 //! public so that `benches/fanout.rs` measures the code routing runs, not a copy of it.
 
-use crate::state::{live_server, AppState};
+use crate::{
+    known_users::KnownUsers,
+    state::{live_server, AppState},
+};
 use cim_common::{
     ids,
     pb::{
@@ -254,12 +257,32 @@ fn validate(
 }
 
 /// Resolves distinct receivers to user ids: `Some(Some(id))` found, `Some(None)` no such
-/// user, `None` the lookup failed (logged).
+/// user, `None` the lookup failed (logged). Receivers the route already knows exist are
+/// answered without the store (accounts never change: see [`crate::known_users`]); the
+/// others are looked up, and those found are remembered.
 async fn resolve_receivers(
     store: &dyn StateStore,
+    known: &KnownUsers,
     receivers: HashSet<Receiver>,
 ) -> HashMap<Receiver, Option<Option<u64>>> {
-    stream::iter(receivers)
+    let mut resolved = HashMap::with_capacity(receivers.len());
+    let mut unknown = Vec::new();
+    for r in receivers {
+        let hit = match &r {
+            Receiver::Id(id) => known.has_id(*id).then_some(*id),
+            Receiver::Name(name) => known.id_of(name),
+        };
+        match hit {
+            Some(id) => {
+                resolved.insert(r, Some(Some(id)));
+            }
+            None => unknown.push(r),
+        }
+    }
+    if unknown.is_empty() {
+        return resolved;
+    }
+    let looked_up: Vec<(Receiver, Option<Option<u64>>)> = stream::iter(unknown)
         .map(|r| async move {
             let found = match &r {
                 Receiver::Id(id) => store.user_name(*id).await.map(|n| n.map(|_| *id)),
@@ -276,7 +299,17 @@ async fn resolve_receivers(
         })
         .buffer_unordered(LOOKUP_CONCURRENCY)
         .collect()
-        .await
+        .await;
+    for (r, found) in looked_up {
+        if let Some(Some(id)) = found {
+            match &r {
+                Receiver::Id(_) => known.learn_id(id),
+                Receiver::Name(name) => known.learn_name(name, id),
+            }
+        }
+        resolved.insert(r, found);
+    }
+    resolved
 }
 
 /// Routes a batch; `results[i]` answers `items[i]`. Validation failures, unknown receivers
@@ -296,7 +329,7 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
     }
 
     let receivers: HashSet<Receiver> = valid.iter().filter_map(|v| v.receiver.clone()).collect();
-    let resolved = resolve_receivers(state.store(), receivers).await;
+    let resolved = resolve_receivers(state.store(), state.known_users(), receivers).await;
 
     let mut accepted = Vec::with_capacity(valid.len());
     for v in valid {
@@ -1161,6 +1194,50 @@ mod tests {
             rec_c.pushes.lock().unwrap().is_empty(),
             "refused, not recorded"
         );
+    }
+
+    #[tokio::test]
+    async fn known_receivers_are_not_looked_up_again_unknown_ones_are() {
+        let store = Arc::new(FaultyStore::default());
+        let alice = store.add_user("alice").await;
+        let bob = store.add_user("bob").await;
+        store.add_user("carol").await;
+        let (state, _tx) = state_with(store.clone(), vec![], |_| {});
+        let batch = || {
+            vec![
+                from(
+                    alice,
+                    "alice",
+                    send(MessageKind::Private, 1, bob, "", "by id"),
+                ),
+                from(
+                    alice,
+                    "alice",
+                    send(MessageKind::Private, 2, 0, "carol", "by name"),
+                ),
+                from(
+                    alice,
+                    "alice",
+                    send(MessageKind::Private, 3, 0, "zed", "nobody"),
+                ),
+            ]
+        };
+        let lookups = || store.user_lookups.load(Ordering::SeqCst);
+
+        let first = route_batch(&state, batch()).await;
+        assert_eq!(lookups(), 3);
+        let second = route_batch(&state, batch()).await;
+        assert_eq!(lookups(), 4, "only the unknown name is asked again");
+        for results in [&first, &second] {
+            assert_eq!(status(&results[0]), SendStatus::Stored, "{results:?}");
+            assert_eq!(status(&results[1]), SendStatus::Stored, "{results:?}");
+            assert_eq!(error_code(&results[2]), ErrorCode::UnknownUser);
+        }
+        // Registered meanwhile: found at once (misses are never remembered).
+        store.add_user("zed").await;
+        let third = route_batch(&state, batch()).await;
+        assert_eq!(status(&third[2]), SendStatus::Stored, "{third:?}");
+        assert_eq!(state.known_users().len(), (3, 2));
     }
 
     #[tokio::test]

@@ -4,11 +4,12 @@
 //!
 //! Architecture invariant: nothing here caches business state. Two route instances answer
 //! any request identically; the only per-instance values are the registry watch (a cache of
-//! etcd, updated by etcd), the round-robin position (which only spreads load), and the event
+//! etcd, updated by etcd), the round-robin position (which only spreads load), the event
 //! hub (a pass-through of the store's event stream, holding nothing a subscriber cannot
-//! re-read from the store).
+//! re-read from the store), and the known users (positive answers about accounts, which
+//! never change once created: see [`crate::known_users`]).
 
-use crate::{config::RouteConfig, events::EventHub, password::Passwords};
+use crate::{config::RouteConfig, events::EventHub, known_users::KnownUsers, password::Passwords};
 use cim_common::{
     cluster::ClusterClient,
     registry::{self, Members, MembersRx, ServiceInfo},
@@ -36,6 +37,7 @@ struct Inner {
     passwords: Passwords,
     next_server: AtomicUsize,
     events: EventHub,
+    known_users: KnownUsers,
 }
 
 impl AppState {
@@ -64,6 +66,7 @@ impl AppState {
                 passwords,
                 next_server: AtomicUsize::new(0),
                 events: EventHub::new(),
+                known_users: KnownUsers::default(),
             }),
         }
     }
@@ -91,6 +94,11 @@ impl AppState {
     /// This instance's fan-out of presence events (fed by `events::run_tail`).
     pub fn events(&self) -> &EventHub {
         &self.inner.events
+    }
+
+    /// Accounts known to exist (receiver checks skip the store for them).
+    pub fn known_users(&self) -> &KnownUsers {
+        &self.inner.known_users
     }
 
     pub fn passwords(&self) -> &Passwords {

@@ -17,6 +17,8 @@ pub struct FaultyStore {
     pub entered: tokio::sync::Notify,
     pub scans: AtomicUsize,
     pub route_lookups: AtomicUsize,
+    /// Calls of `user_name` and `user_by_name`.
+    pub user_lookups: AtomicUsize,
 }
 
 impl FaultyStore {
@@ -53,6 +55,7 @@ impl StateStore for FaultyStore {
     }
 
     async fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRecord>> {
+        self.user_lookups.fetch_add(1, Ordering::SeqCst);
         if self.hang.load(Ordering::SeqCst) {
             self.entered.notify_one();
             std::future::pending::<()>().await;
@@ -62,6 +65,7 @@ impl StateStore for FaultyStore {
     }
 
     async fn user_name(&self, id: u64) -> StoreResult<Option<String>> {
+        self.user_lookups.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         self.inner.user_name(id).await
     }
