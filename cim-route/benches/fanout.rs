@@ -1,4 +1,4 @@
-//! Microbenchmarks of a group fan-out's CPU work in the route, on the functions routing
+//! Microbenchmarks of a channel fan-out's CPU work in the route, on the functions routing
 //! itself calls ([`group_by_server`], [`group_deliveries`]):
 //!
 //! - `fanout_group`: N recipients' routes grouped by live server (with the at-most-once
@@ -6,8 +6,9 @@
 //! - `fanout_push`: from those groups, the per-server push requests of one group message,
 //!   built and protobuf-encoded as `ClusterClient::call` sends them.
 //!
-//! Routing does this per SCAN step (`scan_batch`, 1,000 routes by default), so N = 1,000 is
-//! one step and the larger N show how the work and the `seen` set scale with one call.
+//! Routing does this per page of channel members (1,000), so N = 1,000 is one page and the
+//! larger N show how the work and the `seen` set scale with one call. (Group messages to
+//! everyone online no longer group anything: one `everyone` push per server.)
 //! Throughput is in recipients. `cargo bench -p cim-route --bench fanout`; `cargo test` runs
 //! each once, as a smoke check.
 
@@ -71,7 +72,7 @@ fn grouping(c: &mut Criterion) {
             group.throughput(Throughput::Elements(n));
             group.bench_function(format!("{n}_users/{k}_servers"), |b| {
                 b.iter_batched(
-                    // group_by_server consumes the routes, as routing does a SCAN step's;
+                    // group_by_server consumes the routes, as routing does a page's;
                     // the copy for each iteration is made outside the timing.
                     || all.clone(),
                     |routes| {

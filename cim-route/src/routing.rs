@@ -2,18 +2,20 @@
 //! that clients made over their server connections) both call [`route_batch`].
 //!
 //! Round trips per batch:
-//! - private: one lookup per distinct receiver (does the user exist), then ONE pipelined
-//!   inbox store of all messages together with ONE `MGET` of all receivers' routes, then ONE
-//!   push per connection server holding receivers (concurrently). A message is in its
-//!   receiver's inbox before any push leaves; a receiver that is not connected (or whose
-//!   push fails) gets it when it connects next (`SendStatus::Stored`);
-//! - group (everyone online but the sender): per SCAN step over the route keys, ONE push per
-//!   server holding recipients of that step. Never a request per recipient, never `KEYS`.
+//! - private: one lookup per distinct receiver the route does not know yet (does the user
+//!   exist; see [`crate::known_users`]), then ONE pipelined inbox store of all messages
+//!   together with ONE `MGET` of all receivers' routes, then ONE push per connection server
+//!   holding receivers (concurrently). A message is in its receiver's inbox before any push
+//!   leaves; a receiver that is not connected (or whose push fails) gets it when it connects
+//!   next (`SendStatus::Stored`);
+//! - group (everyone online but the sender): ONE `everyone` push per live server, no lookup;
+//! - channel: per page of members, ONE `MGET` and ONE push per server holding recipients of
+//!   that page. Never a request per recipient, never `KEYS`.
 //!
 //! A route counts only while its server is live in the registry watch; a route pointing at
 //! a dead server is removed (compare-and-delete, best effort) when routing stumbles on it.
 //!
-//! The group fan-out's pure CPU steps, [`group_by_server`] and [`group_deliveries`], are
+//! The channel fan-out's pure CPU steps, [`group_by_server`] and [`group_deliveries`], are
 //! public so that `benches/fanout.rs` measures the code routing runs, not a copy of it.
 
 use crate::{
@@ -608,9 +610,9 @@ pub struct ServerGroups<'a> {
 }
 
 /// Groups `routes` by live server (from the `servers` snapshot). Users already in `seen` are
-/// skipped and every other user is added to it, so a user that a SCAN returns twice gets one
-/// delivery per fan-out. Pure (no I/O): the group fan-out's per-step CPU work, which the
-/// `fanout` benchmark measures.
+/// skipped and every other user is added to it, so a user met twice gets one delivery per
+/// fan-out. Pure (no I/O): the channel fan-out's per-page CPU work, which the `fanout`
+/// benchmark measures.
 pub fn group_by_server<'a>(
     servers: &'a Members,
     routes: impl IntoIterator<Item = RouteEntry>,
