@@ -358,7 +358,7 @@ fn stored_answers(reply: Value, n: usize) -> StoreResult<Vec<(u64, Option<Vec<u8
             let first = seq(&reply)?;
             Ok((0..n as u64).map(|j| (first + j, None)).collect())
         }
-        Value::Array(items) if items.len() >= n && (items.len() - n) % 2 == 0 => {
+        Value::Array(items) if items.len() >= n && (items.len() - n).is_multiple_of(2) => {
             let mut answers = items[..n]
                 .iter()
                 .map(|v| Ok((seq(v)?, None)))
