@@ -120,12 +120,19 @@ pub fn validate_worker_threads(worker_threads: usize) -> Result<(), String> {
 /// into cross-thread wake-ups and context switches instead of messages (on 2 cores, one
 /// worker per cim process carried 30% more private messages per second, at 30% less CPU per
 /// message). Size each process so that the workers of all of them add up to about the cores.
+/// Logs the workers it got (call after logging is set up).
 pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if worker_threads > 0 {
         builder.worker_threads(worker_threads);
     }
-    builder.enable_all().build()
+    let runtime = builder.enable_all().build()?;
+    tracing::info!(
+        worker_threads = runtime.metrics().num_workers(),
+        configured = worker_threads,
+        "tokio runtime"
+    );
+    Ok(runtime)
 }
 
 /// File descriptors kept for everything that is not a client connection (listeners, Redis,

@@ -9,7 +9,7 @@
 //! Negative answers are never cached: the user may register a moment later.
 //! If accounts ever become deletable or renamable, this cache must learn about it first.
 //!
-//! Bounded: when a map reaches [`KnownUsers::capacity`] entries it is emptied and refills
+//! Bounded: when a map reaches its capacity ([`DEFAULT_CAPACITY`] entries) it is emptied and refills
 //! from the store (a rare, cheap reset instead of LRU bookkeeping on the hot path).
 
 use std::{
@@ -31,6 +31,15 @@ struct Known {
     names: HashMap<String, u64>,
 }
 
+impl Known {
+    fn add_id(&mut self, id: u64, capacity: usize) {
+        if self.ids.len() >= capacity {
+            self.ids.clear();
+        }
+        self.ids.insert(id);
+    }
+}
+
 impl Default for KnownUsers {
     fn default() -> Self {
         Self::new(DEFAULT_CAPACITY)
@@ -43,10 +52,6 @@ impl KnownUsers {
             capacity: capacity.max(1),
             inner: Mutex::new(Known::default()),
         }
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
@@ -65,11 +70,7 @@ impl KnownUsers {
 
     /// Records that user `id` exists (found in the store).
     pub fn learn_id(&self, id: u64) {
-        let mut known = self.lock();
-        if known.ids.len() >= self.capacity {
-            known.ids.clear();
-        }
-        known.ids.insert(id);
+        self.lock().add_id(id, self.capacity);
     }
 
     /// Records that `name` is user `id` (found in the store); the id exists too.
@@ -79,10 +80,7 @@ impl KnownUsers {
             known.names.clear();
         }
         known.names.insert(name.to_owned(), id);
-        if known.ids.len() >= self.capacity {
-            known.ids.clear();
-        }
-        known.ids.insert(id);
+        known.add_id(id, self.capacity);
     }
 
     /// Entries held (ids, names).

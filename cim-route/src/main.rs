@@ -87,11 +87,6 @@ fn main() -> Result<()> {
     cim_common::config::init_logging();
     let runtime =
         cim_common::cli::runtime(config.worker_threads).context("building the tokio runtime")?;
-    tracing::info!(
-        worker_threads = runtime.metrics().num_workers(),
-        configured = config.worker_threads,
-        "tokio runtime"
-    );
     runtime.block_on(run(config))
 }
 

@@ -94,11 +94,6 @@ fn main() -> anyhow::Result<()> {
     cim_common::cli::raise_fd_limit();
     let runtime =
         cim_common::cli::runtime(config.worker_threads).context("building the tokio runtime")?;
-    tracing::info!(
-        worker_threads = runtime.metrics().num_workers(),
-        configured = config.worker_threads,
-        "tokio runtime"
-    );
     runtime.block_on(run(config))
 }
 

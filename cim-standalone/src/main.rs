@@ -10,9 +10,9 @@ use std::io::Write;
 
 fn main() -> anyhow::Result<()> {
     let config = cim_standalone::Cli::parse().load()?;
-    // Every setting is checked before the runtime is sized by one of them (`start` resolves
-    // the configuration again; this result is only the check).
-    config.resolve()?;
+    // The runtime is sized before `start` checks the rest of the configuration.
+    cim_common::cli::validate_worker_threads(config.server.worker_threads)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: [server] worker_threads {e}"))?;
     cim_common::config::init_logging();
     cim_common::cli::raise_fd_limit();
     if config.route.worker_threads != 0 {
@@ -23,11 +23,6 @@ fn main() -> anyhow::Result<()> {
     }
     let worker_threads = config.server.worker_threads;
     let runtime = cim_common::cli::runtime(worker_threads).context("building the tokio runtime")?;
-    tracing::info!(
-        worker_threads = runtime.metrics().num_workers(),
-        configured = worker_threads,
-        "tokio runtime"
-    );
     runtime.block_on(run(config))
 }
 
