@@ -7,16 +7,20 @@
 //! arrive through the queue (`ConnShared::close`).
 //!
 //! Sequence: the first frame must be a `Login` with a connect token valid for this server;
-//! the login session is attached in the state store, the connection enters the table and gets
-//! a `LoginResult`. Then the user's inbox (stored messages not acked yet) is replayed, oldest
-//! first, as `Push { replay: true }` frames, and only then does the queue of live deliveries
-//! flow. On exit, for whatever reason, it leaves the table and is detached.
+//! the login session is attached in the state store, the connection enters the table, the
+//! first page of the user's inbox (stored messages not acked yet) is read, and it gets a
+//! `LoginResult`. Then the inbox is replayed, oldest first, as `Push { replay: true }` frames,
+//! and only then does the queue of live deliveries flow. On exit, for whatever reason, it
+//! leaves the table and is detached.
 //!
 //! Replay and live pushes overlap safely: the connection is attached (so routes push here)
 //! before the inbox is read, and routes store a message before pushing it. A message stored
 //! before the read is replayed; its live push, if one arrives, carries a seq not above the
 //! last replayed one and is dropped here; a message stored after the read has a higher seq and
-//! is delivered live. Either way it reaches the client, once per connection.
+//! is delivered live. Either way it reaches the client, once per connection. Reading before
+//! the `LoginResult` makes the replay flag mean what clients show it as: sent before the
+//! login completed ("while you were offline"), never a message sent once it knew it was
+//! connected (a replay longer than one page may take in what arrives while it is paged).
 
 use crate::{
     ack::{self, AckItem},
@@ -500,38 +504,58 @@ fn replay_frames(messages: Vec<Message>) -> Vec<Outbound> {
     frames
 }
 
-/// Writes the user's inbox, oldest first, as replay Push frames. Returns the last seq
-/// written (0: the inbox was empty).
+/// One page of the user's inbox after `after`; a store failure ends the connection with
+/// `UNAVAILABLE` (the client reconnects and tries again: going on without the replay would
+/// leave its stored messages waiting for the next connection).
+async fn inbox_page<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    conn: &ConnShared,
+    after: u64,
+) -> Result<Vec<Message>, End> {
+    match state
+        .store
+        .inbox_read(conn.user_id, after, REPLAY_PAGE)
+        .await
+    {
+        Ok(page) => Ok(page),
+        Err(e) => {
+            warn!(error = %e, "reading the inbox failed");
+            let msg = "state store unavailable: your stored messages cannot be read, \
+                       reconnect later"
+                .to_string();
+            Err(fail(state, transport, ErrorCode::Unavailable, msg).await)
+        }
+    }
+}
+
+/// Writes the user's inbox, oldest first, as replay Push frames: `first` (read before the
+/// `LoginResult`), then the pages after it. Returns the last seq written (0: the inbox was
+/// empty).
 async fn replay<T: Transport>(
     state: &ServerState,
     transport: &mut T,
     conn: &ConnShared,
+    first: Vec<Message>,
 ) -> Result<u64, End> {
     let mut after = 0;
+    let mut page = first;
     loop {
-        let page = match state
-            .store
-            .inbox_read(conn.user_id, after, REPLAY_PAGE)
-            .await
-        {
-            Ok(page) => page,
-            Err(e) => {
-                warn!(error = %e, "reading the inbox failed");
-                // Closing makes the client reconnect and try again; going on without the
-                // replay would leave its stored messages waiting for the next connection.
-                let msg = "state store unavailable: your stored messages cannot be read,                            reconnect later"
-                    .to_string();
-                return Err(fail(state, transport, ErrorCode::Unavailable, msg).await);
-            }
-        };
         let Some(last) = page.last() else {
             return Ok(after);
         };
         after = last.seq;
+        // A short page is the end: reading again would only find what arrived since, and
+        // that comes live (the connection is in the table already).
+        let full = page.len() >= REPLAY_PAGE;
         let frames = replay_frames(page);
         write(transport, &frames, state.config.write_timeout())
             .await
             .map_err(End::WriteFailed)?;
+        if !full {
+            return Ok(after);
+        }
+        page = inbox_page(state, transport, conn, after).await?;
     }
 }
 
@@ -543,6 +567,14 @@ async fn serve<T: Transport>(
     conn: &Arc<ConnShared>,
 ) -> End {
     let config = &state.config;
+    // The inbox is read before the client learns it is connected: what it is sent from then
+    // on is stored after this read and comes live, so `replay` marks exactly the messages
+    // sent before the login completed (up to a page; a larger inbox is paged on after).
+    // Boxed, like the other one-off steps: the session future stays small while idle.
+    let first_page = match Box::pin(inbox_page(state, transport, conn, 0)).await {
+        Ok(page) => page,
+        Err(end) => return end,
+    };
     let login_result = Frame::new(Body::LoginResult(LoginResult {
         user_id: conn.user_id,
         user_name: conn.user_name.clone(),
@@ -561,7 +593,7 @@ async fn serve<T: Transport>(
     {
         return End::WriteFailed(e);
     }
-    let replayed_upto = match Box::pin(replay(state, transport, conn)).await {
+    let replayed_upto = match Box::pin(replay(state, transport, conn, first_page)).await {
         Ok(upto) => upto,
         Err(end) => return end,
     };
@@ -1160,6 +1192,30 @@ mod tests {
             next(&mut client).await,
             Frame::new(Body::Pong(Pong { nonce: 5 }))
         );
+    }
+
+    #[tokio::test]
+    async fn a_message_stored_once_the_client_is_logged_in_comes_live() {
+        let h = Harness::new(test_config());
+        let mut waiting = vec![stored(7, "m1", "before")];
+        h.store.inbox_store(&mut waiting).await.unwrap();
+        // `login` returns with the LoginResult read: the inbox was read before it was sent,
+        // so what is stored from now on is not part of the replay.
+        let (mut client, _task) = h.login(7, "s").await;
+        let mut after = vec![stored(7, "m2", "after")];
+        h.store.inbox_store(&mut after).await.unwrap();
+        h.state
+            .table
+            .get(7)
+            .unwrap()
+            .enqueue(live_push(after[0].clone()));
+        let replayed = push_of(next(&mut client).await);
+        assert!(replayed.replay);
+        let ids: Vec<&str> = replayed.messages.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["m1"]);
+        let live = push_of(next(&mut client).await);
+        assert!(!live.replay, "{live:?}");
+        assert_eq!(live.messages[0].id, "m2");
     }
 
     #[tokio::test]

@@ -796,7 +796,9 @@ async fn a_message_to_an_offline_user_is_stored_and_arrives_once_at_login() -> a
     assert_eq!(stored.status, SendStatus::Stored);
     assert_eq!(stored.delivered, 0);
 
-    // At login the inbox comes first, marked as replayed, then live messages.
+    // At login the inbox comes first, marked as replayed, then live messages. The server
+    // reads the inbox before answering the login: a message sent once `connect` returned is
+    // never part of the replay.
     let (carol, mut carol_events) = connected(&cluster, "carol", Transport::WsJson).await?;
     let live = alice
         .send(Recipient::Id(carol.info().user_id), "welcome")
