@@ -1099,8 +1099,9 @@ async fn inbox_ack_returns_each_receipt_once(s: &StoreUnderTest) -> anyhow::Resu
         [true, false, true]
     );
 
+    // An id repeated in one ack gives its receipt once.
     let receipts = s
-        .inbox_ack(&[ack(2, &["plain", "r2", "r1"]), ack(3, &["r3"])])
+        .inbox_ack(&[ack(2, &["plain", "r2", "r1", "r2"]), ack(3, &["r3"])])
         .await?;
     assert_eq!(
         receipts,
