@@ -1150,7 +1150,10 @@ impl StateStore for RedisStore {
                 .arg(self.keys.inbox_order(*user))
                 .arg(&ids)
                 .ignore();
-            pipe.cmd("HDEL").arg(self.keys.inbox(*user)).arg(&ids).ignore();
+            pipe.cmd("HDEL")
+                .arg(self.keys.inbox(*user))
+                .arg(&ids)
+                .ignore();
             pipe.cmd("HMGET")
                 .arg(self.keys.inbox_receipts(*user))
                 .arg(&ids)
@@ -1540,13 +1543,23 @@ mod tests {
     #[test]
     fn malformed_ack_replies_are_corrupt_not_panics() {
         let senders = |v: Vec<Value>| {
-            Value::Array(vec![Value::Int(1), Value::Int(1), Value::Array(v), Value::Int(0)])
+            Value::Array(vec![
+                Value::Int(1),
+                Value::Int(1),
+                Value::Array(v),
+                Value::Int(0),
+            ])
         };
         let bad = [
             Value::Nil,
             Value::Int(1),
             Value::Array(vec![Value::Int(1)]),
-            Value::Array(vec![Value::Int(1), Value::Int(1), Value::Nil, Value::Int(0)]),
+            Value::Array(vec![
+                Value::Int(1),
+                Value::Int(1),
+                Value::Nil,
+                Value::Int(0),
+            ]),
             senders(vec![]),
             senders(vec![Value::BulkString(b"bob".to_vec())]),
             senders(vec![Value::BulkString(b"-1".to_vec())]),
