@@ -19,6 +19,9 @@ pub struct FaultyStore {
     pub route_lookups: AtomicUsize,
     /// Calls of `user_name` and `user_by_name`.
     pub user_lookups: AtomicUsize,
+    /// Calls of `inbox_ack`, each signalled on `acked` once done.
+    pub ack_calls: AtomicUsize,
+    pub acked: tokio::sync::Notify,
 }
 
 impl FaultyStore {
@@ -165,7 +168,10 @@ impl StateStore for FaultyStore {
 
     async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>> {
         self.check()?;
-        self.inner.inbox_ack(acks).await
+        let result = self.inner.inbox_ack(acks).await;
+        self.ack_calls.fetch_add(1, Ordering::SeqCst);
+        self.acked.notify_one();
+        result
     }
 
     async fn events_after(
