@@ -52,7 +52,10 @@ pub struct ServerConfig {
     pub write_timeout_ms: u64,
     /// Lease TTL of the registration in etcd.
     pub registry_ttl_secs: u64,
-    /// Largest number of client sends in one forward call to a route.
+    /// Largest number of client sends in one forward call to a route. Large, with few lanes:
+    /// flat out, a lane's calls carry up to this many, and the lanes' calls in flight bound
+    /// what the server forwards per route round trip (measured: 4 lanes × 1,024 beat
+    /// 32 × 256 flat out, 58–70k vs 54–66k msg/s, and at 10,000 msg/s).
     pub forward_batch_max: usize,
     /// Client sends waiting to be forwarded; past that a send fails with OVERLOADED.
     pub forward_queue: usize,
@@ -90,7 +93,7 @@ impl Default for ServerConfig {
             outbound_queue_frames: 1024,
             write_timeout_ms: 10_000,
             registry_ttl_secs: 10,
-            forward_batch_max: 256,
+            forward_batch_max: 1024,
             forward_queue: 8192,
             forward_concurrency: 4,
             internal_timeout_ms: 3_000,

@@ -10,7 +10,8 @@
 //!   the route, the inbox and the receiver in the order they were sent, while different
 //!   senders proceed in parallel. A lane takes whatever is queued, up to
 //!   `forward_batch_max`, as soon as one item is there: batching adds no latency when idle
-//!   and grows under load.
+//!   and grows under load. Calls carry at most [`BATCH_BYTES`] of sends (a batch of large
+//!   messages becomes several calls, in order).
 //! - Every item carries a message id before it leaves (the client's `message_id`, or one the
 //!   server assigns), and routes store messages idempotently by id. So a call that failed in
 //!   any way — refused, timed out, connection lost mid-call — is retried on the next live
@@ -43,6 +44,10 @@ pub(crate) const FORWARD_PATH: &str = "/internal/forward";
 const MAX_ATTEMPTS: usize = 3;
 /// Smallest queue of one lane.
 pub(crate) const MIN_LANE_QUEUE: usize = 16;
+/// Encoded sends per forward call at most (unless one alone is larger): a batch of large
+/// messages is split, so a call stays well under the internal body limit
+/// ([`cim_common::cluster::MAX_BODY`]) whatever `forward_batch_max` is.
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// One client send waiting to be forwarded, with the connection that gets its result.
 pub(crate) struct Pending {
@@ -194,9 +199,32 @@ async fn run_lane(
         if n == 0 {
             break; // every sender is gone: the server is being dropped
         }
-        deliver(&caller, std::mem::take(&mut batch)).await;
+        for calls in split_by_bytes(std::mem::take(&mut batch), BATCH_BYTES) {
+            deliver(&caller, calls).await;
+        }
     }
     debug!("forward lane stopped");
+}
+
+/// `batch` in order, cut into runs of at most `max_bytes` of encoded sends (a send larger
+/// than that goes alone).
+fn split_by_bytes(batch: Vec<Pending>, max_bytes: usize) -> Vec<Vec<Pending>> {
+    let mut runs = Vec::new();
+    let mut run = Vec::new();
+    let mut bytes = 0;
+    for pending in batch {
+        let len = prost::Message::encoded_len(&pending.send);
+        if !run.is_empty() && bytes + len > max_bytes {
+            runs.push(std::mem::take(&mut run));
+            bytes = 0;
+        }
+        bytes += len;
+        run.push(pending);
+    }
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
 }
 
 /// Calls routes for one batch, then hands each result to its connection.
@@ -275,6 +303,33 @@ mod tests {
         info.internal_addr = "i:2".into();
         assert_eq!(route_addr(&info), Some("i:2"));
         assert_eq!(route_addr(&ServiceInfo::default()), None);
+    }
+
+    #[test]
+    fn large_batches_are_cut_by_bytes_in_order() {
+        let conn = Arc::new(ConnShared::new(1, "a".into(), "s".into(), 8));
+        let pending = |id: u64, len: usize| Pending {
+            conn: conn.clone(),
+            send: Send {
+                client_id: id,
+                body: "x".repeat(len),
+                ..Default::default()
+            },
+        };
+        let batch = vec![
+            pending(1, 400),
+            pending(2, 400),
+            pending(3, 2000),
+            pending(4, 10),
+            pending(5, 10),
+        ];
+        let runs: Vec<Vec<u64>> = split_by_bytes(batch, 1000)
+            .into_iter()
+            .map(|run| run.iter().map(|p| p.send.client_id).collect())
+            .collect();
+        // 1+2 fit; 3 is too large for any run and goes alone; 4+5 fit.
+        assert_eq!(runs, [vec![1, 2], vec![3], vec![4, 5]]);
+        assert!(split_by_bytes(Vec::new(), 1000).is_empty());
     }
 
     #[test]
