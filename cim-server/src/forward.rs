@@ -209,22 +209,7 @@ async fn run_lane(
 /// `batch` in order, cut into runs of at most `max_bytes` of encoded sends (a send larger
 /// than that goes alone).
 fn split_by_bytes(batch: Vec<Pending>, max_bytes: usize) -> Vec<Vec<Pending>> {
-    let mut runs = Vec::new();
-    let mut run = Vec::new();
-    let mut bytes = 0;
-    for pending in batch {
-        let len = prost::Message::encoded_len(&pending.send);
-        if !run.is_empty() && bytes + len > max_bytes {
-            runs.push(std::mem::take(&mut run));
-            bytes = 0;
-        }
-        bytes += len;
-        run.push(pending);
-    }
-    if !run.is_empty() {
-        runs.push(run);
-    }
-    runs
+    crate::chunks::split_by_size(batch, max_bytes, |p| prost::Message::encoded_len(&p.send))
 }
 
 /// Calls routes for one batch, then hands each result to its connection.

@@ -17,10 +17,13 @@
 //!   lanes and handing the results back to the connections.
 //! - `ack`: batching clients' acks into inbox removals, and forwarding the receipts they
 //!   produce to a route.
+//! - `chunks`: cutting ordered batches into runs bounded by encoded size (replay frames,
+//!   forward calls).
 //! - `internal`: the internal API for routes (`/internal/push`, `/internal/kick`) and
 //!   `/healthz`.
 
 mod ack;
+mod chunks;
 mod config;
 mod conn;
 mod forward;

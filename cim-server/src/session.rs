@@ -480,28 +480,15 @@ async fn flush_queue<T: Transport>(
 
 /// Splits replayed messages into Push frames of at most [`REPLAY_FRAME_BYTES`].
 fn replay_frames(messages: Vec<Message>) -> Vec<Outbound> {
-    let frame = |messages| {
-        Outbound::new(Frame::new(Body::Push(Push {
-            messages,
-            replay: true,
-        })))
-    };
-    let mut frames = Vec::new();
-    let mut current = Vec::new();
-    let mut bytes = 0;
-    for message in messages {
-        let len = prost::Message::encoded_len(&message);
-        if !current.is_empty() && bytes + len > REPLAY_FRAME_BYTES {
-            frames.push(frame(std::mem::take(&mut current)));
-            bytes = 0;
-        }
-        bytes += len;
-        current.push(message);
-    }
-    if !current.is_empty() {
-        frames.push(frame(current));
-    }
-    frames
+    crate::chunks::split_by_size(messages, REPLAY_FRAME_BYTES, prost::Message::encoded_len)
+        .into_iter()
+        .map(|messages| {
+            Outbound::new(Frame::new(Body::Push(Push {
+                messages,
+                replay: true,
+            })))
+        })
+        .collect()
 }
 
 /// One page of the user's inbox after `after`; a store failure ends the connection with

@@ -1145,23 +1145,18 @@ impl StateStore for RedisStore {
             if ids.is_empty() {
                 continue;
             }
+            let receipts = self.keys.inbox_receipts(*user);
+            // Inside MULTI every reply is QUEUED; EXEC answers them all, in this order
+            // (what `ack_receipt_senders` reads).
             pipe.cmd("MULTI").ignore();
-            pipe.cmd("ZREM")
-                .arg(self.keys.inbox_order(*user))
-                .arg(&ids)
-                .ignore();
-            pipe.cmd("HDEL")
-                .arg(self.keys.inbox(*user))
-                .arg(&ids)
-                .ignore();
-            pipe.cmd("HMGET")
-                .arg(self.keys.inbox_receipts(*user))
-                .arg(&ids)
-                .ignore();
-            pipe.cmd("HDEL")
-                .arg(self.keys.inbox_receipts(*user))
-                .arg(&ids)
-                .ignore();
+            for (command, key) in [
+                ("ZREM", &self.keys.inbox_order(*user)),
+                ("HDEL", &self.keys.inbox(*user)),
+                ("HMGET", &receipts),
+                ("HDEL", &receipts),
+            ] {
+                pipe.cmd(command).arg(key).arg(&ids).ignore();
+            }
             pipe.cmd("EXEC");
             acked.push((*user, ids));
         }
