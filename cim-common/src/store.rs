@@ -230,6 +230,11 @@ pub trait StateStore: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<Message>>;
 
+    /// The last seq given to a message of `user_id`'s inbox (0: none ever was). A login reads
+    /// it before the inbox: what has a higher seq was stored after the connection could be
+    /// found, so it comes live, and the replay stops at this seq.
+    async fn inbox_top(&self, user_id: u64) -> StoreResult<u64>;
+
     /// Removes acked messages, for many `(user_id, message ids)` in one round trip. Returns
     /// the removed messages that asked for a receipt, each once (a repeated ack finds nothing).
     /// Unknown ids are no-ops; of each entry, ids past the first [`redis::MAX_ACK_IDS`] and

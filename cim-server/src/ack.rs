@@ -17,7 +17,13 @@ use cim_common::{
     store::StateStore,
     time::now_ms,
 };
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
@@ -46,38 +52,72 @@ pub(crate) struct AckItem {
 /// The submitting side, shared by all sessions.
 pub(crate) struct AckQueue {
     tx: mpsc::Sender<AckItem>,
+    /// Ack frames dropped because the queue was full, not yet reported.
+    dropped: Arc<AtomicU64>,
 }
 
 impl AckQueue {
-    pub(crate) fn new(capacity: usize) -> (Self, mpsc::Receiver<AckItem>) {
+    pub(crate) fn new(capacity: usize) -> (Self, AckReceiver) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Self { tx }, rx)
+        let dropped = Arc::new(AtomicU64::new(0));
+        (
+            Self {
+                tx,
+                dropped: dropped.clone(),
+            },
+            AckReceiver { rx, dropped },
+        )
     }
 
-    /// Queues acks without waiting. When the queue is full they are dropped (logged): the
-    /// messages stay in the inbox and come again at the next connection.
+    /// Queues acks without waiting. When the queue is full they are dropped (counted, and
+    /// logged by the acker at most every [`DROP_REPORT_EVERY`]): the messages stay in the
+    /// inbox and come again at the next connection.
     pub(crate) fn submit(&self, item: AckItem) {
-        if let Err(e) = self.tx.try_send(item) {
-            let item = e.into_inner();
-            debug!(
-                user_id = item.conn.user_id,
-                ids = item.ids.len(),
-                "ack queue full: acks dropped, the messages will be replayed"
-            );
+        if self.tx.try_send(item).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// The acker's side of the queue.
+pub(crate) struct AckReceiver {
+    pub(crate) rx: mpsc::Receiver<AckItem>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Drops of acks are logged at most this often (with their count), however many there are.
+const DROP_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Logs the acks dropped since the last report, when there are any and the last report is
+/// at least [`DROP_REPORT_EVERY`] old.
+fn report_drops(dropped: &AtomicU64, last: &mut Option<tokio::time::Instant>) {
+    let now = tokio::time::Instant::now();
+    if last.is_some_and(|at| now < at + DROP_REPORT_EVERY) {
+        return;
+    }
+    let n = dropped.swap(0, Ordering::Relaxed);
+    if n > 0 {
+        warn!(
+            frames = n,
+            "ack queue full: acks dropped, those messages stay in the inboxes and are replayed at the next connection"
+        );
+        *last = Some(now);
     }
 }
 
 /// Runs until `cancel`, then removes what is still queued and stops.
 pub(crate) async fn run(
-    mut rx: mpsc::Receiver<AckItem>,
+    rx: AckReceiver,
     store: Arc<dyn StateStore>,
     routes: Arc<RouteCaller>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let AckReceiver { mut rx, dropped } = rx;
     let mut batch = Vec::new();
+    let mut reported = None;
     loop {
+        report_drops(&dropped, &mut reported);
         let n = tokio::select! {
             () = cancel.cancelled() => break,
             n = rx.recv_many(&mut batch, BATCH_MAX) => n,
@@ -299,7 +339,14 @@ mod tests {
         };
         queue.submit(item("1"));
         queue.submit(item("2"));
-        assert_eq!(rx.try_recv().unwrap().ids, vec!["1".to_string()]);
-        assert!(rx.try_recv().is_err());
+        queue.submit(item("3"));
+        assert_eq!(rx.rx.try_recv().unwrap().ids, vec!["1".to_string()]);
+        assert!(rx.rx.try_recv().is_err());
+        // Counted for the acker's report, which takes the count.
+        assert_eq!(rx.dropped.load(Ordering::Relaxed), 2);
+        let mut last = None;
+        report_drops(&rx.dropped, &mut last);
+        assert!(last.is_some());
+        assert_eq!(rx.dropped.load(Ordering::Relaxed), 0);
     }
 }

@@ -1,6 +1,11 @@
 //! Cutting an ordered batch into runs bounded by encoded size, for whatever leaves in one
 //! piece: replayed messages per Push frame (`session`), client sends per forward call
-//! (`forward`).
+//! (`forward`), one recipient's pushed messages per Push frame (`push`).
+
+/// Largest Push frame of several messages the server builds (replay and merged pushes):
+/// well under any client's frame limit, and large enough that per-frame costs (queue slot,
+/// write, Ack) are spread over many messages.
+pub(crate) const PUSH_FRAME_BYTES: usize = 32 * 1024;
 
 /// `items` in order, cut into runs whose `size`s add up to at most `max` (an item larger than
 /// that goes alone, never dropped).

@@ -7,11 +7,11 @@ use crate::{
     conn::Outbound,
     pb::{
         cluster::{
-            ConnectedUser, DeliveryResult, KickRequest, KickResponse, PresenceRequest,
-            PresenceResponse, PushRequest, PushResponse,
+            ConnectedUser, KickRequest, KickResponse, PresenceRequest, PresenceResponse,
+            PushRequest, PushResponse,
         },
         frame::Body,
-        Frame, Kick, KickReason, Push,
+        Frame, Kick, KickReason,
     },
     server::ServerState,
 };
@@ -66,40 +66,14 @@ async fn require_secret(State(state): State<AppState>, req: Request, next: Next)
     }
 }
 
-/// Each delivery is one Push frame shared by all its recipients here; `delivered` lists those
-/// whose queue accepted it (absent users and full queues are left out). An `everyone`
-/// delivery goes to every connection here but its sender's and answers with a count only.
+/// Queues the deliveries on the connections here ([`crate::push::deliver`]).
 async fn push(
     State(state): State<AppState>,
     Protobuf(request): Protobuf<PushRequest>,
 ) -> Protobuf<PushResponse> {
-    let results = request
-        .deliveries
-        .into_iter()
-        .map(|delivery| {
-            let Some(message) = delivery.message else {
-                return DeliveryResult::default();
-            };
-            let sender = message.sender_id;
-            let item = Outbound::new(Frame::new(Body::Push(Push {
-                messages: vec![message],
-                replay: false,
-            })));
-            if delivery.everyone {
-                DeliveryResult {
-                    delivered: Vec::new(),
-                    count: state.table.enqueue_all(&item, sender),
-                }
-            } else {
-                let delivered = state.table.enqueue_many(&delivery.recipients, &item);
-                DeliveryResult {
-                    count: delivered.len() as u64,
-                    delivered,
-                }
-            }
-        })
-        .collect();
-    Protobuf(PushResponse { results })
+    Protobuf(PushResponse {
+        results: crate::push::deliver(&state.table, request.deliveries),
+    })
 }
 
 /// Most users one presence call may ask about.

@@ -28,6 +28,7 @@ mod config;
 mod conn;
 mod forward;
 mod internal;
+mod push;
 mod server;
 mod session;
 mod tcp;

@@ -47,9 +47,9 @@ const MAX_FRAMES_PER_WAKE: usize = 64;
 const MAX_LINGER: Duration = Duration::from_secs(1);
 /// Messages per inbox read during the replay.
 const REPLAY_PAGE: usize = 200;
-/// Encoded size of one replay Push at most (unless one message is larger): well below the
-/// frame limit of any client, however many messages wait.
-const REPLAY_FRAME_BYTES: usize = 32 * 1024;
+/// What a client is told when its inbox cannot be read at login.
+const INBOX_UNAVAILABLE: &str =
+    "state store unavailable: your stored messages cannot be read, reconnect later";
 
 /// A way of exchanging frames with one client.
 pub(crate) trait Transport: Send {
@@ -430,19 +430,31 @@ fn on_recv(
     Step::Continue
 }
 
-/// Whether `item` is a live push of stored messages that the replay already wrote.
-fn replayed_already(item: &Outbound, replayed_upto: u64) -> bool {
-    match &item.frame().body {
-        Some(Body::Push(push)) => {
-            !push.replay
-                && !push.messages.is_empty()
-                && push
-                    .messages
-                    .iter()
-                    .all(|m| m.seq != 0 && m.seq <= replayed_upto)
-        }
-        _ => false,
+/// `item` without the stored messages the replay already wrote; `None` when nothing is left.
+/// (A live push merges several messages of one recipient: some may predate the replay's
+/// watermark and some not.)
+fn unreplayed(item: Outbound, replayed_upto: u64) -> Option<Outbound> {
+    let Some(Body::Push(push)) = &item.frame().body else {
+        return Some(item);
+    };
+    let replayed = |m: &Message| m.seq != 0 && m.seq <= replayed_upto;
+    let n = push.messages.iter().filter(|m| replayed(m)).count();
+    if push.replay || n == 0 {
+        return Some(item);
     }
+    if n == push.messages.len() {
+        return None;
+    }
+    let messages = push
+        .messages
+        .iter()
+        .filter(|m| !replayed(m))
+        .cloned()
+        .collect();
+    Some(Outbound::new(Frame::new(Body::Push(Push {
+        messages,
+        replay: false,
+    }))))
 }
 
 /// Writes what is queued for the connection; `Some` when the connection must end (a close
@@ -455,7 +467,10 @@ async fn flush_queue<T: Transport>(
 ) -> Option<End> {
     let (mut items, closing) = conn.take();
     if replayed_upto > 0 {
-        items.retain(|item| !replayed_already(item, replayed_upto));
+        items = items
+            .into_iter()
+            .filter_map(|item| unreplayed(item, replayed_upto))
+            .collect();
     }
     let timeout = state.config.write_timeout();
     if let Some(closing) = closing {
@@ -478,17 +493,21 @@ async fn flush_queue<T: Transport>(
         .map(End::WriteFailed)
 }
 
-/// Splits replayed messages into Push frames of at most [`REPLAY_FRAME_BYTES`].
+/// Splits replayed messages into Push frames of at most [`crate::chunks::PUSH_FRAME_BYTES`].
 fn replay_frames(messages: Vec<Message>) -> Vec<Outbound> {
-    crate::chunks::split_by_size(messages, REPLAY_FRAME_BYTES, prost::Message::encoded_len)
-        .into_iter()
-        .map(|messages| {
-            Outbound::new(Frame::new(Body::Push(Push {
-                messages,
-                replay: true,
-            })))
-        })
-        .collect()
+    crate::chunks::split_by_size(
+        messages,
+        crate::chunks::PUSH_FRAME_BYTES,
+        prost::Message::encoded_len,
+    )
+    .into_iter()
+    .map(|messages| {
+        Outbound::new(Frame::new(Body::Push(Push {
+            messages,
+            replay: true,
+        })))
+    })
+    .collect()
 }
 
 /// One page of the user's inbox after `after`; a store failure ends the connection with
@@ -508,41 +527,76 @@ async fn inbox_page<T: Transport>(
         Ok(page) => Ok(page),
         Err(e) => {
             warn!(error = %e, "reading the inbox failed");
-            let msg = "state store unavailable: your stored messages cannot be read, \
-                       reconnect later"
-                .to_string();
-            Err(fail(state, transport, ErrorCode::Unavailable, msg).await)
+            Err(fail(
+                state,
+                transport,
+                ErrorCode::Unavailable,
+                INBOX_UNAVAILABLE.into(),
+            )
+            .await)
         }
     }
 }
 
-/// Writes the user's inbox, oldest first, as replay Push frames: `first` (read before the
-/// `LoginResult`), then the pages after it. Returns the last seq written (0: the inbox was
-/// empty).
+/// The inbox's top seq, then its first page (in that order: whatever the page holds past
+/// `top` arrived after both and comes live).
+async fn inbox_start<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    conn: &ConnShared,
+) -> Result<(u64, Vec<Message>), End> {
+    let top = match state.store.inbox_top(conn.user_id).await {
+        Ok(top) => top,
+        Err(e) => {
+            warn!(error = %e, "reading the inbox failed");
+            return Err(fail(
+                state,
+                transport,
+                ErrorCode::Unavailable,
+                INBOX_UNAVAILABLE.into(),
+            )
+            .await);
+        }
+    };
+    if top == 0 {
+        // Nothing was ever stored for this user: no page to read.
+        return Ok((0, Vec::new()));
+    }
+    Ok((top, inbox_page(state, transport, conn, 0).await?))
+}
+
+/// Writes the user's inbox up to seq `top`, oldest first, as replay Push frames: `first`
+/// (read before the `LoginResult`), then the pages after it. Messages over `top` were
+/// stored after the connection could be found (`top` is read after attach), so they come
+/// live and are left out here: `replay` marks exactly what was sent before the login
+/// completed, however large the inbox. Returns the last seq written (0: nothing was).
 async fn replay<T: Transport>(
     state: &ServerState,
     transport: &mut T,
     conn: &ConnShared,
+    top: u64,
     first: Vec<Message>,
 ) -> Result<u64, End> {
-    let mut after = 0;
+    let mut written = 0;
     let mut page = first;
     loop {
-        let Some(last) = page.last() else {
-            return Ok(after);
+        let Some(last) = page.last().map(|m| m.seq) else {
+            return Ok(written);
         };
-        after = last.seq;
-        // A short page is the end: reading again would only find what arrived since, and
-        // that comes live (the connection is in the table already).
-        let full = page.len() >= REPLAY_PAGE;
-        let frames = replay_frames(page);
-        write(transport, &frames, state.config.write_timeout())
-            .await
-            .map_err(End::WriteFailed)?;
-        if !full {
-            return Ok(after);
+        // A short page is the end, and so is one that reached `top`.
+        let more = page.len() >= REPLAY_PAGE && last < top;
+        page.retain(|m| m.seq <= top);
+        if let Some(m) = page.last() {
+            written = m.seq;
+            let frames = replay_frames(page);
+            write(transport, &frames, state.config.write_timeout())
+                .await
+                .map_err(End::WriteFailed)?;
         }
-        page = inbox_page(state, transport, conn, after).await?;
+        if !more {
+            return Ok(written);
+        }
+        page = inbox_page(state, transport, conn, last).await?;
     }
 }
 
@@ -554,12 +608,12 @@ async fn serve<T: Transport>(
     conn: &Arc<ConnShared>,
 ) -> End {
     let config = &state.config;
-    // The inbox is read before the client learns it is connected: what it is sent from then
-    // on is stored after this read and comes live, so `replay` marks exactly the messages
-    // sent before the login completed (up to a page; a larger inbox is paged on after).
-    // Boxed, like the other one-off steps: the session future stays small while idle.
-    let first_page = match Box::pin(inbox_page(state, transport, conn, 0)).await {
-        Ok(page) => page,
+    // The inbox's top seq and first page are read before the client learns it is connected:
+    // what it is sent from then on is stored after this and comes live, so `replay` marks
+    // exactly the messages sent before the login completed. Boxed, like the other one-off
+    // steps: the session future stays small while idle.
+    let (top, first_page) = match Box::pin(inbox_start(state, transport, conn)).await {
+        Ok(start) => start,
         Err(end) => return end,
     };
     let login_result = Frame::new(Body::LoginResult(LoginResult {
@@ -580,7 +634,7 @@ async fn serve<T: Transport>(
     {
         return End::WriteFailed(e);
     }
-    let replayed_upto = match Box::pin(replay(state, transport, conn, first_page)).await {
+    let replayed_upto = match Box::pin(replay(state, transport, conn, top, first_page)).await {
         Ok(upto) => upto,
         Err(end) => return end,
     };
@@ -1205,6 +1259,74 @@ mod tests {
         assert_eq!(live.messages[0].id, "m2");
     }
 
+    /// An inbox larger than a page is replayed up to what it held at login; a message stored
+    /// while later pages are read comes live, not as part of the replay.
+    #[tokio::test]
+    async fn a_message_stored_during_a_paged_replay_comes_live() {
+        let h = Harness::new(test_config());
+        let mut waiting: Vec<_> = (0..REPLAY_PAGE + 50)
+            .map(|i| stored(7, &format!("m{i:03}"), "before"))
+            .collect();
+        h.store.inbox_store(&mut waiting).await.unwrap();
+        h.store.hold_paged_reads.store(true, Ordering::SeqCst);
+        let (mut client, _task) = h.login(7, "s").await;
+        // The session wrote the first page and is reading the second one.
+        h.store.entered.notified().await;
+        let mut after = vec![stored(7, "late", "after")];
+        h.store.inbox_store(&mut after).await.unwrap();
+        h.state
+            .table
+            .get(7)
+            .unwrap()
+            .enqueue(live_push(after[0].clone()));
+        h.store.resume.notify_one();
+        let mut replayed = Vec::new();
+        let live = loop {
+            let push = push_of(next(&mut client).await);
+            if !push.replay {
+                break push;
+            }
+            replayed.extend(push.messages.into_iter().map(|m| m.id));
+        };
+        let expected: Vec<String> = waiting.iter().map(|m| m.id.clone()).collect();
+        assert_eq!(replayed, expected);
+        let live: Vec<&str> = live.messages.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(live, ["late"]);
+    }
+
+    #[test]
+    fn live_pushes_lose_only_the_messages_the_replay_wrote() {
+        let message = |id: &str, seq: u64| crate::pb::Message {
+            id: id.into(),
+            seq,
+            ..Default::default()
+        };
+        let ids = |item: &Outbound| -> Vec<String> {
+            push_of(item.frame().clone())
+                .messages
+                .into_iter()
+                .map(|m| m.id)
+                .collect()
+        };
+        let push = |messages: Vec<crate::pb::Message>| {
+            Outbound::new(Frame::new(Body::Push(Push {
+                messages,
+                replay: false,
+            })))
+        };
+        assert!(unreplayed(push(vec![message("a", 3), message("b", 5)]), 5).is_none());
+        let kept = push(vec![message("c", 6)]);
+        let same = unreplayed(kept.clone(), 5).unwrap();
+        assert!(
+            std::ptr::eq(same.frame(), kept.frame()),
+            "untouched: not re-encoded"
+        );
+        let part = unreplayed(push(vec![message("d", 5), message("e", 6)]), 5).unwrap();
+        assert_eq!(ids(&part), ["e"]);
+        // Messages without a seq (not stored: group, channel) are never the replay's.
+        assert!(unreplayed(push(vec![message("g", 0)]), 5).is_some());
+    }
+
     #[tokio::test]
     async fn a_large_inbox_is_replayed_in_bounded_frames_in_order() {
         let h = Harness::new(test_config());
@@ -1218,7 +1340,7 @@ mod tests {
         let mut frames = 0;
         while ids.len() < 60 {
             let frame = next(&mut client).await;
-            assert!(prost::Message::encoded_len(&frame) <= REPLAY_FRAME_BYTES + 4096);
+            assert!(prost::Message::encoded_len(&frame) <= crate::chunks::PUSH_FRAME_BYTES + 4096);
             let push = push_of(frame);
             assert!(push.replay);
             ids.extend(push.messages.into_iter().map(|m| m.id));

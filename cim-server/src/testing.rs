@@ -123,7 +123,7 @@ impl Harness {
             state,
             store,
             forwarded: lanes.remove(0),
-            acked,
+            acked: acked.rx,
         }
     }
 

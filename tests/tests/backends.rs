@@ -258,6 +258,7 @@ for_each_store!(
     inbox_store_is_idempotent_by_receiver_and_id,
     concurrent_stores_of_one_message_store_it_once,
     inbox_read_pages_by_seq_and_limit,
+    inbox_top_is_the_last_seq_given_even_once_acked,
     inbox_keeps_the_newest_max_messages,
     inbox_read_skips_and_removes_expired_messages,
     inbox_ack_removes_messages_once,
@@ -924,6 +925,25 @@ async fn concurrent_stores_of_one_message_store_it_once(s: &StoreUnderTest) -> a
     all_seqs.sort_unstable();
     all_seqs.dedup();
     assert_eq!(all_seqs, seqs(&page));
+    Ok(())
+}
+
+async fn inbox_top_is_the_last_seq_given_even_once_acked(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    assert_eq!(s.inbox_top(2).await?, 0, "nothing stored yet");
+    let mut batch: Vec<Message> = ["a", "b", "c"].iter().map(|id| msg(id, 1, 2)).collect();
+    s.inbox_store(&mut batch).await?;
+    assert_eq!(s.inbox_top(2).await?, 3);
+    // A retry stores nothing new; another user's messages are another count.
+    s.inbox_store(&mut [msg("b", 1, 2), msg("z", 1, 3)]).await?;
+    assert_eq!((s.inbox_top(2).await?, s.inbox_top(3).await?), (3, 1));
+    // Acking everything empties the inbox but never lowers the top: a session replaying up
+    // to it must never take a newer message for an older one.
+    s.inbox_ack(&[ack(2, &["a", "b", "c"])]).await?;
+    assert_eq!((s.inbox_len(2).await?, s.inbox_top(2).await?), (0, 3));
+    s.inbox_store(&mut [msg("d", 1, 2)]).await?;
+    assert_eq!(s.inbox_top(2).await?, 4);
     Ok(())
 }
 

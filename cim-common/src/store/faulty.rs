@@ -19,6 +19,10 @@ pub struct FaultyStore {
     pub route_lookups: AtomicUsize,
     /// Calls of `user_name` and `user_by_name`.
     pub user_lookups: AtomicUsize,
+    /// While set, `inbox_read` past the first page (`after_seq > 0`) signals `entered` and
+    /// waits for `resume` (one `notify_one` lets one read through).
+    pub hold_paged_reads: AtomicBool,
+    pub resume: tokio::sync::Notify,
     /// Calls of `inbox_ack`, each signalled on `acked` once done.
     pub ack_calls: AtomicUsize,
     pub acked: tokio::sync::Notify,
@@ -160,10 +164,19 @@ impl StateStore for FaultyStore {
         limit: usize,
     ) -> StoreResult<Vec<Message>> {
         self.check()?;
+        if after_seq > 0 && self.hold_paged_reads.load(Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.resume.notified().await;
+        }
         // Lets other tasks run first, as the round trip to a real store does: an ordering
         // that only holds because the in-memory read never yields would not hold in Redis.
         tokio::task::yield_now().await;
         self.inner.inbox_read(user_id, after_seq, limit).await
+    }
+
+    async fn inbox_top(&self, user_id: u64) -> StoreResult<u64> {
+        self.check()?;
+        self.inner.inbox_top(user_id).await
     }
 
     async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>> {

@@ -904,6 +904,14 @@ impl StateStore for MemoryStore {
             .collect())
     }
 
+    async fn inbox_top(&self, user_id: u64) -> StoreResult<u64> {
+        Ok(self
+            .lock()
+            .inboxes
+            .get(&user_id)
+            .map_or(0, |inbox| inbox.last_seq))
+    }
+
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {
         let mut state = self.lock();
         Ok(state.inboxes.get_mut(&user_id).map_or(0, |inbox| {

@@ -1512,6 +1512,15 @@ impl StateStore for RedisStore {
             .collect())
     }
 
+    async fn inbox_top(&self, user_id: u64) -> StoreResult<u64> {
+        let top: Option<u64> = self
+            .conn()
+            .get(self.keys.inbox_seq(user_id))
+            .await
+            .map_err(unavailable)?;
+        Ok(top.unwrap_or(0))
+    }
+
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {
         self.conn()
             .zcard(self.keys.inbox_order(user_id))
