@@ -57,8 +57,12 @@ pub struct ServerConfig {
     /// what the server forwards per route round trip (measured: 4 lanes × 1,024 beat
     /// 32 × 256 flat out, 58–70k vs 54–66k msg/s, and at 10,000 msg/s).
     pub forward_batch_max: usize,
-    /// Client sends waiting to be forwarded; past that a send fails with OVERLOADED.
+    /// Client sends waiting to be forwarded. When a sender's lane is full its session stops
+    /// reading that connection (TCP pushes back on the client) for up to `forward_wait_ms`;
+    /// only then is the send refused with OVERLOADED.
     pub forward_queue: usize,
+    /// How long one client send may wait for room in the forward queue.
+    pub forward_wait_ms: u64,
     /// Forward calls in flight at once (lanes). Few is faster: sends that arrive while a
     /// lane's call is out leave together in its next call, so a busy server makes fewer,
     /// larger calls (measured at 10,000 msg/s: 32 lanes p50/p99 12/38 ms, 4 lanes 3–4/12–23
@@ -95,6 +99,7 @@ impl Default for ServerConfig {
             registry_ttl_secs: 10,
             forward_batch_max: 1024,
             forward_queue: 8192,
+            forward_wait_ms: 5_000,
             forward_concurrency: 4,
             internal_timeout_ms: 3_000,
             shutdown_grace_ms: 2_000,
@@ -175,6 +180,7 @@ impl ServerConfig {
         positive("registry_ttl_secs", self.registry_ttl_secs)?;
         positive("forward_batch_max", self.forward_batch_max as u64)?;
         positive("forward_queue", self.forward_queue as u64)?;
+        positive("forward_wait_ms", self.forward_wait_ms)?;
         positive("forward_concurrency", self.forward_concurrency as u64)?;
         positive("internal_timeout_ms", self.internal_timeout_ms)?;
         cim_common::cli::validate_worker_threads(self.worker_threads)
@@ -199,6 +205,10 @@ impl ServerConfig {
 
     pub fn login_timeout(&self) -> Duration {
         Duration::from_millis(self.login_timeout_ms)
+    }
+
+    pub fn forward_wait(&self) -> Duration {
+        Duration::from_millis(self.forward_wait_ms)
     }
 
     pub fn write_timeout(&self) -> Duration {

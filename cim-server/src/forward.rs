@@ -3,8 +3,11 @@
 //! `POST /internal/forward` to a live route (found through the registry), and each
 //! `SendResult` of the answer goes back to the connection it came from.
 //!
-//! - [`ForwardQueue`] (in the server state) takes sends from sessions without blocking; when
-//!   it is full the session answers OVERLOADED at once.
+//! - [`ForwardQueue`] (in the server state) takes sends from sessions without blocking while
+//!   the sender's lane has room. When it is full the session waits for room (up to
+//!   `forward_wait_ms`) without reading that connection, so the client is slowed by TCP
+//!   flow control instead of being answered OVERLOADED again and again: flat out, refusals
+//!   cost as much work as the sends themselves (measured: more refusals than deliveries).
 //! - [`Forwarder`] runs `forward_concurrency` lanes. A user's sends always take the same lane
 //!   (by user id) and a lane has one call in flight at a time, so one sender's messages reach
 //!   the route, the inbox and the receiver in the order they were sent, while different
@@ -30,9 +33,12 @@ use cim_common::{
     ids,
     registry::{MembersRx, ServiceInfo},
 };
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -69,17 +75,40 @@ impl ForwardQueue {
         (Self { lanes: txs }, rxs)
     }
 
+    fn lane(&self, conn: &ConnShared) -> &mpsc::Sender<Pending> {
+        // Lanes are few (≤ a few hundred): the remainder fits in usize on every platform.
+        &self.lanes[(conn.user_id % self.lanes.len() as u64) as usize]
+    }
+
     /// Queues a send of `conn`'s user on the user's lane. Gives the send back when the lane
     /// is full (or the forwarder stopped), for the caller to answer it.
     pub(crate) fn submit(&self, conn: &Arc<ConnShared>, send: Send) -> Result<(), Send> {
-        // Lanes are few (≤ a few hundred): the remainder fits in usize on every platform.
-        let lane = (conn.user_id % self.lanes.len() as u64) as usize;
-        self.lanes[lane]
+        self.lane(conn)
             .try_send(Pending {
                 conn: conn.clone(),
                 send,
             })
             .map_err(|e| e.into_inner().send)
+    }
+
+    /// [`submit`](Self::submit), waiting up to `wait` for room in the user's lane. Gives the
+    /// send back when there was none in time (or the forwarder stopped).
+    pub(crate) async fn submit_waiting(
+        &self,
+        conn: &Arc<ConnShared>,
+        send: Send,
+        wait: Duration,
+    ) -> Result<(), Send> {
+        match tokio::time::timeout(wait, self.lane(conn).reserve()).await {
+            Ok(Ok(permit)) => {
+                permit.send(Pending {
+                    conn: conn.clone(),
+                    send,
+                });
+                Ok(())
+            }
+            Ok(Err(_)) | Err(_) => Err(send),
+        }
     }
 }
 

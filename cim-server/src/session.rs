@@ -8,19 +8,22 @@
 //!
 //! Sequence: the first frame must be a `Login` with a connect token valid for this server;
 //! the login session is attached in the state store, the connection enters the table, the
-//! first page of the user's inbox (stored messages not acked yet) is read, and it gets a
-//! `LoginResult`. Then the inbox is replayed, oldest first, as `Push { replay: true }` frames,
-//! and only then does the queue of live deliveries flow. On exit, for whatever reason, it
-//! leaves the table and is detached.
+//! inbox's top seq and first page (stored messages not acked yet) are read, and it gets a
+//! `LoginResult`. Then the inbox is replayed up to that top, oldest first, as
+//! `Push { replay: true }` frames, and only then does the queue of live deliveries flow. On
+//! exit, for whatever reason, it leaves the table and is detached.
 //!
 //! Replay and live pushes overlap safely: the connection is attached (so routes push here)
-//! before the inbox is read, and routes store a message before pushing it. A message stored
-//! before the read is replayed; its live push, if one arrives, carries a seq not above the
-//! last replayed one and is dropped here; a message stored after the read has a higher seq and
-//! is delivered live. Either way it reaches the client, once per connection. Reading before
-//! the `LoginResult` makes the replay flag mean what clients show it as: sent before the
-//! login completed ("while you were offline"), never a message sent once it knew it was
-//! connected (a replay longer than one page may take in what arrives while it is paged).
+//! before the top is read, and routes store a message before pushing it. A message stored
+//! before that is replayed; its live push, if one arrives, carries a seq not above the last
+//! replayed one and is dropped here; a message stored after it has a higher seq, is left out
+//! of the replay and is delivered live. Either way it reaches the client, once per
+//! connection. Reading before the `LoginResult` makes the replay flag mean what clients show
+//! it as: sent before the login completed ("while you were offline"), never a message sent
+//! once it knew it was connected, however many pages the replay takes.
+//!
+//! A send that finds its forward lane full is not refused at once: the session stops reading
+//! (the client's writes back up in TCP) until there is room, for up to `forward_wait_ms`.
 
 use crate::{
     ack::{self, AckItem},
@@ -375,6 +378,9 @@ async fn login<T: Transport>(
 /// What a received frame asks the session to do.
 enum Step {
     Continue,
+    /// The sender's forward lane is full: wait for room before reading on. (Boxed: a step
+    /// lives in the session future, which every idle connection holds.)
+    Wait(Box<crate::pb::Send>),
     End(End),
     /// Answer this error, then close.
     Fail(ErrorCode, String),
@@ -398,12 +404,7 @@ fn on_recv(
         Some(Body::Ping(ping)) => conn.reply(Frame::new(Body::Pong(Pong { nonce: ping.nonce }))),
         Some(Body::Send(send)) => {
             if let Err(send) = state.forward.submit(conn, send) {
-                let result = SendResult::failed(
-                    send.client_id,
-                    ErrorCode::Overloaded,
-                    "too many sends waiting for a route: slow down and retry",
-                );
-                conn.reply(Frame::new(Body::SendResult(result)));
+                return Step::Wait(Box::new(send));
             }
         }
         Some(Body::Ack(a)) => match ack::validate(a.message_ids) {
@@ -428,6 +429,15 @@ fn on_recv(
         )),
     }
     Step::Continue
+}
+
+/// The answer to a send that found no room in the forward queue in time.
+fn overloaded(client_id: u64) -> Frame {
+    Frame::new(Body::SendResult(SendResult::failed(
+        client_id,
+        ErrorCode::Overloaded,
+        "too many sends waiting for a route: slow down and retry",
+    )))
 }
 
 /// `item` without the stored messages the replay already wrote; `None` when nothing is left.
@@ -647,7 +657,23 @@ async fn serve<T: Transport>(
     let deadline = tokio::time::sleep_until(last_activity + config.heartbeat_timeout());
     tokio::pin!(deadline);
 
+    // A send waiting for room in its forward lane (awaited outside the `select!`, whose
+    // futures would otherwise be held alongside it and grow every idle session's future).
+    let mut waiting: Option<Box<crate::pb::Send>> = None;
     loop {
+        if let Some(send) = waiting.take() {
+            // Not reading meanwhile is the point: the client's writes back up in TCP.
+            let waited = Box::pin(
+                state
+                    .forward
+                    .submit_waiting(conn, *send, config.forward_wait()),
+            )
+            .await;
+            if let Err(send) = waited {
+                conn.reply(overloaded(send.client_id));
+            }
+            last_activity = Instant::now();
+        }
         tokio::select! {
             biased;
             () = conn.notified() => {
@@ -670,6 +696,7 @@ async fn serve<T: Transport>(
                 }
                 match step {
                     Step::Continue => {}
+                    Step::Wait(send) => waiting = Some(send),
                     Step::End(end) => return end,
                     Step::Fail(code, message) => {
                         return Box::pin(fail_after_queued(state, transport, conn, code, message))
@@ -1068,14 +1095,46 @@ mod tests {
         assert_eq!(pending.send, send);
     }
 
+    /// A sender whose lane is full is not refused: its session stops reading until the lane
+    /// has room, then takes the send (and whatever followed it) in order.
     #[tokio::test]
-    async fn full_forward_queue_answers_overloaded() {
-        let h = Harness::new(ServerConfig {
+    async fn a_full_forward_lane_holds_the_sender_back_instead_of_refusing() {
+        let mut h = Harness::new(ServerConfig {
             forward_queue: 1,
             ..test_config()
         });
         let (mut client, _task) = h.login(11, "s").await;
-        // The one lane holds its minimum; nobody drains it here.
+        // The one lane holds its minimum; the send after that must wait.
+        let sends = crate::forward::MIN_LANE_QUEUE as u64 + 1;
+        for client_id in 1..=sends {
+            let send = Send {
+                client_id,
+                ..Default::default()
+            };
+            client.send(Frame::new(Body::Send(send))).await.unwrap();
+        }
+        client.send(ping(5)).await.unwrap();
+        // Room for one: the waiting send goes in, the session reads on and answers the
+        // ping. Refusing the send would have answered it first.
+        assert_eq!(h.forwarded.recv().await.unwrap().send.client_id, 1);
+        match next(&mut client).await.body {
+            Some(Body::Pong(p)) => assert_eq!(p.nonce, 5),
+            other => panic!("expected the Pong, got {other:?}"),
+        }
+        for client_id in 2..=sends {
+            assert_eq!(h.forwarded.recv().await.unwrap().send.client_id, client_id);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_send_that_finds_no_room_in_time_is_answered_overloaded() {
+        let h = Harness::new(ServerConfig {
+            forward_queue: 1,
+            forward_wait_ms: 50,
+            ..test_config()
+        });
+        let (mut client, _task) = h.login(11, "s").await;
+        // Nobody drains the lane here.
         let overflow = crate::forward::MIN_LANE_QUEUE as u64 + 1;
         for client_id in 1..=overflow {
             let send = Send {
@@ -1090,6 +1149,12 @@ mod tests {
                 assert_eq!(r.error.unwrap().code(), ErrorCode::Overloaded);
             }
             other => panic!("expected SendResult, got {other:?}"),
+        }
+        // The session reads on after the refusal.
+        client.send(ping(6)).await.unwrap();
+        match next(&mut client).await.body {
+            Some(Body::Pong(p)) => assert_eq!(p.nonce, 6),
+            other => panic!("expected the Pong, got {other:?}"),
         }
     }
 
@@ -1157,7 +1222,7 @@ mod tests {
     }
 
     /// An idle connection's memory is mostly its task, i.e. this future (measured end to end
-    /// by the ignored `idle_memory_*` tests): keep it small.
+    /// by `cim-bench connect`): keep it small.
     #[test]
     fn session_future_is_small() {
         let h = Harness::new(test_config());

@@ -928,9 +928,7 @@ async fn concurrent_stores_of_one_message_store_it_once(s: &StoreUnderTest) -> a
     Ok(())
 }
 
-async fn inbox_top_is_the_last_seq_given_even_once_acked(
-    s: &StoreUnderTest,
-) -> anyhow::Result<()> {
+async fn inbox_top_is_the_last_seq_given_even_once_acked(s: &StoreUnderTest) -> anyhow::Result<()> {
     assert_eq!(s.inbox_top(2).await?, 0, "nothing stored yet");
     let mut batch: Vec<Message> = ["a", "b", "c"].iter().map(|id| msg(id, 1, 2)).collect();
     s.inbox_store(&mut batch).await?;
