@@ -91,24 +91,35 @@ impl ForwardQueue {
             .map_err(|e| e.into_inner().send)
     }
 
-    /// [`submit`](Self::submit), waiting up to `wait` for room in the user's lane. Gives the
-    /// send back when there was none in time (or the forwarder stopped).
-    pub(crate) async fn submit_waiting(
+    /// Queues `sends` of `conn`'s user in order, waiting up to `wait` in all for room in the
+    /// user's lane; they enter it together (a lane's capacity at a time). Returns those that
+    /// found no room in time (or the forwarder stopped), in order, for the caller to refuse.
+    pub(crate) async fn submit_all_waiting(
         &self,
         conn: &Arc<ConnShared>,
-        send: Send,
+        sends: Vec<Send>,
         wait: Duration,
-    ) -> Result<(), Send> {
-        match tokio::time::timeout(wait, self.lane(conn).reserve()).await {
-            Ok(Ok(permit)) => {
-                permit.send(Pending {
-                    conn: conn.clone(),
-                    send,
-                });
-                Ok(())
+    ) -> Vec<Send> {
+        let lane = self.lane(conn);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut left = sends.len();
+        let mut sends = sends.into_iter();
+        while left > 0 {
+            let n = left.min(lane.max_capacity());
+            match tokio::time::timeout_at(deadline, lane.reserve_many(n)).await {
+                Ok(Ok(permits)) => {
+                    for (permit, send) in permits.zip(sends.by_ref()) {
+                        permit.send(Pending {
+                            conn: conn.clone(),
+                            send,
+                        });
+                    }
+                    left -= n;
+                }
+                Ok(Err(_)) | Err(_) => break,
             }
-            Ok(Err(_)) | Err(_) => Err(send),
         }
+        sends.collect()
     }
 }
 
@@ -344,6 +355,40 @@ mod tests {
         // 1+2 fit; 3 is too large for any run and goes alone; 4+5 fit.
         assert_eq!(runs, [vec![1, 2], vec![3], vec![4, 5]]);
         assert!(split_by_bytes(Vec::new(), 1000).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_sends_enter_together_once_there_is_room_or_come_back() {
+        let (queue, mut lanes) = ForwardQueue::new(1, 1);
+        let conn = Arc::new(ConnShared::new(1, "a".into(), "s".into(), 8));
+        let send = |id| Send {
+            client_id: id,
+            ..Default::default()
+        };
+        for id in 0..MIN_LANE_QUEUE as u64 {
+            assert!(queue.submit(&conn, send(id)).is_ok());
+        }
+        // Full, and nobody drains it: all three come back after the wait, in order.
+        let wait = Duration::from_millis(50);
+        let refused = queue
+            .submit_all_waiting(&conn, vec![send(100), send(101), send(102)], wait)
+            .await;
+        let ids: Vec<u64> = refused.iter().map(|s| s.client_id).collect();
+        assert_eq!(ids, [100, 101, 102]);
+        // Room for three: they go in behind what was queued, in order.
+        for _ in 0..3 {
+            lanes[0].recv().await.unwrap();
+        }
+        assert!(queue
+            .submit_all_waiting(&conn, refused, wait)
+            .await
+            .is_empty());
+        let mut queued = Vec::new();
+        while let Ok(p) = lanes[0].try_recv() {
+            queued.push(p.send.client_id);
+        }
+        assert_eq!(queued[queued.len() - 3..], [100, 101, 102]);
+        assert_eq!(queued.len(), MIN_LANE_QUEUE);
     }
 
     #[test]

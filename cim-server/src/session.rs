@@ -378,9 +378,6 @@ async fn login<T: Transport>(
 /// What a received frame asks the session to do.
 enum Step {
     Continue,
-    /// The sender's forward lane is full: wait for room before reading on. (Boxed: a step
-    /// lives in the session future, which every idle connection holds.)
-    Wait(Box<crate::pb::Send>),
     End(End),
     /// Answer this error, then close.
     Fail(ErrorCode, String),
@@ -388,9 +385,14 @@ enum Step {
 
 /// Handles one result of `recv` in the logged-in loop. Answers go through the connection's
 /// own queue so that they are written together with pending deliveries.
+///
+/// A send that finds its forward lane full goes to `held`, and so does every send after it
+/// until the session has waited for room (sends keep their order); other frames are
+/// answered meanwhile.
 fn on_recv(
     state: &ServerState,
     conn: &Arc<ConnShared>,
+    held: &mut Option<Box<Vec<crate::pb::Send>>>,
     received: Result<Option<Frame>, RecvError>,
 ) -> Step {
     let frame = match received {
@@ -402,11 +404,14 @@ fn on_recv(
     let kind = frame.kind_name();
     match frame.body {
         Some(Body::Ping(ping)) => conn.reply(Frame::new(Body::Pong(Pong { nonce: ping.nonce }))),
-        Some(Body::Send(send)) => {
-            if let Err(send) = state.forward.submit(conn, send) {
-                return Step::Wait(Box::new(send));
+        Some(Body::Send(send)) => match held {
+            Some(sends) => sends.push(send),
+            None => {
+                if let Err(send) = state.forward.submit(conn, send) {
+                    *held = Some(Box::new(vec![send]));
+                }
             }
-        }
+        },
         Some(Body::Ack(a)) => match ack::validate(a.message_ids) {
             Ok(ids) if ids.is_empty() => {}
             Ok(ids) => state.acks.submit(AckItem {
@@ -657,19 +662,24 @@ async fn serve<T: Transport>(
     let deadline = tokio::time::sleep_until(last_activity + config.heartbeat_timeout());
     tokio::pin!(deadline);
 
-    // A send waiting for room in its forward lane (awaited outside the `select!`, whose
-    // futures would otherwise be held alongside it and grow every idle session's future).
-    let mut waiting: Option<Box<crate::pb::Send>> = None;
+    // Sends waiting for room in their forward lane (see `on_recv`). Awaited outside the
+    // `select!`, whose futures would otherwise be held alongside, growing every idle
+    // session's future; boxed for the same reason.
+    let mut held: Option<Box<Vec<crate::pb::Send>>> = None;
     loop {
-        if let Some(send) = waiting.take() {
-            // Not reading meanwhile is the point: the client's writes back up in TCP.
-            let waited = Box::pin(
-                state
-                    .forward
-                    .submit_waiting(conn, *send, config.forward_wait()),
-            )
+        if let Some(sends) = held.take() {
+            // Not reading meanwhile is the point: the client's writes back up in TCP. The
+            // sends of one wake-up wait together and enter the lane together: a sender's
+            // burst stays one run in the forward call, which the route and the inbox store
+            // handle per receiver (measured: one at a time, flat out fell from ~70k to
+            // ~52k msg/s, the inbox script taking 4 messages per call instead of 30).
+            let refused = Box::pin(state.forward.submit_all_waiting(
+                conn,
+                *sends,
+                config.forward_wait(),
+            ))
             .await;
-            if let Err(send) = waited {
+            for send in refused {
                 conn.reply(overloaded(send.client_id));
             }
             last_activity = Instant::now();
@@ -683,20 +693,19 @@ async fn serve<T: Transport>(
             }
             received = transport.recv() => {
                 last_activity = Instant::now();
-                let mut step = on_recv(state, conn, received);
+                let mut step = on_recv(state, conn, &mut held, received);
                 // Frames already buffered are handled now, their answers leave in one write.
                 for _ in 1..MAX_FRAMES_PER_WAKE {
                     if !matches!(step, Step::Continue) {
                         break;
                     }
                     match transport.recv().now_or_never() {
-                        Some(received) => step = on_recv(state, conn, received),
+                        Some(received) => step = on_recv(state, conn, &mut held, received),
                         None => break,
                     }
                 }
                 match step {
                     Step::Continue => {}
-                    Step::Wait(send) => waiting = Some(send),
                     Step::End(end) => return end,
                     Step::Fail(code, message) => {
                         return Box::pin(fail_after_queued(state, transport, conn, code, message))
