@@ -15,8 +15,11 @@ use std::time::Duration;
 pub const SECRET_HEADER: &str = "x-cim-cluster-secret";
 pub const CONTENT_TYPE: &str = "application/x-protobuf";
 
-/// Largest internal request or response body.
-pub const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest internal request or response body: one client frame of the largest size a server
+/// accepts (16 MiB) plus its envelope (sender, ids) must fit in a forward call, or a send near
+/// that size would fail on every route as UNAVAILABLE instead of being answered by the route
+/// (TOO_LONG past `max_message_len`).
+pub const MAX_BODY: usize = 17 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

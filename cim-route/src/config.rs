@@ -217,8 +217,9 @@ impl RouteConfig {
                 "must exceed max_message_len by at least 1024 bytes",
             ));
         }
-        // The message travels inside internal protobuf bodies, which have a fixed maximum.
-        if self.max_message_len > cim_common::cluster::MAX_BODY / 16 {
+        // The message travels inside internal protobuf bodies, which have a fixed maximum
+        // (`cim_common::cluster::MAX_BODY`, 17 MiB): 1 MiB leaves room for batches of them.
+        if self.max_message_len > 1024 * 1024 {
             return Err(invalid("max_message_len", "is unreasonably large"));
         }
         self.password_params()

@@ -13,6 +13,8 @@ use std::{
 
 /// Largest accepted `max_frame_len`: the WebSocket layer and the internal API are sized for it.
 const MAX_FRAME_LEN_LIMIT: usize = 16 * 1024 * 1024;
+// A forward call carrying one send of that size, with its envelope, fits an internal body.
+const _: () = assert!(cim_common::cluster::MAX_BODY >= MAX_FRAME_LEN_LIMIT + 64 * 1024);
 /// Smallest accepted `max_frame_len`: a `Login` frame with its token must fit.
 const MIN_FRAME_LEN: usize = 1024;
 
