@@ -24,6 +24,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("corrupt value in state store: {0}")]
     Corrupt(String),
+    /// The store cannot serve cim at all (e.g. a Redis too old for its commands).
+    #[error("unsupported state store: {0}")]
+    Unsupported(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

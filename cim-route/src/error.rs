@@ -95,7 +95,7 @@ impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(_) => AppError::unavailable(e),
-            StoreError::Corrupt(_) => AppError::internal(e),
+            StoreError::Corrupt(_) | StoreError::Unsupported(_) => AppError::internal(e),
         }
     }
 }

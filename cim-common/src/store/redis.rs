@@ -352,6 +352,33 @@ const LAST_EVENT_ID: EventId = EventId {
 };
 
 /// UTF-8 text of a reply element.
+/// Oldest Redis cim runs on: the scripts use `ZMSCORE` (6.2) and channel counts
+/// `ZINTERCARD` (7.0).
+const MIN_REDIS_VERSION: (u64, u64) = (7, 0);
+
+/// Refuses a Redis older than [`MIN_REDIS_VERSION`], from the text of `INFO server`, at start
+/// rather than with unknown-command errors on the first message. A server that does not say
+/// its version (a proxy, a compatible store) is given the benefit of the doubt.
+fn check_version(info: &str) -> StoreResult<()> {
+    let Some(version) = info
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("redis_version:"))
+    else {
+        return Ok(());
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        return Ok(());
+    };
+    if (major, minor) < MIN_REDIS_VERSION {
+        let (want_major, want_minor) = MIN_REDIS_VERSION;
+        return Err(StoreError::Unsupported(format!(
+            "Redis {want_major}.{want_minor} or newer is required, this one is {version}"
+        )));
+    }
+    Ok(())
+}
+
 /// The answers of one INBOX_STORE call for `n` messages: each message's seq and, when it
 /// was stored already, the stored copy. See the script for the two reply shapes.
 fn stored_answers(reply: Value, n: usize) -> StoreResult<Vec<(u64, Option<Vec<u8>>)>> {
@@ -532,6 +559,15 @@ impl RedisStore {
         .await
         .map_err(|_| StoreError::Unavailable(format!("connecting to {url} timed out")))?
         .map_err(unavailable)?;
+        let mut probe = conn.clone();
+        let info: String = tokio::time::timeout(
+            timeout,
+            ::redis::cmd("INFO").arg("server").query_async(&mut probe),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("INFO on {url} timed out")))?
+        .map_err(unavailable)?;
+        check_version(&info)?;
         Ok(Self {
             conn,
             client,
@@ -1532,6 +1568,21 @@ impl StateStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_older_than_7_is_refused_at_connect() {
+        let info = |v: &str| format!("# Server\r\nredis_version:{v}\r\nredis_mode:standalone\r\n");
+        assert!(check_version(&info("7.0.15")).is_ok());
+        assert!(check_version(&info("7.2.4")).is_ok());
+        assert!(check_version(&info("10.0.0")).is_ok());
+        let err = check_version(&info("6.2.14")).unwrap_err();
+        assert!(matches!(err, StoreError::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("7.0 or newer"), "{err}");
+        assert!(check_version(&info("5.0")).is_err());
+        // Nothing to judge by: allowed.
+        assert!(check_version("# Server\r\nredis_mode:standalone\r\n").is_ok());
+        assert!(check_version(&info("unstable")).is_ok());
+    }
 
     #[test]
     fn ack_replies_give_the_senders_waiting_for_receipts() {
