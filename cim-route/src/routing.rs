@@ -519,6 +519,11 @@ async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) 
     ids.dedup();
     // Copies that get their inbox seq; they are what the pushes carry.
     let mut messages: Vec<Message> = run.iter().map(|a| a.message.clone()).collect();
+    // `join!` polls in order, so on the store's one multiplexed Redis connection the store is
+    // sent before the lookup and Redis runs them in that order. A login that attaches in
+    // between either precedes the lookup (the push finds it) or follows the store (the
+    // message is at or below the inbox top the login reads, so its replay has it): no message
+    // falls between replay and live delivery (see `cim_server::session`).
     let (stored, routes) = tokio::join!(
         state.store().inbox_store(&mut messages),
         state.store().routes(&ids)
