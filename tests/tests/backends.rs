@@ -1879,6 +1879,29 @@ async fn connect_user(store: &RedisStore, user: u64, name: &str, session: &str, 
     );
 }
 
+/// The scripts are loaded at connect: the first calls on a fresh Redis never answer NOSCRIPT
+/// (whose retry would reorder the inbox store after the route lookup behind it).
+#[tokio::test]
+async fn scripts_are_loaded_at_connect() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let (store, _keys) = store_on(&redis).await;
+    let mut batch = vec![msg("m1", 1, 2)];
+    store.inbox_store(&mut batch).await?;
+    assert_eq!(store.inbox_read(2, 0, 10).await?.len(), 1);
+    let mut c = redis.connection().await?;
+    let stats: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await?;
+    let evalsha = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .expect("the scripts ran");
+    assert!(evalsha.contains("failed_calls=0"), "{evalsha}");
+    assert!(evalsha.contains("rejected_calls=0"), "{evalsha}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_refused_duplicate_leaves_no_record_in_redis() -> anyhow::Result<()> {
     let redis = Redis::start().await?;

@@ -352,6 +352,20 @@ const LAST_EVENT_ID: EventId = EventId {
 };
 
 /// UTF-8 text of a reply element.
+/// Every script, loaded at connect.
+static ALL_SCRIPTS: [&LazyLock<Script>; 10] = [
+    &ATTACH,
+    &DETACH,
+    &DEL_IF_EQ,
+    &SET_IF_EQ,
+    &RELEASE,
+    &LEASE,
+    &JOIN_INDEX,
+    &INBOX_STORE,
+    &INBOX_READ,
+    &INBOX_PRUNE,
+];
+
 /// Oldest Redis cim runs on: the scripts use `ZMSCORE` (6.2) and channel counts
 /// `ZINTERCARD` (7.0).
 const MIN_REDIS_VERSION: (u64, u64) = (7, 0);
@@ -568,6 +582,17 @@ impl RedisStore {
         .map_err(|_| StoreError::Unavailable(format!("INFO on {url} timed out")))?
         .map_err(unavailable)?;
         check_version(&info)?;
+        // Every script loaded now: otherwise each one's first call answers NOSCRIPT and is
+        // sent again, which for the inbox store means after the route lookup pipelined
+        // behind it (the order the login replay relies on; see ARCHITECTURE.md).
+        let mut load = ::redis::pipe();
+        for script in ALL_SCRIPTS {
+            load.load_script(script).ignore();
+        }
+        tokio::time::timeout(timeout, load.query_async::<()>(&mut probe))
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("loading scripts on {url} timed out")))?
+            .map_err(unavailable)?;
         Ok(Self {
             conn,
             client,
