@@ -18,7 +18,7 @@ use std::time::Duration;
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("state store unavailable: {0}")]
     Unavailable(String),
@@ -221,6 +221,23 @@ pub trait StateStore: Send + Sync + 'static {
     /// replaced by the stored copy, so what a retry pushes equals what the first attempt did. One round trip for the
     /// whole slice. An inbox over `max_messages` drops its oldest messages.
     async fn inbox_store(&self, messages: &mut [Message]) -> StoreResult<()>;
+
+    /// [`inbox_store`](Self::inbox_store), then [`routes`](Self::routes) of `user_ids`, in that
+    /// order as the store sees them, in one round trip where the store can. The order is what
+    /// a login relies on: a user who attaches between the two is either found by the lookup
+    /// or has the message below the inbox top its session reads first. When storing fails
+    /// the lookup's answer is meaningless (and may be an error too).
+    async fn inbox_store_then_routes(
+        &self,
+        messages: &mut [Message],
+        user_ids: &[u64],
+    ) -> (StoreResult<()>, StoreResult<Vec<Option<RouteEntry>>>) {
+        let stored = self.inbox_store(messages).await;
+        if stored.is_err() {
+            return (stored, Ok(Vec::new()));
+        }
+        (stored, self.routes(user_ids).await)
+    }
 
     /// Up to `limit` messages of `user_id`'s inbox with `seq > after_seq`, in seq order, each
     /// with its `seq` set. Messages older than `max_age` are skipped (and removed), and the

@@ -511,23 +511,21 @@ pub async fn route_receipts(state: &AppState, receipts: Vec<AckedReceipt>) {
 }
 
 /// Stores a run of private messages in their receivers' inboxes, then pushes them to the
-/// receivers' servers. The route lookup runs concurrently with the store (the store must
-/// finish before any push, the lookup need not).
+/// receivers' servers. The route lookup goes in the store's round trip, after it.
 async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) -> Vec<SendResult> {
     let mut ids: Vec<u64> = run.iter().map(|a| a.message.receiver_id).collect();
     ids.sort_unstable();
     ids.dedup();
     // Copies that get their inbox seq; they are what the pushes carry.
     let mut messages: Vec<Message> = run.iter().map(|a| a.message.clone()).collect();
-    // `join!` polls in order, so on the store's one multiplexed Redis connection the store is
-    // sent before the lookup and Redis runs them in that order. A login that attaches in
-    // between either precedes the lookup (the push finds it) or follows the store (the
-    // message is at or below the inbox top the login reads, so its replay has it): no message
-    // falls between replay and live delivery (see `cim_server::session`).
-    let (stored, routes) = tokio::join!(
-        state.store().inbox_store(&mut messages),
-        state.store().routes(&ids)
-    );
+    // The store before the lookup, in one round trip: a login that attaches in between is
+    // either found by the lookup (the push reaches it) or has the message at or below the
+    // inbox top its session reads first (its replay has it). No message falls between replay
+    // and live delivery (see `cim_server::session`).
+    let (stored, routes) = state
+        .store()
+        .inbox_store_then_routes(&mut messages, &ids)
+        .await;
     if let Err(e) = stored {
         tracing::warn!(error = %e, "storing messages failed");
         return run.iter().map(|a| unavailable(a.client_id)).collect();

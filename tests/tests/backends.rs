@@ -259,6 +259,7 @@ for_each_store!(
     concurrent_stores_of_one_message_store_it_once,
     inbox_read_pages_by_seq_and_limit,
     inbox_top_is_the_last_seq_given_even_once_acked,
+    inbox_store_then_routes_stores_then_looks_up,
     inbox_keeps_the_newest_max_messages,
     inbox_read_skips_and_removes_expired_messages,
     inbox_ack_removes_messages_once,
@@ -942,6 +943,31 @@ async fn inbox_top_is_the_last_seq_given_even_once_acked(s: &StoreUnderTest) -> 
     assert_eq!((s.inbox_len(2).await?, s.inbox_top(2).await?), (0, 3));
     s.inbox_store(&mut [msg("d", 1, 2)]).await?;
     assert_eq!(s.inbox_top(2).await?, 4);
+    Ok(())
+}
+
+async fn inbox_store_then_routes_stores_then_looks_up(s: &StoreUnderTest) -> anyhow::Result<()> {
+    s.connect_user(2, "u2", "s2", "srv-a").await;
+    let mut batch = vec![msg("a", 1, 2), msg("b", 1, 3), msg("c", 1, 2)];
+    let (stored, routes) = s.inbox_store_then_routes(&mut batch, &[2, 3]).await;
+    stored?;
+    assert_eq!(routes?, vec![Some(route(2, "srv-a", "s2")), None]);
+    assert_eq!(seqs(&batch), [1, 1, 2]);
+    // A retry answers with the stored copies, like `inbox_store`.
+    let mut again = vec![msg("c", 1, 2)];
+    again[0].body = "changed".into();
+    let (stored, routes) = s.inbox_store_then_routes(&mut again, &[2]).await;
+    stored?;
+    assert_eq!(routes?.len(), 1);
+    assert_eq!(
+        (again[0].seq, again[0].body.as_str()),
+        (2, batch[2].body.as_str())
+    );
+    assert_eq!(msg_ids(&s.inbox_read(2, 0, 10).await?), ["a", "c"]);
+    // Nothing to store: the lookup alone.
+    let (stored, routes) = s.inbox_store_then_routes(&mut [], &[2]).await;
+    stored?;
+    assert_eq!(routes?, vec![Some(route(2, "srv-a", "s2"))]);
     Ok(())
 }
 
@@ -1880,7 +1906,7 @@ async fn connect_user(store: &RedisStore, user: u64, name: &str, session: &str, 
 }
 
 /// The scripts are loaded at connect: the first calls on a fresh Redis never answer NOSCRIPT
-/// (whose retry would reorder the inbox store after the route lookup behind it).
+/// (and pay for a second round trip).
 #[tokio::test]
 async fn scripts_are_loaded_at_connect() -> anyhow::Result<()> {
     let redis = Redis::start().await?;
@@ -2078,6 +2104,14 @@ async fn inbox_scripts_are_reloaded_after_a_script_flush() -> anyhow::Result<()>
     let _: () = flush().query_async(&mut c).await?;
     store.inbox_store(&mut batch).await?;
     assert_eq!(seqs(&batch), [1, 2, 3]);
+
+    // Store and lookup in one pipeline: resent whole, each message stored once.
+    let _: () = flush().query_async(&mut c).await?;
+    let mut more = vec![msg("c", 1, 3)];
+    let (stored, routes) = store.inbox_store_then_routes(&mut more, &[3]).await;
+    stored?;
+    assert_eq!((routes?, seqs(&more)), (vec![None], vec![1]));
+    assert_eq!(store.inbox_len(3).await?, 1);
 
     // A read that skips "old" and prunes it on the way.
     let _: () = flush().query_async(&mut c).await?;

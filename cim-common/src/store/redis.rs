@@ -393,6 +393,48 @@ fn check_version(info: &str) -> StoreResult<()> {
     Ok(())
 }
 
+/// An inbox store's pipeline (one script call per receiver) and how to read its answers.
+struct StorePlan {
+    pipe: ::redis::Pipeline,
+    /// Messages per receiver, in call order.
+    receivers: Vec<usize>,
+    /// Position in the slice of each message, in call order.
+    order: Vec<usize>,
+}
+
+impl StorePlan {
+    /// Sets each message's seq (and, for one stored already, puts the stored copy in its
+    /// place) from the calls' answers.
+    fn apply(self, messages: &mut [Message], per_receiver: Vec<Value>) -> StoreResult<()> {
+        if per_receiver.len() != self.receivers.len() {
+            return Err(StoreError::Corrupt(format!(
+                "inbox store: {} answers for {} receivers",
+                per_receiver.len(),
+                self.receivers.len()
+            )));
+        }
+        let mut answers: Vec<(u64, Option<Vec<u8>>)> = Vec::with_capacity(messages.len());
+        for (reply, &n) in per_receiver.into_iter().zip(&self.receivers) {
+            answers.extend(stored_answers(reply, n)?);
+        }
+        for (pos, (seq, stored)) in self.order.into_iter().zip(answers) {
+            let m = &mut messages[pos];
+            // Already stored (a retry): the stored copy is the message (its timestamp, its
+            // receipt request), not the one this retry built.
+            if let Some(bytes) = stored {
+                match <Message as prost::Message>::decode(bytes.as_slice()) {
+                    Ok(copy) => *m = copy,
+                    Err(e) => {
+                        tracing::warn!(id = %m.id, error = %e, "stored message does not decode")
+                    }
+                }
+            }
+            m.seq = seq;
+        }
+        Ok(())
+    }
+}
+
 /// The answers of one INBOX_STORE call for `n` messages: each message's seq and, when it
 /// was stored already, the stored copy. See the script for the two reply shapes.
 fn stored_answers(reply: Value, n: usize) -> StoreResult<Vec<(u64, Option<Vec<u8>>)>> {
@@ -755,6 +797,69 @@ impl RedisStore {
         }
     }
 
+    /// The `MGET` of the route keys of `user_ids` (rather than GET: one round trip whatever the
+    /// count, and a one-key MGET answers an array too).
+    fn routes_lookup(&self, user_ids: &[u64]) -> ::redis::Cmd {
+        let mut cmd = ::redis::cmd("MGET");
+        for &id in user_ids {
+            cmd.arg(self.keys.route(id));
+        }
+        cmd
+    }
+
+    /// The routes in the answer of [`routes_lookup`](Self::routes_lookup).
+    fn routes_of(user_ids: &[u64], values: Vec<Option<String>>) -> Vec<Option<RouteEntry>> {
+        user_ids
+            .iter()
+            .zip(values)
+            .map(|(&id, v)| v.and_then(|v| Self::parse_route(id, &v)))
+            .collect()
+    }
+
+    /// The pipeline of one `INBOX_STORE` call per receiver, their messages in slice order.
+    fn inbox_store_plan(&self, messages: &mut [Message]) -> StorePlan {
+        let max_messages = self.limits.max_messages;
+        let max_age_ms = self.max_age_ms();
+        let mut by_receiver: Vec<(u64, Vec<usize>)> = Vec::new();
+        let mut index: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+        for (pos, m) in messages.iter().enumerate() {
+            let slot = *index.entry(m.receiver_id).or_insert_with(|| {
+                by_receiver.push((m.receiver_id, Vec::new()));
+                by_receiver.len() - 1
+            });
+            by_receiver[slot].1.push(pos);
+        }
+        let mut pipe = ::redis::pipe();
+        let mut order = Vec::with_capacity(messages.len());
+        for (user, positions) in &by_receiver {
+            let user = *user;
+            let mut invocation = INBOX_STORE.prepare_invoke();
+            invocation
+                .key(self.keys.inbox(user))
+                .key(self.keys.inbox_order(user))
+                .key(self.keys.inbox_receipts(user))
+                .key(self.keys.inbox_seq(user))
+                .arg(max_messages)
+                .arg(max_age_ms);
+            for &pos in positions {
+                let m = &mut messages[pos];
+                // Stored without its seq: the order set holds it, and a read puts it back.
+                let seq = std::mem::take(&mut m.seq);
+                let bytes = m.encode_to_vec();
+                m.seq = seq;
+                let receipt_sender = if m.receipt { m.sender_id } else { 0 };
+                invocation.arg(&m.id).arg(bytes).arg(receipt_sender);
+                order.push(pos);
+            }
+            pipe.invoke_script(&invocation);
+        }
+        StorePlan {
+            pipe,
+            receivers: by_receiver.into_iter().map(|(_, p)| p.len()).collect(),
+            order,
+        }
+    }
+
     fn parse_route(user_id: u64, value: &str) -> Option<RouteEntry> {
         let (server, session) = keys::parse_route_value(value)?;
         Some(RouteEntry {
@@ -954,19 +1059,12 @@ impl StateStore for RedisStore {
         if user_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = user_ids.iter().map(|&id| self.keys.route(id)).collect();
-        // MGET rather than GET: one round trip whatever the count (a one-key MGET returns a
-        // one-element array too, unlike GET with a single key through the typed API).
-        let values: Vec<Option<String>> = ::redis::cmd("MGET")
-            .arg(&keys)
+        let values: Vec<Option<String>> = self
+            .routes_lookup(user_ids)
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        Ok(user_ids
-            .iter()
-            .zip(values)
-            .map(|(&id, v)| v.and_then(|v| Self::parse_route(id, &v)))
-            .collect())
+        Ok(Self::routes_of(user_ids, values))
     }
 
     async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)> {
@@ -1055,70 +1153,38 @@ impl StateStore for RedisStore {
         if messages.is_empty() {
             return Ok(());
         }
-        let max_messages = self.limits.max_messages;
-        let max_age_ms = self.max_age_ms();
-        // One script call per receiver, its messages in slice order; `order` lists the
-        // positions in call order, to map the answers back.
-        let mut by_receiver: Vec<(u64, Vec<usize>)> = Vec::new();
-        let mut index: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
-        for (pos, m) in messages.iter().enumerate() {
-            let slot = *index.entry(m.receiver_id).or_insert_with(|| {
-                by_receiver.push((m.receiver_id, Vec::new()));
-                by_receiver.len() - 1
-            });
-            by_receiver[slot].1.push(pos);
-        }
-        let mut pipe = ::redis::pipe();
-        let mut order = Vec::with_capacity(messages.len());
-        for (user, positions) in &by_receiver {
-            let user = *user;
-            let mut invocation = INBOX_STORE.prepare_invoke();
-            invocation
-                .key(self.keys.inbox(user))
-                .key(self.keys.inbox_order(user))
-                .key(self.keys.inbox_receipts(user))
-                .key(self.keys.inbox_seq(user))
-                .arg(max_messages)
-                .arg(max_age_ms);
-            for &pos in positions {
-                let m = &mut messages[pos];
-                // Stored without its seq: the order set holds it, and a read puts it back.
-                let seq = std::mem::take(&mut m.seq);
-                let bytes = m.encode_to_vec();
-                m.seq = seq;
-                let receipt_sender = if m.receipt { m.sender_id } else { 0 };
-                invocation.arg(&m.id).arg(bytes).arg(receipt_sender);
-                order.push(pos);
+        let plan = self.inbox_store_plan(messages);
+        let per_receiver: Vec<Value> = self.run_scripts(&plan.pipe, &[&INBOX_STORE]).await?;
+        plan.apply(messages, per_receiver)
+    }
+
+    async fn inbox_store_then_routes(
+        &self,
+        messages: &mut [Message],
+        user_ids: &[u64],
+    ) -> (StoreResult<()>, StoreResult<Vec<Option<RouteEntry>>>) {
+        if messages.is_empty() || user_ids.is_empty() {
+            let stored = self.inbox_store(messages).await;
+            if stored.is_err() {
+                return (stored, Ok(Vec::new()));
             }
-            pipe.invoke_script(&invocation);
+            return (stored, self.routes(user_ids).await);
         }
-        let per_receiver: Vec<Value> = self.run_scripts(&pipe, &[&INBOX_STORE]).await?;
-        if per_receiver.len() != by_receiver.len() {
-            return Err(StoreError::Corrupt(format!(
-                "inbox store: {} answers for {} receivers",
-                per_receiver.len(),
-                by_receiver.len()
-            )));
-        }
-        let mut answers: Vec<(u64, Option<Vec<u8>>)> = Vec::with_capacity(messages.len());
-        for (reply, (_, positions)) in per_receiver.into_iter().zip(&by_receiver) {
-            answers.extend(stored_answers(reply, positions.len())?);
-        }
-        for (pos, (seq, stored)) in order.into_iter().zip(answers) {
-            let m = &mut messages[pos];
-            // Already stored (a retry): the stored copy is the message (its timestamp, its
-            // receipt request), not the one this retry built.
-            if let Some(bytes) = stored {
-                match <Message as prost::Message>::decode(bytes.as_slice()) {
-                    Ok(copy) => *m = copy,
-                    Err(e) => {
-                        tracing::warn!(id = %m.id, error = %e, "stored message does not decode")
-                    }
-                }
-            }
-            m.seq = seq;
-        }
-        Ok(())
+        // One pipeline, the lookup last: sent again whole after a NOSCRIPT, so the lookup
+        // always follows the store.
+        let mut plan = self.inbox_store_plan(messages);
+        plan.pipe.add_command(self.routes_lookup(user_ids));
+        let mut replies: Vec<Value> = match self.run_scripts(&plan.pipe, &[&INBOX_STORE]).await {
+            Ok(replies) => replies,
+            Err(e) => return (Err(e.clone()), Err(e)),
+        };
+        let routes = match replies.pop() {
+            Some(value) => ::redis::from_owned_redis_value::<Vec<Option<String>>>(value)
+                .map(|values| Self::routes_of(user_ids, values))
+                .map_err(|e| StoreError::Corrupt(format!("route lookup reply: {e}"))),
+            None => Err(StoreError::Corrupt("route lookup: no reply".into())),
+        };
+        (plan.apply(messages, replies), routes)
     }
 
     async fn inbox_read(
