@@ -23,7 +23,8 @@
 //! once it knew it was connected, however many pages the replay takes.
 //!
 //! A send that finds its forward lane full is not refused at once: the session stops reading
-//! (the client's writes back up in TCP) until there is room, for up to `forward_wait_ms`.
+//! (the client's writes back up in TCP) until there is room, for up to `forward_wait_ms`, and
+//! goes on writing what is queued for the client meanwhile.
 
 use crate::{
     ack::{self, AckItem},
@@ -676,14 +677,32 @@ async fn serve<T: Transport>(
             // burst stays one run in the forward call, which the route and the inbox store
             // handle per receiver (measured: one at a time, flat out fell from ~70k to
             // ~52k msg/s, the inbox script taking 4 messages per call instead of 30).
-            let refused = Box::pin(state.forward.submit_all_waiting(
-                conn,
-                *sends,
-                config.forward_wait(),
-            ))
-            .await;
-            for send in refused {
-                conn.reply(overloaded(send.client_id));
+            // Writing goes on: pushes, results and kicks for this client still leave, so a
+            // held sender is never closed as a slow consumer by its own wait.
+            let wait = async {
+                let submit = state
+                    .forward
+                    .submit_all_waiting(conn, *sends, config.forward_wait());
+                tokio::pin!(submit);
+                loop {
+                    tokio::select! {
+                        biased;
+                        refused = &mut submit => return Ok(refused),
+                        () = conn.notified() => {
+                            if let Some(end) = flush_queue(state, transport, conn, replayed_upto).await {
+                                return Err(end);
+                            }
+                        }
+                    }
+                }
+            };
+            match Box::pin(wait).await {
+                Ok(refused) => {
+                    for send in refused {
+                        conn.reply(overloaded(send.client_id));
+                    }
+                }
+                Err(end) => return end,
             }
             last_activity = Instant::now();
         }
@@ -1134,6 +1153,43 @@ mod tests {
             other => panic!("expected the Pong, got {other:?}"),
         }
         for client_id in 2..=sends {
+            assert_eq!(h.forwarded.recv().await.unwrap().send.client_id, client_id);
+        }
+    }
+
+    /// A held sender is not read, but still written to: what is pushed to it meanwhile
+    /// arrives before its lane has room.
+    #[tokio::test]
+    async fn a_held_sender_still_gets_its_pushes() {
+        let mut h = Harness::new(ServerConfig {
+            forward_queue: 1,
+            ..test_config()
+        });
+        let (mut client, _task) = h.login(11, "s").await;
+        let sends = crate::forward::MIN_LANE_QUEUE as u64 + 1;
+        for client_id in 1..=sends {
+            let send = Send {
+                client_id,
+                ..Default::default()
+            };
+            client.send(Frame::new(Body::Send(send))).await.unwrap();
+        }
+        // The lane is full once the session has read every send (they arrive in one read):
+        // the last one is held and the session is waiting for room.
+        while h.forwarded.len() < crate::forward::MIN_LANE_QUEUE {
+            tokio::task::yield_now().await;
+        }
+        let mut message = stored(11, "pushed", "while held");
+        message.seq = 1;
+        h.state.table.get(11).unwrap().enqueue(live_push(message));
+        // Bounded: without the writes during the wait it would never come (the lane stays
+        // full until the test drains it below).
+        let frame = tokio::time::timeout(Duration::from_secs(10), next(&mut client))
+            .await
+            .expect("the push reaches a held sender");
+        assert_eq!(push_of(frame).messages[0].id, "pushed");
+        // Only now is there room: every send, the held one included, reaches the lane.
+        for client_id in 1..=sends {
             assert_eq!(h.forwarded.recv().await.unwrap().send.client_id, client_id);
         }
     }
