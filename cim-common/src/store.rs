@@ -31,6 +31,20 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// [`StateStore::inbox_store_then_routes`] as two calls, one after the other (stores without
+/// a pipeline, and the Redis store when there is nothing to pipeline).
+async fn store_then_routes_in_turn<S: StateStore + ?Sized>(
+    store: &S,
+    messages: &mut [Message],
+    user_ids: &[u64],
+) -> (StoreResult<()>, StoreResult<Vec<Option<RouteEntry>>>) {
+    let stored = store.inbox_store(messages).await;
+    if stored.is_err() {
+        return (stored, Ok(Vec::new()));
+    }
+    (stored, store.routes(user_ids).await)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
     pub id: u64,
@@ -232,11 +246,7 @@ pub trait StateStore: Send + Sync + 'static {
         messages: &mut [Message],
         user_ids: &[u64],
     ) -> (StoreResult<()>, StoreResult<Vec<Option<RouteEntry>>>) {
-        let stored = self.inbox_store(messages).await;
-        if stored.is_err() {
-            return (stored, Ok(Vec::new()));
-        }
-        (stored, self.routes(user_ids).await)
+        store_then_routes_in_turn(self, messages, user_ids).await
     }
 
     /// Up to `limit` messages of `user_id`'s inbox with `seq > after_seq`, in seq order, each

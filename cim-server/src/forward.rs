@@ -357,17 +357,26 @@ mod tests {
         assert!(split_by_bytes(Vec::new(), 1000).is_empty());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn held_sends_enter_together_once_there_is_room_or_come_back() {
-        let (queue, mut lanes) = ForwardQueue::new(1, 1);
-        let conn = Arc::new(ConnShared::new(1, "a".into(), "s".into(), 8));
-        let send = |id| Send {
-            client_id: id,
+    fn send(client_id: u64) -> Send {
+        Send {
+            client_id,
             ..Default::default()
-        };
+        }
+    }
+
+    /// User 1's connection, its lane filled with sends 0..MIN_LANE_QUEUE.
+    fn full_lane_of_user_1(queue: &ForwardQueue) -> Arc<ConnShared> {
+        let conn = Arc::new(ConnShared::new(1, "a".into(), "s".into(), 8));
         for id in 0..MIN_LANE_QUEUE as u64 {
             assert!(queue.submit(&conn, send(id)).is_ok());
         }
+        conn
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_sends_enter_together_once_there_is_room_or_come_back() {
+        let (queue, mut lanes) = ForwardQueue::new(1, 1);
+        let conn = full_lane_of_user_1(&queue);
         // Full, and nobody drains it: all three come back after the wait, in order.
         let wait = Duration::from_millis(50);
         let refused = queue
@@ -395,14 +404,7 @@ mod tests {
     fn queue_refuses_when_the_lane_is_full() {
         let (queue, mut lanes) = ForwardQueue::new(1, 2);
         assert_eq!(lanes.len(), 2);
-        let conn = Arc::new(ConnShared::new(1, "a".into(), "s".into(), 8));
-        let send = |id| Send {
-            client_id: id,
-            ..Default::default()
-        };
-        for id in 0..MIN_LANE_QUEUE as u64 {
-            assert!(queue.submit(&conn, send(id)).is_ok());
-        }
+        let conn = full_lane_of_user_1(&queue);
         let refused = queue.submit(&conn, send(99)).unwrap_err();
         assert_eq!(refused.client_id, 99);
         // User 1's sends all went to lane 1, in order; lane 0 is free for user 2.

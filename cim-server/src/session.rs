@@ -51,9 +51,6 @@ const MAX_FRAMES_PER_WAKE: usize = 64;
 const MAX_LINGER: Duration = Duration::from_secs(1);
 /// Messages per inbox read during the replay.
 const REPLAY_PAGE: usize = 200;
-/// What a client is told when its inbox cannot be read at login.
-const INBOX_UNAVAILABLE: &str =
-    "state store unavailable: your stored messages cannot be read, reconnect later";
 
 /// A way of exchanging frames with one client.
 pub(crate) trait Transport: Send {
@@ -529,9 +526,8 @@ fn replay_frames(messages: Vec<Message>) -> Vec<Outbound> {
     .collect()
 }
 
-/// One page of the user's inbox after `after`; a store failure ends the connection with
-/// `UNAVAILABLE` (the client reconnects and tries again: going on without the replay would
-/// leave its stored messages waiting for the next connection).
+/// One page of the user's inbox after `after`; a store failure ends the connection
+/// ([`inbox_unavailable`]).
 async fn inbox_page<T: Transport>(
     state: &ServerState,
     transport: &mut T,
@@ -544,17 +540,21 @@ async fn inbox_page<T: Transport>(
         .await
     {
         Ok(page) => Ok(page),
-        Err(e) => {
-            warn!(error = %e, "reading the inbox failed");
-            Err(fail(
-                state,
-                transport,
-                ErrorCode::Unavailable,
-                INBOX_UNAVAILABLE.into(),
-            )
-            .await)
-        }
+        Err(e) => Err(inbox_unavailable(state, transport, e).await),
     }
+}
+
+/// Ends a login whose inbox cannot be read with `UNAVAILABLE` (the client reconnects and
+/// tries again: going on without the replay would leave its stored messages waiting for the
+/// next connection).
+async fn inbox_unavailable<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    e: cim_common::store::StoreError,
+) -> End {
+    warn!(error = %e, "reading the inbox failed");
+    let message = "state store unavailable: your stored messages cannot be read, reconnect later";
+    fail(state, transport, ErrorCode::Unavailable, message.into()).await
 }
 
 /// The inbox's top seq, then its first page (in that order: whatever the page holds past
@@ -566,16 +566,7 @@ async fn inbox_start<T: Transport>(
 ) -> Result<(u64, Vec<Message>), End> {
     let top = match state.store.inbox_top(conn.user_id).await {
         Ok(top) => top,
-        Err(e) => {
-            warn!(error = %e, "reading the inbox failed");
-            return Err(fail(
-                state,
-                transport,
-                ErrorCode::Unavailable,
-                INBOX_UNAVAILABLE.into(),
-            )
-            .await);
-        }
+        Err(e) => return Err(inbox_unavailable(state, transport, e).await),
     };
     if top == 0 {
         // Nothing was ever stored for this user: no page to read.
@@ -1126,6 +1117,20 @@ mod tests {
         assert_eq!(pending.send, send);
     }
 
+    /// Sends one more `Send` than the harness's single lane holds (`forward_queue: 1`);
+    /// returns how many (client ids 1..=that).
+    async fn send_one_past_a_full_lane(client: &mut crate::testing::Client) -> u64 {
+        let sends = crate::forward::MIN_LANE_QUEUE as u64 + 1;
+        for client_id in 1..=sends {
+            let send = Send {
+                client_id,
+                ..Default::default()
+            };
+            client.send(Frame::new(Body::Send(send))).await.unwrap();
+        }
+        sends
+    }
+
     /// A sender whose lane is full is not refused: its session stops reading until the lane
     /// has room, then takes the send (and whatever followed it) in order.
     #[tokio::test]
@@ -1136,14 +1141,7 @@ mod tests {
         });
         let (mut client, _task) = h.login(11, "s").await;
         // The one lane holds its minimum; the send after that must wait.
-        let sends = crate::forward::MIN_LANE_QUEUE as u64 + 1;
-        for client_id in 1..=sends {
-            let send = Send {
-                client_id,
-                ..Default::default()
-            };
-            client.send(Frame::new(Body::Send(send))).await.unwrap();
-        }
+        let sends = send_one_past_a_full_lane(&mut client).await;
         client.send(ping(5)).await.unwrap();
         // Room for one: the waiting send goes in, the session reads on and answers the
         // ping. Refusing the send would have answered it first.
@@ -1166,14 +1164,7 @@ mod tests {
             ..test_config()
         });
         let (mut client, _task) = h.login(11, "s").await;
-        let sends = crate::forward::MIN_LANE_QUEUE as u64 + 1;
-        for client_id in 1..=sends {
-            let send = Send {
-                client_id,
-                ..Default::default()
-            };
-            client.send(Frame::new(Body::Send(send))).await.unwrap();
-        }
+        let sends = send_one_past_a_full_lane(&mut client).await;
         // The lane is full once the session has read every send (they arrive in one read):
         // the last one is held and the session is waiting for room.
         while h.forwarded.len() < crate::forward::MIN_LANE_QUEUE {
@@ -1203,14 +1194,7 @@ mod tests {
         });
         let (mut client, _task) = h.login(11, "s").await;
         // Nobody drains the lane here.
-        let overflow = crate::forward::MIN_LANE_QUEUE as u64 + 1;
-        for client_id in 1..=overflow {
-            let send = Send {
-                client_id,
-                ..Default::default()
-            };
-            client.send(Frame::new(Body::Send(send))).await.unwrap();
-        }
+        let overflow = send_one_past_a_full_lane(&mut client).await;
         match next(&mut client).await.body {
             Some(Body::SendResult(r)) => {
                 assert_eq!(r.client_id, overflow);

@@ -1164,11 +1164,7 @@ impl StateStore for RedisStore {
         user_ids: &[u64],
     ) -> (StoreResult<()>, StoreResult<Vec<Option<RouteEntry>>>) {
         if messages.is_empty() || user_ids.is_empty() {
-            let stored = self.inbox_store(messages).await;
-            if stored.is_err() {
-                return (stored, Ok(Vec::new()));
-            }
-            return (stored, self.routes(user_ids).await);
+            return super::store_then_routes_in_turn(self, messages, user_ids).await;
         }
         // One pipeline, the lookup last: sent again whole after a NOSCRIPT, so the lookup
         // always follows the store.
