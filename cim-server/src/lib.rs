@@ -13,8 +13,9 @@
 //! - `ws`: the WebSocket transport (tokio-tungstenite, binary or JSON, small buffers).
 //! - `conn`: the shared handle of a logged-in connection with its bounded outbound queue,
 //!   shared pre-encoded outbound frames, and the table of connections by user.
-//! - `forward`: batching client sends to live routes (`POST /internal/forward`) in per-sender
-//!   lanes and handing the results back to the connections.
+//! - `forward`: batching client sends to live routes (`POST /internal/forward`), calls that
+//!   grow with load before they multiply, a sender's sends never in two calls at once, and
+//!   handing the results back to the connections.
 //! - `ack`: batching clients' acks into inbox removals, and forwarding the receipts they
 //!   produce to a route.
 //! - `chunks`: cutting ordered batches into runs bounded by encoded size (replay frames,

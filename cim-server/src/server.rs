@@ -130,8 +130,13 @@ pub async fn start(
         routes,
         id.clone(),
     ));
-    let (forward, lanes) = ForwardQueue::new(config.forward_queue, config.forward_concurrency);
-    let forwarder = Forwarder::new(lanes, caller.clone(), config.forward_batch_max);
+    let (forward, forward_rx) = ForwardQueue::new(config.forward_queue);
+    let forwarder = Forwarder::new(
+        forward_rx,
+        caller.clone(),
+        config.forward_batch_max,
+        config.forward_concurrency,
+    );
     let (acks, acks_rx) = AckQueue::new(ack::QUEUE_CAPACITY);
     let info = ServiceInfo {
         id: id.clone(),

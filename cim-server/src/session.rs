@@ -22,7 +22,7 @@
 //! it as: sent before the login completed ("while you were offline"), never a message sent
 //! once it knew it was connected, however many pages the replay takes.
 //!
-//! A send that finds its forward lane full is not refused at once: the session stops reading
+//! A send that finds the forward queue full is not refused at once: the session stops reading
 //! (the client's writes back up in TCP) until there is room, for up to `forward_wait_ms`, and
 //! goes on writing what is queued for the client meanwhile.
 
@@ -384,7 +384,7 @@ enum Step {
 /// Handles one result of `recv` in the logged-in loop. Answers go through the connection's
 /// own queue so that they are written together with pending deliveries.
 ///
-/// A send that finds its forward lane full goes to `held`, and so does every send after it
+/// A send that finds the forward queue full goes to `held`, and so does every send after it
 /// until the session has waited for room (sends keep their order); other frames are
 /// answered meanwhile.
 // Boxed, not a bare Vec: `held` lives in the session future that every idle connection holds,
@@ -657,14 +657,14 @@ async fn serve<T: Transport>(
     let deadline = tokio::time::sleep_until(last_activity + config.heartbeat_timeout());
     tokio::pin!(deadline);
 
-    // Sends waiting for room in their forward lane (see `on_recv`). Awaited outside the
+    // Sends waiting for room in the forward queue (see `on_recv`). Awaited outside the
     // `select!`, whose futures would otherwise be held alongside, growing every idle
     // session's future; boxed for the same reason.
     let mut held: Option<Box<Vec<crate::pb::Send>>> = None;
     loop {
         if let Some(sends) = held.take() {
             // Not reading meanwhile is the point: the client's writes back up in TCP. The
-            // sends of one wake-up wait together and enter the lane together: a sender's
+            // sends of one wake-up wait together and enter the queue together: a sender's
             // burst stays one run in the forward call, which the route and the inbox store
             // handle per receiver (measured: one at a time, flat out fell from ~70k to
             // ~52k msg/s, the inbox script taking 4 messages per call instead of 30).
@@ -1117,10 +1117,10 @@ mod tests {
         assert_eq!(pending.send, send);
     }
 
-    /// Sends one more `Send` than the harness's single lane holds (`forward_queue: 1`);
+    /// Sends one more `Send` than the harness's forward queue holds (`forward_queue: 1`);
     /// returns how many (client ids 1..=that).
-    async fn send_one_past_a_full_lane(client: &mut crate::testing::Client) -> u64 {
-        let sends = crate::forward::MIN_LANE_QUEUE as u64 + 1;
+    async fn send_one_past_a_full_queue(client: &mut crate::testing::Client) -> u64 {
+        let sends = crate::forward::MIN_QUEUE as u64 + 1;
         for client_id in 1..=sends {
             let send = Send {
                 client_id,
@@ -1131,17 +1131,17 @@ mod tests {
         sends
     }
 
-    /// A sender whose lane is full is not refused: its session stops reading until the lane
+    /// A sender that finds the queue full is not refused: its session stops reading until the queue
     /// has room, then takes the send (and whatever followed it) in order.
     #[tokio::test]
-    async fn a_full_forward_lane_holds_the_sender_back_instead_of_refusing() {
+    async fn a_full_forward_queue_holds_the_sender_back_instead_of_refusing() {
         let mut h = Harness::new(ServerConfig {
             forward_queue: 1,
             ..test_config()
         });
         let (mut client, _task) = h.login(11, "s").await;
-        // The one lane holds its minimum; the send after that must wait.
-        let sends = send_one_past_a_full_lane(&mut client).await;
+        // The queue holds its minimum; the send after that must wait.
+        let sends = send_one_past_a_full_queue(&mut client).await;
         client.send(ping(5)).await.unwrap();
         // Room for one: the waiting send goes in, the session reads on and answers the
         // ping. Refusing the send would have answered it first.
@@ -1156,7 +1156,7 @@ mod tests {
     }
 
     /// A held sender is not read, but still written to: what is pushed to it meanwhile
-    /// arrives before its lane has room.
+    /// arrives before the queue has room.
     #[tokio::test]
     async fn a_held_sender_still_gets_its_pushes() {
         let mut h = Harness::new(ServerConfig {
@@ -1164,22 +1164,22 @@ mod tests {
             ..test_config()
         });
         let (mut client, _task) = h.login(11, "s").await;
-        let sends = send_one_past_a_full_lane(&mut client).await;
-        // The lane is full once the session has read every send (they arrive in one read):
+        let sends = send_one_past_a_full_queue(&mut client).await;
+        // The queue is full once the session has read every send (they arrive in one read):
         // the last one is held and the session is waiting for room.
-        while h.forwarded.len() < crate::forward::MIN_LANE_QUEUE {
+        while h.forwarded.len() < crate::forward::MIN_QUEUE {
             tokio::task::yield_now().await;
         }
         let mut message = stored(11, "pushed", "while held");
         message.seq = 1;
         h.state.table.get(11).unwrap().enqueue(live_push(message));
-        // Bounded: without the writes during the wait it would never come (the lane stays
+        // Bounded: without the writes during the wait it would never come (the queue stays
         // full until the test drains it below).
         let frame = tokio::time::timeout(Duration::from_secs(10), next(&mut client))
             .await
             .expect("the push reaches a held sender");
         assert_eq!(push_of(frame).messages[0].id, "pushed");
-        // Only now is there room: every send, the held one included, reaches the lane.
+        // Only now is there room: every send, the held one included, reaches the queue.
         for client_id in 1..=sends {
             assert_eq!(h.forwarded.recv().await.unwrap().send.client_id, client_id);
         }
@@ -1193,8 +1193,8 @@ mod tests {
             ..test_config()
         });
         let (mut client, _task) = h.login(11, "s").await;
-        // Nobody drains the lane here.
-        let overflow = send_one_past_a_full_lane(&mut client).await;
+        // Nobody drains the queue here.
+        let overflow = send_one_past_a_full_queue(&mut client).await;
         match next(&mut client).await.body {
             Some(Body::SendResult(r)) => {
                 assert_eq!(r.client_id, overflow);

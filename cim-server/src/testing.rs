@@ -110,7 +110,7 @@ pub(crate) struct Harness {
 impl Harness {
     pub(crate) fn new(config: ServerConfig) -> Self {
         let store = Arc::new(TestStore::default());
-        let (forward, mut lanes) = ForwardQueue::new(config.forward_queue, 1);
+        let (forward, forwarded) = ForwardQueue::new(config.forward_queue);
         let (acks, acked) = AckQueue::new(64);
         let state = Arc::new(ServerState::new(
             "server-test01".into(),
@@ -122,7 +122,7 @@ impl Harness {
         Self {
             state,
             store,
-            forwarded: lanes.remove(0),
+            forwarded,
             acked: acked.rx,
         }
     }
