@@ -188,8 +188,7 @@ impl RouteCaller {
 pub(crate) struct Forwarder {
     rx: mpsc::Receiver<Pending>,
     caller: Arc<RouteCaller>,
-    batch_max: usize,
-    max_calls: usize,
+    limits: Limits,
 }
 
 impl Forwarder {
@@ -202,19 +201,17 @@ impl Forwarder {
         Self {
             rx,
             caller,
-            batch_max,
-            max_calls,
+            limits: Limits {
+                batch_max,
+                max_calls,
+            },
         }
     }
 
     /// Runs the forwarder as a task on `tracker` until `cancel`.
     pub(crate) fn spawn(self, cancel: &CancellationToken, tracker: &TaskTracker) {
         let caller = self.caller;
-        let limits = Limits {
-            batch_max: self.batch_max,
-            max_calls: self.max_calls,
-        };
-        tracker.spawn(run(self.rx, limits, cancel.clone(), move |batch| {
+        tracker.spawn(run(self.rx, self.limits, cancel.clone(), move |batch| {
             let caller = caller.clone();
             async move {
                 for calls in split_by_bytes(batch, BATCH_BYTES) {
@@ -591,6 +588,15 @@ mod tests {
                 .expect("forwarder stopped")
         }
 
+        /// One send of `user` on an idle forwarder: it leaves at once, alone. Returns what
+        /// answers that call.
+        async fn first(&mut self, user: u64) -> tokio::sync::oneshot::Sender<()> {
+            self.submit(user, 0..1);
+            let (sends, done) = self.next().await;
+            assert_eq!(sends, [(user, 0)]);
+            done
+        }
+
         /// No call started: checked once every task waits (the clock is paused, so this
         /// sleep ends only when nothing else can run).
         async fn none_started(&mut self) {
@@ -603,9 +609,7 @@ mod tests {
     async fn one_call_at_a_time_until_a_full_batch_waits() {
         let mut calls = Calls::start(4, 2);
         // Idle: a send leaves at once.
-        calls.submit(1, 0..1);
-        let (first, first_done) = calls.next().await;
-        assert_eq!(first, [(1, 0)]);
+        let first_done = calls.first(1).await;
         // While it is out, sends gather: three are not a full batch.
         calls.submit(2, 10..13);
         calls.none_started().await;
@@ -626,9 +630,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_users_sends_never_overtake_its_call_in_flight() {
         let mut calls = Calls::start(4, 4);
-        calls.submit(1, 0..1);
-        let (first, first_done) = calls.next().await;
-        assert_eq!(first, [(1, 0)]);
+        let first_done = calls.first(1).await;
         // User 1's next sends wait for its call; user 2's fill a batch and leave beside it.
         calls.submit(1, 1..3);
         calls.submit(2, 10..14);
@@ -645,9 +647,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_batch_leaves_the_rest_of_a_users_sends_for_the_next_call() {
         let mut calls = Calls::start(3, 1);
-        calls.submit(9, 0..1);
-        let (first, first_done) = calls.next().await;
-        assert_eq!(first, [(9, 0)]);
+        let first_done = calls.first(9).await;
         // Behind it: user 1's five sends, then user 2's one. A call takes the first three;
         // user 1's last two stay (and so does user 2's send behind them) for the next call.
         calls.submit(1, 1..6);

@@ -1117,6 +1117,19 @@ mod tests {
         assert_eq!(pending.send, send);
     }
 
+    /// A harness whose forward queue holds its minimum (`forward_queue: 1`, and `config`'s
+    /// other fields), with user 11 logged in.
+    async fn small_queue(
+        config: ServerConfig,
+    ) -> (Harness, crate::testing::Client, tokio::task::JoinHandle<()>) {
+        let h = Harness::new(ServerConfig {
+            forward_queue: 1,
+            ..config
+        });
+        let (client, task) = h.login(11, "s").await;
+        (h, client, task)
+    }
+
     /// Sends one more `Send` than the harness's forward queue holds (`forward_queue: 1`);
     /// returns how many (client ids 1..=that).
     async fn send_one_past_a_full_queue(client: &mut crate::testing::Client) -> u64 {
@@ -1131,15 +1144,11 @@ mod tests {
         sends
     }
 
-    /// A sender that finds the queue full is not refused: its session stops reading until the queue
-    /// has room, then takes the send (and whatever followed it) in order.
+    /// A sender that finds the queue full is not refused: its session stops reading until
+    /// the queue has room, then takes the send (and whatever followed it) in order.
     #[tokio::test]
     async fn a_full_forward_queue_holds_the_sender_back_instead_of_refusing() {
-        let mut h = Harness::new(ServerConfig {
-            forward_queue: 1,
-            ..test_config()
-        });
-        let (mut client, _task) = h.login(11, "s").await;
+        let (mut h, mut client, _task) = small_queue(test_config()).await;
         // The queue holds its minimum; the send after that must wait.
         let sends = send_one_past_a_full_queue(&mut client).await;
         client.send(ping(5)).await.unwrap();
@@ -1159,11 +1168,7 @@ mod tests {
     /// arrives before the queue has room.
     #[tokio::test]
     async fn a_held_sender_still_gets_its_pushes() {
-        let mut h = Harness::new(ServerConfig {
-            forward_queue: 1,
-            ..test_config()
-        });
-        let (mut client, _task) = h.login(11, "s").await;
+        let (mut h, mut client, _task) = small_queue(test_config()).await;
         let sends = send_one_past_a_full_queue(&mut client).await;
         // The queue is full once the session has read every send (they arrive in one read):
         // the last one is held and the session is waiting for room.
@@ -1187,12 +1192,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_send_that_finds_no_room_in_time_is_answered_overloaded() {
-        let h = Harness::new(ServerConfig {
-            forward_queue: 1,
+        let (_h, mut client, _task) = small_queue(ServerConfig {
             forward_wait_ms: 50,
             ..test_config()
-        });
-        let (mut client, _task) = h.login(11, "s").await;
+        })
+        .await;
         // Nobody drains the queue here.
         let overflow = send_one_past_a_full_queue(&mut client).await;
         match next(&mut client).await.body {
