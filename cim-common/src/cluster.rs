@@ -1,6 +1,10 @@
-//! Internal calls between cim processes: protobuf bodies over HTTP/1.1 keep-alive connections,
-//! authenticated by the cluster secret in a header. The client side is [`ClusterClient`]; the
-//! server side (axum) is [`Protobuf`] plus [`authorized`].
+//! Internal calls between cim processes: protobuf bodies, authenticated by the cluster secret.
+//! The caller's side is [`ClusterClient`]: it keeps one [`rpc`] connection per peer (an
+//! upgrade of the peer's internal HTTP listener) and calls over HTTP/1.1 POSTs a peer that
+//! does not speak it. The serving side (axum) is [`Protobuf`] plus [`authorized`], and
+//! [`rpc::endpoint`] for the upgrade.
+
+pub mod rpc;
 
 use axum::{
     body::Bytes,
@@ -9,7 +13,12 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use prost::Message;
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::time::Instant;
 
 /// Header carrying the cluster secret.
 pub const SECRET_HEADER: &str = "x-cim-cluster-secret";
@@ -35,6 +44,8 @@ pub enum ClusterError {
         status: StatusCode,
         body: String,
     },
+    #[error("call to {url} failed: {reason}")]
+    Rpc { url: String, reason: String },
     #[error("call to {url} answered an undecodable body: {source}")]
     Decode {
         url: String,
@@ -51,15 +62,38 @@ pub fn authorized(headers: &HeaderMap, secret: &str) -> bool {
         .is_some_and(|v| v.as_bytes().ct_eq(secret.as_bytes()).into())
 }
 
-/// Client for internal calls (cheap to clone: one shared connection pool).
+/// How long a peer that refused the cim-rpc upgrade is called over HTTP before it is asked
+/// again (a peer of an older version during a rolling upgrade, until it is replaced).
+const HTTP_ONLY_FOR: Duration = Duration::from_secs(30);
+
+/// Peers remembered before closed connections are pruned.
+const PRUNE_PEERS_PAST: usize = 256;
+
+/// Client for internal calls (cheap to clone: the connections are shared).
 #[derive(Clone)]
 pub struct ClusterClient {
     http: reqwest::Client,
-    secret: String,
+    secret: Arc<str>,
+    timeout: Duration,
+    peers: Arc<Mutex<HashMap<String, Arc<Peer>>>>,
+}
+
+/// How one peer is called: the open connection, or HTTP until a time.
+#[derive(Default)]
+struct Peer(tokio::sync::Mutex<PeerState>);
+
+#[derive(Default)]
+struct PeerState {
+    channel: Option<Arc<rpc::Channel>>,
+    http_until: Option<Instant>,
+}
+
+fn url(addr: &str, path: &str) -> String {
+    format!("http://{addr}{path}")
 }
 
 impl ClusterClient {
-    /// Every call has `timeout` as its deadline.
+    /// Every call has `timeout` as its deadline (opening a connection included).
     pub fn new(secret: &str, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -70,43 +104,159 @@ impl ClusterClient {
             .expect("http client builds");
         Self {
             http,
-            secret: secret.to_string(),
+            secret: secret.into(),
+            timeout,
+            peers: Arc::default(),
         }
     }
 
-    /// POSTs `req` to `http://{addr}{path}` and decodes the answer.
+    /// Calls `path` at the internal listener `addr` (`host:port`) with `req` and decodes the
+    /// answer: over the peer's cim-rpc connection (opened on first use), or as an HTTP POST
+    /// when the peer does not serve cim-rpc.
     pub async fn call<Req: Message, Resp: Message + Default>(
         &self,
         addr: &str,
         path: &str,
         req: &Req,
     ) -> Result<Resp, ClusterError> {
-        let url = format!("http://{addr}{path}");
+        let deadline = Instant::now() + self.timeout;
+        let late = || ClusterError::Rpc {
+            url: url(addr, path),
+            reason: format!("no answer within {:?}", self.timeout),
+        };
+        let channel = tokio::time::timeout_at(deadline, self.channel(addr, path))
+            .await
+            .map_err(|_| late())??;
+        let Some(channel) = channel else {
+            return self.call_http(addr, path, req).await;
+        };
+        let answer = match tokio::time::timeout_at(deadline, channel.call(path, req)).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                return Err(ClusterError::Rpc {
+                    url: url(addr, path),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                // As an HTTP client drops a connection whose request timed out: a peer that
+                // stopped answering may have a wedged connection; the next call opens anew.
+                channel.close();
+                return Err(late());
+            }
+        };
+        Self::decode(addr, path, answer.status, answer.body)
+    }
+
+    /// The open connection to `addr`, opening one if there is none; `None` when the peer is
+    /// to be called over HTTP.
+    async fn channel(
+        &self,
+        addr: &str,
+        path: &str,
+    ) -> Result<Option<Arc<rpc::Channel>>, ClusterError> {
+        let peer = {
+            let mut peers = self.peers.lock().expect("peers lock");
+            match peers.get(addr) {
+                Some(peer) => peer.clone(),
+                None => {
+                    if peers.len() >= PRUNE_PEERS_PAST {
+                        peers.retain(|_, peer| {
+                            peer.0.try_lock().map_or(true, |state| {
+                                state.channel.as_ref().is_some_and(|c| !c.is_closed())
+                            })
+                        });
+                    }
+                    peers.entry(addr.to_string()).or_default().clone()
+                }
+            }
+        };
+        // Held while opening, so that concurrent callers share the one new connection.
+        let mut state = peer.0.lock().await;
+        if let Some(channel) = &state.channel {
+            if !channel.is_closed() {
+                return Ok(Some(channel.clone()));
+            }
+            state.channel = None;
+        }
+        if state.http_until.is_some_and(|until| Instant::now() < until) {
+            return Ok(None);
+        }
+        match rpc::Channel::open(&self.http, addr, &self.secret).await {
+            Ok(rpc::Opened::Channel(channel)) => {
+                let channel = Arc::new(channel);
+                state.channel = Some(channel.clone());
+                state.http_until = None;
+                Ok(Some(channel))
+            }
+            // No such endpoint: a version before cim-rpc.
+            Ok(rpc::Opened::Refused { status, .. })
+                if matches!(
+                    status,
+                    StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+                ) =>
+            {
+                tracing::debug!(peer = addr, %status, "peer has no cim-rpc; calling it over HTTP");
+                state.http_until = Some(Instant::now() + HTTP_ONLY_FOR);
+                Ok(None)
+            }
+            // A refusal (wrong secret, shutting down) is the call's answer, as over HTTP.
+            Ok(rpc::Opened::Refused { status, body }) => {
+                Err(Self::status_error(addr, path, status, &body))
+            }
+            Err(source) => Err(ClusterError::Transport {
+                url: url(addr, path),
+                source,
+            }),
+        }
+    }
+
+    /// The same call as an HTTP POST to `http://{addr}{path}`.
+    async fn call_http<Req: Message, Resp: Message + Default>(
+        &self,
+        addr: &str,
+        path: &str,
+        req: &Req,
+    ) -> Result<Resp, ClusterError> {
+        let transport = |source| ClusterError::Transport {
+            url: url(addr, path),
+            source,
+        };
         let resp = self
             .http
-            .post(&url)
-            .header(SECRET_HEADER, &self.secret)
+            .post(url(addr, path))
+            .header(SECRET_HEADER, &*self.secret)
             .header(header::CONTENT_TYPE, CONTENT_TYPE)
             .body(req.encode_to_vec())
             .send()
             .await
-            .map_err(|source| ClusterError::Transport {
-                url: url.clone(),
-                source,
-            })?;
+            .map_err(transport)?;
         let status = resp.status();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|source| ClusterError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        if !status.is_success() {
-            let body = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
-            return Err(ClusterError::Status { url, status, body });
+        let body = resp.bytes().await.map_err(transport)?;
+        Self::decode(addr, path, status, body)
+    }
+
+    fn status_error(addr: &str, path: &str, status: StatusCode, body: &[u8]) -> ClusterError {
+        ClusterError::Status {
+            url: url(addr, path),
+            status,
+            body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
         }
-        Resp::decode(body).map_err(|source| ClusterError::Decode { url, source })
+    }
+
+    fn decode<Resp: Message + Default>(
+        addr: &str,
+        path: &str,
+        status: StatusCode,
+        body: Bytes,
+    ) -> Result<Resp, ClusterError> {
+        if !status.is_success() {
+            return Err(Self::status_error(addr, path, status, &body));
+        }
+        Resp::decode(body).map_err(|source| ClusterError::Decode {
+            url: url(addr, path),
+            source,
+        })
     }
 }
 
@@ -143,4 +293,147 @@ impl<T: Message> IntoResponse for Protobuf<T> {
 /// The rejection for a call without the right secret.
 pub fn unauthorized() -> Response {
     (StatusCode::UNAUTHORIZED, "missing or wrong cluster secret").into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::cluster::{PresenceRequest, PresenceResponse};
+    use axum::{extract::State, routing::post, Router};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio_util::sync::CancellationToken;
+
+    const SECRET: &str = "test-secret-0123456789";
+
+    /// `/count` answers how many calls it has had (as `online`).
+    fn calls(counter: Arc<AtomicUsize>) -> Router {
+        Router::new()
+            .route(
+                "/count",
+                post(|State(n): State<Arc<AtomicUsize>>, Protobuf(_): Protobuf<PresenceRequest>| async move {
+                    Protobuf(PresenceResponse {
+                        online: n.fetch_add(1, Ordering::SeqCst) as u64 + 1,
+                        ..Default::default()
+                    })
+                }),
+            )
+            .with_state(counter)
+    }
+
+    /// Serves `/count` as a POST, with the cim-rpc endpoint when `rpc` is given, behind the
+    /// secret check as the real listeners do. Returns the address.
+    async fn peer(rpc: Option<CancellationToken>) -> String {
+        let counter = Arc::new(AtomicUsize::new(0));
+        let mut app = calls(counter.clone());
+        if let Some(cancel) = rpc {
+            app = app.route(rpc::PATH, rpc::endpoint(calls(counter), cancel));
+        }
+        let app = app.route_layer(axum::middleware::from_fn(
+            |req: Request, next: axum::middleware::Next| async move {
+                if authorized(req.headers(), SECRET) {
+                    next.run(req).await
+                } else {
+                    unauthorized()
+                }
+            },
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    async fn count(client: &ClusterClient, addr: &str) -> Result<u64, ClusterError> {
+        client
+            .call::<_, PresenceResponse>(addr, "/count", &PresenceRequest::default())
+            .await
+            .map(|r| r.online)
+    }
+
+    fn open_channel(client: &ClusterClient, addr: &str) -> Option<Arc<rpc::Channel>> {
+        let peer = client.peers.lock().unwrap().get(addr)?.clone();
+        let state = peer.0.try_lock().unwrap();
+        state.channel.clone().filter(|c| !c.is_closed())
+    }
+
+    #[tokio::test]
+    async fn calls_travel_over_one_rpc_connection_and_reopen_after_it_breaks() {
+        let cancel = CancellationToken::new();
+        let addr = peer(Some(cancel.clone())).await;
+        let client = ClusterClient::new(SECRET, Duration::from_secs(5));
+        for expected in 1..=3 {
+            assert_eq!(count(&client, &addr).await.unwrap(), expected);
+        }
+        let first = open_channel(&client, &addr).expect("the calls went over cim-rpc");
+        // Closed on our side (as after a deadline): the next call opens a new connection.
+        first.close();
+        assert_eq!(count(&client, &addr).await.unwrap(), 4);
+        let channel = open_channel(&client, &addr).expect("a new connection");
+        assert!(!Arc::ptr_eq(&first, &channel));
+        // The peer ends its connections (as when it shuts down).
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !channel.is_closed() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the client notices the closed connection");
+        // The endpoint is still mounted but its token has fired: the upgrade is refused as
+        // shutting down, and the call fails with that answer rather than hanging.
+        match count(&client, &addr).await.unwrap_err() {
+            ClusterError::Status { status, .. } => {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE)
+            }
+            other => panic!("expected 503, got {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_rpc_is_called_over_http() {
+        let addr = peer(None).await;
+        let client = ClusterClient::new(SECRET, Duration::from_secs(5));
+        assert_eq!(count(&client, &addr).await.unwrap(), 1);
+        assert_eq!(count(&client, &addr).await.unwrap(), 2);
+        assert!(open_channel(&client, &addr).is_none());
+        let peer = client.peers.lock().unwrap().get(&addr).unwrap().clone();
+        assert!(peer.0.try_lock().unwrap().http_until.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_wrong_secret_is_refused_on_both_paths() {
+        let addr = peer(Some(CancellationToken::new())).await;
+        let intruder = ClusterClient::new("wrong-secret-0123456789", Duration::from_secs(5));
+        match count(&intruder, &addr).await.unwrap_err() {
+            ClusterError::Status { status, .. } => assert_eq!(status, StatusCode::UNAUTHORIZED),
+            other => panic!("expected 401, got {other}"),
+        }
+        assert!(open_channel(&intruder, &addr).is_none());
+        let peer = intruder.peers.lock().unwrap().get(&addr).unwrap().clone();
+        assert!(
+            peer.0.try_lock().unwrap().http_until.is_none(),
+            "a refusal is not taken for a peer without cim-rpc"
+        );
+        // An upgrade request without the secret is refused before it switches.
+        let resp = reqwest::Client::new()
+            .get(format!("http://{addr}{}", rpc::PATH))
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, rpc::PROTOCOL)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_peer_fails_within_the_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let client = ClusterClient::new(SECRET, Duration::from_secs(5));
+        match count(&client, &addr).await.unwrap_err() {
+            ClusterError::Transport { url, .. } => assert!(url.contains(&addr)),
+            other => panic!("expected a transport error, got {other}"),
+        }
+    }
 }

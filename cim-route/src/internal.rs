@@ -2,7 +2,8 @@
 //! forward the messages their clients sent, as protobuf, authenticated by the cluster secret.
 //!
 //! `POST /internal/forward`: `ForwardRequest` → `ForwardResponse`, `results[i]` answers
-//! `items[i]`. The sender of each item is the one the server authenticated on its connection.
+//! `items[i]`. Servers make this call over one cim-rpc connection per route
+//! (`/internal/rpc`, see `cim_common::cluster::rpc`); the POST serves older callers and tools. The sender of each item is the one the server authenticated on its connection.
 //! The request's `receipts` (acks of messages that asked for one) become RECEIPT messages to
 //! their original senders.
 
@@ -18,15 +19,22 @@ use axum::{
     Router,
 };
 use cim_common::{
-    cluster::{self, Protobuf},
+    cluster::{self, rpc, Protobuf},
     pb::cluster::{ForwardRequest, ForwardResponse},
 };
+use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
-/// Router of the internal listener.
-pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/internal/forward", post(forward))
+/// Router of the internal listener: `/internal/forward` as an HTTP POST and over cim-rpc
+/// connections (`/internal/rpc`, served until `cancel` fires), through the same handler.
+pub fn app(state: AppState, cancel: CancellationToken) -> Router {
+    let calls = Router::new().route("/internal/forward", post(forward));
+    let rpc_calls = calls
+        .clone()
+        .layer(DefaultBodyLimit::max(cluster::MAX_BODY))
+        .with_state(state.clone());
+    calls
+        .route(rpc::PATH, rpc::endpoint(rpc_calls, cancel))
         // Checked before the body is read: an unauthenticated caller cannot make us buffer
         // up to MAX_BODY bytes.
         .route_layer(middleware::from_fn_with_state(
@@ -103,7 +111,7 @@ mod tests {
     #[tokio::test]
     async fn forward_requires_the_cluster_secret() {
         let (state, _tx) = state_with(Arc::new(MemoryStore::new()), vec![], |_| {});
-        let router = app(state);
+        let router = app(state, CancellationToken::new());
         for secret in [None, Some("wrong-secret-wrong-secret")] {
             let resp = router
                 .clone()
@@ -153,7 +161,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let resp = app(state)
+        let resp = app(state, CancellationToken::new())
             .oneshot(request(Some(DEV_SECRET), req.encode_to_vec()))
             .await
             .unwrap();
@@ -198,7 +206,7 @@ mod tests {
             ..Default::default()
         };
         for _ in 0..2 {
-            let resp = app(state.clone())
+            let resp = app(state.clone(), CancellationToken::new())
                 .oneshot(request(Some(DEV_SECRET), req.encode_to_vec()))
                 .await
                 .unwrap();

@@ -196,7 +196,7 @@ pub async fn start(
         )),
         tokio::spawn(serve(
             listeners.internal,
-            internal::app(state),
+            internal::app(state, cancel.clone()),
             cancel.clone(),
             "internal",
         )),

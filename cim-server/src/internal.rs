@@ -1,6 +1,8 @@
 //! The internal API that routes call (axum, on the internal listener): pushes of messages to
 //! connected users and kicks. Every `/internal/*` call must carry the cluster secret; the
-//! check runs before the body is read. `/healthz` is open (for load balancers and probes, and
+//! check runs before the body is read. Routes make these calls over one cim-rpc connection
+//! each (`/internal/rpc`, an upgrade checked by the same secret); the HTTP POSTs stay for
+//! callers of an older version and for tools. `/healthz` is open (for load balancers and probes, and
 //! `cim-bench`, which reads the process's memory and CPU time from it).
 
 use crate::{
@@ -22,19 +24,26 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use cim_common::cluster::{authorized, unauthorized, Protobuf, MAX_BODY};
+use cim_common::cluster::{authorized, rpc, unauthorized, Protobuf, MAX_BODY};
 use std::sync::{atomic::Ordering, Arc};
 use tokio::net::TcpListener;
 use tracing::{error, info};
 
 type AppState = Arc<ServerState>;
 
-/// The internal API's routes.
+/// The internal API's routes. The calls are served both as HTTP POSTs and over cim-rpc
+/// connections ([`rpc::endpoint`]), through the same handlers.
 pub(crate) fn router(state: AppState) -> Router {
-    let internal = Router::new()
+    let calls = Router::new()
         .route("/internal/push", post(push))
         .route("/internal/kick", post(kick))
-        .route("/internal/presence", post(presence))
+        .route("/internal/presence", post(presence));
+    let rpc_calls = calls
+        .clone()
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state.clone());
+    let internal = calls
+        .route(rpc::PATH, rpc::endpoint(rpc_calls, state.cancel.clone()))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,
