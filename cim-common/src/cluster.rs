@@ -260,6 +260,21 @@ impl ClusterClient {
     }
 }
 
+/// `listener` with Nagle's algorithm off on every connection it accepts. A cim-rpc connection
+/// carries small answers while others are still unacknowledged, and Nagle would hold each of
+/// those back until the caller's delayed ACK (tens of milliseconds). Callers' connections
+/// already have it off (`ClusterClient`).
+pub fn without_nagle(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot turn Nagle's algorithm off");
+        }
+    })
+}
+
 /// Axum extractor and response for protobuf bodies.
 pub struct Protobuf<T>(pub T);
 

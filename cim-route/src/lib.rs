@@ -119,7 +119,7 @@ impl Drop for RouteHandle {
 
 /// Serves `router` on `listener` until `cancel` fires.
 async fn serve(listener: TcpListener, router: axum::Router, cancel: CancellationToken, what: &str) {
-    if let Err(e) = axum::serve(listener, router)
+    if let Err(e) = axum::serve(cim_common::cluster::without_nagle(listener), router)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
     {

@@ -59,7 +59,7 @@ pub(crate) fn router(state: AppState) -> Router {
 pub(crate) async fn serve(state: AppState, listener: TcpListener) {
     let cancel = state.cancel.clone();
     let app = router(state);
-    if let Err(e) = axum::serve(listener, app)
+    if let Err(e) = axum::serve(cim_common::cluster::without_nagle(listener), app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
     {
