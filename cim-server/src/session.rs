@@ -1313,6 +1313,18 @@ mod tests {
         }
     }
 
+    /// Stores a message for user 7, then pushes it live to user 7's connection, as a route
+    /// does (stored before pushed).
+    async fn store_then_push(h: &Harness, id: &str) {
+        let mut message = vec![stored(7, id, "after")];
+        h.store.inbox_store(&mut message).await.unwrap();
+        h.state
+            .table
+            .get(7)
+            .unwrap()
+            .enqueue(live_push(message.remove(0)));
+    }
+
     fn push_of(frame: Frame) -> Push {
         match frame.body {
             Some(Body::Push(push)) => push,
@@ -1364,13 +1376,7 @@ mod tests {
         // `login` returns with the LoginResult read: the inbox was read before it was sent,
         // so what is stored from now on is not part of the replay.
         let (mut client, _task) = h.login(7, "s").await;
-        let mut after = vec![stored(7, "m2", "after")];
-        h.store.inbox_store(&mut after).await.unwrap();
-        h.state
-            .table
-            .get(7)
-            .unwrap()
-            .enqueue(live_push(after[0].clone()));
+        store_then_push(&h, "m2").await;
         let replayed = push_of(next(&mut client).await);
         assert!(replayed.replay);
         let ids: Vec<&str> = replayed.messages.iter().map(|m| m.id.as_str()).collect();
@@ -1393,13 +1399,7 @@ mod tests {
         let (mut client, _task) = h.login(7, "s").await;
         // The session wrote the first page and is reading the second one.
         h.store.entered.notified().await;
-        let mut after = vec![stored(7, "late", "after")];
-        h.store.inbox_store(&mut after).await.unwrap();
-        h.state
-            .table
-            .get(7)
-            .unwrap()
-            .enqueue(live_push(after[0].clone()));
+        store_then_push(&h, "late").await;
         h.store.resume.notify_one();
         let mut replayed = Vec::new();
         let live = loop {

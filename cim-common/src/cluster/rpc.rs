@@ -40,6 +40,7 @@ use prost::Message;
 use std::{
     collections::HashMap,
     io,
+    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -321,33 +322,40 @@ where
     R: AsyncRead + Send,
 {
     let mut frames = FramedRead::new(Box::pin(read), codec());
-    loop {
-        let frame = tokio::select! {
-            () = closed.cancelled() => break,
-            frame = frames.next() => frame,
-        };
-        match frame {
-            Some(Ok(frame)) => match decode_answer(frame.freeze()) {
-                Ok((id, answer)) => {
-                    // None: the call stopped waiting (deadline); its answer is dropped.
-                    if let Some(tx) = waiting.take(id) {
-                        let _ = tx.send(answer);
-                    }
-                }
-                Err(e) => {
-                    warn!(error = e, "rpc connection: undecodable answer, closing");
-                    break;
-                }
-            },
-            Some(Err(e)) => {
-                debug!(error = %e, "rpc connection: reading failed");
-                break;
-            }
-            None => break,
+    while let Some((id, answer)) = next_frame(&mut frames, &closed, decode_answer).await {
+        // None: the call stopped waiting (deadline); its answer is dropped.
+        if let Some(tx) = waiting.take(id) {
+            let _ = tx.send(answer);
         }
     }
     closed.cancel();
     waiting.close();
+}
+
+/// The next frame of `frames`, decoded. `None` ends the connection: the end of the stream,
+/// `stop` firing, or a frame that cannot be read (oversize lengths included: nothing past the
+/// limit is buffered) or decoded, each logged.
+async fn next_frame<R, T>(
+    frames: &mut FramedRead<Pin<Box<R>>, LengthDelimitedCodec>,
+    stop: &CancellationToken,
+    decode: fn(Bytes) -> Result<T, &'static str>,
+) -> Option<T>
+where
+    R: AsyncRead,
+{
+    let frame = tokio::select! {
+        () = stop.cancelled() => return None,
+        frame = frames.next() => frame?,
+    };
+    match frame {
+        Ok(frame) => decode(frame.freeze())
+            .inspect_err(|e| warn!(error = e, "rpc connection: undecodable frame, closing"))
+            .ok(),
+        Err(e) => {
+            debug!(error = %e, "rpc connection: reading failed");
+            None
+        }
+    }
 }
 
 /// The upgrade endpoint for an internal listener: answers `101` and serves the connection's
@@ -410,24 +418,8 @@ where
             () = cancel.cancelled() => break,
             permit = running.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
-        let frame = tokio::select! {
-            () = cancel.cancelled() => break,
-            frame = frames.next() => frame,
-        };
-        let call = match frame {
-            Some(Ok(frame)) => match decode_call(frame.freeze()) {
-                Ok(call) => call,
-                Err(e) => {
-                    warn!(error = e, "rpc connection: undecodable call, closing");
-                    break;
-                }
-            },
-            Some(Err(e)) => {
-                // Oversize lengths land here too: nothing past the limit is buffered.
-                debug!(error = %e, "rpc connection: reading failed");
-                break;
-            }
-            None => break,
+        let Some(call) = next_frame(&mut frames, &cancel, decode_call).await else {
+            break;
         };
         let (calls, answers) = (calls.clone(), answers.clone());
         tokio::spawn(async move {
