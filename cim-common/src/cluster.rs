@@ -316,7 +316,7 @@ mod tests {
     use crate::pb::cluster::{PresenceRequest, PresenceResponse};
     use axum::{extract::State, routing::post, Router};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio_util::sync::CancellationToken;
+    use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
     const SECRET: &str = "test-secret-0123456789";
 
@@ -341,7 +341,10 @@ mod tests {
         let counter = Arc::new(AtomicUsize::new(0));
         let mut app = calls(counter.clone());
         if let Some(cancel) = rpc {
-            app = app.route(rpc::PATH, rpc::endpoint(calls(counter), cancel));
+            app = app.route(
+                rpc::PATH,
+                rpc::endpoint(calls(counter), cancel, TaskTracker::new()),
+            );
         }
         let app = app.route_layer(axum::middleware::from_fn(
             |req: Request, next: axum::middleware::Next| async move {

@@ -22,19 +22,20 @@ use cim_common::{
     cluster::{self, rpc, Protobuf},
     pb::cluster::{ForwardRequest, ForwardResponse},
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_http::trace::TraceLayer;
 
 /// Router of the internal listener: `/internal/forward` as an HTTP POST and over cim-rpc
-/// connections (`/internal/rpc`, served until `cancel` fires), through the same handler.
-pub fn app(state: AppState, cancel: CancellationToken) -> Router {
+/// connections (`/internal/rpc`, served in tasks of `tracker` until `cancel` fires), through
+/// the same handler.
+pub fn app(state: AppState, cancel: CancellationToken, tracker: TaskTracker) -> Router {
     let calls = Router::new().route("/internal/forward", post(forward));
     let rpc_calls = calls
         .clone()
         .layer(DefaultBodyLimit::max(cluster::MAX_BODY))
         .with_state(state.clone());
     calls
-        .route(rpc::PATH, rpc::endpoint(rpc_calls, cancel))
+        .route(rpc::PATH, rpc::endpoint(rpc_calls, cancel, tracker))
         // Checked before the body is read: an unauthenticated caller cannot make us buffer
         // up to MAX_BODY bytes.
         .route_layer(middleware::from_fn_with_state(
@@ -111,7 +112,7 @@ mod tests {
     #[tokio::test]
     async fn forward_requires_the_cluster_secret() {
         let (state, _tx) = state_with(Arc::new(MemoryStore::new()), vec![], |_| {});
-        let router = app(state, CancellationToken::new());
+        let router = app(state, CancellationToken::new(), TaskTracker::new());
         for secret in [None, Some("wrong-secret-wrong-secret")] {
             let resp = router
                 .clone()
@@ -161,7 +162,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let resp = app(state, CancellationToken::new())
+        let resp = app(state, CancellationToken::new(), TaskTracker::new())
             .oneshot(request(Some(DEV_SECRET), req.encode_to_vec()))
             .await
             .unwrap();
@@ -206,7 +207,7 @@ mod tests {
             ..Default::default()
         };
         for _ in 0..2 {
-            let resp = app(state.clone(), CancellationToken::new())
+            let resp = app(state.clone(), CancellationToken::new(), TaskTracker::new())
                 .oneshot(request(Some(DEV_SECRET), req.encode_to_vec()))
                 .await
                 .unwrap();

@@ -50,7 +50,7 @@ use cim_common::{
 };
 use std::{net::SocketAddr, time::Duration};
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// The two listeners of a route, already bound.
 pub struct Listeners {
@@ -69,6 +69,9 @@ pub struct RouteHandle {
     cancel: CancellationToken,
     registration: Option<Box<dyn Registration>>,
     tasks: Vec<JoinHandle<()>>,
+    /// cim-rpc connections (upgraded out of the internal listener's HTTP server, which no
+    /// longer waits for them).
+    connections: TaskTracker,
     /// How long shutdown waits for in-flight requests.
     drain: Duration,
 }
@@ -90,7 +93,7 @@ impl RouteHandle {
     }
 
     /// Leaves the registry first (servers stop forwarding here), then stops accepting, lets
-    /// in-flight requests finish within the request deadline, and returns.
+    /// in-flight requests and cim-rpc calls finish within the request deadline, and returns.
     pub async fn shutdown(mut self) {
         if let Some(registration) = self.registration.take() {
             if let Err(e) = registration.deregister().await {
@@ -100,11 +103,16 @@ impl RouteHandle {
         self.cancel.cancel();
         let tasks = std::mem::take(&mut self.tasks);
         let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
-        if tokio::time::timeout(self.drain, futures_util::future::join_all(tasks))
-            .await
-            .is_err()
-        {
-            tracing::warn!("in-flight requests outlived the shutdown deadline; aborting them");
+        self.connections.close();
+        let drained = async {
+            futures_util::future::join_all(tasks).await;
+            self.connections.wait().await;
+        };
+        if tokio::time::timeout(self.drain, drained).await.is_err() {
+            tracing::warn!(
+                rpc_connections = self.connections.len(),
+                "in-flight requests outlived the shutdown deadline; aborting them"
+            );
             aborts.iter().for_each(|a| a.abort());
         }
         tracing::info!(id = %self.id, "route stopped");
@@ -171,6 +179,7 @@ pub async fn start(
     let state = AppState::new(id.clone(), config, backends.store.clone(), servers);
 
     let cancel = CancellationToken::new();
+    let connections = TaskTracker::new();
     let mut tasks = vec![tokio::spawn(sweep::run(
         state.clone(),
         watch,
@@ -196,7 +205,7 @@ pub async fn start(
         )),
         tokio::spawn(serve(
             listeners.internal,
-            internal::app(state, cancel.clone()),
+            internal::app(state, cancel.clone(), connections.clone()),
             cancel.clone(),
             "internal",
         )),
@@ -208,6 +217,7 @@ pub async fn start(
         cancel,
         registration: None,
         tasks,
+        connections,
         drain,
     };
     match backends

@@ -27,13 +27,14 @@ use axum::{
 use cim_common::cluster::{authorized, rpc, unauthorized, Protobuf, MAX_BODY};
 use std::sync::{atomic::Ordering, Arc};
 use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 type AppState = Arc<ServerState>;
 
 /// The internal API's routes. The calls are served both as HTTP POSTs and over cim-rpc
 /// connections ([`rpc::endpoint`]), through the same handlers.
-pub(crate) fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState, tracker: TaskTracker) -> Router {
     let calls = Router::new()
         .route("/internal/push", post(push))
         .route("/internal/kick", post(kick))
@@ -43,7 +44,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state.clone());
     let internal = calls
-        .route(rpc::PATH, rpc::endpoint(rpc_calls, state.cancel.clone()))
+        .route(
+            rpc::PATH,
+            rpc::endpoint(rpc_calls, state.cancel.clone(), tracker),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,
@@ -55,10 +59,11 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the internal API until the server shuts down.
-pub(crate) async fn serve(state: AppState, listener: TcpListener) {
+/// Serves the internal API until the server shuts down; cim-rpc connections are served in
+/// tasks of `tracker` (the server's, which its shutdown waits for).
+pub(crate) async fn serve(state: AppState, listener: TcpListener, tracker: TaskTracker) {
     let cancel = state.cancel.clone();
-    let app = router(state);
+    let app = router(state, tracker);
     if let Err(e) = axum::serve(cim_common::cluster::without_nagle(listener), app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await

@@ -165,7 +165,11 @@ pub async fn start(
     ));
     tracker.spawn(accept_tcp(state.clone(), listeners.tcp, tracker.clone()));
     tracker.spawn(accept_ws(state.clone(), listeners.ws, tracker.clone()));
-    tracker.spawn(internal::serve(state.clone(), listeners.internal));
+    tracker.spawn(internal::serve(
+        state.clone(),
+        listeners.internal,
+        tracker.clone(),
+    ));
 
     // Registered last: routes assign clients only to a server that already serves them.
     let registration = match backends

@@ -23,7 +23,10 @@
 //! and [`Channel::is_closed`] tells the caller to open a new one. A frame that cannot be
 //! decoded ends the connection (peers are authenticated cluster members, so it is a bug or a
 //! version mismatch, not something to answer). The peer stops reading calls when its
-//! listener shuts down, sends the answers of the calls it took, then closes.
+//! listener shuts down, sends the answers of the calls it took, then closes. An upgraded
+//! connection is no longer the HTTP server's (its graceful shutdown does not wait for it), so
+//! [`endpoint`] serves it in a task of the owner's `TaskTracker`, which the owner's shutdown
+//! waits for: a call the peer took is answered before the process exits.
 
 use super::{CONTENT_TYPE, MAX_BODY, SECRET_HEADER};
 use axum::{
@@ -53,6 +56,7 @@ use tokio::{
 use tokio_util::{
     codec::{FramedRead, FramedWrite, LengthDelimitedCodec},
     sync::CancellationToken,
+    task::TaskTracker,
 };
 use tower::ServiceExt;
 use tracing::{debug, warn};
@@ -360,18 +364,28 @@ where
 
 /// The upgrade endpoint for an internal listener: answers `101` and serves the connection's
 /// calls through `calls` until the caller closes it or `cancel` fires. Mount it behind the
-/// listener's cluster-secret check, at [`PATH`].
-pub fn endpoint<S>(calls: Router, cancel: CancellationToken) -> MethodRouter<S>
+/// listener's cluster-secret check, at [`PATH`]. Each connection is served in a task of
+/// `tracker` (it ends once the calls it took are answered): wait for the tracker on shutdown.
+pub fn endpoint<S>(
+    calls: Router,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) -> MethodRouter<S>
 where
     S: Clone + Send + Sync + 'static,
 {
     get(move |req: Request| {
-        let (calls, cancel) = (calls.clone(), cancel.clone());
-        async move { accept(req, calls, cancel) }
+        let (calls, cancel, tracker) = (calls.clone(), cancel.clone(), tracker.clone());
+        async move { accept(req, calls, cancel, &tracker) }
     })
 }
 
-fn accept(req: Request, calls: Router, cancel: CancellationToken) -> Response {
+fn accept(
+    req: Request,
+    calls: Router,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Response {
     if cancel.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
@@ -388,7 +402,7 @@ fn accept(req: Request, calls: Router, cancel: CancellationToken) -> Response {
             .into_response();
     }
     let upgrade = hyper::upgrade::on(req);
-    tokio::spawn(async move {
+    tracker.spawn(async move {
         match upgrade.await {
             Ok(upgraded) => serve(hyper_util::rt::TokioIo::new(upgraded), calls, cancel).await,
             Err(e) => debug!(error = %e, "rpc upgrade did not complete"),
@@ -628,6 +642,62 @@ mod tests {
                 .unwrap();
             assert!(rest.is_empty(), "nothing is answered to {bad:?}");
         }
+    }
+
+    /// The endpoint over a real listener: an upgraded connection is served in a task of the
+    /// owner's tracker, so the owner's shutdown waits for a call the peer took (the HTTP
+    /// server's graceful shutdown no longer sees the connection once it is upgraded).
+    #[tokio::test]
+    async fn an_upgraded_connection_is_tracked_until_its_calls_are_answered() {
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let gated = Router::new().route(
+            "/gate",
+            post({
+                let (arrived, release) = (arrived.clone(), release.clone());
+                move || async move {
+                    arrived.notify_one();
+                    release.notified().await;
+                    PresenceResponse {
+                        online: 5,
+                        ..Default::default()
+                    }
+                    .encode_to_vec()
+                }
+            }),
+        );
+        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let app: Router =
+            Router::new().route(PATH, endpoint(gated, cancel.clone(), tracker.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = cancel.clone().cancelled_owned();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        });
+        let Opened::Channel(channel) = Channel::open(&reqwest::Client::new(), &addr, "s")
+            .await
+            .unwrap()
+        else {
+            panic!("the endpoint refused the upgrade");
+        };
+        let call = tokio::spawn(async move { channel.call("/gate", &asking(5)).await });
+        arrived.notified().await;
+
+        // Shutdown: the HTTP server is done at once, the connection is not.
+        cancel.cancel();
+        tracker.close();
+        http.await.unwrap().unwrap();
+        assert_eq!(tracker.len(), 1, "the upgraded connection is still served");
+        assert!(!call.is_finished());
+
+        release.notify_one();
+        assert_eq!(answered(call.await.unwrap().unwrap()), 5);
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .expect("the connection's task ends once its call is answered");
     }
 
     #[test]
