@@ -45,7 +45,8 @@
 # (server-c 19020/19021/19120, server-d 19030/…); CIM_CLUSTER_SECRET reaches both the cluster
 # and cim-bench; CIM_WORKER_THREADS [1] is the tokio worker count of every cim-server and
 # cim-route (cluster.sh's, and the 100k mode's further servers): all of them, Redis, etcd and
-# the bench share the machine, so one worker each by default; 0 = one per core.
+# the bench share the machine, so one worker each by default; 0 = one per core. (Each bench
+# process runs on one worker too: cim-bench's own default.)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
