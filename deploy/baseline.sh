@@ -30,7 +30,10 @@
 # servers (2 to 8: cluster.sh's two and server-c… started here with its flags). Six, not
 # five: a server holds its share plus a few hundred files, and 100,000 / 5 does not fit under
 # a 20,000-file hard limit; with fewer servers the open-file limit is raised, which needs the
-# right to (root with CAP_SYS_RESOURCE).
+# right to (root with CAP_SYS_RESOURCE). Then fanout-100k: [5] BASELINE_100K_FANOUT_COUNT
+# group messages [3s] BASELINE_100K_FANOUT_INTERVAL apart to as many receivers, over the same
+# processes: the first sends and holds its share, the others are `--receive-only`; their
+# reports (send and last-receipt times per message) merge into one time to the last receipt.
 #
 # Results in ./run/baseline/results/ (results-100k/ in 100k mode; BASELINE_RUN_DIR sets the
 # run folder), replaced at each run: STEP.json (one cim-bench report; STEP-N.json for each
@@ -97,6 +100,8 @@ big_processes=${BASELINE_100K_PROCESSES:-6}
 big_hold=${BASELINE_100K_HOLD:-30s}
 big_servers=${BASELINE_100K_SERVERS:-6}
 big_rate=${BASELINE_100K_RATE:-1000}
+big_fanout_count=${BASELINE_100K_FANOUT_COUNT:-5}
+big_fanout_interval=${BASELINE_100K_FANOUT_INTERVAL:-3s}
 
 # Source addresses for the bench processes: all of 127.0.0.0/8 is loopback on Linux, and each
 # address has its own ephemeral ports, so parallel processes get disjoint slices of these.
@@ -343,6 +348,34 @@ connect_step() {
     wait_benches "${names[*]}" "${pids[@]}"
 }
 
+# fanout-100k: group messages to TOTAL receivers held by PROCESSES bench processes: the
+# first sends (and waits until the others' receivers are online), the rest --receive-only.
+fanout_big_step() {
+    local total=$1 procs=$2 offset=$3
+    local per=$(((total + procs - 1) / procs)) i n name limit
+    local -a pids=() names=() common=()
+    wait_idle
+    log "fanout-100k: $big_fanout_count group messages to $total receivers in $procs processes"
+    common=(--count "$big_fanout_count" --interval "$big_fanout_interval" --start-wait 300s)
+    # Connecting (unpaced, bounded concurrency) within the start wait, then the schedule.
+    limit=$((300 + $(secs_of "$big_fanout_interval") * big_fanout_count + 120))
+    for ((i = 0; i < procs; i++)); do
+        n=$((total / procs + (i < total % procs ? 1 : 0)))
+        name=fanout-100k-$i
+        if ((i == 0)); then
+            # Users offset (the sender) and offset+1… (its receivers).
+            launch_bench "$name" "$limit" fanout --receivers "$n" --others $((total - n)) \
+                "${common[@]}" --user-offset "$offset"
+        else
+            launch_bench "$name" "$limit" fanout --receive-only --receivers "$n" \
+                "${common[@]}" --user-offset $((offset + 1 + i * per))
+        fi
+        pids+=("$launched")
+        names+=("$name")
+    done
+    wait_benches "${names[*]}" "${pids[@]}"
+}
+
 # bench_step NAME LIMIT ARGS…: one bench process, waited for.
 bench_step() {
     local name=$1 limit=$2
@@ -450,6 +483,29 @@ fanout_row() {
         echo "| fanout | failed: see fanout.log | | | | | |"
 }
 
+# The fanout-100k processes as one row: a message's time to the last receipt is its latest
+# receipt in any process; CPU from the sending process (its span covers every delivery).
+fanout_big_row() {
+    jq -rs "$jq_lib"'
+        def median: sort | if length == 0 then null
+            elif length % 2 == 1 then .[length / 2 | floor]
+            else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+        (map(select(.role == "send")) | first) as $s
+        | (map(.receivers) | add) as $receivers
+        | (map(.deliveries) | add) as $deliveries
+        | ($s.sent * $receivers) as $expected
+        | ([.[].per_message[]] | group_by(.number)
+            | map({sent: (map(.sent_unix_ns) | max), last: (map(.last_unix_ns) | max)})
+            | map(select(.last > 0) | (.last - .sent) / 1e6)) as $t
+        | ["fanout-100k (\($s.messages) messages, \(length) proc.)", $receivers,
+           "\($deliveries) / \($expected)", ($expected - $deliveries),
+           "\($t | median | f(1)) / \($t | max | f(1))",
+           (if ($t | add // 0) > 0 then $deliveries / (($t | add) / 1000) else null end | f(0)),
+           "\(if $deliveries > 0 then $s.cpu.total_ms * 1000 / $deliveries else null end | f(2)) (\(if $deliveries > 0 then $s.cpu.servers_ms * 1000 / $deliveries else null end | f(2)))"]
+        | row' "$results"/fanout-100k-[0-9]*.json 2>/dev/null ||
+        echo "| fanout-100k | failed: see fanout-100k-*.log | | | | | |"
+}
+
 # Writes summary.md and baseline.json from the step results, and prints the summary.
 summary() {
     local out=$results/summary.md step commit cpu dirty=
@@ -466,6 +522,10 @@ summary() {
         echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         if [[ $mode_100k == 1 ]]; then
             connect_row connect-100k
+            echo
+            echo "| group fan-out | receivers | deliveries / expected | missing | send → last receipt, median / max ms | deliveries/s | CPU µs / delivery (servers') |"
+            echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+            fanout_big_row
         else
             connect_row connect-tcp
             connect_row connect-ws
@@ -535,6 +595,7 @@ main() {
         start_extra_servers "$big_servers"
         connect_step connect-100k tcp "$big_connections" "$big_processes" 1000000 "$big_hold" \
             "$big_rate"
+        fanout_big_step "$big_connections" "$big_processes" 1200000
     else
         connect_step connect-tcp tcp "$tcp_connections" 2 0 "$hold" "$connect_rate"
         # Fresh servers for the WebSocket figure: memory the TCP step freed stays with the

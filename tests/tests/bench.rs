@@ -169,6 +169,91 @@ async fn fanout_reaches_every_receiver() -> anyhow::Result<()> {
     assert!(median > 0.0 && median <= max, "{report}");
     assert!(report.deliveries_per_sec.is_some_and(|d| d > 0.0));
     assert!(report.server_cpu_us_per_delivery.is_some());
+    assert_eq!(report.role, "send");
+    let numbers: Vec<usize> = report.per_message.iter().map(|m| m.number).collect();
+    assert_eq!(numbers, [0, 1, 2]);
+    for m in &report.per_message {
+        assert_eq!(m.received, 10, "{m:?}");
+        assert!(m.last_unix_ns >= m.sent_unix_ns && m.sent_unix_ns > 0, "{m:?}");
+    }
+    all_closed(&cluster).await?;
+    Ok(())
+}
+
+/// More receivers than one process holds: receive-only processes connect the rest, the
+/// sender waits for them, and their reports carry the send times to merge by.
+#[tokio::test]
+async fn fanout_spans_a_receive_only_process() -> anyhow::Result<()> {
+    let (cluster, setup) = cluster_and_setup().await?;
+    let elsewhere =
+        Setup::connect(&cluster.infra.backend_config(&cluster.prefix), TEST_SECRET).await?;
+    let opts = FanoutOpts {
+        interval: Duration::from_millis(200),
+        count: 3,
+        start_wait: Duration::from_secs(30),
+        ..FanoutOpts::default()
+    };
+    let sending = bench::run_fanout(
+        &setup,
+        FanoutOpts {
+            receivers: 4,
+            others: 6,
+            ..opts.clone()
+        },
+    );
+    let receiving = bench::run_fanout(
+        &elsewhere,
+        FanoutOpts {
+            receivers: 6,
+            receive_only: true,
+            user_offset: 100,
+            ..opts
+        },
+    );
+    let (sent, received) = tokio::join!(sending, receiving);
+    let (sent, received) = (sent?, received?);
+    assert_eq!(sent.other_online, 6, "{sent}");
+    assert_eq!(sent.sent, 3, "{sent}");
+    assert_eq!(sent.pushed, 30, "every receiver of both processes: {sent}");
+    assert_eq!((sent.deliveries, sent.missing), (12, 0), "{sent}");
+    assert_eq!(received.role, "receive-only");
+    assert_eq!(received.sent, 3, "{received}");
+    assert_eq!(received.expected_deliveries, 18);
+    assert_eq!((received.deliveries, received.missing), (18, 0), "{received}");
+    // Both processes know each message's send time, from the same clock.
+    let times = |r: &bench::FanoutReport| -> Vec<(usize, u64)> {
+        r.per_message
+            .iter()
+            .map(|m| (m.number, m.sent_unix_ns))
+            .collect()
+    };
+    assert_eq!(times(&sent), times(&received));
+    for m in &received.per_message {
+        assert_eq!(m.received, 6, "{m:?}");
+        assert!(m.last_unix_ns >= m.sent_unix_ns, "{m:?}");
+    }
+    all_closed(&cluster).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_receive_only_fanout_gives_up_without_a_sender() -> anyhow::Result<()> {
+    let (cluster, setup) = cluster_and_setup().await?;
+    let report = bench::run_fanout(
+        &setup,
+        FanoutOpts {
+            receivers: 2,
+            count: 2,
+            receive_only: true,
+            start_wait: Duration::from_millis(300),
+            ..FanoutOpts::default()
+        },
+    )
+    .await?;
+    assert_eq!((report.sent, report.deliveries), (0, 0), "{report}");
+    assert_eq!(report.missing, 4, "{report}");
+    assert!(report.per_message.is_empty());
+    assert!(report.time_to_last_median_ms.is_none());
     all_closed(&cluster).await?;
     Ok(())
 }

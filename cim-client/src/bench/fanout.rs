@@ -8,6 +8,14 @@
 //! (another bench, a person) gets these messages too and adds to the work measured. The
 //! scenario counts who else is online before it starts and reports it (`other_online`); run
 //! it on a cluster where nothing else is connected.
+//!
+//! More receivers than one process can hold (19,000 connections): run the receivers beyond
+//! them in other processes with `receive_only` (they connect, then note the receipts of the
+//! `count` messages), and give the sending process their number in `others`: it waits until
+//! they are online before the first message. Send and receipt times are wall-clock (Unix
+//! nanoseconds, one clock for every process on the machine) and each report lists them per
+//! message (`per_message`), so the reports of all processes merge into one time to the last
+//! receipt (`deploy/baseline.sh`'s 100k mode does).
 
 use super::{
     connect::{servers_of, transport_name},
@@ -29,7 +37,7 @@ use std::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc,
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -46,8 +54,11 @@ const RESULT_DEADLINE: Duration = Duration::from_secs(30);
 /// Route keys read per SCAN step when counting who else is online.
 const SCAN_COUNT: usize = 1000;
 
-/// Prefix of every bench message body.
+/// Prefix of every bench message body: `fanout {number} {send time, Unix ns}`.
 const BODY_PREFIX: &str = "fanout ";
+
+/// How often a sender waiting for `others` counts who is online.
+const OTHERS_POLL: Duration = Duration::from_millis(250);
 
 /// Options of [`run_fanout`].
 #[derive(Debug, Clone)]
@@ -59,6 +70,15 @@ pub struct FanoutOpts {
     pub count: usize,
     pub transport: Transport,
     pub user_offset: u64,
+    /// Receivers in other processes (`receive_only`): the sender waits until this many
+    /// users besides its own are online before the first message.
+    pub others: usize,
+    /// No sender here: connect the receivers and note the receipts of the `count` messages
+    /// a sending process elsewhere sends.
+    pub receive_only: bool,
+    /// Longest wait for the `others` to be online (sender), or for the first message
+    /// (receive-only).
+    pub start_wait: Duration,
 }
 
 impl Default for FanoutOpts {
@@ -69,21 +89,42 @@ impl Default for FanoutOpts {
             count: 10,
             transport: Transport::Tcp,
             user_offset: 0,
+            others: 0,
+            receive_only: false,
+            start_wait: Duration::from_secs(300),
         }
     }
+}
+
+/// One message as this process saw it (wall-clock Unix nanoseconds, so that the reports of
+/// several processes merge: the last receipt of a message is the latest over all of them).
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageTiming {
+    /// The message's number (0-based).
+    pub number: usize,
+    pub sent_unix_ns: u64,
+    /// Receivers of this process that got it.
+    pub received: u64,
+    /// The last of those receipts (0: none).
+    pub last_unix_ns: u64,
 }
 
 /// What [`run_fanout`] measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct FanoutReport {
     pub scenario: &'static str,
+    /// `send` (the sender and its receivers) or `receive-only`.
+    pub role: &'static str,
     pub transport: &'static str,
     pub servers: usize,
     pub receivers: usize,
-    /// Users online before the run that are not part of it (they receive the messages too).
+    /// Users online before the run that are not part of it (they receive the messages too;
+    /// with `others`, counted when the first message leaves).
     pub other_online: u64,
+    /// Receivers in other processes this one waited for (`others`).
+    pub others: usize,
     pub messages: usize,
-    /// Messages the route accepted.
+    /// Messages the route accepted (receive-only: messages that reached a receiver here).
     pub sent: u64,
     pub send_failures: BTreeMap<String, u64>,
     /// Connections the route pushed to, summed over messages (its `SendResult.delivered`).
@@ -104,6 +145,8 @@ pub struct FanoutReport {
     pub server_cpu_us_per_delivery: Option<f64>,
     /// All CPU (servers, routes, Redis) per delivery, microseconds.
     pub cpu_us_per_delivery: Option<f64>,
+    /// Every message sent or received here, by number.
+    pub per_message: Vec<MessageTiming>,
 }
 
 /// Per message: when it was sent, how many receivers got it, when the last one did.
@@ -128,14 +171,19 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     if n == 0 || opts.count == 0 || opts.count > MAX_MESSAGES {
         anyhow::bail!("fanout needs at least one receiver and 1 to {MAX_MESSAGES} messages");
     }
-    super::ensure_fd_capacity(n + 1)?;
+    if opts.receive_only && opts.others > 0 {
+        anyhow::bail!("--others is for the sending process, not a receive-only one");
+    }
+    // The sender (unless receive-only) is user 0, on the first server; the receivers follow,
+    // round-robin over the servers.
+    let senders = usize::from(!opts.receive_only);
+    super::ensure_fd_capacity(n + senders)?;
     let servers: Vec<Arc<ServiceInfo>> = setup.servers().await?.into_iter().map(Arc::new).collect();
     let routes = setup.members(ServiceKind::Route).await?;
-    // User 0 sends (on the first server); users 1..=n receive, round-robin over servers.
     let ttl = Duration::from_secs(300);
     let prepared = setup
-        .prepare_users(opts.user_offset, n + 1, ttl, |i| {
-            servers[i.saturating_sub(1) % servers.len()].clone()
+        .prepare_users(opts.user_offset, n + senders, ttl, |i| {
+            servers[i.saturating_sub(senders) % servers.len()].clone()
         })
         .await?;
     if !prepared.failures.is_empty() {
@@ -148,14 +196,14 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
         );
     }
     let ours: HashSet<u64> = prepared.users.iter().map(|u| u.id).collect();
-    let other_online = match count_others(setup, &ours).await {
+    let mut other_online = match count_others(setup, &ours).await {
         Ok(n) => n,
         Err(e) => {
             setup.release(&prepared.users).await;
             return Err(e);
         }
     };
-    if other_online > 0 {
+    if other_online > 0 && opts.others == 0 && !opts.receive_only {
         eprintln!(
             "cim-bench: {other_online} other users are online: they receive every group \
              message too, and the CPU figures include their deliveries"
@@ -172,7 +220,11 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
         }
     };
     let mut opened = opened.into_iter();
-    let sender = opened.next().expect("the sender is user 0");
+    let sender = if opts.receive_only {
+        None
+    } else {
+        opened.next()
+    };
 
     let shared = Arc::new(Shared {
         slots: (0..opts.count).map(|_| Slot::default()).collect(),
@@ -180,29 +232,61 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
         failures: Failures::default(),
         progress: Notify::new(),
     });
-    let base = Instant::now();
     let stop = CancellationToken::new();
     let receiver_tasks: Vec<_> = opened
-        .map(|r| tokio::spawn(receive(r, base, shared.clone(), stop.clone())))
+        .map(|r| tokio::spawn(receive(r, shared.clone(), stop.clone())))
         .collect();
 
+    if opts.others > 0 {
+        match await_others(setup, &ours, opts.others, opts.start_wait).await {
+            Ok(online) => other_online = online,
+            Err(e) => {
+                stop.cancel();
+                for task in receiver_tasks {
+                    let _ = task.await;
+                }
+                setup.settle(&prepared.users).await;
+                setup.release(&prepared.users).await;
+                return Err(e);
+            }
+        }
+    }
     let before = setup.snapshot(&servers_of(&servers), &routes).await;
     let sent_so_far = Arc::new(AtomicU64::new(0));
     let progress_stop = CancellationToken::new();
     let progress = report::progress(setup.progress, progress_stop.clone(), {
         let (s, sent) = (shared.clone(), sent_so_far.clone());
         let count = opts.count;
+        let role = if opts.receive_only { "receive-only" } else { "message" };
         move || {
             format!(
-                "fanout: message {}/{count}, deliveries {}",
+                "fanout: {role} {}/{count}, deliveries {}",
                 sent.load(Relaxed),
                 s.deliveries.load(Relaxed)
             )
         }
     });
-    let outcome = send_all(sender, &opts, base, &shared, &sent_so_far).await;
+    let outcome = match sender {
+        Some(sender) => send_all(sender, &opts, &shared, &sent_so_far).await,
+        None => {
+            await_messages(&opts, &shared, &sent_so_far).await;
+            SendOutcome {
+                accepted: shared
+                    .slots
+                    .iter()
+                    .filter(|s| s.received.load(Relaxed) > 0)
+                    .count() as u64,
+                pushed: 0,
+                failures: Failures::default(),
+            }
+        }
+    };
     // Every message was answered (or failed): wait for the receivers to have them all.
-    let expected = outcome.accepted * n as u64;
+    let expected = if opts.receive_only {
+        opts.count as u64 * n as u64
+    } else {
+        outcome.accepted * n as u64
+    };
     let drained = async {
         loop {
             let notified = shared.progress.notified();
@@ -225,18 +309,23 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     setup.settle(&prepared.users).await;
     setup.release(&prepared.users).await;
 
-    // Time to the last receipt of every message that reached anyone.
-    let mut times: Vec<f64> = shared
+    let per_message: Vec<MessageTiming> = shared
         .slots
         .iter()
-        .filter(|s| s.received.load(Relaxed) > 0)
-        .map(|s| {
-            let ns = s
-                .last_ns
-                .load(Relaxed)
-                .saturating_sub(s.sent_ns.load(Relaxed));
-            ns as f64 / 1e6
+        .enumerate()
+        .filter(|(_, s)| s.sent_ns.load(Relaxed) > 0 || s.received.load(Relaxed) > 0)
+        .map(|(number, s)| MessageTiming {
+            number,
+            sent_unix_ns: s.sent_ns.load(Relaxed),
+            received: s.received.load(Relaxed),
+            last_unix_ns: s.last_ns.load(Relaxed),
         })
+        .collect();
+    // Time to the last receipt of every message that reached anyone here.
+    let mut times: Vec<f64> = per_message
+        .iter()
+        .filter(|m| m.received > 0)
+        .map(|m| m.last_unix_ns.saturating_sub(m.sent_unix_ns) as f64 / 1e6)
         .collect();
     times.sort_by(f64::total_cmp);
     let deliveries = shared.deliveries.load(Relaxed);
@@ -249,10 +338,16 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     }
     Ok(FanoutReport {
         scenario: "fanout",
+        role: if opts.receive_only {
+            "receive-only"
+        } else {
+            "send"
+        },
         transport: transport_name(opts.transport),
         servers: servers.len(),
         receivers: n,
         other_online,
+        others: opts.others,
         messages: opts.count,
         sent: outcome.accepted,
         send_failures: failures,
@@ -266,7 +361,69 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
         server_cpu_us_per_delivery: per_delivery(cpu.servers_ms),
         cpu_us_per_delivery: per_delivery(cpu.total_ms),
         cpu,
+        per_message,
     })
+}
+
+/// Now, in nanoseconds since the Unix epoch: one clock for every bench process here.
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Waits until at least `others` users besides `ours` are online (the receivers of other
+/// processes), for at most `wait`; returns how many there are.
+async fn await_others(
+    setup: &Setup,
+    ours: &HashSet<u64>,
+    others: usize,
+    wait: Duration,
+) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let online = count_others(setup, ours).await?;
+        if online >= others as u64 {
+            return Ok(online);
+        }
+        if Instant::now() + OTHERS_POLL > deadline {
+            anyhow::bail!(
+                "only {online} of the {others} receivers of other processes were online \
+                 after {wait:?}"
+            );
+        }
+        tokio::time::sleep(OTHERS_POLL).await;
+    }
+}
+
+/// Receive-only: waits up to `start_wait` for the first message, then until every receiver
+/// here has all `count` messages, or the sender's schedule and the drain deadline are over.
+async fn await_messages(opts: &FanoutOpts, shared: &Shared, seen: &AtomicU64) {
+    let all = opts.count as u64 * opts.receivers as u64;
+    let until = |target: u64| async move {
+        loop {
+            let notified = shared.progress.notified();
+            let deliveries = shared.deliveries.load(Relaxed);
+            let numbers = shared
+                .slots
+                .iter()
+                .filter(|s| s.received.load(Relaxed) > 0)
+                .count();
+            seen.store(numbers as u64, Relaxed);
+            if deliveries >= target {
+                return;
+            }
+            notified.await;
+        }
+    };
+    if tokio::time::timeout(opts.start_wait, until(1))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let schedule = opts.interval * u32::try_from(opts.count).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(schedule + DRAIN_DEADLINE, until(all)).await;
 }
 
 fn median(sorted: &[f64]) -> Option<f64> {
@@ -306,7 +463,6 @@ struct SendOutcome {
 async fn send_all(
     sender: Opened,
     opts: &FanoutOpts,
-    base: Instant,
     shared: &Shared,
     sent_so_far: &AtomicU64,
 ) -> SendOutcome {
@@ -335,13 +491,13 @@ async fn send_all(
                 }
             }
         }
-        let sent_ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let sent_ns = unix_ns();
         shared.slots[seq].sent_ns.store(sent_ns, Relaxed);
         let client_id = seq as u64 + 1;
         let frame = Frame::new(Body::Send(Send {
             client_id,
             kind: MessageKind::Group as i32,
-            body: format!("{BODY_PREFIX}{seq}"),
+            body: format!("{BODY_PREFIX}{seq} {sent_ns}"),
             ..Default::default()
         }));
         if conn.send(&frame).await.is_err() {
@@ -389,24 +545,22 @@ async fn await_result(
 }
 
 /// One receiver: notes the receipt of every bench message until `stop`, then closes.
-async fn receive(receiver: Opened, base: Instant, shared: Arc<Shared>, stop: CancellationToken) {
+async fn receive(receiver: Opened, shared: Arc<Shared>, stop: CancellationToken) {
     receive_pushes(receiver, stop, &shared.failures, |messages| {
-        let now_ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let now_ns = unix_ns();
         let mut got = 0;
         for m in messages {
             if m.kind != MessageKind::Group as i32 {
                 continue;
             }
-            let Some(seq) = m
-                .body
-                .strip_prefix(BODY_PREFIX)
-                .and_then(|s| s.parse::<usize>().ok())
-            else {
+            let Some((seq, sent_ns)) = parse_body(&m.body) else {
                 continue;
             };
             let Some(slot) = shared.slots.get(seq) else {
                 continue;
             };
+            // A receive-only process learns the send time from the body.
+            slot.sent_ns.fetch_max(sent_ns, Relaxed);
             slot.received.fetch_add(1, Relaxed);
             slot.last_ns.fetch_max(now_ns, Relaxed);
             got += 1;
@@ -419,10 +573,21 @@ async fn receive(receiver: Opened, base: Instant, shared: Arc<Shared>, stop: Can
     .await;
 }
 
+/// The number and send time (Unix ns) of a bench message body; `None` for any other body.
+fn parse_body(body: &str) -> Option<(usize, u64)> {
+    let (seq, sent) = body.strip_prefix(BODY_PREFIX)?.split_once(' ')?;
+    Some((seq.parse().ok()?, sent.parse().ok()?))
+}
+
 impl std::fmt::Display for FanoutReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let title = format!(
-            "cim-bench fanout ({}, {} receivers on {} server{}, {} messages)",
+            "cim-bench fanout{} ({}, {} receivers on {} server{}, {} messages)",
+            if self.role == "send" {
+                ""
+            } else {
+                " receive-only"
+            },
             self.transport,
             self.receivers,
             self.servers,

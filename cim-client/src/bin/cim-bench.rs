@@ -127,6 +127,17 @@ struct FanoutArgs {
     /// Group messages to send.
     #[arg(long, default_value_t = 10)]
     count: usize,
+    /// Receivers in other cim-bench processes (run with --receive-only): wait until this
+    /// many users besides this process's are online before the first message.
+    #[arg(long, default_value_t = 0)]
+    others: usize,
+    /// No sender: connect the receivers and note the receipts of the --count messages that
+    /// a sending process (with --others) sends.
+    #[arg(long)]
+    receive_only: bool,
+    /// Longest wait for the --others to be online, or (--receive-only) for the first message.
+    #[arg(long, default_value = "300s", value_parser = bench::parse_duration)]
+    start_wait: Duration,
     #[command(flatten)]
     common: Common,
 }
@@ -208,6 +219,9 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 count: a.count,
                 transport: a.common.transport.into(),
                 user_offset: a.common.user_offset,
+                others: a.others,
+                receive_only: a.receive_only,
+                start_wait: a.start_wait,
             };
             let r = bench::run_fanout(&setup, opts).await?;
             render(r.to_string(), serde_json::to_value(&r)?)
