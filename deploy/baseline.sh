@@ -365,10 +365,12 @@ fanout_big_step() {
         if ((i == 0)); then
             # Users offset (the sender) and offset+1… (its receivers).
             launch_bench "$name" "$limit" fanout --receivers "$n" --others $((total - n)) \
-                "${common[@]}" --user-offset "$offset"
+                "${common[@]}" --source-ips "$(source_slice "$i" "$procs")" \
+                --user-offset "$offset"
         else
             launch_bench "$name" "$limit" fanout --receive-only --receivers "$n" \
-                "${common[@]}" --user-offset $((offset + 1 + i * per))
+                "${common[@]}" --source-ips "$(source_slice "$i" "$procs")" \
+                --user-offset $((offset + 1 + i * per))
         fi
         pids+=("$launched")
         names+=("$name")

@@ -174,7 +174,10 @@ async fn fanout_reaches_every_receiver() -> anyhow::Result<()> {
     assert_eq!(numbers, [0, 1, 2]);
     for m in &report.per_message {
         assert_eq!(m.received, 10, "{m:?}");
-        assert!(m.last_unix_ns >= m.sent_unix_ns && m.sent_unix_ns > 0, "{m:?}");
+        assert!(
+            m.last_unix_ns >= m.sent_unix_ns && m.sent_unix_ns > 0,
+            "{m:?}"
+        );
     }
     all_closed(&cluster).await?;
     Ok(())
@@ -219,7 +222,11 @@ async fn fanout_spans_a_receive_only_process() -> anyhow::Result<()> {
     assert_eq!(received.role, "receive-only");
     assert_eq!(received.sent, 3, "{received}");
     assert_eq!(received.expected_deliveries, 18);
-    assert_eq!((received.deliveries, received.missing), (18, 0), "{received}");
+    assert_eq!(
+        (received.deliveries, received.missing),
+        (18, 0),
+        "{received}"
+    );
     // Both processes know each message's send time, from the same clock.
     let times = |r: &bench::FanoutReport| -> Vec<(usize, u64)> {
         r.per_message

@@ -33,6 +33,7 @@ use cim_common::registry::{ServiceInfo, ServiceKind};
 use serde::Serialize;
 use std::{
     collections::{BTreeMap, HashSet},
+    net::IpAddr,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc,
@@ -79,6 +80,8 @@ pub struct FanoutOpts {
     /// Longest wait for the `others` to be online (sender), or for the first message
     /// (receive-only).
     pub start_wait: Duration,
+    /// Local addresses to connect from, in turn (empty: the system's choice).
+    pub source_ips: Vec<IpAddr>,
 }
 
 impl Default for FanoutOpts {
@@ -92,6 +95,7 @@ impl Default for FanoutOpts {
             others: 0,
             receive_only: false,
             start_wait: Duration::from_secs(300),
+            source_ips: Vec::new(),
         }
     }
 }
@@ -210,7 +214,12 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
         );
     }
     let opened = match setup
-        .open_all(&prepared.users, opts.transport, Some(BUFFER))
+        .open_all(
+            &prepared.users,
+            opts.transport,
+            Some(BUFFER),
+            &opts.source_ips,
+        )
         .await
     {
         Ok(o) => o,
@@ -257,7 +266,11 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     let progress = report::progress(setup.progress, progress_stop.clone(), {
         let (s, sent) = (shared.clone(), sent_so_far.clone());
         let count = opts.count;
-        let role = if opts.receive_only { "receive-only" } else { "message" };
+        let role = if opts.receive_only {
+            "receive-only"
+        } else {
+            "message"
+        };
         move || {
             format!(
                 "fanout: {role} {}/{count}, deliveries {}",

@@ -176,7 +176,10 @@ pub async fn run_p2p(setup: &Setup, opts: P2pOpts) -> anyhow::Result<P2pReport> 
             prepared.failures[0]
         );
     }
-    let opened = match setup.open_all(&prepared.users, opts.transport, None).await {
+    let opened = match setup
+        .open_all(&prepared.users, opts.transport, None, &[])
+        .await
+    {
         Ok(o) => o,
         Err(e) => {
             setup.release(&prepared.users).await;

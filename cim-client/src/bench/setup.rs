@@ -281,15 +281,22 @@ impl Setup {
     }
 
     /// Opens and logs in every user's connection, failing (after closing the ones that did
-    /// open) if any cannot: the message and fan-out scenarios need every user online.
+    /// open) if any cannot: the message and fan-out scenarios need every user online. With
+    /// `source_ips`, connections bind to them in turn (more ephemeral ports than one local
+    /// address has).
     pub async fn open_all(
         &self,
         users: &[BenchUser],
         transport: Transport,
         buffer_size: Option<usize>,
+        source_ips: &[IpAddr],
     ) -> anyhow::Result<Vec<Opened>> {
         let results: Vec<Result<Opened, String>> = stream::iter(users.iter().cloned())
-            .map(|user| open(user, transport, None, buffer_size))
+            .map(|user| {
+                let local_ip =
+                    (!source_ips.is_empty()).then(|| source_ips[user.index % source_ips.len()]);
+                open(user, transport, local_ip, buffer_size)
+            })
             .buffered(OPEN_CONCURRENCY)
             .collect()
             .await;

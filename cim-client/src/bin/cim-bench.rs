@@ -138,6 +138,9 @@ struct FanoutArgs {
     /// Longest wait for the --others to be online, or (--receive-only) for the first message.
     #[arg(long, default_value = "300s", value_parser = bench::parse_duration)]
     start_wait: Duration,
+    /// Local IPs to bind, cycled (e.g. 127.0.0.2-127.0.0.40): more ephemeral ports.
+    #[arg(long, value_parser = parse_ip_list)]
+    source_ips: Option<IpList>,
     #[command(flatten)]
     common: Common,
 }
@@ -222,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 others: a.others,
                 receive_only: a.receive_only,
                 start_wait: a.start_wait,
+                source_ips: a.source_ips.map(|l| l.0).unwrap_or_default(),
             };
             let r = bench::run_fanout(&setup, opts).await?;
             render(r.to_string(), serde_json::to_value(&r)?)
