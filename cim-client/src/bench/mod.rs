@@ -8,7 +8,9 @@
 //!   fast as a window of outstanding sends allows; reports throughput, one-way latency
 //!   percentiles, losses, and the CPU per message of every cim process and Redis.
 //! - [`run_fanout`]: one user sends group messages to many receivers; reports the time until
-//!   the last receiver has each message, missing deliveries, and the CPU per delivery.
+//!   the last receiver has each message, missing deliveries, and the CPU per delivery. Past
+//!   one process's connections, further processes hold receivers only (`receive_only`) and
+//!   their per-message wall-clock times merge with the sender's.
 //!
 //! # How login cost is kept out
 //! A [`Setup`] connects to the cluster's Redis and etcd, reads the live servers and routes
