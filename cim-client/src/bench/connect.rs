@@ -170,8 +170,7 @@ pub async fn run_connect(setup: &Setup, opts: ConnectOpts) -> anyhow::Result<Con
         if due > Instant::now() {
             tokio::time::sleep_until(due).await;
         }
-        let local_ip = (!opts.source_ips.is_empty())
-            .then(|| opts.source_ips[user.index % opts.source_ips.len()]);
+        let local_ip = super::setup::source_ip(&opts.source_ips, user.index);
         tasks.spawn(hold(
             user,
             opts.transport,

@@ -164,9 +164,24 @@ struct Slot {
 struct Shared {
     slots: Vec<Slot>,
     deliveries: AtomicU64,
+    /// Messages (numbers) that reached at least one receiver here.
+    seen: AtomicU64,
     failures: Failures,
     /// Signalled whenever deliveries grow.
     progress: Notify,
+}
+
+impl Shared {
+    /// Returns once the receivers here have `target` deliveries.
+    async fn reached(&self, target: u64) {
+        loop {
+            let notified = self.progress.notified();
+            if self.deliveries.load(Relaxed) >= target {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Runs the `fanout` scenario.
@@ -238,6 +253,7 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     let shared = Arc::new(Shared {
         slots: (0..opts.count).map(|_| Slot::default()).collect(),
         deliveries: AtomicU64::new(0),
+        seen: AtomicU64::new(0),
         failures: Failures::default(),
         progress: Notify::new(),
     });
@@ -266,15 +282,15 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     let progress = report::progress(setup.progress, progress_stop.clone(), {
         let (s, sent) = (shared.clone(), sent_so_far.clone());
         let count = opts.count;
-        let role = if opts.receive_only {
-            "receive-only"
-        } else {
-            "message"
-        };
+        let receive_only = opts.receive_only;
         move || {
+            let (what, n) = if receive_only {
+                ("receive-only", s.seen.load(Relaxed))
+            } else {
+                ("message", sent.load(Relaxed))
+            };
             format!(
-                "fanout: {role} {}/{count}, deliveries {}",
-                sent.load(Relaxed),
+                "fanout: {what} {n}/{count}, deliveries {}",
                 s.deliveries.load(Relaxed)
             )
         }
@@ -282,13 +298,9 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     let outcome = match sender {
         Some(sender) => send_all(sender, &opts, &shared, &sent_so_far).await,
         None => {
-            await_messages(&opts, &shared, &sent_so_far).await;
+            await_messages(&opts, &shared).await;
             SendOutcome {
-                accepted: shared
-                    .slots
-                    .iter()
-                    .filter(|s| s.received.load(Relaxed) > 0)
-                    .count() as u64,
+                accepted: shared.seen.load(Relaxed),
                 pushed: 0,
                 failures: Failures::default(),
             }
@@ -300,16 +312,7 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     } else {
         outcome.accepted * n as u64
     };
-    let drained = async {
-        loop {
-            let notified = shared.progress.notified();
-            if shared.deliveries.load(Relaxed) >= expected {
-                return;
-            }
-            notified.await;
-        }
-    };
-    let _ = tokio::time::timeout(DRAIN_DEADLINE, drained).await;
+    let _ = tokio::time::timeout(DRAIN_DEADLINE, shared.reached(expected)).await;
     let after = setup.snapshot(&servers_of(&servers), &routes).await;
     stop.cancel();
     for task in receiver_tasks {
@@ -411,32 +414,16 @@ async fn await_others(
 
 /// Receive-only: waits up to `start_wait` for the first message, then until every receiver
 /// here has all `count` messages, or the sender's schedule and the drain deadline are over.
-async fn await_messages(opts: &FanoutOpts, shared: &Shared, seen: &AtomicU64) {
+async fn await_messages(opts: &FanoutOpts, shared: &Shared) {
     let all = opts.count as u64 * opts.receivers as u64;
-    let until = |target: u64| async move {
-        loop {
-            let notified = shared.progress.notified();
-            let deliveries = shared.deliveries.load(Relaxed);
-            let numbers = shared
-                .slots
-                .iter()
-                .filter(|s| s.received.load(Relaxed) > 0)
-                .count();
-            seen.store(numbers as u64, Relaxed);
-            if deliveries >= target {
-                return;
-            }
-            notified.await;
-        }
-    };
-    if tokio::time::timeout(opts.start_wait, until(1))
+    if tokio::time::timeout(opts.start_wait, shared.reached(1))
         .await
         .is_err()
     {
         return;
     }
     let schedule = opts.interval * u32::try_from(opts.count).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(schedule + DRAIN_DEADLINE, until(all)).await;
+    let _ = tokio::time::timeout(schedule + DRAIN_DEADLINE, shared.reached(all)).await;
 }
 
 fn median(sorted: &[f64]) -> Option<f64> {
@@ -574,7 +561,9 @@ async fn receive(receiver: Opened, shared: Arc<Shared>, stop: CancellationToken)
             };
             // A receive-only process learns the send time from the body.
             slot.sent_ns.fetch_max(sent_ns, Relaxed);
-            slot.received.fetch_add(1, Relaxed);
+            if slot.received.fetch_add(1, Relaxed) == 0 {
+                shared.seen.fetch_add(1, Relaxed);
+            }
             slot.last_ns.fetch_max(now_ns, Relaxed);
             got += 1;
         }

@@ -293,8 +293,7 @@ impl Setup {
     ) -> anyhow::Result<Vec<Opened>> {
         let results: Vec<Result<Opened, String>> = stream::iter(users.iter().cloned())
             .map(|user| {
-                let local_ip =
-                    (!source_ips.is_empty()).then(|| source_ips[user.index % source_ips.len()]);
+                let local_ip = source_ip(source_ips, user.index);
                 open(user, transport, local_ip, buffer_size)
             })
             .buffered(OPEN_CONCURRENCY)
@@ -318,6 +317,12 @@ impl Setup {
             super::report::failures_line(&failures.snapshot())
         )
     }
+}
+
+/// The local address of the `index`th connection: `source_ips` in turn (none: the system's
+/// choice).
+pub(crate) fn source_ip(source_ips: &[IpAddr], index: usize) -> Option<IpAddr> {
+    (!source_ips.is_empty()).then(|| source_ips[index % source_ips.len()])
 }
 
 /// Connects `user` to its server and logs in. The error is a short reason for the report.
