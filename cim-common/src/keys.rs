@@ -11,6 +11,7 @@
 //! | `{p}:online` | sorted set | lexicographic index `{name}\x1f{id}` of connected users |
 //! | `{p}:online:ids` | set | user ids of connected users (channel online counts: ZINTERCARD) |
 //! | `{p}:events` | stream | presence events, fields `t` (`online`/`offline`), `u` (user id), `n` (name), `s` (server id), `at` (unix ms), `r` (offline reason); capped with `MAXLEN ~` |
+//! | `{p}:sent:{id}` | string | a group or channel message id already sent: its `timestamp_ms`, expiring after a minute (repeats are answered, not delivered) |
 //! | `{p}:lease:{name}` | string | holder of a lease (owner id), expiring with the lease |
 //! | `{p}:cursor:{name}` | string | a named cursor (the webhook's last delivered event id) |
 //! | `{p}:chan:{{name}}` | sorted set | member user ids of a channel, each scored by itself (pages by id) |
@@ -91,6 +92,10 @@ impl Keys {
 
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)
+    }
+
+    pub fn sent(&self, message_id: &str) -> String {
+        format!("{}:sent:{message_id}", self.prefix)
     }
 
     pub fn lease(&self, name: &str) -> String {

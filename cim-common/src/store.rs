@@ -304,6 +304,21 @@ pub trait StateStore: Send + Sync + 'static {
     /// only new events.
     async fn events_last_id(&self) -> StoreResult<String>;
 
+    // --- broadcasts -------------------------------------------------------------------------
+
+    /// Claims the ids of group and channel messages (never stored, so a retry would reach
+    /// everyone again) for `ttl`: `claims` are `(message id, timestamp_ms)`. For each, `None`
+    /// if this call claimed it, `Some(timestamp_ms)` of the first claim if the id is already
+    /// claimed (a repeat: not to be delivered again). One round trip for the whole slice.
+    async fn claim_broadcasts(
+        &self,
+        claims: &[(String, i64)],
+        ttl: Duration,
+    ) -> StoreResult<Vec<Option<i64>>>;
+
+    /// Drops claims of broadcasts that reached nobody, so that a retry can deliver them.
+    async fn release_broadcasts(&self, ids: &[String]) -> StoreResult<()>;
+
     /// Takes or renews the lease `name` for `owner` for `ttl`: true while `owner` holds it.
     /// (One route instance at a time runs the webhook delivery.)
     async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool>;

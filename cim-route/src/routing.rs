@@ -104,6 +104,10 @@ struct Accepted {
     kind: Kind,
     /// Channel messages from users: the sender must be a member (checked at delivery).
     check_member: bool,
+    /// A group or channel message whose id came with it (the client's, or the one its
+    /// server assigned before forwarding): it may be a retry, so it is claimed before it is
+    /// delivered ([`deliver_broadcasts`]). An id the route just made up cannot repeat.
+    claim: bool,
     message: Message,
 }
 
@@ -375,6 +379,7 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
             client_id,
             kind: v.kind,
             check_member: v.kind == Kind::Channel && !v.item.backend,
+            claim: v.kind != Kind::Private && !send.message_id.is_empty(),
             message: Message {
                 id,
                 sender_id: v.item.sender_id,
@@ -399,8 +404,7 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
     for run in accepted.chunk_by(|a, b| a.kind == b.kind) {
         let outcomes = match run[0].kind {
             Kind::Private => deliver_private(state, &servers, run).await,
-            Kind::Group => deliver_group(state, &servers, run).await,
-            Kind::Channel => deliver_channels(state, &servers, run).await,
+            Kind::Group | Kind::Channel => deliver_broadcasts(state, &servers, run).await,
         };
         for (a, r) in run.iter().zip(outcomes) {
             results[a.index] = Some(r);
@@ -485,6 +489,7 @@ pub async fn route_receipts(state: &AppState, receipts: Vec<AckedReceipt>) {
             client_id: 0,
             kind: Kind::Private,
             check_member: false,
+            claim: false,
             message: Message {
                 id: format!("{RECEIPT_ID_PREFIX}{}", r.message_id),
                 sender_id: r.receiver_id,
@@ -667,6 +672,88 @@ pub fn group_deliveries<'m>(
     (positions, deliveries)
 }
 
+/// How long a broadcast's id is claimed: a repeat within it is answered, not delivered. It
+/// covers every retry cim itself makes (the SDK's resend within its 10 s send deadline, a
+/// server's forward retry within its timeouts) with room to spare, and bounds the claims
+/// kept to one minute of broadcasts.
+pub const BROADCAST_CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Group and channel messages of one run. They are not stored, so nothing else would stop a
+/// retry from reaching everyone a second time: the SDK resending a send whose connection
+/// died before its result came, a server retrying a forward on another route, a backend
+/// retrying a POST. So the ids that may repeat ([`Accepted::claim`]) are claimed first, in
+/// ONE store round trip for the run: a repeat is answered `DELIVERED` with the first send's
+/// timestamp and `delivered = 0` (the first send did the delivering) and pushed to nobody.
+/// A broadcast that reached nobody (refused, or no server answered) gives its claim back,
+/// so that a retry can still deliver it. When the claim cannot be made the messages fail
+/// with `UNAVAILABLE`: never duplicated outranks delivered during a store outage.
+async fn deliver_broadcasts(
+    state: &AppState,
+    servers: &Members,
+    run: &[Accepted],
+) -> Vec<SendResult> {
+    let mut results: Vec<Option<SendResult>> = vec![None; run.len()];
+    let claimed: Vec<usize> = (0..run.len()).filter(|&p| run[p].claim).collect();
+    if !claimed.is_empty() {
+        let claims: Vec<(String, i64)> = claimed
+            .iter()
+            .map(|&p| (run[p].message.id.clone(), run[p].message.timestamp_ms))
+            .collect();
+        match state
+            .store()
+            .claim_broadcasts(&claims, BROADCAST_CLAIM_TTL)
+            .await
+        {
+            Ok(previous) => {
+                for (&p, first) in claimed.iter().zip(previous) {
+                    if let Some(timestamp_ms) = first {
+                        let mut repeat = accepted_result(&run[p], SendStatus::Delivered, 0);
+                        repeat.timestamp_ms = timestamp_ms;
+                        results[p] = Some(repeat);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming broadcast ids failed");
+                for &p in &claimed {
+                    results[p] = Some(unavailable(run[p].client_id));
+                }
+            }
+        }
+    }
+
+    let fresh: Vec<usize> = (0..run.len()).filter(|&p| results[p].is_none()).collect();
+    let to_deliver: Vec<&Accepted> = fresh.iter().map(|&p| &run[p]).collect();
+    // Still runs of one kind: `run` is.
+    let outcomes = match run[0].kind {
+        _ if to_deliver.is_empty() => Vec::new(),
+        Kind::Channel => deliver_channels(state, servers, &to_deliver).await,
+        _ => deliver_group(state, servers, &to_deliver).await,
+    };
+    let mut release = Vec::new();
+    for (p, outcome) in fresh.into_iter().zip(outcomes) {
+        // A failure with no message id reached nobody (see `fan_out_result`).
+        if run[p].claim
+            && outcome.status == SendStatus::Failed as i32
+            && outcome.message_id.is_empty()
+        {
+            release.push(run[p].message.id.clone());
+        }
+        results[p] = Some(outcome);
+    }
+    if !release.is_empty() {
+        if let Err(e) = state.store().release_broadcasts(&release).await {
+            // Their retries within the claim's time are answered as repeats: logged, as the
+            // sender was told the message failed.
+            tracing::warn!(error = %e, ids = release.len(), "releasing broadcast claims failed");
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| failed(0, ErrorCode::Internal, "message was not routed")))
+        .collect()
+}
+
 /// Group messages (to everyone online): ONE push per live server, carrying all of the run's
 /// messages as `everyone` deliveries; each server hands every message to all of its
 /// logged-in connections but the sender's and answers with counts. Nothing is looked up:
@@ -677,7 +764,7 @@ pub fn group_deliveries<'m>(
 /// failed private push (when none answers, the send fails: UNAVAILABLE); a user between
 /// two servers may get the message on both or neither,
 /// which the not-stored group kind allows.
-async fn deliver_group(state: &AppState, servers: &Members, run: &[Accepted]) -> Vec<SendResult> {
+async fn deliver_group(state: &AppState, servers: &Members, run: &[&Accepted]) -> Vec<SendResult> {
     let deliveries: Vec<Delivery> = run
         .iter()
         .map(|a| Delivery {
@@ -736,7 +823,7 @@ fn not_a_member(a: &Accepted) -> SendResult {
 async fn deliver_channels(
     state: &AppState,
     servers: &Members,
-    run: &[Accepted],
+    run: &[&Accepted],
 ) -> Vec<SendResult> {
     let store = state.store();
     let mut results: Vec<Option<SendResult>> = vec![None; run.len()];
@@ -794,7 +881,7 @@ async fn deliver_channels(
         let messages: Vec<&Message> = positions.iter().map(|&p| &run[p].message).collect();
         let (counts, failure) = fan_out_channel(state, servers, channel, &messages).await;
         for (j, &p) in positions.iter().enumerate() {
-            results[p] = Some(fan_out_result(&run[p], counts[j], failure.as_ref()));
+            results[p] = Some(fan_out_result(run[p], counts[j], failure.as_ref()));
         }
     }
     results
@@ -1288,6 +1375,158 @@ mod tests {
             ["first", "second", "third"],
             "bob sees them in send order"
         );
+    }
+
+    /// A broadcast with the sender's own id (what the SDK and servers always send).
+    fn with_id(kind: MessageKind, client_id: u64, id: &str, channel: &str) -> Send {
+        let mut s = send(kind, client_id, 0, "", "hello");
+        s.message_id = id.into();
+        s.channel = channel.into();
+        s
+    }
+
+    fn pushed_ids(rec: &crate::testing::Recorded) -> Vec<String> {
+        rec.pushes
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p.deliveries.iter())
+            .map(|d| d.message.as_ref().unwrap().id.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_repeated_group_or_channel_message_is_answered_and_not_delivered_again() {
+        let store = Arc::new(MemoryStore::new());
+        let alice = store.add_user("alice").await;
+        let bob = store.add_user("bob").await;
+        let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+        rec.everyone.store(3, Ordering::SeqCst);
+        store.connect(bob, &a.id).await;
+        store.channel_join("room", alice, 10).await.unwrap();
+        store.channel_join("room", bob, 10).await.unwrap();
+        let (state, _tx) = state_with(store.clone(), vec![a], |_| {});
+        let batch = || {
+            vec![
+                from(alice, "alice", with_id(MessageKind::Group, 1, "g1", "")),
+                from(
+                    alice,
+                    "alice",
+                    with_id(MessageKind::Channel, 2, "c1", "room"),
+                ),
+                // Without an id of its own: the route makes one up, which cannot repeat.
+                from(alice, "alice", send(MessageKind::Group, 3, 0, "", "fresh")),
+            ]
+        };
+
+        let first = route_batch(&state, batch()).await;
+        assert_eq!(
+            first.iter().map(|r| r.delivered).collect::<Vec<_>>(),
+            [3, 1, 3],
+            "{first:?}"
+        );
+        // The retry: the connection died before these results arrived.
+        let retry = route_batch(&state, batch()).await;
+        for (r, f) in retry[..2].iter().zip(&first) {
+            assert_eq!(status(r), SendStatus::Delivered, "{r:?}");
+            assert_eq!(r.delivered, 0, "the first send did the delivering");
+            assert_eq!(
+                (&r.message_id, r.timestamp_ms, r.client_id),
+                (&f.message_id, f.timestamp_ms, f.client_id),
+                "answered as the first"
+            );
+        }
+        assert_eq!(retry[2].delivered, 3, "a message with a new id is new");
+        assert_ne!(retry[2].message_id, first[2].message_id);
+
+        let ids = pushed_ids(&rec);
+        for id in [&first[0].message_id, &first[1].message_id] {
+            assert_eq!(ids.iter().filter(|i| *i == id).count(), 1, "{ids:?}");
+        }
+        assert_eq!(first[0].message_id, format!("{alice}-g1"));
+        // Another sender's id of the same text is another message.
+        let carol = store.add_user("carol").await;
+        let other = route_batch(
+            &state,
+            vec![from(
+                carol,
+                "carol",
+                with_id(MessageKind::Group, 1, "g1", ""),
+            )],
+        )
+        .await;
+        assert_eq!(other[0].delivered, 3, "{other:?}");
+    }
+
+    #[tokio::test]
+    async fn a_broadcast_that_reached_nobody_can_be_retried() {
+        let store = Arc::new(MemoryStore::new());
+        let alice = store.add_user("alice").await;
+        let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+        rec.everyone.store(4, Ordering::SeqCst);
+        // No server answers: the group message reached nobody.
+        let (state, tx) = state_with(store.clone(), vec![server("server-down")], |_| {});
+        let group = || {
+            vec![from(
+                alice,
+                "alice",
+                with_id(MessageKind::Group, 1, "g", ""),
+            )]
+        };
+        let down = route_batch(&state, group()).await;
+        assert_eq!(error_code(&down[0]), ErrorCode::Unavailable, "{down:?}");
+        // Not a member: refused, and a retry after joining goes through.
+        let channel = || {
+            vec![from(
+                alice,
+                "alice",
+                with_id(MessageKind::Channel, 2, "c", "room"),
+            )]
+        };
+        let refused = route_batch(&state, channel()).await;
+        assert_eq!(error_code(&refused[0]), ErrorCode::Forbidden, "{refused:?}");
+
+        tx.send(crate::testing::members(vec![a])).unwrap();
+        store.channel_join("room", alice, 10).await.unwrap();
+        let again = route_batch(&state, group()).await;
+        assert_eq!(
+            (status(&again[0]), again[0].delivered),
+            (SendStatus::Delivered, 4),
+            "{again:?}"
+        );
+        let joined = route_batch(&state, channel()).await;
+        assert_eq!(status(&joined[0]), SendStatus::Delivered, "{joined:?}");
+        assert_eq!(
+            pushed_ids(&rec),
+            [format!("{alice}-g")],
+            "the channel has nobody else"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broadcast_that_cannot_be_claimed_is_not_sent() {
+        let store = Arc::new(FaultyStore::default());
+        let alice = store.add_user("alice").await;
+        let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+        rec.everyone.store(2, Ordering::SeqCst);
+        let (state, _tx) = state_with(store.clone(), vec![a], |_| {});
+        store.fail.store(true, Ordering::SeqCst);
+        let results = route_batch(
+            &state,
+            vec![
+                from(alice, "alice", with_id(MessageKind::Group, 1, "g", "")),
+                // Nothing to claim (a new id), and a group send needs no store.
+                from(alice, "alice", send(MessageKind::Group, 2, 0, "", "x")),
+            ],
+        )
+        .await;
+        assert_eq!(
+            error_code(&results[0]),
+            ErrorCode::Unavailable,
+            "{results:?}"
+        );
+        assert_eq!(results[1].delivered, 2, "{results:?}");
+        assert_eq!(pushed_ids(&rec), [results[1].message_id.clone()]);
     }
 
     #[tokio::test]

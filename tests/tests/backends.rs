@@ -272,6 +272,7 @@ for_each_store!(
     events_wait_returns_new_events_or_nothing_after_its_timeout,
     event_stream_is_capped_near_events_max_len,
     leases_are_held_renewed_and_expire,
+    broadcast_claims_answer_repeats_until_released_or_expired,
     cursors_are_stored_by_name,
     channel_join_leave_and_membership,
     channel_join_respects_the_per_user_limit,
@@ -1588,6 +1589,65 @@ async fn leases_are_held_renewed_and_expire(s: &StoreUnderTest) -> anyhow::Resul
     })
     .await?;
     assert!(!s.lease("short", "route-a", short).await?);
+    Ok(())
+}
+
+async fn broadcast_claims_answer_repeats_until_released_or_expired(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    let claim = |id: &str, ts: i64| (id.to_string(), ts);
+    assert_eq!(s.claim_broadcasts(&[], LONG_TTL).await?, vec![]);
+    // First claims win, in slice order; a repeat inside one call is a repeat too.
+    assert_eq!(
+        s.claim_broadcasts(
+            &[claim("7-a", 100), claim("7-b", 101), claim("7-a", 102)],
+            LONG_TTL
+        )
+        .await?,
+        vec![None, None, Some(100)]
+    );
+    // A later repeat answers the first timestamp, and does not replace it.
+    assert_eq!(
+        s.claim_broadcasts(&[claim("7-b", 200), claim("7-c", 201)], LONG_TTL)
+            .await?,
+        vec![Some(101), None]
+    );
+    assert_eq!(
+        s.claim_broadcasts(&[claim("7-b", 300)], LONG_TTL).await?,
+        vec![Some(101)]
+    );
+
+    // Released (it reached nobody): the next claim is a first one, with its own timestamp.
+    s.release_broadcasts(&["7-a".to_string(), "never-claimed".to_string()])
+        .await?;
+    assert_eq!(
+        s.claim_broadcasts(&[claim("7-a", 400), claim("7-b", 401)], LONG_TTL)
+            .await?,
+        vec![None, Some(101)]
+    );
+    assert_eq!(
+        s.claim_broadcasts(&[claim("7-a", 500)], LONG_TTL).await?,
+        vec![Some(400)]
+    );
+    s.release_broadcasts(&[]).await?;
+
+    // A claim expires with its time to live.
+    let short = Duration::from_millis(200);
+    assert_eq!(
+        s.claim_broadcasts(&[claim("short", 1)], short).await?,
+        vec![None]
+    );
+    assert_eq!(
+        s.claim_broadcasts(&[claim("short", 2)], LONG_TTL).await?,
+        vec![Some(1)]
+    );
+    wait_until("the short claim to expire", DEADLINE, || async {
+        s.claim_broadcasts(&[claim("short", 3)], short)
+            .await
+            .unwrap()
+            == vec![None]
+    })
+    .await?;
     Ok(())
 }
 

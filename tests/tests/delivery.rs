@@ -1,7 +1,8 @@
 //! Delivery guarantees end to end (real etcd and Redis, servers and routes in-process, raw
 //! protocol through `TestUser`): private messages are stored in the receiver's inbox before
 //! they are pushed, replayed at every new connection until acked, receipts follow acks,
-//! group messages are never stored, client-chosen ids make a message idempotent, and a slow
+//! group messages are never stored, client-chosen ids make a message idempotent (a group or
+//! channel message reaches everyone once however often it is sent), and a slow
 //! consumer that is thrown out loses nothing.
 
 use cim_client::{
@@ -278,6 +279,58 @@ async fn group_messages_go_to_whoever_is_online_and_are_never_stored() -> anyhow
         pushes(&before).is_empty(),
         "an offline user got a group message: {before:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_group_or_channel_message_sent_twice_with_the_same_id_reaches_everyone_once(
+) -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let store = cluster.store().await?;
+    let mut alice = cluster.user("alice", Transport::Tcp).await?;
+    let mut carol = cluster.user("carol", Transport::WsBinary).await?;
+    store.channel_join("room", alice.id(), 10).await?;
+    store.channel_join("room", carol.id(), 10).await?;
+    let group = pb::Send {
+        kind: MessageKind::Group as i32,
+        message_id: "g-1".into(),
+        body: "to everyone, once".into(),
+        ..Default::default()
+    };
+    let channel = pb::Send {
+        kind: MessageKind::Channel as i32,
+        message_id: "c-1".into(),
+        channel: "room".into(),
+        body: "to the room, once".into(),
+        ..Default::default()
+    };
+
+    for send in [group, channel] {
+        // The resend of a client whose first answer was lost: same id, same message.
+        let first = alice.send(send.clone()).await?;
+        let again = alice.send(send.clone()).await?;
+        assert_eq!(
+            (first.status(), first.delivered),
+            (SendStatus::Delivered, 1),
+            "{first:?}"
+        );
+        assert_eq!(
+            (again.status(), again.delivered),
+            (SendStatus::Delivered, 0),
+            "answered, pushed to nobody: {again:?}"
+        );
+        assert_eq!(again.message_id, first.message_id);
+        assert_eq!(again.timestamp_ms, first.timestamp_ms);
+
+        let (m, _) = carol.next_delivery().await?;
+        assert_eq!(
+            (m.id.as_str(), m.body.as_str()),
+            (first.message_id.as_str(), send.body.as_str())
+        );
+        // Both answers came after every push of their sends: a second copy would be here.
+        let after = carol.ping(1).await?;
+        assert!(pushes(&after).is_empty(), "carol got it twice: {after:?}");
+    }
     Ok(())
 }
 

@@ -211,6 +211,20 @@ impl StateStore for FaultyStore {
         self.inner.events_last_id().await
     }
 
+    async fn claim_broadcasts(
+        &self,
+        claims: &[(String, i64)],
+        ttl: Duration,
+    ) -> StoreResult<Vec<Option<i64>>> {
+        self.check()?;
+        self.inner.claim_broadcasts(claims, ttl).await
+    }
+
+    async fn release_broadcasts(&self, ids: &[String]) -> StoreResult<()> {
+        self.check()?;
+        self.inner.release_broadcasts(ids).await
+    }
+
     async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
         self.check()?;
         self.inner.lease(name, owner, ttl).await

@@ -29,7 +29,9 @@
 //! increasing), trimmed exactly to `events_max_len` (Redis keeps up to a stream node more);
 //! `events_wait` sleeps on a [`Notify`] that every append wakes, under a tokio-clock
 //! deadline. The Redis online-id set needs no copy here: it is the set of users with a route.
-//! Leases expire on the tokio clock, like pending slots. Channels are a member set per
+//! Leases expire on the tokio clock, like pending slots, and so do broadcast claims: a map
+//! of the live ones plus a queue in claim order that every claim prunes from the front, so
+//! claims take memory only for their time to live. Channels are a member set per
 //! channel (a channel without members is removed, so the channel list is the map's keys) and
 //! a channel set per user, updated together under the lock: the repairs and races the Redis
 //! store documents cannot happen here.
@@ -96,6 +98,11 @@ struct State {
     /// Lease name → (owner, expiry).
     leases: HashMap<String, (String, Instant)>,
     cursors: HashMap<String, String>,
+    /// Broadcast id → (first `timestamp_ms`, expiry): the `sent:{id}` keys.
+    broadcasts: HashMap<String, (i64, Instant)>,
+    /// (expiry, id) in claim order, for pruning: an entry whose id was released or claimed
+    /// again later is skipped (the map's expiry differs, or there is none).
+    broadcast_expiries: VecDeque<(Instant, String)>,
     /// Channel → member ids. A channel without members is removed (it is gone).
     channels: BTreeMap<String, BTreeSet<u64>>,
     /// User → the channels they are a member of (no entry: none).
@@ -103,6 +110,22 @@ struct State {
 }
 
 impl State {
+    /// Drops the broadcast claims that expired by `now`, oldest first. Claims share one time
+    /// to live in practice, so the queue is in expiry order and this stops at the first live
+    /// one; a shorter one claimed later only waits for its turn.
+    fn prune_broadcasts(&mut self, now: Instant) {
+        while let Some((until, _)) = self.broadcast_expiries.front() {
+            if *until > now {
+                break;
+            }
+            if let Some((until, id)) = self.broadcast_expiries.pop_front() {
+                if self.broadcasts.get(&id).is_some_and(|&(_, u)| u == until) {
+                    self.broadcasts.remove(&id);
+                }
+            }
+        }
+    }
+
     /// The live slot of `user_id`, dropping it if it expired (a Redis key vanishes the same).
     fn slot(&mut self, user_id: u64, now: Instant) -> Option<&Slot> {
         if self.slots.get(&user_id).is_some_and(|s| s.expired(now)) {
@@ -305,6 +328,7 @@ impl std::fmt::Debug for MemoryStore {
             .field("inboxes", &state.inboxes.len())
             .field("events", &state.events.len())
             .field("channels", &state.channels.len())
+            .field("broadcast_claims", &state.broadcasts.len())
             .field("limits", &self.limits)
             .field("events_max_len", &self.events_max_len)
             .finish()
@@ -760,6 +784,40 @@ impl StateStore for MemoryStore {
                 Ok(true)
             }
         }
+    }
+
+    async fn claim_broadcasts(
+        &self,
+        claims: &[(String, i64)],
+        ttl: Duration,
+    ) -> StoreResult<Vec<Option<i64>>> {
+        let now = Instant::now();
+        // `PX ttl_ms` with at least 1 ms, as the Redis store sends it.
+        let expires = now + ttl.max(Duration::from_millis(1));
+        let mut state = self.lock();
+        state.prune_broadcasts(now);
+        let mut answers = Vec::with_capacity(claims.len());
+        for (id, timestamp_ms) in claims {
+            match state.broadcasts.get(id) {
+                Some(&(first, until)) if until > now => answers.push(Some(first)),
+                _ => {
+                    state
+                        .broadcasts
+                        .insert(id.clone(), (*timestamp_ms, expires));
+                    state.broadcast_expiries.push_back((expires, id.clone()));
+                    answers.push(None);
+                }
+            }
+        }
+        Ok(answers)
+    }
+
+    async fn release_broadcasts(&self, ids: &[String]) -> StoreResult<()> {
+        let mut state = self.lock();
+        for id in ids {
+            state.broadcasts.remove(id);
+        }
+        Ok(())
     }
 
     async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {
