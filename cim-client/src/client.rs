@@ -55,7 +55,9 @@
 //!   ULID, or [`SendOptions::message_id`]). A send written to a connection that died before
 //!   its result arrived (a server crash, a dropped network) is written again on the next
 //!   connection with the same id, within its deadline; the server stores a message id once,
-//!   so the receiver gets it once (and de-duplicates by id anyway, see below). Only when the
+//!   so the receiver gets it once (and de-duplicates by id anyway, see below). A group or
+//!   channel message written again is answered `Delivered` with `delivered: 0` and reaches
+//!   nobody a second time (the route remembers broadcast ids for a minute). Only when the
 //!   client ends for good (logout, final kick, gave up reconnecting) do such sends fail with
 //!   [`ClientError::ConnectionLost`]: they may or may not have been delivered.
 //! - **Stored messages and acks.** Private messages and receipts are kept in the receiver's

@@ -10,7 +10,10 @@
 //!   next (`SendStatus::Stored`);
 //! - group (everyone online but the sender): ONE `everyone` push per live server, no lookup;
 //! - channel: per page of members, ONE `MGET` and ONE push per server holding recipients of
-//!   that page. Never a request per recipient, never `KEYS`.
+//!   that page. Never a request per recipient, never `KEYS`;
+//! - group and channel messages that came with an id are first claimed, ONE pipelined round
+//!   trip for the run, so that a retry is answered instead of delivered twice
+//!   ([`deliver_broadcasts`]).
 //!
 //! A route counts only while its server is live in the registry watch; a route pointing at
 //! a dead server is removed (compare-and-delete, best effort) when routing stumbles on it.

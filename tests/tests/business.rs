@@ -284,6 +284,30 @@ async fn broadcast_presence_and_online_count() -> anyhow::Result<()> {
         (MessageKind::Group as i32, alice.id())
     );
 
+    // A backend retrying a broadcast (its first answer was lost) with its own id: answered
+    // as the first, and nobody gets it twice.
+    let retried = json!({"body": "only once", "id": "notice-7"});
+    let first = admin.ok("/api/admin/broadcast", retried.clone()).await?;
+    let again = admin.ok("/api/admin/broadcast", retried).await?;
+    assert_eq!(
+        (&first["delivered"], &first["id"]),
+        (&json!(2), &json!("sys-notice-7")),
+        "{first}"
+    );
+    assert_eq!(again["delivered"], 0, "{again}");
+    assert_eq!(
+        (&again["id"], &again["timestamp_ms"]),
+        (&first["id"], &first["timestamp_ms"])
+    );
+    for user in [&mut alice, &mut bob] {
+        assert_eq!(user.next_message().await?.body, "only once");
+        let after = user.ping(1).await?;
+        assert!(
+            after.iter().all(|f| !matches!(f.body, Some(Body::Push(_)))),
+            "a second copy: {after:?}"
+        );
+    }
+
     let v = admin
         .ok_get(&format!(
             "/api/admin/presence?user_ids={},{},{}",

@@ -111,6 +111,10 @@ pub struct Broadcast {
     /// On behalf of this user; absent or 0: from the system.
     #[serde(default)]
     pub from: Option<u64>,
+    /// Message id chosen by the caller (1-64 of `[0-9A-Za-z_-]`): a retry with it within a
+    /// minute is answered (`delivered: 0`, the first `timestamp_ms`) and reaches nobody twice.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -328,6 +332,7 @@ pub async fn broadcast(
     let send = Send {
         kind: kind as i32,
         body: req.body,
+        message_id: req.id.unwrap_or_default(),
         ..Default::default()
     };
     let item = backend_item(sender_id, sender_name, send);
@@ -682,7 +687,11 @@ pub async fn channel_message(
 ) -> Result<Json<GroupSent>, AppError> {
     let channel = channel_name(name)?;
     let (sender_id, sender_name) = sender(&state, req.from).await?;
-    let item = backend_item(sender_id, sender_name, channel_send(channel, req.body));
+    let item = backend_item(
+        sender_id,
+        sender_name,
+        channel_send(channel, req.body, req.id),
+    );
     Ok(Json(route_fan_out(&state, item).await?))
 }
 

@@ -139,6 +139,10 @@ pub struct ChannelMessage {
     #[serde(default)]
     #[schema(required = true)]
     pub body: String,
+    /// Message id chosen by the caller (1-64 of `[0-9A-Za-z_-]`): a retry with it within a
+    /// minute is answered (`delivered: 0`, the first `timestamp_ms`) and reaches nobody twice.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 /// Adds `user_id` to `channel` (shared with the business API).
@@ -184,11 +188,12 @@ pub async fn channels_of(state: &AppState, user_id: u64) -> Result<ChannelList, 
 }
 
 /// The `Send` of a channel message.
-pub fn channel_send(channel: String, body: String) -> Send {
+pub fn channel_send(channel: String, body: String, id: Option<String>) -> Send {
     Send {
         kind: MessageKind::Channel as i32,
         channel,
         body,
+        message_id: id.unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -419,7 +424,9 @@ pub async fn members(
 
 /// Send a message to a channel.
 ///
-/// Members only. Delivered once to the online members but the sender; never stored.
+/// Members only. Delivered once to the online members but the sender; never stored. A retry
+/// with the same `id` within a minute is answered with `delivered: 0` and delivered to nobody
+/// again.
 #[utoipa::path(
     post,
     path = "/api/channels/{name}/messages",
@@ -447,7 +454,7 @@ pub async fn send(
     let item = Outgoing::from_user(
         user.user_id,
         user.user_name,
-        channel_send(channel, req.body),
+        channel_send(channel, req.body, req.id),
     );
     Ok(Json(route_fan_out(&state, item).await?))
 }

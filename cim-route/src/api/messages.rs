@@ -55,6 +55,10 @@ pub struct GroupRequest {
     #[serde(default)]
     #[schema(required = true)]
     pub body: String,
+    /// Message id chosen by the caller (1-64 of `[0-9A-Za-z_-]`): a retry with it within a
+    /// minute is answered (`delivered: 0`, the first `timestamp_ms`) and reaches nobody twice.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 /// The result of a message to many: group, broadcast or channel.
@@ -157,7 +161,8 @@ pub async fn private(
 
 /// Send a group message.
 ///
-/// Delivered to every online user but the sender, once; never stored.
+/// Delivered to every online user but the sender, once; never stored. A retry with the same
+/// `id` within a minute is answered with `delivered: 0` and delivered to nobody again.
 #[utoipa::path(
     post,
     path = "/api/messages/group",
@@ -181,6 +186,7 @@ pub async fn group(
     let send = Send {
         kind: MessageKind::Group as i32,
         body: req.body,
+        message_id: req.id.unwrap_or_default(),
         ..Default::default()
     };
     let item = Outgoing::from_user(user.user_id, user.user_name, send);
