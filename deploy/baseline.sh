@@ -286,6 +286,56 @@ wait_benches() {
     done
 }
 
+# Like wait_benches, for processes that only work together (fanout-100k's sender and its
+# receive-only processes): they are waited for as they end, and the first that fails stops
+# the others. Otherwise a sender whose receivers are gone waits out its whole start wait.
+wait_benches_together() {
+    local -a names=() pids=("${@:2}") left=()
+    local -A name_of=()
+    local i pid status other name
+    read -r -a names <<<"$1"
+    for i in "${!pids[@]}"; do
+        name_of[${pids[$i]}]=${names[$i]}
+    done
+    left=("${pids[@]}")
+    local stopping=
+    while ((${#left[@]} > 0)); do
+        status=0
+        pid=
+        wait -n -p pid "${left[@]}" 2>/dev/null || status=$?
+        if [[ -z ${pid:-} ]]; then
+            # `wait -n` knows only running jobs: one that ended meanwhile (already reaped by
+            # bash) is "no such job". Find it (it is gone for `kill -0`); `wait PID` still
+            # has its status.
+            for other in "${left[@]}"; do
+                if ! kill -0 "$other" 2>/dev/null; then
+                    pid=$other
+                    status=0
+                    wait "$pid" || status=$?
+                    break
+                fi
+            done
+            [[ -n $pid ]] || { sleep 0.1; continue; }
+        fi
+        local -a still=()
+        for other in "${left[@]}"; do
+            [[ $other == "$pid" ]] || still+=("$other")
+        done
+        left=("${still[@]}")
+        ((status != 0)) || continue
+        name=${name_of[$pid]}
+        log "  $name failed (status $status); last lines of $results/$name.log:"
+        tail -n 5 "$results/$name.log" >&2 || true
+        failed_steps+=("$name")
+        rm -f "$results/$name.json"
+        if [[ -z $stopping && ${#left[@]} -gt 0 ]]; then
+            stopping=1
+            log "  stopping the other ${#left[@]} processes of this step: they cannot finish without it"
+            kill "${left[@]}" 2>/dev/null || true
+        fi
+    done
+}
+
 # connect STEP TRANSPORT TOTAL PROCESSES USER_OFFSET HOLD RATE: TOTAL idle connections from
 # PROCESSES bench processes in parallel (RATE new ones per second each), and the servers'
 # memory per connection meanwhile.
@@ -375,7 +425,7 @@ fanout_big_step() {
         pids+=("$launched")
         names+=("$name")
     done
-    wait_benches "${names[*]}" "${pids[@]}"
+    wait_benches_together "${names[*]}" "${pids[@]}"
 }
 
 # bench_step NAME LIMIT ARGS…: one bench process, waited for.
