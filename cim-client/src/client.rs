@@ -305,6 +305,10 @@ pub struct SendOutcome {
     /// Number of connections the message was pushed to.
     pub delivered: u32,
     pub timestamp_ms: i64,
+    /// A group or channel message the cluster had already delivered under this id: the
+    /// SDK wrote it again after its connection died before the first result came. It was
+    /// pushed to nobody this time (`delivered` is 0), which is not "nobody was online".
+    pub repeat: bool,
 }
 
 /// A snapshot of the client.

@@ -648,6 +648,7 @@ fn outcome(result: pb::SendResult) -> Result<SendOutcome, ClientError> {
             status,
             delivered: result.delivered,
             timestamp_ms: result.timestamp_ms,
+            repeat: result.repeat,
         }),
     }
 }
@@ -1081,8 +1082,7 @@ mod tests {
                     status: pb::SendStatus::Stored as i32,
                     message_id: resent.message_id.clone(),
                     timestamp_ms: 9,
-                    delivered: 0,
-                    error: None,
+                    ..Default::default()
                 })))
                 .await
                 .unwrap();
@@ -1151,8 +1151,7 @@ mod tests {
             status: pb::SendStatus::Stored as i32,
             message_id: "01X".into(),
             timestamp_ms: 5,
-            delivered: 0,
-            error: None,
+            ..Default::default()
         };
         assert_eq!(
             outcome(ok).unwrap(),
@@ -1160,9 +1159,19 @@ mod tests {
                 message_id: "01X".into(),
                 status: pb::SendStatus::Stored,
                 delivered: 0,
-                timestamp_ms: 5
+                timestamp_ms: 5,
+                repeat: false,
             }
         );
+        let repeat = pb::SendResult {
+            client_id: 5,
+            status: pb::SendStatus::Delivered as i32,
+            message_id: "01G".into(),
+            timestamp_ms: 6,
+            repeat: true,
+            ..Default::default()
+        };
+        assert!(outcome(repeat).unwrap().repeat);
     }
 
     #[test]

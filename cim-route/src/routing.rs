@@ -137,7 +137,7 @@ fn accepted_result(a: &Accepted, status: SendStatus, delivered: u32) -> SendResu
         message_id: a.message.id.clone(),
         timestamp_ms: a.message.timestamp_ms,
         delivered,
-        error: None,
+        ..Default::default()
     }
 }
 
@@ -712,6 +712,7 @@ async fn deliver_broadcasts(
                     if let Some(timestamp_ms) = first {
                         let mut repeat = accepted_result(&run[p], SendStatus::Delivered, 0);
                         repeat.timestamp_ms = timestamp_ms;
+                        repeat.repeat = true;
                         results[p] = Some(repeat);
                     }
                 }
@@ -1433,6 +1434,7 @@ mod tests {
         for (r, f) in retry[..2].iter().zip(&first) {
             assert_eq!(status(r), SendStatus::Delivered, "{r:?}");
             assert_eq!(r.delivered, 0, "the first send did the delivering");
+            assert!(r.repeat && !f.repeat, "{r:?} {f:?}");
             assert_eq!(
                 (&r.message_id, r.timestamp_ms, r.client_id),
                 (&f.message_id, f.timestamp_ms, f.client_id),

@@ -22,8 +22,8 @@
  *      (exponential backoff with jitter), log the old session out (frees its login slot at
  *      once), log in again with the remembered credentials (409 already_logged_in: the old
  *      slot is not free yet, try again later), and continue at step 2, maybe on another
- *      server. Private messages whose result never came are sent again with the same message
- *      id, so the route stores them once.
+ *      server. Messages whose result never came are sent again with the same message id, so
+ *      the route stores a private one once and delivers a group or channel one once.
  *
  * Besides the socket, HTTP calls with the session token list the people online
  * (GET /api/users/online) and manage channels (POST /api/channels/{name}/join|leave,
@@ -603,10 +603,6 @@ function onComposerSubmit() {
   input.value = "";
   const record = { mine: true, from: session.name, body: text, at: Date.now(), replay: false };
   addMessage(conv, record);
-  if (!session.loggedIn && send.kind !== "MESSAGE_KIND_PRIVATE") {
-    setRecordStatus(record, "failed", "not sent: not connected");
-    return;
-  }
   const clientId = String(session.nextClientId++);
   send.clientId = clientId;
   session.pending.set(clientId, { send, record });
@@ -616,11 +612,15 @@ function onComposerSubmit() {
 
 /** The Send frame body for a message to a conversation (null: nothing can be sent there). */
 function sendFrameFor(conv, body) {
-  if (conv.key === "group") return { kind: "MESSAGE_KIND_GROUP", body };
+  // Every send has its own id, so sending it again after a reconnect is safe.
+  const messageId = newMessageId();
+  if (conv.key === "group") return { kind: "MESSAGE_KIND_GROUP", body, messageId };
   if (conv.key.startsWith("user:")) {
-    return { kind: "MESSAGE_KIND_PRIVATE", toUserName: conv.name, body, messageId: newMessageId() };
+    return { kind: "MESSAGE_KIND_PRIVATE", toUserName: conv.name, body, messageId };
   }
-  if (conv.key.startsWith("channel:")) return { kind: "MESSAGE_KIND_CHANNEL", channel: conv.name, body };
+  if (conv.key.startsWith("channel:")) {
+    return { kind: "MESSAGE_KIND_CHANNEL", channel: conv.name, body, messageId };
+  }
   return null;
 }
 
@@ -637,7 +637,7 @@ function onSendResult(result) {
   if (result.timestampMs) record.at = result.timestampMs;
   switch (result.status) {
     case "SEND_STATUS_DELIVERED":
-      setRecordStatus(record, "delivered", deliveredText(send, result.delivered));
+      setRecordStatus(record, "delivered", deliveredText(send, result.delivered, result.repeat));
       break;
     case "SEND_STATUS_STORED":
       setRecordStatus(record, "stored", "✓ stored: they get it when they come online");
@@ -650,26 +650,23 @@ function onSendResult(result) {
   }
 }
 
-function deliveredText(send, count) {
+function deliveredText(send, count, repeat) {
   if (send.kind === "MESSAGE_KIND_PRIVATE") return "✓ delivered";
+  // Sent again after a reconnect, but the first send had gone out: nobody got it twice.
+  if (repeat) return "✓ delivered (before the connection dropped)";
   const n = Number(count) || 0;
   return `✓ delivered to ${n} ${n === 1 ? "person" : "people"} online`;
 }
 
 /**
- * After a reconnect: private messages without a result are sent again (same message id, so
- * the route stores them once); group and channel messages are not stored, so a resend could
- * show them twice: they are marked as possibly not sent instead.
+ * After a reconnect: messages without a result are sent again with the same message id. The
+ * route stores a private message once and delivers a group or channel message once (a repeat
+ * is answered with `repeat: true`), so nobody sees a message twice.
  */
 function resendPending() {
-  for (const [clientId, { send, record }] of session.pending) {
-    if (send.kind === "MESSAGE_KIND_PRIVATE") {
-      setRecordStatus(record, "sending", "sending…");
-      sendFrame({ send });
-    } else {
-      session.pending.delete(clientId);
-      setRecordStatus(record, "failed", "maybe not sent: the connection dropped");
-    }
+  for (const { send, record } of session.pending.values()) {
+    setRecordStatus(record, "sending", "sending…");
+    sendFrame({ send });
   }
 }
 

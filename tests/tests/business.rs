@@ -294,7 +294,12 @@ async fn broadcast_presence_and_online_count() -> anyhow::Result<()> {
         (&json!(2), &json!("sys-notice-7")),
         "{first}"
     );
-    assert_eq!(again["delivered"], 0, "{again}");
+    assert_eq!(
+        (&again["delivered"], &again["repeat"]),
+        (&json!(0), &json!(true)),
+        "{again}"
+    );
+    assert_eq!(first["repeat"], false, "{first}");
     assert_eq!(
         (&again["id"], &again["timestamp_ms"]),
         (&first["id"], &first["timestamp_ms"])

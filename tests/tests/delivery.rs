@@ -320,6 +320,7 @@ async fn a_group_or_channel_message_sent_twice_with_the_same_id_reaches_everyone
             "answered, pushed to nobody: {again:?}"
         );
         assert_eq!(again.message_id, first.message_id);
+        assert!(again.repeat && !first.repeat, "{again:?}");
         assert_eq!(again.timestamp_ms, first.timestamp_ms);
 
         let (m, _) = carol.next_delivery().await?;

@@ -129,7 +129,7 @@ function message(person, text, { mine } = {}) {
 }
 
 /** Sends `text` in the open conversation; waits until the route accepted it. */
-async function say(person, text, accepted = ["delivered"]) {
+async function say(person, text, accepted = ["delivered"], timeout = WAIT_MS) {
   await person.page.locator("#message-input").fill(text);
   await person.page.locator("#message-input").press("Enter");
   const status = message(person, text, { mine: true }).last().locator(".status");
@@ -138,7 +138,7 @@ async function say(person, text, accepted = ["delivered"]) {
     await person.page.waitForFunction(
       ([el, wanted]) => wanted.includes(el.dataset.status),
       [await status.elementHandle(), accepted],
-      { timeout: WAIT_MS },
+      { timeout },
     );
   });
   return status.getAttribute("data-status");
@@ -288,7 +288,13 @@ async function scenario(browser, args) {
   if (args.control) {
     await step(`${alice.name}'s server shuts down; the page reconnects by itself`, async () => {
       const old = alice.server;
+      await openConversation(alice, "group");
       await control(`shutdown-server ${old}`);
+      // Sent as the connection goes: it waits for the next connection, or is sent again on
+      // it (same id) if its result was lost; either way it is delivered, and shown once.
+      await say(alice, "Posted while my server went away.", ["delivered"], RECONNECT_WAIT_MS);
+      const posted = await message(alice, "Posted while my server went away.", { mine: true }).count();
+      if (posted !== 1) throw new Error(`the group message is shown ${posted} times`);
       await alice.page
         .locator('#status[data-state="online"]:not([data-server="' + old + '"])')
         .waitFor({ timeout: RECONNECT_WAIT_MS });
@@ -296,6 +302,7 @@ async function scenario(browser, args) {
       log(`${alice.name} reconnected to ${alice.server}`);
       await bob.page.locator('#status[data-state="online"]').waitFor({ timeout: RECONNECT_WAIT_MS });
       // Stored if bob's page is still reconnecting (same server): then replayed to it.
+      await openConversation(alice, `user:${bob.name}`);
       await say(alice, "Back again, my server restarted.", ["delivered", "stored"]);
       await sees(bob, "Back again, my server restarted.");
     });

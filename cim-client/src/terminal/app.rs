@@ -389,10 +389,11 @@ impl App {
             To::User(name) if outcome.status == pb::SendStatus::Stored => {
                 self.print(render::offline(self.style, name)).await;
             }
-            To::All if outcome.delivered == 0 => {
+            // A repeat was delivered by the send before it (its result was lost).
+            To::All if outcome.delivered == 0 && !outcome.repeat => {
                 self.print(render::nobody_online(self.style)).await;
             }
-            To::Channel(name) if outcome.delivered == 0 => {
+            To::Channel(name) if outcome.delivered == 0 && !outcome.repeat => {
                 self.print(render::nobody_in_channel(self.style, name))
                     .await;
             }

@@ -67,6 +67,9 @@ pub struct GroupSent {
     pub id: String,
     pub delivered: u32,
     pub timestamp_ms: i64,
+    /// This `id` was sent before (a retry): answered with the first send's `timestamp_ms`
+    /// and pushed to nobody again, so `delivered` is 0.
+    pub repeat: bool,
 }
 
 /// Routes one message to many (group, broadcast, channel) and answers with its id and reach.
@@ -76,6 +79,7 @@ pub(crate) async fn route_fan_out(state: &AppState, item: Outgoing) -> Result<Gr
         id: result.message_id,
         delivered: result.delivered,
         timestamp_ms: result.timestamp_ms,
+        repeat: result.repeat,
     })
 }
 
