@@ -384,20 +384,8 @@ impl App {
             &message.body,
         ))
         .await;
-        match &message.to {
-            // Accepted and kept for them: it arrives at their next login.
-            To::User(name) if outcome.status == pb::SendStatus::Stored => {
-                self.print(render::offline(self.style, name)).await;
-            }
-            // A repeat was delivered by the send before it (its result was lost).
-            To::All if outcome.delivered == 0 && !outcome.repeat => {
-                self.print(render::nobody_online(self.style)).await;
-            }
-            To::Channel(name) if outcome.delivered == 0 && !outcome.repeat => {
-                self.print(render::nobody_in_channel(self.style, name))
-                    .await;
-            }
-            _ => {}
+        if let Some(line) = render::after_sent(self.style, &message.to, &outcome) {
+            self.print(line).await;
         }
         let (kind, to) = match message.to {
             To::All => (Kind::Group, None),

@@ -223,6 +223,19 @@ pub fn channels(style: Style, list: &[ChannelInfo]) -> String {
     out
 }
 
+/// The line that follows an accepted send, if any: a private message waits for its offline
+/// receiver, or a group or channel message reached nobody. Not for a repeat (a send written
+/// again after a lost connection): the send before it did the delivering.
+pub fn after_sent(style: Style, to: &To, outcome: &crate::SendOutcome) -> Option<String> {
+    let nobody = outcome.delivered == 0 && !outcome.repeat;
+    match to {
+        To::User(name) if outcome.status == pb::SendStatus::Stored => Some(offline(style, name)),
+        To::All if nobody => Some(nobody_online(style)),
+        To::Channel(name) if nobody => Some(nobody_in_channel(style, name)),
+        _ => None,
+    }
+}
+
 /// A group message that reached nobody.
 pub fn nobody_online(style: Style) -> String {
     style.paint(YELLOW, "(nobody else is online: not delivered)")
@@ -607,6 +620,38 @@ mod tests {
             offline(Style::PLAIN, "carol"),
             "carol is offline: they will get it at their next login"
         );
+    }
+
+    #[test]
+    fn what_follows_a_send() {
+        let sent = |status, delivered, repeat| crate::SendOutcome {
+            message_id: "m".into(),
+            status,
+            delivered,
+            timestamp_ms: 0,
+            repeat,
+        };
+        let (stored, delivered) = (pb::SendStatus::Stored, pb::SendStatus::Delivered);
+        let bob = To::User("bob".into());
+        let room = To::Channel("room1".into());
+        let after = |to: &To, outcome| after_sent(Style::PLAIN, to, &outcome);
+        assert_eq!(
+            after(&bob, sent(stored, 0, false)).as_deref(),
+            Some("bob is offline: they will get it at their next login")
+        );
+        assert_eq!(after(&bob, sent(delivered, 1, false)), None);
+        assert_eq!(
+            after(&To::All, sent(delivered, 0, false)).as_deref(),
+            Some("(nobody else is online: not delivered)")
+        );
+        assert_eq!(
+            after(&room, sent(delivered, 0, false)).as_deref(),
+            Some("(no other member of #room1 is online: not delivered)")
+        );
+        // Delivered by the send before it, whose answer the dropped connection lost.
+        assert_eq!(after(&To::All, sent(delivered, 0, true)), None);
+        assert_eq!(after(&room, sent(delivered, 0, true)), None);
+        assert_eq!(after(&To::All, sent(delivered, 3, false)), None);
     }
 
     #[test]
