@@ -130,6 +130,15 @@ fn unavailable(client_id: u64) -> SendResult {
     )
 }
 
+/// The results of a batch whose every slot was filled; a slot left empty (a bug) answers
+/// INTERNAL rather than dropping its item's answer.
+fn all_answered(results: Vec<Option<SendResult>>) -> Vec<SendResult> {
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| failed(0, ErrorCode::Internal, "message was not routed")))
+        .collect()
+}
+
 fn accepted_result(a: &Accepted, status: SendStatus, delivered: u32) -> SendResult {
     SendResult {
         client_id: a.client_id,
@@ -414,10 +423,7 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
         }
     }
 
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| failed(0, ErrorCode::Internal, "message was not routed")))
-        .collect()
+    all_answered(results)
 }
 
 /// [`route_batch`] in a task of its own: once a message is accepted its delivery runs to
@@ -730,7 +736,6 @@ async fn deliver_broadcasts(
     let to_deliver: Vec<&Accepted> = fresh.iter().map(|&p| &run[p]).collect();
     // Still runs of one kind: `run` is.
     let outcomes = match run[0].kind {
-        _ if to_deliver.is_empty() => Vec::new(),
         Kind::Channel => deliver_channels(state, servers, &to_deliver).await,
         _ => deliver_group(state, servers, &to_deliver).await,
     };
@@ -752,10 +757,7 @@ async fn deliver_broadcasts(
             tracing::warn!(error = %e, ids = release.len(), "releasing broadcast claims failed");
         }
     }
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| failed(0, ErrorCode::Internal, "message was not routed")))
-        .collect()
+    all_answered(results)
 }
 
 /// Group messages (to everyone online): ONE push per live server, carrying all of the run's
@@ -769,6 +771,10 @@ async fn deliver_broadcasts(
 /// two servers may get the message on both or neither,
 /// which the not-stored group kind allows.
 async fn deliver_group(state: &AppState, servers: &Members, run: &[&Accepted]) -> Vec<SendResult> {
+    // Nothing to push (every message was a repeat): no server is asked.
+    if run.is_empty() {
+        return Vec::new();
+    }
     let deliveries: Vec<Delivery> = run
         .iter()
         .map(|a| Delivery {
@@ -888,10 +894,7 @@ async fn deliver_channels(
             results[p] = Some(fan_out_result(run[p], counts[j], failure.as_ref()));
         }
     }
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| failed(0, ErrorCode::Internal, "message was not routed")))
-        .collect()
+    all_answered(results)
 }
 
 /// Pushes `messages` to the online members of `channel`, page by page. Returns the number of

@@ -366,8 +366,8 @@ static ALL_SCRIPTS: [&LazyLock<Script>; 10] = [
     &INBOX_PRUNE,
 ];
 
-/// Oldest Redis cim runs on: the scripts use `ZMSCORE` (6.2) and channel counts
-/// `ZINTERCARD` (7.0).
+/// Oldest Redis cim runs on: the scripts use `ZMSCORE` (6.2), channel counts
+/// `ZINTERCARD` (7.0) and broadcast claims `SET … NX GET` (7.0).
 const MIN_REDIS_VERSION: (u64, u64) = (7, 0);
 
 /// Refuses a Redis older than [`MIN_REDIS_VERSION`], from the text of `INFO server`, at start
