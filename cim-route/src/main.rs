@@ -147,4 +147,31 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.field, "worker_threads");
     }
+
+    #[test]
+    fn backend_settings_from_the_environment() {
+        // `[backend]` through `SECTION__FIELD`: what containers configure by environment.
+        let prefix = "CIM_ROUTE_TEST_NEST_";
+        std::env::set_var(format!("{prefix}BACKEND__REDIS_URL"), "redis://redis:6379/0");
+        std::env::set_var(
+            format!("{prefix}BACKEND__ETCD_ENDPOINTS"),
+            "[\"http://etcd:2379\"]",
+        );
+        std::env::set_var(format!("{prefix}BACKEND__INBOX_MAX_MESSAGES"), "50");
+        std::env::set_var(format!("{prefix}API_KEYS"), "[\"a-backend-key-of-16+\"]");
+        let config = load(prefix, &[]);
+        for var in [
+            "BACKEND__REDIS_URL",
+            "BACKEND__ETCD_ENDPOINTS",
+            "BACKEND__INBOX_MAX_MESSAGES",
+            "API_KEYS",
+        ] {
+            std::env::remove_var(format!("{prefix}{var}"));
+        }
+        assert_eq!(config.backend.redis_url, "redis://redis:6379/0");
+        assert_eq!(config.backend.etcd_endpoints, ["http://etcd:2379"]);
+        assert_eq!(config.backend.inbox_max_messages, 50);
+        assert_eq!(config.api_keys, ["a-backend-key-of-16+"]);
+        assert_eq!(config.validate(), Ok(()));
+    }
 }

@@ -203,4 +203,34 @@ mod tests {
         assert_eq!(config.backend.redis_url, "redis://r:1/0");
         assert_eq!(config.backend.prefix, "cim");
     }
+
+    #[test]
+    fn backend_settings_from_the_environment() {
+        // `[backend]` through `SECTION__FIELD`: what containers configure by environment.
+        let prefix = "CIM_SERVER_TEST_NEST_";
+        std::env::set_var(format!("{prefix}BACKEND__REDIS_URL"), "redis://redis:6379/0");
+        std::env::set_var(
+            format!("{prefix}BACKEND__ETCD_ENDPOINTS"),
+            "[\"http://etcd-0:2379\",\"http://etcd-1:2379\"]",
+        );
+        std::env::set_var(format!("{prefix}BACKEND__PREFIX"), "team");
+        std::env::set_var(format!("{prefix}TCP_LISTEN"), "0.0.0.0:19000");
+        let config = load_with_env(prefix, &[]);
+        for var in [
+            "BACKEND__REDIS_URL",
+            "BACKEND__ETCD_ENDPOINTS",
+            "BACKEND__PREFIX",
+            "TCP_LISTEN",
+        ] {
+            std::env::remove_var(format!("{prefix}{var}"));
+        }
+        assert_eq!(config.backend.redis_url, "redis://redis:6379/0");
+        assert_eq!(
+            config.backend.etcd_endpoints,
+            ["http://etcd-0:2379", "http://etcd-1:2379"]
+        );
+        assert_eq!(config.backend.prefix, "team");
+        assert_eq!(config.tcp_listen, "0.0.0.0:19000");
+        config.validate().unwrap();
+    }
 }

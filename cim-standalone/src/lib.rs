@@ -454,6 +454,35 @@ mod tests {
     }
 
     #[test]
+    fn every_section_from_the_environment() {
+        // `[route]`, `[server]` and a section inside them through `SECTION__FIELD`.
+        let prefix = "CIM_STANDALONE_TEST_NEST_";
+        let vars = [
+            ("HTTP_LISTEN", "127.0.0.1:18081"),
+            ("ROUTE__CONNECT_TOKEN_TTL_MS", "4321"),
+            ("ROUTE__API_KEYS", "[\"a-backend-key-of-16+\"]"),
+            ("ROUTE__BACKEND__INBOX_MAX_MESSAGES", "77"),
+            ("SERVER__HEARTBEAT_INTERVAL_MS", "3000"),
+            ("SERVER__BACKEND__PREFIX", "solo"),
+        ];
+        for (name, value) in vars {
+            std::env::set_var(format!("{prefix}{name}"), value);
+        }
+        let loaded = cli(&[]).load_with_env(prefix);
+        for (name, _) in vars {
+            std::env::remove_var(format!("{prefix}{name}"));
+        }
+        let config = loaded.unwrap();
+        assert_eq!(config.http_listen, "127.0.0.1:18081");
+        assert_eq!(config.route.connect_token_ttl_ms, 4321);
+        assert_eq!(config.route.api_keys, ["a-backend-key-of-16+"]);
+        assert_eq!(config.route.backend.inbox_max_messages, 77);
+        assert_eq!(config.server.heartbeat_interval_ms, 3000);
+        assert_eq!(config.server.backend.prefix, "solo");
+        config.resolve().unwrap();
+    }
+
+    #[test]
     fn top_level_settings_inside_a_section_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         for (text, names) in [
