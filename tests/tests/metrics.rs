@@ -1,7 +1,8 @@
 //! `/metrics` of a real cluster (one server, one route, real Redis and etcd): users log in
 //! over TCP and WebSocket, exchange messages, one disconnects; the values scraped from the
 //! server's and the route's internal listeners are checked exactly. Also: no user id, name or
-//! address ever appears as a label value, and backend errors are counted when Redis dies.
+//! address ever appears as a label value, and backend errors are counted when Redis or etcd
+//! dies.
 //!
 //! Every wait polls `/metrics` until the value appears, within a deadline: the counters are
 //! updated by tasks of the nodes (a session ends after the client closed), which no event
@@ -263,7 +264,7 @@ async fn a_cluster_counts_logins_frames_messages_and_disconnects() -> anyhow::Re
 }
 
 #[tokio::test]
-async fn backend_errors_are_counted_when_redis_is_gone() -> anyhow::Result<()> {
+async fn backend_errors_are_counted_when_redis_or_etcd_is_gone() -> anyhow::Result<()> {
     let mut cluster = Cluster::builder().servers(1).routes(1).start().await?;
     let route = cluster.routes[0].internal_addr;
     cluster.register_and_login("carol").await?;
@@ -300,5 +301,13 @@ async fn backend_errors_are_counted_when_redis_is_gone() -> anyhow::Result<()> {
         "{}",
         after.text
     );
+
+    // etcd gone: the server's registry watch breaks (and its lease keep-alive fails).
+    let server = cluster.servers[0].internal_addr;
+    cluster.infra.etcd.kill();
+    until(server, "a failed etcd call", |s| {
+        s.value("cim_backend_errors_total", &[("backend", "etcd")]) >= 1.0
+    })
+    .await?;
     Ok(())
 }
