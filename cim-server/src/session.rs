@@ -195,11 +195,14 @@ async fn write<T: Transport>(
     items: &[Outbound],
     timeout: Duration,
 ) -> Result<(), String> {
-    let mut tally = Tally::default();
-    for item in items {
-        tally.add(item.frame());
+    {
+        // Scoped: the tally is not kept in the future across the write.
+        let mut tally = Tally::default();
+        for item in items {
+            tally.add(item.frame());
+        }
+        tally.flush(&state.metrics.frames_out);
     }
-    tally.flush(&state.metrics.frames_out);
     // Boxed: a write is short-lived, and its timer and buffers inline would enlarge the
     // session future that every idle connection keeps.
     match Box::pin(tokio::time::timeout(timeout, transport.send(items))).await {
