@@ -208,7 +208,10 @@ mod tests {
     fn backend_settings_from_the_environment() {
         // `[backend]` through `SECTION__FIELD`: what containers configure by environment.
         let prefix = "CIM_SERVER_TEST_NEST_";
-        std::env::set_var(format!("{prefix}BACKEND__REDIS_URL"), "redis://redis:6379/0");
+        std::env::set_var(
+            format!("{prefix}BACKEND__REDIS_URL"),
+            "redis://redis:6379/0",
+        );
         std::env::set_var(
             format!("{prefix}BACKEND__ETCD_ENDPOINTS"),
             "[\"http://etcd-0:2379\",\"http://etcd-1:2379\"]",
