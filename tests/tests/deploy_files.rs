@@ -6,9 +6,7 @@
 //!
 //! - every YAML document and the dashboard JSON parse;
 //! - every command and `--flag` given to a cim binary appears in that binary's `--help` (the
-//!   binaries are built by `cargo build --workspace --bins` of this test's profile: this
-//!   crate cannot name other packages' binaries with `env!("CARGO_BIN_EXE_...")`, and the
-//!   build is a no-op when they are fresh);
+//!   binaries of this test's profile; built first when missing or stale, see [`binaries`]);
 //! - every `CIM_*` environment variable of a cim container is a real setting: the variables
 //!   go through the binaries' own loader (`cim_common::config::load`: unknown fields are
 //!   refused, values must have the field's type) and the result through `validate()`;
@@ -170,51 +168,102 @@ fn url_authority(url: &str) -> &str {
 // ---------------------------------------------------------------------------------------------
 // The binaries
 
-/// The workspace's binaries, built in this test's profile: name → path.
+/// The workspace's binaries in this test's profile: name → path.
+///
+/// This crate cannot name other packages' binaries (`env!("CARGO_BIN_EXE_...")` is only set
+/// for a package's own), so they are found beside this test's profile directory
+/// (`target/<profile>/`). A full `cargo test --workspace` has just built them there (the
+/// integration tests of cim-server, cim-route, cim-client and cim-standalone need them);
+/// when one is missing or older than a source it is built from, this runs
+/// `cargo build --workspace --bins --profile <this profile>` first. (Always building would
+/// not be free: with every dev-dependency's features, as a workspace test run has them,
+/// tokio has `test-util`, so a plain `cargo build` is a second build of most of the tree.)
 fn binaries() -> &'static BTreeMap<String, PathBuf> {
     static BINARIES: OnceLock<BTreeMap<String, PathBuf>> = OnceLock::new();
     BINARIES.get_or_init(|| {
-        // target/<profile>/deps/deploy_files-<hash>: the profile is the directory's name.
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_string(),
-            Some(other) => other.to_string(),
-        };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let output = Command::new(cargo)
-            .current_dir(repo())
-            .args(["build", "--workspace", "--bins", "--profile", &profile])
-            .args(["--message-format", "json-render-diagnostics"])
-            .output()
-            .expect("running cargo build");
-        assert!(
-            output.status.success(),
-            "cargo build --workspace --bins failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let mut found = BTreeMap::new();
-        for line in String::from_utf8_lossy(&output.stdout).lines() {
-            let Ok(message) = serde_json::from_str::<Json>(line) else {
-                continue;
-            };
-            if message["reason"] != "compiler-artifact" {
-                continue;
+        let run = |args: &[&str]| -> String {
+            let output = Command::new(&cargo)
+                .current_dir(repo())
+                .args(args)
+                .output()
+                .expect("running cargo");
+            assert!(
+                output.status.success(),
+                "cargo {} failed:\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        // Names, and the packages binaries are built from (all but this one).
+        let metadata: Json =
+            serde_json::from_str(&run(&["metadata", "--no-deps", "--format-version", "1"]))
+                .unwrap();
+        let mut names = BTreeSet::new();
+        let mut sources = vec![repo().join("Cargo.lock"), repo().join("proto")];
+        for package in metadata["packages"].as_array().unwrap() {
+            for target in package["targets"].as_array().unwrap() {
+                if target["kind"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|k| k == "bin")
+                {
+                    names.insert(target["name"].as_str().unwrap().to_string());
+                }
             }
-            let is_bin = message["target"]["kind"]
-                .as_array()
-                .is_some_and(|kinds| kinds.iter().any(|k| k == "bin"));
-            if let (true, Some(name), Some(exe)) = (
-                is_bin,
-                message["target"]["name"].as_str(),
-                message["executable"].as_str(),
-            ) {
-                found.insert(name.to_string(), PathBuf::from(exe));
+            if package["name"] != env!("CARGO_PKG_NAME") {
+                let manifest = PathBuf::from(package["manifest_path"].as_str().unwrap());
+                sources.push(manifest.parent().unwrap().to_path_buf());
             }
         }
-        assert!(!found.is_empty(), "cargo build reported no binary");
+        assert!(!names.is_empty(), "cargo metadata lists no binary");
+
+        // target/<profile>/deps/deploy_files-<hash> → target/<profile>/
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        let found: BTreeMap<String, PathBuf> = names
+            .iter()
+            .map(|name| (name.clone(), profile_dir.join(name)))
+            .collect();
+        let newest_source = sources.iter().filter_map(|p| newest_mtime(p)).max();
+        let fresh = found.values().all(|bin| {
+            let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+            matches!((built, newest_source), (Some(b), Some(s)) if b >= s)
+        });
+        if !fresh {
+            let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+                Some("debug") | None => "dev".to_string(),
+                Some(other) => other.to_string(),
+            };
+            run(&["build", "--workspace", "--bins", "--profile", &profile]);
+        }
+        for bin in found.values() {
+            assert!(bin.is_file(), "{} was not built", bin.display());
+        }
         found
     })
+}
+
+/// The latest modification time of a file, or of the files under a directory (build
+/// outputs and node_modules left out).
+fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            !matches!(
+                e.file_name().to_str(),
+                Some("target" | "node_modules" | ".git")
+            )
+        })
+        .filter_map(|e| newest_mtime(&e.path()))
+        .max()
 }
 
 /// `binary [subcommand] --help`, stdout.
