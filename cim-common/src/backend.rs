@@ -1,12 +1,28 @@
 //! Connecting to the production backends (Redis + etcd) from one config section shared by
 //! every binary, or creating the in-memory pair of standalone mode.
+//!
+//! [`Backends`] also carries the error counters of its two backends ([`BackendErrors`]):
+//! every failed Redis call (through [`crate::store::counting::Counting`]) and every failed
+//! etcd call (inside [`EtcdRegistry`]) is counted there, and the server or route that uses
+//! the backends exports them as `cim_backend_errors_total{backend}`.
 
 use crate::{
+    metrics::Labels,
     registry::{EtcdRegistry, MemoryRegistry, Registry},
-    store::{InboxLimits, MemoryStore, RedisStore, StateStore, DEFAULT_EVENTS_MAX_LEN},
+    store::{
+        counting::Counting, InboxLimits, MemoryStore, RedisStore, StateStore,
+        DEFAULT_EVENTS_MAX_LEN,
+    },
 };
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde::{Deserialize, Serialize};
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 /// Where the shared state and the registry live.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -79,25 +95,79 @@ impl BackendConfig {
     }
 }
 
+/// Name of the backend error counter family.
+pub const BACKEND_ERRORS: &str = "cim_backend_errors";
+
+/// Label values of `cim_backend_errors_total{backend}`.
+pub mod backend_label {
+    pub const REDIS: &str = "redis";
+    pub const ETCD: &str = "etcd";
+}
+
+/// Failed calls to the backends, by backend (`cim_backend_errors_total{backend}`). Clones
+/// share the counts.
+#[derive(Clone, Debug, Default)]
+pub struct BackendErrors {
+    family: Family<Labels, Counter>,
+    /// Exported by a registry already (see [`BackendErrors::register`]).
+    registered: Arc<AtomicBool>,
+}
+
+impl BackendErrors {
+    /// The counter of `backend` (one of [`backend_label`]), created now, so it is exported at
+    /// zero before the first error.
+    pub fn counter(&self, backend: &'static str) -> Counter {
+        self.family.get_or_create_owned(&vec![("backend", backend)])
+    }
+
+    /// Exports the counters in `registry`. Only the first registry of a set of clones gets
+    /// them: a standalone process shares one [`Backends`] between its route and its server,
+    /// and serves both registries in one answer, where a family may appear once. (In a
+    /// cluster every process connects its own.)
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        if !self.registered.swap(true, Ordering::SeqCst) {
+            registry.register(
+                BACKEND_ERRORS,
+                "Failed calls to a backend (Redis or etcd), timeouts included",
+                self.family.clone(),
+            );
+        }
+    }
+}
+
 /// The two backends a cim process uses.
 #[derive(Clone)]
 pub struct Backends {
     pub store: Arc<dyn StateStore>,
     pub registry: Arc<dyn Registry>,
+    /// The error counters of `store` and `registry`.
+    pub errors: BackendErrors,
 }
 
 impl Backends {
-    /// A fresh in-memory store and registry, for processes that run every cim role inside
-    /// themselves (standalone mode). Clones share them: give each role a clone.
-    pub fn memory() -> Self {
+    /// Backends without error counting (tests and tools with backends of their own).
+    pub fn new(store: Arc<dyn StateStore>, registry: Arc<dyn Registry>) -> Self {
         Self {
-            store: Arc::new(MemoryStore::new()),
-            registry: Arc::new(MemoryRegistry::new()),
+            store,
+            registry,
+            errors: BackendErrors::default(),
         }
     }
 
+    /// A fresh in-memory store and registry, for processes that run every cim role inside
+    /// themselves (standalone mode). Clones share them: give each role a clone. (They never
+    /// fail, so no error series is exported.)
+    pub fn memory() -> Self {
+        Self::new(
+            Arc::new(MemoryStore::new()),
+            Arc::new(MemoryRegistry::new()),
+        )
+    }
+
     /// Connects to Redis and etcd, failing fast with a message naming the one that is missing.
+    /// Every later failed call to either is counted in [`Backends::errors`].
     pub async fn connect(config: &BackendConfig) -> Result<Self, String> {
+        let errors = BackendErrors::default();
         let store = RedisStore::connect(&config.redis_url, &config.prefix, config.timeout())
             .await
             .map_err(|e| format!("redis at {}: {e}", config.redis_url))?
@@ -109,10 +179,13 @@ impl Backends {
             config.timeout(),
         )
         .await
-        .map_err(|e| format!("etcd at {:?}: {e}", config.etcd_endpoints))?;
+        .map_err(|e| format!("etcd at {:?}: {e}", config.etcd_endpoints))?
+        .with_errors(errors.counter(backend_label::ETCD));
+        let store = Counting::new(Arc::new(store), errors.counter(backend_label::REDIS));
         Ok(Self {
             store: Arc::new(store),
             registry: Arc::new(registry),
+            errors,
         })
     }
 }

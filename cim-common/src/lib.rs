@@ -19,7 +19,9 @@
 //! - [`config`]: layered configuration (defaults, file, environment, flags) and logging setup.
 //! - [`events`]: presence events (online / offline) and their ids.
 //! - [`ids`]: message ids and server ids; [`time`]: clock helpers.
-//! - [`procinfo`]: this process's resident memory and CPU time (for `/healthz`).
+//! - [`procinfo`]: this process's resident memory, CPU time and open descriptors (for
+//!   `/healthz` and `/metrics`).
+//! - [`metrics`]: what `/metrics` shares: the answer, process metrics, bounded label tables.
 
 pub mod backend;
 pub mod cli;
@@ -29,6 +31,7 @@ pub mod config;
 pub mod events;
 pub mod ids;
 pub mod keys;
+pub mod metrics;
 pub mod procinfo;
 pub mod proto;
 pub mod registry;

@@ -1,6 +1,7 @@
-//! Resource usage of this process (resident memory, CPU time), for the `/healthz` answers of
-//! servers and routes, which the load generator (`cim-bench`) reads before and after a run
-//! to compute memory per connection and CPU per message.
+//! Resource usage of this process (resident memory, CPU time, open file descriptors), for the
+//! `process_*` metrics of `/metrics` and the `/healthz` answers of servers and routes, which
+//! the load generator (`cim-bench`) reads before and after a run to compute memory per
+//! connection and CPU per message.
 //!
 //! Linux only: read from `/proc/self/stat` (CPU) and `/proc/self/statm` (memory). Elsewhere,
 //! or when `/proc` is not mounted, [`self_usage`] is `None` and `/healthz` says `null`.
@@ -32,6 +33,14 @@ pub fn self_usage() -> Option<Usage> {
         rss_bytes: parse_statm_resident(&statm)? * page_size(),
         cpu_ms: parse_stat_cpu_ticks(&stat)? * 1000 / USER_HZ,
     })
+}
+
+/// Open file descriptors of this process (entries of `/proc/self/fd`), or `None` where
+/// `/proc` cannot tell. For the `process_open_fds` metric.
+pub fn open_fds() -> Option<u64> {
+    let dir = std::fs::read_dir("/proc/self/fd").ok()?;
+    // The directory handle itself is one of the entries while it is read.
+    Some((dir.count() as u64).saturating_sub(1))
 }
 
 /// The page size: the `KernelPageSize` of this process's first mapping in

@@ -6,6 +6,7 @@
 //! semantics. Every Redis call has a deadline (the Redis response timeout), so a dead Redis
 //! produces an error, never a hang; the memory store never waits.
 
+pub mod counting;
 #[cfg(feature = "test-support")]
 pub mod faulty;
 pub mod memory;

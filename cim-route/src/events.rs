@@ -190,6 +190,20 @@ async fn post_batch(
     }
 }
 
+/// Sets the webhook lag gauges from the events read and not delivered yet (oldest first).
+fn lag(state: &AppState, pending: &[StoredEvent]) {
+    let metrics = state.metrics();
+    metrics
+        .webhook_lag_events
+        .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
+    let age_ms = pending.first().map_or(0, |e| {
+        cim_common::time::now_ms()
+            .saturating_sub(e.event.at_ms)
+            .max(0)
+    });
+    metrics.webhook_lag_seconds.set(age_ms as f64 / 1000.0);
+}
+
 /// Delivers presence events to the configured webhook while this instance holds the webhook
 /// lease, until cancelled. Starts, the very first time, at the end of the stream (events
 /// from before a webhook was configured are not sent).
@@ -227,6 +241,8 @@ pub async fn run_webhook(state: AppState, cancel: CancellationToken) {
             }
             Ok(false) => {
                 holding = false;
+                // Another route delivers: this one is behind by nothing.
+                lag(&state, &[]);
                 // Another instance delivers; check again well before its lease could lapse.
                 if !pause(&cancel, WEBHOOK_LEASE / 3).await {
                     return;
@@ -265,6 +281,7 @@ pub async fn run_webhook(state: AppState, cancel: CancellationToken) {
                 continue;
             }
         };
+        lag(&state, &events);
         if events.is_empty() {
             // Wake on the next event of the tail, or re-check the lease in a while.
             tokio::select! {

@@ -6,6 +6,8 @@
 //! (`/internal/rpc`, see `cim_common::cluster::rpc`); the POST serves older callers and tools. The sender of each item is the one the server authenticated on its connection.
 //! The request's `receipts` (acks of messages that asked for one) become RECEIPT messages to
 //! their original senders.
+//!
+//! `GET /metrics` (open, no secret): the route's Prometheus metrics ([`crate::metrics`]).
 
 use crate::{
     routing::{self, Outgoing},
@@ -15,7 +17,7 @@ use axum::{
     extract::{DefaultBodyLimit, Request, State},
     middleware::{self, Next},
     response::Response,
-    routing::post,
+    routing::{get, post},
     Router,
 };
 use cim_common::{
@@ -42,9 +44,17 @@ pub fn app(state: AppState, cancel: CancellationToken, tracker: TaskTracker) -> 
             state.clone(),
             require_secret,
         ))
+        // Open, like the public `/healthz`: this listener is on a private network, and the
+        // public one serves no metrics.
+        .route("/metrics", get(metrics))
         .with_state(state)
         .layer(DefaultBodyLimit::max(cluster::MAX_BODY))
         .layer(TraceLayer::new_for_http())
+}
+
+/// This route's metrics and the process's (`crate::metrics`).
+async fn metrics(State(state): State<AppState>) -> Response {
+    cim_common::metrics::respond_sources(&[&state])
 }
 
 async fn require_secret(State(state): State<AppState>, req: Request, next: Next) -> Response {

@@ -13,6 +13,8 @@
 //! - [`routing`]: message routing, shared by the HTTP API and the internal forward endpoint.
 //! - [`internal`]: the internal listener (`/internal/forward`, cluster-secret protected).
 //! - [`events`]: presence events: the store tail shared by SSE subscribers, the webhook.
+//! - [`metrics`]: the route's Prometheus metrics (`cim_route_*`), served at `/metrics` on the
+//!   internal listener.
 //! - [`sweep`]: removes the routes of a server that vanished, publishing `server_lost` events.
 //! - [`password`]: Argon2id hashing off the async threads.
 //!
@@ -29,6 +31,7 @@ pub mod error;
 pub mod events;
 pub mod internal;
 pub mod known_users;
+pub mod metrics;
 pub mod password;
 pub mod routing;
 pub mod state;
@@ -64,6 +67,7 @@ pub struct Listeners {
 /// entry expires with its lease, as after a crash); [`RouteHandle::shutdown`] is the clean way.
 pub struct RouteHandle {
     id: String,
+    state: AppState,
     http_addr: SocketAddr,
     internal_addr: SocketAddr,
     cancel: CancellationToken,
@@ -90,6 +94,12 @@ impl RouteHandle {
     /// The bound internal address.
     pub fn internal_addr(&self) -> SocketAddr {
         self.internal_addr
+    }
+
+    /// This instance's metrics (what its `/metrics` serves), for a process that serves them
+    /// itself (standalone).
+    pub fn metrics(&self) -> std::sync::Arc<dyn cim_common::metrics::Source> {
+        std::sync::Arc::new(self.state.clone())
     }
 
     /// Leaves the registry first (servers stop forwarding here), then stops accepting, lets
@@ -176,7 +186,17 @@ pub async fn start(
     // read them, so there is no tail to keep.
     let events_read = !config.api_keys.is_empty() || config.webhook_url.is_some();
     let watch = servers.clone();
-    let state = AppState::new(id.clone(), config, backends.store.clone(), servers);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::RouteMetrics::new(&mut registry);
+    backends.errors.register(&mut registry);
+    let state = AppState::with_metrics(
+        id.clone(),
+        config,
+        backends.store.clone(),
+        servers,
+        metrics,
+        registry,
+    );
 
     let cancel = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -205,13 +225,14 @@ pub async fn start(
         )),
         tokio::spawn(serve(
             listeners.internal,
-            internal::app(state, cancel.clone(), connections.clone()),
+            internal::app(state.clone(), cancel.clone(), connections.clone()),
             cancel.clone(),
             "internal",
         )),
     ]);
     let mut handle = RouteHandle {
         id,
+        state: state.clone(),
         http_addr,
         internal_addr,
         cancel,
@@ -265,10 +286,7 @@ mod tests {
     #[tokio::test]
     async fn start_serves_registers_and_shuts_down() {
         let registry = Arc::new(MemoryRegistry::new());
-        let backends = Backends {
-            store: Arc::new(MemoryStore::new()),
-            registry: registry.clone(),
-        };
+        let backends = Backends::new(Arc::new(MemoryStore::new()), registry.clone());
         let listeners = Listeners {
             http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             internal: TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -318,10 +336,10 @@ mod tests {
 
     #[tokio::test]
     async fn start_refuses_an_invalid_config() {
-        let backends = Backends {
-            store: Arc::new(MemoryStore::new()),
-            registry: Arc::new(MemoryRegistry::new()),
-        };
+        let backends = Backends::new(
+            Arc::new(MemoryStore::new()),
+            Arc::new(MemoryRegistry::new()),
+        );
         let listeners = Listeners {
             http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             internal: TcpListener::bind("127.0.0.1:0").await.unwrap(),

@@ -337,6 +337,11 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
     let servers = state.servers();
     let config = state.config();
     let mut results: Vec<Option<SendResult>> = vec![None; items.len()];
+    // Kind of each item, for `cim_route_messages_total` (the items move on).
+    let kinds: Vec<u8> = items
+        .iter()
+        .map(|i| crate::metrics::kind_index(i.send.kind) as u8)
+        .collect();
 
     let mut valid = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
@@ -423,7 +428,13 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
         }
     }
 
-    all_answered(results)
+    let results = all_answered(results);
+    let mut outcomes = crate::metrics::Outcomes::default();
+    for (kind, r) in kinds.iter().zip(&results) {
+        outcomes.add(usize::from(*kind), r);
+    }
+    state.metrics().messages(&outcomes);
+    results
 }
 
 /// [`route_batch`] in a task of its own: once a message is accepted its delivery runs to
@@ -455,11 +466,16 @@ async fn push(
         return None;
     }
     let req = PushRequest { deliveries };
-    match state
+    let started = std::time::Instant::now();
+    let answer = state
         .cluster()
         .call::<_, PushResponse>(&server.internal_addr, PUSH_PATH, &req)
-        .await
-    {
+        .await;
+    state
+        .metrics()
+        .push_call_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match answer {
         Ok(resp) => Some(resp.results),
         Err(e) => {
             tracing::warn!(server = %server.id, error = %e, "push failed; its recipients count as offline");
@@ -515,6 +531,11 @@ pub async fn route_receipts(state: &AppState, receipts: Vec<AckedReceipt>) {
         return;
     }
     let results = deliver_private(state, &servers, &run).await;
+    let mut outcomes = crate::metrics::Outcomes::default();
+    for r in &results {
+        outcomes.add(MessageKind::Receipt as usize, r);
+    }
+    state.metrics().messages(&outcomes);
     let failed = results
         .iter()
         .filter(|r| r.status == SendStatus::Failed as i32)
@@ -536,10 +557,15 @@ async fn deliver_private(state: &AppState, servers: &Members, run: &[Accepted]) 
     // either found by the lookup (the push reaches it) or has the message at or below the
     // inbox top its session reads first (its replay has it). No message falls between replay
     // and live delivery (see `cim_server::session`).
+    let started = std::time::Instant::now();
     let (stored, routes) = state
         .store()
         .inbox_store_then_routes(&mut messages, &ids)
         .await;
+    state
+        .metrics()
+        .inbox_store_seconds
+        .observe(started.elapsed().as_secs_f64());
     if let Err(e) = stored {
         tracing::warn!(error = %e, "storing messages failed");
         return run.iter().map(|a| unavailable(a.client_id)).collect();
@@ -1054,6 +1080,69 @@ mod tests {
         assert_eq!(m.kind, MessageKind::Private as i32);
         assert_eq!(m.id, results[1].message_id);
         assert_eq!(d[2].message.as_ref().unwrap().body, "again", "order kept");
+    }
+
+    /// `cim_route_messages_total` counts each routed message by kind and outcome, and no
+    /// label value of the route's metrics names a user (id or name), a channel or a server.
+    #[tokio::test]
+    async fn messages_are_counted_without_naming_anyone() {
+        let store = Arc::new(MemoryStore::new());
+        let alice = store.add_user("alice-4711").await;
+        let bob = store.add_user("bob-4712").await;
+        let dave = store.add_user("dave-4713").await; // not connected
+        let (a, _rec) = fake_server("server-a", DEV_SECRET).await;
+        store.connect(bob, &a.id).await;
+        let (state, _tx) = state_with(store.clone(), vec![a], |_| {});
+        let p = MessageKind::Private;
+        let results = route_batch(
+            &state,
+            vec![
+                from(alice, "alice-4711", send(p, 1, bob, "", "hi")),
+                from(alice, "alice-4711", send(p, 2, dave, "", "hi")),
+                from(alice, "alice-4711", send(p, 3, 0, "nobody-4714", "hi")),
+                from(
+                    alice,
+                    "alice-4711",
+                    send(MessageKind::Group, 4, 0, "", "all"),
+                ),
+                from(
+                    alice,
+                    "alice-4711",
+                    send(MessageKind::Channel, 5, 0, "", "x"),
+                ),
+            ],
+        )
+        .await;
+        assert_eq!(results.len(), 5);
+        let text = cim_common::metrics::encode_all(&[state.registry()]).unwrap();
+        let samples = cim_common::metrics::parse_text(&text);
+        let count = |kind: &str, outcome: &str| {
+            samples
+                .iter()
+                .find(|(n, l, _)| {
+                    n == "cim_route_messages_total"
+                        && l.contains(&("kind".into(), kind.into()))
+                        && l.contains(&("outcome".into(), outcome.into()))
+                })
+                .map(|s| s.2)
+        };
+        assert_eq!(count("private", "delivered"), Some(1.0), "{text}");
+        assert_eq!(count("private", "stored"), Some(1.0), "{text}");
+        assert_eq!(count("private", "failed_unknown_user"), Some(1.0), "{text}");
+        assert_eq!(count("group", "delivered"), Some(1.0), "{text}");
+        assert_eq!(count("channel", "failed_bad_request"), Some(1.0), "{text}");
+        let ids = [alice, bob, dave].map(|id| id.to_string());
+        for (_, labels, _) in &samples {
+            for (_, value) in labels {
+                assert!(
+                    !ids.contains(value)
+                        && !["4711", "4712", "4713", "4714", "server", "127.0.0.1"]
+                            .iter()
+                            .any(|f| value.contains(f)),
+                    "label value {value:?} names someone: {text}"
+                );
+            }
+        }
     }
 
     #[tokio::test]

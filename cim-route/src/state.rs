@@ -9,13 +9,17 @@
 //! re-read from the store), and the known users (positive answers about accounts, which
 //! never change once created: see [`crate::known_users`]).
 
-use crate::{config::RouteConfig, events::EventHub, known_users::KnownUsers, password::Passwords};
+use crate::{
+    config::RouteConfig, events::EventHub, known_users::KnownUsers, metrics::RouteMetrics,
+    password::Passwords,
+};
 use cim_common::{
     cluster::ClusterClient,
     registry::{self, Members, MembersRx, ServiceInfo},
     store::StateStore,
     token::TokenSigner,
 };
+use prometheus_client::registry::Registry;
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
     Arc,
@@ -38,6 +42,9 @@ struct Inner {
     next_server: AtomicUsize,
     events: EventHub,
     known_users: KnownUsers,
+    metrics: RouteMetrics,
+    /// What `/metrics` encodes: `metrics` and the backends' error counters.
+    registry: Registry,
 }
 
 impl AppState {
@@ -47,6 +54,20 @@ impl AppState {
         config: RouteConfig,
         store: Arc<dyn StateStore>,
         servers: MembersRx,
+    ) -> Self {
+        let mut registry = Registry::default();
+        let metrics = RouteMetrics::new(&mut registry);
+        Self::with_metrics(id, config, store, servers, metrics, registry)
+    }
+
+    /// [`AppState::new`] with metrics registered in `registry` already.
+    pub fn with_metrics(
+        id: String,
+        config: RouteConfig,
+        store: Arc<dyn StateStore>,
+        servers: MembersRx,
+        metrics: RouteMetrics,
+        registry: Registry,
     ) -> Self {
         // Bound concurrent hashes by the cores: more would only queue inside the pool.
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -67,6 +88,8 @@ impl AppState {
                 next_server: AtomicUsize::new(0),
                 events: EventHub::new(),
                 known_users: KnownUsers::default(),
+                metrics,
+                registry,
             }),
         }
     }
@@ -101,6 +124,16 @@ impl AppState {
         &self.inner.known_users
     }
 
+    /// This instance's metrics.
+    pub fn metrics(&self) -> &RouteMetrics {
+        &self.inner.metrics
+    }
+
+    /// The registry `/metrics` encodes.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
     pub fn passwords(&self) -> &Passwords {
         &self.inner.passwords
     }
@@ -118,6 +151,12 @@ impl AppState {
         }
         let n = self.inner.next_server.fetch_add(1, Ordering::Relaxed);
         servers.get(n % servers.len()).cloned()
+    }
+}
+
+impl cim_common::metrics::Source for AppState {
+    fn registry(&self) -> &Registry {
+        &self.inner.registry
     }
 }
 

@@ -54,6 +54,8 @@ pub(crate) struct AckQueue {
     tx: mpsc::Sender<AckItem>,
     /// Ack frames dropped because the queue was full, not yet reported.
     dropped: Arc<AtomicU64>,
+    /// All ack frames dropped (`cim_server_acks_dropped_total`).
+    dropped_total: prometheus_client::metrics::counter::Counter,
 }
 
 impl AckQueue {
@@ -64,6 +66,7 @@ impl AckQueue {
             Self {
                 tx,
                 dropped: dropped.clone(),
+                dropped_total: Default::default(),
             },
             AckReceiver { rx, dropped },
         )
@@ -75,7 +78,13 @@ impl AckQueue {
     pub(crate) fn submit(&self, item: AckItem) {
         if self.tx.try_send(item).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped_total.inc();
         }
+    }
+
+    /// Counts every dropped ack frame in `counter` too.
+    pub(crate) fn count_drops_in(&mut self, counter: prometheus_client::metrics::counter::Counter) {
+        self.dropped_total = counter;
     }
 }
 

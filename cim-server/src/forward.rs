@@ -34,6 +34,7 @@ use cim_common::{
     registry::{MembersRx, ServiceInfo},
 };
 use futures_util::{stream::FuturesUnordered, StreamExt};
+use prometheus_client::metrics::histogram::Histogram;
 use std::{
     collections::{HashSet, VecDeque},
     sync::{
@@ -86,6 +87,11 @@ impl ForwardQueue {
             .map_err(|e| e.into_inner().send)
     }
 
+    /// Sends in the queue, not yet taken by the forwarder.
+    pub(crate) fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Queues `sends` of `conn`'s user in order, waiting up to `wait` in all for room; they
     /// enter together (the queue's capacity at a time). Returns those that found no room in
     /// time (or the forwarder stopped), in order, for the caller to refuse.
@@ -132,6 +138,8 @@ pub(crate) struct RouteCaller {
     routes: MembersRx,
     server_id: String,
     next: AtomicUsize,
+    /// Duration of each call (`cim_server_forward_call_seconds`).
+    call_seconds: Histogram,
 }
 
 impl RouteCaller {
@@ -141,7 +149,15 @@ impl RouteCaller {
             routes,
             server_id,
             next: AtomicUsize::new(0),
+            call_seconds: Histogram::new(std::iter::empty()),
         }
+    }
+
+    /// Observes the duration of every call in `histogram`.
+    #[must_use]
+    pub(crate) fn with_call_seconds(mut self, histogram: Histogram) -> Self {
+        self.call_seconds = histogram;
+        self
     }
 
     pub(crate) fn server_id(&self) -> &str {
@@ -163,11 +179,13 @@ impl RouteCaller {
                 }
                 addrs[start.wrapping_add(attempt) % addrs.len()].to_string()
             };
-            match self
+            let started = std::time::Instant::now();
+            let answer = self
                 .client
                 .call::<_, ForwardResponse>(&addr, FORWARD_PATH, request)
-                .await
-            {
+                .await;
+            self.call_seconds.observe(started.elapsed().as_secs_f64());
+            match answer {
                 Ok(response) => return Ok(response),
                 Err(e) => {
                     warn!(route = %addr, attempt = attempt + 1, error = %e, "forward failed, trying the next route");

@@ -3,7 +3,8 @@
 //! check runs before the body is read. Routes make these calls over one cim-rpc connection
 //! each (`/internal/rpc`, an upgrade checked by the same secret); the HTTP POSTs stay for
 //! callers of an older version and for tools. `/healthz` is open (for load balancers and probes, and
-//! `cim-bench`, which reads the process's memory and CPU time from it).
+//! `cim-bench`, which reads the process's memory and CPU time from it), and so is `/metrics`
+//! (Prometheus; see `crate::metrics`).
 
 use crate::{
     conn::Outbound,
@@ -54,6 +55,7 @@ pub(crate) fn router(state: AppState, tracker: TaskTracker) -> Router {
         ));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .merge(internal)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -149,6 +151,12 @@ async fn kick(
         );
     }
     Protobuf(KickResponse { kicked })
+}
+
+/// This server's metrics and the process's, in the OpenMetrics text format (open, like
+/// `/healthz`: the internal listener is on a private network).
+async fn metrics(State(state): State<AppState>) -> Response {
+    cim_common::metrics::respond_sources(&[state.as_ref()])
 }
 
 /// Liveness plus what a load generator needs to compute memory per connection and CPU per

@@ -20,8 +20,9 @@
 //!   produce to a route.
 //! - `chunks`: cutting ordered batches into runs bounded by encoded size (replay frames,
 //!   forward calls).
-//! - `internal`: the internal API for routes (`/internal/push`, `/internal/kick`) and
-//!   `/healthz`.
+//! - `internal`: the internal API for routes (`/internal/push`, `/internal/kick`),
+//!   `/healthz` and `/metrics`.
+//! - `metrics`: the server's Prometheus metrics (`cim_server_*`), one registry per instance.
 
 mod ack;
 mod chunks;
@@ -29,6 +30,7 @@ mod config;
 mod conn;
 mod forward;
 mod internal;
+mod metrics;
 mod push;
 mod server;
 mod session;

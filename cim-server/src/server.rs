@@ -7,7 +7,9 @@ use crate::{
     config::ServerConfig,
     conn::ConnTable,
     forward::{ForwardQueue, Forwarder, RouteCaller},
-    internal, session,
+    internal,
+    metrics::ServerMetrics,
+    session,
     tcp::TcpTransport,
     ws,
 };
@@ -19,6 +21,7 @@ use cim_common::{
     store::StateStore,
     token::TokenSigner,
 };
+use prometheus_client::registry::Registry;
 use std::{
     net::SocketAddr,
     sync::{atomic::AtomicUsize, atomic::Ordering, Arc},
@@ -45,9 +48,15 @@ pub(crate) struct ServerState {
     pub cancel: CancellationToken,
     /// Open client connections (logging in, logged in, or closing).
     pub open: AtomicUsize,
+    /// The handles of this server's metrics...
+    pub metrics: ServerMetrics,
+    /// ... and the registry `/metrics` encodes (with the backends' error counters).
+    pub registry: Registry,
 }
 
 impl ServerState {
+    /// A state with metrics of its own (unit tests).
+    #[cfg(test)]
     pub(crate) fn new(
         id: String,
         config: ServerConfig,
@@ -55,6 +64,22 @@ impl ServerState {
         forward: ForwardQueue,
         acks: AckQueue,
     ) -> Self {
+        let mut registry = Registry::default();
+        let metrics = ServerMetrics::new(&mut registry);
+        Self::with_metrics(id, config, store, forward, acks, metrics, registry)
+    }
+
+    /// [`ServerState::new`] with metrics registered in `registry` already.
+    pub(crate) fn with_metrics(
+        id: String,
+        config: ServerConfig,
+        store: Arc<dyn StateStore>,
+        forward: ForwardQueue,
+        mut acks: AckQueue,
+        metrics: ServerMetrics,
+        registry: Registry,
+    ) -> Self {
+        acks.count_drops_in(metrics.acks_dropped.clone());
         Self {
             id,
             signer: TokenSigner::new(&config.cluster_secret),
@@ -65,6 +90,8 @@ impl ServerState {
             acks,
             cancel: CancellationToken::new(),
             open: AtomicUsize::new(0),
+            metrics,
+            registry,
         }
     }
 
@@ -120,16 +147,22 @@ pub async fn start(
         .context("internal listener address")?;
     let id = cim_common::ids::instance_id(&config.name);
 
+    let mut registry = Registry::default();
+    let metrics = ServerMetrics::new(&mut registry);
+    backends.errors.register(&mut registry);
     let routes = backends
         .registry
         .watch(ServiceKind::Route)
         .await
         .context("watching routes in the registry")?;
-    let caller = Arc::new(RouteCaller::new(
-        ClusterClient::new(&config.cluster_secret, config.internal_timeout()),
-        routes,
-        id.clone(),
-    ));
+    let caller = Arc::new(
+        RouteCaller::new(
+            ClusterClient::new(&config.cluster_secret, config.internal_timeout()),
+            routes,
+            id.clone(),
+        )
+        .with_call_seconds(metrics.forward_call_seconds.clone()),
+    );
     let (forward, forward_rx) = ForwardQueue::new(config.forward_queue);
     let forwarder = Forwarder::new(
         forward_rx,
@@ -146,12 +179,14 @@ pub async fn start(
         http_addr: String::new(),
     };
     let ttl = config.registry_ttl();
-    let state = Arc::new(ServerState::new(
+    let state = Arc::new(ServerState::with_metrics(
         id,
         config,
         backends.store.clone(),
         forward,
         acks,
+        metrics,
+        registry,
     ));
 
     let tracker = TaskTracker::new();
@@ -221,6 +256,12 @@ impl ServerHandle {
     /// Bound internal API address.
     pub fn internal_addr(&self) -> SocketAddr {
         self.internal_addr
+    }
+
+    /// This server's metrics (what its `/metrics` serves), for a process that serves them
+    /// itself (standalone).
+    pub fn metrics(&self) -> Arc<dyn cim_common::metrics::Source> {
+        self.state.clone()
     }
 
     /// Open client connections, including ones still logging in or closing.

@@ -54,10 +54,7 @@ async fn listener() -> TcpListener {
 async fn start_server(config: ServerConfig) -> Cluster {
     let store = Arc::new(TestStore::default());
     let registry = MemoryRegistry::new();
-    let backends = Backends {
-        store: store.clone(),
-        registry: Arc::new(registry.clone()),
-    };
+    let backends = Backends::new(store.clone(), Arc::new(registry.clone()));
     let listeners = Listeners {
         tcp: listener().await,
         ws: listener().await,

@@ -26,13 +26,19 @@
 //! (the client's writes back up in TCP) until there is room, for up to `forward_wait_ms`, and
 //! goes on writing what is queued for the client meanwhile.
 
+use crate::metrics::Tally;
 use crate::{
     ack::{self, AckItem},
     conn::{ConnShared, Outbound},
     pb::{frame::Body, ErrorCode, Frame, KickReason, LoginResult, Message, Pong, Push, SendResult},
     server::ServerState,
 };
-use cim_common::{store::AttachOutcome, time::now_ms, token::TokenError};
+use cim_common::{
+    metrics::{frame_kind_index, GaugeGuard},
+    store::AttachOutcome,
+    time::now_ms,
+    token::TokenError,
+};
 use futures_util::FutureExt;
 use std::{
     future::Future,
@@ -77,9 +83,9 @@ pub(crate) enum RecvError {
     Io(String),
 }
 
-/// Why a session ended (for the log line).
+/// Why a session ended (for the log line and the metrics).
 #[derive(Debug)]
-enum End {
+pub(crate) enum End {
     PeerClosed,
     /// We sent an Error frame with this code and closed.
     Failed(ErrorCode, String),
@@ -90,8 +96,18 @@ enum End {
 }
 
 impl End {
+    /// A newer connection of the same user took over.
+    pub(crate) fn is_replaced(&self) -> bool {
+        matches!(self, End::Kicked(KickReason::Replaced))
+    }
+
+    /// Closed because its outbound queue was full.
+    pub(crate) fn is_slow_consumer(&self) -> bool {
+        matches!(self, End::Kicked(KickReason::SlowConsumer))
+    }
+
     /// The reason of the offline event this end publishes (see `cim_common::events`).
-    fn offline_reason(&self) -> &'static str {
+    pub(crate) fn offline_reason(&self) -> &'static str {
         use cim_common::events::reason;
         match self {
             End::PeerClosed => reason::CLOSED,
@@ -139,19 +155,28 @@ pub(crate) fn span(peer: SocketAddr, transport: &'static str) -> Span {
     )
 }
 
-/// Counts the connection as open for its whole life, cleanup included.
-struct OpenGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+/// Counts the connection as open for its whole life, cleanup included: in the server's
+/// count and in its transport's `cim_server_connections` gauge.
+struct OpenGuard<'a>(
+    &'a std::sync::atomic::AtomicUsize,
+    &'a prometheus_client::metrics::gauge::Gauge,
+);
 
 impl<'a> OpenGuard<'a> {
-    fn new(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+    fn new(
+        counter: &'a std::sync::atomic::AtomicUsize,
+        gauge: &'a prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
+        gauge.inc();
+        Self(counter, gauge)
     }
 }
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.dec();
     }
 }
 
@@ -162,12 +187,19 @@ pub(crate) fn shutdown_kick() -> Outbound {
     ))
 }
 
-/// Writes a burst under the write deadline.
+/// Writes a burst under the write deadline (counted in `cim_server_frames_out_total`, by
+/// kind, whether or not the write then succeeds).
 async fn write<T: Transport>(
+    state: &ServerState,
     transport: &mut T,
     items: &[Outbound],
     timeout: Duration,
 ) -> Result<(), String> {
+    let mut tally = Tally::default();
+    for item in items {
+        tally.add(item.frame());
+    }
+    tally.flush(&state.metrics.frames_out);
     // Boxed: a write is short-lived, and its timer and buffers inline would enlarge the
     // session future that every idle connection keeps.
     match Box::pin(tokio::time::timeout(timeout, transport.send(items))).await {
@@ -188,7 +220,7 @@ async fn fail<T: Transport>(
     message: String,
 ) -> End {
     let frame = Outbound::new(Frame::error(code, message.clone()));
-    let _ = write(transport, &[frame], state.config.write_timeout()).await;
+    let _ = write(state, transport, &[frame], state.config.write_timeout()).await;
     End::Failed(code, message)
 }
 
@@ -203,20 +235,22 @@ async fn fail_after_queued<T: Transport>(
 ) -> End {
     let (mut items, _) = conn.take();
     items.push(Outbound::new(Frame::error(code, message.clone())));
-    let _ = write(transport, &items, state.config.write_timeout()).await;
+    let _ = write(state, transport, &items, state.config.write_timeout()).await;
     End::Failed(code, message)
 }
 
 /// Runs one connection to its end.
 pub(crate) async fn run<T: Transport>(state: Arc<ServerState>, mut transport: T, peer: SocketAddr) {
-    let _open = OpenGuard::new(&state.open);
+    let _open = OpenGuard::new(&state.open, state.metrics.connections_of(T::KIND));
     // Login and cleanup run boxed: they are short, and inline they would enlarge the future
     // that every idle connection keeps for its whole life.
     let login = login_or_close(&state, &mut transport).instrument(span(peer, T::KIND));
     let Some(conn) = Box::pin(login).await else {
         return;
     };
+    state.metrics.logins.inc();
     let end = serve(&state, &mut transport, &conn).await;
+    state.metrics.disconnected(&end);
     let span = span(peer, T::KIND);
     span.record("user_id", conn.user_id);
     let finish = async {
@@ -234,6 +268,7 @@ async fn login_or_close<T: Transport>(
     match login(state, transport).await {
         Ok(conn) => Some(conn),
         Err(end) => {
+            state.metrics.login_failed(&end);
             end.log();
             transport.close(linger(state)).await;
             None
@@ -283,7 +318,7 @@ async fn login<T: Transport>(
     let first = tokio::select! {
         biased;
         () = state.cancel.cancelled() => {
-            let _ = write(transport, &[shutdown_kick()], config.write_timeout()).await;
+            let _ = write(state, transport, &[shutdown_kick()], config.write_timeout()).await;
             return Err(End::Shutdown);
         }
         r = tokio::time::timeout(config.login_timeout(), transport.recv()) => r,
@@ -300,6 +335,7 @@ async fn login<T: Transport>(
         }
         Ok(Ok(Some(frame))) => frame,
     };
+    state.metrics.frames_in.get(frame_kind_index(&frame)).inc();
     let token = match frame.body {
         Some(Body::Login(login)) => login.token,
         _ => {
@@ -394,6 +430,7 @@ fn on_recv(
     state: &ServerState,
     conn: &Arc<ConnShared>,
     held: &mut Option<Box<Vec<crate::pb::Send>>>,
+    tally: &mut Tally,
     received: Result<Option<Frame>, RecvError>,
 ) -> Step {
     let frame = match received {
@@ -402,6 +439,7 @@ fn on_recv(
         Err(RecvError::Io(e)) => return Step::End(End::ReadFailed(e)),
         Err(RecvError::Protocol { code, message }) => return Step::Fail(code, message),
     };
+    tally.add(&frame);
     let kind = frame.kind_name();
     match frame.body {
         Some(Body::Ping(ping)) => conn.reply(Frame::new(Body::Pong(Pong { nonce: ping.nonce }))),
@@ -494,7 +532,7 @@ async fn flush_queue<T: Transport>(
             items.clear();
         }
         items.push(closing.frame);
-        let _ = write(transport, &items, timeout).await;
+        let _ = write(state, transport, &items, timeout).await;
         return Some(match closing.reason {
             KickReason::ServerShutdown => End::Shutdown,
             reason => End::Kicked(reason),
@@ -503,7 +541,7 @@ async fn flush_queue<T: Transport>(
     if items.is_empty() {
         return None;
     }
-    write(transport, &items, timeout)
+    write(state, transport, &items, timeout)
         .await
         .err()
         .map(End::WriteFailed)
@@ -599,7 +637,7 @@ async fn replay<T: Transport>(
         if let Some(m) = page.last() {
             written = m.seq;
             let frames = replay_frames(page);
-            write(transport, &frames, state.config.write_timeout())
+            write(state, transport, &frames, state.config.write_timeout())
                 .await
                 .map_err(End::WriteFailed)?;
         }
@@ -636,6 +674,7 @@ async fn serve<T: Transport>(
         max_frame_len: u32::try_from(config.max_frame_len).unwrap_or(u32::MAX),
     }));
     if let Err(e) = write(
+        state,
         transport,
         &[Outbound::new(login_result)],
         config.write_timeout(),
@@ -671,6 +710,7 @@ async fn serve<T: Transport>(
             // Writing goes on: pushes, results and kicks for this client still leave, so a
             // held sender is never closed as a slow consumer by its own wait.
             let wait = async {
+                let _held = GaugeGuard::new(&state.metrics.held_senders);
                 let submit = state
                     .forward
                     .submit_all_waiting(conn, *sends, config.forward_wait());
@@ -706,17 +746,26 @@ async fn serve<T: Transport>(
             }
             received = transport.recv() => {
                 last_activity = Instant::now();
-                let mut step = on_recv(state, conn, &mut held, received);
-                // Frames already buffered are handled now, their answers leave in one write.
-                for _ in 1..MAX_FRAMES_PER_WAKE {
-                    if !matches!(step, Step::Continue) {
-                        break;
+                // The frames of a burst are counted together (scoped: the tally is not kept
+                // in the session future across the awaits below).
+                let step = {
+                    let mut tally = Tally::default();
+                    let mut step = on_recv(state, conn, &mut held, &mut tally, received);
+                    // Frames already buffered are handled now, their answers leave in one write.
+                    for _ in 1..MAX_FRAMES_PER_WAKE {
+                        if !matches!(step, Step::Continue) {
+                            break;
+                        }
+                        match transport.recv().now_or_never() {
+                            Some(received) => {
+                                step = on_recv(state, conn, &mut held, &mut tally, received)
+                            }
+                            None => break,
+                        }
                     }
-                    match transport.recv().now_or_never() {
-                        Some(received) => step = on_recv(state, conn, &mut held, received),
-                        None => break,
-                    }
-                }
+                    tally.flush(&state.metrics.frames_in);
+                    step
+                };
                 match step {
                     Step::Continue => {}
                     Step::End(end) => return end,

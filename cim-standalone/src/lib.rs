@@ -15,6 +15,7 @@
 //! http_listen = "127.0.0.1:8080"   # route: public HTTP API
 //! tcp_listen = "127.0.0.1:9000"    # server: client TCP
 //! ws_listen = "127.0.0.1:9001"     # server: client WebSocket (/ws)
+//! metrics_listen = "127.0.0.1:9100" # GET /metrics: both roles' metrics (Prometheus)
 //! # advertise_host = "192.168.1.20"  # host handed to clients (default: the bound IP)
 //! # cluster_secret = "..."           # default: a random secret at every start
 //! [route]
@@ -26,6 +27,12 @@
 //! Listen addresses, `advertise_host` and `cluster_secret` inside `[route]` / `[server]` are
 //! refused (they belong to the top level); their `backend` sections are ignored, since the
 //! state is in memory.
+//!
+//! # Metrics
+//! In a cluster each role serves its metrics on its internal listener; here those listeners
+//! are on ephemeral loopback ports, so standalone serves `GET /metrics` on a listener of its
+//! own (`metrics_listen`): the route's metrics, the server's, and the process's, in one
+//! answer (their names never overlap; the backends' error counters are in the route's part).
 
 use anyhow::{anyhow, Context};
 use cim_common::{backend::Backends, cli::bind};
@@ -50,6 +57,8 @@ pub struct StandaloneConfig {
     pub tcp_listen: String,
     /// The connection server's client WebSocket listener (path `/ws`).
     pub ws_listen: String,
+    /// `GET /metrics` (Prometheus text format) of both roles. Keep it off public networks.
+    pub metrics_listen: String,
     /// Host put into the addresses handed to clients; default: the bound IP (127.0.0.1 for a
     /// wildcard bind).
     pub advertise_host: Option<String>,
@@ -68,6 +77,7 @@ impl Default for StandaloneConfig {
             http_listen: "127.0.0.1:8080".into(),
             tcp_listen: "127.0.0.1:9000".into(),
             ws_listen: "127.0.0.1:9001".into(),
+            metrics_listen: "127.0.0.1:9100".into(),
             advertise_host: None,
             cluster_secret: None,
             route: RouteConfig::default(),
@@ -96,6 +106,9 @@ pub struct Cli {
     /// Client WebSocket listener, host:port.
     #[arg(long)]
     pub ws_listen: Option<String>,
+    /// Metrics listener (GET /metrics), host:port.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     /// Host handed to clients in the server addresses and the printed route URL.
     #[arg(long)]
     pub advertise_host: Option<String>,
@@ -111,6 +124,8 @@ struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     advertise_host: Option<String>,
 }
 
@@ -125,6 +140,7 @@ impl Cli {
             http_listen: self.http_listen,
             tcp_listen: self.tcp_listen,
             ws_listen: self.ws_listen,
+            metrics_listen: self.metrics_listen,
             advertise_host: self.advertise_host,
         };
         cim_common::config::load(self.config.as_deref(), env_prefix, &overrides)
@@ -255,6 +271,9 @@ pub struct Standalone {
     route_url: String,
     tcp_addr: String,
     ws_addr: String,
+    metrics_addr: std::net::SocketAddr,
+    /// Serves `/metrics` (aborted on shutdown: it holds no state).
+    metrics_task: tokio::task::JoinHandle<()>,
 }
 
 /// Starts both roles on shared in-memory backends. Every listener is bound before either
@@ -303,6 +322,8 @@ pub async fn start(config: &StandaloneConfig) -> anyhow::Result<Standalone> {
         server_listeners.ws.local_addr()?,
         server.advertise_ws.as_deref(),
     );
+    let metrics_listener = bind("metrics_listen", &config.metrics_listen).await?;
+    let metrics_addr = metrics_listener.local_addr()?;
 
     let backends = Backends::memory();
     let route = cim_route::start(route, route_listeners, backends.clone())
@@ -315,13 +336,40 @@ pub async fn start(config: &StandaloneConfig) -> anyhow::Result<Standalone> {
             return Err(e.context("starting the connection server"));
         }
     };
+    let metrics_task = tokio::spawn(serve_metrics(
+        metrics_listener,
+        [route.metrics(), server.metrics()],
+    ));
     Ok(Standalone {
         route,
         server,
         route_url,
         tcp_addr,
         ws_addr,
+        metrics_addr,
+        metrics_task,
     })
+}
+
+/// Serves `GET /metrics` of both roles (route first) on `listener`.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    sources: [std::sync::Arc<dyn cim_common::metrics::Source>; 2],
+) {
+    let sources = std::sync::Arc::new(sources);
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let sources = sources.clone();
+            async move {
+                let [route, server] = &*sources;
+                cim_common::metrics::respond_sources(&[route.as_ref(), server.as_ref()])
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the metrics listener stopped");
+    }
 }
 
 impl Standalone {
@@ -340,6 +388,11 @@ impl Standalone {
         &self.ws_addr
     }
 
+    /// Bound address of `GET /metrics`.
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.metrics_addr
+    }
+
     /// What the binary prints at start: where everything is and how to connect. The
     /// `route:`, `tcp:` and `ws:` lines are stable (tests and scripts read them).
     pub fn banner(&self) -> String {
@@ -350,12 +403,14 @@ impl Standalone {
              route: {url}\n\
              tcp: {tcp}\n\
              ws: ws://{ws}/ws\n\
+             metrics: http://{metrics}/metrics\n\
              Chat from other terminals (one per user):\n  \
              cim-client --route {url} --name alice --register\n  \
              (from this checkout: cargo run --release -p cim-client -- --route {url} --name alice --register)\n\
              Stop with ctrl-c.\n",
             tcp = self.tcp_addr,
             ws = self.ws_addr,
+            metrics = self.metrics_addr,
         )
     }
 
@@ -364,6 +419,7 @@ impl Standalone {
     pub async fn shutdown(self) {
         self.server.shutdown().await;
         self.route.shutdown().await;
+        self.metrics_task.abort();
     }
 }
 

@@ -45,6 +45,7 @@ struct Process {
     route_url: String,
     tcp: String,
     ws: String,
+    metrics: String,
 }
 
 impl Drop for Process {
@@ -67,6 +68,7 @@ impl Process {
             .args(["--http-listen", "127.0.0.1:0"])
             .args(["--tcp-listen", "127.0.0.1:0"])
             .args(["--ws-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             // Nothing from the caller's environment (CIM_* settings, a RUST_LOG) leaks in.
             .env_clear()
             .env("RUST_LOG", "info")
@@ -78,11 +80,11 @@ impl Process {
             .context("spawning cim-standalone")?;
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
 
-        // The banner's `route:`, `tcp:` and `ws:` lines carry the bound ports.
-        let (mut route_url, mut tcp, mut ws) = (None, None, None);
+        // The banner's `route:`, `tcp:`, `ws:` and `metrics:` lines carry the bound ports.
+        let (mut route_url, mut tcp, mut ws, mut metrics) = (None, None, None, None);
         let read = async {
             let mut line = String::new();
-            while route_url.is_none() || tcp.is_none() || ws.is_none() {
+            while route_url.is_none() || tcp.is_none() || ws.is_none() || metrics.is_none() {
                 line.clear();
                 if stdout.read_line(&mut line).await? == 0 {
                     bail!("cim-standalone closed stdout before printing its addresses");
@@ -94,6 +96,8 @@ impl Process {
                     tcp = Some(v.to_string());
                 } else if let Some(v) = line.strip_prefix("ws: ") {
                     ws = Some(v.to_string());
+                } else if let Some(v) = line.strip_prefix("metrics: ") {
+                    metrics = Some(v.to_string());
                 }
             }
             Ok(())
@@ -117,6 +121,7 @@ impl Process {
             route_url: route_url.unwrap(),
             tcp: tcp.unwrap(),
             ws: ws.unwrap(),
+            metrics: metrics.unwrap(),
         })
     }
 }
@@ -181,6 +186,35 @@ async fn send(conn: &mut Connection, send: pb::Send) -> anyhow::Result<pb::SendR
         _ => None,
     })
     .await
+}
+
+/// `GET` of an `http://host:port/path` URL over a plain TCP connection: the body.
+async fn http_get(url: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").context("an http URL")?;
+    let (host, path) = rest.split_once('/').context("a path")?;
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    let (head, body) = answer.split_once("\r\n\r\n").context("an HTTP answer")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    Ok(body.to_string())
+}
+
+/// The value of the sample `name{labels}` in `/metrics` text (labels in any order).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    cim_common::metrics::parse_text(text)
+        .into_iter()
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| v)
 }
 
 /// Registers `name`, logs in and connects over `transport`.
@@ -316,6 +350,60 @@ async fn a_whole_chat_through_one_standalone_process() -> anyhow::Result<()> {
         .send_private(&bob.session_token, alice.user_id, "are you there?")
         .await?;
     assert_eq!(sent.status, "stored");
+
+    // Both roles' metrics in one answer: the route's, the server's, the process's. The
+    // connections gauge and the disconnect are updated as the session ends, which the
+    // online list above already saw; wait for the counter anyway (the ends race).
+    eventually("alice's disconnect in the metrics", || async {
+        let text = http_get(&process.metrics).await?;
+        let reason = [("reason", "logged_out")];
+        Ok(sample(&text, "cim_server_disconnects_total", &reason) == Some(1.0))
+    })
+    .await?;
+    let text = http_get(&process.metrics).await?;
+    assert_eq!(
+        sample(&text, "cim_route_logins_total", &[]),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "cim_server_logins_total", &[]),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "cim_server_connections", &[("transport", "tcp")]),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "cim_server_connections", &[("transport", "ws")]),
+        Some(1.0),
+        "{text}"
+    );
+    let routed = |kind: &str, outcome: &str| {
+        sample(
+            &text,
+            "cim_route_messages_total",
+            &[("kind", kind), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(routed("private", "delivered"), Some(2.0), "{text}");
+    assert_eq!(routed("private", "stored"), Some(1.0), "{text}");
+    assert_eq!(routed("group", "delivered"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "cim_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+    let samples = cim_common::metrics::parse_text(&text);
+    assert!(
+        samples.iter().all(|s| s.0 != "cim_backend_errors_total"),
+        "memory backends never fail: no error series: {text}"
+    );
 
     // SIGTERM: bob is told the server shuts down, and the process exits cleanly.
     let pid = process.child.id().context("the process is running")?;

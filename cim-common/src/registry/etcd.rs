@@ -1,9 +1,14 @@
 //! [`Registry`] on etcd: `{prefix}/{servers|routes}/{id}` → JSON [`ServiceInfo`], attached to a
 //! lease kept alive at a third of its TTL. If the lease is lost (etcd restarted, a long pause),
 //! the keeper grants a new one and puts the key again.
+//!
+//! Every failed etcd call, in the calls of the trait and in the background tasks (keep-alive,
+//! watch), adds one to the registry's error counter (`cim_backend_errors_total{backend="etcd"}`,
+//! see [`EtcdRegistry::with_errors`]).
 
 use super::*;
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use prometheus_client::metrics::counter::Counter;
 use std::collections::BTreeMap;
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +21,8 @@ fn unavailable(e: impl std::fmt::Display) -> RegistryError {
 pub struct EtcdRegistry {
     client: Client,
     prefix: String,
+    /// Failed etcd calls (shared with the background tasks).
+    errors: Counter,
 }
 
 impl EtcdRegistry {
@@ -43,7 +50,23 @@ impl EtcdRegistry {
         Ok(Self {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),
+            errors: Counter::default(),
         })
+    }
+
+    /// Counts every failed etcd call in `errors` from now on (default: a counter of its own).
+    #[must_use]
+    pub fn with_errors(mut self, errors: Counter) -> Self {
+        self.errors = errors;
+        self
+    }
+
+    /// The error counter, for `map_err` chains: counts `e` and passes it on.
+    fn counted<E>(&self) -> impl Fn(E) -> E + '_ {
+        |e| {
+            self.errors.inc();
+            e
+        }
     }
 
     fn kind_prefix(&self, kind: ServiceKind) -> String {
@@ -53,6 +76,7 @@ impl EtcdRegistry {
 
 struct EtcdRegistration {
     client: Client,
+    errors: Counter,
     lease: Arc<std::sync::atomic::AtomicI64>,
     stop: CancellationToken,
     keeper: Option<tokio::task::JoinHandle<()>>,
@@ -75,7 +99,13 @@ impl Registration for EtcdRegistration {
         }
         let lease = self.lease.load(std::sync::atomic::Ordering::SeqCst);
         let mut client = self.client.clone();
-        client.lease_revoke(lease).await.map_err(unavailable)?;
+        client
+            .lease_revoke(lease)
+            .await
+            .inspect_err(|_| {
+                self.errors.inc();
+            })
+            .map_err(unavailable)?;
         Ok(())
     }
 }
@@ -104,6 +134,7 @@ async fn keep_alive(
     ttl: Duration,
     lease: Arc<std::sync::atomic::AtomicI64>,
     stop: CancellationToken,
+    errors: Counter,
 ) {
     use std::sync::atomic::Ordering;
     let period = (ttl / 3).max(Duration::from_millis(200));
@@ -136,6 +167,7 @@ async fn keep_alive(
             return;
         }
         if let Err(e) = result {
+            errors.inc();
             tracing::warn!(key, error = %e, "registry lease lost, registering again");
         }
         // Back off a little, then try to re-register with a fresh lease.
@@ -155,7 +187,10 @@ async fn keep_alive(
                     tracing::info!(key, "registered again");
                     break;
                 }
-                Err(e) => tracing::warn!(key, error = %e, "re-registration failed"),
+                Err(e) => {
+                    errors.inc();
+                    tracing::warn!(key, error = %e, "re-registration failed");
+                }
             }
         }
     }
@@ -174,6 +209,7 @@ impl Registry for EtcdRegistry {
         let mut client = self.client.clone();
         let lease = grant_and_put(&mut client, &key, &value, ttl)
             .await
+            .map_err(self.counted())
             .map_err(unavailable)?;
         let lease = Arc::new(std::sync::atomic::AtomicI64::new(lease));
         let stop = CancellationToken::new();
@@ -184,9 +220,11 @@ impl Registry for EtcdRegistry {
             ttl,
             lease.clone(),
             stop.clone(),
+            self.errors.clone(),
         ));
         Ok(Box::new(EtcdRegistration {
             client,
+            errors: self.errors.clone(),
             lease,
             stop,
             keeper: Some(keeper),
@@ -196,9 +234,19 @@ impl Registry for EtcdRegistry {
     async fn watch(&self, kind: ServiceKind) -> RegistryResult<MembersRx> {
         let prefix = self.kind_prefix(kind);
         let mut client = self.client.clone();
-        let (members, revision) = load(&mut client, &prefix).await.map_err(unavailable)?;
+        let (members, revision) = load(&mut client, &prefix)
+            .await
+            .map_err(self.counted())
+            .map_err(unavailable)?;
         let (tx, rx) = watch::channel(snapshot(&members));
-        tokio::spawn(follow(client, prefix, members, revision, tx));
+        tokio::spawn(follow(
+            client,
+            prefix,
+            members,
+            revision,
+            tx,
+            self.errors.clone(),
+        ));
         Ok(rx)
     }
 }
@@ -235,6 +283,7 @@ async fn follow(
     mut members: MemberMap,
     mut revision: i64,
     tx: watch::Sender<Members>,
+    errors: Counter,
 ) {
     loop {
         let run = async {
@@ -271,6 +320,7 @@ async fn follow(
             _ = tx.closed() => return,
             result = run => {
                 if let Err(e) = result {
+                    errors.inc();
                     tracing::warn!(prefix, error = %e, "registry watch broke, reloading");
                 }
             }
@@ -288,7 +338,10 @@ async fn follow(
                     tx.send_replace(snapshot(&members));
                     break;
                 }
-                Err(e) => tracing::warn!(prefix, error = %e, "registry reload failed"),
+                Err(e) => {
+                    errors.inc();
+                    tracing::warn!(prefix, error = %e, "registry reload failed");
+                }
             }
         }
     }

@@ -206,6 +206,13 @@ pub async fn login(
     State(state): State<AppState>,
     ApiJson(creds): ApiJson<Credentials>,
 ) -> Result<Json<LoggedIn>, AppError> {
+    let result = check_and_open(&state, creds).await;
+    state.metrics().login(&result);
+    result.map(Json)
+}
+
+/// [`login`]'s work: the credentials, then [`open_session`].
+async fn check_and_open(state: &AppState, creds: Credentials) -> Result<LoggedIn, AppError> {
     let config = state.config();
     // No stored password is this long; refuse before hashing an attacker-chosen amount of
     // data. (The length of the attempt says nothing about whether the account exists.)
@@ -230,7 +237,7 @@ pub async fn login(
         Some(user) if ok => user,
         _ => return Err(bad_credentials()),
     };
-    Ok(Json(open_session(&state, user.id, user.name).await?))
+    open_session(state, user.id, user.name).await
 }
 
 /// Starts a login session of an authenticated user: takes the single-login slot, assigns a

@@ -568,7 +568,9 @@ pub async fn connect(
     Path(user_id): Path<u64>,
 ) -> Result<Json<LoggedIn>, AppError> {
     let name = existing_user(&state, user_id).await?;
-    Ok(Json(open_session(&state, user_id, name).await?))
+    let result = open_session(&state, user_id, name).await;
+    state.metrics().login(&result);
+    Ok(Json(result?))
 }
 
 /// Add a user to a channel.

@@ -157,6 +157,8 @@ struct Subscription {
     backlog: VecDeque<StoredEvent>,
     /// The store may have more after `last` than the backlog held.
     catching_up: bool,
+    /// Counts this stream in `cim_route_sse_subscribers` while it lives.
+    _counted: cim_common::metrics::GaugeGuard,
 }
 
 impl Subscription {
@@ -262,6 +264,7 @@ pub async fn stream_events(
         catching_up: last_raw.is_some(),
         last_raw,
         backlog: VecDeque::new(),
+        _counted: state.metrics().sse_subscriber(),
         state,
     };
     let events = stream::unfold(sub, |mut sub| async move {
