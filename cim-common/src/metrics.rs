@@ -148,8 +148,11 @@ impl Collector for ProcessCollector {
 
 /// A labelled family whose series are picked by index into a fixed table of label sets, each
 /// resolved on first use and then kept: [`Series::get`] is a load of an initialized cell, no
-/// hashing, no lock. Only series that were used appear in the output (except those
-/// [`Series::init`] created up front).
+/// hashing, no lock. Only series that were used appear in the output, except those
+/// [`Series::init`] / [`Series::init_all`] created up front: the servers and routes create
+/// every series of their fixed tables at start, so each is exported at 0 before its first
+/// event and `rate()` / `increase()` see the first one (Prometheus' advice for labels known in
+/// advance; the dashboard's queries and `deploy_files.rs` rely on the families being there).
 pub struct Series<M> {
     family: Family<Labels, M>,
     cells: Box<[OnceLock<M>]>,

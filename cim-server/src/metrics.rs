@@ -106,6 +106,7 @@ impl ServerMetrics {
             LOGIN_FAILURES.len(),
             |i| vec![("reason", LOGIN_FAILURES[i])],
         );
+        login_failures.init_all();
         let disconnects = Series::register(
             registry,
             "cim_server_disconnects",
@@ -113,6 +114,7 @@ impl ServerMetrics {
             DISCONNECTS.len(),
             |i| vec![("reason", DISCONNECTS[i])],
         );
+        disconnects.init_all();
         let frames_in = Series::register(
             registry,
             "cim_server_frames_in",
@@ -120,6 +122,7 @@ impl ServerMetrics {
             FRAME_KINDS.len(),
             |i| vec![("kind", FRAME_KINDS[i])],
         );
+        frames_in.init_all();
         let frames_out = Series::register(
             registry,
             "cim_server_frames_out",
@@ -127,6 +130,7 @@ impl ServerMetrics {
             FRAME_KINDS.len(),
             |i| vec![("kind", FRAME_KINDS[i])],
         );
+        frames_out.init_all();
         let slow_consumer_kicks = Counter::default();
         registry.register(
             "cim_server_slow_consumer_kicks",
