@@ -22,9 +22,10 @@ pub mod terminal;
 mod worker;
 
 pub use cim_common::pb;
+pub use cim_common::tls::ClientTls;
 pub use client::{
     Client, ClientConfig, ClientError, ClientInfo, ConnState, Event, Events, Recipient,
-    ReconnectPolicy, SendOptions, SendOutcome,
+    ReconnectPolicy, SendOptions, SendOutcome, TlsMode,
 };
 pub use conn::{Connection, Transport};
 pub use route::{

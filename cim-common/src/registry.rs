@@ -44,6 +44,13 @@ pub struct ServiceInfo {
     /// Connection server: client WebSocket address (path `/ws`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ws_addr: String,
+    /// Connection server: client TLS address (the TCP protocol over TLS), if it has one.
+    /// Absent in entries of older servers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tls_addr: String,
+    /// Connection server: client WebSocket-over-TLS address (`wss://…/ws`), if it has one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub wss_addr: String,
     /// Connection server: internal API (pushes from routes).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub internal_addr: String,

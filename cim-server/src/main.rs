@@ -6,7 +6,7 @@
 use anyhow::{anyhow, Context};
 use cim_common::{
     backend::Backends,
-    cli::{bind, shutdown_signal, BackendFlags},
+    cli::{bind, bind_optional, shutdown_signal, BackendFlags, TlsFlags},
 };
 use cim_server::{Listeners, ServerConfig};
 use clap::Parser;
@@ -28,6 +28,18 @@ struct Cli {
     /// Client WebSocket listener, host:port.
     #[arg(long)]
     ws_listen: Option<String>,
+    /// Client TLS listener (the TCP protocol over TLS), host:port; needs --tls-cert/--tls-key.
+    #[arg(long)]
+    tls_listen: Option<String>,
+    /// Client WebSocket-over-TLS listener (wss://, path /ws), host:port; needs the TLS files.
+    #[arg(long)]
+    wss_listen: Option<String>,
+    /// Certificate chain of the TLS listeners, PEM ([tls] cert_file).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Private key of the certificate, PEM ([tls] key_file).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
     /// Internal API listener, host:port.
     #[arg(long)]
     internal_listen: Option<String>,
@@ -55,6 +67,12 @@ struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    tls_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wss_listen: Option<String>,
+    #[serde(skip_serializing_if = "TlsFlags::is_empty")]
+    tls: TlsFlags,
+    #[serde(skip_serializing_if = "Option::is_none")]
     internal_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     advertise_host: Option<String>,
@@ -72,6 +90,12 @@ impl From<Cli> for Overrides {
             name: cli.name,
             tcp_listen: cli.tcp_listen,
             ws_listen: cli.ws_listen,
+            tls_listen: cli.tls_listen,
+            wss_listen: cli.wss_listen,
+            tls: TlsFlags {
+                cert_file: cli.tls_cert,
+                key_file: cli.tls_key,
+            },
             internal_listen: cli.internal_listen,
             advertise_host: cli.advertise_host,
             cluster_secret: cli.cluster_secret,
@@ -104,6 +128,8 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let listeners = Listeners {
         tcp: bind("tcp_listen", &config.tcp_listen).await?,
         ws: bind("ws_listen", &config.ws_listen).await?,
+        tls: bind_optional("tls_listen", config.tls_listen()).await?,
+        wss: bind_optional("wss_listen", config.wss_listen()).await?,
         internal: bind("internal_listen", &config.internal_listen).await?,
     };
     let handle = cim_server::start(config, listeners, backends).await?;
@@ -208,7 +234,10 @@ mod tests {
     fn backend_settings_from_the_environment() {
         // `[backend]` through `SECTION__FIELD`: what containers configure by environment.
         let prefix = "CIM_SERVER_TEST_NEST_";
-        std::env::set_var(format!("{prefix}BACKEND__REDIS_URL"), "redis://redis:6379/0");
+        std::env::set_var(
+            format!("{prefix}BACKEND__REDIS_URL"),
+            "redis://redis:6379/0",
+        );
         std::env::set_var(
             format!("{prefix}BACKEND__ETCD_ENDPOINTS"),
             "[\"http://etcd-0:2379\",\"http://etcd-1:2379\"]",

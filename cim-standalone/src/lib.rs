@@ -15,20 +15,33 @@
 //! http_listen = "127.0.0.1:8080"   # route: public HTTP API
 //! tcp_listen = "127.0.0.1:9000"    # server: client TCP
 //! ws_listen = "127.0.0.1:9001"     # server: client WebSocket (/ws)
+//! # tls_listen = "127.0.0.1:9443"  # server: client TCP over TLS (needs [tls])
+//! # wss_listen = "127.0.0.1:9444"  # server: client WebSocket over TLS (needs [tls])
 //! # advertise_host = "192.168.1.20"  # host handed to clients (default: the bound IP)
 //! # cluster_secret = "..."           # default: a random secret at every start
+//! # [tls]                           # set: the route serves HTTPS too
+//! # cert_file = "/etc/cim/cert.pem"
+//! # key_file = "/etc/cim/key.pem"
 //! [route]
 //! connect_token_ttl_ms = 30000
 //! [server]
 //! heartbeat_interval_ms = 10000
 //! ```
 //!
-//! Listen addresses, `advertise_host` and `cluster_secret` inside `[route]` / `[server]` are
-//! refused (they belong to the top level); their `backend` sections are ignored, since the
+//! With `[tls]` the route's API is HTTPS (the printed URL says `https://`), and
+//! `tls_listen` / `wss_listen` serve the server's protocols over TLS with the same
+//! certificate; the plain listeners stay.
+//!
+//! Listen addresses, `advertise_host`, `cluster_secret` and `tls` inside `[route]` /
+//! `[server]` are refused (they belong to the top level); their `backend` sections are ignored, since the
 //! state is in memory.
 
 use anyhow::{anyhow, Context};
-use cim_common::{backend::Backends, cli::bind};
+use cim_common::{
+    backend::Backends,
+    cli::{bind, bind_optional},
+    tls::TlsConfig,
+};
 use cim_route::{RouteConfig, RouteHandle};
 use cim_server::{ServerConfig, ServerHandle};
 use serde::{Deserialize, Serialize};
@@ -50,6 +63,13 @@ pub struct StandaloneConfig {
     pub tcp_listen: String,
     /// The connection server's client WebSocket listener (path `/ws`).
     pub ws_listen: String,
+    /// The connection server's client TLS listener (TCP protocol over TLS); needs `[tls]`.
+    pub tls_listen: Option<String>,
+    /// The connection server's WebSocket-over-TLS listener (`wss://`, `/ws`); needs `[tls]`.
+    pub wss_listen: Option<String>,
+    /// Certificate and key (PEM files) of the TLS listeners and of the route's HTTPS.
+    /// Unset: plain HTTP.
+    pub tls: TlsConfig,
     /// Host put into the addresses handed to clients; default: the bound IP (127.0.0.1 for a
     /// wildcard bind).
     pub advertise_host: Option<String>,
@@ -68,6 +88,9 @@ impl Default for StandaloneConfig {
             http_listen: "127.0.0.1:8080".into(),
             tcp_listen: "127.0.0.1:9000".into(),
             ws_listen: "127.0.0.1:9001".into(),
+            tls_listen: None,
+            wss_listen: None,
+            tls: TlsConfig::default(),
             advertise_host: None,
             cluster_secret: None,
             route: RouteConfig::default(),
@@ -96,6 +119,19 @@ pub struct Cli {
     /// Client WebSocket listener, host:port.
     #[arg(long)]
     pub ws_listen: Option<String>,
+    /// Client TLS listener (the TCP protocol over TLS), host:port; needs --tls-cert/--tls-key.
+    #[arg(long)]
+    pub tls_listen: Option<String>,
+    /// Client WebSocket-over-TLS listener (wss://, /ws), host:port; needs the TLS files.
+    #[arg(long)]
+    pub wss_listen: Option<String>,
+    /// Certificate chain, PEM ([tls] cert_file): the route serves HTTPS, and the TLS
+    /// listeners use it.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of the certificate, PEM ([tls] key_file).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
     /// Host handed to clients in the server addresses and the printed route URL.
     #[arg(long)]
     pub advertise_host: Option<String>,
@@ -111,6 +147,12 @@ struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    tls_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wss_listen: Option<String>,
+    #[serde(skip_serializing_if = "cim_common::cli::TlsFlags::is_empty")]
+    tls: cim_common::cli::TlsFlags,
+    #[serde(skip_serializing_if = "Option::is_none")]
     advertise_host: Option<String>,
 }
 
@@ -125,6 +167,12 @@ impl Cli {
             http_listen: self.http_listen,
             tcp_listen: self.tcp_listen,
             ws_listen: self.ws_listen,
+            tls_listen: self.tls_listen,
+            wss_listen: self.wss_listen,
+            tls: cim_common::cli::TlsFlags {
+                cert_file: self.tls_cert,
+                key_file: self.tls_key,
+            },
             advertise_host: self.advertise_host,
         };
         cim_common::config::load(self.config.as_deref(), env_prefix, &overrides)
@@ -186,6 +234,10 @@ impl StandaloneConfig {
                 "ws_listen",
                 self.server.ws_listen != server_defaults.ws_listen,
             ),
+            ("route", "tls", self.route.tls.is_set()),
+            ("server", "tls", self.server.tls.is_set()),
+            ("server", "tls_listen", self.server.tls_listen.is_some()),
+            ("server", "wss_listen", self.server.wss_listen.is_some()),
             (
                 "server",
                 "internal_listen",
@@ -226,11 +278,15 @@ impl StandaloneConfig {
             internal_listen: INTERNAL_LISTEN.into(),
             advertise_host: self.advertise_host.clone(),
             cluster_secret: secret.clone(),
+            tls: self.tls.clone(),
             ..self.route.clone()
         };
         let server = ServerConfig {
             tcp_listen: self.tcp_listen.clone(),
             ws_listen: self.ws_listen.clone(),
+            tls_listen: self.tls_listen.clone(),
+            wss_listen: self.wss_listen.clone(),
+            tls: self.tls.clone(),
             internal_listen: INTERNAL_LISTEN.into(),
             advertise_host: self.advertise_host.clone(),
             cluster_secret: secret,
@@ -255,6 +311,8 @@ pub struct Standalone {
     route_url: String,
     tcp_addr: String,
     ws_addr: String,
+    tls_addr: Option<String>,
+    wss_addr: Option<String>,
 }
 
 /// Starts both roles on shared in-memory backends. Every listener is bound before either
@@ -283,13 +341,16 @@ pub async fn start(config: &StandaloneConfig) -> anyhow::Result<Standalone> {
     let server_listeners = cim_server::Listeners {
         tcp: bind("tcp_listen", &server.tcp_listen).await?,
         ws: bind("ws_listen", &server.ws_listen).await?,
+        tls: bind_optional("tls_listen", server.tls_listen()).await?,
+        wss: bind_optional("wss_listen", server.wss_listen()).await?,
         internal: bind("the server's internal listener", INTERNAL_LISTEN).await?,
     };
     // Internal calls stay on loopback whatever host clients are given.
     route.advertise_internal = Some(route_listeners.internal.local_addr()?.to_string());
     server.advertise_internal = Some(server_listeners.internal.local_addr()?.to_string());
     let route_url = format!(
-        "http://{}",
+        "{}://{}",
+        if route.https() { "https" } else { "http" },
         route.advertised(
             route.advertise_http.as_deref(),
             route_listeners.http.local_addr()?
@@ -303,6 +364,19 @@ pub async fn start(config: &StandaloneConfig) -> anyhow::Result<Standalone> {
         server_listeners.ws.local_addr()?,
         server.advertise_ws.as_deref(),
     );
+    let advertised = |listener: Option<&tokio::net::TcpListener>, full: Option<&str>| {
+        listener
+            .map(|l| l.local_addr().map(|a| server.advertised(a, full)))
+            .transpose()
+    };
+    let tls_addr = advertised(
+        server_listeners.tls.as_ref(),
+        server.advertise_tls.as_deref(),
+    )?;
+    let wss_addr = advertised(
+        server_listeners.wss.as_ref(),
+        server.advertise_wss.as_deref(),
+    )?;
 
     let backends = Backends::memory();
     let route = cim_route::start(route, route_listeners, backends.clone())
@@ -321,6 +395,8 @@ pub async fn start(config: &StandaloneConfig) -> anyhow::Result<Standalone> {
         route_url,
         tcp_addr,
         ws_addr,
+        tls_addr,
+        wss_addr,
     })
 }
 
@@ -340,16 +416,35 @@ impl Standalone {
         &self.ws_addr
     }
 
+    /// Client TLS address (advertised), if `tls_listen` is on.
+    pub fn tls_addr(&self) -> Option<&str> {
+        self.tls_addr.as_deref()
+    }
+
+    /// Client WebSocket-over-TLS address (advertised; `wss://…/ws`), if `wss_listen` is on.
+    pub fn wss_addr(&self) -> Option<&str> {
+        self.wss_addr.as_deref()
+    }
+
     /// What the binary prints at start: where everything is and how to connect. The
-    /// `route:`, `tcp:` and `ws:` lines are stable (tests and scripts read them).
+    /// `route:`, `tcp:`, `ws:` (and, when on, `tls:` and `wss:`) lines are stable (tests
+    /// and scripts read them).
     pub fn banner(&self) -> String {
         let url = &self.route_url;
+        let mut secure = String::new();
+        if let Some(tls) = &self.tls_addr {
+            secure.push_str(&format!("tls: {tls}\n"));
+        }
+        if let Some(wss) = &self.wss_addr {
+            secure.push_str(&format!("wss: wss://{wss}/ws\n"));
+        }
         format!(
             "cim standalone: a route and a connection server in one process, all state in \
              memory (no etcd, no Redis; nothing survives a restart)\n\
              route: {url}\n\
              tcp: {tcp}\n\
              ws: ws://{ws}/ws\n\
+             {secure}\
              Chat from other terminals (one per user):\n  \
              cim-client --route {url} --name alice --register\n  \
              (from this checkout: cargo run --release -p cim-client -- --route {url} --name alice --register)\n\

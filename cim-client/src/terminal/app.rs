@@ -36,8 +36,14 @@ const QUEUE_CAPACITY: usize = 64;
 /// Logs in and runs until the user quits or the connection ends for good.
 pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
     let route = args.route.trim_end_matches('/').to_string();
+    let config = ClientConfig {
+        transport: args.transport.into(),
+        tls: args.tls.into(),
+        ca_file: args.ca_file.clone(),
+        ..ClientConfig::new(&route, &args.name, &password)
+    };
     if args.register {
-        match Client::register(&route, &args.name, &password).await {
+        match Client::register_with(&config).await {
             Ok(id) => println!("registered {} (#{id})", args.name),
             // Documented choice: `--register` of an existing name logs in to it, so a script
             // can always pass `--register`; a wrong password then fails the login below.
@@ -54,10 +60,6 @@ pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
         }
     }
     println!("connecting to {route} as {}…", args.name);
-    let config = ClientConfig {
-        transport: args.transport.into(),
-        ..ClientConfig::new(&route, &args.name, &password)
-    };
     let (client, events) = match Client::connect(config).await {
         Ok(c) => c,
         Err(e) => {
