@@ -213,6 +213,43 @@ mod tests {
     }
 
     #[test]
+    fn tls_listeners_and_files_from_flags() {
+        let config = load(&[]);
+        assert_eq!(
+            (config.tls_listen(), config.wss_listen()),
+            (None, None),
+            "off by default"
+        );
+        assert!(!config.tls.is_set());
+        let config = load(&[
+            "--tls-listen",
+            "0.0.0.0:9443",
+            "--wss-listen",
+            "0.0.0.0:9444",
+            "--tls-cert",
+            "/etc/cim/cert.pem",
+            "--tls-key",
+            "/etc/cim/key.pem",
+        ]);
+        assert_eq!(config.tls_listen(), Some("0.0.0.0:9443"));
+        assert_eq!(config.wss_listen(), Some("0.0.0.0:9444"));
+        assert_eq!(
+            config.tls.cert_file.as_deref(),
+            Some(std::path::Path::new("/etc/cim/cert.pem"))
+        );
+        assert_eq!(
+            config.tls.key_file.as_deref(),
+            Some(std::path::Path::new("/etc/cim/key.pem"))
+        );
+        config.validate().unwrap();
+        // A TLS listener without the files: refused, saying what is missing.
+        let err = load(&["--wss-listen", "0.0.0.0:9444"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("[tls]") && err.contains("wss_listen"), "{err}");
+    }
+
+    #[test]
     fn file_then_flags() {
         let dir = std::env::temp_dir().join(format!("cim-server-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

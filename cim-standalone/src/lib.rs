@@ -610,6 +610,52 @@ mod tests {
         assert!(err.contains("cluster_secret"), "{err}");
     }
 
+    #[test]
+    fn tls_settings_go_to_both_roles_and_only_at_the_top_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file(
+            &dir,
+            "tls_listen = \"127.0.0.1:19443\"\nwss_listen = \"127.0.0.1:19444\"\n\
+             [tls]\ncert_file = \"/etc/cim/cert.pem\"\nkey_file = \"/etc/cim/key.pem\"\n",
+        );
+        let r = load_file(Path::new(&path)).unwrap().resolve().unwrap();
+        assert_eq!(r.server.tls_listen(), Some("127.0.0.1:19443"));
+        assert_eq!(r.server.wss_listen(), Some("127.0.0.1:19444"));
+        assert_eq!(r.server.tls, r.route.tls);
+        assert!(r.route.https(), "[tls] makes the route HTTPS too");
+        let config = cli(&[
+            "--wss-listen",
+            "127.0.0.1:29444",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ])
+        .load_with_env("CIM_STANDALONE_TEST_UNUSED_")
+        .unwrap();
+        let r = config.resolve().unwrap();
+        assert_eq!(r.server.wss_listen(), Some("127.0.0.1:29444"));
+        assert_eq!(r.route.tls.key_file.as_deref(), Some(Path::new("k.pem")));
+        // A TLS listener without [tls]: the server's validation names it.
+        let config = cli(&["--tls-listen", "127.0.0.1:29443"])
+            .load_with_env("CIM_STANDALONE_TEST_UNUSED_")
+            .unwrap();
+        let err = config.resolve().unwrap_err().to_string();
+        assert!(err.contains("tls_listen") && err.contains("[tls]"), "{err}");
+        for (text, names) in [
+            (
+                "[server]\ntls_listen = \"127.0.0.1:1\"\n",
+                "[server] tls_listen",
+            ),
+            ("[server.tls]\ncert_file = \"c.pem\"\n", "[server] tls"),
+            ("[route.tls]\nkey_file = \"k.pem\"\n", "[route] tls"),
+        ] {
+            let config = load_file(Path::new(&file(&dir, text))).unwrap();
+            let err = config.resolve().unwrap_err().to_string();
+            assert!(err.contains(names), "{err}");
+        }
+    }
+
     async fn http_get(url_host: &str, path: &str) -> std::io::Result<String> {
         let mut s = tokio::net::TcpStream::connect(url_host).await?;
         let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
@@ -656,6 +702,77 @@ mod tests {
 
         running.shutdown().await;
         assert!(http_get(&host, "/healthz").await.is_err(), "stopped");
+    }
+
+    #[tokio::test]
+    async fn tls_everywhere_in_one_process() {
+        use cim_client::{Client, ClientConfig, ConnState, Event, TlsMode, Transport};
+        let pki = cim_tests::tls::TestPki::new();
+        let config = StandaloneConfig {
+            http_listen: "127.0.0.1:0".into(),
+            tcp_listen: "127.0.0.1:0".into(),
+            ws_listen: "127.0.0.1:0".into(),
+            tls_listen: Some("127.0.0.1:0".into()),
+            wss_listen: Some("127.0.0.1:0".into()),
+            tls: pki.tls_config(),
+            route: RouteConfig {
+                password_memory_kib: 1024,
+                password_iterations: 1,
+                ..RouteConfig::default()
+            },
+            ..Default::default()
+        };
+        let running = start(&config).await.unwrap();
+        let url = running.route_url().to_string();
+        assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+        let (tls, wss) = (running.tls_addr().unwrap(), running.wss_addr().unwrap());
+        let banner = running.banner();
+        assert!(banner.contains(&format!("route: {url}\n")), "{banner}");
+        assert!(banner.contains(&format!("tls: {tls}\n")), "{banner}");
+        assert!(
+            banner.contains(&format!("wss: wss://{wss}/ws\n")),
+            "{banner}"
+        );
+
+        let deadline = std::time::Duration::from_secs(20);
+        let mut clients = Vec::new();
+        for (name, transport, expected) in [
+            ("alice", Transport::Tcp, tls),
+            ("bob", Transport::WsJson, wss),
+        ] {
+            let config = ClientConfig {
+                transport,
+                tls: TlsMode::Auto,
+                ca_file: Some(pki.ca_file.clone()),
+                ..ClientConfig::new(&url, name, "password-1")
+            };
+            Client::register_with(&config).await.unwrap();
+            let (client, mut events) = Client::connect(config).await.unwrap();
+            match tokio::time::timeout(deadline, events.next()).await.unwrap() {
+                Some(Event::State(ConnState::Connected { addr, .. })) => assert_eq!(addr, expected),
+                other => panic!("{name}: {other:?}"),
+            }
+            clients.push((client, events));
+        }
+        let bob_id = clients[1].0.info().user_id;
+        clients[0]
+            .0
+            .send(bob_id.into(), "hello over TLS")
+            .await
+            .unwrap();
+        let events = &mut clients[1].1;
+        loop {
+            match tokio::time::timeout(deadline, events.next()).await.unwrap() {
+                Some(Event::Message { message, .. }) => {
+                    assert_eq!(message.body, "hello over TLS");
+                    break;
+                }
+                Some(_) => continue,
+                None => panic!("bob's events ended"),
+            }
+        }
+        drop(clients);
+        running.shutdown().await;
     }
 
     #[tokio::test]
