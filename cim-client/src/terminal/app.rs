@@ -538,7 +538,18 @@ fn not_sent(to: &To, e: &ClientError) -> String {
 fn describe(e: &ClientError, route: &str) -> String {
     match e {
         ClientError::Route(RouteError::Transport(t)) => {
-            let why = if t.is_timeout() {
+            // A refused certificate hides deep in the source chain, under a connect error.
+            let mut source: Option<&dyn std::error::Error> = Some(t);
+            let mut certificate = None;
+            while let Some(e) = source {
+                if e.to_string().contains("certificate") {
+                    certificate = Some(e.to_string());
+                }
+                source = e.source();
+            }
+            let why = if let Some(tls) = certificate {
+                format!("TLS: {tls}; --ca-file or CIM_CA_FILE adds a CA to trust")
+            } else if t.is_timeout() {
                 "timed out".to_string()
             } else if t.is_connect() {
                 "connection refused or host unreachable".to_string()
