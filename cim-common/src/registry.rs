@@ -99,3 +99,27 @@ pub trait Registry: Send + Sync + 'static {
 pub fn contains(members: &Members, id: &str) -> bool {
     members.binary_search_by(|m| m.id.as_str().cmp(id)).is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_addresses_are_optional_both_ways() {
+        // An entry of a server from before TLS: no tls_addr / wss_addr.
+        let old: ServiceInfo =
+            serde_json::from_str(r#"{"id":"s1","tcp_addr":"h:9000","ws_addr":"h:9001"}"#).unwrap();
+        assert_eq!((old.tls_addr.as_str(), old.wss_addr.as_str()), ("", ""));
+        // Without TLS nothing new is written, so older readers see what they always saw.
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("tls") && !json.contains("wss"), "{json}");
+        let new = ServiceInfo {
+            tls_addr: "h:9443".into(),
+            wss_addr: "h:9444".into(),
+            ..old
+        };
+        let back: ServiceInfo =
+            serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+    }
+}

@@ -16,7 +16,9 @@
 //! - [`sweep`]: removes the routes of a server that vanished, publishing `server_lost` events.
 //! - [`password`]: Argon2id hashing off the async threads.
 //!
-//! [`start`] runs an instance on already-bound listeners (tests bind `127.0.0.1:0`).
+//! [`start`] runs an instance on already-bound listeners (tests bind `127.0.0.1:0`). With
+//! `[tls]` the public listener serves HTTPS (`cim_common::tls::TlsListener`, certificate
+//! reloaded on SIGHUP and on file change); the internal listener is always plain HTTP.
 //!
 //! Architecture invariant: no business state lives in a route between requests. Everything
 //! is in Redis; the registry watch and the round-robin counter are the only per-instance
