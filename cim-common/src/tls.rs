@@ -251,7 +251,15 @@ impl ServerTls {
     /// Reloads on SIGHUP and whenever the files' contents change (compared every `poll`),
     /// until `cancel`. Logs each new certificate at info and each failure at error (the
     /// certificate in use stays).
-    pub async fn watch(self: Arc<Self>, poll: Duration, cancel: CancellationToken) {
+    ///
+    /// The SIGHUP handler is installed by this call, before the returned future first runs
+    /// (call it within a tokio runtime): once `start` has returned, a SIGHUP reloads, it
+    /// never falls to the default action (which ends the process).
+    pub fn watch(
+        self: Arc<Self>,
+        poll: Duration,
+        cancel: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         #[cfg(unix)]
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
@@ -261,29 +269,31 @@ impl ServerTls {
                 None
             }
         };
-        loop {
-            #[cfg(unix)]
-            let signalled = async {
-                match hangup.as_mut() {
-                    Some(signal) => signal.recv().await,
-                    None => std::future::pending().await,
+        async move {
+            loop {
+                #[cfg(unix)]
+                let signalled = async {
+                    match hangup.as_mut() {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                #[cfg(not(unix))]
+                let signalled = std::future::pending::<Option<()>>();
+                let force = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    _ = signalled => true,
+                    () = tokio::time::sleep(poll) => false,
+                };
+                let cert = self.cert_file.display();
+                match self.reload(force) {
+                    Ok(true) => tracing::info!(cert_file = %cert, "TLS certificate reloaded"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "TLS reload failed: still using the previous certificate"
+                    ),
                 }
-            };
-            #[cfg(not(unix))]
-            let signalled = std::future::pending::<Option<()>>();
-            let force = tokio::select! {
-                () = cancel.cancelled() => return,
-                _ = signalled => true,
-                () = tokio::time::sleep(poll) => false,
-            };
-            let cert = self.cert_file.display();
-            match self.reload(force) {
-                Ok(true) => tracing::info!(cert_file = %cert, "TLS certificate reloaded"),
-                Ok(false) => {}
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "TLS reload failed: still using the previous certificate"
-                ),
             }
         }
     }
