@@ -124,7 +124,7 @@ impl RouteMetrics {
         // The usual refusals exported at 0 from the start (see `Series::init_all`); rarer codes
         // appear at their first use.
         for reason in LOGIN_REASONS {
-            login_failures.get_or_create(&vec![("reason", reason)]);
+            drop(login_failures.get_or_create(&vec![("reason", reason)]));
         }
         let messages = Series::register(
             registry,

@@ -1,5 +1,6 @@
 //! The TCP transport: varint32-delimited protobuf frames (`cim_common::codec`) over any byte
-//! stream (a `TcpStream` in production, `tokio::io::duplex` in tests).
+//! stream (a `TcpStream` or a TLS stream over one in production, `tokio::io::duplex` in
+//! tests).
 //!
 //! An idle connection holds no read buffer at all (it waits for readability first, then reads
 //! into a small buffer, see [`READ_CHUNK`]), instead of the 8 KiB a `FramedRead` keeps per
@@ -45,6 +46,10 @@ impl ByteStream for TcpStream {
         std::future::poll_fn(|cx| self.poll_read_ready(cx))
     }
 }
+
+/// TLS: readiness of the socket says nothing about plaintext rustls may already hold, so
+/// the read itself waits (with its small buffer reserved).
+impl ByteStream for cim_common::tls::TlsStream<TcpStream> {}
 
 #[cfg(test)]
 impl ByteStream for tokio::io::DuplexStream {}
