@@ -29,7 +29,6 @@ use std::{
     time::Duration,
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
     time::Instant,
@@ -453,7 +452,7 @@ async fn accept_loop(
 /// The WebSocket handshake (by `deadline`), then the session.
 async fn serve_ws<S>(state: Arc<ServerState>, stream: S, peer: SocketAddr, deadline: Instant)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: crate::tcp::ByteStream + 'static,
 {
     // Boxed, like the login: it is short-lived.
     let handshake = async {

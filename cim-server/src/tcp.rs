@@ -32,6 +32,10 @@ const LINGER_DRAIN_MAX: usize = 64 * 1024;
 
 /// A byte stream the TCP transport runs on.
 pub(crate) trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Whether the stream is TLS: the transport's `KIND` (`tls`/`wss` rather than `tcp`/`ws`)
+    /// names it in logs and in the `cim_server_connections{transport}` gauge.
+    const TLS: bool = false;
+
     /// Waits until input is available, without holding a buffer. A stream that cannot tell
     /// returns at once, and the read itself waits with its buffer reserved.
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
@@ -49,7 +53,9 @@ impl ByteStream for TcpStream {
 
 /// TLS: readiness of the socket says nothing about plaintext rustls may already hold, so
 /// the read itself waits (with its small buffer reserved).
-impl ByteStream for cim_common::tls::TlsStream<TcpStream> {}
+impl ByteStream for cim_common::tls::TlsStream<TcpStream> {
+    const TLS: bool = true;
+}
 
 #[cfg(test)]
 impl ByteStream for tokio::io::DuplexStream {}
@@ -86,7 +92,7 @@ fn codec_error(e: CodecError) -> RecvError {
 }
 
 impl<S: ByteStream> Transport for TcpTransport<S> {
-    const KIND: &'static str = "tcp";
+    const KIND: &'static str = if S::TLS { "tls" } else { "tcp" };
 
     /// Cancel-safe: bytes only enter `read_buf` when a read completes, and a frame is only
     /// taken out of it when it is returned.

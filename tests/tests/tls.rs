@@ -95,6 +95,27 @@ async fn chat(alice: &Client, bob: &Client, bob_events: &mut Events) -> anyhow::
     }
 }
 
+/// `cim_server_connections` of the cluster's first server, by transport.
+async fn connections(cluster: &Cluster, transport: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!(
+        "http://{}/metrics",
+        cluster.servers[0].internal_addr
+    ))
+    .await?
+    .text()
+    .await?;
+    cim_common::metrics::parse_text(&text)
+        .into_iter()
+        .find(|(name, labels, _)| {
+            name == "cim_server_connections"
+                && labels
+                    .iter()
+                    .any(|(k, v)| k == "transport" && v == transport)
+        })
+        .map(|(_, _, value)| value)
+        .context("no cim_server_connections series")
+}
+
 fn rand_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -143,6 +164,10 @@ async fn login_over_https_then_chat_over_tls_tcp() -> anyhow::Result<()> {
     .await?;
     assert_eq!(dave_addr, cluster.servers[0].tcp_addr.to_string());
     chat(&dave, &bob, &mut bob_events).await?;
+    // The metrics tell the transports apart: alice and bob over TLS, dave over plain TCP.
+    assert_eq!(connections(&cluster, "tls").await?, 2.0);
+    assert_eq!(connections(&cluster, "tcp").await?, 1.0);
+    assert_eq!(connections(&cluster, "wss").await?, 0.0);
     Ok(())
 }
 
@@ -176,6 +201,9 @@ async fn chat_over_wss() -> anyhow::Result<()> {
     assert_eq!(result.status, SendStatus::Delivered as i32);
     let push = frank.next_push().await?;
     assert_eq!(push.messages[0].body, "over wss");
+    // alice, bob and erin over wss, frank over plain WebSocket.
+    assert_eq!(connections(&cluster, "wss").await?, 3.0);
+    assert_eq!(connections(&cluster, "ws").await?, 1.0);
     Ok(())
 }
 
