@@ -161,6 +161,7 @@ struct Overrides {
     ws_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     wss_listen: Option<String>,
@@ -767,6 +768,7 @@ mod tests {
             http_listen: "127.0.0.1:0".into(),
             tcp_listen: "127.0.0.1:0".into(),
             ws_listen: "127.0.0.1:0".into(),
+            metrics_listen: "127.0.0.1:0".into(),
             tls_listen: Some("127.0.0.1:0".into()),
             wss_listen: Some("127.0.0.1:0".into()),
             tls: pki.tls_config(),
