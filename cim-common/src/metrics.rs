@@ -324,6 +324,25 @@ pub fn parse_text(text: &str) -> Vec<Sample> {
     samples
 }
 
+/// The value of the sample `name{labels}` among `samples`: exactly these labels, in any order.
+pub fn find_sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|s| s.2)
+}
+
+/// [`find_sample`] in `/metrics` text.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    find_sample(&parse_text(text), name, labels)
+}
+
 fn parse_labels(mut s: &str) -> Vec<(String, String)> {
     let mut labels = Vec::new();
     while let Some((key, rest)) = s.split_once("=\"") {

@@ -104,15 +104,7 @@ async fn connections(cluster: &Cluster, transport: &str) -> anyhow::Result<f64> 
     .await?
     .text()
     .await?;
-    cim_common::metrics::parse_text(&text)
-        .into_iter()
-        .find(|(name, labels, _)| {
-            name == "cim_server_connections"
-                && labels
-                    .iter()
-                    .any(|(k, v)| k == "transport" && v == transport)
-        })
-        .map(|(_, _, value)| value)
+    cim_common::metrics::sample(&text, "cim_server_connections", &[("transport", transport)])
         .context("no cim_server_connections series")
 }
 
