@@ -11,8 +11,8 @@
 # ./start.sh runs the standalone mode, which needs neither Redis nor etcd nor a browser).
 # `--tests`: everything the test suite needs (what ./test.sh passes).
 # Extra requirements can be given as COMMAND=PACKAGE arguments, e.g. `curl=curl`.
-# `--list [--build-only|--tests]`: print the packages that mode installs, one per line, and
-# exit (.ci/check-system-deps compares them with the packages the files in use come from).
+# `--list [--build-only|--tests]`: print the packages that mode installs, one per line as
+# `PACKAGE COMMAND`, and exit (.ci/check-system-deps compares them with the packages the files in use come from).
 #
 # Used by ./test.sh (and so by .ci/run), by deploy/cluster.sh and by ./start.sh. Idempotent: does nothing when
 # every requirement and the npm packages are already there. Runs `apt-get update` only if the first install fails, uses
@@ -45,7 +45,7 @@ requirements+=("$@")
 
 if [[ $list_only == true ]]; then
     for req in "${requirements[@]}"; do
-        echo "${req#*=}"
+        echo "${req#*=} ${req%%=*}"
     done
     exit 0
 fi

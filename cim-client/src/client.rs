@@ -92,7 +92,7 @@
 //!   acked and dropped.
 
 use crate::{
-    conn::{ConnError, Connection},
+    conn::{ConnError, ConnectOptions, Connection},
     pb,
     recent::{RecentIds, DEFAULT_CAPACITY},
     route::{
@@ -102,8 +102,10 @@ use crate::{
     worker::{Command, LogoutSlot, Shared, Worker},
     Transport,
 };
+use cim_common::tls::ClientTls;
 use std::{
     fmt,
+    path::PathBuf,
     pin::Pin,
     sync::{atomic::AtomicU64, Arc, Mutex},
     task::{Context, Poll},
@@ -196,19 +198,38 @@ impl ReconnectPolicy {
     }
 }
 
+/// Whether the connection to the server uses TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// TLS when the route URL is `https://` and the assigned server offers a TLS address
+    /// for the transport (`tls_addr` for TCP, `wss_addr` for WebSocket); plain otherwise.
+    #[default]
+    Auto,
+    /// Always TLS: a server without a TLS address for the transport is a connect error.
+    On,
+    /// Never TLS to servers (the route URL's scheme still decides for the route).
+    Off,
+}
+
 /// How to reach and log in as one user.
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// Base URL of a route (or of the load balancer in front of the routes).
+    /// Base URL of a route (or of the load balancer in front of the routes); `https://`
+    /// for a route serving HTTPS.
     pub route_url: String,
     pub name: String,
     pub password: String,
     pub transport: Transport,
     pub reconnect: ReconnectPolicy,
+    /// TLS to the connection server.
+    pub tls: TlsMode,
+    /// A CA certificate file (PEM) trusted besides the system's roots, for the route's
+    /// HTTPS and the server's TLS (clusters with certificates of their own CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ClientConfig {
-    /// TCP, default reconnect policy.
+    /// TCP, default reconnect policy, TLS [`TlsMode::Auto`], the system's roots.
     pub fn new(route_url: &str, name: &str, password: &str) -> Self {
         Self {
             route_url: route_url.to_string(),
@@ -216,7 +237,23 @@ impl ClientConfig {
             password: password.to_string(),
             transport: Transport::Tcp,
             reconnect: ReconnectPolicy::default(),
+            tls: TlsMode::Auto,
+            ca_file: None,
         }
+    }
+
+    /// The route client of this config: what it trusts is made once here (the system's
+    /// roots plus `ca_file`) when TLS may be used at all.
+    pub fn route_client(&self) -> Result<RouteClient, ClientError> {
+        let needed = self.tls == TlsMode::On || crate::route::is_https(&self.route_url);
+        let tls = match needed {
+            true => Some(
+                ClientTls::new(self.ca_file.as_deref())
+                    .map_err(|e| ClientError::Tls(e.to_string()))?,
+            ),
+            false => None,
+        };
+        Ok(RouteClient::with_tls(&self.route_url, tls))
     }
 }
 
@@ -229,6 +266,8 @@ impl fmt::Debug for ClientConfig {
             .field("password", &"<redacted>")
             .field("transport", &self.transport)
             .field("reconnect", &self.reconnect)
+            .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -338,9 +377,13 @@ pub enum ClientError {
     AlreadyLoggedIn(String),
     #[error("no connection server is available, retry later")]
     NoServer,
-    /// The assigned server could not be reached, or the connection failed during login.
+    /// The assigned server could not be reached, or the connection failed during login
+    /// (including a TLS handshake refused: unknown CA, wrong name).
     #[error("connect failed: {0}")]
     Connect(String),
+    /// TLS could not be set up (unreadable or invalid CA file).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The server refused the connect token (expired, wrong server, session ended ...).
     #[error("login refused by the server ({code:?}): {message}")]
     LoginRefused {
@@ -429,13 +472,57 @@ pub(crate) struct Live {
     pub since: tokio::time::Instant,
 }
 
-/// Connects to the server `login` assigned and presents its connect token.
-pub(crate) async fn open(login: &LoginInfo, transport: Transport) -> Result<Live, ClientError> {
-    let addr = match transport {
-        Transport::Tcp => &login.server.tcp_addr,
-        Transport::WsBinary | Transport::WsJson => &login.server.ws_addr,
+/// The address to connect to for `login` and whether it is a TLS one, by `mode` (see
+/// [`TlsMode`]); `https_route`: the route URL is `https://`.
+pub(crate) fn server_addr(
+    login: &LoginInfo,
+    transport: Transport,
+    mode: TlsMode,
+    https_route: bool,
+) -> Result<(&str, bool), ClientError> {
+    let (plain, secure) = match transport {
+        Transport::Tcp => (&login.server.tcp_addr, &login.server.tls_addr),
+        Transport::WsBinary | Transport::WsJson => (&login.server.ws_addr, &login.server.wss_addr),
     };
-    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(addr, transport))
+    let secure = secure.as_deref().filter(|a| !a.is_empty());
+    match (mode, secure) {
+        (TlsMode::Off, _) | (TlsMode::Auto, None) => Ok((plain, false)),
+        (TlsMode::Auto, Some(addr)) if https_route => Ok((addr, true)),
+        (TlsMode::Auto, Some(_)) => Ok((plain, false)),
+        (TlsMode::On, Some(addr)) => Ok((addr, true)),
+        (TlsMode::On, None) => Err(ClientError::Connect(format!(
+            "server {} offers no TLS address for {transport:?} (TLS is required)",
+            login.server.id
+        ))),
+    }
+}
+
+/// Connects to the server `login` assigned (plain or TLS, see [`server_addr`]) and presents
+/// its connect token. TLS trusts what `route` trusts.
+pub(crate) async fn open(
+    login: &LoginInfo,
+    transport: Transport,
+    mode: TlsMode,
+    route: &RouteClient,
+) -> Result<Live, ClientError> {
+    let (addr, secure) = server_addr(login, transport, mode, route.is_https())?;
+    let connect = async {
+        match (secure, route.tls()) {
+            (false, _) => Connection::connect(addr, transport).await,
+            (true, Some(tls)) => {
+                Connection::connect_tls(addr, transport, ConnectOptions::default(), tls).await
+            }
+            (true, None) => {
+                let tls = ClientTls::new(None).map_err(|e| ConnError::Tls {
+                    addr: addr.to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                Connection::connect_tls(addr, transport, ConnectOptions::default(), &tls).await
+            }
+        }
+    };
+    let addr = &addr.to_string();
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| ClientError::Connect(format!("connecting to {addr} timed out")))?
         .map_err(|e| ClientError::Connect(e.to_string()))?;
@@ -530,8 +617,15 @@ impl Client {
     /// Creates an account; returns its user id. A taken name is
     /// `ClientError::Route` with code `name_taken`.
     pub async fn register(route_url: &str, name: &str, password: &str) -> Result<u64, ClientError> {
-        RouteClient::new(route_url)
-            .register(name, password)
+        Self::register_with(&ClientConfig::new(route_url, name, password)).await
+    }
+
+    /// [`Client::register`] of `config`'s name and password, trusting what it trusts
+    /// (`ca_file`) for an `https://` route.
+    pub async fn register_with(config: &ClientConfig) -> Result<u64, ClientError> {
+        config
+            .route_client()?
+            .register(&config.name, &config.password)
             .await
             .map(|r| r.user_id)
             .map_err(ClientError::Route)
@@ -542,12 +636,12 @@ impl Client {
     /// `AlreadyLoggedIn`, `NoServer`, `Route` (unreachable route: see
     /// [`ClientError::is_transport`]), `Connect`, `LoginRefused`.
     pub async fn connect(config: ClientConfig) -> Result<(Client, Events), ClientError> {
-        let route = RouteClient::new(&config.route_url);
+        let route = config.route_client()?;
         let login = route
             .login(&config.name, &config.password)
             .await
             .map_err(ClientError::from_login)?;
-        let live = match open(&login, config.transport).await {
+        let live = match open(&login, config.transport, config.tls, &route).await {
             Ok(live) => live,
             Err(e) => {
                 // The login took the user's slot (pending until the connect token expires):

@@ -1,18 +1,26 @@
 //! One client connection to a connection server, over any of the three encodings the server
 //! speaks: TCP with delimited protobuf, WebSocket binary (protobuf), WebSocket text (proto3
-//! JSON). Higher layers (reconnect, terminal client) see only [`Frame`]s.
+//! JSON), each plain or over TLS ([`Connection::connect_tls`]: the server's `tls_addr` for
+//! TCP, `wss_addr` for WebSocket). Higher layers (reconnect, terminal client) see only
+//! [`Frame`]s.
 
 use crate::pb::{frame::Body, Ack, Frame, Login, LoginResult, Message, Push};
-use cim_common::codec::{CodecError, FrameCodec};
+use cim_common::{
+    codec::{CodecError, FrameCodec},
+    tls::{ClientTls, ClientTlsStream},
+};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use std::{net::IpAddr, time::Duration};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::{
     tungstenite::{protocol::WebSocketConfig, Message as WsMessage},
-    MaybeTlsStream, WebSocketStream,
+    WebSocketStream,
 };
-use tokio_util::codec::Framed;
+use tokio_util::{codec::Framed, either::Either};
+
+/// A plain or a TLS byte stream (the TLS state boxed: a plain connection stays small).
+type Stream = Either<TcpStream, Box<ClientTlsStream<TcpStream>>>;
 
 /// Most message ids one `Ack` frame may carry (the server refuses longer acks).
 pub const MAX_ACK_IDS: usize = 1024;
@@ -69,6 +77,11 @@ pub enum ConnError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("websocket: {0}")]
     Ws(#[from] tokio_tungstenite::tungstenite::Error),
     #[error("frame: {0}")]
@@ -87,9 +100,9 @@ pub enum ConnError {
 }
 
 enum Inner {
-    Tcp(Framed<TcpStream, FrameCodec>),
+    Tcp(Framed<Stream, FrameCodec>),
     Ws {
-        stream: Box<WebSocketStream<MaybeTlsStream<TcpStream>>>,
+        stream: Box<WebSocketStream<Stream>>,
         json: bool,
     },
 }
@@ -126,6 +139,27 @@ impl Connection {
         transport: Transport,
         options: ConnectOptions,
     ) -> Result<Self, ConnError> {
+        Self::open(addr, transport, options, None).await
+    }
+
+    /// [`Connection::connect_with`] over TLS: `addr` is the server's `tls_addr` (TCP) or
+    /// `wss_addr` (WebSocket, `wss://{addr}/ws`); its host is checked against the
+    /// server's certificate with what `tls` trusts.
+    pub async fn connect_tls(
+        addr: &str,
+        transport: Transport,
+        options: ConnectOptions,
+        tls: &ClientTls,
+    ) -> Result<Self, ConnError> {
+        Self::open(addr, transport, options, Some(tls)).await
+    }
+
+    async fn open(
+        addr: &str,
+        transport: Transport,
+        options: ConnectOptions,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, ConnError> {
         let connect_error = |source| ConnError::Connect {
             addr: addr.to_string(),
             source,
@@ -156,6 +190,16 @@ impl Connection {
             }
         };
         stream.set_nodelay(true).ok();
+        let stream: Stream = match tls {
+            None => Either::Left(stream),
+            Some(tls) => Either::Right(Box::new(tls.connect(addr, stream).await.map_err(
+                |source| ConnError::Tls {
+                    addr: addr.to_string(),
+                    source,
+                },
+            )?)),
+        };
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
         let inner = match transport {
             Transport::Tcp => Inner::Tcp(match options.buffer_size {
                 Some(size) => Framed::with_capacity(stream, FrameCodec::default(), size),
@@ -168,8 +212,8 @@ impl Connection {
                         .write_buffer_size(size)
                 });
                 let (stream, _) = tokio_tungstenite::client_async_with_config(
-                    format!("ws://{addr}/ws"),
-                    MaybeTlsStream::Plain(stream),
+                    format!("{scheme}://{addr}/ws"),
+                    stream,
                     config,
                 )
                 .await?;

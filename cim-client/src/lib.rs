@@ -9,7 +9,11 @@
 //! - [`route`]: the route's HTTP API (register, login, logout, online users, messages,
 //!   channels).
 //! - [`conn`]: one connection to a connection server over TCP (delimited protobuf) or
-//!   WebSocket (binary protobuf or JSON text frames): login handshake, send and receive frames.
+//!   WebSocket (binary protobuf or JSON text frames), plain or TLS: login handshake, send and
+//!   receive frames.
+//!
+//! TLS: `https://` route URLs, and TLS / `wss://` to servers per [`TlsMode`]; [`ClientTls`]
+//! trusts the system's roots plus [`ClientConfig::ca_file`].
 //!
 //! The terminal client and the load generator build on these layers.
 
@@ -22,9 +26,10 @@ pub mod terminal;
 mod worker;
 
 pub use cim_common::pb;
+pub use cim_common::tls::ClientTls;
 pub use client::{
     Client, ClientConfig, ClientError, ClientInfo, ConnState, Event, Events, Recipient,
-    ReconnectPolicy, SendOptions, SendOutcome,
+    ReconnectPolicy, SendOptions, SendOutcome, TlsMode,
 };
 pub use conn::{Connection, Transport};
 pub use route::{

@@ -1,7 +1,14 @@
 //! Typed calls to the route's HTTP API. Errors carry the route's `{"error":{code,message}}`.
 
+use cim_common::tls::ClientTls;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::time::Duration;
+
+/// Whether `url` is an `https://` URL (scheme compared without case).
+pub fn is_https(url: &str) -> bool {
+    url.get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+}
 
 /// What a failed call returned.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +52,12 @@ pub struct AssignedServer {
     pub id: String,
     pub tcp_addr: String,
     pub ws_addr: String,
+    /// The TCP protocol over TLS, when the server offers it.
+    #[serde(default)]
+    pub tls_addr: Option<String>,
+    /// WebSocket over TLS (`wss://{wss_addr}/ws`), when the server offers it.
+    #[serde(default)]
+    pub wss_addr: Option<String>,
 }
 
 /// Answer of a successful login.
@@ -75,6 +88,10 @@ pub struct ServerInfo {
     pub id: String,
     pub tcp_addr: String,
     pub ws_addr: String,
+    #[serde(default)]
+    pub tls_addr: Option<String>,
+    #[serde(default)]
+    pub wss_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,27 +266,56 @@ struct Credentials<'a> {
     password: &'a str,
 }
 
-/// Client of one route base URL (e.g. `http://127.0.0.1:8080`).
+/// Client of one route base URL (e.g. `http://127.0.0.1:8080`, or `https://…`).
 #[derive(Clone)]
 pub struct RouteClient {
     base: String,
     http: reqwest::Client,
+    tls: Option<ClientTls>,
 }
 
 impl RouteClient {
+    /// A client of `base_url`; an `https://` URL trusts the system's roots.
     pub fn new(base_url: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .expect("http client builds");
+        Self::with_tls(base_url, None)
+    }
+
+    /// A client of `base_url` whose HTTPS (and the TLS connections made with
+    /// [`RouteClient::tls`]) trusts what `tls` trusts. `None`: the system's roots, loaded
+    /// only for an `https://` URL.
+    pub fn with_tls(base_url: &str, tls: Option<ClientTls>) -> Self {
+        let base = base_url.trim_end_matches('/').to_string();
+        let tls = tls.or_else(|| {
+            is_https(&base)
+                .then(|| ClientTls::new(None))
+                .and_then(|made| {
+                    made.map_err(|e| tracing::warn!(error = %e, "TLS setup failed"))
+                        .ok()
+                })
+        });
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(15));
+        if let Some(tls) = &tls {
+            builder = builder.use_preconfigured_tls(tls.rustls_config());
+        }
         Self {
-            base: base_url.trim_end_matches('/').to_string(),
-            http,
+            base,
+            http: builder.build().expect("http client builds"),
+            tls,
         }
     }
 
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// Whether the route is reached over HTTPS.
+    pub fn is_https(&self) -> bool {
+        is_https(&self.base)
+    }
+
+    /// What this client trusts, when it was given or needed (an `https://` URL).
+    pub fn tls(&self) -> Option<&ClientTls> {
+        self.tls.as_ref()
     }
 
     async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, RouteError> {

@@ -466,7 +466,7 @@ impl Worker {
             })?;
         // From here the new session holds the slot until connected or logged out.
         self.token = Some(login.session_token.clone());
-        let live = open(&login, self.config.transport)
+        let live = open(&login, self.config.transport, self.config.tls, &self.route)
             .await
             .map_err(|e| Failed::Retry(e.to_string()))?;
         *lock(&self.shared.session_token) = login.session_token;

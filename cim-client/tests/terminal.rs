@@ -645,3 +645,75 @@ async fn connection_changes_are_shown() -> anyhow::Result<()> {
     drop(cluster);
     Ok(())
 }
+
+/// A script over TLS: an https:// route (the test CA from `CIM_CA_FILE`), `--tls on` to the
+/// server's TLS listener; without the CA the route is not trusted and the client says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_chats_over_tls() -> anyhow::Result<()> {
+    let pki = cim_tests::tls::TestPki::new();
+    let (server_tls, route_tls) = (pki.tls_config(), pki.tls_config());
+    let cluster = Cluster::builder()
+        .servers(1)
+        .server_config(move |c| {
+            c.tls_listen = Some("127.0.0.1:0".into());
+            c.tls = server_tls.clone();
+        })
+        .route_config(move |c| c.tls = route_tls.clone())
+        .client_tls(pki.client_tls())
+        .start()
+        .await?;
+    let route = cluster.route_url();
+    assert!(route.starts_with("https://"), "{route}");
+    let tls_addr = cluster.servers[0]
+        .tls_addr
+        .expect("tls listener")
+        .to_string();
+    let mut bob = cluster.user("bob", cim_client::Transport::Tcp).await?;
+    let dir = tempfile::tempdir()?;
+
+    let run = |ca: Option<&Path>| {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.args(client_args(&route, "carol", dir.path()))
+            .args(["--tls", "on"])
+            .env("CIM_PASSWORD", "carol-password")
+            .env_remove("CIM_CA_FILE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(ca) = ca {
+            cmd.env("CIM_CA_FILE", ca);
+        }
+        cmd.spawn()
+    };
+
+    // Without the CA: the https route is refused, clearly, and the client fails.
+    let out = tokio::time::timeout(DEADLINE, run(None)?.wait_with_output()).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("register failed"), "{stderr}");
+    assert!(
+        stderr.contains("certificate") && stderr.contains("--ca-file"),
+        "{stderr}"
+    );
+
+    let mut script = run(Some(&pki.ca_file))?;
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = script.stdin.take().expect("piped");
+        stdin.write_all(b"@bob hi over tls\n").await?;
+    }
+    let out = tokio::time::timeout(DEADLINE, script.wait_with_output()).await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("({tls_addr})")), "{stdout}");
+    assert!(stdout.contains("you → bob: hi over tls"), "{stdout}");
+    let push = bob.next_push().await?;
+    assert_eq!(push.messages[0].body, "hi over tls");
+    Ok(())
+}

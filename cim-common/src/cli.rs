@@ -4,6 +4,7 @@
 //!   into a clap parser. The same struct serializes as the `backend` layer of the config
 //!   overrides, leaving out the flags that were not given (so they do not mask the file or
 //!   the environment; see [`crate::config::load`]).
+//! - [`TlsFlags`]: `--tls-cert` / `--tls-key` as the `[tls]` layer of the overrides.
 //! - [`bind`]: binds a listener with an error that names the config field and the address.
 //! - [`shutdown_signal`]: resolves on ctrl-c or SIGTERM, logging which.
 //! - [`runtime`]: the tokio runtime of a binary, sized by its `worker_threads` setting.
@@ -35,6 +36,32 @@ impl BackendFlags {
     /// (`#[serde(skip_serializing_if = "BackendFlags::is_empty")]`).
     pub fn is_empty(&self) -> bool {
         self.redis_url.is_none() && self.etcd.is_empty() && self.prefix.is_none()
+    }
+}
+
+/// The certificate files as flags (`--tls-cert`, `--tls-key`), serialized in the shape of
+/// [`TlsConfig`](crate::tls::TlsConfig) with absent flags left out. Each binary declares the
+/// two flags itself (their help says which listeners they serve) and fills this in.
+#[derive(Serialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFlags {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl TlsFlags {
+    /// Neither flag was given: skip the whole `tls` layer.
+    pub fn is_empty(&self) -> bool {
+        self.cert_file.is_none() && self.key_file.is_none()
+    }
+}
+
+/// [`bind`] for a listener that may be off (`None`).
+pub async fn bind_optional(field: &str, addr: Option<&str>) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => bind(field, addr).await.map(Some),
+        None => Ok(None),
     }
 }
 

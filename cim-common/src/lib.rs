@@ -19,6 +19,8 @@
 //! - [`config`]: layered configuration (defaults, file, environment, flags) and logging setup.
 //! - [`events`]: presence events (online / offline) and their ids.
 //! - [`ids`]: message ids and server ids; [`time`]: clock helpers.
+//! - [`tls`]: TLS for client-facing listeners (reloadable certificate, handshake deadline,
+//!   an HTTPS listener for axum) and for clients (system roots plus an extra CA file).
 //! - [`procinfo`]: this process's resident memory, CPU time and open descriptors (for
 //!   `/healthz` and `/metrics`).
 //! - [`metrics`]: what `/metrics` shares: the answer, process metrics, bounded label tables.
@@ -37,6 +39,7 @@ pub mod proto;
 pub mod registry;
 pub mod store;
 pub mod time;
+pub mod tls;
 pub mod token;
 
 pub use proto::cim as pb;

@@ -148,8 +148,11 @@ impl Collector for ProcessCollector {
 
 /// A labelled family whose series are picked by index into a fixed table of label sets, each
 /// resolved on first use and then kept: [`Series::get`] is a load of an initialized cell, no
-/// hashing, no lock. Only series that were used appear in the output (except those
-/// [`Series::init`] created up front).
+/// hashing, no lock. Only series that were used appear in the output, except those
+/// [`Series::init`] / [`Series::init_all`] created up front: the servers and routes create
+/// every series of their fixed tables at start, so each is exported at 0 before its first
+/// event and `rate()` / `increase()` see the first one (Prometheus' advice for labels known in
+/// advance; the dashboard's queries and `deploy_files.rs` rely on the families being there).
 pub struct Series<M> {
     family: Family<Labels, M>,
     cells: Box<[OnceLock<M>]>,
@@ -319,6 +322,25 @@ pub fn parse_text(text: &str) -> Vec<Sample> {
         samples.push((name, labels, value));
     }
     samples
+}
+
+/// The value of the sample `name{labels}` among `samples`: exactly these labels, in any order.
+pub fn find_sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|s| s.2)
+}
+
+/// [`find_sample`] in `/metrics` text.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    find_sample(&parse_text(text), name, labels)
 }
 
 fn parse_labels(mut s: &str) -> Vec<(String, String)> {

@@ -44,6 +44,13 @@ pub struct ServiceInfo {
     /// Connection server: client WebSocket address (path `/ws`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ws_addr: String,
+    /// Connection server: client TLS address (the TCP protocol over TLS), if it has one.
+    /// Absent in entries of older servers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tls_addr: String,
+    /// Connection server: client WebSocket-over-TLS address (`wss://…/ws`), if it has one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub wss_addr: String,
     /// Connection server: internal API (pushes from routes).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub internal_addr: String,
@@ -91,4 +98,28 @@ pub trait Registry: Send + Sync + 'static {
 /// Whether `id` is in the list.
 pub fn contains(members: &Members, id: &str) -> bool {
     members.binary_search_by(|m| m.id.as_str().cmp(id)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_addresses_are_optional_both_ways() {
+        // An entry of a server from before TLS: no tls_addr / wss_addr.
+        let old: ServiceInfo =
+            serde_json::from_str(r#"{"id":"s1","tcp_addr":"h:9000","ws_addr":"h:9001"}"#).unwrap();
+        assert_eq!((old.tls_addr.as_str(), old.wss_addr.as_str()), ("", ""));
+        // Without TLS nothing new is written, so older readers see what they always saw.
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("tls") && !json.contains("wss"), "{json}");
+        let new = ServiceInfo {
+            tls_addr: "h:9443".into(),
+            wss_addr: "h:9444".into(),
+            ..old
+        };
+        let back: ServiceInfo =
+            serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+    }
 }

@@ -2,7 +2,9 @@
 //! one machine, loaded by `cim_common::config::load` (defaults < file < env < flags) and
 //! checked by [`RouteConfig::validate`] before anything starts.
 
-use cim_common::{backend::BackendConfig, config::DEV_SECRET, ids::valid_instance_name};
+use cim_common::{
+    backend::BackendConfig, config::DEV_SECRET, ids::valid_instance_name, tls::TlsConfig,
+};
 use serde::{Deserialize, Serialize};
 use std::{net::SocketAddr, time::Duration};
 
@@ -27,8 +29,12 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 pub struct RouteConfig {
     /// Instance name; the instance id is `{name}-{random}`.
     pub name: String,
-    /// Public HTTP API listen address.
+    /// Public HTTP API listen address (HTTPS when `[tls]` is set).
     pub http_listen: String,
+    /// Certificate and key of the public listener (PEM files). Unset (the default): plain
+    /// HTTP, e.g. behind a proxy that terminates TLS. Set: HTTPS only on `http_listen`,
+    /// reloaded on SIGHUP and when the files change. The internal listener stays plain.
+    pub tls: TlsConfig,
     /// Internal API (forwards from servers) listen address; keep it off public networks.
     pub internal_listen: String,
     /// Host others reach this route at, combined with the bound ports. Defaults to the listen
@@ -98,6 +104,7 @@ impl Default for RouteConfig {
         Self {
             name: "route".into(),
             http_listen: "0.0.0.0:8080".into(),
+            tls: TlsConfig::default(),
             internal_listen: "127.0.0.1:8081".into(),
             advertise_host: None,
             advertise_http: None,
@@ -145,6 +152,7 @@ impl RouteConfig {
             return Err(invalid("name", "must be 1-64 characters of [A-Za-z0-9_.-]"));
         }
         self.http_listen_addr()?;
+        self.tls.validate(None).map_err(|m| invalid("tls", m))?;
         self.internal_listen_addr()?;
         if let Some(host) = &self.advertise_host {
             if host.is_empty() || host.contains(char::is_whitespace) {
@@ -231,6 +239,11 @@ impl RouteConfig {
         cim_common::cli::validate_worker_threads(self.worker_threads)
             .map_err(|m| invalid("worker_threads", m))?;
         Ok(())
+    }
+
+    /// Whether the public listener serves HTTPS.
+    pub fn https(&self) -> bool {
+        self.tls.is_set()
     }
 
     /// Whether the well-known development secret is in use (warn about it).

@@ -18,7 +18,9 @@
 //! - [`sweep`]: removes the routes of a server that vanished, publishing `server_lost` events.
 //! - [`password`]: Argon2id hashing off the async threads.
 //!
-//! [`start`] runs an instance on already-bound listeners (tests bind `127.0.0.1:0`).
+//! [`start`] runs an instance on already-bound listeners (tests bind `127.0.0.1:0`). With
+//! `[tls]` the public listener serves HTTPS (`cim_common::tls::TlsListener`, certificate
+//! reloaded on SIGHUP and on file change); the internal listener is always plain HTTP.
 //!
 //! Architecture invariant: no business state lives in a route between requests. Everything
 //! is in Redis; the registry watch and the round-robin counter are the only per-instance
@@ -136,8 +138,11 @@ impl Drop for RouteHandle {
 }
 
 /// Serves `router` on `listener` until `cancel` fires.
-async fn serve(listener: TcpListener, router: axum::Router, cancel: CancellationToken, what: &str) {
-    if let Err(e) = axum::serve(cim_common::cluster::without_nagle(listener), router)
+async fn serve<L>(listener: L, router: axum::Router, cancel: CancellationToken, what: &str)
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    if let Err(e) = axum::serve(listener, router)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
     {
@@ -168,6 +173,16 @@ pub async fn start(
         .internal
         .local_addr()
         .context("reading the internal listener's address")?;
+    // HTTPS on the public listener only: internal calls stay plain on private networks.
+    let tls = if config.https() {
+        Some(
+            cim_common::tls::ServerTls::load(&config.tls)
+                .context("loading the [tls] certificate and key")?,
+        )
+    } else {
+        None
+    };
+    let handshake_timeout = config.request_timeout();
     let info = ServiceInfo {
         id: id.clone(),
         http_addr: config.advertised(config.advertise_http.as_deref(), http_addr),
@@ -216,20 +231,31 @@ pub async fn start(
             cancel.clone(),
         )));
     }
-    tasks.extend([
-        tokio::spawn(serve(
-            listeners.http,
-            app(state.clone()),
+    let public = app(state.clone());
+    tasks.push(match &tls {
+        None => tokio::spawn(serve(
+            cim_common::cluster::without_nagle(listeners.http),
+            public,
             cancel.clone(),
             "public",
         )),
-        tokio::spawn(serve(
-            listeners.internal,
-            internal::app(state.clone(), cancel.clone(), connections.clone()),
-            cancel.clone(),
-            "internal",
-        )),
-    ]);
+        Some(tls) => {
+            let listener =
+                cim_common::tls::TlsListener::new(listeners.http, tls.clone(), handshake_timeout);
+            tokio::spawn(serve(listener, public, cancel.clone(), "public (https)"))
+        }
+    });
+    if let Some(tls) = tls {
+        tasks.push(tokio::spawn(
+            tls.watch(cim_common::tls::RELOAD_POLL, cancel.clone()),
+        ));
+    }
+    tasks.extend([tokio::spawn(serve(
+        cim_common::cluster::without_nagle(listeners.internal),
+        internal::app(state.clone(), cancel.clone(), connections.clone()),
+        cancel.clone(),
+        "internal",
+    ))]);
     let mut handle = RouteHandle {
         id,
         state: state.clone(),

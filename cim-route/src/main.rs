@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use cim_common::{
     backend::Backends,
-    cli::{bind, shutdown_signal, BackendFlags},
+    cli::{bind, shutdown_signal, BackendFlags, TlsFlags},
 };
 use cim_route::{Listeners, RouteConfig};
 use clap::Parser;
@@ -28,6 +28,12 @@ struct Cli {
     /// Public HTTP API address.
     #[arg(long)]
     http_listen: Option<String>,
+    /// Certificate chain for HTTPS on the public listener, PEM ([tls] cert_file).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Private key of the certificate, PEM ([tls] key_file).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
     /// Internal API address (forwards from connection servers).
     #[arg(long)]
     internal_listen: Option<String>,
@@ -51,6 +57,8 @@ struct Overrides {
     name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_listen: Option<String>,
+    #[serde(skip_serializing_if = "TlsFlags::is_empty")]
+    tls: TlsFlags,
     #[serde(skip_serializing_if = "Option::is_none")]
     internal_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -68,6 +76,10 @@ impl Cli {
         Overrides {
             name: self.name,
             http_listen: self.http_listen,
+            tls: TlsFlags {
+                cert_file: self.tls_cert,
+                key_file: self.tls_key,
+            },
             internal_listen: self.internal_listen,
             advertise_host: self.advertise_host,
             cluster_secret: self.cluster_secret,
@@ -176,5 +188,35 @@ mod tests {
         assert_eq!(config.backend.inbox_max_messages, 50);
         assert_eq!(config.api_keys, ["a-backend-key-of-16+"]);
         assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn tls_files_from_flags_and_file() {
+        const UNUSED: &str = "CIM_ROUTE_TEST_UNUSED_";
+        assert!(!load(UNUSED, &[]).https(), "plain HTTP by default");
+        let dir = std::env::temp_dir().join(format!("cim-route-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("route.toml");
+        std::fs::write(&file, "[tls]\nkey_file = \"/etc/cim/key.pem\"\n").unwrap();
+        let file = file.to_str().unwrap();
+        let err = load(UNUSED, &["--config", file]).validate().unwrap_err();
+        assert_eq!(err.field, "tls");
+        assert!(err.message.contains("cert_file"), "{err}");
+        let config = load(
+            UNUSED,
+            &["--config", file, "--tls-cert", "/etc/cim/cert.pem"],
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(config.validate(), Ok(()));
+        assert!(config.https());
+        assert_eq!(
+            config.tls.cert_file.as_deref(),
+            Some(std::path::Path::new("/etc/cim/cert.pem"))
+        );
+        assert_eq!(
+            config.tls.key_file.as_deref(),
+            Some(std::path::Path::new("/etc/cim/key.pem")),
+            "the file's key stays beside the flag's certificate"
+        );
     }
 }

@@ -97,6 +97,15 @@ pub struct RouteMetrics {
     pub webhook_lag_seconds: Gauge<f64, AtomicU64>,
 }
 
+/// Login refusals created at start (`cim_route_login_failures_total{reason}`).
+const LOGIN_REASONS: [&str; 5] = [
+    "bad_credentials",
+    "already_logged_in",
+    "no_server",
+    "unavailable",
+    "bad_request",
+];
+
 impl RouteMetrics {
     /// Registers every route metric in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
@@ -112,6 +121,11 @@ impl RouteMetrics {
             "Refused logins, by the error code answered",
             login_failures.clone(),
         );
+        // The usual refusals exported at 0 from the start (see `Series::init_all`); rarer codes
+        // appear at their first use.
+        for reason in LOGIN_REASONS {
+            drop(login_failures.get_or_create(&vec![("reason", reason)]));
+        }
         let messages = Series::register(
             registry,
             "cim_route_messages",
@@ -124,6 +138,7 @@ impl RouteMetrics {
                 ]
             },
         );
+        messages.init_all();
         let push_call_seconds = Histogram::new(call_buckets());
         registry.register_with_unit(
             "cim_route_push_call",

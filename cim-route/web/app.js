@@ -6,7 +6,9 @@
  *   1. Log in over HTTP: POST /api/login {name, password} (POST /api/register first for a new
  *      account). The answer names a connection server (server.ws_addr), a single-use connect
  *      token and a session token (bearer of the other HTTP calls).
- *   2. Open ws://{server.ws_addr}/ws. Every frame is one proto3 JSON text message: camelCase
+ *   2. Open ws://{server.ws_addr}/ws (a page served over https: wss://{server.wss_addr}/ws
+ *      when the server has a TLS WebSocket listener, else wss://{server.ws_addr}/ws, for a
+ *      proxy that terminates TLS in front of it). Every frame is one proto3 JSON text message: camelCase
  *      fields, enums as strings ("MESSAGE_KIND_PRIVATE"), 64-bit integers as strings.
  *   3. The first frame is {"login":{"token": connect_token}}; the server answers loginResult
  *      with the heartbeat interval.
@@ -340,9 +342,9 @@ function connect(answer) {
 
   let ws;
   try {
-    ws = new WebSocket(wsUrl(answer.server.ws_addr));
+    ws = new WebSocket(wsUrl(answer.server));
   } catch (e) {
-    scheduleReconnect(`cannot connect to ${answer.server.ws_addr}: ${e.message}`);
+    scheduleReconnect(`cannot connect to ${answer.server.id}: ${e.message}`);
     return;
   }
   session.ws = ws;
@@ -359,9 +361,11 @@ function connect(answer) {
   }, CONNECT_TIMEOUT_MS);
 }
 
-function wsUrl(wsAddr) {
-  const scheme = location.protocol === "https:" ? "wss" : "ws";
-  return `${scheme}://${wsAddr}/ws`;
+// A page served over https may only open wss:// (browsers block ws:// there): the server's
+// own TLS listener when it has one, else its plain address behind a TLS-terminating proxy.
+function wsUrl(server) {
+  if (location.protocol !== "https:") return `ws://${server.ws_addr}/ws`;
+  return `wss://${server.wss_addr || server.ws_addr}/ws`;
 }
 
 function sendFrame(frame) {

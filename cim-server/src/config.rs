@@ -4,7 +4,7 @@
 //! Loaded by the binary through `cim_common::config::load` (defaults < file < environment
 //! `CIM_SERVER_*` < flags); [`ServerConfig::default`] runs a server on one machine as is.
 
-use cim_common::backend::BackendConfig;
+use cim_common::{backend::BackendConfig, tls::TlsConfig};
 use serde::{Deserialize, Serialize};
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -27,7 +27,14 @@ pub struct ServerConfig {
     pub tcp_listen: String,
     /// Client WebSocket listener (path `/ws`).
     pub ws_listen: String,
-    /// Internal API listener (pushes and kicks from routes). Keep it off public networks.
+    /// Client TLS listener: the TCP protocol (delimited protobuf) over TLS. `None` or empty:
+    /// off. Needs `[tls]`.
+    pub tls_listen: Option<String>,
+    /// Client WebSocket-over-TLS listener (`wss://`, path `/ws`). `None` or empty: off.
+    /// Needs `[tls]`.
+    pub wss_listen: Option<String>,
+    /// Internal API listener (pushes and kicks from routes). Keep it off public networks:
+    /// it is plain HTTP (cluster secret), never TLS.
     pub internal_listen: String,
     /// Host put into the addresses registered in etcd. `None`: the bound IP, or 127.0.0.1 when
     /// bound to a wildcard address.
@@ -35,7 +42,12 @@ pub struct ServerConfig {
     /// Full `host:port` overrides of the registered addresses (e.g. behind NAT or a proxy).
     pub advertise_tcp: Option<String>,
     pub advertise_ws: Option<String>,
+    pub advertise_tls: Option<String>,
+    pub advertise_wss: Option<String>,
     pub advertise_internal: Option<String>,
+    /// Certificate and key of `tls_listen` / `wss_listen` (PEM files), reloaded on SIGHUP
+    /// and when the files change.
+    pub tls: TlsConfig,
     /// Shared secret: signs connect tokens and authenticates internal calls.
     pub cluster_secret: String,
     /// Redis and etcd.
@@ -88,11 +100,16 @@ impl Default for ServerConfig {
             name: "server".into(),
             tcp_listen: "0.0.0.0:9000".into(),
             ws_listen: "0.0.0.0:9001".into(),
+            tls_listen: None,
+            wss_listen: None,
             internal_listen: "127.0.0.1:9100".into(),
             advertise_host: None,
             advertise_tcp: None,
             advertise_ws: None,
+            advertise_tls: None,
+            advertise_wss: None,
             advertise_internal: None,
+            tls: TlsConfig::default(),
             cluster_secret: cim_common::config::DEV_SECRET.into(),
             backend: BackendConfig::default(),
             heartbeat_interval_ms: 10_000,
@@ -142,6 +159,21 @@ impl ServerConfig {
         validate_host_port("tcp_listen", &self.tcp_listen)?;
         validate_host_port("ws_listen", &self.ws_listen)?;
         validate_host_port("internal_listen", &self.internal_listen)?;
+        for (field, value) in [
+            ("tls_listen", self.tls_listen()),
+            ("wss_listen", self.wss_listen()),
+        ] {
+            if let Some(value) = value {
+                validate_host_port(field, value)?;
+            }
+        }
+        let needs_tls = match (self.tls_listen(), self.wss_listen()) {
+            (Some(_), Some(_)) => Some("tls_listen and wss_listen"),
+            (Some(_), None) => Some("tls_listen"),
+            (None, Some(_)) => Some("wss_listen"),
+            (None, None) => None,
+        };
+        self.tls.validate(needs_tls)?;
         if let Some(host) = &self.advertise_host {
             if host.is_empty() || host.contains(char::is_whitespace) {
                 return Err(format!(
@@ -152,6 +184,8 @@ impl ServerConfig {
         for (field, value) in [
             ("advertise_tcp", &self.advertise_tcp),
             ("advertise_ws", &self.advertise_ws),
+            ("advertise_tls", &self.advertise_tls),
+            ("advertise_wss", &self.advertise_wss),
             ("advertise_internal", &self.advertise_internal),
         ] {
             if let Some(value) = value {
@@ -191,6 +225,16 @@ impl ServerConfig {
         cim_common::cli::validate_worker_threads(self.worker_threads)
             .map_err(|m| format!("worker_threads {m}"))?;
         Ok(())
+    }
+
+    /// The TLS listen address, if TLS is on (`None` and empty are off).
+    pub fn tls_listen(&self) -> Option<&str> {
+        self.tls_listen.as_deref().filter(|s| !s.is_empty())
+    }
+
+    /// The WebSocket-over-TLS listen address, if on (`None` and empty are off).
+    pub fn wss_listen(&self) -> Option<&str> {
+        self.wss_listen.as_deref().filter(|s| !s.is_empty())
     }
 
     /// Whether the built-in development secret is in use (the server warns at start).
@@ -290,6 +334,40 @@ mod tests {
         check(|c| c.forward_concurrency = 0, "forward_concurrency");
         check(|c| c.backend.etcd_endpoints.clear(), "backend");
         check(|c| c.worker_threads = 1025, "worker_threads");
+        check(|c| c.tls_listen = Some("nope".into()), "tls_listen");
+        check(|c| c.advertise_wss = Some("x".into()), "advertise_wss");
+    }
+
+    #[test]
+    fn tls_listeners_need_the_tls_section() {
+        let mut c = ServerConfig {
+            tls_listen: Some(String::new()),
+            wss_listen: Some(String::new()),
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(
+            (c.tls_listen(), c.wss_listen()),
+            (None, None),
+            "empty is off"
+        );
+        c.tls_listen = Some("0.0.0.0:9443".into());
+        let err = c.validate().unwrap_err();
+        assert!(
+            err.contains("cert_file and key_file") && err.contains("tls_listen"),
+            "{err}"
+        );
+        c.tls_listen = None;
+        c.wss_listen = Some("0.0.0.0:9444".into());
+        c.tls.cert_file = Some("/etc/cim/cert.pem".into());
+        let err = c.validate().unwrap_err();
+        assert!(
+            err.contains("key_file") && err.contains("wss_listen"),
+            "{err}"
+        );
+        c.tls.key_file = Some("/etc/cim/key.pem".into());
+        c.validate().unwrap();
+        assert_eq!(c.wss_listen(), Some("0.0.0.0:9444"));
     }
 
     #[test]

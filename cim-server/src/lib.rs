@@ -9,8 +9,14 @@
 //!   registry, accept loops, graceful shutdown.
 //! - `session`: the life of one connection (login, inbox replay, heartbeats, frames both
 //!   ways, cleanup), written once over the `Transport` trait.
-//! - `tcp`: the TCP transport (delimited protobuf, small buffers, batched writes).
-//! - `ws`: the WebSocket transport (tokio-tungstenite, binary or JSON, small buffers).
+//! - `tcp`: the TCP transport (delimited protobuf, small buffers, batched writes), over a
+//!   plain or a TLS stream (`tls_listen`).
+//! - `ws`: the WebSocket transport (tokio-tungstenite, binary or JSON, small buffers), over a
+//!   plain or a TLS stream (`wss_listen`).
+//!
+//! TLS (`cim_common::tls::ServerTls`): the handshake runs under the login deadline, then the
+//! connection takes the same path as a plain one; the certificate is reloaded on SIGHUP and
+//! when its files change.
 //! - `conn`: the shared handle of a logged-in connection with its bounded outbound queue,
 //!   shared pre-encoded outbound frames, and the table of connections by user.
 //! - `forward`: batching client sends to live routes (`POST /internal/forward`), calls that

@@ -6,7 +6,7 @@
 use anyhow::{anyhow, Context};
 use cim_common::{
     backend::Backends,
-    cli::{bind, shutdown_signal, BackendFlags},
+    cli::{bind, bind_optional, shutdown_signal, BackendFlags, TlsFlags},
 };
 use cim_server::{Listeners, ServerConfig};
 use clap::Parser;
@@ -28,6 +28,18 @@ struct Cli {
     /// Client WebSocket listener, host:port.
     #[arg(long)]
     ws_listen: Option<String>,
+    /// Client TLS listener (the TCP protocol over TLS), host:port; needs --tls-cert/--tls-key.
+    #[arg(long)]
+    tls_listen: Option<String>,
+    /// Client WebSocket-over-TLS listener (wss://, path /ws), host:port; needs the TLS files.
+    #[arg(long)]
+    wss_listen: Option<String>,
+    /// Certificate chain of the TLS listeners, PEM ([tls] cert_file).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Private key of the certificate, PEM ([tls] key_file).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
     /// Internal API listener, host:port.
     #[arg(long)]
     internal_listen: Option<String>,
@@ -55,6 +67,12 @@ struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    tls_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wss_listen: Option<String>,
+    #[serde(skip_serializing_if = "TlsFlags::is_empty")]
+    tls: TlsFlags,
+    #[serde(skip_serializing_if = "Option::is_none")]
     internal_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     advertise_host: Option<String>,
@@ -72,6 +90,12 @@ impl From<Cli> for Overrides {
             name: cli.name,
             tcp_listen: cli.tcp_listen,
             ws_listen: cli.ws_listen,
+            tls_listen: cli.tls_listen,
+            wss_listen: cli.wss_listen,
+            tls: TlsFlags {
+                cert_file: cli.tls_cert,
+                key_file: cli.tls_key,
+            },
             internal_listen: cli.internal_listen,
             advertise_host: cli.advertise_host,
             cluster_secret: cli.cluster_secret,
@@ -104,6 +128,8 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let listeners = Listeners {
         tcp: bind("tcp_listen", &config.tcp_listen).await?,
         ws: bind("ws_listen", &config.ws_listen).await?,
+        tls: bind_optional("tls_listen", config.tls_listen()).await?,
+        wss: bind_optional("wss_listen", config.wss_listen()).await?,
         internal: bind("internal_listen", &config.internal_listen).await?,
     };
     let handle = cim_server::start(config, listeners, backends).await?;
@@ -184,6 +210,43 @@ mod tests {
         let defaults = ServerConfig::default();
         assert_eq!(config.backend.redis_url, defaults.backend.redis_url);
         assert_eq!(config.ws_listen, defaults.ws_listen);
+    }
+
+    #[test]
+    fn tls_listeners_and_files_from_flags() {
+        let config = load(&[]);
+        assert_eq!(
+            (config.tls_listen(), config.wss_listen()),
+            (None, None),
+            "off by default"
+        );
+        assert!(!config.tls.is_set());
+        let config = load(&[
+            "--tls-listen",
+            "0.0.0.0:9443",
+            "--wss-listen",
+            "0.0.0.0:9444",
+            "--tls-cert",
+            "/etc/cim/cert.pem",
+            "--tls-key",
+            "/etc/cim/key.pem",
+        ]);
+        assert_eq!(config.tls_listen(), Some("0.0.0.0:9443"));
+        assert_eq!(config.wss_listen(), Some("0.0.0.0:9444"));
+        assert_eq!(
+            config.tls.cert_file.as_deref(),
+            Some(std::path::Path::new("/etc/cim/cert.pem"))
+        );
+        assert_eq!(
+            config.tls.key_file.as_deref(),
+            Some(std::path::Path::new("/etc/cim/key.pem"))
+        );
+        config.validate().unwrap();
+        // A TLS listener without the files: refused, saying what is missing.
+        let err = load(&["--wss-listen", "0.0.0.0:9444"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("[tls]") && err.contains("wss_listen"), "{err}");
     }
 
     #[test]

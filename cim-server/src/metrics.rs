@@ -23,7 +23,7 @@ use prometheus_client::{
 /// Values of the `transport` label of `cim_server_connections`, in the order of their series.
 /// A transport's `Transport::KIND` must be one of them (a test checks it): a new transport
 /// (tls, wss) adds its name here.
-pub(crate) const TRANSPORTS: &[&str] = &["tcp", "ws"];
+pub(crate) const TRANSPORTS: &[&str] = &["tcp", "ws", "tls", "wss"];
 
 /// Reasons of `cim_server_login_failures_total`: the error code the server answered (the
 /// first [`ERROR_CODES`]`.len()` entries, by protobuf number), or how the connection ended
@@ -106,6 +106,7 @@ impl ServerMetrics {
             LOGIN_FAILURES.len(),
             |i| vec![("reason", LOGIN_FAILURES[i])],
         );
+        login_failures.init_all();
         let disconnects = Series::register(
             registry,
             "cim_server_disconnects",
@@ -113,6 +114,7 @@ impl ServerMetrics {
             DISCONNECTS.len(),
             |i| vec![("reason", DISCONNECTS[i])],
         );
+        disconnects.init_all();
         let frames_in = Series::register(
             registry,
             "cim_server_frames_in",
@@ -120,6 +122,7 @@ impl ServerMetrics {
             FRAME_KINDS.len(),
             |i| vec![("kind", FRAME_KINDS[i])],
         );
+        frames_in.init_all();
         let frames_out = Series::register(
             registry,
             "cim_server_frames_out",
@@ -127,6 +130,7 @@ impl ServerMetrics {
             FRAME_KINDS.len(),
             |i| vec![("kind", FRAME_KINDS[i])],
         );
+        frames_out.init_all();
         let slow_consumer_kicks = Counter::default();
         registry.register(
             "cim_server_slow_consumer_kicks",
@@ -254,7 +258,13 @@ mod tests {
     fn every_transport_has_a_series() {
         type Tcp = TcpTransport<tokio::net::TcpStream>;
         type Ws = WsTransport<tokio::net::TcpStream>;
-        for kind in [Tcp::KIND, Ws::KIND] {
+        type Tls = TcpTransport<cim_common::tls::TlsStream<tokio::net::TcpStream>>;
+        type Wss = WsTransport<cim_common::tls::TlsStream<tokio::net::TcpStream>>;
+        assert_eq!(
+            [Tcp::KIND, Ws::KIND, Tls::KIND, Wss::KIND],
+            ["tcp", "ws", "tls", "wss"]
+        );
+        for kind in [Tcp::KIND, Ws::KIND, Tls::KIND, Wss::KIND] {
             assert!(TRANSPORTS.contains(&kind), "{kind}");
         }
     }

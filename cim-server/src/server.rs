@@ -19,6 +19,7 @@ use cim_common::{
     cluster::ClusterClient,
     registry::{Registration, ServiceInfo, ServiceKind},
     store::StateStore,
+    tls::ServerTls,
     token::TokenSigner,
 };
 use prometheus_client::registry::Registry;
@@ -27,7 +28,11 @@ use std::{
     sync::{atomic::AtomicUsize, atomic::Ordering, Arc},
     time::Duration,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    time::Instant,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn, Instrument};
 
@@ -105,12 +110,16 @@ impl ServerState {
     }
 }
 
-/// The three listeners, bound by the caller (tests bind `127.0.0.1:0`).
+/// The listeners, bound by the caller (tests bind `127.0.0.1:0`).
 pub struct Listeners {
     /// Client TCP connections.
     pub tcp: TcpListener,
     /// Client WebSocket connections.
     pub ws: TcpListener,
+    /// Client TCP-protocol connections over TLS (`tls_listen`); needs `[tls]`.
+    pub tls: Option<TcpListener>,
+    /// Client WebSocket connections over TLS (`wss_listen`, `wss://…/ws`); needs `[tls]`.
+    pub wss: Option<TcpListener>,
     /// Internal API (routes).
     pub internal: TcpListener,
 }
@@ -123,7 +132,20 @@ pub struct ServerHandle {
     registration: Option<Box<dyn Registration>>,
     tcp_addr: SocketAddr,
     ws_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    wss_addr: Option<SocketAddr>,
     internal_addr: SocketAddr,
+    tls: Option<Arc<ServerTls>>,
+}
+
+/// What a client listener speaks once a connection is open (and, on TLS listeners, after
+/// the TLS handshake).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// Delimited protobuf frames.
+    Tcp,
+    /// WebSocket on `/ws`.
+    Ws,
 }
 
 /// Starts a server on the given listeners: watches routes, serves clients and the internal
@@ -141,6 +163,23 @@ pub async fn start(
     }
     let tcp_addr = listeners.tcp.local_addr().context("tcp listener address")?;
     let ws_addr = listeners.ws.local_addr().context("ws listener address")?;
+    let tls_addr = listeners
+        .tls
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()
+        .context("tls listener address")?;
+    let wss_addr = listeners
+        .wss
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()
+        .context("wss listener address")?;
+    let tls = if tls_addr.is_some() || wss_addr.is_some() {
+        Some(ServerTls::load(&config.tls).context("loading the [tls] certificate and key")?)
+    } else {
+        None
+    };
     let internal_addr = listeners
         .internal
         .local_addr()
@@ -175,6 +214,12 @@ pub async fn start(
         id: id.clone(),
         tcp_addr: config.advertised(tcp_addr, config.advertise_tcp.as_deref()),
         ws_addr: config.advertised(ws_addr, config.advertise_ws.as_deref()),
+        tls_addr: tls_addr
+            .map(|a| config.advertised(a, config.advertise_tls.as_deref()))
+            .unwrap_or_default(),
+        wss_addr: wss_addr
+            .map(|a| config.advertised(a, config.advertise_wss.as_deref()))
+            .unwrap_or_default(),
         internal_addr: config.advertised(internal_addr, config.advertise_internal.as_deref()),
         http_addr: String::new(),
     };
@@ -198,8 +243,29 @@ pub async fn start(
         state.cancel.clone(),
         tracker.clone(),
     ));
-    tracker.spawn(accept_tcp(state.clone(), listeners.tcp, tracker.clone()));
-    tracker.spawn(accept_ws(state.clone(), listeners.ws, tracker.clone()));
+    let accept = |listener, protocol, tls: Option<&Arc<ServerTls>>| {
+        accept_loop(
+            state.clone(),
+            listener,
+            tracker.clone(),
+            protocol,
+            tls.cloned(),
+        )
+    };
+    tracker.spawn(accept(listeners.tcp, Protocol::Tcp, None));
+    tracker.spawn(accept(listeners.ws, Protocol::Ws, None));
+    if let Some(tls) = &tls {
+        if let Some(listener) = listeners.tls {
+            tracker.spawn(accept(listener, Protocol::Tcp, Some(tls)));
+        }
+        if let Some(listener) = listeners.wss {
+            tracker.spawn(accept(listener, Protocol::Ws, Some(tls)));
+        }
+        tracker.spawn(
+            tls.clone()
+                .watch(cim_common::tls::RELOAD_POLL, state.cancel.clone()),
+        );
+    }
     tracker.spawn(internal::serve(
         state.clone(),
         listeners.internal,
@@ -224,6 +290,8 @@ pub async fn start(
         id = %state.id,
         tcp = %info.tcp_addr,
         ws = %info.ws_addr,
+        tls = %info.tls_addr,
+        wss = %info.wss_addr,
         internal = %info.internal_addr,
         "server started"
     );
@@ -233,7 +301,10 @@ pub async fn start(
         registration: Some(registration),
         tcp_addr,
         ws_addr,
+        tls_addr,
+        wss_addr,
         internal_addr,
+        tls,
     })
 }
 
@@ -253,6 +324,16 @@ impl ServerHandle {
         self.ws_addr
     }
 
+    /// Bound client TLS address, if `tls_listen` is on.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// Bound client WebSocket-over-TLS address (path `/ws`), if `wss_listen` is on.
+    pub fn wss_addr(&self) -> Option<SocketAddr> {
+        self.wss_addr
+    }
+
     /// Bound internal API address.
     pub fn internal_addr(&self) -> SocketAddr {
         self.internal_addr
@@ -262,6 +343,12 @@ impl ServerHandle {
     /// itself (standalone).
     pub fn metrics(&self) -> Arc<dyn cim_common::metrics::Source> {
         self.state.clone()
+    }
+
+    /// Successful reloads of the TLS certificate (SIGHUP or changed files), as a watch;
+    /// `None` without TLS listeners.
+    pub fn tls_reloads(&self) -> Option<watch::Receiver<u64>> {
+        self.tls.as_ref().map(|tls| tls.reloads())
     }
 
     /// Open client connections, including ones still logging in or closing.
@@ -331,39 +418,96 @@ async fn next_connection(
     }
 }
 
-async fn accept_tcp(state: Arc<ServerState>, listener: TcpListener, tracker: TaskTracker) {
-    while let Some((stream, peer)) = next_connection(&state, &listener).await {
-        let transport = TcpTransport::new(stream, state.config.max_frame_len);
-        tracker.spawn(session::run(state.clone(), transport, peer));
-    }
-    debug!("tcp listener closed");
-}
-
-async fn accept_ws(state: Arc<ServerState>, listener: TcpListener, tracker: TaskTracker) {
+/// Accepts on one client listener until shutdown. Plain and TLS connections, TCP and
+/// WebSocket, all end in the one `session::run`; each spawns a future of its own, so a plain
+/// connection's task stays the size it was before TLS existed.
+async fn accept_loop(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    tracker: TaskTracker,
+    protocol: Protocol,
+    tls: Option<Arc<ServerTls>>,
+) {
     while let Some((stream, peer)) = next_connection(&state, &listener).await {
         let state = state.clone();
-        tracker.spawn(async move {
-            // The handshake shares the login deadline: a client that opens a socket and says
-            // nothing is dropped just the same. Boxed, like the login: it is short-lived.
-            let handshake = async {
-                let handshake = ws::accept(stream, state.config.max_frame_len);
-                match tokio::time::timeout(state.config.login_timeout(), handshake).await {
-                    Ok(Ok(transport)) => Some(transport),
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "websocket handshake failed");
-                        None
-                    }
-                    Err(_) => {
-                        debug!("websocket handshake timed out");
-                        None
-                    }
-                }
-            };
-            let handshake = Box::pin(handshake.instrument(session::span(peer, "ws")));
-            if let Some(transport) = handshake.await {
-                session::run(state, transport, peer).await;
+        match (&tls, protocol) {
+            (None, Protocol::Tcp) => {
+                let transport = TcpTransport::new(stream, state.config.max_frame_len);
+                tracker.spawn(session::run(state, transport, peer));
             }
-        });
+            (None, Protocol::Ws) => {
+                // The handshake shares the login deadline: a client that opens a socket and
+                // says nothing is dropped just the same.
+                let deadline = Instant::now() + state.config.login_timeout();
+                tracker.spawn(serve_ws(state, stream, peer, deadline));
+            }
+            (Some(tls), protocol) => {
+                tracker.spawn(serve_tls(state, tls.clone(), stream, peer, protocol));
+            }
+        }
     }
-    debug!("websocket listener closed");
+    debug!(?protocol, tls = tls.is_some(), "client listener closed");
+}
+
+/// The WebSocket handshake (by `deadline`), then the session.
+async fn serve_ws<S>(state: Arc<ServerState>, stream: S, peer: SocketAddr, deadline: Instant)
+where
+    S: crate::tcp::ByteStream + 'static,
+{
+    // Boxed, like the login: it is short-lived.
+    let handshake = async {
+        let handshake = ws::accept(stream, state.config.max_frame_len);
+        match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(transport)) => Some(transport),
+            Ok(Err(e)) => {
+                debug!(error = %e, "websocket handshake failed");
+                None
+            }
+            Err(_) => {
+                debug!("websocket handshake timed out");
+                None
+            }
+        }
+    };
+    let handshake = Box::pin(handshake.instrument(session::span(peer, "ws")));
+    if let Some(transport) = handshake.await {
+        session::run(state, transport, peer).await;
+    }
+}
+
+/// The TLS handshake, then `protocol` over the TLS stream. The TLS and the WebSocket
+/// handshakes together have the login deadline: a plain client on a TLS port fails the
+/// handshake at once, one that sends nothing at the deadline, never a hang.
+async fn serve_tls(
+    state: Arc<ServerState>,
+    tls: Arc<ServerTls>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    protocol: Protocol,
+) {
+    let timeout = state.config.login_timeout();
+    let deadline = Instant::now() + timeout;
+    let kind = match protocol {
+        Protocol::Tcp => "tls",
+        Protocol::Ws => "wss",
+    };
+    let handshake = async {
+        match tls.accept(stream, timeout).await {
+            Ok(stream) => Some(stream),
+            Err(e) => {
+                debug!(error = %e, "TLS handshake failed");
+                None
+            }
+        }
+    };
+    let Some(stream) = Box::pin(handshake.instrument(session::span(peer, kind))).await else {
+        return;
+    };
+    match protocol {
+        Protocol::Tcp => {
+            let transport = TcpTransport::new(stream, state.config.max_frame_len);
+            session::run(state, transport, peer).await;
+        }
+        Protocol::Ws => serve_ws(state, stream, peer, deadline).await,
+    }
 }

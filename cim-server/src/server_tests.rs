@@ -58,6 +58,8 @@ async fn start_server(config: ServerConfig) -> Cluster {
     let listeners = Listeners {
         tcp: listener().await,
         ws: listener().await,
+        tls: None,
+        wss: None,
         internal: listener().await,
     };
     let server = start(config, listeners, backends).await.unwrap();

@@ -1,5 +1,6 @@
 //! The TCP transport: varint32-delimited protobuf frames (`cim_common::codec`) over any byte
-//! stream (a `TcpStream` in production, `tokio::io::duplex` in tests).
+//! stream (a `TcpStream` or a TLS stream over one in production, `tokio::io::duplex` in
+//! tests).
 //!
 //! An idle connection holds no read buffer at all (it waits for readability first, then reads
 //! into a small buffer, see [`READ_CHUNK`]), instead of the 8 KiB a `FramedRead` keeps per
@@ -31,6 +32,10 @@ const LINGER_DRAIN_MAX: usize = 64 * 1024;
 
 /// A byte stream the TCP transport runs on.
 pub(crate) trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Whether the stream is TLS: the transport's `KIND` (`tls`/`wss` rather than `tcp`/`ws`)
+    /// names it in logs and in the `cim_server_connections{transport}` gauge.
+    const TLS: bool = false;
+
     /// Waits until input is available, without holding a buffer. A stream that cannot tell
     /// returns at once, and the read itself waits with its buffer reserved.
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
@@ -44,6 +49,12 @@ impl ByteStream for TcpStream {
         // would put a ~130-byte waiter node into every idle connection's future.
         std::future::poll_fn(|cx| self.poll_read_ready(cx))
     }
+}
+
+/// TLS: readiness of the socket says nothing about plaintext rustls may already hold, so
+/// the read itself waits (with its small buffer reserved).
+impl ByteStream for cim_common::tls::TlsStream<TcpStream> {
+    const TLS: bool = true;
 }
 
 #[cfg(test)]
@@ -81,7 +92,7 @@ fn codec_error(e: CodecError) -> RecvError {
 }
 
 impl<S: ByteStream> Transport for TcpTransport<S> {
-    const KIND: &'static str = "tcp";
+    const KIND: &'static str = if S::TLS { "tls" } else { "tcp" };
 
     /// Cancel-safe: bytes only enter `read_buf` when a read completes, and a frame is only
     /// taken out of it when it is returned.

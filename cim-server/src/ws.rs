@@ -143,9 +143,9 @@ fn io_error(e: WsError) -> io::Error {
 
 impl<S> Transport for WsTransport<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: crate::tcp::ByteStream,
 {
-    const KIND: &'static str = "ws";
+    const KIND: &'static str = if S::TLS { "wss" } else { "ws" };
 
     /// Cancel-safe: `StreamExt::next` keeps partial input inside the stream.
     async fn recv(&mut self) -> Result<Option<Frame>, RecvError> {

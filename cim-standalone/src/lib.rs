@@ -16,16 +16,25 @@
 //! tcp_listen = "127.0.0.1:9000"    # server: client TCP
 //! ws_listen = "127.0.0.1:9001"     # server: client WebSocket (/ws)
 //! metrics_listen = "127.0.0.1:9100" # GET /metrics: both roles' metrics (Prometheus)
+//! # tls_listen = "127.0.0.1:9443"  # server: client TCP over TLS (needs [tls])
+//! # wss_listen = "127.0.0.1:9444"  # server: client WebSocket over TLS (needs [tls])
 //! # advertise_host = "192.168.1.20"  # host handed to clients (default: the bound IP)
 //! # cluster_secret = "..."           # default: a random secret at every start
+//! # [tls]                           # set: the route serves HTTPS too
+//! # cert_file = "/etc/cim/cert.pem"
+//! # key_file = "/etc/cim/key.pem"
 //! [route]
 //! connect_token_ttl_ms = 30000
 //! [server]
 //! heartbeat_interval_ms = 10000
 //! ```
 //!
-//! Listen addresses, `advertise_host` and `cluster_secret` inside `[route]` / `[server]` are
-//! refused (they belong to the top level); their `backend` sections are ignored, since the
+//! With `[tls]` the route's API is HTTPS (the printed URL says `https://`), and
+//! `tls_listen` / `wss_listen` serve the server's protocols over TLS with the same
+//! certificate; the plain listeners stay.
+//!
+//! Listen addresses, `advertise_host`, `cluster_secret` and `tls` inside `[route]` /
+//! `[server]` are refused (they belong to the top level); their `backend` sections are ignored, since the
 //! state is in memory.
 //!
 //! # Metrics
@@ -35,7 +44,11 @@
 //! answer (their names never overlap; the backends' error counters are in the route's part).
 
 use anyhow::{anyhow, Context};
-use cim_common::{backend::Backends, cli::bind};
+use cim_common::{
+    backend::Backends,
+    cli::{bind, bind_optional},
+    tls::TlsConfig,
+};
 use cim_route::{RouteConfig, RouteHandle};
 use cim_server::{ServerConfig, ServerHandle};
 use serde::{Deserialize, Serialize};
@@ -59,6 +72,13 @@ pub struct StandaloneConfig {
     pub ws_listen: String,
     /// `GET /metrics` (Prometheus text format) of both roles. Keep it off public networks.
     pub metrics_listen: String,
+    /// The connection server's client TLS listener (TCP protocol over TLS); needs `[tls]`.
+    pub tls_listen: Option<String>,
+    /// The connection server's WebSocket-over-TLS listener (`wss://`, `/ws`); needs `[tls]`.
+    pub wss_listen: Option<String>,
+    /// Certificate and key (PEM files) of the TLS listeners and of the route's HTTPS.
+    /// Unset: plain HTTP.
+    pub tls: TlsConfig,
     /// Host put into the addresses handed to clients; default: the bound IP (127.0.0.1 for a
     /// wildcard bind).
     pub advertise_host: Option<String>,
@@ -78,6 +98,9 @@ impl Default for StandaloneConfig {
             tcp_listen: "127.0.0.1:9000".into(),
             ws_listen: "127.0.0.1:9001".into(),
             metrics_listen: "127.0.0.1:9100".into(),
+            tls_listen: None,
+            wss_listen: None,
+            tls: TlsConfig::default(),
             advertise_host: None,
             cluster_secret: None,
             route: RouteConfig::default(),
@@ -109,6 +132,19 @@ pub struct Cli {
     /// Metrics listener (GET /metrics), host:port.
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Client TLS listener (the TCP protocol over TLS), host:port; needs --tls-cert/--tls-key.
+    #[arg(long)]
+    pub tls_listen: Option<String>,
+    /// Client WebSocket-over-TLS listener (wss://, /ws), host:port; needs the TLS files.
+    #[arg(long)]
+    pub wss_listen: Option<String>,
+    /// Certificate chain, PEM ([tls] cert_file): the route serves HTTPS, and the TLS
+    /// listeners use it.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of the certificate, PEM ([tls] key_file).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
     /// Host handed to clients in the server addresses and the printed route URL.
     #[arg(long)]
     pub advertise_host: Option<String>,
@@ -126,6 +162,12 @@ struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    tls_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wss_listen: Option<String>,
+    #[serde(skip_serializing_if = "cim_common::cli::TlsFlags::is_empty")]
+    tls: cim_common::cli::TlsFlags,
+    #[serde(skip_serializing_if = "Option::is_none")]
     advertise_host: Option<String>,
 }
 
@@ -141,6 +183,12 @@ impl Cli {
             tcp_listen: self.tcp_listen,
             ws_listen: self.ws_listen,
             metrics_listen: self.metrics_listen,
+            tls_listen: self.tls_listen,
+            wss_listen: self.wss_listen,
+            tls: cim_common::cli::TlsFlags {
+                cert_file: self.tls_cert,
+                key_file: self.tls_key,
+            },
             advertise_host: self.advertise_host,
         };
         cim_common::config::load(self.config.as_deref(), env_prefix, &overrides)
@@ -202,6 +250,10 @@ impl StandaloneConfig {
                 "ws_listen",
                 self.server.ws_listen != server_defaults.ws_listen,
             ),
+            ("route", "tls", self.route.tls.is_set()),
+            ("server", "tls", self.server.tls.is_set()),
+            ("server", "tls_listen", self.server.tls_listen.is_some()),
+            ("server", "wss_listen", self.server.wss_listen.is_some()),
             (
                 "server",
                 "internal_listen",
@@ -242,11 +294,15 @@ impl StandaloneConfig {
             internal_listen: INTERNAL_LISTEN.into(),
             advertise_host: self.advertise_host.clone(),
             cluster_secret: secret.clone(),
+            tls: self.tls.clone(),
             ..self.route.clone()
         };
         let server = ServerConfig {
             tcp_listen: self.tcp_listen.clone(),
             ws_listen: self.ws_listen.clone(),
+            tls_listen: self.tls_listen.clone(),
+            wss_listen: self.wss_listen.clone(),
+            tls: self.tls.clone(),
             internal_listen: INTERNAL_LISTEN.into(),
             advertise_host: self.advertise_host.clone(),
             cluster_secret: secret,
@@ -274,6 +330,8 @@ pub struct Standalone {
     metrics_addr: std::net::SocketAddr,
     /// Serves `/metrics` (aborted on shutdown: it holds no state).
     metrics_task: tokio::task::JoinHandle<()>,
+    tls_addr: Option<String>,
+    wss_addr: Option<String>,
 }
 
 /// Starts both roles on shared in-memory backends. Every listener is bound before either
@@ -302,13 +360,16 @@ pub async fn start(config: &StandaloneConfig) -> anyhow::Result<Standalone> {
     let server_listeners = cim_server::Listeners {
         tcp: bind("tcp_listen", &server.tcp_listen).await?,
         ws: bind("ws_listen", &server.ws_listen).await?,
+        tls: bind_optional("tls_listen", server.tls_listen()).await?,
+        wss: bind_optional("wss_listen", server.wss_listen()).await?,
         internal: bind("the server's internal listener", INTERNAL_LISTEN).await?,
     };
     // Internal calls stay on loopback whatever host clients are given.
     route.advertise_internal = Some(route_listeners.internal.local_addr()?.to_string());
     server.advertise_internal = Some(server_listeners.internal.local_addr()?.to_string());
     let route_url = format!(
-        "http://{}",
+        "{}://{}",
+        if route.https() { "https" } else { "http" },
         route.advertised(
             route.advertise_http.as_deref(),
             route_listeners.http.local_addr()?
@@ -324,6 +385,19 @@ pub async fn start(config: &StandaloneConfig) -> anyhow::Result<Standalone> {
     );
     let metrics_listener = bind("metrics_listen", &config.metrics_listen).await?;
     let metrics_addr = metrics_listener.local_addr()?;
+    let advertised = |listener: Option<&tokio::net::TcpListener>, full: Option<&str>| {
+        listener
+            .map(|l| l.local_addr().map(|a| server.advertised(a, full)))
+            .transpose()
+    };
+    let tls_addr = advertised(
+        server_listeners.tls.as_ref(),
+        server.advertise_tls.as_deref(),
+    )?;
+    let wss_addr = advertised(
+        server_listeners.wss.as_ref(),
+        server.advertise_wss.as_deref(),
+    )?;
 
     let backends = Backends::memory();
     let route = cim_route::start(route, route_listeners, backends.clone())
@@ -348,6 +422,8 @@ pub async fn start(config: &StandaloneConfig) -> anyhow::Result<Standalone> {
         ws_addr,
         metrics_addr,
         metrics_task,
+        tls_addr,
+        wss_addr,
     })
 }
 
@@ -393,10 +469,28 @@ impl Standalone {
         self.metrics_addr
     }
 
+    /// Client TLS address (advertised), if `tls_listen` is on.
+    pub fn tls_addr(&self) -> Option<&str> {
+        self.tls_addr.as_deref()
+    }
+
+    /// Client WebSocket-over-TLS address (advertised; `wss://…/ws`), if `wss_listen` is on.
+    pub fn wss_addr(&self) -> Option<&str> {
+        self.wss_addr.as_deref()
+    }
+
     /// What the binary prints at start: where everything is and how to connect. The
-    /// `route:`, `tcp:` and `ws:` lines are stable (tests and scripts read them).
+    /// `route:`, `tcp:`, `ws:` (and, when on, `tls:` and `wss:`) lines are stable (tests
+    /// and scripts read them).
     pub fn banner(&self) -> String {
         let url = &self.route_url;
+        let mut secure = String::new();
+        if let Some(tls) = &self.tls_addr {
+            secure.push_str(&format!("tls: {tls}\n"));
+        }
+        if let Some(wss) = &self.wss_addr {
+            secure.push_str(&format!("wss: wss://{wss}/ws\n"));
+        }
         format!(
             "cim standalone: a route and a connection server in one process, all state in \
              memory (no etcd, no Redis; nothing survives a restart)\n\
@@ -404,6 +498,7 @@ impl Standalone {
              tcp: {tcp}\n\
              ws: ws://{ws}/ws\n\
              metrics: http://{metrics}/metrics\n\
+             {secure}\
              Chat from other terminals (one per user):\n  \
              cim-client --route {url} --name alice --register\n  \
              (from this checkout: cargo run --release -p cim-client -- --route {url} --name alice --register)\n\
@@ -571,6 +666,52 @@ mod tests {
         assert!(err.contains("cluster_secret"), "{err}");
     }
 
+    #[test]
+    fn tls_settings_go_to_both_roles_and_only_at_the_top_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file(
+            &dir,
+            "tls_listen = \"127.0.0.1:19443\"\nwss_listen = \"127.0.0.1:19444\"\n\
+             [tls]\ncert_file = \"/etc/cim/cert.pem\"\nkey_file = \"/etc/cim/key.pem\"\n",
+        );
+        let r = load_file(Path::new(&path)).unwrap().resolve().unwrap();
+        assert_eq!(r.server.tls_listen(), Some("127.0.0.1:19443"));
+        assert_eq!(r.server.wss_listen(), Some("127.0.0.1:19444"));
+        assert_eq!(r.server.tls, r.route.tls);
+        assert!(r.route.https(), "[tls] makes the route HTTPS too");
+        let config = cli(&[
+            "--wss-listen",
+            "127.0.0.1:29444",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ])
+        .load_with_env("CIM_STANDALONE_TEST_UNUSED_")
+        .unwrap();
+        let r = config.resolve().unwrap();
+        assert_eq!(r.server.wss_listen(), Some("127.0.0.1:29444"));
+        assert_eq!(r.route.tls.key_file.as_deref(), Some(Path::new("k.pem")));
+        // A TLS listener without [tls]: the server's validation names it.
+        let config = cli(&["--tls-listen", "127.0.0.1:29443"])
+            .load_with_env("CIM_STANDALONE_TEST_UNUSED_")
+            .unwrap();
+        let err = config.resolve().unwrap_err().to_string();
+        assert!(err.contains("tls_listen") && err.contains("[tls]"), "{err}");
+        for (text, names) in [
+            (
+                "[server]\ntls_listen = \"127.0.0.1:1\"\n",
+                "[server] tls_listen",
+            ),
+            ("[server.tls]\ncert_file = \"c.pem\"\n", "[server] tls"),
+            ("[route.tls]\nkey_file = \"k.pem\"\n", "[route] tls"),
+        ] {
+            let config = load_file(Path::new(&file(&dir, text))).unwrap();
+            let err = config.resolve().unwrap_err().to_string();
+            assert!(err.contains(names), "{err}");
+        }
+    }
+
     async fn http_get(url_host: &str, path: &str) -> std::io::Result<String> {
         let mut s = tokio::net::TcpStream::connect(url_host).await?;
         let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
@@ -617,6 +758,78 @@ mod tests {
 
         running.shutdown().await;
         assert!(http_get(&host, "/healthz").await.is_err(), "stopped");
+    }
+
+    #[tokio::test]
+    async fn tls_everywhere_in_one_process() {
+        use cim_client::{Client, ClientConfig, ConnState, Event, TlsMode, Transport};
+        let pki = cim_tests::tls::TestPki::new();
+        let config = StandaloneConfig {
+            http_listen: "127.0.0.1:0".into(),
+            tcp_listen: "127.0.0.1:0".into(),
+            ws_listen: "127.0.0.1:0".into(),
+            metrics_listen: "127.0.0.1:0".into(),
+            tls_listen: Some("127.0.0.1:0".into()),
+            wss_listen: Some("127.0.0.1:0".into()),
+            tls: pki.tls_config(),
+            route: RouteConfig {
+                password_memory_kib: 1024,
+                password_iterations: 1,
+                ..RouteConfig::default()
+            },
+            ..Default::default()
+        };
+        let running = start(&config).await.unwrap();
+        let url = running.route_url().to_string();
+        assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+        let (tls, wss) = (running.tls_addr().unwrap(), running.wss_addr().unwrap());
+        let banner = running.banner();
+        assert!(banner.contains(&format!("route: {url}\n")), "{banner}");
+        assert!(banner.contains(&format!("tls: {tls}\n")), "{banner}");
+        assert!(
+            banner.contains(&format!("wss: wss://{wss}/ws\n")),
+            "{banner}"
+        );
+
+        let deadline = std::time::Duration::from_secs(20);
+        let mut clients = Vec::new();
+        for (name, transport, expected) in [
+            ("alice", Transport::Tcp, tls),
+            ("bob", Transport::WsJson, wss),
+        ] {
+            let config = ClientConfig {
+                transport,
+                tls: TlsMode::Auto,
+                ca_file: Some(pki.ca_file.clone()),
+                ..ClientConfig::new(&url, name, "password-1")
+            };
+            Client::register_with(&config).await.unwrap();
+            let (client, mut events) = Client::connect(config).await.unwrap();
+            match tokio::time::timeout(deadline, events.next()).await.unwrap() {
+                Some(Event::State(ConnState::Connected { addr, .. })) => assert_eq!(addr, expected),
+                other => panic!("{name}: {other:?}"),
+            }
+            clients.push((client, events));
+        }
+        let bob_id = clients[1].0.info().user_id;
+        clients[0]
+            .0
+            .send(bob_id.into(), "hello over TLS")
+            .await
+            .unwrap();
+        let events = &mut clients[1].1;
+        loop {
+            match tokio::time::timeout(deadline, events.next()).await.unwrap() {
+                Some(Event::Message { message, .. }) => {
+                    assert_eq!(message.body, "hello over TLS");
+                    break;
+                }
+                Some(_) => continue,
+                None => panic!("bob's events ended"),
+            }
+        }
+        drop(clients);
+        running.shutdown().await;
     }
 
     #[tokio::test]

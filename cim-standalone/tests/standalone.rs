@@ -203,20 +203,6 @@ async fn http_get(url: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
-/// The value of the sample `name{labels}` in `/metrics` text (labels in any order).
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    cim_common::metrics::parse_text(text)
-        .into_iter()
-        .find(|(n, l, _)| {
-            n == name
-                && l.len() == labels.len()
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-        .map(|(_, _, v)| v)
-}
-
 /// Registers `name`, logs in and connects over `transport`.
 async fn user(
     route: &RouteClient,
@@ -357,32 +343,35 @@ async fn a_whole_chat_through_one_standalone_process() -> anyhow::Result<()> {
     eventually("alice's disconnect in the metrics", || async {
         let text = http_get(&process.metrics).await?;
         let reason = [("reason", "logged_out")];
-        Ok(sample(&text, "cim_server_disconnects_total", &reason) == Some(1.0))
+        Ok(
+            cim_common::metrics::sample(&text, "cim_server_disconnects_total", &reason)
+                == Some(1.0),
+        )
     })
     .await?;
     let text = http_get(&process.metrics).await?;
     assert_eq!(
-        sample(&text, "cim_route_logins_total", &[]),
+        cim_common::metrics::sample(&text, "cim_route_logins_total", &[]),
         Some(2.0),
         "{text}"
     );
     assert_eq!(
-        sample(&text, "cim_server_logins_total", &[]),
+        cim_common::metrics::sample(&text, "cim_server_logins_total", &[]),
         Some(2.0),
         "{text}"
     );
     assert_eq!(
-        sample(&text, "cim_server_connections", &[("transport", "tcp")]),
+        cim_common::metrics::sample(&text, "cim_server_connections", &[("transport", "tcp")]),
         Some(0.0),
         "{text}"
     );
     assert_eq!(
-        sample(&text, "cim_server_connections", &[("transport", "ws")]),
+        cim_common::metrics::sample(&text, "cim_server_connections", &[("transport", "ws")]),
         Some(1.0),
         "{text}"
     );
     let routed = |kind: &str, outcome: &str| {
-        sample(
+        cim_common::metrics::sample(
             &text,
             "cim_route_messages_total",
             &[("kind", kind), ("outcome", outcome)],
@@ -392,7 +381,7 @@ async fn a_whole_chat_through_one_standalone_process() -> anyhow::Result<()> {
     assert_eq!(routed("private", "stored"), Some(1.0), "{text}");
     assert_eq!(routed("group", "delivered"), Some(1.0), "{text}");
     assert_eq!(
-        sample(
+        cim_common::metrics::sample(
             &text,
             "cim_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]

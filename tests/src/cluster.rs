@@ -13,12 +13,12 @@ use cim_client::{
     pb::{self, frame::Body, Frame},
     Connection, LoginInfo, RouteClient, Transport,
 };
-use cim_common::backend::Backends;
+use cim_common::{backend::Backends, tls::ClientTls};
 use cim_route::{RouteConfig, RouteHandle};
 use cim_server::{ServerConfig, ServerHandle};
 use std::collections::VecDeque;
 use std::{net::SocketAddr, time::Duration};
-use tokio::{net::TcpListener, runtime::Runtime};
+use tokio::{net::TcpListener, runtime::Runtime, sync::watch};
 
 /// Cluster secret used by test clusters.
 pub const TEST_SECRET: &str = "test-cluster-secret-0123456789";
@@ -88,7 +88,13 @@ pub struct ServerNode {
     pub id: String,
     pub tcp_addr: SocketAddr,
     pub ws_addr: SocketAddr,
+    /// With `tls_listen` set (any value: tests bind `127.0.0.1:0`).
+    pub tls_addr: Option<SocketAddr>,
+    /// With `wss_listen` set (any value).
+    pub wss_addr: Option<SocketAddr>,
     pub internal_addr: SocketAddr,
+    /// Successful TLS certificate reloads (with a TLS listener).
+    pub tls_reloads: Option<watch::Receiver<u64>>,
 }
 
 /// A route running on its own runtime.
@@ -97,6 +103,10 @@ pub struct RouteNode {
     pub id: String,
     pub http_addr: SocketAddr,
     pub internal_addr: SocketAddr,
+    /// The public listener serves HTTPS (`[tls]` set).
+    pub https: bool,
+    /// What this node's [`RouteNode::client`] trusts.
+    pub client_tls: Option<ClientTls>,
 }
 
 async fn bind() -> anyhow::Result<TcpListener> {
@@ -106,14 +116,22 @@ async fn bind() -> anyhow::Result<TcpListener> {
 impl ServerNode {
     /// Starts a server with `config` (its backend section is filled in by the cluster).
     pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
-        let (node, (id, tcp_addr, ws_addr, internal_addr)) =
+        let (node, (id, tcp_addr, ws_addr, secure, internal_addr, tls_reloads)) =
             Isolated::start("server", async move {
                 let backends = Backends::connect(&config.backend)
                     .await
                     .map_err(anyhow::Error::msg)?;
+                let optional = |on: bool| async move {
+                    match on {
+                        true => bind().await.map(Some),
+                        false => Ok(None),
+                    }
+                };
                 let listeners = cim_server::Listeners {
                     tcp: bind().await?,
                     ws: bind().await?,
+                    tls: optional(config.tls_listen().is_some()).await?,
+                    wss: optional(config.wss_listen().is_some()).await?,
                     internal: bind().await?,
                 };
                 let h = cim_server::start(config, listeners, backends).await?;
@@ -121,7 +139,9 @@ impl ServerNode {
                     h.id().to_string(),
                     h.tcp_addr(),
                     h.ws_addr(),
+                    (h.tls_addr(), h.wss_addr()),
                     h.internal_addr(),
+                    h.tls_reloads(),
                 );
                 anyhow::Ok((h, info))
             })
@@ -131,7 +151,10 @@ impl ServerNode {
             id,
             tcp_addr,
             ws_addr,
+            tls_addr: secure.0,
+            wss_addr: secure.1,
             internal_addr,
+            tls_reloads,
         })
     }
 
@@ -155,6 +178,16 @@ impl ServerNode {
 
 impl RouteNode {
     pub async fn start(config: RouteConfig) -> anyhow::Result<Self> {
+        Self::start_trusting(config, None).await
+    }
+
+    /// [`RouteNode::start`]; [`RouteNode::client`] trusts what `client_tls` trusts (the
+    /// test CA of an HTTPS route).
+    pub async fn start_trusting(
+        config: RouteConfig,
+        client_tls: Option<ClientTls>,
+    ) -> anyhow::Result<Self> {
+        let https = config.https();
         let (node, (id, http_addr, internal_addr)) = Isolated::start("route", async move {
             let backends = Backends::connect(&config.backend)
                 .await
@@ -173,15 +206,22 @@ impl RouteNode {
             id,
             http_addr,
             internal_addr,
+            https,
+            client_tls,
         })
     }
 
+    /// `http://127.0.0.1:port`, or `https://localhost:port` for an HTTPS route (the test
+    /// certificate names both `localhost` and `127.0.0.1`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        match self.https {
+            true => format!("https://localhost:{}", self.http_addr.port()),
+            false => format!("http://{}", self.http_addr),
+        }
     }
 
     pub fn client(&self) -> RouteClient {
-        RouteClient::new(&self.url())
+        RouteClient::with_tls(&self.url(), self.client_tls.clone())
     }
 
     pub async fn shutdown(self) -> anyhow::Result<()> {
@@ -210,6 +250,7 @@ pub struct ClusterBuilder {
     server_config: Box<dyn Fn(&mut ServerConfig)>,
     route_config: Box<dyn Fn(&mut RouteConfig)>,
     redis: RedisOptions,
+    client_tls: Option<ClientTls>,
 }
 
 impl Default for ClusterBuilder {
@@ -220,6 +261,7 @@ impl Default for ClusterBuilder {
             server_config: Box::new(|_| {}),
             route_config: Box::new(|_| {}),
             redis: RedisOptions::default(),
+            client_tls: None,
         }
     }
 }
@@ -246,6 +288,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// What the routes' clients ([`RouteNode::client`], [`Cluster::route`]) trust: the
+    /// test CA of HTTPS routes.
+    pub fn client_tls(mut self, tls: ClientTls) -> Self {
+        self.client_tls = Some(tls);
+        self
+    }
+
     /// Starts Redis with `options` (e.g. AOF on, for tests that kill and restart it).
     pub fn redis(mut self, options: RedisOptions) -> Self {
         self.redis = options;
@@ -267,7 +316,9 @@ impl ClusterBuilder {
         }
         for _ in 0..self.routes {
             let config = cluster.route_config(&*self.route_config);
-            cluster.routes.push(RouteNode::start(config).await?);
+            cluster
+                .routes
+                .push(RouteNode::start_trusting(config, self.client_tls.clone()).await?);
         }
         // Routes learn servers through their etcd watch: wait until every route sees them all.
         let expected = self.servers;
@@ -358,11 +409,28 @@ pub const FRAME_DEADLINE: Duration = Duration::from_secs(10);
 
 impl TestUser {
     pub async fn connect(login: LoginInfo, transport: Transport) -> anyhow::Result<Self> {
-        let addr = match transport {
-            Transport::Tcp => &login.server.tcp_addr,
-            Transport::WsBinary | Transport::WsJson => &login.server.ws_addr,
+        Self::connect_with(login, transport, None).await
+    }
+
+    /// [`TestUser::connect`], over TLS with `tls` (to the server's `tls_addr` / `wss_addr`).
+    pub async fn connect_with(
+        login: LoginInfo,
+        transport: Transport,
+        tls: Option<&ClientTls>,
+    ) -> anyhow::Result<Self> {
+        let server = &login.server;
+        let mut conn = match (transport, tls) {
+            (Transport::Tcp, None) => Connection::connect(&server.tcp_addr, transport).await?,
+            (_, None) => Connection::connect(&server.ws_addr, transport).await?,
+            (Transport::Tcp, Some(tls)) => {
+                let addr = server.tls_addr.as_deref().context("no tls_addr")?;
+                Connection::connect_tls(addr, transport, Default::default(), tls).await?
+            }
+            (_, Some(tls)) => {
+                let addr = server.wss_addr.as_deref().context("no wss_addr")?;
+                Connection::connect_tls(addr, transport, Default::default(), tls).await?
+            }
         };
-        let mut conn = Connection::connect(addr, transport).await?;
         conn.login(&login.connect_token).await?;
         Ok(Self {
             login,

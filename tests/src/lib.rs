@@ -36,11 +36,13 @@
 //! ```
 //!
 //! Modules: [`process`] (child guard and helpers); the Redis and etcd starters are re-exported
-//! at the root; [`cluster`] starts cim servers and routes in-process on top of an [`Infra`].
+//! at the root; [`cluster`] starts cim servers and routes in-process on top of an [`Infra`];
+//! [`tls`] makes a test CA and server certificates for the TLS tests.
 
 pub mod bin_node;
 pub mod cluster;
 pub mod process;
+pub mod tls;
 
 mod etcd_server;
 mod redis_server;

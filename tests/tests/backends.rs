@@ -2400,7 +2400,7 @@ fn server(id: &str) -> ServiceInfo {
         tcp_addr: format!("127.0.0.1:{}", 9000 + id.len()),
         ws_addr: "127.0.0.1:9001".into(),
         internal_addr: "127.0.0.1:9100".into(),
-        http_addr: String::new(),
+        ..ServiceInfo::default()
     }
 }
 

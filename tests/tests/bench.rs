@@ -307,3 +307,71 @@ async fn users_held_elsewhere_are_reported_not_stolen() -> anyhow::Result<()> {
     assert!(err.contains("logged in already"), "{err}");
     Ok(())
 }
+
+/// `cim-bench --tls`: the scenarios connect to the servers' TLS addresses (TCP and wss).
+#[tokio::test]
+async fn scenarios_run_over_tls() -> anyhow::Result<()> {
+    let pki = cim_tests::tls::TestPki::new();
+    let tls_config = pki.tls_config();
+    let cluster = Cluster::builder()
+        .server_config(move |c| {
+            c.tls_listen = Some("127.0.0.1:0".into());
+            c.wss_listen = Some("127.0.0.1:0".into());
+            c.tls = tls_config.clone();
+        })
+        .start()
+        .await?;
+    let setup = Setup::connect(&cluster.infra.backend_config(&cluster.prefix), TEST_SECRET)
+        .await?
+        .with_tls(Some(pki.client_tls()));
+    let report = bench::run_p2p(
+        &setup,
+        P2pOpts {
+            pairs: 2,
+            duration: Duration::from_millis(500),
+            load: Load::Rate(40.0),
+            ..P2pOpts::default()
+        },
+    )
+    .await?;
+    assert!(report.sent > 0, "{report}");
+    assert_eq!(report.delivered, report.sent, "{report}");
+    assert_eq!((report.lost, report.unanswered), (0, 0), "{report}");
+    all_closed(&cluster).await?;
+    let report = bench::run_connect(
+        &setup,
+        ConnectOpts {
+            connections: 4,
+            hold: Duration::from_millis(200),
+            rate: 100.0,
+            transport: cim_client::Transport::WsBinary,
+            user_offset: 100,
+            ..ConnectOpts::default()
+        },
+    )
+    .await?;
+    assert_eq!((report.connected, report.failed), (4, 0), "{report}");
+    all_closed(&cluster).await?;
+
+    // Against servers without TLS listeners, --tls fails instead of falling back to plain.
+    let plain = Cluster::builder().servers(1).start().await?;
+    let setup = Setup::connect(&plain.infra.backend_config(&plain.prefix), TEST_SECRET)
+        .await?
+        .with_tls(Some(pki.client_tls()));
+    let report = bench::run_connect(
+        &setup,
+        ConnectOpts {
+            connections: 2,
+            hold: Duration::from_millis(10),
+            rate: 100.0,
+            ..ConnectOpts::default()
+        },
+    )
+    .await?;
+    assert_eq!((report.connected, report.failed), (0, 2), "{report}");
+    assert!(
+        report.failures.keys().any(|k| k.contains("no TLS address")),
+        "{report}"
+    );
+    Ok(())
+}

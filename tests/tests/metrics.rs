@@ -23,16 +23,7 @@ struct Scrape {
 impl Scrape {
     /// The value of `name{labels}` (exactly these labels, in any order).
     fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.samples
-            .iter()
-            .find(|(n, l, _)| {
-                n == name
-                    && l.len() == labels.len()
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
-            })
-            .map(|s| s.2)
+        cim_common::metrics::find_sample(&self.samples, name, labels)
     }
 
     /// [`Scrape::get`], 0 when the series does not exist (yet).

@@ -175,6 +175,7 @@ pub async fn run_connect(setup: &Setup, opts: ConnectOpts) -> anyhow::Result<Con
             user,
             opts.transport,
             local_ip,
+            setup.tls().cloned(),
             counters.clone(),
             stop.clone(),
         ));
@@ -228,13 +229,14 @@ async fn hold(
     user: super::BenchUser,
     transport: Transport,
     local_ip: Option<IpAddr>,
+    tls: Option<cim_common::tls::ClientTls>,
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) {
     let started = Instant::now();
     // Boxed: the opening future is large (connect, WebSocket handshake, login) and would
     // otherwise stay part of every held task's memory after it is done.
-    let opened = Box::pin(setup::open(user, transport, local_ip, Some(BUFFER))).await;
+    let opened = Box::pin(setup::open(user, transport, local_ip, Some(BUFFER), tls)).await;
     match &opened {
         Ok(_) => {
             counters.latencies.record(started.elapsed());
@@ -361,6 +363,7 @@ mod tests {
         let task = hold(
             user,
             Transport::Tcp,
+            None,
             None,
             Arc::default(),
             CancellationToken::new(),

@@ -11,6 +11,7 @@ use cim_common::{
     backend::{BackendConfig, Backends},
     registry::{ServiceInfo, ServiceKind},
     store::ClaimOutcome,
+    tls::ClientTls,
     token::{ConnectClaims, TokenSigner},
 };
 use futures_util::{stream, StreamExt};
@@ -44,6 +45,8 @@ pub struct Setup {
     pub(crate) redis_url: String,
     pub(crate) http: reqwest::Client,
     pub(crate) progress: bool,
+    /// Connect over TLS (servers' `tls_addr` / `wss_addr`), trusting this.
+    pub(crate) tls: Option<ClientTls>,
 }
 
 /// One bench user, ready to connect: its login slot is claimed and its token signed.
@@ -59,11 +62,19 @@ pub struct BenchUser {
 }
 
 impl BenchUser {
-    /// The server address for `transport`.
+    /// The server address for `transport` (plain).
     pub fn addr(&self, transport: Transport) -> &str {
-        match transport {
-            Transport::Tcp => &self.server.tcp_addr,
-            Transport::WsBinary | Transport::WsJson => &self.server.ws_addr,
+        self.addr_for(transport, false)
+    }
+
+    /// The server address for `transport`, the TLS one when `tls` (empty when the server
+    /// offers none).
+    pub fn addr_for(&self, transport: Transport, tls: bool) -> &str {
+        match (transport, tls) {
+            (Transport::Tcp, false) => &self.server.tcp_addr,
+            (Transport::Tcp, true) => &self.server.tls_addr,
+            (Transport::WsBinary | Transport::WsJson, false) => &self.server.ws_addr,
+            (Transport::WsBinary | Transport::WsJson, true) => &self.server.wss_addr,
         }
     }
 }
@@ -99,6 +110,7 @@ impl Setup {
             redis_url: config.redis_url.clone(),
             http,
             progress: false,
+            tls: None,
         })
     }
 
@@ -106,6 +118,17 @@ impl Setup {
     pub fn with_progress(mut self, on: bool) -> Self {
         self.progress = on;
         self
+    }
+
+    /// Connects over TLS (the servers' `tls_addr` / `wss_addr`), trusting what `tls` trusts.
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// What TLS connections trust, if the bench connects over TLS.
+    pub fn tls(&self) -> Option<&ClientTls> {
+        self.tls.as_ref()
     }
 
     /// The live members of `kind`, sorted by id.
@@ -294,7 +317,7 @@ impl Setup {
         let results: Vec<Result<Opened, String>> = stream::iter(users.iter().cloned())
             .map(|user| {
                 let local_ip = source_ip(source_ips, user.index);
-                open(user, transport, local_ip, buffer_size)
+                open(user, transport, local_ip, buffer_size, self.tls.clone())
             })
             .buffered(OPEN_CONCURRENCY)
             .collect()
@@ -325,19 +348,28 @@ pub(crate) fn source_ip(source_ips: &[IpAddr], index: usize) -> Option<IpAddr> {
     (!source_ips.is_empty()).then(|| source_ips[index % source_ips.len()])
 }
 
-/// Connects `user` to its server and logs in. The error is a short reason for the report.
+/// Connects `user` to its server (over TLS with `tls`) and logs in. The error is a short
+/// reason for the report.
 pub async fn open(
     user: BenchUser,
     transport: Transport,
     local_ip: Option<IpAddr>,
     buffer_size: Option<usize>,
+    tls: Option<ClientTls>,
 ) -> Result<Opened, String> {
     let options = ConnectOptions {
         local_ip,
         buffer_size,
     };
+    let addr = user.addr_for(transport, tls.is_some());
+    if addr.is_empty() {
+        return Err("server offers no TLS address".into());
+    }
     let attempt = async {
-        let mut conn = Connection::connect_with(user.addr(transport), transport, options).await?;
+        let mut conn = match &tls {
+            None => Connection::connect_with(addr, transport, options).await?,
+            Some(tls) => Connection::connect_tls(addr, transport, options, tls).await?,
+        };
         let result = conn.login(&user.connect_token).await?;
         Ok::<_, ConnError>((conn, result))
     };
@@ -362,6 +394,7 @@ pub async fn open(
 pub fn reason(e: &ConnError) -> String {
     match e {
         ConnError::Connect { source, .. } => format!("connect: {source}"),
+        ConnError::Tls { source, .. } => format!("tls: {source}"),
         ConnError::LoginRefused { code, .. } => format!(
             "login: {}",
             code.map_or_else(|| "refused".into(), |c| super::report::code_name(c as i32))

@@ -35,6 +35,12 @@ struct Cli {
     /// less bench CPU per message), which leaves more of the machine to the cluster.
     #[arg(long, global = true, default_value_t = 1, value_parser = parse_worker_threads)]
     worker_threads: usize,
+    /// Connect over TLS: the servers' tls_addr (TCP) or wss_addr (WebSocket).
+    #[arg(long, global = true)]
+    tls: bool,
+    /// CA certificate (PEM) trusted besides the system's roots, with --tls.
+    #[arg(long, global = true, env = "CIM_CA_FILE", requires = "tls")]
+    ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -175,9 +181,14 @@ fn backend_config(flags: BackendFlags) -> BackendConfig {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<String> {
+    let tls = match cli.tls {
+        true => Some(cim_client::ClientTls::new(cli.ca_file.as_deref())?),
+        false => None,
+    };
     let setup = Setup::connect(&backend_config(cli.backend), &cli.cluster_secret)
         .await?
-        .with_progress(true);
+        .with_progress(true)
+        .with_tls(tls);
     let json = cli.json;
     let render = |text: String, value: serde_json::Value| {
         if json {

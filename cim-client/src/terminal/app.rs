@@ -36,8 +36,14 @@ const QUEUE_CAPACITY: usize = 64;
 /// Logs in and runs until the user quits or the connection ends for good.
 pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
     let route = args.route.trim_end_matches('/').to_string();
+    let config = ClientConfig {
+        transport: args.transport.into(),
+        tls: args.tls.into(),
+        ca_file: args.ca_file.clone(),
+        ..ClientConfig::new(&route, &args.name, &password)
+    };
     if args.register {
-        match Client::register(&route, &args.name, &password).await {
+        match Client::register_with(&config).await {
             Ok(id) => println!("registered {} (#{id})", args.name),
             // Documented choice: `--register` of an existing name logs in to it, so a script
             // can always pass `--register`; a wrong password then fails the login below.
@@ -54,10 +60,6 @@ pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
         }
     }
     println!("connecting to {route} as {}…", args.name);
-    let config = ClientConfig {
-        transport: args.transport.into(),
-        ..ClientConfig::new(&route, &args.name, &password)
-    };
     let (client, events) = match Client::connect(config).await {
         Ok(c) => c,
         Err(e) => {
@@ -536,7 +538,18 @@ fn not_sent(to: &To, e: &ClientError) -> String {
 fn describe(e: &ClientError, route: &str) -> String {
     match e {
         ClientError::Route(RouteError::Transport(t)) => {
-            let why = if t.is_timeout() {
+            // A refused certificate hides deep in the source chain, under a connect error.
+            let mut source: Option<&dyn std::error::Error> = Some(t);
+            let mut certificate = None;
+            while let Some(e) = source {
+                if e.to_string().contains("certificate") {
+                    certificate = Some(e.to_string());
+                }
+                source = e.source();
+            }
+            let why = if let Some(tls) = certificate {
+                format!("TLS: {tls}; --ca-file or CIM_CA_FILE adds a CA to trust")
+            } else if t.is_timeout() {
                 "timed out".to_string()
             } else if t.is_connect() {
                 "connection refused or host unreachable".to_string()

@@ -2,7 +2,12 @@
 //!
 //! ```text
 //! cim-client --route http://127.0.0.1:8080 --name alice [--register] [--transport tcp|ws|ws-json]
+//!            [--tls auto|on|off] [--ca-file ca.pem]
 //! ```
+//!
+//! TLS: with an `https://` route the client uses the server's TLS address when the login
+//! offers one (`--tls auto`, the default); `--tls on` requires it, `--tls off` never uses
+//! it. `--ca-file` (or `CIM_CA_FILE`) adds a CA to the system's roots.
 //!
 //! Logs in through the route (password from `CIM_PASSWORD`, else asked without echo), then
 //! reads lines: a plain line goes to everyone online, `bob;;hi` or `@bob hi` to bob alone,
@@ -27,7 +32,7 @@ pub mod history;
 pub mod input;
 pub mod render;
 
-use crate::Transport;
+use crate::{TlsMode, Transport};
 use clap::{Parser, ValueEnum};
 use std::{
     io::IsTerminal,
@@ -60,6 +65,27 @@ impl From<TransportArg> for Transport {
     }
 }
 
+/// TLS choices on the command line (see [`TlsMode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TlsArg {
+    /// TLS when the route URL is https:// and the server offers a TLS address.
+    Auto,
+    /// Always TLS to the server (fails if it offers none).
+    On,
+    /// Never TLS to the server.
+    Off,
+}
+
+impl From<TlsArg> for TlsMode {
+    fn from(t: TlsArg) -> Self {
+        match t {
+            TlsArg::Auto => TlsMode::Auto,
+            TlsArg::On => TlsMode::On,
+            TlsArg::Off => TlsMode::Off,
+        }
+    }
+}
+
 /// cim terminal chat client.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -81,6 +107,14 @@ pub struct Args {
     /// How to connect to the connection server.
     #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
     pub transport: TransportArg,
+    /// TLS to the connection server: auto (when the route is https:// and the server offers
+    /// it), on, off.
+    #[arg(long, value_enum, default_value_t = TlsArg::Auto)]
+    pub tls: TlsArg,
+    /// CA certificate (PEM) trusted besides the system's roots, for https:// routes and
+    /// TLS servers with certificates of their own CA.
+    #[arg(long, env = "CIM_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Where history files live (default: the platform data dir + /cim, e.g.
     /// ~/.local/share/cim); files go under DATA_DIR/ROUTE_HOST/USER/.
     #[arg(long, env = "CIM_DATA_DIR")]
@@ -228,5 +262,26 @@ mod tests {
         assert_eq!(a.data_dir.as_deref(), Some(Path::new("/tmp/x")));
         assert_eq!(Transport::from(TransportArg::Ws), Transport::WsBinary);
         assert!(Args::try_parse_from(["cim-client", "--name", "a", "--transport", "udp"]).is_err());
+    }
+
+    #[test]
+    fn tls_arguments() {
+        let a = Args::try_parse_from(["cim-client", "--name", "alice"]).unwrap();
+        assert_eq!(TlsMode::from(a.tls), TlsMode::Auto);
+        let a = Args::try_parse_from([
+            "cim-client",
+            "--name",
+            "alice",
+            "--tls",
+            "on",
+            "--ca-file",
+            "/etc/cim/ca.pem",
+        ])
+        .unwrap();
+        assert_eq!(TlsMode::from(a.tls), TlsMode::On);
+        assert_eq!(a.ca_file.as_deref(), Some(Path::new("/etc/cim/ca.pem")));
+        let a = Args::try_parse_from(["cim-client", "--name", "a", "--tls", "off"]).unwrap();
+        assert_eq!(TlsMode::from(a.tls), TlsMode::Off);
+        assert!(Args::try_parse_from(["cim-client", "--name", "a", "--tls", "maybe"]).is_err());
     }
 }

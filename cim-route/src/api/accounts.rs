@@ -149,14 +149,25 @@ pub struct ServerAddrs {
     pub id: String,
     pub tcp_addr: String,
     pub ws_addr: String,
+    /// The TCP protocol over TLS, when the server has `tls_listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub tls_addr: Option<String>,
+    /// WebSocket over TLS (`wss://{wss_addr}/ws`), when the server has `wss_listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub wss_addr: Option<String>,
 }
 
 impl From<&ServiceInfo> for ServerAddrs {
     fn from(s: &ServiceInfo) -> Self {
+        let given = |a: &String| (!a.is_empty()).then(|| a.clone());
         Self {
             id: s.id.clone(),
             tcp_addr: s.tcp_addr.clone(),
             ws_addr: s.ws_addr.clone(),
+            tls_addr: given(&s.tls_addr),
+            wss_addr: given(&s.wss_addr),
         }
     }
 }

@@ -553,20 +553,23 @@ mod tests {
     #[test]
     fn optional_fields_are_documented_as_optional() {
         let doc = document();
-        let logged_in = |hint| accounts::LoggedIn {
+        let logged_in = |hint, tls: Option<&str>| accounts::LoggedIn {
             user_id: 1,
             name: "alice".into(),
             server: accounts::ServerAddrs {
                 id: "s".into(),
                 tcp_addr: "t".into(),
                 ws_addr: "w".into(),
+                tls_addr: tls.map(|a| format!("{a}:9443")),
+                wss_addr: tls.map(|a| format!("{a}:9444")),
             },
             connect_token: "c".into(),
             session_token: "s".into(),
             heartbeat_hint_ms: hint,
         };
-        fits(&doc, "LoggedIn", logged_in(None));
-        fits(&doc, "LoggedIn", logged_in(Some(30_000)));
+        fits(&doc, "LoggedIn", logged_in(None, None));
+        fits(&doc, "LoggedIn", logged_in(Some(30_000), None));
+        fits(&doc, "LoggedIn", logged_in(None, Some("im.example.org")));
         let results = admin::AdminResults {
             results: vec![
                 admin::AdminResult {

@@ -3,7 +3,7 @@
 //!
 //! - `GET /api/users/online?prefix=&after=&limit=` (bearer) →
 //!   `{"users":[{"user_id","name","server_id"}],"next":cursor|null}`
-//! - `GET /api/servers` → `{"servers":[{"id","tcp_addr","ws_addr"}]}`
+//! - `GET /api/servers` → `{"servers":[{"id","tcp_addr","ws_addr","tls_addr"?,"wss_addr"?}]}`
 //! - `GET /healthz` → `{"status":"ok","id","servers":n,"pid","rss_bytes","cpu_ms"}` (the last
 //!   three: this process, for `cim-bench`'s CPU per message; `null` where `/proc` cannot tell)
 

@@ -684,6 +684,30 @@ async fn health_and_servers() {
     );
 }
 
+#[tokio::test]
+async fn tls_addresses_reach_clients_only_when_offered() {
+    let secure = cim_common::registry::ServiceInfo {
+        tls_addr: "server-s.tls:9443".into(),
+        wss_addr: "server-s.wss:9444".into(),
+        ..server("server-s")
+    };
+    let store = Arc::new(MemoryStore::new());
+    let (state, _tx) = state_with(store, vec![secure], |_| {});
+    let app = app(state);
+    let (s, v) = call(&app, get("/api/servers", None)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["servers"][0]["tls_addr"], "server-s.tls:9443");
+    assert_eq!(v["servers"][0]["wss_addr"], "server-s.wss:9444");
+    let creds = json!({"name": "tina", "password": "secret-pw"});
+    let (s, _) = call(&app, post("/api/register", creds.clone(), None)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, v) = call(&app, post("/api/login", creds, None)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["server"]["tls_addr"], "server-s.tls:9443");
+    assert_eq!(v["server"]["wss_addr"], "server-s.wss:9444");
+    assert_eq!(v["server"]["tcp_addr"], "server-s.tcp:7000");
+}
+
 #[tokio::test(start_paused = true)]
 async fn slow_requests_hit_the_deadline() {
     let store = Arc::new(FaultyStore::default());
