@@ -522,6 +522,14 @@ async fn websocket_oversize_message_is_refused() {
         },
         other => panic!("expected a binary message, got {other:?}"),
     }
+    // Then a Close that says why: 1009 (message too big) and the reason, not 1005 (none).
+    match ws.next().await {
+        Some(Ok(WsMessage::Close(Some(close)))) => {
+            assert_eq!(u16::from(close.code), 1009);
+            assert_eq!(close.reason.as_str(), crate::ws::TOO_LARGE_REASON);
+        }
+        other => panic!("expected a Close with code 1009, got {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use tokio_tungstenite::{
         error::ProtocolError,
         handshake::server::{Callback, ErrorResponse, Request, Response},
         http::StatusCode,
-        protocol::WebSocketConfig,
+        protocol::{frame::coding::CloseCode, CloseFrame, WebSocketConfig},
         Error as WsError, Message,
     },
     WebSocketStream,
@@ -85,14 +85,25 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let ws = accept_hdr_async_with_config(stream, OnlyWsPath, Some(config(max_frame_len))).await?;
-    Ok(WsTransport { ws, text: false })
+    Ok(WsTransport {
+        ws,
+        text: false,
+        too_large: false,
+    })
 }
 
 pub(crate) struct WsTransport<S> {
     ws: WebSocketStream<S>,
     /// The client's last data message was text: answer in JSON.
     text: bool,
+    /// A message over `max_frame_len` ended the connection: the Close says 1009 (message too
+    /// big) with a reason, so a browser's `onclose` tells why, not 1005 (no status).
+    too_large: bool,
 }
+
+/// The reason of the Close after a message over the limit (≤ 123 bytes, the WebSocket limit).
+pub(crate) const TOO_LARGE_REASON: &str =
+    "FRAME_TOO_LARGE: message over the server's max_frame_len";
 
 fn bad_frame(message: String) -> RecvError {
     RecvError::Protocol {
@@ -152,7 +163,10 @@ where
         loop {
             let message = match self.ws.next().await {
                 None => return Ok(None),
-                Some(Err(e)) => return recv_error(e),
+                Some(Err(e)) => {
+                    self.too_large |= matches!(e, WsError::Capacity(_));
+                    return recv_error(e);
+                }
                 Some(Ok(m)) => m,
             };
             match message {
@@ -190,8 +204,12 @@ where
     /// the socket goes away.
     async fn close(&mut self, linger: Duration) {
         let ws = &mut self.ws;
+        let frame = self.too_large.then(|| CloseFrame {
+            code: CloseCode::Size,
+            reason: TOO_LARGE_REASON.into(),
+        });
         let _ = tokio::time::timeout(linger, async move {
-            if ws.close(None).await.is_err() {
+            if ws.close(frame).await.is_err() {
                 return;
             }
             while let Some(Ok(_)) = ws.next().await {}
