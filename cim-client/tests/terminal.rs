@@ -266,6 +266,25 @@ fn client_args<'a>(route: &'a str, name: &'a str, data_dir: &'a Path) -> Vec<&'a
     ]
 }
 
+/// Writes `input` to a script-mode client, ends its input, and returns its stdout once it
+/// exited successfully (within [`DEADLINE`]).
+async fn script_output(mut script: tokio::process::Child, input: &[u8]) -> anyhow::Result<String> {
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = script.stdin.take().expect("piped");
+        stdin.write_all(input).await?;
+    }
+    let out = tokio::time::timeout(DEADLINE, script.wait_with_output()).await??;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_terminals_chat_and_use_every_command() -> anyhow::Result<()> {
     let cluster = Cluster::builder().start().await?;
@@ -428,7 +447,7 @@ async fn two_terminals_chat_and_use_every_command() -> anyhow::Result<()> {
     .await?;
 
     // A script: piped stdin, plain output, exits at the end of its input.
-    let mut script = tokio::process::Command::new(BIN)
+    let script = tokio::process::Command::new(BIN)
         .args(client_args(&route, "carol", dirs[2].path()))
         .args(["--transport", "ws-json"])
         .env("CIM_PASSWORD", "carol-password")
@@ -438,20 +457,8 @@ async fn two_terminals_chat_and_use_every_command() -> anyhow::Result<()> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut stdin = script.stdin.take().expect("piped");
-        stdin.write_all(b"@alice hi from a script\n:olu\n").await?;
-        // Dropping stdin is the end of input: the client logs out and exits 0.
-    }
-    let out = tokio::time::timeout(DEADLINE, script.wait_with_output()).await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{:?}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The end of input (stdin dropped) logs the client out; it exits 0.
+    let stdout = script_output(script, b"@alice hi from a script\n:olu\n").await?;
     assert!(stdout.contains("you → alice: hi from a script"), "{stdout}");
     assert!(stdout.contains("3 users online:"), "{stdout}");
     assert!(!stdout.contains('\x1b'), "no colour when piped: {stdout:?}");
@@ -697,20 +704,8 @@ async fn a_script_chats_over_tls() -> anyhow::Result<()> {
         "{stderr}"
     );
 
-    let mut script = run(Some(&pki.ca_file))?;
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut stdin = script.stdin.take().expect("piped");
-        stdin.write_all(b"@bob hi over tls\n").await?;
-    }
-    let out = tokio::time::timeout(DEADLINE, script.wait_with_output()).await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{:?}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let script = run(Some(&pki.ca_file))?;
+    let stdout = script_output(script, b"@bob hi over tls\n").await?;
     assert!(stdout.contains(&format!("({tls_addr})")), "{stdout}");
     assert!(stdout.contains("you → bob: hi over tls"), "{stdout}");
     let push = bob.next_push().await?;
