@@ -20,6 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = std::fs::read(descriptor_path)?;
     pbjson_build::Builder::new()
         .register_descriptors(&descriptors)?
+        // A JSON key this build does not know is skipped, as protobuf readers skip unknown
+        // field numbers: a web page built against a newer cim.proto keeps working against an
+        // older server (and an older page against a newer server). Malformed JSON and known
+        // keys with the wrong type are still refused.
+        .ignore_unknown_fields()
         .build(&[".cim"])?;
     Ok(())
 }
