@@ -6,7 +6,7 @@
 
 use crate::pb::{frame::Body, Ack, Frame, Login, LoginResult, Message, Push};
 use cim_common::{
-    codec::{CodecError, FrameCodec},
+    codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME_LEN},
     tls::{ClientTls, ClientTlsStream},
 };
 use futures_util::{SinkExt, StreamExt};
@@ -122,6 +122,24 @@ pub struct ConnectOptions {
     pub buffer_size: Option<usize>,
 }
 
+/// Largest frame the SDK reads over TCP, whatever the server announced: one message of the
+/// largest size a route accepts (`max_message_len` is at most 1 MiB) with its envelope. A
+/// server pushes a message over its merge size alone, however large (cim-server `chunks`),
+/// so a stored message stays readable even where the route accepts larger messages than the
+/// server reads; a lower limit would make the client reconnect, get the same replay and
+/// never ack it.
+pub const MIN_READ_FRAME_LEN: usize = 1024 * 1024 + 64 * 1024;
+
+/// The TCP codec for a server announcing `max_frame_len` (0: not yet known, or a server that
+/// does not say): writes stay within what the server reads, reads within what it can send.
+fn tcp_codec(max_frame_len: u32) -> FrameCodec {
+    let write = match usize::try_from(max_frame_len) {
+        Ok(0) | Err(_) => DEFAULT_MAX_FRAME_LEN,
+        Ok(n) => n,
+    };
+    FrameCodec::with_limits(write.max(MIN_READ_FRAME_LEN), write)
+}
+
 /// An open connection (not yet logged in until [`Connection::login`]).
 pub struct Connection {
     inner: Inner,
@@ -202,8 +220,8 @@ impl Connection {
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         let inner = match transport {
             Transport::Tcp => Inner::Tcp(match options.buffer_size {
-                Some(size) => Framed::with_capacity(stream, FrameCodec::default(), size),
-                None => Framed::new(stream, FrameCodec::default()),
+                Some(size) => Framed::with_capacity(stream, tcp_codec(0), size),
+                None => Framed::new(stream, tcp_codec(0)),
             }),
             Transport::WsBinary | Transport::WsJson => {
                 let config = options.buffer_size.map(|size| {
@@ -319,7 +337,12 @@ impl Connection {
         match self.recv_timeout(Duration::from_secs(10)).await? {
             Some(Frame {
                 body: Some(Body::LoginResult(r)),
-            }) => Ok(r),
+            }) => {
+                if let Inner::Tcp(framed) = &mut self.inner {
+                    *framed.codec_mut() = tcp_codec(r.max_frame_len);
+                }
+                Ok(r)
+            }
             Some(Frame {
                 body: Some(Body::Error(e)),
             }) => Err(ConnError::LoginRefused {
@@ -359,6 +382,20 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn the_tcp_codec_writes_what_the_server_reads_and_reads_what_it_sends() {
+        let limits = |announced: u32| {
+            let c = tcp_codec(announced);
+            (c.max_read(), c.max_write())
+        };
+        // Before login, or a server that does not say: the protocol's default for writes.
+        assert_eq!(limits(0), (MIN_READ_FRAME_LEN, DEFAULT_MAX_FRAME_LEN));
+        assert_eq!(limits(512 * 1024), (MIN_READ_FRAME_LEN, 512 * 1024));
+        assert_eq!(limits(4096), (MIN_READ_FRAME_LEN, 4096));
+        let large = 16 * 1024 * 1024;
+        assert_eq!(limits(large as u32), (large, large));
     }
 
     #[test]

@@ -106,15 +106,35 @@ pub fn frame_to_bytes(frame: &Frame) -> bytes::Bytes {
     buf.freeze()
 }
 
-/// `tokio_util` codec over [`decode_frame`] / [`encode_frame`], for clients and tests.
+/// `tokio_util` codec over [`decode_frame`] / [`encode_frame`], for clients and tests. Reads
+/// and writes have their own limits: a client writes what the server accepts (its announced
+/// `max_frame_len`) but must read what the server sends, which can be larger.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameCodec {
-    max_len: usize,
+    max_read: usize,
+    max_write: usize,
 }
 
 impl FrameCodec {
+    /// The same limit both ways.
     pub fn new(max_len: usize) -> Self {
-        Self { max_len }
+        Self::with_limits(max_len, max_len)
+    }
+
+    /// Frames read are at most `max_read` bytes, frames written at most `max_write`.
+    pub fn with_limits(max_read: usize, max_write: usize) -> Self {
+        Self {
+            max_read,
+            max_write,
+        }
+    }
+
+    pub fn max_read(&self) -> usize {
+        self.max_read
+    }
+
+    pub fn max_write(&self) -> usize {
+        self.max_write
     }
 }
 
@@ -129,7 +149,7 @@ impl Decoder for FrameCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        decode_frame(src, self.max_len)
+        decode_frame(src, self.max_read)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
@@ -146,10 +166,10 @@ impl Encoder<&Frame> for FrameCodec {
 
     fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
         let len = frame.encoded_len();
-        if len > self.max_len {
+        if len > self.max_write {
             return Err(CodecError::TooLarge {
                 len,
-                max: self.max_len,
+                max: self.max_write,
             });
         }
         encode_frame(frame, dst);
@@ -186,6 +206,22 @@ mod tests {
         }
         assert_eq!(codec.decode(&mut buf).unwrap(), None);
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn read_and_write_limits_are_separate() {
+        let big = Frame::new(Body::Login(Login {
+            token: "t".repeat(300),
+        }));
+        let mut codec = FrameCodec::with_limits(1024, 100);
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            codec.encode(&big, &mut buf),
+            Err(CodecError::TooLarge { max: 100, .. })
+        ));
+        assert!(buf.is_empty(), "nothing written for a refused frame");
+        encode_frame(&big, &mut buf);
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(big));
     }
 
     #[test]

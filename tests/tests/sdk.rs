@@ -1011,3 +1011,80 @@ async fn a_send_in_flight_when_the_server_dies_is_resent_and_received_once() -> 
     assert_eq!(messages.len(), 1, "no second copy: {messages:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn messages_over_64_kib_are_sent_stored_and_replayed_over_tcp() -> anyhow::Result<()> {
+    // The server reads frames up to 512 KiB and the route takes messages up to 256 KiB: the
+    // SDK must use the server's announced limit, not its own 64 KiB default, both ways.
+    let cluster = Cluster::builder()
+        .server_config(|c| c.max_frame_len = 512 * 1024)
+        .route_config(|c| {
+            c.max_message_len = 256 * 1024;
+            c.max_request_body = 300 * 1024;
+        })
+        .start()
+        .await?;
+    let (alice, mut alice_events) = user(&cluster, "alice", Transport::Tcp).await?;
+    Client::register(&cluster.route_url(), "carol", &password("carol")).await?;
+    let big = |tag: char| tag.to_string().repeat(200 * 1024);
+
+    // Stored for an offline user, then replayed to the SDK at its login.
+    let stored = alice
+        .send(Recipient::Name("carol".into()), &big('s'))
+        .await?;
+    assert_eq!(stored.status, SendStatus::Stored);
+    let (carol, mut carol_events) = connected(&cluster, "carol", Transport::Tcp).await?;
+    let live = alice
+        .send(Recipient::Id(carol.info().user_id), "after the big one")
+        .await?;
+    assert_eq!(live.status, SendStatus::Delivered);
+    let (messages, others) = messages_until(&mut carol_events, "after the big one").await?;
+    let seen: Vec<(usize, bool)> = messages
+        .iter()
+        .map(|(m, replayed)| (m.body.len(), *replayed))
+        .collect();
+    assert_eq!(seen, [(200 * 1024, true), (17, false)]);
+    assert_eq!(messages[0].0.id, stored.message_id);
+    assert_eq!(messages[0].0.body, big('s'));
+    // No reconnect on the way: the replay was read, not refused by the decoder.
+    assert!(others.is_empty(), "{others:?}");
+
+    // Sent live from the SDK, both ways.
+    let sent = carol
+        .send(Recipient::Id(alice.info().user_id), &big('c'))
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered, "{sent:?}");
+    let m = next_message(&mut alice_events).await?;
+    assert_eq!(m.body, big('c'));
+    assert_eq!(m.sender_name, "carol");
+    let sent = alice
+        .send(Recipient::Id(carol.info().user_id), &big('a'))
+        .await?;
+    assert_eq!(sent.status, SendStatus::Delivered, "{sent:?}");
+    assert_eq!(next_message(&mut carol_events).await?.body, big('a'));
+
+    // Over the server's own limit: refused before sending, the connection stays.
+    let err = alice
+        .send(Recipient::Id(carol.info().user_id), &"x".repeat(600 * 1024))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Send {
+                code: ErrorCode::FrameTooLarge,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        alice
+            .send(Recipient::Id(carol.info().user_id), "still here")
+            .await?
+            .status,
+        SendStatus::Delivered
+    );
+    assert_eq!(next_message(&mut carol_events).await?.body, "still here");
+    Ok(())
+}
