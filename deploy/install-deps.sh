@@ -6,11 +6,12 @@
 #   (etcd-server), and for the test suite: the web client's browser test (tests/tests/web.rs):
 #   chromium (chromium), node and npm (nodejs, npm), then the test's npm packages (`npm ci` in
 #   tests/web when node_modules is missing or was installed from another package-lock.json);
-#   nginx (nginx: `nginx -t` checks the deploy/ load-balancer configs).
+#   nginx (nginx: `nginx -t` checks the deploy/ load-balancer configs); curl (curl: README's
+#   walkthrough runs as written in cim-standalone's tests).
 # `--build-only` as the first argument: protoc and its includes alone (what building needs;
 # ./start.sh runs the standalone mode, which needs neither Redis nor etcd nor a browser).
 # `--tests`: everything the test suite needs (what ./test.sh passes).
-# Extra requirements can be given as COMMAND=PACKAGE arguments, e.g. `curl=curl`.
+# Extra requirements can be given as COMMAND=PACKAGE arguments, e.g. `jq=jq`.
 # `--list [--build-only|--tests]`: print the packages that mode installs, one per line as
 # `PACKAGE COMMAND`, and exit (.ci/check-system-deps compares them with the packages the files in use come from).
 #
@@ -38,7 +39,7 @@ else
     if [[ ${1:-} == --tests ]]; then
         shift
         web_tests=true
-        requirements+=(chromium=chromium node=nodejs npm=npm nginx=nginx)
+        requirements+=(chromium=chromium node=nodejs npm=npm nginx=nginx curl=curl)
     fi
 fi
 requirements+=("$@")

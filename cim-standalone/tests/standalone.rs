@@ -417,3 +417,74 @@ async fn a_whole_chat_through_one_standalone_process() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// README's first walkthrough ("Trying it by hand"), pasted line by line into one shell
+/// against a standalone process (the README's fixed ports replaced by this test's free ones):
+/// every command succeeds and prints what the README shows under it; afterwards alice can
+/// log in at once (the walkthrough gave her login slot back, so the terminal client that the
+/// README starts next is not refused) and bob gets the message it sent.
+#[tokio::test]
+async fn readme_walkthrough_works_when_pasted_line_by_line() -> anyhow::Result<()> {
+    use cim_tests::docs::{markdown_code, run_shell_steps, shell_steps};
+    use std::collections::BTreeMap;
+
+    let process = Process::start().await?;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let steps: Vec<_> = shell_steps(&markdown_code(&readme, "## Trying it by hand"))
+        .into_iter()
+        // The process this test started stands for `./start.sh` (or the cluster).
+        .filter(|s| !s.command.starts_with("./start.sh"))
+        .collect();
+    assert!(steps.len() >= 4, "the walkthrough has commands: {steps:?}");
+    let route_addr = process.route_url.trim_start_matches("http://");
+    let ws_addr = process
+        .ws
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws");
+    let replace = BTreeMap::from([
+        ("localhost:8080".to_string(), route_addr.to_string()),
+        ("127.0.0.1:9000".to_string(), process.tcp.clone()),
+        ("127.0.0.1:9001".to_string(), ws_addr.to_string()),
+    ]);
+    let outputs = run_shell_steps(&steps, &replace, DEADLINE).await?;
+    for out in &outputs {
+        let command = &out.step.command;
+        assert_eq!(out.status, 0, "`{command}` failed: {}", out.stdout);
+        assert!(
+            !out.stdout.contains("\"error\""),
+            "`{command}` answered an error: {}",
+            out.stdout
+        );
+        for fragment in out.step.expected_fragments() {
+            let fragment = replace
+                .iter()
+                .fold(fragment, |f, (from, to)| f.replace(from, to));
+            assert!(
+                out.stdout.contains(&fragment),
+                "`{command}` printed {}, README promises {fragment}",
+                out.stdout
+            );
+        }
+    }
+    // What README promised is there: a stored message for bob.
+    assert!(
+        outputs
+            .iter()
+            .any(|o| o.stdout.contains("\"status\":\"stored\"")),
+        "{outputs:?}"
+    );
+
+    let route = RouteClient::new(&process.route_url);
+    let alice = route
+        .login("alice", "secret1")
+        .await
+        .context("alice logs in right after the walkthrough")?;
+    let mut alice_conn = Connection::connect(&alice.server.tcp_addr, Transport::Tcp).await?;
+    alice_conn.login(&alice.connect_token).await?;
+    let bob = route.login("bob", "secret2").await?;
+    let mut bob_conn = Connection::connect(&bob.server.tcp_addr, Transport::Tcp).await?;
+    bob_conn.login(&bob.connect_token).await?;
+    let m = next_message(&mut bob_conn).await?;
+    assert_eq!((m.sender_name.as_str(), m.body.as_str()), ("alice", "hi"));
+    Ok(())
+}

@@ -37,10 +37,12 @@
 //!
 //! Modules: [`process`] (child guard and helpers); the Redis and etcd starters are re-exported
 //! at the root; [`cluster`] starts cim servers and routes in-process on top of an [`Infra`];
-//! [`tls`] makes a test CA and server certificates for the TLS tests.
+//! [`tls`] makes a test CA and server certificates for the TLS tests; [`docs`] reads and runs
+//! the shell examples of README.md.
 
 pub mod bin_node;
 pub mod cluster;
+pub mod docs;
 pub mod process;
 pub mod tls;
 

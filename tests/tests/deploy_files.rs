@@ -23,6 +23,7 @@
 use cim_route::RouteConfig;
 use cim_server::ServerConfig;
 use cim_standalone::StandaloneConfig;
+use cim_tests::docs::markdown_code;
 use serde_json::{Map, Value as Json};
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -349,34 +350,6 @@ fn invocations_in_text(text: &str, source: &str) -> Vec<Invocation> {
         }
     }
     found
-}
-
-/// The shell code blocks of a markdown section (from its heading to the next of its level).
-fn markdown_code(text: &str, heading: &str) -> String {
-    let mut code = String::new();
-    let (mut in_section, mut in_block) = (heading.is_empty(), false);
-    let level = heading.chars().take_while(|c| *c == '#').count();
-    for line in text.lines() {
-        if line.starts_with("```") {
-            in_block = !in_block;
-            continue;
-        }
-        if !in_block && line.starts_with('#') {
-            let this_level = line.chars().take_while(|c| *c == '#').count();
-            if line.trim() == heading {
-                in_section = true;
-                continue;
-            }
-            if in_section && !heading.is_empty() && this_level <= level {
-                in_section = false;
-            }
-        }
-        if in_section && in_block {
-            code.push_str(line);
-            code.push('\n');
-        }
-    }
-    code
 }
 
 // ---------------------------------------------------------------------------------------------
