@@ -119,16 +119,31 @@ impl ClusterClient {
         path: &str,
         req: &Req,
     ) -> Result<Resp, ClusterError> {
-        let deadline = Instant::now() + self.timeout;
+        self.call_within(addr, path, req, self.timeout).await
+    }
+
+    /// [`call`](Self::call) with its own deadline, `timeout` from now, which covers
+    /// everything: opening a connection and, for a peer without cim-rpc, the HTTP call.
+    pub async fn call_within<Req: Message, Resp: Message + Default>(
+        &self,
+        addr: &str,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ClusterError> {
+        let deadline = Instant::now() + timeout;
         let late = || ClusterError::Rpc {
             url: url(addr, path),
-            reason: format!("no answer within {:?}", self.timeout),
+            reason: format!("no answer within {timeout:?}"),
         };
         let channel = tokio::time::timeout_at(deadline, self.channel(addr, path))
             .await
             .map_err(|_| late())??;
         let Some(channel) = channel else {
-            return self.call_http(addr, path, req).await;
+            // The same deadline: the attempt to open a connection may have used part of it.
+            return tokio::time::timeout_at(deadline, self.call_http(addr, path, req))
+                .await
+                .map_err(|_| late())?;
         };
         let answer = match tokio::time::timeout_at(deadline, channel.call(path, req)).await {
             Ok(Ok(answer)) => answer,
@@ -139,9 +154,12 @@ impl ClusterClient {
                 })
             }
             Err(_) => {
-                // As an HTTP client drops a connection whose request timed out: a peer that
-                // stopped answering may have a wedged connection; the next call opens anew.
-                channel.close();
+                // The peer may have a wedged connection (as an HTTP client drops one whose
+                // request timed out), or this one call was just slow: the next call opens a
+                // new connection, and the calls in flight here keep going, each with its
+                // own deadline, so that a slow call fails alone (closing would fail
+                // forwards that may have been delivered).
+                channel.retire();
                 return Err(late());
             }
         };
@@ -163,7 +181,7 @@ impl ClusterClient {
                     if peers.len() >= PRUNE_PEERS_PAST {
                         peers.retain(|_, peer| {
                             peer.0.try_lock().map_or(true, |state| {
-                                state.channel.as_ref().is_some_and(|c| !c.is_closed())
+                                state.channel.as_ref().is_some_and(|c| c.is_usable())
                             })
                         });
                     }
@@ -174,7 +192,7 @@ impl ClusterClient {
         // Held while opening, so that concurrent callers share the one new connection.
         let mut state = peer.0.lock().await;
         if let Some(channel) = &state.channel {
-            if !channel.is_closed() {
+            if channel.is_usable() {
                 return Ok(Some(channel.clone()));
             }
             state.channel = None;
@@ -314,8 +332,13 @@ pub fn unauthorized() -> Response {
 mod tests {
     use super::*;
     use crate::pb::cluster::{PresenceRequest, PresenceResponse};
-    use axum::{extract::State, routing::post, Router};
+    use axum::{
+        extract::State,
+        routing::{get, post},
+        Router,
+    };
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::mpsc;
     use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
     const SECRET: &str = "test-secret-0123456789";
@@ -441,6 +464,123 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    /// A peer with cim-rpc whose `/never` never answers and whose `/gate` answers once the
+    /// test sends on the returned channel; `entered` gets a message when `/gate` starts.
+    async fn gated_peer() -> (String, mpsc::Sender<()>, mpsc::Receiver<()>) {
+        let (open_tx, open_rx) = mpsc::channel::<()>(1);
+        let (entered_tx, entered_rx) = mpsc::channel::<()>(1);
+        let open_rx = Arc::new(tokio::sync::Mutex::new(open_rx));
+        let calls = Router::new()
+            .route(
+                "/never",
+                post(|Protobuf(_): Protobuf<PresenceRequest>| std::future::pending::<()>()),
+            )
+            .route(
+                "/gate",
+                post(move |Protobuf(_): Protobuf<PresenceRequest>| {
+                    let (open_rx, entered_tx) = (open_rx.clone(), entered_tx.clone());
+                    async move {
+                        let _ = entered_tx.send(()).await;
+                        open_rx.lock().await.recv().await;
+                        Protobuf(PresenceResponse {
+                            online: 42,
+                            ..Default::default()
+                        })
+                    }
+                }),
+            );
+        let app = Router::new().route(
+            rpc::PATH,
+            rpc::endpoint(calls, CancellationToken::new(), TaskTracker::new()),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, open_tx, entered_rx)
+    }
+
+    #[tokio::test]
+    async fn a_call_past_its_deadline_fails_alone() {
+        let (addr, open, mut entered) = gated_peer().await;
+        let client = ClusterClient::new(SECRET, Duration::from_secs(30));
+        // A call in flight on the connection (the peer holds it until we open the gate)...
+        let in_flight = tokio::spawn({
+            let (client, addr) = (client.clone(), addr.clone());
+            async move {
+                client
+                    .call::<_, PresenceResponse>(&addr, "/gate", &PresenceRequest::default())
+                    .await
+            }
+        });
+        entered.recv().await.expect("the peer took the call");
+        let first = open_channel(&client, &addr).expect("over cim-rpc");
+        // ...while another call on it goes past its deadline.
+        let late = client
+            .call_within::<_, PresenceResponse>(
+                &addr,
+                "/never",
+                &PresenceRequest::default(),
+                Duration::from_millis(200),
+            )
+            .await;
+        assert!(matches!(late, Err(ClusterError::Rpc { .. })), "{late:?}");
+        // The first call is still answered: the timed-out call failed alone.
+        open.send(()).await.unwrap();
+        let answer = in_flight
+            .await
+            .unwrap()
+            .expect("the call in flight is answered");
+        assert_eq!(answer.online, 42);
+        // The connection that saw a call time out is not used again, and closes once its
+        // calls are done; the next call opens a new one.
+        assert!(first.is_closed());
+        let next = tokio::spawn({
+            let (client, addr) = (client.clone(), addr.clone());
+            async move {
+                client
+                    .call::<_, PresenceResponse>(&addr, "/gate", &PresenceRequest::default())
+                    .await
+            }
+        });
+        entered.recv().await.expect("the peer took the next call");
+        let second = open_channel(&client, &addr).expect("a new connection");
+        assert!(!Arc::ptr_eq(&first, &second));
+        open.send(()).await.unwrap();
+        assert_eq!(next.await.unwrap().unwrap().online, 42);
+    }
+
+    #[tokio::test]
+    async fn the_http_fallback_keeps_the_calls_deadline() {
+        // A peer of an older version, slow to refuse the upgrade, whose call never answers.
+        let app = Router::new()
+            .route(
+                rpc::PATH,
+                get(|| async {
+                    // The slow peer being simulated: its refusal takes 600 ms.
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    StatusCode::NOT_FOUND
+                }),
+            )
+            .route(
+                "/never",
+                post(|Protobuf(_): Protobuf<PresenceRequest>| std::future::pending::<()>()),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = ClusterClient::new(SECRET, Duration::from_secs(1));
+        let err = client
+            .call::<_, PresenceResponse>(&addr, "/never", &PresenceRequest::default())
+            .await
+            .unwrap_err();
+        // The call's own deadline (1 s from its start) ends it, not the HTTP client's
+        // timeout, which would only fire 1 s after the HTTP request began (at ~1.6 s).
+        match err {
+            ClusterError::Rpc { reason, .. } => assert!(reason.contains("no answer"), "{reason}"),
+            other => panic!("expected the call's deadline, got {other}"),
+        }
     }
 
     #[tokio::test]

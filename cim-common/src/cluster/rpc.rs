@@ -20,7 +20,10 @@
 //! (parsed headers, a connection from a pool, a write and a read) on each.
 //!
 //! Failure: a connection that breaks fails its calls in flight at once ([`RpcError::Closed`])
-//! and [`Channel::is_closed`] tells the caller to open a new one. A frame that cannot be
+//! and [`Channel::is_closed`] tells the caller to open a new one. A caller whose call went
+//! past its deadline [retires](Channel::retire) the connection instead of closing it: no new
+//! calls go there, and it closes once the calls in flight on it are done, so one slow call
+//! fails alone. A frame that cannot be
 //! decoded ends the connection (peers are authenticated cluster members, so it is a bug or a
 //! version mismatch, not something to answer). The peer stops reading calls when its
 //! listener shuts down, sends the answers of the calls it took, then closes. An upgraded
@@ -110,22 +113,49 @@ pub struct Channel {
     closed: CancellationToken,
 }
 
-/// Calls sent and not yet answered; `None` once the connection has closed, so that a call
-/// can never wait on a connection that will not answer it.
-struct Waiting(Mutex<Option<HashMap<u64, oneshot::Sender<Answer>>>>);
+/// Calls sent and not yet answered, and whether the connection is retired; `calls` is `None`
+/// once the connection has closed, so that a call can never wait on a connection that will
+/// not answer it.
+struct Waiting {
+    state: Mutex<WaitingState>,
+    closed: CancellationToken,
+}
+
+struct WaitingState {
+    calls: Option<HashMap<u64, oneshot::Sender<Answer>>>,
+    retired: bool,
+}
 
 impl Waiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WaitingState> {
+        self.state.lock().expect("rpc waiting lock")
+    }
+
+    /// Removes call `id` (answered, or its caller stopped waiting); the last call of a
+    /// retired connection closes it.
     fn take(&self, id: u64) -> Option<oneshot::Sender<Answer>> {
-        self.0
-            .lock()
-            .expect("rpc waiting lock")
-            .as_mut()?
-            .remove(&id)
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let calls = state.calls.as_mut()?;
+        let tx = calls.remove(&id);
+        if state.retired && calls.is_empty() {
+            self.closed.cancel();
+        }
+        tx
+    }
+
+    /// No new calls go here; closes once the calls in flight are done (at once if none is).
+    fn retire(&self) {
+        let mut state = self.lock();
+        state.retired = true;
+        if state.calls.as_ref().is_none_or(HashMap::is_empty) {
+            self.closed.cancel();
+        }
     }
 
     /// Fails every call still waiting (their senders drop).
     fn close(&self) {
-        self.0.lock().expect("rpc waiting lock").take();
+        self.lock().calls.take();
     }
 }
 
@@ -182,8 +212,14 @@ impl Channel {
     {
         let (read, write) = tokio::io::split(io);
         let (calls, queue) = mpsc::channel(WRITE_QUEUE);
-        let waiting = Arc::new(Waiting(Mutex::new(Some(HashMap::new()))));
         let closed = CancellationToken::new();
+        let waiting = Arc::new(Waiting {
+            state: Mutex::new(WaitingState {
+                calls: Some(HashMap::new()),
+                retired: false,
+            }),
+            closed: closed.clone(),
+        });
         tokio::spawn(write_frames(write, queue, closed.clone()));
         tokio::spawn(read_answers(read, waiting.clone(), closed.clone()));
         Self {
@@ -199,6 +235,19 @@ impl Channel {
         self.closed.is_cancelled()
     }
 
+    /// Whether new calls should go here: open and not [retired](Self::retire).
+    pub fn is_usable(&self) -> bool {
+        !self.is_closed() && !self.waiting.lock().retired
+    }
+
+    /// Takes the connection out of use without failing the calls in flight: it closes once
+    /// they are answered or their callers stop waiting. For a connection that may be wedged
+    /// (a call went past its deadline): the next call opens a new one, while the calls
+    /// already sent here keep their own deadlines (a slow call fails alone).
+    pub fn retire(&self) {
+        self.waiting.retire();
+    }
+
     /// Closes the connection: calls in flight fail with [`RpcError::Closed`].
     pub fn close(&self) {
         self.closed.cancel();
@@ -210,7 +259,7 @@ impl Channel {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_call(id, path, body)?;
         let (tx, rx) = oneshot::channel();
-        match self.waiting.0.lock().expect("rpc waiting lock").as_mut() {
+        match self.waiting.lock().calls.as_mut() {
             Some(waiting) => waiting.insert(id, tx),
             None => return Err(RpcError::Closed),
         };
@@ -603,20 +652,41 @@ mod tests {
         )
         .await;
         assert!(gave_up.is_err(), "the deadline passed first");
-        assert!(channel
-            .waiting
-            .0
-            .lock()
-            .unwrap()
-            .as_ref()
-            .unwrap()
-            .is_empty());
+        assert!(channel.waiting.lock().calls.as_ref().unwrap().is_empty());
         // Its late answer is dropped; later calls are answered as usual.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
             answered(channel.call("/echo/0", &asking(2)).await.unwrap()),
             2
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_connection_answers_its_calls_in_flight_then_closes() {
+        let cancel = CancellationToken::new();
+        let (channel, _served) = pair(&cancel);
+        let channel = Arc::new(channel);
+        let in_flight = tokio::spawn({
+            let channel = channel.clone();
+            async move { channel.call("/echo/1000", &asking(7)).await }
+        });
+        // The call is sent (it waits for its answer) before the connection is retired.
+        while channel.waiting.lock().calls.as_ref().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        channel.retire();
+        assert!(
+            !channel.is_usable(),
+            "no new calls go to a retired connection"
+        );
+        assert!(!channel.is_closed(), "a call is still in flight");
+        assert_eq!(answered(in_flight.await.unwrap().unwrap()), 7);
+        assert!(channel.is_closed(), "its last call answered, it closes");
+
+        // Retired with nothing in flight: closed at once.
+        let (idle, _served) = pair(&cancel);
+        idle.retire();
+        assert!(idle.is_closed());
     }
 
     #[tokio::test]
