@@ -20,8 +20,20 @@ pub enum RouteError {
         code: String,
         message: String,
     },
-    #[error("route unreachable: {0}")]
+    /// No answer: says why in the words of the deepest cause ("Connection refused (os error
+    /// 111)"), not reqwest's "error sending request for url (…)", which names the call's URL
+    /// (a reconnect's logout, say) rather than what the user is waiting for.
+    #[error("route unreachable: {}", root_cause(.0))]
     Transport(#[from] reqwest::Error),
+}
+
+/// The innermost error of `e`'s source chain, displayed.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 impl RouteError {
@@ -559,6 +571,22 @@ impl RouteClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_unreachable_route_is_said_once_with_its_cause() {
+        // A port nobody listens on.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let route = RouteClient::new(&format!("http://{addr}"));
+        let e = route.logout("token").await.unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, RouteError::Transport(_)), "{e:?}");
+        assert_eq!(text.matches("route unreachable").count(), 1, "{text}");
+        // The cause, not the URL of the call that found it.
+        assert!(!text.contains("/api/logout"), "{text}");
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+    }
 
     #[test]
     fn channel_names_follow_the_route_rule() {

@@ -444,7 +444,7 @@ impl Worker {
                 // The route could not be asked: keep the token for the next attempt.
                 Err(e @ RouteError::Transport(_)) => {
                     self.token = Some(old);
-                    return Err(Failed::Retry(format!("route unreachable: {e}")));
+                    return Err(Failed::Retry(e.to_string()));
                 }
                 Err(e) if e.status().is_some_and(|s| s >= 500 || s == 429) => {
                     self.token = Some(old);
@@ -459,8 +459,11 @@ impl Worker {
             .login(&self.config.name, &self.config.password)
             .await
             .map_err(|e| match e.code() {
+                // Unknown names and wrong passwords get the same answer (no account probing).
                 Some("bad_credentials") => Failed::Final(
-                    "the route refused the name or password (changed meanwhile?)".into(),
+                    "the route no longer accepts this name and password (the account was \
+                     removed, e.g. by a standalone restart, or its password changed)"
+                        .into(),
                 ),
                 _ => Failed::Retry(e.to_string()),
             })?;

@@ -115,7 +115,7 @@ pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
         out: output,
         style,
         history,
-        last_state: None,
+        state_lines: render::StateLines::default(),
     };
     let mut terminal = terminal;
     let (code, input_stopped) = app.run(events, &mut terminal).await;
@@ -155,8 +155,8 @@ struct App {
     out: Output,
     style: Style,
     history: Option<History>,
-    /// Last state line printed, so a repeated state is not printed twice.
-    last_state: Option<String>,
+    /// Which state changes get a line (not every reconnect attempt).
+    state_lines: render::StateLines,
 }
 
 impl App {
@@ -409,15 +409,13 @@ impl App {
     async fn on_event(&mut self, event: Event) {
         match event {
             Event::State(state) => {
-                let line = render::state(&state);
-                if self.last_state.as_deref() != Some(line.as_str()) {
+                if let Some(line) = self.state_lines.line(&state) {
                     let text = render::notice(self.style, &line);
                     if matches!(state, crate::ConnState::Closed { .. }) {
                         self.out.print_final(text).await;
                     } else {
                         self.print(text).await;
                     }
-                    self.last_state = Some(line);
                 }
             }
             Event::Kicked { reason, message } => {

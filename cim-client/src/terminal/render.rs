@@ -290,6 +290,41 @@ pub fn state(s: &ConnState) -> String {
     }
 }
 
+/// Which connection-state changes get a line: one short line per change a user cares about,
+/// not one per reconnect attempt. While reconnecting, "connecting…" is not shown (an attempt
+/// is not news) and a reconnecting line repeats only when its reason changes; the first
+/// connect, every connected and the final close are always shown.
+#[derive(Debug, Default)]
+pub struct StateLines {
+    last: Option<String>,
+    reconnecting_for: Option<String>,
+}
+
+impl StateLines {
+    /// The line to print for `s`, if any.
+    pub fn line(&mut self, s: &ConnState) -> Option<String> {
+        let line = match s {
+            ConnState::Connecting if self.reconnecting_for.is_some() => return None,
+            ConnState::Reconnecting { reason, .. } => {
+                if self.reconnecting_for.as_deref() == Some(reason.as_str()) {
+                    return None;
+                }
+                self.reconnecting_for = Some(reason.clone());
+                state(s)
+            }
+            _ => {
+                self.reconnecting_for = None;
+                state(s)
+            }
+        };
+        if self.last.as_deref() == Some(line.as_str()) {
+            return None;
+        }
+        self.last = Some(line.clone());
+        Some(line)
+    }
+}
+
 /// Short state for `:info`.
 pub fn state_word(s: &ConnState) -> String {
     match s {
@@ -679,6 +714,58 @@ mod tests {
             "disconnected: logged out"
         );
         assert_eq!(short_duration(Duration::from_millis(350)), "350ms");
+    }
+
+    #[test]
+    fn a_long_reconnect_shows_one_line_per_change_not_per_attempt() {
+        let reconnecting = |attempt, reason: &str| ConnState::Reconnecting {
+            attempt,
+            retry_in: Duration::from_secs(5),
+            reason: reason.into(),
+        };
+        let connected = ConnState::Connected {
+            server_id: "s2".into(),
+            addr: "127.0.0.1:9010".into(),
+        };
+        let mut events = vec![
+            ConnState::Connecting,
+            connected.clone(),
+            reconnecting(1, "connection closed by the server"),
+        ];
+        // Two minutes of attempts against a route that is down, then one that refuses.
+        for attempt in 2..=14 {
+            events.push(ConnState::Connecting);
+            events.push(reconnecting(
+                attempt,
+                "route unreachable: Connection refused",
+            ));
+        }
+        for attempt in 15..=16 {
+            events.push(ConnState::Connecting);
+            events.push(reconnecting(
+                attempt,
+                "503 unavailable: no connection server",
+            ));
+        }
+        events.push(ConnState::Connecting);
+        events.push(connected);
+        events.push(ConnState::Closed {
+            reason: "logged out".into(),
+        });
+        let mut lines = StateLines::default();
+        let shown: Vec<String> = events.iter().filter_map(|s| lines.line(s)).collect();
+        assert_eq!(
+            shown,
+            [
+                "connecting…",
+                "connected to server s2 (127.0.0.1:9010)",
+                "reconnecting… (attempt 1, retry in 5.0s): connection closed by the server",
+                "reconnecting… (attempt 2, retry in 5.0s): route unreachable: Connection refused",
+                "reconnecting… (attempt 15, retry in 5.0s): 503 unavailable: no connection server",
+                "connected to server s2 (127.0.0.1:9010)",
+                "disconnected: logged out",
+            ]
+        );
     }
 
     #[test]
