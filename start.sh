@@ -10,13 +10,18 @@
 #
 # Arguments go to cim-standalone. It prints the route URL and the client command, and stops
 # gracefully on ctrl-c. A real cluster (etcd, Redis, several servers) is deploy/cluster.sh.
-# Installs the Debian package the build needs (protobuf-compiler) when missing.
+# The build is deploy/build.sh (the same one as deploy/cluster.sh's: neither undoes the
+# other's; nothing is rebuilt when the binaries are current), which installs the Debian
+# packages the build needs (protobuf-compiler, libprotobuf-dev) when missing.
+#   CIM_SKIP_BUILD=1           no build: run $CIM_BIN_DIR/cim-standalone as it is
+#   CIM_BIN_DIR [target/release]  where the binaries are
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+bin_dir=${CIM_BIN_DIR:-$PWD/target/release}
 
-if ! command -v cargo >/dev/null 2>&1; then
-    echo "start.sh: cargo not found; install Rust first: https://rustup.rs" >&2
+./deploy/build.sh
+if [[ ! -x $bin_dir/cim-standalone ]]; then
+    echo "start.sh: $bin_dir/cim-standalone is missing (build failed, or CIM_BIN_DIR is wrong)" >&2
     exit 1
 fi
-./deploy/install-deps.sh --build-only
-exec cargo run --release -p cim-standalone -- "$@"
+exec "$bin_dir/cim-standalone" "$@"

@@ -7,6 +7,13 @@
 #   deploy/cluster.sh status        which processes live (exit 0: all, 3: none, 1: some)
 #   deploy/cluster.sh logs [NAME]   last lines of every log, or follow the log of NAME
 #                                   (etcd, redis, server-a, server-b, route-a)
+#   deploy/cluster.sh --help        this text
+#
+# Build: `start` runs deploy/build.sh (the same release build as ./start.sh; nothing is
+# rebuilt when the binaries are current). Prebuilt binaries: CIM_SKIP_BUILD=1 and CIM_BIN_DIR.
+# One process died (status exits 1 and names it): `start` refuses while others run, so
+# `deploy/cluster.sh stop && deploy/cluster.sh start` (accounts and inboxes survive in
+# Redis's AOF; clients reconnect by themselves).
 #
 # Files: run folder ./run/cluster of the repository (CIM_RUN_DIR overrides), holding NAME.log,
 # NAME.pid, and the data of etcd (etcd/) and redis (redis/, AOF on: accounts survive a restart).
@@ -145,8 +152,20 @@ launch() {
         echo "=== $(date -u +%FT%TZ) starting: $*"
     } >>"$(log_file "$name")"
     setsid "$@" >>"$(log_file "$name")" 2>&1 </dev/null &
-    echo $! >"$(pid_file "$name")"
-    disown $!
+    local pid=$!
+    echo "$pid" >"$(pid_file "$name")"
+    disown "$pid"
+    # Until the child has exec'd its program, /proc/PID/cmdline is still this script's, and
+    # live_pid would take the starting process for a dead one ("NAME exited" with an empty
+    # log, then a stop of what was started). Wait for the exec, or for the child's end.
+    local deadline=$((SECONDS + 10))
+    until is_process_of "$name" "$pid" || ! running "$pid"; do
+        if ((SECONDS >= deadline)); then
+            log "$name (pid $pid) did not start its program within 10s"
+            return 1
+        fi
+        sleep 0.05
+    done
 }
 
 # Waits until CHECK succeeds, failing when NAME's process dies or after TIMEOUT seconds.
@@ -232,10 +251,9 @@ cmd_start() {
         fi
     done
 
-    if [[ ${CIM_SKIP_BUILD:-} != 1 ]]; then
-        log "building: cargo build --release -p cim-server -p cim-route"
-        (cd "$repo" && cargo build --release -p cim-server -p cim-route)
-    fi
+    # The build ./start.sh uses too (one feature resolution: neither rebuilds the other's);
+    # a no-op when the binaries are current, skipped with CIM_SKIP_BUILD=1.
+    "$repo/deploy/build.sh"
     for name in cim-server cim-route; do
         [[ -x $bin_dir/$name ]] || die "$bin_dir/$name is missing (build failed?)"
     done
@@ -389,6 +407,9 @@ case ${1:-} in
     logs)
         shift
         cmd_logs "$@"
+        ;;
+    -h | --help | help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
         ;;
     *) usage ;;
 esac

@@ -501,7 +501,7 @@ impl Standalone {
              {secure}\
              Chat from other terminals (one per user):\n  \
              cim-client --route {url} --name alice --register\n  \
-             (from this checkout: cargo run --release -p cim-client -- --route {url} --name alice --register)\n\
+             (from this checkout, built by ./start.sh: target/release/cim-client --route {url} --name alice --register)\n\
              Stop with ctrl-c.\n",
             tcp = self.tcp_addr,
             ws = self.ws_addr,
