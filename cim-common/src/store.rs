@@ -58,8 +58,8 @@ pub struct UserRecord {
 pub enum ClaimOutcome {
     /// The slot is ours, pending until a server attaches the connection.
     Claimed,
-    /// Another live session holds it: connected to `server` (or `None`: logged in, not yet
-    /// connected, and the pending slot expires by itself).
+    /// Another live session holds it: connected to `server` (or `None`: another login took
+    /// or attached the slot while this claim ran).
     Held { server: Option<String> },
 }
 
@@ -169,8 +169,12 @@ pub trait StateStore: Send + Sync + 'static {
     async fn user_name(&self, id: u64) -> StoreResult<Option<String>>;
 
     /// Takes the login slot of `user_id` for `session`, pending for `pending_ttl` (the slot
-    /// expires unless a server attaches a connection in time). A slot held by a session whose
-    /// server is not live is taken over.
+    /// expires unless a server attaches a connection in time). Only a slot attached to a live
+    /// server holds ([`ClaimOutcome::Held`]): a pending slot (a login nobody connected with:
+    /// its client crashed, its server refused it, or it was a plain HTTP client) and a slot
+    /// of a session whose server is not live are taken over, so that a user is never locked
+    /// out by a login that has no connection. The old session's token can then no longer
+    /// attach. `Held` with no server: the slot changed under the claim (lost a race).
     async fn claim_login(
         &self,
         user_id: u64,

@@ -242,7 +242,7 @@ macro_rules! for_each_store {
 for_each_store!(
     create_user_and_look_up,
     concurrent_create_of_one_name_has_one_winner,
-    claim_pending_is_held_then_expires,
+    claim_pending_is_taken_over_or_expires,
     claim_of_attached_slot_depends_on_server_liveness,
     concurrent_claims_have_one_winner,
     attach_is_single_use,
@@ -328,41 +328,57 @@ async fn concurrent_create_of_one_name_has_one_winner(s: &StoreUnderTest) -> any
 // ---------------------------------------------------------------------------------------------
 // Login slots
 
-async fn claim_pending_is_held_then_expires(s: &StoreUnderTest) -> anyhow::Result<()> {
+async fn claim_pending_is_taken_over_or_expires(s: &StoreUnderTest) -> anyhow::Result<()> {
     let ttl = Duration::from_millis(300);
 
     assert_eq!(
         s.claim_login(7, "s1", ttl, &everyone_live).await?,
         ClaimOutcome::Claimed
     );
-    // Pending (logged in, not connected): held, with no server, whoever is live.
-    assert_eq!(
-        s.claim_login(7, "s2", ttl, &nobody_live).await?,
-        ClaimOutcome::Held { server: None }
-    );
-    assert!(s.session_active(7, "s1").await?);
-    assert!(!s.session_active(7, "s2").await?);
     assert_eq!(s.slot(7).await.as_deref(), Some("s1"));
     let left = s.slot_ttl_ms(7).await.expect("a pending slot expires");
     assert!(left > 0 && left <= 300, "PTTL {left}");
+    // Pending (logged in, never connected): a new login takes it over at once, whoever is
+    // live; the old session can no longer attach or release it.
+    assert_eq!(
+        s.claim_login(7, "s2", LONG_TTL, &everyone_live).await?,
+        ClaimOutcome::Claimed
+    );
+    assert!(!s.session_active(7, "s1").await?);
+    assert!(s.session_active(7, "s2").await?);
+    let left = s.slot_ttl_ms(7).await.expect("still pending");
+    assert!(left > 300, "the new login's TTL, PTTL {left}");
+    assert_eq!(
+        s.attach(7, "u7", "s1", "srv-a").await?,
+        AttachOutcome::SessionInvalid
+    );
+    assert_eq!(s.release_login(7, "s1").await?, None);
+    // Once attached to a live server, the slot holds.
+    assert_eq!(
+        s.attach(7, "u7", "s2", "srv-a").await?,
+        AttachOutcome::Attached
+    );
+    assert_eq!(
+        s.claim_login(7, "s3", ttl, &everyone_live).await?,
+        ClaimOutcome::Held {
+            server: Some("srv-a".into())
+        }
+    );
     // Another user's slot is independent.
     assert_eq!(
         s.claim_login(8, "s2", ttl, &nobody_live).await?,
         ClaimOutcome::Claimed
     );
 
+    // A pending slot nobody takes over expires by itself.
     wait_until("the pending slot to expire", DEADLINE, || async {
-        !s.session_active(7, "s1").await.unwrap()
+        !s.session_active(8, "s2").await.unwrap()
     })
     .await?;
-    assert_eq!(s.slot(7).await, None);
-    assert_eq!(
-        s.claim_login(7, "s2", ttl, &nobody_live).await?,
-        ClaimOutcome::Claimed
-    );
+    assert_eq!(s.slot(8).await, None);
     // An expired pending session cannot attach any more.
     assert_eq!(
-        s.attach(7, "u7", "s1", "srv-a").await?,
+        s.attach(8, "u8", "s2", "srv-a").await?,
         AttachOutcome::SessionInvalid
     );
     Ok(())
@@ -419,25 +435,47 @@ async fn claim_of_attached_slot_depends_on_server_liveness(
 }
 
 async fn concurrent_claims_have_one_winner(s: &StoreUnderTest) -> anyhow::Result<()> {
+    // Concurrent logins of one user, each then connecting: a pending slot is taken over by
+    // the next login, so several claims may succeed, but one session holds the slot and only
+    // that one can attach; afterwards the slot holds against everyone.
     let mut set = tokio::task::JoinSet::new();
     for i in 0..20 {
         let store = s.store.clone();
         set.spawn(async move {
             let session = format!("s{i}");
-            let out = store.claim_login(3, &session, LONG_TTL, &nobody_live).await;
+            let out = store
+                .claim_login(3, &session, LONG_TTL, &everyone_live)
+                .await;
             (session, out)
         });
     }
-    let mut winners = Vec::new();
+    let mut claimed = Vec::new();
     while let Some(r) = set.join_next().await {
         let (session, out) = r?;
         match out? {
-            ClaimOutcome::Claimed => winners.push(session),
+            ClaimOutcome::Claimed => claimed.push(session),
             ClaimOutcome::Held { server } => assert_eq!(server, None),
         }
     }
-    assert_eq!(winners.len(), 1, "winners: {winners:?}");
-    assert!(s.session_active(3, &winners[0]).await?);
+    assert!(!claimed.is_empty());
+    let mut active = Vec::new();
+    for session in &claimed {
+        if s.session_active(3, session).await? {
+            active.push(session.clone());
+        }
+    }
+    assert_eq!(active.len(), 1, "one session holds the slot: {active:?}");
+    let mut attached = 0;
+    for session in &claimed {
+        if s.attach(3, "u3", session, "srv-a").await? == AttachOutcome::Attached {
+            attached += 1;
+        }
+    }
+    assert_eq!(attached, 1, "exactly one of {claimed:?} attaches");
+    assert!(matches!(
+        s.claim_login(3, "late", LONG_TTL, &everyone_live).await?,
+        ClaimOutcome::Held { server: Some(_) }
+    ));
     Ok(())
 }
 

@@ -448,13 +448,13 @@ impl StateStore for MemoryStore {
             }
         };
         match keys::parse_slot(&current) {
-            (_, None) => Ok(ClaimOutcome::Held { server: None }),
             (_, Some(server)) if is_live(server) => Ok(ClaimOutcome::Held {
                 server: Some(server.to_string()),
             }),
-            (_, Some(server)) => {
-                // Held by a session on a dead server: take it over unless it changed while
-                // `is_live` ran (the Redis store's compare-and-set).
+            (_, held_on) => {
+                // Pending (a login nobody connected with) or held by a session on a dead
+                // server: take it over unless it changed while `is_live` ran (the Redis
+                // store's compare-and-set).
                 let now = Instant::now();
                 let mut state = self.lock();
                 if state.slot_value(user_id, now).as_deref() == Some(current.as_str()) {
@@ -462,7 +462,7 @@ impl StateStore for MemoryStore {
                     Ok(ClaimOutcome::Claimed)
                 } else {
                     Ok(ClaimOutcome::Held {
-                        server: Some(server.to_string()),
+                        server: held_on.map(str::to_string),
                     })
                 }
             }

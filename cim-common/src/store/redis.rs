@@ -960,12 +960,12 @@ impl StateStore for RedisStore {
             return Ok(ClaimOutcome::Held { server: None });
         };
         match keys::parse_slot(&current) {
-            (_, None) => Ok(ClaimOutcome::Held { server: None }),
             (_, Some(server)) if is_live(server) => Ok(ClaimOutcome::Held {
                 server: Some(server.to_string()),
             }),
-            (_, Some(server)) => {
-                // Held by a session on a dead server: take it over, unless it changed meanwhile.
+            (_, held_on) => {
+                // Pending (a login nobody connected with) or held by a session on a dead
+                // server: take it over, unless it changed meanwhile (e.g. attached).
                 let took: i32 = SET_IF_EQ
                     .key(&key)
                     .arg(&current)
@@ -978,7 +978,7 @@ impl StateStore for RedisStore {
                     Ok(ClaimOutcome::Claimed)
                 } else {
                     Ok(ClaimOutcome::Held {
-                        server: Some(server.to_string()),
+                        server: held_on.map(str::to_string),
                     })
                 }
             }

@@ -302,16 +302,15 @@ pub(crate) async fn open_session(
     if let ClaimOutcome::Held { server } = outcome {
         let detail = match server {
             Some(s) => format!("connected to server {s}"),
-            None => "logged in but not yet connected".into(),
+            None => "another login took the slot at the same moment".into(),
         };
         return Err(AppError::new(
             StatusCode::CONFLICT,
             "already_logged_in",
             format!(
                 "{} is already logged in elsewhere ({detail}); the login frees when that session \
-                 disconnects or logs out, or at the latest within the heartbeat timeout \
-                 (a login that never connects frees within {} ms)",
-                user.name, config.connect_token_ttl_ms
+                 disconnects or logs out, or at the latest within the heartbeat timeout",
+                user.name
             ),
         ));
     }

@@ -11,7 +11,7 @@ use axum::{
 use cim_common::{
     config::DEV_SECRET,
     pb::KickReason,
-    store::{MemoryStore, StateStore},
+    store::{AttachOutcome, MemoryStore, StateStore},
     time::now_ms,
     token::{SessionClaims, TokenSigner},
 };
@@ -316,6 +316,7 @@ async fn login_checks_credentials_and_assigns_round_robin() {
     ]))
     .unwrap();
     let mut assigned = Vec::new();
+    let mut assigned_tokens = Vec::new();
     for name in ["alice", "bob", "carol"] {
         let (s, v) = call(
             &app,
@@ -349,17 +350,41 @@ async fn login_checks_credentials_and_assigns_round_robin() {
             .await
             .unwrap());
         assigned.push(server_id);
+        assigned_tokens.push(v["connect_token"].as_str().unwrap().to_string());
     }
     assert_ne!(assigned[0], assigned[1], "round robin");
     assert_eq!(assigned[0], assigned[2]);
 
-    // Single login: the pending slot is held.
-    let (s, v) = call(&app, post("/api/login", alice, None)).await;
-    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "already_logged_in"));
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("heartbeat timeout"));
+    // alice's login was never connected: a plain HTTP client that just logs in again gets in
+    // at once (not after the connect token's TTL), and the first login's token is dead.
+    let first = signer
+        .verify_connect(assigned_tokens[0].as_str(), now_ms())
+        .unwrap();
+    let (s, v) = call(&app, post("/api/login", alice.clone(), None)).await;
+    assert_eq!(s, StatusCode::OK, "a pending login is replaced: {v}");
+    let second = signer
+        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
+        .unwrap();
+    assert!(!store
+        .session_active(first.user_id, &first.session)
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .attach(first.user_id, "alice", &first.session, &first.server_id)
+            .await
+            .unwrap(),
+        AttachOutcome::SessionInvalid
+    );
+    // The new login's token attaches (that a connected slot then holds, the server being
+    // asked, is `a_slot_held_on_a_server_that_no_longer_has_the_user_is_taken_over`).
+    assert_eq!(
+        store
+            .attach(second.user_id, "alice", &second.session, &second.server_id)
+            .await
+            .unwrap(),
+        AttachOutcome::Attached
+    );
 }
 
 #[tokio::test]
