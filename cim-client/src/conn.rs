@@ -6,7 +6,7 @@
 
 use crate::pb::{frame::Body, Ack, Frame, Login, LoginResult, Message, Push};
 use cim_common::{
-    codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME_LEN},
+    codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME_LEN, MAX_MESSAGE_LEN},
     tls::{ClientTls, ClientTlsStream},
 };
 use futures_util::{SinkExt, StreamExt};
@@ -123,12 +123,12 @@ pub struct ConnectOptions {
 }
 
 /// Largest frame the SDK reads over TCP, whatever the server announced: one message of the
-/// largest size a route accepts (`max_message_len` is at most 1 MiB) with its envelope. A
+/// largest size a route accepts ([`MAX_MESSAGE_LEN`]) with its envelope. A
 /// server pushes a message over its merge size alone, however large (cim-server `chunks`),
 /// so a stored message stays readable even where the route accepts larger messages than the
 /// server reads; a lower limit would make the client reconnect, get the same replay and
 /// never ack it.
-pub const MIN_READ_FRAME_LEN: usize = 1024 * 1024 + 64 * 1024;
+pub const MIN_READ_FRAME_LEN: usize = MAX_MESSAGE_LEN + 64 * 1024;
 
 /// The TCP codec for a server announcing `max_frame_len` (0: not yet known, or a server that
 /// does not say): writes stay within what the server reads, reads within what it can send.

@@ -501,19 +501,25 @@ mod tests {
         (addr, open_tx, entered_rx)
     }
 
+    /// A `/gate` call of `client` in a task of its own.
+    fn spawn_gate_call(
+        client: &ClusterClient,
+        addr: &str,
+    ) -> tokio::task::JoinHandle<Result<PresenceResponse, ClusterError>> {
+        let (client, addr) = (client.clone(), addr.to_string());
+        tokio::spawn(async move {
+            client
+                .call::<_, PresenceResponse>(&addr, "/gate", &PresenceRequest::default())
+                .await
+        })
+    }
+
     #[tokio::test]
     async fn a_call_past_its_deadline_fails_alone() {
         let (addr, open, mut entered) = gated_peer().await;
         let client = ClusterClient::new(SECRET, Duration::from_secs(30));
         // A call in flight on the connection (the peer holds it until we open the gate)...
-        let in_flight = tokio::spawn({
-            let (client, addr) = (client.clone(), addr.clone());
-            async move {
-                client
-                    .call::<_, PresenceResponse>(&addr, "/gate", &PresenceRequest::default())
-                    .await
-            }
-        });
+        let in_flight = spawn_gate_call(&client, &addr);
         entered.recv().await.expect("the peer took the call");
         let first = open_channel(&client, &addr).expect("over cim-rpc");
         // ...while another call on it goes past its deadline.
@@ -536,14 +542,7 @@ mod tests {
         // The connection that saw a call time out is not used again, and closes once its
         // calls are done; the next call opens a new one.
         assert!(first.is_closed());
-        let next = tokio::spawn({
-            let (client, addr) = (client.clone(), addr.clone());
-            async move {
-                client
-                    .call::<_, PresenceResponse>(&addr, "/gate", &PresenceRequest::default())
-                    .await
-            }
-        });
+        let next = spawn_gate_call(&client, &addr);
         entered.recv().await.expect("the peer took the next call");
         let second = open_channel(&client, &addr).expect("a new connection");
         assert!(!Arc::ptr_eq(&first, &second));

@@ -9,6 +9,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 /// Default maximum frame size (encoded protobuf bytes, without the length prefix).
 pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
+/// The largest message body a route accepts (its `max_message_len` cannot be set higher):
+/// the frame a client may have to read for one message is this plus its envelope.
+pub const MAX_MESSAGE_LEN: usize = 1024 * 1024;
 
 /// Longest varint32: 5 bytes.
 const MAX_VARINT32_LEN: usize = 5;

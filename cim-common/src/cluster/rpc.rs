@@ -48,7 +48,7 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
 };
@@ -113,32 +113,32 @@ pub struct Channel {
     closed: CancellationToken,
 }
 
-/// Calls sent and not yet answered, and whether the connection is retired; `calls` is `None`
-/// once the connection has closed, so that a call can never wait on a connection that will
+/// Calls sent and not yet answered, and whether the connection is retired; `calls` holds
+/// `None` once the connection has closed, so that a call can never wait on a connection that will
 /// not answer it.
 struct Waiting {
-    state: Mutex<WaitingState>,
+    calls: Mutex<Calls>,
+    /// Written under `calls`' lock (so that `take` and `retire` agree on who closes), read
+    /// without it on every call's reuse check.
+    retired: AtomicBool,
     closed: CancellationToken,
 }
 
-struct WaitingState {
-    calls: Option<HashMap<u64, oneshot::Sender<Answer>>>,
-    retired: bool,
-}
+/// The answer senders of the calls in flight, by call id.
+type Calls = Option<HashMap<u64, oneshot::Sender<Answer>>>;
 
 impl Waiting {
-    fn lock(&self) -> std::sync::MutexGuard<'_, WaitingState> {
-        self.state.lock().expect("rpc waiting lock")
+    fn lock(&self) -> std::sync::MutexGuard<'_, Calls> {
+        self.calls.lock().expect("rpc waiting lock")
     }
 
     /// Removes call `id` (answered, or its caller stopped waiting); the last call of a
     /// retired connection closes it.
     fn take(&self, id: u64) -> Option<oneshot::Sender<Answer>> {
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let calls = state.calls.as_mut()?;
+        let mut calls = self.lock();
+        let calls = calls.as_mut()?;
         let tx = calls.remove(&id);
-        if state.retired && calls.is_empty() {
+        if self.retired.load(Ordering::Relaxed) && calls.is_empty() {
             self.closed.cancel();
         }
         tx
@@ -146,16 +146,16 @@ impl Waiting {
 
     /// No new calls go here; closes once the calls in flight are done (at once if none is).
     fn retire(&self) {
-        let mut state = self.lock();
-        state.retired = true;
-        if state.calls.as_ref().is_none_or(HashMap::is_empty) {
+        let calls = self.lock();
+        self.retired.store(true, Ordering::Relaxed);
+        if calls.as_ref().is_none_or(HashMap::is_empty) {
             self.closed.cancel();
         }
     }
 
     /// Fails every call still waiting (their senders drop).
     fn close(&self) {
-        self.lock().calls.take();
+        self.lock().take();
     }
 }
 
@@ -214,10 +214,8 @@ impl Channel {
         let (calls, queue) = mpsc::channel(WRITE_QUEUE);
         let closed = CancellationToken::new();
         let waiting = Arc::new(Waiting {
-            state: Mutex::new(WaitingState {
-                calls: Some(HashMap::new()),
-                retired: false,
-            }),
+            calls: Mutex::new(Some(HashMap::new())),
+            retired: AtomicBool::new(false),
             closed: closed.clone(),
         });
         tokio::spawn(write_frames(write, queue, closed.clone()));
@@ -237,7 +235,7 @@ impl Channel {
 
     /// Whether new calls should go here: open and not [retired](Self::retire).
     pub fn is_usable(&self) -> bool {
-        !self.is_closed() && !self.waiting.lock().retired
+        !self.is_closed() && !self.waiting.retired.load(Ordering::Relaxed)
     }
 
     /// Takes the connection out of use without failing the calls in flight: it closes once
@@ -259,7 +257,7 @@ impl Channel {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_call(id, path, body)?;
         let (tx, rx) = oneshot::channel();
-        match self.waiting.lock().calls.as_mut() {
+        match self.waiting.lock().as_mut() {
             Some(waiting) => waiting.insert(id, tx),
             None => return Err(RpcError::Closed),
         };
@@ -652,7 +650,7 @@ mod tests {
         )
         .await;
         assert!(gave_up.is_err(), "the deadline passed first");
-        assert!(channel.waiting.lock().calls.as_ref().unwrap().is_empty());
+        assert!(channel.waiting.lock().as_ref().unwrap().is_empty());
         // Its late answer is dropped; later calls are answered as usual.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
@@ -671,7 +669,7 @@ mod tests {
             async move { channel.call("/echo/1000", &asking(7)).await }
         });
         // The call is sent (it waits for its answer) before the connection is retired.
-        while channel.waiting.lock().calls.as_ref().unwrap().is_empty() {
+        while channel.waiting.lock().as_ref().unwrap().is_empty() {
             tokio::task::yield_now().await;
         }
         channel.retire();
