@@ -37,10 +37,12 @@
 //!   dead and reconnected.
 //! - **Reconnects** (automatic, with exponential backoff and ±20 % jitter, see
 //!   [`ReconnectPolicy`]) after: a dropped or dead connection, a `SERVER_SHUTDOWN` kick, a
-//!   `SLOW_CONSUMER` kick, or a kick with a reason this SDK does not know. Before each re-login
-//!   the previous session is logged out through the route, because its slot may still be held
-//!   (its server died before its etcd lease expired, or has not noticed the drop yet); that
-//!   makes the re-login succeed at once instead of answering `already_logged_in` for a while.
+//!   `SLOW_CONSUMER` kick, or a kick with a reason this SDK does not know. Each re-login
+//!   *resumes* the previous session (`POST /api/login/resume` with its session token, no
+//!   password): its slot may still be held (its server died before its etcd lease expired, or
+//!   has not noticed the drop yet), and the route gives it to the resumed session at once,
+//!   ending the old connection if it is still open. A session that ended meanwhile is
+//!   followed by a password login; a route without resume (404) by a logout and a login.
 //!   During reconnects, `already_logged_in`, `no_server`, unreachable routes and servers and
 //!   refused connect tokens are retried; `bad_credentials` (the password changed) ends the
 //!   client. The backoff restarts once a connection has stayed up for `max_backoff`.

@@ -411,6 +411,18 @@ impl RouteClient {
             .await
     }
 
+    /// Logs in again with the session token of a previous login (no password): the route
+    /// replaces that session with a new one, ending its old connection if still open.
+    /// 401 when that session has ended; 404 from a route older than this call.
+    pub async fn resume(&self, session_token: &str) -> Result<LoginInfo, RouteError> {
+        self.post(
+            "/api/login/resume",
+            Some(session_token),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     pub async fn logout(&self, session_token: &str) -> Result<(), RouteError> {
         let _: serde_json::Value = self
             .post("/api/logout", Some(session_token), &serde_json::json!({}))

@@ -8,7 +8,7 @@ use crate::{
     conn::{self, ConnError, Connection},
     pb::{self, frame::Body, Frame, KickReason},
     recent::RecentIds,
-    route::{RouteClient, RouteError},
+    route::{LoginInfo, RouteClient, RouteError},
     ClientInfo, Transport,
 };
 use std::{
@@ -432,30 +432,58 @@ impl Worker {
         }
     }
 
-    /// One reconnect attempt: free the previous session's slot, log in, connect.
+    /// One reconnect attempt: resume the previous session (or log in with the password),
+    /// then connect.
     async fn try_login(&mut self) -> Result<Live, Failed> {
-        if let Some(old) = self.token.take() {
-            // The previous session may still hold the login slot: its server died before its
-            // etcd lease expired, or has not noticed that the connection dropped. Its logout
-            // frees the slot (only if that session still holds it), so the login below
-            // succeeds now instead of answering 409 until the server or lease catches up.
-            match self.route.logout(&old).await {
-                Ok(()) => {}
-                // The route could not be asked: keep the token for the next attempt.
+        let login = match self.token.take() {
+            Some(old) => match self.resume(old).await? {
+                Some(login) => login,
+                None => self.password_login().await?,
+            },
+            None => self.password_login().await?,
+        };
+        // From here the new session holds the slot until connected or logged out.
+        self.token = Some(login.session_token.clone());
+        let live = open(&login, self.config.transport, self.config.tls, &self.route)
+            .await
+            .map_err(|e| Failed::Retry(e.to_string()))?;
+        *lock(&self.shared.session_token) = login.session_token;
+        Ok(live)
+    }
+
+    /// Logs in again with the previous session's token: the route replaces that session
+    /// (ending its connection if its server still has it), so a reconnect is never refused
+    /// by our own old session, and costs no password hash. `None` when that session ended
+    /// (a password login follows).
+    async fn resume(&mut self, old: String) -> Result<Option<LoginInfo>, Failed> {
+        match self.route.resume(&old).await {
+            Ok(login) => Ok(Some(login)),
+            // The route could not be asked: keep the token for the next attempt.
+            Err(e @ RouteError::Transport(_)) => {
+                self.token = Some(old);
+                Err(Failed::Retry(e.to_string()))
+            }
+            // A route older than resume: free the old slot by logging it out, then log in.
+            Err(e) if e.status() == Some(404) => match self.route.logout(&old).await {
                 Err(e @ RouteError::Transport(_)) => {
                     self.token = Some(old);
-                    return Err(Failed::Retry(e.to_string()));
+                    Err(Failed::Retry(e.to_string()))
                 }
-                Err(e) if e.status().is_some_and(|s| s >= 500 || s == 429) => {
-                    self.token = Some(old);
-                    return Err(Failed::Retry(e.to_string()));
-                }
-                // 401: that session already ended, which is what we wanted.
-                Err(_) => {}
+                _ => Ok(None),
+            },
+            Err(e) if e.status().is_some_and(|s| s >= 500 || s == 429) => {
+                self.token = Some(old);
+                Err(Failed::Retry(e.to_string()))
             }
+            // 401: that session ended (logged out, replaced, expired): log in afresh. 409:
+            // another login took the slot at the same moment; the password login says so.
+            Err(_) => Ok(None),
         }
-        let login = self
-            .route
+    }
+
+    /// Logs in with the name and password.
+    async fn password_login(&self) -> Result<LoginInfo, Failed> {
+        self.route
             .login(&self.config.name, &self.config.password)
             .await
             .map_err(|e| match e.code() {
@@ -466,14 +494,7 @@ impl Worker {
                         .into(),
                 ),
                 _ => Failed::Retry(e.to_string()),
-            })?;
-        // From here the new session holds the slot until connected or logged out.
-        self.token = Some(login.session_token.clone());
-        let live = open(&login, self.config.transport, self.config.tls, &self.route)
-            .await
-            .map_err(|e| Failed::Retry(e.to_string()))?;
-        *lock(&self.shared.session_token) = login.session_token;
-        Ok(live)
+            })
     }
 
     /// Records `state` for [`crate::Client::info`] and reports it as an event.

@@ -54,6 +54,18 @@ pub enum ClusterError {
     },
 }
 
+impl ClusterError {
+    /// Whether the peer is known to be gone: its address refused the connection (no process
+    /// listens there). A timeout is not: the peer may be alive behind a slow network, and
+    /// whatever it holds may still be live.
+    pub fn is_refused(&self) -> bool {
+        match self {
+            Self::Transport { source, .. } => source.is_connect() && !source.is_timeout(),
+            _ => false,
+        }
+    }
+}
+
 /// Constant-time comparison of the presented secret with ours.
 pub fn authorized(headers: &HeaderMap, secret: &str) -> bool {
     use subtle::ConstantTimeEq;

@@ -8,6 +8,7 @@
 //! | `{p}:user:{id}` | hash | `name`, `pw` (salted argon2 hash) |
 //! | `{p}:login:{{id}}` | string | login slot: `{session}` (pending) or `{session}@{server}` |
 //! | `{p}:route:{{id}}` | string | `{server}\|{session}`: where the user's connection lives |
+//! | `{p}:gen:{{id}}` | string | the user's login generation (INCR at every login, logout and forced offline; only a session token of it can resume), expiring a session token lifetime after the last change |
 //! | `{p}:online` | sorted set | lexicographic index `{name}\x1f{id}` of connected users |
 //! | `{p}:online:ids` | set | user ids of connected users (channel online counts: ZINTERCARD) |
 //! | `{p}:events` | stream | presence events, fields `t` (`online`/`offline`), `u` (user id), `n` (name), `s` (server id), `at` (unix ms), `r` (offline reason); capped with `MAXLEN ~` |
@@ -62,6 +63,10 @@ impl Keys {
 
     pub fn login(&self, id: u64) -> String {
         format!("{}:login:{{{id}}}", self.prefix)
+    }
+
+    pub fn generation(&self, id: u64) -> String {
+        format!("{}:gen:{{{id}}}", self.prefix)
     }
 
     pub fn route(&self, id: u64) -> String {

@@ -58,9 +58,10 @@ pub struct UserRecord {
 pub enum ClaimOutcome {
     /// The slot is ours, pending until a server attaches the connection.
     Claimed,
-    /// Another live session holds it: connected to `server` (or `None`: another login took
-    /// or attached the slot while this claim ran).
-    Held { server: Option<String> },
+    /// A session connected to a live server holds it.
+    Held { session: String, server: String },
+    /// The slot changed while this claim ran: another login took or attached it.
+    Contended,
 }
 
 /// Outcome of attaching a connection to its login session.
@@ -174,7 +175,7 @@ pub trait StateStore: Send + Sync + 'static {
     /// its client crashed, its server refused it, or it was a plain HTTP client) and a slot
     /// of a session whose server is not live are taken over, so that a user is never locked
     /// out by a login that has no connection. The old session's token can then no longer
-    /// attach. `Held` with no server: the slot changed under the claim (lost a race).
+    /// attach. [`ClaimOutcome::Contended`]: the slot changed under the claim (lost a race).
     async fn claim_login(
         &self,
         user_id: u64,
@@ -182,6 +183,27 @@ pub trait StateStore: Send + Sync + 'static {
         pending_ttl: Duration,
         is_live: IsLive<'_>,
     ) -> StoreResult<ClaimOutcome>;
+
+    /// Gives the slot held by `held_session` (pending or attached) to `session`, pending for
+    /// `pending_ttl`, if `held_session` still holds it (compare-and-set); returns whether it
+    /// did. For a takeover of a connected session: after its connection was kicked or its
+    /// server is known to be gone, or when the holder itself resumes with its session token.
+    async fn take_over_login(
+        &self,
+        user_id: u64,
+        held_session: &str,
+        session: &str,
+        pending_ttl: Duration,
+    ) -> StoreResult<bool>;
+
+    /// Starts a new login generation of `user_id` and returns it (1, 2, …): at every login,
+    /// logout and forced offline. Only the session token of the current generation can
+    /// resume. Kept for `keep` after the last call (the session token lifetime: by then every
+    /// token of an earlier generation has expired, so counting may restart).
+    async fn next_generation(&self, user_id: u64, keep: Duration) -> StoreResult<u64>;
+
+    /// The current login generation of `user_id` (0: none remembered).
+    async fn generation(&self, user_id: u64) -> StoreResult<u64>;
 
     /// Whether `session` still holds the login slot (pending or attached).
     async fn session_active(&self, user_id: u64, session: &str) -> StoreResult<bool>;

@@ -7,6 +7,9 @@
 //!   its own id; the session makes it single-use (see `StateStore::attach`).
 //! - a **session token** (bearer for HTTP calls): bound to the user and the login session; it
 //!   stops working when the session ends (logout or disconnect), checked against the login slot.
+//!   Until it expires, the token of the user's latest login can *resume* (`POST
+//!   /api/login/resume`): start a new session without the password, unless a logout, a
+//!   forced offline or another login came after it.
 //!
 //! Format: `base64url(json claims) "." base64url(hmac(tag ‖ json))`.
 
@@ -35,6 +38,12 @@ pub struct SessionClaims {
     pub user_name: String,
     pub session: String,
     pub exp_ms: i64,
+    /// The user's login generation when this session began (`StateStore::next_generation`):
+    /// only a token of the current generation can resume; every later login, logout or
+    /// forced offline starts a new one. 0 in tokens of versions before it existed (they
+    /// cannot resume).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -145,6 +154,21 @@ mod tests {
     }
 
     #[test]
+    fn a_session_token_without_a_generation_still_verifies() {
+        // Signed by a version before `iat_ms`: the claims JSON lacks it.
+        let s = TokenSigner::new("k-0123456789abcdef");
+        let json = br#"{"user_id":7,"user_name":"alice","session":"s1","exp_ms":10000}"#;
+        let sig = s.mac(SESSION_TAG, json).finalize().into_bytes();
+        let token = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(json),
+            URL_SAFE_NO_PAD.encode(sig)
+        );
+        let claims = s.verify_session(&token, 0).unwrap();
+        assert_eq!((claims.user_id, claims.generation), (7, 0));
+    }
+
+    #[test]
     fn round_trip_and_expiry() {
         let s = TokenSigner::new("secret-secret-secret");
         let t = s.sign_connect(&claims());
@@ -174,6 +198,7 @@ mod tests {
             user_name: "alice".into(),
             session: "s1".into(),
             exp_ms: 10_000,
+            generation: 0,
         });
         assert_eq!(s.verify_connect(&st, 0), Err(TokenError::BadSignature));
         assert_eq!(s.verify_connect("garbage", 0), Err(TokenError::Malformed));

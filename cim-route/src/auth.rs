@@ -15,7 +15,10 @@ use axum::{
     extract::FromRequestParts,
     http::{header, request::Parts},
 };
-use cim_common::{time::now_ms, token::TokenError};
+use cim_common::{
+    time::now_ms,
+    token::{SessionClaims, TokenError},
+};
 
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,32 +36,38 @@ pub fn bearer_token(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// The verified claims of the request's session token (signature and expiry; not whether
+/// its session still holds the login slot).
+fn session_claims(parts: &Parts, state: &AppState) -> Result<SessionClaims, AppError> {
+    let token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token)
+        .ok_or_else(|| {
+            AppError::unauthorized(
+                "unauthorized",
+                "missing `Authorization: Bearer <session_token>` header",
+            )
+        })?;
+    state
+        .signer()
+        .verify_session(token, now_ms())
+        .map_err(|e| match e {
+            TokenError::Expired => {
+                AppError::unauthorized("token_expired", "session token expired, log in again")
+            }
+            TokenError::Malformed | TokenError::BadSignature => {
+                AppError::unauthorized("unauthorized", "invalid session token")
+            }
+        })
+}
+
 impl FromRequestParts<AppState> for AuthUser {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer_token)
-            .ok_or_else(|| {
-                AppError::unauthorized(
-                    "unauthorized",
-                    "missing `Authorization: Bearer <session_token>` header",
-                )
-            })?;
-        let claims = state
-            .signer()
-            .verify_session(token, now_ms())
-            .map_err(|e| match e {
-                TokenError::Expired => {
-                    AppError::unauthorized("token_expired", "session token expired, log in again")
-                }
-                TokenError::Malformed | TokenError::BadSignature => {
-                    AppError::unauthorized("unauthorized", "invalid session token")
-                }
-            })?;
+        let claims = session_claims(parts, state)?;
         if !state
             .store()
             .session_active(claims.user_id, &claims.session)
@@ -74,6 +83,34 @@ impl FromRequestParts<AppState> for AuthUser {
             user_name: claims.user_name,
             session: claims.session,
         })
+    }
+}
+
+/// A caller resuming a login session (`POST /api/login/resume`): a valid, unexpired session
+/// token of the user's current login generation (no login, logout or forced offline came
+/// after it). Its session need not hold the slot any more (a reloaded page's connection has
+/// usually closed by then).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resumable(pub AuthUser);
+
+impl FromRequestParts<AppState> for Resumable {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let claims = session_claims(parts, state)?;
+        let current = state.store().generation(claims.user_id).await?;
+        if claims.generation == 0 || claims.generation != current {
+            return Err(AppError::unauthorized(
+                "session_ended",
+                "this login session was logged out, forced offline or replaced by a newer \
+                 login: log in again",
+            ));
+        }
+        Ok(Resumable(AuthUser {
+            user_id: claims.user_id,
+            user_name: claims.user_name,
+            session: claims.session,
+        }))
     }
 }
 

@@ -51,6 +51,11 @@ pub struct RouteConfig {
     /// Lifetime of a connect token, and of a pending login slot: a user who logs in and never
     /// connects is locked out at most this long.
     pub connect_token_ttl_ms: u64,
+    /// What a login does while the user is connected elsewhere: `refuse` (the default, CIM's
+    /// single-login rule: 409 `already_logged_in` until that session ends) or `replace` (the
+    /// new login wins, the old connection is kicked with REPLACED: still one connection per
+    /// user, as many mobile apps do it). A client resuming its own session always replaces it.
+    pub login_conflict: LoginConflict,
     /// Lifetime of a session (bearer) token.
     pub session_token_ttl_secs: u64,
     /// TTL of this instance's registry lease.
@@ -112,6 +117,7 @@ impl Default for RouteConfig {
             cluster_secret: DEV_SECRET.into(),
             backend: BackendConfig::default(),
             connect_token_ttl_ms: 30_000,
+            login_conflict: LoginConflict::Refuse,
             session_token_ttl_secs: 86_400,
             registry_ttl_secs: 10,
             request_timeout_ms: 10_000,
@@ -135,6 +141,17 @@ impl Default for RouteConfig {
             worker_threads: 0,
         }
     }
+}
+
+/// What a second login of a connected user does (`login_conflict`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LoginConflict {
+    /// Refused with 409 `already_logged_in` while the first connection lives.
+    #[default]
+    Refuse,
+    /// The new login wins; the old connection is kicked (REPLACED).
+    Replace,
 }
 
 /// Whether `s` is `host:port` with a non-empty host and a non-zero port.

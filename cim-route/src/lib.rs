@@ -27,6 +27,7 @@
 //! values, so any route instance serves any request and killing one loses nothing.
 
 pub mod api;
+pub mod assign;
 pub mod auth;
 pub mod config;
 pub mod error;

@@ -10,8 +10,8 @@
 //! never change once created: see [`crate::known_users`]).
 
 use crate::{
-    config::RouteConfig, events::EventHub, known_users::KnownUsers, metrics::RouteMetrics,
-    password::Passwords,
+    assign::Assigner, config::RouteConfig, events::EventHub, known_users::KnownUsers,
+    metrics::RouteMetrics, password::Passwords,
 };
 use cim_common::{
     cluster::ClusterClient,
@@ -20,10 +20,7 @@ use cim_common::{
     token::TokenSigner,
 };
 use prometheus_client::registry::Registry;
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
-};
+use std::sync::Arc;
 
 /// Cheap to clone: one shared [`Arc`].
 #[derive(Clone)]
@@ -39,7 +36,7 @@ struct Inner {
     signer: TokenSigner,
     cluster: ClusterClient,
     passwords: Passwords,
-    next_server: AtomicUsize,
+    assigner: Assigner,
     events: EventHub,
     known_users: KnownUsers,
     metrics: RouteMetrics,
@@ -85,7 +82,7 @@ impl AppState {
                 signer,
                 cluster,
                 passwords,
-                next_server: AtomicUsize::new(0),
+                assigner: Assigner::default(),
                 events: EventHub::new(),
                 known_users: KnownUsers::default(),
                 metrics,
@@ -144,13 +141,10 @@ impl AppState {
         self.inner.servers.borrow().clone()
     }
 
-    /// The next server in round-robin order, from `servers`.
-    pub fn pick_server(&self, servers: &Members) -> Option<ServiceInfo> {
-        if servers.is_empty() {
-            return None;
-        }
-        let n = self.inner.next_server.fetch_add(1, Ordering::Relaxed);
-        servers.get(n % servers.len()).cloned()
+    /// The server a new login is assigned: the next reachable one in round-robin order,
+    /// from `servers` (see [`crate::assign`]).
+    pub async fn pick_server(&self, servers: &Members) -> Option<ServiceInfo> {
+        self.inner.assigner.pick(servers, &self.inner.cluster).await
     }
 }
 

@@ -17,7 +17,7 @@ use cim_common::{
 use std::{
     collections::HashSet,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -108,6 +108,17 @@ pub struct Recorded {
     pub absent: Mutex<HashSet<u64>>,
     /// How many connections an `everyone` delivery reaches here (the fake has none to count).
     pub everyone: AtomicU64,
+    /// While set, kick and presence calls are taken but never answered (a wedged server).
+    pub stalled: AtomicBool,
+}
+
+impl Recorded {
+    /// Waits forever while the server is stalled.
+    async fn stall_if_asked(&self) {
+        if self.stalled.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -155,6 +166,7 @@ async fn fake_kick(
     State(s): State<FakeServer>,
     Protobuf(req): Protobuf<KickRequest>,
 ) -> Protobuf<KickResponse> {
+    s.recorded.stall_if_asked().await;
     let kicked = req.user_ids.clone();
     s.recorded.kicks.lock().unwrap().push(req);
     Protobuf(KickResponse { kicked })
@@ -165,6 +177,7 @@ async fn fake_presence(
     State(s): State<FakeServer>,
     Protobuf(req): Protobuf<PresenceRequest>,
 ) -> Protobuf<PresenceResponse> {
+    s.recorded.stall_if_asked().await;
     let absent = s.recorded.absent.lock().unwrap().clone();
     let connected = req
         .user_ids

@@ -15,8 +15,9 @@ use crate::pb::{Frame, KickReason};
 use bytes::Bytes;
 use prost::Message;
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock},
+    time::{Duration, Instant},
 };
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -241,7 +242,25 @@ impl ConnShared {
 #[derive(Default)]
 pub(crate) struct ConnTable {
     map: RwLock<HashMap<u64, Arc<ConnShared>>>,
+    /// Login sessions a route ended (kicked by session) while they had no connection here:
+    /// a connection's attach and its entry into the table are two steps, and a route that
+    /// saw the attach may end the session in between. The connection then finds its session
+    /// here as it enters, and closes. Oldest first; bounded in count and age.
+    ended: Mutex<VecDeque<EndedSession>>,
 }
+
+/// A login session ended before its connection entered the table.
+struct EndedSession {
+    user_id: u64,
+    session: String,
+    at: Instant,
+}
+
+/// How long an ended session is remembered: far longer than an attach takes to reach the
+/// table, short enough to keep the list small.
+const ENDED_KEEP: Duration = Duration::from_secs(10);
+/// Most ended sessions remembered (the oldest are forgotten first).
+const ENDED_MAX: usize = 4096;
 
 impl ConnTable {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Arc<ConnShared>>> {
@@ -272,6 +291,45 @@ impl ConnTable {
 
     pub(crate) fn get(&self, user_id: u64) -> Option<Arc<ConnShared>> {
         self.read().get(&user_id).cloned()
+    }
+
+    fn ended(&self) -> MutexGuard<'_, VecDeque<EndedSession>> {
+        self.ended.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The connection of `user_id` if it belongs to login session `session`. When there is
+    /// none, the session is remembered as ended, so that a connection of it that is still
+    /// between its attach and the table is closed as it enters ([`Self::entered_ended`]).
+    pub(crate) fn end_session(&self, user_id: u64, session: &str) -> Option<Arc<ConnShared>> {
+        // Held across the lookup: an entry checks the list after it is in the map, so either
+        // this finds the connection or the connection finds this record.
+        let mut ended = self.ended();
+        if let Some(conn) = self.get(user_id).filter(|c| c.session == session) {
+            return Some(conn);
+        }
+        let now = Instant::now();
+        while ended
+            .front()
+            .is_some_and(|e| now.duration_since(e.at) > ENDED_KEEP)
+            || ended.len() >= ENDED_MAX
+        {
+            ended.pop_front();
+        }
+        ended.push_back(EndedSession {
+            user_id,
+            session: session.to_string(),
+            at: now,
+        });
+        None
+    }
+
+    /// Whether `conn`, just inserted, belongs to a session a route ended before it got here
+    /// (see [`Self::end_session`]); it must then close.
+    pub(crate) fn entered_ended(&self, conn: &ConnShared) -> bool {
+        let ended = self.ended();
+        ended
+            .iter()
+            .any(|e| e.user_id == conn.user_id && e.session == conn.session)
     }
 
     /// Offers `item` to each recipient connected here; returns those whose queue accepted it.
@@ -401,6 +459,31 @@ mod tests {
         // From the system (sender 0): nobody is skipped.
         assert_eq!(table.enqueue_all(&ping(10), 0), 3);
         assert_eq!(conns[1].queued(), 1);
+    }
+
+    #[test]
+    fn a_session_ended_before_its_connection_entered_is_refused_as_it_enters() {
+        let table = ConnTable::default();
+        let live = Arc::new(ConnShared::new(5, "a".into(), "s1".into(), 8));
+        table.insert(live.clone());
+        // A connection of the session: found, nothing remembered.
+        assert!(table
+            .end_session(5, "s1")
+            .is_some_and(|c| Arc::ptr_eq(&c, &live)));
+        assert!(!table.entered_ended(&live));
+        // Another session of the user, not here yet: remembered, and refused as it enters;
+        // other sessions and users are not.
+        assert!(table.end_session(5, "s2").is_none());
+        let late = ConnShared::new(5, "a".into(), "s2".into(), 8);
+        assert!(table.entered_ended(&late));
+        assert!(!table.entered_ended(&ConnShared::new(5, "a".into(), "s3".into(), 8)));
+        assert!(!table.entered_ended(&ConnShared::new(6, "b".into(), "s2".into(), 8)));
+        // Bounded: the oldest are forgotten first.
+        for i in 0..ENDED_MAX {
+            table.end_session(7, &format!("x{i}"));
+        }
+        assert_eq!(table.ended().len(), ENDED_MAX);
+        assert!(!table.entered_ended(&late));
     }
 
     #[test]

@@ -133,12 +133,16 @@ async fn kick(
     let frame = Outbound::new(Frame::new(Body::Kick(kick)));
     let mut kicked = Vec::new();
     for user_id in request.user_ids {
-        let Some(conn) = state.table.get(user_id) else {
+        let conn = if request.session.is_empty() {
+            state.table.get(user_id)
+        } else {
+            // A session ended by a route (logout, a login that replaces it) stays ended
+            // even if its connection has not entered the table yet.
+            state.table.end_session(user_id, &request.session)
+        };
+        let Some(conn) = conn else {
             continue;
         };
-        if !request.session.is_empty() && conn.session != request.session {
-            continue;
-        }
         if conn.close(frame.clone(), reason, true) {
             kicked.push(user_id);
         }

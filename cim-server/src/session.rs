@@ -404,6 +404,14 @@ async fn login<T: Transport>(
         );
         old.close(Outbound::new(kick), KickReason::Replaced, true);
     }
+    // A route ended this session between its attach and now (a login that replaced it).
+    if state.table.entered_ended(&conn) {
+        let kick = Frame::kick(
+            KickReason::Replaced,
+            "this account logged in again elsewhere",
+        );
+        conn.close(Outbound::new(kick), KickReason::Replaced, true);
+    }
     // A shutdown kicks the connections in the table; one that entered after that sweep
     // sees the cancellation here (the table lock orders the two).
     if state.cancel.is_cancelled() {

@@ -245,6 +245,8 @@ for_each_store!(
     claim_pending_is_taken_over_or_expires,
     claim_of_attached_slot_depends_on_server_liveness,
     concurrent_claims_have_one_winner,
+    take_over_replaces_only_the_named_session,
+    generations_count_per_user_and_restart_after_keep,
     attach_is_single_use,
     detach_removes_only_its_own_route_and_slot,
     late_detach_of_an_old_session_keeps_the_new_one,
@@ -361,7 +363,8 @@ async fn claim_pending_is_taken_over_or_expires(s: &StoreUnderTest) -> anyhow::R
     assert_eq!(
         s.claim_login(7, "s3", ttl, &everyone_live).await?,
         ClaimOutcome::Held {
-            server: Some("srv-a".into())
+            session: "s2".into(),
+            server: "srv-a".into()
         }
     );
     // Another user's slot is independent.
@@ -407,7 +410,8 @@ async fn claim_of_attached_slot_depends_on_server_liveness(
     assert_eq!(
         s.claim_login(1, "s2", ttl, &only_a).await?,
         ClaimOutcome::Held {
-            server: Some("srv-a".into())
+            session: "s1".into(),
+            server: "srv-a".into()
         }
     );
     assert!(s.session_active(1, "s1").await?);
@@ -454,7 +458,7 @@ async fn concurrent_claims_have_one_winner(s: &StoreUnderTest) -> anyhow::Result
         let (session, out) = r?;
         match out? {
             ClaimOutcome::Claimed => claimed.push(session),
-            ClaimOutcome::Held { server } => assert_eq!(server, None),
+            other => assert_eq!(other, ClaimOutcome::Contended),
         }
     }
     assert!(!claimed.is_empty());
@@ -474,8 +478,73 @@ async fn concurrent_claims_have_one_winner(s: &StoreUnderTest) -> anyhow::Result
     assert_eq!(attached, 1, "exactly one of {claimed:?} attaches");
     assert!(matches!(
         s.claim_login(3, "late", LONG_TTL, &everyone_live).await?,
-        ClaimOutcome::Held { server: Some(_) }
+        ClaimOutcome::Held { .. }
     ));
+    Ok(())
+}
+
+async fn generations_count_per_user_and_restart_after_keep(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    assert_eq!(s.generation(5).await?, 0);
+    assert_eq!(s.next_generation(5, LONG_TTL).await?, 1);
+    assert_eq!(s.next_generation(5, LONG_TTL).await?, 2);
+    assert_eq!(s.generation(5).await?, 2);
+    // Per user, and forgotten `keep` after the last change.
+    assert_eq!(s.generation(6).await?, 0);
+    assert_eq!(s.next_generation(6, Duration::from_millis(200)).await?, 1);
+    wait_until("the generation to expire", DEADLINE, || async {
+        s.generation(6).await.unwrap() == 0
+    })
+    .await?;
+    assert_eq!(s.next_generation(6, LONG_TTL).await?, 1);
+    assert_eq!(s.generation(5).await?, 2);
+    Ok(())
+}
+
+async fn take_over_replaces_only_the_named_session(s: &StoreUnderTest) -> anyhow::Result<()> {
+    let ttl = Duration::from_millis(300);
+    // Nothing to take over.
+    assert!(!s.take_over_login(4, "s1", "s2", LONG_TTL).await?);
+    assert_eq!(s.slot(4).await, None);
+    s.claim_login(4, "s1", LONG_TTL, &nobody_live).await?;
+    assert_eq!(
+        s.attach(4, "u4", "s1", "srv-a").await?,
+        AttachOutcome::Attached
+    );
+    // A session that does not hold the slot takes nothing, not even one whose id merely
+    // starts like the holder's.
+    assert!(!s.take_over_login(4, "s", "s2", LONG_TTL).await?);
+    assert!(!s.take_over_login(4, "s9", "s2", LONG_TTL).await?);
+    assert!(s.session_active(4, "s1").await?);
+    // The holder's session (attached): replaced by a pending one with the new TTL.
+    assert!(s.take_over_login(4, "s1", "s2", ttl).await?);
+    assert!(!s.session_active(4, "s1").await?);
+    assert!(s.session_active(4, "s2").await?);
+    let pttl = s.slot_ttl_ms(4).await;
+    assert!(
+        pttl.is_some_and(|ms| ms > 0 && ms <= 300),
+        "pending with the new TTL, got PTTL {pttl:?}"
+    );
+    // The old session can neither attach nor release; the new one attaches.
+    assert_eq!(
+        s.attach(4, "u4", "s1", "srv-a").await?,
+        AttachOutcome::SessionInvalid
+    );
+    assert_eq!(s.release_login(4, "s1").await?, None);
+    // A pending holder can be taken over too, then the new session attaches.
+    assert!(s.take_over_login(4, "s2", "s3", LONG_TTL).await?);
+    assert_eq!(
+        s.attach(4, "u4", "s3", "srv-b").await?,
+        AttachOutcome::Attached
+    );
+    assert_eq!(
+        s.claim_login(4, "late", LONG_TTL, &everyone_live).await?,
+        ClaimOutcome::Held {
+            session: "s3".into(),
+            server: "srv-b".into()
+        }
+    );
     Ok(())
 }
 

@@ -387,6 +387,13 @@ async fn force_offline_kicks_with_the_admin_reason() -> anyhow::Result<()> {
         }
     })
     .await?;
+    // Forced offline is for good: the session token cannot bring the client back.
+    let err = cluster
+        .route()
+        .resume(&alice.login.session_token)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("session_ended"), "{err}");
     let path = format!("/api/admin/users/{}/kick", alice.id());
     let resp = admin.request(reqwest::Method::POST, &path).send().await?;
     assert_eq!(resp.status(), 200, "no body is fine");

@@ -196,22 +196,19 @@ impl Setup {
                     // between claiming and connecting left a pending slot under this name,
                     // which the next run can release instead of waiting for it to expire.
                     let session = format!("bench-{id}");
-                    let held = match self.claim(id, &session, ttl, live).await? {
-                        ClaimOutcome::Claimed => None,
-                        ClaimOutcome::Held { server: None } => {
-                            self.backends.store.release_login(id, &session).await?;
-                            match self.claim(id, &session, ttl, live).await? {
-                                ClaimOutcome::Claimed => None,
-                                ClaimOutcome::Held { server } => Some(server),
-                            }
+                    let mut outcome = self.claim(id, &session, ttl, live).await?;
+                    if outcome == ClaimOutcome::Contended {
+                        self.backends.store.release_login(id, &session).await?;
+                        outcome = self.claim(id, &session, ttl, live).await?;
+                    }
+                    match outcome {
+                        ClaimOutcome::Claimed => {}
+                        ClaimOutcome::Held { .. } => {
+                            return Ok(Err("already_logged_in (connected)".to_string()))
                         }
-                        ClaimOutcome::Held { server } => Some(server),
-                    };
-                    if let Some(server) = held {
-                        return Ok(Err(match server {
-                            Some(_) => "already_logged_in (connected)".to_string(),
-                            None => "already_logged_in (pending)".to_string(),
-                        }));
+                        ClaimOutcome::Contended => {
+                            return Ok(Err("already_logged_in (pending)".to_string()))
+                        }
                     }
                     let exp_ms = cim_common::time::now_ms()
                         + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);

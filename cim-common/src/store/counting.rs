@@ -55,6 +55,28 @@ impl StateStore for Counting {
         self.count(r)
     }
 
+    async fn take_over_login(
+        &self,
+        user_id: u64,
+        held_session: &str,
+        session: &str,
+        pending_ttl: Duration,
+    ) -> StoreResult<bool> {
+        let r = self
+            .inner
+            .take_over_login(user_id, held_session, session, pending_ttl)
+            .await;
+        self.count(r)
+    }
+
+    async fn next_generation(&self, user_id: u64, keep: Duration) -> StoreResult<u64> {
+        self.count(self.inner.next_generation(user_id, keep).await)
+    }
+
+    async fn generation(&self, user_id: u64) -> StoreResult<u64> {
+        self.count(self.inner.generation(user_id).await)
+    }
+
     async fn session_active(&self, user_id: u64, session: &str) -> StoreResult<bool> {
         self.count(self.inner.session_active(user_id, session).await)
     }

@@ -107,6 +107,10 @@ struct State {
     channels: BTreeMap<String, BTreeSet<u64>>,
     /// User → the channels they are a member of (no entry: none).
     user_channels: HashMap<u64, BTreeSet<String>>,
+    /// User → (login generation, until when kept).
+    generations: HashMap<u64, (u64, Instant)>,
+    /// Entry count at which the next generation drops the expired ones.
+    generations_purge_at: usize,
 }
 
 impl State {
@@ -448,10 +452,11 @@ impl StateStore for MemoryStore {
             }
         };
         match keys::parse_slot(&current) {
-            (_, Some(server)) if is_live(server) => Ok(ClaimOutcome::Held {
-                server: Some(server.to_string()),
+            (held, Some(server)) if is_live(server) => Ok(ClaimOutcome::Held {
+                session: held.to_string(),
+                server: server.to_string(),
             }),
-            (_, held_on) => {
+            _ => {
                 // Pending (a login nobody connected with) or held by a session on a dead
                 // server: take it over unless it changed while `is_live` ran (the Redis
                 // store's compare-and-set).
@@ -461,12 +466,53 @@ impl StateStore for MemoryStore {
                     state.set_pending(user_id, session, pending_ttl, now);
                     Ok(ClaimOutcome::Claimed)
                 } else {
-                    Ok(ClaimOutcome::Held {
-                        server: held_on.map(str::to_string),
-                    })
+                    Ok(ClaimOutcome::Contended)
                 }
             }
         }
+    }
+
+    async fn take_over_login(
+        &self,
+        user_id: u64,
+        held_session: &str,
+        session: &str,
+        pending_ttl: Duration,
+    ) -> StoreResult<bool> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let holds = state
+            .slot_value(user_id, now)
+            .is_some_and(|value| keys::parse_slot(&value).0 == held_session);
+        if holds {
+            state.set_pending(user_id, session, pending_ttl, now);
+        }
+        Ok(holds)
+    }
+
+    async fn next_generation(&self, user_id: u64, keep: Duration) -> StoreResult<u64> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if state.generations.len() >= state.generations_purge_at {
+            state.generations.retain(|_, (_, until)| *until > now);
+            state.generations_purge_at = (state.generations.len() * 2).max(MIN_PURGE_AT);
+        }
+        let until = now + keep.max(Duration::from_millis(1));
+        let entry = state.generations.entry(user_id).or_insert((0, until));
+        // An expired counter restarts, as the Redis key vanishes.
+        let current = if entry.1 > now { entry.0 } else { 0 };
+        *entry = (current + 1, until);
+        Ok(current + 1)
+    }
+
+    async fn generation(&self, user_id: u64) -> StoreResult<u64> {
+        let now = Instant::now();
+        let state = self.lock();
+        Ok(state
+            .generations
+            .get(&user_id)
+            .filter(|(_, until)| *until > now)
+            .map_or(0, |&(generation, _)| generation))
     }
 
     async fn session_active(&self, user_id: u64, session: &str) -> StoreResult<bool> {

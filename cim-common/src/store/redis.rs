@@ -113,6 +113,31 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// Give a slot held by a session (pending or attached) to another, pending. KEYS = slot;
+/// ARGV = held session, new session, ttl ms. Returns 1 when it did.
+static TAKE_OVER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local v = redis.call('GET', KEYS[1])
+        if not v then return 0 end
+        if v == ARGV[1] or string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '@' then
+            redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+            return 1
+        end
+        return 0",
+    )
+});
+
+/// Next login generation. KEYS = generation; ARGV = keep ms. Returns the new generation.
+static NEXT_GENERATION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local g = redis.call('INCR', KEYS[1])
+        redis.call('PEXPIRE', KEYS[1], ARGV[1])
+        return g",
+    )
+});
+
 /// Take or renew a lease. KEYS = lease; ARGV = owner, ttl ms. Returns 1 while `owner` holds it.
 static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -353,12 +378,14 @@ const LAST_EVENT_ID: EventId = EventId {
 
 /// UTF-8 text of a reply element.
 /// Every script, loaded at connect.
-static ALL_SCRIPTS: [&LazyLock<Script>; 10] = [
+static ALL_SCRIPTS: [&LazyLock<Script>; 12] = [
     &ATTACH,
     &DETACH,
     &DEL_IF_EQ,
     &SET_IF_EQ,
     &RELEASE,
+    &TAKE_OVER,
+    &NEXT_GENERATION,
     &LEASE,
     &JOIN_INDEX,
     &INBOX_STORE,
@@ -957,13 +984,14 @@ impl StateStore for RedisStore {
             }
         }
         let Some(current) = current else {
-            return Ok(ClaimOutcome::Held { server: None });
+            return Ok(ClaimOutcome::Contended);
         };
         match keys::parse_slot(&current) {
-            (_, Some(server)) if is_live(server) => Ok(ClaimOutcome::Held {
-                server: Some(server.to_string()),
+            (held, Some(server)) if is_live(server) => Ok(ClaimOutcome::Held {
+                session: held.to_string(),
+                server: server.to_string(),
             }),
-            (_, held_on) => {
+            _ => {
                 // Pending (a login nobody connected with) or held by a session on a dead
                 // server: take it over, unless it changed meanwhile (e.g. attached).
                 let took: i32 = SET_IF_EQ
@@ -977,12 +1005,46 @@ impl StateStore for RedisStore {
                 if took == 1 {
                     Ok(ClaimOutcome::Claimed)
                 } else {
-                    Ok(ClaimOutcome::Held {
-                        server: held_on.map(str::to_string),
-                    })
+                    Ok(ClaimOutcome::Contended)
                 }
             }
         }
+    }
+
+    async fn take_over_login(
+        &self,
+        user_id: u64,
+        held_session: &str,
+        session: &str,
+        pending_ttl: Duration,
+    ) -> StoreResult<bool> {
+        let took: i32 = TAKE_OVER
+            .key(self.keys.login(user_id))
+            .arg(held_session)
+            .arg(session)
+            .arg(pending_ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(took == 1)
+    }
+
+    async fn next_generation(&self, user_id: u64, keep: Duration) -> StoreResult<u64> {
+        NEXT_GENERATION
+            .key(self.keys.generation(user_id))
+            .arg(keep.as_millis().max(1) as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn generation(&self, user_id: u64) -> StoreResult<u64> {
+        let g: Option<u64> = self
+            .conn()
+            .get(self.keys.generation(user_id))
+            .await
+            .map_err(unavailable)?;
+        Ok(g.unwrap_or(0))
     }
 
     async fn session_active(&self, user_id: u64, session: &str) -> StoreResult<bool> {

@@ -4,22 +4,25 @@
 //! - `POST /api/register` `{"name","password"}` → 201 `{"user_id","name"}`
 //! - `POST /api/login` `{"name","password"}` → 200 `{"user_id","name","server":{..},
 //!   "connect_token","session_token"}`
+//! - `POST /api/login/resume` (bearer) → 200, as login: a new session replacing the caller's
 //! - `POST /api/logout` (bearer) → 200 `{"ok":true}`
 
 use crate::{
     api::openapi::ErrorBody,
-    auth::AuthUser,
+    auth::{AuthUser, Resumable},
+    config::LoginConflict,
     error::{ApiJson, AppError},
     state::{is_live, live_server, AppState},
 };
 use axum::{extract::State, http::StatusCode, Json};
 use cim_common::{
+    cluster::ClusterError,
     ids,
     pb::{
         cluster::{KickRequest, KickResponse, PresenceRequest, PresenceResponse},
         Kick, KickReason,
     },
-    registry::ServiceInfo,
+    registry::{Members, ServiceInfo},
     store::ClaimOutcome,
     time::now_ms,
     token::{ConnectClaims, SessionClaims},
@@ -222,6 +225,35 @@ pub async fn login(
     result.map(Json)
 }
 
+/// Resume a login session.
+///
+/// A client that still has its session token (a reloaded web page, an app that lost its
+/// connection) logs in again without the password: the session is replaced by a new one on a
+/// freshly assigned server, its old connection, if still open, is kicked (REPLACED), and the
+/// answer is a login's. The old session token stops working. A session that has ended
+/// (logged out, disconnected past the heartbeat timeout, replaced by another device) gets
+/// 401 `session_ended`: log in with the password.
+#[utoipa::path(
+    post,
+    path = "/api/login/resume",
+    tag = "accounts",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Logged in again: connect to `server` with `connect_token`", body = LoggedIn),
+        (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`: log in with the password", body = ErrorBody),
+        (status = 409, description = "`already_logged_in`: another login took the slot at the same moment", body = ErrorBody),
+        (status = 503, description = "`no_server`, `unavailable` (the old connection's server did not answer), `overloaded` or `timeout`", body = ErrorBody),
+    )
+)]
+pub async fn resume(
+    State(state): State<AppState>,
+    Resumable(caller): Resumable,
+) -> Result<Json<LoggedIn>, AppError> {
+    let result = resume_session(&state, caller).await;
+    state.metrics().login(&result);
+    result.map(Json)
+}
+
 /// [`login`]'s work: the credentials, then [`open_session`].
 async fn check_and_open(state: &AppState, creds: Credentials) -> Result<LoggedIn, AppError> {
     let config = state.config();
@@ -253,19 +285,42 @@ async fn check_and_open(state: &AppState, creds: Credentials) -> Result<LoggedIn
 
 /// Starts a login session of an authenticated user: takes the single-login slot, assigns a
 /// server, signs the tokens. Shared by `login` and the business API's connect call (a
-/// backend that authenticated the user itself).
+/// backend that authenticated the user itself). A user connected elsewhere is refused or
+/// replaced as `login_conflict` says.
 pub(crate) async fn open_session(
     state: &AppState,
     user_id: u64,
     user_name: String,
 ) -> Result<LoggedIn, AppError> {
-    let config = state.config();
     let user = UserRef {
         id: user_id,
         name: user_name,
     };
+    start_session(state, user, None).await
+}
+
+/// [`open_session`] for whoever holds a session token of `caller.session` (checked by
+/// [`Resumable`]): a reconnecting client (a reloaded web page, the SDK after a network
+/// change) gets a new session at once without the password. Its own old connection, if its
+/// slot still holds it, is ended whatever `login_conflict` says; a slot held by another
+/// device is treated as for any login.
+async fn resume_session(state: &AppState, caller: AuthUser) -> Result<LoggedIn, AppError> {
+    let user = UserRef {
+        id: caller.user_id,
+        name: caller.user_name,
+    };
+    start_session(state, user, Some(caller.session)).await
+}
+
+/// Takes the slot for a new session (see [`take_slot`]) and signs its tokens.
+async fn start_session(
+    state: &AppState,
+    user: UserRef,
+    resumed: Option<String>,
+) -> Result<LoggedIn, AppError> {
+    let config = state.config();
     let servers = state.servers();
-    let server = state.pick_server(&servers).ok_or_else(|| {
+    let server = state.pick_server(&servers).await.ok_or_else(|| {
         AppError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_server",
@@ -273,48 +328,14 @@ pub(crate) async fn open_session(
         )
     })?;
     let session = ids::session_id();
-    let mut outcome = state
-        .store()
-        .claim_login(user.id, &session, config.connect_token_ttl(), &|s| {
-            is_live(&servers, s)
-        })
-        .await?;
-    if let ClaimOutcome::Held {
-        server: Some(holder),
-    } = &outcome
-    {
-        // The slot says "connected to a live server". After a crash the registry lists the
-        // server until its lease expires, so ask it: if it does not hold the user (or does
-        // not answer), the slot is stale and this login takes it over at once.
-        if let Some(server) = live_server(&servers, holder) {
-            if !holds_user(state, server, user.id).await {
-                tracing::info!(user_id = user.id, server = %holder, "login slot was stale: taken over");
-                let stale = holder.clone();
-                outcome = state
-                    .store()
-                    .claim_login(user.id, &session, config.connect_token_ttl(), &|s| {
-                        s != stale && is_live(&servers, s)
-                    })
-                    .await?;
-            }
-        }
-    }
-    if let ClaimOutcome::Held { server } = outcome {
-        let detail = match server {
-            Some(s) => format!("connected to server {s}"),
-            None => "another login took the slot at the same moment".into(),
-        };
-        return Err(AppError::new(
-            StatusCode::CONFLICT,
-            "already_logged_in",
-            format!(
-                "{} is already logged in elsewhere ({detail}); the login frees when that session \
-                 disconnects or logs out, or at the latest within the heartbeat timeout",
-                user.name
-            ),
-        ));
-    }
+    take_slot(state, &servers, &user, &session, resumed.as_deref()).await?;
 
+    // One login session per user: the tokens of earlier ones can no longer resume (a
+    // replaced device reloading its page must not take the account back).
+    let generation = state
+        .store()
+        .next_generation(user.id, config.session_token_ttl())
+        .await?;
     let now = now_ms();
     let connect_exp =
         now.saturating_add(i64::try_from(config.connect_token_ttl_ms).unwrap_or(i64::MAX));
@@ -332,8 +353,9 @@ pub(crate) async fn open_session(
         user_name: user.name.clone(),
         session,
         exp_ms: session_exp,
+        generation,
     });
-    tracing::info!(user_id = user.id, server = %server.id, "logged in");
+    tracing::info!(user_id = user.id, server = %server.id, resumed = resumed.is_some(), "logged in");
     Ok(LoggedIn {
         user_id: user.id,
         name: user.name,
@@ -344,32 +366,192 @@ pub(crate) async fn open_session(
     })
 }
 
+/// Takes the user's single-login slot for `session`, pending.
+///
+/// A free slot, a pending one (nobody connected with it) and one attached to a server that is
+/// not live are simply taken ([`StateStore::claim_login`]). A slot attached to a live server
+/// is a connection that may be open; it is taken over only after that connection is known to
+/// be ended, so that a user never has two: the caller resumes that very session, or
+/// `login_conflict = "replace"`, or (with `"refuse"`) its server says it does not hold the
+/// user (a stale slot after a crash). The old connection is kicked (REPLACED) first; a server
+/// that refuses connections holds nothing. A server that cannot be asked in time (slow, or
+/// unreachable without a refusal) may still hold it: 503 `unavailable`, retry.
+///
+/// [`StateStore::claim_login`]: cim_common::store::StateStore::claim_login
+async fn take_slot(
+    state: &AppState,
+    servers: &Members,
+    user: &UserRef,
+    session: &str,
+    resumed: Option<&str>,
+) -> Result<(), AppError> {
+    let ttl = state.config().connect_token_ttl();
+    let live = |s: &str| is_live(servers, s);
+    let claim = || state.store().claim_login(user.id, session, ttl, &live);
+    let (held, holder) = match claim().await? {
+        ClaimOutcome::Claimed => return Ok(()),
+        ClaimOutcome::Contended => {
+            return Err(already_logged_in(
+                user,
+                "another login took the slot at the same moment",
+            ))
+        }
+        ClaimOutcome::Held { session, server } => (session, server),
+    };
+    let replace =
+        resumed == Some(held.as_str()) || state.config().login_conflict == LoginConflict::Replace;
+    // The registry may have dropped the server since the claim read it: then it holds nothing.
+    if let Some(server) = live_server(servers, &holder) {
+        if !replace {
+            match holds_user(state, server, user.id).await {
+                Reach::Answered(true) => {
+                    return Err(already_logged_in(
+                        user,
+                        &format!("connected to server {holder}"),
+                    ))
+                }
+                Reach::Answered(false) => {
+                    tracing::info!(user_id = user.id, server = %holder, "login slot was stale: taken over");
+                }
+                Reach::Gone => {
+                    tracing::info!(user_id = user.id, server = %holder, "the slot's server refuses connections: taken over");
+                }
+                Reach::Unknown(e) => return Err(holder_unreachable(&holder, &e)),
+            }
+        }
+        if let Reach::Unknown(e) = end_connection(state, server, user.id, &held).await {
+            return Err(holder_unreachable(&holder, &e));
+        }
+    }
+    if state
+        .store()
+        .take_over_login(user.id, &held, session, ttl)
+        .await?
+    {
+        return Ok(());
+    }
+    // The slot changed meanwhile: the kicked connection's detach freed it (take it), or
+    // another login was faster (it wins).
+    match claim().await? {
+        ClaimOutcome::Claimed => Ok(()),
+        ClaimOutcome::Held { server, .. } => Err(already_logged_in(
+            user,
+            &format!("connected to server {server}"),
+        )),
+        ClaimOutcome::Contended => Err(already_logged_in(
+            user,
+            "another login took the slot at the same moment",
+        )),
+    }
+}
+
+fn already_logged_in(user: &UserRef, detail: &str) -> AppError {
+    AppError::new(
+        StatusCode::CONFLICT,
+        "already_logged_in",
+        format!(
+            "{} is already logged in elsewhere ({detail}); the login frees when that session \
+             disconnects or logs out, or at the latest within the heartbeat timeout",
+            user.name
+        ),
+    )
+}
+
+fn holder_unreachable(server: &str, error: &ClusterError) -> AppError {
+    tracing::warn!(server, %error, "the server holding a login did not answer");
+    AppError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        format!(
+            "the server holding this user's other connection ({server}) did not answer, so \
+             it may still be open; retry shortly"
+        ),
+    )
+}
+
 /// The user a session is opened for.
 struct UserRef {
     id: u64,
     name: String,
 }
 
-/// Whether `server` has a logged-in connection of `user_id`. A server that cannot be asked
-/// (crashed, unreachable) holds nobody.
-async fn holds_user(state: &AppState, server: &ServiceInfo, user_id: u64) -> bool {
+/// What asking a server told.
+enum Reach<T> {
+    Answered(T),
+    /// It refused the connection: no process listens there, so it holds nothing.
+    Gone,
+    /// No answer in time, or an error: it may be alive and hold anything.
+    Unknown(ClusterError),
+}
+
+impl<T> Reach<T> {
+    fn of(result: Result<T, ClusterError>) -> Self {
+        match result {
+            Ok(answer) => Self::Answered(answer),
+            Err(e) if e.is_refused() => Self::Gone,
+            Err(e) => Self::Unknown(e),
+        }
+    }
+}
+
+/// Whether `server` has a logged-in connection of `user_id`. A server that advertises no
+/// internal address cannot be asked: trust the slot.
+async fn holds_user(state: &AppState, server: &ServiceInfo, user_id: u64) -> Reach<bool> {
     if server.internal_addr.is_empty() {
-        return true; // cannot ask: trust the slot
+        return Reach::Answered(true);
     }
     let req = PresenceRequest {
         user_ids: vec![user_id],
     };
-    match state
-        .cluster()
-        .call::<_, PresenceResponse>(&server.internal_addr, PRESENCE_PATH, &req)
-        .await
-    {
-        Ok(resp) => resp.connected.iter().any(|c| c.user_id == user_id),
-        Err(e) => {
-            tracing::warn!(server = %server.id, error = %e, "presence check failed: treating the server as gone");
-            false
+    Reach::of(
+        state
+            .cluster()
+            .call::<_, PresenceResponse>(&server.internal_addr, PRESENCE_PATH, &req)
+            .await,
+    )
+    .map(|resp| resp.connected.iter().any(|c| c.user_id == user_id))
+}
+
+impl<T> Reach<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Reach<U> {
+        match self {
+            Self::Answered(t) => Reach::Answered(f(t)),
+            Self::Gone => Reach::Gone,
+            Self::Unknown(e) => Reach::Unknown(e),
         }
     }
+}
+
+/// Kicks the connection of login session `session` of `user_id` off `server` (REPLACED),
+/// before its slot is given to a new login. `Answered` once the server has closed it or
+/// does not have it (the server then refuses it should its attach still be on the way).
+async fn end_connection(
+    state: &AppState,
+    server: &ServiceInfo,
+    user_id: u64,
+    session: &str,
+) -> Reach<()> {
+    if server.internal_addr.is_empty() {
+        return Reach::Unknown(ClusterError::Rpc {
+            url: server.id.clone(),
+            reason: "the server advertises no internal address".into(),
+        });
+    }
+    let req = KickRequest {
+        user_ids: vec![user_id],
+        kick: Some(Kick {
+            reason: KickReason::Replaced as i32,
+            message: "this account logged in again elsewhere".into(),
+        }),
+        session: session.to_string(),
+    };
+    Reach::of(
+        state
+            .cluster()
+            .call::<_, KickResponse>(&server.internal_addr, KICK_PATH, &req)
+            .await,
+    )
+    .map(|_| ())
 }
 
 #[derive(Serialize, ToSchema)]
@@ -380,7 +562,8 @@ pub struct OkBody {
 /// Log out.
 ///
 /// Ends the caller's login session: frees the single-login slot, invalidates the session token
-/// and closes the session's connection (best effort).
+/// (for every call, and for resuming: with every earlier one of the user) and closes the
+/// session's connection (best effort).
 #[utoipa::path(
     post,
     path = "/api/logout",
@@ -396,6 +579,12 @@ pub async fn logout(
     State(state): State<AppState>,
     user: AuthUser,
 ) -> Result<Json<OkBody>, AppError> {
+    // First, so that no resume gets in between: this session token and every earlier one
+    // stop resuming.
+    state
+        .store()
+        .next_generation(user.user_id, state.config().session_token_ttl())
+        .await?;
     let attached = state
         .store()
         .release_login(user.user_id, &user.session)

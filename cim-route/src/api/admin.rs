@@ -515,6 +515,11 @@ pub async fn kick(
         )));
     }
     existing_user(&state, user_id).await?;
+    // Forced offline: the client's session token must not bring it back by resuming.
+    state
+        .store()
+        .next_generation(user_id, state.config().session_token_ttl())
+        .await?;
     let routes = state.store().routes(&[user_id]).await?;
     let servers = state.servers();
     let Some(server) = routes

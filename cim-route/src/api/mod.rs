@@ -44,6 +44,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(presence::healthz))
         .route("/api/register", post(accounts::register))
         .route("/api/login", post(accounts::login))
+        .route("/api/login/resume", post(accounts::resume))
         .route("/api/logout", post(accounts::logout))
         .route("/api/servers", get(presence::servers))
         .route("/api/users/online", get(presence::online))

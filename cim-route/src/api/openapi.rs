@@ -54,6 +54,7 @@ pub struct ErrorDetail {
         presence::healthz,
         accounts::register,
         accounts::login,
+        accounts::resume,
         accounts::logout,
         presence::servers,
         presence::online,

@@ -185,6 +185,7 @@ async fn bearer_is_required_and_checked() {
         user_name: "alice".into(),
         session: "s-1".into(),
         exp_ms,
+        generation: 0,
     };
     let forged =
         TokenSigner::new("some-other-secret-value").sign_session(&claims(now_ms() + 60_000));
@@ -385,6 +386,214 @@ async fn login_checks_credentials_and_assigns_round_robin() {
             .unwrap(),
         AttachOutcome::Attached
     );
+}
+
+/// The internal-call deadline of the takeover tests: a stalled fake server costs this much.
+const SHORT_CALLS: u64 = 300;
+
+#[tokio::test]
+async fn a_login_whose_holder_does_not_answer_is_refused_not_doubled() {
+    // The server holding alice's connection is wedged: it takes the presence probe and the
+    // kick but never answers. It may still have her connection, so a second login must not
+    // take the slot (before: the failed probe counted as "not connected", the login took the
+    // slot and alice had two live connections).
+    let store = Arc::new(MemoryStore::new());
+    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |c| {
+        c.push_timeout_ms = SHORT_CALLS;
+    });
+    let signer = state.signer().clone();
+    let app = app(state);
+    let (_, first) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
+    rec.stalled.store(true, Ordering::SeqCst);
+    let alice = json!({"name": "alice", "password": "secret-pw"});
+    let (s, v) = call(&app, post("/api/login", alice, None)).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("server-a"),
+        "{v}"
+    );
+    assert!(store
+        .session_active(first.user_id, &first.session)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn replace_mode_kicks_the_old_connection_before_taking_its_slot() {
+    let store = Arc::new(MemoryStore::new());
+    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |c| {
+        c.login_conflict = crate::config::LoginConflict::Replace;
+        c.push_timeout_ms = SHORT_CALLS;
+    });
+    let signer = state.signer().clone();
+    let app = app(state);
+    let (_, first) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
+    let alice = json!({"name": "alice", "password": "secret-pw"});
+
+    // A wedged holder: the kick cannot be confirmed, so nothing is taken.
+    rec.stalled.store(true, Ordering::SeqCst);
+    let (s, v) = call(&app, post("/api/login", alice.clone(), None)).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        "{v}"
+    );
+    assert!(store
+        .session_active(first.user_id, &first.session)
+        .await
+        .unwrap());
+
+    // It answers: the new login wins, the old connection got a REPLACED kick of its own
+    // session only (the server answers with the presence of alice: replace does not ask).
+    rec.stalled.store(false, Ordering::SeqCst);
+    let kicks_before = rec.kicks.lock().unwrap().len();
+    let (s, v) = call(&app, post("/api/login", alice, None)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let second = signer
+        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
+        .unwrap();
+    {
+        let kicks = rec.kicks.lock().unwrap();
+        let kick = kicks.last().expect("the old connection was kicked");
+        assert_eq!(kicks.len(), kicks_before + 1);
+        assert_eq!(kick.user_ids, vec![first.user_id]);
+        assert_eq!(kick.session, first.session);
+        assert_eq!(
+            kick.kick.as_ref().map(|k| k.reason),
+            Some(KickReason::Replaced as i32)
+        );
+    }
+    assert!(!store
+        .session_active(first.user_id, &first.session)
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .attach(second.user_id, "alice", &second.session, &a.id)
+            .await
+            .unwrap(),
+        AttachOutcome::Attached
+    );
+}
+
+#[tokio::test]
+async fn refuse_mode_keeps_the_connected_login_and_kicks_nobody() {
+    let store = Arc::new(MemoryStore::new());
+    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
+    let signer = state.signer().clone();
+    let app = app(state);
+    let (_, first) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
+    let alice = json!({"name": "alice", "password": "secret-pw"});
+    let (s, v) = call(&app, post("/api/login", alice, None)).await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "already_logged_in"));
+    assert!(rec.kicks.lock().unwrap().is_empty(), "nobody kicked");
+    assert!(store
+        .session_active(first.user_id, &first.session)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn a_login_whose_holder_refuses_connections_takes_the_slot() {
+    // The holder's process is gone (its port refuses connections) but its registry lease
+    // has not expired yet: it holds nothing, so the login does not wait for the lease.
+    let store = Arc::new(MemoryStore::new());
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = cim_common::registry::ServiceInfo {
+        internal_addr: closed.local_addr().unwrap().to_string(),
+        ..server("server-dead")
+    };
+    drop(closed);
+    let (state, _tx) = state_with(store.clone(), vec![dead.clone()], |c| {
+        c.push_timeout_ms = 5000;
+    });
+    let signer = state.signer().clone();
+    let app = app(state);
+    let (_, first) = login_and_attach(&app, &store, &signer, "alice", &dead.id).await;
+    let alice = json!({"name": "alice", "password": "secret-pw"});
+    let (s, v) = call(&app, post("/api/login", alice, None)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(!store
+        .session_active(first.user_id, &first.session)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn resume_replaces_the_callers_own_session_without_the_password() {
+    // Refuse mode (the default): another device is refused, but the session itself comes
+    // back at once, its old connection kicked.
+    let store = Arc::new(MemoryStore::new());
+    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
+    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
+    let signer = state.signer().clone();
+    let app = app(state);
+    let (v, first) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
+    let old_token = v["session_token"].as_str().unwrap().to_string();
+
+    let (s, v) = call(&app, post("/api/login/resume", json!({}), Some(&old_token))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["name"], "alice");
+    let second = signer
+        .verify_connect(v["connect_token"].as_str().unwrap(), now_ms())
+        .unwrap();
+    assert_ne!(second.session, first.session);
+    {
+        let kicks = rec.kicks.lock().unwrap();
+        assert_eq!(kicks.len(), 1, "its old connection was kicked");
+        assert_eq!(kicks[0].session, first.session);
+    }
+    // The old token is spent; the new one works (here: it resumes in turn).
+    let (s, v2) = call(&app, post("/api/login/resume", json!({}), Some(&old_token))).await;
+    assert_eq!((s, code(&v2)), (StatusCode::UNAUTHORIZED, "session_ended"));
+    let new_token = v["session_token"].as_str().unwrap();
+    let (s, v3) = call(&app, post("/api/login/resume", json!({}), Some(new_token))).await;
+    assert_eq!(s, StatusCode::OK, "{v3}");
+    // Its connection closed and the slot is free (a reload, usually): it still resumes.
+    let third = signer
+        .verify_connect(v3["connect_token"].as_str().unwrap(), now_ms())
+        .unwrap();
+    store
+        .attach(third.user_id, "alice", &third.session, &a.id)
+        .await
+        .unwrap();
+    store
+        .detach(third.user_id, "alice", &third.session, &a.id, "closed")
+        .await
+        .unwrap();
+    assert!(!store
+        .session_active(third.user_id, &third.session)
+        .await
+        .unwrap());
+    let token3 = v3["session_token"].as_str().unwrap();
+    let (s, v3) = call(&app, post("/api/login/resume", json!({}), Some(token3))).await;
+    assert_eq!(s, StatusCode::OK, "{v3}");
+    // A password login (another device, the slot being pending) makes it a newer login:
+    // the resumed token cannot take the account back.
+    let token4 = v3["session_token"].as_str().unwrap().to_string();
+    let alice = json!({"name": "alice", "password": "secret-pw"});
+    let (s, v5) = call(&app, post("/api/login", alice, None)).await;
+    assert_eq!(s, StatusCode::OK, "{v5}");
+    let (s, v) = call(&app, post("/api/login/resume", json!({}), Some(&token4))).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "session_ended"));
+    // Logged out: nothing to resume.
+    let token3 = v5["session_token"].as_str().unwrap();
+    let (s, _) = call(&app, post("/api/logout", json!({}), Some(token3))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v4) = call(&app, post("/api/login/resume", json!({}), Some(token3))).await;
+    assert_eq!((s, code(&v4)), (StatusCode::UNAUTHORIZED, "session_ended"));
+    // No token, or a forged one.
+    let (s, v5) = call(&app, post("/api/login/resume", json!({}), None)).await;
+    assert_eq!((s, code(&v5)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    let (s, v6) = call(&app, post("/api/login/resume", json!({}), Some("x.y"))).await;
+    assert_eq!((s, code(&v6)), (StatusCode::UNAUTHORIZED, "unauthorized"));
 }
 
 #[tokio::test]
