@@ -21,11 +21,15 @@
  *      the inbox; unacked ones come again on the next connection.
  *   6. When the connection ends: a kick with reason LOGGED_OUT, ADMIN or REPLACED ends the
  *      session (shown, no reconnect). Anything else reconnects through the route: wait
- *      (exponential backoff with jitter), log the old session out (frees its login slot at
- *      once), log in again with the remembered credentials (409 already_logged_in: the old
- *      slot is not free yet, try again later), and continue at step 2, maybe on another
- *      server. Messages whose result never came are sent again with the same message id, so
- *      the route stores a private one once and delivers a group or channel one once.
+ *      (exponential backoff with jitter), resume the session (POST /api/login/resume with
+ *      the session token, no password: the route ends the old connection if its server still
+ *      has it and answers as a login; 401 session_ended: the session is over, log in again),
+ *      and continue at step 2, maybe on another server. Messages whose result never came are
+ *      sent again with the same message id, so the route stores a private one once and
+ *      delivers a group or channel one once.
+ *   7. The session token is kept in the tab's sessionStorage: a reload resumes at once (step
+ *      6) instead of showing the login form; a logout or a final kick forgets it. The
+ *      password is never kept.
  *
  * Besides the socket, HTTP calls with the session token list the people online
  * (GET /api/users/online) and manage channels (POST /api/channels/{name}/join|leave,
@@ -78,7 +82,6 @@ const OTHER_KICKS = {
 /** The login session and its connection. */
 const session = {
   name: "",
-  password: "",
   userId: "",
   sessionToken: null,
   serverId: "",
@@ -159,6 +162,34 @@ function newMessageId() {
   return "web" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+/** The tab's sessionStorage entry of the session token (a reload resumes with it). */
+const SAVED_SESSION = "cim.session";
+
+function saveSession(name, token) {
+  try {
+    sessionStorage.setItem(SAVED_SESSION, JSON.stringify({ name, token }));
+  } catch {
+    // storage disabled: a reload shows the login form
+  }
+}
+
+function forgetSession() {
+  try {
+    sessionStorage.removeItem(SAVED_SESSION);
+  } catch {
+    // nothing was saved
+  }
+}
+
+function savedSession() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(SAVED_SESSION) || "null");
+    return saved && typeof saved.token === "string" && typeof saved.name === "string" ? saved : null;
+  } catch {
+    return null;
+  }
+}
+
 /** localStorage, when the browser allows it (the last name used, to prefill the form). */
 function remember(key, value) {
   try {
@@ -217,6 +248,8 @@ async function api(method, path, body, token = session.sessionToken) {
 }
 
 const login = (name, password) => api("POST", "/api/login", { name, password }, null);
+/** A new session in place of the one `token` belongs to (no password); 401: it has ended. */
+const resume = (token) => api("POST", "/api/login/resume", undefined, token);
 
 /** Best effort: ends a session token's login (frees its slot). */
 function logoutToken(token) {
@@ -276,7 +309,7 @@ async function onLoginForm(register) {
       throw e;
     });
     $("login-password").value = "";
-    startSession(name, password, answer);
+    startSession(name, answer);
   } catch (e) {
     setStatus("offline", `offline: ${e.message}`);
     setLoginNotice(e.message);
@@ -316,11 +349,10 @@ async function loginPatiently(name, password) {
 // ---------------------------------------------------------------------------------------
 // Session: start, connection, reconnect, end
 
-function startSession(name, password, answer) {
+function startSession(name, answer) {
   session.generation++;
   session.ended = false;
   session.name = name;
-  session.password = password;
   session.attempt = 0;
   session.userId = String(answer.user_id);
   remember("cim.name", name);
@@ -334,6 +366,7 @@ function startSession(name, password, answer) {
 function connect(answer) {
   session.userId = String(answer.user_id);
   session.sessionToken = answer.session_token;
+  saveSession(session.name, answer.session_token);
   session.serverId = answer.server.id;
   session.loggedIn = false;
   session.kick = null;
@@ -412,23 +445,18 @@ function scheduleReconnect(reason) {
   session.timers.reconnect = setTimeout(() => reconnect(generation), delay);
 }
 
-/** Logs in again through the route with the remembered credentials. */
+/** Logs in again through the route by resuming the session (its token, no password). */
 async function reconnect(generation) {
   session.timers.reconnect = null;
   if (generation !== session.generation) return;
   setStatus("connecting", `logging in again (attempt ${session.attempt})…`);
-  // The old connection may still hold the login slot on its server: free it at once.
-  const old = session.sessionToken;
-  session.sessionToken = null;
-  if (old) await api("POST", "/api/logout", undefined, old).catch(() => {});
-  if (generation !== session.generation) return;
   let answer;
   try {
-    answer = await login(session.name, session.password);
+    answer = await resume(session.sessionToken);
   } catch (e) {
     if (generation !== session.generation) return;
-    if (e.code === "bad_credentials") endSession("your password changed: log in again");
-    else scheduleReconnect(e.code === "already_logged_in" ? "still logged in on the old connection" : e.message);
+    if (e.status === 401) endSession(sessionEndedWhy(e));
+    else scheduleReconnect(e.code === "already_logged_in" ? "your account is connected somewhere else" : e.message);
     return;
   }
   if (generation !== session.generation) {
@@ -438,7 +466,34 @@ async function reconnect(generation) {
   connect(answer);
 }
 
-/** Ends the session for good (logout, final kick, password changed) and shows why. */
+/** Why a session could not be resumed (401 from resume). */
+function sessionEndedWhy(e) {
+  if (e.code === "token_expired") return "your session expired: log in again";
+  return "your session ended (logged out, or logged in elsewhere): log in again";
+}
+
+/** Resumes the session this tab had before a reload, if any; else shows the login form. */
+async function resumeSaved() {
+  const saved = savedSession();
+  if (!saved) {
+    showLoginView("");
+    return;
+  }
+  setStatus("connecting", "resuming your session…");
+  $("login-view").hidden = true;
+  try {
+    const answer = await resume(saved.token);
+    startSession(saved.name, answer);
+  } catch (e) {
+    if (e.status === 401) forgetSession();
+    const why = e.status === 401 ? sessionEndedWhy(e) : `could not resume your session: ${e.message}`;
+    setStatus("offline", `offline: ${why}`);
+    $("login-name").value = saved.name;
+    showLoginView(e.status === 401 ? "" : why);
+  }
+}
+
+/** Ends the session for good (logout, final kick, ended elsewhere) and shows why. */
 function endSession(why) {
   session.ended = true;
   session.generation++;
@@ -452,7 +507,7 @@ function endSession(why) {
   for (const timer of ["connect", "reconnect"]) clearTimeout(session.timers[timer]);
   clearInterval(session.timers.lists);
   failPending("not sent: the session ended");
-  session.password = "";
+  forgetSession();
   setStatus("offline", `offline: ${why}`);
   showLoginView(`Offline: ${why}.`);
 }
@@ -1011,7 +1066,7 @@ function wire() {
     }
   });
   setStatus("offline", "offline");
-  showLoginView("");
+  resumeSaved();
 }
 
 wire();

@@ -92,7 +92,8 @@ function watch(person, page) {
     }
   });
   page.on("request", (request) => {
-    if (request.url().endsWith("/api/login")) person.logins.push(Date.now());
+    const url = request.url();
+    if (url.endsWith("/api/login") || url.endsWith("/api/login/resume")) person.logins.push(Date.now());
   });
   page.on("websocket", (ws) => {
     ws.on("framesent", (frame) => {
@@ -265,14 +266,25 @@ async function scenario(browser, args) {
     await sees(alice, "Reviewing them now.");
   });
 
-  await step(`${bob.name} reloads; what was sent meanwhile is replayed, nothing twice`, async () => {
+  await step(`${bob.name} reloads: the page resumes the session by itself, no password`, async () => {
+    const pageUrl = bob.page.url();
     await bob.page.reload();
-    await bob.page.locator("#login-view").waitFor();
+    await bob.page.locator('#status[data-state="online"]').waitFor({ timeout: LOGIN_WAIT_MS });
+    if (await bob.page.locator("#login-view").isVisible()) throw new Error("the login form is shown after the reload");
+    bob.server = await bob.page.locator("#status").getAttribute("data-server");
+    log(`${bob.name} resumed on ${bob.server}`);
+    bob.url = pageUrl;
+  });
+
+  await step(`${bob.name} leaves and comes back; what was sent meanwhile is replayed, nothing twice`, async () => {
+    // Away: the connection closes with the page; the tab keeps its session token.
+    await bob.page.goto("about:blank");
     await openConversation(alice, `user:${bob.name}`);
     const first = await say(alice, "Sent while you were away: the demo moved to 3 pm.", ["delivered", "stored"]);
     const second = await say(alice, "And bring the release checklist, please.", ["delivered", "stored"]);
     log(`sends while ${bob.name} was away: ${first}, ${second}`);
-    await logIn(bob, null, { register: false });
+    await bob.page.goto(bob.url);
+    await bob.page.locator('#status[data-state="online"]').waitFor({ timeout: LOGIN_WAIT_MS });
     await openConversation(bob, `user:${alice.name}`);
     for (const text of ["the demo moved to 3 pm", "bring the release checklist"]) {
       await message(bob, text).locator(".badge", { hasText: "offline" }).waitFor();
@@ -345,9 +357,12 @@ async function scenario(browser, args) {
     });
   }
 
-  await step(`${alice.name} logs out`, async () => {
+  await step(`${alice.name} logs out; a reload then shows the login form`, async () => {
     await alice.page.locator("#logout").click();
     await alice.page.locator("#login-notice", { hasText: "you logged out" }).waitFor();
+    await alice.page.locator('#status[data-state="offline"]').waitFor();
+    await alice.page.reload();
+    await alice.page.locator("#login-view").waitFor();
     await alice.page.locator('#status[data-state="offline"]').waitFor();
   });
 
