@@ -294,9 +294,19 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Removes acked messages, for many `(user_id, message ids)` in one round trip. Returns
     /// the removed messages that asked for a receipt, each once (a repeated ack finds nothing).
+    /// Their receipt requests stay stored until [`Self::receipts_done`]: a receipt that could
+    /// not be stored for its sender is not lost ([`Self::pending_receipts`]).
     /// Unknown ids are no-ops; of each entry, ids past the first [`redis::MAX_ACK_IDS`] and
     /// ids longer than [`redis::MAX_ACK_ID_LEN`] bytes are ignored.
     async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>>;
+
+    /// The receipts of these `(receiver id, message ids)` are stored for their senders:
+    /// removes the receipt requests, in one round trip.
+    async fn receipts_done(&self, done: &[(u64, Vec<String>)]) -> StoreResult<()>;
+
+    /// Up to `limit` receipt requests of `user_id` whose message was acked but whose receipt
+    /// was never confirmed done (its forward failed, or its server stopped first).
+    async fn pending_receipts(&self, user_id: u64, limit: usize) -> StoreResult<Vec<AckedReceipt>>;
 
     /// Number of messages in `user_id`'s inbox.
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize>;

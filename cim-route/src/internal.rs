@@ -82,12 +82,17 @@ async fn forward(
         })
         .collect();
     let receipts = req.receipts;
-    let (results, ()) = tokio::join!(routing::route_detached(&state, items), async {
-        if !receipts.is_empty() {
-            routing::route_receipts(&state, receipts).await;
+    let (results, receipts_done) = tokio::join!(routing::route_detached(&state, items), async {
+        if receipts.is_empty() {
+            Vec::new()
+        } else {
+            routing::route_receipts(&state, receipts).await
         }
     });
-    Protobuf(ForwardResponse { results })
+    Protobuf(ForwardResponse {
+        results,
+        receipts_done,
+    })
 }
 
 #[cfg(test)]

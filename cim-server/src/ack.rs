@@ -5,8 +5,17 @@
 //! batch, not per message or per user.
 //!
 //! Messages that asked for a receipt come back from the store when acked (each once); they
-//! are forwarded to a route (`ForwardRequest.receipts`), which sends the original sender a
-//! RECEIPT message. Servers hold no routing rules, so the server never pushes receipts itself.
+//! are forwarded to a route (`ForwardRequest.receipts`), which stores a RECEIPT message for
+//! the original sender and pushes it. Servers hold no routing rules, so the server never
+//! pushes receipts itself.
+//!
+//! Receipts are as durable as private messages: the ack removes the message, but its receipt
+//! request stays in the store until the route answers that the receipt is stored
+//! (`ForwardResponse.receipts_done`, then `StateStore::receipts_done`). A forward that fails
+//! is tried again ([`RECEIPT_ATTEMPTS`], backing off); what still fails, or what a server that
+//! stopped first left, is sent again when the receiver next connects (a login queues a
+//! pending-receipt check: `StateStore::pending_receipts`). A receipt is stored once however
+//! often it is sent (its id derives from the message's).
 //!
 //! Losing an ack is safe, never wrong: the message stays in the inbox, is replayed at the next
 //! connection and de-duplicated by id in the client (at-least-once to the device).
@@ -14,7 +23,7 @@
 use crate::{conn::ConnShared, forward::RouteCaller};
 use cim_common::{
     pb::cluster::{AckedReceipt, ForwardRequest},
-    store::StateStore,
+    store::{AckedReceipt as StoreReceipt, StateStore},
     time::now_ms,
 };
 use std::{
@@ -47,7 +56,40 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 pub(crate) struct AckItem {
     pub conn: Arc<ConnShared>,
     pub ids: Vec<String>,
+    /// Also send again the receipts of this user that were acked but never confirmed stored
+    /// (a login asks for it).
+    pub resend_pending: bool,
 }
+
+impl AckItem {
+    /// The acks of one Ack frame.
+    pub(crate) fn acks(conn: Arc<ConnShared>, ids: Vec<String>) -> Self {
+        Self {
+            conn,
+            ids,
+            resend_pending: false,
+        }
+    }
+
+    /// A login's request to send its user's pending receipts again.
+    pub(crate) fn resend_pending(conn: Arc<ConnShared>) -> Self {
+        Self {
+            conn,
+            ids: Vec::new(),
+            resend_pending: true,
+        }
+    }
+}
+
+/// Forwards of one batch of receipts, the first included, before the rest waits for the
+/// receiver's next login.
+pub(crate) const RECEIPT_ATTEMPTS: u32 = 4;
+/// Pause before the second attempt; doubled before each next one.
+const RECEIPT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+/// Pending receipts sent again per login at most (the rest at later logins).
+const PENDING_PER_LOGIN: usize = 256;
+/// Pending-receipt reads in flight at once after a burst of logins.
+const PENDING_READS_AT_ONCE: usize = 16;
 
 /// The submitting side, shared by all sessions.
 pub(crate) struct AckQueue {
@@ -147,7 +189,14 @@ pub(crate) async fn run(
                 }
             }
         }
-        apply(&*store, &routes, &tracker, std::mem::take(&mut batch)).await;
+        apply(
+            &store,
+            &routes,
+            &cancel,
+            &tracker,
+            std::mem::take(&mut batch),
+        )
+        .await;
     }
     // Acks of connections that closed at shutdown: remove them now rather than replaying
     // those messages at the next connection.
@@ -156,54 +205,190 @@ pub(crate) async fn run(
         batch.push(item);
     }
     if !batch.is_empty() {
-        apply(&*store, &routes, &tracker, batch).await;
+        apply(&store, &routes, &cancel, &tracker, batch).await;
     }
     debug!("acker stopped");
 }
 
 async fn apply(
-    store: &dyn StateStore,
+    store: &Arc<dyn StateStore>,
     routes: &Arc<RouteCaller>,
+    cancel: &CancellationToken,
     tracker: &TaskTracker,
     batch: Vec<AckItem>,
 ) {
     let mut names = HashMap::with_capacity(batch.len());
+    let resend: Vec<u64> = batch
+        .iter()
+        .filter(|item| item.resend_pending)
+        .map(|item| item.conn.user_id)
+        .collect();
     let acks = merge_by_user(batch, &mut names);
-    let receipts = match store.inbox_ack(&acks).await {
-        Ok(receipts) => receipts,
-        Err(e) => {
-            warn!(error = %e, users = acks.len(), "removing acked messages failed: they will be replayed");
-            return;
+    let receipts = if acks.is_empty() {
+        Vec::new()
+    } else {
+        match store.inbox_ack(&acks).await {
+            Ok(receipts) => receipts,
+            Err(e) => {
+                warn!(error = %e, users = acks.len(), "removing acked messages failed: they will be replayed");
+                Vec::new()
+            }
         }
     };
+    if !resend.is_empty() {
+        // Off the acker's path: a burst of logins must not delay everyone's acks.
+        let (store, routes, cancel) = (store.clone(), routes.clone(), cancel.clone());
+        let names = resend_names(&resend, &names);
+        tracker.spawn(async move {
+            let pending = read_pending(&*store, resend).await;
+            if !pending.is_empty() {
+                let receipts = with_names(pending, &names);
+                forward_receipts(store, routes, cancel, receipts).await;
+            }
+        });
+    }
     if receipts.is_empty() {
         return;
     }
-    let now = now_ms();
-    let request = ForwardRequest {
-        server_id: routes.server_id().to_string(),
-        items: Vec::new(),
-        receipts: receipts
-            .into_iter()
-            .map(|r| AckedReceipt {
-                receiver_name: names.get(&r.receiver_id).cloned().unwrap_or_default(),
-                message_id: r.message_id,
-                sender_id: r.sender_id,
-                receiver_id: r.receiver_id,
-                acked_at_ms: now,
-            })
-            .collect(),
-    };
+    let receipts = with_names(receipts, &names);
     // In a task of its own: a slow route must not hold up the next acks.
-    let routes = routes.clone();
-    tracker.spawn(async move {
-        if let Err(e) = routes.call(&request).await {
-            warn!(
-                receipts = request.receipts.len(),
-                "receipts could not be forwarded and are lost: {e}"
-            );
+    tracker.spawn(forward_receipts(
+        store.clone(),
+        routes.clone(),
+        cancel.clone(),
+        receipts,
+    ));
+}
+
+/// The names of `users`, from a batch's names.
+fn resend_names(users: &[u64], names: &HashMap<u64, String>) -> HashMap<u64, String> {
+    users
+        .iter()
+        .filter_map(|u| names.get(u).map(|n| (*u, n.clone())))
+        .collect()
+}
+
+/// The pending receipts of `users`, a few store calls at a time.
+async fn read_pending(store: &dyn StateStore, users: Vec<u64>) -> Vec<StoreReceipt> {
+    use futures_util::StreamExt;
+    futures_util::stream::iter(users)
+        .map(|user_id| async move {
+            store
+                .pending_receipts(user_id, PENDING_PER_LOGIN)
+                .await
+                .unwrap_or_else(|e| {
+                    debug!(user_id, error = %e, "reading pending receipts failed");
+                    Vec::new()
+                })
+        })
+        .buffer_unordered(PENDING_READS_AT_ONCE)
+        .flat_map(futures_util::stream::iter)
+        .collect()
+        .await
+}
+
+/// The forwarded form of receipts the store gave, acked now by the users `names` names.
+fn with_names(receipts: Vec<StoreReceipt>, names: &HashMap<u64, String>) -> Vec<AckedReceipt> {
+    let now = now_ms();
+    receipts
+        .into_iter()
+        .map(|r| AckedReceipt {
+            receiver_name: names.get(&r.receiver_id).cloned().unwrap_or_default(),
+            message_id: r.message_id,
+            sender_id: r.sender_id,
+            receiver_id: r.receiver_id,
+            acked_at_ms: now,
+        })
+        .collect()
+}
+
+/// Forwards `receipts` to a route until each is stored or [`RECEIPT_ATTEMPTS`] were made
+/// (not after `cancel`: shutdown does not wait for a backoff). Stored ones are confirmed in the
+/// store; the others stay pending there, for the receiver's next login.
+async fn forward_receipts(
+    store: Arc<dyn StateStore>,
+    routes: Arc<RouteCaller>,
+    cancel: CancellationToken,
+    mut receipts: Vec<AckedReceipt>,
+) {
+    let mut pause = RECEIPT_RETRY_FIRST;
+    for attempt in 1..=RECEIPT_ATTEMPTS {
+        let request = ForwardRequest {
+            server_id: routes.server_id().to_string(),
+            items: Vec::new(),
+            receipts,
+        };
+        receipts = match routes.call(&request).await {
+            Ok(answer) => {
+                let (done, left) = split_done(request.receipts, &answer.receipts_done);
+                confirm(&*store, &done).await;
+                left
+            }
+            Err(e) => {
+                debug!(
+                    attempt,
+                    receipts = request.receipts.len(),
+                    "forwarding receipts failed: {e}"
+                );
+                request.receipts
+            }
+        };
+        if receipts.is_empty() {
+            return;
         }
-    });
+        if attempt < RECEIPT_ATTEMPTS {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause *= 2;
+        }
+    }
+    warn!(
+        receipts = receipts.len(),
+        "receipts not stored yet: they stay pending and are sent again when their receiver next connects"
+    );
+}
+
+/// `receipts` split by the route's answer into (done, to send again). An answer without
+/// `receipts_done` (a route older than it) counts as done: it cannot say, and sending again
+/// forever would be worse than the best effort it gives.
+fn split_done(
+    receipts: Vec<AckedReceipt>,
+    done: &[bool],
+) -> (Vec<AckedReceipt>, Vec<AckedReceipt>) {
+    if done.is_empty() {
+        return (receipts, Vec::new());
+    }
+    let (done, left): (Vec<_>, Vec<_>) = receipts
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| done.get(*i).copied().unwrap_or(false));
+    (
+        done.into_iter().map(|(_, r)| r).collect(),
+        left.into_iter().map(|(_, r)| r).collect(),
+    )
+}
+
+/// Removes the requests of stored receipts. A failure only means they are sent again later
+/// (and stored once).
+async fn confirm(store: &dyn StateStore, done: &[AckedReceipt]) {
+    if done.is_empty() {
+        return;
+    }
+    let mut by_receiver: Vec<(u64, Vec<String>)> = Vec::new();
+    for r in done {
+        match by_receiver
+            .iter_mut()
+            .find(|(u, ids)| *u == r.receiver_id && ids.len() < MAX_IDS_PER_ACK)
+        {
+            Some((_, ids)) => ids.push(r.message_id.clone()),
+            None => by_receiver.push((r.receiver_id, vec![r.message_id.clone()])),
+        }
+    }
+    if let Err(e) = store.receipts_done(&by_receiver).await {
+        debug!(error = %e, "confirming stored receipts failed: they will be sent again");
+    }
 }
 
 /// One entry per user (several when a user's ids exceed what one entry may carry), in
@@ -216,6 +401,9 @@ fn merge_by_user(batch: Vec<AckItem>, names: &mut HashMap<u64, String>) -> Vec<(
         names
             .entry(user_id)
             .or_insert_with(|| item.conn.user_name.clone());
+        if item.ids.is_empty() {
+            continue;
+        }
         match open.get(&user_id) {
             Some(&i) if acks[i].1.len() + item.ids.len() <= MAX_IDS_PER_ACK => {
                 acks[i].1.extend(item.ids);
@@ -260,14 +448,16 @@ mod tests {
 
     #[test]
     fn acks_merge_per_user_within_the_per_entry_limit() {
-        let item = |user_id, n: usize, tag: &str| AckItem {
-            conn: Arc::new(ConnShared::new(
-                user_id,
-                format!("u{user_id}"),
-                "s".into(),
-                8,
-            )),
-            ids: (0..n).map(|i| format!("{tag}{i}")).collect(),
+        let item = |user_id, n: usize, tag: &str| {
+            AckItem::acks(
+                Arc::new(ConnShared::new(
+                    user_id,
+                    format!("u{user_id}"),
+                    "s".into(),
+                    8,
+                )),
+                (0..n).map(|i| format!("{tag}{i}")).collect(),
+            )
         };
         let mut names = HashMap::new();
         let acks = merge_by_user(
@@ -319,9 +509,11 @@ mod tests {
             cancel.clone(),
             tracker.clone(),
         ));
-        let ack = |user: u64, id: &str| AckItem {
-            conn: Arc::new(ConnShared::new(user, format!("u{user}"), "s".into(), 8)),
-            ids: vec![id.into()],
+        let ack = |user: u64, id: &str| {
+            AckItem::acks(
+                Arc::new(ConnShared::new(user, format!("u{user}"), "s".into(), 8)),
+                vec![id.into()],
+            )
         };
         queue.submit(ack(1, "a"));
         // The acker takes the first ack and lingers (the paused clock stands still until
@@ -342,10 +534,7 @@ mod tests {
     fn a_full_queue_drops_instead_of_blocking() {
         let (queue, mut rx) = AckQueue::new(1);
         let conn = Arc::new(ConnShared::new(1, "a".into(), "s".into(), 8));
-        let item = |id: &str| AckItem {
-            conn: conn.clone(),
-            ids: vec![id.into()],
-        };
+        let item = |id: &str| AckItem::acks(conn.clone(), vec![id.into()]);
         queue.submit(item("1"));
         queue.submit(item("2"));
         queue.submit(item("3"));

@@ -152,7 +152,10 @@ async fn fake_route(calls: Arc<AtomicUsize>) -> String {
                         ..Default::default()
                     })
                     .collect();
-                Protobuf(ForwardResponse { results })
+                Protobuf(ForwardResponse {
+                    results,
+                    ..Default::default()
+                })
             }
         }),
     );

@@ -464,10 +464,7 @@ fn on_recv(
         },
         Some(Body::Ack(a)) => match ack::validate(a.message_ids) {
             Ok(ids) if ids.is_empty() => {}
-            Ok(ids) => state.acks.submit(AckItem {
-                conn: conn.clone(),
-                ids,
-            }),
+            Ok(ids) => state.acks.submit(AckItem::acks(conn.clone(), ids)),
             Err(message) => conn.reply(Frame::error(ErrorCode::BadRequest, message)),
         },
         Some(Body::Login(_)) => conn.reply(Frame::error(
@@ -698,6 +695,12 @@ async fn serve<T: Transport>(
         Ok(upto) => upto,
         Err(end) => return end,
     };
+    // Receipts this user acked that were never confirmed stored (a route was down, or the
+    // server that took the ack stopped first) are sent again now. Only an inbox that ever
+    // held a message can have any.
+    if top > 0 {
+        state.acks.submit(AckItem::resend_pending(conn.clone()));
+    }
 
     // The deadline timer is re-armed only when it fires (from the last activity), not on
     // every frame: a busy connection does not churn the timer wheel. (Values are read from

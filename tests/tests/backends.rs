@@ -266,6 +266,7 @@ for_each_store!(
     inbox_read_skips_and_removes_expired_messages,
     inbox_ack_removes_messages_once,
     inbox_ack_returns_each_receipt_once,
+    receipt_requests_stay_pending_until_done,
     inbox_ack_ignores_oversized_input,
     inboxes_of_users_are_separate,
     attach_and_detach_publish_presence_events,
@@ -1276,6 +1277,45 @@ async fn inbox_ack_returns_each_receipt_once(s: &StoreUnderTest) -> anyhow::Resu
     assert_eq!(
         s.inbox_ack(&[ack(2, &["r1"])]).await?,
         [receipt("r1", 1, 2)]
+    );
+    Ok(())
+}
+
+async fn receipt_requests_stay_pending_until_done(s: &StoreUnderTest) -> anyhow::Result<()> {
+    let mut batch = vec![
+        with_receipt(msg("r1", 1, 2)),
+        with_receipt(msg("r2", 4, 2)),
+        msg("plain", 1, 2),
+        with_receipt(msg("unread", 1, 2)),
+    ];
+    s.inbox_store(&mut batch).await?;
+    // Not acked yet: nothing pending (the message itself is still there).
+    assert!(s.pending_receipts(2, 100).await?.is_empty());
+    let receipts = s.inbox_ack(&[ack(2, &["r1", "r2", "plain"])]).await?;
+    assert_eq!(receipts, [receipt("r1", 1, 2), receipt("r2", 4, 2)]);
+    // Acked, receipts not confirmed: both pending (e.g. for the next login to send again),
+    // the unread one not, other users' none.
+    let mut pending = s.pending_receipts(2, 100).await?;
+    pending.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+    assert_eq!(pending, [receipt("r1", 1, 2), receipt("r2", 4, 2)]);
+    assert_eq!(
+        s.pending_receipts(2, 1).await?.len(),
+        1,
+        "bounded by the limit"
+    );
+    assert!(s.pending_receipts(3, 100).await?.is_empty());
+    // A repeated ack still finds nothing to return.
+    assert!(s.inbox_ack(&[ack(2, &["r1"])]).await?.is_empty());
+    // Confirmed: gone.
+    s.receipts_done(&[ack(2, &["r1"])]).await?;
+    assert_eq!(s.pending_receipts(2, 100).await?, [receipt("r2", 4, 2)]);
+    s.receipts_done(&[ack(2, &["r2"]), ack(3, &["nothing"])])
+        .await?;
+    assert!(s.pending_receipts(2, 100).await?.is_empty());
+    // The unread message keeps its request, and gives its receipt when acked.
+    assert_eq!(
+        s.inbox_ack(&[ack(2, &["unread"])]).await?,
+        [receipt("unread", 1, 2)]
     );
     Ok(())
 }

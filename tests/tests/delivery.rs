@@ -249,6 +249,57 @@ async fn a_receipt_waits_in_the_inbox_of_an_offline_sender() -> anyhow::Result<(
     Ok(())
 }
 
+/// A receipt is as durable as a private message: the receiver acks while no route is up (the
+/// only one was killed), so the receipt cannot be stored for the sender then; it is sent again
+/// once a route is back (by the server's retry, or at the receiver's next login) and reaches
+/// the sender once (issue 18 item 3: before, the failed forward was only logged and the
+/// receipt was lost).
+#[tokio::test]
+async fn a_receipt_survives_the_route_being_killed_between_ack_and_receipt() -> anyhow::Result<()> {
+    let mut cluster = Cluster::builder().start().await?;
+    let store = cluster.store().await?;
+    let mut alice = cluster.user("alice", Transport::Tcp).await?;
+    let mut bob = cluster.user("bob", Transport::Tcp).await?;
+    let r = alice
+        .send(pb::Send {
+            receipt: true,
+            ..private(bob.id(), "tell me when you read this")
+        })
+        .await?;
+    let (m, _) = bob.next_delivery().await?;
+    assert_eq!(m.id, r.message_id);
+
+    cluster.routes.remove(0).kill();
+    bob.ack(vec![m.id.clone()]).await?;
+    // The ack is applied (the message left bob's inbox); its receipt has nowhere to go.
+    inbox_len_becomes(&store, bob.id(), 0).await?;
+    assert_eq!(store.inbox_len(alice.id()).await?, 0, "no route stored it");
+
+    let route = cim_tests::cluster::RouteNode::start(cluster.route_config(&|_| {})).await?;
+    cluster.routes.push(route);
+    // Bob comes back through the new route (his next login sends pending receipts again).
+    drop(bob);
+    let _bob = cluster.relogin("bob", Transport::Tcp, RELOGIN).await?;
+    let (receipt, _) = alice.next_delivery().await?;
+    assert_eq!(receipt.kind(), MessageKind::Receipt, "{receipt:?}");
+    assert_eq!(receipt.receipt_for, r.message_id);
+    assert_eq!(receipt.sender_id, m.receiver_id);
+    // Confirmed: nothing is pending any more, and it is stored once.
+    let bob_id = m.receiver_id;
+    cim_tests::wait_until("the receipt to be confirmed", RELOGIN, || {
+        let store = store.clone();
+        async move {
+            store
+                .pending_receipts(bob_id, 10)
+                .await
+                .is_ok_and(|p| p.is_empty())
+        }
+    })
+    .await?;
+    assert_eq!(store.inbox_len(alice.id()).await?, 1);
+    Ok(())
+}
+
 #[tokio::test]
 async fn group_messages_go_to_whoever_is_online_and_are_never_stored() -> anyhow::Result<()> {
     let cluster = Cluster::builder().start().await?;

@@ -166,6 +166,14 @@ impl StateStore for Counting {
         self.count(self.inner.inbox_ack(acks).await)
     }
 
+    async fn receipts_done(&self, done: &[(u64, Vec<String>)]) -> StoreResult<()> {
+        self.count(self.inner.receipts_done(done).await)
+    }
+
+    async fn pending_receipts(&self, user_id: u64, limit: usize) -> StoreResult<Vec<AckedReceipt>> {
+        self.count(self.inner.pending_receipts(user_id, limit).await)
+    }
+
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {
         self.count(self.inner.inbox_len(user_id).await)
     }

@@ -310,6 +310,16 @@ impl StateStore for FaultyStore {
         self.inner.channel_stats(channels).await
     }
 
+    async fn receipts_done(&self, done: &[(u64, Vec<String>)]) -> StoreResult<()> {
+        self.check()?;
+        self.inner.receipts_done(done).await
+    }
+
+    async fn pending_receipts(&self, user_id: u64, limit: usize) -> StoreResult<Vec<AckedReceipt>> {
+        self.check()?;
+        self.inner.pending_receipts(user_id, limit).await
+    }
+
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize> {
         self.check()?;
         self.inner.inbox_len(user_id).await

@@ -750,6 +750,8 @@ impl StateStore for MemoryStore {
                 let sender = inbox.receipts.get(id.as_str()).copied();
                 inbox.remove_seq(seq);
                 if let Some(sender_id) = sender {
+                    // Kept until the receipt is stored for its sender (`receipts_done`).
+                    inbox.receipts.insert(id.clone(), sender_id);
                     receipts.push(AckedReceipt {
                         message_id: id.clone(),
                         sender_id,
@@ -759,6 +761,38 @@ impl StateStore for MemoryStore {
             }
         }
         Ok(receipts)
+    }
+
+    async fn receipts_done(&self, done: &[(u64, Vec<String>)]) -> StoreResult<()> {
+        let mut state = self.lock();
+        for (user_id, ids) in done {
+            if let Some(inbox) = state.inboxes.get_mut(user_id) {
+                for id in ack_ids(ids) {
+                    inbox.receipts.remove(id.as_str());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn pending_receipts(&self, user_id: u64, limit: usize) -> StoreResult<Vec<AckedReceipt>> {
+        let now_ms = crate::time::now_ms();
+        let mut state = self.lock();
+        let Some(inbox) = state.inboxes.get_mut(&user_id) else {
+            return Ok(Vec::new());
+        };
+        inbox.expire_idle(now_ms);
+        Ok(inbox
+            .receipts
+            .iter()
+            .filter(|(id, _)| !inbox.by_id.contains_key(id.as_str()))
+            .take(limit)
+            .map(|(id, &sender_id)| AckedReceipt {
+                message_id: id.clone(),
+                sender_id,
+                receiver_id: user_id,
+            })
+            .collect())
     }
 
     async fn events_after(

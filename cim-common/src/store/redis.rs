@@ -311,8 +311,8 @@ pub(super) fn ack_ids(ids: &[String]) -> impl Iterator<Item = &String> {
         .filter(|id| id.len() <= MAX_ACK_ID_LEN)
 }
 
-/// The receipt senders of an ack's `EXEC` reply (`[zrem, hdel, hmget, hdel]`): for each of
-/// the `n` ids, the sender waiting for its receipt, if one was.
+/// The receipt senders of an ack's `EXEC` reply (`[zmscore, zrem, hdel, hmget]`): for each
+/// of the `n` ids that this ack removed, the sender waiting for its receipt, if one was.
 fn ack_receipt_senders(exec: Value, n: usize) -> StoreResult<Vec<Option<u64>>> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("inbox ack reply: {what}"));
     let Value::Array(mut results) = exec else {
@@ -321,15 +321,21 @@ fn ack_receipt_senders(exec: Value, n: usize) -> StoreResult<Vec<Option<u64>>> {
     if results.len() != 4 {
         return Err(corrupt("not 4 results"));
     }
-    let Value::Array(senders) = results.swap_remove(2) else {
+    let Value::Array(senders) = results.swap_remove(3) else {
         return Err(corrupt("receipt senders not an array"));
     };
-    if senders.len() != n {
-        return Err(corrupt("one sender per id expected"));
+    let Value::Array(scores) = results.swap_remove(0) else {
+        return Err(corrupt("scores not an array"));
+    };
+    if senders.len() != n || scores.len() != n {
+        return Err(corrupt("one sender and one score per id expected"));
     }
     senders
         .into_iter()
-        .map(|v| match v {
+        .zip(scores)
+        .map(|(v, score)| match v {
+            // Not there when acked (acked before, or never stored): no receipt from this ack.
+            _ if score == Value::Nil => Ok(None),
             Value::Nil => Ok(None),
             Value::BulkString(b) => std::str::from_utf8(&b)
                 .ok()
@@ -1319,10 +1325,11 @@ impl StateStore for RedisStore {
     }
 
     async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>> {
-        // One MULTI/EXEC per user (its keys share a hash tag), all in one pipeline: remove the
-        // messages, read and remove their receipt requests. Atomic per user, so of two
-        // concurrent acks of a message only one finds its receipt request. (A Lua script did
-        // this first: its fixed cost, ~8 µs per call in Redis, was most of an ack.)
+        // One MULTI/EXEC per user (its keys share a hash tag), all in one pipeline: which of
+        // the messages are there, remove them, read their receipt requests (which stay until
+        // `receipts_done`). Atomic per user, so of two concurrent acks of a message only one
+        // finds it there, and only that one returns its receipt. (A Lua script did this
+        // first: its fixed cost, ~8 µs per call in Redis, was most of an ack.)
         let mut pipe = ::redis::pipe();
         let mut acked = Vec::new();
         for (user, ids) in acks {
@@ -1334,11 +1341,12 @@ impl StateStore for RedisStore {
             // Inside MULTI every reply is QUEUED; EXEC answers them all, in this order
             // (what `ack_receipt_senders` reads).
             pipe.cmd("MULTI").ignore();
+            let order = self.keys.inbox_order(*user);
             for (command, key) in [
-                ("ZREM", &self.keys.inbox_order(*user)),
+                ("ZMSCORE", &order),
+                ("ZREM", &order),
                 ("HDEL", &self.keys.inbox(*user)),
                 ("HMGET", &receipts),
-                ("HDEL", &receipts),
             ] {
                 pipe.cmd(command).arg(key).arg(&ids).ignore();
             }
@@ -1370,6 +1378,57 @@ impl StateStore for RedisStore {
             }
         }
         Ok(out)
+    }
+
+    async fn receipts_done(&self, done: &[(u64, Vec<String>)]) -> StoreResult<()> {
+        let mut pipe = ::redis::pipe();
+        for (user, ids) in done {
+            let ids: Vec<&String> = ack_ids(ids).collect();
+            if !ids.is_empty() {
+                pipe.cmd("HDEL")
+                    .arg(self.keys.inbox_receipts(*user))
+                    .arg(&ids)
+                    .ignore();
+            }
+        }
+        pipe.query_async::<()>(&mut self.conn())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn pending_receipts(&self, user_id: u64, limit: usize) -> StoreResult<Vec<AckedReceipt>> {
+        let mut c = self.conn();
+        // One page of the requests (HSCAN's COUNT is a hint), then which of their messages
+        // are still in the inbox: those are not acked yet.
+        let (_, fields): (u64, Vec<(String, u64)>) = ::redis::cmd("HSCAN")
+            .arg(self.keys.inbox_receipts(user_id))
+            .arg(0)
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        if fields.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&String> = fields.iter().map(|(id, _)| id).collect();
+        let scores: Vec<Option<f64>> = ::redis::cmd("ZMSCORE")
+            .arg(self.keys.inbox_order(user_id))
+            .arg(&ids)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(fields
+            .into_iter()
+            .zip(scores)
+            .filter(|(_, score)| score.is_none())
+            .take(limit)
+            .map(|((message_id, sender_id), _)| AckedReceipt {
+                message_id,
+                sender_id,
+                receiver_id: user_id,
+            })
+            .collect())
     }
 
     async fn events_after(
