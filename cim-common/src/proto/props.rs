@@ -21,7 +21,7 @@ use crate::{
 };
 use proptest::{collection::vec, prelude::*};
 use prost::Message as _;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// Field names of `cim.proto`, in both spellings the mapping accepts, so generated JSON
 /// reaches the typed parsers and not only the skipping of unknown keys.
