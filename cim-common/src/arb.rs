@@ -11,6 +11,7 @@ use crate::pb::{
     MessageKind, Ping, Pong, Push, Send, SendResult, SendStatus,
 };
 use proptest::{collection::vec, option, prelude::*};
+use serde_json::Value;
 
 /// Which enum values a strategy produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +187,36 @@ pub fn frame(enums: Enums) -> BoxedStrategy<Frame> {
     option::weighted(0.95, body)
         .prop_map(|body| Frame { body })
         .boxed()
+}
+
+/// Any JSON value, up to four levels deep, whose object keys are often from `keys` (the field
+/// names of whatever parses it, so the typed parsers are reached with values of every type)
+/// and otherwise any text.
+pub fn json_value(keys: &'static [&'static str]) -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        (0u64..4).prop_map(Value::from),
+        any::<f64>().prop_map(Value::from), // NaN and infinities become null
+        text().prop_map(Value::String),
+        // Numbers as strings, as the proto3 JSON mapping writes 64-bit integers.
+        any::<i64>().prop_map(|n| Value::String(n.to_string())),
+        proptest::sample::select(&["MESSAGE_KIND_PRIVATE", "ERROR_CODE_BAD_FRAME", "NaN", ""][..])
+            .prop_map(|s| Value::String(s.into())),
+    ];
+    let key = prop_oneof![
+        3 => proptest::sample::select(keys).prop_map(String::from),
+        1 => text(),
+    ]
+    .boxed();
+    leaf.prop_recursive(4, 48, 6, move |inner| {
+        prop_oneof![
+            vec(inner.clone(), 0..6).prop_map(Value::Array),
+            vec((key.clone(), inner), 0..6).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
 }
 
 /// The config of one property: `cases` cases (chosen per property, so the whole set stays

@@ -56,35 +56,6 @@ const KNOWN_KEYS: &[&str] = &[
     "seq",
 ];
 
-fn key() -> impl Strategy<Value = String> {
-    prop_oneof![
-        proptest::sample::select(KNOWN_KEYS).prop_map(String::from),
-        arb::text(),
-    ]
-}
-
-/// Any JSON value, up to four levels deep.
-fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_map(Value::from), // NaN and infinities become null
-        arb::text().prop_map(Value::String),
-        // Numbers as strings, as the mapping writes 64-bit integers.
-        any::<i64>().prop_map(|n| Value::String(n.to_string())),
-        proptest::sample::select(&["MESSAGE_KIND_PRIVATE", "ERROR_CODE_BAD_FRAME", "NaN", ""][..])
-            .prop_map(|s| Value::String(s.into())),
-    ];
-    leaf.prop_recursive(4, 48, 6, |inner| {
-        prop_oneof![
-            vec(inner.clone(), 0..6).prop_map(Value::Array),
-            vec((key(), inner), 0..6).prop_map(|kv| Value::Object(kv.into_iter().collect())),
-        ]
-    })
-}
-
 /// A key no version of `cim.proto` can have: it holds a character no protobuf field name can.
 fn unknown_key() -> impl Strategy<Value = String> {
     proptest::string::string_regex(".{0,8}[^A-Za-z0-9_].{0,8}").expect("a valid regex")
@@ -154,7 +125,7 @@ proptest! {
     #[test]
     fn unknown_keys_anywhere_are_skipped(
         frame in arb::frame(Enums::Known),
-        extra in vec((unknown_key(), json_value()), 1..4),
+        extra in vec((unknown_key(), arb::json_value(KNOWN_KEYS)), 1..4),
     ) {
         let mut value = serde_json::to_value(&frame).unwrap();
         add_everywhere(&mut value, &extra);
@@ -169,7 +140,7 @@ proptest! {
     #![proptest_config(arb::config(512))]
 
     #[test]
-    fn any_json_value_is_a_frame_or_an_error(value in json_value()) {
+    fn any_json_value_is_a_frame_or_an_error(value in arb::json_value(KNOWN_KEYS)) {
         let text = value.to_string();
         if let Ok(frame) = serde_json::from_str::<Frame>(&text) {
             assert_round_trips(&frame)?;
