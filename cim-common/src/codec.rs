@@ -62,6 +62,20 @@ fn peek_varint32(buf: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
     }
 }
 
+/// Makes room in `buf` for `additional` more bytes, allocating no more than that when it has
+/// to allocate: first it tries to reuse the room of bytes already consumed, then it moves the
+/// held bytes into a buffer of exactly the size needed. (`BytesMut::reserve` grows like a
+/// `Vec`, to at least twice the old capacity: a connection holding half of a frame near the
+/// limit would have reserved twice the limit.)
+pub fn reserve_exact(buf: &mut BytesMut, additional: usize) {
+    if buf.capacity() - buf.len() >= additional || buf.try_reclaim(additional) {
+        return;
+    }
+    let mut exact = BytesMut::with_capacity(buf.len() + additional);
+    exact.extend_from_slice(buf);
+    *buf = exact;
+}
+
 /// Decodes one frame from the front of `buf`, consuming it. `Ok(None)`: incomplete, more bytes
 /// are needed (and `buf` has reserved room for the rest of this frame, never over `max_len`).
 pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, CodecError> {
@@ -73,7 +87,7 @@ pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>,
     }
     let total = prefix + len;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        reserve_exact(buf, total - buf.len());
         return Ok(None);
     }
     buf.advance(prefix);
@@ -189,6 +203,9 @@ impl Encoder<Frame> for FrameCodec {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::pb::{frame::Body, Login, Ping};
@@ -271,6 +288,42 @@ mod tests {
             codec.decode(&mut buf),
             Err(CodecError::TooLarge { .. })
         ));
+    }
+
+    /// Found by `props::a_pending_frame_reserves_only_itself`: with `BytesMut::reserve` a
+    /// buffer holding 40,000 bytes of a 64 KiB frame grew to 80,000 (twice its capacity).
+    #[test]
+    fn a_partial_frame_reserves_exactly_the_rest() {
+        let frame = Frame::new(Body::Login(Login {
+            token: "z".repeat(DEFAULT_MAX_FRAME_LEN - 8),
+        }));
+        let whole = frame_to_bytes(&frame);
+        assert!(whole.len() <= DEFAULT_MAX_FRAME_LEN + MAX_VARINT32_LEN);
+        let mut buf = BytesMut::with_capacity(40_000);
+        buf.extend_from_slice(&whole[..40_000]);
+        assert_eq!(decode_frame(&mut buf, DEFAULT_MAX_FRAME_LEN).unwrap(), None);
+        assert_eq!(buf.capacity(), whole.len());
+        buf.extend_from_slice(&whole[40_000..]);
+        assert_eq!(buf.capacity(), whole.len(), "the rest fits without growing");
+        assert_eq!(
+            decode_frame(&mut buf, DEFAULT_MAX_FRAME_LEN).unwrap(),
+            Some(frame)
+        );
+    }
+
+    #[test]
+    fn consumed_room_is_reused_before_allocating() {
+        let mut buf = BytesMut::with_capacity(100);
+        buf.extend_from_slice(&[7; 100]);
+        buf.advance(90);
+        reserve_exact(&mut buf, 50);
+        assert_eq!(&buf[..], &[7; 10][..]);
+        // Moved to the front of the same allocation (an exact new one would have 60).
+        assert_eq!(buf.capacity(), 100);
+        // No room to reuse: exactly what was asked.
+        reserve_exact(&mut buf, 200);
+        assert_eq!(buf.capacity(), 210);
+        assert_eq!(&buf[..], &[7; 10][..]);
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub fn valid_channel_name(name: &str) -> bool {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

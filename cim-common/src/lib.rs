@@ -24,7 +24,10 @@
 //! - [`procinfo`]: this process's resident memory, CPU time and open descriptors (for
 //!   `/healthz` and `/metrics`).
 //! - [`metrics`]: what `/metrics` shares: the answer, process metrics, bounded label tables.
+//! - `arb` (feature `test-support`): proptest strategies of the wire types, for property tests.
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod arb;
 pub mod backend;
 pub mod cli;
 pub mod cluster;

@@ -70,3 +70,6 @@ impl cim::SendResult {
         }
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -140,6 +140,9 @@ impl TokenSigner {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -13,7 +13,7 @@ use crate::{
 };
 use bytes::BytesMut;
 use cim_common::{
-    codec::{decode_frame, encode_payload, CodecError},
+    codec::{decode_frame, encode_payload, reserve_exact, CodecError},
     pb::Frame,
 };
 use std::{future::Future, io, time::Duration};
@@ -23,6 +23,8 @@ use tokio::{
 };
 
 /// Room reserved before a read. Most frames (pings, small sends) fit in one read of this size.
+/// So the read buffer holds at most `max_frame_len` + 5 (a pending frame and its prefix) + this
+/// (`tcp/props.rs` checks it on arbitrary streams).
 const READ_CHUNK: usize = 512;
 /// Below this much free room, reserve another chunk before reading.
 const MIN_READ_ROOM: usize = 64;
@@ -113,7 +115,9 @@ impl<S: ByteStream> Transport for TcpTransport<S> {
                     .map_err(|e| RecvError::Io(e.to_string()))?;
             }
             if self.read_buf.capacity() - self.read_buf.len() < MIN_READ_ROOM {
-                self.read_buf.reserve(READ_CHUNK);
+                // Exactly: `BytesMut::reserve` would double a buffer the decoder sized for a
+                // frame near the limit (up to twice the limit per connection).
+                reserve_exact(&mut self.read_buf, READ_CHUNK);
             }
             let n = self
                 .stream
@@ -162,5 +166,40 @@ impl<S: ByteStream> Transport for TcpTransport<S> {
             }
         };
         let _ = tokio::time::timeout(linger, drain).await;
+    }
+}
+
+#[cfg(test)]
+mod props;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cim_common::{
+        codec::{frame_to_bytes, DEFAULT_MAX_FRAME_LEN},
+        pb::{frame::Body, Login},
+    };
+
+    /// Found by `props::any_stream_reads_as_the_codec_says_within_the_limit`: the room
+    /// reserved before a read doubled a buffer sized for a frame near the limit (131,078 bytes
+    /// held for a 64 KiB frame arriving a byte at a time: below 64 bytes of room, 512 more).
+    #[tokio::test]
+    async fn a_frame_near_the_limit_holds_the_limit_and_one_read() {
+        let frame = Frame::new(Body::Login(Login {
+            token: "x".repeat(DEFAULT_MAX_FRAME_LEN - 8),
+        }));
+        let bytes = frame_to_bytes(&frame);
+        // All but its last byte, then the end: the buffer still holds the pending frame when
+        // the truncated read is reported.
+        let (mut client, server) = tokio::io::duplex(1);
+        let writer = tokio::spawn(async move { client.write_all(&bytes[..bytes.len() - 1]).await });
+        let mut transport = TcpTransport::new(server, DEFAULT_MAX_FRAME_LEN);
+        assert!(matches!(transport.recv().await, Err(RecvError::Io(_))));
+        let held = transport.read_buffer_capacity();
+        assert!(
+            held <= DEFAULT_MAX_FRAME_LEN + 5 + READ_CHUNK,
+            "{held} bytes held"
+        );
+        writer.await.unwrap().unwrap();
     }
 }

@@ -196,6 +196,9 @@ where
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::pb::{frame::Body, Ping};

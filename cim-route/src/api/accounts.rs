@@ -617,6 +617,9 @@ pub async fn logout(
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

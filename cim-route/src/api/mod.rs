@@ -122,4 +122,6 @@ async fn request_deadline(State(deadline): State<Duration>, req: Request, next: 
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;

@@ -1,0 +1,232 @@
+//! proptest strategies for the client wire types (feature `test-support`, and this crate's own
+//! tests): arbitrary [`Frame`]s of every body, for the property tests of the codec
+//! (`codec/props.rs`), the JSON mapping (`proto/props.rs`) and the server's read paths.
+//!
+//! Two flavours, because the two encodings differ on one point: protobuf carries any `i32` in
+//! an enum field (a newer peer's value survives a round trip), while the proto3 JSON mapping
+//! names enum values, so only the values this build knows can be written as JSON.
+
+use crate::pb::{
+    frame::Body, Ack, Error, ErrorCode, Frame, Kick, KickReason, Login, LoginResult, Message,
+    MessageKind, Ping, Pong, Push, Send, SendResult, SendStatus,
+};
+use proptest::{collection::vec, option, prelude::*};
+use serde_json::Value;
+
+/// Which enum values a strategy produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enums {
+    /// Only values of this build's `cim.proto` (what JSON can carry).
+    Known,
+    /// Any `i32` (what a newer peer may send in protobuf).
+    Any,
+}
+
+/// Text of any Unicode scalar values, up to 300 of them (so some frames need a two-byte
+/// length prefix).
+pub fn text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => proptest::string::string_regex(".{0,12}").expect("a valid regex"),
+        1 => proptest::string::string_regex("(?s).{0,300}").expect("a valid regex"),
+    ]
+}
+
+fn enum_value(enums: Enums, last_known: i32) -> BoxedStrategy<i32> {
+    match enums {
+        Enums::Known => (0..=last_known).boxed(),
+        Enums::Any => prop_oneof![3 => 0..=last_known, 1 => any::<i32>()].boxed(),
+    }
+}
+
+fn message_kind(enums: Enums) -> BoxedStrategy<i32> {
+    enum_value(enums, MessageKind::Receipt as i32)
+}
+
+fn error(enums: Enums) -> impl Strategy<Value = Error> {
+    (enum_value(enums, ErrorCode::Forbidden as i32), text())
+        .prop_map(|(code, message)| Error { code, message })
+}
+
+/// An arbitrary stored or pushed message.
+pub fn message(enums: Enums) -> impl Strategy<Value = Message> {
+    (
+        (
+            text(),
+            any::<u64>(),
+            text(),
+            any::<u64>(),
+            message_kind(enums),
+        ),
+        (
+            text(),
+            any::<i64>(),
+            any::<u64>(),
+            text(),
+            any::<bool>(),
+            text(),
+        ),
+    )
+        .prop_map(
+            |(
+                (id, sender_id, sender_name, receiver_id, kind),
+                (body, timestamp_ms, seq, channel, receipt, receipt_for),
+            )| Message {
+                id,
+                sender_id,
+                sender_name,
+                receiver_id,
+                kind,
+                body,
+                timestamp_ms,
+                seq,
+                channel,
+                receipt,
+                receipt_for,
+            },
+        )
+}
+
+fn send(enums: Enums) -> impl Strategy<Value = Send> {
+    (
+        (any::<u64>(), message_kind(enums), any::<u64>(), text()),
+        (text(), text(), any::<bool>(), text()),
+    )
+        .prop_map(
+            |(
+                (client_id, kind, to_user_id, to_user_name),
+                (body, channel, receipt, message_id),
+            )| {
+                Send {
+                    client_id,
+                    kind,
+                    to_user_id,
+                    to_user_name,
+                    body,
+                    channel,
+                    receipt,
+                    message_id,
+                }
+            },
+        )
+}
+
+fn send_result(enums: Enums) -> impl Strategy<Value = SendResult> {
+    (
+        (
+            any::<u64>(),
+            enum_value(enums, SendStatus::Failed as i32),
+            text(),
+        ),
+        (
+            any::<i64>(),
+            any::<u32>(),
+            option::of(error(enums)),
+            any::<bool>(),
+        ),
+    )
+        .prop_map(
+            |((client_id, status, message_id), (timestamp_ms, delivered, error, repeat))| {
+                SendResult {
+                    client_id,
+                    status,
+                    message_id,
+                    timestamp_ms,
+                    delivered,
+                    error,
+                    repeat,
+                }
+            },
+        )
+}
+
+fn login_result() -> impl Strategy<Value = LoginResult> {
+    (
+        any::<u64>(),
+        text(),
+        text(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(
+            |(
+                user_id,
+                user_name,
+                server_id,
+                heartbeat_interval_ms,
+                heartbeat_timeout_ms,
+                max_frame_len,
+            )| LoginResult {
+                user_id,
+                user_name,
+                server_id,
+                heartbeat_interval_ms,
+                heartbeat_timeout_ms,
+                max_frame_len,
+            },
+        )
+}
+
+/// An arbitrary frame: any body (or none, what a frame from a newer schema decodes to), with
+/// arbitrary field values.
+pub fn frame(enums: Enums) -> BoxedStrategy<Frame> {
+    let body = prop_oneof![
+        text().prop_map(|token| Body::Login(Login { token })),
+        login_result().prop_map(Body::LoginResult),
+        any::<u64>().prop_map(|nonce| Body::Ping(Ping { nonce })),
+        any::<u64>().prop_map(|nonce| Body::Pong(Pong { nonce })),
+        send(enums).prop_map(Body::Send),
+        send_result(enums).prop_map(Body::SendResult),
+        (vec(message(enums), 0..4), any::<bool>())
+            .prop_map(|(messages, replay)| Body::Push(Push { messages, replay })),
+        (enum_value(enums, KickReason::Admin as i32), text())
+            .prop_map(|(reason, message)| Body::Kick(Kick { reason, message })),
+        error(enums).prop_map(Body::Error),
+        vec(text(), 0..6).prop_map(|message_ids| Body::Ack(Ack { message_ids })),
+    ];
+    option::weighted(0.95, body)
+        .prop_map(|body| Frame { body })
+        .boxed()
+}
+
+/// Any JSON value, up to four levels deep, whose object keys are often from `keys` (the field
+/// names of whatever parses it, so the typed parsers are reached with values of every type)
+/// and otherwise any text.
+pub fn json_value(keys: &'static [&'static str]) -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        (0u64..4).prop_map(Value::from),
+        any::<f64>().prop_map(Value::from), // NaN and infinities become null
+        text().prop_map(Value::String),
+        // Numbers as strings, as the proto3 JSON mapping writes 64-bit integers.
+        any::<i64>().prop_map(|n| Value::String(n.to_string())),
+        proptest::sample::select(&["MESSAGE_KIND_PRIVATE", "ERROR_CODE_BAD_FRAME", "NaN", ""][..])
+            .prop_map(|s| Value::String(s.into())),
+    ];
+    let key = prop_oneof![
+        3 => proptest::sample::select(keys).prop_map(String::from),
+        1 => text(),
+    ]
+    .boxed();
+    leaf.prop_recursive(4, 48, 6, move |inner| {
+        prop_oneof![
+            vec(inner.clone(), 0..6).prop_map(Value::Array),
+            vec((key.clone(), inner), 0..6).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+/// The config of one property: `cases` cases (chosen per property, so the whole set stays
+/// well under a minute on CI's two cores), or `PROPTEST_CASES` when that is set, to run more.
+/// (`ProptestConfig::with_cases` would ignore the variable.)
+pub fn config(cases: u32) -> ProptestConfig {
+    // `default()` reads PROPTEST_CASES (and the other PROPTEST_* settings).
+    let mut config = ProptestConfig::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = cases;
+    }
+    config
+}
