@@ -1,5 +1,6 @@
-//! The load generator behind the `cim-bench` binary: three scenarios against a running cluster,
-//! each a library function so tests can run it against a test cluster.
+//! The load generator behind the `cim-bench` binary: three scenarios against a running cluster
+//! and one against a single route, each a library function so tests can run it against a test
+//! cluster.
 //!
 //! - [`run_connect`]: opens many connections at a given rate (optionally from several local
 //!   IPs), holds them with heartbeats, and reports the connect rate and the servers' memory
