@@ -8,6 +8,9 @@ use cim_common::{
 use serde::{Deserialize, Serialize};
 use std::{net::SocketAddr, time::Duration};
 
+/// Most password hashing workers (`password_workers`).
+pub const MAX_PASSWORD_WORKERS: usize = 256;
+
 /// Why a configuration cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid route configuration: {field}: {message}")]
@@ -85,6 +88,10 @@ pub struct RouteConfig {
     pub password_memory_kib: u32,
     /// Argon2id iterations of new password hashes (default: argon2's, 2).
     pub password_iterations: u32,
+    /// Password hashing workers: threads that each own one argon2 memory area of
+    /// `password_memory_kib`, so hashes in flight, and the hashing memory, are at most this
+    /// many (× 19 MiB by default) however many logins arrive. 0 (the default): one per core.
+    pub password_workers: usize,
     /// Keys of the business API (`/api/admin/*`, header `X-Api-Key`). Empty (the default):
     /// the business API refuses every call.
     pub api_keys: Vec<String>,
@@ -132,6 +139,7 @@ impl Default for RouteConfig {
             concurrency_limit: 1024,
             password_memory_kib: argon2::Params::DEFAULT_M_COST,
             password_iterations: argon2::Params::DEFAULT_T_COST,
+            password_workers: 0,
             api_keys: Vec::new(),
             max_channels_per_user: 100,
             max_receivers: 1000,
@@ -249,6 +257,13 @@ impl RouteConfig {
         }
         self.password_params()
             .map_err(|m| invalid("password_memory_kib", m))?;
+        // Each worker is a thread with up to password_memory_kib of its own.
+        if self.password_workers > MAX_PASSWORD_WORKERS {
+            return Err(invalid(
+                "password_workers",
+                format!("must be at most {MAX_PASSWORD_WORKERS} (0: one per core)"),
+            ));
+        }
         // Names are stored in Redis keys and the online index; keep them small.
         if self.max_name_len > 256 {
             return Err(invalid("max_name_len", "must be at most 256"));
@@ -297,6 +312,14 @@ impl RouteConfig {
                 )
             },
         )
+    }
+
+    /// How many password hashing workers to run: `password_workers`, or one per core.
+    pub fn password_workers(&self) -> usize {
+        match self.password_workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
     }
 
     pub fn connect_token_ttl(&self) -> Duration {
@@ -375,6 +398,13 @@ mod tests {
         c.password_memory_kib = 1;
         assert_eq!(c.validate().unwrap_err().field, "password_memory_kib");
         c.password_memory_kib = RouteConfig::default().password_memory_kib;
+        c.password_workers = MAX_PASSWORD_WORKERS + 1;
+        assert_eq!(c.validate().unwrap_err().field, "password_workers");
+        c.password_workers = MAX_PASSWORD_WORKERS;
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.password_workers(), MAX_PASSWORD_WORKERS);
+        c.password_workers = 0;
+        assert!(c.password_workers() >= 1);
         c.worker_threads = 1024;
         assert_eq!(c.validate(), Ok(()));
         c.worker_threads = 1025;

@@ -66,11 +66,9 @@ impl AppState {
         metrics: RouteMetrics,
         registry: Registry,
     ) -> Self {
-        // Bound concurrent hashes by the cores: more would only queue inside the pool.
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         // `validate` checked the parameters; fall back to the defaults rather than panic.
         let params = config.password_params().unwrap_or_default();
-        let passwords = Passwords::with_params(params, cores);
+        let passwords = Passwords::with_params(params, config.password_workers());
         let signer = TokenSigner::new(&config.cluster_secret);
         let cluster = ClusterClient::new(&config.cluster_secret, config.push_timeout());
         Self {

@@ -1,5 +1,5 @@
 //! The load generator (`cim_client::bench`) against a real cluster (two servers, one route,
-//! real Redis and etcd), at tiny sizes: the three scenarios must keep working and their
+//! real Redis and etcd), at tiny sizes: the scenarios must keep working and their
 //! reports must add up. The figures themselves are meaningless here (every cim node runs in
 //! this test process, so memory and CPU are the whole process's).
 
@@ -371,6 +371,42 @@ async fn scenarios_run_over_tls() -> anyhow::Result<()> {
     assert_eq!((report.connected, report.failed), (0, 2), "{report}");
     assert!(
         report.failures.keys().any(|k| k.contains("no TLS address")),
+        "{report}"
+    );
+    Ok(())
+}
+
+/// `login-flood` against a cluster's route (in this process, so its pid is this test's):
+/// every wrong-password login is answered `bad_credentials`, and the memory readings are real.
+#[tokio::test]
+async fn login_flood_answers_every_login_and_reads_memory() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().servers(1).start().await?;
+    let report = bench::run_login_flood(bench::LoginFloodOpts {
+        route: cluster.route_url(),
+        logins: 12,
+        concurrency: 4,
+        settle: Duration::ZERO,
+    })
+    .await?;
+    assert_eq!(report.pid, std::process::id());
+    assert_eq!(
+        report.answers,
+        [("bad_credentials".to_string(), 12)].into(),
+        "{report}"
+    );
+    for m in [report.before, report.after, report.settled] {
+        assert!(
+            m.vm_rss_bytes > 0 && m.vm_hwm_bytes >= m.vm_rss_bytes,
+            "{report}"
+        );
+        assert!(m.threads >= 1, "{report}");
+    }
+    // The peak never goes down.
+    assert!(report.settled.vm_hwm_bytes >= report.before.vm_hwm_bytes);
+    let json = serde_json::to_value(&report)?;
+    assert!(json["after"]["vm_hwm_bytes"].is_number(), "{json}");
+    assert!(
+        report.to_string().contains("bad_credentials ×12"),
         "{report}"
     );
     Ok(())

@@ -1,5 +1,6 @@
-//! The load generator behind the `cim-bench` binary: three scenarios against a running cluster,
-//! each a library function so tests can run it against a test cluster.
+//! The load generator behind the `cim-bench` binary: three scenarios against a running cluster
+//! and one against a single route, each a library function so tests can run it against a test
+//! cluster.
 //!
 //! - [`run_connect`]: opens many connections at a given rate (optionally from several local
 //!   IPs), holds them with heartbeats, and reports the connect rate and the servers' memory
@@ -11,6 +12,9 @@
 //!   the last receiver has each message, missing deliveries, and the CPU per delivery. Past
 //!   one process's connections, further processes hold receivers only (`receive_only`) and
 //!   their per-message wall-clock times merge with the sender's.
+//! - [`run_login_flood`]: many concurrent wrong-password logins against one route (no Redis
+//!   or etcd needed), and that route's peak and resident memory before, right after and a
+//!   while after (`/proc/{pid}/status`: the route must run on this machine).
 //!
 //! # How login cost is kept out
 //! A [`Setup`] connects to the cluster's Redis and etcd, reads the live servers and routes
@@ -34,6 +38,7 @@
 
 pub mod connect;
 pub mod fanout;
+pub mod login_flood;
 pub mod p2p;
 pub mod probe;
 pub mod report;
@@ -41,6 +46,7 @@ pub mod setup;
 
 pub use connect::{run_connect, ConnectOpts, ConnectReport};
 pub use fanout::{run_fanout, FanoutOpts, FanoutReport};
+pub use login_flood::{run_login_flood, LoginFloodOpts, LoginFloodReport};
 pub use p2p::{run_p2p, Load, P2pOpts, P2pReport};
 pub use setup::{BenchUser, Setup};
 

@@ -1,10 +1,10 @@
 //! `cim-bench`: the load generator. Connects to a running cluster's Redis and etcd and runs one
-//! scenario (`connect`, `p2p`, `fanout`); everything it does is in [`cim_client::bench`], this
+//! scenario (`connect`, `p2p`, `fanout`; `login-flood` needs only a route's URL); everything it does is in [`cim_client::bench`], this
 //! file only parses flags. Progress goes to stderr once a second, the summary to stdout (one
 //! JSON object with `--json`). Exit status 1 when the scenario could not run, 2 for bad flags.
 
 use cim_client::{
-    bench::{self, ConnectOpts, FanoutOpts, Load, P2pOpts, Setup},
+    bench::{self, ConnectOpts, FanoutOpts, Load, LoginFloodOpts, P2pOpts, Setup},
     Transport,
 };
 use cim_common::{backend::BackendConfig, cli::BackendFlags, config::DEV_SECRET};
@@ -56,6 +56,26 @@ enum Scenario {
     /// Group messages from one sender to N receivers: time to the last receipt, missing
     /// deliveries, CPU per delivery. Nobody else should be online.
     Fanout(FanoutArgs),
+    /// Wrong-password logins against one route on this machine (no Redis or etcd needed):
+    /// the route's peak and resident memory (VmHWM, VmRSS) before, right after, and
+    /// --settle after.
+    LoginFlood(LoginFloodArgs),
+}
+
+#[derive(Args, Debug)]
+struct LoginFloodArgs {
+    /// The route's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    route: String,
+    /// Wrong-password logins to send.
+    #[arg(long, default_value_t = 1000)]
+    logins: usize,
+    /// Most logins in flight at once.
+    #[arg(long, default_value_t = 1000)]
+    concurrency: usize,
+    /// How long after the last answer the memory is read again.
+    #[arg(long, default_value = "5s", value_parser = bench::parse_duration)]
+    settle: Duration,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -181,14 +201,6 @@ fn backend_config(flags: BackendFlags) -> BackendConfig {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<String> {
-    let tls = match cli.tls {
-        true => Some(cim_client::ClientTls::new(cli.ca_file.as_deref())?),
-        false => None,
-    };
-    let setup = Setup::connect(&backend_config(cli.backend), &cli.cluster_secret)
-        .await?
-        .with_progress(true)
-        .with_tls(tls);
     let json = cli.json;
     let render = |text: String, value: serde_json::Value| {
         if json {
@@ -196,6 +208,20 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         } else {
             text
         }
+    };
+    let tls = match cli.tls {
+        true => Some(cim_client::ClientTls::new(cli.ca_file.as_deref())?),
+        false => None,
+    };
+    let (backend, secret) = (backend_config(cli.backend), cli.cluster_secret);
+    // Every scenario but login-flood runs against the cluster's Redis and etcd.
+    let setup = || async {
+        anyhow::Ok(
+            Setup::connect(&backend, &secret)
+                .await?
+                .with_progress(true)
+                .with_tls(tls),
+        )
     };
     Ok(match cli.scenario {
         Scenario::Connect(a) => {
@@ -207,7 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 rate: a.rate,
                 user_offset: a.common.user_offset,
             };
-            let r = bench::run_connect(&setup, opts).await?;
+            let r = bench::run_connect(&setup().await?, opts).await?;
             render(r.to_string(), serde_json::to_value(&r)?)
         }
         Scenario::P2p(a) => {
@@ -223,7 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 transport: a.common.transport.into(),
                 user_offset: a.common.user_offset,
             };
-            let r = bench::run_p2p(&setup, opts).await?;
+            let r = bench::run_p2p(&setup().await?, opts).await?;
             render(r.to_string(), serde_json::to_value(&r)?)
         }
         Scenario::Fanout(a) => {
@@ -238,7 +264,17 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 start_wait: a.start_wait,
                 source_ips: a.source_ips.map(|l| l.0).unwrap_or_default(),
             };
-            let r = bench::run_fanout(&setup, opts).await?;
+            let r = bench::run_fanout(&setup().await?, opts).await?;
+            render(r.to_string(), serde_json::to_value(&r)?)
+        }
+        Scenario::LoginFlood(a) => {
+            let opts = LoginFloodOpts {
+                route: a.route,
+                logins: a.logins,
+                concurrency: a.concurrency,
+                settle: a.settle,
+            };
+            let r = bench::run_login_flood(opts).await?;
             render(r.to_string(), serde_json::to_value(&r)?)
         }
     })
