@@ -1845,23 +1845,33 @@ mod tests {
 
     #[test]
     fn ack_replies_give_the_senders_waiting_for_receipts() {
+        let score = || Value::BulkString(b"3".to_vec());
         let exec = Value::Array(vec![
+            Value::Array(vec![score(), score(), Value::Nil]),
             Value::Int(2),
             Value::Int(2),
-            Value::Array(vec![Value::Nil, Value::BulkString(b"17".to_vec())]),
-            Value::Int(1),
+            Value::Array(vec![
+                Value::Nil,
+                Value::BulkString(b"17".to_vec()),
+                Value::BulkString(b"18".to_vec()),
+            ]),
         ]);
-        assert_eq!(ack_receipt_senders(exec, 2).unwrap(), [None, Some(17)]);
+        // The third was not there when acked (acked before): no receipt from this ack.
+        assert_eq!(
+            ack_receipt_senders(exec, 3).unwrap(),
+            [None, Some(17), None]
+        );
     }
 
     #[test]
     fn malformed_ack_replies_are_corrupt_not_panics() {
         let senders = |v: Vec<Value>| {
+            let scores = v.iter().map(|_| Value::BulkString(b"1".to_vec())).collect();
             Value::Array(vec![
+                Value::Array(scores),
                 Value::Int(1),
                 Value::Int(1),
                 Value::Array(v),
-                Value::Int(0),
             ])
         };
         let bad = [
@@ -1869,10 +1879,16 @@ mod tests {
             Value::Int(1),
             Value::Array(vec![Value::Int(1)]),
             Value::Array(vec![
+                Value::Array(vec![Value::Nil]),
                 Value::Int(1),
                 Value::Int(1),
                 Value::Nil,
-                Value::Int(0),
+            ]),
+            Value::Array(vec![
+                Value::Nil,
+                Value::Int(1),
+                Value::Int(1),
+                Value::Array(vec![Value::Nil]),
             ]),
             senders(vec![]),
             senders(vec![Value::BulkString(b"bob".to_vec())]),

@@ -45,6 +45,8 @@ fn session_of(c: &ConnectClaims) -> SessionClaims {
         user_name: c.user_name.clone(),
         session: c.session.clone(),
         exp_ms: c.exp_ms,
+        // Any generation: the user id picks one.
+        generation: c.user_id,
     }
 }
 

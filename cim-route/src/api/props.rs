@@ -72,6 +72,12 @@ const ENDPOINTS: &[Endpoint] = &[
         auth: Auth::Logout,
         fields: &[],
     },
+    // Replaces the session it resumes, so like logout its token may stop working.
+    Endpoint {
+        path: "/api/login/resume",
+        auth: Auth::Logout,
+        fields: &[],
+    },
     Endpoint {
         path: "/api/messages/private",
         auth: Auth::Bearer,
