@@ -232,7 +232,7 @@ impl Drop for GaugeGuard {
 
 /// Every [`crate::pb::ErrorCode`], by its protobuf number: the lower-case names used as label
 /// values (`failed_<code>` outcomes, login failure reasons).
-pub const ERROR_CODES: [&str; 17] = [
+pub const ERROR_CODES: [&str; 19] = [
     "unspecified",
     "bad_frame",
     "frame_too_large",
@@ -250,6 +250,8 @@ pub const ERROR_CODES: [&str; 17] = [
     "internal",
     "overloaded",
     "forbidden",
+    "server_full",
+    "rate_limited",
 ];
 
 /// The label value of an error code.

@@ -60,6 +60,17 @@ pub struct ServerConfig {
     pub login_timeout_ms: u64,
     /// Largest frame a client may send (encoded protobuf bytes).
     pub max_frame_len: usize,
+    /// Client connections held at once (logging in, logged in or closing); more are refused
+    /// at once with `SERVER_FULL` (TCP), HTTP 503 (WebSocket) or a close (TLS). Keep it below
+    /// the process's open-files limit.
+    pub max_connections: usize,
+    /// Connections that have not logged in yet, at once; more are refused the same way
+    /// (`OVERLOADED`). Sockets that never log in cannot crowd out users past this.
+    pub max_pending_logins: usize,
+    /// Largest frame before login, over plain TCP and TLS (a Login frame is a few hundred
+    /// bytes): what a socket that has not logged in can make the server buffer. At most
+    /// `max_frame_len` is used.
+    pub pre_login_frame_len: usize,
     /// Frames queued for one connection before it is closed as a slow consumer.
     pub outbound_queue_frames: usize,
     /// Deadline of one write burst to a client.
@@ -116,6 +127,9 @@ impl Default for ServerConfig {
             heartbeat_timeout_intervals: 3,
             login_timeout_ms: 5_000,
             max_frame_len: cim_common::codec::DEFAULT_MAX_FRAME_LEN,
+            max_connections: 100_000,
+            max_pending_logins: 1_024,
+            pre_login_frame_len: 4_096,
             outbound_queue_frames: 1024,
             write_timeout_ms: 10_000,
             registry_ttl_secs: 10,
@@ -214,6 +228,14 @@ impl ServerConfig {
                 self.max_frame_len
             ));
         }
+        positive("max_connections", self.max_connections as u64)?;
+        positive("max_pending_logins", self.max_pending_logins as u64)?;
+        if self.pre_login_frame_len < MIN_FRAME_LEN {
+            return Err(format!(
+                "pre_login_frame_len must be at least {MIN_FRAME_LEN}, got {}",
+                self.pre_login_frame_len
+            ));
+        }
         positive("outbound_queue_frames", self.outbound_queue_frames as u64)?;
         positive("write_timeout_ms", self.write_timeout_ms)?;
         positive("registry_ttl_secs", self.registry_ttl_secs)?;
@@ -225,6 +247,11 @@ impl ServerConfig {
         cim_common::cli::validate_worker_threads(self.worker_threads)
             .map_err(|m| format!("worker_threads {m}"))?;
         Ok(())
+    }
+
+    /// The frame limit before login: `pre_login_frame_len`, or `max_frame_len` if smaller.
+    pub fn pre_login_limit(&self) -> usize {
+        self.pre_login_frame_len.min(self.max_frame_len)
     }
 
     /// The TLS listen address, if TLS is on (`None` and empty are off).

@@ -26,7 +26,7 @@ use axum::{
     Json, Router,
 };
 use cim_common::cluster::{authorized, rpc, unauthorized, Protobuf, MAX_BODY};
-use std::sync::{atomic::Ordering, Arc};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
@@ -171,7 +171,8 @@ async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "status": "ok",
         "id": state.id,
-        "connections": state.open.load(Ordering::Relaxed),
+        "connections": state.admission.open(),
+        "pending_logins": state.admission.pending(),
         "pid": std::process::id(),
         "rss_bytes": usage.map(|u| u.rss_bytes),
         "cpu_ms": usage.map(|u| u.cpu_ms),

@@ -31,6 +31,7 @@
 //! - `metrics`: the server's Prometheus metrics (`cim_server_*`), one registry per instance.
 
 mod ack;
+mod admission;
 mod chunks;
 mod config;
 mod conn;

@@ -28,16 +28,16 @@ pub(crate) const TRANSPORTS: &[&str] = &["tcp", "ws", "tls", "wss"];
 /// Reasons of `cim_server_login_failures_total`: the error code the server answered (the
 /// first [`ERROR_CODES`]`.len()` entries, by protobuf number), or how the connection ended
 /// before logging in.
-pub(crate) const LOGIN_FAILURES: [&str; 20] = {
-    let mut all = [""; 20];
+pub(crate) const LOGIN_FAILURES: [&str; ERROR_CODES.len() + 3] = {
+    let mut all = [""; ERROR_CODES.len() + 3];
     let mut i = 0;
     while i < ERROR_CODES.len() {
         all[i] = ERROR_CODES[i];
         i += 1;
     }
-    all[17] = "closed";
-    all[18] = "connection_lost";
-    all[19] = "server_shutdown";
+    all[ERROR_CODES.len()] = "closed";
+    all[ERROR_CODES.len() + 1] = "connection_lost";
+    all[ERROR_CODES.len() + 2] = "server_shutdown";
     all
 };
 
@@ -76,6 +76,7 @@ pub(crate) struct ServerMetrics {
     pub frames_in: Series<Counter>,
     pub frames_out: Series<Counter>,
     pub slow_consumer_kicks: Counter,
+    pub connections_refused: Series<Counter>,
     pub acks_dropped: Counter,
     pub forward_queue_depth: Gauge,
     pub held_senders: Gauge,
@@ -137,6 +138,14 @@ impl ServerMetrics {
             "Connections closed because their outbound queue was full",
             slow_consumer_kicks.clone(),
         );
+        let connections_refused = Series::register(
+            registry,
+            "cim_server_connections_refused",
+            "Connections refused at accept: over max_connections (full) or max_pending_logins",
+            crate::admission::Refused::LABELS.len(),
+            |i| vec![("reason", crate::admission::Refused::LABELS[i])],
+        );
+        connections_refused.init_all();
         let acks_dropped = Counter::default();
         registry.register(
             "cim_server_acks_dropped",
@@ -170,6 +179,7 @@ impl ServerMetrics {
             frames_in,
             frames_out,
             slow_consumer_kicks,
+            connections_refused,
             acks_dropped,
             forward_queue_depth,
             held_senders,
@@ -211,9 +221,9 @@ impl ServerMetrics {
 fn login_failure_index(end: &End) -> usize {
     match end {
         End::Failed(code, _) => *code as usize,
-        End::PeerClosed => 17,
-        End::ReadFailed(_) | End::WriteFailed(_) => 18,
-        End::Shutdown | End::Kicked(_) => 19,
+        End::PeerClosed => ERROR_CODES.len(),
+        End::ReadFailed(_) | End::WriteFailed(_) => ERROR_CODES.len() + 1,
+        End::Shutdown | End::Kicked(_) => ERROR_CODES.len() + 2,
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::pb::KickReason;
 use crate::{
     ack::{self, AckQueue},
+    admission::{self, Admission, Refused, Ticket},
     config::ServerConfig,
     conn::ConnTable,
     forward::{ForwardQueue, Forwarder, RouteCaller},
@@ -23,11 +24,7 @@ use cim_common::{
     token::TokenSigner,
 };
 use prometheus_client::registry::Registry;
-use std::{
-    net::SocketAddr,
-    sync::{atomic::AtomicUsize, atomic::Ordering, Arc},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -51,8 +48,9 @@ pub(crate) struct ServerState {
     pub acks: AckQueue,
     /// Cancelled when the server shuts down.
     pub cancel: CancellationToken,
-    /// Open client connections (logging in, logged in, or closing).
-    pub open: AtomicUsize,
+    /// The connection caps, and the count of open client connections (handshaking, logging
+    /// in, logged in, or closing): one ticket each.
+    pub admission: Arc<Admission>,
     /// The handles of this server's metrics...
     pub metrics: ServerMetrics,
     /// ... and the registry `/metrics` encodes (with the backends' error counters).
@@ -85,6 +83,7 @@ impl ServerState {
         registry: Registry,
     ) -> Self {
         acks.count_drops_in(metrics.acks_dropped.clone());
+        let admission = Admission::new(config.max_connections, config.max_pending_logins);
         Self {
             id,
             signer: TokenSigner::new(&config.cluster_secret),
@@ -94,7 +93,7 @@ impl ServerState {
             forward,
             acks,
             cancel: CancellationToken::new(),
-            open: AtomicUsize::new(0),
+            admission,
             metrics,
             registry,
         }
@@ -353,7 +352,7 @@ impl ServerHandle {
 
     /// Open client connections, including ones still logging in or closing.
     pub fn connection_count(&self) -> usize {
-        self.state.open.load(Ordering::Relaxed)
+        self.state.admission.open()
     }
 
     /// Graceful stop: leaves the registry (routes stop assigning this server), stops
@@ -429,29 +428,88 @@ async fn accept_loop(
     tls: Option<Arc<ServerTls>>,
 ) {
     while let Some((stream, peer)) = next_connection(&state, &listener).await {
+        let ticket = match state.admission.admit() {
+            Ok(ticket) => ticket,
+            Err(why) => {
+                refuse(&state, &tracker, stream, why, protocol, tls.is_some());
+                continue;
+            }
+        };
         let state = state.clone();
         match (&tls, protocol) {
             (None, Protocol::Tcp) => {
-                let transport = TcpTransport::new(stream, state.config.max_frame_len);
-                tracker.spawn(session::run(state, transport, peer));
+                let transport = TcpTransport::new(stream, state.config.pre_login_limit());
+                tracker.spawn(session::run(state, transport, peer, ticket));
             }
             (None, Protocol::Ws) => {
                 // The handshake shares the login deadline: a client that opens a socket and
                 // says nothing is dropped just the same.
                 let deadline = Instant::now() + state.config.login_timeout();
-                tracker.spawn(serve_ws(state, stream, peer, deadline));
+                tracker.spawn(serve_ws(state, stream, peer, deadline, ticket));
             }
             (Some(tls), protocol) => {
-                tracker.spawn(serve_tls(state, tls.clone(), stream, peer, protocol));
+                tracker.spawn(serve_tls(
+                    state,
+                    tls.clone(),
+                    stream,
+                    peer,
+                    protocol,
+                    ticket,
+                ));
             }
         }
     }
     debug!(?protocol, tls = tls.is_some(), "client listener closed");
 }
 
+/// Refuses a connection over a cap: counted, told why where that is cheap, closed (see
+/// [`crate::admission`]).
+fn refuse(
+    state: &ServerState,
+    tracker: &TaskTracker,
+    mut stream: TcpStream,
+    why: Refused,
+    protocol: Protocol,
+    tls: bool,
+) {
+    state.metrics.connections_refused.get(why as usize).inc();
+    debug!(reason = Refused::LABELS[why as usize], "connection refused");
+    let Some(answer) = admission::refusal(why, protocol == Protocol::Ws, tls) else {
+        return;
+    };
+    // A new socket's send buffer is empty: the answer (~100 bytes) leaves at once, here,
+    // whatever the rate of refusals.
+    if !matches!(stream.try_write(&answer), Ok(n) if n == answer.len()) {
+        return;
+    }
+    // Then, while there is a free closer, read what the client sent until it closes, so that
+    // closing does not reset the connection before the client read the answer (a socket
+    // closed with unread input sends RST; a client that sent nothing gets a clean close
+    // anyway). Discarded a little at a time, within a deadline.
+    let Ok(permit) = state.admission.refusers.clone().try_acquire_owned() else {
+        return;
+    };
+    tracker.spawn(async move {
+        let _permit = permit;
+        let _ = tokio::time::timeout(admission::REFUSAL_LINGER, async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream.shutdown().await?;
+            let mut sink = [0u8; 1024];
+            while stream.read(&mut sink).await? > 0 {}
+            std::io::Result::Ok(())
+        })
+        .await;
+    });
+}
+
 /// The WebSocket handshake (by `deadline`), then the session.
-async fn serve_ws<S>(state: Arc<ServerState>, stream: S, peer: SocketAddr, deadline: Instant)
-where
+async fn serve_ws<S>(
+    state: Arc<ServerState>,
+    stream: S,
+    peer: SocketAddr,
+    deadline: Instant,
+    ticket: Ticket,
+) where
     S: crate::tcp::ByteStream + 'static,
 {
     // Boxed, like the login: it is short-lived.
@@ -471,7 +529,7 @@ where
     };
     let handshake = Box::pin(handshake.instrument(session::span(peer, "ws")));
     if let Some(transport) = handshake.await {
-        session::run(state, transport, peer).await;
+        session::run(state, transport, peer, ticket).await;
     }
 }
 
@@ -484,6 +542,7 @@ async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     protocol: Protocol,
+    ticket: Ticket,
 ) {
     let timeout = state.config.login_timeout();
     let deadline = Instant::now() + timeout;
@@ -505,9 +564,9 @@ async fn serve_tls(
     };
     match protocol {
         Protocol::Tcp => {
-            let transport = TcpTransport::new(stream, state.config.max_frame_len);
-            session::run(state, transport, peer).await;
+            let transport = TcpTransport::new(stream, state.config.pre_login_limit());
+            session::run(state, transport, peer, ticket).await;
         }
-        Protocol::Ws => serve_ws(state, stream, peer, deadline).await,
+        Protocol::Ws => serve_ws(state, stream, peer, deadline, ticket).await,
     }
 }

@@ -29,6 +29,7 @@
 use crate::metrics::Tally;
 use crate::{
     ack::{self, AckItem},
+    admission::Ticket,
     conn::{ConnShared, Outbound},
     pb::{frame::Body, ErrorCode, Frame, KickReason, LoginResult, Message, Pong, Push, SendResult},
     server::ServerState,
@@ -40,13 +41,7 @@ use cim_common::{
     token::TokenError,
 };
 use futures_util::FutureExt;
-use std::{
-    future::Future,
-    io,
-    net::SocketAddr,
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
-};
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument, Span};
 
@@ -72,6 +67,10 @@ pub(crate) trait Transport: Send {
 
     /// Closes the connection after the last frame, waiting at most `linger` for the client.
     fn close(&mut self, linger: Duration) -> impl Future<Output = ()> + Send;
+
+    /// Frames up to `max` bytes are accepted from now on (raised after login from the
+    /// pre-login limit). A transport whose limit is fixed at its handshake keeps it.
+    fn set_max_frame_len(&mut self, _max: usize) {}
 }
 
 /// Why `recv` produced no frame.
@@ -155,28 +154,20 @@ pub(crate) fn span(peer: SocketAddr, transport: &'static str) -> Span {
     )
 }
 
-/// Counts the connection as open for its whole life, cleanup included: in the server's
-/// count and in its transport's `cim_server_connections` gauge.
-struct OpenGuard<'a>(
-    &'a std::sync::atomic::AtomicUsize,
-    &'a prometheus_client::metrics::gauge::Gauge,
-);
+/// Counts the connection in its transport's `cim_server_connections` gauge for its whole
+/// life, cleanup included (the server's own count is the connection's admission ticket).
+struct OpenGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
 
 impl<'a> OpenGuard<'a> {
-    fn new(
-        counter: &'a std::sync::atomic::AtomicUsize,
-        gauge: &'a prometheus_client::metrics::gauge::Gauge,
-    ) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
         gauge.inc();
-        Self(counter, gauge)
+        Self(gauge)
     }
 }
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        self.1.dec();
+        self.0.dec();
     }
 }
 
@@ -243,14 +234,21 @@ async fn fail_after_queued<T: Transport>(
 }
 
 /// Runs one connection to its end.
-pub(crate) async fn run<T: Transport>(state: Arc<ServerState>, mut transport: T, peer: SocketAddr) {
-    let _open = OpenGuard::new(&state.open, state.metrics.connections_of(T::KIND));
+pub(crate) async fn run<T: Transport>(
+    state: Arc<ServerState>,
+    mut transport: T,
+    peer: SocketAddr,
+    ticket: Ticket,
+) {
+    let _open = OpenGuard::new(state.metrics.connections_of(T::KIND));
     // Login and cleanup run boxed: they are short, and inline they would enlarge the future
     // that every idle connection keeps for its whole life.
     let login = login_or_close(&state, &mut transport).instrument(span(peer, T::KIND));
     let Some(conn) = Box::pin(login).await else {
         return;
     };
+    let _admitted = ticket.logged_in();
+    transport.set_max_frame_len(state.config.max_frame_len);
     state.metrics.logins.inc();
     let end = serve(&state, &mut transport, &conn).await;
     state.metrics.disconnected(&end);
@@ -862,7 +860,7 @@ mod tests {
             Some(h.state.id.as_str())
         );
         assert!(h.state.table.get(7).is_some());
-        assert_eq!(h.state.open.load(Ordering::Relaxed), 1);
+        assert_eq!(h.state.admission.open(), 1);
 
         client.send(ping(42)).await.unwrap();
         assert_eq!(
@@ -875,7 +873,7 @@ mod tests {
         task.await.unwrap();
         assert!(h.state.table.get(7).is_none());
         assert_eq!(h.store.slot(7), None);
-        assert_eq!(h.state.open.load(Ordering::Relaxed), 0);
+        assert_eq!(h.state.admission.open(), 0);
     }
 
     #[tokio::test]
@@ -990,7 +988,7 @@ mod tests {
         assert_closed(&mut client).await;
         drop(client); // the server's linger ends when the client closes
         task.await.unwrap();
-        assert_eq!(h.state.open.load(Ordering::Relaxed), 0);
+        assert_eq!(h.state.admission.open(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1356,7 +1354,13 @@ mod tests {
         let (stream, _) = listener.accept().unwrap();
         stream.set_nonblocking(true).unwrap();
         let stream = tokio::net::TcpStream::from_std(stream).unwrap();
-        let future = run(h.state.clone(), TcpTransport::new(stream, 65_536), addr);
+        let ticket = h.state.admission.admit().unwrap();
+        let future = run(
+            h.state.clone(),
+            TcpTransport::new(stream, 65_536),
+            addr,
+            ticket,
+        );
         let size = std::mem::size_of_val(&future);
         assert!(size <= 800, "session future is {size} bytes");
     }
@@ -1458,7 +1462,9 @@ mod tests {
             .map(|i| stored(7, &format!("m{i:03}"), "before"))
             .collect();
         h.store.inbox_store(&mut waiting).await.unwrap();
-        h.store.hold_paged_reads.store(true, Ordering::SeqCst);
+        h.store
+            .hold_paged_reads
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let (mut client, _task) = h.login(7, "s").await;
         // The session wrote the first page and is reading the second one.
         h.store.entered.notified().await;

@@ -134,6 +134,10 @@ impl<S: ByteStream> Transport for TcpTransport<S> {
         }
     }
 
+    fn set_max_frame_len(&mut self, max: usize) {
+        self.max_frame_len = max;
+    }
+
     async fn send(&mut self, items: &[Outbound]) -> io::Result<()> {
         // Length prefix (at most 5 bytes) + payload per frame, in one buffer: one syscall per
         // burst. The buffer lives only for this burst.

@@ -132,7 +132,12 @@ impl Harness {
         let (client, server) = tokio::io::duplex(256 * 1024);
         let transport = TcpTransport::new(server, self.state.config.max_frame_len);
         let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
-        let task = tokio::spawn(session::run(self.state.clone(), transport, peer));
+        let ticket = self
+            .state
+            .admission
+            .admit()
+            .expect("test servers have room");
+        let task = tokio::spawn(session::run(self.state.clone(), transport, peer, ticket));
         (Framed::new(client, FrameCodec::default()), task)
     }
 
