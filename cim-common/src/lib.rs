@@ -7,6 +7,7 @@
 //! - [`codec`]: varint32-delimited protobuf framing for TCP, with a maximum frame size.
 //! - [`token`]: HMAC-signed connect and session tokens (stateless, bound to user and server).
 //! - [`keys`]: the Redis key layout, in one place.
+//! - [`limit`]: keyed rate limits (a token bucket per key, governor), pruned of idle keys.
 //! - [`store`]: the shared-state trait ([`store::StateStore`]) and its Redis and in-memory
 //!   implementations.
 //! - [`registry`]: the service-registry trait ([`registry::Registry`]) and its etcd and
@@ -36,6 +37,7 @@ pub mod config;
 pub mod events;
 pub mod ids;
 pub mod keys;
+pub mod limit;
 pub mod metrics;
 pub mod procinfo;
 pub mod proto;

@@ -67,6 +67,11 @@ pub struct ServerConfig {
     /// Connections that have not logged in yet, at once; more are refused the same way
     /// (`OVERLOADED`). Sockets that never log in cannot crowd out users past this.
     pub max_pending_logins: usize,
+    /// Sends one connection may make per second on average (`RATE_LIMITED` past it, the
+    /// connection stays); 0: no limit. Per user, so a reconnect does not refill it.
+    pub send_rate_per_sec: u32,
+    /// Sends one connection may make at once above the rate (the bucket's size).
+    pub send_burst: u32,
     /// Largest frame before login, over plain TCP and TLS (a Login frame is a few hundred
     /// bytes): what a socket that has not logged in can make the server buffer. At most
     /// `max_frame_len` is used.
@@ -130,6 +135,8 @@ impl Default for ServerConfig {
             max_connections: 100_000,
             max_pending_logins: 1_024,
             pre_login_frame_len: 4_096,
+            send_rate_per_sec: 50,
+            send_burst: 200,
             outbound_queue_frames: 1024,
             write_timeout_ms: 10_000,
             registry_ttl_secs: 10,

@@ -77,6 +77,7 @@ pub(crate) struct ServerMetrics {
     pub frames_out: Series<Counter>,
     pub slow_consumer_kicks: Counter,
     pub connections_refused: Series<Counter>,
+    pub sends_rate_limited: Counter,
     pub acks_dropped: Counter,
     pub forward_queue_depth: Gauge,
     pub held_senders: Gauge,
@@ -146,6 +147,12 @@ impl ServerMetrics {
             |i| vec![("reason", crate::admission::Refused::LABELS[i])],
         );
         connections_refused.init_all();
+        let sends_rate_limited = Counter::default();
+        registry.register(
+            "cim_server_sends_rate_limited",
+            "Client sends refused with RATE_LIMITED (over send_rate_per_sec / send_burst)",
+            sends_rate_limited.clone(),
+        );
         let acks_dropped = Counter::default();
         registry.register(
             "cim_server_acks_dropped",
@@ -180,6 +187,7 @@ impl ServerMetrics {
             frames_out,
             slow_consumer_kicks,
             connections_refused,
+            sends_rate_limited,
             acks_dropped,
             forward_queue_depth,
             held_senders,

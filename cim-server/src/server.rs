@@ -20,6 +20,7 @@ use cim_common::{
     cluster::ClusterClient,
     registry::{Registration, ServiceInfo, ServiceKind},
     store::StateStore,
+    limit::KeyedLimit,
     tls::ServerTls,
     token::TokenSigner,
 };
@@ -51,6 +52,8 @@ pub(crate) struct ServerState {
     /// The connection caps, and the count of open client connections (handshaking, logging
     /// in, logged in, or closing): one ticket each.
     pub admission: Arc<Admission>,
+    /// Sends per user per second (`send_rate_per_sec`, `send_burst`).
+    pub send_limit: KeyedLimit<u64>,
     /// The handles of this server's metrics...
     pub metrics: ServerMetrics,
     /// ... and the registry `/metrics` encodes (with the backends' error counters).
@@ -84,6 +87,7 @@ impl ServerState {
     ) -> Self {
         acks.count_drops_in(metrics.acks_dropped.clone());
         let admission = Admission::new(config.max_connections, config.max_pending_logins);
+        let send_limit = KeyedLimit::new(config.send_rate_per_sec, config.send_burst);
         Self {
             id,
             signer: TokenSigner::new(&config.cluster_secret),
@@ -94,6 +98,7 @@ impl ServerState {
             acks,
             cancel: CancellationToken::new(),
             admission,
+            send_limit,
             metrics,
             registry,
         }
@@ -235,6 +240,7 @@ pub async fn start(
 
     let tracker = TaskTracker::new();
     forwarder.spawn(&state.cancel, &tracker);
+    tracker.spawn(prune_limits(state.clone()));
     tracker.spawn(ack::run(
         acks_rx,
         backends.store,
@@ -460,6 +466,21 @@ async fn accept_loop(
         }
     }
     debug!(?protocol, tls = tls.is_some(), "client listener closed");
+}
+
+/// How often the rate limits forget users whose bucket is full again.
+const PRUNE_LIMITS_EVERY: Duration = Duration::from_secs(60);
+
+/// Keeps the rate limits' memory to the users who sent recently, until shutdown.
+async fn prune_limits(state: Arc<ServerState>) {
+    let mut every = tokio::time::interval(PRUNE_LIMITS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = state.cancel.cancelled() => return,
+            _ = every.tick() => state.send_limit.prune(),
+        }
+    }
 }
 
 /// Refuses a connection over a cap: counted, told why where that is cheap, closed (see

@@ -452,14 +452,21 @@ fn on_recv(
     let kind = frame.kind_name();
     match frame.body {
         Some(Body::Ping(ping)) => conn.reply(Frame::new(Body::Pong(Pong { nonce: ping.nonce }))),
-        Some(Body::Send(send)) => match held {
-            Some(sends) => sends.push(send),
-            None => {
-                if let Err(send) = state.forward.submit(conn, send) {
-                    *held = Some(Box::new(vec![send]));
+        Some(Body::Send(send)) => {
+            if let Err(wait) = state.send_limit.check(&conn.user_id) {
+                state.metrics.sends_rate_limited.inc();
+                conn.reply(rate_limited(send.client_id, wait, &state.config));
+                return Step::Continue;
+            }
+            match held {
+                Some(sends) => sends.push(send),
+                None => {
+                    if let Err(send) = state.forward.submit(conn, send) {
+                        *held = Some(Box::new(vec![send]));
+                    }
                 }
             }
-        },
+        }
         Some(Body::Ack(a)) => match ack::validate(a.message_ids) {
             Ok(ids) if ids.is_empty() => {}
             Ok(ids) => state.acks.submit(AckItem::acks(conn.clone(), ids)),
@@ -479,6 +486,21 @@ fn on_recv(
         )),
     }
     Step::Continue
+}
+
+/// The answer to a send over the connection's rate (it is not forwarded; the connection
+/// stays).
+fn rate_limited(client_id: u64, wait: Duration, config: &crate::config::ServerConfig) -> Frame {
+    Frame::new(Body::SendResult(SendResult::failed(
+        client_id,
+        ErrorCode::RateLimited,
+        format!(
+            "too many sends: at most {} per second ({} at once); retry in {} ms",
+            config.send_rate_per_sec,
+            config.send_burst,
+            wait.as_millis().max(1)
+        ),
+    )))
 }
 
 /// The answer to a send that found no room in the forward queue in time.
@@ -1249,6 +1271,46 @@ mod tests {
         for client_id in 1..=sends {
             assert_eq!(h.forwarded.recv().await.unwrap().send.client_id, client_id);
         }
+    }
+
+    /// Sends past the connection's bucket are answered RATE_LIMITED, with their client ids,
+    /// and not forwarded; the connection stays and other frames are answered.
+    #[tokio::test]
+    async fn sends_over_the_rate_are_refused_and_the_connection_stays() {
+        let hour = Duration::from_secs(3600);
+        let mut h = Harness::with_send_limit(
+            test_config(),
+            Some(cim_common::limit::KeyedLimit::per_period(hour, 3)),
+        );
+        let (mut client, _task) = h.login(1, "s").await;
+        for client_id in 1..=5 {
+            let send = Send {
+                client_id,
+                ..Default::default()
+            };
+            client.send(Frame::new(Body::Send(send))).await.unwrap();
+        }
+        client.send(ping(9)).await.unwrap();
+        for client_id in 4..=5 {
+            match next(&mut client).await.body {
+                Some(Body::SendResult(r)) => {
+                    assert_eq!(r.client_id, client_id);
+                    let e = r.error.unwrap();
+                    assert_eq!(e.code(), ErrorCode::RateLimited);
+                    assert!(e.message.contains("retry in"), "{}", e.message);
+                }
+                other => panic!("expected SendResult, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            next(&mut client).await,
+            Frame::new(Body::Pong(Pong { nonce: 9 }))
+        );
+        for client_id in 1..=3 {
+            assert_eq!(h.forwarded.recv().await.unwrap().send.client_id, client_id);
+        }
+        assert!(h.forwarded.try_recv().is_err(), "only the burst was forwarded");
+        assert_eq!(h.state.metrics.sends_rate_limited.get(), 2);
     }
 
     #[tokio::test]

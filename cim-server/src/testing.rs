@@ -13,6 +13,7 @@ use crate::{
 };
 use cim_common::{
     codec::FrameCodec,
+    limit::KeyedLimit,
     keys,
     pb::{frame::Body, Frame, Login},
     store::{ClaimOutcome, StateStore},
@@ -109,16 +110,25 @@ pub(crate) struct Harness {
 
 impl Harness {
     pub(crate) fn new(config: ServerConfig) -> Self {
+        Self::with_send_limit(config, None)
+    }
+
+    /// [`Harness::new`] with this send limit instead of the configured one.
+    pub(crate) fn with_send_limit(config: ServerConfig, limit: Option<KeyedLimit<u64>>) -> Self {
         let store = Arc::new(TestStore::default());
         let (forward, forwarded) = ForwardQueue::new(config.forward_queue);
         let (acks, acked) = AckQueue::new(64);
-        let state = Arc::new(ServerState::new(
+        let mut state = ServerState::new(
             "server-test01".into(),
             config,
             store.clone(),
             forward,
             acks,
-        ));
+        );
+        if let Some(limit) = limit {
+            state.send_limit = limit;
+        }
+        let state = Arc::new(state);
         Self {
             state,
             store,
