@@ -296,13 +296,15 @@ impl ClusterClient {
 /// already have it off (`ClusterClient`).
 pub fn without_nagle(
     listener: tokio::net::TcpListener,
-) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
     use axum::serve::ListenerExt;
-    listener.tap_io(|tcp| {
+    // A named type (not `impl Listener`): axum then knows the peer address is connect info.
+    fn no_delay(tcp: &mut tokio::net::TcpStream) {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot turn Nagle's algorithm off");
         }
-    })
+    }
+    listener.tap_io(no_delay as fn(&mut tokio::net::TcpStream))
 }
 
 /// Axum extractor and response for protobuf bodies.

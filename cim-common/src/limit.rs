@@ -84,7 +84,10 @@ mod tests {
             assert_eq!(limit.check(&1u64), Ok(()));
         }
         let wait = limit.check(&1).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(3600), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(3600),
+            "{wait:?}"
+        );
         // Another key has its own bucket.
         assert_eq!(limit.check(&2), Ok(()));
         assert_eq!(limit.keys(), 2);

@@ -92,6 +92,22 @@ pub struct RouteConfig {
     /// `password_memory_kib`, so hashes in flight, and the hashing memory, are at most this
     /// many (× 19 MiB by default) however many logins arrive. 0 (the default): one per core.
     pub password_workers: usize,
+    /// Password checks waiting or running at once; past it a login answers 429 `busy` at once
+    /// (so a good login never waits behind more than this many hashes).
+    pub password_queue: usize,
+    /// Password logins per second from one client address (429 `rate_limited` past it,
+    /// before any hashing); 0: no limit.
+    pub login_rate_per_addr: u32,
+    /// Password logins from one client address at once above that rate.
+    pub login_burst_per_addr: u32,
+    /// Failed logins per minute (and at once) of one name; past it the name is refused with
+    /// 429 `rate_limited` until a minute's share is back; 0: no limit.
+    pub login_failures_per_name: u32,
+    /// Header holding the client's address, set by a proxy in front of the route (e.g.
+    /// `x-forwarded-for`: its rightmost address is used, or `x-real-ip`). Unset (the
+    /// default): the TCP peer is the client. Set it only behind such a proxy: clients can
+    /// write any header.
+    pub client_ip_header: Option<String>,
     /// Keys of the business API (`/api/admin/*`, header `X-Api-Key`). Empty (the default):
     /// the business API refuses every call.
     pub api_keys: Vec<String>,
@@ -140,6 +156,11 @@ impl Default for RouteConfig {
             password_memory_kib: argon2::Params::DEFAULT_M_COST,
             password_iterations: argon2::Params::DEFAULT_T_COST,
             password_workers: 0,
+            password_queue: 64,
+            login_rate_per_addr: 5,
+            login_burst_per_addr: 20,
+            login_failures_per_name: 10,
+            client_ip_header: None,
             api_keys: Vec::new(),
             max_channels_per_user: 100,
             max_receivers: 1000,

@@ -21,6 +21,8 @@ pub struct AppError {
     pub code: &'static str,
     pub message: String,
     cause: Option<String>,
+    /// Seconds for a `Retry-After` header (429 and 503 answers that know when to retry).
+    retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -41,6 +43,20 @@ impl AppError {
             code,
             message: message.into(),
             cause: None,
+            retry_after: None,
+        }
+    }
+
+    /// 429 `code`, with `Retry-After` rounded up to whole seconds (at least 1).
+    pub fn too_many(
+        code: &'static str,
+        message: impl Into<String>,
+        wait: std::time::Duration,
+    ) -> Self {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        Self {
+            retry_after: Some(secs.max(1)),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
         }
     }
 
@@ -125,7 +141,13 @@ impl IntoResponse for AppError {
                 None => tracing::warn!(code = self.code, message = %self.message, "request failed"),
             }
         }
-        error_response(self.status, self.code, &self.message)
+        let mut response = error_response(self.status, self.code, &self.message);
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

@@ -39,6 +39,7 @@ pub mod password;
 pub mod routing;
 pub mod state;
 pub mod sweep;
+pub mod throttle;
 pub mod web;
 
 #[cfg(test)]
@@ -138,12 +139,30 @@ impl Drop for RouteHandle {
     }
 }
 
+/// A tap that does nothing (see the TLS listener in [`start`]).
+fn ignore_io<T>(_: &mut T) {}
+
+/// Keeps the login throttle's memory to what was limited recently, until `cancel`.
+async fn prune_throttle(state: AppState, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(throttle::PRUNE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = every.tick() => state.throttle().prune(),
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `cancel` fires.
 async fn serve<L>(listener: L, router: axum::Router, cancel: CancellationToken, what: &str)
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
+    SocketAddr: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
-    if let Err(e) = axum::serve(listener, router)
+    // The peer address is the client's for the login throttle (`throttle::ClientIp`).
+    let service = router.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, service)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
     {
@@ -216,11 +235,10 @@ pub async fn start(
 
     let cancel = CancellationToken::new();
     let connections = TaskTracker::new();
-    let mut tasks = vec![tokio::spawn(sweep::run(
-        state.clone(),
-        watch,
-        cancel.clone(),
-    ))];
+    let mut tasks = vec![
+        tokio::spawn(sweep::run(state.clone(), watch, cancel.clone())),
+        tokio::spawn(prune_throttle(state.clone(), cancel.clone())),
+    ];
     if events_read {
         tasks.push(tokio::spawn(events::run_tail(
             state.clone(),
@@ -241,8 +259,11 @@ pub async fn start(
             "public",
         )),
         Some(tls) => {
+            use axum::serve::ListenerExt;
+            // Tapped (doing nothing) so that axum gives the peer address as connect info.
             let listener =
-                cim_common::tls::TlsListener::new(listeners.http, tls.clone(), handshake_timeout);
+                cim_common::tls::TlsListener::new(listeners.http, tls.clone(), handshake_timeout)
+                    .tap_io(ignore_io as fn(&mut _));
             tokio::spawn(serve(listener, public, cancel.clone(), "public (https)"))
         }
     });

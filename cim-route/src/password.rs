@@ -50,6 +50,9 @@ pub enum PasswordError {
     Corrupt(String),
     #[error("password hashing task failed: {0}")]
     Task(String),
+    /// More hashes are waiting than the queue limit: shed, not queued.
+    #[error("too many password checks at once")]
+    Busy,
 }
 
 /// Hashing memory in use, for tests and measurements.
@@ -73,6 +76,9 @@ pub struct Passwords {
     jobs: mpsc::Sender<Job>,
     workers: usize,
     areas: Arc<AreaCount>,
+    /// Hashes waiting for a worker or running, and the most allowed ([`Self::with_queue_limit`]).
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
     /// Hash of a random password, verified against when the user does not exist so a failed
     /// login takes as long whether or not the name is registered. Computed on first use.
     dummy: OnceCell<String>,
@@ -112,8 +118,18 @@ impl Passwords {
             jobs,
             workers,
             areas,
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: usize::MAX,
             dummy: OnceCell::new(),
         }
+    }
+
+    /// At most `limit` hashes waiting or running at once (at least one per worker); past it
+    /// a hash or verification fails at once with [`PasswordError::Busy`], so a flood costs a
+    /// bounded wait to the logins behind it instead of queueing without end.
+    pub fn with_queue_limit(mut self, limit: usize) -> Self {
+        self.max_in_flight = limit.max(self.workers);
+        self
     }
 
     /// The hashing memory areas: how many workers, how many are allocated, the most ever.
@@ -131,6 +147,11 @@ impl Passwords {
         &self,
         f: impl FnOnce(&mut Memory) -> Result<T, PasswordError> + Send + 'static,
     ) -> Result<T, PasswordError> {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(PasswordError::Busy);
+        }
+        let _in_flight = InFlight(&self.in_flight);
         let (answer, answered) = oneshot::channel();
         let job: Job = Box::new(move |memory| {
             // The caller gave up (its request's deadline) while this waited in the queue:
@@ -183,6 +204,15 @@ impl Passwords {
             })
             .await
             .cloned()
+    }
+}
+
+/// Counts one hash in flight until dropped (also when its caller gives up).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -11,7 +11,7 @@
 
 use crate::{
     assign::Assigner, config::RouteConfig, events::EventHub, known_users::KnownUsers,
-    metrics::RouteMetrics, password::Passwords,
+    metrics::RouteMetrics, password::Passwords, throttle::LoginThrottle,
 };
 use cim_common::{
     cluster::ClusterClient,
@@ -36,6 +36,7 @@ struct Inner {
     signer: TokenSigner,
     cluster: ClusterClient,
     passwords: Passwords,
+    throttle: LoginThrottle,
     assigner: Assigner,
     events: EventHub,
     known_users: KnownUsers,
@@ -68,7 +69,13 @@ impl AppState {
     ) -> Self {
         // `validate` checked the parameters; fall back to the defaults rather than panic.
         let params = config.password_params().unwrap_or_default();
-        let passwords = Passwords::with_params(params, config.password_workers());
+        let passwords = Passwords::with_params(params, config.password_workers())
+            .with_queue_limit(config.password_queue);
+        let throttle = LoginThrottle::new(
+            config.login_rate_per_addr,
+            config.login_burst_per_addr,
+            config.login_failures_per_name,
+        );
         let signer = TokenSigner::new(&config.cluster_secret);
         let cluster = ClusterClient::new(&config.cluster_secret, config.push_timeout());
         Self {
@@ -80,6 +87,7 @@ impl AppState {
                 signer,
                 cluster,
                 passwords,
+                throttle,
                 assigner: Assigner::default(),
                 events: EventHub::new(),
                 known_users: KnownUsers::default(),
@@ -131,6 +139,10 @@ impl AppState {
 
     pub fn passwords(&self) -> &Passwords {
         &self.inner.passwords
+    }
+
+    pub fn throttle(&self) -> &LoginThrottle {
+        &self.inner.throttle
     }
 
     /// A snapshot of the live servers (sorted by id). Take one per request and use it for

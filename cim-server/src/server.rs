@@ -18,9 +18,9 @@ use anyhow::{anyhow, Context as _};
 use cim_common::{
     backend::Backends,
     cluster::ClusterClient,
+    limit::KeyedLimit,
     registry::{Registration, ServiceInfo, ServiceKind},
     store::StateStore,
-    limit::KeyedLimit,
     tls::ServerTls,
     token::TokenSigner,
 };

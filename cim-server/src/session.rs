@@ -1309,7 +1309,10 @@ mod tests {
         for client_id in 1..=3 {
             assert_eq!(h.forwarded.recv().await.unwrap().send.client_id, client_id);
         }
-        assert!(h.forwarded.try_recv().is_err(), "only the burst was forwarded");
+        assert!(
+            h.forwarded.try_recv().is_err(),
+            "only the burst was forwarded"
+        );
         assert_eq!(h.state.metrics.sends_rate_limited.get(), 2);
     }
 

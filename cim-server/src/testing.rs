@@ -13,8 +13,8 @@ use crate::{
 };
 use cim_common::{
     codec::FrameCodec,
-    limit::KeyedLimit,
     keys,
+    limit::KeyedLimit,
     pb::{frame::Body, Frame, Login},
     store::{ClaimOutcome, StateStore},
     token::{ConnectClaims, TokenSigner},
@@ -118,13 +118,8 @@ impl Harness {
         let store = Arc::new(TestStore::default());
         let (forward, forwarded) = ForwardQueue::new(config.forward_queue);
         let (acks, acked) = AckQueue::new(64);
-        let mut state = ServerState::new(
-            "server-test01".into(),
-            config,
-            store.clone(),
-            forward,
-            acks,
-        );
+        let mut state =
+            ServerState::new("server-test01".into(), config, store.clone(), forward, acks);
         if let Some(limit) = limit {
             state.send_limit = limit;
         }

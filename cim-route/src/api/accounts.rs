@@ -12,7 +12,9 @@ use crate::{
     auth::{AuthUser, Resumable},
     config::LoginConflict,
     error::{ApiJson, AppError},
+    password::PasswordError,
     state::{is_live, live_server, AppState},
+    throttle::{ClientIp, Throttled},
 };
 use axum::{extract::State, http::StatusCode, Json};
 use cim_common::{
@@ -132,7 +134,7 @@ pub async fn register(
         .passwords()
         .hash(creds.password.clone())
         .await
-        .map_err(AppError::internal)?;
+        .map_err(password_error)?;
     let Some(user_id) = state.store().create_user(&creds.name, &hash).await? else {
         return Err(taken());
     };
@@ -218,9 +220,10 @@ fn bad_credentials() -> AppError {
 )]
 pub async fn login(
     State(state): State<AppState>,
+    ClientIp(addr): ClientIp,
     ApiJson(creds): ApiJson<Credentials>,
 ) -> Result<Json<LoggedIn>, AppError> {
-    let result = check_and_open(&state, creds).await;
+    let result = check_and_open(&state, addr, creds).await;
     state.metrics().login(&result);
     result.map(Json)
 }
@@ -255,8 +258,28 @@ pub async fn resume(
 }
 
 /// [`login`]'s work: the credentials, then [`open_session`].
-async fn check_and_open(state: &AppState, creds: Credentials) -> Result<LoggedIn, AppError> {
+async fn check_and_open(
+    state: &AppState,
+    addr: Option<std::net::IpAddr>,
+    creds: Credentials,
+) -> Result<LoggedIn, AppError> {
     let config = state.config();
+    // Refused before any hashing (see `crate::throttle`).
+    state
+        .throttle()
+        .admit(addr, &creds.name)
+        .map_err(|throttled| match throttled {
+            Throttled::Address(wait) => AppError::too_many(
+                "rate_limited",
+                "too many logins from your address: retry later",
+                wait,
+            ),
+            Throttled::Name(wait) => AppError::too_many(
+                "rate_limited",
+                format!("too many failed logins of {}: retry later", creds.name),
+                wait,
+            ),
+        })?;
     // No stored password is this long; refuse before hashing an attacker-chosen amount of
     // data. (The length of the attempt says nothing about whether the account exists.)
     if creds.password.chars().count() > config.max_password_len {
@@ -275,12 +298,28 @@ async fn check_and_open(state: &AppState, creds: Credentials) -> Result<LoggedIn
             user.as_ref().map(|u| u.password_hash.clone()),
         )
         .await
-        .map_err(AppError::internal)?;
+        .map_err(password_error)?;
     let user = match user {
         Some(user) if ok => user,
-        _ => return Err(bad_credentials()),
+        _ => {
+            state.throttle().failed(&creds.name);
+            return Err(bad_credentials());
+        }
     };
     open_session(state, user.id, user.name).await
+}
+
+/// A hashing failure as an answer: shed work is 429 `busy` (retry in a second), the rest
+/// an internal error.
+pub(crate) fn password_error(e: PasswordError) -> AppError {
+    match e {
+        PasswordError::Busy => AppError::too_many(
+            "busy",
+            "too many logins at once: retry in a second",
+            std::time::Duration::from_secs(1),
+        ),
+        e => AppError::internal(e),
+    }
 }
 
 /// Starts a login session of an authenticated user: takes the single-login slot, assigns a

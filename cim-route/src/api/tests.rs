@@ -388,6 +388,86 @@ async fn login_checks_credentials_and_assigns_round_robin() {
     );
 }
 
+/// A login request from `addr` (as the route's listener would give it).
+fn login_from(addr: &str, name: &str, password: &str) -> Request<Body> {
+    let mut req = post(
+        "/api/login",
+        json!({"name": name, "password": password}),
+        None,
+    );
+    let addr: std::net::SocketAddr = format!("{addr}:40000").parse().unwrap();
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(addr));
+    req
+}
+
+#[tokio::test]
+async fn an_address_flooding_logins_is_refused_before_hashing_others_are_not() {
+    let (a, _) = fake_server("server-a", DEV_SECRET).await;
+    let (state, _tx) = state_with(Arc::new(MemoryStore::new()), vec![a], |c| {
+        c.login_rate_per_addr = 1;
+        c.login_burst_per_addr = 3;
+        c.login_failures_per_name = 0;
+    });
+    let app = app(state);
+    let creds = json!({"name": "alice", "password": "secret-pw"});
+    let (s, _) = call(&app, post("/api/register", creds, None)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    for _ in 0..3 {
+        let (s, v) = call(&app, login_from("10.0.0.1", "alice", "wrong-pw")).await;
+        assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "bad_credentials"));
+    }
+    let resp = app
+        .clone()
+        .oneshot(login_from("10.0.0.1", "alice", "secret-pw"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=1).contains(&retry), "Retry-After {retry}");
+    // Another address logs in at once.
+    let (s, v) = call(&app, login_from("10.0.0.2", "alice", "secret-pw")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
+async fn a_name_with_too_many_failures_is_refused_whatever_the_password() {
+    let (a, _) = fake_server("server-a", DEV_SECRET).await;
+    let (state, _tx) = state_with(Arc::new(MemoryStore::new()), vec![a], |c| {
+        c.login_rate_per_addr = 0;
+        c.login_failures_per_name = 2;
+    });
+    let app = app(state);
+    for name in ["alice", "bob"] {
+        let creds = json!({"name": name, "password": "secret-pw"});
+        let (s, _) = call(&app, post("/api/register", creds, None)).await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    // Failures from many addresses: two fit, the third finds the bucket empty.
+    for addr in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+        let (s, v) = call(&app, login_from(addr, "alice", "wrong-pw")).await;
+        assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "bad_credentials"));
+    }
+    let (s, v) = call(&app, login_from("10.0.0.4", "alice", "secret-pw")).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        "{v}"
+    );
+    // Other names are not affected; successes cost nothing.
+    for _ in 0..3 {
+        let (s, v) = call(&app, login_from("10.0.0.4", "bob", "secret-pw")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let token = v["session_token"].as_str().unwrap();
+        let (s, _) = call(&app, post("/api/logout", json!({}), Some(token))).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+}
+
 /// The internal-call deadline of the takeover tests: a stalled fake server costs this much.
 const SHORT_CALLS: u64 = 300;
 
