@@ -37,7 +37,7 @@ pub const MESSAGE_KINDS: [&str; 6] = [
 
 /// Values of the `outcome` label: delivered, stored (private, receiver offline), or
 /// `failed_<error code>` (the codes by protobuf number, from index 2 on).
-pub const OUTCOMES: [&str; 19] = [
+pub const OUTCOMES: [&str; 21] = [
     "delivered",
     "stored",
     "failed_unspecified",
@@ -57,6 +57,8 @@ pub const OUTCOMES: [&str; 19] = [
     "failed_internal",
     "failed_overloaded",
     "failed_forbidden",
+    "failed_server_full",
+    "failed_rate_limited",
 ];
 
 /// The [`MESSAGE_KINDS`] index of a send's `kind` field.
