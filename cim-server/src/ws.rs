@@ -4,12 +4,18 @@
 //!
 //! tungstenite's default buffers are 128 KiB each; here they are 0.5-1 KiB (see
 //! [`config`]) to keep an idle connection within a few KiB.
+//!
+//! After a read error (a message over `max_frame_len`: Close 1009 with a reason) the close
+//! reads on under tungstenite, discarding, until the client's Close ([`drain`]), so that a
+//! client still writing its message reads why instead of getting a reset.
 
 use crate::{
     conn::Outbound,
     pb::{ErrorCode, Frame},
     session::{RecvError, Transport},
+    tcp::{oversized_drain_max, OVERSIZED_LINGER},
 };
+use drain::Tracked;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use std::{io, time::Duration};
@@ -25,6 +31,10 @@ use tokio_tungstenite::{
     },
     WebSocketStream,
 };
+
+/// Bytes discarded at most while waiting for the client's Close after a read error other than
+/// a message over the limit (as the TCP transport does after its last frame).
+const AFTER_ERROR_DRAIN_MAX: usize = 64 * 1024;
 
 /// The only path that upgrades to a WebSocket.
 pub(crate) const WS_PATH: &str = "/ws";
@@ -68,20 +78,30 @@ pub(crate) async fn accept<S>(stream: S, max_frame_len: usize) -> Result<WsTrans
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let ws = accept_hdr_async_with_config(stream, OnlyWsPath, Some(config(max_frame_len))).await?;
+    let ws = accept_hdr_async_with_config(
+        Tracked::new(stream),
+        OnlyWsPath,
+        Some(config(max_frame_len)),
+    )
+    .await?;
     Ok(WsTransport {
         ws,
         text: false,
+        read_failed: false,
         too_large: false,
     })
 }
 
 pub(crate) struct WsTransport<S> {
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Tracked<S>>,
     /// The client's last data message was text: answer in JSON.
     text: bool,
+    /// tungstenite failed a read, so it reads no more: the close discards what the client
+    /// still sends under it ([`Tracked::discard_until_close`]).
+    read_failed: bool,
     /// A message over `max_frame_len` ended the connection: the Close says 1009 (message too
-    /// big) with a reason, so a browser's `onclose` tells why, not 1005 (no status).
+    /// big) with a reason, so a browser's `onclose` tells why, not 1005 (no status); and the
+    /// close waits longer, the client may still be writing the message.
     too_large: bool,
 }
 
@@ -141,6 +161,7 @@ where
             let message = match self.ws.next().await {
                 None => return Ok(None),
                 Some(Err(e)) => {
+                    self.read_failed = true;
                     self.too_large |= matches!(e, WsError::Capacity(_));
                     return recv_error(e);
                 }
@@ -178,22 +199,41 @@ where
     }
 
     /// Sends a Close and waits (bounded) for the client's, so it reads our last frame before
-    /// the socket goes away.
+    /// the socket goes away. After a read error tungstenite reads nothing more, so the wait
+    /// reads under it, discarding (at most 64 KiB; after a message over the limit, which the
+    /// client may still be writing, [`oversized_drain_max`] within [`OVERSIZED_LINGER`]).
+    /// Before, the socket closed with the message's tail unread and the kernel reset the
+    /// connection: a client writing 2 MiB over 64 KiB socket buffers failed its write with
+    /// ECONNRESET on every try
+    /// (`websocket_client_still_writing_an_oversized_message_reads_the_1009_close`).
     async fn close(&mut self, linger: Duration) {
-        let ws = &mut self.ws;
         let frame = self.too_large.then(|| CloseFrame {
             code: CloseCode::Size,
             reason: TOO_LARGE_REASON.into(),
         });
+        let (read_failed, too_large) = (self.read_failed, self.too_large);
+        let max_frame_len = self.ws.get_config().max_message_size.unwrap_or(0);
+        let (max, linger) = if too_large {
+            (oversized_drain_max(max_frame_len), OVERSIZED_LINGER)
+        } else {
+            (AFTER_ERROR_DRAIN_MAX, linger)
+        };
+        let ws = &mut self.ws;
         let _ = tokio::time::timeout(linger, async move {
             if ws.close(frame).await.is_err() {
                 return;
             }
-            while let Some(Ok(_)) = ws.next().await {}
+            if read_failed {
+                ws.get_mut().discard_until_close(max).await;
+            } else {
+                while let Some(Ok(_)) = ws.next().await {}
+            }
         })
         .await;
     }
 }
+
+mod drain;
 
 #[cfg(test)]
 mod props;
