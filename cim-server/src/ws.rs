@@ -5,6 +5,9 @@
 //! tungstenite's default buffers are 128 KiB each; here they are 0.5-1 KiB (see
 //! [`config`]) to keep an idle connection within a few KiB.
 //!
+//! The handshake refuses any path but `/ws` (404) and an `Origin` not on `ws_allowed_origins`
+//! (403, [`origin`]; requests without one pass: non-browser clients send none).
+//!
 //! After a read error (a message over `max_frame_len`: Close 1009 with a reason) the close
 //! reads on under tungstenite, discarding, until the client's Close ([`drain`]), so that a
 //! client still writing its message reads why instead of getting a reset.
@@ -17,6 +20,7 @@ use crate::{
 };
 use drain::Tracked;
 use futures_util::{SinkExt, StreamExt};
+pub(crate) use origin::{unchecked_listeners, AllowedOrigins};
 use prost::Message as _;
 use std::{io, time::Duration};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -25,12 +29,13 @@ use tokio_tungstenite::{
     tungstenite::{
         error::ProtocolError,
         handshake::server::{Callback, ErrorResponse, Request, Response},
-        http::StatusCode,
+        http::{header::ORIGIN, StatusCode},
         protocol::{frame::coding::CloseCode, CloseFrame, WebSocketConfig},
         Error as WsError, Message,
     },
     WebSocketStream,
 };
+use tracing::debug;
 
 /// Bytes discarded at most while waiting for the client's Close after a read error other than
 /// a message over the limit (as the TCP transport does after its last frame).
@@ -57,30 +62,52 @@ pub(crate) fn config(max_frame_len: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_frame_len))
 }
 
-/// Handshake callback: only [`WS_PATH`] upgrades, anything else is answered 404.
-struct OnlyWsPath;
+/// Handshake callback: only [`WS_PATH`] upgrades (anything else is answered 404), and only
+/// from an allowed origin (else 403, [`origin`]).
+struct Handshake<'a> {
+    origins: &'a AllowedOrigins,
+}
 
-impl Callback for OnlyWsPath {
+fn refuse(status: StatusCode, reason: String) -> ErrorResponse {
+    let mut refusal = ErrorResponse::new(Some(reason));
+    *refusal.status_mut() = status;
+    refusal
+}
+
+impl Callback for Handshake<'_> {
     fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
-        if request.uri().path() == WS_PATH {
-            return Ok(response);
+        if request.uri().path() != WS_PATH {
+            return Err(refuse(
+                StatusCode::NOT_FOUND,
+                format!("not found: the WebSocket endpoint is {WS_PATH}"),
+            ));
         }
-        let mut refusal = ErrorResponse::new(Some(format!(
-            "not found: the WebSocket endpoint is {WS_PATH}"
-        )));
-        *refusal.status_mut() = StatusCode::NOT_FOUND;
-        Err(refusal)
+        let origins = request.headers().get_all(ORIGIN).iter();
+        if let Err(refusal) = self.origins.check(origins.map(|v| v.as_bytes())) {
+            debug!(
+                origin = ?request.headers().get(ORIGIN),
+                "websocket handshake refused: {}",
+                refusal.reason()
+            );
+            return Err(refuse(StatusCode::FORBIDDEN, refusal.reason().into()));
+        }
+        Ok(response)
     }
 }
 
-/// Performs the server handshake (any path other than [`WS_PATH`] is refused).
-pub(crate) async fn accept<S>(stream: S, max_frame_len: usize) -> Result<WsTransport<S>, WsError>
+/// Performs the server handshake: any path other than [`WS_PATH`] is refused, and so is an
+/// `Origin` that `origins` does not allow.
+pub(crate) async fn accept<S>(
+    stream: S,
+    max_frame_len: usize,
+    origins: &AllowedOrigins,
+) -> Result<WsTransport<S>, WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let ws = accept_hdr_async_with_config(
         Tracked::new(stream),
-        OnlyWsPath,
+        Handshake { origins },
         Some(config(max_frame_len)),
     )
     .await?;
@@ -234,6 +261,7 @@ where
 }
 
 mod drain;
+mod origin;
 
 #[cfg(test)]
 mod props;
