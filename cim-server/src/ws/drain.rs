@@ -249,6 +249,12 @@ mod tests {
     }
 
     #[test]
+    fn the_tracker_stays_small() {
+        // Every WebSocket connection holds one, idle or not.
+        assert!(std::mem::size_of::<FrameTracker>() <= 32);
+    }
+
+    #[test]
     fn nothing_before_the_end_of_the_request_counts() {
         let mut t = FrameTracker::default();
         // Close frame bytes inside the request are request bytes.
