@@ -33,6 +33,11 @@ pub struct ServerConfig {
     /// Client WebSocket-over-TLS listener (`wss://`, path `/ws`). `None` or empty: off.
     /// Needs `[tls]`.
     pub wss_listen: Option<String>,
+    /// Origins whose pages may open WebSockets (ws and wss): exact origins
+    /// (`https://chat.example.com`) or every subdomain of a domain (`https://*.example.com`).
+    /// A handshake with another `Origin` is answered 403; one without (SDK, mobile apps) passes.
+    /// Empty: every origin (the server warns when a WebSocket listener binds beyond loopback).
+    pub ws_allowed_origins: Vec<String>,
     /// Internal API listener (pushes and kicks from routes). Keep it off public networks:
     /// it is plain HTTP (cluster secret), never TLS.
     pub internal_listen: String,
@@ -118,6 +123,7 @@ impl Default for ServerConfig {
             ws_listen: "0.0.0.0:9001".into(),
             tls_listen: None,
             wss_listen: None,
+            ws_allowed_origins: Vec::new(),
             internal_listen: "127.0.0.1:9100".into(),
             advertise_host: None,
             advertise_tcp: None,
@@ -195,6 +201,7 @@ impl ServerConfig {
             (None, None) => None,
         };
         self.tls.validate(needs_tls)?;
+        crate::ws::AllowedOrigins::new(&self.ws_allowed_origins)?;
         if let Some(host) = &self.advertise_host {
             if host.is_empty() || host.contains(char::is_whitespace) {
                 return Err(format!(
@@ -370,6 +377,10 @@ mod tests {
         check(|c| c.worker_threads = 1025, "worker_threads");
         check(|c| c.tls_listen = Some("nope".into()), "tls_listen");
         check(|c| c.advertise_wss = Some("x".into()), "advertise_wss");
+        check(
+            |c| c.ws_allowed_origins = vec!["https://example.com/app".into()],
+            "ws_allowed_origins",
+        );
     }
 
     #[test]
@@ -413,6 +424,26 @@ mod tests {
         assert_eq!(ok.name, "s1");
         assert_eq!(ok.backend.prefix, "t");
         assert_eq!(ok.backend.timeout_ms, BackendConfig::default().timeout_ms);
+    }
+
+    #[test]
+    fn allowed_origins_come_from_the_environment() {
+        let no_flags = std::collections::BTreeMap::<String, String>::new();
+        // A prefix of its own: no other test reads these variables.
+        let prefix = "CIM_SERVER_TEST_ORIGINS_";
+        let loaded: ServerConfig = cim_common::config::load(None, prefix, &no_flags).unwrap();
+        assert!(loaded.ws_allowed_origins.is_empty(), "the default");
+        std::env::set_var(
+            format!("{prefix}WS_ALLOWED_ORIGINS"),
+            r#"["https://chat.example.com","https://*.example.org"]"#,
+        );
+        let loaded: ServerConfig = cim_common::config::load(None, prefix, &no_flags).unwrap();
+        std::env::remove_var(format!("{prefix}WS_ALLOWED_ORIGINS"));
+        assert_eq!(
+            loaded.ws_allowed_origins,
+            ["https://chat.example.com", "https://*.example.org"]
+        );
+        loaded.validate().unwrap();
     }
 
     #[test]

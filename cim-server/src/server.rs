@@ -58,6 +58,8 @@ pub(crate) struct ServerState {
     pub metrics: ServerMetrics,
     /// ... and the registry `/metrics` encodes (with the backends' error counters).
     pub registry: Registry,
+    /// `config.ws_allowed_origins`, parsed once.
+    pub ws_origins: ws::AllowedOrigins,
 }
 
 impl ServerState {
@@ -88,6 +90,7 @@ impl ServerState {
         acks.count_drops_in(metrics.acks_dropped.clone());
         let admission = Admission::new(config.max_connections, config.max_pending_logins);
         let send_limit = KeyedLimit::new(config.send_rate_per_sec, config.send_burst);
+        let ws_origins = ws::AllowedOrigins::from_config(&config.ws_allowed_origins);
         Self {
             id,
             signer: TokenSigner::new(&config.cluster_secret),
@@ -101,6 +104,7 @@ impl ServerState {
             send_limit,
             metrics,
             registry,
+            ws_origins,
         }
     }
 
@@ -237,6 +241,13 @@ pub async fn start(
         metrics,
         registry,
     ));
+    let websockets = [("ws_listen", Some(ws_addr)), ("wss_listen", wss_addr)];
+    for (listener, addr) in ws::unchecked_listeners(&state.ws_origins, &websockets) {
+        warn!(
+            "{listener} {addr} is reachable beyond loopback and ws_allowed_origins is empty: \
+             pages of any site may open WebSockets to this server; list your web origins"
+        );
+    }
 
     let tracker = TaskTracker::new();
     forwarder.spawn(&state.cancel, &tracker);
@@ -535,7 +546,7 @@ async fn serve_ws<S>(
 {
     // Boxed, like the login: it is short-lived.
     let handshake = async {
-        let handshake = ws::accept(stream, state.config.max_frame_len);
+        let handshake = ws::accept(stream, state.config.max_frame_len, &state.ws_origins);
         match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(transport)) => Some(transport),
             Ok(Err(e)) => {

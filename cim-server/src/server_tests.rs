@@ -52,9 +52,6 @@ async fn listener() -> TcpListener {
 }
 
 async fn start_server(config: ServerConfig) -> Cluster {
-    let store = Arc::new(TestStore::default());
-    let registry = MemoryRegistry::new();
-    let backends = Backends::new(store.clone(), Arc::new(registry.clone()));
     let listeners = Listeners {
         tcp: listener().await,
         ws: listener().await,
@@ -62,6 +59,13 @@ async fn start_server(config: ServerConfig) -> Cluster {
         wss: None,
         internal: listener().await,
     };
+    start_server_on(config, listeners).await
+}
+
+async fn start_server_on(config: ServerConfig, listeners: Listeners) -> Cluster {
+    let store = Arc::new(TestStore::default());
+    let registry = MemoryRegistry::new();
+    let backends = Backends::new(store.clone(), Arc::new(registry.clone()));
     let server = start(config, listeners, backends).await.unwrap();
     Cluster {
         server,
@@ -553,4 +557,131 @@ async fn dropping_the_handle_stops_the_server() {
         Some(Body::Kick(k)) => assert_eq!(k.reason, KickReason::ServerShutdown as i32),
         other => panic!("expected Kick, got {other:?}"),
     }
+}
+
+/// Attempts of the tests below: the reset they guard against depended on timing (how much of
+/// the message was in flight when the server closed).
+const STILL_WRITING_ATTEMPTS: usize = 20;
+/// An oversized message as a client writes it in one go: far over the 64 KiB default limit.
+const STILL_WRITING_LEN: usize = 2 << 20;
+
+/// Socket buffers of the tests below, on both ends: as on a real network, much less than the
+/// message is in flight at once (loopback's autotuned buffers would take all of 2 MiB before
+/// the server even reads the header, hiding the failure).
+const STILL_WRITING_BUFFER: u32 = 64 * 1024;
+
+/// A listener whose connections have small receive buffers.
+fn small_buffer_listener() -> TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(STILL_WRITING_BUFFER).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket.listen(64).unwrap()
+}
+
+/// A server whose client listeners have small receive buffers.
+async fn start_small_buffer_server() -> Cluster {
+    let listeners = Listeners {
+        tcp: small_buffer_listener(),
+        ws: small_buffer_listener(),
+        tls: None,
+        wss: None,
+        internal: listener().await,
+    };
+    start_server_on(test_config(), listeners).await
+}
+
+/// A connection to `addr` with a small send buffer.
+async fn small_buffer_connect(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(STILL_WRITING_BUFFER).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// A client still writing a message over the limit when the server refuses it reads why: the
+/// Close with 1009 and the reason, every time. Before the server drained the rest of the
+/// message, it closed the socket with the message's tail unread, the kernel reset the
+/// connection, and the client's write failed (connection reset) before it read anything.
+#[tokio::test]
+async fn websocket_client_still_writing_an_oversized_message_reads_the_1009_close() {
+    let c = start_small_buffer_server().await;
+    let mut failed = Vec::new();
+    for attempt in 0..STILL_WRITING_ATTEMPTS {
+        let stream = small_buffer_connect(c.server.ws_addr()).await;
+        let url = format!("ws://{}/ws", c.server.ws_addr());
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        let written = ws
+            .send(WsMessage::Binary(vec![7u8; STILL_WRITING_LEN].into()))
+            .await;
+        let mut read = Vec::new();
+        let close = loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Close(close))) => break close,
+                Some(Ok(other)) => read.push(format!("{other:?}")),
+                Some(Err(e)) => {
+                    read.push(format!("error {e}"));
+                    break None;
+                }
+                None => break None,
+            }
+        };
+        // tungstenite answers the Close on the next read, then waits for the server to close
+        // the connection: it does so on our Close, well before its own bound.
+        let closed = tokio::time::timeout(crate::tcp::OVERSIZED_LINGER / 2, async {
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+        if !(written.is_ok()
+            && close.as_ref().is_some_and(|close| {
+                u16::from(close.code) == 1009
+                    && close.reason.as_str() == crate::ws::TOO_LARGE_REASON
+            })
+            && closed.is_ok())
+        {
+            failed.push(format!(
+                "attempt {attempt}: write {written:?}, read {read:?} then close {close:?}, \
+                 connection closed after our Close: {}",
+                closed.is_ok()
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {STILL_WRITING_ATTEMPTS} attempts failed: {failed:#?}",
+        failed.len()
+    );
+}
+
+/// The same over TCP: a client still writing a frame over the limit reads the
+/// FRAME_TOO_LARGE error frame, then the end of the stream, every time.
+#[tokio::test]
+async fn tcp_client_still_writing_an_oversized_frame_reads_the_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = start_small_buffer_server().await;
+    let mut frame = bytes::BytesMut::new();
+    cim_common::codec::encode_payload(&vec![7u8; STILL_WRITING_LEN], &mut frame);
+    let mut failed = Vec::new();
+    for attempt in 0..STILL_WRITING_ATTEMPTS {
+        let mut stream = small_buffer_connect(c.server.tcp_addr()).await;
+        let written = stream.write_all(&frame).await;
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer).await;
+        let mut answer = bytes::BytesMut::from(&answer[..]);
+        let code = match cim_common::codec::decode_frame(&mut answer, 1 << 20) {
+            Ok(Some(frame)) => match frame.body {
+                Some(Body::Error(e)) => Some(e.code()),
+                _ => None,
+            },
+            _ => None,
+        };
+        if !(written.is_ok() && read.is_ok() && code == Some(ErrorCode::FrameTooLarge)) {
+            failed.push(format!(
+                "attempt {attempt}: write {written:?}, read {read:?}, error frame {code:?}"
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {STILL_WRITING_ATTEMPTS} attempts failed: {failed:#?}",
+        failed.len()
+    );
 }

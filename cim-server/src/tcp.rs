@@ -31,6 +31,21 @@ const MIN_READ_ROOM: usize = 64;
 /// Bytes read and discarded after our last frame while waiting for the peer to close (see
 /// [`TcpTransport::close`]).
 const LINGER_DRAIN_MAX: usize = 64 * 1024;
+/// Least [`oversized_drain_max`].
+const OVERSIZED_DRAIN_MIN: usize = 4 * 1024 * 1024;
+/// How long the close after a frame over the limit reads and discards at most, waiting for a
+/// client that is still writing it (the default `write_timeout_ms`): a 2 MiB frame takes 1.6 s
+/// at 10 Mbit/s, longer than the usual linger of at most 1 s.
+pub(crate) const OVERSIZED_LINGER: Duration = Duration::from_secs(10);
+
+/// Bytes read and discarded, at most, by the close after a frame (or WebSocket message) over
+/// `max_frame_len`: twice the limit, at least 4 MiB. The client may still be writing that
+/// frame; closing with its tail unread would make the kernel reset the connection, and the
+/// client's write would fail (ECONNRESET, EPIPE) before it read the error telling it why. A
+/// frame far larger than the limit is cut off all the same once this much was read.
+pub(crate) fn oversized_drain_max(max_frame_len: usize) -> usize {
+    max_frame_len.saturating_mul(2).max(OVERSIZED_DRAIN_MIN)
+}
 
 /// A byte stream the TCP transport runs on.
 pub(crate) trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {
@@ -65,7 +80,12 @@ impl ByteStream for tokio::io::DuplexStream {}
 pub(crate) struct TcpTransport<S> {
     stream: S,
     read_buf: BytesMut,
-    max_frame_len: usize,
+    /// `u32` (the config allows at most 16 MiB) so that it and `too_large` take one word: the
+    /// session future of every idle connection holds this struct.
+    max_frame_len: u32,
+    /// A frame over `max_frame_len` ended the connection: the close drains up to
+    /// [`oversized_drain_max`], since the client may still be writing it.
+    too_large: bool,
 }
 
 impl<S> TcpTransport<S> {
@@ -73,8 +93,13 @@ impl<S> TcpTransport<S> {
         Self {
             stream,
             read_buf: BytesMut::new(),
-            max_frame_len,
+            max_frame_len: u32::try_from(max_frame_len).unwrap_or(u32::MAX),
+            too_large: false,
         }
+    }
+
+    fn max_frame_len(&self) -> usize {
+        self.max_frame_len as usize
     }
 
     #[cfg(test)]
@@ -100,10 +125,14 @@ impl<S: ByteStream> Transport for TcpTransport<S> {
     /// taken out of it when it is returned.
     async fn recv(&mut self) -> Result<Option<Frame>, RecvError> {
         loop {
-            if let Some(frame) =
-                decode_frame(&mut self.read_buf, self.max_frame_len).map_err(codec_error)?
-            {
-                return Ok(Some(frame));
+            let max_frame_len = self.max_frame_len();
+            match decode_frame(&mut self.read_buf, max_frame_len) {
+                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(None) => {}
+                Err(e) => {
+                    self.too_large |= matches!(e, CodecError::TooLarge { .. });
+                    return Err(codec_error(e));
+                }
             }
             if self.read_buf.is_empty() {
                 // Idle between frames: wait for input holding no buffer at all (most
@@ -135,7 +164,7 @@ impl<S: ByteStream> Transport for TcpTransport<S> {
     }
 
     fn set_max_frame_len(&mut self, max: usize) {
-        self.max_frame_len = max;
+        self.max_frame_len = u32::try_from(max).unwrap_or(u32::MAX);
     }
 
     async fn send(&mut self, items: &[Outbound]) -> io::Result<()> {
@@ -152,17 +181,29 @@ impl<S: ByteStream> Transport for TcpTransport<S> {
 
     /// Half-closes, then reads and discards until the peer closes too (bounded in bytes and
     /// time). Closing a socket with unread input makes the kernel send a reset, which can
-    /// destroy our last frame (the error or kick telling the client why) before it reads it.
+    /// destroy our last frame (the error or kick telling the client why) before it reads it,
+    /// and fails the writes of a client still sending. After a frame over the limit the
+    /// bounds are [`oversized_drain_max`] and [`OVERSIZED_LINGER`]: the client is likely
+    /// still writing that frame (before, it got EPIPE on every try of a 2 MiB frame over
+    /// 64 KiB socket buffers, `tcp_client_still_writing_an_oversized_frame_reads_the_error`).
     async fn close(&mut self, linger: Duration) {
         self.read_buf = BytesMut::new();
         if self.stream.shutdown().await.is_err() {
             return;
         }
+        let (max, linger) = if self.too_large {
+            (
+                LINGER_DRAIN_MAX + oversized_drain_max(self.max_frame_len()),
+                OVERSIZED_LINGER,
+            )
+        } else {
+            (LINGER_DRAIN_MAX, linger)
+        };
         let drain = async {
             // On the heap: an array here would enlarge every idle session's future.
-            let mut scratch = vec![0u8; 1024];
+            let mut scratch = vec![0u8; if self.too_large { 16 * 1024 } else { 1024 }];
             let mut drained = 0;
-            while drained < LINGER_DRAIN_MAX {
+            while drained < max {
                 match self.stream.read(&mut scratch).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => drained += n,

@@ -4,13 +4,23 @@
 //!
 //! tungstenite's default buffers are 128 KiB each; here they are 0.5-1 KiB (see
 //! [`config`]) to keep an idle connection within a few KiB.
+//!
+//! The handshake refuses any path but `/ws` (404) and an `Origin` not on `ws_allowed_origins`
+//! (403, [`origin`]; requests without one pass: non-browser clients send none).
+//!
+//! After a read error (a message over `max_frame_len`: Close 1009 with a reason) the close
+//! reads on under tungstenite, discarding, until the client's Close ([`drain`]), so that a
+//! client still writing its message reads why instead of getting a reset.
 
 use crate::{
     conn::Outbound,
     pb::{ErrorCode, Frame},
     session::{RecvError, Transport},
+    tcp::{oversized_drain_max, OVERSIZED_LINGER},
 };
+use drain::Tracked;
 use futures_util::{SinkExt, StreamExt};
+pub(crate) use origin::{unchecked_listeners, AllowedOrigins};
 use prost::Message as _;
 use std::{io, time::Duration};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,12 +29,17 @@ use tokio_tungstenite::{
     tungstenite::{
         error::ProtocolError,
         handshake::server::{Callback, ErrorResponse, Request, Response},
-        http::StatusCode,
+        http::{header::ORIGIN, StatusCode},
         protocol::{frame::coding::CloseCode, CloseFrame, WebSocketConfig},
         Error as WsError, Message,
     },
     WebSocketStream,
 };
+use tracing::debug;
+
+/// Bytes discarded at most while waiting for the client's Close after a read error other than
+/// a message over the limit (as the TCP transport does after its last frame).
+const AFTER_ERROR_DRAIN_MAX: usize = 64 * 1024;
 
 /// The only path that upgrades to a WebSocket.
 pub(crate) const WS_PATH: &str = "/ws";
@@ -47,41 +62,73 @@ pub(crate) fn config(max_frame_len: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_frame_len))
 }
 
-/// Handshake callback: only [`WS_PATH`] upgrades, anything else is answered 404.
-struct OnlyWsPath;
+/// Handshake callback: only [`WS_PATH`] upgrades (anything else is answered 404), and only
+/// from an allowed origin (else 403, [`origin`]).
+struct Handshake<'a> {
+    origins: &'a AllowedOrigins,
+}
 
-impl Callback for OnlyWsPath {
+fn refuse(status: StatusCode, reason: String) -> ErrorResponse {
+    let mut refusal = ErrorResponse::new(Some(reason));
+    *refusal.status_mut() = status;
+    refusal
+}
+
+impl Callback for Handshake<'_> {
     fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
-        if request.uri().path() == WS_PATH {
-            return Ok(response);
+        if request.uri().path() != WS_PATH {
+            return Err(refuse(
+                StatusCode::NOT_FOUND,
+                format!("not found: the WebSocket endpoint is {WS_PATH}"),
+            ));
         }
-        let mut refusal = ErrorResponse::new(Some(format!(
-            "not found: the WebSocket endpoint is {WS_PATH}"
-        )));
-        *refusal.status_mut() = StatusCode::NOT_FOUND;
-        Err(refusal)
+        let origins = request.headers().get_all(ORIGIN).iter();
+        if let Err(refusal) = self.origins.check(origins.map(|v| v.as_bytes())) {
+            debug!(
+                origin = ?request.headers().get(ORIGIN),
+                "websocket handshake refused: {}",
+                refusal.reason()
+            );
+            return Err(refuse(StatusCode::FORBIDDEN, refusal.reason().into()));
+        }
+        Ok(response)
     }
 }
 
-/// Performs the server handshake (any path other than [`WS_PATH`] is refused).
-pub(crate) async fn accept<S>(stream: S, max_frame_len: usize) -> Result<WsTransport<S>, WsError>
+/// Performs the server handshake: any path other than [`WS_PATH`] is refused, and so is an
+/// `Origin` that `origins` does not allow.
+pub(crate) async fn accept<S>(
+    stream: S,
+    max_frame_len: usize,
+    origins: &AllowedOrigins,
+) -> Result<WsTransport<S>, WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let ws = accept_hdr_async_with_config(stream, OnlyWsPath, Some(config(max_frame_len))).await?;
+    let ws = accept_hdr_async_with_config(
+        Tracked::new(stream),
+        Handshake { origins },
+        Some(config(max_frame_len)),
+    )
+    .await?;
     Ok(WsTransport {
         ws,
         text: false,
+        read_failed: false,
         too_large: false,
     })
 }
 
 pub(crate) struct WsTransport<S> {
-    ws: WebSocketStream<S>,
+    ws: WebSocketStream<Tracked<S>>,
     /// The client's last data message was text: answer in JSON.
     text: bool,
+    /// tungstenite failed a read, so it reads no more: the close discards what the client
+    /// still sends under it ([`Tracked::discard_until_close`]).
+    read_failed: bool,
     /// A message over `max_frame_len` ended the connection: the Close says 1009 (message too
-    /// big) with a reason, so a browser's `onclose` tells why, not 1005 (no status).
+    /// big) with a reason, so a browser's `onclose` tells why, not 1005 (no status); and the
+    /// close waits longer, the client may still be writing the message.
     too_large: bool,
 }
 
@@ -141,6 +188,7 @@ where
             let message = match self.ws.next().await {
                 None => return Ok(None),
                 Some(Err(e)) => {
+                    self.read_failed = true;
                     self.too_large |= matches!(e, WsError::Capacity(_));
                     return recv_error(e);
                 }
@@ -178,22 +226,42 @@ where
     }
 
     /// Sends a Close and waits (bounded) for the client's, so it reads our last frame before
-    /// the socket goes away.
+    /// the socket goes away. After a read error tungstenite reads nothing more, so the wait
+    /// reads under it, discarding (at most 64 KiB; after a message over the limit, which the
+    /// client may still be writing, [`oversized_drain_max`] within [`OVERSIZED_LINGER`]).
+    /// Before, the socket closed with the message's tail unread and the kernel reset the
+    /// connection: a client writing 2 MiB over 64 KiB socket buffers failed its write with
+    /// ECONNRESET on every try
+    /// (`websocket_client_still_writing_an_oversized_message_reads_the_1009_close`).
     async fn close(&mut self, linger: Duration) {
-        let ws = &mut self.ws;
         let frame = self.too_large.then(|| CloseFrame {
             code: CloseCode::Size,
             reason: TOO_LARGE_REASON.into(),
         });
+        let (read_failed, too_large) = (self.read_failed, self.too_large);
+        let max_frame_len = self.ws.get_config().max_message_size.unwrap_or(0);
+        let (max, linger) = if too_large {
+            (oversized_drain_max(max_frame_len), OVERSIZED_LINGER)
+        } else {
+            (AFTER_ERROR_DRAIN_MAX, linger)
+        };
+        let ws = &mut self.ws;
         let _ = tokio::time::timeout(linger, async move {
             if ws.close(frame).await.is_err() {
                 return;
             }
-            while let Some(Ok(_)) = ws.next().await {}
+            if read_failed {
+                ws.get_mut().discard_until_close(max).await;
+            } else {
+                while let Some(Ok(_)) = ws.next().await {}
+            }
         })
         .await;
     }
 }
+
+mod drain;
+mod origin;
 
 #[cfg(test)]
 mod props;

@@ -33,6 +33,10 @@
 //! `tls_listen` / `wss_listen` serve the server's protocols over TLS with the same
 //! certificate; the plain listeners stay.
 //!
+//! `[server] ws_allowed_origins` (the WebSocket Origin allow-list, empty: every origin) gets
+//! the route's own URL added when set, so the web page it serves keeps working; list any other
+//! name the page is opened under.
+//!
 //! Listen addresses, `advertise_host`, `cluster_secret` and `tls` inside `[route]` /
 //! `[server]` are refused (they belong to the top level); their `backend` sections are ignored, since the
 //! state is in memory.
@@ -375,6 +379,12 @@ pub async fn start(config: &StandaloneConfig) -> anyhow::Result<Standalone> {
             route_listeners.http.local_addr()?
         )
     );
+    // The web page is served by the route: its own origin must keep its WebSocket when the
+    // list is set. Other names the page is opened under (another host name, a proxy) are
+    // listed by the operator.
+    if !server.ws_allowed_origins.is_empty() && !server.ws_allowed_origins.contains(&route_url) {
+        server.ws_allowed_origins.push(route_url.clone());
+    }
     let tcp_addr = server.advertised(
         server_listeners.tcp.local_addr()?,
         server.advertise_tcp.as_deref(),
@@ -758,6 +768,48 @@ mod tests {
 
         running.shutdown().await;
         assert!(http_get(&host, "/healthz").await.is_err(), "stopped");
+    }
+
+    /// The status line answering a WebSocket upgrade of `/ws` at `addr` from `origin`.
+    async fn ws_upgrade_status(addr: &str, origin: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Origin: {origin}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 256];
+        let n = s.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+        answer.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn the_web_page_keeps_its_websocket_when_origins_are_listed() {
+        let mut config = StandaloneConfig {
+            http_listen: "127.0.0.1:0".into(),
+            tcp_listen: "127.0.0.1:0".into(),
+            ws_listen: "127.0.0.1:0".into(),
+            metrics_listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        };
+        config.server.ws_allowed_origins = vec!["https://chat.example.com".into()];
+        let running = start(&config).await.unwrap();
+        let ws = running.ws_addr().to_string();
+        let page = running.route_url().to_string();
+        for (origin, status) in [
+            (page.as_str(), "101"),
+            ("https://chat.example.com", "101"),
+            ("https://evil.example", "403"),
+        ] {
+            let line = ws_upgrade_status(&ws, origin).await;
+            assert!(line.contains(status), "{origin}: {line}");
+        }
+        running.shutdown().await;
+        // Unset, nothing is added: every origin passes.
+        let resolved = StandaloneConfig::default().resolve().unwrap();
+        assert!(resolved.server.ws_allowed_origins.is_empty());
     }
 
     #[tokio::test]

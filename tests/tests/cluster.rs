@@ -798,3 +798,115 @@ async fn online_users_are_paged_and_filtered_by_prefix() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// `ws_allowed_origins` through a real server: a page of a listed origin (as the browser may
+/// spell it: another case, the default port) connects and chats, a foreign origin gets 403
+/// with the reason before any frame, and a client without an Origin (the SDK) connects.
+#[tokio::test]
+async fn websocket_origins_are_checked_against_the_allow_list() -> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    use prost::Message as _;
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
+    let cluster = Cluster::builder()
+        .servers(1)
+        .server_config(|c| {
+            c.ws_allowed_origins = vec![
+                "https://chat.example.com".into(),
+                "https://*.example.org".into(),
+            ]
+        })
+        .start()
+        .await?;
+    let ws = cluster.servers[0].ws_addr;
+    let open = |origin: &str| {
+        let mut request = format!("ws://{ws}/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(request)
+    };
+
+    // A foreign origin, a look-alike and the bare domain of a subdomain pattern: 403.
+    for foreign in [
+        "https://evil.example.net",
+        "https://chat.example.com.evil.net",
+        "http://chat.example.com",
+        "https://example.org",
+        "null",
+    ] {
+        match open(foreign).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 403, "{foreign}");
+                let body =
+                    String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[])).into_owned();
+                assert!(
+                    body.to_lowercase().contains("origin"),
+                    "{foreign}: {body:?}"
+                );
+            }
+            other => panic!("{foreign}: expected 403, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    // Without an Origin (the SDK): connects and logs in.
+    let mut bob = cluster.user("bob", Transport::WsBinary).await?;
+
+    // An allowed origin, spelled as a browser might: connects, logs in and chats both ways.
+    for (name, origin) in [
+        ("alice", "https://Chat.Example.com:443"),
+        ("carol", "https://app.eu.example.org"),
+    ] {
+        let login = cluster.register_and_login(name).await?;
+        let (mut page, _) = open(origin).await.with_context(|| origin.to_string())?;
+        let send = |frame: Frame| Message::Binary(frame.encode_to_vec().into());
+        page.send(send(Frame::new(Body::Login(pb::Login {
+            token: login.connect_token.clone(),
+        }))))
+        .await?;
+        let answer = next_binary(&mut page).await?;
+        assert!(
+            matches!(answer.body, Some(Body::LoginResult(_))),
+            "{answer:?}"
+        );
+        page.send(send(Frame::new(Body::Send(pb::Send {
+            client_id: 1,
+            to_user_id: bob.id(),
+            kind: MessageKind::Private as i32,
+            body: format!("hi from {name}"),
+            ..Default::default()
+        }))))
+        .await?;
+        assert_eq!(bob.next_message().await?.body, format!("hi from {name}"));
+        bob.send_private(login.user_id, &format!("hi {name}"))
+            .await?;
+        let pushed = loop {
+            if let Some(Body::Push(push)) = next_binary(&mut page).await?.body {
+                break push;
+            }
+        };
+        assert_eq!(pushed.messages[0].body, format!("hi {name}"));
+    }
+    Ok(())
+}
+
+/// The next binary frame of a raw WebSocket client.
+async fn next_binary<S>(ws: &mut S) -> anyhow::Result<Frame>
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    use prost::Message as _;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await?
+            .context("closed")??;
+        if let tokio_tungstenite::tungstenite::Message::Binary(bytes) = message {
+            return Ok(Frame::decode(bytes)?);
+        }
+    }
+}

@@ -98,7 +98,7 @@ proptest! {
                 // Answer the server's close (and drain whatever else) until it is gone.
                 while let Some(Ok(_)) = ws.next().await {}
             });
-            let mut server = accept(server_io, max).await.unwrap();
+            let mut server = accept(server_io, max, &AllowedOrigins::default()).await.unwrap();
             for m in &messages {
                 let got = server.recv().await;
                 match (verdict(m, max), got) {
