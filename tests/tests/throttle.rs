@@ -8,7 +8,7 @@ use cim_client::Transport;
 use cim_route::RouteConfig;
 use cim_tests::cluster::{Cluster, TestUser};
 use futures_util::{stream, StreamExt};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Concurrent wrong-password logins of the flood.
 const FLOOD: usize = 1_000;
