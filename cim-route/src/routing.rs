@@ -416,15 +416,30 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
         });
     }
 
-    // Deliver runs of consecutive same-kind messages in order, so a sender's private and
-    // group messages reach a common recipient in the order they were sent.
-    for run in accepted.chunk_by(|a, b| a.kind == b.kind) {
-        let outcomes = match run[0].kind {
-            Kind::Private => deliver_private(state, &servers, run).await,
-            Kind::Group | Kind::Channel => deliver_broadcasts(state, &servers, run).await,
+    // Each phase at once: its private messages in one store round trip and one push per
+    // server, beside every sender's broadcast run (see `phases`). Phases one after another,
+    // so a sender's private and broadcast messages reach a common recipient in send order.
+    for phase in phases(accepted) {
+        let privates = async {
+            match phase.privates.is_empty() {
+                true => Vec::new(),
+                false => deliver_private(state, &servers, &phase.privates).await,
+            }
         };
-        for (a, r) in run.iter().zip(outcomes) {
+        let broadcasts = join_all(
+            phase
+                .broadcasts
+                .iter()
+                .map(|run| deliver_broadcasts(state, &servers, run)),
+        );
+        let (private_outcomes, broadcast_outcomes) = tokio::join!(privates, broadcasts);
+        for (a, r) in phase.privates.iter().zip(private_outcomes) {
             results[a.index] = Some(r);
+        }
+        for (run, outcomes) in phase.broadcasts.iter().zip(broadcast_outcomes) {
+            for (a, r) in run.iter().zip(outcomes) {
+                results[a.index] = Some(r);
+            }
         }
     }
 
@@ -435,6 +450,56 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
     }
     state.metrics().messages(&outcomes);
     results
+}
+
+/// Messages of a batch that are delivered together.
+#[derive(Default)]
+struct Phase {
+    /// Private messages of every sender in this phase, in batch order.
+    privates: Vec<Accepted>,
+    /// One run of broadcasts (group or channel messages, in order) per sender.
+    broadcasts: Vec<Vec<Accepted>>,
+}
+
+/// `accepted` cut into phases: each sender's messages form runs of consecutive messages of
+/// one kind, and its k-th run goes to phase k. Within a phase nothing waits for anything else
+/// (the privates of all senders share one delivery, each sender's broadcast run is its own),
+/// so one sender's slow channel fan-out does not hold up another's private messages; across
+/// phases, a sender's runs stay in order. Most batches are one phase.
+fn phases(accepted: Vec<Accepted>) -> Vec<Phase> {
+    let mut phases: Vec<Phase> = Vec::new();
+    // Sender → (its current phase, the kind of its current run, its broadcast run's slot).
+    let mut senders: HashMap<u64, (usize, Kind, Option<usize>)> = HashMap::new();
+    for a in accepted {
+        let (phase, slot) = match senders.get_mut(&a.message.sender_id) {
+            Some((phase, kind, slot)) if *kind == a.kind => (*phase, slot),
+            Some(entry) => {
+                *entry = (entry.0 + 1, a.kind, None);
+                (entry.0, &mut entry.2)
+            }
+            None => {
+                let entry = senders
+                    .entry(a.message.sender_id)
+                    .or_insert((0, a.kind, None));
+                (0, &mut entry.2)
+            }
+        };
+        if phases.len() <= phase {
+            phases.resize_with(phase + 1, Phase::default);
+        }
+        let at = &mut phases[phase];
+        match a.kind {
+            Kind::Private => at.privates.push(a),
+            Kind::Group | Kind::Channel => match slot {
+                Some(i) => at.broadcasts[*i].push(a),
+                None => {
+                    *slot = Some(at.broadcasts.len());
+                    at.broadcasts.push(vec![a]);
+                }
+            },
+        }
+    }
+    phases
 }
 
 /// [`route_batch`] in a task of its own: once a message is accepted its delivery runs to
@@ -1505,6 +1570,126 @@ mod tests {
             .flat_map(|p| p.deliveries.iter())
             .map(|d| d.message.as_ref().unwrap().id.clone())
             .collect()
+    }
+
+    #[test]
+    fn phases_keep_each_senders_runs_in_order_and_put_senders_side_by_side() {
+        let item = |index, sender, kind| Accepted {
+            index,
+            client_id: index as u64,
+            kind,
+            check_member: false,
+            claim: false,
+            message: Message {
+                sender_id: sender,
+                ..Default::default()
+            },
+        };
+        // a: private, private, group, private; b: group, group; c: private.
+        let phases = phases(vec![
+            item(0, 1, Kind::Private),
+            item(1, 2, Kind::Group),
+            item(2, 1, Kind::Private),
+            item(3, 1, Kind::Group),
+            item(4, 3, Kind::Private),
+            item(5, 2, Kind::Group),
+            item(6, 1, Kind::Private),
+        ]);
+        let shape: Vec<(Vec<usize>, Vec<Vec<usize>>)> = phases
+            .iter()
+            .map(|p| {
+                (
+                    p.privates.iter().map(|a| a.index).collect(),
+                    p.broadcasts
+                        .iter()
+                        .map(|run| run.iter().map(|a| a.index).collect())
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (vec![0, 2, 4], vec![vec![1, 5]]),
+                (vec![], vec![vec![3]]),
+                (vec![6], vec![]),
+            ]
+        );
+    }
+
+    /// One sender's channel fan-out to a server that is slow to answer does not hold up
+    /// another sender's private message in the same batch: the private push goes out while
+    /// the fan-out's push is still held (issue 18 item 5: before, the batch's runs went one
+    /// after another, and the private push waited for the channel's).
+    #[tokio::test]
+    async fn a_slow_fan_out_does_not_hold_up_another_senders_private_message() {
+        let store = Arc::new(MemoryStore::new());
+        let flooder = store.add_user("flooder").await;
+        let member = store.add_user("member").await;
+        let carol = store.add_user("carol").await;
+        let dave = store.add_user("dave").await;
+        let (slow, slow_rec) = fake_server("server-slow", DEV_SECRET).await;
+        let (fast, fast_rec) = fake_server("server-fast", DEV_SECRET).await;
+        store.connect(member, &slow.id).await;
+        store.connect(dave, &fast.id).await;
+        store.channel_join("room", flooder, 10).await.unwrap();
+        store.channel_join("room", member, 10).await.unwrap();
+        slow_rec.hold_pushes.store(true, Ordering::SeqCst);
+        let (state, _tx) = state_with(store.clone(), vec![slow, fast], |c| {
+            c.push_timeout_ms = 60_000;
+        });
+        let batch = vec![
+            from(
+                flooder,
+                "flooder",
+                send(MessageKind::Channel, 1, 0, "", "to the room"),
+            ),
+            from(
+                carol,
+                "carol",
+                send(MessageKind::Private, 2, dave, "", "hi dave"),
+            ),
+        ];
+        let batch = {
+            let mut b = batch;
+            b[0].send.channel = "room".into();
+            b
+        };
+        let routed = tokio::spawn({
+            let state = state.clone();
+            async move { route_batch(&state, batch).await }
+        });
+        // The channel's push reaches the slow server and is held there...
+        while slow_rec.held.load(Ordering::SeqCst) == 0 {
+            slow_rec.holding.notified().await;
+        }
+        // ...and meanwhile dave's message is pushed (bounded: before, it never came until
+        // the channel's push returned).
+        let pushed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                if !fast_rec.pushes.lock().unwrap().is_empty() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(pushed.is_ok(), "the private push waited for the channel's");
+        assert_eq!(slow_rec.held.load(Ordering::SeqCst), 1, "still held");
+        slow_rec.release();
+        let results = routed.await.unwrap();
+        assert_eq!(
+            status(&results[0]),
+            SendStatus::Delivered,
+            "{:?}",
+            results[0]
+        );
+        assert_eq!(
+            status(&results[1]),
+            SendStatus::Delivered,
+            "{:?}",
+            results[1]
+        );
     }
 
     #[tokio::test]

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 pub trait StoreExt: StateStore {
     /// Creates a user with a placeholder hash (no login possible) and returns its id.
     async fn add_user(&self, name: &str) -> u64 {
-        self.create_user(name, "$argon2id$placeholder")
+        self.create_user(name, &test_hash())
             .await
             .unwrap()
             .expect("a fresh name")
@@ -63,6 +63,24 @@ pub trait StoreExt: StateStore {
 impl<T: StateStore + ?Sized> StoreExt for T {}
 
 pub use cim_common::store::faulty::FaultyStore;
+
+/// A real argon2id hash of the tests' password `secret-pw` (cheap parameters), for users the
+/// tests add to the store directly: a login with it works like one of a registered user.
+pub fn test_hash() -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        let params = argon2::Params::new(8, 1, 1, None).expect("valid parameters");
+        let argon2 =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt = SaltString::encode_b64(b"cim-test-salt-16").expect("a salt");
+        argon2
+            .hash_password(b"secret-pw", &salt)
+            .expect("hashes")
+            .to_string()
+    })
+    .clone()
+}
 
 /// A member list as the registry would publish it (sorted by id).
 pub fn members(mut servers: Vec<ServiceInfo>) -> Members {
@@ -110,9 +128,22 @@ pub struct Recorded {
     pub everyone: AtomicU64,
     /// While set, kick and presence calls are taken but never answered (a wedged server).
     pub stalled: AtomicBool,
+    /// While set, pushes are held (recorded as `held`) until [`Recorded::release`].
+    pub hold_pushes: AtomicBool,
+    /// Pushes being held now.
+    pub held: AtomicU64,
+    /// Signalled when a push starts being held; pushes are let go by [`Recorded::release`].
+    pub holding: tokio::sync::Notify,
+    released: tokio::sync::Notify,
 }
 
 impl Recorded {
+    /// Lets every held push go (and stops holding new ones).
+    pub fn release(&self) {
+        self.hold_pushes.store(false, Ordering::SeqCst);
+        self.released.notify_waiters();
+    }
+
     /// Waits forever while the server is stalled.
     async fn stall_if_asked(&self) {
         if self.stalled.load(Ordering::SeqCst) {
@@ -134,6 +165,17 @@ async fn fake_push(
 ) -> Result<Protobuf<PushResponse>, Response> {
     if !cluster::authorized(&headers, &s.secret) {
         return Err(cluster::unauthorized());
+    }
+    if s.recorded.hold_pushes.load(Ordering::SeqCst) {
+        let released = s.recorded.released.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        s.recorded.held.fetch_add(1, Ordering::SeqCst);
+        s.recorded.holding.notify_waiters();
+        if s.recorded.hold_pushes.load(Ordering::SeqCst) {
+            released.await;
+        }
+        s.recorded.held.fetch_sub(1, Ordering::SeqCst);
     }
     let absent = s.recorded.absent.lock().unwrap().clone();
     let results = req
