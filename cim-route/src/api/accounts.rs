@@ -103,6 +103,7 @@ pub struct Registered {
         (status = 409, description = "`name_taken`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
+        (status = 429, description = "`busy`: too many password checks at once; see `Retry-After`", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -213,6 +214,7 @@ fn bad_credentials() -> AppError {
         (status = 400, description = "`invalid_json` or `bad_request`", body = ErrorBody),
         (status = 401, description = "`bad_credentials`: wrong name or password", body = ErrorBody),
         (status = 409, description = "`already_logged_in`: the user is logged in elsewhere", body = ErrorBody),
+        (status = 429, description = "`rate_limited` (too many logins from this address, or failures of this name) or `busy` (too many password checks at once); see `Retry-After`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
         (status = 503, description = "`no_server` (no connection server is live), `unavailable`, `overloaded` or `timeout`", body = ErrorBody),
