@@ -69,8 +69,9 @@ impl AppState {
         // `validate` checked the parameters; fall back to the defaults rather than panic.
         let params = config.password_params().unwrap_or_default();
         let passwords = Passwords::with_params(params, config.password_workers());
-        let signer = TokenSigner::new(&config.cluster_secret);
-        let cluster = ClusterClient::new(&config.cluster_secret, config.push_timeout());
+        let keys = config.keys();
+        let signer = TokenSigner::with_keys(keys.clone());
+        let cluster = ClusterClient::with_keys(keys, config.push_timeout());
         Self {
             inner: Arc::new(Inner {
                 id,

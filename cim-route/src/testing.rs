@@ -132,7 +132,7 @@ async fn fake_push(
     headers: HeaderMap,
     Protobuf(req): Protobuf<PushRequest>,
 ) -> Result<Protobuf<PushResponse>, Response> {
-    if !cluster::authorized(&headers, &s.secret) {
+    if !cluster::authorized(&headers, &cim_common::secret::Keyring::single(&s.secret)) {
         return Err(cluster::unauthorized());
     }
     let absent = s.recorded.absent.lock().unwrap().clone();

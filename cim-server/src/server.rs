@@ -87,7 +87,7 @@ impl ServerState {
         acks.count_drops_in(metrics.acks_dropped.clone());
         Self {
             id,
-            signer: TokenSigner::new(&config.cluster_secret),
+            signer: TokenSigner::with_keys(config.keys()),
             config,
             store,
             table: ConnTable::default(),
@@ -196,7 +196,7 @@ pub async fn start(
         .context("watching routes in the registry")?;
     let caller = Arc::new(
         RouteCaller::new(
-            ClusterClient::new(&config.cluster_secret, config.internal_timeout()),
+            ClusterClient::with_keys(config.keys(), config.internal_timeout()),
             routes,
             id.clone(),
         )
