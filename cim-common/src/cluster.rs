@@ -25,7 +25,7 @@ use std::{
 use tokio::time::Instant;
 
 pub use crate::secret::AUTH_HEADER;
-use crate::secret::Keyring;
+use crate::secret::{Keyring, Refusal};
 
 /// Header of the raw cluster secret (versions before derived keys; sent and accepted only
 /// with `legacy_secret` on).
@@ -79,19 +79,27 @@ pub fn authorized(headers: &HeaderMap, keys: &Keyring) -> bool {
     authorize(headers, keys).is_ok()
 }
 
-/// Checks an internal request's headers; the refusal is a 401 that says why (for whoever
-/// runs the calling node: a wrong secret, a clock off by minutes, legacy form refused).
-pub fn authorize(headers: &HeaderMap, keys: &Keyring) -> Result<(), Response> {
+/// Checks an internal request's headers. The refusal answers as a 401 that says why (for
+/// whoever runs the calling node: a wrong secret, a clock off by minutes, legacy form refused).
+pub fn authorize(headers: &HeaderMap, keys: &Keyring) -> Result<(), Refusal> {
     keys.check(
         headers.get(AUTH_HEADER).map(|v| v.as_bytes()),
         headers.get(SECRET_HEADER).map(|v| v.as_bytes()),
         crate::secret::now_secs(),
     )
-    .map_err(|refusal| (StatusCode::UNAUTHORIZED, refusal.to_string()).into_response())
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (StatusCode::UNAUTHORIZED, self.to_string()).into_response()
+    }
 }
 
 /// `request` with the authentication headers of a call made now.
-pub(crate) fn with_auth(request: reqwest::RequestBuilder, keys: &Keyring) -> reqwest::RequestBuilder {
+pub(crate) fn with_auth(
+    request: reqwest::RequestBuilder,
+    keys: &Keyring,
+) -> reqwest::RequestBuilder {
     let request = request.header(AUTH_HEADER, keys.auth_header(crate::secret::now_secs()));
     match keys.legacy_header() {
         Some(raw) => request.header(SECRET_HEADER, raw),
@@ -366,19 +374,23 @@ impl<T: Message> IntoResponse for Protobuf<T> {
 /// The rejection for a call without valid authentication (see [`authorize`] for one that
 /// says why).
 pub fn unauthorized() -> Response {
-    (StatusCode::UNAUTHORIZED, "missing or wrong cluster authentication").into_response()
+    (
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong cluster authentication",
+    )
+        .into_response()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pb::cluster::{PresenceRequest, PresenceResponse};
-    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
     use axum::{
         extract::State,
         routing::{get, post},
         Router,
     };
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::sync::mpsc;
     use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -422,7 +434,7 @@ mod tests {
                 async move {
                     match authorize(req.headers(), &keys) {
                         Ok(()) => next.run(req).await,
-                        Err(refusal) => refusal,
+                        Err(refusal) => refusal.into_response(),
                     }
                 }
             },
@@ -521,7 +533,12 @@ mod tests {
         assert_eq!(captured.len(), 2, "the upgrade and the POST");
         let verifier = TokenSigner::new(SECRET);
         // The key id is public (every token shows it): the forger knows it.
-        let id = verifier.sign_connect(&claims()).split('.').next().unwrap().to_owned();
+        let id = verifier
+            .sign_connect(&claims())
+            .split('.')
+            .next()
+            .unwrap()
+            .to_owned();
         let mut tried = 0;
         for headers in &captured {
             for (name, value) in headers {
@@ -612,17 +629,24 @@ mod tests {
         // A node in legacy mode sends the raw secret too, so that such a peer (which
         // checks only that header) accepts its calls.
         let (addr, seen) = recording_peer().await;
-        let client = ClusterClient::with_keys(Keyring::new(SECRET, &[], true), Duration::from_secs(5));
+        let client =
+            ClusterClient::with_keys(Keyring::new(SECRET, &[], true), Duration::from_secs(5));
         count(&client, &addr).await.unwrap();
         let sent = seen.lock().unwrap().clone();
-        assert!(sent.iter().all(|h| h.get(SECRET_HEADER).is_some_and(|v| v == SECRET)));
+        assert!(sent
+            .iter()
+            .all(|h| h.get(SECRET_HEADER).is_some_and(|v| v == SECRET)));
         assert!(sent.iter().all(|h| h.contains_key(AUTH_HEADER)));
         // Not in strict mode.
         let (addr, seen) = recording_peer().await;
         count(&ClusterClient::new(SECRET, Duration::from_secs(5)), &addr)
             .await
             .unwrap();
-        assert!(seen.lock().unwrap().iter().all(|h| !h.contains_key(SECRET_HEADER)));
+        assert!(seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|h| !h.contains_key(SECRET_HEADER)));
     }
 
     #[tokio::test]

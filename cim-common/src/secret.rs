@@ -76,7 +76,8 @@ impl KeySet {
         let mut id = [0u8; 6];
         // 32 and 6 bytes are far below HKDF-SHA256's limit of 8,160: these cannot fail.
         hk.expand(TOKEN_INFO, &mut token).expect("HKDF length");
-        hk.expand(INTERNAL_INFO, &mut internal).expect("HKDF length");
+        hk.expand(INTERNAL_INFO, &mut internal)
+            .expect("HKDF length");
         hk.expand(ID_INFO, &mut id).expect("HKDF length");
         Self {
             id: URL_SAFE_NO_PAD.encode(id),
@@ -128,7 +129,10 @@ struct Inner {
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keyring")
-            .field("ids", &self.0.sets.iter().map(|s| &s.id).collect::<Vec<_>>())
+            .field(
+                "ids",
+                &self.0.sets.iter().map(|s| &s.id).collect::<Vec<_>>(),
+            )
             .field("legacy", &self.0.legacy)
             .finish()
     }
@@ -404,7 +408,14 @@ mod tests {
         let fields: Vec<&str> = good.split('.').collect();
         let moved = format!("v1.{}.{}.{}", fields[1], NOW + 1, fields[3]);
         assert_eq!(check(&keys, Some(&moved), None), Err(Refusal::Wrong));
-        for bad in ["", "v1", "v2.a.1.b", "v1.a.b.c.d", "v1.x.-1.y", &"v1.".repeat(400)] {
+        for bad in [
+            "",
+            "v1",
+            "v2.a.1.b",
+            "v1.a.b.c.d",
+            "v1.x.-1.y",
+            &"v1.".repeat(400),
+        ] {
             assert!(check(&keys, Some(bad), None).is_err(), "{bad}");
         }
         assert_eq!(check(&keys, None, None), Err(Refusal::Missing));
@@ -415,8 +426,14 @@ mod tests {
         let rotated = Keyring::new(NEW, &[OLD.into()], false);
         let old_only = Keyring::single(OLD);
         // A node still on the old secret calls a rotated one, and the other way round.
-        assert_eq!(check(&rotated, Some(&old_only.auth_header(NOW)), None), Ok(()));
-        assert_eq!(check(&old_only, Some(&rotated.auth_header(NOW)), None), Ok(()));
+        assert_eq!(
+            check(&rotated, Some(&old_only.auth_header(NOW)), None),
+            Ok(())
+        );
+        assert_eq!(
+            check(&old_only, Some(&rotated.auth_header(NOW)), None),
+            Ok(())
+        );
         // Once the old secret is dropped, its proofs are not.
         let new_only = Keyring::single(NEW);
         assert_eq!(

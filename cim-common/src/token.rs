@@ -308,7 +308,10 @@ mod tests {
         assert_eq!(rotating.verify_session(&session_token, 0), Ok(session()));
         // New tokens use the current secret: a node that only has it verifies them...
         let fresh = rotating.sign_connect(&claims());
-        assert_eq!(TokenSigner::new(NEW).verify_connect(&fresh, 0), Ok(claims()));
+        assert_eq!(
+            TokenSigner::new(NEW).verify_connect(&fresh, 0),
+            Ok(claims())
+        );
         // ...and one that only has the old one does not.
         assert_eq!(old.verify_connect(&fresh, 0), Err(TokenError::BadSignature));
         // The old secret dropped: its tokens are refused.
@@ -330,7 +333,11 @@ mod tests {
         let session_token = TokenSigner::legacy_session(OLD, &session());
         for current in [OLD, NEW] {
             let legacy = TokenSigner::with_keys(Keyring::new(current, &[OLD.into()], true));
-            assert_eq!(legacy.verify_connect(&connect, 0), Ok(claims()), "{current}");
+            assert_eq!(
+                legacy.verify_connect(&connect, 0),
+                Ok(claims()),
+                "{current}"
+            );
             assert_eq!(legacy.verify_session(&session_token, 0), Ok(session()));
             // Still typed: a legacy session token is no connect token.
             assert_eq!(
@@ -369,7 +376,9 @@ mod tests {
         let s = TokenSigner::new(OLD);
         let (id, _) = s.keys.signing_key();
         let json = serde_json::to_vec(&claims()).unwrap();
-        let sig = mac(OLD.as_bytes(), CONNECT_TAG, &json).finalize().into_bytes();
+        let sig = mac(OLD.as_bytes(), CONNECT_TAG, &json)
+            .finalize()
+            .into_bytes();
         let token = format!(
             "{id}.{}.{}",
             URL_SAFE_NO_PAD.encode(&json),

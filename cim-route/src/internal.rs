@@ -16,7 +16,7 @@ use crate::{
 use axum::{
     extract::{DefaultBodyLimit, Request, State},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post},
     Router,
 };
@@ -60,7 +60,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn require_secret(State(state): State<AppState>, req: Request, next: Next) -> Response {
     match cluster::authorize(req.headers(), state.signer().keys()) {
         Ok(()) => next.run(req).await,
-        Err(refusal) => refusal,
+        Err(refusal) => refusal.into_response(),
     }
 }
 

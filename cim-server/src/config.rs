@@ -205,7 +205,10 @@ impl ServerConfig {
             }
         }
         cim_common::config::validate_secret(&self.cluster_secret)?;
-        cim_common::secret::validate_previous(&self.cluster_secret, &self.previous_cluster_secrets)?;
+        cim_common::secret::validate_previous(
+            &self.cluster_secret,
+            &self.previous_cluster_secrets,
+        )?;
         self.backend
             .validate()
             .map_err(|e| format!("backend: {e}"))?;
@@ -332,6 +335,30 @@ mod tests {
         assert_eq!(ServerConfig::default().worker_threads, 0, "tokio's default");
         assert!(ServerConfig::default().uses_dev_secret());
         assert_eq!(ServerConfig::default().heartbeat_timeout_ms(), 30_000);
+    }
+
+    #[test]
+    fn the_secret_settings_come_from_the_environment() {
+        // A prefix of its own: no other test reads these variables.
+        let prefix = "CIM_SERVER_TEST_SECRETS_";
+        std::env::set_var(
+            format!("{prefix}PREVIOUS_CLUSTER_SECRETS"),
+            r#"["old-secret-0123456789"]"#,
+        );
+        std::env::set_var(format!("{prefix}LEGACY_SECRET"), "false");
+        let loaded: Result<ServerConfig, _> = cim_common::config::load(
+            None,
+            prefix,
+            &std::collections::BTreeMap::<String, String>::new(),
+        );
+        for var in ["PREVIOUS_CLUSTER_SECRETS", "LEGACY_SECRET"] {
+            std::env::remove_var(format!("{prefix}{var}"));
+        }
+        let loaded = loaded.unwrap();
+        assert_eq!(loaded.previous_cluster_secrets, ["old-secret-0123456789"]);
+        assert!(!loaded.legacy_secret);
+        loaded.validate().unwrap();
+        assert!(!loaded.keys().legacy());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
 use axum::{
     extract::{DefaultBodyLimit, Request, State},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
@@ -77,7 +77,7 @@ pub(crate) async fn serve(state: AppState, listener: TcpListener, tracker: TaskT
 async fn require_secret(State(state): State<AppState>, req: Request, next: Next) -> Response {
     match authorize(req.headers(), state.signer.keys()) {
         Ok(()) => next.run(req).await,
-        Err(refusal) => refusal,
+        Err(refusal) => refusal.into_response(),
     }
 }
 

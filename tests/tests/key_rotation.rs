@@ -39,10 +39,14 @@ fn route_with(cluster: &Cluster, current: &str, previous: &[&str]) -> RouteConfi
 }
 
 async fn sees_servers(route: &RouteClient, n: usize) -> anyhow::Result<()> {
-    cim_tests::wait_until("the route to see the servers", Duration::from_secs(10), || {
-        let route = route.clone();
-        async move { route.servers().await.is_ok_and(|s| s.len() == n) }
-    })
+    cim_tests::wait_until(
+        "the route to see the servers",
+        Duration::from_secs(10),
+        || {
+            let route = route.clone();
+            async move { route.servers().await.is_ok_and(|s| s.len() == n) }
+        },
+    )
     .await
 }
 
@@ -95,7 +99,11 @@ async fn a_rotation_keeps_old_and_new_nodes_talking_until_the_old_secret_is_drop
     let r_new = new_route.client();
     sees_servers(&r_new, 1).await?;
     let sent = r_new
-        .send_private(&alice.login.session_token, bob.id(), "through the new route")
+        .send_private(
+            &alice.login.session_token,
+            bob.id(),
+            "through the new route",
+        )
         .await?;
     assert_eq!(sent.status, "delivered", "{sent:?}");
     assert_eq!(bob.next_message().await?.body, "through the new route");
@@ -138,18 +146,23 @@ async fn a_rotation_keeps_old_and_new_nodes_talking_until_the_old_secret_is_drop
     assert!(unauthorized(presence(&server, OLD).await));
     presence(&server, NEW).await?;
     // And tokens of the old secret: a session token signed by the old route...
-    let old_token = cim_common::token::TokenSigner::new(OLD).sign_session(
-        &cim_common::token::SessionClaims {
+    let old_token =
+        cim_common::token::TokenSigner::new(OLD).sign_session(&cim_common::token::SessionClaims {
             user_id: dave.id(),
             user_name: "dave".into(),
             session: "any".into(),
             exp_ms: i64::MAX,
             generation: 0,
-        },
-    );
-    let refused = r.send_private(&old_token, erin.id(), "x").await.unwrap_err();
+        });
+    let refused = r
+        .send_private(&old_token, erin.id(), "x")
+        .await
+        .unwrap_err();
     assert_eq!(refused.status(), Some(401), "{refused}");
-    assert!(refused.to_string().contains("invalid session token"), "{refused}");
+    assert!(
+        refused.to_string().contains("invalid session token"),
+        "{refused}"
+    );
     // ...and a connect token the old route would have made for this server.
     let mut login = dave.login.clone();
     login.connect_token =

@@ -744,9 +744,10 @@ mod tests {
                 .with_graceful_shutdown(stop)
                 .await
         });
-        let Opened::Channel(channel) = Channel::open(&reqwest::Client::new(), &addr, &Keyring::single("s"))
-            .await
-            .unwrap()
+        let Opened::Channel(channel) =
+            Channel::open(&reqwest::Client::new(), &addr, &Keyring::single("s"))
+                .await
+                .unwrap()
         else {
             panic!("the endpoint refused the upgrade");
         };
