@@ -1,4 +1,8 @@
-//! Internal calls between cim processes: protobuf bodies, authenticated by the cluster secret.
+//! Internal calls between cim processes: protobuf bodies, authenticated by proofs made with
+//! the internal key derived from the cluster secret ([`crate::secret`]): every request (each
+//! HTTP POST, each cim-rpc upgrade) carries `x-cim-cluster-auth`, one time-stamped HMAC proof
+//! per secret of the caller's keyring, never the secret or a key. With `legacy_secret` on,
+//! the raw secret also goes in `x-cim-cluster-secret`, for peers of earlier versions.
 //! The caller's side is [`ClusterClient`]: it keeps one [`rpc`] connection per peer (an
 //! upgrade of the peer's internal HTTP listener) and calls over HTTP/1.1 POSTs a peer that
 //! does not speak it. The serving side (axum) is [`Protobuf`] plus [`authorized`], and
@@ -20,8 +24,12 @@ use std::{
 };
 use tokio::time::Instant;
 
-/// Header carrying the cluster secret.
-pub const SECRET_HEADER: &str = "x-cim-cluster-secret";
+pub use crate::secret::AUTH_HEADER;
+use crate::secret::{Keyring, Refusal};
+
+/// Header of the raw cluster secret (versions before derived keys; sent and accepted only
+/// with `legacy_secret` on).
+pub const SECRET_HEADER: &str = crate::secret::LEGACY_HEADER;
 pub const CONTENT_TYPE: &str = "application/x-protobuf";
 
 /// Largest internal request or response body: one client frame of the largest size a server
@@ -66,12 +74,37 @@ impl ClusterError {
     }
 }
 
-/// Constant-time comparison of the presented secret with ours.
-pub fn authorized(headers: &HeaderMap, secret: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    headers
-        .get(SECRET_HEADER)
-        .is_some_and(|v| v.as_bytes().ct_eq(secret.as_bytes()).into())
+/// Whether an internal request is authenticated for `keys` ([`Keyring::check`]).
+pub fn authorized(headers: &HeaderMap, keys: &Keyring) -> bool {
+    authorize(headers, keys).is_ok()
+}
+
+/// Checks an internal request's headers. The refusal answers as a 401 that says why (for
+/// whoever runs the calling node: a wrong secret, a clock off by minutes, legacy form refused).
+pub fn authorize(headers: &HeaderMap, keys: &Keyring) -> Result<(), Refusal> {
+    keys.check(
+        headers.get(AUTH_HEADER).map(|v| v.as_bytes()),
+        headers.get(SECRET_HEADER).map(|v| v.as_bytes()),
+        crate::secret::now_secs(),
+    )
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (StatusCode::UNAUTHORIZED, self.to_string()).into_response()
+    }
+}
+
+/// `request` with the authentication headers of a call made now.
+pub(crate) fn with_auth(
+    request: reqwest::RequestBuilder,
+    keys: &Keyring,
+) -> reqwest::RequestBuilder {
+    let request = request.header(AUTH_HEADER, keys.auth_header(crate::secret::now_secs()));
+    match keys.legacy_header() {
+        Some(raw) => request.header(SECRET_HEADER, raw),
+        None => request,
+    }
 }
 
 /// How long a peer that refused the cim-rpc upgrade is called over HTTP before it is asked
@@ -85,7 +118,7 @@ const PRUNE_PEERS_PAST: usize = 256;
 #[derive(Clone)]
 pub struct ClusterClient {
     http: reqwest::Client,
-    secret: Arc<str>,
+    keys: Keyring,
     timeout: Duration,
     peers: Arc<Mutex<HashMap<String, Arc<Peer>>>>,
 }
@@ -105,8 +138,14 @@ fn url(addr: &str, path: &str) -> String {
 }
 
 impl ClusterClient {
-    /// Every call has `timeout` as its deadline (opening a connection included).
+    /// A client of one secret, without the legacy form ([`Keyring::single`]).
     pub fn new(secret: &str, timeout: Duration) -> Self {
+        Self::with_keys(Keyring::single(secret), timeout)
+    }
+
+    /// Every call has `timeout` as its deadline (opening a connection included) and is
+    /// authenticated with `keys`.
+    pub fn with_keys(keys: Keyring, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -116,7 +155,7 @@ impl ClusterClient {
             .expect("http client builds");
         Self {
             http,
-            secret: secret.into(),
+            keys,
             timeout,
             peers: Arc::default(),
         }
@@ -212,7 +251,7 @@ impl ClusterClient {
         if state.http_until.is_some_and(|until| Instant::now() < until) {
             return Ok(None);
         }
-        match rpc::Channel::open(&self.http, addr, &self.secret).await {
+        match rpc::Channel::open(&self.http, addr, &self.keys).await {
             Ok(rpc::Opened::Channel(channel)) => {
                 let channel = Arc::new(channel);
                 state.channel = Some(channel.clone());
@@ -252,10 +291,7 @@ impl ClusterClient {
             url: url(addr, path),
             source,
         };
-        let resp = self
-            .http
-            .post(url(addr, path))
-            .header(SECRET_HEADER, &*self.secret)
+        let resp = with_auth(self.http.post(url(addr, path)), &self.keys)
             .header(header::CONTENT_TYPE, CONTENT_TYPE)
             .body(req.encode_to_vec())
             .send()
@@ -337,9 +373,14 @@ impl<T: Message> IntoResponse for Protobuf<T> {
     }
 }
 
-/// The rejection for a call without the right secret.
+/// The rejection for a call without valid authentication (see [`authorize`] for one that
+/// says why).
 pub fn unauthorized() -> Response {
-    (StatusCode::UNAUTHORIZED, "missing or wrong cluster secret").into_response()
+    (
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong cluster authentication",
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -351,6 +392,7 @@ mod tests {
         routing::{get, post},
         Router,
     };
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::sync::mpsc;
     use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -375,6 +417,11 @@ mod tests {
     /// Serves `/count` as a POST, with the cim-rpc endpoint when `rpc` is given, behind the
     /// secret check as the real listeners do. Returns the address.
     async fn peer(rpc: Option<CancellationToken>) -> String {
+        peer_with(rpc, Keyring::single(SECRET)).await
+    }
+
+    /// [`peer`] checking calls against `keys`.
+    async fn peer_with(rpc: Option<CancellationToken>, keys: Keyring) -> String {
         let counter = Arc::new(AtomicUsize::new(0));
         let mut app = calls(counter.clone());
         if let Some(cancel) = rpc {
@@ -384,11 +431,13 @@ mod tests {
             );
         }
         let app = app.route_layer(axum::middleware::from_fn(
-            |req: Request, next: axum::middleware::Next| async move {
-                if authorized(req.headers(), SECRET) {
-                    next.run(req).await
-                } else {
-                    unauthorized()
+            move |req: Request, next: axum::middleware::Next| {
+                let keys = keys.clone();
+                async move {
+                    match authorize(req.headers(), &keys) {
+                        Ok(()) => next.run(req).await,
+                        Err(refusal) => refusal.into_response(),
+                    }
                 }
             },
         ));
@@ -453,6 +502,153 @@ mod tests {
         assert!(open_channel(&client, &addr).is_none());
         let peer = client.peers.lock().unwrap().get(&addr).unwrap().clone();
         assert!(peer.0.try_lock().unwrap().http_until.is_some());
+    }
+
+    /// A peer of an older version (no cim-rpc: the upgrade gets 404, so the caller also
+    /// makes an HTTP POST) that records the headers of every request it gets.
+    async fn recording_peer() -> (String, Arc<Mutex<Vec<HeaderMap>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = |seen: Arc<Mutex<Vec<HeaderMap>>>| {
+            move |req: Request, next: axum::middleware::Next| {
+                seen.lock().unwrap().push(req.headers().clone());
+                next.run(req)
+            }
+        };
+        let app = calls(Arc::new(AtomicUsize::new(0)))
+            .route(rpc::PATH, get(|| async { StatusCode::NOT_FOUND }))
+            .layer(axum::middleware::from_fn(record(seen.clone())));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_captured_internal_header_cannot_sign_a_token() {
+        use crate::token::{forge_connect, ConnectClaims, TokenSigner};
+        let (addr, seen) = recording_peer().await;
+        // What nodes send once `legacy_secret` is off (with it on, the raw secret also
+        // travels, for peers of earlier versions: the rolling-upgrade window).
+        let client = ClusterClient::new(SECRET, Duration::from_secs(5));
+        assert_eq!(count(&client, &addr).await.unwrap(), 1);
+        let captured = seen.lock().unwrap().clone();
+        assert_eq!(captured.len(), 2, "the upgrade and the POST");
+        let verifier = TokenSigner::new(SECRET);
+        // The key id is public (every token shows it): the forger knows it.
+        let id = verifier
+            .sign_connect(&claims())
+            .split('.')
+            .next()
+            .unwrap()
+            .to_owned();
+        let mut tried = 0;
+        for headers in &captured {
+            for (name, value) in headers {
+                // Every header value, whole and cut at the separators a proof uses, as a
+                // secret, as an HMAC key, and decoded from base64url as a key.
+                let value = value.to_str().unwrap_or_default();
+                for piece in std::iter::once(value).chain(value.split(['.', ',', ' '])) {
+                    let decoded = URL_SAFE_NO_PAD.decode(piece).unwrap_or_default();
+                    let forged = [
+                        TokenSigner::new(piece).sign_connect(&claims()),
+                        forge_connect(piece.as_bytes(), None, &claims()),
+                        forge_connect(piece.as_bytes(), Some(&id), &claims()),
+                        forge_connect(&decoded, Some(&id), &claims()),
+                    ];
+                    for token in forged {
+                        tried += 1;
+                        assert!(
+                            verifier.verify_connect(&token, 0).is_err(),
+                            "header {name} signs tokens"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(tried > 16, "headers were captured");
+        // The control: the same forgery with the token key itself verifies (so the tries
+        // above were well-formed tokens, refused for their key alone).
+        let (_, token_key) = verifier.keys().signing_key();
+        let real = forge_connect(token_key, Some(&id), &claims());
+        assert!(verifier.verify_connect(&real, 0).is_ok());
+
+        fn claims() -> ConnectClaims {
+            ConnectClaims {
+                user_id: 1,
+                user_name: "admin".into(),
+                server_id: "server-1".into(),
+                session: "s".into(),
+                exp_ms: i64::MAX,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_are_accepted_with_a_previous_secret_while_it_is_listed() {
+        const OLD: &str = "old-secret-0123456789";
+        // A peer rotated to SECRET that still lists OLD; the caller still has OLD only.
+        let rotated = Keyring::new(SECRET, &[OLD.into()], false);
+        let addr = peer_with(Some(CancellationToken::new()), rotated).await;
+        let caller = ClusterClient::new(OLD, Duration::from_secs(5));
+        assert_eq!(count(&caller, &addr).await.unwrap(), 1);
+        assert!(open_channel(&caller, &addr).is_some(), "over cim-rpc");
+        // And over HTTP.
+        let http_addr = peer_with(None, Keyring::new(SECRET, &[OLD.into()], false)).await;
+        assert_eq!(count(&caller, &http_addr).await.unwrap(), 1);
+        // OLD dropped: refused on both paths, and the 401 says why.
+        for rpc in [Some(CancellationToken::new()), None] {
+            let addr = peer_with(rpc, Keyring::single(SECRET)).await;
+            match count(&ClusterClient::new(OLD, Duration::from_secs(5)), &addr)
+                .await
+                .unwrap_err()
+            {
+                ClusterError::Status { status, body, .. } => {
+                    assert_eq!(status, StatusCode::UNAUTHORIZED);
+                    assert!(body.contains("does not know"), "{body}");
+                }
+                other => panic!("expected 401, got {other}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_raw_secret_header_is_accepted_only_in_legacy_mode() {
+        // What a node of a version before derived keys sends: the raw secret, nothing else.
+        async fn old_version_call(addr: &str) -> StatusCode {
+            reqwest::Client::new()
+                .post(format!("http://{addr}/count"))
+                .header(SECRET_HEADER, SECRET)
+                .body(PresenceRequest::default().encode_to_vec())
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+        let legacy = peer_with(None, Keyring::new(SECRET, &[], true)).await;
+        assert_eq!(old_version_call(&legacy).await, StatusCode::OK);
+        let strict = peer_with(None, Keyring::single(SECRET)).await;
+        assert_eq!(old_version_call(&strict).await, StatusCode::UNAUTHORIZED);
+        // A node in legacy mode sends the raw secret too, so that such a peer (which
+        // checks only that header) accepts its calls.
+        let (addr, seen) = recording_peer().await;
+        let client =
+            ClusterClient::with_keys(Keyring::new(SECRET, &[], true), Duration::from_secs(5));
+        count(&client, &addr).await.unwrap();
+        let sent = seen.lock().unwrap().clone();
+        assert!(sent
+            .iter()
+            .all(|h| h.get(SECRET_HEADER).is_some_and(|v| v == SECRET)));
+        assert!(sent.iter().all(|h| h.contains_key(AUTH_HEADER)));
+        // Not in strict mode.
+        let (addr, seen) = recording_peer().await;
+        count(&ClusterClient::new(SECRET, Duration::from_secs(5)), &addr)
+            .await
+            .unwrap();
+        assert!(seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|h| !h.contains_key(SECRET_HEADER)));
     }
 
     #[tokio::test]

@@ -6,6 +6,8 @@
 //!   serde) and `proto/cluster.proto` (internal calls).
 //! - [`codec`]: varint32-delimited protobuf framing for TCP, with a maximum frame size.
 //! - [`token`]: HMAC-signed connect and session tokens (stateless, bound to user and server).
+//! - [`secret`]: the keys derived from the cluster secret (HKDF: token signing, internal
+//!   auth), rotation through previous secrets, and the proofs internal calls carry.
 //! - [`keys`]: the Redis key layout, in one place.
 //! - [`limit`]: keyed rate limits (a token bucket per key, governor), pruned of idle keys.
 //! - [`store`]: the shared-state trait ([`store::StateStore`]) and its Redis and in-memory
@@ -42,6 +44,7 @@ pub mod metrics;
 pub mod procinfo;
 pub mod proto;
 pub mod registry;
+pub mod secret;
 pub mod store;
 pub mod time;
 pub mod tls;

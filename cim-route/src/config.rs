@@ -47,8 +47,18 @@ pub struct RouteConfig {
     pub advertise_http: Option<String>,
     /// Full advertised internal address (`host:port`), overriding `advertise_host`.
     pub advertise_internal: Option<String>,
-    /// Shared by every cim process: signs tokens and authenticates internal calls.
+    /// Shared by every cim process. Never used as a key itself: HKDF derives a token-signing
+    /// key and an internal-auth key from it (`cim_common::secret`).
     pub cluster_secret: String,
+    /// Other accepted secrets during a rotation (at most 4): tokens signed with their keys
+    /// and internal calls proved with them are accepted; outgoing calls carry a proof of
+    /// each. New tokens and proofs use `cluster_secret` first. See README "Key rotation".
+    pub previous_cluster_secrets: Vec<String>,
+    /// Compatibility with versions before derived keys, for a rolling upgrade: also send the
+    /// raw secret in clear (`x-cim-cluster-secret`) and accept it, and accept tokens signed
+    /// with it. Turn it off once every node runs this version and old tokens have expired:
+    /// until then a captured header still forges tokens. On by default for this release.
+    pub legacy_secret: bool,
     /// Redis + etcd.
     pub backend: BackendConfig,
     /// Lifetime of a connect token, and of a pending login slot: a user who logs in and never
@@ -138,6 +148,8 @@ impl Default for RouteConfig {
             advertise_http: None,
             advertise_internal: None,
             cluster_secret: DEV_SECRET.into(),
+            previous_cluster_secrets: Vec::new(),
+            legacy_secret: true,
             backend: BackendConfig::default(),
             connect_token_ttl_ms: 30_000,
             login_conflict: LoginConflict::Refuse,
@@ -217,6 +229,8 @@ impl RouteConfig {
         }
         cim_common::config::validate_secret(&self.cluster_secret)
             .map_err(|m| invalid("cluster_secret", m))?;
+        cim_common::secret::validate_previous(&self.cluster_secret, &self.previous_cluster_secrets)
+            .map_err(|m| invalid("previous_cluster_secrets", m))?;
         self.backend.validate().map_err(|m| invalid("backend", m))?;
         for key in &self.api_keys {
             // Compared in constant time; a short key is guessable whatever the comparison.
@@ -297,6 +311,15 @@ impl RouteConfig {
     /// Whether the public listener serves HTTPS.
     pub fn https(&self) -> bool {
         self.tls.is_set()
+    }
+
+    /// The keys derived from `cluster_secret` and `previous_cluster_secrets`.
+    pub fn keys(&self) -> cim_common::secret::Keyring {
+        cim_common::secret::Keyring::new(
+            &self.cluster_secret,
+            &self.previous_cluster_secrets,
+            self.legacy_secret,
+        )
     }
 
     /// Whether the well-known development secret is in use (warn about it).
@@ -409,6 +432,10 @@ mod tests {
         c.cluster_secret = "short".into();
         assert_eq!(c.validate().unwrap_err().field, "cluster_secret");
         c.cluster_secret = "a-long-enough-secret".into();
+        c.previous_cluster_secrets = vec!["a-long-enough-secret".into()];
+        assert_eq!(c.validate().unwrap_err().field, "previous_cluster_secrets");
+        c.previous_cluster_secrets = vec!["another-long-enough-secret".into()];
+        assert_eq!(c.validate(), Ok(()));
         c.scan_batch = 0;
         assert_eq!(c.validate().unwrap_err().field, "scan_batch");
         c.scan_batch = 10;

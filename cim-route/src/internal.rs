@@ -16,7 +16,7 @@ use crate::{
 use axum::{
     extract::{DefaultBodyLimit, Request, State},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post},
     Router,
 };
@@ -58,10 +58,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn require_secret(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if cluster::authorized(req.headers(), &state.config().cluster_secret) {
-        next.run(req).await
-    } else {
-        cluster::unauthorized()
+    match cluster::authorize(req.headers(), state.signer().keys()) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => refusal.into_response(),
     }
 }
 

@@ -76,8 +76,9 @@ impl AppState {
             config.login_burst_per_addr,
             config.login_failures_per_name,
         );
-        let signer = TokenSigner::new(&config.cluster_secret);
-        let cluster = ClusterClient::new(&config.cluster_secret, config.push_timeout());
+        let keys = config.keys();
+        let signer = TokenSigner::with_keys(keys.clone());
+        let cluster = ClusterClient::with_keys(keys, config.push_timeout());
         Self {
             inner: Arc::new(Inner {
                 id,

@@ -163,7 +163,7 @@ async fn fake_push(
     headers: HeaderMap,
     Protobuf(req): Protobuf<PushRequest>,
 ) -> Result<Protobuf<PushResponse>, Response> {
-    if !cluster::authorized(&headers, &s.secret) {
+    if !cluster::authorized(&headers, &cim_common::secret::Keyring::single(&s.secret)) {
         return Err(cluster::unauthorized());
     }
     if s.recorded.hold_pushes.load(Ordering::SeqCst) {

@@ -53,8 +53,18 @@ pub struct ServerConfig {
     /// Certificate and key of `tls_listen` / `wss_listen` (PEM files), reloaded on SIGHUP
     /// and when the files change.
     pub tls: TlsConfig,
-    /// Shared secret: signs connect tokens and authenticates internal calls.
+    /// Shared by every server and route. Never used as a key itself: HKDF derives a
+    /// token-signing key and an internal-auth key from it (`cim_common::secret`).
     pub cluster_secret: String,
+    /// Other accepted secrets during a rotation (at most 4): tokens signed with their keys
+    /// and internal calls proved with them are accepted; outgoing calls carry a proof of
+    /// each. New tokens and proofs use `cluster_secret` first. See README "Key rotation".
+    pub previous_cluster_secrets: Vec<String>,
+    /// Compatibility with versions before derived keys, for a rolling upgrade: also send the
+    /// raw secret in clear (`x-cim-cluster-secret`) and accept it, and accept tokens signed
+    /// with it. Turn it off once every node runs this version and old tokens have expired:
+    /// until then a captured header still forges tokens. On by default for this release.
+    pub legacy_secret: bool,
     /// Redis and etcd.
     pub backend: BackendConfig,
     /// Clients send a Ping at least this often.
@@ -133,6 +143,8 @@ impl Default for ServerConfig {
             advertise_internal: None,
             tls: TlsConfig::default(),
             cluster_secret: cim_common::config::DEV_SECRET.into(),
+            previous_cluster_secrets: Vec::new(),
+            legacy_secret: true,
             backend: BackendConfig::default(),
             heartbeat_interval_ms: 10_000,
             heartbeat_timeout_intervals: 3,
@@ -221,6 +233,10 @@ impl ServerConfig {
             }
         }
         cim_common::config::validate_secret(&self.cluster_secret)?;
+        cim_common::secret::validate_previous(
+            &self.cluster_secret,
+            &self.previous_cluster_secrets,
+        )?;
         self.backend
             .validate()
             .map_err(|e| format!("backend: {e}"))?;
@@ -276,6 +292,15 @@ impl ServerConfig {
     /// The WebSocket-over-TLS listen address, if on (`None` and empty are off).
     pub fn wss_listen(&self) -> Option<&str> {
         self.wss_listen.as_deref().filter(|s| !s.is_empty())
+    }
+
+    /// The keys derived from `cluster_secret` and `previous_cluster_secrets`.
+    pub fn keys(&self) -> cim_common::secret::Keyring {
+        cim_common::secret::Keyring::new(
+            &self.cluster_secret,
+            &self.previous_cluster_secrets,
+            self.legacy_secret,
+        )
     }
 
     /// Whether the built-in development secret is in use (the server warns at start).
@@ -354,6 +379,30 @@ mod tests {
     }
 
     #[test]
+    fn the_secret_settings_come_from_the_environment() {
+        // A prefix of its own: no other test reads these variables.
+        let prefix = "CIM_SERVER_TEST_SECRETS_";
+        std::env::set_var(
+            format!("{prefix}PREVIOUS_CLUSTER_SECRETS"),
+            r#"["old-secret-0123456789"]"#,
+        );
+        std::env::set_var(format!("{prefix}LEGACY_SECRET"), "false");
+        let loaded: Result<ServerConfig, _> = cim_common::config::load(
+            None,
+            prefix,
+            &std::collections::BTreeMap::<String, String>::new(),
+        );
+        for var in ["PREVIOUS_CLUSTER_SECRETS", "LEGACY_SECRET"] {
+            std::env::remove_var(format!("{prefix}{var}"));
+        }
+        let loaded = loaded.unwrap();
+        assert_eq!(loaded.previous_cluster_secrets, ["old-secret-0123456789"]);
+        assert!(!loaded.legacy_secret);
+        loaded.validate().unwrap();
+        assert!(!loaded.keys().legacy());
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let check = |f: fn(&mut ServerConfig), field: &str| {
             let mut c = ServerConfig::default();
@@ -368,6 +417,14 @@ mod tests {
             "advertise_ws",
         );
         check(|c| c.cluster_secret = "short".into(), "cluster_secret");
+        check(
+            |c| c.previous_cluster_secrets = vec![c.cluster_secret.clone()],
+            "previous_cluster_secrets",
+        );
+        check(
+            |c| c.previous_cluster_secrets = vec!["short".into()],
+            "previous_cluster_secrets",
+        );
         check(|c| c.heartbeat_interval_ms = 0, "heartbeat_interval_ms");
         check(|c| c.heartbeat_interval_ms = u64::MAX, "32 bits");
         check(|c| c.max_frame_len = 10, "max_frame_len");

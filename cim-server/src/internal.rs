@@ -21,11 +21,11 @@ use crate::{
 use axum::{
     extract::{DefaultBodyLimit, Request, State},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
-use cim_common::cluster::{authorized, rpc, unauthorized, Protobuf, MAX_BODY};
+use cim_common::cluster::{authorize, rpc, Protobuf, MAX_BODY};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
@@ -75,10 +75,9 @@ pub(crate) async fn serve(state: AppState, listener: TcpListener, tracker: TaskT
 }
 
 async fn require_secret(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if authorized(req.headers(), &state.config.cluster_secret) {
-        next.run(req).await
-    } else {
-        unauthorized()
+    match authorize(req.headers(), state.signer.keys()) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => refusal.into_response(),
     }
 }
 

@@ -93,7 +93,7 @@ impl ServerState {
         let ws_origins = ws::AllowedOrigins::from_config(&config.ws_allowed_origins);
         Self {
             id,
-            signer: TokenSigner::new(&config.cluster_secret),
+            signer: TokenSigner::with_keys(config.keys()),
             config,
             store,
             table: ConnTable::default(),
@@ -204,7 +204,7 @@ pub async fn start(
         .context("watching routes in the registry")?;
     let caller = Arc::new(
         RouteCaller::new(
-            ClusterClient::new(&config.cluster_secret, config.internal_timeout()),
+            ClusterClient::with_keys(config.keys(), config.internal_timeout()),
             routes,
             id.clone(),
         )

@@ -20,6 +20,8 @@
 //! # wss_listen = "127.0.0.1:9444"  # server: client WebSocket over TLS (needs [tls])
 //! # advertise_host = "192.168.1.20"  # host handed to clients (default: the bound IP)
 //! # cluster_secret = "..."           # default: a random secret at every start
+//! # previous_cluster_secrets = []     # still accepted during a rotation (README "Key rotation")
+//! # legacy_secret = true              # accept tokens of versions before derived keys
 //! # [tls]                           # set: the route serves HTTPS too
 //! # cert_file = "/etc/cim/cert.pem"
 //! # key_file = "/etc/cim/key.pem"
@@ -37,7 +39,8 @@
 //! the route's own URL added when set, so the web page it serves keeps working; list any other
 //! name the page is opened under.
 //!
-//! Listen addresses, `advertise_host`, `cluster_secret` and `tls` inside `[route]` /
+//! Listen addresses, `advertise_host`, `cluster_secret` (and `previous_cluster_secrets`,
+//! `legacy_secret`) and `tls` inside `[route]` /
 //! `[server]` are refused (they belong to the top level); their `backend` sections are ignored, since the
 //! state is in memory.
 //!
@@ -89,6 +92,13 @@ pub struct StandaloneConfig {
     /// Signs tokens and authenticates the internal calls between the two roles. `None`: a
     /// random secret at every start (tokens then die with the process, like all its state).
     pub cluster_secret: Option<String>,
+    /// Other accepted secrets (a rotation of a configured `cluster_secret`): tokens signed
+    /// with them before a restart still verify. At most 4.
+    pub previous_cluster_secrets: Vec<String>,
+    /// Accept tokens signed with the raw secret by versions before derived keys (and the raw
+    /// secret on the internal calls between the two roles, which are on loopback). Off
+    /// changes nothing for a random secret: no earlier token can exist.
+    pub legacy_secret: bool,
     /// Any other route setting.
     pub route: RouteConfig,
     /// Any other connection-server setting.
@@ -107,6 +117,8 @@ impl Default for StandaloneConfig {
             tls: TlsConfig::default(),
             advertise_host: None,
             cluster_secret: None,
+            previous_cluster_secrets: Vec::new(),
+            legacy_secret: true,
             route: RouteConfig::default(),
             server: ServerConfig::default(),
         }
@@ -245,6 +257,26 @@ impl StandaloneConfig {
                 self.route.cluster_secret != route_defaults.cluster_secret,
             ),
             (
+                "route",
+                "previous_cluster_secrets",
+                !self.route.previous_cluster_secrets.is_empty(),
+            ),
+            (
+                "route",
+                "legacy_secret",
+                self.route.legacy_secret != route_defaults.legacy_secret,
+            ),
+            (
+                "server",
+                "previous_cluster_secrets",
+                !self.server.previous_cluster_secrets.is_empty(),
+            ),
+            (
+                "server",
+                "legacy_secret",
+                self.server.legacy_secret != server_defaults.legacy_secret,
+            ),
+            (
                 "server",
                 "tcp_listen",
                 self.server.tcp_listen != server_defaults.tcp_listen,
@@ -298,6 +330,8 @@ impl StandaloneConfig {
             internal_listen: INTERNAL_LISTEN.into(),
             advertise_host: self.advertise_host.clone(),
             cluster_secret: secret.clone(),
+            previous_cluster_secrets: self.previous_cluster_secrets.clone(),
+            legacy_secret: self.legacy_secret,
             tls: self.tls.clone(),
             ..self.route.clone()
         };
@@ -310,6 +344,8 @@ impl StandaloneConfig {
             internal_listen: INTERNAL_LISTEN.into(),
             advertise_host: self.advertise_host.clone(),
             cluster_secret: secret,
+            previous_cluster_secrets: self.previous_cluster_secrets.clone(),
+            legacy_secret: self.legacy_secret,
             ..self.server.clone()
         };
         route.validate()?;

@@ -546,7 +546,12 @@ async fn wrong_expired_other_server_and_reused_tokens_are_rejected() -> anyhow::
 /// Whether a connect token's expiry has passed (reads the claims without verifying).
 fn login_token_expired(token: &str) -> bool {
     use base64::Engine;
-    let payload = token.split('.').next().unwrap_or_default();
+    // `key_id.claims.signature` (the claims come first in the legacy two-part form).
+    let parts: Vec<&str> = token.split('.').collect();
+    let payload = parts
+        .get(parts.len().saturating_sub(2))
+        .copied()
+        .unwrap_or_default();
     let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
         return false;
     };

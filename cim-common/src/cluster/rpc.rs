@@ -3,7 +3,7 @@
 //!
 //! A caller opens the connection with an HTTP/1.1 upgrade (`GET /internal/rpc`,
 //! `Upgrade: cim-rpc`) on the peer's internal listener. So it needs no port, address or
-//! registry entry of its own, and the cluster secret is checked once, on the upgrade, by the
+//! registry entry of its own, and its authentication is checked once, on the upgrade, by the
 //! listener's usual check. After the `101` answer both sides exchange frames:
 //!
 //! ```text
@@ -31,7 +31,8 @@
 //! [`endpoint`] serves it in a task of the owner's `TaskTracker`, which the owner's shutdown
 //! waits for: a call the peer took is answered before the process exits.
 
-use super::{CONTENT_TYPE, MAX_BODY, SECRET_HEADER};
+use super::{with_auth, CONTENT_TYPE, MAX_BODY};
+use crate::secret::Keyring;
 use axum::{
     body::{Body, Bytes},
     extract::Request,
@@ -184,17 +185,15 @@ pub enum Opened {
 
 impl Channel {
     /// Opens a connection to the internal listener at `addr` (`host:port`) through `http`,
-    /// presenting `secret`.
+    /// authenticated with `keys`.
     pub async fn open(
         http: &reqwest::Client,
         addr: &str,
-        secret: &str,
+        keys: &Keyring,
     ) -> Result<Opened, reqwest::Error> {
-        let response = http
-            .get(format!("http://{addr}{PATH}"))
+        let response = with_auth(http.get(format!("http://{addr}{PATH}")), keys)
             .header(header::CONNECTION, "upgrade")
             .header(header::UPGRADE, PROTOCOL)
-            .header(SECRET_HEADER, secret)
             .send()
             .await?;
         let status = response.status();
@@ -411,7 +410,7 @@ where
 
 /// The upgrade endpoint for an internal listener: answers `101` and serves the connection's
 /// calls through `calls` until the caller closes it or `cancel` fires. Mount it behind the
-/// listener's cluster-secret check, at [`PATH`]. Each connection is served in a task of
+/// listener's authentication check ([`super::authorize`]), at [`PATH`]. Each connection is served in a task of
 /// `tracker` (it ends once the calls it took are answered): wait for the tracker on shutdown.
 pub fn endpoint<S>(
     calls: Router,
@@ -745,9 +744,10 @@ mod tests {
                 .with_graceful_shutdown(stop)
                 .await
         });
-        let Opened::Channel(channel) = Channel::open(&reqwest::Client::new(), &addr, "s")
-            .await
-            .unwrap()
+        let Opened::Channel(channel) =
+            Channel::open(&reqwest::Client::new(), &addr, &Keyring::single("s"))
+                .await
+                .unwrap()
         else {
             panic!("the endpoint refused the upgrade");
         };
