@@ -100,12 +100,14 @@ pub struct RouteMetrics {
 }
 
 /// Login refusals created at start (`cim_route_login_failures_total{reason}`).
-const LOGIN_REASONS: [&str; 5] = [
+const LOGIN_REASONS: [&str; 7] = [
     "bad_credentials",
     "already_logged_in",
     "no_server",
     "unavailable",
     "bad_request",
+    "rate_limited",
+    "busy",
 ];
 
 impl RouteMetrics {
