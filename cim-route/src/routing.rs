@@ -1660,20 +1660,19 @@ mod tests {
             async move { route_batch(&state, batch).await }
         });
         // The channel's push reaches the slow server and is held there...
-        while slow_rec.held.load(Ordering::SeqCst) == 0 {
-            slow_rec.holding.notified().await;
+        loop {
+            let holding = slow_rec.holding.notified();
+            tokio::pin!(holding);
+            holding.as_mut().enable();
+            if slow_rec.held.load(Ordering::SeqCst) > 0 {
+                break;
+            }
+            holding.await;
         }
         // ...and meanwhile dave's message is pushed (bounded: before, it never came until
         // the channel's push returned).
-        let pushed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            loop {
-                if !fast_rec.pushes.lock().unwrap().is_empty() {
-                    return;
-                }
-                tokio::task::yield_now().await;
-            }
-        })
-        .await;
+        let pushed =
+            tokio::time::timeout(std::time::Duration::from_secs(10), fast_rec.first_push()).await;
         assert!(pushed.is_ok(), "the private push waited for the channel's");
         assert_eq!(slow_rec.held.load(Ordering::SeqCst), 1, "still held");
         slow_rec.release();

@@ -132,12 +132,27 @@ pub struct Recorded {
     pub hold_pushes: AtomicBool,
     /// Pushes being held now.
     pub held: AtomicU64,
+    /// Signalled after each push is recorded.
+    pub pushed: tokio::sync::Notify,
     /// Signalled when a push starts being held; pushes are let go by [`Recorded::release`].
     pub holding: tokio::sync::Notify,
     released: tokio::sync::Notify,
 }
 
 impl Recorded {
+    /// Waits until at least one push was recorded.
+    pub async fn first_push(&self) {
+        loop {
+            let pushed = self.pushed.notified();
+            tokio::pin!(pushed);
+            pushed.as_mut().enable();
+            if !self.pushes.lock().unwrap().is_empty() {
+                return;
+            }
+            pushed.await;
+        }
+    }
+
     /// Lets every held push go (and stops holding new ones).
     pub fn release(&self) {
         self.hold_pushes.store(false, Ordering::SeqCst);
@@ -201,6 +216,7 @@ async fn fake_push(
         })
         .collect();
     s.recorded.pushes.lock().unwrap().push(req);
+    s.recorded.pushed.notify_waiters();
     Ok(Protobuf(PushResponse { results }))
 }
 
