@@ -144,6 +144,8 @@ pub struct ServerHandle {
     wss_addr: Option<SocketAddr>,
     internal_addr: SocketAddr,
     tls: Option<Arc<ServerTls>>,
+    /// The live routes this server forwards to (its registry watch).
+    routes: cim_common::registry::MembersRx,
 }
 
 /// What a client listener speaks once a connection is open (and, on TLS listeners, after
@@ -202,6 +204,7 @@ pub async fn start(
         .watch(ServiceKind::Route)
         .await
         .context("watching routes in the registry")?;
+    let routes_seen = routes.clone();
     let caller = Arc::new(
         RouteCaller::new(
             ClusterClient::with_keys(config.keys(), config.internal_timeout()),
@@ -321,6 +324,7 @@ pub async fn start(
         wss_addr,
         internal_addr,
         tls,
+        routes: routes_seen,
     })
 }
 
@@ -365,6 +369,11 @@ impl ServerHandle {
     /// `None` without TLS listeners.
     pub fn tls_reloads(&self) -> Option<watch::Receiver<u64>> {
         self.tls.as_ref().map(|tls| tls.reloads())
+    }
+
+    /// Live routes this server knows of (from its registry watch): what it can forward to.
+    pub fn route_count(&self) -> usize {
+        self.routes.borrow().len()
     }
 
     /// Open client connections, including ones still logging in or closing.

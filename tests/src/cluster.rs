@@ -165,6 +165,11 @@ impl ServerNode {
             .map_or(0, |h| h.connection_count())
     }
 
+    /// Live routes this server knows of.
+    pub fn route_count(&self) -> usize {
+        self.node.handle.as_ref().map_or(0, |h| h.route_count())
+    }
+
     /// Graceful shutdown: leaves etcd, kicks clients, closes.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.node.shutdown(ServerHandle::shutdown).await
@@ -319,6 +324,17 @@ impl ClusterBuilder {
             cluster
                 .routes
                 .push(RouteNode::start_trusting(config, self.client_tls.clone()).await?);
+        }
+        // Servers learn routes through their etcd watch, and a send before that is answered
+        // UNAVAILABLE: wait until every server sees every route.
+        let routes = self.routes;
+        for server in &cluster.servers {
+            crate::wait_until(
+                "servers see every route",
+                Duration::from_secs(10),
+                || async { server.route_count() == routes },
+            )
+            .await?;
         }
         // Routes learn servers through their etcd watch: wait until every route sees them all.
         let expected = self.servers;
