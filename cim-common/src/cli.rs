@@ -13,6 +13,17 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+/// `--set KEY=VALUE`, repeatable: any setting, over every other layer
+/// (`crate::config::settings_layer`).
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetFlags {
+    /// Any setting as KEY=VALUE (repeat it), applied last: `--set max_connections=20000`,
+    /// `--set backend.redis_url=redis://10.0.0.5:6379` (sections joined by dots); the value
+    /// is TOML (a number, true, a list) or else a string.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
 /// Where the backends are, as flags. Serialized in the shape of
 /// [`BackendConfig`](crate::backend::BackendConfig), absent flags left out.
 #[derive(clap::Args, Serialize, Debug, Clone, Default, PartialEq, Eq)]

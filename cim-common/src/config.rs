@@ -8,6 +8,12 @@
 //! `CIM_STANDALONE_ROUTE__BACKEND__PREFIX` (`[route.backend] prefix`). One underscore cannot
 //! separate sections because field names contain underscores. Lists and tables are written as
 //! in TOML: `CIM_ROUTE_API_KEYS='["key-1","key-2"]'`.
+//!
+//! Flags: each binary has named flags for the settings given most often (listen addresses,
+//! backend, secret), and `--set KEY=VALUE` for any setting ([`settings_layer`]), the last
+//! layer: `--set max_connections=20000`, `--set backend.redis_url=redis://10.0.0.5:6379`,
+//! `--set 'api_keys=["key-1"]'`. The value is read as TOML (a number, a boolean, a list), or
+//! else as a string, so `--set login_conflict=replace` needs no quotes.
 
 use figment::{
     providers::{Env, Format, Serialized, Toml},
@@ -29,6 +35,17 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
     env_prefix: &str,
     overrides: &impl Serialize,
 ) -> Result<T, Box<figment::Error>> {
+    load_with_settings(file, env_prefix, overrides, &[])
+}
+
+/// [`load`], then `settings` (`--set KEY=VALUE` flags, see [`settings_layer`]) over everything.
+pub fn load_with_settings<T: Serialize + DeserializeOwned + Default>(
+    file: Option<&Path>,
+    env_prefix: &str,
+    overrides: &impl Serialize,
+    settings: &[String],
+) -> Result<T, Box<figment::Error>> {
+    let settings = settings_layer(settings).map_err(|e| Box::new(figment::Error::from(e)))?;
     let mut fig = Figment::from(Serialized::defaults(T::default()));
     if let Some(file) = file {
         if !file.exists() {
@@ -41,8 +58,43 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
     }
     fig.merge(Env::prefixed(env_prefix).split(ENV_NESTING))
         .merge(Serialized::defaults(overrides))
+        .merge(Toml::string(&settings))
         .extract()
         .map_err(Box::new)
+}
+
+/// `KEY=VALUE` settings as one TOML document (`KEY = VALUE` lines). A key is a setting's
+/// path, sections joined by dots (`backend.redis_url`); a value that is not TOML is a string.
+/// Unknown keys and wrong types are refused when the configuration is read, like a file's.
+pub fn settings_layer(settings: &[String]) -> Result<String, String> {
+    use figment::Provider;
+    let mut doc = String::new();
+    for setting in settings {
+        let (key, value) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("--set {setting:?}: expected KEY=VALUE"))?;
+        let key = key.trim();
+        let valid_key = !key.is_empty()
+            && key.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            });
+        if !valid_key {
+            return Err(format!(
+                "--set {setting:?}: a key is a setting's name, sections joined by dots (e.g. backend.redis_url)"
+            ));
+        }
+        let as_toml = format!("{key} = {}\n", value.trim());
+        if Toml::string(&as_toml).data().is_ok() {
+            doc.push_str(&as_toml);
+        } else {
+            let quoted = serde_json::to_string(value).map_err(|e| e.to_string())?;
+            doc.push_str(&format!("{key} = {quoted}\n"));
+        }
+    }
+    Ok(doc)
 }
 
 /// Installs the global `tracing` subscriber: `RUST_LOG` filter (default `info`), plain text to
@@ -144,5 +196,50 @@ mod tests {
         let err = load::<Outer>(None, prefix, &NoFlags {}).unwrap_err();
         std::env::remove_var(format!("{prefix}INNER_SOME_URL"));
         assert!(err.to_string().contains("inner_some_url"), "{err}");
+    }
+
+    #[test]
+    fn any_setting_comes_from_set_flags_last() {
+        let prefix = "CIM_COMMON_TEST_SET_";
+        std::env::set_var(format!("{prefix}TOP_LEVEL"), "from-env");
+        let settings = [
+            "top_level=plain words".to_string(),
+            "inner.some_url=redis://10.0.0.5:6379".to_string(),
+            r#"inner.endpoints=["http://a:2379", "http://b:2379"]"#.to_string(),
+        ];
+        let loaded: Result<Outer, _> = load_with_settings(None, prefix, &NoFlags {}, &settings);
+        std::env::remove_var(format!("{prefix}TOP_LEVEL"));
+        assert_eq!(
+            loaded.unwrap(),
+            Outer {
+                top_level: "plain words".into(),
+                inner: Inner {
+                    some_url: "redis://10.0.0.5:6379".into(),
+                    endpoints: vec!["http://a:2379".into(), "http://b:2379".into()],
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn bad_set_flags_are_refused_with_the_flag() {
+        let load = |s: &str| {
+            load_with_settings::<Outer>(
+                None,
+                "CIM_COMMON_TEST_SETBAD_",
+                &NoFlags {},
+                &[s.to_string()],
+            )
+        };
+        for (bad, says) in [
+            ("no-equals-sign", "KEY=VALUE"),
+            ("Top_Level=x", "a key is"),
+            ("inner..some_url=x", "a key is"),
+            ("inner.nope=x", "nope"),
+            ("inner.endpoints=42", "endpoints"),
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use cim_common::{
     backend::Backends,
-    cli::{bind, shutdown_signal, BackendFlags, TlsFlags},
+    cli::{bind, shutdown_signal, BackendFlags, SetFlags, TlsFlags},
 };
 use cim_route::{Listeners, RouteConfig};
 use clap::Parser;
@@ -48,6 +48,8 @@ struct Cli {
     /// Tokio worker threads (0: TOKIO_WORKER_THREADS, else one per core).
     #[arg(long)]
     worker_threads: Option<usize>,
+    #[command(flatten)]
+    settings: SetFlags,
 }
 
 /// The flags that were given, in the shape of [`RouteConfig`] (absent ones omitted).
@@ -89,12 +91,20 @@ impl Cli {
     }
 }
 
-fn main() -> Result<()> {
-    let mut cli = Cli::parse();
+/// The configuration the flags, the file they name and the environment (`env_prefix`) give.
+fn load_config(mut cli: Cli, env_prefix: &str) -> Result<RouteConfig> {
     let file = cli.config.take();
-    let config: RouteConfig =
-        cim_common::config::load(file.as_deref(), "CIM_ROUTE_", &cli.overrides())
-            .context("loading the configuration")?;
+    let settings = std::mem::take(&mut cli.settings.set);
+    Ok(cim_common::config::load_with_settings(
+        file.as_deref(),
+        env_prefix,
+        &cli.overrides(),
+        &settings,
+    )?)
+}
+
+fn main() -> Result<()> {
+    let config = load_config(Cli::parse(), "CIM_ROUTE_").context("loading the configuration")?;
     config.validate()?;
     cim_common::config::init_logging();
     let runtime =
@@ -122,10 +132,33 @@ mod tests {
     use super::*;
 
     fn load(env_prefix: &str, args: &[&str]) -> RouteConfig {
-        let mut cli =
+        let cli =
             Cli::try_parse_from(std::iter::once("cim-route").chain(args.iter().copied())).unwrap();
-        let file = cli.config.take();
-        cim_common::config::load(file.as_deref(), env_prefix, &cli.overrides()).unwrap()
+        load_config(cli, env_prefix).unwrap()
+    }
+
+    #[test]
+    fn any_setting_comes_from_set_flags() {
+        let config = load(
+            "CIM_ROUTE_TEST_UNUSED_",
+            &[
+                "--set",
+                "login_conflict=replace",
+                "--set",
+                "login_rate_per_addr=0",
+                "--set",
+                "client_ip_header=x-real-ip",
+                "--set",
+                "backend.prefix=other",
+            ],
+        );
+        assert_eq!(
+            config.login_conflict,
+            cim_route::config::LoginConflict::Replace
+        );
+        assert_eq!(config.login_rate_per_addr, 0);
+        assert_eq!(config.client_ip_header.as_deref(), Some("x-real-ip"));
+        assert_eq!(config.backend.prefix, "other");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use anyhow::{anyhow, Context};
 use cim_common::{
     backend::Backends,
-    cli::{bind, bind_optional, shutdown_signal, BackendFlags, TlsFlags},
+    cli::{bind, bind_optional, shutdown_signal, BackendFlags, SetFlags, TlsFlags},
 };
 use cim_server::{Listeners, ServerConfig};
 use clap::Parser;
@@ -55,6 +55,8 @@ struct Cli {
     /// Tokio worker threads (0: TOKIO_WORKER_THREADS, else one per core).
     #[arg(long)]
     worker_threads: Option<usize>,
+    #[command(flatten)]
+    settings: SetFlags,
 }
 
 /// The flags that were given, as a config layer (absent flags are left out).
@@ -105,12 +107,20 @@ impl From<Cli> for Overrides {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let mut cli = Cli::parse();
+/// The configuration the flags, the file they name and the environment (`env_prefix`) give.
+fn load_config(mut cli: Cli, env_prefix: &str) -> anyhow::Result<ServerConfig> {
     let file = cli.config.take();
-    let overrides = Overrides::from(cli);
-    let config: ServerConfig = cim_common::config::load(file.as_deref(), "CIM_SERVER_", &overrides)
-        .context("loading configuration")?;
+    let settings = std::mem::take(&mut cli.settings.set);
+    Ok(cim_common::config::load_with_settings(
+        file.as_deref(),
+        env_prefix,
+        &Overrides::from(cli),
+        &settings,
+    )?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let config = load_config(Cli::parse(), "CIM_SERVER_").context("loading configuration")?;
     config
         .validate()
         .map_err(|e| anyhow!("invalid configuration: {e}"))?;
@@ -147,10 +157,29 @@ mod tests {
     }
 
     fn load_with_env(env_prefix: &str, args: &[&str]) -> ServerConfig {
-        let mut cli =
+        let cli =
             Cli::try_parse_from(std::iter::once("cim-server").chain(args.iter().copied())).unwrap();
-        let file = cli.config.take();
-        cim_common::config::load(file.as_deref(), env_prefix, &Overrides::from(cli)).unwrap()
+        load_config(cli, env_prefix).unwrap()
+    }
+
+    #[test]
+    fn any_setting_comes_from_set_flags_over_the_named_ones() {
+        let config = load(&[
+            "--set",
+            "max_connections=12345",
+            "--set",
+            "ws_allowed_origins=[\"https://chat.example.com\"]",
+            "--worker-threads",
+            "2",
+            "--set",
+            "worker_threads=1",
+        ]);
+        assert_eq!(config.max_connections, 12345);
+        assert_eq!(config.ws_allowed_origins, ["https://chat.example.com"]);
+        assert_eq!(config.worker_threads, 1, "--set is the last layer");
+        let cli = Cli::try_parse_from(["cim-server", "--set", "max_conections=1"]).unwrap();
+        let err = load_config(cli, "CIM_SERVER_TEST_UNUSED_").unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
     }
 
     #[test]

@@ -164,6 +164,10 @@ pub struct Cli {
     /// Host handed to clients in the server addresses and the printed route URL.
     #[arg(long)]
     pub advertise_host: Option<String>,
+    /// Any setting (`--set route.login_conflict=replace`, `--set server.max_connections=5000`,
+    /// top-level ones without a section).
+    #[command(flatten)]
+    pub settings: cim_common::cli::SetFlags,
 }
 
 /// The flags that were given, as a config layer (absent ones left out).
@@ -207,8 +211,13 @@ impl Cli {
             },
             advertise_host: self.advertise_host,
         };
-        cim_common::config::load(self.config.as_deref(), env_prefix, &overrides)
-            .context("loading the configuration")
+        cim_common::config::load_with_settings(
+            self.config.as_deref(),
+            env_prefix,
+            &overrides,
+            &self.settings.set,
+        )
+        .context("loading the configuration")
     }
 }
 
@@ -587,6 +596,26 @@ mod tests {
         let path = dir.path().join("standalone.toml");
         std::fs::write(&path, text).unwrap();
         path.to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn any_setting_of_either_role_comes_from_set_flags() {
+        let config = cli(&[
+            "--set",
+            "route.login_conflict=replace",
+            "--set",
+            "server.send_rate_per_sec=7",
+            "--set",
+            "metrics_listen=127.0.0.1:9999",
+        ])
+        .load_with_env("CIM_STANDALONE_TEST_UNUSED_")
+        .unwrap();
+        assert_eq!(
+            config.route.login_conflict,
+            cim_route::config::LoginConflict::Replace
+        );
+        assert_eq!(config.server.send_rate_per_sec, 7);
+        assert_eq!(config.metrics_listen, "127.0.0.1:9999");
     }
 
     #[test]
