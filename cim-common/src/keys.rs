@@ -163,6 +163,12 @@ pub fn parse_slot(value: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// Whether login-slot `value` is held by `session` (pending, or attached as `{session}@…`):
+/// never by a longer session id that merely starts with it.
+pub fn slot_held_by(value: &str, session: &str) -> bool {
+    parse_slot(value).0 == session
+}
+
 /// Member of the online index.
 pub fn online_member(name: &str, user_id: u64) -> String {
     format!("{name}{ONLINE_SEP}{user_id}")

@@ -483,7 +483,7 @@ impl StateStore for MemoryStore {
         let mut state = self.lock();
         let holds = state
             .slot_value(user_id, now)
-            .is_some_and(|value| keys::parse_slot(&value).0 == held_session);
+            .is_some_and(|value| keys::slot_held_by(&value, held_session));
         if holds {
             state.set_pending(user_id, session, pending_ttl, now);
         }
@@ -519,7 +519,7 @@ impl StateStore for MemoryStore {
         let mut state = self.lock();
         Ok(state
             .slot(user_id, Instant::now())
-            .is_some_and(|s| keys::parse_slot(&s.value).0 == session))
+            .is_some_and(|s| keys::slot_held_by(&s.value, session)))
     }
 
     async fn release_login(&self, user_id: u64, session: &str) -> StoreResult<Option<String>> {
@@ -527,13 +527,7 @@ impl StateStore for MemoryStore {
         let Some(value) = state.slot_value(user_id, Instant::now()) else {
             return Ok(None);
         };
-        // The session exactly, or attached as `{session}@...`: never a longer session id
-        // that merely starts with this one.
-        let ours = value == session
-            || value
-                .strip_prefix(session)
-                .is_some_and(|rest| rest.starts_with('@'));
-        if !ours {
+        if !keys::slot_held_by(&value, session) {
             return Ok(None);
         }
         state.slots.remove(&user_id);

@@ -1059,7 +1059,7 @@ impl StateStore for RedisStore {
             .get(self.keys.login(user_id))
             .await
             .map_err(unavailable)?;
-        Ok(v.is_some_and(|v| keys::parse_slot(&v).0 == session))
+        Ok(v.is_some_and(|v| keys::slot_held_by(&v, session)))
     }
 
     async fn release_login(&self, user_id: u64, session: &str) -> StoreResult<Option<String>> {

@@ -431,12 +431,7 @@ async fn take_slot(
     let claim = || state.store().claim_login(user.id, session, ttl, &live);
     let (held, holder) = match claim().await? {
         ClaimOutcome::Claimed => return Ok(()),
-        ClaimOutcome::Contended => {
-            return Err(already_logged_in(
-                user,
-                "another login took the slot at the same moment",
-            ))
-        }
+        ClaimOutcome::Contended => return Err(already_logged_in(user, None)),
         ClaimOutcome::Held { session, server } => (session, server),
     };
     let replace =
@@ -445,12 +440,7 @@ async fn take_slot(
     if let Some(server) = live_server(servers, &holder) {
         if !replace {
             match holds_user(state, server, user.id).await {
-                Reach::Answered(true) => {
-                    return Err(already_logged_in(
-                        user,
-                        &format!("connected to server {holder}"),
-                    ))
-                }
+                Reach::Answered(true) => return Err(already_logged_in(user, Some(&holder))),
                 Reach::Answered(false) => {
                     tracing::info!(user_id = user.id, server = %holder, "login slot was stale: taken over");
                 }
@@ -475,18 +465,18 @@ async fn take_slot(
     // another login was faster (it wins).
     match claim().await? {
         ClaimOutcome::Claimed => Ok(()),
-        ClaimOutcome::Held { server, .. } => Err(already_logged_in(
-            user,
-            &format!("connected to server {server}"),
-        )),
-        ClaimOutcome::Contended => Err(already_logged_in(
-            user,
-            "another login took the slot at the same moment",
-        )),
+        ClaimOutcome::Held { server, .. } => Err(already_logged_in(user, Some(&server))),
+        ClaimOutcome::Contended => Err(already_logged_in(user, None)),
     }
 }
 
-fn already_logged_in(user: &UserRef, detail: &str) -> AppError {
+/// 409: `user` is connected to server `held_on`, or (`None`) another login took the slot
+/// while this one ran.
+fn already_logged_in(user: &UserRef, held_on: Option<&str>) -> AppError {
+    let detail = match held_on {
+        Some(server) => format!("connected to server {server}"),
+        None => "another login took the slot at the same moment".to_string(),
+    };
     AppError::new(
         StatusCode::CONFLICT,
         "already_logged_in",
@@ -533,6 +523,14 @@ impl<T> Reach<T> {
             Err(e) => Self::Unknown(e),
         }
     }
+
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Reach<U> {
+        match self {
+            Self::Answered(t) => Reach::Answered(f(t)),
+            Self::Gone => Reach::Gone,
+            Self::Unknown(e) => Reach::Unknown(e),
+        }
+    }
 }
 
 /// Whether `server` has a logged-in connection of `user_id`. A server that advertises no
@@ -551,16 +549,6 @@ async fn holds_user(state: &AppState, server: &ServiceInfo, user_id: u64) -> Rea
             .await,
     )
     .map(|resp| resp.connected.iter().any(|c| c.user_id == user_id))
-}
-
-impl<T> Reach<T> {
-    fn map<U>(self, f: impl FnOnce(T) -> U) -> Reach<U> {
-        match self {
-            Self::Answered(t) => Reach::Answered(f(t)),
-            Self::Gone => Reach::Gone,
-            Self::Unknown(e) => Reach::Unknown(e),
-        }
-    }
 }
 
 /// Kicks the connection of login session `session` of `user_id` off `server` (REPLACED),

@@ -388,6 +388,40 @@ async fn login_checks_credentials_and_assigns_round_robin() {
     );
 }
 
+/// A route on the memory store with one fake server, `server-a`, where alice (password
+/// `secret-pw`) is logged in and attached.
+struct AliceOn {
+    app: Router,
+    store: Arc<MemoryStore>,
+    signer: TokenSigner,
+    server: cim_common::registry::ServiceInfo,
+    rec: Arc<crate::testing::Recorded>,
+    /// Alice's login answer and its connect token's claims.
+    login: Value,
+    claims: cim_common::token::ConnectClaims,
+    /// The registry watch, kept open.
+    _servers: tokio::sync::watch::Sender<cim_common::registry::Members>,
+}
+
+async fn alice_on_server_a(tweak: impl FnOnce(&mut crate::config::RouteConfig)) -> AliceOn {
+    let store = Arc::new(MemoryStore::new());
+    let (server, rec) = fake_server("server-a", DEV_SECRET).await;
+    let (state, servers) = state_with(store.clone(), vec![server.clone()], tweak);
+    let signer = state.signer().clone();
+    let app = app(state);
+    let (login, claims) = login_and_attach(&app, &store, &signer, "alice", &server.id).await;
+    AliceOn {
+        app,
+        store,
+        signer,
+        server,
+        rec,
+        login,
+        claims,
+        _servers: servers,
+    }
+}
+
 /// A login request from `addr` (as the route's listener would give it).
 fn login_from(addr: &str, name: &str, password: &str) -> Request<Body> {
     let mut req = post(
@@ -477,14 +511,19 @@ async fn a_login_whose_holder_does_not_answer_is_refused_not_doubled() {
     // kick but never answers. It may still have her connection, so a second login must not
     // take the slot (before: the failed probe counted as "not connected", the login took the
     // slot and alice had two live connections).
-    let store = Arc::new(MemoryStore::new());
-    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
-    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |c| {
+    let AliceOn {
+        app,
+        store,
+        signer: _,
+        server: _,
+        rec,
+        login: _,
+        claims: first,
+        _servers,
+    } = alice_on_server_a(|c| {
         c.push_timeout_ms = SHORT_CALLS;
-    });
-    let signer = state.signer().clone();
-    let app = app(state);
-    let (_, first) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
+    })
+    .await;
     rec.stalled.store(true, Ordering::SeqCst);
     let alice = json!({"name": "alice", "password": "secret-pw"});
     let (s, v) = call(&app, post("/api/login", alice, None)).await;
@@ -505,15 +544,20 @@ async fn a_login_whose_holder_does_not_answer_is_refused_not_doubled() {
 
 #[tokio::test]
 async fn replace_mode_kicks_the_old_connection_before_taking_its_slot() {
-    let store = Arc::new(MemoryStore::new());
-    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
-    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |c| {
+    let AliceOn {
+        app,
+        store,
+        signer,
+        server: a,
+        rec,
+        login: _,
+        claims: first,
+        _servers,
+    } = alice_on_server_a(|c| {
         c.login_conflict = crate::config::LoginConflict::Replace;
         c.push_timeout_ms = SHORT_CALLS;
-    });
-    let signer = state.signer().clone();
-    let app = app(state);
-    let (_, first) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
+    })
+    .await;
     let alice = json!({"name": "alice", "password": "secret-pw"});
 
     // A wedged holder: the kick cannot be confirmed, so nothing is taken.
@@ -564,12 +608,16 @@ async fn replace_mode_kicks_the_old_connection_before_taking_its_slot() {
 
 #[tokio::test]
 async fn refuse_mode_keeps_the_connected_login_and_kicks_nobody() {
-    let store = Arc::new(MemoryStore::new());
-    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
-    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
-    let signer = state.signer().clone();
-    let app = app(state);
-    let (_, first) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
+    let AliceOn {
+        app,
+        store,
+        signer: _,
+        server: _,
+        rec,
+        login: _,
+        claims: first,
+        _servers,
+    } = alice_on_server_a(|_| {}).await;
     let alice = json!({"name": "alice", "password": "secret-pw"});
     let (s, v) = call(&app, post("/api/login", alice, None)).await;
     assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "already_logged_in"));
@@ -610,12 +658,16 @@ async fn a_login_whose_holder_refuses_connections_takes_the_slot() {
 async fn resume_replaces_the_callers_own_session_without_the_password() {
     // Refuse mode (the default): another device is refused, but the session itself comes
     // back at once, its old connection kicked.
-    let store = Arc::new(MemoryStore::new());
-    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
-    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
-    let signer = state.signer().clone();
-    let app = app(state);
-    let (v, first) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
+    let AliceOn {
+        app,
+        store,
+        signer,
+        server: a,
+        rec,
+        login: v,
+        claims: first,
+        _servers,
+    } = alice_on_server_a(|_| {}).await;
     let old_token = v["session_token"].as_str().unwrap().to_string();
 
     let (s, v) = call(&app, post("/api/login/resume", json!({}), Some(&old_token))).await;
@@ -678,12 +730,16 @@ async fn resume_replaces_the_callers_own_session_without_the_password() {
 
 #[tokio::test]
 async fn a_slot_held_on_a_server_that_no_longer_has_the_user_is_taken_over() {
-    let store = Arc::new(MemoryStore::new());
-    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
-    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
-    let signer = state.signer().clone();
-    let app = app(state);
-    let (_, claims) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
+    let AliceOn {
+        app,
+        store,
+        signer,
+        server: _,
+        rec,
+        login: _,
+        claims,
+        _servers,
+    } = alice_on_server_a(|_| {}).await;
     let alice = json!({"name": "alice", "password": "secret-pw"});
 
     // server-a says alice is connected there: single login holds.
@@ -739,12 +795,16 @@ async fn a_slot_held_on_an_unreachable_server_is_taken_over() {
 
 #[tokio::test]
 async fn logout_frees_the_slot_and_kicks_the_connection() {
-    let store = Arc::new(MemoryStore::new());
-    let (a, rec) = fake_server("server-a", DEV_SECRET).await;
-    let (state, _tx) = state_with(store.clone(), vec![a.clone()], |_| {});
-    let signer = state.signer().clone();
-    let app = app(state);
-    let (v, claims) = login_and_attach(&app, &store, &signer, "alice", &a.id).await;
+    let AliceOn {
+        app,
+        store: _,
+        signer: _,
+        server: _,
+        rec,
+        login: v,
+        claims,
+        _servers,
+    } = alice_on_server_a(|_| {}).await;
     let token = v["session_token"].as_str().unwrap().to_string();
 
     let (s, v) = call(&app, post("/api/logout", json!({}), Some(&token))).await;
