@@ -10,7 +10,8 @@ use crate::{
     metrics::Labels,
     registry::{EtcdRegistry, MemoryRegistry, Registry},
     store::{
-        counting::Counting, InboxLimits, MemoryStore, RedisStore, StateStore,
+        counting::{CountErrors, Counting},
+        InboxLimits, MemoryStore, RedisStore, RouteStore, ServerStore, StateStore,
         DEFAULT_EVENTS_MAX_LEN,
     },
 };
@@ -138,6 +139,8 @@ impl BackendErrors {
 /// The two backends a cim process uses.
 #[derive(Clone)]
 pub struct Backends {
+    /// The whole store: a process hands each of its roles the part it uses
+    /// ([`Backends::server_store`], [`Backends::route_store`]).
     pub store: Arc<dyn StateStore>,
     pub registry: Arc<dyn Registry>,
     /// The error counters of `store` and `registry`.
@@ -152,6 +155,17 @@ impl Backends {
             registry,
             errors: BackendErrors::default(),
         }
+    }
+
+    /// What a connection server may do to the store (sessions and inboxes of its
+    /// connections), the same store.
+    pub fn server_store(&self) -> Arc<dyn ServerStore> {
+        self.store.clone()
+    }
+
+    /// What a route may do to the store (everything but a connection's side), the same store.
+    pub fn route_store(&self) -> Arc<dyn RouteStore> {
+        self.store.clone()
     }
 
     /// A fresh in-memory store and registry, for processes that run every cim role inside
@@ -181,7 +195,7 @@ impl Backends {
         .await
         .map_err(|e| format!("etcd at {:?}: {e}", config.etcd_endpoints))?
         .with_errors(errors.counter(backend_label::ETCD));
-        let store = Counting::new(Arc::new(store), errors.counter(backend_label::REDIS));
+        let store = Counting::new(store, CountErrors::new(errors.counter(backend_label::REDIS)));
         Ok(Self {
             store: Arc::new(store),
             registry: Arc::new(registry),

@@ -5,7 +5,7 @@
 //! other:
 //! - a **connect token** (short-lived, default 30 s): issued by a route at login, bound to one
 //!   user, one server and one login session. The server checks the signature, the expiry and
-//!   its own id; the session makes it single-use (see `StateStore::attach`).
+//!   its own id; the session makes it single-use (see `Sessions::attach`).
 //! - a **session token** (bearer for HTTP calls): bound to the user and the login session; it
 //!   stops working when the session ends (logout or disconnect), checked against the login slot.
 //!   Until it expires, the token of the user's latest login can *resume* (`POST
@@ -46,7 +46,7 @@ pub struct SessionClaims {
     pub user_name: String,
     pub session: String,
     pub exp_ms: i64,
-    /// The user's login generation when this session began (`StateStore::next_generation`):
+    /// The user's login generation when this session began (`LoginSlots::next_generation`):
     /// only a token of the current generation can resume; every later login, logout or
     /// forced offline starts a new one. 0 in tokens of versions before it existed (they
     /// cannot resume).

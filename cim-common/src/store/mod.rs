@@ -1,14 +1,27 @@
 //! Shared state: accounts, login slots, routes, the online index, the per-user inboxes,
 //! channels, and the presence-event stream.
 //!
-//! [`StateStore`] is the one interface; [`redis::RedisStore`] is the production implementation
-//! and [`memory::MemoryStore`] the one of standalone mode and unit tests, with the same
-//! semantics. Every Redis call has a deadline (the Redis response timeout), so a dead Redis
-//! produces an error, never a hang; the memory store never waits.
+//! The interface is cut into **role traits**, one per domain: [`Accounts`], [`LoginSlots`],
+//! [`Sessions`], [`Routes`], [`Delivery`], [`Inbox`], [`Events`], [`Broadcasts`], [`Leases`],
+//! [`Channels`]. Each process holds only the roles it uses, so that the types say what it
+//! may do: a connection server holds a [`ServerStore`] (attach and detach its connections,
+//! replay and ack their inboxes: no accounts, no routing), a route a [`RouteStore`]
+//! (everything else). [`StateStore`] is all of them, what [`crate::backend::Backends`]
+//! connects and hands out as either. The three are blanket-implemented: a type that
+//! implements the roles is each of them, and an `Arc<dyn StateStore>` coerces to the
+//! other two.
+//!
+//! [`redis::RedisStore`] is the production implementation and [`memory::MemoryStore`] the one
+//! of standalone mode and unit tests, with the same semantics; both are cut into one file per
+//! role, mirrored (`redis/inbox.rs` and `memory/inbox.rs`, ...). Every Redis call has a
+//! deadline (the Redis response timeout), so a dead Redis produces an error, never a hang;
+//! the memory store never waits. [`layer::Layered`] wraps any store with a hook that sees
+//! every call: error counting ([`counting`]) and the test double ([`faulty`]) are hooks.
 
 pub mod counting;
 #[cfg(feature = "test-support")]
 pub mod faulty;
+pub mod layer;
 pub mod memory;
 pub mod redis;
 
@@ -32,9 +45,9 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// [`StateStore::inbox_store_then_routes`] as two calls, one after the other (stores without
+/// [`Delivery::inbox_store_then_routes`] as two calls, one after the other (stores without
 /// a pipeline, and the Redis store when there is nothing to pipeline).
-async fn store_then_routes_in_turn<S: StateStore + ?Sized>(
+async fn store_then_routes_in_turn<S: Delivery + ?Sized>(
     store: &S,
     messages: &mut [Message],
     user_ids: &[u64],
@@ -162,13 +175,21 @@ pub const DEFAULT_EVENTS_MAX_LEN: usize = 100_000;
 /// Predicate "is this server instance alive" (from the registry).
 pub type IsLive<'a> = &'a (dyn Fn(&str) -> bool + Send + Sync);
 
+/// Accounts: a user id per unique name, with its password hash. The route's.
 #[async_trait]
-pub trait StateStore: Send + Sync + 'static {
+pub trait Accounts: Send + Sync + 'static {
     /// Creates an account. `Ok(None)` when the name is taken.
     async fn create_user(&self, name: &str, password_hash: &str) -> StoreResult<Option<u64>>;
-    async fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRecord>>;
-    async fn user_name(&self, id: u64) -> StoreResult<Option<String>>;
 
+    async fn user_by_name(&self, name: &str) -> StoreResult<Option<UserRecord>>;
+
+    async fn user_name(&self, id: u64) -> StoreResult<Option<String>>;
+}
+
+/// The login slot of each user (who may connect, single-login) and the login generations
+/// that session tokens are checked against. The route's: it decides who logs in.
+#[async_trait]
+pub trait LoginSlots: Send + Sync + 'static {
     /// Takes the login slot of `user_id` for `session`, pending for `pending_ttl` (the slot
     /// expires unless a server attaches a connection in time). Only a slot attached to a live
     /// server holds ([`ClaimOutcome::Held`]): a pending slot (a login nobody connected with:
@@ -210,7 +231,13 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Frees the slot if `session` holds it. Returns the server it was attached to, if any.
     async fn release_login(&self, user_id: u64, session: &str) -> StoreResult<Option<String>>;
+}
 
+/// A connection's side of its login slot: a connection server attaches the pending session
+/// it accepted and detaches it when the connection closes, which also keeps the route, the
+/// online index and the presence events in step.
+#[async_trait]
+pub trait Sessions: Send + Sync + 'static {
     /// A server accepted the connection of a pending session: atomically marks the slot as
     /// attached to `server_id` (without expiry), records the route, then indexes the user as
     /// online (name index and online-id set) and publishes an online event. Single-use: a
@@ -236,7 +263,12 @@ pub trait StateStore: Send + Sync + 'static {
         server_id: &str,
         reason: &str,
     ) -> StoreResult<()>;
+}
 
+/// Where users are connected (the route entries) and the online index, by name. Read by the
+/// route to deliver; stale entries are removed when their server is gone.
+#[async_trait]
+pub trait Routes: Send + Sync + 'static {
     /// Routes of many users in one round trip; `None` for users not connected.
     async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>>;
 
@@ -255,7 +287,13 @@ pub trait StateStore: Send + Sync + 'static {
     /// Drops a route (and the index entries) that was found stale, if it is unchanged, and
     /// then publishes an offline event with reason `server_lost`.
     async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()>;
+}
 
+/// Storing private messages (and receipts) in their receivers' inboxes, before the push that
+/// delivers them: the route's side of an inbox. A [`Routes`] store, for the one round trip
+/// that stores and then looks the receivers up.
+#[async_trait]
+pub trait Delivery: Routes {
     /// Stores each message in the inbox of its `receiver_id`, in slice order, and sets its
     /// `seq` (increasing per receiver, never reused). Idempotent by (receiver, id): a message
     /// already in the inbox keeps its place and seq (a retried send), and the slice entry is
@@ -275,7 +313,12 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> (StoreResult<()>, StoreResult<Vec<Option<RouteEntry>>>) {
         store_then_routes_in_turn(self, messages, user_ids).await
     }
+}
 
+/// A connected user's side of the inbox: what a connection server replays at login and
+/// removes when acked, and the receipt requests it confirms.
+#[async_trait]
+pub trait Inbox: Send + Sync + 'static {
     /// Up to `limit` messages of `user_id`'s inbox with `seq > after_seq`, in seq order, each
     /// with its `seq` set. Messages older than `max_age` are skipped (and removed), and the
     /// page is filled past them: fewer than `limit` means there is no more. `limit` is capped
@@ -310,9 +353,12 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Number of messages in `user_id`'s inbox.
     async fn inbox_len(&self, user_id: u64) -> StoreResult<usize>;
+}
 
-    // --- presence events -------------------------------------------------------------------
-
+/// The stream of presence events (online / offline), published by [`Sessions`] and the removal
+/// of stale routes, read by the route's event API and webhook.
+#[async_trait]
+pub trait Events: Send + Sync + 'static {
     /// Events with an id after `after` (`None`: from the oldest kept), oldest first, at most
     /// `limit` (capped at [`MAX_EVENTS_READ`]). Never waits. The stream keeps the newest
     /// `events_max_len` events (approximately, in Redis: up to one stream node, by default
@@ -340,9 +386,11 @@ pub trait StateStore: Send + Sync + 'static {
     /// Id of the newest event (`"0-0"` when there is none): tail the stream from there to get
     /// only new events.
     async fn events_last_id(&self) -> StoreResult<String>;
+}
 
-    // --- broadcasts -------------------------------------------------------------------------
-
+/// Claims of broadcast (group and channel) message ids: a retried broadcast is delivered once.
+#[async_trait]
+pub trait Broadcasts: Send + Sync + 'static {
     /// Claims the ids of group and channel messages (never stored, so a retry would reach
     /// everyone again) for `ttl`: `claims` are `(message id, timestamp_ms)`. For each, `None`
     /// if this call claimed it, `Some(timestamp_ms)` of the first claim if the id is already
@@ -355,17 +403,24 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Drops claims of broadcasts that reached nobody, so that a retry can deliver them.
     async fn release_broadcasts(&self, ids: &[String]) -> StoreResult<()>;
+}
 
+/// Named leases (one route instance at a time runs a singleton job) and named cursors.
+#[async_trait]
+pub trait Leases: Send + Sync + 'static {
     /// Takes or renews the lease `name` for `owner` for `ttl`: true while `owner` holds it.
     /// (One route instance at a time runs the webhook delivery.)
     async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool>;
 
     /// A named cursor (the webhook's last delivered event id).
     async fn cursor(&self, name: &str) -> StoreResult<Option<String>>;
+
     async fn set_cursor(&self, name: &str, value: &str) -> StoreResult<()>;
+}
 
-    // --- channels --------------------------------------------------------------------------
-
+/// Channel memberships, listings and counts.
+#[async_trait]
+pub trait Channels: Send + Sync + 'static {
     /// Adds `user_id` to `channel` (created by its first member), unless the user is in
     /// `max_channels` channels already (checked atomically: concurrent joins of one user
     /// cannot pass the limit together).
@@ -405,3 +460,27 @@ pub trait StateStore: Send + Sync + 'static {
     /// zero of both. At most [`MAX_CHANNEL_STATS`] channels (more is an error-free truncation).
     async fn channel_stats(&self, channels: &[String]) -> StoreResult<Vec<ChannelInfo>>;
 }
+
+/// What a connection server does to the shared state: attach and detach the sessions of its
+/// connections, replay and ack their inboxes. Nothing of accounts, logins or routing.
+pub trait ServerStore: Sessions + Inbox {}
+
+impl<T: Sessions + Inbox + ?Sized> ServerStore for T {}
+
+/// What a route does to the shared state: every role but the connection's side of a session
+/// and of an inbox.
+pub trait RouteStore:
+    Accounts + LoginSlots + Routes + Delivery + Events + Broadcasts + Leases + Channels
+{
+}
+
+impl<T> RouteStore for T where
+    T: Accounts + LoginSlots + Routes + Delivery + Events + Broadcasts + Leases + Channels + ?Sized
+{
+}
+
+/// The whole store, every role: what a process connects ([`crate::backend::Backends`]) and
+/// what tests and tools that play several roles hold.
+pub trait StateStore: RouteStore + ServerStore {}
+
+impl<T: RouteStore + ServerStore + ?Sized> StateStore for T {}

@@ -1,0 +1,241 @@
+//! [`StateStore`] on Redis. One multiplexed connection (auto-reconnecting) shared by all
+//! tasks; atomic multi-step updates are Lua scripts (or MULTI/EXEC where no step depends on
+//! another's answer: acks) over keys of one hash slot.
+//!
+//! Round trips: claim 1 (2 when the slot is held), attach 2, detach 2, a stale route's
+//! removal 2 (each 1 more when the user attached again meanwhile), routes of N users 1
+//! (MGET), one SCAN step 2 (SCAN + MGET). Inboxes: storing N messages 1 (a pipeline of one
+//! script call per receiver, applied in slice order), acking for N users 1 (a pipeline of
+//! one MULTI/EXEC per user), inbox length 1 (ZCARD), a read 1 — plus, only when it skipped
+//! expired or unreadable messages, one more per refill of the page and one to delete them.
+//! Presence events, leases, cursors: 1 each (a blocking read: plus a connect on first use
+//! and after an error; one more read per page of malformed entries it skips). Channels: join
+//! 2 (1 when already a member or over the limit), leave 1 (2 when it was the last member, 3
+//! when a join came in between), membership, a user's channels, a page of members or names
+//! 1, the stats of N channels 1 (ZINTERCARD: Redis 7.0 or later).
+//! A pipeline that meets NOSCRIPT (Redis restarted, or SCRIPT FLUSH) loads its scripts and
+//! runs again: 2 more.
+//!
+//! Presence: attaching indexes the user as online twice, by name (`online`, for listing)
+//! and by id (`online:ids`, for the online counts of channels), and appends an online event
+//! to the `events` stream, all in the round trip after the attach script; detaching (only
+//! when the route was still ours) undoes it and appends an offline event with the reason.
+//! The stream is capped with `MAXLEN ~` on every append. A blocking read of it
+//! (`events_wait`) runs on a connection of its own, never on the shared one, where it would
+//! hold up every command behind it.
+//!
+//! Channels are a member set per channel (sorted by user id, for paging), a channel set per
+//! user (for the per-user limit and "my channels"), and the list of channel names. They live
+//! in three hash slots, so a join or leave is ordered writes that a later join or leave
+//! repairs if interrupted (see `channel_join` below), not one script.
+//!
+//! An inbox is four keys under one hash tag (see [`crate::keys`]): the messages (hash), their
+//! order (sorted set scored by seq), the senders waiting for a receipt (hash), and the seq
+//! counter. Every store trims the inbox to `max_messages` and sets the first three to expire
+//! after `max_age`; the counter never expires, so seqs are never reused. Messages older than
+//! `max_age` (by `timestamp_ms`, which Lua cannot decode) are filtered here after a read and
+//! deleted by a second script, only if they still hold the seq the read saw.
+
+mod accounts;
+mod broadcasts;
+mod channels;
+mod events;
+mod inbox;
+mod leases;
+mod login;
+mod routes;
+mod scripts;
+mod sessions;
+
+use super::*;
+use crate::{
+    events::{reason, EventId, PresenceEvent, PresenceKind},
+    keys::{self, Keys},
+};
+use ::redis::{
+    aio::{ConnectionManager, MultiplexedConnection},
+    AsyncCommands, AsyncConnectionConfig, Script, ScriptInvocation, Value,
+};
+use prost::Message as _;
+use std::{
+    collections::HashSet,
+    sync::Arc,
+};
+
+use scripts::*;
+
+pub use inbox::{MAX_ACK_IDS, MAX_ACK_ID_LEN, MAX_INBOX_READ};
+pub(super) use self::{
+    events::{parse_event_id, presence_event},
+    inbox::{ack_ids, oldest_kept_ms},
+};
+
+/// Oldest Redis cim runs on: the scripts use `ZMSCORE` (6.2), channel counts
+/// `ZINTERCARD` (7.0) and broadcast claims `SET … NX GET` (7.0).
+const MIN_REDIS_VERSION: (u64, u64) = (7, 0);
+
+/// Refuses a Redis older than [`MIN_REDIS_VERSION`], from the text of `INFO server`, at start
+/// rather than with unknown-command errors on the first message. A server that does not say
+/// its version (a proxy, a compatible store) is given the benefit of the doubt.
+fn check_version(info: &str) -> StoreResult<()> {
+    let Some(version) = info
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("redis_version:"))
+    else {
+        return Ok(());
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        return Ok(());
+    };
+    if (major, minor) < MIN_REDIS_VERSION {
+        let (want_major, want_minor) = MIN_REDIS_VERSION;
+        return Err(StoreError::Unsupported(format!(
+            "Redis {want_major}.{want_minor} or newer is required, this one is {version}"
+        )));
+    }
+    Ok(())
+}
+
+/// Redis-backed shared state.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    /// For the connection of blocking reads.
+    client: ::redis::Client,
+    /// Deadline of every call (blocking reads: on top of their wait).
+    timeout: Duration,
+    keys: Keys,
+    limits: InboxLimits,
+    events_max_len: usize,
+    /// The connection of `events_wait` (a blocking XREAD would stall every command queued
+    /// behind it on the shared one). Made on first use; taken out for the duration of a read
+    /// and put back only after a complete answer, so an error or a cancelled read drops it
+    /// (with the XREAD possibly still blocked on it) and the next read connects afresh.
+    waiter: Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
+}
+
+fn unavailable(e: ::redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`). Every command times out after `timeout`.
+    pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> StoreResult<Self> {
+        let client = ::redis::Client::open(url).map_err(unavailable)?;
+        let config = ::redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            // No retry loop inside a call: redis-rs backs off from 1 s up to a minute between
+            // reconnect attempts, and every command would wait for it. One immediate
+            // reconnect attempt per call keeps "Redis down" a fast error.
+            .set_number_of_retries(0);
+        let conn = tokio::time::timeout(
+            timeout * 3,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("connecting to {url} timed out")))?
+        .map_err(unavailable)?;
+        let mut probe = conn.clone();
+        let info: String = tokio::time::timeout(
+            timeout,
+            ::redis::cmd("INFO").arg("server").query_async(&mut probe),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("INFO on {url} timed out")))?
+        .map_err(unavailable)?;
+        check_version(&info)?;
+        // Every script loaded now: otherwise each one's first call answers NOSCRIPT and is
+        // sent again, which for the inbox store means after the route lookup pipelined
+        // behind it (the order the login replay relies on; see ARCHITECTURE.md).
+        let mut load = ::redis::pipe();
+        for script in ALL_SCRIPTS {
+            load.load_script(script).ignore();
+        }
+        tokio::time::timeout(timeout, load.query_async::<()>(&mut probe))
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("loading scripts on {url} timed out")))?
+            .map_err(unavailable)?;
+        Ok(Self {
+            conn,
+            client,
+            timeout,
+            keys: Keys::new(prefix),
+            limits: InboxLimits::default(),
+            events_max_len: DEFAULT_EVENTS_MAX_LEN,
+            waiter: Arc::default(),
+        })
+    }
+
+    /// Sets the bounds of every inbox (default: [`InboxLimits::default`]).
+    #[must_use]
+    pub fn with_inbox_limits(mut self, limits: InboxLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets how many presence events the stream keeps (default:
+    /// [`DEFAULT_EVENTS_MAX_LEN`]; at least 1). Trimming is approximate (`MAXLEN ~`): Redis
+    /// drops whole stream nodes only, so the stream holds up to one node (by default 100
+    /// entries, `stream-node-max-entries`) more.
+    #[must_use]
+    pub fn with_events_max_len(mut self, max_len: usize) -> Self {
+        self.events_max_len = max_len.max(1);
+        self
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub(super) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Runs a pipeline of script invocations in one round trip. Redis forgets scripts when
+    /// it restarts (or on SCRIPT FLUSH): on NOSCRIPT, load `scripts` and run the whole
+    /// pipeline once more. That is safe for every inbox script: storing and pruning are
+    /// idempotent and reading changes nothing a second run depends on. An ack pipeline
+    /// answered NOSCRIPT was not applied either, unless the script cache was flushed between
+    /// two of its commands: then the acks before the flush are applied and their receipts
+    /// (which the rerun no longer finds) are lost.
+    pub(super) async fn run_scripts<T: ::redis::FromRedisValue>(
+        &self,
+        pipe: &::redis::Pipeline,
+        scripts: &[&Script],
+    ) -> StoreResult<T> {
+        let mut c = self.conn();
+        match pipe.query_async(&mut c).await {
+            Err(e) if e.kind() == ::redis::ErrorKind::NoScriptError => {
+                let mut load = ::redis::pipe();
+                for script in scripts {
+                    load.load_script(script).ignore();
+                }
+                let () = load.query_async(&mut c).await.map_err(unavailable)?;
+                pipe.query_async(&mut c).await.map_err(unavailable)
+            }
+            result => result.map_err(unavailable),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_older_than_7_is_refused_at_connect() {
+        let info = |v: &str| format!("# Server\r\nredis_version:{v}\r\nredis_mode:standalone\r\n");
+        assert!(check_version(&info("7.0.15")).is_ok());
+        assert!(check_version(&info("7.2.4")).is_ok());
+        assert!(check_version(&info("10.0.0")).is_ok());
+        let err = check_version(&info("6.2.14")).unwrap_err();
+        assert!(matches!(err, StoreError::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("7.0 or newer"), "{err}");
+        assert!(check_version(&info("5.0")).is_err());
+        // Nothing to judge by: allowed.
+        assert!(check_version("# Server\r\nredis_mode:standalone\r\n").is_ok());
+        assert!(check_version(&info("unstable")).is_ok());
+    }
+}
