@@ -108,7 +108,7 @@ mod tests {
             cluster::{AckedReceipt, ForwardItem},
             ErrorCode, MessageKind, Send, SendStatus,
         },
-        store::{MemoryStore, StateStore},
+        store::{prelude::*, MemoryStore},
     };
     use prost::Message as _;
     use std::sync::Arc;

@@ -227,7 +227,7 @@ pub async fn start(
     let state = AppState::with_metrics(
         id.clone(),
         config,
-        backends.store.clone(),
+        backends.route_store(),
         servers,
         metrics,
         registry,

@@ -32,7 +32,7 @@ use cim_common::{
         Error, ErrorCode, Message, MessageKind, Send, SendResult, SendStatus,
     },
     registry::{Members, ServiceInfo},
-    store::{RouteEntry, StateStore, StoreError, StoreResult, MAX_CHANNEL_PAGE},
+    store::{RouteEntry, RouteStore, StoreError, StoreResult, MAX_CHANNEL_PAGE},
     time::now_ms,
 };
 use futures_util::{future::join_all, stream, StreamExt};
@@ -279,7 +279,7 @@ fn validate(
 /// answered without the store (accounts never change: see [`crate::known_users`]); the
 /// others are looked up, and those found are remembered.
 async fn resolve_receivers(
-    store: &dyn StateStore,
+    store: &dyn RouteStore,
     known: &KnownUsers,
     receivers: HashSet<Receiver>,
 ) -> HashMap<Receiver, Option<Option<u64>>> {
@@ -551,7 +551,7 @@ async fn push(
 
 /// Removes routes found pointing at dead servers. Best effort: a failure only leaves a
 /// stale route that the next lookup skips again.
-async fn remove_stale(store: &dyn StateStore, stale: &[RouteEntry]) {
+async fn remove_stale(store: &dyn RouteStore, stale: &[RouteEntry]) {
     join_all(stale.iter().map(|route| async move {
         if let Err(e) = store.remove_stale_route(route).await {
             tracing::debug!(user_id = route.user_id, error = %e, "removing a stale route failed");
@@ -1081,7 +1081,10 @@ fn fan_out_result(a: &Accepted, n: u32, failure: Option<&StoreError>) -> SendRes
 mod tests {
     use super::*;
     use crate::testing::{fake_server, server, state_with, FaultyStore, StoreExt};
-    use cim_common::{config::DEV_SECRET, store::MemoryStore};
+    use cim_common::{
+        config::DEV_SECRET,
+        store::{prelude::*, MemoryStore},
+    };
     use std::sync::{atomic::Ordering, Arc};
 
     fn send(kind: MessageKind, client_id: u64, to: u64, to_name: &str, body: &str) -> Send {

@@ -16,7 +16,7 @@ use crate::{
 use cim_common::{
     cluster::ClusterClient,
     registry::{self, Members, MembersRx, ServiceInfo},
-    store::StateStore,
+    store::RouteStore,
     token::TokenSigner,
 };
 use prometheus_client::registry::Registry;
@@ -31,7 +31,7 @@ pub struct AppState {
 struct Inner {
     id: String,
     config: RouteConfig,
-    store: Arc<dyn StateStore>,
+    store: Arc<dyn RouteStore>,
     servers: MembersRx,
     signer: TokenSigner,
     cluster: ClusterClient,
@@ -50,7 +50,7 @@ impl AppState {
     pub fn new(
         id: String,
         config: RouteConfig,
-        store: Arc<dyn StateStore>,
+        store: Arc<dyn RouteStore>,
         servers: MembersRx,
     ) -> Self {
         let mut registry = Registry::default();
@@ -62,7 +62,7 @@ impl AppState {
     pub fn with_metrics(
         id: String,
         config: RouteConfig,
-        store: Arc<dyn StateStore>,
+        store: Arc<dyn RouteStore>,
         servers: MembersRx,
         metrics: RouteMetrics,
         registry: Registry,
@@ -106,7 +106,7 @@ impl AppState {
         &self.inner.config
     }
 
-    pub fn store(&self) -> &dyn StateStore {
+    pub fn store(&self) -> &dyn RouteStore {
         self.inner.store.as_ref()
     }
 

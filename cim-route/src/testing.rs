@@ -102,7 +102,7 @@ pub fn server(id: &str) -> ServiceInfo {
 /// An [`AppState`] on `store` with `servers` live, cheap password hashing, and the config
 /// `tweak` leaves. The sender keeps the server list changeable (and the watch open).
 pub fn state_with(
-    store: Arc<dyn StateStore>,
+    store: Arc<dyn RouteStore>,
     servers: Vec<ServiceInfo>,
     tweak: impl FnOnce(&mut RouteConfig),
 ) -> (AppState, watch::Sender<Members>) {

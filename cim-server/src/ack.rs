@@ -11,10 +11,10 @@
 //!
 //! Receipts are as durable as private messages: the ack removes the message, but its receipt
 //! request stays in the store until the route answers that the receipt is stored
-//! (`ForwardResponse.receipts_done`, then `StateStore::receipts_done`). A forward that fails
+//! (`ForwardResponse.receipts_done`, then `Inbox::receipts_done`). A forward that fails
 //! is tried again ([`RECEIPT_ATTEMPTS`], backing off); what still fails, or what a server that
 //! stopped first left, is sent again when the receiver next connects (a login queues a
-//! pending-receipt check: `StateStore::pending_receipts`). A receipt is stored once however
+//! pending-receipt check: `Inbox::pending_receipts`). A receipt is stored once however
 //! often it is sent (its id derives from the message's).
 //!
 //! Losing an ack is safe, never wrong: the message stays in the inbox, is replayed at the next
@@ -23,7 +23,7 @@
 use crate::{conn::ConnShared, forward::RouteCaller};
 use cim_common::{
     pb::cluster::{AckedReceipt, ForwardRequest},
-    store::{AckedReceipt as StoreReceipt, StateStore},
+    store::{AckedReceipt as StoreReceipt, ServerStore},
     time::now_ms,
 };
 use std::{
@@ -159,7 +159,7 @@ fn report_drops(dropped: &AtomicU64, last: &mut Option<tokio::time::Instant>) {
 /// Runs until `cancel`, then removes what is still queued and stops.
 pub(crate) async fn run(
     rx: AckReceiver,
-    store: Arc<dyn StateStore>,
+    store: Arc<dyn ServerStore>,
     routes: Arc<RouteCaller>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -211,7 +211,7 @@ pub(crate) async fn run(
 }
 
 async fn apply(
-    store: &Arc<dyn StateStore>,
+    store: &Arc<dyn ServerStore>,
     routes: &Arc<RouteCaller>,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
@@ -269,7 +269,7 @@ fn resend_names(users: &[u64], names: &HashMap<u64, String>) -> HashMap<u64, Str
 }
 
 /// The pending receipts of `users`, a few store calls at a time.
-async fn read_pending(store: &dyn StateStore, users: Vec<u64>) -> Vec<StoreReceipt> {
+async fn read_pending(store: &dyn ServerStore, users: Vec<u64>) -> Vec<StoreReceipt> {
     use futures_util::StreamExt;
     futures_util::stream::iter(users)
         .map(|user_id| async move {
@@ -306,7 +306,7 @@ fn with_names(receipts: Vec<StoreReceipt>, names: &HashMap<u64, String>) -> Vec<
 /// (not after `cancel`: shutdown does not wait for a backoff). Stored ones are confirmed in the
 /// store; the others stay pending there, for the receiver's next login.
 async fn forward_receipts(
-    store: Arc<dyn StateStore>,
+    store: Arc<dyn ServerStore>,
     routes: Arc<RouteCaller>,
     cancel: CancellationToken,
     mut receipts: Vec<AckedReceipt>,
@@ -372,7 +372,7 @@ fn split_done(
 
 /// Removes the requests of stored receipts. A failure only means they are sent again later
 /// (and stored once).
-async fn confirm(store: &dyn StateStore, done: &[AckedReceipt]) {
+async fn confirm(store: &dyn ServerStore, done: &[AckedReceipt]) {
     if done.is_empty() {
         return;
     }
@@ -480,7 +480,7 @@ mod tests {
     async fn acks_arriving_within_the_linger_share_one_round_trip() {
         use cim_common::{
             registry::Members,
-            store::{faulty::FaultyStore, StateStore},
+            store::{faulty::FaultyStore, Delivery, Inbox},
         };
         let store = Arc::new(FaultyStore::default());
         let message = |user: u64, id: &str| cim_common::pb::Message {

@@ -20,7 +20,7 @@ use cim_common::{
     cluster::ClusterClient,
     limit::KeyedLimit,
     registry::{Registration, ServiceInfo, ServiceKind},
-    store::StateStore,
+    store::ServerStore,
     tls::ServerTls,
     token::TokenSigner,
 };
@@ -43,7 +43,7 @@ pub(crate) struct ServerState {
     pub id: String,
     pub config: ServerConfig,
     pub signer: TokenSigner,
-    pub store: Arc<dyn StateStore>,
+    pub store: Arc<dyn ServerStore>,
     pub table: ConnTable,
     pub forward: ForwardQueue,
     pub acks: AckQueue,
@@ -68,7 +68,7 @@ impl ServerState {
     pub(crate) fn new(
         id: String,
         config: ServerConfig,
-        store: Arc<dyn StateStore>,
+        store: Arc<dyn ServerStore>,
         forward: ForwardQueue,
         acks: AckQueue,
     ) -> Self {
@@ -81,7 +81,7 @@ impl ServerState {
     pub(crate) fn with_metrics(
         id: String,
         config: ServerConfig,
-        store: Arc<dyn StateStore>,
+        store: Arc<dyn ServerStore>,
         forward: ForwardQueue,
         mut acks: AckQueue,
         metrics: ServerMetrics,
@@ -238,7 +238,7 @@ pub async fn start(
     let state = Arc::new(ServerState::with_metrics(
         id,
         config,
-        backends.store.clone(),
+        backends.server_store(),
         forward,
         acks,
         metrics,
@@ -257,7 +257,7 @@ pub async fn start(
     tracker.spawn(prune_limits(state.clone()));
     tracker.spawn(ack::run(
         acks_rx,
-        backends.store,
+        backends.server_store(),
         caller,
         state.cancel.clone(),
         tracker.clone(),

@@ -1430,7 +1430,7 @@ mod tests {
         assert!(size <= 800, "session future is {size} bytes");
     }
 
-    use cim_common::store::StateStore;
+    use cim_common::store::prelude::*;
 
     fn stored(user_id: u64, id: &str, body: &str) -> crate::pb::Message {
         crate::pb::Message {

@@ -16,7 +16,7 @@ use cim_common::{
     keys,
     limit::KeyedLimit,
     pb::{frame::Body, Frame, Login},
-    store::{ClaimOutcome, StateStore},
+    store::{ClaimOutcome, LoginSlots},
     token::{ConnectClaims, TokenSigner},
 };
 use futures_util::{SinkExt, StreamExt};

@@ -25,6 +25,16 @@ pub mod layer;
 pub mod memory;
 pub mod redis;
 
+/// Every role trait, for code that calls a concrete store (`MemoryStore`, `RedisStore`, a test
+/// double) rather than a role's trait object: a method of a trait is only found with the trait
+/// in scope. `use cim_common::store::prelude::*;`
+pub mod prelude {
+    pub use super::{
+        Accounts, Broadcasts, Channels, Delivery, Events, Inbox, Leases, LoginSlots, Routes,
+        Sessions,
+    };
+}
+
 use crate::{events::StoredEvent, pb::Message};
 use async_trait::async_trait;
 use std::time::Duration;

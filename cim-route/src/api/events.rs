@@ -26,7 +26,7 @@ use axum::{
 };
 use cim_common::{
     events::{EventId, StoredEvent},
-    store::{StateStore, MAX_EVENTS_READ},
+    store::{RouteStore, MAX_EVENTS_READ},
 };
 use futures_util::{stream, Stream};
 use serde::{Deserialize, Serialize};
@@ -186,7 +186,7 @@ impl Subscription {
                 continue;
             }
             if self.catching_up {
-                let store: &dyn StateStore = self.state.store();
+                let store: &dyn RouteStore = self.state.store();
                 match store
                     .events_after(self.last_raw.as_deref(), MAX_EVENTS_READ)
                     .await

@@ -24,7 +24,7 @@ use axum::{
 use cim_common::{
     arb,
     config::DEV_SECRET,
-    store::{MemoryStore, StateStore},
+    store::{prelude::*, MemoryStore},
     time::now_ms,
 };
 use proptest::{

@@ -11,7 +11,7 @@ use axum::{
 use cim_common::{
     config::DEV_SECRET,
     pb::KickReason,
-    store::{AttachOutcome, MemoryStore, StateStore},
+    store::{prelude::*, AttachOutcome, MemoryStore},
     time::now_ms,
     token::{SessionClaims, TokenSigner},
 };
