@@ -195,7 +195,10 @@ impl Backends {
         .await
         .map_err(|e| format!("etcd at {:?}: {e}", config.etcd_endpoints))?
         .with_errors(errors.counter(backend_label::ETCD));
-        let store = Counting::new(store, CountErrors::new(errors.counter(backend_label::REDIS)));
+        let store = Counting::new(
+            store,
+            CountErrors::new(errors.counter(backend_label::REDIS)),
+        );
         Ok(Self {
             store: Arc::new(store),
             registry: Arc::new(registry),

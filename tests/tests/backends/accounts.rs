@@ -25,7 +25,9 @@ pub(crate) async fn create_user_and_look_up(s: &StoreUnderTest) -> anyhow::Resul
     Ok(())
 }
 
-pub(crate) async fn concurrent_create_of_one_name_has_one_winner(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn concurrent_create_of_one_name_has_one_winner(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     let mut set = tokio::task::JoinSet::new();
     for i in 0..20 {
         let store = s.store.clone();

@@ -53,7 +53,9 @@ pub(crate) async fn channel_join_leave_and_membership(s: &StoreUnderTest) -> any
     Ok(())
 }
 
-pub(crate) async fn channel_join_respects_the_per_user_limit(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn channel_join_respects_the_per_user_limit(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     assert_eq!(s.channel_join("a", 1, 2).await?, JoinOutcome::Joined);
     assert_eq!(s.channel_join("b", 1, 2).await?, JoinOutcome::Joined);
     assert_eq!(
@@ -192,7 +194,9 @@ pub(crate) async fn channel_list_pages_by_name_and_drops_empty_channels(
     Ok(())
 }
 
-pub(crate) async fn channel_stats_count_members_and_online(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn channel_stats_count_members_and_online(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     let info = |name: &str, members: u64, online: u64| ChannelInfo {
         name: name.to_string(),
         members,

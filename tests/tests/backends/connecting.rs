@@ -3,7 +3,8 @@
 use super::*;
 
 #[tokio::test]
-pub(crate) async fn backends_connect_to_the_testkit_and_fail_fast_without_it() -> anyhow::Result<()> {
+pub(crate) async fn backends_connect_to_the_testkit_and_fail_fast_without_it() -> anyhow::Result<()>
+{
     let infra = Infra::start().await?;
     let config = infra.backend_config(&unique_prefix());
     let backends = cim_common::backend::Backends::connect(&config)

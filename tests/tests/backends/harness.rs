@@ -13,8 +13,8 @@ pub(crate) enum Peek {
 /// One implementation of [`StateStore`], fresh and empty, with a window into it. Derefs to
 /// the store, so tests call `s.claim_login(..)`.
 pub(crate) struct StoreUnderTest {
-    store: Arc<dyn StateStore>,
-    peek: Peek,
+    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) peek: Peek,
 }
 
 impl Deref for StoreUnderTest {
@@ -27,7 +27,7 @@ impl Deref for StoreUnderTest {
 
 impl StoreUnderTest {
     /// A `RedisStore` on its own `redis-server`, under a fresh prefix.
-    async fn redis() -> anyhow::Result<Self> {
+    pub(crate) async fn redis() -> anyhow::Result<Self> {
         let redis = Redis::start().await?;
         let prefix = unique_prefix();
         let store = RedisStore::connect(&redis.url(), &prefix, CALL_TIMEOUT).await?;
@@ -40,7 +40,7 @@ impl StoreUnderTest {
         })
     }
 
-    fn memory() -> Self {
+    pub(crate) fn memory() -> Self {
         let store = Arc::new(MemoryStore::new());
         Self {
             store: store.clone(),
@@ -49,7 +49,7 @@ impl StoreUnderTest {
     }
 
     /// Another, empty store of the same kind (on the same Redis, under another prefix).
-    async fn another(&self) -> anyhow::Result<Arc<dyn StateStore>> {
+    pub(crate) async fn another(&self) -> anyhow::Result<Arc<dyn StateStore>> {
         Ok(match &self.peek {
             Peek::Redis { redis, .. } => {
                 Arc::new(RedisStore::connect(&redis.url(), &unique_prefix(), CALL_TIMEOUT).await?)
@@ -59,7 +59,10 @@ impl StoreUnderTest {
     }
 
     /// Another, empty store of the same kind with these inbox limits.
-    async fn with_inbox_limits(&self, limits: InboxLimits) -> anyhow::Result<Arc<dyn StateStore>> {
+    pub(crate) async fn with_inbox_limits(
+        &self,
+        limits: InboxLimits,
+    ) -> anyhow::Result<Arc<dyn StateStore>> {
         Ok(match &self.peek {
             Peek::Redis { redis, .. } => Arc::new(
                 RedisStore::connect(&redis.url(), &unique_prefix(), CALL_TIMEOUT)
@@ -71,7 +74,10 @@ impl StoreUnderTest {
     }
 
     /// Another, empty store of the same kind keeping `max_len` presence events.
-    async fn with_events_max_len(&self, max_len: usize) -> anyhow::Result<Arc<dyn StateStore>> {
+    pub(crate) async fn with_events_max_len(
+        &self,
+        max_len: usize,
+    ) -> anyhow::Result<Arc<dyn StateStore>> {
         Ok(match &self.peek {
             Peek::Redis { redis, .. } => Arc::new(
                 RedisStore::connect(&redis.url(), &unique_prefix(), CALL_TIMEOUT)
@@ -82,14 +88,14 @@ impl StoreUnderTest {
         })
     }
 
-    fn is_redis(&self) -> bool {
+    pub(crate) fn is_redis(&self) -> bool {
         matches!(self.peek, Peek::Redis { .. })
     }
 
     /// Returns once a blocking read of the event stream is waiting in Redis (`INFO clients`
     /// counts it); at once for the memory store, whose waiters cannot be observed (an event
     /// published before the wait starts is found by its first look: the test holds either way).
-    async fn wait_for_blocked_reader(&self) -> anyhow::Result<()> {
+    pub(crate) async fn wait_for_blocked_reader(&self) -> anyhow::Result<()> {
         let Peek::Redis { redis, .. } = &self.peek else {
             return Ok(());
         };
@@ -111,7 +117,7 @@ impl StoreUnderTest {
     }
 
     /// The raw login slot of `user` (`{session}` or `{session}@{server}`).
-    async fn slot(&self, user: u64) -> Option<String> {
+    pub(crate) async fn slot(&self, user: u64) -> Option<String> {
         match &self.peek {
             Peek::Redis { redis, keys } => {
                 let mut c = redis.connection().await.expect("redis connection");
@@ -123,7 +129,7 @@ impl StoreUnderTest {
 
     /// Time to live of `user`'s slot, in whole milliseconds: `None` without expiry. Panics
     /// when there is no slot.
-    async fn slot_ttl_ms(&self, user: u64) -> Option<u64> {
+    pub(crate) async fn slot_ttl_ms(&self, user: u64) -> Option<u64> {
         match &self.peek {
             Peek::Redis { redis, keys } => {
                 let mut c = redis.connection().await.expect("redis connection");
@@ -145,7 +151,7 @@ impl StoreUnderTest {
     }
 
     /// The online index, in order.
-    async fn online(&self) -> Vec<String> {
+    pub(crate) async fn online(&self) -> Vec<String> {
         match &self.peek {
             Peek::Redis { redis, keys } => {
                 let mut c = redis.connection().await.expect("redis connection");
@@ -156,7 +162,7 @@ impl StoreUnderTest {
     }
 
     /// Claims and attaches `session` of `user` on `server` (asserting both succeed).
-    async fn connect_user(&self, user: u64, name: &str, session: &str, server: &str) {
+    pub(crate) async fn connect_user(&self, user: u64, name: &str, session: &str, server: &str) {
         assert_eq!(
             self.claim_login(user, session, LONG_TTL, &nobody_live)
                 .await

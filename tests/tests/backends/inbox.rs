@@ -42,7 +42,9 @@ pub(crate) fn receipt(message_id: &str, sender_id: u64, receiver_id: u64) -> Ack
     }
 }
 
-pub(crate) async fn inbox_store_assigns_increasing_seqs_in_order(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn inbox_store_assigns_increasing_seqs_in_order(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     // Nothing stored yet: empty, and an empty store is fine.
     assert!(s.inbox_read(2, 0, 100).await?.is_empty());
     assert_eq!(s.inbox_len(2).await?, 0);
@@ -67,7 +69,9 @@ pub(crate) async fn inbox_store_assigns_increasing_seqs_in_order(s: &StoreUnderT
     Ok(())
 }
 
-pub(crate) async fn inbox_store_is_idempotent_by_receiver_and_id(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn inbox_store_is_idempotent_by_receiver_and_id(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     let mut first = vec![msg("a", 1, 2), msg("b", 1, 2)];
     s.inbox_store(&mut first).await?;
     assert_eq!(seqs(&first), [1, 2]);
@@ -102,7 +106,9 @@ pub(crate) async fn inbox_store_is_idempotent_by_receiver_and_id(s: &StoreUnderT
     Ok(())
 }
 
-pub(crate) async fn concurrent_stores_of_one_message_store_it_once(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn concurrent_stores_of_one_message_store_it_once(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     let mut set = tokio::task::JoinSet::new();
     for i in 0..20 {
         let store = s.store.clone();
@@ -131,7 +137,9 @@ pub(crate) async fn concurrent_stores_of_one_message_store_it_once(s: &StoreUnde
     Ok(())
 }
 
-pub(crate) async fn inbox_top_is_the_last_seq_given_even_once_acked(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn inbox_top_is_the_last_seq_given_even_once_acked(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     assert_eq!(s.inbox_top(2).await?, 0, "nothing stored yet");
     let mut batch: Vec<Message> = ["a", "b", "c"].iter().map(|id| msg(id, 1, 2)).collect();
     s.inbox_store(&mut batch).await?;
@@ -148,7 +156,9 @@ pub(crate) async fn inbox_top_is_the_last_seq_given_even_once_acked(s: &StoreUnd
     Ok(())
 }
 
-pub(crate) async fn inbox_store_then_routes_stores_then_looks_up(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn inbox_store_then_routes_stores_then_looks_up(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     s.connect_user(2, "u2", "s2", "srv-a").await;
     let mut batch = vec![msg("a", 1, 2), msg("b", 1, 3), msg("c", 1, 2)];
     let (stored, routes) = s.inbox_store_then_routes(&mut batch, &[2, 3]).await;
@@ -246,7 +256,9 @@ pub(crate) async fn inbox_keeps_the_newest_max_messages(s: &StoreUnderTest) -> a
     Ok(())
 }
 
-pub(crate) async fn inbox_read_skips_and_removes_expired_messages(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn inbox_read_skips_and_removes_expired_messages(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     let max_age = Duration::from_secs(3600);
     let store = s
         .with_inbox_limits(InboxLimits {
@@ -374,7 +386,9 @@ pub(crate) async fn inbox_ack_returns_each_receipt_once(s: &StoreUnderTest) -> a
     Ok(())
 }
 
-pub(crate) async fn receipt_requests_stay_pending_until_done(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn receipt_requests_stay_pending_until_done(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     let mut batch = vec![
         with_receipt(msg("r1", 1, 2)),
         with_receipt(msg("r2", 4, 2)),

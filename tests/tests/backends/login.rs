@@ -2,7 +2,9 @@
 
 use super::*;
 
-pub(crate) async fn claim_pending_is_taken_over_or_expires(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn claim_pending_is_taken_over_or_expires(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     let ttl = Duration::from_millis(300);
 
     assert_eq!(
@@ -174,7 +176,9 @@ pub(crate) async fn generations_count_per_user_and_restart_after_keep(
     Ok(())
 }
 
-pub(crate) async fn take_over_replaces_only_the_named_session(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn take_over_replaces_only_the_named_session(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     let ttl = Duration::from_millis(300);
     // Nothing to take over.
     assert!(!s.take_over_login(4, "s1", "s2", LONG_TTL).await?);
@@ -254,7 +258,9 @@ pub(crate) async fn attach_is_single_use(s: &StoreUnderTest) -> anyhow::Result<(
     Ok(())
 }
 
-pub(crate) async fn detach_removes_only_its_own_route_and_slot(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn detach_removes_only_its_own_route_and_slot(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     s.connect_user(1, "dora", "s1", "srv-a").await;
 
     // Wrong session, wrong server: nothing changes.
@@ -274,7 +280,9 @@ pub(crate) async fn detach_removes_only_its_own_route_and_slot(s: &StoreUnderTes
     Ok(())
 }
 
-pub(crate) async fn late_detach_of_an_old_session_keeps_the_new_one(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn late_detach_of_an_old_session_keeps_the_new_one(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     s.connect_user(1, "dora", "s1", "srv-a").await;
 
     // srv-a is declared dead; the user logs in again and lands on srv-b.

@@ -13,24 +13,21 @@
 //! `leases`, `channels`), as the stores themselves are cut; the lists below name every
 //! shared test once, and put it at the crate root, so its path is `<test>::redis`.
 
-mod harness;
 mod accounts;
-mod login;
-mod routes;
-mod inbox;
-mod presence;
-mod leases;
 mod channels;
+mod connecting;
+mod etcd_only;
+mod harness;
+mod inbox;
+mod leases;
+mod login;
+mod presence;
 mod redis_only;
 mod registries;
-mod etcd_only;
-mod connecting;
+mod routes;
 
 // Helpers of one domain serve others too (a message, a connected user, a server entry).
-use self::{
-    accounts::*, channels::*, connecting::*, etcd_only::*, harness::*, inbox::*, leases::*,
-    login::*, presence::*, redis_only::*, registries::*, routes::*,
-};
+use self::{harness::*, inbox::*, presence::*, registries::*, routes::*};
 
 use cim_common::{
     events::{reason, EventId, PresenceEvent, PresenceKind, StoredEvent},
@@ -39,15 +36,12 @@ use cim_common::{
     registry::{
         self, EtcdRegistry, Members, MembersRx, MemoryRegistry, Registry, ServiceInfo, ServiceKind,
     },
+    // The roles, for calls on a concrete store (`RedisStore`, `MemoryStore`).
+    store::prelude::*,
     store::{
         AckedReceipt, AttachOutcome, ChannelInfo, ClaimOutcome, InboxLimits, JoinOutcome,
         MemoryStore, RedisStore, RouteEntry, StateStore, StoreError, MAX_CHANNEL_PAGE,
         MAX_CHANNEL_STATS, MAX_EVENTS_READ,
-    },
-    // The roles, for calls on a concrete store (`RedisStore`, `MemoryStore`).
-    store::{
-        Accounts, Broadcasts, Channels, Delivery, Events, Inbox, Leases, LoginSlots, Routes,
-        Sessions,
     },
     time::now_ms,
 };

@@ -26,7 +26,11 @@ pub(crate) fn summary(events: &[StoredEvent]) -> Vec<(PresenceKind, u64, String,
         .collect()
 }
 
-pub(crate) fn online(user: u64, name: &str, server: &str) -> (PresenceKind, u64, String, String, String) {
+pub(crate) fn online(
+    user: u64,
+    name: &str,
+    server: &str,
+) -> (PresenceKind, u64, String, String, String) {
     (
         PresenceKind::Online,
         user,
@@ -63,7 +67,9 @@ pub(crate) fn event_ids(events: &[StoredEvent]) -> Vec<EventId> {
         .collect()
 }
 
-pub(crate) async fn attach_and_detach_publish_presence_events(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn attach_and_detach_publish_presence_events(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     assert_eq!(s.events_last_id().await?, "0-0");
     assert!(all_events(&**s).await?.is_empty());
 
@@ -124,7 +130,9 @@ pub(crate) async fn attach_and_detach_publish_presence_events(s: &StoreUnderTest
     Ok(())
 }
 
-pub(crate) async fn remove_stale_route_publishes_server_lost(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn remove_stale_route_publishes_server_lost(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     let id = s.create_user("dora", "pw").await?.unwrap();
     s.connect_user(id, "dora", "s1", "srv-a").await;
     // Not the route (any more): nothing.
@@ -143,7 +151,9 @@ pub(crate) async fn remove_stale_route_publishes_server_lost(s: &StoreUnderTest)
     Ok(())
 }
 
-pub(crate) async fn events_after_pages_from_an_exclusive_start(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn events_after_pages_from_an_exclusive_start(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     for id in 1..=15 {
         let (name, session) = (format!("u{id}"), format!("s{id}"));
         s.connect_user(id, &name, &session, "srv-a").await;
@@ -289,7 +299,9 @@ pub(crate) async fn events_wait_returns_new_events_or_nothing_after_its_timeout(
     Ok(())
 }
 
-pub(crate) async fn event_stream_is_capped_near_events_max_len(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn event_stream_is_capped_near_events_max_len(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     const MAX: usize = 10;
     // Redis trims with `MAXLEN ~`: whole stream nodes only, so it keeps up to one node
     // (stream-node-max-entries, 100 by default) more than asked. The memory store is exact.

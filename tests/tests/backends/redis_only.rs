@@ -11,7 +11,13 @@ pub(crate) async fn store_on(redis: &Redis) -> (RedisStore, Keys) {
 }
 
 /// Claims and attaches `session` of `user` on `server` (asserting both succeed).
-pub(crate) async fn connect_user(store: &RedisStore, user: u64, name: &str, session: &str, server: &str) {
+pub(crate) async fn connect_user(
+    store: &RedisStore,
+    user: u64,
+    name: &str,
+    session: &str,
+    server: &str,
+) {
     assert_eq!(
         store
             .claim_login(user, session, LONG_TTL, &nobody_live)

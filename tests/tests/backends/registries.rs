@@ -73,8 +73,8 @@ pub(crate) enum RegistryBackend {
 
 /// One implementation of [`Registry`], fresh and empty. Derefs to the registry.
 pub(crate) struct RegistryUnderTest {
-    registry: Arc<dyn Registry>,
-    backend: RegistryBackend,
+    pub(crate) registry: Arc<dyn Registry>,
+    pub(crate) backend: RegistryBackend,
 }
 
 impl Deref for RegistryUnderTest {
@@ -86,7 +86,7 @@ impl Deref for RegistryUnderTest {
 }
 
 impl RegistryUnderTest {
-    async fn etcd() -> anyhow::Result<Self> {
+    pub(crate) async fn etcd() -> anyhow::Result<Self> {
         let etcd = Etcd::start().await?;
         let prefix = format!("/{}", unique_prefix());
         let registry = EtcdRegistry::connect(&[etcd.endpoint()], &prefix, CALL_TIMEOUT).await?;
@@ -96,7 +96,7 @@ impl RegistryUnderTest {
         })
     }
 
-    fn memory() -> Self {
+    pub(crate) fn memory() -> Self {
         let registry = MemoryRegistry::new();
         Self {
             registry: Arc::new(registry.clone()),
@@ -106,7 +106,7 @@ impl RegistryUnderTest {
 
     /// Another client of the same registry: a second connection (another process) for
     /// etcd, a clone for memory (where the process is the registry).
-    async fn another_client(&self) -> anyhow::Result<Arc<dyn Registry>> {
+    pub(crate) async fn another_client(&self) -> anyhow::Result<Arc<dyn Registry>> {
         Ok(match &self.backend {
             RegistryBackend::Etcd { etcd, prefix } => {
                 Arc::new(EtcdRegistry::connect(&[etcd.endpoint()], prefix, CALL_TIMEOUT).await?)
@@ -116,8 +116,9 @@ impl RegistryUnderTest {
     }
 }
 
-
-pub(crate) async fn watcher_sees_registrations_sorted_by_id(r: &RegistryUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn watcher_sees_registrations_sorted_by_id(
+    r: &RegistryUnderTest,
+) -> anyhow::Result<()> {
     let mut rx = r.watch(ServiceKind::Server).await?;
     assert!(rx.borrow().is_empty());
 
@@ -158,7 +159,9 @@ pub(crate) async fn deregister_removes_at_once(r: &RegistryUnderTest) -> anyhow:
     Ok(())
 }
 
-pub(crate) async fn a_dropped_registration_leaves_the_list(r: &RegistryUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn a_dropped_registration_leaves_the_list(
+    r: &RegistryUnderTest,
+) -> anyhow::Result<()> {
     let mut rx = r.watch(ServiceKind::Server).await?;
     // etcd: the lease runs out after the TTL (how long exactly is the etcd-only test's
     // business); memory: no lease, gone at once.
@@ -181,7 +184,9 @@ pub(crate) async fn a_dropped_registration_leaves_the_list(r: &RegistryUnderTest
     Ok(())
 }
 
-pub(crate) async fn late_watcher_sees_the_current_list(r: &RegistryUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn late_watcher_sees_the_current_list(
+    r: &RegistryUnderTest,
+) -> anyhow::Result<()> {
     let ttl = Duration::from_secs(10);
     let _c = r
         .register(ServiceKind::Server, &server("srv-c"), ttl)
@@ -200,7 +205,9 @@ pub(crate) async fn late_watcher_sees_the_current_list(r: &RegistryUnderTest) ->
     Ok(())
 }
 
-pub(crate) async fn servers_and_routes_are_listed_apart(r: &RegistryUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn servers_and_routes_are_listed_apart(
+    r: &RegistryUnderTest,
+) -> anyhow::Result<()> {
     let mut servers = r.watch(ServiceKind::Server).await?;
     let mut routes = r.watch(ServiceKind::Route).await?;
     let ttl = Duration::from_secs(10);

@@ -2,7 +2,9 @@
 
 use super::*;
 
-pub(crate) async fn routes_returns_one_entry_per_id_in_order(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn routes_returns_one_entry_per_id_in_order(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     s.connect_user(10, "u10", "s10", "srv-a").await;
     s.connect_user(20, "u20", "s20", "srv-b").await;
 
@@ -56,7 +58,9 @@ pub(crate) async fn scan_all(
     }
 }
 
-pub(crate) async fn scan_routes_visits_every_route_exactly_once(s: &StoreUnderTest) -> anyhow::Result<()> {
+pub(crate) async fn scan_routes_visits_every_route_exactly_once(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
     const N: u64 = 600;
     // User 0 too: a cursor of 0 means "start", never "resume at user 0".
     for id in 0..N {

@@ -21,7 +21,10 @@ pub(in crate::store) fn ack_ids(ids: &[String]) -> impl Iterator<Item = &String>
 
 /// The receipt senders of an ack's `EXEC` reply (`[zmscore, zrem, hdel, hmget]`): for each
 /// of the `n` ids that this ack removed, the sender waiting for its receipt, if one was.
-pub(in crate::store) fn ack_receipt_senders(exec: Value, n: usize) -> StoreResult<Vec<Option<u64>>> {
+pub(in crate::store) fn ack_receipt_senders(
+    exec: Value,
+    n: usize,
+) -> StoreResult<Vec<Option<u64>>> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("inbox ack reply: {what}"));
     let Value::Array(mut results) = exec else {
         return Err(corrupt("not an array"));
@@ -105,7 +108,10 @@ impl StorePlan {
 
 /// The answers of one INBOX_STORE call for `n` messages: each message's seq and, when it
 /// was stored already, the stored copy. See the script for the two reply shapes.
-pub(in crate::store) fn stored_answers(reply: Value, n: usize) -> StoreResult<Vec<(u64, Option<Vec<u8>>)>> {
+pub(in crate::store) fn stored_answers(
+    reply: Value,
+    n: usize,
+) -> StoreResult<Vec<(u64, Option<Vec<u8>>)>> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("inbox store reply: {what}"));
     let seq = |v: &Value| match v {
         Value::Int(i) => u64::try_from(*i).map_err(|_| corrupt("negative seq")),

@@ -57,18 +57,15 @@ use ::redis::{
     AsyncCommands, AsyncConnectionConfig, Script, ScriptInvocation, Value,
 };
 use prost::Message as _;
-use std::{
-    collections::HashSet,
-    sync::Arc,
-};
+use std::{collections::HashSet, sync::Arc};
 
 use scripts::*;
 
-pub use inbox::{MAX_ACK_IDS, MAX_ACK_ID_LEN, MAX_INBOX_READ};
 pub(super) use self::{
     events::{parse_event_id, presence_event},
     inbox::{ack_ids, oldest_kept_ms},
 };
+pub use inbox::{MAX_ACK_IDS, MAX_ACK_ID_LEN, MAX_INBOX_READ};
 
 /// Oldest Redis cim runs on: the scripts use `ZMSCORE` (6.2), channel counts
 /// `ZINTERCARD` (7.0) and broadcast claims `SET … NX GET` (7.0).

@@ -112,7 +112,10 @@ impl RedisStore {
     }
 
     /// The routes in the answer of [`routes_lookup`](Self::routes_lookup).
-    pub(super) fn routes_of(user_ids: &[u64], values: Vec<Option<String>>) -> Vec<Option<RouteEntry>> {
+    pub(super) fn routes_of(
+        user_ids: &[u64],
+        values: Vec<Option<String>>,
+    ) -> Vec<Option<RouteEntry>> {
         user_ids
             .iter()
             .zip(values)

@@ -59,7 +59,12 @@ impl Sessions for RedisStore {
 
 impl RedisStore {
     /// Indexes a user as online (name index, id set) and publishes `online`, in `pipe`.
-    pub(super) fn index(&self, pipe: &mut ::redis::Pipeline, name: Option<&str>, online: &PresenceEvent) {
+    pub(super) fn index(
+        &self,
+        pipe: &mut ::redis::Pipeline,
+        name: Option<&str>,
+        online: &PresenceEvent,
+    ) {
         if let Some(name) = name {
             pipe.zadd(
                 self.keys.online(),
