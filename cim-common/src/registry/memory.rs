@@ -144,7 +144,7 @@ impl Registry for MemoryRegistry {
 #[cfg(test)]
 mod tests {
     //! What only the memory registry does: drop = gone at once, and replacing an id. Its
-    //! behaviour shared with etcd is tested once for both in `tests/tests/backends.rs`.
+    //! behaviour shared with etcd is tested once for both in `tests/tests/backends/`.
 
     use super::*;
 

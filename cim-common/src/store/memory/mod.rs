@@ -1,8 +1,11 @@
 //! [`StateStore`] in memory: the shared state of standalone mode (one process, no Redis) and
 //! of unit tests.
 //!
+//! The role traits are implemented one file each, as in `../redis/`; this file holds the
+//! state they share under the lock.
+//!
 //! The semantics are those of [`super::RedisStore`] and its Lua scripts, call for call, so the
-//! same behavioural test suite runs against both (`tests/tests/backends.rs`): the same ids,
+//! same behavioural test suite runs against both (`tests/tests/backends/`): the same ids,
 //! the same outcomes, the same page order. Where Redis needs two round trips (attach, then
 //! index the user as online), this store does both under one lock, which is the outcome the
 //! Redis version converges to.

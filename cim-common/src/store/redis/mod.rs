@@ -2,6 +2,11 @@
 //! tasks; atomic multi-step updates are Lua scripts (or MULTI/EXEC where no step depends on
 //! another's answer: acks) over keys of one hash slot.
 //!
+//! The role traits are implemented one file each (`accounts.rs`, `login.rs`, `sessions.rs`,
+//! `routes.rs`, `inbox.rs`, `events.rs`, `broadcasts.rs`, `leases.rs`, `channels.rs`, mirrored
+//! by `../memory/`); the Lua scripts are `lua/*.lua`, compiled in by `scripts.rs`. This file:
+//! the connection, the version check, and the NOSCRIPT retry every file uses.
+//!
 //! Round trips: claim 1 (2 when the slot is held), attach 2, detach 2, a stale route's
 //! removal 2 (each 1 more when the user attached again meanwhile), routes of N users 1
 //! (MGET), one SCAN step 2 (SCAN + MGET). Inboxes: storing N messages 1 (a pipeline of one
@@ -27,7 +32,7 @@
 //! Channels are a member set per channel (sorted by user id, for paging), a channel set per
 //! user (for the per-user limit and "my channels"), and the list of channel names. They live
 //! in three hash slots, so a join or leave is ordered writes that a later join or leave
-//! repairs if interrupted (see `channel_join` below), not one script.
+//! repairs if interrupted (see `channel_join` in `channels.rs`), not one script.
 //!
 //! An inbox is four keys under one hash tag (see [`crate::keys`]): the messages (hash), their
 //! order (sorted set scored by seq), the senders waiting for a receipt (hash), and the seq
