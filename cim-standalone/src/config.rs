@@ -3,11 +3,14 @@
 //! server configurations they resolve to ([`StandaloneConfig::resolve`]).
 
 use anyhow::{anyhow, Context};
-use cim_common::tls::TlsConfig;
+use cim_common::{
+    cli::{ConfigFlags, TlsFlags},
+    tls::TlsConfig,
+};
 use cim_route::RouteConfig;
 use cim_server::ServerConfig;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Environment prefix of the top-level settings.
 pub const ENV_PREFIX: &str = "CIM_STANDALONE_";
@@ -73,70 +76,50 @@ impl Default for StandaloneConfig {
     }
 }
 
-/// Command line of `cim-standalone`.
-#[derive(clap::Parser, Debug, Default)]
+/// Command line of `cim-standalone`; serialized, the flags that were given as the top-level
+/// config layer.
+#[derive(clap::Parser, Serialize, Debug, Default)]
 #[command(
     name = "cim-standalone",
     version,
     about = "cim in one process: a route and a connection server, state in memory (no etcd, no Redis)"
 )]
 pub struct Cli {
-    /// TOML configuration file (top-level keys, plus [route] and [server] sections).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub config: ConfigFlags,
     /// Route public HTTP API, ip:port (port 0: any free port, printed at start).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<String>,
     /// Client TCP listener, host:port.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_listen: Option<String>,
     /// Client WebSocket listener, host:port.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ws_listen: Option<String>,
     /// Metrics listener (GET /metrics), host:port.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
-    /// Client TLS listener (the TCP protocol over TLS), host:port; needs --tls-cert/--tls-key.
+    /// Client TLS listener (the TCP protocol over TLS), host:port; needs --tls-cert/--tls-key
+    /// (with them the route serves HTTPS too).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_listen: Option<String>,
     /// Client WebSocket-over-TLS listener (wss://, /ws), host:port; needs the TLS files.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub wss_listen: Option<String>,
-    /// Certificate chain, PEM ([tls] cert_file): the route serves HTTPS, and the TLS
-    /// listeners use it.
-    #[arg(long)]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key of the certificate, PEM ([tls] key_file).
-    #[arg(long)]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(skip_serializing_if = "TlsFlags::is_empty")]
+    pub tls: TlsFlags,
     /// Host handed to clients in the server addresses and the printed route URL.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_host: Option<String>,
-    /// Any setting (`--set route.login_conflict=replace`, `--set server.max_connections=5000`,
-    /// top-level ones without a section).
-    #[command(flatten)]
-    pub settings: cim_common::cli::SetFlags,
-}
-
-/// The flags that were given, as a config layer (absent ones left out).
-#[derive(Serialize)]
-struct Overrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    http_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tcp_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ws_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    metrics_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    wss_listen: Option<String>,
-    #[serde(skip_serializing_if = "cim_common::cli::TlsFlags::is_empty")]
-    tls: cim_common::cli::TlsFlags,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    advertise_host: Option<String>,
 }
 
 impl Cli {
@@ -146,26 +129,9 @@ impl Cli {
     }
 
     fn load_with_env(self, env_prefix: &str) -> anyhow::Result<StandaloneConfig> {
-        let overrides = Overrides {
-            http_listen: self.http_listen,
-            tcp_listen: self.tcp_listen,
-            ws_listen: self.ws_listen,
-            metrics_listen: self.metrics_listen,
-            tls_listen: self.tls_listen,
-            wss_listen: self.wss_listen,
-            tls: cim_common::cli::TlsFlags {
-                cert_file: self.tls_cert,
-                key_file: self.tls_key,
-            },
-            advertise_host: self.advertise_host,
-        };
-        cim_common::config::load_with_settings(
-            self.config.as_deref(),
-            env_prefix,
-            &overrides,
-            &self.settings.set,
-        )
-        .context("loading the configuration")
+        self.config
+            .load(env_prefix, &self)
+            .context("loading the configuration")
     }
 }
 
@@ -320,7 +286,10 @@ impl StandaloneConfig {
 /// Loads `file` alone (no environment, no flags): for tools and tests that check a file.
 pub fn load_file(file: &Path) -> anyhow::Result<StandaloneConfig> {
     Cli {
-        config: Some(file.to_path_buf()),
+        config: ConfigFlags {
+            config: Some(file.to_path_buf()),
+            ..ConfigFlags::default()
+        },
         ..Cli::default()
     }
     .load_with_env("CIM_STANDALONE_UNUSED_PREFIX_")
