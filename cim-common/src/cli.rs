@@ -5,13 +5,84 @@
 //!   overrides, leaving out the flags that were not given (so they do not mask the file or
 //!   the environment; see [`crate::config::load`]).
 //! - [`TlsFlags`]: `--tls-cert` / `--tls-key` as the `[tls]` layer of the overrides.
+//! - [`NodeFlags`]: what a cluster node (server or route) is told besides its listeners:
+//!   `--name`, `--internal-listen`, `--advertise-host`, the backend flags, `--cluster-secret`,
+//!   `--worker-threads`.
+//! - [`ConfigFlags`]: `--config FILE` and `--set KEY=VALUE`, and [`ConfigFlags::load`], which
+//!   layers them around a binary's named flags.
+//!
+//! A binary's parser is its named flags, serializable in the shape of its config (absent
+//! flags skipped, these pieces flattened in), so the parser itself is the flags' config
+//! layer: no second struct mirrors it.
 //! - [`bind`]: binds a listener with an error that names the config field and the address.
 //! - [`shutdown_signal`]: resolves on ctrl-c or SIGTERM, logging which.
 //! - [`runtime`]: the tokio runtime of a binary, sized by its `worker_threads` setting.
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{de::DeserializeOwned, Serialize};
+use std::path::PathBuf;
 use tokio::net::TcpListener;
+
+/// Where a binary's configuration comes from besides the environment: `--config` (the TOML
+/// file) and `--set` (any setting, last). Flattened into each parser (and skipped when it
+/// serializes: these are not settings).
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigFlags {
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: SetFlags,
+}
+
+impl ConfigFlags {
+    /// Loads `T`: defaults < `--config` file < environment (`env_prefix`) < `named` (the
+    /// binary's named flags, absent ones skipped) < `--set` (see
+    /// [`crate::config::load_with_settings`]).
+    pub fn load<T: Serialize + DeserializeOwned + Default>(
+        &self,
+        env_prefix: &str,
+        named: &impl Serialize,
+    ) -> Result<T, Box<figment::Error>> {
+        crate::config::load_with_settings(
+            self.config.as_deref(),
+            env_prefix,
+            named,
+            &self.settings.set,
+        )
+    }
+}
+
+/// The flags of a cluster node (connection server or route) besides its listeners, in the
+/// shape of their configs (which share these fields), absent flags left out. Flattened into
+/// the parser (`#[command(flatten)]`) and into its serialization (`#[serde(flatten)]`).
+#[derive(clap::Args, Serialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFlags {
+    /// Instance name (the id is `{name}-{random}`).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Internal API listener (calls from the other role), host:port.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub internal_listen: Option<String>,
+    /// Host advertised in the registry (for the listeners' addresses).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_host: Option<String>,
+    #[command(flatten)]
+    #[serde(skip_serializing_if = "BackendFlags::is_empty")]
+    pub backend: BackendFlags,
+    /// Cluster secret shared by every cim process (prefer the config file or the
+    /// environment: flags are visible in the process list).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_secret: Option<String>,
+    /// Tokio worker threads (0: TOKIO_WORKER_THREADS, else one per core).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
+}
 
 /// `--set KEY=VALUE`, repeatable: any setting, over every other layer
 /// (`crate::config::settings_layer`).
@@ -51,14 +122,19 @@ impl BackendFlags {
 }
 
 /// The certificate files as flags (`--tls-cert`, `--tls-key`), serialized in the shape of
-/// [`TlsConfig`](crate::tls::TlsConfig) with absent flags left out. Each binary declares the
-/// two flags itself (their help says which listeners they serve) and fills this in.
-#[derive(Serialize, Debug, Clone, Default, PartialEq, Eq)]
+/// [`TlsConfig`](crate::tls::TlsConfig) with absent flags left out (flattened into a parser,
+/// serialized as its `tls` field with `skip_serializing_if = "TlsFlags::is_empty"`). The
+/// help of each binary's TLS listeners says which of them use the files.
+#[derive(clap::Args, Serialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsFlags {
+    /// Certificate chain of the TLS listeners, PEM ([tls] cert_file).
+    #[arg(long = "tls-cert", value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cert_file: Option<std::path::PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    /// Private key of the certificate, PEM ([tls] key_file).
+    #[arg(long = "tls-key", value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub key_file: Option<std::path::PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl TlsFlags {

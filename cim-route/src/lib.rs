@@ -17,14 +17,22 @@
 //!   internal listener.
 //! - [`sweep`]: removes the routes of a server that vanished, publishing `server_lost` events.
 //! - [`password`]: Argon2id hashing off the async threads.
+//! - [`assign`]: the server a login gets; [`throttle`]: login rate limits; [`known_users`]:
+//!   accounts known to exist; [`web`]: the web client page.
 //!
 //! [`start`] runs an instance on already-bound listeners (tests bind `127.0.0.1:0`). With
 //! `[tls]` the public listener serves HTTPS (`cim_common::tls::TlsListener`, certificate
 //! reloaded on SIGHUP and on file change); the internal listener is always plain HTTP.
 //!
-//! Architecture invariant: no business state lives in a route between requests. Everything
-//! is in Redis; the registry watch and the round-robin counter are the only per-instance
-//! values, so any route instance serves any request and killing one loses nothing.
+//! Architecture invariant: no business state lives in a route between requests. Accounts,
+//! logins, routes, inboxes, channels and events are in the state store, so any route
+//! instance serves any request and killing one loses nothing. What an instance keeps for
+//! itself is derived or local, never the truth: the registry watch of live servers and the
+//! round-robin assignment over it ([`assign`]), the cache of accounts known to exist
+//! ([`known_users`]: accounts never change once created), the login throttle's buckets
+//! ([`throttle`]: per instance, so a limit is per route), the tail of the event stream its
+//! SSE subscribers share ([`events`]), its password hashing workers ([`password`]), its
+//! cim-rpc connections to servers and its metrics.
 
 pub mod api;
 pub mod assign;
@@ -56,7 +64,7 @@ use cim_common::{
     registry::{Registration, ServiceInfo, ServiceKind},
 };
 use std::{net::SocketAddr, time::Duration};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, task::AbortHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// The two listeners of a route, already bound.
@@ -76,10 +84,13 @@ pub struct RouteHandle {
     internal_addr: SocketAddr,
     cancel: CancellationToken,
     registration: Option<Box<dyn Registration>>,
-    tasks: Vec<JoinHandle<()>>,
-    /// cim-rpc connections (upgraded out of the internal listener's HTTP server, which no
-    /// longer waits for them).
-    connections: TaskTracker,
+    /// Every task of the instance: the listeners, the background loops and the cim-rpc
+    /// connections (upgraded out of the internal listener's HTTP server, which no longer
+    /// waits for them). Shutdown waits for all of them, as the server's does for its own.
+    tasks: TaskTracker,
+    /// The listeners and background loops (not the cim-rpc connections), aborted when they
+    /// outlive the shutdown deadline.
+    aborts: Vec<AbortHandle>,
     /// How long shutdown waits for in-flight requests.
     drain: Duration,
 }
@@ -115,19 +126,16 @@ impl RouteHandle {
             }
         }
         self.cancel.cancel();
-        let tasks = std::mem::take(&mut self.tasks);
-        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
-        self.connections.close();
-        let drained = async {
-            futures_util::future::join_all(tasks).await;
-            self.connections.wait().await;
-        };
-        if tokio::time::timeout(self.drain, drained).await.is_err() {
+        self.tasks.close();
+        if tokio::time::timeout(self.drain, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
-                rpc_connections = self.connections.len(),
+                tasks = self.tasks.len(),
                 "in-flight requests outlived the shutdown deadline; aborting them"
             );
-            aborts.iter().for_each(|a| a.abort());
+            self.aborts.iter().for_each(AbortHandle::abort);
         }
         tracing::info!(id = %self.id, "route stopped");
     }
@@ -234,50 +242,68 @@ pub async fn start(
     );
 
     let cancel = CancellationToken::new();
-    let connections = TaskTracker::new();
-    let mut tasks = vec![
-        tokio::spawn(sweep::run(state.clone(), watch, cancel.clone())),
-        tokio::spawn(prune_throttle(state.clone(), cancel.clone())),
+    let tasks = TaskTracker::new();
+    let mut aborts = vec![
+        tasks
+            .spawn(sweep::run(state.clone(), watch, cancel.clone()))
+            .abort_handle(),
+        tasks
+            .spawn(prune_throttle(state.clone(), cancel.clone()))
+            .abort_handle(),
     ];
     if events_read {
-        tasks.push(tokio::spawn(events::run_tail(
-            state.clone(),
-            cancel.clone(),
-        )));
+        aborts.push(
+            tasks
+                .spawn(events::run_tail(state.clone(), cancel.clone()))
+                .abort_handle(),
+        );
         // Returns at once without a webhook_url.
-        tasks.push(tokio::spawn(events::run_webhook(
-            state.clone(),
-            cancel.clone(),
-        )));
+        aborts.push(
+            tasks
+                .spawn(events::run_webhook(state.clone(), cancel.clone()))
+                .abort_handle(),
+        );
     }
     let public = app(state.clone());
-    tasks.push(match &tls {
-        None => tokio::spawn(serve(
-            cim_common::cluster::without_nagle(listeners.http),
-            public,
-            cancel.clone(),
-            "public",
-        )),
-        Some(tls) => {
-            use axum::serve::ListenerExt;
-            // Tapped (doing nothing) so that axum gives the peer address as connect info.
-            let listener =
-                cim_common::tls::TlsListener::new(listeners.http, tls.clone(), handshake_timeout)
-                    .tap_io(ignore_io as fn(&mut _));
-            tokio::spawn(serve(listener, public, cancel.clone(), "public (https)"))
+    aborts.push(
+        match &tls {
+            None => tasks.spawn(serve(
+                cim_common::cluster::without_nagle(listeners.http),
+                public,
+                cancel.clone(),
+                "public",
+            )),
+            Some(tls) => {
+                use axum::serve::ListenerExt;
+                // Tapped (doing nothing) so that axum gives the peer address as connect info.
+                let listener = cim_common::tls::TlsListener::new(
+                    listeners.http,
+                    tls.clone(),
+                    handshake_timeout,
+                )
+                .tap_io(ignore_io as fn(&mut _));
+                tasks.spawn(serve(listener, public, cancel.clone(), "public (https)"))
+            }
         }
-    });
+        .abort_handle(),
+    );
     if let Some(tls) = tls {
-        tasks.push(tokio::spawn(
-            tls.watch(cim_common::tls::RELOAD_POLL, cancel.clone()),
-        ));
+        aborts.push(
+            tasks
+                .spawn(tls.watch(cim_common::tls::RELOAD_POLL, cancel.clone()))
+                .abort_handle(),
+        );
     }
-    tasks.extend([tokio::spawn(serve(
-        cim_common::cluster::without_nagle(listeners.internal),
-        internal::app(state.clone(), cancel.clone(), connections.clone()),
-        cancel.clone(),
-        "internal",
-    ))]);
+    aborts.push(
+        tasks
+            .spawn(serve(
+                cim_common::cluster::without_nagle(listeners.internal),
+                internal::app(state.clone(), cancel.clone(), tasks.clone()),
+                cancel.clone(),
+                "internal",
+            ))
+            .abort_handle(),
+    );
     let mut handle = RouteHandle {
         id,
         state: state.clone(),
@@ -286,7 +312,7 @@ pub async fn start(
         cancel,
         registration: None,
         tasks,
-        connections,
+        aborts,
         drain,
     };
     match backends

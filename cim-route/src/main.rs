@@ -5,102 +5,39 @@
 use anyhow::{Context, Result};
 use cim_common::{
     backend::Backends,
-    cli::{bind, shutdown_signal, BackendFlags, SetFlags, TlsFlags},
+    cli::{bind, shutdown_signal, ConfigFlags, NodeFlags, TlsFlags},
 };
 use cim_route::{Listeners, RouteConfig};
 use clap::Parser;
 use serde::Serialize;
-use std::path::PathBuf;
 
-#[derive(Parser, Debug)]
+/// The command line; serialized, the named flags that were given in the shape of
+/// [`RouteConfig`] (the flags' config layer).
+#[derive(Parser, Serialize, Debug)]
 #[command(
     name = "cim-route",
     version,
     about = "cim route: accounts, login and message routing"
 )]
 struct Cli {
-    /// TOML configuration file.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Instance name (the id is `{name}-{random}`).
-    #[arg(long)]
-    name: Option<String>,
-    /// Public HTTP API address.
-    #[arg(long)]
-    http_listen: Option<String>,
-    /// Certificate chain for HTTPS on the public listener, PEM ([tls] cert_file).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// Private key of the certificate, PEM ([tls] key_file).
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-    /// Internal API address (forwards from connection servers).
-    #[arg(long)]
-    internal_listen: Option<String>,
-    /// Host advertised in the registry.
-    #[arg(long)]
-    advertise_host: Option<String>,
     #[command(flatten)]
-    backend: BackendFlags,
-    /// Cluster secret shared by every cim process.
+    #[serde(skip)]
+    config: ConfigFlags,
+    /// Public HTTP API address (HTTPS with --tls-cert/--tls-key).
     #[arg(long)]
-    cluster_secret: Option<String>,
-    /// Tokio worker threads (0: TOKIO_WORKER_THREADS, else one per core).
-    #[arg(long)]
-    worker_threads: Option<usize>,
-    #[command(flatten)]
-    settings: SetFlags,
-}
-
-/// The flags that were given, in the shape of [`RouteConfig`] (absent ones omitted).
-#[derive(Serialize, Default)]
-struct Overrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_listen: Option<String>,
+    #[command(flatten)]
     #[serde(skip_serializing_if = "TlsFlags::is_empty")]
     tls: TlsFlags,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    internal_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    advertise_host: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cluster_secret: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    worker_threads: Option<usize>,
-    #[serde(skip_serializing_if = "BackendFlags::is_empty")]
-    backend: BackendFlags,
-}
-
-impl Cli {
-    fn overrides(self) -> Overrides {
-        Overrides {
-            name: self.name,
-            http_listen: self.http_listen,
-            tls: TlsFlags {
-                cert_file: self.tls_cert,
-                key_file: self.tls_key,
-            },
-            internal_listen: self.internal_listen,
-            advertise_host: self.advertise_host,
-            cluster_secret: self.cluster_secret,
-            worker_threads: self.worker_threads,
-            backend: self.backend,
-        }
-    }
+    #[command(flatten)]
+    #[serde(flatten)]
+    node: NodeFlags,
 }
 
 /// The configuration the flags, the file they name and the environment (`env_prefix`) give.
-fn load_config(mut cli: Cli, env_prefix: &str) -> Result<RouteConfig> {
-    let file = cli.config.take();
-    let settings = std::mem::take(&mut cli.settings.set);
-    Ok(cim_common::config::load_with_settings(
-        file.as_deref(),
-        env_prefix,
-        &cli.overrides(),
-        &settings,
-    )?)
+fn load_config(cli: Cli, env_prefix: &str) -> Result<RouteConfig> {
+    Ok(cli.config.load(env_prefix, &cli)?)
 }
 
 fn main() -> Result<()> {

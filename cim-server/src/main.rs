@@ -6,117 +6,47 @@
 use anyhow::{anyhow, Context};
 use cim_common::{
     backend::Backends,
-    cli::{bind, bind_optional, shutdown_signal, BackendFlags, SetFlags, TlsFlags},
+    cli::{bind, bind_optional, shutdown_signal, ConfigFlags, NodeFlags, TlsFlags},
 };
 use cim_server::{Listeners, ServerConfig};
 use clap::Parser;
 use serde::Serialize;
-use std::path::PathBuf;
 
-#[derive(Parser, Debug)]
+/// The command line; serialized, the named flags that were given in the shape of
+/// [`ServerConfig`] (the flags' config layer).
+#[derive(Parser, Serialize, Debug)]
 #[command(name = "cim-server", version, about = "cim connection server")]
 struct Cli {
-    /// TOML configuration file.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Instance name (the id is `{name}-{random}`).
-    #[arg(long)]
-    name: Option<String>,
+    #[command(flatten)]
+    #[serde(skip)]
+    config: ConfigFlags,
     /// Client TCP listener, host:port.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     tcp_listen: Option<String>,
     /// Client WebSocket listener, host:port.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     ws_listen: Option<String>,
     /// Client TLS listener (the TCP protocol over TLS), host:port; needs --tls-cert/--tls-key.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_listen: Option<String>,
     /// Client WebSocket-over-TLS listener (wss://, path /ws), host:port; needs the TLS files.
     #[arg(long)]
-    wss_listen: Option<String>,
-    /// Certificate chain of the TLS listeners, PEM ([tls] cert_file).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// Private key of the certificate, PEM ([tls] key_file).
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-    /// Internal API listener, host:port.
-    #[arg(long)]
-    internal_listen: Option<String>,
-    /// Host registered for the three addresses.
-    #[arg(long)]
-    advertise_host: Option<String>,
-    #[command(flatten)]
-    backend: BackendFlags,
-    /// Cluster secret (prefer the config file or CIM_SERVER_CLUSTER_SECRET: flags are visible
-    /// in the process list).
-    #[arg(long)]
-    cluster_secret: Option<String>,
-    /// Tokio worker threads (0: TOKIO_WORKER_THREADS, else one per core).
-    #[arg(long)]
-    worker_threads: Option<usize>,
-    #[command(flatten)]
-    settings: SetFlags,
-}
-
-/// The flags that were given, as a config layer (absent flags are left out).
-#[derive(Serialize, Default)]
-struct Overrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tcp_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ws_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     wss_listen: Option<String>,
+    #[command(flatten)]
     #[serde(skip_serializing_if = "TlsFlags::is_empty")]
     tls: TlsFlags,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    internal_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    advertise_host: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cluster_secret: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    worker_threads: Option<usize>,
-    #[serde(skip_serializing_if = "BackendFlags::is_empty")]
-    backend: BackendFlags,
-}
-
-impl From<Cli> for Overrides {
-    fn from(cli: Cli) -> Self {
-        Overrides {
-            name: cli.name,
-            tcp_listen: cli.tcp_listen,
-            ws_listen: cli.ws_listen,
-            tls_listen: cli.tls_listen,
-            wss_listen: cli.wss_listen,
-            tls: TlsFlags {
-                cert_file: cli.tls_cert,
-                key_file: cli.tls_key,
-            },
-            internal_listen: cli.internal_listen,
-            advertise_host: cli.advertise_host,
-            cluster_secret: cli.cluster_secret,
-            worker_threads: cli.worker_threads,
-            backend: cli.backend,
-        }
-    }
+    #[command(flatten)]
+    #[serde(flatten)]
+    node: NodeFlags,
 }
 
 /// The configuration the flags, the file they name and the environment (`env_prefix`) give.
-fn load_config(mut cli: Cli, env_prefix: &str) -> anyhow::Result<ServerConfig> {
-    let file = cli.config.take();
-    let settings = std::mem::take(&mut cli.settings.set);
-    Ok(cim_common::config::load_with_settings(
-        file.as_deref(),
-        env_prefix,
-        &Overrides::from(cli),
-        &settings,
-    )?)
+fn load_config(cli: Cli, env_prefix: &str) -> anyhow::Result<ServerConfig> {
+    Ok(cli.config.load(env_prefix, &cli)?)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -17,7 +17,7 @@
 //!   `not_a_member`) → `{"id","delivered","timestamp_ms"}`
 //!
 //! Channel messages go to the online members but the sender, once, and are never stored
-//! (see `routing::deliver_channels`). Membership lives in Redis (one sorted set per channel),
+//! (see `routing::channels::deliver_channels`). Membership lives in Redis (one sorted set per channel),
 //! so a message to a channel of 100k members costs two round trips per 1,000 members, not
 //! one per member.
 
