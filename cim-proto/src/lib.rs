@@ -7,6 +7,7 @@
 //! - [`codec`]: varint32-delimited protobuf framing for TCP, with a maximum frame size.
 //! - [`ids`]: message ids and the rules for ids and names clients choose (message ids,
 //!   channel names).
+//! - `tls` (feature `tls`): what both sides of TLS share (provider, PEM files, errors).
 //! - `arb` (feature `arb`): proptest strategies of the wire types, for property tests.
 //!
 //! cim-common re-exports these under their old paths (`cim_common::{pb, codec, ids}`).
@@ -16,3 +17,5 @@ pub mod arb;
 pub mod codec;
 pub mod ids;
 pub mod pb;
+#[cfg(feature = "tls")]
+pub mod tls;

@@ -17,7 +17,7 @@ use super::{
     render::{self, Style},
     Args,
 };
-use crate::{
+use cim_sdk::{
     pb, route::RouteError, Client, ClientConfig, ClientError, Event, Events, Recipient, SendOptions,
 };
 use std::{collections::VecDeque, future::Future, pin::Pin, process::ExitCode};
@@ -128,11 +128,11 @@ pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
 enum Done {
     Sent {
         message: Outgoing,
-        result: Result<crate::SendOutcome, ClientError>,
+        result: Result<cim_sdk::SendOutcome, ClientError>,
     },
     Online {
         prefix: Option<String>,
-        result: Result<Vec<crate::route::OnlineUser>, ClientError>,
+        result: Result<Vec<cim_sdk::route::OnlineUser>, ClientError>,
     },
     Joined {
         channel: String,
@@ -142,7 +142,7 @@ enum Done {
         channel: String,
         result: Result<bool, ClientError>,
     },
-    Channels(Result<Vec<crate::route::ChannelInfo>, ClientError>),
+    Channels(Result<Vec<cim_sdk::route::ChannelInfo>, ClientError>),
 }
 
 type Work = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -373,7 +373,7 @@ impl App {
     async fn on_sent(
         &mut self,
         message: Outgoing,
-        result: Result<crate::SendOutcome, ClientError>,
+        result: Result<cim_sdk::SendOutcome, ClientError>,
     ) {
         let outcome = match result {
             Ok(outcome) => outcome,
@@ -411,7 +411,7 @@ impl App {
             Event::State(state) => {
                 if let Some(line) = self.state_lines.line(&state) {
                     let text = render::notice(self.style, &line);
-                    if matches!(state, crate::ConnState::Closed { .. }) {
+                    if matches!(state, cim_sdk::ConnState::Closed { .. }) {
                         self.out.print_final(text).await;
                     } else {
                         self.print(text).await;
@@ -420,7 +420,7 @@ impl App {
             }
             Event::Kicked { reason, message } => {
                 let text = render::error(self.style, &render::kicked(reason, &message));
-                if crate::client::kick_ends_session(reason) {
+                if cim_sdk::client::kick_ends_session(reason) {
                     self.out.print_final(text).await;
                 } else {
                     self.print(text).await;

@@ -6,12 +6,12 @@
 
 use super::command::{To, COMMANDS};
 use super::history::{find_matches, Entry};
-use crate::{
+use chrono::{DateTime, Local, TimeZone};
+use cim_sdk::{
     pb,
     route::{ChannelInfo, OnlineUser},
     ClientInfo, ConnState,
 };
-use chrono::{DateTime, Local, TimeZone};
 use std::time::Duration;
 
 const RESET: &str = "\x1b[0m";
@@ -226,7 +226,7 @@ pub fn channels(style: Style, list: &[ChannelInfo]) -> String {
 /// The line that follows an accepted send, if any: a private message waits for its offline
 /// receiver, or a group or channel message reached nobody. Not for a repeat (a send written
 /// again after a lost connection): the send before it did the delivering.
-pub fn after_sent(style: Style, to: &To, outcome: &crate::SendOutcome) -> Option<String> {
+pub fn after_sent(style: Style, to: &To, outcome: &cim_sdk::SendOutcome) -> Option<String> {
     let nobody = outcome.delivered == 0 && !outcome.repeat;
     match to {
         To::User(name) if outcome.status == pb::SendStatus::Stored => Some(offline(style, name)),
@@ -659,7 +659,7 @@ mod tests {
 
     #[test]
     fn what_follows_a_send() {
-        let sent = |status, delivered, repeat| crate::SendOutcome {
+        let sent = |status, delivered, repeat| cim_sdk::SendOutcome {
             message_id: "m".into(),
             status,
             delivered,

@@ -6,7 +6,7 @@
 //! messages, receipts and kicks.
 //!
 //! ```no_run
-//! use cim_client::{Client, ClientConfig, ClientError, Event, Recipient, SendOptions};
+//! use cim_sdk::{Client, ClientConfig, ClientError, Event, Recipient, SendOptions};
 //!
 //! async fn chat() -> Result<(), ClientError> {
 //!     let config = ClientConfig::new("http://127.0.0.1:8080", "alice", "secret1");
@@ -93,6 +93,7 @@
 //!   limit. An application that drops [`Events`] no longer receives anything: messages are
 //!   acked and dropped.
 
+use crate::tls::ClientTls;
 use crate::{
     conn::{ConnError, ConnectOptions, Connection},
     pb,
@@ -104,7 +105,6 @@ use crate::{
     worker::{Command, LogoutSlot, Shared, Worker},
     Transport,
 };
-use cim_common::tls::ClientTls;
 use std::{
     fmt,
     path::PathBuf,
@@ -718,12 +718,12 @@ impl Client {
             Recipient::Name(name) => (0, name),
         };
         let message_id = match options.message_id {
-            Some(id) if !cim_common::ids::valid_message_id(&id) => {
+            Some(id) if !cim_proto::ids::valid_message_id(&id) => {
                 return Err(ClientError::Send {
                     code: pb::ErrorCode::BadRequest,
                     message: format!(
                         "message id {id:?} is not 1-{} characters of [0-9A-Za-z_-]",
-                        cim_common::ids::MAX_MESSAGE_ID_LEN
+                        cim_proto::ids::MAX_MESSAGE_ID_LEN
                     ),
                 });
             }
@@ -782,7 +782,7 @@ impl Client {
         // Chosen here, before anything is written: a re-send after a lost connection carries
         // the same id, and the server stores the message once.
         if send.message_id.is_empty() {
-            send.message_id = cim_common::ids::message_id();
+            send.message_id = cim_proto::ids::message_id();
         }
         let deadline = tokio::time::Instant::now() + SEND_TIMEOUT;
         let (reply, result) = oneshot::channel();
@@ -1178,7 +1178,7 @@ mod tests {
             })
         };
         let command = queued.recv().await.expect("queued");
-        assert!(cim_common::ids::valid_message_id(&command.send.message_id));
+        assert!(cim_proto::ids::valid_message_id(&command.send.message_id));
         assert!(!command.send.receipt);
         drop(command);
         sending.await.unwrap();
@@ -1237,7 +1237,7 @@ mod tests {
             (command.send.channel.as_str(), command.send.body.as_str()),
             ("频道-1", "hello")
         );
-        assert!(cim_common::ids::valid_message_id(&command.send.message_id));
+        assert!(cim_proto::ids::valid_message_id(&command.send.message_id));
         assert_eq!(
             (command.send.to_user_id, command.send.to_user_name.as_str()),
             (0, "")

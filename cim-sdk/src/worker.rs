@@ -691,7 +691,7 @@ async fn close(conn: Connection) {
 mod tests {
     use super::*;
     use crate::{client::ReconnectPolicy, recent::DEFAULT_CAPACITY};
-    use cim_common::codec::FrameCodec;
+    use cim_proto::codec::FrameCodec;
     use futures_util::{SinkExt, StreamExt};
     use std::sync::Arc;
     use tokio::net::{TcpListener, TcpStream};

@@ -1,6 +1,6 @@
 //! Typed calls to the route's HTTP API. Errors carry the route's `{"error":{code,message}}`.
 
-use cim_common::tls::ClientTls;
+use crate::tls::ClientTls;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::time::Duration;
 
@@ -126,7 +126,7 @@ pub struct GroupSent {
 }
 
 /// Longest channel name, in characters.
-pub const MAX_CHANNEL_NAME_CHARS: usize = cim_common::ids::MAX_CHANNEL_NAME_LEN;
+pub const MAX_CHANNEL_NAME_CHARS: usize = cim_proto::ids::MAX_CHANNEL_NAME_LEN;
 
 /// Why `name` cannot be a channel name, or `None` when it can. The route's rule: 1 to
 /// [`MAX_CHANNEL_NAME_CHARS`] characters, each a Unicode letter or digit or one of `_ - .`
@@ -152,12 +152,12 @@ pub fn channel_name_error(name: &str) -> Option<String> {
             name
         ));
     }
-    if cim_common::ids::RESERVED_CHANNEL_NAMES.contains(&name) {
+    if cim_proto::ids::RESERVED_CHANNEL_NAMES.contains(&name) {
         return Some(format!(
             "{name:?} is reserved and cannot be used as a channel name"
         ));
     }
-    debug_assert!(cim_common::ids::valid_channel_name(name), "{name:?}");
+    debug_assert!(cim_proto::ids::valid_channel_name(name), "{name:?}");
     None
 }
 
@@ -626,7 +626,7 @@ mod tests {
         ] {
             assert_eq!(
                 is_channel_name(name),
-                cim_common::ids::valid_channel_name(name),
+                cim_proto::ids::valid_channel_name(name),
                 "{name:?}"
             );
         }
