@@ -103,5 +103,4 @@ mod tests {
         }
         assert!(!valid_message_id(&"x".repeat(65)));
     }
-
 }

@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`pb`]: the types generated from `proto/cim.proto` (prost), with serde implementations
 //!   following the proto3 JSON mapping (pbjson, used by WebSocket text frames).
+//! - [`api`]: the JSON bodies of the route's HTTP API and its error codes ([`api::ErrorCode`]),
+//!   with OpenAPI schemas behind feature `openapi`.
 //! - [`codec`]: varint32-delimited protobuf framing for TCP, with a maximum frame size.
 //! - [`ids`]: message ids and the rules for ids and names clients choose (message ids,
 //!   channel names).
@@ -12,6 +14,7 @@
 //!
 //! cim-common re-exports these under their old paths (`cim_common::{pb, codec, ids}`).
 
+pub mod api;
 #[cfg(any(test, feature = "arb"))]
 pub mod arb;
 pub mod codec;

@@ -35,7 +35,7 @@ pub use client::{
 };
 pub use conn::{Connection, Transport};
 pub use route::{
-    ChannelInfo, ChannelMember, ChannelPage, LoginInfo, MemberPage, OnlineUser, RouteClient,
-    RouteError,
+    ChannelInfo, ChannelMember, ChannelPage, ErrorCode, LoginInfo, MemberPage, OnlineUser,
+    RouteClient, RouteError,
 };
 pub use tls::ClientTls;

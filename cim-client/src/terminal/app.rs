@@ -18,7 +18,8 @@ use super::{
     Args,
 };
 use cim_sdk::{
-    pb, route::RouteError, Client, ClientConfig, ClientError, Event, Events, Recipient, SendOptions,
+    pb, route::RouteError, Client, ClientConfig, ClientError, ErrorCode, Event, Events, Recipient,
+    SendOptions,
 };
 use std::{collections::VecDeque, future::Future, pin::Pin, process::ExitCode};
 use tokio::task::JoinSet;
@@ -47,7 +48,7 @@ pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
             Ok(id) => println!("registered {} (#{id})", args.name),
             // Documented choice: `--register` of an existing name logs in to it, so a script
             // can always pass `--register`; a wrong password then fails the login below.
-            Err(e) if e.code() == Some("name_taken") => {
+            Err(e) if e.error_code() == Some(ErrorCode::NameTaken) => {
                 println!("{} is already registered; logging in", args.name)
             }
             Err(e) => {
@@ -556,9 +557,9 @@ fn describe(e: &ClientError, route: &str) -> String {
             };
             format!("route {route} unreachable ({why})")
         }
-        ClientError::Route(RouteError::Api { code, message, .. }) => match code.as_str() {
-            "name_taken" => "this name is taken".into(),
-            "session_ended" => "the session ended (reconnecting?)".into(),
+        ClientError::Route(RouteError::Api { code, message, .. }) => match code {
+            ErrorCode::NameTaken => "this name is taken".into(),
+            ErrorCode::SessionEnded => "the session ended (reconnecting?)".into(),
             _ => message.clone(),
         },
         ClientError::AlreadyLoggedIn(_) => {
