@@ -624,7 +624,7 @@ main() {
 
     if [[ ${BASELINE_SKIP_BUILD:-} != 1 ]]; then
         log "building: cargo build --release (cim-server, cim-route, cim-bench)"
-        (cd "$repo" && cargo build --release -p cim-server -p cim-route -p cim-client \
+        (cd "$repo" && cargo build --release -p cim-server -p cim-route -p cim-bench \
             --bin cim-server --bin cim-route --bin cim-bench)
     fi
     [[ -x $bench ]] || die "$bench is missing (build failed?)"

@@ -25,7 +25,7 @@ concurrency=${FLOOD_CONCURRENCY:-1000}
 settle=${FLOOD_SETTLE:-5s}
 
 if [[ ${FLOOD_SKIP_BUILD:-0} != 1 ]]; then
-    (cd "$repo" && cargo build --release -p cim-standalone -p cim-client --bin cim-standalone --bin cim-bench)
+    (cd "$repo" && cargo build --release -p cim-standalone -p cim-bench --bin cim-standalone --bin cim-bench)
 fi
 mkdir -p "$run_dir"
 

@@ -1,38 +1,5 @@
-//! cim client SDK.
-//!
-//! # Layout
-//! - [`client`]: the SDK most applications want: [`Client::connect`] logs in, stays connected
-//!   (heartbeats, reconnects, re-sends, acks, de-duplication) and reports [`Event`]s;
-//!   [`Client::send`], [`Client::send_with`] (receipts), [`Client::send_group`],
-//!   [`Client::send_channel`], [`Client::join_channel`], [`Client::leave_channel`],
-//!   [`Client::my_channels`], [`Client::online_users`], [`Client::logout`].
-//! - [`route`]: the route's HTTP API (register, login, logout, online users, messages,
-//!   channels).
-//! - [`conn`]: one connection to a connection server over TCP (delimited protobuf) or
-//!   WebSocket (binary protobuf or JSON text frames), plain or TLS: login handshake, send and
-//!   receive frames.
-//!
-//! TLS: `https://` route URLs, and TLS / `wss://` to servers per [`TlsMode`]; [`ClientTls`]
-//! trusts the system's roots plus [`ClientConfig::ca_file`].
-//!
-//! The terminal client and the load generator build on these layers.
+//! The terminal chat client (`cim-client` binary), built on the SDK (`cim-sdk`). A library
+//! crate as well as a binary so the unit tests of [`terminal`] reach its modules; `main.rs`
+//! only hands over to [`terminal::main`].
 
-pub mod bench;
-pub mod client;
-pub mod conn;
-mod recent;
-pub mod route;
 pub mod terminal;
-mod worker;
-
-pub use cim_common::pb;
-pub use cim_common::tls::ClientTls;
-pub use client::{
-    Client, ClientConfig, ClientError, ClientInfo, ConnState, Event, Events, Recipient,
-    ReconnectPolicy, SendOptions, SendOutcome, TlsMode,
-};
-pub use conn::{Connection, Transport};
-pub use route::{
-    ChannelInfo, ChannelMember, ChannelPage, LoginInfo, MemberPage, OnlineUser, RouteClient,
-    RouteError,
-};

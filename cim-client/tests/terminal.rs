@@ -675,7 +675,7 @@ async fn a_script_chats_over_tls() -> anyhow::Result<()> {
         .tls_addr
         .expect("tls listener")
         .to_string();
-    let mut bob = cluster.user("bob", cim_client::Transport::Tcp).await?;
+    let mut bob = cluster.user("bob", cim_sdk::Transport::Tcp).await?;
     let dir = tempfile::tempdir()?;
 
     let run = |ca: Option<&Path>| {

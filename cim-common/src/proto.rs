@@ -1,11 +1,9 @@
-//! Generated protobuf types. `cim` is the client wire contract (with serde implementations
-//! following the proto3 JSON mapping, used by WebSocket text frames); `cim::cluster` holds the
-//! internal call bodies.
+//! Generated protobuf types. `cim` is the client wire contract, cim-proto's `pb` re-exported
+//! under its old path; `cim::cluster` holds the internal call bodies (`proto/cluster.proto`),
+//! generated here because only the cluster's processes use them.
 
-#[allow(clippy::all, clippy::pedantic)]
 pub mod cim {
-    include!(concat!(env!("OUT_DIR"), "/cim.rs"));
-    include!(concat!(env!("OUT_DIR"), "/cim.serde.rs"));
+    pub use cim_proto::pb::*;
 
     #[allow(clippy::all, clippy::pedantic)]
     pub mod cluster {
@@ -13,63 +11,3 @@ pub mod cim {
         include!(concat!(env!("OUT_DIR"), "/cim.cluster.serde.rs"));
     }
 }
-
-use cim::{frame::Body, Frame};
-
-impl Frame {
-    /// Wraps a body into a frame.
-    pub fn new(body: Body) -> Self {
-        Frame { body: Some(body) }
-    }
-
-    /// An error frame.
-    pub fn error(code: cim::ErrorCode, message: impl Into<String>) -> Self {
-        Frame::new(Body::Error(cim::Error {
-            code: code as i32,
-            message: message.into(),
-        }))
-    }
-
-    /// A kick frame.
-    pub fn kick(reason: cim::KickReason, message: impl Into<String>) -> Self {
-        Frame::new(Body::Kick(cim::Kick {
-            reason: reason as i32,
-            message: message.into(),
-        }))
-    }
-
-    /// Short name of the body, for logs and errors.
-    pub fn kind_name(&self) -> &'static str {
-        match &self.body {
-            None => "unknown",
-            Some(Body::Login(_)) => "login",
-            Some(Body::LoginResult(_)) => "login_result",
-            Some(Body::Ping(_)) => "ping",
-            Some(Body::Pong(_)) => "pong",
-            Some(Body::Send(_)) => "send",
-            Some(Body::SendResult(_)) => "send_result",
-            Some(Body::Push(_)) => "push",
-            Some(Body::Kick(_)) => "kick",
-            Some(Body::Error(_)) => "error",
-            Some(Body::Ack(_)) => "ack",
-        }
-    }
-}
-
-impl cim::SendResult {
-    /// A failed send result for `client_id`.
-    pub fn failed(client_id: u64, code: cim::ErrorCode, message: impl Into<String>) -> Self {
-        cim::SendResult {
-            client_id,
-            status: cim::SendStatus::Failed as i32,
-            error: Some(cim::Error {
-                code: code as i32,
-                message: message.into(),
-            }),
-            ..Default::default()
-        }
-    }
-}
-
-#[cfg(test)]
-mod props;

@@ -1,5 +1,6 @@
-//! TLS for the client-facing listeners and for clients: rustls on the ring provider, keys
-//! and certificates from PEM files.
+//! TLS for the client-facing listeners: rustls on the ring provider, keys and certificates
+//! from PEM files. (The client side is `cim_sdk::ClientTls`; what both share, the provider,
+//! PEM reading and [`TlsError`], is `cim_proto::tls`.)
 //!
 //! - [`TlsConfig`]: the `[tls]` section of a config file (`cert_file`, `key_file`).
 //! - [`ServerTls`]: the server side. Loads the certificate chain and key into a rustls
@@ -13,24 +14,19 @@
 //! - [`TlsListener`]: an `axum::serve::Listener` of TLS connections (HTTPS): handshakes run
 //!   concurrently under the deadline, failed ones are logged at debug and skipped, never
 //!   ending the accept loop.
-//! - [`ClientTls`]: the client side. Trusts the system's roots (rustls-native-certs) plus an
-//!   optional extra CA file (PEM), for clusters with certificates of their own CA.
 //!
 //! Only the listeners clients reach use TLS. Internal listeners (servers' and routes' internal
 //! APIs) stay plain HTTP on private networks, authenticated by the cluster secret.
 
 use arc_swap::ArcSwap;
-use rustls::{
-    crypto::CryptoProvider,
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
-    RootCertStore,
-};
+use cim_proto::tls::{certificates, provider, read};
+use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use std::{
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 use tokio::{
@@ -41,7 +37,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-pub use tokio_rustls::{client::TlsStream as ClientTlsStream, server::TlsStream};
+pub use cim_proto::tls::TlsError;
+pub use tokio_rustls::server::TlsStream;
 
 /// How often [`ServerTls::watch`] compares the files with what it loaded.
 pub const RELOAD_POLL: Duration = Duration::from_secs(3);
@@ -88,66 +85,6 @@ impl TlsConfig {
             )),
         }
     }
-}
-
-/// Why TLS material could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("[tls] is not configured (cert_file and key_file)")]
-    NotConfigured,
-    #[error("cannot read {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
-    #[error("{what} {path}: {message}")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        message: String,
-    },
-    #[error("certificate {cert} with key {key} refused: {source}")]
-    Refused {
-        cert: PathBuf,
-        key: PathBuf,
-        source: rustls::Error,
-    },
-    #[error("TLS client setup: {0}")]
-    Client(rustls::Error),
-}
-
-/// The one crypto provider cim uses: ring.
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Every certificate in a PEM text (at least one).
-fn certificates(
-    what: &'static str,
-    path: &Path,
-    pem: &[u8],
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bad = |message: String| TlsError::Pem {
-        what,
-        path: path.to_path_buf(),
-        message,
-    };
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("not PEM certificates: {e}")))?;
-    if certs.is_empty() {
-        return Err(bad("no CERTIFICATE in the file".into()));
-    }
-    Ok(certs)
 }
 
 /// The rustls server settings for a certificate chain and key (PEM bytes).
@@ -401,91 +338,6 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// The system's trusted roots, read once per process.
-fn system_roots() -> &'static [CertificateDer<'static>] {
-    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
-    ROOTS.get_or_init(|| {
-        let found = rustls_native_certs::load_native_certs();
-        for e in &found.errors {
-            tracing::debug!(error = %e, "reading the system's certificates");
-        }
-        found.certs
-    })
-}
-
-/// The client side of TLS: which certificates to trust. Cheap to clone.
-#[derive(Clone)]
-pub struct ClientTls {
-    config: Arc<rustls::ClientConfig>,
-}
-
-impl std::fmt::Debug for ClientTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls").finish_non_exhaustive()
-    }
-}
-
-impl ClientTls {
-    /// Trusts the system's roots, plus the CA certificates in `ca_file` (PEM) if given.
-    pub fn new(ca_file: Option<&Path>) -> Result<Self, TlsError> {
-        let mut roots = RootCertStore::empty();
-        // Certificates the parser refuses are skipped: one odd entry in the system store
-        // must not make every TLS connection impossible.
-        let (added, ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
-        tracing::debug!(added, ignored, "system roots");
-        if let Some(path) = ca_file {
-            let pem = read("CA file", path)?;
-            for cert in certificates("CA file", path, &pem)? {
-                roots.add(cert).map_err(|e| TlsError::Pem {
-                    what: "CA file",
-                    path: path.to_path_buf(),
-                    message: format!("not a usable CA certificate: {e}"),
-                })?;
-            }
-        }
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(TlsError::Client)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(Self {
-            config: Arc::new(config),
-        })
-    }
-
-    /// The rustls settings (e.g. for an HTTP client's `use_preconfigured_tls`).
-    pub fn rustls_config(&self) -> rustls::ClientConfig {
-        (*self.config).clone()
-    }
-
-    /// Runs the client handshake on `stream` with a server reached as `addr`
-    /// (`host:port`; the host is checked against the certificate: a name or an IP).
-    pub async fn connect<S>(&self, addr: &str, stream: S) -> io::Result<ClientTlsStream<S>>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let name = server_name(addr)?;
-        tokio_rustls::TlsConnector::from(self.config.clone())
-            .connect(name, stream)
-            .await
-    }
-}
-
-/// The name to verify for `addr` (`host:port`, `[v6]:port` or a bare host).
-pub fn server_name(addr: &str) -> io::Result<ServerName<'static>> {
-    let host = match addr.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => host,
-        _ => addr,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    ServerName::try_from(host.to_string()).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{host:?} is not a TLS server name: {e}"),
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,27 +367,6 @@ mod tests {
     }
 
     #[test]
-    fn server_names_from_addresses() {
-        assert_eq!(
-            server_name("localhost:9443").unwrap(),
-            ServerName::try_from("localhost").unwrap()
-        );
-        assert_eq!(
-            server_name("127.0.0.1:9443").unwrap(),
-            ServerName::try_from("127.0.0.1").unwrap()
-        );
-        assert_eq!(
-            server_name("[::1]:9443").unwrap(),
-            ServerName::try_from("::1").unwrap()
-        );
-        assert_eq!(
-            server_name("im.example.org").unwrap(),
-            ServerName::try_from("im.example.org").unwrap()
-        );
-        assert!(server_name("bad name:1").is_err());
-    }
-
-    #[test]
     fn missing_or_broken_files_are_named() {
         let dir = std::env::temp_dir().join(format!("cim-tls-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -558,10 +389,6 @@ mod tests {
             err.contains("cert.pem") && err.contains("CERTIFICATE"),
             "{err}"
         );
-        let err = ClientTls::new(Some(&dir.join("absent-ca.pem")))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("absent-ca.pem"), "{err}");
         assert!(matches!(
             ServerTls::load(&TlsConfig::default()),
             Err(TlsError::NotConfigured)

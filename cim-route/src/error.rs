@@ -11,33 +11,31 @@ use axum::{
     BoxError, Json,
 };
 use cim_common::store::StoreError;
-use serde::{de::DeserializeOwned, Serialize};
+pub use cim_proto::api::ErrorCode;
+use cim_proto::api::{ErrorBody, ErrorDetail};
+use serde::de::DeserializeOwned;
 
 /// A failed request: status, stable machine-readable code, human message, and (for 5xx) the
 /// cause, which is logged but never sent to the client.
 #[derive(Debug)]
 pub struct AppError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     cause: Option<String>,
     /// Seconds for a `Retry-After` header (429 and 503 answers that know when to retry).
     retry_after: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: &'a str,
-}
-
 impl AppError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// `code` is an [`ErrorCode`] or its wire string (`"name_taken"`); a string that names no
+    /// code this build knows is a bug (debug builds panic, so every test catches it).
+    pub fn new(status: StatusCode, code: impl Into<ErrorCode>, message: impl Into<String>) -> Self {
+        let code = code.into();
+        debug_assert!(
+            code.known_str().is_some(),
+            "{code:?} is not an ErrorCode: add it to cim_proto::api::ErrorCode"
+        );
         Self {
             status,
             code,
@@ -49,7 +47,7 @@ impl AppError {
 
     /// 429 `code`, with `Retry-After` rounded up to whole seconds (at least 1).
     pub fn too_many(
-        code: &'static str,
+        code: impl Into<ErrorCode>,
         message: impl Into<String>,
         wait: std::time::Duration,
     ) -> Self {
@@ -67,17 +65,17 @@ impl AppError {
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
     }
 
-    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn unauthorized(code: impl Into<ErrorCode>, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)
     }
 
     pub fn unavailable(cause: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            ErrorCode::Unavailable,
             "a backend is unavailable, retry later",
         )
         .with_cause(cause)
@@ -86,7 +84,7 @@ impl AppError {
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "internal error",
         )
         .with_cause(cause)
@@ -117,11 +115,14 @@ impl From<StoreError> for AppError {
 }
 
 /// The JSON error response for `status`, `code`, `message`.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+pub fn error_response(status: StatusCode, code: &ErrorCode, message: &str) -> Response {
     let mut resp = (
         status,
         Json(ErrorBody {
-            error: ErrorDetail { code, message },
+            error: ErrorDetail {
+                code: code.clone(),
+                message: message.to_owned(),
+            },
         }),
     )
         .into_response();
@@ -137,11 +138,13 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
             match &self.cause {
-                Some(cause) => tracing::error!(code = self.code, %cause, "request failed"),
-                None => tracing::warn!(code = self.code, message = %self.message, "request failed"),
+                Some(cause) => tracing::error!(code = %self.code, %cause, "request failed"),
+                None => {
+                    tracing::warn!(code = %self.code, message = %self.message, "request failed")
+                }
             }
         }
-        let mut response = error_response(self.status, self.code, &self.message);
+        let mut response = error_response(self.status, &self.code, &self.message);
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()
@@ -169,13 +172,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 fn json_rejection(rejection: JsonRejection) -> AppError {
     let status = rejection.status();
     let (status, code) = match &rejection {
-        JsonRejection::MissingJsonContentType(_) => (status, "unsupported_media_type"),
-        JsonRejection::JsonSyntaxError(_) => (status, "invalid_json"),
+        JsonRejection::MissingJsonContentType(_) => (status, ErrorCode::UnsupportedMediaType),
+        JsonRejection::JsonSyntaxError(_) => (status, ErrorCode::InvalidJson),
         // Well-formed JSON of the wrong shape (missing field, wrong type): axum says 422; we
         // answer 400 like every other malformed request, so clients handle one status.
-        JsonRejection::JsonDataError(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-        _ if status == StatusCode::PAYLOAD_TOO_LARGE => (status, "payload_too_large"),
-        _ => (status, "bad_request"),
+        JsonRejection::JsonDataError(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => (status, ErrorCode::PayloadTooLarge),
+        _ => (status, ErrorCode::BadRequest),
     };
     // The rejection text names the offending field or position; it never echoes the body.
     AppError::new(status, code, rejection.body_text())
@@ -211,18 +214,20 @@ pub async fn normalize_errors(resp: Response) -> Response {
         return resp;
     }
     let (code, message) = match status {
-        StatusCode::NOT_FOUND => ("not_found", "no such endpoint"),
-        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed here"),
-        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "request body is too large"),
+        StatusCode::NOT_FOUND => (ErrorCode::NotFound, "no such endpoint"),
+        StatusCode::METHOD_NOT_ALLOWED => (ErrorCode::MethodNotAllowed, "method not allowed here"),
+        StatusCode::PAYLOAD_TOO_LARGE => (ErrorCode::PayloadTooLarge, "request body is too large"),
         StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => {
-            ("timeout", "the request took too long")
+            (ErrorCode::Timeout, "the request took too long")
         }
-        StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "service unavailable, retry later"),
-        s if s.is_server_error() => ("internal", "internal error"),
-        _ => ("bad_request", "bad request"),
+        StatusCode::SERVICE_UNAVAILABLE => {
+            (ErrorCode::Unavailable, "service unavailable, retry later")
+        }
+        s if s.is_server_error() => (ErrorCode::Internal, "internal error"),
+        _ => (ErrorCode::BadRequest, "bad request"),
     };
     let (mut parts, _) = resp.into_parts();
-    let mut fresh = error_response(status, code, message);
+    let mut fresh = error_response(status, &code, message);
     // Keep informative headers such as `Allow` on a 405.
     parts.headers.remove(header::CONTENT_TYPE);
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -238,7 +243,7 @@ pub async fn overloaded(err: BoxError) -> Response {
         tracing::warn!("request shed: concurrency limit reached");
         error_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
+            &ErrorCode::Overloaded,
             "too many requests in flight, retry later",
         )
     } else {

@@ -196,7 +196,8 @@ impl RouteMetrics {
             }
             Err(e) => {
                 self.login_failures
-                    .get_or_create(&vec![("reason", e.code)])
+                    // Every code the route answers is a known one (`AppError::new` checks).
+                    .get_or_create(&vec![("reason", e.code.known_str().unwrap_or("other"))])
                     .inc();
             }
         }

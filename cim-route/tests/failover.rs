@@ -4,12 +4,12 @@
 //! message ids, so every accepted message reaches the receiver exactly once after
 //! de-duplication by id, in send order, and nothing that was not sent arrives.
 
-use cim_client::{
+use cim_common::registry::{EtcdRegistry, Registry as _, ServiceKind};
+use cim_route::RouteConfig;
+use cim_sdk::{
     pb::{ErrorCode, SendStatus},
     RouteClient, Transport,
 };
-use cim_common::registry::{EtcdRegistry, Registry as _, ServiceKind};
-use cim_route::RouteConfig;
 use cim_tests::{
     cluster::{check_stream_delivery, test_password, Cluster, Sent, TestUser},
     RouteProcess,
@@ -120,8 +120,8 @@ async fn killing_a_route_mid_stream_loses_and_duplicates_nothing() -> anyhow::Re
         "the route was not killed mid-stream: {received_before_kill:?}"
     );
     let marker = sender
-        .send(cim_client::pb::Send {
-            kind: cim_client::pb::MessageKind::Private as i32,
+        .send(cim_sdk::pb::Send {
+            kind: cim_sdk::pb::MessageKind::Private as i32,
             to_user_id: receiver_id,
             body: MARKER.into(),
             message_id: "marker".into(),

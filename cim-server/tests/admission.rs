@@ -3,11 +3,11 @@
 //! reason, and do not stop logged-in users from chatting. The server's resident memory and
 //! open files are read from `/proc` before and after (printed; bounded loosely).
 
-use cim_client::{
+use cim_common::codec::FrameCodec;
+use cim_sdk::{
     pb::{frame::Body, ErrorCode, Frame},
     Transport,
 };
-use cim_common::codec::FrameCodec;
 use cim_tests::{cluster::Cluster, ServerProcess};
 use futures_util::{stream::FuturesUnordered, StreamExt};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! accepted (Delivered or Stored) must reach the receiver exactly once after de-duplication
 //! by id, in send order, and nothing that was not sent may arrive.
 
-use cim_client::{
+use cim_sdk::{
     pb::{self, ErrorCode, SendStatus},
     RouteClient, Transport,
 };

@@ -368,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn tls_everywhere_in_one_process() {
-        use cim_client::{Client, ClientConfig, ConnState, Event, TlsMode, Transport};
+        use cim_sdk::{Client, ClientConfig, ConnState, Event, TlsMode, Transport};
         let pki = cim_tests::tls::TestPki::new();
         let config = StandaloneConfig {
             http_listen: "127.0.0.1:0".into(),

@@ -5,7 +5,7 @@
 //! No etcd or Redis is started: the process must need neither.
 
 use anyhow::{anyhow, bail, Context};
-use cim_client::{
+use cim_sdk::{
     pb::{self, frame::Body, Frame, KickReason, MessageKind, SendStatus},
     Connection, RouteClient, Transport,
 };
@@ -208,7 +208,7 @@ async fn user(
     route: &RouteClient,
     name: &str,
     transport: Transport,
-) -> anyhow::Result<(cim_client::LoginInfo, Connection)> {
+) -> anyhow::Result<(cim_sdk::LoginInfo, Connection)> {
     route.register(name, "secret-pw").await?;
     let login = route.login(name, "secret-pw").await?;
     let addr = match transport {
@@ -321,7 +321,7 @@ async fn a_whole_chat_through_one_standalone_process() -> anyhow::Result<()> {
     assert_eq!(reason, KickReason::LoggedOut);
     let closed = tokio::time::timeout(DEADLINE, async {
         while alice_conn.recv().await?.is_some() {}
-        Ok::<_, cim_client::conn::ConnError>(())
+        Ok::<_, cim_sdk::conn::ConnError>(())
     })
     .await;
     assert!(matches!(closed, Ok(Ok(()))), "{closed:?}");

@@ -343,7 +343,7 @@ impl RouteProcess {
         format!("http://{}", self.http_addr())
     }
 
-    pub fn client(&self) -> cim_client::RouteClient {
-        cim_client::RouteClient::new(&self.url())
+    pub fn client(&self) -> cim_sdk::RouteClient {
+        cim_sdk::RouteClient::new(&self.url())
     }
 }

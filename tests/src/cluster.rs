@@ -9,12 +9,12 @@
 
 use crate::{Infra, RedisOptions};
 use anyhow::Context;
-use cim_client::{
-    pb::{self, frame::Body, Frame},
-    Connection, LoginInfo, RouteClient, Transport,
-};
-use cim_common::{backend::Backends, tls::ClientTls};
+use cim_common::backend::Backends;
 use cim_route::{RouteConfig, RouteHandle};
+use cim_sdk::{
+    pb::{self, frame::Body, Frame},
+    ClientTls, Connection, LoginInfo, RouteClient, Transport,
+};
 use cim_server::{ServerConfig, ServerHandle};
 use std::collections::VecDeque;
 use std::{net::SocketAddr, time::Duration};
@@ -548,7 +548,7 @@ impl TestUser {
             match self.conn.recv_timeout(FRAME_DEADLINE).await {
                 Ok(Some(f)) => frames.push(f),
                 Ok(None) => return Ok(frames),
-                Err(cim_client::conn::ConnError::Timeout) => {
+                Err(cim_sdk::conn::ConnError::Timeout) => {
                     anyhow::bail!("{}: connection still open", self.login.name)
                 }
                 // A reset after the server's last frame is a close too.
@@ -585,7 +585,7 @@ impl Cluster {
         let server = self
             .server(server_id)
             .with_context(|| format!("no server {server_id} in the cluster"))?;
-        let request = pb::cluster::KickRequest {
+        let request = cim_common::pb::cluster::KickRequest {
             user_ids: vec![user_id],
             kick: Some(pb::Kick {
                 reason: reason as i32,
@@ -593,7 +593,7 @@ impl Cluster {
             }),
             session: String::new(),
         };
-        let response: pb::cluster::KickResponse =
+        let response: cim_common::pb::cluster::KickResponse =
             cim_common::cluster::ClusterClient::new(TEST_SECRET, FRAME_DEADLINE)
                 .call(
                     &server.internal_addr.to_string(),
@@ -906,7 +906,7 @@ impl TestUser {
                 })) if !p.messages.is_empty() => return Ok(Some(p)),
                 Ok(Some(other)) => self.pending.push_back(other),
                 Ok(None) => return Ok(None),
-                Err(cim_client::conn::ConnError::Timeout) => {
+                Err(cim_sdk::conn::ConnError::Timeout) => {
                     anyhow::bail!("{}: no push within {deadline:?}", self.login.name)
                 }
                 // A reset (the server process died) ends the connection too.

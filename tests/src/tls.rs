@@ -11,7 +11,8 @@
 //! # drop((server, trust));
 //! ```
 
-use cim_common::tls::{ClientTls, TlsConfig};
+use cim_common::tls::TlsConfig;
+use cim_sdk::ClientTls;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };

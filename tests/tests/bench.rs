@@ -1,10 +1,10 @@
-//! The load generator (`cim_client::bench`) against a real cluster (two servers, one route,
+//! The load generator (`cim_bench`) against a real cluster (two servers, one route,
 //! real Redis and etcd), at tiny sizes: the scenarios must keep working and their
 //! reports must add up. The figures themselves are meaningless here (every cim node runs in
 //! this test process, so memory and CPU are the whole process's).
 
 use anyhow::Context;
-use cim_client::bench::{self, ConnectOpts, FanoutOpts, Load, P2pOpts, Setup};
+use cim_bench::{self as bench, ConnectOpts, FanoutOpts, Load, P2pOpts, Setup};
 use cim_tests::cluster::{Cluster, TEST_SECRET};
 use std::time::Duration;
 
@@ -344,7 +344,7 @@ async fn scenarios_run_over_tls() -> anyhow::Result<()> {
             connections: 4,
             hold: Duration::from_millis(200),
             rate: 100.0,
-            transport: cim_client::Transport::WsBinary,
+            transport: cim_sdk::Transport::WsBinary,
             user_offset: 100,
             ..ConnectOpts::default()
         },

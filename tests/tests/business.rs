@@ -4,7 +4,7 @@
 //! webhook), and channels used by clients and backends.
 
 use axum::{body::Bytes, extract::State, http::HeaderMap, routing::post, Router};
-use cim_client::{
+use cim_sdk::{
     pb::{self, frame::Body, KickReason, MessageKind, SendStatus},
     LoginInfo, Transport,
 };

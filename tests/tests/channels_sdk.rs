@@ -5,7 +5,7 @@
 //! without a reconnect.
 
 use anyhow::{bail, Context};
-use cim_client::{
+use cim_sdk::{
     pb::{ErrorCode, KickReason, MessageKind, SendStatus},
     ChannelInfo, Client, ClientConfig, ClientError, ConnState, Event, Events, Recipient, Transport,
 };
@@ -54,7 +54,7 @@ async fn next_event(events: &mut Events) -> anyhow::Result<Event> {
 async fn messages_until(
     events: &mut Events,
     marker: &str,
-) -> anyhow::Result<Vec<cim_client::pb::Message>> {
+) -> anyhow::Result<Vec<cim_sdk::pb::Message>> {
     let mut messages = Vec::new();
     loop {
         match next_event(events)
@@ -74,7 +74,7 @@ async fn messages_until(
 }
 
 /// The bodies of `messages`.
-fn bodies(messages: &[cim_client::pb::Message]) -> Vec<&str> {
+fn bodies(messages: &[cim_sdk::pb::Message]) -> Vec<&str> {
     messages.iter().map(|m| m.body.as_str()).collect()
 }
 

@@ -2,7 +2,7 @@
 //! and clients over TCP, WebSocket binary and WebSocket JSON.
 
 use anyhow::Context;
-use cim_client::{
+use cim_sdk::{
     pb::{self, frame::Body, ErrorCode, Frame, KickReason, MessageKind, SendStatus},
     Connection, Transport,
 };
@@ -476,7 +476,7 @@ async fn login_with(addr: &str, token: &str) -> anyhow::Result<Result<pb::LoginR
     let mut conn = Connection::connect(addr, Transport::Tcp).await?;
     match conn.login(token).await {
         Ok(r) => Ok(Ok(r)),
-        Err(cim_client::conn::ConnError::LoginRefused { code, .. }) => {
+        Err(cim_sdk::conn::ConnError::LoginRefused { code, .. }) => {
             Ok(Err(code.context("error code")?))
         }
         Err(e) => Err(e.into()),

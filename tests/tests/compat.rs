@@ -8,7 +8,7 @@
 
 use anyhow::Context;
 use bytes::{BufMut, BytesMut};
-use cim_client::{
+use cim_sdk::{
     pb::{self, frame::Body, ErrorCode, Frame, MessageKind, SendStatus},
     LoginInfo, Transport,
 };

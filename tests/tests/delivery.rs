@@ -5,11 +5,11 @@
 //! channel message reaches everyone once however often it is sent), and a slow
 //! consumer that is thrown out loses nothing.
 
-use cim_client::{
+use cim_common::store::StateStore;
+use cim_sdk::{
     pb::{self, frame::Body, ErrorCode, Frame, KickReason, MessageKind, SendStatus},
     Transport,
 };
-use cim_common::store::StateStore;
 use cim_tests::cluster::{test_password, Cluster};
 use std::{sync::Arc, time::Duration};
 

@@ -2,12 +2,12 @@
 //! and Redis, servers and routes with different secret settings side by side, as during the
 //! rolling restarts of a rotation.
 
-use cim_client::{pb::SendStatus, RouteClient, Transport};
 use cim_common::{
     cluster::{ClusterClient, ClusterError},
     pb::cluster::{PresenceRequest, PresenceResponse},
 };
 use cim_route::RouteConfig;
+use cim_sdk::{pb::SendStatus, RouteClient, Transport};
 use cim_server::ServerConfig;
 use cim_tests::cluster::{test_password, Cluster, RouteNode, ServerNode, TestUser, TEST_SECRET};
 use std::time::Duration;

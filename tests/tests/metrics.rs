@@ -8,7 +8,7 @@
 //! updated by tasks of the nodes (a session ends after the client closed), which no event
 //! reports to the test.
 
-use cim_client::{pb, Connection, Transport};
+use cim_sdk::{pb, Connection, Transport};
 use cim_tests::cluster::Cluster;
 use std::{net::SocketAddr, time::Duration};
 

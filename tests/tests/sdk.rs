@@ -1,10 +1,10 @@
-//! End-to-end tests of the client SDK (`cim_client::Client`) against a real cluster (etcd,
+//! End-to-end tests of the client SDK (`cim_sdk::Client`) against a real cluster (etcd,
 //! Redis, two connection servers, a route): chatting, reconnecting after a server dies or
 //! shuts down, the decisions on kicks, logout, the errors a caller sees, and the delivery
 //! guarantees (stored messages, acks, receipts, re-sends after a lost connection).
 
 use anyhow::{bail, Context};
-use cim_client::{
+use cim_sdk::{
     pb::{ErrorCode, KickReason, MessageKind, SendStatus},
     Client, ClientConfig, ClientError, ConnState, Event, Events, Recipient, SendOptions, Transport,
 };
@@ -85,12 +85,12 @@ async fn wait_for<T>(
 }
 
 /// The next received message, skipping state events (a message must not come after Closed).
-async fn next_message(events: &mut Events) -> anyhow::Result<cim_client::pb::Message> {
+async fn next_message(events: &mut Events) -> anyhow::Result<cim_sdk::pb::Message> {
     Ok(next_received(events).await?.0)
 }
 
 /// The next received message and whether it was replayed from the inbox.
-async fn next_received(events: &mut Events) -> anyhow::Result<(cim_client::pb::Message, bool)> {
+async fn next_received(events: &mut Events) -> anyhow::Result<(cim_sdk::pb::Message, bool)> {
     let (skipped, received) = wait_for(events, "a message", |e| match e {
         Event::Message { message, replayed } => Some((message.clone(), *replayed)),
         _ => None,
@@ -110,7 +110,7 @@ async fn next_received(events: &mut Events) -> anyhow::Result<(cim_client::pb::M
 async fn messages_until(
     events: &mut Events,
     marker: &str,
-) -> anyhow::Result<(Vec<(cim_client::pb::Message, bool)>, Vec<Event>)> {
+) -> anyhow::Result<(Vec<(cim_sdk::pb::Message, bool)>, Vec<Event>)> {
     let mut messages = Vec::new();
     let mut others = Vec::new();
     let deadline = tokio::time::Instant::now() + EVENT_DEADLINE;
@@ -703,7 +703,7 @@ async fn online_users_are_filtered_by_prefix_and_limited() -> anyhow::Result<()>
         clients.push(user(&cluster, name, Transport::Tcp).await?);
     }
     let bob = &clients[3].0;
-    let names = |users: Vec<cim_client::OnlineUser>| -> Vec<String> {
+    let names = |users: Vec<cim_sdk::OnlineUser>| -> Vec<String> {
         users.into_iter().map(|u| u.name).collect()
     };
     assert_eq!(

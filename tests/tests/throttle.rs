@@ -4,8 +4,8 @@
 //! concurrent wrong-password logins took 13 s, 300–600 ended in `503 timeout`, and a correct
 //! login meanwhile took 10 s).
 
-use cim_client::Transport;
 use cim_route::RouteConfig;
+use cim_sdk::Transport;
 use cim_tests::cluster::{Cluster, TestUser};
 use futures_util::{stream, StreamExt};
 use std::time::Instant;
@@ -54,7 +54,7 @@ async fn a_good_login_gets_through_a_wrong_password_flood() -> anyhow::Result<()
         .await?;
     let good_took = good_started.elapsed();
     assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
-    let login: cim_client::LoginInfo = resp.json().await?;
+    let login: cim_sdk::LoginInfo = resp.json().await?;
     let mut alice = TestUser::connect(login, Transport::Tcp).await?;
     let answers = flood.await?;
     let flood_took = started.elapsed();

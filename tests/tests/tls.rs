@@ -5,13 +5,13 @@
 //! change of the files) and a failed reload keeping the certificate in use.
 
 use anyhow::Context;
-use cim_client::{
+use cim_common::tls::{ServerTls, TlsConfig};
+use cim_sdk::{
     conn::{ConnError, ConnectOptions},
     pb::SendStatus,
     Client, ClientConfig, ClientError, ClientTls, ConnState, Connection, Event, Events, TlsMode,
     Transport,
 };
-use cim_common::tls::{ServerTls, TlsConfig};
 use cim_tests::{
     cluster::{Cluster, TestUser},
     tls::TestPki,

@@ -17,8 +17,9 @@ use super::{
     render::{self, Style},
     Args,
 };
-use crate::{
-    pb, route::RouteError, Client, ClientConfig, ClientError, Event, Events, Recipient, SendOptions,
+use cim_sdk::{
+    pb, route::RouteError, Client, ClientConfig, ClientError, ErrorCode, Event, Events, Recipient,
+    SendOptions,
 };
 use std::{collections::VecDeque, future::Future, pin::Pin, process::ExitCode};
 use tokio::task::JoinSet;
@@ -47,7 +48,7 @@ pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
             Ok(id) => println!("registered {} (#{id})", args.name),
             // Documented choice: `--register` of an existing name logs in to it, so a script
             // can always pass `--register`; a wrong password then fails the login below.
-            Err(e) if e.code() == Some("name_taken") => {
+            Err(e) if e.error_code() == Some(ErrorCode::NameTaken) => {
                 println!("{} is already registered; logging in", args.name)
             }
             Err(e) => {
@@ -128,11 +129,11 @@ pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
 enum Done {
     Sent {
         message: Outgoing,
-        result: Result<crate::SendOutcome, ClientError>,
+        result: Result<cim_sdk::SendOutcome, ClientError>,
     },
     Online {
         prefix: Option<String>,
-        result: Result<Vec<crate::route::OnlineUser>, ClientError>,
+        result: Result<Vec<cim_sdk::route::OnlineUser>, ClientError>,
     },
     Joined {
         channel: String,
@@ -142,7 +143,7 @@ enum Done {
         channel: String,
         result: Result<bool, ClientError>,
     },
-    Channels(Result<Vec<crate::route::ChannelInfo>, ClientError>),
+    Channels(Result<Vec<cim_sdk::route::ChannelInfo>, ClientError>),
 }
 
 type Work = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -373,7 +374,7 @@ impl App {
     async fn on_sent(
         &mut self,
         message: Outgoing,
-        result: Result<crate::SendOutcome, ClientError>,
+        result: Result<cim_sdk::SendOutcome, ClientError>,
     ) {
         let outcome = match result {
             Ok(outcome) => outcome,
@@ -411,7 +412,7 @@ impl App {
             Event::State(state) => {
                 if let Some(line) = self.state_lines.line(&state) {
                     let text = render::notice(self.style, &line);
-                    if matches!(state, crate::ConnState::Closed { .. }) {
+                    if matches!(state, cim_sdk::ConnState::Closed { .. }) {
                         self.out.print_final(text).await;
                     } else {
                         self.print(text).await;
@@ -420,7 +421,7 @@ impl App {
             }
             Event::Kicked { reason, message } => {
                 let text = render::error(self.style, &render::kicked(reason, &message));
-                if crate::client::kick_ends_session(reason) {
+                if cim_sdk::client::kick_ends_session(reason) {
                     self.out.print_final(text).await;
                 } else {
                     self.print(text).await;
@@ -556,9 +557,9 @@ fn describe(e: &ClientError, route: &str) -> String {
             };
             format!("route {route} unreachable ({why})")
         }
-        ClientError::Route(RouteError::Api { code, message, .. }) => match code.as_str() {
-            "name_taken" => "this name is taken".into(),
-            "session_ended" => "the session ended (reconnecting?)".into(),
+        ClientError::Route(RouteError::Api { code, message, .. }) => match code {
+            ErrorCode::NameTaken => "this name is taken".into(),
+            ErrorCode::SessionEnded => "the session ended (reconnecting?)".into(),
             _ => message.clone(),
         },
         ClientError::AlreadyLoggedIn(_) => {

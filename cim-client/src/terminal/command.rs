@@ -11,7 +11,7 @@
 //!
 //! Parsing is pure: it never talks to the network, so every rule is unit-tested here.
 
-use crate::route::channel_name_error;
+use cim_sdk::route::channel_name_error;
 use std::time::Duration;
 
 /// Longest delay `:delay` accepts. A delayed message lives only in this process, so an hour

@@ -20,7 +20,7 @@
 //! - [`render`]: how everything is shown (pure formatting, optional colour).
 //! - [`history`]: the local message history file and its search.
 //! - [`input`]: the line editor thread (rustyline) and the output thread that prints above it.
-//! - [`app`]: the event loop tying the SDK's [`crate::Client`] to the above.
+//! - [`app`]: the event loop tying the SDK's [`cim_sdk::Client`] to the above.
 //!
 //! Files, under `<data dir>/<route host>/<user>/` where the data dir is `--data-dir` or the
 //! platform's (`~/.local/share/cim` on Linux): `history.jsonl` (messages, bounded) and
@@ -32,7 +32,7 @@ pub mod history;
 pub mod input;
 pub mod render;
 
-use crate::{TlsMode, Transport};
+use cim_sdk::{TlsMode, Transport};
 use clap::{Parser, ValueEnum};
 use std::{
     io::IsTerminal,

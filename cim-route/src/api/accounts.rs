@@ -29,8 +29,7 @@ use cim_common::{
     time::now_ms,
     token::{ConnectClaims, SessionClaims},
 };
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+pub use cim_proto::api::{Credentials, LoggedIn, OkBody, Registered, ServerAddrs};
 
 /// Path of the connection servers' kick endpoint.
 pub const KICK_PATH: &str = "/internal/kick";
@@ -70,23 +69,6 @@ pub fn validate_password(password: &str, min_len: usize, max_len: usize) -> Resu
         ));
     }
     Ok(())
-}
-
-#[derive(Deserialize, ToSchema)]
-pub struct Credentials {
-    /// Account name: no whitespace, control characters or `;@#|`.
-    #[schema(example = "alice")]
-    pub name: String,
-    #[schema(format = Password)]
-    pub password: String,
-}
-
-// Never derive Debug on Credentials: it would make logging a password one `{:?}` away.
-
-#[derive(Serialize, ToSchema)]
-pub struct Registered {
-    pub user_id: u64,
-    pub name: String,
 }
 
 /// Register an account.
@@ -149,49 +131,17 @@ pub async fn register(
     ))
 }
 
-/// The public addresses of a connection server (never its internal one).
-#[derive(Serialize, ToSchema)]
-pub struct ServerAddrs {
-    pub id: String,
-    pub tcp_addr: String,
-    pub ws_addr: String,
-    /// The TCP protocol over TLS, when the server has `tls_listen`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub tls_addr: Option<String>,
-    /// WebSocket over TLS (`wss://{wss_addr}/ws`), when the server has `wss_listen`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub wss_addr: Option<String>,
-}
-
-impl From<&ServiceInfo> for ServerAddrs {
-    fn from(s: &ServiceInfo) -> Self {
-        let given = |a: &String| (!a.is_empty()).then(|| a.clone());
-        Self {
-            id: s.id.clone(),
-            tcp_addr: s.tcp_addr.clone(),
-            ws_addr: s.ws_addr.clone(),
-            tls_addr: given(&s.tls_addr),
-            wss_addr: given(&s.wss_addr),
-        }
+/// The public addresses of a registered server (an empty TLS address: none offered). A
+/// function, not a `From`: both types are other crates'.
+pub fn server_addrs(s: &ServiceInfo) -> ServerAddrs {
+    let given = |a: &String| (!a.is_empty()).then(|| a.clone());
+    ServerAddrs {
+        id: s.id.clone(),
+        tcp_addr: s.tcp_addr.clone(),
+        ws_addr: s.ws_addr.clone(),
+        tls_addr: given(&s.tls_addr),
+        wss_addr: given(&s.wss_addr),
     }
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct LoggedIn {
-    pub user_id: u64,
-    pub name: String,
-    pub server: ServerAddrs,
-    /// Presented in the first frame to `server`; single-use, short-lived.
-    pub connect_token: String,
-    /// Bearer token of the HTTP API for this login session.
-    pub session_token: String,
-    /// How often the client should ping, when the route knows the server's setting. The
-    /// registry does not carry it yet, so it is omitted; the server's LoginResult has it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub heartbeat_hint_ms: Option<u64>,
 }
 
 fn bad_credentials() -> AppError {
@@ -400,7 +350,7 @@ async fn start_session(
     Ok(LoggedIn {
         user_id: user.id,
         name: user.name,
-        server: ServerAddrs::from(&server),
+        server: server_addrs(&server),
         connect_token,
         session_token,
         heartbeat_hint_ms: None,
@@ -581,11 +531,6 @@ async fn end_connection(
             .await,
     )
     .map(|_| ())
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct OkBody {
-    pub ok: bool,
 }
 
 /// Log out.

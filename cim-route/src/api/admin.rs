@@ -33,7 +33,7 @@ use crate::{
         presence::{online_page, OnlinePage, OnlineQuery},
     },
     auth::ApiKey,
-    error::{ApiJson, ApiQuery, AppError},
+    error::{ApiJson, ApiQuery, AppError, ErrorCode},
     routing::{self, Outgoing},
     state::{is_live, live_server, AppState},
 };
@@ -77,7 +77,8 @@ pub struct AdminMessage {
 
 #[derive(Serialize, ToSchema)]
 pub struct ErrorView {
-    pub code: &'static str,
+    #[schema(value_type = String)]
+    pub code: ErrorCode,
     pub message: String,
 }
 

@@ -42,8 +42,9 @@ use cim_common::{
     pb::{MessageKind, Send},
     store::{ChannelInfo, JoinOutcome, MAX_CHANNEL_PAGE},
 };
+pub use cim_proto::api::{ChannelList, ChannelPage, ChannelView, Joined, Left, Member, MemberPage};
 use futures_util::{stream, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 /// The channel name of a path, validated.
@@ -62,63 +63,14 @@ pub fn channel_name(name: String) -> Result<String, AppError> {
     }
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct Joined {
-    pub channel: String,
-    /// False when the user was a member already.
-    pub joined: bool,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Left {
-    pub channel: String,
-    /// False when the user was not a member.
-    pub left: bool,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ChannelView {
-    pub name: String,
-    pub members: u64,
-    pub online: u64,
-}
-
-impl From<ChannelInfo> for ChannelView {
-    fn from(c: ChannelInfo) -> Self {
-        Self {
-            name: c.name,
-            members: c.members,
-            online: c.online,
-        }
+/// A channel's counts as the API shows them (a function, not a `From`: both types are other
+/// crates').
+pub fn channel_view(c: ChannelInfo) -> ChannelView {
+    ChannelView {
+        name: c.name,
+        members: c.members,
+        online: c.online,
     }
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ChannelList {
-    pub channels: Vec<ChannelView>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ChannelPage {
-    pub channels: Vec<ChannelView>,
-    /// Pass as `after` for the next page; null on the last one.
-    #[schema(required = true)]
-    pub next: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Member {
-    pub user_id: u64,
-    pub name: String,
-    pub online: bool,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct MemberPage {
-    pub members: Vec<Member>,
-    /// Pass as `after` for the next page; null on the last one.
-    #[schema(required = true)]
-    pub next: Option<String>,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -183,7 +135,7 @@ pub async fn channels_of(state: &AppState, user_id: u64) -> Result<ChannelList, 
     let names = state.store().user_channels(user_id).await?;
     let stats = state.store().channel_stats(&names).await?;
     Ok(ChannelList {
-        channels: stats.into_iter().map(ChannelView::from).collect(),
+        channels: stats.into_iter().map(channel_view).collect(),
     })
 }
 
@@ -313,7 +265,7 @@ pub async fn list(
         channels: stats
             .into_iter()
             .filter(|c| c.members > 0)
-            .map(ChannelView::from)
+            .map(channel_view)
             .collect(),
         next,
     }))
@@ -348,7 +300,7 @@ pub async fn info(
         .channel_stats(std::slice::from_ref(&channel))
         .await?;
     match stats.into_iter().next() {
-        Some(c) if c.members > 0 => Ok(Json(c.into())),
+        Some(c) if c.members > 0 => Ok(Json(channel_view(c))),
         _ => Err(AppError::new(
             StatusCode::NOT_FOUND,
             "unknown_channel",
@@ -396,7 +348,7 @@ pub async fn members(
     let store = state.store();
     let ids = store.channel_members(&channel, after, limit).await?;
     let next = if ids.len() >= limit {
-        ids.last().map(u64::to_string)
+        ids.last().copied()
     } else {
         None
     };

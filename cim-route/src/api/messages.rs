@@ -16,7 +16,8 @@ use crate::{
 };
 use axum::{extract::State, http::StatusCode, Json};
 use cim_common::pb::{ErrorCode, MessageKind, Send, SendResult, SendStatus};
-use serde::{Deserialize, Serialize};
+pub use cim_proto::api::{GroupSent, PrivateSent};
+use serde::Deserialize;
 use utoipa::ToSchema;
 
 #[derive(Deserialize, ToSchema)]
@@ -39,16 +40,6 @@ pub struct PrivateRequest {
     pub receipt: bool,
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct PrivateSent {
-    pub id: String,
-    /// `delivered` or `stored` (the receiver is offline and gets it from their inbox at their
-    /// next connection).
-    #[schema(example = "delivered")]
-    pub status: &'static str,
-    pub timestamp_ms: i64,
-}
-
 #[derive(Deserialize, ToSchema)]
 pub struct GroupRequest {
     /// Missing counts as empty, answered 400 like an empty one.
@@ -59,17 +50,6 @@ pub struct GroupRequest {
     /// minute is answered (`delivered: 0`, the first `timestamp_ms`) and reaches nobody twice.
     #[serde(default)]
     pub id: Option<String>,
-}
-
-/// The result of a message to many: group, broadcast or channel.
-#[derive(Serialize, ToSchema)]
-pub struct GroupSent {
-    pub id: String,
-    pub delivered: u32,
-    pub timestamp_ms: i64,
-    /// This `id` was sent before (a retry): answered with the first send's `timestamp_ms`
-    /// and pushed to nobody again, so `delivered` is 0.
-    pub repeat: bool,
 }
 
 /// Routes one message to many (group, broadcast, channel) and answers with its id and reach.
@@ -158,7 +138,7 @@ pub async fn private(
     };
     Ok(Json(PrivateSent {
         id: result.message_id,
-        status,
+        status: status.into(),
         timestamp_ms: result.timestamp_ms,
     }))
 }

@@ -114,7 +114,7 @@ async fn request_deadline(State(deadline): State<Duration>, req: Request, next: 
             tracing::warn!(deadline_ms = deadline.as_millis(), "request timed out");
             error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
+                &crate::error::ErrorCode::Timeout,
                 &format!("the request took longer than {} ms", deadline.as_millis()),
             )
         }

@@ -14,25 +14,10 @@ use utoipa::{
         security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme},
         OpenApi as Document, Required,
     },
-    Modify, OpenApi, ToSchema,
+    Modify, OpenApi,
 };
 
-/// The body of every failed request, whatever failed (handler, extractor, framework, load
-/// shedding, deadline): `{"error":{"code","message"}}` (see `crate::error`). Schema only.
-#[derive(ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-/// What went wrong.
-#[derive(ToSchema)]
-pub struct ErrorDetail {
-    /// Stable, machine-readable, snake_case; each operation lists the codes it can answer.
-    #[schema(example = "bad_request")]
-    pub code: String,
-    /// For humans; never contains a server-side cause.
-    pub message: String,
-}
+pub use cim_proto::api::{ErrorBody, ErrorDetail};
 
 /// The whole public API (the web page's files are not part of it).
 #[derive(OpenApi)]
@@ -469,7 +454,11 @@ mod tests {
     #[tokio::test]
     async fn schema_only_types_match_the_real_json() {
         let doc = document();
-        let resp = crate::error::error_response(StatusCode::CONFLICT, "name_taken", "taken");
+        let resp = crate::error::error_response(
+            StatusCode::CONFLICT,
+            &crate::error::ErrorCode::NameTaken,
+            "taken",
+        );
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
             .await
             .unwrap();
@@ -584,7 +573,7 @@ mod tests {
                     id: String::new(),
                     status: "failed",
                     error: Some(admin::ErrorView {
-                        code: "unknown_user",
+                        code: crate::error::ErrorCode::UnknownUser,
                         message: "no such user".into(),
                     }),
                 },

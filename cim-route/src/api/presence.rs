@@ -8,7 +8,7 @@
 //!   three: this process, for `cim-bench`'s CPU per message; `null` where `/proc` cannot tell)
 
 use crate::{
-    api::{accounts::ServerAddrs, openapi::ErrorBody},
+    api::{accounts::server_addrs, openapi::ErrorBody},
     auth::AuthUser,
     error::{ApiQuery, AppError},
     state::{is_live, AppState},
@@ -16,6 +16,7 @@ use crate::{
 use axum::{extract::State, Json};
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use cim_common::{keys, store::RouteEntry};
+pub use cim_proto::api::{OnlinePage, OnlineUser, ServerList};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -37,21 +38,6 @@ pub struct OnlineQuery {
     #[serde(default)]
     #[param(value_type = Option<u64>, minimum = 1)]
     pub limit: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct OnlineUser {
-    pub user_id: u64,
-    pub name: String,
-    pub server_id: String,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct OnlinePage {
-    pub users: Vec<OnlineUser>,
-    /// Pass as `after` for the next page; null on the last one.
-    #[schema(required = true)]
-    pub next: Option<String>,
 }
 
 /// The page size: default [`DEFAULT_PAGE`], clamped to `max`; 0 or not a number is an error.
@@ -172,11 +158,6 @@ pub async fn online_page(state: &AppState, q: OnlineQuery) -> Result<OnlinePage,
     Ok(OnlinePage { users, next })
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct ServerList {
-    pub servers: Vec<ServerAddrs>,
-}
-
 /// List the live connection servers.
 ///
 /// Their public addresses (TCP and WebSocket).
@@ -192,7 +173,7 @@ pub struct ServerList {
 pub async fn servers(State(state): State<AppState>) -> Json<ServerList> {
     let servers = state.servers();
     Json(ServerList {
-        servers: servers.iter().map(ServerAddrs::from).collect(),
+        servers: servers.iter().map(server_addrs).collect(),
     })
 }
 

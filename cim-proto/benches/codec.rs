@@ -6,10 +6,10 @@
 //! drains at once), and 64 pings decoded from one buffer (many small frames in one read).
 //! Throughput is in encoded bytes (length prefixes included), so protobuf and JSON compare.
 //!
-//! `cargo bench -p cim-common --bench codec`; `cargo test` runs each once, as a smoke check.
+//! `cargo bench -p cim-proto --bench codec`; `cargo test` runs each once, as a smoke check.
 
 use bytes::BytesMut;
-use cim_common::{
+use cim_proto::{
     codec::{decode_frame, encode_frame, DEFAULT_MAX_FRAME_LEN},
     pb::{frame::Body, Frame, Message, MessageKind, Ping, Push, Send},
 };

@@ -6,7 +6,7 @@
 //! test cluster, standalone mode) its memory and CPU are counted once, under "servers" if it
 //! runs any server.
 
-use super::setup::Setup;
+use crate::setup::Setup;
 use cim_common::registry::ServiceInfo;
 use serde::Serialize;
 use std::collections::BTreeMap;

@@ -5,10 +5,8 @@
 //! [`Frame`]s.
 
 use crate::pb::{frame::Body, Ack, Frame, Login, LoginResult, Message, Push};
-use cim_common::{
-    codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME_LEN, MAX_MESSAGE_LEN},
-    tls::{ClientTls, ClientTlsStream},
-};
+use crate::tls::{ClientTls, ClientTlsStream};
+use cim_proto::codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME_LEN, MAX_MESSAGE_LEN};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use std::{net::IpAddr, time::Duration};

@@ -1,7 +1,18 @@
 //! Typed calls to the route's HTTP API. Errors carry the route's `{"error":{code,message}}`.
 
-use cim_common::tls::ClientTls;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use crate::tls::ClientTls;
+use cim_proto::api::{ChannelList, Credentials, ErrorBody, ServerList};
+pub use cim_proto::api::{
+    ChannelPage, ErrorCode, GroupSent, Joined, Left, MemberPage, OnlinePage, OnlineUser,
+    PrivateSent, ServerAddrs,
+};
+/// The SDK's names for the route's answers (one type each, from `cim_proto::api`).
+pub use cim_proto::api::{
+    ChannelView as ChannelInfo, GroupSent as ChannelSent, LoggedIn as LoginInfo,
+    Member as ChannelMember, Registered as RegisterInfo, ServerAddrs as ServerInfo,
+    ServerAddrs as AssignedServer,
+};
+use serde::{de::DeserializeOwned, Serialize};
 use std::time::Duration;
 
 /// Whether `url` is an `https://` URL (scheme compared without case).
@@ -17,7 +28,7 @@ pub enum RouteError {
     #[error("{status} {code}: {message}")]
     Api {
         status: u16,
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     /// No answer: says why in the words of the deepest cause ("Connection refused (os error
@@ -37,12 +48,19 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl RouteError {
-    /// The error code (`already_logged_in`, `bad_credentials`, ...), if the route answered.
-    pub fn code(&self) -> Option<&str> {
+    /// The error code, if the route answered (a newer route's unknown code is
+    /// [`ErrorCode::Other`]).
+    pub fn error_code(&self) -> Option<&ErrorCode> {
         match self {
             RouteError::Api { code, .. } => Some(code),
             RouteError::Transport(_) => None,
         }
+    }
+
+    /// The error code as on the wire (`already_logged_in`, `bad_credentials`, ...), if the
+    /// route answered.
+    pub fn code(&self) -> Option<&str> {
+        self.error_code().map(ErrorCode::as_str)
     }
 
     pub fn status(&self) -> Option<u16> {
@@ -53,80 +71,8 @@ impl RouteError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct RegisterInfo {
-    pub user_id: u64,
-    pub name: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct AssignedServer {
-    pub id: String,
-    pub tcp_addr: String,
-    pub ws_addr: String,
-    /// The TCP protocol over TLS, when the server offers it.
-    #[serde(default)]
-    pub tls_addr: Option<String>,
-    /// WebSocket over TLS (`wss://{wss_addr}/ws`), when the server offers it.
-    #[serde(default)]
-    pub wss_addr: Option<String>,
-}
-
-/// Answer of a successful login.
-#[derive(Debug, Clone, Deserialize)]
-pub struct LoginInfo {
-    pub user_id: u64,
-    pub name: String,
-    pub server: AssignedServer,
-    pub connect_token: String,
-    pub session_token: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct OnlineUser {
-    pub user_id: u64,
-    pub name: String,
-    pub server_id: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct OnlinePage {
-    pub users: Vec<OnlineUser>,
-    pub next: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ServerInfo {
-    pub id: String,
-    pub tcp_addr: String,
-    pub ws_addr: String,
-    #[serde(default)]
-    pub tls_addr: Option<String>,
-    #[serde(default)]
-    pub wss_addr: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct ServerList {
-    servers: Vec<ServerInfo>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct PrivateSent {
-    pub id: String,
-    pub status: String,
-    pub timestamp_ms: i64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct GroupSent {
-    pub id: String,
-    pub delivered: u64,
-    pub timestamp_ms: i64,
-}
-
 /// Longest channel name, in characters.
-pub const MAX_CHANNEL_NAME_CHARS: usize = cim_common::ids::MAX_CHANNEL_NAME_LEN;
+pub const MAX_CHANNEL_NAME_CHARS: usize = cim_proto::ids::MAX_CHANNEL_NAME_LEN;
 
 /// Why `name` cannot be a channel name, or `None` when it can. The route's rule: 1 to
 /// [`MAX_CHANNEL_NAME_CHARS`] characters, each a Unicode letter or digit or one of `_ - .`
@@ -152,59 +98,18 @@ pub fn channel_name_error(name: &str) -> Option<String> {
             name
         ));
     }
-    if cim_common::ids::RESERVED_CHANNEL_NAMES.contains(&name) {
+    if cim_proto::ids::RESERVED_CHANNEL_NAMES.contains(&name) {
         return Some(format!(
             "{name:?} is reserved and cannot be used as a channel name"
         ));
     }
-    debug_assert!(cim_common::ids::valid_channel_name(name), "{name:?}");
+    debug_assert!(cim_proto::ids::valid_channel_name(name), "{name:?}");
     None
 }
 
 /// Whether `name` is a valid channel name (see [`channel_name_error`]).
 pub fn is_channel_name(name: &str) -> bool {
     channel_name_error(name).is_none()
-}
-
-/// Member and online counts of one channel.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct ChannelInfo {
-    pub name: String,
-    /// Members, online or not.
-    pub members: u64,
-    /// Members connected right now.
-    pub online: u64,
-}
-
-/// The caller's channels (`GET /api/channels/mine`).
-#[derive(Debug, Clone, Deserialize)]
-struct MyChannels {
-    channels: Vec<ChannelInfo>,
-}
-
-/// One page of channels (with at least one member), in name order.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct ChannelPage {
-    pub channels: Vec<ChannelInfo>,
-    /// Pass as `after` for the next page; `None` on the last page.
-    pub next: Option<String>,
-}
-
-/// A member of a channel.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct ChannelMember {
-    pub user_id: u64,
-    pub name: String,
-    pub online: bool,
-}
-
-/// One page of a channel's members, in user id order.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct MemberPage {
-    pub members: Vec<ChannelMember>,
-    /// The user id to pass as `after` for the next page; `None` on the last page.
-    #[serde(default, deserialize_with = "id_cursor")]
-    pub next: Option<u64>,
 }
 
 /// `s` percent-encoded for a URL path segment: ASCII letters, digits and `_ - .` stay,
@@ -221,61 +126,11 @@ fn encode_segment(s: &str) -> String {
     out
 }
 
-/// The members cursor is a user id written as a string (`"42"`); a number is taken too.
-fn id_cursor<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Cursor {
-        Text(String),
-        Number(u64),
+fn credentials(name: &str, password: &str) -> Credentials {
+    Credentials {
+        name: name.to_owned(),
+        password: password.to_owned(),
     }
-    match Option::<Cursor>::deserialize(d)? {
-        None => Ok(None),
-        Some(Cursor::Number(n)) => Ok(Some(n)),
-        Some(Cursor::Text(s)) => s.parse().map(Some).map_err(serde::de::Error::custom),
-    }
-}
-
-/// Answer of a channel join.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Joined {
-    pub channel: String,
-    /// False when the caller was a member already.
-    pub joined: bool,
-}
-
-/// Answer of a channel leave.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Left {
-    pub channel: String,
-    /// False when the caller was not a member.
-    pub left: bool,
-}
-
-/// Answer of a channel message sent over HTTP.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct ChannelSent {
-    pub id: String,
-    /// Online members it was pushed to (the sender excluded).
-    pub delivered: u64,
-    pub timestamp_ms: i64,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct ErrorDetail {
-    code: String,
-    message: String,
-}
-
-#[derive(Serialize)]
-struct Credentials<'a> {
-    name: &'a str,
-    password: &'a str,
 }
 
 /// Client of one route base URL (e.g. `http://127.0.0.1:8080`, or `https://…`).
@@ -344,7 +199,7 @@ impl RouteClient {
             },
             Err(_) => RouteError::Api {
                 status: status.as_u16(),
-                code: "http_error".into(),
+                code: ErrorCode::HttpError,
                 message: text,
             },
         })
@@ -382,7 +237,7 @@ impl RouteClient {
         if let Some(why) = channel_name_error(name) {
             return Err(RouteError::Api {
                 status: 400,
-                code: "invalid_channel".into(),
+                code: ErrorCode::InvalidChannel,
                 message: why,
             });
         }
@@ -402,12 +257,12 @@ impl RouteClient {
     }
 
     pub async fn register(&self, name: &str, password: &str) -> Result<RegisterInfo, RouteError> {
-        self.post("/api/register", None, &Credentials { name, password })
+        self.post("/api/register", None, &credentials(name, password))
             .await
     }
 
     pub async fn login(&self, name: &str, password: &str) -> Result<LoginInfo, RouteError> {
-        self.post("/api/login", None, &Credentials { name, password })
+        self.post("/api/login", None, &credentials(name, password))
             .await
     }
 
@@ -506,7 +361,7 @@ impl RouteClient {
 
     /// The session user's channels with their counts, in name order.
     pub async fn my_channels(&self, session_token: &str) -> Result<Vec<ChannelInfo>, RouteError> {
-        let mine: MyChannels = self
+        let mine: ChannelList = self
             .get("/api/channels/mine", Some(session_token), &[])
             .await?;
         Ok(mine.channels)
@@ -626,7 +481,7 @@ mod tests {
         ] {
             assert_eq!(
                 is_channel_name(name),
-                cim_common::ids::valid_channel_name(name),
+                cim_proto::ids::valid_channel_name(name),
                 "{name:?}"
             );
         }

@@ -15,18 +15,18 @@
 //! by error code, and the CPU time of every server, route and Redis between the start and the
 //! end of the drain, per message delivered.
 
-use super::{
+use crate::{
     connect::{servers_of, transport_name},
     probe::{self, CpuUsage},
     report::{self, code_name, int, num, per_sec, Failures, Latencies, LatencySummary},
     setup::{heartbeat, ping, receive_pushes, Opened, Setup, CLOSE_DEADLINE},
     DRAIN_DEADLINE,
 };
-use crate::{
+use cim_common::registry::{ServiceInfo, ServiceKind};
+use cim_sdk::{
     conn::Transport,
     pb::{frame::Body, MessageKind, Send, SendStatus},
 };
-use cim_common::registry::{ServiceInfo, ServiceKind};
 use serde::Serialize;
 use std::{
     collections::BTreeMap,
@@ -143,7 +143,7 @@ pub async fn run_p2p(setup: &Setup, opts: P2pOpts) -> anyhow::Result<P2pReport> 
         Load::FlatOut if opts.window == 0 => anyhow::bail!("the window must be at least 1"),
         _ => {}
     }
-    super::ensure_fd_capacity(2 * pairs)?;
+    crate::ensure_fd_capacity(2 * pairs)?;
     let servers: Vec<Arc<ServiceInfo>> = setup.servers().await?.into_iter().map(Arc::new).collect();
     let routes = setup.members(ServiceKind::Route).await?;
     let senders_at = servers[0].clone();
@@ -358,7 +358,7 @@ async fn send(
                 }
             {
                 let body = format!("{BODY_PREFIX}{}", base.elapsed().as_nanos());
-                let frame = crate::pb::Frame::new(Body::Send(Send {
+                let frame = cim_sdk::pb::Frame::new(Body::Send(Send {
                     client_id: next_id,
                     kind: MessageKind::Private as i32,
                     to_user_id: to,
@@ -455,7 +455,7 @@ async fn receive(
     .await;
 }
 
-fn on_push(counters: &Counters, base: Instant, messages: &[crate::pb::Message]) {
+fn on_push(counters: &Counters, base: Instant, messages: &[cim_sdk::pb::Message]) {
     let now = base.elapsed();
     let now_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
     let latencies: Vec<Duration> = messages

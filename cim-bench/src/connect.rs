@@ -3,7 +3,7 @@
 //! memory each one costs.
 //!
 //! Users are spread round-robin over the live servers. Each connection is one task that holds
-//! a [`Connection`](crate::Connection) with small buffers (the bench keeps thousands), answers
+//! a [`Connection`](cim_sdk::Connection) with small buffers (the bench keeps thousands), answers
 //! nothing and pings at the interval its server's `LoginResult` asked for. Memory per
 //! connection is the growth of each server process's resident memory between a reading taken
 //! once 1 in 20 connections are open (a warm-up, from 100 connections on) and one after the
@@ -11,12 +11,12 @@
 //! on servers that held more connections before (an earlier run), the figure comes out low;
 //! measure on freshly started servers.
 
-use super::{
+use crate::{
     probe::{self, MemoryPerConnection},
     report::{self, int, num, per_sec, Failures, Latencies, LatencySummary},
     setup::{self, heartbeat, ping, Setup},
 };
-use crate::conn::Transport;
+use cim_sdk::conn::Transport;
 use serde::Serialize;
 use std::{
     net::IpAddr,
@@ -114,7 +114,7 @@ pub async fn run_connect(setup: &Setup, opts: ConnectOpts) -> anyhow::Result<Con
     if opts.connections == 0 || !opts.rate.is_finite() || opts.rate <= 0.0 {
         anyhow::bail!("connect needs at least one connection and a positive rate");
     }
-    super::ensure_fd_capacity(opts.connections)?;
+    crate::ensure_fd_capacity(opts.connections)?;
     let servers: Vec<Arc<_>> = setup.servers().await?.into_iter().map(Arc::new).collect();
     let n = opts.connections;
     let pacing = Duration::from_secs_f64(n as f64 / opts.rate);
@@ -170,7 +170,7 @@ pub async fn run_connect(setup: &Setup, opts: ConnectOpts) -> anyhow::Result<Con
         if due > Instant::now() {
             tokio::time::sleep_until(due).await;
         }
-        let local_ip = super::setup::source_ip(&opts.source_ips, user.index);
+        let local_ip = crate::setup::source_ip(&opts.source_ips, user.index);
         tasks.spawn(hold(
             user,
             opts.transport,
@@ -226,10 +226,10 @@ pub async fn run_connect(setup: &Setup, opts: ConnectOpts) -> anyhow::Result<Con
 
 /// One connection's life: open and log in, hold with heartbeats until `stop`, close.
 async fn hold(
-    user: super::BenchUser,
+    user: crate::BenchUser,
     transport: Transport,
     local_ip: Option<IpAddr>,
-    tls: Option<cim_common::tls::ClientTls>,
+    tls: Option<cim_sdk::ClientTls>,
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) {
@@ -352,7 +352,7 @@ mod tests {
     /// to 19,000 of them).
     #[test]
     fn held_connection_task_is_small() {
-        let user = crate::bench::BenchUser {
+        let user = crate::BenchUser {
             index: 0,
             id: 1,
             name: String::new(),

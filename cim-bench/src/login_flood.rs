@@ -10,8 +10,8 @@
 //! Answers are counted by error code (`bad_credentials` when the route kept up; `overloaded`
 //! or `timeout` are what a route sheds past its `concurrency_limit` or request deadline).
 
-use super::report::{self, int, Failures};
-use crate::RouteClient;
+use crate::report::{self, int, Failures};
+use cim_sdk::RouteClient;
 use serde::Serialize;
 use std::{collections::BTreeMap, time::Duration};
 
@@ -85,7 +85,7 @@ pub struct LoginFloodReport {
 pub async fn run_login_flood(opts: LoginFloodOpts) -> anyhow::Result<LoginFloodReport> {
     anyhow::ensure!(opts.logins > 0, "--logins must be at least 1");
     anyhow::ensure!(opts.concurrency > 0, "--concurrency must be at least 1");
-    super::ensure_fd_capacity(opts.concurrency)?;
+    crate::ensure_fd_capacity(opts.concurrency)?;
     let route = RouteClient::new(&opts.route);
     let health: serde_json::Value = reqwest::get(format!("{}/healthz", route.base_url()))
         .await?

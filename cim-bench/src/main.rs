@@ -1,13 +1,11 @@
 //! `cim-bench`: the load generator. Connects to a running cluster's Redis and etcd and runs one
-//! scenario (`connect`, `p2p`, `fanout`; `login-flood` needs only a route's URL); everything it does is in [`cim_client::bench`], this
+//! scenario (`connect`, `p2p`, `fanout`; `login-flood` needs only a route's URL); everything it does is in [`cim_bench`], this
 //! file only parses flags. Progress goes to stderr once a second, the summary to stdout (one
 //! JSON object with `--json`). Exit status 1 when the scenario could not run, 2 for bad flags.
 
-use cim_client::{
-    bench::{self, ConnectOpts, FanoutOpts, Load, LoginFloodOpts, P2pOpts, Setup},
-    Transport,
-};
+use cim_bench::{self as bench, ConnectOpts, FanoutOpts, Load, LoginFloodOpts, P2pOpts, Setup};
 use cim_common::{backend::BackendConfig, cli::BackendFlags, config::DEV_SECRET};
+use cim_sdk::Transport;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{net::IpAddr, process::ExitCode, time::Duration};
 
@@ -210,7 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         }
     };
     let tls = match cli.tls {
-        true => Some(cim_client::ClientTls::new(cli.ca_file.as_deref())?),
+        true => Some(cim_sdk::ClientTls::new(cli.ca_file.as_deref())?),
         false => None,
     };
     let (backend, secret) = (backend_config(cli.backend), cli.cluster_secret);

@@ -2,17 +2,17 @@
 //! and routes, bench accounts with their login slots and connect tokens, and opening logged-in
 //! connections.
 
-use crate::{
-    conn::{ConnError, ConnectOptions, Connection, Transport},
-    pb::{frame::Body, Frame, Ping},
-};
 use anyhow::Context;
 use cim_common::{
     backend::{BackendConfig, Backends},
     registry::{ServiceInfo, ServiceKind},
     store::ClaimOutcome,
-    tls::ClientTls,
     token::{ConnectClaims, TokenSigner},
+};
+use cim_sdk::{
+    conn::{ConnError, ConnectOptions, Connection, Transport},
+    pb::{frame::Body, Frame, Ping},
+    ClientTls,
 };
 use futures_util::{stream, StreamExt};
 use std::{net::IpAddr, sync::Arc, time::Duration};
@@ -325,7 +325,7 @@ impl Setup {
             return Ok(opened);
         }
         close_all(opened.into_iter().map(|o| o.conn)).await;
-        let failures = super::report::Failures::default();
+        let failures = crate::report::Failures::default();
         failed
             .into_iter()
             .filter_map(Result::err)
@@ -334,7 +334,7 @@ impl Setup {
             "{} of {} connections could not log in: {}",
             failures.total(),
             users.len(),
-            super::report::failures_line(&failures.snapshot())
+            crate::report::failures_line(&failures.snapshot())
         )
     }
 }
@@ -394,7 +394,7 @@ pub fn reason(e: &ConnError) -> String {
         ConnError::Tls { source, .. } => format!("tls: {source}"),
         ConnError::LoginRefused { code, .. } => format!(
             "login: {}",
-            code.map_or_else(|| "refused".into(), |c| super::report::code_name(c as i32))
+            code.map_or_else(|| "refused".into(), |c| crate::report::code_name(c as i32))
         ),
         ConnError::Timeout => "timeout".into(),
         ConnError::Closed => "closed by the server".into(),
@@ -432,8 +432,8 @@ pub(crate) fn ping() -> Frame {
 pub(crate) async fn receive_pushes(
     receiver: Opened,
     stop: tokio_util::sync::CancellationToken,
-    failures: &super::report::Failures,
-    mut on_push: impl FnMut(&[crate::pb::Message]),
+    failures: &crate::report::Failures,
+    mut on_push: impl FnMut(&[cim_sdk::pb::Message]),
 ) {
     let Opened {
         mut conn,
@@ -455,7 +455,7 @@ pub(crate) async fn receive_pushes(
                     if !push.replay {
                         on_push(&push.messages);
                     }
-                    let ack = crate::conn::ack_ids(&push);
+                    let ack = cim_sdk::conn::ack_ids(&push);
                     let acked = tokio::time::timeout(ACK_DEADLINE, conn.ack(ack)).await;
                     if !matches!(acked, Ok(Ok(()))) {
                         failures.add("receiver connection lost");

@@ -17,7 +17,7 @@
 //! message (`per_message`), so the reports of all processes merge into one time to the last
 //! receipt (`deploy/baseline.sh`'s 100k mode does).
 
-use super::{
+use crate::{
     connect::{servers_of, transport_name},
     p2p::opt,
     probe::{self, CpuUsage},
@@ -25,11 +25,11 @@ use super::{
     setup::{close_all, heartbeat, ping, receive_pushes, Opened, Setup},
     DRAIN_DEADLINE,
 };
-use crate::{
+use cim_common::registry::{ServiceInfo, ServiceKind};
+use cim_sdk::{
     conn::{Connection, Transport},
     pb::{frame::Body, Frame, MessageKind, Send, SendStatus},
 };
-use cim_common::registry::{ServiceInfo, ServiceKind};
 use serde::Serialize;
 use std::{
     collections::{BTreeMap, HashSet},
@@ -196,7 +196,7 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     // The sender (unless receive-only) is user 0, on the first server; the receivers follow,
     // round-robin over the servers.
     let senders = usize::from(!opts.receive_only);
-    super::ensure_fd_capacity(n + senders)?;
+    crate::ensure_fd_capacity(n + senders)?;
     let servers: Vec<Arc<ServiceInfo>> = setup.servers().await?.into_iter().map(Arc::new).collect();
     let routes = setup.members(ServiceKind::Route).await?;
     let ttl = Duration::from_secs(300);
@@ -530,7 +530,7 @@ async fn send_all(
 async fn await_result(
     conn: &mut Connection,
     client_id: u64,
-) -> Result<crate::pb::SendResult, &'static str> {
+) -> Result<cim_sdk::pb::SendResult, &'static str> {
     let deadline = Instant::now() + RESULT_DEADLINE;
     loop {
         match tokio::time::timeout_at(deadline, conn.recv()).await {

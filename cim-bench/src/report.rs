@@ -176,7 +176,7 @@ pub(crate) fn table(title: &str, rows: &[(&str, String)]) -> String {
 
 /// The short name of a protocol error code: `ERROR_CODE_OVERLOADED` → `overloaded`.
 pub(crate) fn code_name(code: i32) -> String {
-    crate::pb::ErrorCode::try_from(code).map_or_else(
+    cim_sdk::pb::ErrorCode::try_from(code).map_or_else(
         |_| format!("code {code}"),
         |c| {
             c.as_str_name()
@@ -241,7 +241,7 @@ mod tests {
         assert_eq!(num(None), "-");
         assert_eq!(per_sec(10, 0.0), None);
         assert_eq!(
-            code_name(crate::pb::ErrorCode::Overloaded as i32),
+            code_name(cim_sdk::pb::ErrorCode::Overloaded as i32),
             "overloaded"
         );
         assert_eq!(code_name(999), "code 999");

@@ -1,6 +1,7 @@
-//! proptest strategies for the client wire types (feature `test-support`, and this crate's own
-//! tests): arbitrary [`Frame`]s of every body, for the property tests of the codec
-//! (`codec/props.rs`), the JSON mapping (`proto/props.rs`) and the server's read paths.
+//! proptest strategies for the client wire types (feature `arb`, and this crate's own tests):
+//! arbitrary [`Frame`]s of every body, for the property tests of the codec (`codec/props.rs`),
+//! the JSON mapping (`pb/props.rs`) and the server's read paths; text near the id rules; the
+//! per-property case counts every property test of the workspace uses ([`config`]).
 //!
 //! Two flavours, because the two encodings differ on one point: protobuf carries any `i32` in
 //! an enum field (a newer peer's value survives a round trip), while the proto3 JSON mapping
@@ -28,6 +29,16 @@ pub fn text() -> impl Strategy<Value = String> {
     prop_oneof![
         3 => proptest::string::string_regex(".{0,12}").expect("a valid regex"),
         1 => proptest::string::string_regex("(?s).{0,300}").expect("a valid regex"),
+    ]
+}
+
+/// Any text, often with characters close to the edges of the id and name rules (`ids`):
+/// separators, symbols, letters of other scripts, control characters, lengths around 64.
+pub fn near_rules_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        text(),
+        "[A-Za-z0-9_.\\-: /#|;@é\u{0}\n]{0,70}",
+        "[\\p{L}\\p{N}_.\\- ]{0,70}",
     ]
 }
 
