@@ -20,7 +20,7 @@
 //! setting is on (trying each raw secret: at most 1 + `MAX_PREVIOUS` HMACs).
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::Sha256;
 

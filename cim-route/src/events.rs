@@ -22,7 +22,7 @@ use cim_common::{
     events::{EventId, StoredEvent},
     store::MAX_EVENTS_READ,
 };
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde::Serialize;
 use sha2::Sha256;
 use std::{sync::Arc, time::Duration};

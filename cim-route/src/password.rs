@@ -27,7 +27,7 @@
 //!   `password_hash::Output`'s constant-time equality.
 
 use argon2::{
-    password_hash::{Output, ParamsString, PasswordHash, Salt, SaltString},
+    password_hash::phc::{Output, ParamsString, PasswordHash, Salt},
     Algorithm, Argon2, Block, Params, Version,
 };
 use rand::RngCore;
@@ -325,7 +325,7 @@ fn hash_with(
     salt_bytes: &[u8],
 ) -> Result<String, PasswordError> {
     let failed = |e: &dyn std::fmt::Display| PasswordError::Hash(e.to_string());
-    let salt = SaltString::encode_b64(salt_bytes).map_err(|e| failed(&e))?;
+    let salt = Salt::new(salt_bytes).map_err(|e| failed(&e))?;
     let output = compute(
         memory,
         Algorithm::Argon2id,
@@ -339,7 +339,7 @@ fn hash_with(
         algorithm: Algorithm::Argon2id.ident(),
         version: Some(Version::V0x13.into()),
         params: ParamsString::try_from(params).map_err(|e| failed(&e))?,
-        salt: Some(salt.as_salt()),
+        salt: Some(salt),
         hash: Some(output),
     };
     Ok(phc.to_string())
@@ -350,7 +350,7 @@ fn hash_with(
 fn verify_with(memory: &mut Memory, password: &[u8], stored: &str) -> Result<bool, PasswordError> {
     let corrupt = |e: &dyn std::fmt::Display| PasswordError::Corrupt(e.to_string());
     let phc = PasswordHash::new(stored).map_err(|e| corrupt(&e))?;
-    let algorithm = Algorithm::try_from(phc.algorithm).map_err(|e| corrupt(&e))?;
+    let algorithm = Algorithm::try_from(phc.algorithm.as_str()).map_err(|e| corrupt(&e))?;
     let version = phc
         .version
         .map(Version::try_from)
@@ -368,17 +368,15 @@ fn verify_with(memory: &mut Memory, password: &[u8], stored: &str) -> Result<boo
     let (Some(salt), Some(expected)) = (phc.salt, phc.hash) else {
         return Err(PasswordError::Corrupt("no salt or no hash".into()));
     };
-    // What is hashed is the decoded salt, as argon2's own `PasswordHasher` does (a PHC salt
-    // is at most 64 B64 characters, 48 bytes).
-    let mut salt_buf = [0u8; Salt::MAX_LENGTH];
-    let salt = salt.decode_b64(&mut salt_buf).map_err(|e| corrupt(&e))?;
+    // What is hashed is the decoded salt (a PHC salt holds its bytes, at most 48), as
+    // argon2's own `PasswordHasher` does.
     let computed = compute(
         memory,
         algorithm,
         version,
         &params,
         password,
-        salt,
+        &salt,
         expected.len(),
     )?;
     // `Output`'s equality is constant-time.
@@ -397,12 +395,15 @@ fn compute(
 ) -> Result<Output, PasswordError> {
     let blocks = memory.blocks_for(params)?;
     let argon2 = Argon2::new(algorithm, version, params.clone());
-    Output::init_with(len, |out| {
-        argon2
-            .hash_password_into_with_memory(password, salt, out, &mut *blocks)
-            .map_err(Into::into)
-    })
-    .map_err(|e| PasswordError::Hash(e.to_string()))
+    let failed = |e: &dyn std::fmt::Display| PasswordError::Hash(e.to_string());
+    let mut buf = [0u8; Output::MAX_LENGTH];
+    let out = buf
+        .get_mut(..len)
+        .ok_or_else(|| PasswordError::Hash(format!("an output of {len} bytes is too long")))?;
+    argon2
+        .hash_password_into_with_memory(password, salt, out, &mut *blocks)
+        .map_err(|e| failed(&e))?;
+    Output::new(out).map_err(|e| failed(&e))
 }
 
 #[cfg(test)]
@@ -421,9 +422,8 @@ mod tests {
 
     /// A PHC string made by argon2's own hasher (what earlier versions of the route stored).
     fn by_argon2(algorithm: Algorithm, version: Version, params: Params, password: &str) -> String {
-        let salt = SaltString::encode_b64(b"sixteen byte salt").unwrap();
         Argon2::new(algorithm, version, params)
-            .hash_password(password.as_bytes(), &salt)
+            .hash_password_with_salt(password.as_bytes(), b"sixteen byte salt")
             .unwrap()
             .to_string()
     }

@@ -67,15 +67,14 @@ pub use cim_common::store::faulty::FaultyStore;
 /// A real argon2id hash of the tests' password `secret-pw` (cheap parameters), for users the
 /// tests add to the store directly: a login with it works like one of a registered user.
 pub fn test_hash() -> String {
-    use argon2::password_hash::{PasswordHasher, SaltString};
+    use argon2::password_hash::PasswordHasher;
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| {
         let params = argon2::Params::new(8, 1, 1, None).expect("valid parameters");
         let argon2 =
             argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-        let salt = SaltString::encode_b64(b"cim-test-salt-16").expect("a salt");
         argon2
-            .hash_password(b"secret-pw", &salt)
+            .hash_password_with_salt(b"secret-pw", b"cim-test-salt-16")
             .expect("hashes")
             .to_string()
     })

@@ -201,7 +201,8 @@ impl Events for RedisStore {
             let mut conn = match waiter.take() {
                 Some(conn) => conn,
                 None => {
-                    let config = AsyncConnectionConfig::new().set_connection_timeout(self.timeout);
+                    let config =
+                        AsyncConnectionConfig::new().set_connection_timeout(Some(self.timeout));
                     tokio::time::timeout(
                         self.timeout,
                         self.client

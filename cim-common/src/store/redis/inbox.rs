@@ -173,7 +173,7 @@ impl Delivery for RedisStore {
             Err(e) => return (Err(e.clone()), Err(e)),
         };
         let routes = match replies.pop() {
-            Some(value) => ::redis::from_owned_redis_value::<Vec<Option<String>>>(value)
+            Some(value) => ::redis::from_redis_value::<Vec<Option<String>>>(value)
                 .map(|values| Self::routes_of(user_ids, values))
                 .map_err(|e| StoreError::Corrupt(format!("route lookup reply: {e}"))),
             None => Err(StoreError::Corrupt("route lookup: no reply".into())),

@@ -126,8 +126,8 @@ impl RedisStore {
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> StoreResult<Self> {
         let client = ::redis::Client::open(url).map_err(unavailable)?;
         let config = ::redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(timeout)
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
             // No retry loop inside a call: redis-rs backs off from 1 s up to a minute between
             // reconnect attempts, and every command would wait for it. One immediate
             // reconnect attempt per call keeps "Redis down" a fast error.
@@ -209,7 +209,9 @@ impl RedisStore {
     ) -> StoreResult<T> {
         let mut c = self.conn();
         match pipe.query_async(&mut c).await {
-            Err(e) if e.kind() == ::redis::ErrorKind::NoScriptError => {
+            Err(e)
+                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+            {
                 let mut load = ::redis::pipe();
                 for script in scripts {
                     load.load_script(script).ignore();
