@@ -13,7 +13,7 @@ pub fn message_id() -> String {
     // The generator only fails when 80 random bits overflow within one millisecond.
     match generator.generate() {
         Ok(id) => id.to_string(),
-        Err(_) => ulid::Ulid::new().to_string(),
+        Err(_) => ulid::Ulid::generate().to_string(),
     }
 }
 

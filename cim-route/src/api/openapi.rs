@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 use utoipa::{
     openapi::{
         security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme},
-        OpenApi as Document, Required,
+        OpenApi as Document, RefOr, Required,
     },
     Modify, OpenApi,
 };
@@ -161,8 +161,8 @@ impl Modify for OptionalBodies {
                 .and_then(|item| item.post.as_mut())
                 .and_then(|op| op.request_body.as_mut());
             match body {
-                Some(body) => body.required = Some(Required::False),
-                None => debug_assert!(false, "no POST body documented for {path}"),
+                Some(RefOr::T(body)) => body.required = Some(Required::False),
+                _ => debug_assert!(false, "no POST body documented inline for {path}"),
             }
         }
     }
