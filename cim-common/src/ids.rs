@@ -2,7 +2,7 @@
 //! instance names. The ids clients see or choose (message ids, channel names) are the wire
 //! contract's, re-exported here from `cim_proto::ids` under their old paths.
 
-use rand::Rng;
+use rand::RngExt;
 
 pub use cim_proto::ids::*;
 

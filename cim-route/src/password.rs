@@ -30,7 +30,7 @@ use argon2::{
     password_hash::phc::{Output, ParamsString, PasswordHash, Salt},
     Algorithm, Argon2, Block, Params, Version,
 };
-use rand::RngCore;
+use rand::Rng;
 use std::sync::{
     atomic::{AtomicU64, AtomicUsize, Ordering},
     Arc, Mutex, PoisonError,
