@@ -43,7 +43,7 @@ impl ConfigFlags {
         &self,
         env_prefix: &str,
         named: &impl Serialize,
-    ) -> Result<T, Box<figment::Error>> {
+    ) -> Result<T, crate::config::ConfigError> {
         crate::config::load_with_settings(
             self.config.as_deref(),
             env_prefix,

@@ -14,6 +14,12 @@
 //! layer: `--set max_connections=20000`, `--set backend.redis_url=redis://10.0.0.5:6379`,
 //! `--set 'api_keys=["key-1"]'`. The value is read as TOML (a number, a boolean, a list), or
 //! else as a string, so `--set login_conflict=replace` needs no quotes.
+//!
+//! Errors: [`ConfigError`], for every binary and both steps, so a wrong setting reads the
+//! same whichever process it is given to: [`ConfigError::Load`] when the layers do not make a
+//! configuration (figment's message names the setting and its source), and
+//! [`ConfigError::Invalid`] when a setting loaded but cannot be used (each config's
+//! `validate()` names the field and why).
 
 use figment::{
     providers::{Env, Format, Serialized, Toml},
@@ -28,13 +34,68 @@ pub const DEV_SECRET: &str = "cim-dev-secret-change-me";
 /// Separator of nested keys in environment names (see the module docs).
 pub const ENV_NESTING: &str = "__";
 
+/// Why a configuration cannot be used. One type for the loaders here and every config's
+/// `validate()`; a binary prints it as it is (its `Display` is the whole message).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// The layers do not make a configuration: a missing file, bad TOML, an unknown setting,
+    /// a value of the wrong type, a malformed `--set`. Boxed: figment's error is large.
+    #[error("{0}")]
+    Load(Box<figment::Error>),
+    /// A setting loaded but its value cannot be used.
+    #[error("invalid {of} configuration: {field}: {reason}")]
+    Invalid {
+        /// Whose configuration: `route`, `server`, `standalone` (a standalone process
+        /// checks both roles' configurations too, so the message says which).
+        of: &'static str,
+        /// The setting, as the user writes it (`scan_batch`, `[server] worker_threads`).
+        field: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// [`ConfigError::Invalid`]: `field` of the `of` configuration, and why.
+    pub fn invalid(of: &'static str, field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            of,
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The setting an [`Invalid`](ConfigError::Invalid) error names (`None` for a load error,
+    /// whose message names it).
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Load(_) => None,
+            Self::Invalid { field, .. } => Some(field),
+        }
+    }
+
+    /// Why the setting an [`Invalid`](ConfigError::Invalid) error names is wrong.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Load(_) => None,
+            Self::Invalid { reason, .. } => Some(reason),
+        }
+    }
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        Self::Load(Box::new(e))
+    }
+}
+
 /// Loads `T`: defaults < file < env (`{env_prefix}FIELD`, `{env_prefix}SECTION__FIELD`) < `overrides` (flags that were given;
 /// serialize unset flags as absent with `skip_serializing_if = "Option::is_none"`).
 pub fn load<T: Serialize + DeserializeOwned + Default>(
     file: Option<&Path>,
     env_prefix: &str,
     overrides: &impl Serialize,
-) -> Result<T, Box<figment::Error>> {
+) -> Result<T, ConfigError> {
     load_with_settings(file, env_prefix, overrides, &[])
 }
 
@@ -44,15 +105,16 @@ pub fn load_with_settings<T: Serialize + DeserializeOwned + Default>(
     env_prefix: &str,
     overrides: &impl Serialize,
     settings: &[String],
-) -> Result<T, Box<figment::Error>> {
-    let settings = settings_layer(settings).map_err(|e| Box::new(figment::Error::from(e)))?;
+) -> Result<T, ConfigError> {
+    let settings = settings_layer(settings).map_err(figment::Error::from)?;
     let mut fig = Figment::from(Serialized::defaults(T::default()));
     if let Some(file) = file {
         if !file.exists() {
-            return Err(Box::new(figment::Error::from(format!(
+            return Err(figment::Error::from(format!(
                 "config file {} does not exist",
                 file.display()
-            ))));
+            ))
+            .into());
         }
         fig = fig.merge(Toml::file(file));
     }
@@ -60,7 +122,7 @@ pub fn load_with_settings<T: Serialize + DeserializeOwned + Default>(
         .merge(Serialized::defaults(overrides))
         .merge(Toml::string(&settings))
         .extract()
-        .map_err(Box::new)
+        .map_err(ConfigError::from)
 }
 
 /// `KEY=VALUE` settings as one TOML document (`KEY = VALUE` lines). A key is a setting's
@@ -219,6 +281,23 @@ mod tests {
                 },
             }
         );
+    }
+
+    #[test]
+    fn an_invalid_setting_names_the_configuration_the_field_and_why() {
+        let err = ConfigError::invalid("route", "scan_batch", "must be positive");
+        assert_eq!(
+            err.to_string(),
+            "invalid route configuration: scan_batch: must be positive"
+        );
+        assert_eq!(
+            (err.field(), err.reason()),
+            (Some("scan_batch"), Some("must be positive"))
+        );
+        let unknown = std::collections::BTreeMap::from([("no_such_setting", 1)]);
+        let err = load::<Outer>(None, "CIM_COMMON_TEST_KIND_", &unknown).unwrap_err();
+        assert!(matches!(err, ConfigError::Load(_)), "{err:?}");
+        assert_eq!(err.field(), None);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Configuration of a route instance: one serde struct whose defaults run a whole cluster on
 //! one machine, loaded by `cim_common::config::load` (defaults < file < env < flags) and
-//! checked by [`RouteConfig::validate`] before anything starts.
+//! checked by [`RouteConfig::validate`] before anything starts (errors:
+//! `cim_common::config::ConfigError`, as every binary's).
 
+pub use cim_common::config::ConfigError;
 use cim_common::{
     backend::BackendConfig, config::DEV_SECRET, ids::valid_instance_name, tls::TlsConfig,
 };
@@ -11,19 +13,9 @@ use std::{net::SocketAddr, time::Duration};
 /// Most password hashing workers (`password_workers`).
 pub const MAX_PASSWORD_WORKERS: usize = 256;
 
-/// Why a configuration cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid route configuration: {field}: {message}")]
-pub struct ConfigError {
-    pub field: &'static str,
-    pub message: String,
-}
-
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field,
-        message: message.into(),
-    }
+/// `field` of the route's configuration cannot be used, and why.
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::invalid("route", field, reason)
 }
 
 /// Everything a route instance can be told.
@@ -427,27 +419,33 @@ mod tests {
             http_listen: "nope".into(),
             ..Default::default()
         };
-        assert_eq!(c.validate().unwrap_err().field, "http_listen");
+        assert_eq!(c.validate().unwrap_err().field(), Some("http_listen"));
         c.http_listen = "127.0.0.1:0".into();
         c.cluster_secret = "short".into();
-        assert_eq!(c.validate().unwrap_err().field, "cluster_secret");
+        assert_eq!(c.validate().unwrap_err().field(), Some("cluster_secret"));
         c.cluster_secret = "a-long-enough-secret".into();
         c.previous_cluster_secrets = vec!["a-long-enough-secret".into()];
-        assert_eq!(c.validate().unwrap_err().field, "previous_cluster_secrets");
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            Some("previous_cluster_secrets")
+        );
         c.previous_cluster_secrets = vec!["another-long-enough-secret".into()];
         assert_eq!(c.validate(), Ok(()));
         c.scan_batch = 0;
-        assert_eq!(c.validate().unwrap_err().field, "scan_batch");
+        assert_eq!(c.validate().unwrap_err().field(), Some("scan_batch"));
         c.scan_batch = 10;
         c.advertise_http = Some("host-without-port".into());
-        assert_eq!(c.validate().unwrap_err().field, "advertise_http");
+        assert_eq!(c.validate().unwrap_err().field(), Some("advertise_http"));
         c.advertise_http = Some("example.com:80".into());
         assert_eq!(c.validate(), Ok(()));
         c.password_memory_kib = 1;
-        assert_eq!(c.validate().unwrap_err().field, "password_memory_kib");
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            Some("password_memory_kib")
+        );
         c.password_memory_kib = RouteConfig::default().password_memory_kib;
         c.password_workers = MAX_PASSWORD_WORKERS + 1;
-        assert_eq!(c.validate().unwrap_err().field, "password_workers");
+        assert_eq!(c.validate().unwrap_err().field(), Some("password_workers"));
         c.password_workers = MAX_PASSWORD_WORKERS;
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(c.password_workers(), MAX_PASSWORD_WORKERS);
@@ -457,7 +455,7 @@ mod tests {
         assert_eq!(c.validate(), Ok(()));
         c.worker_threads = 1025;
         let err = c.validate().unwrap_err();
-        assert_eq!(err.field, "worker_threads");
+        assert_eq!(err.field(), Some("worker_threads"));
         assert!(err.to_string().contains("1025"), "{err}");
     }
 

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use cim_common::{
     backend::Backends,
     cli::{bind, shutdown_signal, ConfigFlags, NodeFlags, TlsFlags},
+    config::ConfigError,
 };
 use cim_route::{Listeners, RouteConfig};
 use clap::Parser;
@@ -36,8 +37,8 @@ struct Cli {
 }
 
 /// The configuration the flags, the file they name and the environment (`env_prefix`) give.
-fn load_config(cli: Cli, env_prefix: &str) -> Result<RouteConfig> {
-    Ok(cli.config.load(env_prefix, &cli)?)
+fn load_config(cli: Cli, env_prefix: &str) -> Result<RouteConfig, ConfigError> {
+    cli.config.load(env_prefix, &cli)
 }
 
 fn main() -> Result<()> {
@@ -127,7 +128,7 @@ mod tests {
         let err = load(UNUSED, &["--worker-threads", "5000"])
             .validate()
             .unwrap_err();
-        assert_eq!(err.field, "worker_threads");
+        assert_eq!(err.field(), Some("worker_threads"));
     }
 
     #[test]
@@ -170,8 +171,8 @@ mod tests {
         std::fs::write(&file, "[tls]\nkey_file = \"/etc/cim/key.pem\"\n").unwrap();
         let file = file.to_str().unwrap();
         let err = load(UNUSED, &["--config", file]).validate().unwrap_err();
-        assert_eq!(err.field, "tls");
-        assert!(err.message.contains("cert_file"), "{err}");
+        assert_eq!(err.field(), Some("tls"));
+        assert!(err.reason().unwrap().contains("cert_file"), "{err}");
         let config = load(
             UNUSED,
             &["--config", file, "--tls-cert", "/etc/cim/cert.pem"],

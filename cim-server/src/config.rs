@@ -3,8 +3,10 @@
 //!
 //! Loaded by the binary through `cim_common::config::load` (defaults < file < environment
 //! `CIM_SERVER_*` < flags); [`ServerConfig::default`] runs a server on one machine as is.
+//! [`ServerConfig::validate`] names the first bad field (`cim_common::config::ConfigError`,
+//! as every binary's).
 
-use cim_common::{backend::BackendConfig, tls::TlsConfig};
+use cim_common::{backend::BackendConfig, config::ConfigError, tls::TlsConfig};
 use serde::{Deserialize, Serialize};
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -169,9 +171,14 @@ impl Default for ServerConfig {
     }
 }
 
+/// `field` of the server's configuration cannot be used, and why.
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::invalid("server", field, reason)
+}
+
 /// Checks a `host:port` string (the host may be a name or a bracketed IPv6 address).
-fn validate_host_port(field: &str, value: &str) -> Result<(), String> {
-    let bad = || format!("{field} must be host:port, got {value:?}");
+fn validate_host_port(field: &str, value: &str) -> Result<(), ConfigError> {
+    let bad = || invalid(field, format!("must be host:port, got {value:?}"));
     let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(bad());
@@ -179,20 +186,23 @@ fn validate_host_port(field: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn positive(field: &str, value: u64) -> Result<(), String> {
+fn positive(field: &str, value: u64) -> Result<(), ConfigError> {
     if value == 0 {
-        return Err(format!("{field} must be positive"));
+        return Err(invalid(field, "must be positive"));
     }
     Ok(())
 }
 
 impl ServerConfig {
     /// Checks every field, naming the first bad one.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if !cim_common::ids::valid_instance_name(&self.name) {
-            return Err(format!(
-                "name must be 1-64 characters of [A-Za-z0-9_.-], got {:?}",
-                self.name
+            return Err(invalid(
+                "name",
+                format!(
+                    "must be 1-64 characters of [A-Za-z0-9_.-], got {:?}",
+                    self.name
+                ),
             ));
         }
         validate_host_port("tcp_listen", &self.tcp_listen)?;
@@ -212,12 +222,16 @@ impl ServerConfig {
             (None, Some(_)) => Some("wss_listen"),
             (None, None) => None,
         };
-        self.tls.validate(needs_tls)?;
-        crate::ws::AllowedOrigins::new(&self.ws_allowed_origins)?;
+        self.tls
+            .validate(needs_tls)
+            .map_err(|m| invalid("tls", m))?;
+        crate::ws::AllowedOrigins::new(&self.ws_allowed_origins)
+            .map_err(|m| invalid("ws_allowed_origins", m))?;
         if let Some(host) = &self.advertise_host {
             if host.is_empty() || host.contains(char::is_whitespace) {
-                return Err(format!(
-                    "advertise_host must be a host name or IP, got {host:?}"
+                return Err(invalid(
+                    "advertise_host",
+                    format!("must be a host name or IP, got {host:?}"),
                 ));
             }
         }
@@ -232,14 +246,11 @@ impl ServerConfig {
                 validate_host_port(field, value)?;
             }
         }
-        cim_common::config::validate_secret(&self.cluster_secret)?;
-        cim_common::secret::validate_previous(
-            &self.cluster_secret,
-            &self.previous_cluster_secrets,
-        )?;
-        self.backend
-            .validate()
-            .map_err(|e| format!("backend: {e}"))?;
+        cim_common::config::validate_secret(&self.cluster_secret)
+            .map_err(|m| invalid("cluster_secret", m))?;
+        cim_common::secret::validate_previous(&self.cluster_secret, &self.previous_cluster_secrets)
+            .map_err(|m| invalid("previous_cluster_secrets", m))?;
+        self.backend.validate().map_err(|m| invalid("backend", m))?;
         positive("heartbeat_interval_ms", self.heartbeat_interval_ms)?;
         positive(
             "heartbeat_timeout_intervals",
@@ -247,23 +258,30 @@ impl ServerConfig {
         )?;
         // Both travel to clients as uint32 in LoginResult.
         if u32::try_from(self.heartbeat_timeout_ms()).is_err() {
-            return Err(
-                "heartbeat_interval_ms * heartbeat_timeout_intervals must fit in 32 bits".into(),
-            );
+            return Err(invalid(
+                "heartbeat_interval_ms * heartbeat_timeout_intervals",
+                "must fit in 32 bits",
+            ));
         }
         positive("login_timeout_ms", self.login_timeout_ms)?;
         if !(MIN_FRAME_LEN..=MAX_FRAME_LEN_LIMIT).contains(&self.max_frame_len) {
-            return Err(format!(
-                "max_frame_len must be between {MIN_FRAME_LEN} and {MAX_FRAME_LEN_LIMIT}, got {}",
-                self.max_frame_len
+            return Err(invalid(
+                "max_frame_len",
+                format!(
+                    "must be between {MIN_FRAME_LEN} and {MAX_FRAME_LEN_LIMIT}, got {}",
+                    self.max_frame_len
+                ),
             ));
         }
         positive("max_connections", self.max_connections as u64)?;
         positive("max_pending_logins", self.max_pending_logins as u64)?;
         if self.pre_login_frame_len < MIN_FRAME_LEN {
-            return Err(format!(
-                "pre_login_frame_len must be at least {MIN_FRAME_LEN}, got {}",
-                self.pre_login_frame_len
+            return Err(invalid(
+                "pre_login_frame_len",
+                format!(
+                    "must be at least {MIN_FRAME_LEN}, got {}",
+                    self.pre_login_frame_len
+                ),
             ));
         }
         positive("outbound_queue_frames", self.outbound_queue_frames as u64)?;
@@ -275,7 +293,7 @@ impl ServerConfig {
         positive("forward_concurrency", self.forward_concurrency as u64)?;
         positive("internal_timeout_ms", self.internal_timeout_ms)?;
         cim_common::cli::validate_worker_threads(self.worker_threads)
-            .map_err(|m| format!("worker_threads {m}"))?;
+            .map_err(|m| invalid("worker_threads", m))?;
         Ok(())
     }
 
@@ -407,7 +425,7 @@ mod tests {
         let check = |f: fn(&mut ServerConfig), field: &str| {
             let mut c = ServerConfig::default();
             f(&mut c);
-            let err = c.validate().unwrap_err();
+            let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(field), "{err:?} should name {field}");
         };
         check(|c| c.name = "a b".into(), "name");
@@ -454,7 +472,7 @@ mod tests {
             "empty is off"
         );
         c.tls_listen = Some("0.0.0.0:9443".into());
-        let err = c.validate().unwrap_err();
+        let err = c.validate().unwrap_err().to_string();
         assert!(
             err.contains("cert_file and key_file") && err.contains("tls_listen"),
             "{err}"
@@ -462,7 +480,7 @@ mod tests {
         c.tls_listen = None;
         c.wss_listen = Some("0.0.0.0:9444".into());
         c.tls.cert_file = Some("/etc/cim/cert.pem".into());
-        let err = c.validate().unwrap_err();
+        let err = c.validate().unwrap_err().to_string();
         assert!(
             err.contains("key_file") && err.contains("wss_listen"),
             "{err}"

@@ -7,6 +7,7 @@ use anyhow::{anyhow, Context};
 use cim_common::{
     backend::Backends,
     cli::{bind, bind_optional, shutdown_signal, ConfigFlags, NodeFlags, TlsFlags},
+    config::ConfigError,
 };
 use cim_server::{Listeners, ServerConfig};
 use clap::Parser;
@@ -45,15 +46,13 @@ struct Cli {
 }
 
 /// The configuration the flags, the file they name and the environment (`env_prefix`) give.
-fn load_config(cli: Cli, env_prefix: &str) -> anyhow::Result<ServerConfig> {
-    Ok(cli.config.load(env_prefix, &cli)?)
+fn load_config(cli: Cli, env_prefix: &str) -> Result<ServerConfig, ConfigError> {
+    cli.config.load(env_prefix, &cli)
 }
 
 fn main() -> anyhow::Result<()> {
     let config = load_config(Cli::parse(), "CIM_SERVER_").context("loading configuration")?;
-    config
-        .validate()
-        .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+    config.validate()?;
     cim_common::config::init_logging();
     cim_common::cli::raise_fd_limit();
     let runtime =
@@ -136,7 +135,10 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(config.worker_threads, 1, "the flag beats both");
         config.validate().unwrap();
-        let err = load(&["--worker-threads", "5000"]).validate().unwrap_err();
+        let err = load(&["--worker-threads", "5000"])
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("worker_threads"), "{err}");
         assert!(
             Cli::try_parse_from(["cim-server", "--worker-threads", "-1"]).is_err(),
@@ -204,7 +206,8 @@ mod tests {
         // A TLS listener without the files: refused, saying what is missing.
         let err = load(&["--wss-listen", "0.0.0.0:9444"])
             .validate()
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("[tls]") && err.contains("wss_listen"), "{err}");
     }
 

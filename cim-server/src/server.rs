@@ -165,9 +165,7 @@ pub async fn start(
     listeners: Listeners,
     backends: Backends,
 ) -> anyhow::Result<ServerHandle> {
-    config
-        .validate()
-        .map_err(|e| anyhow!("invalid server config: {e}"))?;
+    config.validate()?;
     if config.uses_dev_secret() {
         warn!("cluster_secret is the built-in development secret: set your own in production");
     }

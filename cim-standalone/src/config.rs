@@ -1,10 +1,12 @@
 //! The settings of a standalone process ([`StandaloneConfig`], described in the crate docs),
 //! its command line ([`Cli`]: defaults < file < `CIM_STANDALONE_*` < flags), and the route and
-//! server configurations they resolve to ([`StandaloneConfig::resolve`]).
+//! server configurations they resolve to ([`StandaloneConfig::resolve`]). Errors are
+//! `cim_common::config::ConfigError`, as every binary's; those of the two roles' own checks
+//! say whose configuration (`invalid route configuration: ...`).
 
-use anyhow::{anyhow, Context};
 use cim_common::{
     cli::{ConfigFlags, TlsFlags},
+    config::ConfigError,
     tls::TlsConfig,
 };
 use cim_route::RouteConfig;
@@ -124,14 +126,12 @@ pub struct Cli {
 
 impl Cli {
     /// Loads the configuration: defaults < `--config` file < `CIM_STANDALONE_*` < flags.
-    pub fn load(self) -> anyhow::Result<StandaloneConfig> {
+    pub fn load(self) -> Result<StandaloneConfig, ConfigError> {
         self.load_with_env(ENV_PREFIX)
     }
 
-    fn load_with_env(self, env_prefix: &str) -> anyhow::Result<StandaloneConfig> {
-        self.config
-            .load(env_prefix, &self)
-            .context("loading the configuration")
+    fn load_with_env(self, env_prefix: &str) -> Result<StandaloneConfig, ConfigError> {
+        self.config.load(env_prefix, &self)
     }
 }
 
@@ -156,7 +156,7 @@ impl StandaloneConfig {
     /// The configurations of both roles: the top-level settings put into each, internal
     /// listeners on loopback ports chosen at bind time, one cluster secret. Fails, naming the
     /// setting, on a top-level setting given inside a section or on an invalid value.
-    pub fn resolve(&self) -> anyhow::Result<Resolved> {
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
         let (route_defaults, server_defaults) = (RouteConfig::default(), ServerConfig::default());
         let misplaced = [
             (
@@ -236,14 +236,17 @@ impl StandaloneConfig {
             } else {
                 format!("set {field} at the top level of the standalone configuration")
             };
-            return Err(anyhow!(
-                "[{section}] {field} is not used in standalone mode: {hint}"
+            return Err(ConfigError::invalid(
+                "standalone",
+                format!("[{section}] {field}"),
+                format!("is not used in standalone mode: {hint}"),
             ));
         }
 
         let (secret, secret_generated) = match &self.cluster_secret {
             Some(secret) => {
-                cim_common::config::validate_secret(secret).map_err(anyhow::Error::msg)?;
+                cim_common::config::validate_secret(secret)
+                    .map_err(|m| ConfigError::invalid("standalone", "cluster_secret", m))?;
                 (secret.clone(), false)
             }
             None => (random_secret(), true),
@@ -271,10 +274,9 @@ impl StandaloneConfig {
             legacy_secret: self.legacy_secret,
             ..self.server.clone()
         };
+        // Their errors say whose configuration ("invalid server configuration: ...").
         route.validate()?;
-        server
-            .validate()
-            .map_err(|e| anyhow!("invalid server configuration: {e}"))?;
+        server.validate()?;
         Ok(Resolved {
             route,
             server,
@@ -284,7 +286,7 @@ impl StandaloneConfig {
 }
 
 /// Loads `file` alone (no environment, no flags): for tools and tests that check a file.
-pub fn load_file(file: &Path) -> anyhow::Result<StandaloneConfig> {
+pub fn load_file(file: &Path) -> Result<StandaloneConfig, ConfigError> {
     Cli {
         config: ConfigFlags {
             config: Some(file.to_path_buf()),

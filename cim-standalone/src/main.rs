@@ -5,14 +5,17 @@
 //! SIGTERM, then stops the server and the route gracefully. Logs go to stderr.
 
 use anyhow::Context;
+use cim_common::config::ConfigError;
 use clap::Parser;
 use std::io::Write;
 
 fn main() -> anyhow::Result<()> {
-    let config = cim_standalone::Cli::parse().load()?;
+    let config = cim_standalone::Cli::parse()
+        .load()
+        .context("loading the configuration")?;
     // The runtime is sized before `start` checks the rest of the configuration.
     cim_common::cli::validate_worker_threads(config.server.worker_threads)
-        .map_err(|e| anyhow::anyhow!("invalid configuration: [server] worker_threads {e}"))?;
+        .map_err(|m| ConfigError::invalid("standalone", "[server] worker_threads", m))?;
     cim_common::config::init_logging();
     cim_common::cli::raise_fd_limit();
     if config.route.worker_threads != 0 {
