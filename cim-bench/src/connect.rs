@@ -159,8 +159,9 @@ pub async fn run_connect(setup: &Setup, opts: ConnectOpts) -> anyhow::Result<Con
             counters.done.fetch_add(1, Relaxed);
         }
         failed_logins += logged.failures.len() as u64;
-        paused += t.elapsed();
-        start += t.elapsed();
+        let spent = t.elapsed();
+        paused += spent;
+        start += spent;
         for user in logged.users {
             if i == warm {
                 let t = Instant::now();
@@ -168,8 +169,9 @@ pub async fn run_connect(setup: &Setup, opts: ConnectOpts) -> anyhow::Result<Con
                 counters.wait_done(failed_logins + i as u64, deadline).await;
                 before = Some(setup.snapshot(&servers_of(&servers), &[]).await);
                 // The pause is not connecting time: shift the schedule and leave it out.
-                paused += t.elapsed();
-                start += t.elapsed();
+                let spent = t.elapsed();
+                paused += spent;
+                start += spent;
             }
             let due = start + Duration::from_secs_f64(i as f64 / opts.rate);
             if due > Instant::now() {
