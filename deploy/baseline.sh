@@ -45,8 +45,9 @@
 # [5000] new connections per second per bench process; the ports are cluster.sh's CIM_*
 # variables, defaulting here to etcd 23790/23800, redis 16390, route 18080/18081, servers
 # 19000/19001/19100, 19010/19011/19110; the 100k mode's further servers take the next tens
-# (server-c 19020/19021/19120, server-d 19030/…); CIM_CLUSTER_SECRET reaches both the cluster
-# and cim-bench; CIM_WORKER_THREADS [1] is the tokio worker count of every cim-server and
+# (server-c 19020/19021/19120, server-d 19030/…); CIM_CLUSTER_SECRET reaches the cluster
+# (cim-bench needs none: it logs its users in through the route's business API, with an API
+# key made up per run, BASELINE_API_KEY to choose it); CIM_WORKER_THREADS [1] is the tokio worker count of every cim-server and
 # cim-route (cluster.sh's, and the 100k mode's further servers): all of them, Redis, etcd and
 # the bench share the machine, so one worker each by default; 0 = one per core. (Each bench
 # process runs on one worker too: cim-bench's own default.)
@@ -112,7 +113,14 @@ source_last=40
 extra_names=(server-c server-d server-e server-f server-g server-h)
 
 bench=$bin_dir/cim-bench
-bench_global=(--redis-url "$redis_url" --etcd "$etcd_url" --json)
+bench_global=(--route "$route_url" --etcd "$etcd_url" --json)
+
+# cim-bench logs its users in through the route's business API: a key for this run, given to
+# the route through cluster.sh (CIM_ROUTE_* variables pass through) and to cim-bench through
+# its environment (CIM_API_KEY), never on a command line.
+bench_api_key=${BASELINE_API_KEY:-baseline-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}
+export CIM_ROUTE_API_KEYS="[\"$bench_api_key\"]"
+export CIM_API_KEY=$bench_api_key
 
 # Every server's internal address and pid file, filled once the cluster runs.
 server_internal=()
@@ -259,8 +267,14 @@ secs_of() {
 launch_bench() {
     local name=$1 limit=$2
     shift 2
+    # Redis's CPU time is read from /proc by pid, which changes when the cluster restarts.
+    local -a redis_pid=()
+    if [[ -s $run_dir/redis.pid ]]; then
+        redis_pid=(--redis-pid "$(<"$run_dir/redis.pid")")
+    fi
     log "  $name: cim-bench $*"
-    timeout --kill-after=10 "$limit" "$bench" "${bench_global[@]}" "$@" \
+    timeout --kill-after=10 "$limit" "$bench" "${bench_global[@]}" \
+        "${redis_pid[@]+"${redis_pid[@]}"}" "$@" \
         >"$results/$name.json" 2>"$results/$name.log" </dev/null &
     launched=$!
     bench_pids+=("$launched")

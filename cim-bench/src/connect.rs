@@ -117,20 +117,10 @@ pub async fn run_connect(setup: &Setup, opts: ConnectOpts) -> anyhow::Result<Con
     crate::ensure_fd_capacity(opts.connections)?;
     let servers: Vec<Arc<_>> = setup.servers().await?.into_iter().map(Arc::new).collect();
     let n = opts.connections;
-    let pacing = Duration::from_secs_f64(n as f64 / opts.rate);
-    // Slots stay pending until their connection attaches: long enough for the whole paced
-    // phase plus slow handshakes.
-    let ttl = pacing + Duration::from_secs(120);
-    let prepared = setup
-        .prepare_users(opts.user_offset, n, ttl, |i| {
-            servers[i % servers.len()].clone()
-        })
+    let users = setup
+        .prepare_users(opts.user_offset, n, |i| servers[i % servers.len()].clone())
         .await?;
     let counters = Arc::new(Counters::default());
-    for reason in &prepared.failures {
-        counters.failures.add(reason.as_str());
-        counters.done.fetch_add(1, Relaxed);
-    }
 
     let stop = CancellationToken::new();
     let progress_stop = CancellationToken::new();
@@ -150,42 +140,61 @@ pub async fn run_connect(setup: &Setup, opts: ConnectOpts) -> anyhow::Result<Con
     // tables; like the idle_memory bench, read the "before" memory only once 1 in 20 are open,
     // and count the connections gained from there.
     let warm = if n >= 100 { n / 20 } else { 0 };
-    let failed_early = prepared.failures.len() as u64;
+    // Users are logged in a batch at a time, just before the batch connects (connect tokens
+    // expire), and the logins are not connecting time: like the warm-up reading, they pause
+    // the schedule and are left out of the connect phase.
+    let batch = login_batch(opts.rate);
+    let mut failed_logins = 0u64;
     let mut before = None;
     let mut paused = Duration::ZERO;
     let first_attempt = Instant::now();
     let mut start = first_attempt;
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, user) in prepared.users.iter().cloned().enumerate() {
-        if i == warm {
-            let t = Instant::now();
-            let deadline = setup::OPEN_DEADLINE + Duration::from_secs(5);
-            counters.wait_done(failed_early + i as u64, deadline).await;
-            before = Some(setup.snapshot(&servers_of(&servers), &[]).await);
-            // The pause is not connecting time: shift the schedule and leave it out.
-            paused = t.elapsed();
-            start += paused;
+    let mut i = 0usize;
+    for chunk in users.chunks(batch) {
+        let t = Instant::now();
+        let logged = setup.login(chunk).await;
+        for reason in &logged.failures {
+            counters.failures.add(reason.as_str());
+            counters.done.fetch_add(1, Relaxed);
         }
-        let due = start + Duration::from_secs_f64(i as f64 / opts.rate);
-        if due > Instant::now() {
-            tokio::time::sleep_until(due).await;
+        failed_logins += logged.failures.len() as u64;
+        let spent = t.elapsed();
+        paused += spent;
+        start += spent;
+        for user in logged.users {
+            if i == warm {
+                let t = Instant::now();
+                let deadline = setup::OPEN_DEADLINE + Duration::from_secs(5);
+                counters.wait_done(failed_logins + i as u64, deadline).await;
+                before = Some(setup.snapshot(&servers_of(&servers), &[]).await);
+                // The pause is not connecting time: shift the schedule and leave it out.
+                let spent = t.elapsed();
+                paused += spent;
+                start += spent;
+            }
+            let due = start + Duration::from_secs_f64(i as f64 / opts.rate);
+            if due > Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
+            let local_ip = crate::setup::source_ip(&opts.source_ips, user.index);
+            tasks.spawn(hold(
+                user,
+                opts.transport,
+                local_ip,
+                setup.tls().cloned(),
+                counters.clone(),
+                stop.clone(),
+            ));
+            i += 1;
         }
-        let local_ip = crate::setup::source_ip(&opts.source_ips, user.index);
-        tasks.spawn(hold(
-            user,
-            opts.transport,
-            local_ip,
-            setup.tls().cloned(),
-            counters.clone(),
-            stop.clone(),
-        ));
     }
     counters
         .wait_done(n as u64, setup::OPEN_DEADLINE + Duration::from_secs(5))
         .await;
     let connect_secs = (first_attempt.elapsed() - paused).as_secs_f64();
     let after = setup.snapshot(&servers_of(&servers), &[]).await;
-    // No user could even be prepared: nothing was opened, before and after are alike.
+    // No user could even log in: nothing was opened, before and after are alike.
     let before = before.unwrap_or_else(|| after.clone());
 
     let held = Instant::now();
@@ -203,8 +212,7 @@ pub async fn run_connect(setup: &Setup, opts: ConnectOpts) -> anyhow::Result<Con
     if let Some(p) = progress {
         let _ = p.await;
     }
-    setup.settle(&prepared.users).await;
-    setup.release(&prepared.users).await;
+    setup.settle(&users).await;
 
     let connected = counters.connected.load(Relaxed);
     Ok(ConnectReport {
@@ -274,6 +282,13 @@ async fn hold(
         }
     }
     let _ = tokio::time::timeout(setup::CLOSE_DEADLINE, Box::pin(conn.close())).await;
+}
+
+/// Users logged in per batch at `rate` connections per second: what the paced phase opens
+/// in 10 s (at most [`setup::LOGIN_BATCH`]), so a batch's connect tokens (30 s) outlive its
+/// slowest ramp.
+fn login_batch(rate: f64) -> usize {
+    ((rate * 10.0) as usize).clamp(1, setup::LOGIN_BATCH)
 }
 
 pub(crate) fn servers_of(
@@ -351,12 +366,18 @@ mod tests {
     /// Every held connection is one task of this future: keep it small (the bench holds up
     /// to 19,000 of them).
     #[test]
+    fn login_batches_outlive_no_token() {
+        assert_eq!(login_batch(5000.0), setup::LOGIN_BATCH);
+        assert_eq!(login_batch(20.0), 200);
+        assert_eq!(login_batch(0.01), 1);
+    }
+
+    #[test]
     fn held_connection_task_is_small() {
         let user = crate::BenchUser {
             index: 0,
             id: 1,
             name: String::new(),
-            session: String::new(),
             server: Arc::default(),
             connect_token: String::new(),
         };

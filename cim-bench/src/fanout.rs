@@ -32,7 +32,7 @@ use cim_sdk::{
 };
 use serde::Serialize;
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     net::IpAddr,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -51,9 +51,6 @@ pub const MAX_MESSAGES: usize = 100_000;
 
 /// Deadline of one send's `SendResult` (the route answers after the whole fan-out).
 const RESULT_DEADLINE: Duration = Duration::from_secs(30);
-
-/// Route keys read per SCAN step when counting who else is online.
-const SCAN_COUNT: usize = 1000;
 
 /// Prefix of every bench message body: `fanout {number} {send time, Unix ns}`.
 const BODY_PREFIX: &str = "fanout ";
@@ -199,50 +196,22 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     crate::ensure_fd_capacity(n + senders)?;
     let servers: Vec<Arc<ServiceInfo>> = setup.servers().await?.into_iter().map(Arc::new).collect();
     let routes = setup.members(ServiceKind::Route).await?;
-    let ttl = Duration::from_secs(300);
-    let prepared = setup
-        .prepare_users(opts.user_offset, n + senders, ttl, |i| {
+    let users = setup
+        .prepare_users(opts.user_offset, n + senders, |i| {
             servers[i.saturating_sub(senders) % servers.len()].clone()
         })
         .await?;
-    if !prepared.failures.is_empty() {
-        setup.release(&prepared.users).await;
-        anyhow::bail!(
-            "{} bench users are logged in already (another cim-bench on the same \
-             --user-offset range?): {}",
-            prepared.failures.len(),
-            prepared.failures[0]
-        );
-    }
-    let ours: HashSet<u64> = prepared.users.iter().map(|u| u.id).collect();
-    let mut other_online = match count_others(setup, &ours).await {
-        Ok(n) => n,
-        Err(e) => {
-            setup.release(&prepared.users).await;
-            return Err(e);
-        }
-    };
+    let ours: Vec<u64> = users.iter().map(|u| u.id).collect();
+    let mut other_online = count_others(setup, &ours).await?;
     if other_online > 0 && opts.others == 0 && !opts.receive_only {
         eprintln!(
             "cim-bench: {other_online} other users are online: they receive every group \
              message too, and the CPU figures include their deliveries"
         );
     }
-    let opened = match setup
-        .open_all(
-            &prepared.users,
-            opts.transport,
-            Some(BUFFER),
-            &opts.source_ips,
-        )
-        .await
-    {
-        Ok(o) => o,
-        Err(e) => {
-            setup.release(&prepared.users).await;
-            return Err(e);
-        }
-    };
+    let opened = setup
+        .open_all(&users, opts.transport, Some(BUFFER), &opts.source_ips)
+        .await?;
     let mut opened = opened.into_iter();
     let sender = if opts.receive_only {
         None
@@ -270,8 +239,7 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
                 for task in receiver_tasks {
                     let _ = task.await;
                 }
-                setup.settle(&prepared.users).await;
-                setup.release(&prepared.users).await;
+                setup.settle(&users).await;
                 return Err(e);
             }
         }
@@ -322,8 +290,7 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     if let Some(p) = progress {
         let _ = p.await;
     }
-    setup.settle(&prepared.users).await;
-    setup.release(&prepared.users).await;
+    setup.settle(&users).await;
 
     let per_message: Vec<MessageTiming> = shared
         .slots
@@ -392,7 +359,7 @@ fn unix_ns() -> u64 {
 /// processes), for at most `wait`; returns how many there are.
 async fn await_others(
     setup: &Setup,
-    ours: &HashSet<u64>,
+    ours: &[u64],
     others: usize,
     wait: Duration,
 ) -> anyhow::Result<u64> {
@@ -434,22 +401,11 @@ fn median(sorted: &[f64]) -> Option<f64> {
     }
 }
 
-/// Online users that are not `ours`, from one pass over the route keys.
-async fn count_others(setup: &Setup, ours: &HashSet<u64>) -> anyhow::Result<u64> {
-    let store = &setup.backends.store;
-    let mut cursor = 0;
-    let mut others = 0;
-    // A SCAN pass ends when the cursor returns to 0; the step bound only guards against a
-    // store that never says so (10 million keys at 1000 per step).
-    for _ in 0..10_000 {
-        let (next, routes) = store.scan_routes(cursor, SCAN_COUNT).await?;
-        others += routes.iter().filter(|r| !ours.contains(&r.user_id)).count() as u64;
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    Ok(others)
+/// Online users that are not `ours`: every live server's logged-in connections, less those
+/// of `ours` that are online.
+async fn count_others(setup: &Setup, ours: &[u64]) -> anyhow::Result<u64> {
+    let (all, mine) = tokio::try_join!(setup.online_count(), setup.online_of(ours))?;
+    Ok(all.saturating_sub(mine as u64))
 }
 
 struct SendOutcome {

@@ -7,35 +7,41 @@
 //!   per connection.
 //! - [`run_p2p`]: pairs of users send private messages across two servers, at a rate or as
 //!   fast as a window of outstanding sends allows; reports throughput, one-way latency
-//!   percentiles, losses, and the CPU per message of every cim process and Redis.
+//!   percentiles, losses, and the CPU per message of every cim process and (given its pid)
+//!   Redis.
 //! - [`run_fanout`]: one user sends group messages to many receivers; reports the time until
 //!   the last receiver has each message, missing deliveries, and the CPU per delivery. Past
 //!   one process's connections, further processes hold receivers only (`receive_only`) and
 //!   their per-message wall-clock times merge with the sender's.
-//! - [`run_login_flood`]: many concurrent wrong-password logins against one route (no Redis
-//!   or etcd needed), and that route's peak and resident memory before, right after and a
+//! - [`run_login_flood`]: many concurrent wrong-password logins against one route (no API
+//!   key or etcd needed), and that route's peak and resident memory before, right after and a
 //!   while after (`/proc/{pid}/status`: the route must run on this machine).
 //!
 //! # How login cost is kept out
-//! A [`Setup`] connects to the cluster's Redis and etcd, reads the live servers and routes
-//! from the registry, creates the accounts `bench-{k}` directly in the store (with a password
-//! hash nothing verifies, so nobody can log in to them through a route), takes each user's
-//! login slot itself and signs the connect token with the cluster secret. No HTTP login and no
-//! argon2 hashing is measured, and the bench decides which server each user connects to.
-//! `user_offset` moves the range of `k` so several bench processes use different users.
+//! A [`Setup`] reads the live servers and routes from etcd and logs users in through a
+//! route's business API ([`api`], an API key): it creates the accounts `bench-{k}` in bulk as
+//! connect-only accounts (no password, so no argon2 hash per account, and nobody can log in
+//! to them with one), then, one batch at a time just before the batch connects (connect
+//! tokens expire after 30 s), asks the admin connect call for each user's session on the
+//! server the scenario chose for it. That is the route's own login (single-login slot,
+//! tokens), so the bench needs neither the cluster secret nor Redis, and the logins happen
+//! outside the measured phases. `user_offset` moves the range of `k` so several bench
+//! processes use different users.
 //!
 //! # Limits
 //! One bench process opens at most [`MAX_CONNECTIONS`] connections: every connection is a file
 //! descriptor, and the hard limit here is 20,000 per process. Larger loads run several
 //! processes with disjoint `user_offset`s (and, past one local IP's ephemeral ports, with
 //! `source_ips`). Every phase has a deadline; at the end every connection is closed, which
-//! makes the servers detach the users and free their login slots, and the slots of users that
-//! never connected are released.
+//! makes the servers detach the users and free their login slots; the slots of users that
+//! never connected are pending ones, which expire with their tokens (and which the next login
+//! takes over).
 //!
-//! Modules: [`setup`] (accounts, slots, tokens, opening connections), [`probe`] (`/healthz`
-//! of servers and routes, Redis `INFO cpu`), [`report`] (counters, latency summaries,
-//! tables), and one module per scenario.
+//! Modules: [`api`] (the route's business API), [`setup`] (accounts, logins per batch,
+//! opening connections), [`probe`] (`/healthz` of servers and routes, Redis's CPU time from
+//! `/proc`), [`report`] (counters, latency summaries, tables), and one module per scenario.
 
+pub mod api;
 pub mod connect;
 pub mod fanout;
 pub mod login_flood;
@@ -48,12 +54,12 @@ pub use connect::{run_connect, ConnectOpts, ConnectReport};
 pub use fanout::{run_fanout, FanoutOpts, FanoutReport};
 pub use login_flood::{run_login_flood, LoginFloodOpts, LoginFloodReport};
 pub use p2p::{run_p2p, Load, P2pOpts, P2pReport};
-pub use setup::{BenchUser, Setup};
+pub use setup::{BenchUser, Setup, Target};
 
 use std::{net::IpAddr, time::Duration};
 
 /// Most connections one bench process opens: the per-process limit of 20,000 open files less
-/// room for Redis, etcd, HTTP probes and the runtime.
+/// room for etcd, the route's API, HTTP probes and the runtime.
 pub const MAX_CONNECTIONS: usize = 19_000;
 
 /// File descriptors kept for everything that is not a client connection.

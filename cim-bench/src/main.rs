@@ -1,29 +1,29 @@
-//! `cim-bench`: the load generator. Connects to a running cluster's Redis and etcd and runs one
-//! scenario (`connect`, `p2p`, `fanout`; `login-flood` needs only a route's URL); everything it does is in [`cim_bench`], this
-//! file only parses flags. Progress goes to stderr once a second, the summary to stdout (one
-//! JSON object with `--json`). Exit status 1 when the scenario could not run, 2 for bad flags.
+//! `cim-bench`: the load generator. Logs its users in through a running cluster's route
+//! (business API, `--api-key`), finds the servers in its etcd, and runs one scenario
+//! (`connect`, `p2p`, `fanout`; `login-flood` needs only a route's URL); everything it does is
+//! in [`cim_bench`], this file only parses flags. Progress goes to stderr once a second, the
+//! summary to stdout (one JSON object with `--json`). Exit status 1 when the scenario could not
+//! run, 2 for bad flags.
 
-use cim_bench::{self as bench, ConnectOpts, FanoutOpts, Load, LoginFloodOpts, P2pOpts, Setup};
-use cim_common::{backend::BackendConfig, cli::BackendFlags, config::DEV_SECRET};
+use cim_bench::{
+    self as bench, ConnectOpts, FanoutOpts, Load, LoginFloodOpts, P2pOpts, Setup, Target,
+};
 use cim_sdk::Transport;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{net::IpAddr, process::ExitCode, time::Duration};
 
 /// Load generator for a cim cluster: connections, private messages, group fan-out.
 ///
-/// Bench users are `bench-{k}` accounts created directly in Redis (they cannot log in through
-/// a route); their login slots are taken and connect tokens signed with the cluster secret,
-/// so no HTTP login or password hashing is measured. One process opens at most 19,000
-/// connections: run several with disjoint --user-offset ranges for more.
+/// Bench users are `bench-{k}` accounts, created in bulk through the route's business API as
+/// connect-only accounts (no password: nobody logs in to them with one) and logged in with
+/// its admin connect call, a batch at a time just before the batch connects, so no HTTP
+/// login or password hashing is measured. One process opens at most 19,000 connections: run
+/// several with disjoint --user-offset ranges for more.
 #[derive(Parser, Debug)]
 #[command(name = "cim-bench", version)]
 struct Cli {
     #[command(flatten)]
-    backend: BackendFlags,
-    /// Cluster secret (signs connect tokens); must be the cluster's. Default: cim's
-    /// development secret, what a cluster without a configured secret uses.
-    #[arg(long, env = "CIM_CLUSTER_SECRET", default_value = DEV_SECRET, hide_env_values = true, hide_default_value = true)]
-    cluster_secret: String,
+    cluster: ClusterFlags,
     /// Print the summary as one JSON object instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -43,6 +43,31 @@ struct Cli {
     scenario: Scenario,
 }
 
+/// Where the cluster under test is (connect, p2p, fanout).
+#[derive(Args, Debug)]
+struct ClusterFlags {
+    /// Base URL of one of the cluster's routes: its business API logs the bench users in.
+    #[arg(long = "route", default_value = "http://127.0.0.1:8080")]
+    route_url: String,
+    /// One of the route's api_keys.
+    #[arg(long, env = "CIM_API_KEY", hide_env_values = true, default_value = "")]
+    api_key: String,
+    /// etcd endpoint (repeat for several): where the live servers are listed.
+    #[arg(
+        long = "etcd",
+        value_name = "ENDPOINT",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd: Vec<String>,
+    /// The cluster's key prefix.
+    #[arg(long, default_value = "cim")]
+    prefix: String,
+    /// Redis's pid on this machine: its CPU time is read from /proc and counted in the CPU
+    /// per message (without it, the Redis figure is left out).
+    #[arg(long)]
+    redis_pid: Option<u32>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Scenario {
     /// Open N connections at a rate, hold them with heartbeats, report connect rate and
@@ -54,7 +79,7 @@ enum Scenario {
     /// Group messages from one sender to N receivers: time to the last receipt, missing
     /// deliveries, CPU per delivery. Nobody else should be online.
     Fanout(FanoutArgs),
-    /// Wrong-password logins against one route on this machine (no Redis or etcd needed):
+    /// Wrong-password logins against one route on this machine (no API key or etcd needed):
     /// the route's peak and resident memory (VmHWM, VmRSS) before, right after, and
     /// --settle after.
     LoginFlood(LoginFloodArgs),
@@ -184,20 +209,6 @@ fn parse_worker_threads(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
-fn backend_config(flags: BackendFlags) -> BackendConfig {
-    let mut config = BackendConfig::default();
-    if let Some(url) = flags.redis_url {
-        config.redis_url = url;
-    }
-    if !flags.etcd.is_empty() {
-        config.etcd_endpoints = flags.etcd;
-    }
-    if let Some(prefix) = flags.prefix {
-        config.prefix = prefix;
-    }
-    config
-}
-
 async fn run(cli: Cli) -> anyhow::Result<String> {
     let json = cli.json;
     let render = |text: String, value: serde_json::Value| {
@@ -211,14 +222,22 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         true => Some(cim_sdk::ClientTls::new(cli.ca_file.as_deref())?),
         false => None,
     };
-    let (backend, secret) = (backend_config(cli.backend), cli.cluster_secret);
-    // Every scenario but login-flood runs against the cluster's Redis and etcd.
+    let flags = cli.cluster;
+    let target = Target {
+        route: flags.route_url,
+        api_key: flags.api_key,
+        etcd_endpoints: flags.etcd,
+        prefix: flags.prefix,
+    };
+    let redis_pid = flags.redis_pid;
+    // Every scenario but login-flood runs against the cluster's route and etcd.
     let setup = || async {
         anyhow::Ok(
-            Setup::connect(&backend, &secret)
+            Setup::connect(&target)
                 .await?
                 .with_progress(true)
-                .with_tls(tls),
+                .with_tls(tls)
+                .with_redis_pid(redis_pid),
         )
     };
     Ok(match cli.scenario {
@@ -296,5 +315,43 @@ fn main() -> ExitCode {
             eprintln!("cim-bench: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "cim-bench",
+            "--route",
+            "http://127.0.0.1:18080",
+            "--api-key",
+            "k",
+            "--etcd",
+            "http://127.0.0.1:23790",
+            "--redis-pid",
+            "42",
+            "p2p",
+            "--pairs",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(cli.cluster.route_url, "http://127.0.0.1:18080");
+        assert_eq!(cli.cluster.api_key, "k");
+        assert_eq!(cli.cluster.etcd, ["http://127.0.0.1:23790"]);
+        assert_eq!(cli.cluster.redis_pid, Some(42));
+        assert!(matches!(cli.scenario, Scenario::P2p(_)));
+        // login-flood keeps its own --route.
+        let cli =
+            Cli::try_parse_from(["cim-bench", "login-flood", "--route", "http://x:1"]).unwrap();
+        let Scenario::LoginFlood(a) = cli.scenario else {
+            panic!("not login-flood")
+        };
+        assert_eq!(a.route, "http://x:1");
     }
 }

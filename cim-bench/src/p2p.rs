@@ -157,9 +157,8 @@ pub async fn run_p2p(setup: &Setup, opts: P2pOpts) -> anyhow::Result<P2pReport> 
     }
 
     // Users 0..pairs send, pairs..2·pairs receive; sender i writes to receiver i.
-    let ttl = Duration::from_secs(300);
-    let prepared = setup
-        .prepare_users(opts.user_offset, 2 * pairs, ttl, |i| {
+    let users = setup
+        .prepare_users(opts.user_offset, 2 * pairs, |i| {
             if i < pairs {
                 senders_at.clone()
             } else {
@@ -167,25 +166,7 @@ pub async fn run_p2p(setup: &Setup, opts: P2pOpts) -> anyhow::Result<P2pReport> 
             }
         })
         .await?;
-    if !prepared.failures.is_empty() {
-        setup.release(&prepared.users).await;
-        anyhow::bail!(
-            "{} bench users are logged in already (another cim-bench on the same \
-             --user-offset range?): {}",
-            prepared.failures.len(),
-            prepared.failures[0]
-        );
-    }
-    let opened = match setup
-        .open_all(&prepared.users, opts.transport, None, &[])
-        .await
-    {
-        Ok(o) => o,
-        Err(e) => {
-            setup.release(&prepared.users).await;
-            return Err(e);
-        }
-    };
+    let opened = setup.open_all(&users, opts.transport, None, &[]).await?;
     let (senders, receivers): (Vec<Opened>, Vec<Opened>) =
         opened.into_iter().partition(|o| o.user.index < pairs);
     let receiver_ids: Vec<u64> = receivers.iter().map(|r| r.user.id).collect();
@@ -266,8 +247,7 @@ pub async fn run_p2p(setup: &Setup, opts: P2pOpts) -> anyhow::Result<P2pReport> 
     if let Some(p) = progress {
         let _ = p.await;
     }
-    setup.settle(&prepared.users).await;
-    setup.release(&prepared.users).await;
+    setup.settle(&users).await;
 
     let c = &counters;
     let delivered = c.received.load(Relaxed);

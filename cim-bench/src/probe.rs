@@ -1,6 +1,7 @@
 //! Readings of the cluster's processes, taken before and after a measured phase: each server's
-//! and route's `/healthz` (pid, resident memory, CPU time, open connections) and Redis's
-//! `INFO cpu`. The differences give memory per connection and CPU per message.
+//! and route's `/healthz` (pid, resident memory, CPU time, open connections) and, given its
+//! pid (`--redis-pid`), Redis's CPU time from `/proc`. The differences give memory per
+//! connection and CPU per message.
 //!
 //! Processes are told apart by pid: when several servers or routes run in one process (a
 //! test cluster, standalone mode) its memory and CPU are counted once, under "servers" if it
@@ -10,7 +11,6 @@ use crate::setup::Setup;
 use cim_common::registry::ServiceInfo;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 /// Which kind of cim process a reading is from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -35,7 +35,7 @@ pub struct Reading {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub readings: Vec<Reading>,
-    /// Redis `used_cpu_user + used_cpu_sys`, in milliseconds.
+    /// Redis's CPU time (user + system), in milliseconds, when its pid is known.
     pub redis_cpu_ms: Option<u64>,
     /// This bench process's CPU time, in milliseconds.
     pub bench_cpu_ms: Option<u64>,
@@ -75,7 +75,7 @@ pub struct ProcessMemory {
 }
 
 impl Setup {
-    /// Reads every server's and route's `/healthz` and Redis's CPU time, concurrently.
+    /// Reads every server's and route's `/healthz` (concurrently) and Redis's CPU time.
     pub async fn snapshot(&self, servers: &[ServiceInfo], routes: &[ServiceInfo]) -> Snapshot {
         let probes = servers
             .iter()
@@ -86,11 +86,10 @@ impl Setup {
                     .map(|r| (Role::Route, r.id.as_str(), r.http_addr.as_str())),
             )
             .map(|(role, id, addr)| self.health(role, id, addr));
-        let (readings, redis_cpu_ms) =
-            tokio::join!(futures_util::future::join_all(probes), self.redis_cpu_ms());
+        let readings = futures_util::future::join_all(probes).await;
         Snapshot {
             readings,
-            redis_cpu_ms,
+            redis_cpu_ms: self.redis_cpu_ms(),
             bench_cpu_ms: cim_common::procinfo::self_usage().map(|u| u.cpu_ms),
         }
     }
@@ -118,34 +117,11 @@ impl Setup {
         }
     }
 
-    /// Redis's own CPU time from `INFO cpu` (a separate connection: the store's is private).
-    async fn redis_cpu_ms(&self) -> Option<u64> {
-        let query = async {
-            let client = redis::Client::open(self.redis_url.as_str()).ok()?;
-            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-            let info: String = redis::cmd("INFO")
-                .arg("cpu")
-                .query_async(&mut conn)
-                .await
-                .ok()?;
-            parse_redis_cpu_ms(&info)
-        };
-        tokio::time::timeout(Duration::from_secs(5), query)
-            .await
-            .ok()
-            .flatten()
+    /// Redis's own CPU time, from `/proc/{pid}` of the pid it was given (the bench does not
+    /// talk to Redis; Redis must run on this machine).
+    fn redis_cpu_ms(&self) -> Option<u64> {
+        cim_common::procinfo::usage_of(self.redis_pid?).map(|u| u.cpu_ms)
     }
-}
-
-/// `used_cpu_sys` + `used_cpu_user` (seconds, as decimals) in milliseconds.
-fn parse_redis_cpu_ms(info: &str) -> Option<u64> {
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
-    let secs = field("used_cpu_sys")? + field("used_cpu_user")?;
-    Some((secs * 1000.0).round() as u64)
 }
 
 /// A process: its pid, or (no pid known) the member's own id.
@@ -282,14 +258,6 @@ mod tests {
             cpu_ms: Some(cpu),
             connections: (role == Role::Server).then_some(conns),
         }
-    }
-
-    #[test]
-    fn redis_info() {
-        let info = "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:0.250000\r\n\
-                    used_cpu_sys_children:9.0\r\n";
-        assert_eq!(parse_redis_cpu_ms(info), Some(1750));
-        assert_eq!(parse_redis_cpu_ms("# CPU\r\n"), None);
     }
 
     #[test]

@@ -1,14 +1,10 @@
-//! Everything a scenario needs before it measures: the cluster's backends, the live servers
-//! and routes, bench accounts with their login slots and connect tokens, and opening logged-in
-//! connections.
+//! Everything a scenario needs before it measures: the live servers and routes (from etcd),
+//! bench accounts, their logins through the route's business API ([`crate::api`]), and
+//! opening logged-in connections.
 
+use crate::api::{CallError, RouteApi};
 use anyhow::Context;
-use cim_common::{
-    backend::{BackendConfig, Backends},
-    registry::{ServiceInfo, ServiceKind},
-    store::ClaimOutcome,
-    token::{ConnectClaims, TokenSigner},
-};
+use cim_common::registry::{EtcdRegistry, Registry, ServiceInfo, ServiceKind};
 use cim_sdk::{
     conn::{ConnError, ConnectOptions, Connection, Transport},
     pb::{frame::Body, Frame, Ping},
@@ -17,9 +13,13 @@ use cim_sdk::{
 use futures_util::{stream, StreamExt};
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
-/// Store calls in flight while preparing users (Redis answers each in well under a
-/// millisecond; more in flight would only queue).
-const STORE_CONCURRENCY: usize = 64;
+/// Admin connect calls in flight while logging a batch in (each is a route request with a few
+/// Redis calls behind it; more in flight would only queue).
+const LOGIN_CONCURRENCY: usize = 64;
+
+/// Users logged in at once before their connections open: connect tokens live 30 s
+/// (`connect_token_ttl`), and a batch logs in and opens within a few seconds.
+pub const LOGIN_BATCH: usize = 1000;
 
 /// Connections being opened at once by [`Setup::open_all`].
 const OPEN_CONCURRENCY: usize = 256;
@@ -33,30 +33,43 @@ pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 /// lost the connection.
 const ACK_DEADLINE: Duration = Duration::from_secs(5);
 
-/// The password hash of bench accounts: not a valid argon2 hash, so no password verifies and
-/// the accounts cannot be logged in to through a route.
-const NO_PASSWORD: &str = "-";
+/// Deadline of every etcd call.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A connection to the cluster under test: its Redis and etcd, the cluster secret, and an
-/// HTTP client for the `/healthz` probes.
+/// The cluster under test, as the bench reaches it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Base URL of a route (its business API logs the bench users in).
+    pub route: String,
+    /// One of the route's `api_keys`.
+    pub api_key: String,
+    /// etcd endpoints: where the live servers and routes are listed.
+    pub etcd_endpoints: Vec<String>,
+    /// The cluster's key prefix (etcd keys `/{prefix}/...`).
+    pub prefix: String,
+}
+
+/// A connection to the cluster under test: its etcd, its route's business API, and an HTTP
+/// client for the `/healthz` probes.
 pub struct Setup {
-    pub(crate) backends: Backends,
-    pub(crate) signer: TokenSigner,
-    pub(crate) redis_url: String,
+    pub(crate) registry: Arc<dyn Registry>,
+    pub(crate) api: RouteApi,
     pub(crate) http: reqwest::Client,
     pub(crate) progress: bool,
     /// Connect over TLS (servers' `tls_addr` / `wss_addr`), trusting this.
     pub(crate) tls: Option<ClientTls>,
+    /// Redis's pid on this machine, for its CPU time (none: not measured).
+    pub(crate) redis_pid: Option<u32>,
 }
 
-/// One bench user, ready to connect: its login slot is claimed and its token signed.
+/// One bench user: its account exists and its server is chosen; `connect_token` is set once
+/// it is logged in ([`Setup::login`]).
 #[derive(Debug, Clone)]
 pub struct BenchUser {
     /// Position in the scenario's user list (`name` is `bench-{user_offset + index}`).
     pub index: usize,
     pub id: u64,
     pub name: String,
-    pub session: String,
     pub server: Arc<ServiceInfo>,
     pub connect_token: String,
 }
@@ -79,10 +92,12 @@ impl BenchUser {
     }
 }
 
-/// Users prepared for a scenario, and the reasons why the others could not be.
-pub struct Prepared {
+/// Users of one batch logged in, and the reasons why the others could not be.
+pub struct LoggedIn {
     pub users: Vec<BenchUser>,
     pub failures: Vec<String>,
+    /// How many of the failures are users logged in elsewhere.
+    pub elsewhere: usize,
 }
 
 /// A logged-in connection and the heartbeat interval its server asked for.
@@ -93,24 +108,27 @@ pub struct Opened {
 }
 
 impl Setup {
-    /// Connects to the cluster's Redis and etcd. `secret` is the cluster secret (it signs the
-    /// connect tokens).
-    pub async fn connect(config: &BackendConfig, secret: &str) -> anyhow::Result<Self> {
-        config.validate().map_err(anyhow::Error::msg)?;
-        let backends = Backends::connect(config)
-            .await
-            .map_err(anyhow::Error::msg)?;
+    /// Connects to the cluster's etcd and checks nothing else: the route is first called when
+    /// the accounts are prepared.
+    pub async fn connect(target: &Target) -> anyhow::Result<Self> {
+        let registry = EtcdRegistry::connect(
+            &target.etcd_endpoints,
+            &format!("/{}", target.prefix),
+            ETCD_TIMEOUT,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("etcd at {:?}: {e}", target.etcd_endpoints))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
             .context("building the HTTP client")?;
         Ok(Self {
-            backends,
-            signer: TokenSigner::new(secret),
-            redis_url: config.redis_url.clone(),
+            registry: Arc::new(registry),
+            api: RouteApi::new(&target.route, &target.api_key)?,
             http,
             progress: false,
             tls: None,
+            redis_pid: None,
         })
     }
 
@@ -126,6 +144,13 @@ impl Setup {
         self
     }
 
+    /// Measures Redis's CPU time from `/proc/{pid}` (Redis must run on this machine); without
+    /// it the reports' `redis_ms` is null.
+    pub fn with_redis_pid(mut self, pid: Option<u32>) -> Self {
+        self.redis_pid = pid;
+        self
+    }
+
     /// What TLS connections trust, if the bench connects over TLS.
     pub fn tls(&self) -> Option<&ClientTls> {
         self.tls.as_ref()
@@ -134,7 +159,6 @@ impl Setup {
     /// The live members of `kind`, sorted by id.
     pub async fn members(&self, kind: ServiceKind) -> anyhow::Result<Vec<ServiceInfo>> {
         let rx = self
-            .backends
             .registry
             .watch(kind)
             .await
@@ -152,143 +176,83 @@ impl Setup {
         Ok(servers)
     }
 
-    /// The id of account `name`, created when missing.
-    async fn user_id(&self, name: &str) -> anyhow::Result<u64> {
-        let store = &self.backends.store;
-        if let Some(user) = store.user_by_name(name).await? {
-            return Ok(user.id);
-        }
-        if let Some(id) = store.create_user(name, NO_PASSWORD).await? {
-            return Ok(id);
-        }
-        // Created concurrently by someone else (another bench process) between the two calls.
-        Ok(store
-            .user_by_name(name)
-            .await?
-            .with_context(|| format!("account {name} vanished"))?
-            .id)
-    }
-
-    /// Prepares users `bench-{offset}` … `bench-{offset + n - 1}`: creates missing accounts,
-    /// claims each login slot (pending for `ttl`, the time the caller needs to connect them
-    /// all) and signs a connect token for the server `place(index)` returns.
+    /// Prepares users `bench-{offset}` … `bench-{offset + n - 1}`: creates the missing
+    /// accounts (connect-only, through the route) and assigns each the server `place(index)`
+    /// returns. Nobody is logged in yet: [`Setup::login`] does that per batch, just before
+    /// the batch connects, because connect tokens expire.
     pub async fn prepare_users(
         &self,
         offset: u64,
         n: usize,
-        ttl: Duration,
         place: impl Fn(usize) -> Arc<ServiceInfo>,
-    ) -> anyhow::Result<Prepared> {
-        let live: Vec<String> = self
-            .members(ServiceKind::Server)
-            .await?
-            .into_iter()
-            .map(|s| s.id)
+    ) -> anyhow::Result<Vec<BenchUser>> {
+        let names: Vec<String> = (0..n)
+            .map(|index| format!("bench-{}", offset + index as u64))
             .collect();
-        let results: Vec<anyhow::Result<Result<BenchUser, String>>> =
-            stream::iter((0..n).map(|index| {
-                let server = place(index);
-                let live = &live;
-                async move {
-                    let name = format!("bench-{}", offset + index as u64);
-                    let id = self.user_id(&name).await?;
-                    // One session name per user, the same in every run: a run that died
-                    // between claiming and connecting left a pending slot under this name,
-                    // which the next run can release instead of waiting for it to expire.
-                    let session = format!("bench-{id}");
-                    let mut outcome = self.claim(id, &session, ttl, live).await?;
-                    if outcome == ClaimOutcome::Contended {
-                        self.backends.store.release_login(id, &session).await?;
-                        outcome = self.claim(id, &session, ttl, live).await?;
-                    }
-                    match outcome {
-                        ClaimOutcome::Claimed => {}
-                        ClaimOutcome::Held { .. } => {
-                            return Ok(Err("already_logged_in (connected)".to_string()))
-                        }
-                        ClaimOutcome::Contended => {
-                            return Ok(Err("already_logged_in (pending)".to_string()))
-                        }
-                    }
-                    let exp_ms = cim_common::time::now_ms()
-                        + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
-                    let connect_token = self.signer.sign_connect(&ConnectClaims {
-                        user_id: id,
-                        user_name: name.clone(),
-                        server_id: server.id.clone(),
-                        session: session.clone(),
-                        exp_ms,
-                    });
-                    Ok(Ok(BenchUser {
-                        index,
-                        id,
-                        name,
-                        session,
-                        server,
-                        connect_token,
-                    }))
-                }
-            }))
-            .buffered(STORE_CONCURRENCY)
+        let ids = self.api.bulk_users(&names).await?;
+        Ok(names
+            .into_iter()
+            .zip(ids)
+            .enumerate()
+            .map(|(index, (name, id))| BenchUser {
+                index,
+                id,
+                name,
+                server: place(index),
+                connect_token: String::new(),
+            })
+            .collect())
+    }
+
+    /// Logs `users` in through the admin connect call, each on its assigned server, and
+    /// returns them with their connect tokens. A user whose earlier login nobody connected
+    /// with (a run that died) is simply logged in again: the route takes a pending slot over.
+    pub async fn login(&self, users: &[BenchUser]) -> LoggedIn {
+        let results: Vec<Result<BenchUser, CallError>> = stream::iter(users.iter().cloned())
+            .map(|mut user| async move {
+                let session = self.api.connect(user.id, &user.server.id).await?;
+                debug_assert_eq!(session.server.id, user.server.id);
+                user.connect_token = session.connect_token;
+                Ok(user)
+            })
+            .buffered(LOGIN_CONCURRENCY)
             .collect()
             .await;
-        let mut prepared = Prepared {
-            users: Vec::with_capacity(n),
+        let mut out = LoggedIn {
+            users: Vec::with_capacity(users.len()),
             failures: Vec::new(),
+            elsewhere: 0,
         };
         for result in results {
-            match result.context("preparing bench users in the store")? {
-                Ok(user) => prepared.users.push(user),
-                Err(reason) => prepared.failures.push(reason),
+            match result {
+                Ok(user) => out.users.push(user),
+                Err(e) => {
+                    out.elsewhere += usize::from(e.is_logged_in_elsewhere());
+                    out.failures.push(e.reason());
+                }
             }
         }
-        Ok(prepared)
+        out
     }
 
-    async fn claim(
-        &self,
-        id: u64,
-        session: &str,
-        ttl: Duration,
-        live: &[String],
-    ) -> anyhow::Result<ClaimOutcome> {
-        Ok(self
-            .backends
-            .store
-            .claim_login(id, session, ttl, &|s| live.iter().any(|l| l == s))
-            .await?)
-    }
-
-    /// Frees the login slots of `users` that are still theirs (users whose connection closed
-    /// are already free: the server detached them; this catches those that never connected).
-    pub async fn release(&self, users: impl IntoIterator<Item = &BenchUser>) {
-        let store = &self.backends.store;
-        stream::iter(users)
-            .for_each_concurrent(STORE_CONCURRENCY, |u| async move {
-                if let Err(e) = store.release_login(u.id, &u.session).await {
-                    eprintln!("cim-bench: releasing the login slot of {}: {e}", u.name);
-                }
-            })
-            .await;
-    }
-
-    /// Waits until none of `users` is routed to a server any more (servers detach closed
-    /// connections in the background), at most 10 s: the next scenario of a baseline must not
-    /// find this one's users online. Only Redis knows, and it sends no event: poll it.
+    /// Waits until none of `users` is online any more (servers detach closed connections in
+    /// the background), at most 10 s: the next scenario of a baseline must not find this
+    /// one's users online. The route's presence call knows, and it sends no event: poll it.
+    ///
+    /// Nothing needs releasing afterwards: the login slots of users that never connected
+    /// are pending ones, which expire with their connect tokens and which the next login of
+    /// the same user takes over anyway.
     pub async fn settle(&self, users: &[BenchUser]) {
         let ids: Vec<u64> = users.iter().map(|u| u.id).collect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let mut online = 0;
-            for chunk in ids.chunks(1000) {
-                match self.backends.store.routes(chunk).await {
-                    Ok(routes) => online += routes.iter().flatten().count(),
-                    Err(e) => {
-                        eprintln!("cim-bench: checking that the bench users went offline: {e}");
-                        return;
-                    }
+            let online = match self.api.online_of(&ids).await {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("cim-bench: checking that the bench users went offline: {e:#}");
+                    return;
                 }
-            }
+            };
             if online == 0 {
                 return;
             }
@@ -300,10 +264,20 @@ impl Setup {
         }
     }
 
-    /// Opens and logs in every user's connection, failing (after closing the ones that did
-    /// open) if any cannot: the message and fan-out scenarios need every user online. With
-    /// `source_ips`, connections bind to them in turn (more ephemeral ports than one local
-    /// address has).
+    /// How many of `ids` are online.
+    pub async fn online_of(&self, ids: &[u64]) -> anyhow::Result<usize> {
+        self.api.online_of(ids).await
+    }
+
+    /// Logged-in connections on all live servers.
+    pub async fn online_count(&self) -> anyhow::Result<u64> {
+        self.api.online_count().await
+    }
+
+    /// Logs in and opens every user's connection, [`LOGIN_BATCH`] at a time, failing (after
+    /// closing the ones that did open) if any cannot: the message and fan-out scenarios need
+    /// every user online. With `source_ips`, connections bind to them in turn (more
+    /// ephemeral ports than one local address has).
     pub async fn open_all(
         &self,
         users: &[BenchUser],
@@ -311,30 +285,50 @@ impl Setup {
         buffer_size: Option<usize>,
         source_ips: &[IpAddr],
     ) -> anyhow::Result<Vec<Opened>> {
-        let results: Vec<Result<Opened, String>> = stream::iter(users.iter().cloned())
-            .map(|user| {
-                let local_ip = source_ip(source_ips, user.index);
-                open(user, transport, local_ip, buffer_size, self.tls.clone())
-            })
-            .buffered(OPEN_CONCURRENCY)
-            .collect()
-            .await;
-        let (opened, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
-        let opened: Vec<Opened> = opened.into_iter().filter_map(Result::ok).collect();
+        let mut opened = Vec::with_capacity(users.len());
+        let mut failed = Vec::new();
+        let mut elsewhere = 0;
+        for batch in users.chunks(LOGIN_BATCH) {
+            let logged = self.login(batch).await;
+            elsewhere += logged.elsewhere;
+            failed.extend(logged.failures);
+            let results: Vec<Result<Opened, String>> = stream::iter(logged.users)
+                .map(|user| {
+                    let local_ip = source_ip(source_ips, user.index);
+                    open(user, transport, local_ip, buffer_size, self.tls.clone())
+                })
+                .buffered(OPEN_CONCURRENCY)
+                .collect()
+                .await;
+            for result in results {
+                match result {
+                    Ok(o) => opened.push(o),
+                    Err(reason) => failed.push(reason),
+                }
+            }
+            if !failed.is_empty() {
+                break;
+            }
+        }
         if failed.is_empty() {
             return Ok(opened);
         }
         close_all(opened.into_iter().map(|o| o.conn)).await;
         let failures = crate::report::Failures::default();
         failed
-            .into_iter()
-            .filter_map(Result::err)
-            .for_each(|reason| failures.add(reason));
+            .iter()
+            .for_each(|reason| failures.add(reason.as_str()));
+        let summary = crate::report::failures_line(&failures.snapshot());
+        if elsewhere > 0 {
+            anyhow::bail!(
+                "{elsewhere} bench users are logged in already (another cim-bench on the same \
+                 --user-offset range?): {summary}"
+            );
+        }
         anyhow::bail!(
-            "{} of {} connections could not log in: {}",
+            "{} of {} connections could not log in: {summary}",
             failures.total(),
             users.len(),
-            crate::report::failures_line(&failures.snapshot())
         )
     }
 }

@@ -3,7 +3,8 @@
 //! the load generator (`cim-bench`) reads before and after a run to compute memory per
 //! connection and CPU per message.
 //!
-//! Linux only: read from `/proc/self/stat` (CPU) and `/proc/self/statm` (memory). Elsewhere,
+//! Linux only: read from `/proc/self/stat` (CPU) and `/proc/self/statm` (memory), or those of
+//! another process ([`usage_of`]: the load generator reads Redis's CPU time this way). Elsewhere,
 //! or when `/proc` is not mounted, [`self_usage`] is `None` and `/healthz` says `null`.
 
 use serde::Serialize;
@@ -27,8 +28,19 @@ const DEFAULT_PAGE_SIZE: u64 = 4096;
 
 /// This process's usage now, or `None` where `/proc` cannot tell.
 pub fn self_usage() -> Option<Usage> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    usage_in("/proc/self")
+}
+
+/// The usage of process `pid` on this machine (the load generator reads Redis's), or `None`
+/// where `/proc` cannot tell (no such process, not Linux).
+pub fn usage_of(pid: u32) -> Option<Usage> {
+    usage_in(&format!("/proc/{pid}"))
+}
+
+/// The usage of the process whose `/proc` directory is `dir`.
+fn usage_in(dir: &str) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
+    let statm = std::fs::read_to_string(format!("{dir}/statm")).ok()?;
     Some(Usage {
         rss_bytes: parse_statm_resident(&statm)? * page_size(),
         cpu_ms: parse_stat_cpu_ticks(&stat)? * 1000 / USER_HZ,
@@ -126,5 +138,13 @@ mod tests {
             "{before:?} → {after:?}"
         );
         assert!(after.cpu_ms >= before.cpu_ms);
+    }
+
+    #[test]
+    fn reads_a_process_by_pid() {
+        let by_pid = usage_of(std::process::id()).expect("this process by its pid");
+        assert!(by_pid.rss_bytes > 0);
+        // Pids are at most 2^22 on Linux: this one cannot exist.
+        assert_eq!(usage_of(u32::MAX), None);
     }
 }

@@ -25,6 +25,9 @@
 //!   corrupt rather than allowed to commit gigabytes per worker.
 //! - **Constant-time.** The computed hash is compared with the stored one by
 //!   `password_hash::Output`'s constant-time equality.
+//! - **Connect-only accounts** (`POST /api/admin/users/bulk`) store [`CONNECT_ONLY_HASH`],
+//!   which is no PHC string: a login to one verifies against the dummy hash, as for an
+//!   unknown name, and fails like a wrong password (not as a corrupt hash).
 
 use argon2::{
     password_hash::phc::{Output, ParamsString, PasswordHash, Salt},
@@ -41,6 +44,10 @@ use tokio::sync::{mpsc, oneshot, OnceCell};
 /// 256 MiB, over ten times the default (19 MiB) and over five times OWASP's largest
 /// recommendation (46 MiB).
 pub const MAX_STORED_MEMORY_KIB: u32 = 256 * 1024;
+
+/// The password hash of accounts without a password (created in bulk through the business
+/// API, logged in only through its connect call): no password verifies against it.
+pub const CONNECT_ONLY_HASH: &str = "!connect-only";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordError {
@@ -178,14 +185,16 @@ impl Passwords {
             .await
     }
 
-    /// Whether `password` matches `stored`. With `stored == None` (unknown user) it verifies
-    /// against a dummy hash and answers false, spending the same time as a real check.
+    /// Whether `password` matches `stored`. With `stored == None` (unknown user) or
+    /// [`CONNECT_ONLY_HASH`] it verifies against a dummy hash and answers false, spending the
+    /// same time as a real check.
     pub async fn verify(
         &self,
         password: String,
         stored: Option<String>,
     ) -> Result<bool, PasswordError> {
-        let (stored, real) = match stored {
+        // A connect-only account costs the same time as an unknown name, and never matches.
+        let (stored, real) = match stored.filter(|s| s != CONNECT_ONLY_HASH) {
             Some(s) => (s, true),
             None => (self.dummy_hash().await?, false),
         };

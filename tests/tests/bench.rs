@@ -4,13 +4,34 @@
 //! this test process, so memory and CPU are the whole process's).
 
 use anyhow::Context;
-use cim_bench::{self as bench, ConnectOpts, FanoutOpts, Load, P2pOpts, Setup};
-use cim_tests::cluster::{Cluster, TEST_SECRET};
+use cim_bench::{self as bench, ConnectOpts, FanoutOpts, Load, P2pOpts, Setup, Target};
+use cim_tests::cluster::{Cluster, ClusterBuilder};
 use std::time::Duration;
 
+/// The route's API key: the bench logs its users in through the business API.
+const API_KEY: &str = "bench-test-api-key-0123456789";
+
+/// A test cluster whose route has the bench's API key.
+fn with_api_key(builder: ClusterBuilder) -> ClusterBuilder {
+    builder.route_config(|c| c.api_keys = vec![API_KEY.into()])
+}
+
+/// A bench setup for `cluster`, measuring its Redis by pid (it runs on this machine).
+async fn setup_for(cluster: &Cluster) -> anyhow::Result<Setup> {
+    let target = Target {
+        route: cluster.route_url(),
+        api_key: API_KEY.into(),
+        etcd_endpoints: vec![cluster.infra.etcd.endpoint()],
+        prefix: cluster.prefix.clone(),
+    };
+    Ok(Setup::connect(&target)
+        .await?
+        .with_redis_pid(cluster.infra.redis.pid()))
+}
+
 async fn cluster_and_setup() -> anyhow::Result<(Cluster, Setup)> {
-    let cluster = Cluster::builder().start().await?;
-    let setup = Setup::connect(&cluster.infra.backend_config(&cluster.prefix), TEST_SECRET).await?;
+    let cluster = with_api_key(Cluster::builder()).start().await?;
+    let setup = setup_for(&cluster).await?;
     Ok((cluster, setup))
 }
 
@@ -19,8 +40,9 @@ fn connections(cluster: &Cluster) -> usize {
     cluster.servers.iter().map(|s| s.connection_count()).sum()
 }
 
-/// Waits until the servers hold no connection: a run returns once its users are detached in
-/// Redis, and a server counts a connection as gone a moment after it detached it.
+/// Waits until the servers hold no connection: a run returns once the route sees its users
+/// offline (detached in Redis), and a server counts a connection as gone a moment after it
+/// detached it.
 async fn all_closed(cluster: &Cluster) -> anyhow::Result<()> {
     cim_tests::wait_until(
         "servers to count no connection",
@@ -188,8 +210,7 @@ async fn fanout_reaches_every_receiver() -> anyhow::Result<()> {
 #[tokio::test]
 async fn fanout_spans_a_receive_only_process() -> anyhow::Result<()> {
     let (cluster, setup) = cluster_and_setup().await?;
-    let elsewhere =
-        Setup::connect(&cluster.infra.backend_config(&cluster.prefix), TEST_SECRET).await?;
+    let elsewhere = setup_for(&cluster).await?;
     let opts = FanoutOpts {
         interval: Duration::from_millis(200),
         count: 3,
@@ -283,8 +304,7 @@ async fn users_held_elsewhere_are_reported_not_stolen() -> anyhow::Result<()> {
             connections(&cluster) == 4
         })
         .await?;
-        let setup2 =
-            Setup::connect(&cluster.infra.backend_config(&cluster.prefix), TEST_SECRET).await?;
+        let setup2 = setup_for(&cluster).await?;
         let refused = bench::run_p2p(
             &setup2,
             P2pOpts {
@@ -313,7 +333,7 @@ async fn users_held_elsewhere_are_reported_not_stolen() -> anyhow::Result<()> {
 async fn scenarios_run_over_tls() -> anyhow::Result<()> {
     let pki = cim_tests::tls::TestPki::new();
     let tls_config = pki.tls_config();
-    let cluster = Cluster::builder()
+    let cluster = with_api_key(Cluster::builder())
         .server_config(move |c| {
             c.tls_listen = Some("127.0.0.1:0".into());
             c.wss_listen = Some("127.0.0.1:0".into());
@@ -321,9 +341,7 @@ async fn scenarios_run_over_tls() -> anyhow::Result<()> {
         })
         .start()
         .await?;
-    let setup = Setup::connect(&cluster.infra.backend_config(&cluster.prefix), TEST_SECRET)
-        .await?
-        .with_tls(Some(pki.client_tls()));
+    let setup = setup_for(&cluster).await?.with_tls(Some(pki.client_tls()));
     let report = bench::run_p2p(
         &setup,
         P2pOpts {
@@ -354,10 +372,8 @@ async fn scenarios_run_over_tls() -> anyhow::Result<()> {
     all_closed(&cluster).await?;
 
     // Against servers without TLS listeners, --tls fails instead of falling back to plain.
-    let plain = Cluster::builder().servers(1).start().await?;
-    let setup = Setup::connect(&plain.infra.backend_config(&plain.prefix), TEST_SECRET)
-        .await?
-        .with_tls(Some(pki.client_tls()));
+    let plain = with_api_key(Cluster::builder()).servers(1).start().await?;
+    let setup = setup_for(&plain).await?.with_tls(Some(pki.client_tls()));
     let report = bench::run_connect(
         &setup,
         ConnectOpts {

@@ -258,7 +258,7 @@ async fn check_and_open(
             return Err(bad_credentials());
         }
     };
-    open_session(state, user.id, user.name).await
+    open_session(state, user.id, user.name, None).await
 }
 
 /// A hashing failure as an answer: shed work is 429 `busy` (retry in a second), the rest
@@ -277,17 +277,19 @@ pub(crate) fn password_error(e: PasswordError) -> AppError {
 /// Starts a login session of an authenticated user: takes the single-login slot, assigns a
 /// server, signs the tokens. Shared by `login` and the business API's connect call (a
 /// backend that authenticated the user itself). A user connected elsewhere is refused or
-/// replaced as `login_conflict` says.
+/// replaced as `login_conflict` says. `server` (the business API's choice) names the live
+/// server to assign instead of the round robin's.
 pub(crate) async fn open_session(
     state: &AppState,
     user_id: u64,
     user_name: String,
+    server: Option<&str>,
 ) -> Result<LoggedIn, AppError> {
     let user = UserRef {
         id: user_id,
         name: user_name,
     };
-    start_session(state, user, None).await
+    start_session(state, user, None, server).await
 }
 
 /// [`open_session`] for whoever holds a session token of `caller.session` (checked by
@@ -300,24 +302,31 @@ async fn resume_session(state: &AppState, caller: AuthUser) -> Result<LoggedIn, 
         id: caller.user_id,
         name: caller.user_name,
     };
-    start_session(state, user, Some(caller.session)).await
+    start_session(state, user, Some(caller.session), None).await
 }
 
-/// Takes the slot for a new session (see [`take_slot`]) and signs its tokens.
+/// Takes the slot for a new session (see [`take_slot`]) and signs its tokens, for server
+/// `chosen` (400 unless it is live) or the assigner's pick.
 async fn start_session(
     state: &AppState,
     user: UserRef,
     resumed: Option<String>,
+    chosen: Option<&str>,
 ) -> Result<LoggedIn, AppError> {
     let config = state.config();
     let servers = state.servers();
-    let server = state.pick_server(&servers).await.ok_or_else(|| {
-        AppError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_server",
-            "no connection server is available, retry later",
-        )
-    })?;
+    let server = match chosen {
+        Some(id) => live_server(&servers, id).cloned().ok_or_else(|| {
+            AppError::bad_request(format!("server {id:?} is not a live connection server"))
+        })?,
+        None => state.pick_server(&servers).await.ok_or_else(|| {
+            AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_server",
+                "no connection server is available, retry later",
+            )
+        })?,
+    };
     let session = ids::session_id();
     take_slot(state, &servers, &user, &session, resumed.as_deref()).await?;
 

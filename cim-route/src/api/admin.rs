@@ -14,8 +14,11 @@
 //!   live server (its logged-in connections), so a crashed server's users never count.
 //! - `POST /api/admin/users/{id}/kick` `{"reason"?}` → `{"kicked":bool}`: the client gets
 //!   `Kick{KICK_REASON_ADMIN}` and does not reconnect by itself.
-//! - `POST /api/admin/users/{id}/connect` → the body of `/api/login`: a backend that did its
-//!   own authentication hands the connect token (single-use) and session token to its app.
+//! - `POST /api/admin/users/{id}/connect` `{"server_id"?}` → the body of `/api/login`: a
+//!   backend that did its own authentication hands the connect token (single-use) and session
+//!   token to its app. `server_id` (optional, must be a live server, else 400) assigns that
+//!   server instead of the round robin's: a load generator places senders and receivers.
+//! - `POST /api/admin/users/bulk`: see [`super::bulk_users`].
 //! - `POST /api/admin/channels/{name}/join|leave` `{"user_id"}`,
 //!   `GET /api/admin/users/{id}/channels`,
 //!   `POST /api/admin/channels/{name}/messages` `{"body","from"?}`
@@ -164,6 +167,14 @@ pub struct KickBody {
     /// Shown to the user (at most 256 bytes); default "disconnected by the service".
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+#[derive(Deserialize, Default, ToSchema)]
+pub struct ConnectBody {
+    /// Assign this live connection server (400 `bad_request` if it is not live) instead of
+    /// the route's own choice.
+    #[serde(default)]
+    pub server_id: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -500,12 +511,7 @@ pub async fn kick(
     Path(user_id): Path<u64>,
     body: Bytes,
 ) -> Result<Json<Kicked>, AppError> {
-    let req: KickBody = if body.iter().all(u8::is_ascii_whitespace) {
-        KickBody::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| AppError::bad_request(format!("invalid JSON body: {e}")))?
-    };
+    let req: KickBody = optional_body(&body)?;
     let reason = req
         .reason
         .filter(|r| !r.trim().is_empty())
@@ -549,22 +555,35 @@ pub async fn kick(
     Ok(Json(Kicked { kicked }))
 }
 
+/// A JSON body that may be left out (empty or whitespace: the type's default).
+fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AppError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| AppError::bad_request(format!("invalid JSON body: {e}")))
+}
+
 /// Open a login session for a user.
 ///
 /// For a backend that did its own authentication: answers like `/api/login`, so it can hand the
-/// (single-use) connect token and the session token to its app.
+/// (single-use) connect token and the session token to its app. The body is optional;
+/// `server_id` assigns that live server instead of the route's choice (a load generator
+/// places its senders and receivers).
 #[utoipa::path(
     post,
     path = "/api/admin/users/{id}/connect",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = u64, Path, description = "User id"),),
+    request_body = ConnectBody,
     responses(
         (status = 200, description = "Logged in: connect to `server` with `connect_token`", body = LoggedIn),
-        (status = 400, description = "`bad_request`: bad id", body = ErrorBody),
+        (status = 400, description = "`bad_request`: bad id, bad JSON, or `server_id` is not a live server", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
         (status = 404, description = "`unknown_user`: no such user", body = ErrorBody),
         (status = 409, description = "`already_logged_in`: the user is logged in elsewhere", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 503, description = "`no_server` (no connection server is live), `unavailable`, `overloaded` or `timeout`", body = ErrorBody),
     )
 )]
@@ -572,9 +591,11 @@ pub async fn connect(
     State(state): State<AppState>,
     _key: ApiKey,
     Path(user_id): Path<u64>,
+    body: Bytes,
 ) -> Result<Json<LoggedIn>, AppError> {
+    let req: ConnectBody = optional_body(&body)?;
     let name = existing_user(&state, user_id).await?;
-    let result = open_session(&state, user_id, name).await;
+    let result = open_session(&state, user_id, name, req.server_id.as_deref()).await;
     state.metrics().login(&result);
     Ok(Json(result?))
 }

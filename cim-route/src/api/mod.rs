@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod bulk_users;
 pub mod channels;
 pub mod events;
 pub mod messages;
@@ -64,6 +65,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/admin/online/count", get(admin::online_count))
         .route("/api/admin/users/{id}/kick", post(admin::kick))
         .route("/api/admin/users/{id}/connect", post(admin::connect))
+        .route("/api/admin/users/bulk", post(bulk_users::create))
         .route("/api/admin/users/{id}/channels", get(admin::user_channels))
         .route("/api/admin/channels/{name}/join", post(admin::channel_join))
         .route(

@@ -6,7 +6,7 @@
 //! `.route(..)` calls from `mod.rs` and fails on any endpoint the document lacks (and on any
 //! documented one the router lacks). The web page's routes (`crate::web`) are not API.
 
-use super::{accounts, admin, channels, events, messages, presence};
+use super::{accounts, admin, bulk_users, channels, events, messages, presence};
 use axum::{http::header, response::IntoResponse};
 use std::sync::LazyLock;
 use utoipa::{
@@ -59,6 +59,7 @@ pub use cim_proto::api::{ErrorBody, ErrorDetail};
         admin::online_count,
         admin::kick,
         admin::connect,
+        bulk_users::create,
         admin::user_channels,
         admin::channel_join,
         admin::channel_leave,
@@ -102,6 +103,10 @@ pub use cim_proto::api::{ErrorBody, ErrorDetail};
         admin::ServerCount,
         admin::OnlineCount,
         admin::KickBody,
+        admin::ConnectBody,
+        bulk_users::BulkUsers,
+        bulk_users::BulkUser,
+        bulk_users::BulkCreated,
         admin::Kicked,
         events::RecentEvents,
         events::EventDoc,
@@ -146,7 +151,10 @@ impl Modify for SecuritySchemes {
 
 /// `POST` operations whose JSON body may be left out (`#[utoipa::path]` marks every
 /// body that is not an `Option` required, and an `Option` body would say `null` is valid).
-const OPTIONAL_BODIES: [&str; 1] = ["/api/admin/users/{id}/kick"];
+const OPTIONAL_BODIES: [&str; 2] = [
+    "/api/admin/users/{id}/kick",
+    "/api/admin/users/{id}/connect",
+];
 
 /// Marks the bodies of [`OPTIONAL_BODIES`] optional.
 struct OptionalBodies;
@@ -426,6 +434,21 @@ mod tests {
         assert!(register["responses"].get("201").is_some());
         let kick = &doc["paths"]["/api/admin/users/{id}/kick"]["post"]["requestBody"];
         assert_eq!(kick["required"], false, "{kick}");
+        let connect = &doc["paths"]["/api/admin/users/{id}/connect"]["post"]["requestBody"];
+        assert_eq!(connect["required"], false, "{connect}");
+        let bulk = &doc["paths"]["/api/admin/users/bulk"]["post"];
+        assert_eq!(
+            bulk["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/BulkUsers"
+        );
+        assert_eq!(bulk["requestBody"]["required"], true, "{bulk}");
+        assert_eq!(
+            properties(&doc, "BulkUser"),
+            (
+                ["created", "name", "user_id"].map(String::from).into(),
+                ["created", "name", "user_id"].map(String::from).into()
+            )
+        );
     }
 
     /// The property names of schema `name`, and which are required.

@@ -7,7 +7,7 @@
 //! Every answer is a 2xx with a JSON body, or a 4xx with the API's error shape
 //! (`{"error":{"code","message"}}`); never a 5xx (everything it needs is up), never a panic.
 //!
-//! Cases per run (`PROPTEST_CASES` overrides it): 48 per endpoint, 17 endpoints, 816 requests
+//! Cases per run (`PROPTEST_CASES` overrides it): 48 per endpoint, 19 endpoints, 912 requests
 //! (about two seconds: registrations and logins hash with the cheap test parameters of
 //! `testing::state_with`).
 
@@ -121,7 +121,12 @@ const ENDPOINTS: &[Endpoint] = &[
     Endpoint {
         path: "/api/admin/users/{id}/connect",
         auth: Auth::ApiKey,
-        fields: &[],
+        fields: &["server_id"],
+    },
+    Endpoint {
+        path: "/api/admin/users/bulk",
+        auth: Auth::ApiKey,
+        fields: &["names"],
     },
     Endpoint {
         path: "/api/admin/channels/{name}/join",
@@ -263,6 +268,27 @@ fn field_value(name: &'static str, keys: &'static [&'static str]) -> BoxedStrate
         ]
         .boxed(),
         "receipt" => any::<bool>().prop_map(Value::from).boxed(),
+        "server_id" => prop_oneof![
+            Just("server-a".to_string()),
+            Just("server-gone".to_string()),
+            arb::text()
+        ]
+        .prop_map(Value::from)
+        .boxed(),
+        // Mostly valid names (some taken), now and then one that is not, or too many.
+        "names" => prop_oneof![
+            8 => vec(
+                prop_oneof![
+                    proptest::sample::select(&["alice", "bob", "bulk-1"][..]).prop_map(String::from),
+                    "[A-Za-z0-9_.-]{1,40}",
+                    arb::text(),
+                ],
+                0..6
+            )
+            .prop_map(Value::from),
+            1 => Just(Value::from(vec!["n"; 1001])),
+        ]
+        .boxed(),
         _ => arb::json_value(keys).boxed(),
     };
     prop_oneof![5 => right, 1 => arb::json_value(keys)].boxed()
