@@ -1,10 +1,8 @@
 //! Identifiers of the cluster's own: server instance ids and session ids, and the rule for
 //! instance names. The ids clients see or choose (message ids, channel names) are the wire
-//! contract's, re-exported here from `cim_proto::ids` under their old paths.
+//! contract's: `cim_proto::ids`.
 
 use rand::RngExt;
-
-pub use cim_proto::ids::*;
 
 /// A per-process instance id: `{name}-{6 hex digits}`. The random part makes a restarted
 /// server a new instance, so state left by its previous life (routes, login slots) is

@@ -1,18 +1,19 @@
 //! Shared foundation of the cluster's processes: tokens, ids, configuration loading,
-//! internal-call helpers, and the two backend traits with their implementations. The client
-//! wire contract (protobuf types, frame codec, client-chosen ids) is the `cim-proto` crate,
-//! re-exported here under its old paths (`pb`, `proto::cim`, `codec`, `ids`).
+//! internal-call helpers, and the role traits of the shared state with their implementations.
+//! The client wire contract (protobuf types, frame codec, client-chosen ids, the HTTP API's
+//! bodies) is the `cim-proto` crate; [`pb`] is the cluster's view of the protobuf types: the
+//! contract's (`cim_proto::pb`) plus `pb::cluster`, the bodies of internal calls.
 //!
 //! # Layout
-//! - [`proto`]: `cim` is cim-proto's `pb` (types of `proto/cim.proto`); `cim::cluster` is
-//!   generated here from `proto/cluster.proto` (internal calls).
-//! - [`codec`]: cim-proto's frame codec (varint32-delimited protobuf framing for TCP).
+//! - [`proto`]: `cim` is cim-proto's `pb` (types of `proto/cim.proto`) with `cim::cluster`,
+//!   generated here from `proto/cluster.proto` (internal calls); [`pb`] names it.
 //! - [`token`]: HMAC-signed connect and session tokens (stateless, bound to user and server).
 //! - [`secret`]: the keys derived from the cluster secret (HKDF: token signing, internal
 //!   auth), rotation through previous secrets, and the proofs internal calls carry.
 //! - [`keys`]: the Redis key layout, in one place.
 //! - [`limit`]: keyed rate limits (a token bucket per key, governor), pruned of idle keys.
-//! - [`store`]: the shared-state trait ([`store::StateStore`]) and its Redis and in-memory
+//! - [`store`]: the shared state's role traits (a connection server holds
+//!   [`store::ServerStore`], a route [`store::RouteStore`]) and their Redis and in-memory
 //!   implementations.
 //! - [`registry`]: the service-registry trait ([`registry::Registry`]) and its etcd and
 //!   in-memory implementations.
@@ -23,21 +24,17 @@
 //! - [`cluster`]: authenticated protobuf-over-HTTP calls between cim processes.
 //! - [`config`]: layered configuration (defaults, file, environment, flags) and logging setup.
 //! - [`events`]: presence events (online / offline) and their ids.
-//! - [`ids`]: server instance ids and session ids, plus cim-proto's message ids and name
-//!   rules; [`time`]: clock helpers.
+//! - [`ids`]: server instance ids and session ids (message ids are cim-proto's);
+//!   [`time`]: clock helpers.
 //! - [`tls`]: TLS for client-facing listeners (reloadable certificate, handshake deadline,
-//!   an HTTPS listener for axum) and for clients (system roots plus an extra CA file).
+//!   an HTTPS listener for axum); the client side is cim-sdk's.
 //! - [`procinfo`]: this process's resident memory, CPU time and open descriptors (for
 //!   `/healthz` and `/metrics`).
 //! - [`metrics`]: what `/metrics` shares: the answer, process metrics, bounded label tables.
-//! - `arb` (feature `test-support`): cim-proto's proptest strategies of the wire types.
 
-#[cfg(any(test, feature = "test-support"))]
-pub use cim_proto::arb;
 pub mod backend;
 pub mod cli;
 pub mod cluster;
-pub use cim_proto::codec;
 pub mod config;
 pub mod events;
 pub mod ids;

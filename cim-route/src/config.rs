@@ -279,7 +279,7 @@ impl RouteConfig {
         }
         // The message travels inside internal protobuf bodies, which have a fixed maximum
         // (`cim_common::cluster::MAX_BODY`, 17 MiB): 1 MiB leaves room for batches of them.
-        if self.max_message_len > cim_common::codec::MAX_MESSAGE_LEN {
+        if self.max_message_len > cim_proto::codec::MAX_MESSAGE_LEN {
             return Err(invalid("max_message_len", "is unreasonably large"));
         }
         self.password_params()

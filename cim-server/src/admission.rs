@@ -153,7 +153,7 @@ pub(crate) fn refusal(why: Refused, websocket: bool, tls: bool) -> Option<Vec<u8
     };
     let frame = crate::pb::Frame::error(code, message);
     let mut out = bytes::BytesMut::new();
-    cim_common::codec::encode_frame(&frame, &mut out);
+    cim_proto::codec::encode_frame(&frame, &mut out);
     Some(out.to_vec())
 }
 
@@ -183,7 +183,7 @@ mod tests {
     fn refusals_say_why_where_it_is_cheap() {
         let tcp = refusal(Refused::Full, false, false).unwrap();
         let mut buf = bytes::BytesMut::from(&tcp[..]);
-        let frame = cim_common::codec::decode_frame(&mut buf, 1024)
+        let frame = cim_proto::codec::decode_frame(&mut buf, 1024)
             .unwrap()
             .unwrap();
         match frame.body {

@@ -151,7 +151,7 @@ impl Default for ServerConfig {
             heartbeat_interval_ms: 10_000,
             heartbeat_timeout_intervals: 3,
             login_timeout_ms: 5_000,
-            max_frame_len: cim_common::codec::DEFAULT_MAX_FRAME_LEN,
+            max_frame_len: cim_proto::codec::DEFAULT_MAX_FRAME_LEN,
             max_connections: 100_000,
             max_pending_logins: 1_024,
             pre_login_frame_len: 4_096,

@@ -30,9 +30,9 @@ use crate::{
 };
 use cim_common::{
     cluster::ClusterClient,
-    ids,
     registry::{MembersRx, ServiceInfo},
 };
+use cim_proto::ids;
 use futures_util::{stream::FuturesUnordered, StreamExt};
 use prometheus_client::metrics::histogram::Histogram;
 use std::{

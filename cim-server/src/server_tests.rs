@@ -22,9 +22,9 @@ use axum::{routing::post, Router};
 use cim_common::{
     backend::Backends,
     cluster::{ClusterClient, ClusterError, Protobuf},
-    codec::FrameCodec,
     registry::{MemoryRegistry, Registration, Registry, ServiceInfo, ServiceKind},
 };
+use cim_proto::codec::FrameCodec;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use std::{
@@ -658,7 +658,7 @@ async fn tcp_client_still_writing_an_oversized_frame_reads_the_error() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let c = start_small_buffer_server().await;
     let mut frame = bytes::BytesMut::new();
-    cim_common::codec::encode_payload(&vec![7u8; STILL_WRITING_LEN], &mut frame);
+    cim_proto::codec::encode_payload(&vec![7u8; STILL_WRITING_LEN], &mut frame);
     let mut failed = Vec::new();
     for attempt in 0..STILL_WRITING_ATTEMPTS {
         let mut stream = small_buffer_connect(c.server.tcp_addr()).await;
@@ -666,7 +666,7 @@ async fn tcp_client_still_writing_an_oversized_frame_reads_the_error() {
         let mut answer = Vec::new();
         let read = stream.read_to_end(&mut answer).await;
         let mut answer = bytes::BytesMut::from(&answer[..]);
-        let code = match cim_common::codec::decode_frame(&mut answer, 1 << 20) {
+        let code = match cim_proto::codec::decode_frame(&mut answer, 1 << 20) {
             Ok(Some(frame)) => match frame.body {
                 Some(Body::Error(e)) => Some(e.code()),
                 _ => None,

@@ -1,4 +1,4 @@
-//! The TCP transport: varint32-delimited protobuf frames (`cim_common::codec`) over any byte
+//! The TCP transport: varint32-delimited protobuf frames (`cim_proto::codec`) over any byte
 //! stream (a `TcpStream` or a TLS stream over one in production, `tokio::io::duplex` in
 //! tests).
 //!
@@ -12,10 +12,8 @@ use crate::{
     session::{RecvError, Transport},
 };
 use bytes::BytesMut;
-use cim_common::{
-    codec::{decode_frame, encode_payload, reserve_exact, CodecError},
-    pb::Frame,
-};
+use cim_common::pb::Frame;
+use cim_proto::codec::{decode_frame, encode_payload, reserve_exact, CodecError};
 use std::{future::Future, io, time::Duration};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -220,10 +218,8 @@ mod props;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cim_common::{
-        codec::{frame_to_bytes, DEFAULT_MAX_FRAME_LEN},
-        pb::{frame::Body, Login},
-    };
+    use cim_common::pb::{frame::Body, Login};
+    use cim_proto::codec::{frame_to_bytes, DEFAULT_MAX_FRAME_LEN};
 
     /// Found by `props::any_stream_reads_as_the_codec_says_within_the_limit`: the room
     /// reserved before a read doubled a buffer sized for a frame near the limit (131,078 bytes

@@ -12,13 +12,13 @@ use crate::{
     tcp::TcpTransport,
 };
 use cim_common::{
-    codec::FrameCodec,
     keys,
     limit::KeyedLimit,
     pb::{frame::Body, Frame, Login},
     store::{ClaimOutcome, LoginSlots},
     token::{ConnectClaims, TokenSigner},
 };
+use cim_proto::codec::FrameCodec;
 use futures_util::{SinkExt, StreamExt};
 use std::{sync::Arc, time::Duration};
 use tokio::{io::DuplexStream, sync::mpsc, task::JoinHandle};

@@ -3,7 +3,7 @@
 //! reason, and do not stop logged-in users from chatting. The server's resident memory and
 //! open files are read from `/proc` before and after (printed; bounded loosely).
 
-use cim_common::codec::FrameCodec;
+use cim_proto::codec::FrameCodec;
 use cim_sdk::{
     pb::{frame::Body, ErrorCode, Frame},
     Transport,

@@ -61,7 +61,7 @@ fn open(addr: SocketAddr, ws: bool, login: &Frame) -> std::io::Result<TcpStream>
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         s.write_all(&out)?;
     } else {
-        s.write_all(&cim_common::codec::frame_to_bytes(login))?;
+        s.write_all(&cim_proto::codec::frame_to_bytes(login))?;
     }
     if s.read(&mut buf)? == 0 {
         return Err(std::io::Error::other("closed before LoginResult"));

@@ -614,7 +614,7 @@ async fn raw_bytes_close_only_that_connection(
         .await
         .context("server did not close")??;
     let mut b = bytes::BytesMut::from(&buf[..]);
-    let frame = cim_common::codec::decode_frame(&mut b, 1 << 20)?.context("an error frame")?;
+    let frame = cim_proto::codec::decode_frame(&mut b, 1 << 20)?.context("an error frame")?;
     assert_eq!(error_code(&[frame]), Some(expect));
 
     // Everyone else keeps chatting.

@@ -84,7 +84,7 @@ impl RawClient {
     async fn recv_inner(&mut self) -> anyhow::Result<Frame> {
         match self {
             Self::Tcp(s, buf) => loop {
-                if let Some(f) = cim_common::codec::decode_frame(buf, 1 << 20)? {
+                if let Some(f) = cim_proto::codec::decode_frame(buf, 1 << 20)? {
                     return Ok(f);
                 }
                 anyhow::ensure!(s.read_buf(buf).await? > 0, "connection closed");

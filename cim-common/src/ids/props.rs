@@ -6,7 +6,7 @@
 //! under a second in all).
 
 use super::*;
-use crate::arb::near_rules_text as any_text;
+use cim_proto::arb::near_rules_text as any_text;
 use proptest::prelude::*;
 
 /// `[A-Za-z0-9_.-]`, the instance name alphabet, said without the validator's own predicate.
@@ -15,12 +15,12 @@ fn instance_name_char(c: char) -> bool {
 }
 
 proptest! {
-    #![proptest_config(crate::arb::config(1024))]
+    #![proptest_config(cim_proto::arb::config(1024))]
 
     /// Ids made by cim itself pass the rules the route applies to ids chosen by clients.
     #[test]
     fn generated_ids_are_valid(name in "[A-Za-z0-9_.-]{1,64}") {
-        prop_assert!(valid_message_id(&message_id()));
+        prop_assert!(cim_proto::ids::valid_message_id(&cim_proto::ids::message_id()));
         let session = session_id();
         prop_assert!(session.len() == 32 && session.chars().all(|c| c.is_ascii_hexdigit()));
         // `{name}-{6 hex digits}`: the name's alphabet, so safe in keys and values (an instance

@@ -56,11 +56,11 @@ fn verifies(signer: &TokenSigner, token: &str) -> bool {
 }
 
 proptest! {
-    #![proptest_config(crate::arb::config(1024))]
+    #![proptest_config(cim_proto::arb::config(1024))]
 
     #[test]
     fn arbitrary_text_never_verifies(text in prop_oneof![
-        crate::arb::text(),
+        cim_proto::arb::text(),
         "[A-Za-z0-9_-]{0,200}\\.[A-Za-z0-9_-]{0,60}",
         // The key id, claims and signature shape.
         "[A-Za-z0-9_-]{8}\\.[A-Za-z0-9_-]{0,200}\\.[A-Za-z0-9_-]{0,60}",
@@ -77,7 +77,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(crate::arb::config(256))]
+    #![proptest_config(cim_proto::arb::config(256))]
 
     #[test]
     // The largest name a route accepts is 256 characters (`max_name_len`).
@@ -99,7 +99,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(crate::arb::config(64))]
+    #![proptest_config(cim_proto::arb::config(64))]
 
     #[test]
     // Names up to the default `max_name_len` (32): every byte is tried, so length is time.

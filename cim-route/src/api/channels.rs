@@ -38,11 +38,11 @@ use axum::{
     Json,
 };
 use cim_common::{
-    ids,
     pb::{MessageKind, Send},
     store::{ChannelInfo, JoinOutcome, MAX_CHANNEL_PAGE},
 };
 pub use cim_proto::api::{ChannelList, ChannelPage, ChannelView, Joined, Left, Member, MemberPage};
+use cim_proto::ids;
 use futures_util::{stream, StreamExt};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};

@@ -22,11 +22,11 @@ use axum::{
     Router,
 };
 use cim_common::{
-    arb,
     config::DEV_SECRET,
     store::{prelude::*, MemoryStore},
     time::now_ms,
 };
+use cim_proto::arb;
 use proptest::{
     collection::vec,
     prelude::*,

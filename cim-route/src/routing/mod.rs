@@ -51,10 +51,10 @@ pub use receipts::route_receipts;
 
 use crate::state::AppState;
 use cim_common::{
-    ids,
     pb::{ErrorCode, Message, Send, SendResult, SendStatus},
     time::now_ms,
 };
+use cim_proto::ids;
 use claims::deliver_broadcasts;
 use futures_util::future::join_all;
 use private::deliver_private;

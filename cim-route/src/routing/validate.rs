@@ -6,10 +6,10 @@
 use super::{failed, Kind, Outgoing, LOOKUP_CONCURRENCY};
 use crate::known_users::KnownUsers;
 use cim_common::{
-    ids,
     pb::{ErrorCode, MessageKind, SendResult},
     store::RouteStore,
 };
+use cim_proto::ids;
 use futures_util::{stream, StreamExt};
 use std::collections::{HashMap, HashSet};
 

@@ -18,10 +18,8 @@ use crate::{
     },
 };
 use cim_common::time::now_ms;
-use cim_common::{
-    codec::put_len_prefix,
-    token::{ConnectClaims, TokenSigner},
-};
+use cim_common::token::{ConnectClaims, TokenSigner};
+use cim_proto::codec::put_len_prefix;
 use futures_util::SinkExt;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -145,8 +143,8 @@ async fn frames_before_garbage_are_answered_first() {
     let h = Harness::new(test_config());
     let (client, _task) = h.login(3, "s").await;
     let mut io = client.into_inner();
-    let mut bytes = cim_common::codec::frame_to_bytes(&ping(1)).to_vec();
-    bytes.extend_from_slice(&cim_common::codec::frame_to_bytes(&ping(2)));
+    let mut bytes = cim_proto::codec::frame_to_bytes(&ping(1)).to_vec();
+    bytes.extend_from_slice(&cim_proto::codec::frame_to_bytes(&ping(2)));
     bytes.extend_from_slice(&[3, 0x0f, 0xff, 0xff]);
     io.write_all(&bytes).await.unwrap();
     let mut client = tokio_util::codec::Framed::new(io, Default::default());
@@ -568,8 +566,8 @@ async fn idle_tcp_connection_holds_no_read_buffer() {
     let (server, _) = listener.accept().await.unwrap();
     let mut transport = TcpTransport::new(server, 64 * 1024);
     let big = login_frame("x".repeat(20_000));
-    let mut bytes = cim_common::codec::frame_to_bytes(&big).to_vec();
-    bytes.extend_from_slice(&cim_common::codec::frame_to_bytes(&ping(1)));
+    let mut bytes = cim_proto::codec::frame_to_bytes(&big).to_vec();
+    bytes.extend_from_slice(&cim_proto::codec::frame_to_bytes(&ping(1)));
     client.write_all(&bytes).await.unwrap();
     assert_eq!(transport.recv().await.unwrap(), Some(big));
     assert_eq!(transport.recv().await.unwrap(), Some(ping(1)));
@@ -579,7 +577,7 @@ async fn idle_tcp_connection_holds_no_read_buffer() {
     assert_eq!(transport.read_buffer_capacity(), 0);
     // And reading still works afterwards.
     client
-        .write_all(&cim_common::codec::frame_to_bytes(&ping(2)))
+        .write_all(&cim_proto::codec::frame_to_bytes(&ping(2)))
         .await
         .unwrap();
     assert_eq!(transport.recv().await.unwrap(), Some(ping(2)));

@@ -11,10 +11,10 @@
 
 use super::*;
 use bytes::BufMut;
-use cim_common::{
+use cim_common::pb::{frame::Body, ErrorCode, Login};
+use cim_proto::{
     arb::{self, Enums},
     codec::{frame_to_bytes, put_len_prefix, FrameCodec},
-    pb::{frame::Body, ErrorCode, Login},
 };
 use proptest::{collection::vec, prelude::*};
 use tokio::io::AsyncWriteExt;

@@ -11,7 +11,7 @@
 //!   a clean end.
 
 use super::*;
-use cim_common::arb::{self, Enums};
+use cim_proto::arb::{self, Enums};
 use proptest::{collection::vec, prelude::*};
 
 /// What the server should make of one client message: a frame, or the error it answers.

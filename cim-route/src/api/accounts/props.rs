@@ -3,7 +3,7 @@
 //! Cases per run (`PROPTEST_CASES` overrides them): 1,024 each (pure, well under a second).
 
 use super::*;
-use cim_common::arb;
+use cim_proto::arb;
 use proptest::prelude::*;
 
 /// Any text, often near the rule's edges: spaces of every kind, controls, the reserved
