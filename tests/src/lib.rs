@@ -44,6 +44,7 @@ pub mod bin_node;
 pub mod cluster;
 pub mod docs;
 pub mod process;
+pub mod redis_cluster;
 pub mod tls;
 
 mod etcd_server;
@@ -52,6 +53,7 @@ mod redis_server;
 pub use bin_node::{RouteProcess, ServerProcess};
 pub use etcd_server::Etcd;
 pub use process::ChildGuard;
+pub use redis_cluster::{RedisCluster, RedisClusterOptions};
 pub use redis_server::{Redis, RedisOptions};
 
 use cim_common::backend::BackendConfig;

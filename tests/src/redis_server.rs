@@ -15,11 +15,11 @@ use std::{
 use tempfile::TempDir;
 
 /// How long a start (or restart) may take before it is an error.
-const START_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const START_DEADLINE: Duration = Duration::from_secs(10);
 /// Attempts with fresh ports when the process exits at start (a port taken meanwhile).
-const START_ATTEMPTS: usize = 5;
+pub(crate) const START_ATTEMPTS: usize = 5;
 /// Deadline of one readiness probe.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Options of [`Redis::start_with`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -94,7 +94,7 @@ impl Redis {
 
     /// The file receiving the server's stdout and stderr.
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("redis.log")
+        self.dir.path().join(LOG_FILE)
     }
 
     pub fn options(&self) -> RedisOptions {
@@ -133,74 +133,97 @@ impl Redis {
     }
 
     fn args(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec![
-            "--port".into(),
-            self.port.to_string().into(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--dir".into(),
-            self.dir.path().into(),
-            "--daemonize".into(),
-            "no".into(),
-            "--save".into(),
-            "".into(),
-            "--logfile".into(),
-            "".into(),
-            "--loglevel".into(),
-            "warning".into(),
-        ];
-        if self.options.aof {
-            args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(OsString::from));
-        } else {
-            args.extend(["--appendonly", "no"].map(OsString::from));
-        }
-        args
+        server_args(self.port, self.dir.path(), self.options.aof)
     }
 
     /// Spawns the process on `self.port` and waits until it answers as itself.
     async fn launch(&self) -> Result<(), LaunchError> {
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(self.args()).current_dir(self.dir.path());
-        let guard = ChildGuard::spawn(format!("redis:{}", self.port), cmd, &self.log_path())
-            .map_err(LaunchError::Other)?;
-        let pid = guard.id().unwrap_or_default();
-        self.process.set(guard);
-
-        let port = self.port;
-        let process = &self.process;
-        let ready = wait_until(
-            &format!("redis-server on port {port} to answer"),
-            START_DEADLINE,
-            || {
-                let exited = !process.is_running();
-                async move { exited || answers_as(port, pid).await }
-            },
+        launch_server(
+            &self.binary,
+            self.args(),
+            self.port,
+            self.dir.path(),
+            &self.process,
         )
-        .await;
-        let exited = !self.is_running();
-        let log = || {
-            format!(
-                "log {}:\n{}",
-                self.log_path().display(),
-                log_tail(&self.log_path(), 20)
-            )
-        };
-        match (ready, exited) {
-            (Ok(()), false) => Ok(()),
-            (_, true) => Err(LaunchError::Exited(anyhow!(
-                "redis-server exited at start on port {port}; {}",
-                log()
-            ))),
-            (Err(e), false) => {
-                self.process.kill();
-                Err(LaunchError::Other(e.context(log())))
-            }
+        .await
+    }
+}
+
+/// The log file of a server, in its directory.
+pub(crate) const LOG_FILE: &str = "redis.log";
+
+/// The arguments every test `redis-server` gets (standalone or cluster node): `port` on
+/// 127.0.0.1, data in `dir`, no RDB snapshots, log to stdout (our log file), and with `aof`
+/// the append-only file fsynced on every write.
+pub(crate) fn server_args(port: u16, dir: &Path, aof: bool) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--port".into(),
+        port.to_string().into(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--dir".into(),
+        dir.into(),
+        "--daemonize".into(),
+        "no".into(),
+        "--save".into(),
+        "".into(),
+        "--logfile".into(),
+        "".into(),
+        "--loglevel".into(),
+        "warning".into(),
+    ];
+    if aof {
+        args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(OsString::from));
+    } else {
+        args.extend(["--appendonly", "no"].map(OsString::from));
+    }
+    args
+}
+
+/// Spawns `binary args` in `dir` (log: `dir/redis.log`) as the current run of `process`, and
+/// waits until the server on `port` answers as this very process. An exit before that is
+/// [`LaunchError::Exited`] (typically a port taken meanwhile: retry on fresh ports).
+pub(crate) async fn launch_server(
+    binary: &Path,
+    args: Vec<OsString>,
+    port: u16,
+    dir: &Path,
+    process: &ProcessSlot,
+) -> Result<(), LaunchError> {
+    let log_path = dir.join(LOG_FILE);
+    let mut cmd = Command::new(binary);
+    cmd.args(args).current_dir(dir);
+    let guard =
+        ChildGuard::spawn(format!("redis:{port}"), cmd, &log_path).map_err(LaunchError::Other)?;
+    let pid = guard.id().unwrap_or_default();
+    process.set(guard);
+
+    let ready = wait_until(
+        &format!("redis-server on port {port} to answer"),
+        START_DEADLINE,
+        || {
+            let exited = !process.is_running();
+            async move { exited || answers_as(port, pid).await }
+        },
+    )
+    .await;
+    let exited = !process.is_running();
+    let log = || format!("log {}:\n{}", log_path.display(), log_tail(&log_path, 20));
+    match (ready, exited) {
+        (Ok(()), false) => Ok(()),
+        (_, true) => Err(LaunchError::Exited(anyhow!(
+            "redis-server exited at start on port {port}; {}",
+            log()
+        ))),
+        (Err(e), false) => {
+            process.kill();
+            Err(LaunchError::Other(e.context(log())))
         }
     }
 }
 
 /// Whether the Redis on `port` answers and is the process `pid`.
-async fn answers_as(port: u16, pid: u32) -> bool {
+pub(crate) async fn answers_as(port: u16, pid: u32) -> bool {
     let probe = async {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).ok()?;
         let mut c = client.get_multiplexed_async_connection().await.ok()?;

@@ -1,7 +1,9 @@
 //! The testkit itself: processes start on free ports, answer, restart, run many at once, and
 //! never outlive their owner (drop, panic, or the death of the whole test process).
 
-use cim_tests::{unique_prefix, wait_until, Etcd, Infra, Redis, RedisOptions};
+use cim_tests::{
+    unique_prefix, wait_until, Etcd, Infra, Redis, RedisCluster, RedisClusterOptions, RedisOptions,
+};
 use std::{
     io::{BufRead as _, BufReader},
     path::Path,
@@ -234,4 +236,131 @@ fn dropping_outside_a_runtime_kills() {
     for pid in pids {
         assert!(process_gone(pid));
     }
+}
+
+#[tokio::test]
+async fn redis_cluster_serves_keys_on_every_master_and_dies_on_drop() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let cluster = RedisCluster::start(RedisClusterOptions::default()).await?;
+    eprintln!("3-master redis cluster started in {:?}", started.elapsed());
+    assert_eq!(cluster.len(), 3);
+    let nodes = cluster.nodes().await?;
+    assert!(nodes.iter().all(|n| n.is_master && n.master.is_none()));
+    let seeds: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    assert_eq!(
+        cluster.url(),
+        format!("redis+cluster://{}", seeds.join(","))
+    );
+
+    cluster.reset_stats().await?;
+    let mut c = cluster.connection().await?;
+    let prefix = unique_prefix();
+    let mut served = [0u64; 3];
+    // 60 keys spread over 3 equal slot ranges: a master left without any is ~1e-10 likely.
+    for n in 0..60 {
+        let key = format!("{prefix}:{n}");
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(n)
+            .query_async(&mut c)
+            .await?;
+        let got: i64 = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+        assert_eq!(got, n);
+        let master = cluster.master_for_key(&key).await?;
+        served[master] += 1;
+        // The key lives on that very master.
+        let mut node = cluster.node_connection(master).await?;
+        let raw: Option<i64> = redis::cmd("GET").arg(&key).query_async(&mut node).await?;
+        assert_eq!(raw, Some(n), "{key} not on node {master}");
+    }
+    assert!(served.iter().all(|&k| k > 0), "keys per master: {served:?}");
+    for (i, &keys) in served.iter().enumerate() {
+        let stats = cluster.commandstats(i).await?;
+        // Our SET + GET of each key, plus the probes' GET; more from the client's own calls.
+        assert!(
+            stats.calls >= 3 * keys,
+            "node {i}: {stats:?} for {keys} keys"
+        );
+        assert!(stats.usec > 0, "node {i}: {stats:?}");
+    }
+
+    let pids = cluster.pids();
+    assert_eq!(pids.len(), 3);
+    let dir = cluster.dir().to_path_buf();
+    drop(c);
+    drop(cluster);
+    for pid in pids {
+        assert!(process_gone(pid), "cluster node pid {pid} survived drop");
+    }
+    assert!(!dir.exists(), "temp dir {} left behind", dir.display());
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_cluster_fails_over_to_a_replica() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut cluster = RedisCluster::start(RedisClusterOptions {
+        masters: 3,
+        replicas: 1,
+        aof: false,
+    })
+    .await?;
+    eprintln!("3+3 redis cluster started in {:?}", started.elapsed());
+    assert_eq!(cluster.len(), 6);
+    let before = cluster.nodes().await?;
+    assert_eq!(before.iter().filter(|n| n.is_master).count(), 3);
+    for replica in before.iter().filter(|n| !n.is_master) {
+        let master = replica.master.expect("a replica has a master");
+        assert!(before[master].is_master);
+        assert_eq!(replica.master_id.as_deref(), Some(cluster.node_id(master)));
+    }
+
+    let key = format!("{}:survivor", unique_prefix());
+    let master = cluster.master_for_key(&key).await?;
+    let mut node = cluster.node_connection(master).await?;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("v")
+        .query_async(&mut node)
+        .await?;
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(1000)
+        .query_async(&mut node)
+        .await?;
+    assert_eq!(acked, 1, "the write did not reach the replica");
+    // Opened before the failover: it has to follow the topology change.
+    let mut c = cluster.connection().await?;
+    let got: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+    assert_eq!(got.as_deref(), Some("v"));
+
+    let old_pid = cluster.pid(master).expect("running");
+    cluster.kill(master);
+    assert!(process_gone(old_pid));
+    let killed = std::time::Instant::now();
+    let promoted = cluster.wait_for_failover(master).await?;
+    eprintln!("failover took {:?}", killed.elapsed());
+    assert_eq!(
+        before[promoted].master,
+        Some(master),
+        "not a replica of {master}"
+    );
+    let after = cluster.nodes().await?;
+    assert!(after[promoted].is_master);
+    assert_eq!(cluster.master_for_key(&key).await?, promoted);
+    let got: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+    assert_eq!(got.as_deref(), Some("v"));
+
+    // The old master comes back (same port, its nodes.conf) as the new master's replica.
+    cluster.restart(master).await?;
+    assert_ne!(cluster.pid(master), Some(old_pid));
+    cluster.wait_ready().await?;
+    let rejoined = cluster.nodes().await?;
+    assert!(!rejoined[master].is_master);
+    assert_eq!(rejoined[master].master, Some(promoted));
+    assert_eq!(cluster.pids().len(), 6);
+    Ok(())
 }
