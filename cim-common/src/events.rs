@@ -3,10 +3,12 @@
 //! Servers publish them through the state store as part of attaching and detaching a
 //! connection (no extra round trip, and only when the route really changed hands: a
 //! connection replaced by a newer one of the same user publishes no offline event). In Redis
-//! they are a capped stream (`{p}:events`), so any route instance can serve them to business
-//! backends (server-sent events, webhook) and a subscriber that reconnects can resume from the
-//! last id it saw. Event ids are the stream's (`{ms}-{n}`), increasing; [`EventId`] compares
-//! them.
+//! they are capped streams (`{p}:events:{shard}`: one on a single Redis, one per shard of a
+//! Redis Cluster, a user's events all in the user's shard), so any route instance can serve
+//! them to business backends (server-sent events, webhook) and a subscriber that reconnects
+//! can resume from the last id it saw. Event ids are the stream's (`{ms}-{n}`, with the shard
+//! appended past shard 0), increasing in the order events are handed out; [`EventId`]
+//! compares them.
 
 use serde::{Deserialize, Serialize};
 
@@ -79,37 +81,62 @@ pub struct StoredEvent {
     pub event: PresenceEvent,
 }
 
-/// A parsed event id (`{ms}-{n}`), ordered like Redis stream ids. The default is
-/// [`EventId::ZERO`].
+/// A parsed event id: `{ms}-{n}` (a Redis stream id) of shard 0, `{ms}-{n}-{shard}` of
+/// another shard of a Redis Cluster store's presence streams. Ordered by `(ms, n, shard)`:
+/// the order in which the store hands events out, across shards too (see
+/// `Events::events_after`). The default is [`EventId::ZERO`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId {
     pub ms: u64,
     pub seq: u64,
+    /// The stream it is in (0 with one stream).
+    pub shard: u32,
 }
 
 impl EventId {
     /// Before every event.
-    pub const ZERO: EventId = EventId { ms: 0, seq: 0 };
+    pub const ZERO: EventId = EventId {
+        ms: 0,
+        seq: 0,
+        shard: 0,
+    };
 
-    /// `None` unless `s` is `{u64}-{u64}`.
+    /// An id in stream 0.
+    pub const fn new(ms: u64, seq: u64) -> Self {
+        EventId { ms, seq, shard: 0 }
+    }
+
+    /// `None` unless `s` is `{u64}-{u64}` or `{u64}-{u64}-{u32}`.
     pub fn parse(s: &str) -> Option<Self> {
-        let (ms, seq) = s.split_once('-')?;
-        if ms.is_empty() || seq.is_empty() {
+        let mut parts = s.split('-');
+        let (ms, seq) = (parts.next()?, parts.next()?);
+        let shard = parts.next();
+        if parts.next().is_some() {
             return None;
         }
-        if !ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit()) {
+        let number = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+        if !number(ms) || !number(seq) || !shard.is_none_or(number) {
             return None;
         }
         Some(EventId {
             ms: ms.parse().ok()?,
             seq: seq.parse().ok()?,
+            shard: shard.map_or(Some(0), |s| s.parse().ok())?,
         })
+    }
+
+    /// The stream id part (`{ms}-{n}`), what Redis knows the entry by.
+    pub fn stream_id(&self) -> String {
+        format!("{}-{}", self.ms, self.seq)
     }
 }
 
 impl std::fmt::Display for EventId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
+        match self.shard {
+            0 => write!(f, "{}-{}", self.ms, self.seq),
+            shard => write!(f, "{}-{}-{shard}", self.ms, self.seq),
+        }
     }
 }
 
@@ -124,6 +151,13 @@ mod tests {
         let c = EventId::parse("1700000000001-0").unwrap();
         assert!(EventId::ZERO < a && a < b && b < c);
         assert_eq!(b.to_string(), "1700000000000-12");
+        // Another shard's: after every id of a lower shard with the same stream id.
+        let b3 = EventId::parse("1700000000000-12-3").unwrap();
+        assert_eq!((b3.ms, b3.seq, b3.shard), (1_700_000_000_000, 12, 3));
+        assert!(b < b3 && b3 < c);
+        assert_eq!(b3.to_string(), "1700000000000-12-3");
+        assert_eq!(b3.stream_id(), "1700000000000-12");
+        assert_eq!(EventId::parse("5-1-0"), EventId::parse("5-1"));
         for bad in [
             "",
             "-",
@@ -133,7 +167,10 @@ mod tests {
             "a-1",
             "1-b",
             "+1-1",
-            "1-1-1",
+            "1-1-",
+            "1-1-1-1",
+            "1-1-x",
+            "1-1-99999999999",
             "99999999999999999999-0",
         ] {
             assert_eq!(EventId::parse(bad), None, "{bad:?}");

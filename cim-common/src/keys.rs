@@ -1,52 +1,124 @@
 //! The Redis key layout, in one place. Every key starts with a configurable prefix (default
-//! `cim`) so several clusters or test runs can share one Redis.
+//! `cim`) so several clusters or test runs can share one Redis. Each key's **hash tag** (the
+//! part in braces; Redis Cluster hashes only that) decides its slot: keys of one tag are the
+//! only ones a script, a `MULTI` block or one pipeline of the cluster store may touch
+//! together (see ARCHITECTURE.md, "Key layout", for which commands touch several keys).
 //!
-//! | key | type | value |
-//! | --- | --- | --- |
-//! | `{p}:user:next_id` | string | last user id handed out (INCR) |
-//! | `{p}:user:name:{name}` | string | user id of that name |
-//! | `{p}:user:{id}` | hash | `name`, `pw` (salted argon2 hash) |
-//! | `{p}:login:{{id}}` | string | login slot: `{session}` (pending) or `{session}@{server}` |
-//! | `{p}:route:{{id}}` | string | `{server}\|{session}`: where the user's connection lives |
-//! | `{p}:gen:{{id}}` | string | the user's login generation (INCR at every login, logout and forced offline; only a session token of it can resume), expiring a session token lifetime after the last change |
-//! | `{p}:online` | sorted set | lexicographic index `{name}\x1f{id}` of connected users |
-//! | `{p}:online:ids` | set | user ids of connected users (channel online counts: ZINTERCARD) |
-//! | `{p}:events` | stream | presence events, fields `t` (`online`/`offline`), `u` (user id), `n` (name), `s` (server id), `at` (unix ms), `r` (offline reason); capped with `MAXLEN ~` |
-//! | `{p}:sent:{id}` | string | a group or channel message id already sent: its `timestamp_ms`, expiring after a minute (repeats are answered, not delivered) |
-//! | `{p}:lease:{name}` | string | holder of a lease (owner id), expiring with the lease |
-//! | `{p}:cursor:{name}` | string | a named cursor (the webhook's last delivered event id) |
-//! | `{p}:chan:{{name}}` | sorted set | member user ids of a channel, each scored by itself (pages by id) |
-//! | `{p}:user:chans:{{id}}` | set | names of the channels a user is a member of |
-//! | `{p}:chans` | sorted set | names of the channels with members, score 0 (pages by name) |
-//! | `{p}:inbox:{{id}}` | hash | message id → protobuf `Message` (unacked private messages) |
-//! | `{p}:inbox:order:{{id}}` | sorted set | message id, scored by its seq: the inbox order |
-//! | `{p}:inbox:rcpt:{{id}}` | hash | message id → sender id, for messages that asked for a receipt |
-//! | `{p}:inbox:seq:{{id}}` | string | last seq handed out in this inbox (INCR; never expires) |
+//! | key | tag | type | value |
+//! | --- | --- | --- | --- |
+//! | `{p}:user:next_id` | whole key | string | last user id handed out (INCR; registration only) |
+//! | `{p}:user:name:{name}` | whole key | string | user id of that name |
+//! | `{p}:user:{id}` | whole key | hash | `name`, `pw` (salted argon2 hash) |
+//! | `{p}:login:{{id}}` | user | string | login slot: `{session}` (pending) or `{session}@{server}` |
+//! | `{p}:route:{{id}}` | user | string | `{server}\|{session}`: where the user's connection lives |
+//! | `{p}:gen:{{id}}` | user | string | the user's login generation (INCR at every login, logout and forced offline; only a session token of it can resume), expiring a session token lifetime after the last change |
+//! | `{p}:inbox:{{id}}` | user | hash | message id → protobuf `Message` (unacked private messages) |
+//! | `{p}:inbox:order:{{id}}` | user | sorted set | message id, scored by its seq: the inbox order |
+//! | `{p}:inbox:rcpt:{{id}}` | user | hash | message id → sender id, for messages that asked for a receipt |
+//! | `{p}:inbox:seq:{{id}}` | user | string | last seq handed out in this inbox (INCR; never expires) |
+//! | `{p}:user:chans:{{id}}` | user | set | names of the channels a user is a member of |
+//! | `{p}:online:{{t}}` | shard | sorted set | lexicographic index `{name}\x1f{id}` of the shard's connected users |
+//! | `{p}:online:ids:{{t}}` | shard | set | ids of the shard's connected users (channel online counts: ZINTERCARD) |
+//! | `{p}:onsrv:{{t}}:{server}` | shard | set | ids of the shard's users attached on that server (the lost-server sweep) |
+//! | `{p}:events:{{t}}` | shard | stream | the shard's presence events, fields `t` (`online`/`offline`), `u` (user id), `n` (name), `s` (server id), `at` (unix ms), `r` (offline reason); capped with `MAXLEN ~` |
+//! | `{p}:chan:{{t}}:{name}` | shard | sorted set | the members of a channel who are in shard `t`, each scored by their id |
+//! | `{p}:chans:{{t}}` | shard | sorted set | names of the channels with members whose name hashes to shard `t`, score 0 |
+//! | `{p}:sent:{id}` | whole key | string | a group or channel message id already sent: its `timestamp_ms`, expiring after a minute |
+//! | `{p}:lease:{name}` | whole key | string | holder of a lease (owner id), expiring with the lease |
+//! | `{p}:cursor:{name}` | whole key | string | a named cursor (the webhook's last delivered event id) |
 //!
-//! The login slot and the route of one user share a hash tag (`{id}`) so the Lua scripts that
-//! touch both stay within one Redis Cluster slot; so do the four inbox keys of one user.
-//! A channel's member set has its own hash tag (`{name}`), a user's channel set that of the
-//! user (`{id}`): joining touches both (and the channel list), so it is ordered writes rather
-//! than one script (see the Redis store).
+//! **Shards.** What used to be one key for everyone (the online index, the presence stream,
+//! the channel list, a channel's members) is cut into [`Keys::shards`] pieces so a cluster of
+//! several masters shares it: a user belongs to shard `id % shards`, a channel name to shard
+//! `crc16(name) % shards`. The tag `t` of shard `i` is the first string `s{i}.{k}` whose slot
+//! falls in the `i`-th of `shards` equal ranges of the 16384 slots, so the shards spread
+//! evenly over masters that split the slots evenly (what `redis-cli --cluster create` does).
+//! A single Redis has one shard (the layout, and the cost of every read, as before shards);
+//! a Redis Cluster [`CLUSTER_SHARDS`]. Every process of a cim cluster must use the same count.
+
+/// Shards of a Redis Cluster store (see the module docs). 16: enough that a cluster of up to
+/// 16 masters shares every shard-wide key, few enough that a read over all shards (an online
+/// page, a poll of the presence streams) stays 16 small commands.
+pub const CLUSTER_SHARDS: usize = 16;
+
+/// Hash slots of Redis Cluster.
+pub const SLOTS: u16 = 16384;
+
+/// The hash slot of `key`, as Redis Cluster computes it: CRC16 (XMODEM) of the hash tag (the
+/// part between the first `{` and the next `}`, when not empty) or of the whole key, modulo
+/// 16384. The store groups commands by it (one pipeline per slot); which node serves a slot
+/// is the redis crate's business.
+pub fn hash_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % SLOTS
+}
+
+/// The hash tags of `n` shards: shard `i`'s is the first `s{i}.{k}` whose slot lies in the
+/// `i`-th of `n` equal ranges of the slots (one shard: `s0.0`).
+fn shard_tags(n: usize) -> Vec<String> {
+    let n = n.clamp(1, SLOTS as usize);
+    (0..n)
+        .map(|i| {
+            let low = i * SLOTS as usize / n;
+            let high = (i + 1) * SLOTS as usize / n;
+            (0u64..)
+                .map(|k| format!("s{i}.{k}"))
+                .find(|tag| (low..high).contains(&(hash_slot(tag.as_bytes()) as usize)))
+                .expect("some tag hashes into every slot range")
+        })
+        .collect()
+}
 
 /// Builds keys under one prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    /// The hash tag of each shard.
+    shards: std::sync::Arc<[String]>,
 }
 
 /// Separator between name and id in the online index (names never contain control characters).
 pub const ONLINE_SEP: char = '\x1f';
 
 impl Keys {
+    /// Keys of a single Redis: one shard.
     pub fn new(prefix: impl Into<String>) -> Self {
+        Self::with_shards(prefix, 1)
+    }
+
+    /// Keys of a store with `shards` shards (at least 1).
+    pub fn with_shards(prefix: impl Into<String>, shards: usize) -> Self {
         Self {
             prefix: prefix.into(),
+            shards: shard_tags(shards).into(),
         }
     }
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// How many shards the shard-wide keys are cut into.
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard of a user.
+    pub fn user_shard(&self, user_id: u64) -> usize {
+        (user_id % self.shards.len() as u64) as usize
+    }
+
+    /// The shard of a channel name (in the channel list).
+    pub fn name_shard(&self, name: &str) -> usize {
+        hash_slot(name.as_bytes()) as usize % self.shards.len()
+    }
+
+    fn tag(&self, shard: usize) -> &str {
+        &self.shards[shard % self.shards.len()]
     }
 
     pub fn next_user_id(&self) -> String {
@@ -73,30 +145,24 @@ impl Keys {
         format!("{}:route:{{{id}}}", self.prefix)
     }
 
-    /// SCAN pattern matching every route key.
-    pub fn route_pattern(&self) -> String {
-        format!("{}:route:*", self.prefix)
+    /// The online index (by name) of a shard.
+    pub fn online(&self, shard: usize) -> String {
+        format!("{}:online:{{{}}}", self.prefix, self.tag(shard))
     }
 
-    /// The user id of a route key, if it is one.
-    pub fn parse_route_key(&self, key: &str) -> Option<u64> {
-        key.strip_prefix(&self.prefix)?
-            .strip_prefix(":route:{")?
-            .strip_suffix('}')?
-            .parse()
-            .ok()
+    /// The ids of the connected users of a shard.
+    pub fn online_ids(&self, shard: usize) -> String {
+        format!("{}:online:ids:{{{}}}", self.prefix, self.tag(shard))
     }
 
-    pub fn online(&self) -> String {
-        format!("{}:online", self.prefix)
+    /// The ids of a shard's users attached on `server_id`.
+    pub fn server_users(&self, shard: usize, server_id: &str) -> String {
+        format!("{}:onsrv:{{{}}}:{server_id}", self.prefix, self.tag(shard))
     }
 
-    pub fn online_ids(&self) -> String {
-        format!("{}:online:ids", self.prefix)
-    }
-
-    pub fn events(&self) -> String {
-        format!("{}:events", self.prefix)
+    /// The presence stream of a shard.
+    pub fn events(&self, shard: usize) -> String {
+        format!("{}:events:{{{}}}", self.prefix, self.tag(shard))
     }
 
     pub fn sent(&self, message_id: &str) -> String {
@@ -111,16 +177,18 @@ impl Keys {
         format!("{}:cursor:{name}", self.prefix)
     }
 
-    pub fn channel(&self, name: &str) -> String {
-        format!("{}:chan:{{{name}}}", self.prefix)
+    /// The members of channel `name` who are in `shard`.
+    pub fn channel(&self, shard: usize, name: &str) -> String {
+        format!("{}:chan:{{{}}}:{name}", self.prefix, self.tag(shard))
     }
 
     pub fn user_channels(&self, id: u64) -> String {
         format!("{}:user:chans:{{{id}}}", self.prefix)
     }
 
-    pub fn channels(&self) -> String {
-        format!("{}:chans", self.prefix)
+    /// The channel names of a shard.
+    pub fn channels(&self, shard: usize) -> String {
+        format!("{}:chans:{{{}}}", self.prefix, self.tag(shard))
     }
 
     pub fn inbox(&self, id: u64) -> String {
@@ -184,23 +252,61 @@ mod tests {
     use super::*;
 
     #[test]
-    fn route_keys_round_trip() {
-        let k = Keys::new("t1");
-        assert_eq!(k.route(42), "t1:route:{42}");
-        assert_eq!(k.parse_route_key(&k.route(42)), Some(42));
-        assert_eq!(k.parse_route_key("t2:route:{42}"), None);
-        assert_eq!(k.parse_route_key("t1:route:{x}"), None);
+    fn hash_slots_are_redis_clusters() {
+        // The examples of the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(hash_slot(b"123456789"), 0x31C3 % SLOTS);
+        assert_eq!(hash_slot(b"foo"), 12182);
+        assert_eq!(hash_slot(b"{user1000}.following"), hash_slot(b"user1000"));
+        assert_eq!(hash_slot(b"foo{}{bar}"), hash_slot(b"foo{}{bar}"));
+        assert_ne!(hash_slot(b"foo{}{bar}"), hash_slot(b"bar"));
+        assert_eq!(hash_slot(b"foo{{bar}}zap"), hash_slot(b"{bar"));
+        assert_eq!(hash_slot(b"foo{bar}{zap}"), hash_slot(b"bar"));
     }
 
     #[test]
-    fn channel_keys_carry_their_hash_tag() {
-        let k = Keys::new("t1");
-        assert_eq!(k.channel("room.1"), "t1:chan:{room.1}");
-        assert_eq!(k.user_channels(7), "t1:user:chans:{7}");
-        assert_eq!(k.channels(), "t1:chans");
-        assert_eq!(k.online_ids(), "t1:online:ids");
-        // A user channel set is no route key, nor an account record.
-        assert_eq!(k.parse_route_key(&k.user_channels(7)), None);
+    fn keys_of_one_user_share_a_slot() {
+        let k = Keys::with_shards("t1", CLUSTER_SHARDS);
+        let slot = hash_slot(k.route(42).as_bytes());
+        for key in [
+            k.login(42),
+            k.generation(42),
+            k.inbox(42),
+            k.inbox_order(42),
+            k.inbox_receipts(42),
+            k.inbox_seq(42),
+            k.user_channels(42),
+        ] {
+            assert_eq!(hash_slot(key.as_bytes()), slot, "{key}");
+        }
+        assert_eq!(k.route(42), "t1:route:{42}");
+    }
+
+    #[test]
+    fn keys_of_one_shard_share_a_slot_and_shards_spread_evenly() {
+        let k = Keys::with_shards("t1", CLUSTER_SHARDS);
+        assert_eq!(k.shards(), CLUSTER_SHARDS);
+        let range = SLOTS as usize / CLUSTER_SHARDS;
+        for shard in 0..CLUSTER_SHARDS {
+            let slot = hash_slot(k.online(shard).as_bytes());
+            for key in [
+                k.online_ids(shard),
+                k.server_users(shard, "s-1"),
+                k.events(shard),
+                k.channel(shard, "room.1"),
+                k.channels(shard),
+            ] {
+                assert_eq!(hash_slot(key.as_bytes()), slot, "{key}");
+            }
+            // Shard i in the i-th sixteenth of the slots.
+            assert_eq!(slot as usize / range, shard, "{}", k.online(shard));
+        }
+        assert_eq!(k.user_shard(17), 1);
+        assert!(k.name_shard("room.1") < CLUSTER_SHARDS);
+        // One shard: every user and name in it.
+        let single = Keys::new("t1");
+        assert_eq!(single.shards(), 1);
+        assert_eq!((single.user_shard(17), single.name_shard("x")), (0, 0));
+        assert_eq!(single.online(0), "t1:online:{s0.0}");
     }
 
     #[test]

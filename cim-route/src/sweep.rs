@@ -8,11 +8,12 @@
 //! before leaving, so its sweep finds nothing.
 //!
 //! Every route instance sees the removal and sweeps; the store's compare-and-delete lets
-//! exactly one of them remove each route and publish its event. The sweep is one SCAN over
-//! the routes (O(online users), once per lost server), so it runs in the background.
+//! exactly one of them remove each route and publish its event. The sweep walks the lost
+//! server's own index of its users (`Routes::server_routes`: O(its users), not a SCAN of
+//! every route), in the background.
 
 use crate::state::AppState;
-use cim_common::{registry::Members, store::RouteEntry};
+use cim_common::registry::Members;
 use futures_util::{stream, StreamExt};
 use std::collections::HashSet;
 use tokio_util::sync::CancellationToken;
@@ -64,33 +65,30 @@ pub async fn run(
 pub async fn sweep(state: &AppState, gone: &[String]) -> usize {
     let store = state.store();
     let batch = state.config().scan_batch;
-    let gone: HashSet<&str> = gone.iter().map(String::as_str).collect();
-    let mut cursor = 0u64;
     let mut found = 0usize;
-    loop {
-        let (next, routes) = match store.scan_routes(cursor, batch).await {
-            Ok(step) => step,
-            Err(e) => {
-                tracing::warn!(error = %e, "sweeping a lost server's routes failed; the rest are removed when next used");
-                return found;
-            }
-        };
-        let stale: Vec<RouteEntry> = routes
-            .into_iter()
-            .filter(|r| gone.contains(r.server_id.as_str()))
-            .collect();
-        found += stale.len();
-        stream::iter(stale)
-            .for_each_concurrent(REMOVE_CONCURRENCY, |route| async move {
-                if let Err(e) = store.remove_stale_route(&route).await {
-                    tracing::debug!(user_id = route.user_id, error = %e, "removing a stale route failed");
+    for server in gone {
+        let mut cursor = 0u64;
+        loop {
+            let (next, stale) = match store.server_routes(server, cursor, batch).await {
+                Ok(step) => step,
+                Err(e) => {
+                    tracing::warn!(server = %server, error = %e, "sweeping a lost server's routes failed; the rest are removed when next used");
+                    break;
                 }
-            })
-            .await;
-        if next == 0 {
-            break;
+            };
+            found += stale.len();
+            stream::iter(stale)
+                .for_each_concurrent(REMOVE_CONCURRENCY, |route| async move {
+                    if let Err(e) = store.remove_stale_route(&route).await {
+                        tracing::debug!(user_id = route.user_id, error = %e, "removing a stale route failed");
+                    }
+                })
+                .await;
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
-        cursor = next;
     }
     if found > 0 {
         tracing::info!(servers = ?gone, users = found, "swept the routes of lost servers");

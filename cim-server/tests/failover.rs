@@ -243,7 +243,7 @@ async fn a_redis_restart_mid_stream_fails_sends_fast_and_loses_no_accepted_messa
     // Redis dies at the 40th answer, with 8 sends in flight; the stream goes on into the
     // outage. Each send must be answered within the Redis timeout plus the forward's own
     // deadline; the whole stream gets a generous bound so a hang fails here, not later.
-    let redis = &mut cluster.infra.redis;
+    let redis = cluster.infra.redis.single_mut();
     let mut answers = 0;
     let stream = sender.stream_private(
         receiver_id,
@@ -267,7 +267,7 @@ async fn a_redis_restart_mid_stream_fails_sends_fast_and_loses_no_accepted_messa
             )
         })??;
     eprintln!("stream into the outage: {:?}", started.elapsed());
-    assert!(!cluster.infra.redis.is_running());
+    assert!(!cluster.infra.redis.single().is_running());
     let failed: Vec<&Sent> = sent.iter().filter(|s| !s.accepted()).collect();
     assert!(
         failed.len() >= 50,
@@ -290,7 +290,7 @@ async fn a_redis_restart_mid_stream_fails_sends_fast_and_loses_no_accepted_messa
         "a send took {slowest:?}"
     );
 
-    cluster.infra.redis.restart().await?;
+    cluster.infra.redis.single_mut().restart().await?;
     // Sends work again once the store has reconnected (no event tells when: retry, bounded).
     let mut n = 100;
     let back = Instant::now();

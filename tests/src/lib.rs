@@ -36,7 +36,9 @@
 //! ```
 //!
 //! Modules: [`process`] (child guard and helpers); the Redis and etcd starters are re-exported
-//! at the root; [`cluster`] starts cim servers and routes in-process on top of an [`Infra`];
+//! at the root ([`Redis`], [`RedisCluster`]: a real Redis Cluster of `redis-server
+//! --cluster-enabled yes` nodes joined by `redis-cli --cluster create`; [`RedisNodes`]: either,
+//! behind one type, with [`RedisConn`] for raw looks at keys); [`cluster`] starts cim servers and routes in-process on top of an [`Infra`];
 //! [`tls`] makes a test CA and server certificates for the TLS tests; [`docs`] reads and runs
 //! the shell examples of README.md.
 
@@ -45,6 +47,7 @@ pub mod cluster;
 pub mod docs;
 pub mod process;
 pub mod redis_cluster;
+pub mod redis_nodes;
 pub mod tls;
 
 mod etcd_server;
@@ -54,6 +57,7 @@ pub use bin_node::{RouteProcess, ServerProcess};
 pub use etcd_server::Etcd;
 pub use process::ChildGuard;
 pub use redis_cluster::{RedisCluster, RedisClusterOptions};
+pub use redis_nodes::{RedisConn, RedisKind, RedisNodes};
 pub use redis_server::{Redis, RedisOptions};
 
 use cim_common::backend::BackendConfig;
@@ -101,23 +105,27 @@ pub fn unique_prefix() -> String {
     format!("t{}-{n}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
-/// A Redis and an etcd for one test.
+/// A Redis (one server or a cluster) and an etcd for one test.
 #[derive(Debug)]
 pub struct Infra {
-    pub redis: Redis,
+    pub redis: RedisNodes,
     pub etcd: Etcd,
 }
 
 impl Infra {
     /// Starts both (concurrently) and waits until both answer.
     pub async fn start() -> anyhow::Result<Infra> {
-        let (redis, etcd) = tokio::try_join!(Redis::start(), Etcd::start())?;
-        Ok(Infra { redis, etcd })
+        Self::start_on(RedisKind::default()).await
     }
 
     /// Starts both, Redis with `options` (e.g. AOF on for kill/restart tests).
     pub async fn start_with(options: RedisOptions) -> anyhow::Result<Infra> {
-        let (redis, etcd) = tokio::try_join!(Redis::start_with(options), Etcd::start())?;
+        Self::start_on(RedisKind::Single(options)).await
+    }
+
+    /// Starts both, Redis as `kind` (one server or a cluster).
+    pub async fn start_on(kind: RedisKind) -> anyhow::Result<Infra> {
+        let (redis, etcd) = tokio::try_join!(RedisNodes::start(kind), Etcd::start())?;
         Ok(Infra { redis, etcd })
     }
 

@@ -26,7 +26,7 @@ async fn setup_for(cluster: &Cluster) -> anyhow::Result<Setup> {
     };
     Ok(Setup::connect(&target)
         .await?
-        .with_redis_pid(cluster.infra.redis.pid()))
+        .with_redis_pid(cluster.infra.redis.single().pid()))
 }
 
 async fn cluster_and_setup() -> anyhow::Result<(Cluster, Setup)> {

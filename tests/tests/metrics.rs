@@ -265,7 +265,7 @@ async fn backend_errors_are_counted_when_redis_or_etcd_is_gone() -> anyhow::Resu
         Some(0.0)
     );
 
-    cluster.infra.redis.kill();
+    cluster.infra.redis.single_mut().kill();
     // One login: one failed store call (the account lookup), answered 503.
     let refused = cluster.route().login("carol", "password-carol").await;
     assert!(refused.is_err());

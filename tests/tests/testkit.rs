@@ -72,7 +72,7 @@ async fn processes_die_when_the_test_panics() -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let infra = Infra::start().await.expect("infra");
-        tx.send((infra.redis.pid().unwrap(), infra.etcd.pid().unwrap()))
+        tx.send((infra.redis.single().pid().unwrap(), infra.etcd.pid().unwrap()))
             .unwrap();
         panic!("a failing test");
     });
@@ -93,7 +93,7 @@ async fn orphan_helper() {
     let infra = Infra::start().await.expect("infra");
     println!(
         "PIDS {} {}",
-        infra.redis.pid().unwrap(),
+        infra.redis.single().pid().unwrap(),
         infra.etcd.pid().unwrap()
     );
     std::process::abort();
@@ -157,7 +157,7 @@ async fn many_start_in_parallel_on_distinct_ports() -> anyhow::Result<()> {
     }
     let mut ports: Vec<u16> = all
         .iter()
-        .flat_map(|i| [i.redis.port(), i.etcd.client_port(), i.etcd.peer_port()])
+        .flat_map(|i| [i.redis.single().port(), i.etcd.client_port(), i.etcd.peer_port()])
         .collect();
     let n = ports.len();
     ports.sort_unstable();
@@ -231,7 +231,7 @@ fn dropping_outside_a_runtime_kills() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let infra = rt.block_on(Infra::start()).unwrap();
     drop(rt);
-    let pids = [infra.redis.pid().unwrap(), infra.etcd.pid().unwrap()];
+    let pids = [infra.redis.single().pid().unwrap(), infra.etcd.pid().unwrap()];
     drop(infra);
     for pid in pids {
         assert!(process_gone(pid));

@@ -68,7 +68,7 @@ impl Hook for Faults {
             Call::Routes => {
                 self.route_lookups.fetch_add(1, Ordering::SeqCst);
             }
-            Call::ScanRoutes => {
+            Call::ServerRoutes => {
                 self.scans.fetch_add(1, Ordering::SeqCst);
             }
             _ => {}

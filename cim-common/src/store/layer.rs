@@ -153,7 +153,7 @@ layered! {
     }
     Routes {
         Routes = fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>>;
-        ScanRoutes = fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)>;
+        ServerRoutes = fn server_routes(&self, server_id: &str, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)>;
         OnlinePage = fn online_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> StoreResult<Vec<OnlineEntry>>;
         RemoveStaleRoute = fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()>;
     }

@@ -282,8 +282,18 @@ pub trait Routes: Send + Sync + 'static {
     /// Routes of many users in one round trip; `None` for users not connected.
     async fn routes(&self, user_ids: &[u64]) -> StoreResult<Vec<Option<RouteEntry>>>;
 
-    /// One SCAN step over the route keys. Returns the next cursor (0: done) and the routes.
-    async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)>;
+    /// One step over the users attached on `server_id` (the lost-server sweep): about
+    /// `count` of them per call, from `cursor` (0 to start). Returns the next cursor (0: done)
+    /// and the routes that still point at that server. Users found attached elsewhere (or
+    /// nowhere) meanwhile leave the server's index as a side effect. Redis: per shard, the
+    /// server's member set (SSCAN) and the routes of what it found; no SCAN of the keyspace
+    /// (which on a cluster sees one node).
+    async fn server_routes(
+        &self,
+        server_id: &str,
+        cursor: u64,
+        count: usize,
+    ) -> StoreResult<(u64, Vec<RouteEntry>)>;
 
     /// A page of the online index in name order, names starting with `prefix`, after the
     /// entry with cursor `after`. At most `limit` entries.

@@ -4,7 +4,7 @@
 //! begins with a cluster that routes.
 
 use super::{Cluster, RouteNode, ServerNode};
-use crate::{Infra, RedisOptions};
+use crate::{Infra, RedisClusterOptions, RedisKind, RedisOptions};
 use cim_route::RouteConfig;
 use cim_sdk::ClientTls;
 use cim_server::ServerConfig;
@@ -16,7 +16,7 @@ pub struct ClusterBuilder {
     routes: usize,
     server_config: Box<dyn Fn(&mut ServerConfig)>,
     route_config: Box<dyn Fn(&mut RouteConfig)>,
-    redis: RedisOptions,
+    redis: RedisKind,
     client_tls: Option<ClientTls>,
 }
 
@@ -27,7 +27,7 @@ impl Default for ClusterBuilder {
             routes: 1,
             server_config: Box::new(|_| {}),
             route_config: Box::new(|_| {}),
-            redis: RedisOptions::default(),
+            redis: RedisKind::default(),
             client_tls: None,
         }
     }
@@ -64,12 +64,18 @@ impl ClusterBuilder {
 
     /// Starts Redis with `options` (e.g. AOF on, for tests that kill and restart it).
     pub fn redis(mut self, options: RedisOptions) -> Self {
-        self.redis = options;
+        self.redis = RedisKind::Single(options);
+        self
+    }
+
+    /// Runs on a real Redis Cluster (`options`: masters, replicas, AOF) instead of one Redis.
+    pub fn redis_cluster(mut self, options: RedisClusterOptions) -> Self {
+        self.redis = RedisKind::Cluster(options);
         self
     }
 
     pub async fn start(self) -> anyhow::Result<Cluster> {
-        let infra = Infra::start_with(self.redis).await?;
+        let infra = Infra::start_on(self.redis).await?;
         let prefix = crate::unique_prefix();
         let mut cluster = Cluster {
             servers: Vec::new(),

@@ -15,7 +15,7 @@ pub(crate) async fn backends_connect_to_the_testkit_and_fail_fast_without_it() -
     let rx = backends.registry.watch(ServiceKind::Route).await?;
     assert!(rx.borrow().is_empty());
 
-    let (redis_port, etcd_endpoint) = (infra.redis.port(), infra.etcd.endpoint());
+    let (redis_port, etcd_endpoint) = (infra.redis.single().port(), infra.etcd.endpoint());
     drop(infra);
     let started = std::time::Instant::now();
     let mut dead = config.clone();

@@ -4,8 +4,8 @@ use super::*;
 
 /// How to look at what a store holds, beside its API.
 pub(crate) enum Peek {
-    /// Raw commands on the Redis server (which the struct keeps running).
-    Redis { redis: Redis, keys: Keys },
+    /// Raw commands on the Redis server or cluster (which the struct keeps running).
+    Redis { redis: RedisNodes, keys: Keys },
     /// The memory store's inspection methods.
     Memory(Arc<MemoryStore>),
 }
@@ -28,15 +28,21 @@ impl Deref for StoreUnderTest {
 impl StoreUnderTest {
     /// A `RedisStore` on its own `redis-server`, under a fresh prefix.
     pub(crate) async fn redis() -> anyhow::Result<Self> {
-        let redis = Redis::start().await?;
+        Self::on(RedisNodes::start(RedisKind::default()).await?).await
+    }
+
+    /// A `RedisStore` on its own 3-master Redis Cluster, under a fresh prefix.
+    pub(crate) async fn cluster() -> anyhow::Result<Self> {
+        Self::on(RedisNodes::cluster().await?).await
+    }
+
+    async fn on(redis: RedisNodes) -> anyhow::Result<Self> {
         let prefix = unique_prefix();
         let store = RedisStore::connect(&redis.url(), &prefix, CALL_TIMEOUT).await?;
+        let keys = store.keys().clone();
         Ok(Self {
             store: Arc::new(store),
-            peek: Peek::Redis {
-                redis,
-                keys: Keys::new(prefix),
-            },
+            peek: Peek::Redis { redis, keys },
         })
     }
 
@@ -88,15 +94,25 @@ impl StoreUnderTest {
         })
     }
 
+    /// Whether this is the store on a Redis Cluster (sharded presence streams).
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.peek, Peek::Redis { ref redis, .. } if redis.is_cluster())
+    }
+
     pub(crate) fn is_redis(&self) -> bool {
         matches!(self.peek, Peek::Redis { .. })
     }
 
     /// Returns once a blocking read of the event stream is waiting in Redis (`INFO clients`
-    /// counts it); at once for the memory store, whose waiters cannot be observed (an event
-    /// published before the wait starts is found by its first look: the test holds either way).
+    /// counts it); at once for the memory store and a cluster (which polls), whose waiters
+    /// cannot be observed (an event published before the wait starts is found by its first
+    /// look: the test holds either way).
     pub(crate) async fn wait_for_blocked_reader(&self) -> anyhow::Result<()> {
-        let Peek::Redis { redis, .. } = &self.peek else {
+        let Peek::Redis {
+            redis: RedisNodes::Single(redis),
+            ..
+        } = &self.peek
+        else {
             return Ok(());
         };
         let c = redis.connection().await?;
@@ -155,7 +171,14 @@ impl StoreUnderTest {
         match &self.peek {
             Peek::Redis { redis, keys } => {
                 let mut c = redis.connection().await.expect("redis connection");
-                c.zrange(keys.online(), 0, -1).await.expect("ZRANGE")
+                let mut all = Vec::new();
+                for shard in 0..keys.shards() {
+                    let members: Vec<String> =
+                        c.zrange(keys.online(shard), 0, -1).await.expect("ZRANGE");
+                    all.extend(members);
+                }
+                all.sort();
+                all
             }
             Peek::Memory(m) => m.online_members(),
         }

@@ -1,10 +1,11 @@
 //! The backends of cim-common, held to one behaviour.
 //!
 //! Each behavioural test of the state store is written once, as an async fn over a
-//! [`StoreUnderTest`] (a `dyn StateStore` plus a way to look inside), and run twice by
+//! [`StoreUnderTest`] (a `dyn StateStore` plus a way to look inside), and run three times by
 //! [`for_each_store!`]: against `RedisStore` on a real `redis-server` started by the testkit
-//! (`<test>::redis`) and against the in-memory `MemoryStore` of standalone mode
-//! (`<test>::memory`). The registry tests do the same with [`RegistryUnderTest`] for
+//! (`<test>::redis`), against `RedisStore` on a real 3-master Redis Cluster
+//! (`<test>::cluster`: every command slot-safe, the sharded keys), and against the in-memory
+//! `MemoryStore` of standalone mode (`<test>::memory`). The registry tests do the same with [`RegistryUnderTest`] for
 //! `EtcdRegistry` on a real `etcd` and `MemoryRegistry`. What only a real process can show
 //! (an outage, a restart, lease expiry, keys of other prefixes) is tested on it alone
 //! (`redis_only`, `etcd_only`). Each test has its own processes and its own key prefix.
@@ -27,7 +28,7 @@ mod registries;
 mod routes;
 
 // Helpers of one domain serve others too (a message, a connected user, a server entry).
-use self::{harness::*, inbox::*, presence::*, registries::*, routes::*};
+use self::{harness::*, inbox::*, presence::*, registries::*};
 
 use cim_common::{
     events::{reason, EventId, PresenceEvent, PresenceKind, StoredEvent},
@@ -45,7 +46,9 @@ use cim_common::{
     },
     time::now_ms,
 };
-use cim_tests::{unique_prefix, wait_until, Etcd, Infra, Redis, RedisOptions};
+use cim_tests::{
+    unique_prefix, wait_until, Etcd, Infra, Redis, RedisKind, RedisNodes, RedisOptions,
+};
 use redis::AsyncCommands as _;
 use std::{collections::BTreeMap, ops::Deref, sync::Arc, time::Duration};
 
@@ -71,14 +74,19 @@ pub(crate) fn route(user_id: u64, server: &str, session: &str) -> RouteEntry {
 }
 
 /// Runs each named `async fn(&StoreUnderTest) -> anyhow::Result<()>` of a domain module as
-/// two tests, `<name>::redis` and `<name>::memory` (at the crate root, so a test's path does
-/// not name its module). Multi-threaded, so concurrent calls really overlap.
+/// three tests, `<name>::redis` (one Redis), `<name>::cluster` (a 3-master Redis Cluster)
+/// and `<name>::memory` (at the crate root, so a test's path does not name its module). Multi-threaded, so concurrent calls really overlap.
 macro_rules! for_each_store {
     ($($module:ident::$name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() -> anyhow::Result<()> {
                 super::$module::$name(&super::StoreUnderTest::redis().await?).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() -> anyhow::Result<()> {
+                super::$module::$name(&super::StoreUnderTest::cluster().await?).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,8 +110,8 @@ for_each_store!(
     login::late_detach_of_an_old_session_keeps_the_new_one,
     login::release_login_frees_the_slot_and_returns_the_server,
     routes::routes_returns_one_entry_per_id_in_order,
-    routes::scan_routes_visits_every_route_exactly_once,
-    routes::scan_routes_reaches_every_route_present_throughout,
+    routes::server_routes_visits_every_route_of_the_server_exactly_once,
+    routes::server_routes_reaches_every_route_present_throughout,
     routes::remove_stale_route_removes_only_an_unchanged_route,
     routes::online_page_filters_by_prefix_and_pages_by_cursor,
     inbox::inbox_store_assigns_increasing_seqs_in_order,

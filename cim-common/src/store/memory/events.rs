@@ -61,12 +61,9 @@ impl State {
         let now = u64::try_from(crate::time::now_ms()).unwrap_or(0);
         let last = self.last_event;
         let id = if now > last.ms {
-            EventId { ms: now, seq: 0 }
+            EventId::new(now, 0)
         } else {
-            EventId {
-                ms: last.ms,
-                seq: last.seq.saturating_add(1),
-            }
+            EventId::new(last.ms, last.seq.saturating_add(1))
         };
         self.last_event = id;
         self.events.push_back((

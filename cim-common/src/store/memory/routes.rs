@@ -12,30 +12,35 @@ impl Routes for MemoryStore {
     /// The cursor is the user id to resume at (0: from the start; the first route may belong
     /// to user 0, which a resumed scan never needs to revisit). A route present for the whole
     /// scan is returned exactly once, as SCAN guarantees; unlike SCAN, never twice.
-    async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)> {
+    async fn server_routes(
+        &self,
+        server_id: &str,
+        cursor: u64,
+        count: usize,
+    ) -> StoreResult<(u64, Vec<RouteEntry>)> {
         let mut state = self.lock();
         if cursor == 0 {
-            // A fan-out walks every route now and then: the moment to drop pending slots
-            // that expired without anyone touching them again.
+            // A sweep walks every route now and then: the moment to drop pending slots that
+            // expired without anyone touching them again.
             state.purge_expired(Instant::now());
         }
-        let batch: Vec<RouteEntry> = state
-            .routes
-            .range(cursor..)
-            .take(count.max(1))
-            .map(|(&user_id, (server, session))| RouteEntry {
-                user_id,
-                server_id: server.clone(),
-                session: session.clone(),
-            })
-            .collect();
-        let next = match batch.last() {
-            Some(last) => match last.user_id.checked_add(1) {
-                Some(next) if state.routes.range(next..).next().is_some() => next,
-                _ => 0,
-            },
-            None => 0,
-        };
+        // No index by server here: walk the routes from `cursor` (a user id) until `count`
+        // of them are on the server.
+        let mut batch = Vec::new();
+        let mut next = 0;
+        for (&user_id, (server, session)) in state.routes.range(cursor..) {
+            if batch.len() >= count.max(1) {
+                next = user_id;
+                break;
+            }
+            if server == server_id {
+                batch.push(RouteEntry {
+                    user_id,
+                    server_id: server.clone(),
+                    session: session.clone(),
+                });
+            }
+        }
         Ok((next, batch))
     }
 

@@ -44,7 +44,7 @@ async fn attached_slots_never_expire() {
     store.attach(1, "u1", "s1", "srv-a").await.unwrap();
     tokio::time::advance(Duration::from_secs(3600)).await;
     assert_eq!(store.login_slot(1), Some(("s1@srv-a".into(), None)));
-    store.scan_routes(0, 10).await.unwrap();
+    store.server_routes("srv-a", 0, 10).await.unwrap();
     assert_eq!(store.slots_in_memory(), 1, "a purge keeps attached slots");
 }
 
@@ -70,7 +70,7 @@ async fn expired_slots_nobody_touches_are_purged() {
     );
 
     tokio::time::advance(ttl).await;
-    store.scan_routes(0, 10).await.unwrap();
+    store.server_routes("srv-a", 0, 10).await.unwrap();
     assert_eq!(store.slots_in_memory(), 0, "a scan from the start purges");
 }
 
@@ -255,7 +255,7 @@ async fn empty_channels_and_channel_sets_leave_no_trace() {
 }
 
 #[tokio::test]
-async fn a_resumed_scan_does_not_revisit_user_zero() {
+async fn a_resumed_server_walk_does_not_revisit_user_zero() {
     let store = MemoryStore::new();
     for user in [0, 1, 2] {
         let session = format!("s{user}");
@@ -265,10 +265,10 @@ async fn a_resumed_scan_does_not_revisit_user_zero() {
             .unwrap();
         store.attach(user, "u", &session, "srv-a").await.unwrap();
     }
-    let (next, first) = store.scan_routes(0, 1).await.unwrap();
+    let (next, first) = store.server_routes("srv-a", 0, 1).await.unwrap();
     assert_eq!((next, first[0].user_id), (1, 0));
-    let (next, second) = store.scan_routes(next, 1).await.unwrap();
+    let (next, second) = store.server_routes("srv-a", next, 1).await.unwrap();
     assert_eq!((next, second[0].user_id), (2, 1));
-    let (next, third) = store.scan_routes(next, 5).await.unwrap();
+    let (next, third) = store.server_routes("srv-a", next, 5).await.unwrap();
     assert_eq!((next, third[0].user_id), (0, 2));
 }

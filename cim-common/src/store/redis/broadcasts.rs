@@ -6,7 +6,7 @@ use super::*;
 impl Broadcasts for RedisStore {
     /// `SET key ts NX GET PX ttl` per id, pipelined: the first `SET` of an id answers nil
     /// (claimed), every later one the first timestamp and writes nothing (Redis 7.0 allows
-    /// `NX` with `GET`). One key per id, so Redis Cluster may put them in any slot.
+    /// `NX` with `GET`). One key per id, spread over every slot of a cluster.
     async fn claim_broadcasts(
         &self,
         claims: &[(String, i64)],
@@ -16,20 +16,25 @@ impl Broadcasts for RedisStore {
             return Ok(Vec::new());
         }
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut pipe = ::redis::pipe();
+        let mut batch = self.batch();
         for (id, timestamp_ms) in claims {
-            pipe.cmd("SET")
-                .arg(self.keys.sent(id))
-                .arg(timestamp_ms)
-                .arg("NX")
-                .arg("GET")
-                .arg("PX")
-                .arg(ttl_ms);
+            let key = self.keys.sent(id);
+            batch.add(&key, |pipe| {
+                pipe.cmd("SET")
+                    .arg(&key)
+                    .arg(timestamp_ms)
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("PX")
+                    .arg(ttl_ms);
+            });
         }
-        let previous: Vec<Option<String>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        let previous = batch
+            .run(self, &[])
+            .await?
+            .into_iter()
+            .map(|r| batch::parse::<Option<String>>(batch::single(r)?, "broadcast claim"))
+            .collect::<StoreResult<Vec<_>>>()?;
         previous
             .into_iter()
             .map(|p| match p {
@@ -45,13 +50,14 @@ impl Broadcasts for RedisStore {
         if ids.is_empty() {
             return Ok(());
         }
-        // One DEL per key (in one pipeline): a multi-key DEL would cross Cluster slots.
-        let mut pipe = ::redis::pipe();
+        // One DEL per key (a multi-key DEL would cross Cluster slots).
+        let mut batch = self.batch();
         for id in ids {
-            pipe.del(self.keys.sent(id)).ignore();
+            let key = self.keys.sent(id);
+            batch.add(&key, |pipe| {
+                pipe.del(&key);
+            });
         }
-        pipe.query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)
+        batch.run(self, &[]).await.map(drop)
     }
 }

@@ -1,5 +1,9 @@
-//! Channels in Redis: a member set per channel, a channel set per user, the channel list;
-//! three hash slots, so joins and leaves are ordered writes a later one repairs.
+//! Channels in Redis: a channel's members, cut by the members' shards (so each piece sits
+//! beside its shard's online ids, for the online counts), a channel set per user, and the
+//! channel list (cut by the names' shards). A join touches three hash slots (the user's
+//! channel set, the member piece, the list piece), so joins and leaves are ordered writes a
+//! later one repairs. Reads over a whole channel (its members, its counts) are one command per
+//! shard, one pipeline per shard (see [`Batch`]).
 
 use super::*;
 
@@ -19,25 +23,33 @@ impl Channels for RedisStore {
         user_id: u64,
         max_channels: usize,
     ) -> StoreResult<JoinOutcome> {
-        let members = self.keys.channel(channel);
+        let members = self.keys.channel(self.keys.user_shard(user_id), channel);
         let mine = self.keys.user_channels(user_id);
-        let list = self.keys.channels();
-        let mut pipe = ::redis::pipe();
-        pipe.zscore(&members, user_id)
-            .invoke_script(JOIN_INDEX.key(&mine).arg(channel).arg(max_channels))
-            .zscore(&list, channel);
-        let (score, indexed, listed): (Option<f64>, i32, Option<f64>) =
-            self.run_scripts(&pipe, &[&JOIN_INDEX]).await?;
+        let list = self.keys.channels(self.keys.name_shard(channel));
+        let mut batch = self.batch();
+        let member = batch.add(&members, |pipe| {
+            pipe.zscore(&members, user_id);
+        });
+        let index = batch.add(&mine, |pipe| {
+            pipe.invoke_script(JOIN_INDEX.key(&mine).arg(channel).arg(max_channels));
+        });
+        let listing = batch.add(&list, |pipe| {
+            pipe.zscore(&list, channel);
+        });
+        let mut replies = batch.run(self, &[&JOIN_INDEX]).await?;
+        let score: Option<f64> = batch::take(&mut replies, member, "channel member")?;
+        let indexed: i32 = batch::take(&mut replies, index, "channel index")?;
+        let listed: Option<f64> = batch::take(&mut replies, listing, "channel list")?;
         if score.is_some() {
             if indexed == 0 || listed.is_none() {
-                let () = ::redis::pipe()
-                    .sadd(&mine, channel)
-                    .ignore()
-                    .zadd(&list, channel, 0)
-                    .ignore()
-                    .query_async(&mut self.conn())
-                    .await
-                    .map_err(unavailable)?;
+                let mut batch = self.batch();
+                batch.add(&mine, |pipe| {
+                    pipe.sadd(&mine, channel);
+                });
+                batch.add(&list, |pipe| {
+                    pipe.zadd(&list, channel, 0);
+                });
+                batch.run(self, &[]).await?;
             }
             return Ok(JoinOutcome::AlreadyMember);
         }
@@ -45,14 +57,14 @@ impl Channels for RedisStore {
             return Ok(JoinOutcome::TooManyChannels);
         }
         // The member first, then the listing: a listed channel has had a member.
-        let () = ::redis::pipe()
-            .zadd(&members, user_id, user_id)
-            .ignore()
-            .zadd(&list, channel, 0)
-            .ignore()
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        let mut batch = self.batch();
+        batch.add(&members, |pipe| {
+            pipe.zadd(&members, user_id, user_id);
+        });
+        batch.add(&list, |pipe| {
+            pipe.zadd(&list, channel, 0);
+        });
+        batch.run_in_order(self, &[]).await?;
         Ok(JoinOutcome::Joined)
     }
 
@@ -61,27 +73,30 @@ impl Channels for RedisStore {
     /// sees the other). What can remain: a channel listed without members when a user's join
     /// and leave of that channel race each other (until the next join or leave of it).
     async fn channel_leave(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
-        let members = self.keys.channel(channel);
-        let list = self.keys.channels();
-        let mut c = self.conn();
-        let (removed, left): (i32, u64) = ::redis::pipe()
-            .zrem(&members, user_id)
-            .srem(self.keys.user_channels(user_id), channel)
-            .ignore()
-            .zcard(&members)
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        if left == 0 {
-            let (again,): (u64,) = ::redis::pipe()
+        let members = self.keys.channel(self.keys.user_shard(user_id), channel);
+        let mine = self.keys.user_channels(user_id);
+        let list = self.keys.channels(self.keys.name_shard(channel));
+        let mut batch = self.batch();
+        let removal = batch.add(&members, |pipe| {
+            pipe.zrem(&members, user_id);
+        });
+        batch.add(&mine, |pipe| {
+            pipe.srem(&mine, channel);
+        });
+        let mut replies = batch.run_in_order(self, &[]).await?;
+        let removed: i32 = batch::take(&mut replies, removal, "channel leave")?;
+        if self.member_count(channel).await? == 0 {
+            let () = self
+                .conn()
                 .zrem(&list, channel)
-                .ignore()
-                .zcard(&members)
-                .query_async(&mut c)
                 .await
                 .map_err(unavailable)?;
-            if again > 0 {
-                let () = c.zadd(&list, channel, 0).await.map_err(unavailable)?;
+            if self.member_count(channel).await? > 0 {
+                let () = self
+                    .conn()
+                    .zadd(&list, channel, 0)
+                    .await
+                    .map_err(unavailable)?;
             }
         }
         Ok(removed == 1)
@@ -90,7 +105,10 @@ impl Channels for RedisStore {
     async fn channel_is_member(&self, channel: &str, user_id: u64) -> StoreResult<bool> {
         let score: Option<f64> = self
             .conn()
-            .zscore(self.keys.channel(channel), user_id)
+            .zscore(
+                self.keys.channel(self.keys.user_shard(user_id), channel),
+                user_id,
+            )
             .await
             .map_err(unavailable)?;
         Ok(score.is_some())
@@ -116,17 +134,28 @@ impl Channels for RedisStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let members: Vec<String> = ::redis::cmd("ZRANGEBYSCORE")
-            .arg(self.keys.channel(channel))
-            .arg(format!("({after}"))
-            .arg("+inf")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
-        Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
+        // Each shard's first `limit` members after `after`, merged: the first `limit` of all.
+        let mut batch = self.batch();
+        for shard in 0..self.keys.shards() {
+            let key = self.keys.channel(shard, channel);
+            batch.add(&key, |pipe| {
+                pipe.cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg(format!("({after}"))
+                    .arg("+inf")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit);
+            });
+        }
+        let mut ids: Vec<u64> = Vec::new();
+        for replies in batch.run(self, &[]).await? {
+            let page: Vec<String> = batch::parse(batch::single(replies)?, "channel members")?;
+            ids.extend(page.iter().filter_map(|m| m.parse::<u64>().ok()));
+        }
+        ids.sort_unstable();
+        ids.truncate(limit);
+        Ok(ids)
     }
 
     async fn channel_list(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
@@ -138,16 +167,29 @@ impl Channels for RedisStore {
             Some(after) => [b"(", after.as_bytes()].concat(),
             None => b"-".to_vec(),
         };
-        ::redis::cmd("ZRANGEBYLEX")
-            .arg(self.keys.channels())
-            .arg(min)
-            .arg("+")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)
+        let mut batch = self.batch();
+        for shard in 0..self.keys.shards() {
+            let key = self.keys.channels(shard);
+            batch.add(&key, |pipe| {
+                pipe.cmd("ZRANGEBYLEX")
+                    .arg(&key)
+                    .arg(&min)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit);
+            });
+        }
+        let mut names: Vec<String> = Vec::new();
+        for replies in batch.run(self, &[]).await? {
+            names.extend(batch::parse::<Vec<String>>(
+                batch::single(replies)?,
+                "channel list",
+            )?);
+        }
+        names.sort_unstable();
+        names.truncate(limit);
+        Ok(names)
     }
 
     async fn channel_stats(&self, channels: &[String]) -> StoreResult<Vec<ChannelInfo>> {
@@ -155,36 +197,57 @@ impl Channels for RedisStore {
         if channels.is_empty() {
             return Ok(Vec::new());
         }
-        let online = self.keys.online_ids();
-        let mut pipe = ::redis::pipe();
-        for name in channels {
-            let members = self.keys.channel(name);
-            // ZINTERCARD (Redis 7) takes the plain set of online ids as one of its inputs.
-            pipe.zcard(&members)
-                .cmd("ZINTERCARD")
-                .arg(2)
-                .arg(&members)
-                .arg(&online);
+        // Per channel and shard: the piece's size and how many of it are online (ZINTERCARD,
+        // Redis 7, with the shard's plain set of online ids, in the same slot), summed.
+        let mut batch = self.batch();
+        for shard in 0..self.keys.shards() {
+            let online = self.keys.online_ids(shard);
+            for name in channels {
+                let members = self.keys.channel(shard, name);
+                batch.add(&members, |pipe| {
+                    pipe.zcard(&members)
+                        .cmd("ZINTERCARD")
+                        .arg(2)
+                        .arg(&members)
+                        .arg(&online);
+                });
+            }
         }
-        let counts: Vec<u64> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
-        if counts.len() != 2 * channels.len() {
-            return Err(StoreError::Corrupt(format!(
-                "channel stats: {} answers for {} channels",
-                counts.len(),
-                channels.len()
-            )));
-        }
-        Ok(channels
+        let mut stats: Vec<ChannelInfo> = channels
             .iter()
-            .zip(counts.chunks(2))
-            .map(|(name, c)| ChannelInfo {
+            .map(|name| ChannelInfo {
                 name: name.clone(),
-                members: c[0],
-                online: c[1],
+                members: 0,
+                online: 0,
             })
-            .collect())
+            .collect();
+        let replies = batch.run(self, &[]).await?;
+        for (i, counts) in replies.into_iter().enumerate() {
+            let [members, online]: [u64; 2] = batch::parse::<Vec<u64>>(Value::Array(counts), "channel stats")?
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("channel stats: two counts expected".into()))?;
+            let info = &mut stats[i % channels.len()];
+            info.members += members;
+            info.online += online;
+        }
+        Ok(stats)
+    }
+}
+
+impl RedisStore {
+    /// Members of `channel` over all shards (one ZCARD per shard).
+    async fn member_count(&self, channel: &str) -> StoreResult<u64> {
+        let mut batch = self.batch();
+        for shard in 0..self.keys.shards() {
+            let key = self.keys.channel(shard, channel);
+            batch.add(&key, |pipe| {
+                pipe.zcard(&key);
+            });
+        }
+        let mut total = 0;
+        for replies in batch.run(self, &[]).await? {
+            total += batch::parse::<u64>(batch::single(replies)?, "channel size")?;
+        }
+        Ok(total)
     }
 }

@@ -1,5 +1,19 @@
-//! The presence-event stream in Redis (`events`, capped with `MAXLEN ~`): appends, pages by
-//! XRANGE, and blocking reads (XREAD) on a connection of their own.
+//! The presence-event streams in Redis (`events:{shard}`, each capped with `MAXLEN ~`):
+//! appends, pages by XRANGE, blocking reads (XREAD) on a connection of their own.
+//!
+//! A single Redis has one stream: a page is one XRANGE and a wait one blocking XREAD, as
+//! ever. A Redis Cluster store has one stream per shard, a user's events all in the user's
+//! shard, so per-user order is the stream's. Reading merges the shards into one order by
+//! `(ms, n, shard)` (see [`EventId`]), and that order is stable: an event is handed out only
+//! once no event before it can still appear. Each stream's entries are appended with ids from
+//! its node's clock, never below the stream's last id: once a shard was read at its node's
+//! time `T`, every entry it gets later has an id of at least `T`. So a page reads every shard
+//! with its `TIME` in the same pipeline and hands out only the entries below the smallest of
+//! those times (and below the last entry of any shard whose page came back full). Those
+//! withheld wait for the next read; a read that withheld entries of the last few ms waits
+//! that long and reads again. Cost: one XRANGE and one TIME per shard (one pipeline per shard),
+//! instead of one XRANGE. A cluster cannot block on several streams in one XREAD (their keys
+//! are in different slots): waiting polls every [`POLL`].
 
 use super::*;
 
@@ -26,11 +40,12 @@ pub(in crate::store) fn parse_event_id(after: &str) -> StoreResult<EventId> {
     EventId::parse(after).ok_or_else(|| StoreError::Corrupt(format!("invalid event id {after:?}")))
 }
 
-/// The highest id a stream can hold: nothing comes after it.
-pub(in crate::store) const LAST_EVENT_ID: EventId = EventId {
-    ms: u64::MAX,
-    seq: u64::MAX,
-};
+/// Pause between two reads of a cluster's streams while waiting for events.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// Longest a cluster read waits for the clocks of the other shards to pass withheld events
+/// before answering without them (they come with the next read).
+const SKEW_WAIT: Duration = Duration::from_millis(20);
 
 /// UTF-8 text of a reply element.
 fn text(v: &Value) -> Option<&str> {
@@ -144,8 +159,12 @@ impl Events for RedisStore {
         after: Option<&str>,
         limit: usize,
     ) -> StoreResult<Vec<StoredEvent>> {
-        let mut after = after.map(parse_event_id).transpose()?;
+        let after = after.map(parse_event_id).transpose()?;
         let limit = limit.min(MAX_EVENTS_READ);
+        if self.keys.shards() > 1 {
+            return self.merged_after(after, limit).await;
+        }
+        let mut after = after;
         let mut out = Vec::new();
         // One XRANGE, unless it met malformed entries: then read on past them, so that a
         // short page still means "nothing more" and paging never stalls on one.
@@ -154,11 +173,11 @@ impl Events for RedisStore {
             let start = match after {
                 None => "-".to_string(),
                 // `(` past the last possible id is an error in Redis; nothing comes after it.
-                Some(LAST_EVENT_ID) => break,
-                Some(id) => format!("({id}"),
+                Some(id) if (id.ms, id.seq) == (u64::MAX, u64::MAX) => break,
+                Some(id) => format!("({}", id.stream_id()),
             };
             let reply: Value = ::redis::cmd("XRANGE")
-                .arg(self.keys.events())
+                .arg(self.keys.events(0))
                 .arg(start)
                 .arg("+")
                 .arg("COUNT")
@@ -185,6 +204,9 @@ impl Events for RedisStore {
         let mut after = parse_event_id(after)?;
         let limit = limit.min(MAX_EVENTS_READ);
         let started = tokio::time::Instant::now();
+        let Some(client) = self.client.as_ref().filter(|_| self.keys.shards() == 1) else {
+            return self.poll(after, limit, timeout).await;
+        };
         // One blocking read at a time on the connection: a caller that waited its whole
         // timeout for its turn just looks (what came meanwhile is there to read).
         let Ok(mut waiter) = tokio::time::timeout(timeout, self.waiter.lock()).await else {
@@ -205,8 +227,7 @@ impl Events for RedisStore {
                         AsyncConnectionConfig::new().set_connection_timeout(Some(self.timeout));
                     tokio::time::timeout(
                         self.timeout,
-                        self.client
-                            .get_multiplexed_async_connection_with_config(&config),
+                        client.get_multiplexed_async_connection_with_config(&config),
                     )
                     .await
                     .map_err(|_| StoreError::Unavailable("connecting timed out".into()))?
@@ -219,8 +240,8 @@ impl Events for RedisStore {
                 .arg("BLOCK")
                 .arg(block_ms)
                 .arg("STREAMS")
-                .arg(self.keys.events())
-                .arg(after.to_string())
+                .arg(self.keys.events(0))
+                .arg(after.stream_id())
                 .to_owned();
             // The deadline of the call on top of the wait; the connection has none of its
             // own, as each read waits for as long as its caller asks.
@@ -240,8 +261,11 @@ impl Events for RedisStore {
     }
 
     async fn events_last_id(&self) -> StoreResult<String> {
+        if self.keys.shards() > 1 {
+            return self.merged_last_id().await;
+        }
         let reply: Value = ::redis::cmd("XREVRANGE")
-            .arg(self.keys.events())
+            .arg(self.keys.events(0))
             .arg("+")
             .arg("-")
             .arg("COUNT")
@@ -257,14 +281,22 @@ impl Events for RedisStore {
     }
 }
 
+/// Milliseconds of a `TIME` reply (`[seconds, microseconds]`).
+fn time_ms(reply: Value) -> StoreResult<u64> {
+    let (secs, micros): (u64, u64) = batch::parse(reply, "TIME")?;
+    Ok(secs * 1000 + micros / 1000)
+}
+
 impl RedisStore {
-    /// Appends `event` to the stream (trimmed to about `events_max_len`) in `pipe`.
+    /// Appends `event` to its user's stream (each stream trimmed to about its share of
+    /// `events_max_len`) in `pipe`.
     pub(super) fn publish(&self, pipe: &mut ::redis::Pipeline, event: &PresenceEvent) {
+        let shards = self.keys.shards();
         pipe.cmd("XADD")
-            .arg(self.keys.events())
+            .arg(self.keys.events(self.keys.user_shard(event.user_id)))
             .arg("MAXLEN")
             .arg("~")
-            .arg(self.events_max_len)
+            .arg(self.events_max_len.div_ceil(shards))
             .arg("*")
             .arg("t")
             .arg(event.kind.as_str())
@@ -279,6 +311,179 @@ impl RedisStore {
         if !event.reason.is_empty() {
             pipe.arg("r").arg(&event.reason);
         }
-        pipe.ignore();
+    }
+
+    /// One read of every shard's stream after `after`: `(TIME, page)` per shard.
+    async fn read_shards(
+        &self,
+        after: Option<EventId>,
+        limit: usize,
+    ) -> StoreResult<Vec<(u64, StreamPage)>> {
+        let mut batch = self.batch();
+        for shard in 0..self.keys.shards() {
+            let key = self.keys.events(shard);
+            let start = match after {
+                None => "-".to_string(),
+                // Entries with the same stream id in a later shard come after `after`.
+                Some(a) if shard as u64 > u64::from(a.shard) => a.stream_id(),
+                Some(a) if (a.ms, a.seq) == (u64::MAX, u64::MAX) => "+".to_string(),
+                Some(a) => format!("({}", a.stream_id()),
+            };
+            batch.add(&key, |pipe| {
+                pipe.cmd("TIME")
+                    .cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(limit.max(1));
+            });
+        }
+        batch
+            .run(self, &[])
+            .await?
+            .into_iter()
+            .map(|replies| {
+                let [time, range]: [Value; 2] = replies
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("events: two replies expected".into()))?;
+                Ok((time_ms(time)?, stream_page(&range)))
+            })
+            .collect()
+    }
+
+    /// [`Events::events_after`] over the shards' streams (see the module docs).
+    async fn merged_after(
+        &self,
+        mut after: Option<EventId>,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Bounded: a few reads for the clocks, a few past pages of malformed entries.
+        for _ in 0..8 {
+            let pages = self.read_shards(after, limit).await?;
+            // Below `bound`, every shard has been read whole.
+            let bound = pages
+                .iter()
+                .enumerate()
+                .map(|(shard, (time, page))| match page.last_id {
+                    Some(last) if page.entries >= limit => EventId {
+                        shard: shard as u32 + 1,
+                        ..last
+                    },
+                    _ => EventId::new(*time, 0),
+                })
+                .min()
+                .unwrap_or(EventId::ZERO);
+            let mut ready = Vec::new();
+            let mut withheld: Option<EventId> = None;
+            for (shard, (_, page)) in pages.into_iter().enumerate() {
+                for mut e in page.events {
+                    let Some(id) = EventId::parse(&e.id) else { continue };
+                    let id = EventId {
+                        shard: shard as u32,
+                        ..id
+                    };
+                    if after.is_some_and(|a| id <= a) {
+                        continue;
+                    }
+                    if id < bound {
+                        e.id = id.to_string();
+                        ready.push((id, e));
+                    } else {
+                        withheld = Some(withheld.map_or(id, |w| w.min(id)));
+                    }
+                }
+            }
+            ready.sort_unstable_by_key(|(id, _)| *id);
+            ready.truncate(limit);
+            let time_bound = bound.seq == 0 && bound.shard == 0;
+            match withheld {
+                // Held back only by a clock a few ms behind: wait that long, read again.
+                Some(first) if ready.is_empty() && time_bound => {
+                    let behind = Duration::from_millis(first.ms.saturating_sub(bound.ms) + 1);
+                    if behind > SKEW_WAIT {
+                        return Ok(Vec::new());
+                    }
+                    tokio::time::sleep(behind).await;
+                }
+                // Every entry read was malformed, up to a full page's end: go on after it.
+                None if ready.is_empty() && !time_bound => {
+                    after = Some(EventId {
+                        shard: bound.shard - 1,
+                        ..bound
+                    });
+                }
+                _ => return Ok(ready.into_iter().map(|(_, e)| e).collect()),
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// [`Events::events_wait`] by polling (a cluster's streams, see the module docs).
+    async fn poll(
+        &self,
+        after: EventId,
+        limit: usize,
+        timeout: Duration,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let started = tokio::time::Instant::now();
+        let after = after.to_string();
+        loop {
+            let page = self.events_after(Some(&after), limit).await?;
+            let left = timeout.saturating_sub(started.elapsed());
+            if !page.is_empty() || limit == 0 || left.is_zero() {
+                return Ok(page);
+            }
+            tokio::time::sleep(left.min(POLL)).await;
+        }
+    }
+
+    /// [`Events::events_last_id`] over the shards' streams: the newest event below every
+    /// shard's clock (what comes after it is what a tail started now hands out).
+    async fn merged_last_id(&self) -> StoreResult<String> {
+        let mut batch = self.batch();
+        for shard in 0..self.keys.shards() {
+            let key = self.keys.events(shard);
+            // The EXISTS only sends the TIME to the shard's node (a keyless pipeline goes
+            // to any node).
+            batch.add(&key, |pipe| {
+                pipe.cmd("TIME").exists(&key);
+            });
+        }
+        let mut now = u64::MAX;
+        for replies in batch.run(self, &[]).await? {
+            let time = replies
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::Corrupt("events: no TIME reply".into()))?;
+            now = now.min(time_ms(time)?);
+        }
+        let mut batch = self.batch();
+        for shard in 0..self.keys.shards() {
+            let key = self.keys.events(shard);
+            batch.add(&key, |pipe| {
+                pipe.cmd("XREVRANGE")
+                    .arg(&key)
+                    .arg(format!("({now}-0"))
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1);
+            });
+        }
+        let mut last = EventId::ZERO;
+        for (shard, replies) in batch.run(self, &[]).await?.into_iter().enumerate() {
+            if let Value::Array(entries) = batch::single(replies)? {
+                if let Some(id) = entries.first().and_then(entry_id) {
+                    last = last.max(EventId {
+                        shard: shard as u32,
+                        ..id
+                    });
+                }
+            }
+        }
+        Ok(last.to_string())
     }
 }

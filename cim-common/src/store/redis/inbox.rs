@@ -64,9 +64,10 @@ pub(in crate::store) fn oldest_kept_ms(limits: &InboxLimits, now_ms: i64) -> i64
     now_ms.saturating_sub(max_age_ms)
 }
 
-/// An inbox store's pipeline (one script call per receiver) and how to read its answers.
+/// An inbox store's script calls (one per receiver) and how to read their answers.
 pub(super) struct StorePlan {
-    pipe: ::redis::Pipeline,
+    /// Each receiver and its call, in call order.
+    calls: Vec<(u64, ScriptInvocation<'static>)>,
     /// Messages per receiver, in call order.
     receivers: Vec<usize>,
     /// Position in the slice of each message, in call order.
@@ -151,9 +152,11 @@ impl Delivery for RedisStore {
         if messages.is_empty() {
             return Ok(());
         }
-        let plan = self.inbox_store_plan(messages);
-        let per_receiver: Vec<Value> = self.run_scripts(&plan.pipe, &[&INBOX_STORE]).await?;
-        plan.apply(messages, per_receiver)
+        let mut plan = self.inbox_store_plan(messages);
+        let mut batch = self.batch();
+        self.add_store_calls(&mut batch, &mut plan);
+        let replies = batch.run(self, &[&INBOX_STORE]).await?;
+        plan.apply(messages, replies.into_iter().map(batch::single).collect::<StoreResult<_>>()?)
     }
 
     async fn inbox_store_then_routes(
@@ -164,21 +167,49 @@ impl Delivery for RedisStore {
         if messages.is_empty() || user_ids.is_empty() {
             return super::store_then_routes_in_turn(self, messages, user_ids).await;
         }
-        // One pipeline, the lookup last: sent again whole after a NOSCRIPT, so the lookup
-        // always follows the store.
+        // The lookup after the store, in one round trip: on a single Redis one pipeline, the
+        // MGET last (sent again whole after a NOSCRIPT, so it always follows the store); on a
+        // cluster each receiver's lookup in its store call's pipeline (the same slot), so each
+        // receiver's lookup follows its own store, which is what a login relies on.
         let mut plan = self.inbox_store_plan(messages);
-        plan.pipe.add_command(self.routes_lookup(user_ids));
-        let mut replies: Vec<Value> = match self.run_scripts(&plan.pipe, &[&INBOX_STORE]).await {
+        let mut batch = self.batch();
+        let calls = self.add_store_calls(&mut batch, &mut plan);
+        let lookups: Vec<usize> = if self.is_cluster() {
+            user_ids
+                .iter()
+                .map(|&id| {
+                    let route = self.keys.route(id);
+                    batch.add(&route, |pipe| {
+                        pipe.get(&route);
+                    })
+                })
+                .collect()
+        } else {
+            let mget = self.routes_lookup(user_ids);
+            vec![batch.add("", |pipe| {
+                pipe.add_command(mget);
+            })]
+        };
+        let mut replies = match batch.run(self, &[&INBOX_STORE]).await {
             Ok(replies) => replies,
             Err(e) => return (Err(e.clone()), Err(e)),
         };
-        let routes = match replies.pop() {
-            Some(value) => ::redis::from_redis_value::<Vec<Option<String>>>(value)
-                .map(|values| Self::routes_of(user_ids, values))
-                .map_err(|e| StoreError::Corrupt(format!("route lookup reply: {e}"))),
-            None => Err(StoreError::Corrupt("route lookup: no reply".into())),
+        let values: StoreResult<Vec<Option<String>>> = if self.is_cluster() {
+            lookups
+                .iter()
+                .map(|&unit| batch::take(&mut replies, unit, "route lookup"))
+                .collect()
+        } else {
+            batch::take(&mut replies, lookups[0], "route lookup")
         };
-        (plan.apply(messages, replies), routes)
+        let routes = values.map(|values| Self::routes_of(user_ids, values));
+        let stored = replies
+            .into_iter()
+            .take(calls)
+            .map(batch::single)
+            .collect::<StoreResult<Vec<_>>>()
+            .and_then(|per_receiver| plan.apply(messages, per_receiver));
+        (stored, routes)
     }
 }
 
@@ -267,12 +298,12 @@ impl Inbox for RedisStore {
     }
 
     async fn inbox_ack(&self, acks: &[(u64, Vec<String>)]) -> StoreResult<Vec<AckedReceipt>> {
-        // One MULTI/EXEC per user (its keys share a hash tag), all in one pipeline: which of
+        // One MULTI/EXEC per user (its keys share a hash tag), in one batch: which of
         // the messages are there, remove them, read their receipt requests (which stay until
         // `receipts_done`). Atomic per user, so of two concurrent acks of a message only one
         // finds it there, and only that one returns its receipt. (A Lua script did this
         // first: its fixed cost, ~8 µs per call in Redis, was most of an ack.)
-        let mut pipe = ::redis::pipe();
+        let mut batch = self.batch();
         let mut acked = Vec::new();
         for (user, ids) in acks {
             let ids: Vec<&String> = ack_ids(ids).collect();
@@ -280,28 +311,33 @@ impl Inbox for RedisStore {
                 continue;
             }
             let receipts = self.keys.inbox_receipts(*user);
+            let order = self.keys.inbox_order(*user);
             // Inside MULTI every reply is QUEUED; EXEC answers them all, in this order
             // (what `ack_receipt_senders` reads).
-            pipe.cmd("MULTI").ignore();
-            let order = self.keys.inbox_order(*user);
-            for (command, key) in [
-                ("ZMSCORE", &order),
-                ("ZREM", &order),
-                ("HDEL", &self.keys.inbox(*user)),
-                ("HMGET", &receipts),
-            ] {
-                pipe.cmd(command).arg(key).arg(&ids).ignore();
-            }
-            pipe.cmd("EXEC");
+            batch.add(&order, |pipe| {
+                pipe.cmd("MULTI");
+                for (command, key) in [
+                    ("ZMSCORE", &order),
+                    ("ZREM", &order),
+                    ("HDEL", &self.keys.inbox(*user)),
+                    ("HMGET", &receipts),
+                ] {
+                    pipe.cmd(command).arg(key).arg(&ids);
+                }
+                pipe.cmd("EXEC");
+            });
             acked.push((*user, ids));
         }
         if acked.is_empty() {
             return Ok(Vec::new());
         }
-        let replies: Vec<Value> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        // The EXEC answer is the last of each unit's.
+        let replies: Vec<Value> = batch
+            .run(self, &[])
+            .await?
+            .into_iter()
+            .map(|mut unit| unit.pop().unwrap_or(Value::Nil))
+            .collect();
         let mut out = Vec::new();
         for ((receiver_id, ids), reply) in acked.into_iter().zip(replies) {
             let senders = ack_receipt_senders(reply, ids.len())?;
@@ -323,19 +359,20 @@ impl Inbox for RedisStore {
     }
 
     async fn receipts_done(&self, done: &[(u64, Vec<String>)]) -> StoreResult<()> {
-        let mut pipe = ::redis::pipe();
+        let mut batch = self.batch();
         for (user, ids) in done {
             let ids: Vec<&String> = ack_ids(ids).collect();
             if !ids.is_empty() {
-                pipe.cmd("HDEL")
-                    .arg(self.keys.inbox_receipts(*user))
-                    .arg(&ids)
-                    .ignore();
+                let receipts = self.keys.inbox_receipts(*user);
+                batch.add(&receipts, |pipe| {
+                    pipe.cmd("HDEL").arg(&receipts).arg(&ids);
+                });
             }
         }
-        pipe.query_async::<()>(&mut self.conn())
-            .await
-            .map_err(unavailable)
+        if batch.is_empty() {
+            return Ok(());
+        }
+        batch.run(self, &[]).await.map(drop)
     }
 
     async fn pending_receipts(&self, user_id: u64, limit: usize) -> StoreResult<Vec<AckedReceipt>> {
@@ -405,7 +442,7 @@ impl RedisStore {
         invocation
     }
 
-    /// The pipeline of one `INBOX_STORE` call per receiver, their messages in slice order.
+    /// One `INBOX_STORE` call per receiver, their messages in slice order.
     pub(super) fn inbox_store_plan(&self, messages: &mut [Message]) -> StorePlan {
         let max_messages = self.limits.max_messages;
         let max_age_ms = self.max_age_ms();
@@ -418,7 +455,7 @@ impl RedisStore {
             });
             by_receiver[slot].1.push(pos);
         }
-        let mut pipe = ::redis::pipe();
+        let mut calls = Vec::with_capacity(by_receiver.len());
         let mut order = Vec::with_capacity(messages.len());
         for (user, positions) in &by_receiver {
             let user = *user;
@@ -440,13 +477,26 @@ impl RedisStore {
                 invocation.arg(&m.id).arg(bytes).arg(receipt_sender);
                 order.push(pos);
             }
-            pipe.invoke_script(&invocation);
+            calls.push((user, invocation));
         }
         StorePlan {
-            pipe,
+            calls,
             receivers: by_receiver.into_iter().map(|(_, p)| p.len()).collect(),
             order,
         }
+    }
+
+    /// Adds the plan's script calls to `batch`, one unit each (units `0..n`, in call order);
+    /// returns `n`.
+    fn add_store_calls(&self, batch: &mut Batch, plan: &mut StorePlan) -> usize {
+        let calls = std::mem::take(&mut plan.calls);
+        let n = calls.len();
+        for (user, invocation) in calls {
+            batch.add(&self.keys.inbox(user), |pipe| {
+                pipe.invoke_script(&invocation);
+            });
+        }
+        n
     }
 }
 

@@ -1,6 +1,14 @@
-//! [`StateStore`] on Redis. One multiplexed connection (auto-reconnecting) shared by all
-//! tasks; atomic multi-step updates are Lua scripts (or MULTI/EXEC where no step depends on
-//! another's answer: acks) over keys of one hash slot.
+//! [`StateStore`] on Redis: a single Redis or a Redis Cluster (`conn.rs`: the URL decides).
+//! One multiplexed connection (auto-reconnecting; on a cluster the redis crate's cluster
+//! connection) shared by all tasks; atomic multi-step updates are Lua scripts (or MULTI/EXEC
+//! where no step depends on another's answer: acks) over keys of one hash slot.
+//!
+//! **Slot safety.** No command, script, `MULTI` block or pipeline touches keys of two hash
+//! slots: commands on many keys go through [`batch::Batch`], one pipeline on a single Redis,
+//! one per slot touched on a cluster (concurrent, so still one round trip of latency).
+//! What used to be one key for everyone is cut into shards ([`crate::keys`]); a read over
+//! all shards (an online page, a channel's members, the presence streams) is one command per
+//! shard in the same way.
 //!
 //! The role traits are implemented one file each (`accounts.rs`, `login.rs`, `sessions.rs`,
 //! `routes.rs`, `inbox.rs`, `events.rs`, `broadcasts.rs`, `leases.rs`, `channels.rs`, mirrored
@@ -42,8 +50,10 @@
 //! deleted by a second script, only if they still hold the seq the read saw.
 
 mod accounts;
+mod batch;
 mod broadcasts;
 mod channels;
+mod conn;
 mod events;
 mod inbox;
 mod leases;
@@ -61,9 +71,13 @@ use ::redis::{
     aio::{ConnectionManager, MultiplexedConnection},
     AsyncCommands, AsyncConnectionConfig, Script, ScriptInvocation, Value,
 };
+use keys::CLUSTER_SHARDS;
 use prost::Message as _;
 use std::{collections::HashSet, sync::Arc};
 
+use batch::Batch;
+pub use conn::{RedisTarget, CLUSTER_SCHEME};
+use conn::Conn;
 use scripts::*;
 
 pub(super) use self::{
@@ -75,6 +89,18 @@ pub use inbox::{MAX_ACK_IDS, MAX_ACK_ID_LEN, MAX_INBOX_READ};
 /// Oldest Redis cim runs on: the scripts use `ZMSCORE` (6.2), channel counts
 /// `ZINTERCARD` (7.0) and broadcast claims `SET … NX GET` (7.0).
 const MIN_REDIS_VERSION: (u64, u64) = (7, 0);
+
+/// [`check_version`] of every node's text in an `INFO server` reply (a cluster answers one
+/// per master).
+fn check_versions(reply: &Value) -> StoreResult<()> {
+    match reply {
+        Value::BulkString(b) => check_version(&String::from_utf8_lossy(b)),
+        Value::VerbatimString { text, .. } | Value::SimpleString(text) => check_version(text),
+        Value::Map(nodes) => nodes.iter().try_for_each(|(_, v)| check_versions(v)),
+        Value::Array(nodes) => nodes.iter().try_for_each(check_versions),
+        _ => Ok(()),
+    }
+}
 
 /// Refuses a Redis older than [`MIN_REDIS_VERSION`], from the text of `INFO server`, at start
 /// rather than with unknown-command errors on the first message. A server that does not say
@@ -102,9 +128,10 @@ fn check_version(info: &str) -> StoreResult<()> {
 /// Redis-backed shared state.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
-    /// For the connection of blocking reads.
-    client: ::redis::Client,
+    conn: Conn,
+    /// For the connection of blocking reads (a single Redis only: a cluster's presence
+    /// streams are polled, see `events.rs`).
+    client: Option<::redis::Client>,
     /// Deadline of every call (blocking reads: on top of their wait).
     timeout: Duration,
     keys: Keys,
@@ -122,52 +149,79 @@ fn unavailable(e: ::redis::RedisError) -> StoreError {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`). Every command times out after `timeout`.
+    /// Connects to `url`: `redis://host:port/db` (one Redis) or `redis+cluster://host:port,…`
+    /// (a Redis Cluster; see [`RedisTarget`]). Every command times out after `timeout`.
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> StoreResult<Self> {
-        let client = ::redis::Client::open(url).map_err(unavailable)?;
-        let config = ::redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            // No retry loop inside a call: redis-rs backs off from 1 s up to a minute between
-            // reconnect attempts, and every command would wait for it. One immediate
-            // reconnect attempt per call keeps "Redis down" a fast error.
-            .set_number_of_retries(0);
-        let conn = tokio::time::timeout(
-            timeout * 3,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        .map_err(|_| StoreError::Unavailable(format!("connecting to {url} timed out")))?
-        .map_err(unavailable)?;
+        let target = RedisTarget::parse(url).map_err(StoreError::Unavailable)?;
+        let (conn, client, shards) = match target {
+            RedisTarget::Single(url) => {
+                let client = ::redis::Client::open(url.as_str()).map_err(unavailable)?;
+                let config = ::redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    // No retry loop inside a call: redis-rs backs off from 1 s up to a minute
+                    // between reconnect attempts, and every command would wait for it. One
+                    // immediate reconnect attempt per call keeps "Redis down" a fast error.
+                    .set_number_of_retries(0);
+                let conn = tokio::time::timeout(
+                    timeout * 3,
+                    ConnectionManager::new_with_config(client.clone(), config),
+                )
+                .await
+                .map_err(|_| StoreError::Unavailable(format!("connecting to {url} timed out")))?
+                .map_err(unavailable)?;
+                (Conn::Single(conn), Some(client), 1)
+            }
+            RedisTarget::Cluster(seeds) => {
+                let client = ::redis::cluster::ClusterClient::builder(seeds)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    // Redirections (MOVED, ASK) and reconnects after a failover are retried
+                    // inside a call, which as a whole still ends at its deadline.
+                    .overall_response_timeout(Some(timeout))
+                    .build()
+                    .map_err(unavailable)?;
+                let conn = tokio::time::timeout(timeout * 3, client.get_async_connection())
+                    .await
+                    .map_err(|_| StoreError::Unavailable(format!("connecting to {url} timed out")))?
+                    .map_err(unavailable)?;
+                (Conn::Cluster(conn), None, CLUSTER_SHARDS)
+            }
+        };
         let mut probe = conn.clone();
-        let info: String = tokio::time::timeout(
+        let info: Value = tokio::time::timeout(
             timeout,
             ::redis::cmd("INFO").arg("server").query_async(&mut probe),
         )
         .await
         .map_err(|_| StoreError::Unavailable(format!("INFO on {url} timed out")))?
         .map_err(unavailable)?;
-        check_version(&info)?;
+        check_versions(&info)?;
         // Every script loaded now: otherwise each one's first call answers NOSCRIPT and is
         // sent again, which for the inbox store means after the route lookup pipelined
         // behind it (the order the login replay relies on; see ARCHITECTURE.md).
-        let mut load = ::redis::pipe();
-        for script in ALL_SCRIPTS {
-            load.load_script(script).ignore();
-        }
-        tokio::time::timeout(timeout, load.query_async::<()>(&mut probe))
+        tokio::time::timeout(timeout, load_scripts(&mut probe, &ALL_SCRIPTS.map(|s| &**s)))
             .await
-            .map_err(|_| StoreError::Unavailable(format!("loading scripts on {url} timed out")))?
-            .map_err(unavailable)?;
+            .map_err(|_| StoreError::Unavailable(format!("loading scripts on {url} timed out")))??;
         Ok(Self {
             conn,
             client,
             timeout,
-            keys: Keys::new(prefix),
+            keys: Keys::with_shards(prefix, shards),
             limits: InboxLimits::default(),
             events_max_len: DEFAULT_EVENTS_MAX_LEN,
             waiter: Arc::default(),
         })
+    }
+
+    /// Whether this store is on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.conn.is_cluster()
+    }
+
+    /// A batch of commands for this deployment (see [`Batch`]).
+    fn batch(&self) -> Batch {
+        Batch::new(self.is_cluster())
     }
 
     /// Sets the bounds of every inbox (default: [`InboxLimits::default`]).
@@ -191,17 +245,18 @@ impl RedisStore {
         &self.keys
     }
 
-    pub(super) fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
     /// Runs a pipeline of script invocations in one round trip. Redis forgets scripts when
-    /// it restarts (or on SCRIPT FLUSH): on NOSCRIPT, load `scripts` and run the whole
-    /// pipeline once more. That is safe for every inbox script: storing and pruning are
-    /// idempotent and reading changes nothing a second run depends on. An ack pipeline
-    /// answered NOSCRIPT was not applied either, unless the script cache was flushed between
-    /// two of its commands: then the acks before the flush are applied and their receipts
-    /// (which the rerun no longer finds) are lost.
+    /// it restarts (or on SCRIPT FLUSH; a replica promoted by a failover may never have
+    /// loaded them): on NOSCRIPT, load `scripts` and run the whole pipeline once more. That
+    /// is safe for every inbox script: storing and pruning are idempotent and reading changes
+    /// nothing a second run depends on. An ack pipeline answered NOSCRIPT was not applied
+    /// either, unless the script cache was flushed between two of its commands: then the
+    /// acks before the flush are applied and their receipts (which the rerun no longer
+    /// finds) are lost.
     pub(super) async fn run_scripts<T: ::redis::FromRedisValue>(
         &self,
         pipe: &::redis::Pipeline,
@@ -212,16 +267,29 @@ impl RedisStore {
             Err(e)
                 if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
             {
-                let mut load = ::redis::pipe();
-                for script in scripts {
-                    load.load_script(script).ignore();
-                }
-                let () = load.query_async(&mut c).await.map_err(unavailable)?;
+                load_scripts(&mut c, scripts).await?;
                 pipe.query_async(&mut c).await.map_err(unavailable)
             }
             result => result.map_err(unavailable),
         }
     }
+}
+
+/// Loads `scripts`: one pipeline on a single Redis; on a cluster one `SCRIPT LOAD` each,
+/// which the cluster connection sends to every node (a pipeline of keyless commands would
+/// go to one node only).
+async fn load_scripts(c: &mut Conn, scripts: &[&Script]) -> StoreResult<()> {
+    if c.is_cluster() {
+        for script in scripts {
+            script.load_async(c).await.map_err(unavailable)?;
+        }
+        return Ok(());
+    }
+    let mut load = ::redis::pipe();
+    for script in scripts {
+        load.load_script(script).ignore();
+    }
+    load.query_async::<()>(c).await.map_err(unavailable)
 }
 
 #[cfg(test)]

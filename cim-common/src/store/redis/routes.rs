@@ -1,5 +1,6 @@
-//! Routes in Redis (`route:{id}` = `{server}|{session}`): lookups by MGET, scans, the online
-//! index by name, and the removal of stale routes.
+//! Routes in Redis (`route:{id}` = `{server}|{session}`): lookups by MGET, a server's users
+//! by its per-shard member sets, the online index by name (a page merged over the shards), and
+//! the removal of stale routes.
 
 use super::*;
 
@@ -17,23 +18,56 @@ impl Routes for RedisStore {
         Ok(Self::routes_of(user_ids, values))
     }
 
-    async fn scan_routes(&self, cursor: u64, count: usize) -> StoreResult<(u64, Vec<RouteEntry>)> {
+    async fn server_routes(
+        &self,
+        server_id: &str,
+        cursor: u64,
+        count: usize,
+    ) -> StoreResult<(u64, Vec<RouteEntry>)> {
+        // The cursor: the shard in the high 16 bits, that shard's SSCAN cursor below (Redis
+        // cursors of a set stay far below 2^48).
+        let shards = self.keys.shards() as u64;
+        let (mut shard, mut sscan) = (cursor >> 48, cursor & ((1 << 48) - 1));
         let mut c = self.conn();
-        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(self.keys.route_pattern())
-            .arg("COUNT")
-            .arg(count.max(1))
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        let ids: Vec<u64> = keys
-            .iter()
-            .filter_map(|k| self.keys.parse_route_key(k))
-            .collect();
-        let routes = self.routes(&ids).await?;
-        Ok((next, routes.into_iter().flatten().collect()))
+        while shard < shards {
+            let set = self.keys.server_users(shard as usize, server_id);
+            let (next, ids): (u64, Vec<u64>) = ::redis::cmd("SSCAN")
+                .arg(&set)
+                .arg(sscan)
+                .arg("COUNT")
+                .arg(count.max(1))
+                .query_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            let next_cursor = if next != 0 {
+                (shard << 48) | next
+            } else if shard + 1 < shards {
+                (shard + 1) << 48
+            } else {
+                0
+            };
+            if ids.is_empty() {
+                (shard, sscan) = (next_cursor >> 48, next_cursor & ((1 << 48) - 1));
+                if next_cursor == 0 {
+                    break;
+                }
+                continue;
+            }
+            let routes = self.routes(&ids).await?;
+            let (here, gone): (Vec<_>, Vec<_>) = ids
+                .iter()
+                .zip(routes)
+                .partition(|(_, r)| r.as_ref().is_some_and(|r| r.server_id == server_id));
+            if !gone.is_empty() {
+                // Attached elsewhere or nowhere now (a detach that did not get to it, or a
+                // login on another server first): no longer this server's.
+                let gone: Vec<u64> = gone.into_iter().map(|(&id, _)| id).collect();
+                let () = c.srem(&set, gone).await.map_err(unavailable)?;
+            }
+            let here = here.into_iter().filter_map(|(_, r)| r).collect();
+            return Ok((next_cursor, here));
+        }
+        Ok((0, Vec::new()))
     }
 
     async fn online_page(
@@ -57,16 +91,29 @@ impl Routes for RedisStore {
         } else {
             [b"(", prefix.as_bytes(), &[0xff]].concat()
         };
-        let members: Vec<String> = ::redis::cmd("ZRANGEBYLEX")
-            .arg(self.keys.online())
-            .arg(min)
-            .arg(max)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        // Each shard's first `limit` entries of the range, merged: the first `limit` of all.
+        let mut batch = self.batch();
+        for shard in 0..self.keys.shards() {
+            let key = self.keys.online(shard);
+            batch.add(&key, |pipe| {
+                pipe.cmd("ZRANGEBYLEX")
+                    .arg(&key)
+                    .arg(&min)
+                    .arg(&max)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit);
+            });
+        }
+        let mut members: Vec<String> = Vec::new();
+        for replies in batch.run(self, &[]).await? {
+            members.extend(batch::parse::<Vec<String>>(
+                batch::single(replies)?,
+                "online page",
+            )?);
+        }
+        members.sort_unstable();
+        members.truncate(limit);
         Ok(members
             .iter()
             .filter_map(|m| OnlineEntry::from_member(m))
@@ -75,14 +122,22 @@ impl Routes for RedisStore {
 
     async fn remove_stale_route(&self, entry: &RouteEntry) -> StoreResult<()> {
         // The name (for the name index and the event) comes with the compare-and-delete.
-        let mut pipe = ::redis::pipe();
-        pipe.invoke_script(
-            DEL_IF_EQ
-                .key(self.keys.route(entry.user_id))
-                .arg(keys::route_value(&entry.server_id, &entry.session)),
-        )
-        .hget(self.keys.user(entry.user_id), "name");
-        let (removed, name): (i32, Option<String>) = self.run_scripts(&pipe, &[&DEL_IF_EQ]).await?;
+        let route = self.keys.route(entry.user_id);
+        let user = self.keys.user(entry.user_id);
+        let mut batch = self.batch();
+        let del = batch.add(&route, |pipe| {
+            pipe.invoke_script(
+                DEL_IF_EQ
+                    .key(&route)
+                    .arg(keys::route_value(&entry.server_id, &entry.session)),
+            );
+        });
+        let get = batch.add(&user, |pipe| {
+            pipe.hget(&user, "name");
+        });
+        let mut replies = batch.run(self, &[&DEL_IF_EQ]).await?;
+        let removed: i32 = batch::take(&mut replies, del, "stale route")?;
+        let name: Option<String> = batch::take(&mut replies, get, "name")?;
         if removed == 1 {
             // Without an account record (never in practice) the name index entry cannot be
             // found; the id set and the event do not need the name.

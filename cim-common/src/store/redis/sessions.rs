@@ -26,9 +26,9 @@ impl Sessions for RedisStore {
             return Ok(AttachOutcome::SessionInvalid);
         }
         let online = presence_event(PresenceKind::Online, user_id, name, server_id, "");
-        let mut pipe = ::redis::pipe();
-        self.index(&mut pipe, Some(name), &online);
-        let () = pipe.query_async(&mut c).await.map_err(unavailable)?;
+        let mut batch = self.batch();
+        self.index(&mut batch, Some(name), &online);
+        batch.run(self, &[]).await?;
         Ok(AttachOutcome::Attached)
     }
 
@@ -58,31 +58,34 @@ impl Sessions for RedisStore {
 }
 
 impl RedisStore {
-    /// Indexes a user as online (name index, id set) and publishes `online`, in `pipe`.
-    pub(super) fn index(
-        &self,
-        pipe: &mut ::redis::Pipeline,
-        name: Option<&str>,
-        online: &PresenceEvent,
-    ) {
-        if let Some(name) = name {
-            pipe.zadd(
-                self.keys.online(),
-                keys::online_member(name, online.user_id),
-                0,
-            )
-            .ignore();
-        }
-        pipe.sadd(self.keys.online_ids(), online.user_id).ignore();
-        self.publish(pipe, online);
+    /// Indexes a user as online (name index, id set, the set of its server) and publishes
+    /// `online`: one unit of `batch`, all in the user's shard.
+    pub(super) fn index(&self, batch: &mut Batch, name: Option<&str>, online: &PresenceEvent) {
+        let shard = self.keys.user_shard(online.user_id);
+        let ids = self.keys.online_ids(shard);
+        batch.add(&ids, |pipe| {
+            if let Some(name) = name {
+                pipe.zadd(
+                    self.keys.online(shard),
+                    keys::online_member(name, online.user_id),
+                    0,
+                );
+            }
+            pipe.sadd(&ids, online.user_id).sadd(
+                self.keys.server_users(shard, &online.server_id),
+                online.user_id,
+            );
+            self.publish(pipe, online);
+        });
     }
 
-    /// After a user's route was deleted: removes them from the online index and the id set
-    /// (the name index only with the `name`, when known) and publishes `offline`. These keys
-    /// live in other hash slots than the route, so this cannot be part of the route's script:
-    /// if the user attached again in between, put the entries back and publish them online
-    /// again (the route is the truth). The event goes before the GET of the route, so either
-    /// that GET sees the new route, or the new attach (whose writes follow its route) publishes
+    /// After a user's route was deleted: removes them from the online index, the id set and
+    /// the set of their server (the name index only with the `name`, when known) and publishes
+    /// `offline`. These keys live in another hash slot than the route, so this cannot be part
+    /// of the route's script: if the user attached again in between, put the entries back and
+    /// publish them online again (the route is the truth). The event goes before the GET of
+    /// the route (run in order: on a cluster the GET is a second round trip), so either that
+    /// GET sees the new route, or the new attach (whose writes follow its route) publishes
     /// after us: either way the last event of the user says online. The price of the first
     /// case: an online event can come twice in a row.
     pub(super) async fn unindex(
@@ -91,16 +94,23 @@ impl RedisStore {
         name: Option<&str>,
         offline: &PresenceEvent,
     ) -> StoreResult<()> {
-        let mut c = self.conn();
-        let mut pipe = ::redis::pipe();
-        if let Some(name) = name {
-            pipe.zrem(self.keys.online(), keys::online_member(name, user_id))
-                .ignore();
-        }
-        pipe.srem(self.keys.online_ids(), user_id).ignore();
-        self.publish(&mut pipe, offline);
-        pipe.get(self.keys.route(user_id));
-        let (route,): (Option<String>,) = pipe.query_async(&mut c).await.map_err(unavailable)?;
+        let shard = self.keys.user_shard(user_id);
+        let ids = self.keys.online_ids(shard);
+        let route = self.keys.route(user_id);
+        let mut batch = self.batch();
+        batch.add(&ids, |pipe| {
+            if let Some(name) = name {
+                pipe.zrem(self.keys.online(shard), keys::online_member(name, user_id));
+            }
+            pipe.srem(&ids, user_id)
+                .srem(self.keys.server_users(shard, &offline.server_id), user_id);
+            self.publish(pipe, offline);
+        });
+        let lookup = batch.add(&route, |pipe| {
+            pipe.get(&route);
+        });
+        let mut replies = batch.run_in_order(self, &[]).await?;
+        let route: Option<String> = batch::take(&mut replies, lookup, "route")?;
         if let Some((server_id, _)) = route.as_deref().and_then(keys::parse_route_value) {
             let online = presence_event(
                 PresenceKind::Online,
@@ -109,9 +119,9 @@ impl RedisStore {
                 server_id,
                 "",
             );
-            let mut pipe = ::redis::pipe();
-            self.index(&mut pipe, name, &online);
-            let () = pipe.query_async(&mut c).await.map_err(unavailable)?;
+            let mut batch = self.batch();
+            self.index(&mut batch, name, &online);
+            batch.run(self, &[]).await?;
         }
         Ok(())
     }
