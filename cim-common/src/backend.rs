@@ -29,7 +29,9 @@ use std::{
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackendConfig {
-    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+    /// Redis URL: one Redis (`redis://127.0.0.1:6379/0`) or a Redis Cluster by its seed
+    /// nodes (`redis+cluster://10.0.0.1:6379,10.0.0.2:6379`, optionally `:password@` before
+    /// the list). Every process of one cim cluster must name the same deployment.
     pub redis_url: String,
     /// etcd endpoints, e.g. `["http://127.0.0.1:2379"]`.
     pub etcd_endpoints: Vec<String>,
@@ -63,6 +65,9 @@ impl Default for BackendConfig {
 
 impl BackendConfig {
     pub fn validate(&self) -> Result<(), String> {
+        if let Err(e) = crate::store::RedisTarget::parse(&self.redis_url) {
+            return Err(format!("redis_url: {e}"));
+        }
         if self.etcd_endpoints.is_empty() {
             return Err("etcd_endpoints must list at least one endpoint".into());
         }
@@ -228,5 +233,27 @@ mod tests {
             ..BackendConfig::default()
         };
         assert_eq!(edge.validate(), Ok(()));
+    }
+
+    #[test]
+    fn redis_urls_name_one_redis_or_a_cluster() {
+        for good in [
+            "redis://127.0.0.1:6379/0",
+            "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+        ] {
+            let config = BackendConfig {
+                redis_url: good.into(),
+                ..BackendConfig::default()
+            };
+            assert_eq!(config.validate(), Ok(()), "{good}");
+        }
+        for bad in ["localhost:6379", "redis+cluster://", "redis+cluster://h:1/0"] {
+            let config = BackendConfig {
+                redis_url: bad.into(),
+                ..BackendConfig::default()
+            };
+            let err = config.validate().unwrap_err();
+            assert!(err.starts_with("redis_url: "), "{err}");
+        }
     }
 }

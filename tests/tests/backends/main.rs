@@ -8,7 +8,7 @@
 //! `MemoryStore` of standalone mode (`<test>::memory`). The registry tests do the same with [`RegistryUnderTest`] for
 //! `EtcdRegistry` on a real `etcd` and `MemoryRegistry`. What only a real process can show
 //! (an outage, a restart, lease expiry, keys of other prefixes) is tested on it alone
-//! (`redis_only`, `etcd_only`). Each test has its own processes and its own key prefix.
+//! (`redis_only`, `etcd_only`; the merge of a cluster's sharded streams: `cluster_only`). Each test has its own processes and its own key prefix.
 //!
 //! One module per domain of the store (`accounts`, `login`, `routes`, `inbox`, `presence`,
 //! `leases`, `channels`), as the stores themselves are cut; the lists below name every
@@ -16,6 +16,7 @@
 
 mod accounts;
 mod channels;
+mod cluster_only;
 mod connecting;
 mod etcd_only;
 mod harness;
