@@ -15,32 +15,38 @@
 //! by `../memory/`); the Lua scripts are `lua/*.lua`, compiled in by `scripts.rs`. This file:
 //! the connection, the version check, and the NOSCRIPT retry every file uses.
 //!
-//! Round trips: claim 1 (2 when the slot is held), attach 2, detach 2, a stale route's
-//! removal 2 (each 1 more when the user attached again meanwhile), routes of N users 1
-//! (MGET), one SCAN step 2 (SCAN + MGET). Inboxes: storing N messages 1 (a pipeline of one
-//! script call per receiver, applied in slice order), acking for N users 1 (a pipeline of
-//! one MULTI/EXEC per user), inbox length 1 (ZCARD), a read 1 — plus, only when it skipped
+//! Round trips (latency; on a cluster the pipelines of different slots go out at once, so a
+//! "1" there is one pipeline per slot touched): claim 1 (2 when the slot is held), attach 2,
+//! detach 2 (cluster: 3, as the route check follows the index update), a stale route's
+//! removal 2 (cluster: 3; each 1 more when the user attached again meanwhile), routes of N
+//! users 1 (MGET; the cluster connection splits it per slot), one step of a server's users 2
+//! (SSCAN of one shard's set + the routes). Inboxes: storing N messages 1 (one script call per
+//! receiver, applied in slice order; with the route lookup: each receiver's GET in its call's
+//! pipeline on a cluster, one MGET after all calls on one Redis), acking for N users 1 (one
+//! MULTI/EXEC per user), inbox length 1 (ZCARD), a read 1 — plus, only when it skipped
 //! expired or unreadable messages, one more per refill of the page and one to delete them.
-//! Presence events, leases, cursors: 1 each (a blocking read: plus a connect on first use
-//! and after an error; one more read per page of malformed entries it skips). Channels: join
-//! 2 (1 when already a member or over the limit), leave 1 (2 when it was the last member, 3
-//! when a join came in between), membership, a user's channels, a page of members or names
-//! 1, the stats of N channels 1 (ZINTERCARD: Redis 7.0 or later).
-//! A pipeline that meets NOSCRIPT (Redis restarted, or SCRIPT FLUSH) loads its scripts and
-//! runs again: 2 more.
+//! Presence events: a page 1 (cluster: XRANGE + TIME per shard; see `events.rs`), a wait 1
+//! blocking read (cluster: a page every [`events::POLL`]); leases, cursors: 1 each.
+//! Channels: join 2 (1 when already a member or over the limit), leave 2 (3 when it was the
+//! last member, 4 when a join came in between), membership, a user's channels 1, a page of
+//! members or names 1 (one command per shard), the stats of N channels 1 (ZCARD + ZINTERCARD
+//! per channel and shard). A pipeline that meets NOSCRIPT (Redis restarted, a failover to a
+//! replica without the scripts, or SCRIPT FLUSH) loads its scripts and runs again: 2 more.
 //!
-//! Presence: attaching indexes the user as online twice, by name (`online`, for listing)
-//! and by id (`online:ids`, for the online counts of channels), and appends an online event
-//! to the `events` stream, all in the round trip after the attach script; detaching (only
-//! when the route was still ours) undoes it and appends an offline event with the reason.
-//! The stream is capped with `MAXLEN ~` on every append. A blocking read of it
-//! (`events_wait`) runs on a connection of its own, never on the shared one, where it would
-//! hold up every command behind it.
+//! Presence: attaching indexes the user as online in the user's shard three times, by name
+//! (`online`, for listing), by id (`online:ids`, for the online counts of channels) and in
+//! its server's set (`onsrv`, for the sweep after a crash), and appends an online event to the
+//! shard's `events` stream, all in one pipeline after the attach script; detaching (only when
+//! the route was still ours) undoes it and appends an offline event with the reason. Each
+//! stream is capped with `MAXLEN ~` (its share of `events_max_len`) on every append. A
+//! blocking read of a single Redis's stream (`events_wait`) runs on a connection of its own,
+//! never on the shared one, where it would hold up every command behind it.
 //!
-//! Channels are a member set per channel (sorted by user id, for paging), a channel set per
-//! user (for the per-user limit and "my channels"), and the list of channel names. They live
-//! in three hash slots, so a join or leave is ordered writes that a later join or leave
-//! repairs if interrupted (see `channel_join` in `channels.rs`), not one script.
+//! Channels are a member set per channel and shard (sorted by user id, for paging; each piece
+//! in the slot of its shard's online ids), a channel set per user (for the per-user limit and
+//! "my channels"), and the list of channel names (per shard of the name). They live in three
+//! hash slots, so a join or leave is ordered writes that a later join or leave repairs if
+//! interrupted (see `channel_join` in `channels.rs`), not one script.
 //!
 //! An inbox is four keys under one hash tag (see [`crate::keys`]): the messages (hash), their
 //! order (sorted set scored by seq), the senders waiting for a receipt (hash), and the seq
