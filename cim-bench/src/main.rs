@@ -63,9 +63,10 @@ struct ClusterFlags {
     #[arg(long, default_value = "cim")]
     prefix: String,
     /// Redis's pid on this machine: its CPU time is read from /proc and counted in the CPU
-    /// per message (without it, the Redis figure is left out).
-    #[arg(long)]
-    redis_pid: Option<u32>,
+    /// per message (without it, the Redis figure is left out). Repeat it for each node of a
+    /// Redis Cluster: their CPU times are summed.
+    #[arg(long = "redis-pid")]
+    redis_pids: Vec<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -229,7 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         etcd_endpoints: flags.etcd,
         prefix: flags.prefix,
     };
-    let redis_pid = flags.redis_pid;
+    let redis_pids = flags.redis_pids;
     // Every scenario but login-flood runs against the cluster's route and etcd.
     let setup = || async {
         anyhow::Ok(
@@ -237,7 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 .await?
                 .with_progress(true)
                 .with_tls(tls)
-                .with_redis_pid(redis_pid),
+                .with_redis_pids(redis_pids.clone()),
         )
     };
     Ok(match cli.scenario {
@@ -336,6 +337,8 @@ mod tests {
             "http://127.0.0.1:23790",
             "--redis-pid",
             "42",
+            "--redis-pid",
+            "43",
             "p2p",
             "--pairs",
             "2",
@@ -344,7 +347,7 @@ mod tests {
         assert_eq!(cli.cluster.route_url, "http://127.0.0.1:18080");
         assert_eq!(cli.cluster.api_key, "k");
         assert_eq!(cli.cluster.etcd, ["http://127.0.0.1:23790"]);
-        assert_eq!(cli.cluster.redis_pid, Some(42));
+        assert_eq!(cli.cluster.redis_pids, [42, 43]);
         assert!(matches!(cli.scenario, Scenario::P2p(_)));
         // login-flood keeps its own --route.
         let cli =

@@ -117,10 +117,17 @@ impl Setup {
         }
     }
 
-    /// Redis's own CPU time, from `/proc/{pid}` of the pid it was given (the bench does not
-    /// talk to Redis; Redis must run on this machine).
+    /// Redis's own CPU time, from `/proc/{pid}` of the pids it was given, summed over the
+    /// nodes of a cluster (the bench does not talk to Redis; Redis must run on this machine).
+    /// None when no pid was given or one of them is gone.
     fn redis_cpu_ms(&self) -> Option<u64> {
-        cim_common::procinfo::usage_of(self.redis_pid?).map(|u| u.cpu_ms)
+        if self.redis_pids.is_empty() {
+            return None;
+        }
+        self.redis_pids
+            .iter()
+            .map(|&pid| cim_common::procinfo::usage_of(pid).map(|u| u.cpu_ms))
+            .sum()
     }
 }
 

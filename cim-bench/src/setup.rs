@@ -58,8 +58,9 @@ pub struct Setup {
     pub(crate) progress: bool,
     /// Connect over TLS (servers' `tls_addr` / `wss_addr`), trusting this.
     pub(crate) tls: Option<ClientTls>,
-    /// Redis's pid on this machine, for its CPU time (none: not measured).
-    pub(crate) redis_pid: Option<u32>,
+    /// The pids of Redis on this machine (one per node of a cluster), for its CPU time
+    /// (none: not measured).
+    pub(crate) redis_pids: Vec<u32>,
 }
 
 /// One bench user: its account exists and its server is chosen; `connect_token` is set once
@@ -128,7 +129,7 @@ impl Setup {
             http,
             progress: false,
             tls: None,
-            redis_pid: None,
+            redis_pids: Vec::new(),
         })
     }
 
@@ -144,10 +145,10 @@ impl Setup {
         self
     }
 
-    /// Measures Redis's CPU time from `/proc/{pid}` (Redis must run on this machine); without
-    /// it the reports' `redis_ms` is null.
-    pub fn with_redis_pid(mut self, pid: Option<u32>) -> Self {
-        self.redis_pid = pid;
+    /// Measures Redis's CPU time from `/proc/{pid}` of each pid, summed (Redis must run on
+    /// this machine); without any the reports' `redis_ms` is null.
+    pub fn with_redis_pids(mut self, pids: Vec<u32>) -> Self {
+        self.redis_pids = pids;
         self
     }
 

@@ -26,7 +26,7 @@ async fn setup_for(cluster: &Cluster) -> anyhow::Result<Setup> {
     };
     Ok(Setup::connect(&target)
         .await?
-        .with_redis_pid(cluster.infra.redis.single().pid()))
+        .with_redis_pids(cluster.infra.redis.pids()))
 }
 
 async fn cluster_and_setup() -> anyhow::Result<(Cluster, Setup)> {
@@ -95,6 +95,34 @@ async fn connect_opens_holds_and_closes_everything() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!((again.connected, again.failed), (5, 0), "{again}");
+    Ok(())
+}
+
+/// The p2p scenario on a 3-master Redis Cluster (what `deploy/baseline.sh` measures with
+/// `BASELINE_REDIS_MASTERS=3`): nothing lost, Redis's CPU summed over the three nodes.
+#[tokio::test]
+async fn p2p_on_a_redis_cluster_delivers_everything_and_counts_every_node() -> anyhow::Result<()> {
+    let cluster = with_api_key(Cluster::builder())
+        .redis_cluster(cim_tests::RedisClusterOptions::default())
+        .start()
+        .await?;
+    assert_eq!(cluster.infra.redis.pids().len(), 3);
+    let setup = setup_for(&cluster).await?;
+    let report = bench::run_p2p(
+        &setup,
+        P2pOpts {
+            pairs: 3,
+            duration: Duration::from_secs(1),
+            load: Load::Rate(60.0),
+            ..P2pOpts::default()
+        },
+    )
+    .await?;
+    assert!(report.sent > 0, "{report}");
+    assert_eq!(report.delivered, report.sent, "{report}");
+    assert_eq!((report.lost, report.offline, report.unanswered), (0, 0, 0));
+    assert!(report.cpu.redis_ms.is_some(), "{report}");
+    all_closed(&cluster).await?;
     Ok(())
 }
 
