@@ -41,6 +41,12 @@
 # baseline.json (everything, with the machine and commit), summary.md. The cluster's logs are
 # in the run folder.
 #
+# Redis: BASELINE_REDIS_MASTERS [1] runs the cluster on one redis-server (1) or on a Redis
+# Cluster of that many masters (3 or more; cluster.sh's CIM_REDIS_MASTERS). Redis's CPU is
+# summed over every node (cim-bench --redis-pid per node), and each step records each node's
+# `INFO commandstats` (calls, usec) before and after, in redis-STEP.json; the summary shows
+# each node's share of the Redis time of the private-message steps (how evenly the shards split).
+#
 # Environment: BASELINE_SKIP_BUILD=1 uses target/release as it is; BASELINE_CONNECT_RATE
 # [5000] new connections per second per bench process; the ports are cluster.sh's CIM_*
 # variables, defaulting here to etcd 23790/23800, redis 16390, route 18080/18081, servers
@@ -80,8 +86,16 @@ export CIM_SRV_B_INTERNAL=${CIM_SRV_B_INTERNAL:-19110}
 export CIM_RT_HTTP=${CIM_RT_HTTP:-18080}
 export CIM_RT_INTERNAL=${CIM_RT_INTERNAL:-18081}
 
+export CIM_REDIS_MASTERS=${BASELINE_REDIS_MASTERS:-${CIM_REDIS_MASTERS:-1}}
+
 etcd_url=http://$host:$CIM_ETCD_PORT
 redis_url=redis://$host:$CIM_REDIS_PORT/0
+redis_ports=("$CIM_REDIS_PORT")
+if ((CIM_REDIS_MASTERS > 1)); then
+    redis_ports=()
+    for ((i = 0; i < CIM_REDIS_MASTERS; i++)); do redis_ports+=("$((CIM_REDIS_PORT + i))"); done
+    redis_url=redis+cluster://$(printf "$host:%s," "${redis_ports[@]}" | sed 's/,$//')
+fi
 route_url=http://$host:$CIM_RT_HTTP
 
 hold=${BASELINE_HOLD:-20s}
@@ -267,11 +281,15 @@ secs_of() {
 launch_bench() {
     local name=$1 limit=$2
     shift 2
-    # Redis's CPU time is read from /proc by pid, which changes when the cluster restarts.
+    # Redis's CPU time is read from /proc by pid (each node's), which changes when the
+    # cluster restarts.
     local -a redis_pid=()
-    if [[ -s $run_dir/redis.pid ]]; then
-        redis_pid=(--redis-pid "$(<"$run_dir/redis.pid")")
-    fi
+    local file
+    for file in "$run_dir"/redis.pid "$run_dir"/redis-[0-9]*.pid; do
+        if [[ -s $file ]]; then
+            redis_pid+=(--redis-pid "$(<"$file")")
+        fi
+    done
     log "  $name: cim-bench $*"
     timeout --kill-after=10 "$limit" "$bench" "${bench_global[@]}" \
         "${redis_pid[@]+"${redis_pid[@]}"}" "$@" \
@@ -442,14 +460,42 @@ fanout_big_step() {
     wait_benches_together "${names[*]}" "${pids[@]}"
 }
 
-# bench_step NAME LIMIT ARGS…: one bench process, waited for.
+# Each Redis node's command statistics, as a JSON array of {port, calls, usec} (the sums
+# over its commands in INFO commandstats).
+redis_stats() {
+    local port
+    for port in "${redis_ports[@]}"; do
+        redis-cli -h "$host" -p "$port" info commandstats 2>/dev/null | tr -d '\r' | awk -F'[=,:]' -v port="$port" '
+            /^cmdstat_/ { calls += $3; usec += $5 }
+            END { printf "{\"port\": %d, \"calls\": %d, \"usec\": %d}\n", port, calls, usec }'
+    done | jq -s .
+}
+
+# bench_step NAME LIMIT ARGS…: one bench process, waited for; each Redis node's command
+# statistics over the step go to redis-NAME.json.
 bench_step() {
-    local name=$1 limit=$2
+    local name=$1 limit=$2 before
     shift 2
     wait_idle
     log "$name"
+    before=$(redis_stats)
     launch_bench "$name" "$limit" "$@"
     wait_benches "$name" "$launched"
+    jq -n --argjson before "$before" --argjson after "$(redis_stats)" '
+        [range($after | length) as $i | {port: $after[$i].port,
+            calls: ($after[$i].calls - $before[$i].calls),
+            usec: ($after[$i].usec - $before[$i].usec)}]' >"$results/redis-$name.json"
+}
+
+# One row per private-message step: each Redis node's share of the step's Redis time.
+redis_split_row() {
+    local step=$1
+    jq -r --arg step "$step" "$jq_lib"'
+        (map(.usec) | add) as $total | (map(.calls) | add) as $calls
+        | [$step, (length), $calls, ($total / 1000 | f(0)),
+           (map(if $total > 0 then (.usec * 100 / $total | f(1)) + " %" else "-" end) | join(" / "))]
+        | row' "$results/redis-$step.json" 2>/dev/null ||
+        echo "| $step | - | - | - | - |"
 }
 
 # Starts servers 3..TOTAL of the 100k mode with cluster.sh's flags, and waits until the
@@ -609,6 +655,14 @@ summary() {
             echo "| group fan-out | receivers | deliveries / expected | missing | send → last receipt, median / max ms | deliveries/s | CPU µs / delivery (servers') |"
             echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
             fanout_row
+            echo
+            echo "Redis: $redis_url"
+            echo
+            echo "| Redis per step | nodes | commands | command time ms | share of each node |"
+            echo "| --- | ---: | ---: | ---: | --- |"
+            for step in p2p-unloaded p2p-rate p2p-flat fanout; do
+                redis_split_row "$step"
+            done
         fi
         if [[ ${#failed_steps[@]} -gt 0 ]]; then
             echo
@@ -634,7 +688,8 @@ summary() {
 }
 
 main() {
-    "$repo/deploy/install-deps.sh" curl=curl jq=jq setsid=util-linux timeout=coreutils
+    "$repo/deploy/install-deps.sh" curl=curl jq=jq setsid=util-linux timeout=coreutils \
+        redis-cli=redis-tools
 
     if [[ ${BASELINE_SKIP_BUILD:-} != 1 ]]; then
         log "building: cargo build --release (cim-server, cim-route, cim-bench)"

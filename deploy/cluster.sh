@@ -16,10 +16,15 @@
 # Redis's AOF; clients reconnect by themselves).
 #
 # Files: run folder ./run/cluster of the repository (CIM_RUN_DIR overrides), holding NAME.log,
-# NAME.pid, and the data of etcd (etcd/) and redis (redis/, AOF on: accounts survive a restart).
+# NAME.pid, and the data of etcd (etcd/) and redis (redis/, or redis-1/... of a Redis Cluster;
+# AOF on: accounts survive a restart).
 #
 # Environment (defaults in brackets):
 #   CIM_ETCD_PORT [2379]  CIM_ETCD_PEER_PORT [2380]  CIM_REDIS_PORT [6379]
+#   CIM_REDIS_MASTERS [1] 1: one redis-server; 3 or more: a Redis Cluster of that many
+#                         masters (redis-1..N on CIM_REDIS_PORT and the ports after it,
+#                         cluster bus on port + 10000, joined by `redis-cli --cluster create`),
+#                         which the cim processes reach as redis+cluster://…
 #   CIM_SRV_A_TCP [9000]  CIM_SRV_A_WS [9001]  CIM_SRV_A_INTERNAL [9100]
 #   CIM_SRV_B_TCP [9010]  CIM_SRV_B_WS [9011]  CIM_SRV_B_INTERNAL [9110]
 #   CIM_RT_HTTP [8080]    CIM_RT_INTERNAL [8081]
@@ -61,11 +66,25 @@ stop_timeout=${CIM_STOP_TIMEOUT:-15}
 worker_threads=${CIM_WORKER_THREADS:-1}
 
 etcd_url=http://$host:$etcd_port
+redis_masters=${CIM_REDIS_MASTERS:-1}
+[[ $redis_masters =~ ^[0-9]+$ ]] && { ((redis_masters == 1)) || ((redis_masters >= 3)); } ||
+    { echo "cluster: CIM_REDIS_MASTERS must be 1 or at least 3, not $redis_masters" >&2; exit 2; }
+redis_names=(redis)
+redis_ports=("$redis_port")
 redis_url=redis://$host:$redis_port/0
+if ((redis_masters > 1)); then
+    redis_names=() redis_ports=() seeds=()
+    for ((i = 0; i < redis_masters; i++)); do
+        redis_names+=("redis-$((i + 1))")
+        redis_ports+=("$((redis_port + i))")
+        seeds+=("$host:$((redis_port + i))")
+    done
+    redis_url=redis+cluster://$(IFS=,; echo "${seeds[*]}")
+fi
 route_url=http://$host:$route_http
 
 # Start order; stop goes the other way round.
-names=(etcd redis server-a server-b route-a)
+names=(etcd "${redis_names[@]}" server-a server-b route-a)
 cim_names=(server-a server-b route-a)
 
 log() {
@@ -100,7 +119,7 @@ is_process_of() {
     cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
     case $name in
         etcd) [[ $cmdline == *"--data-dir $run_dir/etcd"* ]] ;;
-        redis) [[ $cmdline == redis-server* || $cmdline == *"--dir $run_dir/redis"* ]] ;;
+        redis*) [[ $cmdline == redis-server* || $cmdline == *"--dir $run_dir/$name"* ]] ;;
         *) [[ $cmdline == *"--name $name "* ]] ;;
     esac
 }
@@ -121,14 +140,26 @@ port_in_use() {
     (exec 3<>"/dev/tcp/$host/$1") 2>/dev/null
 }
 
+# Whether every Redis answers PING (port: the first argument, else each of redis_ports).
 redis_answers() {
-    local reply=
-    (
-        exec 3<>"/dev/tcp/$host/$redis_port" || exit 1
-        printf 'PING\r\n' >&3
-        IFS= read -r -t 2 reply <&3 || exit 1
-        [[ $reply == +PONG* ]]
-    ) 2>/dev/null
+    local reply= port
+    for port in "${@:-${redis_ports[@]}}"; do
+        (
+            exec 3<>"/dev/tcp/$host/$port" || exit 1
+            printf 'PING\r\n' >&3
+            IFS= read -r -t 2 reply <&3 || exit 1
+            [[ $reply == +PONG* ]]
+        ) 2>/dev/null || return 1
+    done
+}
+
+# Whether every node of the Redis Cluster says cluster_state:ok.
+redis_cluster_ok() {
+    local port
+    for port in "${redis_ports[@]}"; do
+        redis-cli -h "$host" -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' ||
+            return 1
+    done
 }
 
 etcd_answers() {
@@ -169,10 +200,12 @@ launch() {
 }
 
 # Waits until CHECK succeeds, failing when NAME's process dies or after TIMEOUT seconds.
+# Waits up to TIMEOUT seconds until CHECK (a command and its arguments) succeeds, while the
+# process NAME lives.
 wait_for() {
-    local name=$1 timeout=$2 check=$3
+    local name=$1 timeout=$2
     local deadline=$((SECONDS + timeout))
-    until "$check"; do
+    until "${@:3}"; do
         if ! live_pid "$name" >/dev/null; then
             log "$name exited; last lines of $(log_file "$name"):"
             tail -n 30 "$(log_file "$name")" >&2 || true
@@ -222,7 +255,7 @@ stop_all() {
     # cim processes first (the route, then the servers drain), then the backends they use.
     terminate route-a
     terminate server-a server-b
-    terminate redis
+    terminate "${redis_names[@]}"
     terminate etcd
     log "stopped"
 }
@@ -242,9 +275,9 @@ cmd_start() {
         rm -f "$(pid_file "$name")"
     done
 
-    "$repo/deploy/install-deps.sh" curl=curl setsid=util-linux
+    "$repo/deploy/install-deps.sh" curl=curl setsid=util-linux redis-cli=redis-tools
 
-    for port in "$etcd_port" "$etcd_peer_port" "$redis_port" "$a_tcp" "$a_ws" "$a_internal" \
+    for port in "$etcd_port" "$etcd_peer_port" "${redis_ports[@]}" "$a_tcp" "$a_ws" "$a_internal" \
         "$b_tcp" "$b_ws" "$b_internal" "$route_http" "$route_internal"; do
         if port_in_use "$port"; then
             die "port $port on $host is in use (a system redis-server or etcd service?); stop it or choose other ports with the CIM_*_PORT variables"
@@ -262,7 +295,7 @@ cmd_start() {
     trap 'log "start failed, stopping what was started"; stop_all' ERR
     set -E
 
-    mkdir -p "$run_dir/etcd" "$run_dir/redis"
+    mkdir -p "$run_dir/etcd"
     chmod 700 "$run_dir/etcd"
     launch etcd etcd --name cim --data-dir "$run_dir/etcd" \
         --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
@@ -270,10 +303,33 @@ cmd_start() {
         --initial-advertise-peer-urls "http://$host:$etcd_peer_port" \
         --initial-cluster "cim=http://$host:$etcd_peer_port" \
         --logger zap --log-level warn
-    launch redis redis-server --port "$redis_port" --bind "$host" --dir "$run_dir/redis" \
-        --daemonize no --save "" --appendonly yes --logfile ""
+    local i cluster_args=()
+    if ((redis_masters > 1)); then
+        cluster_args=(--cluster-enabled yes --cluster-config-file nodes.conf
+            --cluster-node-timeout 5000)
+    fi
+    for i in "${!redis_names[@]}"; do
+        mkdir -p "$run_dir/${redis_names[$i]}"
+        launch "${redis_names[$i]}" redis-server --port "${redis_ports[$i]}" --bind "$host" \
+            --dir "$run_dir/${redis_names[$i]}" --daemonize no --save "" --appendonly yes \
+            --logfile "" "${cluster_args[@]+"${cluster_args[@]}"}"
+    done
     wait_for etcd 20 etcd_answers
-    wait_for redis 20 redis_answers
+    for i in "${!redis_names[@]}"; do
+        wait_for "${redis_names[$i]}" 20 redis_answers "${redis_ports[$i]}"
+    done
+    if ((redis_masters > 1)); then
+        # A fresh run folder: create the cluster. A restarted one keeps nodes.conf and forms
+        # the same cluster again by itself.
+        if ! redis_cluster_ok; then
+            local nodes=()
+            for i in "${!redis_ports[@]}"; do nodes+=("$host:${redis_ports[$i]}"); done
+            redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+                >"$run_dir/redis-cluster-create.log" 2>&1 ||
+                die "redis-cli --cluster create failed; see $run_dir/redis-cluster-create.log"
+        fi
+        wait_for "${redis_names[0]}" 30 redis_cluster_ok
+    fi
 
     local -a server_args route_args
     read -r -a server_args <<<"${CIM_SRV_ARGS:-}"
@@ -329,7 +385,7 @@ cim cluster is up ($servers servers):
   server-b         tcp $host:$b_tcp   ws://$host:$b_ws/ws   internal $host:$b_internal
   route internal   $host:$route_internal
   etcd             $etcd_url
-  redis            $redis_url
+  redis            $redis_url (pids: $(for n in "${redis_names[@]}"; do printf '%s ' "$(live_pid "$n")"; done))
 logs and pids in $run_dir  ($0 logs [NAME])
 stop with: $0 stop
 EOF

@@ -33,7 +33,9 @@ fi
 if [[ ${1:-} == --build-only ]]; then
     shift
 else
-    requirements+=(redis-server=redis-server etcd=etcd-server)
+    # redis-cli: Redis Cluster creation (the testkit's RedisCluster, cluster.sh with
+    # CIM_REDIS_MASTERS); Debian's redis-server depends on redis-tools, listed for itself.
+    requirements+=(redis-server=redis-server redis-cli=redis-tools etcd=etcd-server)
     # The browser, node, npm and nginx only for the test suite (./test.sh passes --tests), not
     # for the local cluster or the baseline.
     if [[ ${1:-} == --tests ]]; then
