@@ -2312,3 +2312,60 @@ async fn probe_and_scrape_paths_are_served() -> anyhow::Result<()> {
     failures.assert_none("probe and scrape paths");
     Ok(())
 }
+
+/// The Redis Cluster override of compose.yaml: every cim service of compose.yaml gets a
+/// cluster URL that loads and validates with its other settings, naming exactly the nodes the
+/// file runs with `--cluster-enabled yes`, which the init service joins.
+#[test]
+fn the_redis_cluster_override_points_every_cim_process_at_its_nodes() {
+    let mut problems = Problems::default();
+    let base = Compose::load(&mut problems);
+    let path = repo().join("deploy/compose/compose.redis-cluster.yaml");
+    let doc = yaml(&path);
+    let services = doc["services"].as_object().expect("services");
+    let nodes: Vec<&String> = services
+        .iter()
+        .filter(|(_, s)| {
+            string_list(&s["command"])
+                .windows(2)
+                .any(|w| w[0] == "--cluster-enabled" && w[1] == "yes")
+        })
+        .map(|(name, _)| name)
+        .collect();
+    assert!(nodes.len() >= 3, "a cluster needs 3 masters: {nodes:?}");
+    let init = string_list(&services["redis-cluster-init"]["command"]).join(" ");
+    assert!(init.contains("redis-cli --cluster create"), "{init}");
+    for node in &nodes {
+        assert!(init.contains(node.as_str()), "the init does not join {node}: {init}");
+        assert!(base.services.get(node.as_str()).is_none(), "{node} clashes with compose.yaml");
+    }
+    for (name, (binary, _)) in &base.cim {
+        let service = services
+            .get(name)
+            .unwrap_or_else(|| panic!("compose.yaml's {name} is not moved to the cluster"));
+        assert_eq!(
+            service["depends_on"]["redis-cluster-init"]["condition"], "service_completed_successfully",
+            "{name}"
+        );
+        let kind = Kind::of(binary).unwrap();
+        let mut env = BTreeMap::new();
+        for (k, v) in compose_env(&base.services[name]).into_iter().chain(compose_env(service)) {
+            env.insert(k, compose_interpolate(&v).unwrap_or(v));
+        }
+        let loaded = load_env(kind, &env, &format!("{name} with the override"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let url = &loaded.backend().redis_url;
+        let Ok(cim_common::store::RedisTarget::Cluster(seeds)) =
+            cim_common::store::RedisTarget::parse(url)
+        else {
+            panic!("{name}: {url} is not a Redis Cluster URL");
+        };
+        let hosts: Vec<String> = seeds
+            .iter()
+            .map(|s| s.trim_start_matches("redis://").split(':').next().unwrap().to_string())
+            .collect();
+        let expected: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+        assert_eq!(hosts, expected, "{name}: seeds");
+    }
+    problems.assert_none("compose.redis-cluster.yaml");
+}
