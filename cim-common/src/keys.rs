@@ -33,8 +33,10 @@
 //! `crc16(name) % shards`. The tag `t` of shard `i` is the first string `s{i}.{k}` whose slot
 //! falls in the `i`-th of `shards` equal ranges of the 16384 slots, so the shards spread
 //! evenly over masters that split the slots evenly (what `redis-cli --cluster create` does).
-//! A single Redis has one shard (the layout, and the cost of every read, as before shards);
-//! a Redis Cluster [`CLUSTER_SHARDS`]. Every process of a cim cluster must use the same count.
+//! A single Redis has one shard, under the names of the layout before shards (`{p}:online`,
+//! `{p}:online:ids`, `{p}:events`, `{p}:chan:{{name}}`, `{p}:chans`; new: `{p}:onsrv:{server}`),
+//! so an upgraded deployment keeps its data and every read costs what it did; a Redis Cluster
+//! has [`CLUSTER_SHARDS`]. Every process of a cim cluster must use the same count.
 
 /// Shards of a Redis Cluster store (see the module docs). 16: enough that a cluster of up to
 /// 16 masters shares every shard-wide key, few enough that a read over all shards (an online
@@ -145,24 +147,34 @@ impl Keys {
         format!("{}:route:{{{id}}}", self.prefix)
     }
 
+    /// `{p}:{name}:{{tag}}` of a shard; with one shard the name alone, `{p}:{name}`: the
+    /// keys of the layout before shards, so a single Redis keeps its data across the upgrade.
+    fn sharded(&self, name: &str, shard: usize) -> String {
+        if self.shards.len() == 1 {
+            format!("{}:{name}", self.prefix)
+        } else {
+            format!("{}:{name}:{{{}}}", self.prefix, self.tag(shard))
+        }
+    }
+
     /// The online index (by name) of a shard.
     pub fn online(&self, shard: usize) -> String {
-        format!("{}:online:{{{}}}", self.prefix, self.tag(shard))
+        self.sharded("online", shard)
     }
 
     /// The ids of the connected users of a shard.
     pub fn online_ids(&self, shard: usize) -> String {
-        format!("{}:online:ids:{{{}}}", self.prefix, self.tag(shard))
+        self.sharded("online:ids", shard)
     }
 
     /// The ids of a shard's users attached on `server_id`.
     pub fn server_users(&self, shard: usize, server_id: &str) -> String {
-        format!("{}:onsrv:{{{}}}:{server_id}", self.prefix, self.tag(shard))
+        format!("{}:{server_id}", self.sharded("onsrv", shard))
     }
 
     /// The presence stream of a shard.
     pub fn events(&self, shard: usize) -> String {
-        format!("{}:events:{{{}}}", self.prefix, self.tag(shard))
+        self.sharded("events", shard)
     }
 
     pub fn sent(&self, message_id: &str) -> String {
@@ -177,9 +189,14 @@ impl Keys {
         format!("{}:cursor:{name}", self.prefix)
     }
 
-    /// The members of channel `name` who are in `shard`.
+    /// The members of channel `name` who are in `shard` (one shard: `{p}:chan:{{name}}`,
+    /// the key before shards).
     pub fn channel(&self, shard: usize, name: &str) -> String {
-        format!("{}:chan:{{{}}}:{name}", self.prefix, self.tag(shard))
+        if self.shards.len() == 1 {
+            format!("{}:chan:{{{name}}}", self.prefix)
+        } else {
+            format!("{}:chan:{{{}}}:{name}", self.prefix, self.tag(shard))
+        }
     }
 
     pub fn user_channels(&self, id: u64) -> String {
@@ -188,7 +205,7 @@ impl Keys {
 
     /// The channel names of a shard.
     pub fn channels(&self, shard: usize) -> String {
-        format!("{}:chans:{{{}}}", self.prefix, self.tag(shard))
+        self.sharded("chans", shard)
     }
 
     pub fn inbox(&self, id: u64) -> String {
@@ -306,7 +323,13 @@ mod tests {
         let single = Keys::new("t1");
         assert_eq!(single.shards(), 1);
         assert_eq!((single.user_shard(17), single.name_shard("x")), (0, 0));
-        assert_eq!(single.online(0), "t1:online:{s0.0}");
+        // One shard: the keys of the layout before shards (a single Redis keeps its data).
+        assert_eq!(single.online(0), "t1:online");
+        assert_eq!(single.online_ids(0), "t1:online:ids");
+        assert_eq!(single.events(0), "t1:events");
+        assert_eq!(single.channel(0, "room.1"), "t1:chan:{room.1}");
+        assert_eq!(single.channels(0), "t1:chans");
+        assert_eq!(single.server_users(0, "s-1"), "t1:onsrv:s-1");
     }
 
     #[test]
