@@ -247,7 +247,11 @@ mod tests {
             };
             assert_eq!(config.validate(), Ok(()), "{good}");
         }
-        for bad in ["localhost:6379", "redis+cluster://", "redis+cluster://h:1/0"] {
+        for bad in [
+            "localhost:6379",
+            "redis+cluster://",
+            "redis+cluster://h:1/0",
+        ] {
             let config = BackendConfig {
                 redis_url: bad.into(),
                 ..BackendConfig::default()

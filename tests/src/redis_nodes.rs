@@ -35,9 +35,7 @@ impl RedisNodes {
     pub async fn start(kind: RedisKind) -> anyhow::Result<RedisNodes> {
         Ok(match kind {
             RedisKind::Single(options) => RedisNodes::Single(Redis::start_with(options).await?),
-            RedisKind::Cluster(options) => {
-                RedisNodes::Cluster(RedisCluster::start(options).await?)
-            }
+            RedisKind::Cluster(options) => RedisNodes::Cluster(RedisCluster::start(options).await?),
         })
     }
 

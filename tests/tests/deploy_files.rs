@@ -2336,20 +2336,30 @@ fn the_redis_cluster_override_points_every_cim_process_at_its_nodes() {
     let init = string_list(&services["redis-cluster-init"]["command"]).join(" ");
     assert!(init.contains("redis-cli --cluster create"), "{init}");
     for node in &nodes {
-        assert!(init.contains(node.as_str()), "the init does not join {node}: {init}");
-        assert!(base.services.get(node.as_str()).is_none(), "{node} clashes with compose.yaml");
+        assert!(
+            init.contains(node.as_str()),
+            "the init does not join {node}: {init}"
+        );
+        assert!(
+            base.services.get(node.as_str()).is_none(),
+            "{node} clashes with compose.yaml"
+        );
     }
     for (name, (binary, _)) in &base.cim {
         let service = services
             .get(name)
             .unwrap_or_else(|| panic!("compose.yaml's {name} is not moved to the cluster"));
         assert_eq!(
-            service["depends_on"]["redis-cluster-init"]["condition"], "service_completed_successfully",
+            service["depends_on"]["redis-cluster-init"]["condition"],
+            "service_completed_successfully",
             "{name}"
         );
         let kind = Kind::of(binary).unwrap();
         let mut env = BTreeMap::new();
-        for (k, v) in compose_env(&base.services[name]).into_iter().chain(compose_env(service)) {
+        for (k, v) in compose_env(&base.services[name])
+            .into_iter()
+            .chain(compose_env(service))
+        {
             env.insert(k, compose_interpolate(&v).unwrap_or(v));
         }
         let loaded = load_env(kind, &env, &format!("{name} with the override"))
@@ -2362,7 +2372,13 @@ fn the_redis_cluster_override_points_every_cim_process_at_its_nodes() {
         };
         let hosts: Vec<String> = seeds
             .iter()
-            .map(|s| s.trim_start_matches("redis://").split(':').next().unwrap().to_string())
+            .map(|s| {
+                s.trim_start_matches("redis://")
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
             .collect();
         let expected: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
         assert_eq!(hosts, expected, "{name}: seeds");

@@ -72,8 +72,11 @@ async fn processes_die_when_the_test_panics() -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let infra = Infra::start().await.expect("infra");
-        tx.send((infra.redis.single().pid().unwrap(), infra.etcd.pid().unwrap()))
-            .unwrap();
+        tx.send((
+            infra.redis.single().pid().unwrap(),
+            infra.etcd.pid().unwrap(),
+        ))
+        .unwrap();
         panic!("a failing test");
     });
     assert!(task.await.unwrap_err().is_panic());
@@ -157,7 +160,13 @@ async fn many_start_in_parallel_on_distinct_ports() -> anyhow::Result<()> {
     }
     let mut ports: Vec<u16> = all
         .iter()
-        .flat_map(|i| [i.redis.single().port(), i.etcd.client_port(), i.etcd.peer_port()])
+        .flat_map(|i| {
+            [
+                i.redis.single().port(),
+                i.etcd.client_port(),
+                i.etcd.peer_port(),
+            ]
+        })
         .collect();
     let n = ports.len();
     ports.sort_unstable();
@@ -231,7 +240,10 @@ fn dropping_outside_a_runtime_kills() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let infra = rt.block_on(Infra::start()).unwrap();
     drop(rt);
-    let pids = [infra.redis.single().pid().unwrap(), infra.etcd.pid().unwrap()];
+    let pids = [
+        infra.redis.single().pid().unwrap(),
+        infra.etcd.pid().unwrap(),
+    ];
     drop(infra);
     for pid in pids {
         assert!(process_gone(pid));

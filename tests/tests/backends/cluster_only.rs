@@ -19,7 +19,9 @@ async fn events_of_a_shard_ahead_in_time_wait_for_the_other_clocks() -> anyhow::
     let _: String = redis::cmd("XADD")
         .arg(keys.events(keys.user_shard(16)))
         .arg(format!("{ahead}-0"))
-        .arg(&["t", "online", "u", "16", "n", "u16", "s", "srv-a", "at", "1"])
+        .arg(&[
+            "t", "online", "u", "16", "n", "u16", "s", "srv-a", "at", "1",
+        ])
         .query_async(&mut c)
         .await?;
     // Meanwhile user 1 (shard 1) comes online now.

@@ -5,7 +5,7 @@ use super::*;
 /// How to look at what a store holds, beside its API.
 pub(crate) enum Peek {
     /// Raw commands on the Redis server or cluster (which the struct keeps running).
-    Redis { redis: RedisNodes, keys: Keys },
+    Redis { redis: Box<RedisNodes>, keys: Keys },
     /// The memory store's inspection methods.
     Memory(Arc<MemoryStore>),
 }
@@ -42,7 +42,10 @@ impl StoreUnderTest {
         let keys = store.keys().clone();
         Ok(Self {
             store: Arc::new(store),
-            peek: Peek::Redis { redis, keys },
+            peek: Peek::Redis {
+                redis: Box::new(redis),
+                keys,
+            },
         })
     }
 
@@ -108,11 +111,10 @@ impl StoreUnderTest {
     /// cannot be observed (an event published before the wait starts is found by its first
     /// look: the test holds either way).
     pub(crate) async fn wait_for_blocked_reader(&self) -> anyhow::Result<()> {
-        let Peek::Redis {
-            redis: RedisNodes::Single(redis),
-            ..
-        } = &self.peek
-        else {
+        let Peek::Redis { redis, .. } = &self.peek else {
+            return Ok(());
+        };
+        let RedisNodes::Single(redis) = redis.as_ref() else {
             return Ok(());
         };
         let c = redis.connection().await?;

@@ -327,7 +327,10 @@ pub(crate) async fn event_stream_is_capped_near_events_max_len(
     // A cluster trims each shard's stream to its share of MAX, each with that slack (here
     // nothing is trimmed: 300 events over 16 shards stay below one node each).
     let (min, slack) = if s.is_cluster() {
-        (MAX.min(published.len()), SLACK * cim_common::keys::CLUSTER_SHARDS)
+        (
+            MAX.min(published.len()),
+            SLACK * cim_common::keys::CLUSTER_SHARDS,
+        )
     } else {
         (MAX, SLACK)
     };

@@ -83,7 +83,9 @@ pub(crate) async fn server_routes_visits_every_route_of_the_server_exactly_once(
             "expected batches, got one step"
         );
         assert!(
-            all.iter().map(|e| e.user_id).eq((0..N).filter(|id| id % 3 == server)),
+            all.iter()
+                .map(|e| e.user_id)
+                .eq((0..N).filter(|id| id % 3 == server)),
             "missing routes of {name}"
         );
         for e in &all {

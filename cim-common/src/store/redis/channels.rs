@@ -223,9 +223,12 @@ impl Channels for RedisStore {
             .collect();
         let replies = batch.run(self, &[]).await?;
         for (i, counts) in replies.into_iter().enumerate() {
-            let [members, online]: [u64; 2] = batch::parse::<Vec<u64>>(Value::Array(counts), "channel stats")?
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("channel stats: two counts expected".into()))?;
+            let [members, online]: [u64; 2] =
+                batch::parse::<Vec<u64>>(Value::Array(counts), "channel stats")?
+                    .try_into()
+                    .map_err(|_| {
+                        StoreError::Corrupt("channel stats: two counts expected".into())
+                    })?;
             let info = &mut stats[i % channels.len()];
             info.members += members;
             info.online += online;

@@ -48,9 +48,9 @@ impl RedisTarget {
             .split(',')
             .map(|host| {
                 let host = host.trim();
-                let (name, port) = host.rsplit_once(':').ok_or_else(|| {
-                    format!("{url:?}: seed node {host:?} is not host:port")
-                })?;
+                let (name, port) = host
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("{url:?}: seed node {host:?} is not host:port"))?;
                 if name.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
                     return Err(format!("{url:?}: seed node {host:?} is not host:port"));
                 }

@@ -381,7 +381,9 @@ impl RedisStore {
             let mut withheld: Option<EventId> = None;
             for (shard, (_, page)) in pages.into_iter().enumerate() {
                 for mut e in page.events {
-                    let Some(id) = EventId::parse(&e.id) else { continue };
+                    let Some(id) = EventId::parse(&e.id) else {
+                        continue;
+                    };
                     let id = EventId {
                         shard: shard as u32,
                         ..id

@@ -156,7 +156,13 @@ impl Delivery for RedisStore {
         let mut batch = self.batch();
         self.add_store_calls(&mut batch, &mut plan);
         let replies = batch.run(self, &[&INBOX_STORE]).await?;
-        plan.apply(messages, replies.into_iter().map(batch::single).collect::<StoreResult<_>>()?)
+        plan.apply(
+            messages,
+            replies
+                .into_iter()
+                .map(batch::single)
+                .collect::<StoreResult<_>>()?,
+        )
     }
 
     async fn inbox_store_then_routes(

@@ -82,8 +82,8 @@ use prost::Message as _;
 use std::{collections::HashSet, sync::Arc};
 
 use batch::Batch;
-pub use conn::{RedisTarget, CLUSTER_SCHEME};
 use conn::Conn;
+pub use conn::{RedisTarget, CLUSTER_SCHEME};
 use scripts::*;
 
 pub(super) use self::{
@@ -206,9 +206,12 @@ impl RedisStore {
         // Every script loaded now: otherwise each one's first call answers NOSCRIPT and is
         // sent again, which for the inbox store means after the route lookup pipelined
         // behind it (the order the login replay relies on; see ARCHITECTURE.md).
-        tokio::time::timeout(timeout, load_scripts(&mut probe, &ALL_SCRIPTS.map(|s| &**s)))
-            .await
-            .map_err(|_| StoreError::Unavailable(format!("loading scripts on {url} timed out")))??;
+        tokio::time::timeout(
+            timeout,
+            load_scripts(&mut probe, &ALL_SCRIPTS.map(|s| &**s)),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("loading scripts on {url} timed out")))??;
         Ok(Self {
             conn,
             client,
