@@ -2385,3 +2385,105 @@ fn the_redis_cluster_override_points_every_cim_process_at_its_nodes() {
     }
     problems.assert_none("compose.redis-cluster.yaml");
 }
+
+/// The Redis Cluster overlay of deploy/k8s: the single Redis deleted, every server and route
+/// patched to a cluster URL whose seeds are pods of the overlay's StatefulSet behind its
+/// headless Service, and the init Job joining all its pods with one replica per master.
+#[test]
+fn the_k8s_redis_cluster_overlay_points_every_cim_process_at_its_pods() {
+    let dir = repo().join("deploy/k8s/redis-cluster");
+    let kustomization = yaml(&dir.join("kustomization.yaml"));
+    assert_eq!(
+        string_list(&kustomization["resources"]),
+        ["..", "redis-cluster.yaml"]
+    );
+    let docs = yaml_docs(&dir.join("redis-cluster.yaml"));
+    let of_kind = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("redis-cluster.yaml: no {kind}"))
+    };
+    let (service, set, job) = (of_kind("Service"), of_kind("StatefulSet"), of_kind("Job"));
+    let service_name = service["metadata"]["name"].as_str().unwrap();
+    assert_eq!(service["spec"]["clusterIP"], "None");
+    assert_eq!(set["spec"]["serviceName"], service_name);
+    let pods = set["spec"]["replicas"].as_u64().unwrap();
+    let command = string_list(&set["spec"]["template"]["spec"]["containers"][0]["command"]);
+    assert!(
+        command
+            .windows(2)
+            .any(|w| w[0] == "--cluster-enabled" && w[1] == "yes"),
+        "{command:?}"
+    );
+    let init = string_list(&job["spec"]["template"]["spec"]["containers"][0]["command"]).join(" ");
+    assert!(init.contains("--cluster-replicas 1"), "{init}");
+    assert!(
+        pods >= 6 && pods % 2 == 0,
+        "3+ masters with a replica each: {pods} pods"
+    );
+    assert!(
+        init.contains(&format!(
+            "for i in {}",
+            (0..pods)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        )),
+        "{init}"
+    );
+
+    let patches: Vec<String> = kustomization["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["patch"].as_str().unwrap().to_string())
+        .collect();
+    for deleted in [
+        "kind: StatefulSet\n  metadata:\n    name: redis",
+        "kind: Service\n  metadata:\n    name: redis",
+    ] {
+        let deleted = deleted.replace("\n  ", "\n");
+        assert!(
+            patches
+                .iter()
+                .any(|p| p.contains("$patch: delete") && p.contains(&deleted)),
+            "the single Redis ({deleted}) is not deleted"
+        );
+    }
+    let mut patched = Vec::new();
+    for patch in &patches {
+        let doc: Json = serde_norway::from_str(patch).unwrap();
+        for container in doc["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            for env in container["env"].as_array().into_iter().flatten() {
+                let name = env["name"].as_str().unwrap();
+                if !name.ends_with("_BACKEND__REDIS_URL") {
+                    continue;
+                }
+                let url = env["value"].as_str().unwrap();
+                let Ok(cim_common::store::RedisTarget::Cluster(seeds)) =
+                    cim_common::store::RedisTarget::parse(url)
+                else {
+                    panic!("{name}: {url} is not a Redis Cluster URL");
+                };
+                for seed in seeds {
+                    let host = seed
+                        .trim_start_matches("redis://")
+                        .split(':')
+                        .next()
+                        .unwrap();
+                    let (pod, svc) = host.split_once('.').unwrap();
+                    assert_eq!(svc, service_name, "{seed}");
+                    let index: u64 = pod.strip_prefix("redis-cluster-").unwrap().parse().unwrap();
+                    assert!(index < pods, "{seed}: no such pod");
+                }
+                patched.push(doc["metadata"]["name"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    patched.sort();
+    assert_eq!(patched, ["cim-route", "cim-server"]);
+}
