@@ -36,13 +36,16 @@
 //! ```
 //!
 //! Modules: [`process`] (child guard and helpers); the Redis and etcd starters are re-exported
-//! at the root; [`cluster`] starts cim servers and routes in-process on top of an [`Infra`];
-//! [`tls`] makes a test CA and server certificates for the TLS tests; [`docs`] reads and runs
-//! the shell examples of README.md.
+//! at the root; [`etcd_cluster`] runs a real multi-member etcd cluster ([`EtcdCluster`]: kill
+//! and restart members, find the leader) and holds [`EtcdNodes`], the etcd of an [`Infra`]
+//! (one process or a cluster, [`Infra::start_with_etcd`]); [`cluster`] starts cim servers and
+//! routes in-process on top of an [`Infra`]; [`tls`] makes a test CA and server certificates
+//! for the TLS tests; [`docs`] reads and runs the shell examples of README.md.
 
 pub mod bin_node;
 pub mod cluster;
 pub mod docs;
+pub mod etcd_cluster;
 pub mod process;
 pub mod tls;
 
@@ -50,6 +53,8 @@ mod etcd_server;
 mod redis_server;
 
 pub use bin_node::{RouteProcess, ServerProcess};
+pub use etcd_cluster::EtcdCluster;
+pub use etcd_cluster::EtcdNodes;
 pub use etcd_server::Etcd;
 pub use process::ChildGuard;
 pub use redis_server::{Redis, RedisOptions};
@@ -99,31 +104,45 @@ pub fn unique_prefix() -> String {
     format!("t{}-{n}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
-/// A Redis and an etcd for one test.
+/// A Redis and an etcd (one process, or a cluster: [`EtcdNodes`]) for one test.
 #[derive(Debug)]
 pub struct Infra {
     pub redis: Redis,
-    pub etcd: Etcd,
+    pub etcd: EtcdNodes,
 }
 
 impl Infra {
     /// Starts both (concurrently) and waits until both answer.
     pub async fn start() -> anyhow::Result<Infra> {
         let (redis, etcd) = tokio::try_join!(Redis::start(), Etcd::start())?;
+        let etcd = EtcdNodes::Single(etcd);
         Ok(Infra { redis, etcd })
     }
 
     /// Starts both, Redis with `options` (e.g. AOF on for kill/restart tests).
     pub async fn start_with(options: RedisOptions) -> anyhow::Result<Infra> {
         let (redis, etcd) = tokio::try_join!(Redis::start_with(options), Etcd::start())?;
+        let etcd = EtcdNodes::Single(etcd);
         Ok(Infra { redis, etcd })
     }
 
-    /// Backend settings pointing at these processes, under `prefix`, with a 2 s call deadline.
+    /// Starts both, Redis with `options` and etcd with `etcd_members` members (1: one
+    /// [`Etcd`]; more: an [`EtcdCluster`], for tests of a member's death).
+    pub async fn start_with_etcd(
+        options: RedisOptions,
+        etcd_members: usize,
+    ) -> anyhow::Result<Infra> {
+        let (redis, etcd) =
+            tokio::try_join!(Redis::start_with(options), EtcdNodes::start(etcd_members))?;
+        Ok(Infra { redis, etcd })
+    }
+
+    /// Backend settings pointing at these processes (every etcd member), under `prefix`, with
+    /// a 2 s call deadline.
     pub fn backend_config(&self, prefix: &str) -> BackendConfig {
         BackendConfig {
             redis_url: self.redis.url(),
-            etcd_endpoints: vec![self.etcd.endpoint()],
+            etcd_endpoints: self.etcd.endpoints(),
             prefix: prefix.to_string(),
             timeout_ms: 2000,
             ..BackendConfig::default()
