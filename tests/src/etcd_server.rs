@@ -6,15 +6,20 @@ use crate::process::{
 };
 use crate::wait_until;
 use anyhow::{anyhow, Context as _};
-use std::{ffi::OsString, path::PathBuf, process::Command, time::Duration};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 use tempfile::TempDir;
 
 /// How long a start (or restart) may take before it is an error.
-const START_DEADLINE: Duration = Duration::from_secs(15);
+pub(crate) const START_DEADLINE: Duration = Duration::from_secs(15);
 /// Attempts with fresh ports when the process exits at start (a port taken meanwhile).
-const START_ATTEMPTS: usize = 5;
+pub(crate) const START_ATTEMPTS: usize = 5;
 /// Deadline of one readiness probe.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// An `etcd` child process (one-member cluster), killed (SIGKILL) when dropped. Its data dir
 /// and `etcd.log` live in a temporary directory removed on drop.
@@ -119,26 +124,15 @@ impl Etcd {
     }
 
     fn args(&self) -> Vec<OsString> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut args: Vec<OsString> = Vec::new();
-        let mut flag = |k: &str, v: OsString| {
-            args.push(k.into());
-            args.push(v);
-        };
-        flag("--name", self.name.clone().into());
-        flag("--data-dir", self.data_dir().into());
-        flag("--listen-client-urls", client.clone().into());
-        flag("--advertise-client-urls", client.into());
-        flag("--listen-peer-urls", peer.clone().into());
-        flag("--initial-advertise-peer-urls", peer.clone().into());
-        flag("--initial-cluster", format!("{}={peer}", self.name).into());
-        flag("--initial-cluster-token", self.name.clone().into());
-        flag("--heartbeat-interval", "50".into());
-        flag("--election-timeout", "500".into());
-        flag("--logger", "zap".into());
-        flag("--log-level", "error".into());
-        args
+        member_args(&MemberSpec {
+            name: &self.name,
+            data_dir: &self.data_dir(),
+            client_port: self.client_port,
+            peer_port: self.peer_port,
+            initial_cluster: &format!("{}={peer}", self.name),
+            token: &self.name,
+        })
     }
 
     async fn launch(&self) -> Result<(), LaunchError> {
@@ -185,17 +179,74 @@ impl Etcd {
     }
 }
 
-async fn connect(endpoint: &str, timeout: Duration) -> anyhow::Result<etcd_client::Client> {
+/// One member's place in its cluster: what [`member_args`] turns into flags. Shared by
+/// [`Etcd`] (a cluster of one) and [`crate::EtcdCluster`].
+pub(crate) struct MemberSpec<'a> {
+    /// `--name`, unique per member (readiness checks look for it).
+    pub name: &'a str,
+    pub data_dir: &'a Path,
+    pub client_port: u16,
+    pub peer_port: u16,
+    /// `--initial-cluster`: `name=http://127.0.0.1:peer` for every member, comma-separated.
+    pub initial_cluster: &'a str,
+    /// `--initial-cluster-token`, unique per cluster: members of another test's cluster on
+    /// a recycled port refuse to talk to ours.
+    pub token: &'a str,
+}
+
+/// The flags of one etcd member on 127.0.0.1. Raft timing is shortened (heartbeat 50 ms,
+/// election 500 ms) so it starts fast and grants lease TTLs down to 1 s (with the defaults
+/// etcd rounds a 1 s TTL up to 2 s). Once the data dir exists (a restart) etcd ignores the
+/// `--initial-*` flags and rejoins with what it stored.
+pub(crate) fn member_args(spec: &MemberSpec<'_>) -> Vec<OsString> {
+    let client = format!("http://127.0.0.1:{}", spec.client_port);
+    let peer = format!("http://127.0.0.1:{}", spec.peer_port);
+    let mut args: Vec<OsString> = Vec::new();
+    let mut flag = |k: &str, v: OsString| {
+        args.push(k.into());
+        args.push(v);
+    };
+    flag("--name", spec.name.into());
+    flag("--data-dir", spec.data_dir.into());
+    flag("--listen-client-urls", client.clone().into());
+    flag("--advertise-client-urls", client.into());
+    flag("--listen-peer-urls", peer.clone().into());
+    flag("--initial-advertise-peer-urls", peer.into());
+    flag("--initial-cluster", spec.initial_cluster.into());
+    flag("--initial-cluster-token", spec.token.into());
+    flag("--initial-cluster-state", "new".into());
+    flag("--heartbeat-interval", "50".into());
+    flag("--election-timeout", "500".into());
+    flag("--logger", "zap".into());
+    flag("--log-level", "error".into());
+    args
+}
+
+/// A client of the one etcd at `endpoint`, connected within `timeout` (calls time out after
+/// it too).
+pub(crate) async fn connect(
+    endpoint: &str,
+    timeout: Duration,
+) -> anyhow::Result<etcd_client::Client> {
+    connect_all(&[endpoint], timeout).await
+}
+
+/// A client balancing over `endpoints` (what the cim registry is given), connected within
+/// `timeout` (calls time out after it too).
+pub(crate) async fn connect_all(
+    endpoints: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<etcd_client::Client> {
     let options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_timeout(timeout);
     tokio::time::timeout(
         timeout,
-        etcd_client::Client::connect([endpoint], Some(options)),
+        etcd_client::Client::connect(endpoints, Some(options)),
     )
     .await
-    .map_err(|_| anyhow!("connecting to etcd at {endpoint} timed out"))?
-    .with_context(|| format!("connecting to etcd at {endpoint}"))
+    .map_err(|_| anyhow!("connecting to etcd at {endpoints:?} timed out"))?
+    .with_context(|| format!("connecting to etcd at {endpoints:?}"))
 }
 
 /// Whether the etcd at `endpoint` serves reads and is the member `name`.

@@ -38,13 +38,16 @@
 //! Modules: [`process`] (child guard and helpers); the Redis and etcd starters are re-exported
 //! at the root ([`Redis`], [`RedisCluster`]: a real Redis Cluster of `redis-server
 //! --cluster-enabled yes` nodes joined by `redis-cli --cluster create`; [`RedisNodes`]: either,
-//! behind one type, with [`RedisConn`] for raw looks at keys); [`cluster`] starts cim servers and routes in-process on top of an [`Infra`];
-//! [`tls`] makes a test CA and server certificates for the TLS tests; [`docs`] reads and runs
-//! the shell examples of README.md.
+//! behind one type, with [`RedisConn`] for raw looks at keys); [`etcd_cluster`] runs a real
+//! multi-member etcd cluster ([`EtcdCluster`]: kill and restart members, find the leader) and
+//! holds [`EtcdNodes`], the etcd of an [`Infra`] (one process or a cluster); [`cluster`] starts
+//! cim servers and routes in-process on top of an [`Infra`]; [`tls`] makes a test CA and server
+//! certificates for the TLS tests; [`docs`] reads and runs the shell examples of README.md.
 
 pub mod bin_node;
 pub mod cluster;
 pub mod docs;
+pub mod etcd_cluster;
 pub mod process;
 pub mod redis_cluster;
 pub mod redis_nodes;
@@ -54,6 +57,8 @@ mod etcd_server;
 mod redis_server;
 
 pub use bin_node::{RouteProcess, ServerProcess};
+pub use etcd_cluster::EtcdCluster;
+pub use etcd_cluster::EtcdNodes;
 pub use etcd_server::Etcd;
 pub use process::ChildGuard;
 pub use redis_cluster::{RedisCluster, RedisClusterOptions};
@@ -105,35 +110,39 @@ pub fn unique_prefix() -> String {
     format!("t{}-{n}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
-/// A Redis (one server or a cluster) and an etcd for one test.
+/// A Redis (one server or a cluster: [`RedisNodes`]) and an etcd (one process or a cluster:
+/// [`EtcdNodes`]) for one test.
 #[derive(Debug)]
 pub struct Infra {
     pub redis: RedisNodes,
-    pub etcd: Etcd,
+    pub etcd: EtcdNodes,
 }
 
 impl Infra {
     /// Starts both (concurrently) and waits until both answer.
     pub async fn start() -> anyhow::Result<Infra> {
-        Self::start_on(RedisKind::default()).await
+        Self::start_on(RedisKind::default(), 1).await
     }
 
     /// Starts both, Redis with `options` (e.g. AOF on for kill/restart tests).
     pub async fn start_with(options: RedisOptions) -> anyhow::Result<Infra> {
-        Self::start_on(RedisKind::Single(options)).await
+        Self::start_on(RedisKind::Single(options), 1).await
     }
 
-    /// Starts both, Redis as `kind` (one server or a cluster).
-    pub async fn start_on(kind: RedisKind) -> anyhow::Result<Infra> {
-        let (redis, etcd) = tokio::try_join!(RedisNodes::start(kind), Etcd::start())?;
+    /// Starts both, Redis as `kind` (one server or a cluster) and etcd with `etcd_members`
+    /// members (1: one [`Etcd`]; more: an [`EtcdCluster`], for tests of a member's death).
+    pub async fn start_on(kind: RedisKind, etcd_members: usize) -> anyhow::Result<Infra> {
+        let (redis, etcd) =
+            tokio::try_join!(RedisNodes::start(kind), EtcdNodes::start(etcd_members))?;
         Ok(Infra { redis, etcd })
     }
 
-    /// Backend settings pointing at these processes, under `prefix`, with a 2 s call deadline.
+    /// Backend settings pointing at these processes (every etcd member), under `prefix`, with
+    /// a 2 s call deadline.
     pub fn backend_config(&self, prefix: &str) -> BackendConfig {
         BackendConfig {
             redis_url: self.redis.url(),
-            etcd_endpoints: vec![self.etcd.endpoint()],
+            etcd_endpoints: self.etcd.endpoints(),
             prefix: prefix.to_string(),
             timeout_ms: 2000,
             ..BackendConfig::default()

@@ -1,6 +1,9 @@
 //! [`Registry`] on etcd: `{prefix}/{servers|routes}/{id}` → JSON [`ServiceInfo`], attached to a
-//! lease kept alive at a third of its TTL. If the lease is lost (etcd restarted, a long pause),
-//! the keeper grants a new one and puts the key again.
+//! lease kept alive at a third of its TTL. A broken keep-alive stream or an unanswered
+//! renewal (a member died, an election) renews the same lease again on a new stream; only a
+//! lease etcd reports expired (etcd restarted, a long pause) makes the keeper grant a new one
+//! and put the key again. A call that fails without reaching etcd (with several endpoints,
+//! etcd-client keeps handing calls to a dead member, which fail at once) is tried again.
 //!
 //! Every failed etcd call, in the calls of the trait and in the background tasks (keep-alive,
 //! watch), adds one to the registry's error counter (`cim_backend_errors_total{backend="etcd"}`,
@@ -11,6 +14,32 @@ use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, Wat
 use prometheus_client::metrics::counter::Counter;
 use std::collections::BTreeMap;
 use tokio_util::sync::CancellationToken;
+
+/// Tries of one call that fails without reaching etcd (see [`unreachable`]).
+const ATTEMPTS: usize = 3;
+
+/// Whether the call never reached a member: with several endpoints the client's balancer
+/// keeps handing calls to a dead member (its lazy connection reports itself ready, then
+/// fails each call at once with `Unavailable`), so the same call tried again goes elsewhere.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    // tonic::Code::Unavailable (14): the request was not sent.
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() as i32 == 14)
+}
+
+/// `call`, tried again (up to [`ATTEMPTS`]) while it fails without reaching etcd.
+async fn retrying<T, F, Fut>(mut call: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tried = 1;
+    loop {
+        match call().await {
+            Err(e) if tried < ATTEMPTS && unreachable(&e) => tried += 1,
+            result => return result,
+        }
+    }
+}
 
 fn unavailable(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::Unavailable(e.to_string())
@@ -42,8 +71,11 @@ impl EtcdRegistry {
             .map_err(|_| unavailable(format!("connecting to etcd {endpoints:?} timed out")))?
             .map_err(unavailable)?;
         // Fail at start-up, not at first use, when etcd is not there.
-        let mut probe = client.clone();
-        tokio::time::timeout(timeout, probe.get("cim-probe", None))
+        let probe = retrying(|| {
+            let mut probe = client.clone();
+            async move { probe.get("cim-probe", None).await }
+        });
+        tokio::time::timeout(timeout, probe)
             .await
             .map_err(|_| unavailable(format!("etcd {endpoints:?} did not answer")))?
             .map_err(unavailable)?;
@@ -98,14 +130,15 @@ impl Registration for EtcdRegistration {
             let _ = tokio::time::timeout(Duration::from_secs(10), keeper).await;
         }
         let lease = self.lease.load(std::sync::atomic::Ordering::SeqCst);
-        let mut client = self.client.clone();
-        client
-            .lease_revoke(lease)
-            .await
-            .inspect_err(|_| {
-                self.errors.inc();
-            })
-            .map_err(unavailable)?;
+        retrying(|| {
+            let mut client = self.client.clone();
+            async move { client.lease_revoke(lease).await }
+        })
+        .await
+        .inspect_err(|_| {
+            self.errors.inc();
+        })
+        .map_err(unavailable)?;
         Ok(())
     }
 }
@@ -116,15 +149,26 @@ async fn grant_and_put(
     value: &str,
     ttl: Duration,
 ) -> Result<i64, etcd_client::Error> {
-    let lease = client
-        .lease_grant(ttl.as_secs().max(1) as i64, None)
-        .await?
-        .id();
-    client
-        .put(key, value, Some(PutOptions::new().with_lease(lease)))
-        .await?;
+    let secs = ttl.as_secs().max(1) as i64;
+    let lease = retrying(|| {
+        let mut client = client.clone();
+        async move { client.lease_grant(secs, None).await }
+    })
+    .await?
+    .id();
+    retrying(|| {
+        let mut client = client.clone();
+        async move {
+            let options = PutOptions::new().with_lease(lease);
+            client.put(key, value, Some(options)).await
+        }
+    })
+    .await?;
     Ok(lease)
 }
+
+/// What a renewal answered with TTL 0 reports: the lease is gone, only a new one helps.
+const LEASE_EXPIRED: &str = "lease expired";
 
 /// Renews `lease` every ttl/3 until `stop`; re-registers when the lease is lost.
 async fn keep_alive(
@@ -141,14 +185,18 @@ async fn keep_alive(
     loop {
         let id = lease.load(Ordering::SeqCst);
         let attempt = async {
-            let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
+            let (mut keeper, mut stream) = retrying(|| {
+                let mut client = client.clone();
+                async move { client.lease_keep_alive(id).await }
+            })
+            .await?;
             loop {
                 keeper.keep_alive().await?;
                 match tokio::time::timeout(period, stream.message()).await {
                     Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
                     Ok(Ok(_)) => {
                         return Err(etcd_client::Error::LeaseKeepAliveError(
-                            "lease expired".into(),
+                            LEASE_EXPIRED.into(),
                         ))
                     }
                     Ok(Err(e)) => return Err(e),
@@ -166,9 +214,25 @@ async fn keep_alive(
         if stop.is_cancelled() {
             return;
         }
+        let expired = matches!(
+            &result,
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m == LEASE_EXPIRED
+        );
         if let Err(e) = result {
             errors.inc();
-            tracing::warn!(key, error = %e, "registry lease lost, registering again");
+            tracing::warn!(key, error = %e, expired, "registry keep-alive broke");
+        }
+        if !expired {
+            // A broken stream or an unanswered renewal (a member died, an election) does not
+            // end the lease: renew it again on a new stream (after a pause) before it runs out.
+            if stop
+                .run_until_cancelled(tokio::time::sleep(period))
+                .await
+                .is_none()
+            {
+                return;
+            }
+            continue;
         }
         // Back off a little, then try to re-register with a fresh lease.
         loop {
@@ -263,9 +327,15 @@ fn parse(value: &[u8]) -> Option<ServiceInfo> {
 }
 
 async fn load(client: &mut Client, prefix: &str) -> Result<(MemberMap, i64), etcd_client::Error> {
-    let resp = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await?;
+    let resp = retrying(|| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+        }
+    })
+    .await?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let members = resp
         .kvs()
@@ -290,7 +360,13 @@ async fn follow(
             let options = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(revision + 1);
-            let mut stream = client.watch(prefix.as_str(), Some(options)).await?;
+            let mut stream = retrying(|| {
+                let mut client = client.clone();
+                let options = options.clone();
+                let prefix = prefix.as_str();
+                async move { client.watch(prefix, Some(options)).await }
+            })
+            .await?;
             while let Some(resp) = stream.message().await? {
                 if resp.canceled() {
                     break;

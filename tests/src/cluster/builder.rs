@@ -1,7 +1,7 @@
 //! [`ClusterBuilder`]: how to build a test [`Cluster`]: how many servers and routes, how
-//! their configs are adjusted, how Redis runs, what the routes' clients trust. Its `start`
-//! waits until every server sees every route and every route sees every server, so a test
-//! begins with a cluster that routes.
+//! their configs are adjusted, how Redis and etcd run, what the routes' clients trust. Its
+//! `start` waits until every server sees every route and every route sees every server, so a
+//! test begins with a cluster that routes.
 
 use super::{Cluster, RouteNode, ServerNode};
 use crate::{Infra, RedisClusterOptions, RedisKind, RedisOptions};
@@ -17,6 +17,7 @@ pub struct ClusterBuilder {
     server_config: Box<dyn Fn(&mut ServerConfig)>,
     route_config: Box<dyn Fn(&mut RouteConfig)>,
     redis: RedisKind,
+    etcd_members: usize,
     client_tls: Option<ClientTls>,
 }
 
@@ -28,6 +29,7 @@ impl Default for ClusterBuilder {
             server_config: Box::new(|_| {}),
             route_config: Box::new(|_| {}),
             redis: RedisKind::default(),
+            etcd_members: 1,
             client_tls: None,
         }
     }
@@ -74,8 +76,16 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs etcd as a cluster of `n` members (default 1: one process); every server and route
+    /// is given all endpoints. For tests of an etcd member's death
+    /// (`cluster.infra.etcd.cluster_mut()`).
+    pub fn etcd_members(mut self, n: usize) -> Self {
+        self.etcd_members = n;
+        self
+    }
+
     pub async fn start(self) -> anyhow::Result<Cluster> {
-        let infra = Infra::start_on(self.redis).await?;
+        let infra = Infra::start_on(self.redis, self.etcd_members).await?;
         let prefix = crate::unique_prefix();
         let mut cluster = Cluster {
             servers: Vec::new(),
