@@ -1,13 +1,10 @@
-//! [`RedisNodes`]: the Redis of a test, either one [`Redis`] or a [`RedisCluster`], and
-//! [`RedisConn`], a raw connection to it of the matching kind (for tests that look at keys).
-//! Tests written against these run unchanged on both deployments.
+//! [`RedisNodes`]: the Redis of a test, either one [`Redis`] or a [`RedisCluster`], and a raw
+//! connection to it of the matching kind ([`RedisConn`], the store's own, for tests that look
+//! at keys). Tests written against these run unchanged on both deployments.
 
 use crate::{Redis, RedisCluster, RedisClusterOptions, RedisOptions};
-use redis::{
-    aio::{ConnectionLike, MultiplexedConnection},
-    cluster_async::ClusterConnection,
-    Cmd, Pipeline, RedisFuture, Value,
-};
+pub use cim_common::store::RedisConn;
+use std::time::Duration;
 
 /// Which Redis a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,47 +85,9 @@ impl RedisNodes {
         }
     }
 
-    /// A new raw connection of the matching kind.
+    /// A new raw connection of the matching kind (commands and single-slot pipelines work
+    /// on both).
     pub async fn connection(&self) -> anyhow::Result<RedisConn> {
-        Ok(match self {
-            RedisNodes::Single(r) => RedisConn::Single(r.connection().await?),
-            RedisNodes::Cluster(c) => RedisConn::Cluster(c.connection().await?),
-        })
-    }
-}
-
-/// A raw connection to a single Redis or to a cluster; commands and single-slot pipelines
-/// work on both.
-#[derive(Clone)]
-pub enum RedisConn {
-    Single(MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for RedisConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            RedisConn::Single(c) => c.req_packed_command(cmd),
-            RedisConn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            RedisConn::Single(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
-        }
+        Ok(RedisConn::connect(&self.url(), Duration::from_secs(10)).await?)
     }
 }

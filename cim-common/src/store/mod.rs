@@ -40,7 +40,7 @@ use async_trait::async_trait;
 use std::time::Duration;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::{RedisStore, RedisTarget};
+pub use self::redis::{Conn as RedisConn, RedisStore, RedisTarget};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

@@ -7,11 +7,13 @@
 //! (`redis+cluster://:secret@10.0.0.1:6379,10.0.0.2:6379`), is a Redis Cluster; any one
 //! reachable seed is enough to learn the others.
 
+use super::{unavailable, StoreError, StoreResult};
 use ::redis::{
     aio::{ConnectionLike, ConnectionManager},
     cluster_async::ClusterConnection,
     Cmd, Pipeline, RedisFuture, Value,
 };
+use std::time::Duration;
 
 /// The scheme of a Redis Cluster URL.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
@@ -67,15 +69,57 @@ impl RedisTarget {
     }
 }
 
-/// One connection of either kind; clones share it.
+/// One connection of either kind; clones share it. What the store talks through, and what
+/// tests use to look at raw keys of either deployment.
 #[derive(Clone)]
-pub(super) enum Conn {
+pub enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
 impl Conn {
-    pub(super) fn is_cluster(&self) -> bool {
+    /// Connects to `url` (see [`RedisTarget`]); every command times out after `timeout`.
+    pub async fn connect(url: &str, timeout: Duration) -> StoreResult<Conn> {
+        let target = RedisTarget::parse(url).map_err(StoreError::Unavailable)?;
+        let timed_out = || StoreError::Unavailable(format!("connecting to {url} timed out"));
+        Ok(match target {
+            RedisTarget::Single(url) => {
+                let client = ::redis::Client::open(url.as_str()).map_err(unavailable)?;
+                let config = ::redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    // No retry loop inside a call: redis-rs backs off from 1 s up to a minute
+                    // between reconnect attempts, and every command would wait for it. One
+                    // immediate reconnect attempt per call keeps "Redis down" a fast error.
+                    .set_number_of_retries(0);
+                let conn = ConnectionManager::new_with_config(client, config);
+                Conn::Single(
+                    tokio::time::timeout(timeout * 3, conn)
+                        .await
+                        .map_err(|_| timed_out())?
+                        .map_err(unavailable)?,
+                )
+            }
+            RedisTarget::Cluster(seeds) => {
+                let client = ::redis::cluster::ClusterClient::builder(seeds)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    // Redirections (MOVED, ASK) and reconnects after a failover are retried
+                    // inside a call, which as a whole still ends at its deadline.
+                    .overall_response_timeout(Some(timeout))
+                    .build()
+                    .map_err(unavailable)?;
+                Conn::Cluster(
+                    tokio::time::timeout(timeout * 3, client.get_async_connection())
+                        .await
+                        .map_err(|_| timed_out())?
+                        .map_err(unavailable)?,
+                )
+            }
+        })
+    }
+
+    pub fn is_cluster(&self) -> bool {
         matches!(self, Conn::Cluster(_))
     }
 }

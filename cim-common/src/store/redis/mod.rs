@@ -74,16 +74,15 @@ use crate::{
     keys::{self, Keys},
 };
 use ::redis::{
-    aio::{ConnectionManager, MultiplexedConnection},
-    AsyncCommands, AsyncConnectionConfig, Script, ScriptInvocation, Value,
+    aio::MultiplexedConnection, AsyncCommands, AsyncConnectionConfig, Script, ScriptInvocation,
+    Value,
 };
 use keys::CLUSTER_SHARDS;
 use prost::Message as _;
 use std::{collections::HashSet, sync::Arc};
 
 use batch::Batch;
-use conn::Conn;
-pub use conn::{RedisTarget, CLUSTER_SCHEME};
+pub use conn::{Conn, RedisTarget, CLUSTER_SCHEME};
 use scripts::*;
 
 pub(super) use self::{
@@ -158,41 +157,13 @@ impl RedisStore {
     /// Connects to `url`: `redis://host:port/db` (one Redis) or `redis+cluster://host:port,…`
     /// (a Redis Cluster; see [`RedisTarget`]). Every command times out after `timeout`.
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> StoreResult<Self> {
-        let target = RedisTarget::parse(url).map_err(StoreError::Unavailable)?;
-        let (conn, client, shards) = match target {
-            RedisTarget::Single(url) => {
-                let client = ::redis::Client::open(url.as_str()).map_err(unavailable)?;
-                let config = ::redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    // No retry loop inside a call: redis-rs backs off from 1 s up to a minute
-                    // between reconnect attempts, and every command would wait for it. One
-                    // immediate reconnect attempt per call keeps "Redis down" a fast error.
-                    .set_number_of_retries(0);
-                let conn = tokio::time::timeout(
-                    timeout * 3,
-                    ConnectionManager::new_with_config(client.clone(), config),
-                )
-                .await
-                .map_err(|_| StoreError::Unavailable(format!("connecting to {url} timed out")))?
-                .map_err(unavailable)?;
-                (Conn::Single(conn), Some(client), 1)
-            }
-            RedisTarget::Cluster(seeds) => {
-                let client = ::redis::cluster::ClusterClient::builder(seeds)
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    // Redirections (MOVED, ASK) and reconnects after a failover are retried
-                    // inside a call, which as a whole still ends at its deadline.
-                    .overall_response_timeout(Some(timeout))
-                    .build()
-                    .map_err(unavailable)?;
-                let conn = tokio::time::timeout(timeout * 3, client.get_async_connection())
-                    .await
-                    .map_err(|_| StoreError::Unavailable(format!("connecting to {url} timed out")))?
-                    .map_err(unavailable)?;
-                (Conn::Cluster(conn), None, CLUSTER_SHARDS)
-            }
+        let conn = Conn::connect(url, timeout).await?;
+        let (client, shards) = match RedisTarget::parse(url).map_err(StoreError::Unavailable)? {
+            RedisTarget::Single(url) => (
+                Some(::redis::Client::open(url.as_str()).map_err(unavailable)?),
+                1,
+            ),
+            RedisTarget::Cluster(_) => (None, CLUSTER_SHARDS),
         };
         let mut probe = conn.clone();
         let info: Value = tokio::time::timeout(
