@@ -78,7 +78,8 @@ pub struct RouteConfig {
     pub max_password_len: usize,
     /// Largest page of the online-users list.
     pub online_page_max: usize,
-    /// COUNT hint of one SCAN step over the routes when sweeping a lost server's users.
+    /// COUNT hint of one step (SSCAN of a shard of its user set) when sweeping a lost
+    /// server's users.
     pub scan_batch: usize,
     /// Deadline of one push (or kick) call to a connection server.
     pub push_timeout_ms: u64,
