@@ -319,14 +319,15 @@ cmd_start() {
         wait_for "${redis_names[$i]}" 20 redis_answers "${redis_ports[$i]}"
     done
     if ((redis_masters > 1)); then
-        # A fresh run folder: create the cluster. A restarted one keeps nodes.conf and forms
-        # the same cluster again by itself.
-        if ! redis_cluster_ok; then
+        # A fresh run folder: create the cluster (and remember it). A restarted one keeps
+        # nodes.conf and forms the same cluster again by itself, after a moment.
+        if [[ ! -f $run_dir/redis-cluster.created ]]; then
             local nodes=()
             for i in "${!redis_ports[@]}"; do nodes+=("$host:${redis_ports[$i]}"); done
             redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
                 >"$run_dir/redis-cluster-create.log" 2>&1 ||
                 die "redis-cli --cluster create failed; see $run_dir/redis-cluster-create.log"
+            touch "$run_dir/redis-cluster.created"
         fi
         wait_for "${redis_names[0]}" 30 redis_cluster_ok
     fi
