@@ -114,6 +114,29 @@ impl Batch {
     }
 }
 
+impl RedisStore {
+    /// One command on each shard's key (`key(shard)`, the command from `build`), in one batch:
+    /// each shard's reply as `T`, in shard order (what every read over a shard-wide key does).
+    pub(super) async fn per_shard<T: ::redis::FromRedisValue>(
+        &self,
+        key: impl Fn(usize) -> String,
+        build: impl Fn(&mut ::redis::Pipeline, &str),
+        what: &str,
+    ) -> StoreResult<Vec<T>> {
+        let mut batch = self.batch();
+        for shard in 0..self.keys.shards() {
+            let key = key(shard);
+            batch.add(&key, |pipe| build(pipe, &key));
+        }
+        batch
+            .run(self, &[])
+            .await?
+            .into_iter()
+            .map(|replies| parse(single(replies)?, what))
+            .collect()
+    }
+}
+
 /// The one reply of a one-command unit.
 pub(super) fn single(mut replies: Vec<Value>) -> StoreResult<Value> {
     match (replies.pop(), replies.is_empty()) {

@@ -135,24 +135,26 @@ impl Channels for RedisStore {
             return Ok(Vec::new());
         }
         // Each shard's first `limit` members after `after`, merged: the first `limit` of all.
-        let mut batch = self.batch();
-        for shard in 0..self.keys.shards() {
-            let key = self.keys.channel(shard, channel);
-            batch.add(&key, |pipe| {
-                pipe.cmd("ZRANGEBYSCORE")
-                    .arg(&key)
-                    .arg(format!("({after}"))
-                    .arg("+inf")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(limit);
-            });
-        }
-        let mut ids: Vec<u64> = Vec::new();
-        for replies in batch.run(self, &[]).await? {
-            let page: Vec<String> = batch::parse(batch::single(replies)?, "channel members")?;
-            ids.extend(page.iter().filter_map(|m| m.parse::<u64>().ok()));
-        }
+        let pages: Vec<Vec<String>> = self
+            .per_shard(
+                |shard| self.keys.channel(shard, channel),
+                |pipe, key| {
+                    pipe.cmd("ZRANGEBYSCORE")
+                        .arg(key)
+                        .arg(format!("({after}"))
+                        .arg("+inf")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(limit);
+                },
+                "channel members",
+            )
+            .await?;
+        let mut ids: Vec<u64> = pages
+            .iter()
+            .flatten()
+            .filter_map(|m| m.parse::<u64>().ok())
+            .collect();
         ids.sort_unstable();
         ids.truncate(limit);
         Ok(ids)
@@ -167,26 +169,22 @@ impl Channels for RedisStore {
             Some(after) => [b"(", after.as_bytes()].concat(),
             None => b"-".to_vec(),
         };
-        let mut batch = self.batch();
-        for shard in 0..self.keys.shards() {
-            let key = self.keys.channels(shard);
-            batch.add(&key, |pipe| {
-                pipe.cmd("ZRANGEBYLEX")
-                    .arg(&key)
-                    .arg(&min)
-                    .arg("+")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(limit);
-            });
-        }
-        let mut names: Vec<String> = Vec::new();
-        for replies in batch.run(self, &[]).await? {
-            names.extend(batch::parse::<Vec<String>>(
-                batch::single(replies)?,
+        let pages: Vec<Vec<String>> = self
+            .per_shard(
+                |shard| self.keys.channels(shard),
+                |pipe, key| {
+                    pipe.cmd("ZRANGEBYLEX")
+                        .arg(key)
+                        .arg(&min)
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(limit);
+                },
                 "channel list",
-            )?);
-        }
+            )
+            .await?;
+        let mut names: Vec<String> = pages.into_iter().flatten().collect();
         names.sort_unstable();
         names.truncate(limit);
         Ok(names)
@@ -240,17 +238,15 @@ impl Channels for RedisStore {
 impl RedisStore {
     /// Members of `channel` over all shards (one ZCARD per shard).
     async fn member_count(&self, channel: &str) -> StoreResult<u64> {
-        let mut batch = self.batch();
-        for shard in 0..self.keys.shards() {
-            let key = self.keys.channel(shard, channel);
-            batch.add(&key, |pipe| {
-                pipe.zcard(&key);
-            });
-        }
-        let mut total = 0;
-        for replies in batch.run(self, &[]).await? {
-            total += batch::parse::<u64>(batch::single(replies)?, "channel size")?;
-        }
-        Ok(total)
+        let sizes: Vec<u64> = self
+            .per_shard(
+                |shard| self.keys.channel(shard, channel),
+                |pipe, key| {
+                    pipe.zcard(key);
+                },
+                "channel size",
+            )
+            .await?;
+        Ok(sizes.into_iter().sum())
     }
 }

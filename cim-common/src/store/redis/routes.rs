@@ -92,26 +92,22 @@ impl Routes for RedisStore {
             [b"(", prefix.as_bytes(), &[0xff]].concat()
         };
         // Each shard's first `limit` entries of the range, merged: the first `limit` of all.
-        let mut batch = self.batch();
-        for shard in 0..self.keys.shards() {
-            let key = self.keys.online(shard);
-            batch.add(&key, |pipe| {
-                pipe.cmd("ZRANGEBYLEX")
-                    .arg(&key)
-                    .arg(&min)
-                    .arg(&max)
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(limit);
-            });
-        }
-        let mut members: Vec<String> = Vec::new();
-        for replies in batch.run(self, &[]).await? {
-            members.extend(batch::parse::<Vec<String>>(
-                batch::single(replies)?,
+        let pages: Vec<Vec<String>> = self
+            .per_shard(
+                |shard| self.keys.online(shard),
+                |pipe, key| {
+                    pipe.cmd("ZRANGEBYLEX")
+                        .arg(key)
+                        .arg(&min)
+                        .arg(&max)
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(limit);
+                },
                 "online page",
-            )?);
-        }
+            )
+            .await?;
+        let mut members: Vec<String> = pages.into_iter().flatten().collect();
         members.sort_unstable();
         members.truncate(limit);
         Ok(members
