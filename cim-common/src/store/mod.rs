@@ -382,7 +382,10 @@ pub trait Events: Send + Sync + 'static {
     /// Events with an id after `after` (`None`: from the oldest kept), oldest first, at most
     /// `limit` (capped at [`MAX_EVENTS_READ`]). Never waits. The stream keeps the newest
     /// `events_max_len` events (approximately, in Redis: up to one stream node, by default
-    /// 100 events, more). An `after` that is no event id (`{u64}-{u64}`, see
+    /// 100 events, more; on a Redis Cluster each shard's stream its share). Over a cluster's
+    /// shards the order is by [`crate::events::EventId`] and stable: an event is handed out
+    /// only once nothing can appear before it, so resuming after any id repeats and loses
+    /// nothing (a just-published event may come with the next call). An `after` that is no event id (`{u64}-{u64}`, see
     /// [`crate::events::EventId`]) is [`StoreError::Corrupt`]: callers validate ids they
     /// were given.
     async fn events_after(
@@ -395,7 +398,8 @@ pub trait Events: Send + Sync + 'static {
     /// `timeout` for one to be published; empty when none came (a zero `timeout` does not
     /// wait). Redis: a blocking XREAD on a connection of its own (never the shared
     /// multiplexed one, which it would stall); concurrent calls on one store take turns, each
-    /// still answering within its `timeout` (plus one call's deadline).
+    /// still answering within its `timeout` (plus one call's deadline). A Redis Cluster's
+    /// shards are polled every 50 ms instead (one XREAD cannot block on several slots).
     async fn events_wait(
         &self,
         after: &str,
