@@ -376,3 +376,28 @@ async fn redis_cluster_fails_over_to_a_replica() -> anyhow::Result<()> {
     assert_eq!(cluster.pids().len(), 6);
     Ok(())
 }
+
+/// A node that fails to start returns its error: its runtime is shut down in the background,
+/// not dropped inside the caller's async context (which panicked, hiding the error).
+#[tokio::test]
+async fn a_node_that_cannot_start_returns_its_error() -> anyhow::Result<()> {
+    // A port nothing listens on (bound for a moment to learn it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = cim_server::ServerConfig {
+        backend: cim_common::backend::BackendConfig {
+            // Nothing listens there.
+            redis_url: format!("redis://127.0.0.1:{port}/0"),
+            timeout_ms: 200,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = match cim_tests::cluster::ServerNode::start(config).await {
+        Ok(_) => anyhow::bail!("a server without Redis started"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains(&port.to_string()), "{err}");
+    Ok(())
+}

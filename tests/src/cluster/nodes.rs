@@ -2,7 +2,6 @@
 //! ([`ServerNode`]) or a route ([`RouteNode`]), each on a Tokio runtime of its own so that a
 //! hard stop drops every task at once (see the parent module's docs for why).
 
-use anyhow::Context;
 use cim_common::backend::Backends;
 use cim_route::{RouteConfig, RouteHandle};
 use cim_sdk::ClientTls;
@@ -29,10 +28,20 @@ impl<H: Send + 'static> Isolated<H> {
             .worker_threads(1)
             .enable_all()
             .build()?;
-        let (handle, info) = rt
+        let started = rt
             .spawn(start)
             .await
-            .with_context(|| format!("{what} start task"))??;
+            .map_err(anyhow::Error::new)
+            .and_then(|started| started);
+        let (handle, info) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                // Dropping a runtime inside async code panics (hiding this error): stop it
+                // in the background.
+                rt.shutdown_background();
+                return Err(e.context(format!("{what} start")));
+            }
+        };
         let node = Self {
             rt: Some(rt),
             handle: Some(handle),
