@@ -40,7 +40,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
-    /// Event id (`<ms>-<n>`) to continue after.
+    /// Event id (`<ms>-<n>`, or `<ms>-<n>-<shard>` on a Redis Cluster) to continue after.
     #[serde(default)]
     pub after: Option<String>,
     /// Page size (default 50, at most the store's read limit). Ignored by the stream.
@@ -64,7 +64,7 @@ pub struct RecentEvents<'a> {
 #[derive(Serialize, ToSchema)]
 #[schema(as = PresenceEvent)]
 pub struct EventDoc {
-    /// Event id, `<ms>-<n>`, increasing.
+    /// Event id, `<ms>-<n>` (on a Redis Cluster `<ms>-<n>-<shard>` past shard 0), increasing.
     #[schema(example = "1718000000000-0")]
     pub id: String,
     #[serde(rename = "type")]
@@ -93,9 +93,9 @@ pub enum EventKindDoc {
 
 /// A validated event id from the client.
 fn event_id(raw: &str) -> Result<String, AppError> {
-    EventId::parse(raw)
-        .map(|id| id.to_string())
-        .ok_or_else(|| AppError::bad_request("invalid event id: expected `<ms>-<n>`"))
+    EventId::parse(raw).map(|id| id.to_string()).ok_or_else(|| {
+        AppError::bad_request("invalid event id: expected `<ms>-<n>` or `<ms>-<n>-<shard>`")
+    })
 }
 
 /// Poll presence events.
@@ -237,7 +237,7 @@ impl Subscription {
         EventsQuery,
     ),
     responses(
-        (status = 200, description = "An endless `text/event-stream`; each event is `id: <ms>-<n>`, `event: online|offline`, `data: <PresenceEvent JSON without id>`", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An endless `text/event-stream`; each event is `id: <ms>-<n>` (or `<ms>-<n>-<shard>`), `event: online|offline`, `data: <PresenceEvent JSON without id>`", content_type = "text/event-stream", body = String),
         (status = 400, description = "`bad_request`: invalid event id", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
         (status = 503, description = "`overloaded` or `timeout`", body = ErrorBody),
