@@ -110,6 +110,40 @@ pub fn unique_prefix() -> String {
     format!("t{}-{n}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
+/// The ids of a registry list, in its order.
+pub fn member_ids(list: &cim_common::registry::Members) -> Vec<String> {
+    list.iter().map(|s| s.id.clone()).collect()
+}
+
+/// Awaits a registry watch's updates (no polling) until `pred` holds for its list, within
+/// `deadline`; the error names `what` and the last list.
+pub async fn wait_members(
+    rx: &mut cim_common::registry::MembersRx,
+    what: &str,
+    deadline: Duration,
+    pred: impl Fn(&cim_common::registry::Members) -> bool,
+) -> anyhow::Result<cim_common::registry::Members> {
+    let wait = async {
+        loop {
+            {
+                let current = rx.borrow_and_update();
+                if pred(&current) {
+                    return Ok(current.clone());
+                }
+            }
+            rx.changed()
+                .await
+                .map_err(|_| anyhow::anyhow!("watch closed while waiting for {what}"))?;
+        }
+    };
+    tokio::time::timeout(deadline, wait).await.map_err(|_| {
+        anyhow::anyhow!(
+            "timed out after {deadline:?} waiting for {what}; list is {:?}",
+            member_ids(&rx.borrow())
+        )
+    })?
+}
+
 /// A Redis (one server or a cluster: [`RedisNodes`]) and an etcd (one process or a cluster:
 /// [`EtcdNodes`]) for one test.
 #[derive(Debug)]

@@ -28,7 +28,7 @@ use cim_common::registry::{
 use cim_sdk::{pb::SendStatus, Transport};
 use cim_tests::{
     cluster::{Cluster, ServerNode},
-    unique_prefix, wait_until, EtcdCluster,
+    member_ids as ids, unique_prefix, wait_until, EtcdCluster,
 };
 use std::{
     collections::HashSet,
@@ -54,35 +54,13 @@ fn server(id: &str) -> ServiceInfo {
     }
 }
 
-fn ids(list: &Members) -> Vec<&str> {
-    list.iter().map(|m| m.id.as_str()).collect()
-}
-
-/// Awaits the watch until `pred` holds for its list.
+/// Awaits the watch until `pred` holds for its list (within [`DEADLINE`]).
 async fn wait_members(
     rx: &mut MembersRx,
     what: &str,
     pred: impl Fn(&Members) -> bool,
 ) -> anyhow::Result<Members> {
-    let wait = async {
-        loop {
-            {
-                let current = rx.borrow_and_update();
-                if pred(&current) {
-                    return Ok(current.clone());
-                }
-            }
-            rx.changed()
-                .await
-                .map_err(|_| anyhow::anyhow!("watch closed while waiting for {what}"))?;
-        }
-    };
-    tokio::time::timeout(DEADLINE, wait).await.map_err(|_| {
-        anyhow::anyhow!(
-            "timed out after {DEADLINE:?} waiting for {what}; list is {:?}",
-            ids(&rx.borrow())
-        )
-    })?
+    cim_tests::wait_members(rx, what, DEADLINE, pred).await
 }
 
 /// Follows the watch until `until` has passed and `done` holds, failing as soon as a list

@@ -35,9 +35,7 @@ use cim_common::{
     events::{reason, EventId, PresenceEvent, PresenceKind, StoredEvent},
     keys::{self, Keys},
     pb::{Message, MessageKind},
-    registry::{
-        self, EtcdRegistry, Members, MembersRx, MemoryRegistry, Registry, ServiceInfo, ServiceKind,
-    },
+    registry::{self, EtcdRegistry, MemoryRegistry, Registry, ServiceInfo, ServiceKind},
     // The roles, for calls on a concrete store (`RedisStore`, `MemoryStore`).
     store::prelude::*,
     store::{

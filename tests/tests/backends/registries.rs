@@ -20,37 +20,7 @@ pub(crate) fn route_member(id: &str) -> ServiceInfo {
     }
 }
 
-pub(crate) fn ids(m: &Members) -> Vec<String> {
-    m.iter().map(|s| s.id.clone()).collect()
-}
-
-/// Awaits watch updates (no polling) until `pred` holds for the list, within `deadline`.
-pub(crate) async fn wait_members(
-    rx: &mut MembersRx,
-    what: &str,
-    deadline: Duration,
-    pred: impl Fn(&Members) -> bool,
-) -> anyhow::Result<Members> {
-    let wait = async {
-        loop {
-            {
-                let current = rx.borrow_and_update();
-                if pred(&current) {
-                    return Ok(current.clone());
-                }
-            }
-            rx.changed()
-                .await
-                .map_err(|_| anyhow::anyhow!("watch closed while waiting for {what}"))?;
-        }
-    };
-    tokio::time::timeout(deadline, wait).await.map_err(|_| {
-        anyhow::anyhow!(
-            "timed out after {deadline:?} waiting for {what}; list is {:?}",
-            ids(&rx.borrow())
-        )
-    })?
-}
+pub(crate) use cim_tests::{member_ids as ids, wait_members};
 
 pub(crate) async fn registry_on(etcd: &Etcd) -> EtcdRegistry {
     EtcdRegistry::connect(
