@@ -42,12 +42,7 @@ async fn inbox_len_becomes(
     user_id: u64,
     len: usize,
 ) -> anyhow::Result<()> {
-    cim_tests::wait_until(
-        &format!("inbox of user {user_id} to hold {len} messages"),
-        INBOX,
-        || async move { store.inbox_len(user_id).await.is_ok_and(|n| n == len) },
-    )
-    .await
+    cim_tests::cluster::inbox_len_becomes(store, user_id, len, INBOX).await
 }
 
 fn private(to: u64, body: &str) -> pb::Send {

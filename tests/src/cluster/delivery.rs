@@ -277,3 +277,18 @@ impl TestUser {
         }
     }
 }
+
+/// Waits (polling, within `deadline`) until `user_id`'s inbox holds `len` messages.
+pub async fn inbox_len_becomes(
+    store: &std::sync::Arc<dyn cim_common::store::StateStore>,
+    user_id: u64,
+    len: usize,
+    deadline: Duration,
+) -> anyhow::Result<()> {
+    crate::wait_until(
+        &format!("inbox of user {user_id} to hold {len} messages"),
+        deadline,
+        || async move { store.inbox_len(user_id).await.is_ok_and(|n| n == len) },
+    )
+    .await
+}

@@ -23,7 +23,9 @@ mod nodes;
 mod users;
 
 pub use builder::ClusterBuilder;
-pub use delivery::{check_stream_delivery, Collected, DeliveryCheck, Received, Sent};
+pub use delivery::{
+    check_stream_delivery, inbox_len_becomes, Collected, DeliveryCheck, Received, Sent,
+};
 pub use nodes::{RouteNode, ServerNode};
 pub use users::{test_password, TestUser, FRAME_DEADLINE};
 
