@@ -53,10 +53,10 @@ impl Batch {
             }
         };
         let (_, pipe, units) = &mut self.groups[group];
-        let before = pipe.cmd_iter().count();
+        let before = pipe.len();
         build(pipe);
         let unit = self.sizes.len();
-        self.sizes.push(pipe.cmd_iter().count() - before);
+        self.sizes.push(pipe.len() - before);
         units.push(unit);
         unit
     }
