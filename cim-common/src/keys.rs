@@ -23,6 +23,14 @@
 //! | `{p}:events:{{t}}` | shard | stream | the shard's presence events, fields `t` (`online`/`offline`), `u` (user id), `n` (name), `s` (server id), `at` (unix ms), `r` (offline reason); capped with `MAXLEN ~` |
 //! | `{p}:chan:{{t}}:{name}` | shard | sorted set | the members of a channel who are in shard `t`, each scored by their id |
 //! | `{p}:chans:{{t}}` | shard | sorted set | names of the channels with members whose name hashes to shard `t`, score 0 |
+//! | `{p}:user:grps:{{id}}` | user | hash | group id → the user's position in it (last acked seq) |
+//! | `{p}:user:convs:{{id}}` | user | sorted set | peer ids of the user's private conversations, scored by the newest message's unix ms |
+//! | `{p}:grp:next_id` | whole key | string | last group id handed out (INCR; group creation only) |
+//! | `{p}:conv:{{c}}` | conversation | hash | `top`, `last`, `at`; groups: `name`, `owner`, `created`, `ver`, `gone`; private: read marks `r{id}` |
+//! | `{p}:conv:log:{{c}}` | conversation | list | `{seq}\|{unix ms}\|{protobuf Message}`, oldest first, trimmed to the retention |
+//! | `{p}:conv:ids:{{c}}` | conversation | sorted set | ids of the newest messages, scored by seq (idempotent appends) |
+//! | `{p}:conv:mem:{{c}}` | conversation | hash | group members: user id → `{role}:{joined seq}` |
+//! | `{p}:conv:read:{{c}}` | conversation | hash | group read marks: user id → seq |
 //! | `{p}:sent:{id}` | whole key | string | a group or channel message id already sent: its `timestamp_ms`, expiring after a minute |
 //! | `{p}:lease:{name}` | whole key | string | holder of a lease (owner id), expiring with the lease |
 //! | `{p}:cursor:{name}` | whole key | string | a named cursor (the webhook's last delivered event id) |
@@ -222,6 +230,57 @@ impl Keys {
 
     pub fn inbox_seq(&self, id: u64) -> String {
         format!("{}:inbox:seq:{{{id}}}", self.prefix)
+    }
+
+    /// The groups a user is a member of, each with the user's position (acked seq).
+    pub fn user_groups(&self, id: u64) -> String {
+        format!("{}:user:grps:{{{id}}}", self.prefix)
+    }
+
+    /// The private conversations of a user: peer ids scored by the last message's unix ms.
+    pub fn user_conversations(&self, id: u64) -> String {
+        format!("{}:user:convs:{{{id}}}", self.prefix)
+    }
+
+    /// Last group id handed out (INCR; group creation only).
+    pub fn next_group_id(&self) -> String {
+        format!("{}:grp:next_id", self.prefix)
+    }
+
+    /// The hash tag of a conversation's keys: `g{id}` for a group, `d{a}.{b}` (a < b) for
+    /// the private conversation of two users.
+    pub fn conversation_tag(a: u64, b: Option<u64>) -> String {
+        match b {
+            None => format!("g{a}"),
+            Some(b) => format!("d{}.{}", a.min(b), a.max(b)),
+        }
+    }
+
+    /// A conversation's metadata (hash): `top` (last seq), `last` (the newest message),
+    /// `at` (its unix ms); groups also `name`, `owner`, `created`, `ver`, `gone`; private
+    /// conversations the two read marks `r{id}`.
+    pub fn conv_meta(&self, tag: &str) -> String {
+        format!("{}:conv:{{{tag}}}", self.prefix)
+    }
+
+    /// A conversation's log (list of `{seq}|{unix ms}|{protobuf Message}`, oldest first).
+    pub fn conv_log(&self, tag: &str) -> String {
+        format!("{}:conv:log:{{{tag}}}", self.prefix)
+    }
+
+    /// The ids of a conversation's newest messages, scored by seq (idempotent appends).
+    pub fn conv_ids(&self, tag: &str) -> String {
+        format!("{}:conv:ids:{{{tag}}}", self.prefix)
+    }
+
+    /// A group's members (hash): user id → `{role code}:{joined seq}`.
+    pub fn group_members(&self, tag: &str) -> String {
+        format!("{}:conv:mem:{{{tag}}}", self.prefix)
+    }
+
+    /// A group's read marks (hash): user id → seq.
+    pub fn group_reads(&self, tag: &str) -> String {
+        format!("{}:conv:read:{{{tag}}}", self.prefix)
     }
 }
 

@@ -192,4 +192,29 @@ layered! {
         ChannelList = fn channel_list(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>>;
         ChannelStats = fn channel_stats(&self, channels: &[String]) -> StoreResult<Vec<ChannelInfo>>;
     }
+    Groups {
+        GroupCreate = fn group_create(&self, owner: u64, name: &str, event: &mut Message, limits: GroupLimits) -> StoreResult<Option<GroupInfo>>;
+        GroupInfo = fn group_info(&self, group: u64) -> StoreResult<Option<GroupInfo>>;
+        GroupMember = fn group_member(&self, group: u64, user: u64) -> StoreResult<Option<GroupMember>>;
+        GroupMembers = fn group_members(&self, group: u64, after: u64, limit: usize) -> StoreResult<Vec<GroupMember>>;
+        GroupAdd = fn group_add(&self, group: u64, users: &[u64], event: &mut Message, limits: GroupLimits) -> StoreResult<AddOutcome>;
+        GroupRemove = fn group_remove(&self, group: u64, users: &[u64], event: &mut Message) -> StoreResult<u64>;
+        GroupSetRole = fn group_set_role(&self, group: u64, user: u64, role: Role, event: &mut Message) -> StoreResult<Changed>;
+        GroupRename = fn group_rename(&self, group: u64, name: &str, event: &mut Message) -> StoreResult<Changed>;
+        GroupDisband = fn group_disband(&self, group: u64, event: &mut Message) -> StoreResult<Changed>;
+        UserGroups = fn user_groups(&self, user: u64) -> StoreResult<Vec<u64>>;
+    }
+    History {
+        PrivateAppend = fn private_append(&self, messages: &mut [Message]) -> StoreResult<()>;
+        GroupAppend = fn group_append(&self, messages: &mut [Message]) -> StoreResult<Vec<GroupAppend>>;
+        History = fn history(&self, viewer: u64, conv: ConvKey, page: HistoryPage, limit: usize) -> StoreResult<Option<Vec<Message>>>;
+        Conversations = fn conversations(&self, user: u64, before_ms: Option<i64>, limit: usize) -> StoreResult<Vec<ConversationSummary>>;
+        MarkRead = fn mark_read(&self, user: u64, conv: ConvKey, seq: u64) -> StoreResult<Option<u64>>;
+    }
+    GroupSync {
+        GroupCursors = fn group_cursors(&self, user: u64) -> StoreResult<Vec<GroupCursor>>;
+        GroupRead = fn group_read(&self, group: u64, after: u64, limit: usize) -> StoreResult<Vec<Message>>;
+        GroupAck = fn group_ack(&self, acks: &[(u64, Vec<(u64, u64)>)]) -> StoreResult<()>;
+        GroupCheck = fn group_check(&self, group: u64, users: &[u64]) -> StoreResult<(u64, Vec<bool>)>;
+    }
 }

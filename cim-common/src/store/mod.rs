@@ -18,6 +18,7 @@
 //! the memory store never waits. [`layer::Layered`] wraps any store with a hook that sees
 //! every call: error counting ([`counting`]) and the test double ([`faulty`]) are hooks.
 
+pub mod chat;
 pub mod counting;
 #[cfg(feature = "test-support")]
 pub mod faulty;
@@ -30,8 +31,8 @@ pub mod redis;
 /// in scope. `use cim_common::store::prelude::*;`
 pub mod prelude {
     pub use super::{
-        Accounts, Broadcasts, Channels, Delivery, Events, Inbox, Leases, LoginSlots, Routes,
-        Sessions,
+        Accounts, Broadcasts, Channels, Delivery, Events, GroupSync, Groups, History, Inbox,
+        Leases, LoginSlots, Routes, Sessions,
     };
 }
 
@@ -39,6 +40,10 @@ use crate::{events::StoredEvent, pb::Message};
 use async_trait::async_trait;
 use std::time::Duration;
 
+pub use self::chat::{
+    AddOutcome, Changed, ConvKey, ConversationSummary, GroupAppend, GroupCursor, GroupInfo,
+    GroupLimits, GroupMember, GroupSync, Groups, History, HistoryLimits, HistoryPage, Role,
+};
 pub use self::memory::MemoryStore;
 pub use self::redis::{Conn as RedisConn, RedisStore, RedisTarget};
 
@@ -486,20 +491,40 @@ pub trait Channels: Send + Sync + 'static {
 }
 
 /// What a connection server does to the shared state: attach and detach the sessions of its
-/// connections, replay and ack their inboxes. Nothing of accounts, logins or routing.
-pub trait ServerStore: Sessions + Inbox {}
+/// connections, replay and ack their inboxes, catch its users up on their groups. Nothing of
+/// accounts, logins or routing.
+pub trait ServerStore: Sessions + Inbox + GroupSync {}
 
-impl<T: Sessions + Inbox + ?Sized> ServerStore for T {}
+impl<T: Sessions + Inbox + GroupSync + ?Sized> ServerStore for T {}
 
 /// What a route does to the shared state: every role but the connection's side of a session
 /// and of an inbox.
 pub trait RouteStore:
-    Accounts + LoginSlots + Routes + Delivery + Events + Broadcasts + Leases + Channels
+    Accounts
+    + LoginSlots
+    + Routes
+    + Delivery
+    + Events
+    + Broadcasts
+    + Leases
+    + Channels
+    + Groups
+    + History
 {
 }
 
 impl<T> RouteStore for T where
-    T: Accounts + LoginSlots + Routes + Delivery + Events + Broadcasts + Leases + Channels + ?Sized
+    T: Accounts
+        + LoginSlots
+        + Routes
+        + Delivery
+        + Events
+        + Broadcasts
+        + Leases
+        + Channels
+        + Groups
+        + History
+        + ?Sized
 {
 }
 
