@@ -37,6 +37,7 @@ mod channels;
 mod claims;
 mod fanout;
 mod group;
+mod group_chat;
 mod private;
 mod push;
 mod receipts;
@@ -45,6 +46,7 @@ mod tests;
 mod validate;
 
 pub use claims::BROADCAST_CLAIM_TTL;
+pub(crate) use group_chat::push_group;
 pub use fanout::{group_by_server, group_deliveries, ServerGroups};
 pub use push::PUSH_PATH;
 pub use receipts::route_receipts;
@@ -102,6 +104,9 @@ enum Kind {
     Group,
     /// To the online members of a channel but the sender (CHANNEL).
     Channel,
+    /// To a stored group: appended to its log once, pushed to its members online
+    /// (GROUP_CHAT).
+    GroupChat,
 }
 
 /// A message accepted for delivery: it has an id and a timestamp.
@@ -216,7 +221,8 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
             client_id,
             kind: v.kind,
             check_member: v.kind == Kind::Channel && !v.item.backend,
-            claim: v.kind != Kind::Private && !send.message_id.is_empty(),
+            // Stored kinds are idempotent by id in their stores; only broadcasts are claimed.
+            claim: matches!(v.kind, Kind::Group | Kind::Channel) && !send.message_id.is_empty(),
             message: Message {
                 id,
                 sender_id: v.item.sender_id,
@@ -230,6 +236,11 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
                     send.channel
                 } else {
                     String::new()
+                },
+                group_id: if v.kind == Kind::GroupChat {
+                    send.group_id
+                } else {
+                    0
                 },
                 ..Default::default()
             },
@@ -250,7 +261,7 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
             phase
                 .broadcasts
                 .iter()
-                .map(|run| deliver_broadcasts(state, &servers, run)),
+                .map(|run| deliver_run(state, &servers, run)),
         );
         let (private_outcomes, broadcast_outcomes) = tokio::join!(privates, broadcasts);
         for (a, r) in phase.privates.iter().zip(private_outcomes) {
@@ -270,6 +281,18 @@ pub async fn route_batch(state: &AppState, items: Vec<Outgoing>) -> Vec<SendResu
     }
     state.metrics().messages(&outcomes);
     results
+}
+
+/// One sender's run of broadcasts or group-chat messages (one kind).
+async fn deliver_run(
+    state: &AppState,
+    servers: &cim_common::registry::Members,
+    run: &[Accepted],
+) -> Vec<SendResult> {
+    match run.first().map(|a| a.kind) {
+        Some(Kind::GroupChat) => group_chat::deliver_group_chat(state, servers, run).await,
+        _ => deliver_broadcasts(state, servers, run).await,
+    }
 }
 
 /// Messages of a batch that are delivered together.
@@ -310,7 +333,7 @@ fn phases(accepted: Vec<Accepted>) -> Vec<Phase> {
         let at = &mut phases[phase];
         match a.kind {
             Kind::Private => at.privates.push(a),
-            Kind::Group | Kind::Channel => match slot {
+            Kind::Group | Kind::Channel | Kind::GroupChat => match slot {
                 Some(i) => at.broadcasts[*i].push(a),
                 None => {
                     *slot = Some(at.broadcasts.len());

@@ -50,6 +50,7 @@ pub(super) fn validate(
         Some(MessageKind::System) if system && has_receiver => Kind::Private,
         Some(MessageKind::System) if system => Kind::Group,
         Some(MessageKind::Channel) => Kind::Channel,
+        Some(MessageKind::GroupChat) => Kind::GroupChat,
         Some(MessageKind::System) if item.backend => {
             return Err(failed(
                 client_id,
@@ -90,6 +91,13 @@ pub(super) fn validate(
             ),
         ));
     }
+    if kind == Kind::GroupChat && send.group_id == 0 {
+        return Err(failed(
+            client_id,
+            ErrorCode::BadRequest,
+            "missing group_id: GROUP_CHAT messages name their group",
+        ));
+    }
     if send.receipt && (kind != Kind::Private || system) {
         return Err(failed(
             client_id,
@@ -122,7 +130,7 @@ pub(super) fn validate(
         ));
     }
     let receiver = match kind {
-        Kind::Group | Kind::Channel => None,
+        Kind::Group | Kind::Channel | Kind::GroupChat => None,
         Kind::Private if send.to_user_id != 0 => Some(Receiver::Id(send.to_user_id)),
         Kind::Private => {
             let name = send.to_user_name.trim();
