@@ -263,7 +263,7 @@ pub fn error_code_label(code: crate::pb::ErrorCode) -> &'static str {
 }
 
 /// Every frame kind ([`crate::pb::Frame::kind_name`]), indexed by [`frame_kind_index`].
-pub const FRAME_KINDS: [&str; 11] = [
+pub const FRAME_KINDS: [&str; 13] = [
     "unknown",
     "login",
     "login_result",
@@ -275,6 +275,8 @@ pub const FRAME_KINDS: [&str; 11] = [
     "kick",
     "error",
     "ack",
+    "read_mark",
+    "typing",
 ];
 
 /// The index in [`FRAME_KINDS`] of `frame`'s kind (a match on the body's variant: no string).
@@ -292,6 +294,8 @@ pub fn frame_kind_index(frame: &crate::pb::Frame) -> usize {
         Some(Body::Kick(_)) => 8,
         Some(Body::Error(_)) => 9,
         Some(Body::Ack(_)) => 10,
+        Some(Body::ReadMark(_)) => 11,
+        Some(Body::Typing(_)) => 12,
     }
 }
 

@@ -8,6 +8,7 @@
 //! names enum values, so only the values this build knows can be written as JSON.
 
 use crate::pb::{
+    Conversation, GroupEvent, GroupPosition, ReadMark, Typing,
     frame::Body, Ack, Error, ErrorCode, Frame, Kick, KickReason, Login, LoginResult, Message,
     MessageKind, Ping, Pong, Push, Send, SendResult, SendStatus,
 };
@@ -76,11 +77,13 @@ pub fn message(enums: Enums) -> impl Strategy<Value = Message> {
             any::<bool>(),
             text(),
         ),
+        (any::<u64>(), any::<u64>()),
     )
         .prop_map(
             |(
                 (id, sender_id, sender_name, receiver_id, kind),
                 (body, timestamp_ms, seq, channel, receipt, receipt_for),
+                (group_id, log_seq),
             )| Message {
                 id,
                 sender_id,
@@ -93,6 +96,14 @@ pub fn message(enums: Enums) -> impl Strategy<Value = Message> {
                 channel,
                 receipt,
                 receipt_for,
+                group_id,
+                log_seq,
+                group_event: (group_id % 3 == 0).then(|| GroupEvent {
+                    r#type: (log_seq % 8) as i32,
+                    user_ids: vec![sender_id, receiver_id],
+                    name: format!("g{group_id}"),
+                    role: String::new(),
+                }),
             },
         )
 }
@@ -100,12 +111,12 @@ pub fn message(enums: Enums) -> impl Strategy<Value = Message> {
 fn send(enums: Enums) -> impl Strategy<Value = Send> {
     (
         (any::<u64>(), message_kind(enums), any::<u64>(), text()),
-        (text(), text(), any::<bool>(), text()),
+        (text(), text(), any::<bool>(), text(), any::<u64>()),
     )
         .prop_map(
             |(
                 (client_id, kind, to_user_id, to_user_name),
-                (body, channel, receipt, message_id),
+                (body, channel, receipt, message_id, group_id),
             )| {
                 Send {
                     client_id,
@@ -116,6 +127,7 @@ fn send(enums: Enums) -> impl Strategy<Value = Send> {
                     channel,
                     receipt,
                     message_id,
+                    group_id,
                 }
             },
         )
@@ -133,10 +145,14 @@ fn send_result(enums: Enums) -> impl Strategy<Value = SendResult> {
             any::<u32>(),
             option::of(error(enums)),
             any::<bool>(),
+            any::<u64>(),
         ),
     )
         .prop_map(
-            |((client_id, status, message_id), (timestamp_ms, delivered, error, repeat))| {
+            |(
+                (client_id, status, message_id),
+                (timestamp_ms, delivered, error, repeat, log_seq),
+            )| {
                 SendResult {
                     client_id,
                     status,
@@ -145,6 +161,7 @@ fn send_result(enums: Enums) -> impl Strategy<Value = SendResult> {
                     delivered,
                     error,
                     repeat,
+                    log_seq,
                 }
             },
         )
@@ -193,7 +210,36 @@ pub fn frame(enums: Enums) -> BoxedStrategy<Frame> {
         (enum_value(enums, KickReason::Admin as i32), text())
             .prop_map(|(reason, message)| Body::Kick(Kick { reason, message })),
         error(enums).prop_map(Body::Error),
-        vec(text(), 0..6).prop_map(|message_ids| Body::Ack(Ack { message_ids })),
+        (vec(text(), 0..6), vec((any::<u64>(), any::<u64>()), 0..3)).prop_map(
+            |(message_ids, groups)| Body::Ack(Ack {
+                message_ids,
+                groups: groups
+                    .into_iter()
+                    .map(|(group_id, log_seq)| GroupPosition { group_id, log_seq })
+                    .collect(),
+            })
+        ),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, seq, user_id)| {
+            Body::ReadMark(ReadMark {
+                conversation: Some(Conversation {
+                    user_id: id,
+                    group_id: 0,
+                }),
+                seq,
+                user_id,
+            })
+        }),
+        (any::<u64>(), any::<bool>(), text()).prop_map(|(id, stopped, user_name)| {
+            Body::Typing(Typing {
+                conversation: Some(Conversation {
+                    user_id: 0,
+                    group_id: id,
+                }),
+                stopped,
+                user_id: id,
+                user_name,
+            })
+        }),
     ];
     option::weighted(0.95, body)
         .prop_map(|body| Frame { body })

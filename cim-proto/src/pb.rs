@@ -47,6 +47,8 @@ impl Frame {
             Some(Body::Kick(_)) => "kick",
             Some(Body::Error(_)) => "error",
             Some(Body::Ack(_)) => "ack",
+            Some(Body::ReadMark(_)) => "read_mark",
+            Some(Body::Typing(_)) => "typing",
         }
     }
 }

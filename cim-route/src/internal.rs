@@ -162,16 +162,19 @@ mod tests {
                     sender_id: alice,
                     sender_name: "alice".into(),
                     send: Some(send(11, MessageKind::Private, "bob")),
+                    ..Default::default()
                 },
                 ForwardItem {
                     sender_id: alice,
                     sender_name: "alice".into(),
                     send: Some(send(12, MessageKind::Private, "nobody")),
+                    ..Default::default()
                 },
                 ForwardItem {
                     sender_id: alice,
                     sender_name: "alice".into(),
                     send: None,
+                    ..Default::default()
                 },
             ],
             ..Default::default()

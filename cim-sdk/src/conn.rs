@@ -46,12 +46,16 @@ pub fn ack_frames(ids: Vec<String>) -> Vec<Frame> {
         if ids.is_empty() {
             return Vec::new();
         }
-        return vec![Frame::new(Body::Ack(Ack { message_ids: ids }))];
+        return vec![Frame::new(Body::Ack(Ack {
+            message_ids: ids,
+            groups: Vec::new(),
+        }))];
     }
     ids.chunks(MAX_ACK_IDS)
         .map(|chunk| {
             Frame::new(Body::Ack(Ack {
                 message_ids: chunk.to_vec(),
+                groups: Vec::new(),
             }))
         })
         .collect()

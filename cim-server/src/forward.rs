@@ -395,6 +395,7 @@ async fn deliver(caller: &RouteCaller, batch: Vec<Pending>) {
                 sender_id: p.conn.user_id,
                 sender_name: p.conn.user_name.clone(),
                 send: Some(send),
+                ..Default::default()
             };
             (p.conn, item)
         })

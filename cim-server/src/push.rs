@@ -129,6 +129,7 @@ mod tests {
             recipients: vec![recipient],
             message: Some(m),
             everyone: false,
+            ..Default::default()
         }
     }
 
@@ -200,6 +201,7 @@ mod tests {
             recipients: Vec::new(),
             message: Some(message("all", 0, 1)),
             everyone: true,
+            ..Default::default()
         };
         let results = deliver(
             &table,

@@ -102,6 +102,7 @@ impl Cluster {
             }),
             recipients,
             everyone: false,
+            ..Default::default()
         })
         .await
     }
@@ -269,6 +270,7 @@ async fn push_to_everyone_reaches_all_but_the_sender() {
             }),
             recipients: Vec::new(),
             everyone: true,
+            ..Default::default()
         })
         .await;
     assert_eq!(response.results.len(), 1);

@@ -125,6 +125,14 @@ pub fn incoming_at(style: Style, m: &pb::Message, replayed: bool, now_ms: i64) -
         pb::MessageKind::Channel => {
             format!("{time} {from} → {}: {body}", channel(style, &m.channel))
         }
+        pb::MessageKind::GroupChat => {
+            let group = style.paint(GREEN, &format!("group {}", m.group_id));
+            format!("{time} {from} → {group}: {body}")
+        }
+        pb::MessageKind::GroupEvent => {
+            let group = style.paint(GREEN, &format!("group {}", m.group_id));
+            format!("{time} {}: {body}", group)
+        }
         // Receipts are events of their own ([`receipt`]); one shown as a message is odd but
         // harmless, so it reads like a system line.
         pb::MessageKind::System | pb::MessageKind::Receipt | pb::MessageKind::Unspecified => {

@@ -69,6 +69,7 @@ pub fn group_deliveries<'m>(
                 message: Some(message.clone()),
                 recipients,
                 everyone: false,
+                ..Default::default()
             });
         }
     }

@@ -34,6 +34,7 @@ pub(super) async fn deliver_group(
             message: Some(a.message.clone()),
             recipients: Vec::new(),
             everyone: true,
+            ..Default::default()
         })
         .collect();
     let outcomes = join_all(

@@ -85,6 +85,7 @@ pub(super) async fn deliver_private(
                     recipients: vec![message.receiver_id],
                     message: Some(message),
                     everyone: false,
+                    ..Default::default()
                 })
                 .collect();
             async move { (positions, push(state, server, deliveries).await) }

@@ -231,7 +231,7 @@ impl TestUser {
 
     /// Acknowledges stored messages (they leave the inbox; receipts follow).
     pub async fn ack(&mut self, ids: Vec<String>) -> anyhow::Result<()> {
-        self.send_frame(&Frame::new(Body::Ack(pb::Ack { message_ids: ids })))
+        self.send_frame(&Frame::new(Body::Ack(pb::Ack { message_ids: ids, ..Default::default() })))
             .await
     }
 

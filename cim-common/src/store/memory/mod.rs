@@ -42,6 +42,7 @@
 mod accounts;
 mod broadcasts;
 mod channels;
+mod chat;
 mod events;
 mod inbox;
 mod leases;

@@ -59,6 +59,7 @@ mod accounts;
 mod batch;
 mod broadcasts;
 mod channels;
+mod chat;
 mod conn;
 mod events;
 mod inbox;
