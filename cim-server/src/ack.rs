@@ -56,6 +56,8 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 pub(crate) struct AckItem {
     pub conn: Arc<ConnShared>,
     pub ids: Vec<String>,
+    /// Group positions acked (`(group, seq)`): the user received everything up to `seq`.
+    pub groups: Vec<(u64, u64)>,
     /// Also send again the receipts of this user that were acked but never confirmed stored
     /// (a login asks for it).
     pub resend_pending: bool,
@@ -63,10 +65,11 @@ pub(crate) struct AckItem {
 
 impl AckItem {
     /// The acks of one Ack frame.
-    pub(crate) fn acks(conn: Arc<ConnShared>, ids: Vec<String>) -> Self {
+    pub(crate) fn acks(conn: Arc<ConnShared>, ids: Vec<String>, groups: Vec<(u64, u64)>) -> Self {
         Self {
             conn,
             ids,
+            groups,
             resend_pending: false,
         }
     }
@@ -76,6 +79,7 @@ impl AckItem {
         Self {
             conn,
             ids: Vec::new(),
+            groups: Vec::new(),
             resend_pending: true,
         }
     }
@@ -215,7 +219,7 @@ async fn apply(
     routes: &Arc<RouteCaller>,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
-    batch: Vec<AckItem>,
+    mut batch: Vec<AckItem>,
 ) {
     let mut names = HashMap::with_capacity(batch.len());
     let resend: Vec<u64> = batch
@@ -223,6 +227,16 @@ async fn apply(
         .filter(|item| item.resend_pending)
         .map(|item| item.conn.user_id)
         .collect();
+    let positions: Vec<(u64, Vec<(u64, u64)>)> = batch
+        .iter_mut()
+        .filter(|item| !item.groups.is_empty())
+        .map(|item| (item.conn.user_id, std::mem::take(&mut item.groups)))
+        .collect();
+    if !positions.is_empty() {
+        if let Err(e) = store.group_ack(&positions).await {
+            warn!(error = %e, users = positions.len(), "storing group positions failed: those messages will be caught up again");
+        }
+    }
     let acks = merge_by_user(batch, &mut names);
     let receipts = if acks.is_empty() {
         Vec::new()
@@ -418,6 +432,23 @@ fn merge_by_user(batch: Vec<AckItem>, names: &mut HashMap<u64, String>) -> Vec<(
 }
 
 /// Why an Ack frame is refused, or `Ok` with the ids worth acking.
+/// The group positions of an Ack frame, bounded like its ids.
+pub(crate) fn validate_groups(
+    groups: Vec<crate::pb::GroupPosition>,
+) -> Result<Vec<(u64, u64)>, String> {
+    if groups.len() > MAX_IDS_PER_ACK {
+        return Err(format!(
+            "an Ack carries at most {MAX_IDS_PER_ACK} group positions, got {}",
+            groups.len()
+        ));
+    }
+    Ok(groups
+        .into_iter()
+        .filter(|g| g.group_id != 0 && g.log_seq != 0)
+        .map(|g| (g.group_id, g.log_seq))
+        .collect())
+}
+
 pub(crate) fn validate(ids: Vec<String>) -> Result<Vec<String>, String> {
     if ids.len() > MAX_IDS_PER_ACK {
         return Err(format!(
@@ -457,6 +488,7 @@ mod tests {
                     8,
                 )),
                 (0..n).map(|i| format!("{tag}{i}")).collect(),
+                Vec::new(),
             )
         };
         let mut names = HashMap::new();
@@ -513,6 +545,7 @@ mod tests {
             AckItem::acks(
                 Arc::new(ConnShared::new(user, format!("u{user}"), "s".into(), 8)),
                 vec![id.into()],
+                Vec::new(),
             )
         };
         queue.submit(ack(1, "a"));
@@ -534,7 +567,7 @@ mod tests {
     fn a_full_queue_drops_instead_of_blocking() {
         let (queue, mut rx) = AckQueue::new(1);
         let conn = Arc::new(ConnShared::new(1, "a".into(), "s".into(), 8));
-        let item = |id: &str| AckItem::acks(conn.clone(), vec![id.into()]);
+        let item = |id: &str| AckItem::acks(conn.clone(), vec![id.into()], Vec::new());
         queue.submit(item("1"));
         queue.submit(item("2"));
         queue.submit(item("3"));

@@ -242,6 +242,9 @@ impl ConnShared {
 #[derive(Default)]
 pub(crate) struct ConnTable {
     map: RwLock<HashMap<u64, Arc<ConnShared>>>,
+    /// The stored groups each connected user's messages come from (kept by user: one
+    /// connection per user; dropped when it leaves or is replaced).
+    pub(crate) groups: crate::groups::GroupSubs,
     /// Login sessions a route ended (kicked by session) while they had no connection here:
     /// a connection's attach and its entry into the table are two steps, and a route that
     /// saw the attach may end the session in between. The connection then finds its session
@@ -273,7 +276,13 @@ impl ConnTable {
 
     /// Adds a connection; returns the one it replaced.
     pub(crate) fn insert(&self, conn: Arc<ConnShared>) -> Option<Arc<ConnShared>> {
-        self.write().insert(conn.user_id, conn)
+        let user = conn.user_id;
+        let old = self.write().insert(user, conn);
+        if old.is_some() {
+            // The new connection subscribes afresh at its login.
+            self.groups.forget_user(user);
+        }
+        old
     }
 
     /// Removes the user's entry only if it is still `conn` (a replaced connection closing
@@ -283,6 +292,7 @@ impl ConnTable {
         match map.get(&conn.user_id) {
             Some(current) if Arc::ptr_eq(current, conn) => {
                 map.remove(&conn.user_id);
+                self.groups.forget_user(conn.user_id);
                 true
             }
             _ => false,

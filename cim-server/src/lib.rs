@@ -41,6 +41,7 @@ mod chunks;
 mod config;
 mod conn;
 mod forward;
+mod groups;
 mod internal;
 mod metrics;
 mod push;

@@ -29,6 +29,11 @@ pub(crate) fn deliver(table: &ConnTable, deliveries: Vec<Delivery>) -> Vec<Deliv
         let Some(message) = delivery.message else {
             continue;
         };
+        if delivery.group_id != 0 {
+            merged.queue(table, &mut results);
+            results[index] = deliver_to_group(table, delivery.group_id, message);
+            continue;
+        }
         if let [recipient] = delivery.recipients[..] {
             if !delivery.everyone {
                 merged.add(recipient, index, message);
@@ -53,6 +58,24 @@ pub(crate) fn deliver(table: &ConnTable, deliveries: Vec<Delivery>) -> Vec<Deliv
     }
     merged.queue(table, &mut results);
     results
+}
+
+/// A stored group's message: to the connections subscribed to the group, but the sender's.
+/// A membership event changes the subscriptions around its own delivery (joined users get
+/// it, users who left or were removed get it and nothing after).
+fn deliver_to_group(table: &ConnTable, group: u64, mut message: Message) -> DeliveryResult {
+    message.group_id = group;
+    table
+        .groups
+        .before_event(&message, |user| table.get(user).is_some());
+    let recipients = table.groups.members(group, message.sender_id);
+    let after = message.clone();
+    let delivered = table.enqueue_many(&recipients, &push_frame(vec![message]));
+    table.groups.after_event(&after);
+    DeliveryResult {
+        count: delivered.len() as u64,
+        delivered: Vec::new(),
+    }
 }
 
 fn push_frame(messages: Vec<Message>) -> Outbound {

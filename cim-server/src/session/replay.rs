@@ -18,14 +18,31 @@ use tracing::warn;
 /// Messages per inbox read during the replay.
 pub(super) const REPLAY_PAGE: usize = 200;
 
+/// The tops of the user's groups that the login's catch-up wrote up to: live group
+/// messages at or below them were in the catch-up.
+pub(super) type GroupTops = std::collections::HashMap<u64, u64>;
+
+/// Whether `m` is a group message the catch-up already wrote.
+fn caught_up(m: &Message, tops: Option<&GroupTops>) -> bool {
+    m.group_id != 0
+        && m.log_seq != 0
+        && tops.is_some_and(|t| t.get(&m.group_id).is_some_and(|&top| m.log_seq <= top))
+}
+
 /// `item` without the stored messages the replay already wrote; `None` when nothing is left.
 /// (A live push merges several messages of one recipient: some may predate the replay's
 /// watermark and some not.)
-pub(super) fn unreplayed(item: Outbound, replayed_upto: u64) -> Option<Outbound> {
+pub(super) fn unreplayed(
+    item: Outbound,
+    replayed_upto: u64,
+    groups: Option<&GroupTops>,
+) -> Option<Outbound> {
     let Some(Body::Push(push)) = &item.frame().body else {
         return Some(item);
     };
-    let replayed = |m: &Message| m.seq != 0 && m.seq <= replayed_upto;
+    // Inbox seqs are those of private messages (group messages have none).
+    let replayed =
+        |m: &Message| (m.seq != 0 && m.seq <= replayed_upto) || caught_up(m, groups);
     let n = push.messages.iter().filter(|m| replayed(m)).count();
     if push.replay || n == 0 {
         return Some(item);
@@ -144,4 +161,70 @@ pub(super) async fn replay<T: Transport>(
         }
         page = inbox_page(state, transport, conn, last).await?;
     }
+}
+
+/// The user's groups at login: subscribes the connection to the groups the store lists,
+/// then reads their tops again. In that order: a message appended after the second read
+/// is pushed to a connection already subscribed (it comes live), one appended before is at
+/// or below the top (the catch-up writes it). A store failure ends the login like an
+/// unreadable inbox.
+pub(super) async fn group_start<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    conn: &ConnShared,
+) -> Result<Vec<cim_common::store::GroupCursor>, End> {
+    let listed = match state.store.group_cursors(conn.user_id).await {
+        Ok(c) => c,
+        Err(e) => return Err(inbox_unavailable(state, transport, e).await),
+    };
+    if listed.is_empty() {
+        return Ok(listed);
+    }
+    let groups: Vec<u64> = listed.iter().map(|c| c.group).collect();
+    state.table.groups.subscribe(conn.user_id, &groups);
+    match state.store.group_cursors(conn.user_id).await {
+        Ok(c) => Ok(c),
+        Err(e) => Err(inbox_unavailable(state, transport, e).await),
+    }
+}
+
+/// Writes each group's messages after the user's position up to the top read at login, as
+/// replay Push frames, oldest first per group. Returns the tops written up to (what live
+/// pushes must not repeat).
+pub(super) async fn group_catch_up<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    cursors: Vec<cim_common::store::GroupCursor>,
+) -> Result<Option<Box<GroupTops>>, End> {
+    let mut tops = GroupTops::new();
+    for cursor in cursors {
+        let mut after = cursor.position;
+        while after < cursor.top {
+            let mut page = match state
+                .store
+                .group_read(cursor.group, after, REPLAY_PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => return Err(inbox_unavailable(state, transport, e).await),
+            };
+            let short = page.len() < REPLAY_PAGE;
+            page.retain(|m| m.log_seq <= cursor.top);
+            let Some(last) = page.last().map(|m| m.log_seq) else {
+                break;
+            };
+            for m in &mut page {
+                m.group_id = cursor.group;
+            }
+            write(state, transport, &replay_frames(page), state.config.write_timeout())
+                .await
+                .map_err(End::WriteFailed)?;
+            after = last;
+            if short {
+                break;
+            }
+        }
+        tops.insert(cursor.group, cursor.top);
+    }
+    Ok((!tops.is_empty()).then(|| Box::new(tops)))
 }

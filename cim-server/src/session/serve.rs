@@ -3,7 +3,7 @@
 //! held senders waiting for room in the forward queue.
 
 use super::{
-    replay::{inbox_start, replay, unreplayed},
+    replay::{group_catch_up, group_start, inbox_start, replay, unreplayed, GroupTops},
     write::{fail_after_queued, write},
     End, RecvError, Transport,
 };
@@ -72,11 +72,13 @@ fn on_recv(
                 }
             }
         }
-        Some(Body::Ack(a)) => match ack::validate(a.message_ids) {
-            Ok(ids) if ids.is_empty() => {}
-            Ok(ids) => state.acks.submit(AckItem::acks(conn.clone(), ids)),
-            Err(message) => conn.reply(Frame::error(ErrorCode::BadRequest, message)),
-        },
+        Some(Body::Ack(a)) => {
+            match ack::validate(a.message_ids).and_then(|ids| Ok((ids, ack::validate_groups(a.groups)?))) {
+                Ok((ids, groups)) if ids.is_empty() && groups.is_empty() => {}
+                Ok((ids, groups)) => state.acks.submit(AckItem::acks(conn.clone(), ids, groups)),
+                Err(message) => conn.reply(Frame::error(ErrorCode::BadRequest, message)),
+            }
+        }
         Some(Body::Login(_)) => conn.reply(Frame::error(
             ErrorCode::UnsupportedFrame,
             "already logged in",
@@ -124,12 +126,13 @@ async fn flush_queue<T: Transport>(
     transport: &mut T,
     conn: &ConnShared,
     replayed_upto: u64,
+    groups: Option<&GroupTops>,
 ) -> Option<End> {
     let (mut items, closing) = conn.take();
-    if replayed_upto > 0 {
+    if replayed_upto > 0 || groups.is_some() {
         items = items
             .into_iter()
-            .filter_map(|item| unreplayed(item, replayed_upto))
+            .filter_map(|item| unreplayed(item, replayed_upto, groups))
             .collect();
     }
     let timeout = state.config.write_timeout();
@@ -169,6 +172,11 @@ pub(super) async fn serve<T: Transport>(
         Ok(start) => start,
         Err(end) => return end,
     };
+    // The same for the user's groups: subscribed, then their tops read (see `group_start`).
+    let cursors = match Box::pin(group_start(state, transport, conn)).await {
+        Ok(cursors) => cursors,
+        Err(end) => return end,
+    };
     let login_result = Frame::new(Body::LoginResult(LoginResult {
         user_id: conn.user_id,
         user_name: conn.user_name.clone(),
@@ -190,6 +198,10 @@ pub(super) async fn serve<T: Transport>(
     }
     let replayed_upto = match Box::pin(replay(state, transport, conn, top, first_page)).await {
         Ok(upto) => upto,
+        Err(end) => return end,
+    };
+    let group_tops = match Box::pin(group_catch_up(state, transport, cursors)).await {
+        Ok(tops) => tops,
         Err(end) => return end,
     };
     // Receipts this user acked that were never confirmed stored (a route was down, or the
@@ -231,7 +243,7 @@ pub(super) async fn serve<T: Transport>(
                         biased;
                         refused = &mut submit => return Ok(refused),
                         () = conn.notified() => {
-                            if let Some(end) = flush_queue(state, transport, conn, replayed_upto).await {
+                            if let Some(end) = flush_queue(state, transport, conn, replayed_upto, group_tops.as_deref()).await {
                                 return Err(end);
                             }
                         }
@@ -251,7 +263,7 @@ pub(super) async fn serve<T: Transport>(
         tokio::select! {
             biased;
             () = conn.notified() => {
-                if let Some(end) = Box::pin(flush_queue(state, transport, conn, replayed_upto)).await {
+                if let Some(end) = Box::pin(flush_queue(state, transport, conn, replayed_upto, group_tops.as_deref())).await {
                     return end;
                 }
             }

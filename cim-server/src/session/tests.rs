@@ -749,17 +749,17 @@ fn live_pushes_lose_only_the_messages_the_replay_wrote() {
             replay: false,
         })))
     };
-    assert!(unreplayed(push(vec![message("a", 3), message("b", 5)]), 5).is_none());
+    assert!(unreplayed(push(vec![message("a", 3), message("b", 5)]), 5, None).is_none());
     let kept = push(vec![message("c", 6)]);
-    let same = unreplayed(kept.clone(), 5).unwrap();
+    let same = unreplayed(kept.clone(), 5, None).unwrap();
     assert!(
         std::ptr::eq(same.frame(), kept.frame()),
         "untouched: not re-encoded"
     );
-    let part = unreplayed(push(vec![message("d", 5), message("e", 6)]), 5).unwrap();
+    let part = unreplayed(push(vec![message("d", 5), message("e", 6)]), 5, None).unwrap();
     assert_eq!(ids(&part), ["e"]);
     // Messages without a seq (not stored: group, channel) are never the replay's.
-    assert!(unreplayed(push(vec![message("g", 0)]), 5).is_some());
+    assert!(unreplayed(push(vec![message("g", 0)]), 5, None).is_some());
 }
 
 #[tokio::test]

@@ -142,6 +142,7 @@ pub struct RedisStore {
     timeout: Duration,
     keys: Keys,
     limits: InboxLimits,
+    history: HistoryLimits,
     events_max_len: usize,
     /// The connection of `events_wait` (a blocking XREAD would stall every command queued
     /// behind it on the shared one). Made on first use; taken out for the duration of a read
@@ -190,6 +191,7 @@ impl RedisStore {
             timeout,
             keys: Keys::with_shards(prefix, shards),
             limits: InboxLimits::default(),
+            history: HistoryLimits::default(),
             events_max_len: DEFAULT_EVENTS_MAX_LEN,
             waiter: Arc::default(),
         })
@@ -209,6 +211,12 @@ impl RedisStore {
     #[must_use]
     pub fn with_inbox_limits(mut self, limits: InboxLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// The retention of conversation logs (see [`HistoryLimits`]).
+    pub fn with_history_limits(mut self, history: HistoryLimits) -> Self {
+        self.history = history;
         self
     }
 

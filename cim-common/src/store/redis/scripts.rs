@@ -76,8 +76,43 @@ pub(super) static INBOX_READ: LazyLock<Script> =
 pub(super) static INBOX_PRUNE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/inbox_prune.lua")));
 
+/// A conversation script: `lua/conv_lib.lua` (the log's shared functions) and its body.
+macro_rules! conv_script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/conv_lib.lua"),
+                include_str!(concat!("lua/", $file))
+            ))
+        })
+    };
+}
+
+/// Append private or group messages to their conversation's log; see the script for its
+/// keys, arguments and answer (4 values per message).
+pub(super) static CONV_APPEND: LazyLock<Script> = conv_script!("conv_append.lua");
+
+/// A group change and its event, atomically; see the script.
+pub(super) static GROUP_CHANGE: LazyLock<Script> = conv_script!("group_change.lua");
+
+/// A page of a conversation's log (with the membership check of a group's reader).
+pub(super) static CONV_READ: LazyLock<Script> = conv_script!("conv_read.lua");
+
+/// Move a read mark forward. KEYS = meta, marks' hash, members; ARGV = field, seq, kind, user.
+pub(super) static MARK_READ: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/mark_read.lua")));
+
+/// Move group positions forward. KEYS = the user's groups; ARGV = group, seq pairs.
+pub(super) static GROUP_ACK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/group_ack.lua")));
+
+/// List a group in a user's groups within the limit. KEYS = the user's groups; ARGV =
+/// group, max groups. Returns 1 listed already, 2 listed now, 0 at the limit.
+pub(super) static GROUP_RESERVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/group_reserve.lua")));
+
 /// Every script, loaded at connect.
-pub(super) static ALL_SCRIPTS: [&LazyLock<Script>; 12] = [
+pub(super) static ALL_SCRIPTS: [&LazyLock<Script>; 18] = [
     &ATTACH,
     &DETACH,
     &DEL_IF_EQ,
@@ -90,4 +125,10 @@ pub(super) static ALL_SCRIPTS: [&LazyLock<Script>; 12] = [
     &INBOX_STORE,
     &INBOX_READ,
     &INBOX_PRUNE,
+    &CONV_APPEND,
+    &GROUP_CHANGE,
+    &CONV_READ,
+    &MARK_READ,
+    &GROUP_ACK,
+    &GROUP_RESERVE,
 ];

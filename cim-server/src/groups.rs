@@ -1,0 +1,167 @@
+//! Group subscriptions: which connections here receive a stored group's messages.
+//!
+//! A route pushes a group message once per live server with the group's id; each server
+//! hands it to the connections subscribed to that group ([`GroupSubs::members`]). A
+//! connection is subscribed to its user's groups at login (read from the store, see
+//! `session::catch_up`) and follows the group's own membership events: a JOINED event
+//! subscribes the users it names who are connected here, LEFT and REMOVED unsubscribe them
+//! after the event reached them, DISBANDED drops the group. The server knows no membership
+//! rules: only which of its connections a group's messages go to.
+//!
+//! One connection per user per server, so subscriptions are kept by user id and dropped
+//! when the user's connection leaves the table.
+
+use crate::pb::{GroupEventType, Message, MessageKind};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{PoisonError, RwLock},
+};
+
+#[derive(Default)]
+struct Subs {
+    by_group: HashMap<u64, HashSet<u64>>,
+    by_user: HashMap<u64, HashSet<u64>>,
+}
+
+/// The subscriptions of this server's connections (see the module docs).
+#[derive(Default)]
+pub(crate) struct GroupSubs {
+    inner: RwLock<Subs>,
+}
+
+impl GroupSubs {
+    /// Subscribes `user` to `groups` (on top of what they have).
+    pub(crate) fn subscribe(&self, user: u64, groups: &[u64]) {
+        let mut subs = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        for &g in groups {
+            subs.by_group.entry(g).or_default().insert(user);
+            subs.by_user.entry(user).or_default().insert(g);
+        }
+    }
+
+    fn unsubscribe(subs: &mut Subs, user: u64, group: u64) {
+        if let Some(users) = subs.by_group.get_mut(&group) {
+            users.remove(&user);
+            if users.is_empty() {
+                subs.by_group.remove(&group);
+            }
+        }
+        if let Some(groups) = subs.by_user.get_mut(&user) {
+            groups.remove(&group);
+            if groups.is_empty() {
+                subs.by_user.remove(&user);
+            }
+        }
+    }
+
+    /// Drops every subscription of `user` (their connection left).
+    pub(crate) fn forget_user(&self, user: u64) {
+        let mut subs = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(groups) = subs.by_user.remove(&user) {
+            for g in groups {
+                if let Some(users) = subs.by_group.get_mut(&g) {
+                    users.remove(&user);
+                    if users.is_empty() {
+                        subs.by_group.remove(&g);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The users subscribed to `group`, but `except`.
+    pub(crate) fn members(&self, group: u64, except: u64) -> Vec<u64> {
+        let subs = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        subs.by_group
+            .get(&group)
+            .map(|users| users.iter().copied().filter(|&u| u != except).collect())
+            .unwrap_or_default()
+    }
+
+    /// What a group event changes before it is delivered: a JOINED event subscribes the
+    /// users it names for whom `connected` is true (so the event reaches them too).
+    pub(crate) fn before_event(&self, message: &Message, connected: impl Fn(u64) -> bool) {
+        if let Some((GroupEventType::Joined, users)) = event_of(message) {
+            let joined: Vec<u64> = users.iter().copied().filter(|&u| connected(u)).collect();
+            for u in joined {
+                self.subscribe(u, &[message.group_id]);
+            }
+        }
+    }
+
+    /// What a group event changes after it was delivered: LEFT and REMOVED unsubscribe the
+    /// users it names, DISBANDED everyone.
+    pub(crate) fn after_event(&self, message: &Message) {
+        let Some((kind, users)) = event_of(message) else {
+            return;
+        };
+        let mut subs = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        match kind {
+            GroupEventType::Left | GroupEventType::Removed => {
+                for &u in users {
+                    Self::unsubscribe(&mut subs, u, message.group_id);
+                }
+            }
+            GroupEventType::Disbanded => {
+                let members: Vec<u64> = subs
+                    .by_group
+                    .get(&message.group_id)
+                    .map(|u| u.iter().copied().collect())
+                    .unwrap_or_default();
+                for u in members {
+                    Self::unsubscribe(&mut subs, u, message.group_id);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The type and users of a GROUP_EVENT message.
+fn event_of(message: &Message) -> Option<(GroupEventType, &[u64])> {
+    if MessageKind::try_from(message.kind).ok() != Some(MessageKind::GroupEvent) {
+        return None;
+    }
+    let event = message.group_event.as_ref()?;
+    let kind = GroupEventType::try_from(event.r#type).ok()?;
+    Some((kind, &event.user_ids))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::GroupEvent;
+
+    fn event(kind: GroupEventType, group: u64, users: &[u64]) -> Message {
+        Message {
+            kind: MessageKind::GroupEvent as i32,
+            group_id: group,
+            group_event: Some(GroupEvent {
+                r#type: kind as i32,
+                user_ids: users.to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn events_follow_membership() {
+        let subs = GroupSubs::default();
+        subs.subscribe(1, &[10, 11]);
+        assert_eq!(subs.members(10, 0), [1]);
+        assert!(subs.members(10, 1).is_empty());
+        // Only connected users are subscribed by a JOINED event.
+        subs.before_event(&event(GroupEventType::Joined, 10, &[2, 3]), |u| u == 2);
+        let mut m = subs.members(10, 0);
+        m.sort_unstable();
+        assert_eq!(m, [1, 2]);
+        subs.after_event(&event(GroupEventType::Removed, 10, &[1]));
+        assert_eq!(subs.members(10, 0), [2]);
+        assert_eq!(subs.members(11, 0), [1]);
+        subs.after_event(&event(GroupEventType::Disbanded, 10, &[]));
+        assert!(subs.members(10, 0).is_empty());
+        subs.forget_user(1);
+        assert!(subs.members(11, 0).is_empty());
+    }
+}
