@@ -11,7 +11,7 @@ use crate::{
     registry::{EtcdRegistry, MemoryRegistry, Registry},
     store::{
         counting::{CountErrors, Counting},
-        InboxLimits, MemoryStore, RedisStore, RouteStore, ServerStore, StateStore,
+        HistoryLimits, InboxLimits, MemoryStore, RedisStore, RouteStore, ServerStore, StateStore,
         DEFAULT_EVENTS_MAX_LEN,
     },
 };
@@ -44,6 +44,13 @@ pub struct BackendConfig {
     pub inbox_max_messages: usize,
     /// Age after which a stored message is no longer delivered (seconds).
     pub inbox_max_age_secs: u64,
+    /// Messages kept per conversation (private pair or group) for history; one more drops
+    /// the oldest.
+    pub history_max_messages: usize,
+    /// Age after which a conversation's message leaves its history (seconds).
+    pub history_max_age_secs: u64,
+    /// Messages before their join that new group members may read (0: from their join on).
+    pub history_before_join: u64,
     /// Presence events kept in the stream (Redis trims approximately: up to one stream node,
     /// by default 100 events, more). A subscriber that is further behind misses the oldest.
     pub events_max_len: usize,
@@ -58,6 +65,9 @@ impl Default for BackendConfig {
             timeout_ms: 3000,
             inbox_max_messages: InboxLimits::default().max_messages,
             inbox_max_age_secs: InboxLimits::default().max_age.as_secs(),
+            history_max_messages: HistoryLimits::default().max_messages,
+            history_max_age_secs: HistoryLimits::default().max_age.as_secs(),
+            history_before_join: HistoryLimits::default().before_join,
             events_max_len: DEFAULT_EVENTS_MAX_LEN,
         }
     }
@@ -83,6 +93,15 @@ impl BackendConfig {
         if self.inbox_max_age_secs == 0 {
             return Err("inbox_max_age_secs must be positive".into());
         }
+        if !(1..=10_000_000).contains(&self.history_max_messages) {
+            return Err("history_max_messages must be 1 ..= 10000000".into());
+        }
+        if self.history_max_age_secs == 0 {
+            return Err("history_max_age_secs must be positive".into());
+        }
+        if self.history_before_join > 100_000 {
+            return Err("history_before_join must be 0 ..= 100000".into());
+        }
         if !(1..=10_000_000).contains(&self.events_max_len) {
             return Err("events_max_len must be 1 ..= 10000000".into());
         }
@@ -93,6 +112,14 @@ impl BackendConfig {
         InboxLimits {
             max_messages: self.inbox_max_messages,
             max_age: Duration::from_secs(self.inbox_max_age_secs),
+        }
+    }
+
+    pub fn history_limits(&self) -> HistoryLimits {
+        HistoryLimits {
+            max_messages: self.history_max_messages,
+            max_age: Duration::from_secs(self.history_max_age_secs),
+            before_join: self.history_before_join,
         }
     }
 
@@ -191,6 +218,7 @@ impl Backends {
             .await
             .map_err(|e| format!("redis at {}: {e}", config.redis_url))?
             .with_inbox_limits(config.inbox_limits())
+            .with_history_limits(config.history_limits())
             .with_events_max_len(config.events_max_len);
         let registry = EtcdRegistry::connect(
             &config.etcd_endpoints,

@@ -113,6 +113,9 @@ pub(crate) struct ConnShared {
     capacity: usize,
     state: Mutex<QueueState>,
     notify: Notify,
+    /// Milliseconds since the Unix epoch of the last typing frame relayed (the per-connection
+    /// throttle of typing indicators).
+    typing_at: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for ConnShared {
@@ -133,7 +136,20 @@ impl ConnShared {
             capacity,
             state: Mutex::new(QueueState::default()),
             notify: Notify::new(),
+            typing_at: std::sync::atomic::AtomicI64::new(0),
         }
+    }
+
+    /// Whether a typing frame at `now_ms` may be relayed: at most one per `min_gap_ms`
+    /// (the rest are dropped, which costs an indicator nothing: clients repeat them).
+    pub(crate) fn typing_allowed(&self, now_ms: i64, min_gap_ms: i64) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = self.typing_at.load(Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= min_gap_ms
+            && self
+                .typing_at
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {

@@ -62,6 +62,15 @@ const BATCH_BYTES: usize = 4 * 1024 * 1024;
 pub(crate) struct Pending {
     pub(crate) conn: Arc<ConnShared>,
     pub(crate) send: Send,
+    /// Instead of the send: a read mark or typing frame for the route to relay (answered
+    /// with nothing: the client expects no result).
+    pub(crate) signal: Option<Signal>,
+}
+
+/// A client frame the route relays to other users ([`ForwardQueue::submit_signal`]).
+pub(crate) enum Signal {
+    ReadMark(crate::pb::ReadMark),
+    Typing(crate::pb::Typing),
 }
 
 /// The submitting side, shared by all sessions: one bounded queue.
@@ -83,8 +92,22 @@ impl ForwardQueue {
             .try_send(Pending {
                 conn: conn.clone(),
                 send,
+                signal: None,
             })
             .map_err(|e| e.into_inner().send)
+    }
+
+    /// Queues a read mark or typing frame behind the user's sends; dropped when the queue
+    /// is full (a typing indicator is worth nothing late; a read mark is sent again with
+    /// the next one, and marks only move forward). Returns whether it was queued.
+    pub(crate) fn submit_signal(&self, conn: &Arc<ConnShared>, signal: Signal) -> bool {
+        self.tx
+            .try_send(Pending {
+                conn: conn.clone(),
+                send: Send::default(),
+                signal: Some(signal),
+            })
+            .is_ok()
     }
 
     /// Sends in the queue, not yet taken by the forwarder.
@@ -110,6 +133,7 @@ impl ForwardQueue {
                 Ok(Ok(permits)) => {
                     for (permit, send) in permits.zip(sends.by_ref()) {
                         permit.send(Pending {
+                            signal: None,
                             conn: conn.clone(),
                             send,
                         });
@@ -386,17 +410,23 @@ async fn deliver(caller: &RouteCaller, batch: Vec<Pending>) {
     let (conns, items): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .map(|p| {
-            let mut send = p.send;
-            if send.message_id.is_empty() {
-                send.message_id = ids::message_id();
-            }
             // The sender is the connection's authenticated user, whatever the frame says.
-            let item = ForwardItem {
+            let mut item = ForwardItem {
                 sender_id: p.conn.user_id,
                 sender_name: p.conn.user_name.clone(),
-                send: Some(send),
                 ..Default::default()
             };
+            match p.signal {
+                Some(Signal::ReadMark(mark)) => item.read_mark = Some(mark),
+                Some(Signal::Typing(typing)) => item.typing = Some(typing),
+                None => {
+                    let mut send = p.send;
+                    if send.message_id.is_empty() {
+                        send.message_id = ids::message_id();
+                    }
+                    item.send = Some(send);
+                }
+            }
             (p.conn, item)
         })
         .unzip();
@@ -437,7 +467,10 @@ async fn deliver(caller: &RouteCaller, batch: Vec<Pending>) {
             .map(|i| SendResult::failed(client_id(i), ErrorCode::Unavailable, message.clone()))
             .collect(),
     };
-    for (conn, result) in conns.iter().zip(results) {
+    for ((conn, result), item) in conns.iter().zip(results).zip(&request.items) {
+        if item.send.is_none() {
+            continue; // a signal: nothing to answer
+        }
         // A full queue closes that connection as a slow consumer; nothing else to do here.
         conn.enqueue(Outbound::new(Frame::new(Body::SendResult(result))));
     }
@@ -464,6 +497,7 @@ mod tests {
     fn large_batches_are_cut_by_bytes_in_order() {
         let conn = Arc::new(ConnShared::new(1, "a".into(), "s".into(), 8));
         let pending = |id: u64, len: usize| Pending {
+            signal: None,
             conn: conn.clone(),
             send: Send {
                 client_id: id,

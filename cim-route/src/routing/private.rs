@@ -25,8 +25,16 @@ pub(super) async fn deliver_private(
     let mut ids: Vec<u64> = run.iter().map(|a| a.message.receiver_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    // Copies that get their inbox seq; they are what the pushes carry.
+    // Copies that get their log and inbox seqs; they are what the pushes carry.
     let mut messages: Vec<Message> = run.iter().map(|a| a.message.clone()).collect();
+    // History first: the conversation's log gives each message its `log_seq` (a retry gets
+    // the first attempt's copy back), which the inbox copy then carries, so what is
+    // replayed names its place in the conversation as what was pushed live does. One round
+    // trip for the run (one script per conversation, one list update per participant).
+    if let Err(e) = state.store().private_append(&mut messages).await {
+        tracing::warn!(error = %e, "appending messages to their conversations failed");
+        return run.iter().map(|a| unavailable(a.client_id)).collect();
+    }
     // The store before the lookup, in one round trip: a login that attaches in between is
     // either found by the lookup (the push reaches it) or has the message at or below the
     // inbox top its session reads first (its replay has it). No message falls between replay
@@ -73,7 +81,10 @@ pub(super) async fn deliver_private(
     }
     // A retry answers with the first attempt's timestamp (the stored copy's); the copies
     // themselves move into the pushes.
-    let timestamps: Vec<i64> = messages.iter().map(|m| m.timestamp_ms).collect();
+    let timestamps: Vec<(i64, u64)> = messages
+        .iter()
+        .map(|m| (m.timestamp_ms, m.log_seq))
+        .collect();
     let mut messages: Vec<Option<Message>> = messages.into_iter().map(Some).collect();
     let pushes: Vec<_> = per_server
         .into_values()
@@ -106,13 +117,14 @@ pub(super) async fn deliver_private(
     run.iter()
         .zip(timestamps)
         .zip(delivered)
-        .map(|((a, timestamp_ms), d)| {
+        .map(|((a, (timestamp_ms, log_seq)), d)| {
             let mut r = if d {
                 accepted_result(a, SendStatus::Delivered, 1)
             } else {
                 accepted_result(a, SendStatus::Stored, 0)
             };
             r.timestamp_ms = timestamp_ms;
+            r.log_seq = log_seq;
             r
         })
         .collect()

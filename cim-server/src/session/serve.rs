@@ -9,6 +9,7 @@ use super::{
 };
 use crate::{
     ack::{self, AckItem},
+    forward::Signal,
     conn::{ConnShared, Outbound},
     metrics::Tally,
     pb::{frame::Body, ErrorCode, Frame, KickReason, LoginResult, Pong, SendResult},
@@ -79,6 +80,36 @@ fn on_recv(
                 Err(message) => conn.reply(Frame::error(ErrorCode::BadRequest, message)),
             }
         }
+        Some(Body::ReadMark(mark)) => {
+            if !valid_conversation(mark.conversation.as_ref()) {
+                conn.reply(Frame::error(
+                    ErrorCode::BadRequest,
+                    "a ReadMark names one conversation: user_id or group_id",
+                ));
+            } else if state.send_limit.check(&conn.user_id).is_err() {
+                state.metrics.sends_rate_limited.inc();
+                conn.reply(Frame::error(
+                    ErrorCode::RateLimited,
+                    "too many read marks: slow down (marks only move forward: send the latest)",
+                ));
+            } else if !state.forward.submit_signal(conn, Signal::ReadMark(mark)) {
+                conn.reply(Frame::error(
+                    ErrorCode::Overloaded,
+                    "read mark not relayed: too many frames waiting for a route; send it again",
+                ));
+            }
+        }
+        Some(Body::Typing(typing)) => {
+            if !valid_conversation(typing.conversation.as_ref()) {
+                conn.reply(Frame::error(
+                    ErrorCode::BadRequest,
+                    "a Typing frame names one conversation: user_id or group_id",
+                ));
+            } else if conn.typing_allowed(cim_common::time::now_ms(), TYPING_MIN_GAP_MS) {
+                // Dropped when the queue is full: an indicator is worth nothing late.
+                let _ = state.forward.submit_signal(conn, Signal::Typing(typing));
+            }
+        }
         Some(Body::Login(_)) => conn.reply(Frame::error(
             ErrorCode::UnsupportedFrame,
             "already logged in",
@@ -93,6 +124,14 @@ fn on_recv(
         )),
     }
     Step::Continue
+}
+
+/// Typing frames relayed per connection at most once per this many ms (the rest dropped).
+const TYPING_MIN_GAP_MS: i64 = 500;
+
+/// A conversation that names exactly one peer or group.
+fn valid_conversation(c: Option<&crate::pb::Conversation>) -> bool {
+    c.is_some_and(|c| (c.user_id == 0) != (c.group_id == 0))
 }
 
 /// The answer to a send over the connection's rate (it is not forwarded; the connection
