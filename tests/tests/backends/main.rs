@@ -11,8 +11,8 @@
 //! (`redis_only`, `etcd_only`; the merge of a cluster's sharded streams: `cluster_only`). Each test has its own processes and its own key prefix.
 //!
 //! One module per domain of the store (`accounts`, `login`, `routes`, `inbox`, `presence`,
-//! `leases`, `channels`, `chat`), as the stores themselves are cut; the lists below name every
-//! shared test once, and put it at the crate root, so its path is `<test>::redis`.
+//! `leases`, `channels`, `chat`), as the stores themselves are cut; the lists below name
+//! every shared test once, and put it at the crate root, so its path is `<test>::redis`.
 
 mod accounts;
 mod channels;

@@ -681,3 +681,100 @@ impl GroupSync for MemoryStore {
         })
     }
 }
+
+/// What the shared suite cannot see: that removals leave no per-user state behind (the
+/// memory the store would otherwise keep for ever), and a retry of a trimmed message.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::MessageKind;
+
+    fn message(id: &str, sender: u64, group: u64) -> Message {
+        Message {
+            id: id.to_string(),
+            sender_id: sender,
+            kind: MessageKind::GroupChat as i32,
+            timestamp_ms: crate::time::now_ms(),
+            group_id: group,
+            ..Message::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn removal_and_disband_drop_marks_positions_and_lists() {
+        let store = MemoryStore::new();
+        let limits = GroupLimits::default();
+        let g = store
+            .group_create(1, "g", &mut message("c", 1, 0), limits)
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
+        let added = store
+            .group_add(g, &[2, 3], &mut message("j", 1, 0), limits)
+            .await
+            .unwrap();
+        assert_eq!(added.added, [2, 3]);
+        store
+            .group_append(&mut [message("m2", 2, g), message("m3", 3, g)])
+            .await
+            .unwrap();
+        store
+            .group_ack(&[(2, vec![(g, 4)]), (3, vec![(g, 4)])])
+            .await
+            .unwrap();
+        {
+            let state = store.lock();
+            assert_eq!(state.read_marks.len(), 2);
+            assert_eq!(state.positions.len(), 2);
+        }
+
+        store
+            .group_remove(g, &[2], &mut message("r", 1, 0))
+            .await
+            .unwrap();
+        {
+            let state = store.lock();
+            assert!(!state.read_marks.contains_key(&(2, ConvKey::Group(g))));
+            assert!(!state.positions.contains_key(&(2, g)));
+            assert!(!state.user_groups.contains_key(&2));
+            assert!(state.positions.contains_key(&(3, g)));
+        }
+
+        store
+            .group_disband(g, &mut message("d", 1, 0))
+            .await
+            .unwrap();
+        let state = store.lock();
+        assert!(state.read_marks.is_empty());
+        assert!(state.positions.is_empty());
+        assert!(state.user_groups.is_empty());
+        assert!(state.groups[&g].members.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_retry_of_a_trimmed_message_gets_its_seq() {
+        let store = MemoryStore::new().with_history_limits(HistoryLimits {
+            max_messages: 2,
+            ..HistoryLimits::default()
+        });
+        let g = store
+            .group_create(1, "g", &mut message("c", 1, 0), GroupLimits::default())
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
+        let mut batch: Vec<Message> = (0..4).map(|i| message(&format!("m{i}"), 1, g)).collect();
+        store.group_append(&mut batch).await.unwrap();
+        assert_eq!(store.group_read(g, 0, 10).await.unwrap().len(), 2);
+        let mut retry = [message("m0", 1, g)];
+        retry[0].body = "retried".to_string();
+        let outcome = store.group_append(&mut retry).await.unwrap();
+        assert!(matches!(
+            outcome[..],
+            [GroupAppend::Appended { repeat: true, .. }]
+        ));
+        assert_eq!(retry[0].log_seq, 2, "the first attempt's seq");
+        assert_eq!(store.group_info(g).await.unwrap().unwrap().top, 5);
+    }
+}
