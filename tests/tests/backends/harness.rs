@@ -82,6 +82,22 @@ impl StoreUnderTest {
         })
     }
 
+    /// Another, empty store of the same kind with these history limits.
+    pub(crate) async fn with_history_limits(
+        &self,
+        limits: HistoryLimits,
+    ) -> anyhow::Result<Arc<dyn StateStore>> {
+        Ok(match &self.peek {
+            // TODO(redis chat store): `RedisStore::with_history_limits` does not exist yet;
+            // once it does, this arm becomes the one of `with_inbox_limits` with
+            // `.with_history_limits(limits)` in place of `.with_inbox_limits(limits)`.
+            Peek::Redis { .. } => {
+                anyhow::bail!("RedisStore has no with_history_limits yet (wanted {limits:?})")
+            }
+            Peek::Memory(_) => Arc::new(MemoryStore::new().with_history_limits(limits)),
+        })
+    }
+
     /// Another, empty store of the same kind keeping `max_len` presence events.
     pub(crate) async fn with_events_max_len(
         &self,

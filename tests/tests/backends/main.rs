@@ -11,11 +11,12 @@
 //! (`redis_only`, `etcd_only`; the merge of a cluster's sharded streams: `cluster_only`). Each test has its own processes and its own key prefix.
 //!
 //! One module per domain of the store (`accounts`, `login`, `routes`, `inbox`, `presence`,
-//! `leases`, `channels`), as the stores themselves are cut; the lists below name every
-//! shared test once, and put it at the crate root, so its path is `<test>::redis`.
+//! `leases`, `channels`, `chat`), as the stores themselves are cut; the lists below name
+//! every shared test once, and put it at the crate root, so its path is `<test>::redis`.
 
 mod accounts;
 mod channels;
+mod chat;
 mod cluster_only;
 mod connecting;
 mod etcd_only;
@@ -39,8 +40,8 @@ use cim_common::{
     // The roles, for calls on a concrete store (`RedisStore`, `MemoryStore`).
     store::prelude::*,
     store::{
-        AckedReceipt, AttachOutcome, ChannelInfo, ClaimOutcome, InboxLimits, JoinOutcome,
-        MemoryStore, RedisStore, RouteEntry, StateStore, StoreError, MAX_CHANNEL_PAGE,
+        AckedReceipt, AttachOutcome, ChannelInfo, ClaimOutcome, HistoryLimits, InboxLimits,
+        JoinOutcome, MemoryStore, RedisStore, RouteEntry, StateStore, StoreError, MAX_CHANNEL_PAGE,
         MAX_CHANNEL_STATS, MAX_EVENTS_READ,
     },
     time::now_ms,
@@ -139,6 +140,15 @@ for_each_store!(
     channels::channel_members_page_by_user_id,
     channels::channel_list_pages_by_name_and_drops_empty_channels,
     channels::channel_stats_count_members_and_online,
+    chat::groups_are_created_added_to_and_removed_from_within_limits,
+    chat::groups_change_roles_rename_and_disband,
+    chat::group_appends_are_idempotent_and_for_members_only,
+    chat::private_logs_are_shared_by_the_pair_and_idempotent,
+    chat::history_pages_backwards_and_forwards,
+    chat::group_history_starts_at_the_join_less_before_join,
+    chat::history_keeps_the_newest_max_messages_and_drops_old_ones,
+    chat::conversations_list_newest_first_with_unread_counts_and_read_marks,
+    chat::group_cursors_acks_and_checks,
 );
 
 /// Runs each named `async fn(&RegistryUnderTest) -> anyhow::Result<()>` of [`registries`] as

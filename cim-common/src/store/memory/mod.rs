@@ -38,6 +38,14 @@
 //! channel (a channel without members is removed, so the channel list is the map's keys) and
 //! a channel set per user, updated together under the lock: the repairs and races the Redis
 //! store documents cannot happen here.
+//!
+//! Stored groups and conversation logs (`chat.rs`) follow the same one-lock rule: a group
+//! change and its event in the log are one step, so membership and log never disagree. Logs
+//! are bounded by the [`HistoryLimits`] (`with_history_limits`), by count on every append and
+//! by age (wall clock, as for inboxes) on appends and reads; a private log, its seq counter
+//! and a disbanded group's entry stay once created (the memory of a counter and an empty
+//! deque), where the Redis keys would expire. Read marks and group positions of a user are
+//! dropped with their membership.
 
 mod accounts;
 mod broadcasts;
@@ -123,6 +131,20 @@ struct State {
     channels: BTreeMap<String, BTreeSet<u64>>,
     /// User → the channels they are a member of (no entry: none).
     user_channels: HashMap<u64, BTreeSet<String>>,
+    /// Last group id handed out (ids start at 1, never reused).
+    last_group_id: u64,
+    /// Group id → group (disbanded ones stay, without members).
+    groups: HashMap<u64, chat::Group>,
+    /// User → the groups they are a member of (no entry: none).
+    user_groups: HashMap<u64, BTreeSet<u64>>,
+    /// Ordered pair of users → their private log.
+    private_logs: HashMap<(u64, u64), chat::Log>,
+    /// User → the peers they have a private log with.
+    user_peers: HashMap<u64, BTreeSet<u64>>,
+    /// (user, conversation) → read mark (no entry: 0).
+    read_marks: HashMap<(u64, ConvKey), u64>,
+    /// (user, group) → the last seq the user's client acked (no entry: none yet).
+    positions: HashMap<(u64, u64), u64>,
     /// User → (login generation, until when kept).
     generations: HashMap<u64, (u64, Instant)>,
     /// Entry count at which the next generation drops the expired ones.
@@ -134,6 +156,7 @@ struct State {
 pub struct MemoryStore {
     state: Mutex<State>,
     limits: InboxLimits,
+    history: HistoryLimits,
     events_max_len: usize,
     /// Wakes `events_wait` callers when an event is appended.
     events_changed: Notify,
@@ -144,6 +167,7 @@ impl Default for MemoryStore {
         Self {
             state: Mutex::default(),
             limits: InboxLimits::default(),
+            history: HistoryLimits::default(),
             events_max_len: DEFAULT_EVENTS_MAX_LEN,
             events_changed: Notify::new(),
         }
@@ -162,8 +186,11 @@ impl std::fmt::Debug for MemoryStore {
             .field("inboxes", &state.inboxes.len())
             .field("events", &state.events.len())
             .field("channels", &state.channels.len())
+            .field("groups", &state.groups.len())
+            .field("private_logs", &state.private_logs.len())
             .field("broadcast_claims", &state.broadcasts.len())
             .field("limits", &self.limits)
+            .field("history", &self.history)
             .field("events_max_len", &self.events_max_len)
             .finish()
     }
@@ -178,6 +205,13 @@ impl MemoryStore {
     #[must_use]
     pub fn with_inbox_limits(mut self, limits: InboxLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Sets how much history every conversation keeps (default: [`HistoryLimits::default`]).
+    #[must_use]
+    pub fn with_history_limits(mut self, limits: HistoryLimits) -> Self {
+        self.history = limits;
         self
     }
 
