@@ -88,12 +88,11 @@ impl StoreUnderTest {
         limits: HistoryLimits,
     ) -> anyhow::Result<Arc<dyn StateStore>> {
         Ok(match &self.peek {
-            // TODO(redis chat store): `RedisStore::with_history_limits` does not exist yet;
-            // once it does, this arm becomes the one of `with_inbox_limits` with
-            // `.with_history_limits(limits)` in place of `.with_inbox_limits(limits)`.
-            Peek::Redis { .. } => {
-                anyhow::bail!("RedisStore has no with_history_limits yet (wanted {limits:?})")
-            }
+            Peek::Redis { redis, .. } => Arc::new(
+                RedisStore::connect(&redis.url(), &unique_prefix(), CALL_TIMEOUT)
+                    .await?
+                    .with_history_limits(limits),
+            ),
             Peek::Memory(_) => Arc::new(MemoryStore::new().with_history_limits(limits)),
         })
     }
