@@ -312,7 +312,8 @@ pub trait Groups: Send + Sync + 'static {
 
     /// Adds `users` as members. The JOINED `event` lists whom the caller wants added; the
     /// store sets its `group_event.user_ids` to those it adds (not members yet, not over
-    /// `max_groups`) and appends it, unless nobody is added.
+    /// `max_groups`) and appends it, unless nobody is added. A new member's read mark starts
+    /// at the JOINED event (what came before is not theirs to read, nor unread).
     async fn group_add(
         &self,
         group: u64,
@@ -331,7 +332,8 @@ pub trait Groups: Send + Sync + 'static {
         event: &mut Message,
     ) -> StoreResult<u64>;
 
-    /// Sets `user`'s role to admin or member (ROLE `event`).
+    /// Sets `user`'s role to admin or member (ROLE `event`). The owner's role is not changed
+    /// here, nor is anyone made owner: [`Changed::NotMember`].
     async fn group_set_role(
         &self,
         group: u64,
@@ -359,11 +361,11 @@ pub trait Groups: Send + Sync + 'static {
 /// The conversation logs: appending, history, conversation lists and read marks. The route's.
 #[async_trait]
 pub trait History: Send + Sync + 'static {
-    /// Appends private messages (PRIVATE, and SYSTEM to a user) to the log of their (sender,
-    /// receiver) pair, in slice order, setting each `log_seq`; a message already in its log
-    /// (a retry) gets its stored copy back. Moves both users' conversation to the top of their
-    /// lists and the sender's read mark to the message (sender 0, the system: only the
-    /// receiver's). One round trip for the slice.
+    /// Appends PRIVATE messages from a user to the log of their (sender, receiver) pair, in
+    /// slice order, setting each `log_seq`; a message already in its log (a retry) gets its
+    /// stored copy back. Other messages of the slice (SYSTEM, receipts) are left as they are:
+    /// they are not conversations. Moves both users' conversation to the top of their lists
+    /// and the sender's read mark to the message. One round trip for the slice.
     async fn private_append(&self, messages: &mut [Message]) -> StoreResult<()>;
 
     /// Appends GROUP_CHAT messages (each with its `group_id`) to their groups' logs, in slice

@@ -260,6 +260,8 @@ impl Groups for MemoryStore {
         let info = group.info(id);
         state.groups.insert(id, group);
         state.user_groups.entry(owner).or_default().insert(id);
+        // What a member sees from their join on starts read (as in the Redis store).
+        state.raise_read_mark(owner, ConvKey::Group(id), seq);
         Ok(Some(info))
     }
 
@@ -343,6 +345,7 @@ impl Groups for MemoryStore {
         }
         for &user in &candidates {
             state.user_groups.entry(user).or_default().insert(group);
+            state.raise_read_mark(user, ConvKey::Group(group), seq);
         }
         outcome.added = candidates;
         outcome.seq = seq;
@@ -391,7 +394,12 @@ impl Groups for MemoryStore {
         let Some(g) = state.live_group(group) else {
             return Ok(Changed::NoGroup);
         };
-        let Some(member) = g.members.get_mut(&user) else {
+        // The owner's role is not changed here (nor anyone made owner): as in the Redis store.
+        let Some(member) = g
+            .members
+            .get_mut(&user)
+            .filter(|m| m.role != Role::Owner && role != Role::Owner)
+        else {
             return Ok(Changed::NotMember);
         };
         member.role = role;
@@ -725,7 +733,8 @@ mod tests {
             .unwrap();
         {
             let state = store.lock();
-            assert_eq!(state.read_marks.len(), 2);
+            // The owner's (from creation) and the two members' (from their join, then sends).
+            assert_eq!(state.read_marks.len(), 3);
             assert_eq!(state.positions.len(), 2);
         }
 
