@@ -68,26 +68,56 @@ async fn forward(
     State(state): State<AppState>,
     Protobuf(req): Protobuf<ForwardRequest>,
 ) -> Protobuf<ForwardResponse> {
-    let items = req
-        .items
-        .into_iter()
-        .map(|item| {
+    // Read marks and typing frames are relayed beside the sends; their slots in the answer
+    // are filled with an empty result (the server sends nothing back for them).
+    let mut sends = Vec::with_capacity(req.items.len());
+    let mut signals = Vec::new();
+    let mut is_signal = Vec::with_capacity(req.items.len());
+    for item in req.items {
+        if let Some(mark) = item.read_mark {
+            signals.push(routing::SignalItem::ReadMark(item.sender_id, mark));
+            is_signal.push(true);
+        } else if let Some(typing) = item.typing {
+            signals.push(routing::SignalItem::Typing(
+                item.sender_id,
+                item.sender_name,
+                typing,
+            ));
+            is_signal.push(true);
+        } else {
             // A missing Send decodes as the default: kind UNSPECIFIED, answered as FAILED.
-            Outgoing::from_user(
+            sends.push(Outgoing::from_user(
                 item.sender_id,
                 item.sender_name,
                 item.send.unwrap_or_default(),
-            )
+            ));
+            is_signal.push(false);
+        }
+    }
+    let receipts = req.receipts;
+    let (results, receipts_done, ()) = tokio::join!(
+        routing::route_detached(&state, sends),
+        async {
+            if receipts.is_empty() {
+                Vec::new()
+            } else {
+                routing::route_receipts(&state, receipts).await
+            }
+        },
+        async {
+            if !signals.is_empty() {
+                routing::relay_signals(&state, signals).await
+            }
+        }
+    );
+    let mut results = results.into_iter();
+    let results = is_signal
+        .into_iter()
+        .map(|signal| match signal {
+            true => Default::default(),
+            false => results.next().unwrap_or_default(),
         })
         .collect();
-    let receipts = req.receipts;
-    let (results, receipts_done) = tokio::join!(routing::route_detached(&state, items), async {
-        if receipts.is_empty() {
-            Vec::new()
-        } else {
-            routing::route_receipts(&state, receipts).await
-        }
-    });
     Protobuf(ForwardResponse {
         results,
         receipts_done,

@@ -11,7 +11,7 @@ use crate::{
     pb::{
         cluster::{
             ConnectedUser, KickRequest, KickResponse, PresenceRequest, PresenceResponse,
-            PushRequest, PushResponse,
+            PushRequest, PushResponse, SignalRequest, SignalResponse,
         },
         frame::Body,
         Frame, Kick, KickReason,
@@ -39,7 +39,8 @@ pub(crate) fn router(state: AppState, tracker: TaskTracker) -> Router {
     let calls = Router::new()
         .route("/internal/push", post(push))
         .route("/internal/kick", post(kick))
-        .route("/internal/presence", post(presence));
+        .route("/internal/presence", post(presence))
+        .route("/internal/signal", post(signal));
     let rpc_calls = calls
         .clone()
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -88,6 +89,17 @@ async fn push(
 ) -> Protobuf<PushResponse> {
     Protobuf(PushResponse {
         results: crate::push::deliver(&state.table, request.deliveries),
+    })
+}
+
+/// Typing and read-mark frames to users here (never stored: a user not connected here is
+/// skipped).
+async fn signal(
+    State(state): State<AppState>,
+    Protobuf(request): Protobuf<SignalRequest>,
+) -> Protobuf<SignalResponse> {
+    Protobuf(SignalResponse {
+        delivered: crate::push::signal(&state.table, request.signals),
     })
 }
 

@@ -11,7 +11,7 @@ use crate::{
     chunks::{split_by_size, PUSH_FRAME_BYTES},
     conn::{ConnTable, Enqueued, Outbound},
     pb::{
-        cluster::{Delivery, DeliveryResult},
+        cluster::{signal, Delivery, DeliveryResult, Signal},
         frame::Body,
         Frame, Message, Push,
     },
@@ -76,6 +76,32 @@ fn deliver_to_group(table: &ConnTable, group: u64, mut message: Message) -> Deli
         count: delivered.len() as u64,
         delivered: Vec::new(),
     }
+}
+
+/// Queues signals (typing, read marks) on the connections they name, or on a group's
+/// subscribers but the signal's own user; returns how many queues took one.
+pub(crate) fn signal(table: &ConnTable, signals: Vec<Signal>) -> u64 {
+    let mut delivered = 0;
+    for s in signals {
+        let (frame, from) = match s.body {
+            Some(signal::Body::Typing(t)) => {
+                let from = t.user_id;
+                (Frame::new(Body::Typing(t)), from)
+            }
+            Some(signal::Body::ReadMark(m)) => {
+                let from = m.user_id;
+                (Frame::new(Body::ReadMark(m)), from)
+            }
+            None => continue,
+        };
+        let recipients = if s.group_id != 0 {
+            table.groups.members(s.group_id, from)
+        } else {
+            s.recipients
+        };
+        delivered += table.enqueue_many(&recipients, &Outbound::new(frame)).len() as u64;
+    }
+    delivered
 }
 
 fn push_frame(messages: Vec<Message>) -> Outbound {

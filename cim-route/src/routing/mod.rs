@@ -41,6 +41,7 @@ mod group_chat;
 mod private;
 mod push;
 mod receipts;
+mod signals;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -50,6 +51,7 @@ pub(crate) use group_chat::push_group;
 pub use fanout::{group_by_server, group_deliveries, ServerGroups};
 pub use push::PUSH_PATH;
 pub use receipts::route_receipts;
+pub use signals::{relay_signals, SignalItem, SIGNAL_PATH};
 
 use crate::state::AppState;
 use cim_common::{
