@@ -31,6 +31,23 @@ pub fn ack_ids(push: &Push) -> Vec<String> {
     stored_ids(&push.messages)
 }
 
+/// The group positions a push lets the client ack: per stored group (GROUP_CHAT and
+/// GROUP_EVENT messages), the highest `log_seq` in it. Acking a position says "everything up
+/// to here was received"; a login catches up from the last acked position.
+pub fn group_positions(push: &Push) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for m in &push.messages {
+        if m.group_id == 0 || m.log_seq == 0 {
+            continue;
+        }
+        match out.iter_mut().find(|(g, _)| *g == m.group_id) {
+            Some(at) => at.1 = at.1.max(m.log_seq),
+            None => out.push((m.group_id, m.log_seq)),
+        }
+    }
+    out
+}
+
 /// [`ack_ids`] for a slice of messages.
 pub fn stored_ids(messages: &[Message]) -> Vec<String> {
     messages
@@ -284,6 +301,32 @@ impl Connection {
     /// [`MAX_ACK_IDS`] ids, written together. No ids, no write.
     pub async fn ack(&mut self, ids: Vec<String>) -> Result<(), ConnError> {
         let frames = ack_frames(ids);
+        if frames.is_empty() {
+            return Ok(());
+        }
+        for frame in &frames {
+            self.feed(frame).await?;
+        }
+        self.flush().await
+    }
+
+    /// [`Connection::ack`] with group positions too (`(group, seq)`, at most
+    /// [`MAX_ACK_IDS`] per frame): one write.
+    pub async fn ack_all(
+        &mut self,
+        ids: Vec<String>,
+        groups: Vec<(u64, u64)>,
+    ) -> Result<(), ConnError> {
+        let mut frames = ack_frames(ids);
+        for chunk in groups.chunks(MAX_ACK_IDS) {
+            frames.push(Frame::new(Body::Ack(Ack {
+                message_ids: Vec::new(),
+                groups: chunk
+                    .iter()
+                    .map(|&(group_id, log_seq)| crate::pb::GroupPosition { group_id, log_seq })
+                    .collect(),
+            })));
+        }
         if frames.is_empty() {
             return Ok(());
         }

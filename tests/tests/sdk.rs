@@ -597,6 +597,8 @@ async fn reconnecting_gives_up_after_max_attempts() -> anyhow::Result<()> {
             Event::Kicked { reason, .. } => format!("kicked {}", reason.as_str_name()),
             Event::Message { .. } => "message".to_string(),
             Event::Receipt { .. } => "receipt".to_string(),
+            Event::ReadMark { .. } => "read mark".to_string(),
+            Event::Typing { .. } => "typing".to_string(),
         })
         .collect();
     assert_eq!(

@@ -427,6 +427,16 @@ impl App {
                     self.print(text).await;
                 }
             }
+            Event::Typing {
+                by_name, stopped, ..
+            } => {
+                if !stopped {
+                    let text = format!("{} is typing…", by_name);
+                    self.print(render::notice(self.style, &text)).await;
+                }
+            }
+            // "Seen" marks are shown by `:hist` (the peer's read seq), not as lines.
+            Event::ReadMark { .. } => {}
             Event::Receipt {
                 message_id,
                 by_name,

@@ -52,6 +52,21 @@ pub enum Event {
         /// When they acknowledged it (unix milliseconds).
         at_ms: i64,
     },
+    /// Someone read a conversation of this user's up to `seq` (a `log_seq`): in a private
+    /// conversation the peer ("seen"); `conversation` names it as this user sees it.
+    ReadMark {
+        conversation: pb::Conversation,
+        by_user_id: u64,
+        seq: u64,
+    },
+    /// Someone is typing (or `stopped`) in a conversation of this user's. Ephemeral: repeat
+    /// while typing, and treat an indicator as over a few seconds after the last one.
+    Typing {
+        conversation: pb::Conversation,
+        by_user_id: u64,
+        by_name: String,
+        stopped: bool,
+    },
     /// The server closed the connection with this reason; a `State` event follows
     /// (`Reconnecting` or `Closed`, see the module doc for which).
     Kicked {

@@ -9,24 +9,40 @@ pub(super) async fn write_acks(
     conn: &mut Connection,
     backlog: &mut Backlog,
 ) -> Result<(), ConnError> {
-    let ids = take_front_acks(backlog);
-    if ids.is_empty() {
+    let (ids, groups) = take_front_acks(backlog);
+    if ids.is_empty() && groups.is_empty() {
         return Ok(());
     }
-    tokio::time::timeout(WRITE_TIMEOUT, conn.ack(ids))
+    tokio::time::timeout(WRITE_TIMEOUT, conn.ack_all(ids, groups))
         .await
         .map_err(|_| ConnError::Timeout)?
 }
 
-/// Removes the acks at the front of `backlog` and returns their ids.
-pub(super) fn take_front_acks(backlog: &mut Backlog) -> Vec<String> {
+/// Removes the acks at the front of `backlog` and returns their ids and group positions
+/// (the highest seq per group).
+pub(super) fn take_front_acks(backlog: &mut Backlog) -> (Vec<String>, Vec<(u64, u64)>) {
     let mut ids = Vec::new();
-    while matches!(backlog.front(), Some(Item::Ack(_))) {
-        if let Some(Item::Ack(more)) = backlog.pop_front() {
-            ids.extend(more);
+    let mut groups: Vec<(u64, u64)> = Vec::new();
+    loop {
+        match backlog.front() {
+            Some(Item::Ack(_)) => {
+                if let Some(Item::Ack(more)) = backlog.pop_front() {
+                    ids.extend(more);
+                }
+            }
+            Some(Item::GroupAck(_)) => {
+                if let Some(Item::GroupAck(more)) = backlog.pop_front() {
+                    for (group, seq) in more {
+                        match groups.iter_mut().find(|(g, _)| *g == group) {
+                            Some(at) => at.1 = at.1.max(seq),
+                            None => groups.push((group, seq)),
+                        }
+                    }
+                }
+            }
+            _ => return (ids, groups),
         }
     }
-    ids
 }
 
 /// The event for one received (new) message: receipts have their own.
@@ -56,6 +72,7 @@ pub(super) fn on_frame(
             // Duplicates are acked too: a replay repeats what we had, and only an ack takes it
             // out of the inbox.
             let ack = conn::ack_ids(&push);
+            let positions = conn::group_positions(&push);
             let replayed = push.replay;
             for message in push.messages {
                 if recent.insert(&message.id) {
@@ -65,6 +82,9 @@ pub(super) fn on_frame(
             if !ack.is_empty() {
                 backlog.push_back(Item::Ack(ack));
             }
+            if !positions.is_empty() {
+                backlog.push_back(Item::GroupAck(positions));
+            }
         }
         Some(Body::SendResult(result)) => {
             if let Some(sent) = pending.remove(&result.client_id) {
@@ -72,6 +92,17 @@ pub(super) fn on_frame(
             }
         }
         Some(Body::Pong(_)) => {}
+        Some(Body::ReadMark(mark)) => backlog.push_back(Item::Event(Event::ReadMark {
+            conversation: mark.conversation.unwrap_or_default(),
+            by_user_id: mark.user_id,
+            seq: mark.seq,
+        })),
+        Some(Body::Typing(typing)) => backlog.push_back(Item::Event(Event::Typing {
+            conversation: typing.conversation.unwrap_or_default(),
+            by_user_id: typing.user_id,
+            by_name: typing.user_name,
+            stopped: typing.stopped,
+        })),
         Some(Body::Kick(kick)) => {
             let reason = KickReason::try_from(kick.reason).unwrap_or(KickReason::Unspecified);
             let why = format!("kicked ({}): {}", reason.as_str_name(), kick.message);

@@ -64,6 +64,8 @@ pub(crate) enum Item {
     Event(Event),
     /// Ids of stored messages of one push (see [`conn::ack_ids`]).
     Ack(Vec<String>),
+    /// Group positions of one push (see [`conn::group_positions`]).
+    GroupAck(Vec<(u64, u64)>),
 }
 
 pub(crate) type Backlog = VecDeque<Item>;
@@ -182,7 +184,7 @@ impl Worker {
                         }
                         // Nobody listens to events any more: drop them (the application
                         // gave up receiving), keep the session and the acks.
-                        Err(_) => backlog.retain(|item| matches!(item, Item::Ack(_))),
+                        Err(_) => backlog.retain(|item| matches!(item, Item::Ack(_) | Item::GroupAck(_))),
                     }
                     if let Err(e) = write_acks(&mut live.conn, backlog).await {
                         break End::Reconnect(format!("ack failed: {e}"));

@@ -40,7 +40,7 @@ fn events(backlog: &Backlog) -> Vec<&Event> {
         .iter()
         .filter_map(|i| match i {
             Item::Event(e) => Some(e),
-            Item::Ack(_) => None,
+            Item::Ack(_) | Item::GroupAck(_) => None,
         })
         .collect()
 }
@@ -189,13 +189,29 @@ fn acks_at_the_front_are_merged_and_the_rest_waits() {
         Item::Ack(vec!["d".into()]),
     ]
     .into();
-    assert_eq!(take_front_acks(&mut backlog), ["a", "b", "c"]);
+    assert_eq!(take_front_acks(&mut backlog).0, ["a", "b", "c"]);
     assert_eq!(backlog.len(), 2);
     // An event in front: nothing is taken until the application has it.
-    assert!(take_front_acks(&mut backlog).is_empty());
+    assert!(take_front_acks(&mut backlog).0.is_empty());
     backlog.pop_front();
-    assert_eq!(take_front_acks(&mut backlog), ["d"]);
+    assert_eq!(take_front_acks(&mut backlog).0, ["d"]);
     assert!(backlog.is_empty());
+}
+
+#[test]
+fn group_positions_at_the_front_merge_to_the_highest_seq_per_group() {
+    let mut backlog: Backlog = [
+        Item::GroupAck(vec![(7, 3), (8, 1)]),
+        Item::Ack(vec!["a".into()]),
+        Item::GroupAck(vec![(7, 5)]),
+        Item::Event(Event::State(ConnState::Connecting)),
+        Item::GroupAck(vec![(7, 9)]),
+    ]
+    .into();
+    let (ids, groups) = take_front_acks(&mut backlog);
+    assert_eq!(ids, ["a"]);
+    assert_eq!(groups, [(7, 5), (8, 1)]);
+    assert_eq!(backlog.len(), 2);
 }
 
 /// A worker whose connections the test makes itself (no route behind it).
