@@ -90,6 +90,9 @@ pub struct SendOutcome {
     /// SDK wrote it again after its connection died before the first result came. It was
     /// pushed to nobody this time (`delivered` is 0), which is not "nobody was online".
     pub repeat: bool,
+    /// The message's place in its conversation's log (private and stored-group messages; 0
+    /// for the kinds that are not kept): what read marks and history pages count in.
+    pub log_seq: u64,
 }
 
 /// A snapshot of the client.

@@ -298,6 +298,80 @@ impl Client {
         .await
     }
 
+    /// Sends a message to stored group `group_id` (see [`crate::RouteClient::create_group`])
+    /// over the connection. Kept in the group's log once; members online get it now, the
+    /// others at their next connection. Not a member: `Send { code: Forbidden }`.
+    pub async fn send_group_chat(
+        &self,
+        group_id: u64,
+        body: &str,
+    ) -> Result<SendOutcome, ClientError> {
+        self.submit(pb::Send {
+            kind: pb::MessageKind::GroupChat as i32,
+            group_id,
+            body: body.to_string(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Marks `conversation` read up to `seq` (a `log_seq`; marks never move back). The peer
+    /// of a private conversation gets an [`crate::Event::ReadMark`]. Written over the
+    /// connection, answered by nothing: the mark is in the store once the route has it
+    /// (read it back with the conversation list).
+    pub async fn mark_read(
+        &self,
+        conversation: pb::Conversation,
+        seq: u64,
+    ) -> Result<(), ClientError> {
+        self.signal(pb::Frame::new(pb::frame::Body::ReadMark(pb::ReadMark {
+            conversation: Some(conversation),
+            seq,
+            user_id: 0,
+        })))
+        .await
+    }
+
+    /// Tells the peer, or the group's members online, that this user is typing (or
+    /// `stopped`). Never stored; the server relays at most two a second per connection.
+    pub async fn typing(
+        &self,
+        conversation: pb::Conversation,
+        stopped: bool,
+    ) -> Result<(), ClientError> {
+        self.signal(pb::Frame::new(pb::frame::Body::Typing(pb::Typing {
+            conversation: Some(conversation),
+            stopped,
+            user_id: 0,
+            user_name: String::new(),
+        })))
+        .await
+    }
+
+    /// Writes a frame the server answers nothing to.
+    async fn signal(&self, frame: pb::Frame) -> Result<(), ClientError> {
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        let (reply, result) = oneshot::channel();
+        let command = Command {
+            send: pb::Send::default(),
+            signal: Some(frame),
+            reply,
+            deadline: tokio::time::Instant::now() + SEND_TIMEOUT,
+        };
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        match tokio::time::timeout(SEND_TIMEOUT, result).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
     /// Sends a message to the online members of channel `name`, except this user, over the
     /// connection; `delivered` counts the members it reached. The sender must be a member
     /// ([`Client::join_channel`]): otherwise `Send { code: Forbidden }`. A bad name is
@@ -332,6 +406,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + SEND_TIMEOUT;
         let (reply, result) = oneshot::channel();
         let command = Command {
+            signal: None,
             send,
             reply,
             deadline,

@@ -52,6 +52,9 @@ pub(crate) enum LogoutSlot {
 /// One send, from a handle to the task.
 pub(crate) struct Command {
     pub send: pb::Send,
+    /// Instead of the send: a frame written as it is, answered once written (read marks and
+    /// typing indicators: the server answers nothing). Not written again after a reconnect.
+    pub signal: Option<Frame>,
     pub reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
     /// After this the caller has given up: the send must not be written any more.
     pub deadline: Instant,

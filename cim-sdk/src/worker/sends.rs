@@ -67,9 +67,22 @@ pub(super) async fn submit(
         send,
         reply,
         deadline,
+        signal,
     } = command;
     // A caller told "timed out" must not have its message sent afterwards.
     if reply.is_closed() {
+        return Ok(());
+    }
+    if let Some(frame) = signal {
+        write(&mut live.conn, &frame).await?;
+        let _ = reply.send(Ok(SendOutcome {
+            message_id: String::new(),
+            status: pb::SendStatus::Delivered,
+            delivered: 0,
+            timestamp_ms: 0,
+            repeat: false,
+            log_seq: 0,
+        }));
         return Ok(());
     }
     if Instant::now() >= deadline {
@@ -123,6 +136,7 @@ pub(super) fn outcome(result: pb::SendResult) -> Result<SendOutcome, ClientError
             delivered: result.delivered,
             timestamp_ms: result.timestamp_ms,
             repeat: result.repeat,
+            log_seq: result.log_seq,
         }),
     }
 }

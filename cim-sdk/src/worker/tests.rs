@@ -289,6 +289,7 @@ impl Harness {
         let (reply, result) = oneshot::channel();
         let client_id = self.worker.shared.next_client_id.fetch_add(1, Relaxed);
         let command = Command {
+            signal: None,
             send: pb::Send {
                 client_id,
                 kind: pb::MessageKind::Private as i32,
@@ -504,6 +505,7 @@ fn failed_results_are_errors_and_others_outcomes() {
         status: pb::SendStatus::Stored as i32,
         message_id: "01X".into(),
         timestamp_ms: 5,
+        log_seq: 4,
         ..Default::default()
     };
     assert_eq!(
@@ -514,6 +516,7 @@ fn failed_results_are_errors_and_others_outcomes() {
             delivered: 0,
             timestamp_ms: 5,
             repeat: false,
+            log_seq: 4,
         }
     );
     let repeat = pb::SendResult {
