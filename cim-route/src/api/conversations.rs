@@ -30,7 +30,6 @@ use cim_common::{
     pb::Message,
     store::{
         chat::{MAX_CONVERSATIONS_PAGE, MAX_HISTORY_READ},
-        prelude::*,
         ConvKey, ConversationSummary, HistoryPage,
     },
 };
@@ -204,7 +203,8 @@ pub async fn conversations_of(
     let before_ms = query_number::<i64>(q.before_ms.as_deref(), "before_ms")?;
     let store = state.store();
     let page = store.conversations(user, before_ms, limit).await?;
-    let names: Vec<_> = stream::iter(page.iter().map(|c| c.conv))
+    let convs: Vec<ConvKey> = page.iter().map(|c| c.conv).collect();
+    let names: Vec<_> = stream::iter(convs)
         .map(|conv| async move {
             match conv {
                 ConvKey::User(peer) => store.user_name(peer).await,
@@ -291,6 +291,7 @@ pub async fn mark_read(
 #[utoipa::path(
     get,
     path = "/api/conversations",
+    operation_id = "conversations_list",
     tag = "conversations",
     security(("bearer" = [])),
     params(ConversationsQuery),
@@ -317,6 +318,7 @@ pub async fn list(
 #[utoipa::path(
     get,
     path = "/api/conversations/{type}/{id}/messages",
+    operation_id = "conversations_history",
     tag = "conversations",
     security(("bearer" = [])),
     params(
@@ -349,6 +351,7 @@ pub async fn history(
 #[utoipa::path(
     post,
     path = "/api/conversations/{type}/{id}/read",
+    operation_id = "conversations_read",
     tag = "conversations",
     security(("bearer" = [])),
     params(
@@ -380,6 +383,7 @@ pub async fn read(
 #[utoipa::path(
     get,
     path = "/api/admin/users/{id}/conversations",
+    operation_id = "admin_conversations_list",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = u64, Path, description = "User id"), ConversationsQuery),
@@ -410,6 +414,7 @@ pub async fn admin_list(
 #[utoipa::path(
     get,
     path = "/api/admin/users/{id}/conversations/{type}/{cid}/messages",
+    operation_id = "admin_conversations_history",
     tag = "admin",
     security(("api_key" = [])),
     params(

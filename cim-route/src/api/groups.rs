@@ -42,7 +42,6 @@ use cim_common::{
     pb::{GroupEvent, GroupEventType, Message, MessageKind, Send},
     store::{
         chat::{MAX_GROUP_NAME_LEN, MAX_MEMBERS_PAGE},
-        prelude::*,
         AddOutcome, Changed, GroupInfo, Role,
     },
     time::now_ms,
@@ -905,6 +904,7 @@ fn group_send(group: u64, body: String, message_id: Option<String>) -> Send {
 #[utoipa::path(
     post,
     path = "/api/groups",
+    operation_id = "groups_create",
     tag = "groups",
     security(("bearer" = [])),
     request_body = NewGroup,
@@ -933,6 +933,7 @@ pub async fn create(
 #[utoipa::path(
     get,
     path = "/api/groups",
+    operation_id = "groups_mine",
     tag = "groups",
     security(("bearer" = [])),
     responses(
@@ -954,6 +955,7 @@ pub async fn mine(
 #[utoipa::path(
     get,
     path = "/api/groups/{id}",
+    operation_id = "groups_info",
     tag = "groups",
     security(("bearer" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -980,6 +982,7 @@ pub async fn info(
 #[utoipa::path(
     get,
     path = "/api/groups/{id}/members",
+    operation_id = "groups_members",
     tag = "groups",
     security(("bearer" = [])),
     params(("id" = u64, Path, description = "Group id"), PageQuery),
@@ -1009,6 +1012,7 @@ pub async fn members(
 #[utoipa::path(
     post,
     path = "/api/groups/{id}/members",
+    operation_id = "groups_add",
     tag = "groups",
     security(("bearer" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -1041,6 +1045,7 @@ pub async fn add(
 #[utoipa::path(
     delete,
     path = "/api/groups/{id}/members/{user}",
+    operation_id = "groups_remove",
     tag = "groups",
     security(("bearer" = [])),
     params(
@@ -1073,6 +1078,7 @@ pub async fn remove(
 #[utoipa::path(
     post,
     path = "/api/groups/{id}/leave",
+    operation_id = "groups_leave",
     tag = "groups",
     security(("bearer" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -1099,6 +1105,7 @@ pub async fn leave(
 #[utoipa::path(
     put,
     path = "/api/groups/{id}/members/{user}/role",
+    operation_id = "groups_role",
     tag = "groups",
     security(("bearer" = [])),
     params(
@@ -1133,6 +1140,7 @@ pub async fn role(
 #[utoipa::path(
     patch,
     path = "/api/groups/{id}",
+    operation_id = "groups_rename",
     tag = "groups",
     security(("bearer" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -1163,6 +1171,7 @@ pub async fn rename(
 #[utoipa::path(
     delete,
     path = "/api/groups/{id}",
+    operation_id = "groups_disband",
     tag = "groups",
     security(("bearer" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -1193,6 +1202,7 @@ pub async fn disband(
 #[utoipa::path(
     post,
     path = "/api/groups/{id}/messages",
+    operation_id = "groups_send",
     tag = "groups",
     security(("bearer" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -1231,6 +1241,7 @@ pub async fn send(
 #[utoipa::path(
     post,
     path = "/api/admin/groups",
+    operation_id = "admin_groups_create",
     tag = "admin",
     security(("api_key" = [])),
     request_body = AdminNewGroup,
@@ -1264,6 +1275,7 @@ pub async fn admin_create(
 #[utoipa::path(
     get,
     path = "/api/admin/groups/{id}",
+    operation_id = "admin_groups_info",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -1289,6 +1301,7 @@ pub async fn admin_info(
 #[utoipa::path(
     get,
     path = "/api/admin/groups/{id}/members",
+    operation_id = "admin_groups_members",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = u64, Path, description = "Group id"), PageQuery),
@@ -1317,6 +1330,7 @@ pub async fn admin_members(
 #[utoipa::path(
     post,
     path = "/api/admin/groups/{id}/members",
+    operation_id = "admin_groups_add",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -1347,6 +1361,7 @@ pub async fn admin_add(
 #[utoipa::path(
     delete,
     path = "/api/admin/groups/{id}/members/{user}",
+    operation_id = "admin_groups_remove",
     tag = "admin",
     security(("api_key" = [])),
     params(
@@ -1378,6 +1393,7 @@ pub async fn admin_remove(
 #[utoipa::path(
     put,
     path = "/api/admin/groups/{id}/members/{user}/role",
+    operation_id = "admin_groups_role",
     tag = "admin",
     security(("api_key" = [])),
     params(
@@ -1411,6 +1427,7 @@ pub async fn admin_role(
 #[utoipa::path(
     patch,
     path = "/api/admin/groups/{id}",
+    operation_id = "admin_groups_rename",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -1440,6 +1457,7 @@ pub async fn admin_rename(
 #[utoipa::path(
     delete,
     path = "/api/admin/groups/{id}",
+    operation_id = "admin_groups_disband",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -1466,6 +1484,7 @@ pub async fn admin_disband(
 #[utoipa::path(
     post,
     path = "/api/admin/groups/{id}/messages",
+    operation_id = "admin_groups_send",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = u64, Path, description = "Group id"),),
@@ -1506,6 +1525,7 @@ pub async fn admin_send(
 #[utoipa::path(
     get,
     path = "/api/admin/users/{id}/groups",
+    operation_id = "admin_user_groups",
     tag = "admin",
     security(("api_key" = [])),
     params(("id" = u64, Path, description = "User id"),),
