@@ -17,6 +17,13 @@
 //! - `POST /api/groups/{id}/messages` `{"body","message_id"?}` → `{"id","delivered",
 //!   "timestamp_ms","repeat","log_seq"}`
 //!
+//! Errors: 404 `not_found` for a group that does not exist or that the caller is not in, and
+//! for a user who is not a member; 404 `unknown_user` (naming the ids) for ids that are no
+//! accounts; 403 `unauthorized` when the caller's role does not allow the change; 409
+//! `bad_request` for a limit (`groups.max_members`, `groups.max_groups`) or the owner's place
+//! (the owner neither leaves nor is removed: they disband). `cim_proto::api::ErrorCode` has
+//! no group-specific codes (yet); these are its closest.
+//!
 //! Invariants:
 //! - a group is never revealed to a non-member: every user call on a group the caller is not a
 //!   member of answers 404 `not_found`, exactly as for a group that does not exist;
@@ -83,7 +90,7 @@ impl Actor {
     }
 }
 
-// ---- errors (the codes of cim_proto::api::ErrorCode that fit best; see the module docs) ----
+// ---- errors (the closest codes of cim_proto::api::ErrorCode; see the module docs) ----
 
 /// 404 for a group that does not exist *and* for one the caller is not a member of.
 pub fn no_group(group: u64) -> AppError {
@@ -413,8 +420,7 @@ fn user_ids(ids: Vec<u64>, except: Option<u64>, max: usize) -> Result<Vec<u64>, 
         .collect();
     if ids.len() > max {
         return Err(AppError::bad_request(format!(
-            "a group has at most {} members",
-            max.saturating_add(1)
+            "at most {max} users can be added at once (a group's member limit)"
         )));
     }
     Ok(ids)

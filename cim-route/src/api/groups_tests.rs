@@ -3,13 +3,17 @@
 //! and the business API (`/api/admin/groups...`, X-Api-Key).
 
 use super::app;
-use crate::testing::state_with;
+use crate::testing::{fake_server, state_with, Recorded};
 use axum::{
     body::Body,
     http::{header, Method, Request, StatusCode},
     Router,
 };
-use cim_common::store::{chat::MAX_GROUP_NAME_LEN, MemoryStore};
+use cim_common::{
+    config::DEV_SECRET,
+    pb::MessageKind,
+    store::{chat::MAX_GROUP_NAME_LEN, MemoryStore},
+};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -63,19 +67,38 @@ struct User {
 
 struct Fixture {
     app: Router,
+    /// What the one live (fake) connection server was pushed.
+    pushed: Arc<Recorded>,
     /// Keeps the registry watch open for the test's life.
     _servers: tokio::sync::watch::Sender<cim_common::registry::Members>,
 }
 
 impl Fixture {
-    fn new() -> Self {
-        let (state, tx) = state_with(Arc::new(MemoryStore::new()), vec![], |c| {
+    async fn new() -> Self {
+        let (server, pushed) = fake_server("server-a", DEV_SECRET).await;
+        let (state, tx) = state_with(Arc::new(MemoryStore::new()), vec![server], |c| {
             c.api_keys = vec![KEY.into()];
         });
         Self {
             app: app(state),
+            pushed,
             _servers: tx,
         }
+    }
+
+    /// `(group_id, kind, body)` of every message pushed so far.
+    fn pushes(&self) -> Vec<(u64, i32, String)> {
+        self.pushed
+            .pushes
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p.deliveries.iter())
+            .filter_map(|d| {
+                let m = d.message.as_ref()?;
+                Some((d.group_id, m.kind, m.body.clone()))
+            })
+            .collect()
     }
 
     async fn user(&self, name: &str) -> User {
@@ -178,7 +201,7 @@ fn ids(v: &Value) -> Vec<u64> {
 
 #[tokio::test]
 async fn create_list_and_describe() {
-    let f = Fixture::new();
+    let f = Fixture::new().await;
     let (alice, bob) = (f.user("alice").await, f.user("bob").await);
     let (s, v) = f
         .as_user(
@@ -197,6 +220,15 @@ async fn create_list_and_describe() {
         ids(&v["added"]["added"]),
         vec![bob.id],
         "once, the owner left out"
+    );
+    // Each change's event went out live, to the group.
+    let event = MessageKind::GroupEvent as i32;
+    assert_eq!(
+        f.pushes(),
+        vec![
+            (group, event, "alice created the group team".to_string()),
+            (group, event, "alice added bob".to_string()),
+        ]
     );
 
     for user in [&alice, &bob] {
@@ -267,7 +299,7 @@ async fn create_list_and_describe() {
 
 #[tokio::test]
 async fn non_members_get_404_like_for_no_group() {
-    let f = Fixture::new();
+    let f = Fixture::new().await;
     let (alice, carol) = (f.user("alice").await, f.user("carol").await);
     let group = f.group(&alice, "team", &[]).await;
     let missing = group + 1000;
@@ -322,7 +354,7 @@ async fn non_members_get_404_like_for_no_group() {
 
 #[tokio::test]
 async fn roles_decide_who_may_change_what() {
-    let f = Fixture::new();
+    let f = Fixture::new().await;
     let alice = f.user("alice").await;
     let bob = f.user("bob").await;
     let carol = f.user("carol").await;
@@ -515,7 +547,7 @@ async fn roles_decide_who_may_change_what() {
 
 #[tokio::test]
 async fn members_leave_but_the_owner_disbands() {
-    let f = Fixture::new();
+    let f = Fixture::new().await;
     let alice = f.user("alice").await;
     let bob = f.user("bob").await;
     let carol = f.user("carol").await;
@@ -602,7 +634,7 @@ async fn members_leave_but_the_owner_disbands() {
 
 #[tokio::test]
 async fn only_the_owner_disbands() {
-    let f = Fixture::new();
+    let f = Fixture::new().await;
     let (alice, bob) = (f.user("alice").await, f.user("bob").await);
     let group = f.group(&alice, "team", &[&bob]).await;
     let (s, _) = f
@@ -626,7 +658,7 @@ async fn only_the_owner_disbands() {
 
 #[tokio::test]
 async fn bad_input_is_a_clear_400_or_404() {
-    let f = Fixture::new();
+    let f = Fixture::new().await;
     let (alice, bob) = (f.user("alice").await, f.user("bob").await);
     for name in [
         json!(""),
@@ -778,7 +810,7 @@ async fn bad_input_is_a_clear_400_or_404() {
 
 #[tokio::test]
 async fn history_pages_oldest_first() {
-    let f = Fixture::new();
+    let f = Fixture::new().await;
     let (alice, bob) = (f.user("alice").await, f.user("bob").await);
     // Seq 1: CREATED, 2: JOINED (bob), 3..=7: the messages.
     let group = f.group(&alice, "team", &[&bob]).await;
@@ -843,7 +875,7 @@ async fn history_pages_oldest_first() {
 
 #[tokio::test]
 async fn read_marks_and_unread_counts() {
-    let f = Fixture::new();
+    let f = Fixture::new().await;
     let (alice, bob) = (f.user("alice").await, f.user("bob").await);
     let group = f.group(&alice, "team", &[&bob]).await;
     for i in 0..3 {
@@ -914,7 +946,7 @@ async fn read_marks_and_unread_counts() {
 
 #[tokio::test]
 async fn the_business_api_needs_its_key_and_acts_as_owner() {
-    let f = Fixture::new();
+    let f = Fixture::new().await;
     let alice = f.user("alice").await;
     let bob = f.user("bob").await;
     let carol = f.user("carol").await;
