@@ -1130,3 +1130,60 @@ async fn the_business_api_needs_its_key_and_acts_as_owner() {
     let (s, v) = f.as_backend(Method::GET, &admin(""), None).await;
     assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"));
 }
+
+#[tokio::test]
+async fn private_conversations_are_named_by_the_peer() {
+    let f = Fixture::new().await;
+    let (alice, bob) = (f.user("alice").await, f.user("bob").await);
+    let (s, v) = f
+        .as_user(
+            &alice,
+            Method::POST,
+            "/api/messages/private",
+            Some(json!({"to": bob.id, "body": "hello"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    let (s, v) = f
+        .as_user(&bob, Method::GET, "/api/conversations", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["conversations"][0];
+    assert_eq!(
+        (c["type"].as_str(), c["id"].as_u64()),
+        (Some("user"), Some(alice.id)),
+        "{v}"
+    );
+    assert_eq!(c["name"], "alice", "the peer's name");
+    assert_eq!(c["unread"].as_u64(), Some(1));
+    assert_eq!(c["last"]["body"], "hello");
+
+    let history = format!("/api/conversations/user/{}/messages", alice.id);
+    let (s, v) = f.as_user(&bob, Method::GET, &history, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(seqs(&v), vec![1]);
+    let read = format!("/api/conversations/user/{}/read", alice.id);
+    let (s, v) = f
+        .as_user(&bob, Method::POST, &read, Some(json!({"seq": 1})))
+        .await;
+    assert_eq!(
+        (s, v["read_seq"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{v}"
+    );
+    let (_, v) = f
+        .as_user(&bob, Method::GET, "/api/conversations", None)
+        .await;
+    assert_eq!(v["conversations"][0]["unread"].as_u64(), Some(0));
+    // Alice sees bob's mark on her side.
+    let (_, v) = f
+        .as_user(&alice, Method::GET, "/api/conversations", None)
+        .await;
+    assert_eq!(v["conversations"][0]["name"], "bob");
+    assert_eq!(
+        v["conversations"][0]["peer_read_seq"].as_u64(),
+        Some(1),
+        "{v}"
+    );
+}
