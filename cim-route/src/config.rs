@@ -5,7 +5,8 @@
 
 pub use cim_common::config::ConfigError;
 use cim_common::{
-    backend::BackendConfig, config::DEV_SECRET, ids::valid_instance_name, tls::TlsConfig,
+    backend::BackendConfig, config::DEV_SECRET, ids::valid_instance_name, store::GroupLimits,
+    tls::TlsConfig,
 };
 use serde::{Deserialize, Serialize};
 use std::{net::SocketAddr, time::Duration};
@@ -118,6 +119,8 @@ pub struct RouteConfig {
     pub max_channels_per_user: usize,
     /// Most receivers of one business-API message.
     pub max_receivers: usize,
+    /// Stored groups (`/api/groups`): their bounds.
+    pub groups: GroupsConfig,
     /// Where presence events are POSTed (`{"events":[...]}`), if anywhere. One route instance
     /// at a time delivers them, in order, retrying until the hook answers 2xx.
     pub webhook_url: Option<String>,
@@ -169,11 +172,60 @@ impl Default for RouteConfig {
             api_keys: Vec::new(),
             max_channels_per_user: 100,
             max_receivers: 1000,
+            groups: GroupsConfig::default(),
             webhook_url: None,
             webhook_secret: None,
             webhook_timeout_ms: 5000,
             worker_threads: 0,
         }
+    }
+}
+
+/// Most members of one group that `groups.max_members` may allow: a JOINED event lists every
+/// member added at once, and it travels in one message.
+pub const MAX_GROUP_MEMBERS: usize = 100_000;
+
+/// The `[groups]` section: bounds of stored groups, checked atomically by the store.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupsConfig {
+    /// Members of one group, the owner included.
+    pub max_members: usize,
+    /// Groups one user may be a member of.
+    pub max_groups: usize,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        let limits = GroupLimits::default();
+        Self {
+            max_members: limits.max_members,
+            max_groups: limits.max_groups,
+        }
+    }
+}
+
+impl GroupsConfig {
+    /// The limits as the store takes them.
+    pub fn limits(&self) -> GroupLimits {
+        GroupLimits {
+            max_members: self.max_members,
+            max_groups: self.max_groups,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        // Two: an owner alone is a group nobody can be added to.
+        if self.max_members < 2 || self.max_members > MAX_GROUP_MEMBERS {
+            return Err(invalid(
+                "groups.max_members",
+                format!("must be 2 to {MAX_GROUP_MEMBERS}"),
+            ));
+        }
+        if self.max_groups == 0 {
+            return Err(invalid("groups.max_groups", "must be positive"));
+        }
+        Ok(())
     }
 }
 
@@ -265,6 +317,7 @@ impl RouteConfig {
                 return Err(invalid(field, "must be positive"));
             }
         }
+        self.groups.validate()?;
         if self.max_password_len < self.min_password_len {
             return Err(invalid(
                 "max_password_len",
@@ -458,6 +511,38 @@ mod tests {
         let err = c.validate().unwrap_err();
         assert_eq!(err.field(), Some("worker_threads"));
         assert!(err.to_string().contains("1025"), "{err}");
+    }
+
+    #[test]
+    fn groups_section() {
+        let c = RouteConfig::default();
+        assert_eq!(c.groups.limits(), GroupLimits::default());
+        assert_eq!(c.groups.limits().max_members, 2000);
+        assert_eq!(c.groups.limits().max_groups, 500);
+        let c: RouteConfig = serde_json::from_str(r#"{"groups":{"max_members":10}}"#).unwrap();
+        assert_eq!(c.groups.max_members, 10);
+        assert_eq!(
+            c.groups.max_groups, 500,
+            "the rest of the section keeps its defaults"
+        );
+        assert_eq!(c.validate(), Ok(()));
+        for (members, groups, field) in [
+            (1, 500, "groups.max_members"),
+            (MAX_GROUP_MEMBERS + 1, 500, "groups.max_members"),
+            (10, 0, "groups.max_groups"),
+        ] {
+            let c = RouteConfig {
+                groups: GroupsConfig {
+                    max_members: members,
+                    max_groups: groups,
+                },
+                ..Default::default()
+            };
+            assert_eq!(c.validate().unwrap_err().field(), Some(field));
+        }
+        let err =
+            serde_json::from_str::<RouteConfig>(r#"{"groups":{"max_member":3}}"#).unwrap_err();
+        assert!(err.to_string().contains("max_member"), "{err}");
     }
 
     #[test]

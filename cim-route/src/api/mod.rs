@@ -6,7 +6,9 @@ pub mod accounts;
 pub mod admin;
 pub mod bulk_users;
 pub mod channels;
+pub mod conversations;
 pub mod events;
+pub mod groups;
 pub mod messages;
 pub mod openapi;
 pub mod presence;
@@ -21,7 +23,7 @@ use axum::{
     http::StatusCode,
     middleware::{self, Next},
     response::Response,
-    routing::{get, post},
+    routing::{delete, get, post, put},
     Router,
 };
 use std::time::Duration;
@@ -58,6 +60,30 @@ pub fn app(state: AppState) -> Router {
         .route("/api/channels/{name}/leave", post(channels::leave))
         .route("/api/channels/{name}/members", get(channels::members))
         .route("/api/channels/{name}/messages", post(channels::send))
+        .route("/api/groups", post(groups::create).get(groups::mine))
+        .route(
+            "/api/groups/{id}",
+            get(groups::info)
+                .patch(groups::rename)
+                .delete(groups::disband),
+        )
+        .route(
+            "/api/groups/{id}/members",
+            get(groups::members).post(groups::add),
+        )
+        .route("/api/groups/{id}/members/{user}", delete(groups::remove))
+        .route("/api/groups/{id}/members/{user}/role", put(groups::role))
+        .route("/api/groups/{id}/leave", post(groups::leave))
+        .route("/api/groups/{id}/messages", post(groups::send))
+        .route("/api/conversations", get(conversations::list))
+        .route(
+            "/api/conversations/{type}/{id}/messages",
+            get(conversations::history),
+        )
+        .route(
+            "/api/conversations/{type}/{id}/read",
+            post(conversations::read),
+        )
         .route("/api/admin/messages", post(admin::messages))
         .route("/api/admin/broadcast", post(admin::broadcast))
         .route("/api/admin/presence", get(admin::presence))
@@ -75,6 +101,38 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/api/admin/channels/{name}/messages",
             post(admin::channel_message),
+        )
+        .route("/api/admin/groups", post(groups::admin_create))
+        .route(
+            "/api/admin/groups/{id}",
+            get(groups::admin_info)
+                .patch(groups::admin_rename)
+                .delete(groups::admin_disband),
+        )
+        .route(
+            "/api/admin/groups/{id}/members",
+            get(groups::admin_members).post(groups::admin_add),
+        )
+        .route(
+            "/api/admin/groups/{id}/members/{user}",
+            delete(groups::admin_remove),
+        )
+        .route(
+            "/api/admin/groups/{id}/members/{user}/role",
+            put(groups::admin_role),
+        )
+        .route("/api/admin/groups/{id}/messages", post(groups::admin_send))
+        .route(
+            "/api/admin/users/{id}/groups",
+            get(groups::admin_user_groups),
+        )
+        .route(
+            "/api/admin/users/{id}/conversations",
+            get(conversations::admin_list),
+        )
+        .route(
+            "/api/admin/users/{id}/conversations/{type}/{cid}/messages",
+            get(conversations::admin_history),
         )
         .route("/api/admin/events", get(events::stream_events))
         .route("/api/admin/events/recent", get(events::recent))
@@ -123,6 +181,8 @@ async fn request_deadline(State(deadline): State<Duration>, req: Request, next: 
     }
 }
 
+#[cfg(test)]
+mod groups_tests;
 #[cfg(test)]
 mod props;
 #[cfg(test)]

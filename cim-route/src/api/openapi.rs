@@ -6,7 +6,9 @@
 //! `.route(..)` calls from `mod.rs` and fails on any endpoint the document lacks (and on any
 //! documented one the router lacks). The web page's routes (`crate::web`) are not API.
 
-use super::{accounts, admin, bulk_users, channels, events, messages, presence};
+use super::{
+    accounts, admin, bulk_users, channels, conversations, events, groups, messages, presence,
+};
 use axum::{http::header, response::IntoResponse};
 use std::sync::LazyLock;
 use utoipa::{
@@ -27,7 +29,7 @@ pub use cim_proto::api::{ErrorBody, ErrorDetail};
         version = env!("CARGO_PKG_VERSION"),
         description = "The public HTTP API of a cim route, the stateless HTTP service of the cim \
             clustered IM system: accounts and login (with server assignment), presence, \
-            messages, channels, and the business API for backends (`/api/admin/*`, API key). \
+            messages, channels, stored groups and conversations (history, read marks), and the business API for backends (`/api/admin/*`, API key). \
             Clients log in with `POST /api/login` and use its `session_token` as bearer token; \
             backends send one of the route's configured API keys in `X-Api-Key`. Every error \
             answers `{\"error\":{\"code\",\"message\"}}` (schema `ErrorBody`); besides the \
@@ -52,6 +54,20 @@ pub use cim_proto::api::{ErrorBody, ErrorDetail};
         channels::leave,
         channels::members,
         channels::send,
+        groups::create,
+        groups::mine,
+        groups::info,
+        groups::rename,
+        groups::disband,
+        groups::members,
+        groups::add,
+        groups::remove,
+        groups::role,
+        groups::leave,
+        groups::send,
+        conversations::list,
+        conversations::history,
+        conversations::read,
         admin::messages,
         admin::broadcast,
         admin::presence,
@@ -64,6 +80,18 @@ pub use cim_proto::api::{ErrorBody, ErrorDetail};
         admin::channel_join,
         admin::channel_leave,
         admin::channel_message,
+        groups::admin_create,
+        groups::admin_info,
+        groups::admin_rename,
+        groups::admin_disband,
+        groups::admin_members,
+        groups::admin_add,
+        groups::admin_remove,
+        groups::admin_role,
+        groups::admin_send,
+        groups::admin_user_groups,
+        conversations::admin_list,
+        conversations::admin_history,
         events::stream_events,
         events::recent,
         serve,
@@ -108,6 +136,27 @@ pub use cim_proto::api::{ErrorBody, ErrorDetail};
         bulk_users::BulkUser,
         bulk_users::BulkCreated,
         admin::Kicked,
+        groups::GroupView,
+        groups::GroupAnswer,
+        groups::CreatedGroup,
+        groups::GroupList,
+        groups::GroupMemberView,
+        groups::GroupMembersPage,
+        groups::Added,
+        groups::GroupChange,
+        groups::GroupChatSent,
+        groups::NewGroup,
+        groups::AdminNewGroup,
+        groups::UserIds,
+        groups::RoleBody,
+        groups::Rename,
+        groups::GroupMessage,
+        groups::AdminGroupMessage,
+        conversations::ConversationView,
+        conversations::ConversationList,
+        conversations::MessagePage,
+        conversations::ReadMarkAnswer,
+        conversations::ReadBody,
         events::RecentEvents,
         events::EventDoc,
         events::EventKindDoc,
@@ -118,6 +167,8 @@ pub use cim_proto::api::{ErrorBody, ErrorDetail};
         (name = "presence", description = "Who and what is online, and the health check"),
         (name = "messages", description = "Sending messages as the logged-in user"),
         (name = "channels", description = "Channels: temporary group chats, chat rooms, comment areas"),
+        (name = "groups", description = "Stored groups: members, roles, messages kept in the group's log"),
+        (name = "conversations", description = "The caller's conversations: list, history, read marks"),
         (name = "admin", description = "The business API for backends (API key)"),
         (name = "events", description = "Presence events for backends (API key)"),
         (name = "meta", description = "This document"),
