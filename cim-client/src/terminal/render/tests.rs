@@ -196,6 +196,7 @@ fn what_follows_a_send() {
         delivered,
         timestamp_ms: 0,
         repeat,
+        log_seq: 0,
     };
     let (stored, delivered) = (pb::SendStatus::Stored, pb::SendStatus::Delivered);
     let bob = To::User("bob".into());
