@@ -62,6 +62,10 @@ error_codes! {
     BadRequest = "bad_request",
     /// Too many password checks at once; retry after `Retry-After`.
     Busy = "busy",
+    /// The caller may not do this (e.g. a group member who is not its owner or an admin).
+    Forbidden = "forbidden",
+    /// The group has as many members as allowed.
+    GroupFull = "group_full",
     /// The route failed; the cause is in its log, never in the answer.
     Internal = "internal",
     /// Not a valid channel name.
@@ -96,12 +100,18 @@ error_codes! {
     TokenExpired = "token_expired",
     /// The user is a member of as many channels as allowed.
     TooManyChannels = "too_many_channels",
+    /// The user is a member of as many groups as allowed.
+    TooManyGroups = "too_many_groups",
+    /// The group's owner cannot leave, be removed or change role: disband the group instead.
+    OwnerStays = "owner_stays",
     /// No or an invalid credential (bearer token, API key).
     Unauthorized = "unauthorized",
     /// A backend the route needs is unreachable; retry later.
     Unavailable = "unavailable",
     /// No such channel.
     UnknownChannel = "unknown_channel",
+    /// No such group, or not one of the caller's (the two are not told apart).
+    UnknownGroup = "unknown_group",
     /// No such user.
     UnknownUser = "unknown_user",
     /// The body is not `application/json`.

@@ -17,16 +17,16 @@
 //! - `POST /api/groups/{id}/messages` `{"body","message_id"?}` → `{"id","delivered",
 //!   "timestamp_ms","repeat","log_seq"}`
 //!
-//! Errors: 404 `not_found` for a group that does not exist or that the caller is not in, and
-//! for a user who is not a member; 404 `unknown_user` (naming the ids) for ids that are no
-//! accounts; 403 `unauthorized` when the caller's role does not allow the change; 409
-//! `bad_request` for a limit (`groups.max_members`, `groups.max_groups`) or the owner's place
-//! (the owner neither leaves nor is removed: they disband). `cim_proto::api::ErrorCode` has
-//! no group-specific codes (yet); these are its closest.
+//! Errors: 404 `unknown_group` for a group that does not exist or that the caller is not
+//! in; 404 `not_found` for a user who is not a member; 404 `unknown_user` (naming the ids)
+//! for ids that are no accounts; 403 `forbidden` when the caller's role does not allow the
+//! change; 409 `group_full` / `too_many_groups` for the limits (`groups.max_members`,
+//! `groups.max_groups`) and `owner_stays` for the owner's place (the owner neither leaves,
+//! nor is removed, nor changes role: they disband).
 //!
 //! Invariants:
 //! - a group is never revealed to a non-member: every user call on a group the caller is not a
-//!   member of answers 404 `not_found`, exactly as for a group that does not exist;
+//!   member of answers 404 `unknown_group`, exactly as for a group that does not exist;
 //! - who may do what is checked here; the limits ([`crate::config::GroupsConfig`]) are
 //!   checked by the store, atomically with the change;
 //! - every change appends its GROUP_EVENT, built by [`group_event`] only, and after the store
@@ -90,13 +90,13 @@ impl Actor {
     }
 }
 
-// ---- errors (the closest codes of cim_proto::api::ErrorCode; see the module docs) ----
+// ---- errors ----
 
 /// 404 for a group that does not exist *and* for one the caller is not a member of.
 pub fn no_group(group: u64) -> AppError {
     AppError::new(
         StatusCode::NOT_FOUND,
-        ErrorCode::NotFound,
+        ErrorCode::UnknownGroup,
         format!("no group {group}"),
     )
 }
@@ -111,12 +111,12 @@ fn not_member(group: u64, user: u64) -> AppError {
 
 /// A member whose role does not allow the change.
 fn forbidden(message: impl Into<String>) -> AppError {
-    AppError::new(StatusCode::FORBIDDEN, ErrorCode::Unauthorized, message)
+    AppError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, message)
 }
 
-/// A change the group's state does not allow (limits, the owner's place).
-fn conflict(message: impl Into<String>) -> AppError {
-    AppError::new(StatusCode::CONFLICT, ErrorCode::BadRequest, message)
+/// A change the group's state does not allow: a limit, or the owner's place.
+fn conflict(code: ErrorCode, message: impl Into<String>) -> AppError {
+    AppError::new(StatusCode::CONFLICT, code, message)
 }
 
 // ---- JSON ----
@@ -471,7 +471,7 @@ async fn add_checked(
         return Err(no_group(group));
     }
     if outcome.group_full {
-        return Err(conflict(format!(
+        return Err(conflict(ErrorCode::GroupFull, format!(
             "group {group} would have more than {} members: nobody was added",
             limits.max_members
         )));
@@ -512,7 +512,7 @@ pub async fn create_group(
         .group_create(owner, &name, &mut event, limits)
         .await?
     else {
-        return Err(conflict(format!(
+        return Err(conflict(ErrorCode::TooManyGroups, format!(
             "user {owner} is a member of {} groups already: leave one first",
             limits.max_groups
         )));
@@ -592,6 +592,7 @@ pub async fn remove_member(
     }
     if member.role == Role::Owner {
         return Err(conflict(
+            ErrorCode::OwnerStays,
             "the owner cannot be removed: disband the group instead",
         ));
     }
@@ -635,7 +636,7 @@ pub async fn leave_group(
         .await?
         .ok_or_else(|| no_group(group))?;
     if member.role == Role::Owner {
-        return Err(conflict(format!(
+        return Err(conflict(ErrorCode::OwnerStays, format!(
             "the owner cannot leave the group: disband it (DELETE /api/groups/{group})"
         )));
     }
@@ -688,7 +689,7 @@ pub async fn set_role(
         .await?
         .ok_or_else(|| not_member(group, target))?;
     if member.role == Role::Owner {
-        return Err(conflict("the owner's role cannot change"));
+        return Err(conflict(ErrorCode::OwnerStays, "the owner's role cannot change"));
     }
     let name = names_of(state, &[target])
         .await?

@@ -338,7 +338,7 @@ async fn non_members_get_404_like_for_no_group() {
             let (s, v) = f.as_user(&carol, method.clone(), &path, body).await;
             assert_eq!(
                 (s, code(&v)),
-                (StatusCode::NOT_FOUND, "not_found"),
+                (StatusCode::NOT_FOUND, "unknown_group"),
                 "{method} {path}"
             );
             // The same words whether the group exists or not.
@@ -372,7 +372,7 @@ async fn roles_decide_who_may_change_what() {
             Some(json!({"user_ids": [dave.id]})),
         )
         .await;
-    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"), "{v}");
     let (s, _) = f
         .as_user(
             &bob,
@@ -608,7 +608,7 @@ async fn members_leave_but_the_owner_disbands() {
             None,
         )
         .await;
-    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "owner_stays"), "{v}");
     assert!(
         v["error"]["message"].as_str().unwrap().contains("disband"),
         "{v}"
@@ -1128,7 +1128,7 @@ async fn the_business_api_needs_its_key_and_acts_as_owner() {
     let (s, _) = f.as_backend(Method::DELETE, &admin(""), None).await;
     assert_eq!(s, StatusCode::OK);
     let (s, v) = f.as_backend(Method::GET, &admin(""), None).await;
-    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "unknown_group"));
 }
 
 #[tokio::test]
