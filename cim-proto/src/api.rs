@@ -11,11 +11,17 @@
 mod accounts;
 mod channels;
 mod error;
+mod groups;
 mod messages;
 mod presence;
 
 pub use accounts::{Credentials, LoggedIn, OkBody, Registered, ServerAddrs};
 pub use channels::{ChannelList, ChannelPage, ChannelView, Joined, Left, Member, MemberPage};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
+pub use groups::{
+    Added, ConversationList, ConversationView, CreatedGroup, GroupAnswer, GroupChange,
+    GroupChatSent, GroupList, GroupMemberView, GroupMembersPage, GroupView, MessagePage,
+    ReadMarkAnswer,
+};
 pub use messages::{GroupSent, PrivateSent};
 pub use presence::{OnlinePage, OnlineUser, ServerList};

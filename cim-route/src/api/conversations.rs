@@ -11,7 +11,7 @@
 //! - `POST /api/conversations/{type}/{id}/read` `{"seq"}` → `{"read_seq"}`
 //!
 //! `{type}` is `user` (the private conversation with user `{id}`) or `group`. A message is
-//! rendered by [`message_json`]: the proto3 JSON mapping of `cim.Message`, exactly what a
+//! rendered in the proto3 JSON mapping of `cim.Message`, exactly what a
 //! WebSocket text frame carries (64-bit numbers as strings, enums by name, defaults left out).
 //! A group the viewer is not a member of is 404, as one that does not exist.
 
@@ -27,25 +27,18 @@ use axum::{
     Json,
 };
 use cim_common::{
-    pb::Message,
     store::{
         chat::{MAX_CONVERSATIONS_PAGE, MAX_HISTORY_READ},
         ConvKey, ConversationSummary, HistoryPage,
     },
 };
+use cim_proto::api::{ConversationList, ConversationView, MessagePage, ReadMarkAnswer};
 use futures_util::{stream, StreamExt};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 /// Peer-name lookups of one conversation page in flight at once.
 const NAME_LOOKUPS: usize = 32;
-
-/// A message as the API shows it: the proto3 JSON mapping of `cim.Message` (pbjson), the
-/// form WebSocket text frames use, so a client parses one shape wherever it got a message.
-pub fn message_json(message: &Message) -> Result<Value, AppError> {
-    serde_json::to_value(message).map_err(AppError::internal)
-}
 
 /// The conversation named by a path's `{type}` and `{id}`.
 pub fn conv_key(kind: &str, id: &str) -> Result<ConvKey, AppError> {
@@ -79,48 +72,9 @@ fn not_found(conv: ConvKey) -> AppError {
     }
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ConversationView {
-    /// `user` (a private conversation; `id` is the peer) or `group`.
-    #[serde(rename = "type")]
-    #[schema(example = "group")]
-    pub kind: &'static str,
-    pub id: u64,
-    /// The peer's user name, or the group's name.
-    pub name: String,
-    /// The newest message kept (`cim.Message` in the proto3 JSON mapping); null once it
-    /// aged out.
-    #[schema(value_type = Option<Object>, required = true)]
-    pub last: Option<Value>,
-    /// Seq of the newest message.
-    pub top: u64,
-    /// The viewer's read mark.
-    pub read_seq: u64,
-    /// Messages after the read mark.
-    pub unread: u64,
-    /// Private conversations: the peer's read mark ("seen" up to here); 0 for groups.
-    pub peer_read_seq: u64,
-    /// Unix ms of the newest message: the list's order, and the `before_ms` of the next page.
-    pub activity_ms: i64,
-}
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ConversationList {
-    pub conversations: Vec<ConversationView>,
-}
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct MessagePage {
-    /// Oldest first; each a `cim.Message` in the proto3 JSON mapping.
-    #[schema(value_type = Vec<Object>)]
-    pub messages: Vec<Value>,
-}
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ReadMarkAnswer {
-    /// The mark now (marks never move back; clamped to the conversation's newest seq).
-    pub read_seq: u64,
-}
 
 #[derive(Deserialize, ToSchema)]
 pub struct ReadBody {
@@ -181,10 +135,10 @@ fn conversation_view(
         ConvKey::Group(group) => ("group", group, c.name),
     };
     Ok(ConversationView {
-        kind,
+        kind: kind.to_string(),
         id,
         name,
-        last: c.last.as_ref().map(message_json).transpose()?,
+        last: c.last,
         top: c.top,
         read_seq: c.read_seq,
         unread: c.unread,
@@ -253,12 +207,7 @@ pub async fn history_of(
         .history(viewer, conv, page, limit)
         .await?
         .ok_or_else(|| not_found(conv))?;
-    Ok(MessagePage {
-        messages: messages
-            .iter()
-            .map(message_json)
-            .collect::<Result<_, _>>()?,
-    })
+    Ok(MessagePage { messages })
 }
 
 /// Moves `user`'s read mark of `conv` to `seq`.
@@ -465,7 +414,7 @@ mod tests {
 
     #[test]
     fn messages_use_the_proto3_json_mapping() {
-        let m = Message {
+        let m = cim_common::pb::Message {
             id: "m1".into(),
             sender_id: 3,
             kind: cim_common::pb::MessageKind::GroupChat as i32,
@@ -474,7 +423,8 @@ mod tests {
             body: "hi".into(),
             ..Default::default()
         };
-        let v = message_json(&m).unwrap();
+        // As the answers serialize it (pbjson, like WebSocket text frames).
+        let v = serde_json::to_value(&m).unwrap();
         assert_eq!(v["kind"], "MESSAGE_KIND_GROUP_CHAT");
         // 64-bit numbers as strings, as in WebSocket text frames.
         assert_eq!(v["logSeq"], "4");

@@ -53,8 +53,12 @@ use cim_common::{
     },
     time::now_ms,
 };
+use cim_proto::api::{
+    Added, CreatedGroup, GroupAnswer, GroupChange, GroupChatSent, GroupList, GroupMemberView,
+    GroupMembersPage, GroupView,
+};
 use futures_util::{stream, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::HashSet;
 use utoipa::ToSchema;
 
@@ -119,25 +123,10 @@ fn conflict(code: ErrorCode, message: impl Into<String>) -> AppError {
     AppError::new(StatusCode::CONFLICT, code, message)
 }
 
-// ---- JSON ----
+// ---- JSON (the answers' types are `cim_proto::api`'s, shared with the SDK) ----
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct GroupView {
-    pub id: u64,
-    pub name: String,
-    pub owner: u64,
-    pub created_ms: i64,
-    /// Member count, the owner included.
-    pub members: u64,
-    /// Seq of the newest message (or event) in the group's log.
-    pub top: u64,
-    /// Membership version: grows with every change of the members.
-    pub version: u64,
-}
-
-impl From<GroupInfo> for GroupView {
-    fn from(g: GroupInfo) -> Self {
-        Self {
+pub(crate) fn group_view(g: GroupInfo) -> GroupView {
+        GroupView {
             id: g.id,
             name: g.name,
             owner: g.owner,
@@ -146,93 +135,16 @@ impl From<GroupInfo> for GroupView {
             top: g.top,
             version: g.version,
         }
-    }
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct GroupAnswer {
-    pub group: GroupView,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CreatedGroup {
-    pub group: GroupView,
-    /// The outcome of adding `members`; null when none were asked for.
-    #[schema(required = true)]
-    pub added: Option<Added>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct GroupList {
-    pub groups: Vec<GroupView>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct GroupMemberView {
-    pub user_id: u64,
-    pub name: String,
-    /// `owner`, `admin` or `member`.
-    #[schema(example = "member")]
-    pub role: &'static str,
-    /// Seq of the event that made them a member.
-    pub joined_seq: u64,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct GroupMembersPage {
-    pub members: Vec<GroupMemberView>,
-    /// Pass as `after` for the next page; null on the last one.
-    #[schema(required = true)]
-    pub next: Option<String>,
-}
-
-/// What adding members did.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Added {
-    /// Added now.
-    pub added: Vec<u64>,
-    /// Members already.
-    pub already: Vec<u64>,
-    /// Not added: in as many groups as a user may be.
-    pub too_many_groups: Vec<u64>,
-    /// The group would have more members than allowed: nobody was added (never true in an
-    /// answer: that is a 409).
-    pub group_full: bool,
-    /// Seq of the JOINED event; 0 when nobody was added.
-    pub seq: u64,
-}
-
-impl From<AddOutcome> for Added {
-    fn from(o: AddOutcome) -> Self {
-        Self {
+fn added(o: AddOutcome) -> Added {
+        Added {
             added: o.added,
             already: o.already,
             too_many_groups: o.too_many_groups,
             group_full: o.group_full,
             seq: o.seq,
         }
-    }
-}
-
-/// A change done: the seq of its event in the group's log.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct GroupChange {
-    pub group_id: u64,
-    pub seq: u64,
-}
-
-/// The answer of a group message: the other send endpoints' fields, and its place in the log.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct GroupChatSent {
-    pub id: String,
-    /// Connections it was pushed to.
-    pub delivered: u32,
-    pub timestamp_ms: i64,
-    /// This `message_id` was sent before (a retry): answered with the first send's
-    /// timestamp and seq, pushed to nobody again.
-    pub repeat: bool,
-    /// The message's seq in the group's log.
-    pub log_seq: u64,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -479,7 +391,7 @@ async fn add_checked(
     if outcome.seq != 0 {
         push_event(state, event).await;
     }
-    Ok(outcome.into())
+    Ok(added(outcome))
 }
 
 // ---- operations (one per change or read, shared by both APIs) ----
@@ -525,14 +437,14 @@ pub async fn create_group(
     tracing::debug!(group = info.id, owner, "group created");
     if members.is_empty() {
         return Ok(CreatedGroup {
-            group: info.into(),
+            group: group_view(info),
             added: None,
         });
     }
     let added = add_checked(state, actor, info.id, &members, &names).await?;
     let group = state.store().group_info(info.id).await?.unwrap_or(info);
     Ok(CreatedGroup {
-        group: group.into(),
+        group: group_view(group),
         added: Some(added),
     })
 }
@@ -800,7 +712,7 @@ pub async fn group_info(
         .group_info(group)
         .await?
         .ok_or_else(|| no_group(group))?;
-    Ok(GroupAnswer { group: info.into() })
+    Ok(GroupAnswer { group: group_view(info) })
 }
 
 /// A page of a group's members (members and the backend).
@@ -834,7 +746,7 @@ pub async fn group_members(
             user_id: m.user_id,
             // Accounts are never deleted; an empty name would be a store inconsistency.
             name: name.unwrap_or_default(),
-            role: m.role.as_str(),
+            role: m.role.as_str().to_string(),
             joined_seq: m.joined_seq,
         })
         .collect();
@@ -855,7 +767,7 @@ pub async fn groups_of(state: &AppState, user: u64) -> Result<GroupList, AppErro
     for info in infos {
         // A group disbanded between the two reads is simply not listed.
         if let Some(info) = info? {
-            groups.push(info.into());
+            groups.push(group_view(info));
         }
     }
     Ok(GroupList { groups })
