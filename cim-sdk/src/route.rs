@@ -3,9 +3,11 @@
 use crate::tls::ClientTls;
 use cim_proto::api::{ChannelList, Credentials, ErrorBody, ServerList};
 pub use cim_proto::api::{
-    ChannelPage, ErrorCode, GroupSent, Joined, Left, MemberPage, OnlinePage, OnlineUser,
-    PrivateSent, ServerAddrs,
+    Added, ChannelPage, ConversationView, CreatedGroup, ErrorCode, GroupChange, GroupChatSent,
+    GroupMemberView, GroupMembersPage, GroupSent, GroupView, Joined, Left, MemberPage,
+    OnlinePage, OnlineUser, PrivateSent, ServerAddrs,
 };
+use cim_proto::api::{ConversationList, GroupAnswer, GroupList, MessagePage, ReadMarkAnswer};
 /// The SDK's names for the route's answers (one type each, from `cim_proto::api`).
 pub use cim_proto::api::{
     ChannelView as ChannelInfo, GroupSent as ChannelSent, LoggedIn as LoginInfo,
@@ -432,6 +434,234 @@ impl RouteClient {
             .post(url)
             .json(&serde_json::json!({ "body": body }));
         self.send_json(req, session_token).await
+    }
+}
+
+/// Where a history page starts ([`RouteClient::history`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryFrom {
+    /// The newest messages.
+    Newest,
+    /// The newest messages with a `log_seq` below this one (scrolling up).
+    Before(u64),
+    /// The oldest messages with a `log_seq` above this one (syncing forwards).
+    After(u64),
+}
+
+/// `user/{id}` or `group/{id}`: a conversation in a path.
+fn conversation_path(conversation: &crate::pb::Conversation) -> Result<String, RouteError> {
+    match (conversation.user_id, conversation.group_id) {
+        (user, 0) if user != 0 => Ok(format!("user/{user}")),
+        (0, group) if group != 0 => Ok(format!("group/{group}")),
+        _ => Err(RouteError::Api {
+            status: 400,
+            code: ErrorCode::BadRequest,
+            message: "a conversation names one user or one group".into(),
+        }),
+    }
+}
+
+/// Stored groups and conversations (history, unread counts, read marks), as the session's
+/// user. A group the user is not in answers 404 `unknown_group`, like one that does not exist.
+impl RouteClient {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, RouteError> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        self.send_json(req, token).await
+    }
+
+    /// Creates a group owned by the session's user, with `members` added at once.
+    pub async fn create_group(
+        &self,
+        token: &str,
+        name: &str,
+        members: &[u64],
+    ) -> Result<CreatedGroup, RouteError> {
+        let body = serde_json::json!({ "name": name, "members": members });
+        self.call(reqwest::Method::POST, "/api/groups", token, Some(body))
+            .await
+    }
+
+    /// The session user's groups.
+    pub async fn my_groups(&self, token: &str) -> Result<Vec<GroupView>, RouteError> {
+        let list: GroupList = self
+            .call(reqwest::Method::GET, "/api/groups", token, None)
+            .await?;
+        Ok(list.groups)
+    }
+
+    pub async fn group(&self, token: &str, group: u64) -> Result<GroupView, RouteError> {
+        let answer: GroupAnswer = self
+            .call(reqwest::Method::GET, &format!("/api/groups/{group}"), token, None)
+            .await?;
+        Ok(answer.group)
+    }
+
+    /// A page of the group's members in user-id order, ids above `after`.
+    pub async fn group_members(
+        &self,
+        token: &str,
+        group: u64,
+        after: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<GroupMembersPage, RouteError> {
+        let mut q: Vec<(&str, String)> = Vec::new();
+        if let Some(a) = after {
+            q.push(("after", a.to_string()));
+        }
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        let url = format!("{}/api/groups/{group}/members", self.base);
+        self.send_json(self.http.get(url).query(&q), token).await
+    }
+
+    /// Adds users (owner or admin).
+    pub async fn add_group_members(
+        &self,
+        token: &str,
+        group: u64,
+        users: &[u64],
+    ) -> Result<Added, RouteError> {
+        let body = serde_json::json!({ "user_ids": users });
+        let path = format!("/api/groups/{group}/members");
+        self.call(reqwest::Method::POST, &path, token, Some(body))
+            .await
+    }
+
+    /// Removes a member (owner or admin; oneself: leave).
+    pub async fn remove_group_member(
+        &self,
+        token: &str,
+        group: u64,
+        user: u64,
+    ) -> Result<GroupChange, RouteError> {
+        let path = format!("/api/groups/{group}/members/{user}");
+        self.call(reqwest::Method::DELETE, &path, token, None).await
+    }
+
+    /// Leaves the group (the owner cannot: 409 `owner_stays`, disband instead).
+    pub async fn leave_group(&self, token: &str, group: u64) -> Result<GroupChange, RouteError> {
+        let path = format!("/api/groups/{group}/leave");
+        self.call(reqwest::Method::POST, &path, token, Some(serde_json::json!({})))
+            .await
+    }
+
+    /// Makes `user` an admin (`admin`) or a plain member (`member`); the owner only.
+    pub async fn set_group_role(
+        &self,
+        token: &str,
+        group: u64,
+        user: u64,
+        role: &str,
+    ) -> Result<GroupChange, RouteError> {
+        let path = format!("/api/groups/{group}/members/{user}/role");
+        let body = serde_json::json!({ "role": role });
+        self.call(reqwest::Method::PUT, &path, token, Some(body)).await
+    }
+
+    /// Renames the group (owner or admin).
+    pub async fn rename_group(
+        &self,
+        token: &str,
+        group: u64,
+        name: &str,
+    ) -> Result<GroupChange, RouteError> {
+        let path = format!("/api/groups/{group}");
+        let body = serde_json::json!({ "name": name });
+        self.call(reqwest::Method::PATCH, &path, token, Some(body))
+            .await
+    }
+
+    /// Disbands the group (the owner only): its last event, then no members.
+    pub async fn disband_group(&self, token: &str, group: u64) -> Result<GroupChange, RouteError> {
+        let path = format!("/api/groups/{group}");
+        self.call(reqwest::Method::DELETE, &path, token, None).await
+    }
+
+    /// Sends `body` to the group over HTTP (members only).
+    pub async fn send_group_chat(
+        &self,
+        token: &str,
+        group: u64,
+        body: &str,
+    ) -> Result<GroupChatSent, RouteError> {
+        let path = format!("/api/groups/{group}/messages");
+        let body = serde_json::json!({ "body": body });
+        self.call(reqwest::Method::POST, &path, token, Some(body))
+            .await
+    }
+
+    /// The session user's conversations, newest activity first, those with activity before
+    /// `before_ms` (the previous page's last `activity_ms`).
+    pub async fn conversations(
+        &self,
+        token: &str,
+        before_ms: Option<i64>,
+        limit: Option<usize>,
+    ) -> Result<Vec<ConversationView>, RouteError> {
+        let mut q: Vec<(&str, String)> = Vec::new();
+        if let Some(b) = before_ms {
+            q.push(("before_ms", b.to_string()));
+        }
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        let url = format!("{}/api/conversations", self.base);
+        let list: ConversationList = self.send_json(self.http.get(url).query(&q), token).await?;
+        Ok(list.conversations)
+    }
+
+    /// A page of a conversation's messages, oldest first.
+    pub async fn history(
+        &self,
+        token: &str,
+        conversation: &crate::pb::Conversation,
+        from: HistoryFrom,
+        limit: Option<usize>,
+    ) -> Result<Vec<crate::pb::Message>, RouteError> {
+        let mut q: Vec<(&str, String)> = Vec::new();
+        match from {
+            HistoryFrom::Newest => {}
+            HistoryFrom::Before(seq) => q.push(("before", seq.to_string())),
+            HistoryFrom::After(seq) => q.push(("after", seq.to_string())),
+        }
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        let url = format!(
+            "{}/api/conversations/{}/messages",
+            self.base,
+            conversation_path(conversation)?
+        );
+        let page: MessagePage = self.send_json(self.http.get(url).query(&q), token).await?;
+        Ok(page.messages)
+    }
+
+    /// Marks a conversation read up to `seq`; returns the mark now (marks never move back).
+    pub async fn mark_read(
+        &self,
+        token: &str,
+        conversation: &crate::pb::Conversation,
+        seq: u64,
+    ) -> Result<u64, RouteError> {
+        let path = format!(
+            "/api/conversations/{}/read",
+            conversation_path(conversation)?
+        );
+        let body = serde_json::json!({ "seq": seq });
+        let answer: ReadMarkAnswer = self
+            .call(reqwest::Method::POST, &path, token, Some(body))
+            .await?;
+        Ok(answer.read_seq)
     }
 }
 

@@ -3,8 +3,8 @@
 //! A route pushes a group message once per live server with the group's id; each server
 //! hands it to the connections subscribed to that group ([`GroupSubs::members`]). A
 //! connection is subscribed to its user's groups at login (read from the store, see
-//! `session::catch_up`) and follows the group's own membership events: a JOINED event
-//! subscribes the users it names who are connected here, LEFT and REMOVED unsubscribe them
+//! `session::replay::group_start`) and follows the group's own membership events: a
+//! CREATED or JOINED event subscribes the users it names who are connected here, LEFT and REMOVED unsubscribe them
 //! after the event reached them, DISBANDED drops the group. The server knows no membership
 //! rules: only which of its connections a group's messages go to.
 //!
@@ -78,10 +78,12 @@ impl GroupSubs {
             .unwrap_or_default()
     }
 
-    /// What a group event changes before it is delivered: a JOINED event subscribes the
-    /// users it names for whom `connected` is true (so the event reaches them too).
+    /// What a group event changes before it is delivered: a CREATED event (naming the
+    /// owner) or a JOINED one subscribes the users it names for whom `connected` is true (so
+    /// the event reaches them too).
     pub(crate) fn before_event(&self, message: &Message, connected: impl Fn(u64) -> bool) {
-        if let Some((GroupEventType::Joined, users)) = event_of(message) {
+        if let Some((GroupEventType::Joined | GroupEventType::Created, users)) = event_of(message)
+        {
             let joined: Vec<u64> = users.iter().copied().filter(|&u| connected(u)).collect();
             for u in joined {
                 self.subscribe(u, &[message.group_id]);

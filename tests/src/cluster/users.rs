@@ -121,6 +121,52 @@ impl TestUser {
     }
 
     /// The next pushed message.
+    /// A message to stored group `group` over the connection.
+    pub async fn send_group_chat(
+        &mut self,
+        group: u64,
+        body: &str,
+    ) -> anyhow::Result<pb::SendResult> {
+        self.send(pb::Send {
+            kind: pb::MessageKind::GroupChat as i32,
+            group_id: group,
+            body: body.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Acks group positions (`(group, log_seq)`).
+    pub async fn ack_groups(&mut self, positions: &[(u64, u64)]) -> anyhow::Result<()> {
+        let groups = positions
+            .iter()
+            .map(|&(group_id, log_seq)| pb::GroupPosition { group_id, log_seq })
+            .collect();
+        self.send_frame(&Frame::new(Body::Ack(pb::Ack {
+            message_ids: Vec::new(),
+            groups,
+        })))
+        .await
+    }
+
+    /// The next Typing frame.
+    pub async fn next_typing(&mut self) -> anyhow::Result<pb::Typing> {
+        self.next_where("a typing frame", |f| match &f.body {
+            Some(Body::Typing(t)) => Some(t.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next ReadMark frame.
+    pub async fn next_read_mark(&mut self) -> anyhow::Result<pb::ReadMark> {
+        self.next_where("a read mark", |f| match &f.body {
+            Some(Body::ReadMark(m)) => Some(m.clone()),
+            _ => None,
+        })
+        .await
+    }
+
     pub async fn next_message(&mut self) -> anyhow::Result<pb::Message> {
         Ok(self.next_delivery().await?.0)
     }
