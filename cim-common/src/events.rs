@@ -1,4 +1,5 @@
-//! Presence events: a user came online on a server, or went offline (and why).
+//! Presence events: a user came online on a server, or went offline (and why); and message
+//! events (the offline-push hook): a stored message waits for a receiver who is offline.
 //!
 //! Servers publish them through the state store as part of attaching and detaching a
 //! connection (no extra round trip, and only when the route really changed hands: a
@@ -39,6 +40,9 @@ pub mod reason {
 pub enum PresenceKind {
     Online,
     Offline,
+    /// A stored message could not be pushed to its receiver (`user_id`), who is offline: the
+    /// offline-push hook (a backend sends an APNs / FCM notification). See [`MessageEvent`].
+    Message,
 }
 
 impl PresenceKind {
@@ -46,6 +50,7 @@ impl PresenceKind {
         match self {
             PresenceKind::Online => "online",
             PresenceKind::Offline => "offline",
+            PresenceKind::Message => "message",
         }
     }
 
@@ -53,9 +58,31 @@ impl PresenceKind {
         match s {
             "online" => Some(PresenceKind::Online),
             "offline" => Some(PresenceKind::Offline),
+            "message" => Some(PresenceKind::Message),
             _ => None,
         }
     }
+}
+
+/// What a `message` event says: the message the offline receiver (the event's `user_id`)
+/// will get at their next connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageEvent {
+    /// The message's id (what the client de-duplicates by).
+    pub id: String,
+    pub sender_id: u64,
+    pub sender_name: String,
+    /// `user` (a private conversation: `conversation_id` is the sender, as the receiver
+    /// sees it) or `group`.
+    pub conversation_type: String,
+    pub conversation_id: u64,
+    /// The proto name of its kind (`MESSAGE_KIND_PRIVATE`, `MESSAGE_KIND_GROUP_CHAT`).
+    pub kind: String,
+    /// Its place in the conversation's log.
+    pub log_seq: u64,
+    /// The text, only when the route is configured to include it (`message_events_body`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
 }
 
 /// One presence change.
@@ -72,6 +99,9 @@ pub struct PresenceEvent {
     /// Offline events: one of [`reason`]; empty for online events.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// Message events: the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<MessageEvent>,
 }
 
 /// An event as stored, with its id.
@@ -186,6 +216,7 @@ mod tests {
             server_id: "server-1".into(),
             at_ms: 5,
             reason: reason::HEARTBEAT_TIMEOUT.into(),
+            message: None,
         };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["type"], "offline");
@@ -198,5 +229,26 @@ mod tests {
         let v = serde_json::to_value(&online).unwrap();
         assert_eq!(v["type"], "online");
         assert!(v.get("reason").is_none());
+        assert!(v.get("message").is_none());
+        let message = PresenceEvent {
+            kind: PresenceKind::Message,
+            server_id: String::new(),
+            reason: String::new(),
+            message: Some(MessageEvent {
+                id: "3-a".into(),
+                sender_id: 3,
+                sender_name: "alice".into(),
+                conversation_type: "group".into(),
+                conversation_id: 9,
+                kind: "MESSAGE_KIND_GROUP_CHAT".into(),
+                log_seq: 4,
+                body: None,
+            }),
+            ..e
+        };
+        let v = serde_json::to_value(&message).unwrap();
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["message"]["conversation_id"], 9);
+        assert!(v["message"].get("body").is_none());
     }
 }

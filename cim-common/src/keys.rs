@@ -31,6 +31,7 @@
 //! | `{p}:conv:ids:{{c}}` | conversation | sorted set | ids of the newest messages, scored by seq (idempotent appends) |
 //! | `{p}:conv:mem:{{c}}` | conversation | hash | group members: user id → `{role}:{joined seq}` |
 //! | `{p}:conv:read:{{c}}` | conversation | hash | group read marks: user id → seq |
+//! | `{p}:notified:{{t}}` | shard | sorted set | `{message id}/{receiver}` of the message events the shard's stream got, scored by unix ms (kept 10 minutes: a retry does not notify twice) |
 //! | `{p}:sent:{id}` | whole key | string | a group or channel message id already sent: its `timestamp_ms`, expiring after a minute |
 //! | `{p}:lease:{name}` | whole key | string | holder of a lease (owner id), expiring with the lease |
 //! | `{p}:cursor:{name}` | whole key | string | a named cursor (the webhook's last delivered event id) |
@@ -163,6 +164,11 @@ impl Keys {
         } else {
             format!("{}:{name}:{{{}}}", self.prefix, self.tag(shard))
         }
+    }
+
+    /// The (message id, receiver) pairs a shard's stream published message events for.
+    pub fn notified(&self, shard: usize) -> String {
+        self.sharded("notified", shard)
     }
 
     /// The online index (by name) of a shard.

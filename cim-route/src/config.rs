@@ -128,6 +128,13 @@ pub struct RouteConfig {
     pub webhook_secret: Option<String>,
     /// Deadline of one webhook POST.
     pub webhook_timeout_ms: u64,
+    /// Publish a `message` event (webhook, SSE) for every stored private or group message
+    /// whose receiver is offline: the offline-push hook. Off by default: each costs a store
+    /// write, and a group message's offline members are found by reading its members and
+    /// their routes (O(members), off the message's path).
+    pub message_events: bool,
+    /// Include the message's text in `message` events.
+    pub message_events_body: bool,
     /// Tokio worker threads. 0: tokio's default (`TOKIO_WORKER_THREADS`, else one per core).
     /// Where several cim processes share a machine, keep their sum near the core count.
     pub worker_threads: usize,
@@ -176,6 +183,8 @@ impl Default for RouteConfig {
             webhook_url: None,
             webhook_secret: None,
             webhook_timeout_ms: 5000,
+            message_events: false,
+            message_events_body: false,
             worker_threads: 0,
         }
     }

@@ -52,6 +52,7 @@ pub mod process;
 pub mod redis_cluster;
 pub mod redis_nodes;
 pub mod tls;
+pub mod webhook;
 
 mod etcd_server;
 mod redis_server;

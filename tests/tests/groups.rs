@@ -360,3 +360,100 @@ async fn a_server_killed_mid_group_conversation_loses_nothing_stored() -> anyhow
     assert_eq!(got, sent);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offline_push_webhook_fires_for_offline_receivers_only_and_once() -> anyhow::Result<()>
+{
+    let hook = cim_tests::webhook::WebhookReceiver::start().await?;
+    let url = hook.url().to_string();
+    let cluster = Cluster::builder()
+        .servers(2)
+        .route_config(move |c| {
+            c.webhook_url = Some(url.clone());
+            c.message_events = true;
+            c.message_events_body = true;
+        })
+        .start()
+        .await?;
+    // The webhook starts at the end of the stream: wait for its cursor.
+    let store = cluster.store().await?;
+    cim_tests::wait_until("webhook cursor", Duration::from_secs(10), || {
+        let store = store.clone();
+        async move { store.cursor("webhook").await.is_ok_and(|c| c.is_some()) }
+    })
+    .await?;
+    let route = cluster.route();
+    let mut alice = cluster.user("alice", Transport::Tcp).await?;
+    let mut bob = cluster.user("bob", Transport::Tcp).await?;
+    let carol = login(&cluster, "carol").await?; // offline
+    let g = route
+        .create_group(&alice.login.session_token, "team", &[bob.id(), carol.user_id])
+        .await?
+        .group
+        .id;
+    next_event(&mut bob, g, GroupEventType::Joined).await?;
+
+    let private = |to: u64, body: &str, id: &str| pb::Send {
+        kind: MessageKind::Private as i32,
+        to_user_id: to,
+        body: body.into(),
+        message_id: id.into(),
+        ..Default::default()
+    };
+    let r = alice.send(private(bob.id(), "to bob", "b1")).await?;
+    assert_eq!(r.status, SendStatus::Delivered as i32);
+    let r = alice.send(private(carol.user_id, "to carol", "c1")).await?;
+    assert_eq!(r.status, SendStatus::Stored as i32);
+    // A retry of the same message (same id): stored once, notified once.
+    let again = alice.send(private(carol.user_id, "to carol", "c1")).await?;
+    assert_eq!(again.message_id, r.message_id);
+    alice.send_group_chat(g, "to the team").await?;
+    alice.send(private(carol.user_id, "last", "c2")).await?;
+
+    let message_events = || -> Vec<serde_json::Value> {
+        hook.events()
+            .into_iter()
+            .filter(|e| e["type"] == "message")
+            .collect()
+    };
+    cim_tests::wait_until("message events", Duration::from_secs(10), || {
+        let bodies: Vec<String> = message_events()
+            .iter()
+            .map(|e| e["message"]["body"].as_str().unwrap_or("").to_string())
+            .collect();
+        async move {
+            ["to carol", "to the team", "last"]
+                .iter()
+                .all(|b| bodies.iter().any(|x| x == b))
+        }
+    })
+    .await?;
+    let events = message_events();
+    // Only carol, the offline one, is told; each message once.
+    assert!(events.iter().all(|e| e["user_id"] == carol.user_id), "{events:?}");
+    let mut ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["message"]["id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(before, ids.len(), "a message was notified twice: {events:?}");
+    assert_eq!(events.len(), 3, "{events:?}");
+    let group_event = events
+        .iter()
+        .find(|e| e["message"]["body"] == "to the team")
+        .unwrap();
+    assert_eq!(group_event["message"]["conversation_type"], "group");
+    assert_eq!(group_event["message"]["conversation_id"], g);
+    assert_eq!(group_event["message"]["kind"], "MESSAGE_KIND_GROUP_CHAT");
+    assert_eq!(group_event["message"]["sender_id"], alice.id());
+    let private_event = events
+        .iter()
+        .find(|e| e["message"]["body"] == "to carol")
+        .unwrap();
+    assert_eq!(private_event["message"]["conversation_type"], "user");
+    assert_eq!(private_event["message"]["conversation_id"], alice.id());
+    assert_eq!(private_event["message"]["log_seq"], r.log_seq);
+    Ok(())
+}

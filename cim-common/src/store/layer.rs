@@ -173,6 +173,7 @@ layered! {
         EventsAfter = fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<StoredEvent>>;
         EventsWait = fn events_wait(&self, after: &str, limit: usize, timeout: Duration) -> StoreResult<Vec<StoredEvent>>;
         EventsLastId = fn events_last_id(&self) -> StoreResult<String>;
+        PublishMessages = fn publish_messages(&self, events: &[PresenceEvent]) -> StoreResult<()>;
     }
     Broadcasts {
         ClaimBroadcasts = fn claim_broadcasts(&self, claims: &[(String, i64)], ttl: Duration) -> StoreResult<Vec<Option<i64>>>;

@@ -36,7 +36,10 @@ pub mod prelude {
     };
 }
 
-use crate::{events::StoredEvent, pb::Message};
+use crate::{
+    events::{PresenceEvent, StoredEvent},
+    pb::Message,
+};
 use async_trait::async_trait;
 use std::time::Duration;
 
@@ -415,7 +418,18 @@ pub trait Events: Send + Sync + 'static {
     /// Id of the newest event (`"0-0"` when there is none): tail the stream from there to get
     /// only new events.
     async fn events_last_id(&self) -> StoreResult<String>;
+
+    /// Publishes `message` events (the offline-push hook: a stored message waits for an
+    /// offline receiver), each in its receiver's stream like their presence events, each
+    /// (message id, receiver) at most once within [`MESSAGE_EVENT_DEDUP`]: a retried send
+    /// whose first attempt published already publishes nothing, one whose first attempt
+    /// stopped before publishing does. One round trip.
+    async fn publish_messages(&self, events: &[PresenceEvent]) -> StoreResult<()>;
 }
+
+/// How long a published message event's (message id, receiver) is remembered, so that a
+/// retried send does not notify twice: longer than any retry cim makes (seconds).
+pub const MESSAGE_EVENT_DEDUP: Duration = Duration::from_secs(600);
 
 /// Claims of broadcast (group and channel) message ids: a retried broadcast is delivered once.
 #[async_trait]

@@ -80,15 +80,44 @@ pub struct EventDoc {
     #[serde(skip_serializing_if = "String::is_empty")]
     #[schema(required = false)]
     pub reason: String,
+    /// Message events only: the stored message the offline receiver (`user_id`) will get at
+    /// their next connection (send them a push notification). `name` and `server_id` are
+    /// empty in message events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
+    pub message: Option<MessageEventDoc>,
 }
 
-/// The kind of a presence event (also the SSE `event:` field).
+/// The message of a `message` event (`cim_common::events::MessageEvent`).
+#[derive(Serialize, ToSchema)]
+#[schema(as = MessageEvent)]
+pub struct MessageEventDoc {
+    /// The message id (what clients de-duplicate by).
+    pub id: String,
+    pub sender_id: u64,
+    pub sender_name: String,
+    /// `user` (private: `conversation_id` is the sender) or `group`.
+    #[schema(example = "user")]
+    pub conversation_type: String,
+    pub conversation_id: u64,
+    /// `MESSAGE_KIND_PRIVATE` or `MESSAGE_KIND_GROUP_CHAT`.
+    pub kind: String,
+    /// Its place in the conversation's log.
+    pub log_seq: u64,
+    /// The text: only with the route's `message_events_body = true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
+    pub body: Option<String>,
+}
+
+/// The kind of an event (also the SSE `event:` field).
 #[derive(Serialize, ToSchema)]
 #[schema(as = PresenceKind)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKindDoc {
     Online,
     Offline,
+    Message,
 }
 
 /// A validated event id from the client.
@@ -221,8 +250,9 @@ impl Subscription {
 
 /// Stream presence events (server-sent events).
 ///
-/// One SSE event per presence change: `id: <event id>`, `event: online|offline`,
-/// `data: {"type","user_id","name","server_id","at_ms","reason"?}` (the `PresenceEvent`
+/// One SSE event per presence change or offline message: `id: <event id>`, `event:
+/// online|offline|message`, `data: {"type","user_id","name","server_id","at_ms","reason"?,
+/// "message"?}` (the `PresenceEvent`
 /// schema without `id`, one line of JSON). Without a resume point it starts with the next
 /// event; with `Last-Event-ID` (what browsers' EventSource send on reconnect) or `?after=<id>`
 /// it first replays what the store still has after that id. Comment lines keep idle
@@ -237,7 +267,7 @@ impl Subscription {
         EventsQuery,
     ),
     responses(
-        (status = 200, description = "An endless `text/event-stream`; each event is `id: <ms>-<n>` (or `<ms>-<n>-<shard>`), `event: online|offline`, `data: <PresenceEvent JSON without id>`", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An endless `text/event-stream`; each event is `id: <ms>-<n>` (or `<ms>-<n>-<shard>`), `event: online|offline|message`, `data: <PresenceEvent JSON without id>`", content_type = "text/event-stream", body = String),
         (status = 400, description = "`bad_request`: invalid event id", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
         (status = 503, description = "`overloaded` or `timeout`", body = ErrorBody),

@@ -158,6 +158,7 @@ pub use cim_proto::api::{ErrorBody, ErrorDetail};
         cim_proto::api::ReadMarkAnswer,
         conversations::ReadBody,
         events::RecentEvents,
+        events::MessageEventDoc,
         events::EventDoc,
         events::EventKindDoc,
     )),
@@ -550,6 +551,7 @@ mod tests {
                 server_id: "server-a".into(),
                 at_ms: 1,
                 reason: "kicked".into(),
+                message: None,
             },
         };
         let (props, required) = properties(&doc, "PresenceEvent");
@@ -567,10 +569,36 @@ mod tests {
         assert_eq!(
             keys(&online),
             required,
-            "`reason` is the only optional field"
+            "`reason` and `message` are the only optional fields"
+        );
+        let message = StoredEvent {
+            event: PresenceEvent {
+                kind: PresenceKind::Message,
+                reason: String::new(),
+                message: Some(cim_common::events::MessageEvent {
+                    id: "3-a".into(),
+                    sender_id: 3,
+                    sender_name: "alice".into(),
+                    conversation_type: "user".into(),
+                    conversation_id: 3,
+                    kind: "MESSAGE_KIND_PRIVATE".into(),
+                    log_seq: 1,
+                    body: Some("hi".into()),
+                }),
+                ..stored.event.clone()
+            },
+            ..stored.clone()
+        };
+        let message = serde_json::to_value(crate::events::EventView::from(&message)).unwrap();
+        let mut with_message = required.clone();
+        with_message.insert("message".to_string());
+        assert_eq!(keys(&message), with_message);
+        assert_eq!(
+            keys(&message["message"]),
+            properties(&doc, "MessageEvent").0
         );
         let kinds = &doc["components"]["schemas"]["PresenceKind"]["enum"];
-        assert_eq!(*kinds, serde_json::json!(["online", "offline"]));
+        assert_eq!(*kinds, serde_json::json!(["online", "offline", "message"]));
     }
 
     /// Asserts that `value` has every required property of `schema` (a `$ref` or inline

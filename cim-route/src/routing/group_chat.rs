@@ -99,6 +99,7 @@ pub(super) async fn deliver_group_chat(
     }
     let pushed: Vec<(Message, u64)> = fresh.iter().map(|(_, p)| p.clone()).collect();
     let counts = push_group(state, servers, &pushed).await;
+    super::offline::group_offline(state, pushed.into_iter().map(|(m, _)| m).collect());
     for ((i, (message, _)), n) in fresh.into_iter().zip(counts) {
         let mut r = accepted_result(&run[i], SendStatus::Delivered, n);
         r.log_seq = message.log_seq;

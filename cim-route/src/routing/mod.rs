@@ -40,6 +40,7 @@ mod group;
 mod group_chat;
 mod private;
 mod push;
+mod offline;
 mod receipts;
 mod signals;
 #[cfg(test)]

@@ -114,6 +114,20 @@ pub(super) async fn deliver_private(
                 .is_some_and(|r| r.delivered.contains(&receiver));
         }
     }
+    if state.config().message_events {
+        // Stored for receivers the push did not reach: the offline-push hook.
+        let offline: Vec<Message> = run
+            .iter()
+            .zip(&delivered)
+            .zip(&timestamps)
+            .filter(|((_, d), _)| !**d)
+            .map(|((a, _), &(_, log_seq))| Message {
+                log_seq,
+                ..a.message.clone()
+            })
+            .collect();
+        super::offline::private_offline(state, &offline).await;
+    }
     run.iter()
         .zip(timestamps)
         .zip(delivered)

@@ -5,6 +5,37 @@ use super::*;
 
 #[async_trait]
 impl Events for MemoryStore {
+    async fn publish_messages(&self, events: &[PresenceEvent]) -> StoreResult<()> {
+        let now = tokio::time::Instant::now();
+        let mut state = self.lock();
+        // Forget pairs older than the window (they are in publish order).
+        while state
+            .notified_order
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= MESSAGE_EVENT_DEDUP)
+        {
+            if let Some((_, pair)) = state.notified_order.pop_front() {
+                state.notified.remove(&pair);
+            }
+        }
+        let mut published = false;
+        for event in events {
+            let Some(m) = &event.message else { continue };
+            let pair = (m.id.clone(), event.user_id);
+            if !state.notified.insert(pair.clone()) {
+                continue;
+            }
+            state.notified_order.push_back((now, pair));
+            state.publish(event.clone(), self.events_max_len);
+            published = true;
+        }
+        drop(state);
+        if published {
+            self.events_changed.notify_waiters();
+        }
+        Ok(())
+    }
+
     async fn events_after(
         &self,
         after: Option<&str>,

@@ -117,6 +117,10 @@ struct State {
     inboxes: HashMap<u64, inbox::UserInbox>,
     /// Presence events, oldest first, ids increasing; at most `events_max_len`.
     events: VecDeque<(EventId, StoredEvent)>,
+    /// (message id, receiver) of the message events published within
+    /// [`MESSAGE_EVENT_DEDUP`], and when, oldest first.
+    notified: std::collections::HashSet<(String, u64)>,
+    notified_order: VecDeque<(tokio::time::Instant, (String, u64))>,
     /// Id of the last event appended (ids stay increasing when the stream is trimmed).
     last_event: EventId,
     /// Lease name → (owner, expiry).

@@ -32,6 +32,7 @@ pub(in crate::store) fn presence_event(
         server_id: server_id.to_string(),
         at_ms: crate::time::now_ms(),
         reason: reason.to_string(),
+        message: None,
     }
 }
 
@@ -126,6 +127,7 @@ fn parse_stream_entry(entry: &Value) -> Option<StoredEvent> {
     let (mut kind, mut user_id, mut name, mut server_id, mut at_ms) =
         (None, None, None, None, None);
     let mut reason = String::new();
+    let mut message: Option<MessageEvent> = None;
     for pair in fields.chunks(2) {
         let [field, value] = pair else { return None };
         let value = text(value)?;
@@ -136,6 +138,25 @@ fn parse_stream_entry(entry: &Value) -> Option<StoredEvent> {
             "s" => server_id = Some(value.to_string()),
             "at" => at_ms = Some(value.parse().ok()?),
             "r" => reason = value.to_string(),
+            "mi" => message.get_or_insert_with(MessageEvent::default).id = value.to_string(),
+            "mf" => message.get_or_insert_with(MessageEvent::default).sender_id = value.parse().ok()?,
+            "mn" => message.get_or_insert_with(MessageEvent::default).sender_name = value.to_string(),
+            "mc" => {
+                let m = message.get_or_insert_with(MessageEvent::default);
+                match crate::store::ConvKey::decode(value)? {
+                    crate::store::ConvKey::User(id) => {
+                        m.conversation_type = "user".into();
+                        m.conversation_id = id;
+                    }
+                    crate::store::ConvKey::Group(id) => {
+                        m.conversation_type = "group".into();
+                        m.conversation_id = id;
+                    }
+                }
+            }
+            "mk" => message.get_or_insert_with(MessageEvent::default).kind = value.to_string(),
+            "ms" => message.get_or_insert_with(MessageEvent::default).log_seq = value.parse().ok()?,
+            "mb" => message.get_or_insert_with(MessageEvent::default).body = Some(value.to_string()),
             _ => {}
         }
     }
@@ -148,12 +169,71 @@ fn parse_stream_entry(entry: &Value) -> Option<StoredEvent> {
             server_id: server_id?,
             at_ms: at_ms?,
             reason,
+            message,
         },
     })
 }
 
+/// The stream fields of a message event (after `t`, `u`, `n`, `s`, `at`).
+fn message_fields(m: &MessageEvent) -> Vec<(&'static str, String)> {
+    let conv = match m.conversation_type.as_str() {
+        "group" => crate::store::ConvKey::Group(m.conversation_id),
+        _ => crate::store::ConvKey::User(m.conversation_id),
+    };
+    let mut fields = vec![
+        ("mi", m.id.clone()),
+        ("mf", m.sender_id.to_string()),
+        ("mn", m.sender_name.clone()),
+        ("mc", conv.encode()),
+        ("mk", m.kind.clone()),
+        ("ms", m.log_seq.to_string()),
+    ];
+    if let Some(body) = &m.body {
+        fields.push(("mb", body.clone()));
+    }
+    fields
+}
+
 #[async_trait]
 impl Events for RedisStore {
+    async fn publish_messages(&self, events: &[PresenceEvent]) -> StoreResult<()> {
+        let shards = self.keys.shards();
+        let now = crate::time::now_ms();
+        let window = MESSAGE_EVENT_DEDUP.as_millis() as u64;
+        let mut batch = self.batch();
+        for event in events {
+            let Some(m) = &event.message else { continue };
+            let shard = self.keys.user_shard(event.user_id);
+            let stream = self.keys.events(shard);
+            let mut inv = PUBLISH_ONCE.key(&stream);
+            inv.key(self.keys.notified(shard))
+                .arg(self.events_max_len.div_ceil(shards))
+                .arg(format!("{}/{}", m.id, event.user_id))
+                .arg(now)
+                .arg(window)
+                .arg("t")
+                .arg(event.kind.as_str())
+                .arg("u")
+                .arg(event.user_id)
+                .arg("n")
+                .arg(&event.name)
+                .arg("s")
+                .arg(&event.server_id)
+                .arg("at")
+                .arg(event.at_ms);
+            for (field, value) in message_fields(m) {
+                inv.arg(field).arg(value);
+            }
+            batch.add(&stream, |pipe| {
+                pipe.invoke_script(&inv);
+            });
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        batch.run(self, &[&PUBLISH_ONCE]).await.map(|_| ())
+    }
+
     async fn events_after(
         &self,
         after: Option<&str>,

@@ -71,7 +71,7 @@ mod sessions;
 
 use super::*;
 use crate::{
-    events::{reason, EventId, PresenceEvent, PresenceKind},
+    events::{reason, EventId, MessageEvent, PresenceEvent, PresenceKind},
     keys::{self, Keys},
 };
 use ::redis::{

@@ -111,8 +111,12 @@ pub(super) static GROUP_ACK: LazyLock<Script> =
 pub(super) static GROUP_RESERVE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/group_reserve.lua")));
 
+/// Publish a message event once per (message, receiver); see the script.
+pub(super) static PUBLISH_ONCE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/publish_once.lua")));
+
 /// Every script, loaded at connect.
-pub(super) static ALL_SCRIPTS: [&LazyLock<Script>; 18] = [
+pub(super) static ALL_SCRIPTS: [&LazyLock<Script>; 19] = [
     &ATTACH,
     &DETACH,
     &DEL_IF_EQ,
@@ -131,4 +135,5 @@ pub(super) static ALL_SCRIPTS: [&LazyLock<Script>; 18] = [
     &MARK_READ,
     &GROUP_ACK,
     &GROUP_RESERVE,
+    &PUBLISH_ONCE,
 ];
