@@ -132,6 +132,7 @@ for_each_store!(
     presence::events_after_pages_from_an_exclusive_start,
     presence::events_wait_returns_new_events_or_nothing_after_its_timeout,
     presence::event_stream_is_capped_near_events_max_len,
+    presence::message_events_are_published_once_per_message_and_receiver,
     leases::leases_are_held_renewed_and_expire,
     leases::broadcast_claims_answer_repeats_until_released_or_expired,
     leases::cursors_are_stored_by_name,

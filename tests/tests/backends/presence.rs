@@ -364,3 +364,61 @@ pub(crate) async fn event_stream_is_capped_near_events_max_len(
     assert_eq!(store.events_last_id().await?, kept.last().unwrap().id);
     Ok(())
 }
+
+pub(crate) async fn message_events_are_published_once_per_message_and_receiver(
+    s: &StoreUnderTest,
+) -> anyhow::Result<()> {
+    use cim_common::events::MessageEvent;
+    let event = |id: &str, receiver: u64, body: Option<&str>| PresenceEvent {
+        kind: PresenceKind::Message,
+        user_id: receiver,
+        name: String::new(),
+        server_id: String::new(),
+        at_ms: now_ms(),
+        reason: String::new(),
+        message: Some(MessageEvent {
+            id: id.into(),
+            sender_id: 3,
+            sender_name: "alice".into(),
+            conversation_type: "group".into(),
+            conversation_id: 9,
+            kind: "MESSAGE_KIND_GROUP_CHAT".into(),
+            log_seq: 4,
+            body: body.map(str::to_string),
+        }),
+    };
+    s.publish_messages(&[event("m1", 5, Some("hi")), event("m1", 6, None)])
+        .await?;
+    // A retry publishes nothing again; another message does.
+    s.publish_messages(&[event("m1", 5, Some("hi")), event("m2", 5, None)])
+        .await?;
+    let events = all_events(&**s).await?;
+    let got: Vec<(u64, String)> = events
+        .iter()
+        .map(|e| (e.event.user_id, e.event.message.as_ref().unwrap().id.clone()))
+        .collect();
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [(5, "m1".to_string()), (5, "m2".to_string()), (6, "m1".to_string())]
+    );
+    // Everything survives the store round trip, the body only where it was given.
+    let first = events
+        .iter()
+        .find(|e| e.event.user_id == 5 && e.event.message.as_ref().unwrap().id == "m1")
+        .unwrap();
+    assert_eq!(first.event, event("m1", 5, Some("hi")).with_at(first.event.at_ms));
+    Ok(())
+}
+
+trait WithAt {
+    fn with_at(self, at_ms: i64) -> Self;
+}
+
+impl WithAt for PresenceEvent {
+    fn with_at(mut self, at_ms: i64) -> Self {
+        self.at_ms = at_ms;
+        self
+    }
+}
