@@ -10,6 +10,12 @@
 //!
 //! One connection per user per server, so subscriptions are kept by user id and dropped
 //! when the user's connection leaves the table.
+//!
+//! Events of one group may reach a server out of order with its messages (two routes push
+//! concurrently). So every pushed group message carries the membership version it was
+//! appended under; a server that has not seen that version checks its subscribers against
+//! the store's members first ([`GroupSubs::stale`], then `GroupSync::group_check`): a member
+//! removed at version v gets nothing appended under v + 1 or later, whichever arrives first.
 
 use crate::pb::{GroupEventType, Message, MessageKind};
 use std::{
@@ -21,6 +27,9 @@ use std::{
 struct Subs {
     by_group: HashMap<u64, HashSet<u64>>,
     by_user: HashMap<u64, HashSet<u64>>,
+    /// Per group, the newest membership version this server has checked its subscribers
+    /// against (see [`GroupSubs::stale`]).
+    versions: HashMap<u64, u64>,
 }
 
 /// The subscriptions of this server's connections (see the module docs).
@@ -44,6 +53,7 @@ impl GroupSubs {
             users.remove(&user);
             if users.is_empty() {
                 subs.by_group.remove(&group);
+                subs.versions.remove(&group);
             }
         }
         if let Some(groups) = subs.by_user.get_mut(&user) {
@@ -63,9 +73,33 @@ impl GroupSubs {
                     users.remove(&user);
                     if users.is_empty() {
                         subs.by_group.remove(&g);
+                        subs.versions.remove(&g);
                     }
                 }
             }
+        }
+    }
+
+    /// Whether a message appended under membership `version` needs the subscribers checked
+    /// first: the server has not seen that version (a member may have been removed, and the
+    /// REMOVED event may still be on its way from another route). Version 0: unknown, no.
+    pub(crate) fn stale(&self, group: u64, version: u64) -> bool {
+        let subs = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        version > subs.versions.get(&group).copied().unwrap_or(0)
+            && subs.by_group.contains_key(&group)
+    }
+
+    /// Records that the subscribers of `group` were checked at membership `version`: those
+    /// in `gone` are no members and are unsubscribed.
+    pub(crate) fn checked(&self, group: u64, version: u64, gone: &[u64]) {
+        let mut subs = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        for &u in gone {
+            Self::unsubscribe(&mut subs, u, group);
+        }
+        let known = subs.versions.entry(group).or_insert(0);
+        *known = (*known).max(version);
+        if !subs.by_group.contains_key(&group) {
+            subs.versions.remove(&group);
         }
     }
 
@@ -161,6 +195,13 @@ mod tests {
         subs.after_event(&event(GroupEventType::Removed, 10, &[1]));
         assert_eq!(subs.members(10, 0), [2]);
         assert_eq!(subs.members(11, 0), [1]);
+        // A message of a newer membership version asks for a check, once.
+        assert!(subs.stale(10, 5));
+        subs.checked(10, 5, &[2]);
+        assert!(!subs.stale(10, 5));
+        assert!(subs.members(10, 0).is_empty());
+        subs.subscribe(2, &[10]);
+        assert!(subs.stale(10, 6) && !subs.stale(10, 0));
         subs.after_event(&event(GroupEventType::Disbanded, 10, &[]));
         assert!(subs.members(10, 0).is_empty());
         subs.forget_user(1);

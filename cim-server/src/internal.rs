@@ -87,6 +87,7 @@ async fn push(
     State(state): State<AppState>,
     Protobuf(request): Protobuf<PushRequest>,
 ) -> Protobuf<PushResponse> {
+    check_memberships(&state, &request.deliveries).await;
     Protobuf(PushResponse {
         results: crate::push::deliver(&state.table, request.deliveries),
     })
@@ -101,6 +102,37 @@ async fn signal(
     Protobuf(SignalResponse {
         delivered: crate::push::signal(&state.table, request.signals),
     })
+}
+
+/// For group messages of a membership version this server has not seen: checks the
+/// group's subscribers here against the store before they are delivered (see
+/// `crate::groups`). A failed check delivers as subscribed (logged): the REMOVED event
+/// unsubscribes soon after.
+async fn check_memberships(state: &AppState, deliveries: &[crate::pb::cluster::Delivery]) {
+    let mut stale: Vec<(u64, u64)> = Vec::new();
+    for d in deliveries {
+        if d.group_id != 0 && state.table.groups.stale(d.group_id, d.group_version) {
+            match stale.iter_mut().find(|(g, _)| *g == d.group_id) {
+                Some(at) => at.1 = at.1.max(d.group_version),
+                None => stale.push((d.group_id, d.group_version)),
+            }
+        }
+    }
+    for (group, version) in stale {
+        let users = state.table.groups.members(group, 0);
+        match state.store.group_check(group, &users).await {
+            Ok((now, members)) => {
+                let gone: Vec<u64> = users
+                    .iter()
+                    .zip(&members)
+                    .filter(|(_, m)| !**m)
+                    .map(|(u, _)| *u)
+                    .collect();
+                state.table.groups.checked(group, now.max(version), &gone);
+            }
+            Err(e) => tracing::warn!(group, error = %e, "checking a group's members failed"),
+        }
+    }
 }
 
 /// Most users one presence call may ask about.

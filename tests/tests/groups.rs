@@ -12,6 +12,7 @@ use cim_sdk::{
     LoginInfo, Transport,
 };
 use cim_tests::cluster::{Cluster, TestUser};
+use cim_common::store::prelude::*;
 use std::time::Duration;
 
 const RELOGIN: Duration = Duration::from_secs(10);
@@ -455,5 +456,37 @@ async fn the_offline_push_webhook_fires_for_offline_receivers_only_and_once() ->
     assert_eq!(private_event["message"]["conversation_type"], "user");
     assert_eq!(private_event["message"]["conversation_id"], alice.id());
     assert_eq!(private_event["message"]["log_seq"], r.log_seq);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_whose_event_never_arrived_still_stops_delivery() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().servers(1).routes(1).start().await?;
+    let route = cluster.route();
+    let mut alice = cluster.user("alice", Transport::Tcp).await?;
+    let mut bob = cluster.user("bob", Transport::Tcp).await?;
+    let g = route
+        .create_group(&alice.login.session_token, "team", &[bob.id()])
+        .await?
+        .group
+        .id;
+    next_event(&mut bob, g, GroupEventType::Joined).await?;
+    alice.send_group_chat(g, "for bob").await?;
+    assert_eq!(next_chat(&mut bob, g).await?.0.body, "for bob");
+    // Bob is removed in the store alone: the REMOVED event is never pushed (as when it is
+    // still on its way from another route). The next message carries a newer membership
+    // version, so the server checks its subscribers before delivering.
+    let store = cluster.store().await?;
+    let mut event = pb::Message {
+        id: "removal".into(),
+        kind: MessageKind::GroupEvent as i32,
+        timestamp_ms: cim_common::time::now_ms(),
+        ..Default::default()
+    };
+    assert_ne!(store.group_remove(g, &[bob.id()], &mut event).await?, 0);
+    alice.send_group_chat(g, "not for bob").await?;
+    alice.send_private(bob.id(), "marker").await?;
+    let next = bob.next_message().await?;
+    assert_eq!(next.body, "marker", "bob got {next:?}");
     Ok(())
 }

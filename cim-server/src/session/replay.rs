@@ -183,6 +183,8 @@ pub(super) async fn group_start<T: Transport>(
     let groups: Vec<u64> = listed.iter().map(|c| c.group).collect();
     state.table.groups.subscribe(conn.user_id, &groups);
     match state.store.group_cursors(conn.user_id).await {
+        // The versions read here are not noted as checked: other users' subscriptions on this
+        // server may predate them (the first message of the group checks them all).
         Ok(c) => Ok(c),
         Err(e) => Err(inbox_unavailable(state, transport, e).await),
     }
