@@ -224,7 +224,7 @@ mod tests {
         let online = PresenceEvent {
             kind: PresenceKind::Online,
             reason: String::new(),
-            ..e
+            ..e.clone()
         };
         let v = serde_json::to_value(&online).unwrap();
         assert_eq!(v["type"], "online");

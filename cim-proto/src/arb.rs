@@ -8,9 +8,9 @@
 //! names enum values, so only the values this build knows can be written as JSON.
 
 use crate::pb::{
-    Conversation, GroupEvent, GroupPosition, ReadMark, Typing,
-    frame::Body, Ack, Error, ErrorCode, Frame, Kick, KickReason, Login, LoginResult, Message,
-    MessageKind, Ping, Pong, Push, Send, SendResult, SendStatus,
+    frame::Body, Ack, Conversation, Error, ErrorCode, Frame, GroupEvent, GroupPosition, Kick,
+    KickReason, Login, LoginResult, Message, MessageKind, Ping, Pong, Push, ReadMark, Send,
+    SendResult, SendStatus, Typing,
 };
 use proptest::{collection::vec, option, prelude::*};
 use serde_json::Value;

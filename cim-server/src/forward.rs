@@ -87,6 +87,9 @@ impl ForwardQueue {
 
     /// Queues a send of `conn`'s user. Gives the send back when the queue is full (or the
     /// forwarder stopped), for the caller to answer it.
+    // The refused send goes back whole to be held in order (it is the caller's own value,
+    // moved, not copied): boxing it would allocate on the hot path for the rare refusal.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn submit(&self, conn: &Arc<ConnShared>, send: Send) -> Result<(), Send> {
         self.tx
             .try_send(Pending {

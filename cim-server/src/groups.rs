@@ -116,8 +116,7 @@ impl GroupSubs {
     /// owner) or a JOINED one subscribes the users it names for whom `connected` is true (so
     /// the event reaches them too).
     pub(crate) fn before_event(&self, message: &Message, connected: impl Fn(u64) -> bool) {
-        if let Some((GroupEventType::Joined | GroupEventType::Created, users)) = event_of(message)
-        {
+        if let Some((GroupEventType::Joined | GroupEventType::Created, users)) = event_of(message) {
             let joined: Vec<u64> = users.iter().copied().filter(|&u| connected(u)).collect();
             for u in joined {
                 self.subscribe(u, &[message.group_id]);

@@ -19,7 +19,9 @@ async fn hook(State(got): State<Got>, headers: HeaderMap, body: Bytes) -> &'stat
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    got.lock().unwrap_or_else(|e| e.into_inner()).push((body, sig));
+    got.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((body, sig));
     "ok"
 }
 
@@ -28,7 +30,9 @@ impl WebhookReceiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/hook", listener.local_addr()?);
         let got: Got = Arc::default();
-        let app = Router::new().route("/hook", post(hook)).with_state(got.clone());
+        let app = Router::new()
+            .route("/hook", post(hook))
+            .with_state(got.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

@@ -12,7 +12,6 @@ use cim_sdk::{
     LoginInfo, Transport,
 };
 use cim_tests::cluster::{Cluster, TestUser};
-use cim_common::store::prelude::*;
 use std::time::Duration;
 
 const RELOGIN: Duration = Duration::from_secs(10);
@@ -51,7 +50,9 @@ async fn next_event(
         let m = user.next_message().await?;
         let is = m.group_id == group
             && m.kind == MessageKind::GroupEvent as i32
-            && m.group_event.as_ref().is_some_and(|e| e.r#type == kind as i32);
+            && m.group_event
+                .as_ref()
+                .is_some_and(|e| e.r#type == kind as i32);
         if is {
             return Ok(m);
         }
@@ -93,20 +94,17 @@ async fn offline_members_catch_up_in_order_once_and_removed_members_get_nothing(
         seqs.push(r.log_seq);
     }
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
-    for i in 0..5 {
+    for (i, &seq) in seqs.iter().enumerate() {
         let (m, replay) = next_chat(&mut bob, g).await?;
         assert_eq!((m.body.as_str(), replay), (format!("m{i}").as_str(), false));
-        assert_eq!(m.log_seq, seqs[i]);
+        assert_eq!(m.log_seq, seq);
         assert_eq!(m.sender_id, alice.id());
     }
 
     // A non-member is refused, over the connection and over HTTP.
     let refused = dave.send_group_chat(g, "let me in").await?;
     assert_eq!(refused.status, SendStatus::Failed as i32);
-    assert_eq!(
-        refused.error.unwrap().code,
-        pb::ErrorCode::Forbidden as i32
-    );
+    assert_eq!(refused.error.unwrap().code, pb::ErrorCode::Forbidden as i32);
     let http = route
         .send_group_chat(&dave.login.session_token, g, "let me in")
         .await
@@ -167,7 +165,12 @@ async fn offline_members_catch_up_in_order_once_and_removed_members_get_nothing(
     let refused = bob.send_group_chat(g, "still here?").await?;
     assert_eq!(refused.status, SendStatus::Failed as i32);
     let history = route
-        .history(&bob.login.session_token, &group(g), HistoryFrom::Newest, None)
+        .history(
+            &bob.login.session_token,
+            &group(g),
+            HistoryFrom::Newest,
+            None,
+        )
         .await;
     assert_eq!(history.unwrap_err().status(), Some(404));
     Ok(())
@@ -190,10 +193,10 @@ async fn history_pages_both_ways_and_unread_counts_follow_read_marks_across_serv
         seqs.push(r.log_seq);
     }
     let mut ids = Vec::new();
-    for i in 0..25 {
+    for (i, &seq) in seqs.iter().enumerate() {
         let m = bob.next_message().await?;
         assert_eq!(m.body, format!("p{i}"));
-        assert_eq!(m.log_seq, seqs[i]);
+        assert_eq!(m.log_seq, seq);
         ids.push(m.id);
     }
     bob.ack(ids).await?;
@@ -203,7 +206,9 @@ async fn history_pages_both_ways_and_unread_counts_follow_read_marks_across_serv
     let mut back: Vec<String> = Vec::new();
     let mut from = HistoryFrom::Newest;
     loop {
-        let page = route.history(token, &peer(alice.id()), from, Some(10)).await?;
+        let page = route
+            .history(token, &peer(alice.id()), from, Some(10))
+            .await?;
         let Some(first) = page.first() else { break };
         from = HistoryFrom::Before(first.log_seq);
         let mut bodies: Vec<String> = page.iter().map(|m| m.body.clone()).collect();
@@ -313,10 +318,18 @@ async fn typing_reaches_online_members_only() -> anyhow::Result<()> {
     // A private one reaches the peer, named as the peer sees the conversation.
     dave.send_frame(&typing(peer(carol.id()))).await?;
     let t = carol.next_typing().await?;
-    assert_eq!((t.user_id, t.conversation), (dave.id(), Some(peer(dave.id()))));
+    assert_eq!(
+        (t.user_id, t.conversation),
+        (dave.id(), Some(peer(dave.id())))
+    );
     // Typing is never stored: the group's history has only its events.
     let history = route
-        .history(&carol.login.session_token, &group(g), HistoryFrom::Newest, None)
+        .history(
+            &carol.login.session_token,
+            &group(g),
+            HistoryFrom::Newest,
+            None,
+        )
         .await?;
     assert!(history
         .iter()
@@ -388,7 +401,11 @@ async fn the_offline_push_webhook_fires_for_offline_receivers_only_and_once() ->
     let mut bob = cluster.user("bob", Transport::Tcp).await?;
     let carol = login(&cluster, "carol").await?; // offline
     let g = route
-        .create_group(&alice.login.session_token, "team", &[bob.id(), carol.user_id])
+        .create_group(
+            &alice.login.session_token,
+            "team",
+            &[bob.id(), carol.user_id],
+        )
         .await?
         .group
         .id;
@@ -431,7 +448,10 @@ async fn the_offline_push_webhook_fires_for_offline_receivers_only_and_once() ->
     .await?;
     let events = message_events();
     // Only carol, the offline one, is told; each message once.
-    assert!(events.iter().all(|e| e["user_id"] == carol.user_id), "{events:?}");
+    assert!(
+        events.iter().all(|e| e["user_id"] == carol.user_id),
+        "{events:?}"
+    );
     let mut ids: Vec<&str> = events
         .iter()
         .map(|e| e["message"]["id"].as_str().unwrap())
@@ -439,7 +459,11 @@ async fn the_offline_push_webhook_fires_for_offline_receivers_only_and_once() ->
     ids.sort_unstable();
     let before = ids.len();
     ids.dedup();
-    assert_eq!(before, ids.len(), "a message was notified twice: {events:?}");
+    assert_eq!(
+        before,
+        ids.len(),
+        "a message was notified twice: {events:?}"
+    );
     assert_eq!(events.len(), 3, "{events:?}");
     let group_event = events
         .iter()

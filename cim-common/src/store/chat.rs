@@ -26,7 +26,7 @@
 //! per user and conversation, the *read mark* is the last seq the user read (unread = the
 //! conversation's top − the read mark; sending a message moves the sender's mark to it).
 
-use super::{StoreResult, Message};
+use super::{Message, StoreResult};
 use async_trait::async_trait;
 use std::time::Duration;
 
@@ -236,7 +236,10 @@ pub enum Changed {
 pub enum GroupAppend {
     /// In the log (its `log_seq` set); `version` is the membership version it was appended
     /// under; `repeat`: it was there already (a retried send; the slice holds the stored copy).
-    Appended { version: u64, repeat: bool },
+    Appended {
+        version: u64,
+        repeat: bool,
+    },
     /// The sender is not a member.
     NotMember,
     NoGroup,

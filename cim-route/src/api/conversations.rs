@@ -26,11 +26,9 @@ use axum::{
     http::StatusCode,
     Json,
 };
-use cim_common::{
-    store::{
-        chat::{MAX_CONVERSATIONS_PAGE, MAX_HISTORY_READ},
-        ConvKey, ConversationSummary, HistoryPage,
-    },
+use cim_common::store::{
+    chat::{MAX_CONVERSATIONS_PAGE, MAX_HISTORY_READ},
+    ConvKey, ConversationSummary, HistoryPage,
 };
 use cim_proto::api::{ConversationList, ConversationView, MessagePage, ReadMarkAnswer};
 use futures_util::{stream, StreamExt};
@@ -71,10 +69,6 @@ fn not_found(conv: ConvKey) -> AppError {
         ConvKey::User(id) => unknown_user(id),
     }
 }
-
-
-
-
 
 #[derive(Deserialize, ToSchema)]
 pub struct ReadBody {

@@ -126,25 +126,25 @@ fn conflict(code: ErrorCode, message: impl Into<String>) -> AppError {
 // ---- JSON (the answers' types are `cim_proto::api`'s, shared with the SDK) ----
 
 pub(crate) fn group_view(g: GroupInfo) -> GroupView {
-        GroupView {
-            id: g.id,
-            name: g.name,
-            owner: g.owner,
-            created_ms: g.created_ms,
-            members: g.members,
-            top: g.top,
-            version: g.version,
-        }
+    GroupView {
+        id: g.id,
+        name: g.name,
+        owner: g.owner,
+        created_ms: g.created_ms,
+        members: g.members,
+        top: g.top,
+        version: g.version,
+    }
 }
 
 fn added(o: AddOutcome) -> Added {
-        Added {
-            added: o.added,
-            already: o.already,
-            too_many_groups: o.too_many_groups,
-            group_full: o.group_full,
-            seq: o.seq,
-        }
+    Added {
+        added: o.added,
+        already: o.already,
+        too_many_groups: o.too_many_groups,
+        group_full: o.group_full,
+        seq: o.seq,
+    }
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -383,10 +383,13 @@ async fn add_checked(
         return Err(no_group(group));
     }
     if outcome.group_full {
-        return Err(conflict(ErrorCode::GroupFull, format!(
-            "group {group} would have more than {} members: nobody was added",
-            limits.max_members
-        )));
+        return Err(conflict(
+            ErrorCode::GroupFull,
+            format!(
+                "group {group} would have more than {} members: nobody was added",
+                limits.max_members
+            ),
+        ));
     }
     if outcome.seq != 0 {
         push_event(state, event).await;
@@ -424,10 +427,13 @@ pub async fn create_group(
         .group_create(owner, &name, &mut event, limits)
         .await?
     else {
-        return Err(conflict(ErrorCode::TooManyGroups, format!(
-            "user {owner} is a member of {} groups already: leave one first",
-            limits.max_groups
-        )));
+        return Err(conflict(
+            ErrorCode::TooManyGroups,
+            format!(
+                "user {owner} is a member of {} groups already: leave one first",
+                limits.max_groups
+            ),
+        ));
     };
     // The route cannot know the id before the store made it.
     if event.group_id == 0 {
@@ -548,9 +554,10 @@ pub async fn leave_group(
         .await?
         .ok_or_else(|| no_group(group))?;
     if member.role == Role::Owner {
-        return Err(conflict(ErrorCode::OwnerStays, format!(
-            "the owner cannot leave the group: disband it (DELETE /api/groups/{group})"
-        )));
+        return Err(conflict(
+            ErrorCode::OwnerStays,
+            format!("the owner cannot leave the group: disband it (DELETE /api/groups/{group})"),
+        ));
     }
     let body = format!("{} left", actor.name);
     let mut event = group_event(
@@ -601,7 +608,10 @@ pub async fn set_role(
         .await?
         .ok_or_else(|| not_member(group, target))?;
     if member.role == Role::Owner {
-        return Err(conflict(ErrorCode::OwnerStays, "the owner's role cannot change"));
+        return Err(conflict(
+            ErrorCode::OwnerStays,
+            "the owner's role cannot change",
+        ));
     }
     let name = names_of(state, &[target])
         .await?
@@ -712,7 +722,9 @@ pub async fn group_info(
         .group_info(group)
         .await?
         .ok_or_else(|| no_group(group))?;
-    Ok(GroupAnswer { group: group_view(info) })
+    Ok(GroupAnswer {
+        group: group_view(info),
+    })
 }
 
 /// A page of a group's members (members and the backend).

@@ -65,7 +65,10 @@ pub(super) async fn deliver_group_chat(
         Ok(outcomes) if outcomes.len() == run.len() => outcomes,
         Ok(_) | Err(_) => {
             tracing::warn!("appending group messages failed");
-            return run.iter().map(|a| super::unavailable(a.client_id)).collect();
+            return run
+                .iter()
+                .map(|a| super::unavailable(a.client_id))
+                .collect();
         }
     };
     let mut fresh: Vec<(usize, (Message, u64))> = Vec::new();

@@ -38,9 +38,9 @@ mod claims;
 mod fanout;
 mod group;
 mod group_chat;
+mod offline;
 mod private;
 mod push;
-mod offline;
 mod receipts;
 mod signals;
 #[cfg(test)]
@@ -48,8 +48,8 @@ mod tests;
 mod validate;
 
 pub use claims::BROADCAST_CLAIM_TTL;
-pub(crate) use group_chat::push_group;
 pub use fanout::{group_by_server, group_deliveries, ServerGroups};
+pub(crate) use group_chat::push_group;
 pub use push::PUSH_PATH;
 pub use receipts::route_receipts;
 pub use signals::{relay_signals, SignalItem, SIGNAL_PATH};

@@ -30,8 +30,14 @@ pub enum SignalItem {
 
 fn conv_of(c: Option<&Conversation>) -> Option<ConvKey> {
     match c? {
-        Conversation { user_id, group_id: 0 } if *user_id != 0 => Some(ConvKey::User(*user_id)),
-        Conversation { user_id: 0, group_id } if *group_id != 0 => Some(ConvKey::Group(*group_id)),
+        Conversation {
+            user_id,
+            group_id: 0,
+        } if *user_id != 0 => Some(ConvKey::User(*user_id)),
+        Conversation {
+            user_id: 0,
+            group_id,
+        } if *group_id != 0 => Some(ConvKey::Group(*group_id)),
         _ => None,
     }
 }

@@ -63,6 +63,9 @@ pub(crate) struct Command {
 /// What a connection's run hands on, in order: events for the application, and acks, each
 /// written once every event before it is in the events channel.
 #[derive(Debug, PartialEq)]
+// Events are most items and go to the application as they are: boxing them would add an
+// allocation per message to save the bytes of the rare ack items.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Item {
     Event(Event),
     /// Ids of stored messages of one push (see [`conn::ack_ids`]).

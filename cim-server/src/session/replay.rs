@@ -41,8 +41,7 @@ pub(super) fn unreplayed(
         return Some(item);
     };
     // Inbox seqs are those of private messages (group messages have none).
-    let replayed =
-        |m: &Message| (m.seq != 0 && m.seq <= replayed_upto) || caught_up(m, groups);
+    let replayed = |m: &Message| (m.seq != 0 && m.seq <= replayed_upto) || caught_up(m, groups);
     let n = push.messages.iter().filter(|m| replayed(m)).count();
     if push.replay || n == 0 {
         return Some(item);
@@ -218,9 +217,14 @@ pub(super) async fn group_catch_up<T: Transport>(
             for m in &mut page {
                 m.group_id = cursor.group;
             }
-            write(state, transport, &replay_frames(page), state.config.write_timeout())
-                .await
-                .map_err(End::WriteFailed)?;
+            write(
+                state,
+                transport,
+                &replay_frames(page),
+                state.config.write_timeout(),
+            )
+            .await
+            .map_err(End::WriteFailed)?;
             after = last;
             if short {
                 break;

@@ -9,8 +9,8 @@ use super::{
 };
 use crate::{
     ack::{self, AckItem},
-    forward::Signal,
     conn::{ConnShared, Outbound},
+    forward::Signal,
     metrics::Tally,
     pb::{frame::Body, ErrorCode, Frame, KickReason, LoginResult, Pong, SendResult},
     server::ServerState,
@@ -74,7 +74,9 @@ fn on_recv(
             }
         }
         Some(Body::Ack(a)) => {
-            match ack::validate(a.message_ids).and_then(|ids| Ok((ids, ack::validate_groups(a.groups)?))) {
+            match ack::validate(a.message_ids)
+                .and_then(|ids| Ok((ids, ack::validate_groups(a.groups)?)))
+            {
                 Ok((ids, groups)) if ids.is_empty() && groups.is_empty() => {}
                 Ok((ids, groups)) => state.acks.submit(AckItem::acks(conn.clone(), ids, groups)),
                 Err(message) => conn.reply(Frame::error(ErrorCode::BadRequest, message)),

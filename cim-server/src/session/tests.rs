@@ -790,7 +790,12 @@ async fn a_large_inbox_is_replayed_in_bounded_frames_in_order() {
 async fn acks_go_to_the_acker_and_bad_acks_are_refused() {
     let mut h = Harness::new(test_config());
     let (mut client, _task) = h.login(9, "s").await;
-    let ack = |ids: Vec<String>| Frame::new(Body::Ack(crate::pb::Ack { message_ids: ids, ..Default::default() }));
+    let ack = |ids: Vec<String>| {
+        Frame::new(Body::Ack(crate::pb::Ack {
+            message_ids: ids,
+            ..Default::default()
+        }))
+    };
     client
         .send(ack(vec!["a".into(), "b".into()]))
         .await

@@ -161,7 +161,7 @@ impl TestUser {
     /// The next ReadMark frame.
     pub async fn next_read_mark(&mut self) -> anyhow::Result<pb::ReadMark> {
         self.next_where("a read mark", |f| match &f.body {
-            Some(Body::ReadMark(m)) => Some(m.clone()),
+            Some(Body::ReadMark(m)) => Some(*m),
             _ => None,
         })
         .await
@@ -277,8 +277,11 @@ impl TestUser {
 
     /// Acknowledges stored messages (they leave the inbox; receipts follow).
     pub async fn ack(&mut self, ids: Vec<String>) -> anyhow::Result<()> {
-        self.send_frame(&Frame::new(Body::Ack(pb::Ack { message_ids: ids, ..Default::default() })))
-            .await
+        self.send_frame(&Frame::new(Body::Ack(pb::Ack {
+            message_ids: ids,
+            ..Default::default()
+        })))
+        .await
     }
 
     /// Sends a Ping and returns every frame that arrived before its Pong (frames kept from

@@ -395,20 +395,32 @@ pub(crate) async fn message_events_are_published_once_per_message_and_receiver(
     let events = all_events(&**s).await?;
     let got: Vec<(u64, String)> = events
         .iter()
-        .map(|e| (e.event.user_id, e.event.message.as_ref().unwrap().id.clone()))
+        .map(|e| {
+            (
+                e.event.user_id,
+                e.event.message.as_ref().unwrap().id.clone(),
+            )
+        })
         .collect();
     let mut sorted = got.clone();
     sorted.sort();
     assert_eq!(
         sorted,
-        [(5, "m1".to_string()), (5, "m2".to_string()), (6, "m1".to_string())]
+        [
+            (5, "m1".to_string()),
+            (5, "m2".to_string()),
+            (6, "m1".to_string())
+        ]
     );
     // Everything survives the store round trip, the body only where it was given.
     let first = events
         .iter()
         .find(|e| e.event.user_id == 5 && e.event.message.as_ref().unwrap().id == "m1")
         .unwrap();
-    assert_eq!(first.event, event("m1", 5, Some("hi")).with_at(first.event.at_ms));
+    assert_eq!(
+        first.event,
+        event("m1", 5, Some("hi")).with_at(first.event.at_ms)
+    );
     Ok(())
 }
 

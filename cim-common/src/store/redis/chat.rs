@@ -337,7 +337,9 @@ fn by_conversation(
     let mut out: Vec<(String, bool, Vec<usize>)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for (p, m) in messages.iter().enumerate() {
-        let Some((tag, group)) = conv(m) else { continue };
+        let Some((tag, group)) = conv(m) else {
+            continue;
+        };
         match index.get(&tag) {
             Some(&i) => out[i].2.push(p),
             None => {
@@ -362,7 +364,12 @@ fn private_kept(m: &Message) -> bool {
 impl History for RedisStore {
     async fn private_append(&self, messages: &mut [Message]) -> StoreResult<()> {
         let convs = by_conversation(messages, |m| {
-            private_kept(m).then(|| (Keys::conversation_tag(m.sender_id, Some(m.receiver_id)), false))
+            private_kept(m).then(|| {
+                (
+                    Keys::conversation_tag(m.sender_id, Some(m.receiver_id)),
+                    false,
+                )
+            })
         });
         if convs.is_empty() {
             return Ok(());
@@ -594,7 +601,11 @@ impl Groups for RedisStore {
         event: &mut Message,
         limits: GroupLimits,
     ) -> StoreResult<Option<GroupInfo>> {
-        let id: u64 = self.conn().incr(self.keys.next_group_id(), 1).await.map_err(unavailable)?;
+        let id: u64 = self
+            .conn()
+            .incr(self.keys.next_group_id(), 1)
+            .await
+            .map_err(unavailable)?;
         let list = self.keys.user_groups(owner);
         let mut batch = self.batch();
         batch.add(&list, |pipe| {
@@ -816,7 +827,11 @@ impl Groups for RedisStore {
     }
 
     async fn user_groups(&self, user: u64) -> StoreResult<Vec<u64>> {
-        let mut groups: Vec<u64> = self.conn().hkeys(self.keys.user_groups(user)).await.map_err(unavailable)?;
+        let mut groups: Vec<u64> = self
+            .conn()
+            .hkeys(self.keys.user_groups(user))
+            .await
+            .map_err(unavailable)?;
         groups.sort_unstable();
         Ok(groups)
     }
@@ -865,7 +880,7 @@ impl GroupSync for RedisStore {
             }
         }
         if !stale.is_empty() {
-                let _: u64 = self.conn().hdel(&list, stale).await.map_err(unavailable)?;
+            let _: u64 = self.conn().hdel(&list, stale).await.map_err(unavailable)?;
         }
         Ok(out)
     }

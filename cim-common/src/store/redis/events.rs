@@ -139,8 +139,14 @@ fn parse_stream_entry(entry: &Value) -> Option<StoredEvent> {
             "at" => at_ms = Some(value.parse().ok()?),
             "r" => reason = value.to_string(),
             "mi" => message.get_or_insert_with(MessageEvent::default).id = value.to_string(),
-            "mf" => message.get_or_insert_with(MessageEvent::default).sender_id = value.parse().ok()?,
-            "mn" => message.get_or_insert_with(MessageEvent::default).sender_name = value.to_string(),
+            "mf" => {
+                message.get_or_insert_with(MessageEvent::default).sender_id = value.parse().ok()?
+            }
+            "mn" => {
+                message
+                    .get_or_insert_with(MessageEvent::default)
+                    .sender_name = value.to_string()
+            }
             "mc" => {
                 let m = message.get_or_insert_with(MessageEvent::default);
                 match crate::store::ConvKey::decode(value)? {
@@ -155,8 +161,12 @@ fn parse_stream_entry(entry: &Value) -> Option<StoredEvent> {
                 }
             }
             "mk" => message.get_or_insert_with(MessageEvent::default).kind = value.to_string(),
-            "ms" => message.get_or_insert_with(MessageEvent::default).log_seq = value.parse().ok()?,
-            "mb" => message.get_or_insert_with(MessageEvent::default).body = Some(value.to_string()),
+            "ms" => {
+                message.get_or_insert_with(MessageEvent::default).log_seq = value.parse().ok()?
+            }
+            "mb" => {
+                message.get_or_insert_with(MessageEvent::default).body = Some(value.to_string())
+            }
             _ => {}
         }
     }
