@@ -106,10 +106,10 @@ pub(super) fn group_offline(state: &AppState, messages: Vec<Message>) {
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| {
-                        !routes
+                        routes
                             .get(*i)
                             .and_then(Option::as_ref)
-                            .is_some_and(|r| live_server(&servers, &r.server_id).is_some())
+                            .is_none_or(|r| live_server(&servers, &r.server_id).is_none())
                     })
                     .map(|(_, &id)| id)
                     .collect();

@@ -196,7 +196,7 @@ pub(super) async fn group_catch_up<T: Transport>(
     state: &ServerState,
     transport: &mut T,
     cursors: Vec<cim_common::store::GroupCursor>,
-) -> Result<Option<Box<GroupTops>>, End> {
+) -> Result<Option<GroupTops>, End> {
     let mut tops = GroupTops::new();
     for cursor in cursors {
         let mut after = cursor.position;
@@ -232,5 +232,5 @@ pub(super) async fn group_catch_up<T: Transport>(
         }
         tops.insert(cursor.group, cursor.top);
     }
-    Ok((!tops.is_empty()).then(|| Box::new(tops)))
+    Ok((!tops.is_empty()).then_some(tops))
 }

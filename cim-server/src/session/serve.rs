@@ -166,14 +166,13 @@ async fn flush_queue<T: Transport>(
     state: &ServerState,
     transport: &mut T,
     conn: &ConnShared,
-    replayed_upto: u64,
-    groups: Option<&GroupTops>,
+    covered: Option<&Covered>,
 ) -> Option<End> {
     let (mut items, closing) = conn.take();
-    if replayed_upto > 0 || groups.is_some() {
+    if let Some(c) = covered {
         items = items
             .into_iter()
-            .filter_map(|item| unreplayed(item, replayed_upto, groups))
+            .filter_map(|item| unreplayed(item, c.inbox_upto, c.groups.as_ref()))
             .collect();
     }
     let timeout = state.config.write_timeout();
@@ -197,27 +196,20 @@ async fn flush_queue<T: Transport>(
         .map(End::WriteFailed)
 }
 
-/// The logged-in part: LoginResult, the inbox replay, then frames both ways until
-/// something ends it.
-pub(super) async fn serve<T: Transport>(
+/// The start of a logged-in session: the inbox's top and first page and the group cursors
+/// read before the client learns it is connected (what it is sent from then on was stored
+/// after those reads and comes live, so the replay and the catch-up mark exactly what was
+/// sent before the login completed), the `LoginResult`, the replay, the group catch-up.
+/// Returns the last inbox seq replayed and the group tops caught up to.
+async fn begin<T: Transport>(
     state: &ServerState,
     transport: &mut T,
     conn: &Arc<ConnShared>,
-) -> End {
+) -> Result<Option<Box<Covered>>, End> {
     let config = &state.config;
-    // The inbox's top seq and first page are read before the client learns it is connected:
-    // what it is sent from then on is stored after this and comes live, so `replay` marks
-    // exactly the messages sent before the login completed. Boxed, like the other one-off
-    // steps: the session future stays small while idle.
-    let (top, first_page) = match Box::pin(inbox_start(state, transport, conn)).await {
-        Ok(start) => start,
-        Err(end) => return end,
-    };
+    let (top, first_page) = inbox_start(state, transport, conn).await?;
     // The same for the user's groups: subscribed, then their tops read (see `group_start`).
-    let cursors = match Box::pin(group_start(state, transport, conn)).await {
-        Ok(cursors) => cursors,
-        Err(end) => return end,
-    };
+    let cursors = group_start(state, transport, conn).await?;
     let login_result = Frame::new(Body::LoginResult(LoginResult {
         user_id: conn.user_id,
         user_name: conn.user_name.clone(),
@@ -227,30 +219,53 @@ pub(super) async fn serve<T: Transport>(
         heartbeat_timeout_ms: u32::try_from(config.heartbeat_timeout_ms()).unwrap_or(u32::MAX),
         max_frame_len: u32::try_from(config.max_frame_len).unwrap_or(u32::MAX),
     }));
-    if let Err(e) = write(
+    write(
         state,
         transport,
         &[Outbound::new(login_result)],
         config.write_timeout(),
     )
     .await
-    {
-        return End::WriteFailed(e);
-    }
-    let replayed_upto = match Box::pin(replay(state, transport, conn, top, first_page)).await {
-        Ok(upto) => upto,
-        Err(end) => return end,
-    };
-    let group_tops = match Box::pin(group_catch_up(state, transport, cursors)).await {
-        Ok(tops) => tops,
-        Err(end) => return end,
-    };
+    .map_err(End::WriteFailed)?;
+    let replayed_upto = replay(state, transport, conn, top, first_page).await?;
+    let group_tops = group_catch_up(state, transport, cursors).await?;
     // Receipts this user acked that were never confirmed stored (a route was down, or the
     // server that took the ack stopped first) are sent again now. Only an inbox that ever
     // held a message can have any.
     if top > 0 {
         state.acks.submit(AckItem::resend_pending(conn.clone()));
     }
+    Ok((replayed_upto > 0 || group_tops.is_some()).then(|| {
+        Box::new(Covered {
+            inbox_upto: replayed_upto,
+            groups: group_tops,
+        })
+    }))
+}
+
+/// What the login's replay and catch-up wrote, which live pushes must not repeat: the last
+/// inbox seq replayed and the groups' tops caught up to. Boxed (and absent when nothing was
+/// written): one pointer in every idle session's future.
+struct Covered {
+    inbox_upto: u64,
+    groups: Option<GroupTops>,
+}
+
+/// The logged-in part: LoginResult, the inbox replay, then frames both ways until
+/// something ends it.
+pub(super) async fn serve<T: Transport>(
+    state: &ServerState,
+    transport: &mut T,
+    conn: &Arc<ConnShared>,
+) -> End {
+    let config = &state.config;
+    // One boxed step for everything before the loop: its state (the inbox's first page, the
+    // group cursors) lives in that allocation only while it runs, not in the session future
+    // that every idle connection keeps.
+    let covered = match Box::pin(begin(state, transport, conn)).await {
+        Ok(started) => started,
+        Err(end) => return end,
+    };
 
     // The deadline timer is re-armed only when it fires (from the last activity), not on
     // every frame: a busy connection does not churn the timer wheel. (Values are read from
@@ -284,7 +299,7 @@ pub(super) async fn serve<T: Transport>(
                         biased;
                         refused = &mut submit => return Ok(refused),
                         () = conn.notified() => {
-                            if let Some(end) = flush_queue(state, transport, conn, replayed_upto, group_tops.as_deref()).await {
+                            if let Some(end) = flush_queue(state, transport, conn, covered.as_deref()).await {
                                 return Err(end);
                             }
                         }
@@ -304,7 +319,7 @@ pub(super) async fn serve<T: Transport>(
         tokio::select! {
             biased;
             () = conn.notified() => {
-                if let Some(end) = Box::pin(flush_queue(state, transport, conn, replayed_upto, group_tops.as_deref())).await {
+                if let Some(end) = Box::pin(flush_queue(state, transport, conn, covered.as_deref())).await {
                     return end;
                 }
             }
