@@ -273,7 +273,7 @@ pub async fn list(
         (status = 200, description = "A page of messages", body = MessagePage),
         (status = 400, description = "`bad_request`: bad type, id, `limit`, `before` or `after`, or both of these", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
-        (status = 404, description = "`not_found` (no such group, or not a member) or `unknown_user`", body = ErrorBody),
+        (status = 404, description = "`unknown_group` (no such group, or not a member) or `unknown_user`", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -306,7 +306,7 @@ pub async fn history(
         (status = 200, description = "The mark now", body = ReadMarkAnswer),
         (status = 400, description = "`bad_request` (bad type, id or seq) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
-        (status = 404, description = "`not_found` (no such group, or not a member) or `unknown_user`", body = ErrorBody),
+        (status = 404, description = "`unknown_group` (no such group, or not a member) or `unknown_user`", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -370,7 +370,7 @@ pub async fn admin_list(
         (status = 200, description = "A page of messages", body = MessagePage),
         (status = 400, description = "`bad_request`: bad type, id, `limit`, `before` or `after`, or both of these", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
-        (status = 404, description = "`not_found` (no such group, or the user is not a member) or `unknown_user`", body = ErrorBody),
+        (status = 404, description = "`unknown_group` (no such group, or the user is not a member) or `unknown_user`", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]

@@ -844,7 +844,7 @@ fn group_send(group: u64, body: String, message_id: Option<String>) -> Send {
         (status = 400, description = "`bad_request` (bad name, too many members, id 0) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
         (status = 404, description = "`unknown_user`: a member id is no user", body = ErrorBody),
-        (status = 409, description = "`bad_request`: the caller is in as many groups as allowed", body = ErrorBody),
+        (status = 409, description = "`too_many_groups`: the caller is in as many groups as allowed", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -894,7 +894,7 @@ pub async fn mine(
         (status = 200, description = "The group", body = GroupAnswer),
         (status = 400, description = "`bad_request`: bad id", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group, or the caller is not a member", body = ErrorBody),
+        (status = 404, description = "`unknown_group`: no such group, or the caller is not a member", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -921,7 +921,7 @@ pub async fn info(
         (status = 200, description = "A page of members", body = GroupMembersPage),
         (status = 400, description = "`bad_request`: bad id, `limit` or cursor", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group, or the caller is not a member", body = ErrorBody),
+        (status = 404, description = "`unknown_group`: no such group, or the caller is not a member", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -952,9 +952,9 @@ pub async fn members(
         (status = 200, description = "The outcome", body = Added),
         (status = 400, description = "`bad_request` (no ids, id 0, too many) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
-        (status = 403, description = "`unauthorized`: the caller is neither the owner nor an admin", body = ErrorBody),
-        (status = 404, description = "`not_found` (no such group, or not a member) or `unknown_user` (the message names the ids)", body = ErrorBody),
-        (status = 409, description = "`bad_request`: the group would pass its member limit", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the caller is neither the owner nor an admin", body = ErrorBody),
+        (status = 404, description = "`unknown_group` (no such group, or not a member) or `unknown_user` (the message names the ids)", body = ErrorBody),
+        (status = 409, description = "`group_full`: the group would pass its member limit", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -987,9 +987,9 @@ pub async fn add(
         (status = 200, description = "Removed; `seq` of the REMOVED (or LEFT) event", body = GroupChange),
         (status = 400, description = "`bad_request`: bad id", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
-        (status = 403, description = "`unauthorized`: the caller's role does not allow it", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group, the caller or the user is not a member", body = ErrorBody),
-        (status = 409, description = "`bad_request`: the owner cannot be removed (or leave)", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the caller's role does not allow it", body = ErrorBody),
+        (status = 404, description = "`unknown_group` (no such group, or the caller is not a member) or `not_found` (the user is not a member)", body = ErrorBody),
+        (status = 409, description = "`owner_stays`: the owner cannot be removed (or leave)", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1017,8 +1017,8 @@ pub async fn remove(
         (status = 200, description = "Left; `seq` of the LEFT event", body = GroupChange),
         (status = 400, description = "`bad_request`: bad id", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group, or the caller is not a member", body = ErrorBody),
-        (status = 409, description = "`bad_request`: the owner cannot leave; disband the group", body = ErrorBody),
+        (status = 404, description = "`unknown_group`: no such group, or the caller is not a member", body = ErrorBody),
+        (status = 409, description = "`owner_stays`: the owner cannot leave; disband the group", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1048,9 +1048,9 @@ pub async fn leave(
         (status = 200, description = "Changed; `seq` of the ROLE event", body = GroupChange),
         (status = 400, description = "`bad_request` (bad id or role) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
-        (status = 403, description = "`unauthorized`: the caller is not the owner", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group, the caller or the user is not a member", body = ErrorBody),
-        (status = 409, description = "`bad_request`: the owner's role cannot change", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the caller is not the owner", body = ErrorBody),
+        (status = 404, description = "`unknown_group` (no such group, or the caller is not a member) or `not_found` (the user is not a member)", body = ErrorBody),
+        (status = 409, description = "`owner_stays`: the owner's role cannot change", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1080,8 +1080,8 @@ pub async fn role(
         (status = 200, description = "Renamed; `seq` of the RENAMED event", body = GroupChange),
         (status = 400, description = "`bad_request` (bad id or name) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
-        (status = 403, description = "`unauthorized`: the caller is neither the owner nor an admin", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group, or the caller is not a member", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the caller is neither the owner nor an admin", body = ErrorBody),
+        (status = 404, description = "`unknown_group`: no such group, or the caller is not a member", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1110,8 +1110,8 @@ pub async fn rename(
         (status = 200, description = "Disbanded; `seq` of the DISBANDED event", body = GroupChange),
         (status = 400, description = "`bad_request`: bad id", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
-        (status = 403, description = "`unauthorized`: the caller is not the owner", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group, or the caller is not a member", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the caller is not the owner", body = ErrorBody),
+        (status = 404, description = "`unknown_group`: no such group, or the caller is not a member", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1143,7 +1143,7 @@ pub async fn disband(
         (status = 400, description = "`bad_request` (empty body, bad id) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized`, `token_expired` or `session_ended`", body = ErrorBody),
         (status = 403, description = "`not_a_member`: the caller left while the message was routed", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group, or the caller is not a member", body = ErrorBody),
+        (status = 404, description = "`unknown_group`: no such group, or the caller is not a member", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
@@ -1181,7 +1181,7 @@ pub async fn send(
         (status = 400, description = "`bad_request` (bad name, no owner, too many members) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
         (status = 404, description = "`unknown_user`: the owner or a member is no user", body = ErrorBody),
-        (status = 409, description = "`bad_request`: the owner is in as many groups as allowed", body = ErrorBody),
+        (status = 409, description = "`too_many_groups`: the owner is in as many groups as allowed", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1214,7 +1214,7 @@ pub async fn admin_create(
         (status = 200, description = "The group", body = GroupAnswer),
         (status = 400, description = "`bad_request`: bad id", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group", body = ErrorBody),
+        (status = 404, description = "`unknown_group`: no such group", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1240,7 +1240,7 @@ pub async fn admin_info(
         (status = 200, description = "A page of members", body = GroupMembersPage),
         (status = 400, description = "`bad_request`: bad id, `limit` or cursor", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group", body = ErrorBody),
+        (status = 404, description = "`unknown_group`: no such group", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1270,8 +1270,8 @@ pub async fn admin_members(
         (status = 200, description = "The outcome", body = Added),
         (status = 400, description = "`bad_request` (no ids, id 0, too many) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
-        (status = 404, description = "`not_found` (no such group) or `unknown_user` (the message names the ids)", body = ErrorBody),
-        (status = 409, description = "`bad_request`: the group would pass its member limit", body = ErrorBody),
+        (status = 404, description = "`unknown_group` (no such group) or `unknown_user` (the message names the ids)", body = ErrorBody),
+        (status = 409, description = "`group_full`: the group would pass its member limit", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1303,8 +1303,8 @@ pub async fn admin_add(
         (status = 200, description = "Removed; `seq` of the REMOVED event", body = GroupChange),
         (status = 400, description = "`bad_request`: bad id", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group, or the user is not a member", body = ErrorBody),
-        (status = 409, description = "`bad_request`: the owner cannot be removed", body = ErrorBody),
+        (status = 404, description = "`unknown_group` (no such group) or `not_found` (the user is not a member)", body = ErrorBody),
+        (status = 409, description = "`owner_stays`: the owner cannot be removed", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1336,8 +1336,8 @@ pub async fn admin_remove(
         (status = 200, description = "Changed; `seq` of the ROLE event", body = GroupChange),
         (status = 400, description = "`bad_request` (bad id or role) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group, or the user is not a member", body = ErrorBody),
-        (status = 409, description = "`bad_request`: the owner's role cannot change", body = ErrorBody),
+        (status = 404, description = "`unknown_group` (no such group) or `not_found` (the user is not a member)", body = ErrorBody),
+        (status = 409, description = "`owner_stays`: the owner's role cannot change", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1367,7 +1367,7 @@ pub async fn admin_role(
         (status = 200, description = "Renamed; `seq` of the RENAMED event", body = GroupChange),
         (status = 400, description = "`bad_request` (bad id or name) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group", body = ErrorBody),
+        (status = 404, description = "`unknown_group`: no such group", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1396,7 +1396,7 @@ pub async fn admin_rename(
         (status = 200, description = "Disbanded; `seq` of the DISBANDED event", body = GroupChange),
         (status = 400, description = "`bad_request`: bad id", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such group", body = ErrorBody),
+        (status = 404, description = "`unknown_group`: no such group", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
     )
 )]
@@ -1425,7 +1425,7 @@ pub async fn admin_disband(
         (status = 400, description = "`bad_request` (empty body, bad id) or `invalid_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized` (missing or wrong `X-Api-Key`) or `api_disabled` (no API keys configured)", body = ErrorBody),
         (status = 403, description = "`not_a_member`: `sender_id` is not a member", body = ErrorBody),
-        (status = 404, description = "`not_found` (no such group) or `unknown_user` (no user `sender_id`)", body = ErrorBody),
+        (status = 404, description = "`unknown_group` (no such group) or `unknown_user` (no user `sender_id`)", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: not `application/json`", body = ErrorBody),
         (status = 503, description = "`unavailable`, `overloaded` or `timeout`: retry later", body = ErrorBody),
