@@ -1,19 +1,19 @@
 //! Typed calls to the route's HTTP API. Errors carry the route's `{"error":{code,message}}`.
 
 use crate::tls::ClientTls;
-use cim_proto::api::{ChannelList, Credentials, ErrorBody, ServerList};
 pub use cim_proto::api::{
     Added, ChannelPage, ConversationView, CreatedGroup, ErrorCode, GroupChange, GroupChatSent,
-    GroupMemberView, GroupMembersPage, GroupSent, GroupView, Joined, Left, MemberPage,
-    OnlinePage, OnlineUser, PrivateSent, ServerAddrs,
+    GroupMemberView, GroupMembersPage, GroupSent, GroupView, Joined, Left, MemberPage, OnlinePage,
+    OnlineUser, PrivateSent, ServerAddrs,
 };
-use cim_proto::api::{ConversationList, GroupAnswer, GroupList, MessagePage, ReadMarkAnswer};
+use cim_proto::api::{ChannelList, Credentials, ErrorBody, ServerList};
 /// The SDK's names for the route's answers (one type each, from `cim_proto::api`).
 pub use cim_proto::api::{
     ChannelView as ChannelInfo, GroupSent as ChannelSent, LoggedIn as LoginInfo,
     Member as ChannelMember, Registered as RegisterInfo, ServerAddrs as ServerInfo,
     ServerAddrs as AssignedServer,
 };
+use cim_proto::api::{ConversationList, GroupAnswer, GroupList, MessagePage, ReadMarkAnswer};
 use serde::{de::DeserializeOwned, Serialize};
 use std::time::Duration;
 
@@ -500,7 +500,12 @@ impl RouteClient {
 
     pub async fn group(&self, token: &str, group: u64) -> Result<GroupView, RouteError> {
         let answer: GroupAnswer = self
-            .call(reqwest::Method::GET, &format!("/api/groups/{group}"), token, None)
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/groups/{group}"),
+                token,
+                None,
+            )
             .await?;
         Ok(answer.group)
     }
@@ -551,8 +556,13 @@ impl RouteClient {
     /// Leaves the group (the owner cannot: 409 `owner_stays`, disband instead).
     pub async fn leave_group(&self, token: &str, group: u64) -> Result<GroupChange, RouteError> {
         let path = format!("/api/groups/{group}/leave");
-        self.call(reqwest::Method::POST, &path, token, Some(serde_json::json!({})))
-            .await
+        self.call(
+            reqwest::Method::POST,
+            &path,
+            token,
+            Some(serde_json::json!({})),
+        )
+        .await
     }
 
     /// Makes `user` an admin (`admin`) or a plain member (`member`); the owner only.
@@ -565,7 +575,8 @@ impl RouteClient {
     ) -> Result<GroupChange, RouteError> {
         let path = format!("/api/groups/{group}/members/{user}/role");
         let body = serde_json::json!({ "role": role });
-        self.call(reqwest::Method::PUT, &path, token, Some(body)).await
+        self.call(reqwest::Method::PUT, &path, token, Some(body))
+            .await
     }
 
     /// Renames the group (owner or admin).
