@@ -712,3 +712,89 @@ async fn a_script_chats_over_tls() -> anyhow::Result<()> {
     assert_eq!(push.messages[0].body, "hi over tls");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_groups_history_and_unread_counts() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().start().await?;
+    let route = cluster.routes[0].url();
+    let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+    let paths: Vec<_> = dirs.iter().map(|d| d.path().to_path_buf()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut alice = Pty::spawn(
+            "alice",
+            &client_args(&route, "alice", &paths[0]),
+            "alice-password",
+            &paths[0],
+        );
+        alice.expect("connected to server");
+        let mut bob = Pty::spawn(
+            "bob",
+            &client_args(&route, "bob", &paths[1]),
+            "bob-password",
+            &paths[1],
+        );
+        bob.expect("connected to server");
+
+        // Created with bob, named by his user name (he is online).
+        alice.line(":gnew team bob");
+        alice.expect("created team(");
+        let id = alice.expect(")");
+        let id: u64 = id.trim_end_matches(')').parse().expect("a group id");
+        alice.expect("with 2 members");
+        alice.line(":gnew bad nobody-like-this");
+        alice.expect("cannot find user nobody-like-this");
+
+        // Bob lists it (and so knows its name), then gets alice's message labelled by it.
+        bob.line(":groups");
+        bob.expect("you are in 1 group:");
+        let list = bob.until_prompt();
+        assert!(list.contains(&format!("{id}  team  2 members")), "{list}");
+        alice.line(&format!(":g {id} hello team"));
+        let seen = alice.expect(&format!("you → team({id}): hello team"));
+        assert!(has_time_stamp(&seen, "you → team("), "{seen:?}");
+        bob.expect(&format!("alice → team({id}): hello team"));
+        alice.line(":g 999999 nobody");
+        alice.expect("not sent");
+
+        alice.line(&format!(":gmembers {id}"));
+        alice.expect(&format!("team({id}): 2 members:"));
+        let members = alice.until_prompt();
+        assert!(
+            members.contains("owner") && members.contains("bob"),
+            "{members}"
+        );
+
+        // Unread until bob reads the history; then none, in :unread and :info alike.
+        bob.line(":unread");
+        bob.expect("unread message");
+        let unread = bob.until_prompt();
+        assert!(unread.contains(&format!("team({id})")), "{unread}");
+        bob.line(&format!(":hist #{id} 5"));
+        bob.expect(&format!("with team({id}):"));
+        let hist = bob.until_prompt();
+        assert!(hist.contains("alice: hello team"), "{hist}");
+        bob.line(":unread");
+        bob.expect("no unread messages.");
+        bob.line(":info");
+        bob.expect("unread:  0");
+
+        // A private conversation by name: alice's history with bob, hers shown as "you".
+        bob.line("@alice psst");
+        alice.expect("bob → you: psst");
+        alice.line(":hist bob");
+        alice.expect("last 1 message with bob:");
+        alice.expect("bob: psst");
+
+        // Leaving: bob no longer gets the group's messages, nor may send there.
+        bob.line(&format!(":gleave {id}"));
+        bob.expect(&format!("left team({id})"));
+        bob.line(&format!(":g {id} still here?"));
+        bob.expect(&format!("not sent: you are not a member of group {id}"));
+        alice.line(":q!");
+        alice.expect("logged out, bye");
+        bob.line(":q!");
+        bob.expect("logged out, bye");
+    })
+    .await?;
+    Ok(())
+}

@@ -35,7 +35,8 @@ pub use client::{
 };
 pub use conn::{Connection, Transport};
 pub use route::{
-    ChannelInfo, ChannelMember, ChannelPage, ErrorCode, LoginInfo, MemberPage, OnlineUser,
-    RouteClient, RouteError,
+    Added, ChannelInfo, ChannelMember, ChannelPage, ConversationView, CreatedGroup, ErrorCode,
+    GroupChange, GroupMemberView, GroupMembersPage, GroupView, HistoryFrom, LoginInfo, MemberPage,
+    OnlineUser, RouteClient, RouteError,
 };
 pub use tls::ClientTls;

@@ -11,7 +11,7 @@
 //! the connection ends for good (kicked, logged out elsewhere, gave up reconnecting).
 
 use super::{
-    command::{self, Input, Outgoing, To},
+    command::{self, ConvRef, Input, Outgoing, To, UserRef},
     history::{Direction, Entry, History, Kind},
     input::{InputEvent, Output, Terminal},
     render::{self, Style},
@@ -21,7 +21,12 @@ use cim_sdk::{
     pb, route::RouteError, Client, ClientConfig, ClientError, ErrorCode, Event, Events, Recipient,
     SendOptions,
 };
-use std::{collections::VecDeque, future::Future, pin::Pin, process::ExitCode};
+use std::{
+    collections::{HashMap, VecDeque},
+    future::Future,
+    pin::Pin,
+    process::ExitCode,
+};
 use tokio::task::JoinSet;
 
 /// Most online users one `:olu` / `:pu` lists.
@@ -33,6 +38,11 @@ const MAX_DELAYED: usize = 100;
 /// Parsed lines waiting for the one in progress. When full, the loop stops reading input
 /// (the input channel, then the terminal, buffer the rest).
 const QUEUE_CAPACITY: usize = 64;
+/// Conversations one `:unread` / `:groups` / `:info` reads (the newest): unread counts of
+/// older ones are not shown.
+const CONVERSATIONS_LIMIT: usize = 100;
+/// Members one `:gmembers` lists.
+const MEMBERS_LIMIT: usize = 100;
 
 /// Logs in and runs until the user quits or the connection ends for good.
 pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
@@ -117,6 +127,7 @@ pub async fn run(args: Args, password: String, style: Style) -> ExitCode {
         style,
         history,
         state_lines: render::StateLines::default(),
+        group_names: HashMap::new(),
     };
     let mut terminal = terminal;
     let (code, input_stopped) = app.run(events, &mut terminal).await;
@@ -144,6 +155,13 @@ enum Done {
         result: Result<bool, ClientError>,
     },
     Channels(Result<Vec<cim_sdk::route::ChannelInfo>, ClientError>),
+    /// A command whose answer was rendered by its task: the line, or the error line.
+    Text(Result<String, String>),
+    Created(Result<(cim_sdk::CreatedGroup, HashMap<u64, String>), String>),
+    Groups(Result<(Vec<cim_sdk::GroupView>, HashMap<u64, u64>), String>),
+    Unread(Result<Vec<cim_sdk::ConversationView>, String>),
+    /// `:info`'s total of unread messages.
+    Info(Result<u64, String>),
 }
 
 type Work = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -158,6 +176,9 @@ struct App {
     history: Option<History>,
     /// Which state changes get a line (not every reconnect attempt).
     state_lines: render::StateLines,
+    /// Names of stored groups, learnt from `:groups`, `:gnew`, `:unread` and group events:
+    /// how their messages are labelled.
+    group_names: HashMap<u64, String>,
 }
 
 impl App {
@@ -237,6 +258,7 @@ impl App {
                 let result = match &message.to {
                     To::All => client.send_group(&message.body).await,
                     To::Channel(name) => client.send_channel(name, &message.body).await,
+                    To::Group(id) => client.send_group_chat(*id, &message.body).await,
                     To::User(name) => {
                         let options = SendOptions {
                             receipt: message.receipt,
@@ -268,12 +290,156 @@ impl App {
                 self.print(render::help(self.style)).await;
                 None
             }
-            Input::Info => {
-                let path = self.history.as_ref().map(|h| h.path().to_path_buf());
-                self.print(render::info(&client.info(), path.as_deref()))
-                    .await;
-                None
+            Input::Info => Some(Box::pin(async move {
+                let list = client.conversations(None, Some(CONVERSATIONS_LIMIT)).await;
+                let total = list.map(|l| l.iter().map(|c| c.unread).sum());
+                Done::Info(total.map_err(|e| describe(&e, "the route")))
+            })),
+            Input::GroupNew { name, members } => Some(Box::pin(async move {
+                let result = async {
+                    let (ids, names) = resolve_all(&client, &members).await?;
+                    let created = client.create_group(&name, &ids).await;
+                    let created = created
+                        .map_err(|e| format!("group not created: {}", describe(&e, "the route")))?;
+                    Ok((created, names))
+                };
+                Done::Created(result.await)
+            })),
+            Input::Groups => Some(Box::pin(async move {
+                let result = async {
+                    let groups = client
+                        .groups()
+                        .await
+                        .map_err(|e| format!("groups: {}", describe(&e, "the route")))?;
+                    let convs = client.conversations(None, Some(CONVERSATIONS_LIMIT)).await;
+                    let convs =
+                        convs.map_err(|e| format!("groups: {}", describe(&e, "the route")))?;
+                    let unread = convs
+                        .iter()
+                        .filter(|c| c.kind == "group")
+                        .map(|c| (c.id, c.unread))
+                        .collect();
+                    Ok((groups, unread))
+                };
+                Done::Groups(result.await)
+            })),
+            Input::GroupAdd { group, users } => {
+                let label = self.group_label(group);
+                Some(Box::pin(async move {
+                    let result = async {
+                        let (ids, names) = resolve_all(&client, &users).await?;
+                        let added = client.add_group_members(group, &ids).await;
+                        let added = added.map_err(|e| {
+                            format!("not added to {label}: {}", describe(&e, "the route"))
+                        })?;
+                        Ok(render::group_added(&label, &added, &names))
+                    };
+                    Done::Text(result.await)
+                }))
             }
+            Input::GroupKick { group, user } => {
+                let label = self.group_label(group);
+                Some(Box::pin(async move {
+                    let result = async {
+                        let (id, name) = resolve(&client, &user).await?;
+                        let removed = client.remove_group_member(group, id).await;
+                        removed.map_err(|e| {
+                            format!(
+                                "{name} not removed from {label}: {}",
+                                describe(&e, "the route")
+                            )
+                        })?;
+                        Ok(format!("removed {name} from {label}"))
+                    };
+                    Done::Text(result.await)
+                }))
+            }
+            Input::GroupLeave(group) => {
+                let label = self.group_label(group);
+                Some(Box::pin(async move {
+                    let left = client.leave_group(group).await;
+                    Done::Text(match left {
+                        Ok(_) => Ok(format!("left {label}")),
+                        Err(e) => Err(format!(
+                            "could not leave {label}: {}",
+                            describe(&e, "the route")
+                        )),
+                    })
+                }))
+            }
+            Input::GroupMembers(group) => {
+                let label = self.group_label(group);
+                let style = self.style;
+                Some(Box::pin(async move {
+                    let page = client.group_members(group, None, Some(MEMBERS_LIMIT)).await;
+                    Done::Text(match page {
+                        Ok(page) => Ok(render::group_members(style, &label, &page)),
+                        Err(e) => Err(format!("members of {label}: {}", describe(&e, "the route"))),
+                    })
+                }))
+            }
+            Input::History {
+                conversation,
+                count,
+            } => {
+                let style = self.style;
+                let me = self.me;
+                let group_label = match &conversation {
+                    ConvRef::Group(id) => Some(self.group_label(*id)),
+                    ConvRef::User(_) => None,
+                };
+                Some(Box::pin(async move {
+                    let result = async {
+                        let (conv, title) = match (&conversation, group_label) {
+                            (ConvRef::Group(id), Some(label)) => (
+                                pb::Conversation {
+                                    user_id: 0,
+                                    group_id: *id,
+                                },
+                                label,
+                            ),
+                            (ConvRef::User(user), _) => {
+                                let (id, name) = resolve(&client, user).await?;
+                                (
+                                    pb::Conversation {
+                                        user_id: id,
+                                        group_id: 0,
+                                    },
+                                    name,
+                                )
+                            }
+                            (ConvRef::Group(id), None) => (
+                                pb::Conversation {
+                                    user_id: 0,
+                                    group_id: *id,
+                                },
+                                format!("group {id}"),
+                            ),
+                        };
+                        let page = client
+                            .history(&conv, cim_sdk::HistoryFrom::Newest, Some(count))
+                            .await
+                            .map_err(|e| {
+                                format!("history of {title}: {}", describe(&e, "the route"))
+                            })?;
+                        // What was shown is read: the unread count drops by as much.
+                        if let Some(top) = page.iter().map(|m| m.log_seq).max().filter(|s| *s > 0) {
+                            client.mark_read_http(&conv, top).await.map_err(|e| {
+                                format!(
+                                    "history of {title} shown, not marked read: {}",
+                                    describe(&e, "the route")
+                                )
+                            })?;
+                        }
+                        Ok(render::history_page(style, &title, &page, me))
+                    };
+                    Done::Text(result.await)
+                }))
+            }
+            Input::Unread => Some(Box::pin(async move {
+                let list = client.conversations(None, Some(CONVERSATIONS_LIMIT)).await;
+                Done::Unread(list.map_err(|e| format!("unread: {}", describe(&e, "the route"))))
+            })),
             Input::Search(keyword) => {
                 let text = match &self.history {
                     None => render::error(self.style, "history is disabled"),
@@ -299,6 +465,7 @@ impl App {
                     To::All => "everyone".to_string(),
                     To::User(name) => name.clone(),
                     To::Channel(name) => format!("#{name}"),
+                    To::Group(id) => format!("group {id}"),
                 };
                 self.print(render::notice(
                     self.style,
@@ -358,6 +525,52 @@ impl App {
                 };
                 self.print(text).await;
             }
+            Done::Text(result) => {
+                let text = result.unwrap_or_else(|why| render::error(self.style, &why));
+                self.print(text).await;
+            }
+            Done::Created(result) => {
+                let text = match result {
+                    Ok((created, names)) => {
+                        let g = &created.group;
+                        self.group_names.insert(g.id, g.name.clone());
+                        render::group_created(self.style, g, created.added.as_ref(), &names)
+                    }
+                    Err(why) => render::error(self.style, &why),
+                };
+                self.print(text).await;
+            }
+            Done::Groups(result) => {
+                let text = match result {
+                    Ok((groups, unread)) => {
+                        for g in &groups {
+                            self.group_names.insert(g.id, g.name.clone());
+                        }
+                        render::groups(self.style, &groups, &unread)
+                    }
+                    Err(why) => render::error(self.style, &why),
+                };
+                self.print(text).await;
+            }
+            Done::Unread(result) => {
+                let text = match result {
+                    Ok(list) => {
+                        for c in list.iter().filter(|c| c.kind == "group") {
+                            self.group_names.insert(c.id, c.name.clone());
+                        }
+                        render::unread(self.style, &list)
+                    }
+                    Err(why) => render::error(self.style, &why),
+                };
+                self.print(text).await;
+            }
+            Done::Info(unread) => {
+                let path = self.history.as_ref().map(|h| h.path().to_path_buf());
+                if let Some(client) = &self.client {
+                    let text = render::info_with_unread(&client.info(), path.as_deref(), &unread);
+                    self.print(text).await;
+                }
+            }
             Done::Channels(result) => {
                 let text = match result {
                     Ok(list) => render::channels(self.style, &list),
@@ -380,11 +593,16 @@ impl App {
             Ok(outcome) => outcome,
             Err(e) => return self.error(not_sent(&message.to, &e)).await,
         };
-        self.print(render::outgoing(
+        let group = match &message.to {
+            To::Group(id) => self.group_names.get(id).cloned(),
+            _ => None,
+        };
+        self.print(render::outgoing_in(
             self.style,
             outcome.timestamp_ms,
             &message.to,
             &message.body,
+            group.as_deref(),
         ))
         .await;
         if let Some(line) = render::after_sent(self.style, &message.to, &outcome) {
@@ -394,6 +612,7 @@ impl App {
             To::All => (Kind::Group, None),
             To::User(name) => (Kind::Private, Some(name)),
             To::Channel(name) => (Kind::Channel, Some(name)),
+            To::Group(id) => (Kind::Group, Some(self.plain_group_label(id))),
         };
         let entry = Entry {
             ts: outcome.timestamp_ms,
@@ -450,10 +669,26 @@ impl App {
                 message: m,
                 replayed,
             } => {
-                self.print(render::incoming(self.style, &m, replayed)).await;
+                if let Some(event) = &m.group_event {
+                    let named = [
+                        pb::GroupEventType::Created as i32,
+                        pb::GroupEventType::Renamed as i32,
+                    ];
+                    if named.contains(&event.r#type) && !event.name.is_empty() {
+                        self.group_names.insert(m.group_id, event.name.clone());
+                    }
+                }
+                let group = self.group_names.get(&m.group_id).cloned();
+                self.print(render::incoming_in(
+                    self.style,
+                    &m,
+                    replayed,
+                    group.as_deref(),
+                ))
+                .await;
                 let kind = match pb::MessageKind::try_from(m.kind) {
                     Ok(pb::MessageKind::Private) => Kind::Private,
-                    Ok(pb::MessageKind::Group) => Kind::Group,
+                    Ok(pb::MessageKind::Group | pb::MessageKind::GroupChat) => Kind::Group,
                     Ok(pb::MessageKind::Channel) => Kind::Channel,
                     _ => Kind::System,
                 };
@@ -470,6 +705,8 @@ impl App {
                     to: match kind {
                         Kind::Private => Some(self.my_name.clone()),
                         Kind::Channel => Some(m.channel),
+                        // A stored group's messages (and events) name their group.
+                        _ if m.group_id != 0 => Some(self.plain_group_label(m.group_id)),
                         Kind::Group | Kind::System => None,
                     },
                     body: m.body,
@@ -505,6 +742,24 @@ impl App {
         }
     }
 
+    /// `team(7)` or `group 7`, coloured as the style says.
+    fn group_label(&self, id: u64) -> String {
+        render::group_label(
+            self.style,
+            id,
+            self.group_names.get(&id).map(String::as_str),
+        )
+    }
+
+    /// [`App::group_label`] without colour, for the history file.
+    fn plain_group_label(&self, id: u64) -> String {
+        render::group_label(
+            render::Style::PLAIN,
+            id,
+            self.group_names.get(&id).map(String::as_str),
+        )
+    }
+
     async fn record(&mut self, entry: &Entry) {
         let Some(history) = self.history.as_mut() else {
             return;
@@ -525,6 +780,48 @@ impl App {
     }
 }
 
+/// The id and name of `user`. Ids are taken as they are (the route checks them); a name is
+/// looked up among the online users, then among the peers of this user's conversations: the
+/// route has no lookup of any account by name, so an offline stranger must be named by id.
+async fn resolve(client: &Client, user: &UserRef) -> Result<(u64, String), String> {
+    let name = match user {
+        UserRef::Id(id) => return Ok((*id, format!("#{id}"))),
+        UserRef::Name(name) => name,
+    };
+    let online = client.online_users(Some(name), ONLINE_LIMIT).await;
+    let online =
+        online.map_err(|e| format!("cannot look up {name}: {}", describe(&e, "the route")))?;
+    if let Some(u) = online.iter().find(|u| &u.name == name) {
+        return Ok((u.user_id, name.clone()));
+    }
+    let convs = client.conversations(None, Some(CONVERSATIONS_LIMIT)).await;
+    let convs =
+        convs.map_err(|e| format!("cannot look up {name}: {}", describe(&e, "the route")))?;
+    match convs.iter().find(|c| c.kind == "user" && &c.name == name) {
+        Some(c) => Ok((c.id, name.clone())),
+        None => Err(format!(
+            "cannot find user {name}: not online and no conversation with them (name them by user id)"
+        )),
+    }
+}
+
+/// [`resolve`] of each user: their ids in order, and the names known for them.
+async fn resolve_all(
+    client: &Client,
+    users: &[UserRef],
+) -> Result<(Vec<u64>, HashMap<u64, String>), String> {
+    let mut ids = Vec::with_capacity(users.len());
+    let mut names = HashMap::new();
+    for user in users {
+        let (id, name) = resolve(client, user).await?;
+        if let UserRef::Name(_) = user {
+            names.insert(id, name);
+        }
+        ids.push(id);
+    }
+    Ok((ids, names))
+}
+
 /// The line for a refused or failed send to `to`.
 fn not_sent(to: &To, e: &ClientError) -> String {
     let code = match e {
@@ -536,6 +833,10 @@ fn not_sent(to: &To, e: &ClientError) -> String {
             format!("not sent: there is no user {name}")
         }
         (To::Channel(name), Some(pb::ErrorCode::Forbidden)) => render::not_a_member(name),
+        (To::Group(id), Some(pb::ErrorCode::Forbidden)) => {
+            format!("not sent: you are not a member of group {id}")
+        }
+        (To::Group(id), _) => format!("not sent to group {id}: {}", describe(e, "the route")),
         (To::User(name), _) => format!("not sent to {name}: {}", describe(e, "the route")),
         (To::Channel(name), _) => format!("not sent to #{name}: {}", describe(e, "the route")),
         (To::All, _) => format!("not sent to everyone: {}", describe(e, "the route")),

@@ -6,6 +6,8 @@
 //! - `:r bob hi` goes to bob only and asks for a receipt;
 //! - `#room hi` goes to the online members of channel `room` (`:join room` first);
 //!   `##text` sends `#text` to everyone;
+//! - `:g 7 hi` goes to stored group 7 (`:gnew`, `:groups`); users in group commands are
+//!   names or ids ([`UserRef`]), groups are ids;
 //! - a line starting with `:` and a letter is a command (`:olu`, `:q!`, ...);
 //!   `::text` sends `:text` literally, and `:)`-like lines are plain messages.
 //!
@@ -17,6 +19,34 @@ use std::time::Duration;
 /// Longest delay `:delay` accepts. A delayed message lives only in this process, so an hour
 /// is plenty and bounds how many timers a user can pile up by mistake.
 pub const MAX_DELAY_SECS: u64 = 3600;
+/// Messages `:hist` shows when no count is given.
+pub const DEFAULT_HIST: usize = 20;
+/// Most messages one `:hist` shows (the route's page bound is larger; a terminal screen is not).
+pub const MAX_HIST: usize = 100;
+
+/// A user named in a group command: a word of digits is a user id, anything else a name (to
+/// be resolved to an id by the app). So a user whose name is all digits is named by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserRef {
+    Id(u64),
+    Name(String),
+}
+
+impl std::fmt::Display for UserRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserRef::Id(id) => write!(f, "#{id}"),
+            UserRef::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+/// A conversation named by `:hist`: a user, or a stored group (`#<id>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConvRef {
+    User(UserRef),
+    Group(u64),
+}
 
 /// Who a message goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +57,8 @@ pub enum To {
     User(String),
     /// The online members of a channel (the sender must be one), by name without the `#`.
     Channel(String),
+    /// A stored group, by id (the sender must be a member).
+    Group(u64),
 }
 
 /// A message to send.
@@ -71,6 +103,22 @@ pub enum Input {
     Leave(String),
     /// `:chans`: my channels with their member and online counts.
     Channels,
+    /// `:gnew <name> [user …]`: create a stored group with these members.
+    GroupNew { name: String, members: Vec<UserRef> },
+    /// `:groups`: my stored groups with member and unread counts.
+    Groups,
+    /// `:gadd <id> <user …>`.
+    GroupAdd { group: u64, users: Vec<UserRef> },
+    /// `:gkick <id> <user>`.
+    GroupKick { group: u64, user: UserRef },
+    /// `:gleave <id>`.
+    GroupLeave(u64),
+    /// `:gmembers <id>`.
+    GroupMembers(u64),
+    /// `:hist <user|#group-id> [n]`: the last `n` stored messages of a conversation.
+    History { conversation: ConvRef, count: usize },
+    /// `:unread`: conversations with unread messages.
+    Unread,
     /// `:delay <seconds> <message…>`: send `message` (any message syntax) later.
     Delay { after: Duration, message: Outgoing },
     /// A `:command` that does not exist (the name as typed).
@@ -98,6 +146,36 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ),
     (":leave <channel>", "leave a channel"),
     (":chans", "list your channels with member and online counts"),
+    (
+        ":gnew <name> [user …]",
+        "create a stored group (one-word name; users by name or id)",
+    ),
+    (":groups", "list your groups: id, name, members, unread"),
+    (
+        ":g <id> <text>",
+        "send to group <id> (kept; members offline get it later)",
+    ),
+    (
+        ":gadd <id> <user …>",
+        "add users to group <id> (owner or admin)",
+    ),
+    (
+        ":gkick <id> <user>",
+        "remove a user from group <id> (owner or admin)",
+    ),
+    (":gleave <id>", "leave group <id>"),
+    (
+        ":gmembers <id>",
+        "list the members of group <id> with their roles",
+    ),
+    (
+        ":hist <user|#id> [n]",
+        "the last n (default 20, at most 100) messages with a user or group #id; marks them read",
+    ),
+    (
+        ":unread",
+        "conversations with unread messages, newest first",
+    ),
     (":all, :help", "list these commands"),
     (":olu", "list online users"),
     (
@@ -234,14 +312,27 @@ fn split_word(s: &str) -> (&str, &str) {
 fn parse_command(rest: &str) -> Input {
     let (name, args) = split_word(rest);
     match name {
-        "all" | "help" | "olu" | "info" | "chans" | "q!" if !args.is_empty() => {
+        "all" | "help" | "olu" | "info" | "chans" | "groups" | "unread" | "q!"
+            if !args.is_empty() =>
+        {
             Input::Invalid(format!(":{name} takes no arguments"))
         }
         "all" | "help" => Input::Help,
         "olu" => Input::Online { prefix: None },
         "info" => Input::Info,
         "chans" => Input::Channels,
+        "groups" => Input::Groups,
+        "unread" => Input::Unread,
         "q!" => Input::Quit,
+        "gnew" => parse_gnew(args).unwrap_or_else(Input::Invalid),
+        "g" => parse_group_message(args).unwrap_or_else(Input::Invalid),
+        "gadd" => parse_gadd(args).unwrap_or_else(Input::Invalid),
+        "gkick" => parse_gkick(args).unwrap_or_else(Input::Invalid),
+        "gleave" => parse_one_group("gleave", args).map_or_else(Input::Invalid, Input::GroupLeave),
+        "gmembers" => {
+            parse_one_group("gmembers", args).map_or_else(Input::Invalid, Input::GroupMembers)
+        }
+        "hist" => parse_hist(args).unwrap_or_else(Input::Invalid),
         "join" => parse_channel_arg(name, args).map_or_else(Input::Invalid, Input::Join),
         "leave" => parse_channel_arg(name, args).map_or_else(Input::Invalid, Input::Leave),
         "pu" => match args {
@@ -261,6 +352,141 @@ fn parse_command(rest: &str) -> Input {
         "r" => parse_receipt(args),
         other => Input::Unknown(format!(":{other}")),
     }
+}
+
+/// A group id: a positive integer (a leading `#` is allowed, as `:hist` writes it).
+fn parse_group_id(word: &str, usage: &str) -> Result<u64, String> {
+    let digits = word.strip_prefix('#').unwrap_or(word);
+    match digits.parse::<u64>() {
+        Ok(id) if id > 0 && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(id),
+        _ => Err(format!("{word:?} is not a group id ({usage})")),
+    }
+}
+
+/// A user word: digits are an id, else a user name.
+fn parse_user_ref(word: &str, usage: &str) -> Result<UserRef, String> {
+    if !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit()) {
+        return match word.parse::<u64>() {
+            Ok(id) if id > 0 => Ok(UserRef::Id(id)),
+            _ => Err(format!("{word:?} is not a user id ({usage})")),
+        };
+    }
+    if is_user_name(word) {
+        Ok(UserRef::Name(word.to_string()))
+    } else {
+        Err(format!("{word:?} is not a user name ({usage})"))
+    }
+}
+
+fn parse_users(words: &str, usage: &str) -> Result<Vec<UserRef>, String> {
+    let mut users: Vec<UserRef> = Vec::new();
+    for word in words.split_whitespace() {
+        let user = parse_user_ref(word, usage)?;
+        // Naming someone twice is harmless; sending them twice is noise.
+        if !users.contains(&user) {
+            users.push(user);
+        }
+    }
+    Ok(users)
+}
+
+/// `:gnew <name> [user …]`.
+fn parse_gnew(args: &str) -> Result<Input, String> {
+    const USAGE: &str = "usage: :gnew <name> [user …]";
+    let (name, rest) = split_word(args);
+    if name.is_empty() {
+        return Err(USAGE.into());
+    }
+    Ok(Input::GroupNew {
+        name: name.to_string(),
+        members: parse_users(rest, USAGE)?,
+    })
+}
+
+/// `:g <id> <text>`.
+fn parse_group_message(args: &str) -> Result<Input, String> {
+    const USAGE: &str = "usage: :g <group id> <text>";
+    let (id, body) = split_word(args);
+    if id.is_empty() {
+        return Err(USAGE.into());
+    }
+    let group = parse_group_id(id, USAGE)?;
+    if body.is_empty() {
+        return Err(format!(
+            "nothing to send to group {group}: write :g {group} <text>"
+        ));
+    }
+    Ok(Input::Send(Outgoing::new(To::Group(group), body)))
+}
+
+/// `:gadd <id> <user …>`.
+fn parse_gadd(args: &str) -> Result<Input, String> {
+    const USAGE: &str = "usage: :gadd <group id> <user …>";
+    let (id, rest) = split_word(args);
+    if id.is_empty() {
+        return Err(USAGE.into());
+    }
+    let group = parse_group_id(id, USAGE)?;
+    let users = parse_users(rest, USAGE)?;
+    if users.is_empty() {
+        return Err(format!("nobody to add ({USAGE})"));
+    }
+    Ok(Input::GroupAdd { group, users })
+}
+
+/// `:gkick <id> <user>`.
+fn parse_gkick(args: &str) -> Result<Input, String> {
+    const USAGE: &str = "usage: :gkick <group id> <user>";
+    let (id, rest) = split_word(args);
+    let (user, extra) = split_word(rest);
+    if id.is_empty() || user.is_empty() {
+        return Err(USAGE.into());
+    }
+    if !extra.is_empty() {
+        return Err(format!("{USAGE} (one user at a time)"));
+    }
+    Ok(Input::GroupKick {
+        group: parse_group_id(id, USAGE)?,
+        user: parse_user_ref(user, USAGE)?,
+    })
+}
+
+/// The one group id argument of `:gleave` / `:gmembers`.
+fn parse_one_group(command: &str, args: &str) -> Result<u64, String> {
+    let usage = format!("usage: :{command} <group id>");
+    let (id, extra) = split_word(args);
+    if id.is_empty() || !extra.is_empty() {
+        return Err(usage);
+    }
+    parse_group_id(id, &usage)
+}
+
+/// `:hist <user|#group-id> [n]`.
+fn parse_hist(args: &str) -> Result<Input, String> {
+    const USAGE: &str = "usage: :hist <user|#group-id> [n] (n: 1 to 100, default 20)";
+    let (who, rest) = split_word(args);
+    let (count, extra) = split_word(rest);
+    if who.is_empty() || !extra.is_empty() {
+        return Err(USAGE.into());
+    }
+    // `#` never starts a user name, so `#7` is always group 7.
+    let conversation = if who.starts_with('#') {
+        ConvRef::Group(parse_group_id(who, USAGE)?)
+    } else {
+        ConvRef::User(parse_user_ref(who, USAGE)?)
+    };
+    let count = match count {
+        "" => DEFAULT_HIST,
+        n => match n.parse::<usize>() {
+            Ok(n) if (1..=MAX_HIST).contains(&n) => n,
+            Ok(n) => return Err(format!(":hist: {n} is out of range (1 to {MAX_HIST})")),
+            Err(_) => return Err(USAGE.into()),
+        },
+    };
+    Ok(Input::History {
+        conversation,
+        count,
+    })
 }
 
 /// `:r <user> <text>`: a private message with a receipt.
@@ -567,6 +793,102 @@ mod tests {
     }
 
     #[test]
+    fn group_commands() {
+        use UserRef::{Id, Name};
+        assert_eq!(
+            parse(":gnew team bob 42  bob"),
+            Input::GroupNew {
+                name: "team".into(),
+                members: vec![Name("bob".into()), Id(42)]
+            }
+        );
+        assert_eq!(
+            parse(":gnew solo"),
+            Input::GroupNew {
+                name: "solo".into(),
+                members: vec![]
+            }
+        );
+        assert!(invalid(":gnew").contains("usage: :gnew"));
+        assert!(invalid(":gnew t a;b").contains("not a user name"));
+        assert!(invalid(":gnew t 0").contains("not a user id"));
+        assert_eq!(parse(":groups"), Input::Groups);
+        assert!(invalid(":groups x").contains("no arguments"));
+        assert_eq!(
+            parse(":g 7 hi  team"),
+            Input::Send(Outgoing::new(To::Group(7), "hi  team"))
+        );
+        assert_eq!(
+            parse(":g #7 hi"),
+            Input::Send(Outgoing::new(To::Group(7), "hi"))
+        );
+        assert!(invalid(":g").contains("usage: :g"));
+        assert!(invalid(":g 7").contains("nothing to send to group 7"));
+        assert!(invalid(":g team hi").contains("not a group id"));
+        assert!(invalid(":g 0 hi").contains("not a group id"));
+        assert!(invalid(":g -1 hi").contains("not a group id"));
+        assert!(invalid(":g +1 hi").contains("not a group id"));
+        assert!(invalid(":g 99999999999999999999999 hi").contains("not a group id"));
+        assert_eq!(
+            parse(":gadd 7 carol 9"),
+            Input::GroupAdd {
+                group: 7,
+                users: vec![Name("carol".into()), Id(9)]
+            }
+        );
+        assert!(invalid(":gadd 7").contains("nobody to add"));
+        assert!(invalid(":gadd").contains("usage: :gadd"));
+        assert_eq!(
+            parse(":gkick 7 bob"),
+            Input::GroupKick {
+                group: 7,
+                user: Name("bob".into())
+            }
+        );
+        assert!(invalid(":gkick 7").contains("usage: :gkick"));
+        assert!(invalid(":gkick 7 a b").contains("one user at a time"));
+        assert_eq!(parse(":gleave 7"), Input::GroupLeave(7));
+        assert!(invalid(":gleave").contains("usage: :gleave"));
+        assert!(invalid(":gleave 7 8").contains("usage: :gleave"));
+        assert_eq!(parse(":gmembers 12"), Input::GroupMembers(12));
+        assert!(invalid(":gmembers x").contains("not a group id"));
+    }
+
+    #[test]
+    fn history_and_unread_commands() {
+        assert_eq!(
+            parse(":hist bob"),
+            Input::History {
+                conversation: ConvRef::User(UserRef::Name("bob".into())),
+                count: DEFAULT_HIST
+            }
+        );
+        assert_eq!(
+            parse(":hist #7 5"),
+            Input::History {
+                conversation: ConvRef::Group(7),
+                count: 5
+            }
+        );
+        assert_eq!(
+            parse(":hist 3 100"),
+            Input::History {
+                conversation: ConvRef::User(UserRef::Id(3)),
+                count: 100
+            }
+        );
+        assert!(invalid(":hist").contains("usage: :hist"));
+        assert!(invalid(":hist bob 0").contains("out of range"));
+        assert!(invalid(":hist bob 101").contains("out of range"));
+        assert!(invalid(":hist bob x").contains("usage: :hist"));
+        assert!(invalid(":hist bob 5 6").contains("usage: :hist"));
+        assert!(invalid(":hist #x").contains("not a group id"));
+        assert!(invalid(":hist a;b").contains("not a user name"));
+        assert_eq!(parse(":unread"), Input::Unread);
+        assert!(invalid(":unread now").contains("no arguments"));
+    }
+
+    #[test]
     fn unknown_commands_are_reported_by_name() {
         assert_eq!(parse(":nope"), Input::Unknown(":nope".into()));
         assert_eq!(parse(":OLU"), Input::Unknown(":OLU".into()));
@@ -612,6 +934,15 @@ mod tests {
             ":leave",
             ":chans",
             "##",
+            ":gnew",
+            ":groups",
+            ":g <",
+            ":gadd",
+            ":gkick",
+            ":gleave",
+            ":gmembers",
+            ":hist",
+            ":unread",
         ] {
             assert!(syntax.contains(cmd), "{cmd} missing from the list");
         }

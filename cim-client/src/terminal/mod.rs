@@ -11,7 +11,8 @@
 //!
 //! Logs in through the route (password from `CIM_PASSWORD`, else asked without echo), then
 //! reads lines: a plain line goes to everyone online, `bob;;hi` or `@bob hi` to bob alone,
-//! `#room1 hi` to the online members of channel `room1` (after `:join room1`), `:`-commands
+//! `#room1 hi` to the online members of channel `room1` (after `:join room1`), `:g 7 hi` to
+//! stored group 7 (`:gnew`, `:groups`, `:hist`, `:unread`), `:`-commands
 //! do the rest (`:help` lists them). Received messages, send results and
 //! connection state changes print above the line being typed.
 //!

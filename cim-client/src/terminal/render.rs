@@ -10,9 +10,9 @@ use chrono::{DateTime, Local, TimeZone};
 use cim_sdk::{
     pb,
     route::{ChannelInfo, OnlineUser},
-    ClientInfo, ConnState,
+    Added, ClientInfo, ConnState, ConversationView, GroupMembersPage, GroupView,
 };
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 const RESET: &str = "\x1b[0m";
 const BOLD: &str = "\x1b[1m";
@@ -88,8 +88,30 @@ pub fn incoming(style: Style, m: &pb::Message, replayed: bool) -> String {
     incoming_at(style, m, replayed, chrono::Utc::now().timestamp_millis())
 }
 
+/// [`incoming`] of a message of a stored group whose name is known (`team(7)` instead of
+/// `group 7`).
+pub fn incoming_in(style: Style, m: &pb::Message, replayed: bool, group: Option<&str>) -> String {
+    incoming_full(
+        style,
+        m,
+        replayed,
+        chrono::Utc::now().timestamp_millis(),
+        group,
+    )
+}
+
 /// [`incoming`] as seen at `now_ms` (which decides whether the date is shown).
 pub fn incoming_at(style: Style, m: &pb::Message, replayed: bool, now_ms: i64) -> String {
+    incoming_full(style, m, replayed, now_ms, None)
+}
+
+fn incoming_full(
+    style: Style,
+    m: &pb::Message,
+    replayed: bool,
+    now_ms: i64,
+    group: Option<&str>,
+) -> String {
     let time = if replayed {
         let same_day = match (local(m.timestamp_ms), local(now_ms)) {
             (Some(t), Some(now)) => t.date_naive() == now.date_naive(),
@@ -126,12 +148,13 @@ pub fn incoming_at(style: Style, m: &pb::Message, replayed: bool, now_ms: i64) -
             format!("{time} {from} → {}: {body}", channel(style, &m.channel))
         }
         pb::MessageKind::GroupChat => {
-            let group = style.paint(GREEN, &format!("group {}", m.group_id));
+            let group = group_label(style, m.group_id, group);
             format!("{time} {from} → {group}: {body}")
         }
+        // A change of the group, said by the system: `[12:03:04] system → team(7): …`.
         pb::MessageKind::GroupEvent => {
-            let group = style.paint(GREEN, &format!("group {}", m.group_id));
-            format!("{time} {}: {body}", group)
+            let group = group_label(style, m.group_id, group);
+            format!("{time} {} → {group}: {body}", style.paint(CYAN, "system"))
         }
         // Receipts are events of their own ([`receipt`]); one shown as a message is odd but
         // harmless, so it reads like a system line.
@@ -157,13 +180,27 @@ pub fn channel(style: Style, name: &str) -> String {
     style.paint(GREEN, &format!("#{}", sanitize(name)))
 }
 
+/// How a stored group is named everywhere: `team(7)` when its name is known, else `group 7`.
+pub fn group_label(style: Style, id: u64, name: Option<&str>) -> String {
+    match name {
+        Some(name) => style.paint(GREEN, &format!("{}({id})", sanitize(name))),
+        None => style.paint(GREEN, &format!("group {id}")),
+    }
+}
+
 /// One of our own messages, once the route accepted it: `[12:03:04] you → bob: hi`,
-/// `you → all: hi`, `you → #room1: hi`.
+/// `you → all: hi`, `you → #room1: hi`, `you → group 7: hi`.
 pub fn outgoing(style: Style, ts_ms: i64, to: &To, body: &str) -> String {
+    outgoing_in(style, ts_ms, to, body, None)
+}
+
+/// [`outgoing`] to a stored group whose name is known: `you → team(7): hi`.
+pub fn outgoing_in(style: Style, ts_ms: i64, to: &To, body: &str, group: Option<&str>) -> String {
     let time = style.paint(DIM, &format!("[{}]", time_of_day(ts_ms)));
     let to = match to {
         To::User(name) => style.paint(MAGENTA, &sanitize(name)),
         To::Channel(name) => channel(style, name),
+        To::Group(id) => group_label(style, *id, group),
         To::All => "all".into(),
     };
     format!("{time} you → {to}: {}", sanitize(body))
@@ -418,6 +455,197 @@ pub fn info(i: &ClientInfo, history: Option<&std::path::Path>) -> String {
         i.route_url,
         state_word(&i.state)
     )
+}
+
+/// [`info`] with the total of unread messages (or why it is unknown) as a last line.
+pub fn info_with_unread(
+    i: &ClientInfo,
+    history: Option<&std::path::Path>,
+    unread: &Result<u64, String>,
+) -> String {
+    let unread = match unread {
+        Ok(n) => n.to_string(),
+        Err(why) => format!("unknown ({why})"),
+    };
+    format!("{}\nunread:  {unread}", info(i, history))
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// The answer of `:groups`: one group per line, `7  team  3 members, 2 unread`; `unread`
+/// maps group ids to their unread counts (a group missing there has none).
+pub fn groups(style: Style, list: &[GroupView], unread: &HashMap<u64, u64>) -> String {
+    if list.is_empty() {
+        return "you are in no group (:gnew <name> [user …] to create one).".into();
+    }
+    let mut out = format!(
+        "you are in {}:",
+        plural(list.len() as u64, "group", "groups")
+    );
+    let id_width = list.iter().map(|g| g.id.to_string().len()).max();
+    let name_width = list.iter().map(|g| sanitize(&g.name).chars().count()).max();
+    let (id_width, name_width) = (id_width.unwrap_or(0), name_width.unwrap_or(0));
+    for g in list {
+        let name = sanitize(&g.name);
+        let pad = " ".repeat(name_width - name.chars().count());
+        let unread = unread.get(&g.id).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "\n  {:>id_width$}  {}{pad}  {}, {unread} unread",
+            g.id,
+            style.paint(GREEN, &name),
+            plural(g.members, "member", "members"),
+        ));
+    }
+    out
+}
+
+/// The answer of `:gnew`: `created team(7) with 3 members`, and whom adding skipped.
+pub fn group_created(
+    style: Style,
+    group: &GroupView,
+    added: Option<&Added>,
+    names: &HashMap<u64, String>,
+) -> String {
+    let mut out = format!(
+        "created {} with {}",
+        group_label(style, group.id, Some(&group.name)),
+        plural(group.members, "member", "members")
+    );
+    if let Some(added) = added {
+        out.push_str(&skipped(&added.too_many_groups, names));
+    }
+    out
+}
+
+/// The answer of `:gadd`: who was added, who was a member already, who could not be.
+pub fn group_added(label: &str, added: &Added, names: &HashMap<u64, String>) -> String {
+    let mut parts = Vec::new();
+    if !added.added.is_empty() {
+        parts.push(format!("added {} to {label}", who(&added.added, names)));
+    }
+    if !added.already.is_empty() {
+        parts.push(format!("{} already in {label}", who(&added.already, names)));
+    }
+    let mut out = if parts.is_empty() {
+        format!("nobody was added to {label}")
+    } else {
+        parts.join("; ")
+    };
+    out.push_str(&skipped(&added.too_many_groups, names));
+    out
+}
+
+/// `; not added (in too many groups): bob` when someone could not be added.
+fn skipped(ids: &[u64], names: &HashMap<u64, String>) -> String {
+    if ids.is_empty() {
+        String::new()
+    } else {
+        format!("; not added (in too many groups): {}", who(ids, names))
+    }
+}
+
+/// Names of `ids` where known, else `#id`, comma-separated.
+fn who(ids: &[u64], names: &HashMap<u64, String>) -> String {
+    ids.iter()
+        .map(|id| {
+            names
+                .get(id)
+                .map_or_else(|| format!("#{id}"), |n| sanitize(n))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The answer of `:gmembers`: one member per line with id and role.
+pub fn group_members(style: Style, label: &str, page: &GroupMembersPage) -> String {
+    let n = page.members.len() as u64;
+    let mut out = format!("{label}: {}", plural(n, "member", "members"));
+    if page.next.is_some() {
+        out.push_str(&format!(" (first {n} shown)"));
+    }
+    out.push(':');
+    let width = page
+        .members
+        .iter()
+        .map(|m| sanitize(&m.name).chars().count())
+        .max();
+    let width = width.unwrap_or(0);
+    for m in &page.members {
+        let name = sanitize(&m.name);
+        let pad = " ".repeat(width - name.chars().count());
+        out.push_str(&format!(
+            "\n  {}{pad}  #{}  {}",
+            style.paint(BOLD, &name),
+            m.user_id,
+            sanitize(&m.role)
+        ));
+    }
+    out
+}
+
+/// The answer of `:hist`: a title line, then the messages oldest first, each
+/// `[date time] alice: text` (ours as `you`), group events as `[…] system: …`.
+pub fn history_page(style: Style, title: &str, messages: &[pb::Message], me: u64) -> String {
+    if messages.is_empty() {
+        return format!("no stored message with {title}");
+    }
+    let mut out = format!(
+        "last {} with {title}:",
+        plural(messages.len() as u64, "message", "messages")
+    );
+    for m in messages {
+        let time = style.paint(DIM, &format!("[{}]", date_time(m.timestamp_ms)));
+        let event = m.kind == pb::MessageKind::GroupEvent as i32;
+        let from = if event || m.sender_name.is_empty() {
+            style.paint(CYAN, "system")
+        } else if m.sender_id == me {
+            style.paint(MAGENTA, "you")
+        } else {
+            style.paint(BOLD, &sanitize(&m.sender_name))
+        };
+        out.push_str(&format!("\n  {time} {from}: {}", sanitize(&m.body)));
+    }
+    out
+}
+
+/// How a conversation is named in `:unread`: `bob`, or `team(7)`.
+pub fn conversation_label(style: Style, c: &ConversationView) -> String {
+    if c.kind == "group" {
+        group_label(style, c.id, Some(&c.name))
+    } else {
+        style.paint(MAGENTA, &sanitize(&c.name))
+    }
+}
+
+/// The answer of `:unread`: the conversations with unread messages, in the order given
+/// (the route's: newest activity first), `bob  2 unread`.
+pub fn unread(style: Style, list: &[ConversationView]) -> String {
+    let with: Vec<&ConversationView> = list.iter().filter(|c| c.unread > 0).collect();
+    if with.is_empty() {
+        return "no unread messages.".into();
+    }
+    let total: u64 = with.iter().map(|c| c.unread).sum();
+    let mut out = format!(
+        "{} in {}:",
+        plural(total, "unread message", "unread messages"),
+        plural(with.len() as u64, "conversation", "conversations")
+    );
+    let labels: Vec<String> = with
+        .iter()
+        .map(|c| conversation_label(Style::PLAIN, c))
+        .collect();
+    let width = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+    for (c, plain) in with.iter().zip(&labels) {
+        let pad = " ".repeat(width - plain.chars().count());
+        out.push_str(&format!(
+            "\n  {}{pad}  {} unread",
+            conversation_label(style, c),
+            c.unread
+        ));
+    }
+    out
 }
 
 /// The command list (`:help`, `:all`, unknown commands).

@@ -96,7 +96,10 @@
 use crate::{
     pb,
     recent::{RecentIds, DEFAULT_CAPACITY},
-    route::{channel_name_error, ChannelInfo, ChannelPage, MemberPage, OnlineUser, RouteClient},
+    route::{
+        channel_name_error, Added, ChannelInfo, ChannelPage, ConversationView, CreatedGroup,
+        GroupChange, GroupMembersPage, GroupView, HistoryFrom, MemberPage, OnlineUser, RouteClient,
+    },
     worker::{Command, LogoutSlot, Shared, Worker},
 };
 use std::{
@@ -522,6 +525,136 @@ impl Client {
             .channel_members(&token, name, after, limit)
             .await
             .map_err(ClientError::Route)
+    }
+
+    /// Creates a stored group owned by this user, with the users `members` (ids) added at once.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        members: &[u64],
+    ) -> Result<CreatedGroup, ClientError> {
+        let token = self.token()?;
+        let created = self.route.create_group(&token, name, members).await;
+        created.map_err(ClientError::Route)
+    }
+
+    /// The stored groups this user is a member of.
+    pub async fn groups(&self) -> Result<Vec<GroupView>, ClientError> {
+        let token = self.token()?;
+        self.route
+            .my_groups(&token)
+            .await
+            .map_err(ClientError::Route)
+    }
+
+    /// Stored group `id` (not a member: `Route` code `unknown_group`, like a missing group).
+    pub async fn group(&self, id: u64) -> Result<GroupView, ClientError> {
+        let token = self.token()?;
+        self.route
+            .group(&token, id)
+            .await
+            .map_err(ClientError::Route)
+    }
+
+    /// One page of group `id`'s members in user id order, ids above `after`; `limit` `None`
+    /// is the route's default page size.
+    pub async fn group_members(
+        &self,
+        id: u64,
+        after: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<GroupMembersPage, ClientError> {
+        let token = self.token()?;
+        let page = self.route.group_members(&token, id, after, limit).await;
+        page.map_err(ClientError::Route)
+    }
+
+    /// Adds the users `users` (ids) to group `id` (its owner or an admin only).
+    pub async fn add_group_members(&self, id: u64, users: &[u64]) -> Result<Added, ClientError> {
+        let token = self.token()?;
+        let added = self.route.add_group_members(&token, id, users).await;
+        added.map_err(ClientError::Route)
+    }
+
+    /// Removes user `user` from group `id` (its owner or an admin only).
+    pub async fn remove_group_member(
+        &self,
+        id: u64,
+        user: u64,
+    ) -> Result<GroupChange, ClientError> {
+        let token = self.token()?;
+        let removed = self.route.remove_group_member(&token, id, user).await;
+        removed.map_err(ClientError::Route)
+    }
+
+    /// Leaves group `id` (its owner cannot: `Route` code `owner_stays`; disband it instead).
+    pub async fn leave_group(&self, id: u64) -> Result<GroupChange, ClientError> {
+        let token = self.token()?;
+        let left = self.route.leave_group(&token, id).await;
+        left.map_err(ClientError::Route)
+    }
+
+    /// Makes `user` an admin (`role` `admin`) or a plain member (`member`) of group `id`;
+    /// the owner only.
+    pub async fn set_group_role(
+        &self,
+        id: u64,
+        user: u64,
+        role: &str,
+    ) -> Result<GroupChange, ClientError> {
+        let token = self.token()?;
+        let changed = self.route.set_group_role(&token, id, user, role).await;
+        changed.map_err(ClientError::Route)
+    }
+
+    /// Renames group `id` (its owner or an admin only).
+    pub async fn rename_group(&self, id: u64, name: &str) -> Result<GroupChange, ClientError> {
+        let token = self.token()?;
+        let renamed = self.route.rename_group(&token, id, name).await;
+        renamed.map_err(ClientError::Route)
+    }
+
+    /// Disbands group `id` (the owner only): its last event, then no members.
+    pub async fn disband_group(&self, id: u64) -> Result<GroupChange, ClientError> {
+        let token = self.token()?;
+        let disbanded = self.route.disband_group(&token, id).await;
+        disbanded.map_err(ClientError::Route)
+    }
+
+    /// This user's conversations (private and group), newest activity first, with unread
+    /// counts; those active before `before_ms` (the previous page's last `activity_ms`).
+    pub async fn conversations(
+        &self,
+        before_ms: Option<i64>,
+        limit: Option<usize>,
+    ) -> Result<Vec<ConversationView>, ClientError> {
+        let token = self.token()?;
+        let list = self.route.conversations(&token, before_ms, limit).await;
+        list.map_err(ClientError::Route)
+    }
+
+    /// A page of `conversation`'s stored messages, oldest first, starting at `from`.
+    pub async fn history(
+        &self,
+        conversation: &pb::Conversation,
+        from: HistoryFrom,
+        limit: Option<usize>,
+    ) -> Result<Vec<pb::Message>, ClientError> {
+        let token = self.token()?;
+        let page = self.route.history(&token, conversation, from, limit).await;
+        page.map_err(ClientError::Route)
+    }
+
+    /// Marks `conversation` read up to `seq` over HTTP and returns the mark now (marks never
+    /// move back); [`Client::mark_read`] does the same over the connection, unanswered.
+    pub async fn mark_read_http(
+        &self,
+        conversation: &pb::Conversation,
+        seq: u64,
+    ) -> Result<u64, ClientError> {
+        let token = self.token()?;
+        let mark = self.route.mark_read(&token, conversation, seq).await;
+        mark.map_err(ClientError::Route)
     }
 
     /// The bearer token of the current session, for the route's HTTP API. While

@@ -436,3 +436,92 @@ fn search_answer() {
         "no message in the history matches \"zz\""
     );
 }
+
+#[test]
+fn stored_group_lines() {
+    let mut m = msg(pb::MessageKind::GroupChat, "alice", "hi team");
+    m.group_id = 7;
+    assert_eq!(
+        strip_time(&incoming_in(Style::PLAIN, &m, false, Some("team"))),
+        "alice → team(7): hi team"
+    );
+    assert_eq!(
+        strip_time(&incoming_in(Style::PLAIN, &m, false, None)),
+        "alice → group 7: hi team"
+    );
+    m.kind = pb::MessageKind::GroupEvent as i32;
+    m.body = "alice added bob".into();
+    assert_eq!(
+        strip_time(&incoming_in(Style::PLAIN, &m, false, Some("team"))),
+        "system → team(7): alice added bob"
+    );
+    assert_eq!(
+        strip_time(&outgoing_in(
+            Style::PLAIN,
+            0,
+            &To::Group(7),
+            "x",
+            Some("team")
+        )),
+        "you → team(7): x"
+    );
+    assert_eq!(
+        strip_time(&outgoing(Style::PLAIN, 0, &To::Group(7), "x")),
+        "you → group 7: x"
+    );
+}
+
+fn conv(kind: &str, id: u64, name: &str, unread: u64) -> ConversationView {
+    ConversationView {
+        kind: kind.into(),
+        id,
+        name: name.into(),
+        last: None,
+        top: unread,
+        read_seq: 0,
+        unread,
+        peer_read_seq: 0,
+        activity_ms: 0,
+    }
+}
+
+#[test]
+fn unread_and_groups_answers() {
+    let list = [
+        conv("group", 7, "team", 3),
+        conv("user", 2, "bob", 0),
+        conv("user", 3, "carol", 1),
+    ];
+    assert_eq!(
+        unread(Style::PLAIN, &list),
+        "4 unread messages in 2 conversations:\n  team(7)  3 unread\n  carol    1 unread"
+    );
+    assert_eq!(unread(Style::PLAIN, &list[1..2]), "no unread messages.");
+    let g = GroupView {
+        id: 7,
+        name: "team".into(),
+        owner: 1,
+        created_ms: 0,
+        members: 2,
+        top: 3,
+        version: 1,
+    };
+    let counts = HashMap::from([(7, 3)]);
+    assert_eq!(
+        groups(Style::PLAIN, std::slice::from_ref(&g), &counts),
+        "you are in 1 group:\n  7  team  2 members, 3 unread"
+    );
+    assert!(groups(Style::PLAIN, &[], &counts).contains(":gnew"));
+    let added = Added {
+        added: vec![2],
+        already: vec![3],
+        too_many_groups: vec![4],
+        group_full: false,
+        seq: 5,
+    };
+    let names = HashMap::from([(2, "bob".to_string())]);
+    assert_eq!(
+        group_added("team(7)", &added, &names),
+        "added bob to team(7); #3 already in team(7); not added (in too many groups): #4"
+    );
+}
