@@ -11,7 +11,7 @@
 // in a stored group created from the page (a member added, messages both ways, acked by
 // position) and in a channel; a message full of markup must show as text and never run; the
 // second page reloads: its conversation list comes back in the same order and opening a
-// conversation loads its history; what was sent to it while away is replayed (marked as
+// conversation loads its newest history page, scrolling to the top the older ones; what was sent to it while away is replayed (marked as
 // such) and nothing is shown twice.
 //
 // --control: the script asks the test that runs it to shut down the first person's server
@@ -316,6 +316,18 @@ async function scenario(browser, args) {
     const order = await bob.page.locator("#recent button.conv").evaluateAll((b) => b.map((x) => x.dataset.conv));
     if (order[0] !== key || order[1] !== `user:${alice.name}`) throw new Error(`${bob.name}'s list: ${order}`);
     bob.recentOrder = order;
+    // More than a history page (50) after the welcome: opening the group after the reload
+    // shows the newest page, the welcome comes with an older one (scrolling to the top).
+    const token = await page.evaluate(() => JSON.parse(sessionStorage.getItem("cim.session")).token);
+    for (let i = 1; i <= 55; i++) {
+      const resp = await fetch(`${args.url}/api/groups/${groupId}/messages`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+        body: JSON.stringify({ body: `Checklist item ${i}` }),
+      });
+      if (!resp.ok) throw new Error(`group message over HTTP answered ${resp.status} ${await resp.text()}`);
+    }
+    await sees(bob, "Checklist item 55");
   });
 
   await step("channels: join, send, receive", async () => {
@@ -349,7 +361,23 @@ async function scenario(browser, args) {
     );
     await openConversation(bob, bob.groupKey);
     await context("the group's history after the reload", async () => {
-      await message(bob, "Welcome to the release crew!").waitFor();
+      await message(bob, "Checklist item 55").waitFor();
+      const shown = await bob.page.locator("#messages li.msg").count();
+      if (shown > 50) throw new Error(`${shown} messages shown from one history page`);
+      if ((await message(bob, "Welcome to the release crew!").count()) !== 0) {
+        throw new Error("the welcome came with the newest page");
+      }
+    });
+    await context("older history pages when scrolling to the top", async () => {
+      // Each page loaded keeps the view where it was: scroll up again until the welcome shows.
+      const welcome = message(bob, "Welcome to the release crew!");
+      await bob.page.waitForFunction(() => {
+        const list = document.getElementById("messages");
+        const found = [...list.querySelectorAll("li.msg .body")].some((b) => b.textContent.startsWith("Welcome"));
+        if (!found) list.scrollTop = 0;
+        return found;
+      });
+      await welcome.waitFor();
       await message(bob, "glad to be here", { mine: true }).waitFor();
       await bob.page.locator("#messages li.event", { hasText: bob.name }).first().waitFor();
     });
