@@ -35,6 +35,20 @@
  * (GET /api/users/online) and manage channels (POST /api/channels/{name}/join|leave,
  * GET /api/channels/mine); both lists refresh periodically and after events.
  *
+ * Stored conversations (private ones and stored groups) come from the route, so a reload
+ * shows them again: GET /api/conversations (newest activity first, with unread counts and
+ * the peer's read mark), re-fetched at every (re)connection and updated live by pushes.
+ * Opening one loads its newest history page (GET /api/conversations/{type}/{id}/messages),
+ * scrolling to the top the older ones (before=<oldest log_seq>); it is marked read with a
+ * ReadMark frame up to the newest log_seq shown. GROUP_CHAT / GROUP_EVENT pushes are acked by
+ * position ({"ack":{"groups":[{groupId, logSeq}]}}). Groups are created and managed over
+ * /api/groups. Typing frames go out at most every TYPING_SEND_MS while the user types; one
+ * received shows "NAME is typing…" for TYPING_SHOW_MS. A private conversation shows "seen"
+ * under the last of my messages the peer's read mark covers.
+ *
+ * Conversation keys: "group" (everyone online), "system", "user:NAME" (private),
+ * "channel:NAME", "grp:ID" (a stored group).
+ *
  * Everything a user typed (names, message bodies, channel names) reaches the page through
  * textContent and createElement only, never as markup.
  */
@@ -56,6 +70,12 @@ const SEEN_IDS_MAX = 5000;
 const MESSAGES_PER_CONVERSATION = 500;
 const ACK_BATCH_MAX = 1024;
 const CHANNEL_NAME = /^[\p{L}\p{N}_.-]{1,64}$/u;
+const HISTORY_PAGE = 50;
+const CONVERSATIONS_PAGE = 200;
+const TYPING_SEND_MS = 2000;
+const TYPING_SHOW_MS = 4000;
+/** Near the top of the message list (px): the older history page is loaded. */
+const OLDER_AT_PX = 40;
 
 /** Kinds the server stores until acked. */
 const STORED_KINDS = new Set([
@@ -121,6 +141,12 @@ const chat = {
   refreshing: false,
   /** the online list refresh in flight, if any */
   onlineRefresh: null,
+  /** the conversation list fetch in flight, if any */
+  conversationsRefresh: null,
+  /** { key, at } of the last Typing frame sent */
+  typingSent: { key: "", at: 0, later: null },
+  /** timer that hides the typing indicator */
+  typingTimer: null,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -537,6 +563,8 @@ function onMessageEvent(event) {
   else if (frame.sendResult) onSendResult(frame.sendResult);
   else if (frame.kick) session.kick = frame.kick; // the server closes right after
   else if (frame.error) onErrorFrame(frame.error);
+  else if (frame.readMark) onReadMark(frame.readMark);
+  else if (frame.typing) onTyping(frame.typing);
   // pong: lastHeard is all it is for
 }
 
@@ -552,6 +580,10 @@ function onLoginResult(result) {
   startHeartbeat();
   resendPending();
   refreshLists();
+  // Read marks sent while the socket was gone were lost: send the active one again.
+  for (const conv of chat.conversations.values()) conv.readSent = 0;
+  markRead(conversation(chat.active));
+  refreshConversations();
 }
 
 function onErrorFrame(error) {
@@ -589,13 +621,30 @@ function heartbeat() {
 function onPush(push) {
   const replay = Boolean(push.replay);
   const toAck = [];
+  /** group id → highest log_seq pushed */
+  const groups = new Map();
   for (const message of push.messages || []) {
     if (STORED_KINDS.has(message.kind) && message.id) toAck.push(message.id);
+    if (GROUP_LOG_KINDS.has(message.kind) && message.groupId && Number(message.logSeq)) {
+      const seq = Number(message.logSeq);
+      groups.set(String(message.groupId), Math.max(seq, groups.get(String(message.groupId)) || 0));
+    }
     if (!message.id || firstSighting(message.id)) showIncoming(message, replay);
   }
   renderSidebar();
   // Acked after they are shown; a repeat is acked again (its first ack may have been lost).
   sendAcks(toAck);
+  sendGroupAcks(groups);
+}
+
+/** Kinds kept in a stored group's log: acked by position. */
+const GROUP_LOG_KINDS = new Set(["MESSAGE_KIND_GROUP_CHAT", "MESSAGE_KIND_GROUP_EVENT"]);
+
+function sendGroupAcks(groups) {
+  const positions = [...groups].map(([groupId, seq]) => ({ groupId, logSeq: String(seq) }));
+  for (let i = 0; i < positions.length; i += ACK_BATCH_MAX) {
+    sendFrame({ ack: { groups: positions.slice(i, i + ACK_BATCH_MAX) } });
+  }
 }
 
 /** Remembers a message id; false when it was seen before (a repeat after a reconnect). */
@@ -619,16 +668,55 @@ function showIncoming(message, replay) {
     return;
   }
   const key = conversationKeyOf(message);
-  addMessage(conversation(key), {
+  const conv = conversation(key);
+  if (message.kind === "MESSAGE_KIND_PRIVATE" && Number(message.senderId)) conv.userId = String(message.senderId);
+  if (message.groupId && conv.kind === "grp") {
+    conv.groupId = String(message.groupId);
+    const event = message.groupEvent || {};
+    if (event.name && (event.type === "GROUP_EVENT_TYPE_CREATED" || event.type === "GROUP_EVENT_TYPE_RENAMED")) {
+      conv.name = event.name;
+    }
+    // A group we did not know (we were just added): the list has its name.
+    if (!conv.stored) refreshConversations();
+  }
+  const record = recordOf(message, replay);
+  if (record.mine && !chat.mine.has(record.id) && !pendingWithId(record.id)) chat.mine.set(record.id, record);
+  // My own message (e.g. caught up from a group's log): shown as mine, once.
+  if (record.mine && chat.mine.get(record.id) !== record) return;
+  addMessage(conv, record);
+  // Someone we did not know was online: the list is behind.
+  if (message.kind !== "MESSAGE_KIND_GROUP_EVENT" && Number(message.senderId) && !chat.online.has(message.senderName)) {
+    refreshOnline();
+  }
+}
+
+/** Whether a send waiting for its result has this (delivered) message id. */
+function pendingWithId(id) {
+  for (const { send } of session.pending.values()) {
+    if (`${session.userId}-${send.messageId}` === id) return true;
+  }
+  return false;
+}
+
+/** The on-screen record of a pushed or stored message. */
+function recordOf(message, replay) {
+  const event = message.kind === "MESSAGE_KIND_GROUP_EVENT";
+  const mine = !event && Number(message.senderId) > 0 && String(message.senderId) === session.userId;
+  const record = {
     id: message.id,
-    mine: false,
+    mine,
+    event,
     from: message.senderName || (message.kind === "MESSAGE_KIND_SYSTEM" ? "system" : "?"),
     body: message.body || "",
     at: message.timestampMs,
     replay,
-  });
-  // Someone we did not know was online: the list is behind.
-  if (Number(message.senderId) && !chat.online.has(message.senderName)) refreshOnline();
+    logSeq: Number(message.logSeq) || 0,
+  };
+  if (mine) {
+    record.status = "delivered";
+    record.statusText = "✓ sent";
+  }
+  return record;
 }
 
 function conversationKeyOf(message) {
@@ -639,6 +727,9 @@ function conversationKeyOf(message) {
       return "group";
     case "MESSAGE_KIND_CHANNEL":
       return `channel:${message.channel}`;
+    case "MESSAGE_KIND_GROUP_CHAT":
+    case "MESSAGE_KIND_GROUP_EVENT":
+      return `grp:${message.groupId}`;
     default:
       return "system";
   }
@@ -660,7 +751,7 @@ function onComposerSubmit() {
   const send = sendFrameFor(conv, text);
   if (!send) return;
   input.value = "";
-  const record = { mine: true, from: session.name, body: text, at: Date.now(), replay: false };
+  const record = { mine: true, from: session.name, body: text, at: Date.now(), replay: false, conv: conv.key };
   addMessage(conv, record);
   const clientId = String(session.nextClientId++);
   send.clientId = clientId;
@@ -680,6 +771,7 @@ function sendFrameFor(conv, body) {
   if (conv.key.startsWith("channel:")) {
     return { kind: "MESSAGE_KIND_CHANNEL", channel: conv.name, body, messageId };
   }
+  if (conv.kind === "grp") return { kind: "MESSAGE_KIND_GROUP_CHAT", groupId: conv.groupId, body, messageId };
   return null;
 }
 
@@ -691,9 +783,20 @@ function onSendResult(result) {
   if (result.messageId) {
     record.id = result.messageId;
     chat.mine.set(result.messageId, record);
+    const conv = chat.conversations.get(record.conv);
+    if (conv) conv.ids.add(record.id);
     if (record.el) record.el.dataset.id = result.messageId;
   }
   if (result.timestampMs) record.at = result.timestampMs;
+  if (Number(result.logSeq)) {
+    record.logSeq = Number(result.logSeq);
+    const conv = chat.conversations.get(record.conv);
+    if (conv) {
+      touch(conv, record);
+      renderSeen(conv);
+      renderSidebar();
+    }
+  }
   switch (result.status) {
     case "SEND_STATUS_DELIVERED":
       setRecordStatus(record, "delivered", deliveredText(send, result.delivered, result.repeat));
@@ -711,6 +814,7 @@ function onSendResult(result) {
 
 function deliveredText(send, count, repeat) {
   if (send.kind === "MESSAGE_KIND_PRIVATE") return "✓ delivered";
+  if (send.kind === "MESSAGE_KIND_GROUP_CHAT") return "✓ sent";
   // Sent again after a reconnect, but the first send had gone out: nobody got it twice.
   if (repeat) return "✓ delivered (before the connection dropped)";
   const n = Number(count) || 0;
@@ -756,7 +860,30 @@ function conversation(key) {
   if (!conv) {
     const [kind, ...rest] = key.split(":");
     const name = rest.join(":");
-    conv = { key, kind, name, messages: [], unread: 0 };
+    conv = {
+      key,
+      kind,
+      name,
+      messages: [],
+      /** ids of `messages` */
+      ids: new Set(),
+      unread: 0,
+      /** a stored conversation (private or stored group): listed with the recent ones */
+      stored: false,
+      /** peer's user id (private) / the group's id (grp), as strings */
+      userId: "",
+      groupId: kind === "grp" ? name : "",
+      activity: 0,
+      lastText: "",
+      peerReadSeq: 0,
+      /** the seq of the last ReadMark sent */
+      readSent: 0,
+      historyLoaded: false,
+      hasMore: false,
+      loading: false,
+      /** { name, until } of who is typing here */
+      typing: null,
+    };
     chat.conversations.set(key, conv);
   }
   return conv;
@@ -770,22 +897,55 @@ function conversationTitle(conv) {
       return "System messages";
     case "channel":
       return `# ${conv.name}`;
+    case "grp":
+      return conv.name || `group ${conv.groupId}`;
     default:
       return conv.name;
   }
 }
 
 function addMessage(conv, record) {
+  if (record.id && conv.ids.has(record.id)) {
+    // Shown from the history first, then replayed from the inbox: it did arrive while away.
+    const known = conv.messages.find((r) => r.id === record.id);
+    if (record.replay && known && !known.replay) {
+      known.replay = true;
+      if (conv.key === chat.active) renderMessages(conv);
+    }
+    return;
+  }
+  record.conv = conv.key;
   conv.messages.push(record);
-  if (conv.messages.length > MESSAGES_PER_CONVERSATION) conv.messages.shift();
+  if (record.id) conv.ids.add(record.id);
+  if (conv.messages.length > MESSAGES_PER_CONVERSATION) {
+    const dropped = conv.messages.shift();
+    conv.ids.delete(dropped.id);
+    conv.hasMore = conv.stored;
+  }
+  if (conv.kind === "user" || conv.kind === "grp") touch(conv, record);
   if (conv.key === chat.active) {
     const list = $("messages");
     const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
     list.append(messageElement(record));
     if (atBottom || record.mine) list.scrollTop = list.scrollHeight;
-  } else {
+    if (!record.mine && conv.typing && conv.typing.name === record.from) setTyping(conv, null);
+    markRead(conv);
+    renderSeen(conv);
+  } else if (!record.mine) {
     conv.unread++;
   }
+}
+
+/** A message in a stored conversation: it moves to the top of the list, with its text. */
+function touch(conv, record) {
+  conv.stored = true;
+  conv.activity = Math.max(conv.activity, Number(record.at) || Date.now());
+  conv.lastText = lastTextOf(record);
+}
+
+function lastTextOf(record) {
+  if (record.event) return record.body;
+  return `${record.mine ? "you" : record.from}: ${record.body}`;
 }
 
 /** A line in the active conversation that is not a message (e.g. a server error). */
@@ -794,6 +954,11 @@ function addNote(text) {
 }
 
 function messageElement(record) {
+  if (record.event) {
+    const item = el("li", { class: "event", "data-id": record.id, text: record.body });
+    record.el = item;
+    return item;
+  }
   const meta = el(
     "div",
     { class: "meta" },
@@ -829,16 +994,27 @@ function openConversation(key) {
   conv.unread = 0;
   $("conversation-title").textContent = conversationTitle(conv);
   $("leave-channel").hidden = conv.kind !== "channel";
+  $("group-tools").hidden = conv.kind !== "grp";
+  setMemberPanelOpen(false);
+  setGroupNotice("");
   const input = $("message-input");
   input.disabled = conv.kind === "system";
   input.placeholder = composerHint(conv);
-  for (const record of conv.messages) record.el = record.statusEl = null;
-  const list = $("messages");
-  list.replaceChildren(...conv.messages.map(messageElement));
-  list.scrollTop = list.scrollHeight;
+  renderMessages(conv);
+  $("messages").scrollTop = $("messages").scrollHeight;
+  renderTyping();
   setSidebarOpen(false);
   renderSidebar();
   if (!input.disabled) input.focus();
+  if (!conv.historyLoaded) loadHistory(conv, false);
+  else markRead(conv);
+}
+
+/** (Re)draws the open conversation's messages. */
+function renderMessages(conv) {
+  for (const record of conv.messages) record.el = record.statusEl = null;
+  $("messages").replaceChildren(...conv.messages.map(messageElement));
+  renderSeen(conv);
 }
 
 function composerHint(conv) {
@@ -849,6 +1025,8 @@ function composerHint(conv) {
       return `Message #${conv.name}`;
     case "user":
       return `Message ${conv.name}`;
+    case "grp":
+      return `Message ${conversationTitle(conv)}`;
     default:
       return "System messages cannot be answered";
   }
@@ -868,6 +1046,7 @@ function showChatView() {
 // Sidebar: rooms, channels, people
 
 function renderSidebar() {
+  renderRecent();
   renderRooms();
   renderChannels();
   renderPeople();
@@ -919,6 +1098,10 @@ function renderPeople() {
     if (conv.kind === "user") names.add(conv.name);
   }
   names.delete(session.name);
+  // Those with a stored conversation are in the conversation list (one button per key).
+  for (const conv of chat.conversations.values()) {
+    if (conv.kind === "user" && conv.stored) names.delete(conv.name);
+  }
   const sorted = [...names].sort((a, b) => {
     const online = Number(chat.online.has(b)) - Number(chat.online.has(a));
     return online || a.localeCompare(b);
@@ -1034,6 +1217,365 @@ async function leaveChannel(name) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Stored conversations: the list, history, read marks, "seen", typing
+
+/** Private conversations and stored groups, newest activity first. */
+function renderRecent() {
+  const convs = [...chat.conversations.values()]
+    .filter((c) => c.stored && (c.kind === "user" || c.kind === "grp"))
+    .sort((a, b) => b.activity - a.activity || a.key.localeCompare(b.key));
+  $("recent").replaceChildren(
+    ...convs.map((c) => {
+      const presence = c.kind === "user" ? (chat.online.has(c.name) ? "online" : "offline") : "stored-group";
+      return conversationButton(c.key, conversationTitle(c), c.lastText || " ", `recent ${presence}`);
+    }),
+  );
+  $("recent-empty").hidden = convs.length > 0;
+}
+
+/** Fetches the conversation list (one fetch at a time: calls during one share it). */
+function refreshConversations() {
+  if (!chat.conversationsRefresh) {
+    chat.conversationsRefresh = fetchConversations().finally(() => {
+      chat.conversationsRefresh = null;
+    });
+  }
+  return chat.conversationsRefresh;
+}
+
+async function fetchConversations() {
+  const generation = session.generation;
+  let answer;
+  try {
+    answer = await api("GET", `/api/conversations?limit=${CONVERSATIONS_PAGE}`);
+  } catch (e) {
+    console.warn("cim: conversations", e.message);
+    return;
+  }
+  if (generation !== session.generation) return;
+  for (const c of answer.conversations || []) {
+    const key = c.type === "group" ? `grp:${c.id}` : `user:${c.name}`;
+    if (c.type !== "group" && (!c.name || c.name === session.name)) continue;
+    const conv = conversation(key);
+    conv.stored = true;
+    if (c.type === "group") {
+      conv.groupId = String(c.id);
+      conv.name = c.name;
+    } else {
+      conv.userId = String(c.id);
+    }
+    conv.activity = Math.max(conv.activity, Number(c.activity_ms) || 0);
+    if (c.last && (!conv.lastText || Number(c.last.logSeq) >= newestSeq(conv))) {
+      conv.lastText = lastTextOf(recordOf(c.last, false));
+    }
+    conv.unread = key === chat.active ? 0 : Number(c.unread) || 0;
+    conv.peerReadSeq = Math.max(conv.peerReadSeq, Number(c.peer_read_seq) || 0);
+    if (key === chat.active) {
+      $("conversation-title").textContent = conversationTitle(conv);
+      renderSeen(conv);
+      // Newer than what is shown (missed while reconnecting): the newest page again.
+      if (conv.historyLoaded && Number(c.top) > newestSeq(conv)) loadHistory(conv, false);
+    }
+  }
+  renderSidebar();
+}
+
+/** The newest log_seq among a conversation's messages (0: none). */
+function newestSeq(conv) {
+  return conv.messages.reduce((max, r) => Math.max(max, r.logSeq || 0), 0);
+}
+
+function oldestSeq(conv) {
+  return conv.messages.reduce((min, r) => (r.logSeq && r.logSeq < min ? r.logSeq : min), Infinity);
+}
+
+/** The `Conversation` of frames for this conversation (null: it is not a stored one). */
+function conversationRef(conv) {
+  if (conv.kind === "grp" && conv.groupId) return { groupId: conv.groupId };
+  if (conv.kind === "user") {
+    const userId = conv.userId || (chat.online.get(conv.name) || {}).userId;
+    if (userId) {
+      conv.userId = String(userId);
+      return { userId: conv.userId };
+    }
+  }
+  return null;
+}
+
+/** The HTTP path of a stored conversation (null: not one, or its peer's id is unknown). */
+function conversationPath(conv) {
+  const ref = conversationRef(conv);
+  if (!ref) return null;
+  return ref.groupId ? `/api/conversations/group/${ref.groupId}` : `/api/conversations/user/${ref.userId}`;
+}
+
+/**
+ * Loads a history page: the newest (older = false) or the one before the oldest shown. Pages
+ * are merged by message id, so what was pushed meanwhile is not shown twice.
+ */
+async function loadHistory(conv, older) {
+  const path = conversationPath(conv);
+  if (!path || conv.loading || !session.sessionToken) return;
+  const oldest = oldestSeq(conv);
+  if (older && (!conv.hasMore || oldest === Infinity)) return;
+  conv.loading = true;
+  const generation = session.generation;
+  let page;
+  try {
+    const query = `limit=${HISTORY_PAGE}` + (older ? `&before=${oldest}` : "");
+    page = await api("GET", `${path}/messages?${query}`);
+  } catch (e) {
+    if (generation === session.generation && conv.key === chat.active && e.status !== 404) {
+      addNote(`could not load the history: ${e.message}`);
+    }
+    return;
+  } finally {
+    conv.loading = false;
+  }
+  if (generation !== session.generation) return;
+  const messages = page.messages || [];
+  const wasLoaded = conv.historyLoaded;
+  conv.historyLoaded = true;
+  if (older || !wasLoaded) conv.hasMore = messages.length >= HISTORY_PAGE && Number(messages[0].logSeq) > 1;
+  mergeHistory(conv, messages);
+  if (conv.key === chat.active) {
+    const list = $("messages");
+    const fromBottom = list.scrollHeight - list.scrollTop;
+    renderMessages(conv);
+    // Older messages go on top: what was in view stays in view.
+    list.scrollTop = older ? list.scrollHeight - fromBottom : list.scrollHeight;
+    markRead(conv);
+  }
+  renderSidebar();
+}
+
+function mergeHistory(conv, messages) {
+  for (const message of messages) {
+    if (!message.id) continue;
+    if (conv.ids.has(message.id)) {
+      const known = conv.messages.find((r) => r.id === message.id);
+      if (known && !known.logSeq) known.logSeq = Number(message.logSeq) || 0;
+      continue;
+    }
+    const record = recordOf(message, false);
+    if (record.mine && !chat.mine.has(record.id)) chat.mine.set(record.id, record);
+    record.conv = conv.key;
+    conv.messages.push(record);
+    conv.ids.add(record.id);
+    if (conv.messages.length === 1 || record.logSeq >= newestSeq(conv)) touch(conv, record);
+  }
+  // In log order; what has no seq yet (my sends waiting for their result) stays last.
+  conv.messages.sort((a, b) => (a.logSeq || Infinity) - (b.logSeq || Infinity));
+}
+
+/** Marks the open conversation read up to the newest message shown (ReadMark frame). */
+function markRead(conv) {
+  if (conv.key !== chat.active) return;
+  conv.unread = 0;
+  const ref = conversationRef(conv);
+  const seq = newestSeq(conv);
+  if (!ref || seq <= conv.readSent) return;
+  if (sendFrame({ readMark: { conversation: ref, seq: String(seq) } })) conv.readSent = seq;
+}
+
+/** "seen" under the last of my messages the peer's read mark covers (private, open). */
+function renderSeen(conv) {
+  if (conv.key !== chat.active || conv.kind !== "user") return;
+  for (const old of $("messages").querySelectorAll(".seen")) old.remove();
+  const seen = conv.messages.filter((r) => r.mine && r.logSeq && r.logSeq <= conv.peerReadSeq).pop();
+  if (seen && seen.el) seen.el.append(el("div", { class: "seen", text: "seen" }));
+}
+
+/** The peer read our private conversation up to `seq`. */
+function onReadMark(mark) {
+  const ref = mark.conversation || {};
+  if (!ref.userId) return; // group marks are not relayed
+  const conv = [...chat.conversations.values()].find((c) => c.kind === "user" && c.userId === String(ref.userId));
+  if (!conv) return;
+  conv.peerReadSeq = Math.max(conv.peerReadSeq, Number(mark.seq) || 0);
+  renderSeen(conv);
+}
+
+function onTyping(typing) {
+  const ref = typing.conversation || {};
+  let conv;
+  if (ref.groupId) conv = chat.conversations.get(`grp:${ref.groupId}`);
+  else if (typing.userName) conv = chat.conversations.get(`user:${typing.userName}`) || conversation(`user:${typing.userName}`);
+  if (!conv) return;
+  if (!ref.groupId && typing.userId) conv.userId = String(typing.userId);
+  setTyping(conv, typing.stopped ? null : { name: typing.userName || "someone", until: Date.now() + TYPING_SHOW_MS });
+}
+
+function setTyping(conv, typing) {
+  conv.typing = typing;
+  if (conv.key === chat.active) renderTyping();
+}
+
+/** Shows who is typing in the open conversation, until it runs out. */
+function renderTyping() {
+  clearTimeout(chat.typingTimer);
+  const conv = conversation(chat.active);
+  const typing = conv.typing && conv.typing.until > Date.now() ? conv.typing : null;
+  $("typing").textContent = typing ? `${typing.name} is typing…` : "";
+  $("typing").hidden = !typing;
+  if (typing) chat.typingTimer = setTimeout(renderTyping, typing.until - Date.now() + 10);
+}
+
+/**
+ * The user types: tell the conversation, at most every TYPING_SEND_MS. Typing within that
+ * time is told when it is over (if the input still has text), so the peer's indicator keeps
+ * going while the user types on.
+ */
+function onComposerInput() {
+  const conv = conversation(chat.active);
+  const ref = conversationRef(conv);
+  if (!ref || !$("message-input").value.trim()) return;
+  const wait = chat.typingSent.at + TYPING_SEND_MS - Date.now();
+  if (chat.typingSent.key === conv.key && wait > 0) {
+    if (!chat.typingSent.later) {
+      chat.typingSent.later = setTimeout(() => {
+        chat.typingSent.later = null;
+        if (chat.active === conv.key) onComposerInput();
+      }, wait);
+    }
+    return;
+  }
+  clearTimeout(chat.typingSent.later);
+  if (sendFrame({ typing: { conversation: ref } })) chat.typingSent = { key: conv.key, at: Date.now(), later: null };
+}
+
+function onMessagesScroll() {
+  const conv = conversation(chat.active);
+  if ($("messages").scrollTop < OLDER_AT_PX && conv.hasMore) loadHistory(conv, true);
+}
+
+// ---------------------------------------------------------------------------------------
+// Stored groups: create, add people, members, leave
+
+/**
+ * User ids of a comma-separated list of names and ids. The API takes ids: a name is resolved
+ * through the people online and the private conversations the page knows.
+ */
+function resolveUsers(text) {
+  const ids = [];
+  const unknown = [];
+  for (const item of text.split(",").map((s) => s.trim()).filter(Boolean)) {
+    if (/^[0-9]+$/.test(item)) {
+      ids.push(Number(item));
+      continue;
+    }
+    const online = chat.online.get(item);
+    const conv = chat.conversations.get(`user:${item}`);
+    const id = (online && online.userId) || (conv && conv.userId);
+    if (id) ids.push(Number(id));
+    else unknown.push(item);
+  }
+  if (unknown.length) {
+    throw new Error(`unknown: ${unknown.join(", ")} (name people online or in your conversations, or give user ids)`);
+  }
+  return [...new Set(ids)];
+}
+
+function setNotice(id, text) {
+  $(id).textContent = text;
+  $(id).hidden = !text;
+}
+
+const setGroupNotice = (text) => setNotice("group-notice", text);
+
+async function createGroup() {
+  const name = $("group-name").value.trim();
+  if (!name) return;
+  let members;
+  try {
+    members = resolveUsers($("group-members").value);
+  } catch (e) {
+    setNotice("group-form-notice", e.message);
+    return;
+  }
+  try {
+    const answer = await api("POST", "/api/groups", { name, members });
+    const group = answer.group;
+    const conv = conversation(`grp:${group.id}`);
+    conv.groupId = String(group.id);
+    conv.name = group.name;
+    conv.stored = true;
+    conv.activity = Math.max(conv.activity, Number(group.created_ms) || Date.now());
+    conv.lastText = "group created";
+    $("group-name").value = "";
+    $("group-members").value = "";
+    setNotice("group-form-notice", notAddedText(answer.added));
+    openConversation(conv.key);
+  } catch (e) {
+    setNotice("group-form-notice", `could not create the group: ${e.message}`);
+  }
+}
+
+/** Why some people were not added (empty: everyone was). */
+function notAddedText(added) {
+  if (!added) return "";
+  const parts = [];
+  if (added.group_full) parts.push("the group is full");
+  if ((added.too_many_groups || []).length) parts.push(`in too many groups: ${added.too_many_groups.join(", ")}`);
+  return parts.length ? `not everyone was added (${parts.join("; ")})` : "";
+}
+
+async function addMembers() {
+  const conv = conversation(chat.active);
+  if (conv.kind !== "grp") return;
+  let ids;
+  try {
+    ids = resolveUsers($("add-members").value);
+  } catch (e) {
+    setGroupNotice(e.message);
+    return;
+  }
+  if (!ids.length) return;
+  try {
+    const answer = await api("POST", `/api/groups/${conv.groupId}/members`, { user_ids: ids });
+    $("add-members").value = "";
+    const already = (answer.already || []).length ? `already members: ${answer.already.join(", ")}` : "";
+    setGroupNotice([notAddedText(answer), already].filter(Boolean).join("; "));
+    // The JOINED event is not pushed to whoever made the change: it comes with the history.
+    await Promise.all([loadHistory(conv, false), showMembers(conv)]);
+  } catch (e) {
+    setGroupNotice(`could not add: ${e.message}`);
+  }
+}
+
+function setMemberPanelOpen(open) {
+  $("member-panel").hidden = !open;
+  $("members-button").setAttribute("aria-expanded", String(open));
+}
+
+async function showMembers(conv) {
+  try {
+    const answer = await api("GET", `/api/groups/${conv.groupId}/members?limit=200`);
+    if (conv.key !== chat.active) return;
+    $("member-list").replaceChildren(
+      ...(answer.members || []).map((m) =>
+        el("li", { "data-user-id": String(m.user_id) }, el("span", { class: "name", text: m.name }), el("span", { class: "role", text: m.role })),
+      ),
+    );
+    if (answer.next) $("member-list").append(el("li", { class: "more", text: "and more…" }));
+  } catch (e) {
+    setGroupNotice(`could not list the members: ${e.message}`);
+  }
+}
+
+async function leaveGroup() {
+  const conv = conversation(chat.active);
+  if (conv.kind !== "grp") return;
+  try {
+    await api("POST", `/api/groups/${conv.groupId}/leave`);
+    chat.conversations.delete(conv.key);
+    openConversation("group");
+  } catch (e) {
+    setGroupNotice(e.code === "owner_stays" ? "the owner cannot leave the group" : `could not leave: ${e.message}`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Wiring
 
 function wire() {
@@ -1055,6 +1597,22 @@ function wire() {
     const conv = conversation(chat.active);
     if (conv.kind === "channel") leaveChannel(conv.name);
   });
+  $("message-input").addEventListener("input", onComposerInput);
+  $("messages").addEventListener("scroll", onMessagesScroll, { passive: true });
+  $("group-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    createGroup();
+  });
+  $("add-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    addMembers();
+  });
+  $("members-button").addEventListener("click", () => {
+    const open = $("member-panel").hidden;
+    setMemberPanelOpen(open);
+    if (open) showMembers(conversation(chat.active));
+  });
+  $("leave-group").addEventListener("click", leaveGroup);
   $("toggle-sidebar").addEventListener("click", () => {
     setSidebarOpen(!$("chat-view").classList.contains("sidebar-open"));
   });

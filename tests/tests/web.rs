@@ -1,7 +1,8 @@
 //! The web client (`cim-route/web`, served by the route at `/`) in a real headless Chromium
 //! against a real cluster (etcd, Redis, two servers, a route): `tests/web/e2e.mjs` drives two
-//! browser pages through private, group and channel chat, a message full of markup, a reload
-//! with offline replay, a server shutdown the page must survive (it asks this test to shut the
+//! browser pages through private chat (unread badge, "seen", typing), the group of everyone
+//! online, a stored group created from the page, channel chat, a message full of markup, a
+//! reload (the conversation list and history come back from the route) with offline replay, a server shutdown the page must survive (it asks this test to shut the
 //! server down over a line protocol: `CONTROL shutdown-server <id>` on its stdout, `ok` on its
 //! stdin), an administrator's kick (no reconnect after it) and a logout.
 //!

@@ -6,10 +6,13 @@
 //        [--require-two-servers] [--control] [--api-key KEY] [--artifacts DIR]
 //
 // Two browser contexts (two people, separate storage): the first on a desktop-sized window,
-// the second on a phone-sized one. They register through the page, chat privately, in the
-// group and in a channel; a message full of markup must show as text and never run; the
-// second page reloads, and what was sent to it meanwhile must be replayed (marked as such)
-// while what it had acked before must not come again.
+// the second on a phone-sized one. They register through the page, chat privately (unread
+// badge, "seen" once the other opened it, a typing indicator), in the group of everyone online,
+// in a stored group created from the page (a member added, messages both ways, acked by
+// position) and in a channel; a message full of markup must show as text and never run; the
+// second page reloads: its conversation list comes back in the same order and opening a
+// conversation loads its newest history page, scrolling to the top the older ones; what was sent to it while away is replayed (marked as
+// such) and nothing is shown twice.
 //
 // --control: the script asks the test that runs it to shut down the first person's server
 // (a line `CONTROL shutdown-server <id>` on stdout, answered by a line `ok` on stdin) and
@@ -221,14 +224,39 @@ async function scenario(browser, args) {
   await step("private messages both ways", async () => {
     await openConversation(alice, `user:${bob.name}`);
     await say(alice, `Hi ${bob.name}! Are you coming to the standup?`);
-    await bob.page.locator(`button.conv[data-conv="user:${alice.name}"] .unread`).waitFor({ state: "attached" });
+    const badge = bob.page.locator(`#recent button.conv[data-conv="user:${alice.name}"] .unread`);
+    await context(`an unread badge on ${bob.name}'s conversation list`, () => badge.waitFor({ state: "attached" }));
+    if ((await badge.textContent()) !== "1") throw new Error(`the unread badge says ${await badge.textContent()}`);
+    const last = bob.page.locator(`#recent button.conv[data-conv="user:${alice.name}"] .detail`);
+    if (!(await last.textContent()).includes("standup")) throw new Error(`the list shows ${await last.textContent()}`);
     await openConversation(bob, `user:${alice.name}`);
     await sees(bob, "Are you coming to the standup?");
+    await context("the badge to clear", () => badge.waitFor({ state: "detached" }));
+    await until(`${bob.name} sends a read mark`, () =>
+      framesOf(bob, "readMark").some((f) => f.readMark.conversation.userId && Number(f.readMark.seq) >= 1),
+    );
+    await context(`"seen" under ${alice.name}'s message`, () =>
+      message(alice, "Are you coming to the standup?", { mine: true }).locator(".seen").waitFor(),
+    );
     await say(bob, "Yes, on my way. Two minutes.");
     await sees(alice, "Yes, on my way.");
     await until(`${bob.name} acks the private message`, () =>
-      framesOf(bob, "ack").some((f) => f.ack.messageIds.length > 0),
+      framesOf(bob, "ack").some((f) => (f.ack.messageIds || []).length > 0),
     );
+  });
+
+  await step("a typing indicator", async () => {
+    await bob.page.locator("#message-input").fill("Let me che");
+    await context(`"${bob.name} is typing…" on ${alice.name}'s page`, () =>
+      alice.page.locator("#typing", { hasText: `${bob.name} is typing…` }).waitFor(),
+    );
+    const typing = framesOf(bob, "typing");
+    if (!typing.length || !typing[0].typing.conversation.userId) {
+      throw new Error(`typing frames sent: ${JSON.stringify(typing)}`);
+    }
+    await bob.page.locator("#message-input").fill("");
+    // It goes away by itself (4 s after the last frame).
+    await context("the typing indicator to go away", () => alice.page.locator("#typing").waitFor({ state: "hidden" }));
   });
 
   await step("markup in a message is shown as text and never runs", async () => {
@@ -253,6 +281,55 @@ async function scenario(browser, args) {
     await sees(alice, "the build is green again");
   });
 
+  await step("a stored group: created from the page, a member added, messages both ways", async () => {
+    const { page } = alice;
+    await page.locator("#group-name").fill("Release crew");
+    await page.locator("#group-members").fill("");
+    await page.locator('#group-form button[type="submit"]').click();
+    await page.locator("#conversation-title", { hasText: "Release crew" }).waitFor();
+    const key = await page.locator("#recent button.conv.active").getAttribute("data-conv");
+    if (!/^grp:[0-9]+$/.test(key)) throw new Error(`the new group's conversation is ${key}`);
+    alice.groupKey = bob.groupKey = key;
+    await page.locator("#messages li.event").first().waitFor();
+    await page.locator("#members-button").click();
+    await page.locator("#add-members").fill(bob.name);
+    await page.locator('#add-form button[type="submit"]').click();
+    await page.locator("#member-list li", { hasText: bob.name }).waitFor();
+    await page.locator("#messages li.event", { hasText: bob.name }).waitFor();
+    await say(alice, "Welcome to the release crew!");
+    const groupButton = bob.page.locator(`#recent button.conv[data-conv="${key}"]`);
+    await context(`the group in ${bob.name}'s list with an unread badge`, async () => {
+      await groupButton.locator(".label", { hasText: "Release crew" }).waitFor({ state: "attached" });
+      await groupButton.locator(".unread").waitFor({ state: "attached" });
+    });
+    await openConversation(bob, key);
+    await sees(bob, "Welcome to the release crew!");
+    await say(bob, "Thanks, glad to be here.");
+    await sees(alice, "glad to be here");
+    const groupId = key.slice("grp:".length);
+    await until(`${bob.name} acks the group by position`, () =>
+      framesOf(bob, "ack").some((f) => (f.ack.groups || []).some((g) => g.groupId === groupId && Number(g.logSeq) > 0)),
+    );
+    const send = framesOf(alice, "send").find((f) => f.send.kind === "MESSAGE_KIND_GROUP_CHAT");
+    if (!send || send.send.groupId !== groupId) throw new Error(`group send frame: ${JSON.stringify(send)}`);
+    // The newest activity first: the group, then the private conversation.
+    const order = await bob.page.locator("#recent button.conv").evaluateAll((b) => b.map((x) => x.dataset.conv));
+    if (order[0] !== key || order[1] !== `user:${alice.name}`) throw new Error(`${bob.name}'s list: ${order}`);
+    bob.recentOrder = order;
+    // More than a history page (50) after the welcome: opening the group after the reload
+    // shows the newest page, the welcome comes with an older one (scrolling to the top).
+    const token = await page.evaluate(() => JSON.parse(sessionStorage.getItem("cim.session")).token);
+    for (let i = 1; i <= 55; i++) {
+      const resp = await fetch(`${args.url}/api/groups/${groupId}/messages`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+        body: JSON.stringify({ body: `Checklist item ${i}` }),
+      });
+      if (!resp.ok) throw new Error(`group message over HTTP answered ${resp.status} ${await resp.text()}`);
+    }
+    await sees(bob, "Checklist item 55");
+  });
+
   await step("channels: join, send, receive", async () => {
     await joinChannel(bob, "release-2.0");
     await joinChannel(alice, "release-2.0");
@@ -274,6 +351,36 @@ async function scenario(browser, args) {
     bob.server = await bob.page.locator("#status").getAttribute("data-server");
     log(`${bob.name} resumed on ${bob.server}`);
     bob.url = pageUrl;
+    await context("the same conversation list after the reload", () =>
+      bob.page.waitForFunction(
+        (wanted) =>
+          JSON.stringify([...document.querySelectorAll("#recent button.conv")].map((b) => b.dataset.conv)) ===
+          JSON.stringify(wanted),
+        bob.recentOrder,
+      ),
+    );
+    await openConversation(bob, bob.groupKey);
+    await context("the group's history after the reload", async () => {
+      await message(bob, "Checklist item 55").waitFor();
+      const shown = await bob.page.locator("#messages li.msg").count();
+      if (shown > 50) throw new Error(`${shown} messages shown from one history page`);
+      if ((await message(bob, "Welcome to the release crew!").count()) !== 0) {
+        throw new Error("the welcome came with the newest page");
+      }
+    });
+    await context("older history pages when scrolling to the top", async () => {
+      // Each page loaded keeps the view where it was: scroll up again until the welcome shows.
+      const welcome = message(bob, "Welcome to the release crew!");
+      await bob.page.waitForFunction(() => {
+        const list = document.getElementById("messages");
+        const found = [...list.querySelectorAll("li.msg .body")].some((b) => b.textContent.startsWith("Welcome"));
+        if (!found) list.scrollTop = 0;
+        return found;
+      });
+      await welcome.waitFor();
+      await message(bob, "glad to be here", { mine: true }).waitFor();
+      await bob.page.locator("#messages li.event", { hasText: bob.name }).first().waitFor();
+    });
   });
 
   await step(`${bob.name} leaves and comes back; what was sent meanwhile is replayed, nothing twice`, async () => {
@@ -290,11 +397,12 @@ async function scenario(browser, args) {
       await message(bob, text).locator(".badge", { hasText: "offline" }).waitFor();
       if ((await message(bob, text).count()) !== 1) throw new Error(`"${text}" shown more than once`);
     }
-    const shown = await bob.page.locator("#messages li.msg").count();
-    if (shown !== 2) {
-      const texts = await bob.page.locator("#messages li.msg .body").allTextContents();
-      throw new Error(`expected only the 2 replayed messages, the page shows ${JSON.stringify(texts)}`);
-    }
+    // The rest comes from the history (opening loaded it), once each, without the badge.
+    await context("the private history", () => message(bob, "Are you coming to the standup?").waitFor());
+    const texts = await bob.page.locator("#messages li.msg .body").allTextContents();
+    if (new Set(texts).size !== texts.length) throw new Error(`a message is shown twice: ${JSON.stringify(texts)}`);
+    const badges = await bob.page.locator("#messages li.msg .badge").count();
+    if (badges !== 2) throw new Error(`${badges} messages marked as replayed, expected 2`);
   });
 
   if (args.control) {
