@@ -258,6 +258,15 @@ async fn history_pages_both_ways_and_unread_counts_follow_read_marks_across_serv
         route.mark_read(token, &peer(alice.id()), 10_000).await?,
         seqs[24]
     );
+    // A mark over HTTP reaches the peer live too.
+    loop {
+        let mark = alice.next_read_mark().await?;
+        assert_eq!(mark.user_id, bob.id());
+        if mark.seq == seqs[24] {
+            break;
+        }
+        assert_eq!(mark.seq, seqs[19], "marks never move back: {mark:?}");
+    }
     // After a reconnect the counts are what they were; alice sees "seen up to".
     drop(bob);
     let bob = cluster.relogin("bob", Transport::Tcp, RELOGIN).await?;

@@ -221,8 +221,11 @@ pub async fn mark_read(
         .mark_read(user, conv, seq)
         .await?
         .ok_or_else(|| not_found(conv))?;
-    // The live read mark to the peer's (and the user's other) connections is not pushed
-    // from here yet: the next conversation list and history read show it.
+    // The peer sees "seen" live, as for a mark sent over a connection (group marks are not
+    // relayed: see `routing::signals`).
+    if let ConvKey::User(peer) = conv {
+        crate::routing::relay_read_mark(state, user, peer, read_seq).await;
+    }
     Ok(ReadMarkAnswer { read_seq })
 }
 

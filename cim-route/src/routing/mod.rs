@@ -52,7 +52,7 @@ pub use fanout::{group_by_server, group_deliveries, ServerGroups};
 pub(crate) use group_chat::push_group;
 pub use push::PUSH_PATH;
 pub use receipts::route_receipts;
-pub use signals::{relay_signals, SignalItem, SIGNAL_PATH};
+pub use signals::{relay_read_mark, relay_signals, SignalItem, SIGNAL_PATH};
 
 use crate::state::AppState;
 use cim_common::{

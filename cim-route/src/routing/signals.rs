@@ -62,22 +62,7 @@ pub async fn relay_signals(state: &AppState, items: Vec<SignalItem>) {
                     }
                 };
                 if let ConvKey::User(peer) = conv {
-                    to_users.push((
-                        peer,
-                        Signal {
-                            recipients: vec![peer],
-                            group_id: 0,
-                            body: Some(signal::Body::ReadMark(ReadMark {
-                                // As the peer sees the conversation: with this user.
-                                conversation: Some(Conversation {
-                                    user_id: user,
-                                    group_id: 0,
-                                }),
-                                seq: stored,
-                                user_id: user,
-                            })),
-                        },
-                    ));
+                    to_users.push((peer, read_mark_signal(user, peer, stored)));
                 }
             }
             SignalItem::Typing(user, name, typing) => {
@@ -126,6 +111,39 @@ pub async fn relay_signals(state: &AppState, items: Vec<SignalItem>) {
             }
         }
     }
+    send_signals(state, to_users, to_groups).await;
+}
+
+/// The ReadMark frame telling `peer` that `user` read their conversation up to `seq`.
+fn read_mark_signal(user: u64, peer: u64, seq: u64) -> Signal {
+    Signal {
+        recipients: vec![peer],
+        group_id: 0,
+        body: Some(signal::Body::ReadMark(ReadMark {
+            // As the peer sees the conversation: with this user.
+            conversation: Some(Conversation {
+                user_id: user,
+                group_id: 0,
+            }),
+            seq,
+            user_id: user,
+        })),
+    }
+}
+
+/// Relays a private read mark already stored (the HTTP `…/read` endpoint) to the peer.
+pub async fn relay_read_mark(state: &AppState, user: u64, peer: u64, seq: u64) {
+    send_signals(
+        state,
+        vec![(peer, read_mark_signal(user, peer, seq))],
+        Vec::new(),
+    )
+    .await;
+}
+
+/// Sends signals to the servers of their users (one route lookup for all) and group
+/// signals to every live server, one call per server.
+async fn send_signals(state: &AppState, to_users: Vec<(u64, Signal)>, to_groups: Vec<Signal>) {
     let servers = state.servers();
     let mut per_server: BTreeMap<String, (String, Vec<Signal>)> = BTreeMap::new();
     if !to_users.is_empty() {
