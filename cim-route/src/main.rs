@@ -162,6 +162,53 @@ mod tests {
     }
 
     #[test]
+    fn group_history_and_message_event_settings_from_file_environment_and_flags() {
+        // The settings of stored groups, history and the offline-push hook, each way.
+        let prefix = "CIM_ROUTE_TEST_GROUPS_";
+        let dir =
+            std::env::temp_dir().join(format!("cim-route-groups-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("route.toml");
+        std::fs::write(
+            &file,
+            "message_events_body = true\n[groups]\nmax_members = 300\n[backend]\nhistory_max_age_secs = 3600\n",
+        )
+        .unwrap();
+        std::env::set_var(format!("{prefix}MESSAGE_EVENTS"), "true");
+        std::env::set_var(format!("{prefix}GROUPS__MAX_GROUPS"), "20");
+        std::env::set_var(format!("{prefix}BACKEND__HISTORY_MAX_MESSAGES"), "500");
+        let config = load(
+            prefix,
+            &[
+                "--config",
+                file.to_str().unwrap(),
+                "--set",
+                "backend.history_before_join=5",
+                "--set",
+                "groups.max_members=400",
+            ],
+        );
+        for var in [
+            "MESSAGE_EVENTS",
+            "GROUPS__MAX_GROUPS",
+            "BACKEND__HISTORY_MAX_MESSAGES",
+        ] {
+            std::env::remove_var(format!("{prefix}{var}"));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(config.message_events && config.message_events_body);
+        assert_eq!(
+            (config.groups.max_members, config.groups.max_groups),
+            (400, 20)
+        );
+        let history = config.backend.history_limits();
+        assert_eq!(history.max_messages, 500);
+        assert_eq!(history.max_age, std::time::Duration::from_secs(3600));
+        assert_eq!(history.before_join, 5);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
     fn tls_files_from_flags_and_file() {
         const UNUSED: &str = "CIM_ROUTE_TEST_UNUSED_";
         assert!(!load(UNUSED, &[]).https(), "plain HTTP by default");
