@@ -135,6 +135,26 @@ fn changed(status: &str, seq: u64) -> Changed {
 }
 
 impl RedisStore {
+    /// One script call on keys of `key`'s slot (loaded again after a NOSCRIPT): its reply.
+    async fn run_script(
+        &self,
+        key: &str,
+        script: &Script,
+        inv: &ScriptInvocation<'_>,
+    ) -> StoreResult<Value> {
+        let mut batch = self.batch();
+        batch.add(key, |pipe| {
+            pipe.invoke_script(inv);
+        });
+        let reply = batch
+            .run(self, &[script])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| corrupt("no reply"))?;
+        batch::single(reply)
+    }
+
     fn conv_keys(&self, tag: &str) -> ConvKeys {
         ConvKeys {
             meta: self.keys.conv_meta(tag),
@@ -199,16 +219,7 @@ impl RedisStore {
         for a in args {
             inv.arg(a);
         }
-        let mut batch = self.batch();
-        batch.add(&keys.meta, |pipe| {
-            pipe.invoke_script(&inv);
-        });
-        let replies = batch.run(self, &[&GROUP_CHANGE]).await?;
-        let reply = replies
-            .into_iter()
-            .next()
-            .ok_or_else(|| corrupt("no reply"))?;
-        let answer = change_reply(batch::single(reply)?)?;
+        let answer = change_reply(self.run_script(&keys.meta, &GROUP_CHANGE, &inv).await?)?;
         event.log_seq = answer.1;
         Ok(answer)
     }
@@ -254,17 +265,7 @@ impl RedisStore {
             .arg(self.history.before_join)
             .arg(self.history_cutoff_ms())
             .arg(if group { "g" } else { "p" });
-        let mut batch = self.batch();
-        batch.add(&keys.meta, |pipe| {
-            pipe.invoke_script(&inv);
-        });
-        let reply = batch
-            .run(self, &[&CONV_READ])
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| corrupt("no reply"))?;
-        match batch::single(reply)? {
+        match self.run_script(&keys.meta, &CONV_READ, &inv).await? {
             Value::Int(-1) => Ok(None),
             v => array(v)?
                 .iter()
@@ -575,17 +576,7 @@ impl History for RedisStore {
             .arg(seq)
             .arg(if group { "g" } else { "p" })
             .arg(user);
-        let mut batch = self.batch();
-        batch.add(&keys.meta, |pipe| {
-            pipe.invoke_script(&inv);
-        });
-        let reply = batch
-            .run(self, &[&MARK_READ])
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| corrupt("no reply"))?;
-        match batch::single(reply)? {
+        match self.run_script(&keys.meta, &MARK_READ, &inv).await? {
             Value::Int(-1) => Ok(None),
             v => as_u64(&v).map(Some),
         }
@@ -607,12 +598,12 @@ impl Groups for RedisStore {
             .await
             .map_err(unavailable)?;
         let list = self.keys.user_groups(owner);
-        let mut batch = self.batch();
-        batch.add(&list, |pipe| {
-            pipe.invoke_script(GROUP_RESERVE.key(&list).arg(id).arg(limits.max_groups));
-        });
-        let mut replies = batch.run(self, &[&GROUP_RESERVE]).await?;
-        let reserved: u64 = batch::take(&mut replies, 0, "group reserve")?;
+        let mut inv = GROUP_RESERVE.key(&list);
+        inv.arg(id).arg(limits.max_groups);
+        let reserved: u64 = batch::parse(
+            self.run_script(&list, &GROUP_RESERVE, &inv).await?,
+            "group reserve",
+        )?;
         if reserved == 0 {
             return Ok(None);
         }
