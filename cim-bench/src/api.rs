@@ -192,6 +192,24 @@ impl RouteApi {
         .await
     }
 
+    /// Creates a stored group owned by `owner` with `members` (the route's `max_members`
+    /// bounds them) and returns its id.
+    pub async fn create_group(
+        &self,
+        owner: u64,
+        name: &str,
+        members: &[u64],
+    ) -> anyhow::Result<u64> {
+        let created: cim_proto::api::CreatedGroup = self
+            .post(
+                "/api/admin/groups",
+                &json!({ "name": name, "owner": owner, "members": members }),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("creating the bench group through the route: {e}"))?;
+        Ok(created.group.id)
+    }
+
     /// How many of `ids` are online (connected to a live server).
     pub async fn online_of(&self, ids: &[u64]) -> anyhow::Result<usize> {
         let mut online = 0;

@@ -152,10 +152,10 @@ pub struct FanoutReport {
 
 /// Per message: when it was sent, how many receivers got it, when the last one did.
 #[derive(Default)]
-struct Slot {
-    sent_ns: AtomicU64,
-    received: AtomicU64,
-    last_ns: AtomicU64,
+pub(crate) struct Slot {
+    pub(crate) sent_ns: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) last_ns: AtomicU64,
 }
 
 struct Shared {
@@ -349,7 +349,7 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
 }
 
 /// Now, in nanoseconds since the Unix epoch: one clock for every bench process here.
-fn unix_ns() -> u64 {
+pub(crate) fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -393,7 +393,7 @@ async fn await_messages(opts: &FanoutOpts, shared: &Shared) {
     let _ = tokio::time::timeout(schedule + DRAIN_DEADLINE, shared.reached(all)).await;
 }
 
-fn median(sorted: &[f64]) -> Option<f64> {
+pub(crate) fn median(sorted: &[f64]) -> Option<f64> {
     match sorted.len() {
         0 => None,
         n if n % 2 == 1 => Some(sorted[n / 2]),

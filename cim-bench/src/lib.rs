@@ -1,4 +1,4 @@
-//! The load generator behind the `cim-bench` binary: three scenarios against a running cluster
+//! The load generator behind the `cim-bench` binary: four scenarios against a running cluster
 //! and one against a single route, each a library function so tests can run it against a test
 //! cluster.
 //!
@@ -13,6 +13,10 @@
 //!   the last receiver has each message, missing deliveries, and the CPU per delivery. Past
 //!   one process's connections, further processes hold receivers only (`receive_only`) and
 //!   their per-message wall-clock times merge with the sender's.
+//! - [`run_group`]: one member of a stored group (conversations) sends to its online members
+//!   at a rate or flat out; reports the time until the last online member has each message,
+//!   the Redis CPU per message (flat in the member count), and the catch-up of members that
+//!   were offline for all of it.
 //! - [`run_login_flood`]: many concurrent wrong-password logins against one route (no API
 //!   key or etcd needed), and that route's peak and resident memory before, right after and a
 //!   while after (`/proc/{pid}/status`: the route must run on this machine).
@@ -44,6 +48,7 @@
 pub mod api;
 pub mod connect;
 pub mod fanout;
+pub mod group;
 pub mod login_flood;
 pub mod p2p;
 pub mod probe;
@@ -52,6 +57,7 @@ pub mod setup;
 
 pub use connect::{run_connect, ConnectOpts, ConnectReport};
 pub use fanout::{run_fanout, FanoutOpts, FanoutReport};
+pub use group::{run_group, CatchUpReport, GroupOpts, GroupReport};
 pub use login_flood::{run_login_flood, LoginFloodOpts, LoginFloodReport};
 pub use p2p::{run_p2p, Load, P2pOpts, P2pReport};
 pub use setup::{BenchUser, Setup, Target};

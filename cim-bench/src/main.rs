@@ -1,12 +1,12 @@
 //! `cim-bench`: the load generator. Logs its users in through a running cluster's route
 //! (business API, `--api-key`), finds the servers in its etcd, and runs one scenario
-//! (`connect`, `p2p`, `fanout`; `login-flood` needs only a route's URL); everything it does is
+//! (`connect`, `p2p`, `fanout`, `group`; `login-flood` needs only a route's URL); everything it does is
 //! in [`cim_bench`], this file only parses flags. Progress goes to stderr once a second, the
 //! summary to stdout (one JSON object with `--json`). Exit status 1 when the scenario could not
 //! run, 2 for bad flags.
 
 use cim_bench::{
-    self as bench, ConnectOpts, FanoutOpts, Load, LoginFloodOpts, P2pOpts, Setup, Target,
+    self as bench, ConnectOpts, FanoutOpts, GroupOpts, Load, LoginFloodOpts, P2pOpts, Setup, Target,
 };
 use cim_sdk::Transport;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -80,6 +80,10 @@ enum Scenario {
     /// Group messages from one sender to N receivers: time to the last receipt, missing
     /// deliveries, CPU per delivery. Nobody else should be online.
     Fanout(FanoutArgs),
+    /// Messages to a stored group (conversations) of --members, --online of them connected:
+    /// time to the last online receipt, Redis CPU per message, then the catch-up of
+    /// --catch-up members that were offline for all of it. Nobody else should be online.
+    Group(GroupArgs),
     /// Wrong-password logins against one route on this machine (no API key or etcd needed):
     /// the route's peak and resident memory (VmHWM, VmRSS) before, right after, and
     /// --settle after.
@@ -195,6 +199,35 @@ struct FanoutArgs {
     common: Common,
 }
 
+#[derive(Args, Debug)]
+struct GroupArgs {
+    /// Members of the group, the sender (its owner) included: at most the route's
+    /// `groups.max_members` (2,000 by default).
+    #[arg(long, default_value_t = 1000)]
+    members: usize,
+    /// Members connected while the messages go out, besides the sender.
+    #[arg(long, default_value_t = 500)]
+    online: usize,
+    /// Messages to send.
+    #[arg(long, default_value_t = 500)]
+    count: usize,
+    /// Messages per second [default: 50].
+    #[arg(long, conflicts_with = "flat_out")]
+    rate: Option<f64>,
+    /// Send as fast as answers come, keeping --window sends outstanding.
+    #[arg(long)]
+    flat_out: bool,
+    /// Outstanding sends with --flat-out.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// Offline members that connect after the messages, one at a time, and catch up on them
+    /// (0: none).
+    #[arg(long, default_value_t = 10)]
+    catch_up: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
 /// The addresses of one `--source-ips` value (a newtype: clap would read a `Vec` as a flag
 /// given several times).
 #[derive(Clone, Debug)]
@@ -285,6 +318,24 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             let r = bench::run_fanout(&setup().await?, opts).await?;
             render(r.to_string(), serde_json::to_value(&r)?)
         }
+        Scenario::Group(a) => {
+            let opts = GroupOpts {
+                members: a.members,
+                online: a.online,
+                load: if a.flat_out {
+                    Load::FlatOut
+                } else {
+                    Load::Rate(a.rate.unwrap_or(50.0))
+                },
+                window: a.window,
+                count: a.count,
+                catch_up: a.catch_up,
+                transport: a.common.transport.into(),
+                user_offset: a.common.user_offset,
+            };
+            let r = bench::run_group(&setup().await?, opts).await?;
+            render(r.to_string(), serde_json::to_value(&r)?)
+        }
         Scenario::LoginFlood(a) => {
             let opts = LoginFloodOpts {
                 route: a.route,
@@ -349,6 +400,14 @@ mod tests {
         assert_eq!(cli.cluster.etcd, ["http://127.0.0.1:23790"]);
         assert_eq!(cli.cluster.redis_pids, [42, 43]);
         assert!(matches!(cli.scenario, Scenario::P2p(_)));
+        let cli =
+            Cli::try_parse_from(["cim-bench", "group", "--flat-out", "--members", "2000"]).unwrap();
+        let Scenario::Group(a) = cli.scenario else {
+            panic!("not group")
+        };
+        assert!(a.flat_out && a.rate.is_none());
+        assert_eq!((a.members, a.online, a.catch_up), (2000, 500, 10));
+        assert!(Cli::try_parse_from(["cim-bench", "group", "--flat-out", "--rate", "5"]).is_err());
         // login-flood keeps its own --route.
         let cli =
             Cli::try_parse_from(["cim-bench", "login-flood", "--route", "http://x:1"]).unwrap();

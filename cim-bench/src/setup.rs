@@ -6,7 +6,7 @@ use crate::api::{CallError, RouteApi};
 use anyhow::Context;
 use cim_common::registry::{EtcdRegistry, Registry, ServiceInfo, ServiceKind};
 use cim_sdk::{
-    conn::{ConnError, ConnectOptions, Connection, Transport},
+    conn::{self, ConnError, ConnectOptions, Connection, Transport},
     pb::{frame::Body, Frame, Ping},
     ClientTls,
 };
@@ -419,8 +419,9 @@ pub(crate) fn ping() -> Frame {
 }
 
 /// One receiving connection: pings at the server's interval, hands every live pushed batch to
-/// `on_push` and then acknowledges its stored messages (one `Ack` per push, as the SDK does,
-/// so the receivers' inboxes do not fill up), until `stop` (then closes) or until the
+/// `on_push` and then acknowledges its stored messages and its stored groups' positions (one
+/// write of `Ack`s per push, as the SDK does, so the receivers' inboxes do not fill up and a
+/// later login does not catch up again), until `stop` (then closes) or until the
 /// connection is lost (counted in `failures`). A replayed push (the inbox at login: messages
 /// left unacknowledged by an earlier run) is acknowledged but not handed on: its messages
 /// belong to that run.
@@ -450,8 +451,8 @@ pub(crate) async fn receive_pushes(
                     if !push.replay {
                         on_push(&push.messages);
                     }
-                    let ack = cim_sdk::conn::ack_ids(&push);
-                    let acked = tokio::time::timeout(ACK_DEADLINE, conn.ack(ack)).await;
+                    let (ids, groups) = (conn::ack_ids(&push), conn::group_positions(&push));
+                    let acked = tokio::time::timeout(ACK_DEADLINE, conn.ack_all(ids, groups)).await;
                     if !matches!(acked, Ok(Ok(()))) {
                         failures.add("receiver connection lost");
                         return;

@@ -4,7 +4,7 @@
 //! this test process, so memory and CPU are the whole process's).
 
 use anyhow::Context;
-use cim_bench::{self as bench, ConnectOpts, FanoutOpts, Load, P2pOpts, Setup, Target};
+use cim_bench::{self as bench, ConnectOpts, FanoutOpts, GroupOpts, Load, P2pOpts, Setup, Target};
 use cim_tests::cluster::{Cluster, ClusterBuilder};
 use std::time::Duration;
 
@@ -230,6 +230,67 @@ async fn fanout_reaches_every_receiver() -> anyhow::Result<()> {
         );
     }
     all_closed(&cluster).await?;
+    Ok(())
+}
+
+/// The stored-group scenario at a tiny size, at a rate and flat out: every online member gets
+/// every message once, the members that were offline catch up on all of them, and everyone
+/// who was connected acked their position (a later login does not catch up again).
+#[tokio::test]
+async fn group_reaches_online_members_and_offline_ones_catch_up() -> anyhow::Result<()> {
+    let (cluster, setup) = cluster_and_setup().await?;
+    let store = cluster.store().await?;
+    for (load, offset) in [(Load::Rate(200.0), 0), (Load::FlatOut, 100)] {
+        let report = bench::run_group(
+            &setup,
+            GroupOpts {
+                members: 12,
+                online: 6,
+                load,
+                window: 4,
+                count: 8,
+                catch_up: 3,
+                user_offset: offset,
+                ..GroupOpts::default()
+            },
+        )
+        .await?;
+        assert_eq!(report.sent, 8, "{report}");
+        assert!(report.send_failures.is_empty(), "{report}");
+        assert_eq!(report.expected_deliveries, 48, "{report}");
+        assert_eq!(report.deliveries, 48, "{report}");
+        assert_eq!((report.missing, report.repeated), (0, 0), "{report}");
+        let (median, max) = (
+            report.time_to_last_median_ms.unwrap(),
+            report.time_to_last_max_ms.unwrap(),
+        );
+        assert!(median > 0.0 && median <= max, "{report}");
+        assert!(report.messages_per_sec.is_some_and(|r| r > 0.0), "{report}");
+        assert!(report.redis_us_per_message.is_some(), "{report}");
+        let c = &report.catch_up;
+        assert_eq!((c.members, c.messages_each), (3, 8), "{report}");
+        assert_eq!((c.complete, c.missing, c.repeated), (3, 0, 0), "{report}");
+        assert!(c.time_median_ms.is_some_and(|m| m > 0.0), "{report}");
+        // The online and the caught-up members acked the whole log; the other two did not
+        // connect (the sender's position is not the bench's to assert).
+        let members = store.group_members(report.group_id, 0, 100).await?;
+        assert_eq!(members.len(), 12);
+        let mut at_top = 0;
+        for m in &members {
+            let cursors = store.group_cursors(m.user_id).await?;
+            let cursor = cursors
+                .iter()
+                .find(|g| g.group == report.group_id)
+                .context("a member without the group's cursor")?;
+            at_top += usize::from(cursor.position == cursor.top);
+        }
+        assert!(
+            at_top >= 9,
+            "{at_top} members acked the whole log: {report}"
+        );
+        assert!(at_top <= 10, "{at_top}: members that never connected acked");
+        all_closed(&cluster).await?;
+    }
     Ok(())
 }
 
