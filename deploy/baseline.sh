@@ -20,6 +20,15 @@
 #                 (each p2p step sends for [10s] BASELINE_P2P_DURATION)
 #   fanout        [10000] BASELINE_FANOUT_RECEIVERS receivers in one process, [10]
 #                 BASELINE_FANOUT_COUNT group messages [1s] BASELINE_FANOUT_INTERVAL apart
+#   fanout-500    [500] BASELINE_GROUP_ONLINE receivers of [20] group messages 200 ms apart:
+#                 the broadcast a stored group's send → last receipt compares with
+#   group-rate    a stored group of [1000] BASELINE_GROUP_MEMBERS members, the online ones
+#                 connected, [20] BASELINE_GROUP_RATE msg/s for [200] BASELINE_GROUP_COUNT
+#                 messages; then [10] BASELINE_GROUP_CATCH_UP offline members catch up
+#   group-rate-2x the same with twice the members (at most the route's groups.max_members,
+#                 2,000 by default): Redis CPU per message must not grow with them
+#   group-flat    the first group's sizes flat out (window 32), [1000]
+#                 BASELINE_GROUP_FLAT_COUNT messages, then the catch-up on all of them
 # Each step starts only once the servers report no open connection, so none sees the
 # previous step's clients. Server memory per connection is measured here too, from the
 # servers' resident memory before a connect step and while its connections are all open
@@ -110,6 +119,12 @@ p2p_flat_pairs=${BASELINE_P2P_FLAT_PAIRS:-1000}
 fanout_receivers=${BASELINE_FANOUT_RECEIVERS:-10000}
 fanout_count=${BASELINE_FANOUT_COUNT:-10}
 fanout_interval=${BASELINE_FANOUT_INTERVAL:-1s}
+group_members=${BASELINE_GROUP_MEMBERS:-1000}
+group_online=${BASELINE_GROUP_ONLINE:-500}
+group_rate=${BASELINE_GROUP_RATE:-20}
+group_count=${BASELINE_GROUP_COUNT:-200}
+group_flat_count=${BASELINE_GROUP_FLAT_COUNT:-1000}
+group_catch_up=${BASELINE_GROUP_CATCH_UP:-10}
 big_connections=${BASELINE_100K_CONNECTIONS:-100000}
 big_processes=${BASELINE_100K_PROCESSES:-6}
 big_hold=${BASELINE_100K_HOLD:-30s}
@@ -589,14 +604,29 @@ p2p_row() {
 }
 
 fanout_row() {
-    jq -r "$jq_lib"'
-        ["fanout (\(.messages) messages)", .receivers,
+    local step=${1:-fanout}
+    jq -r --arg step "$step" "$jq_lib"'
+        ["\($step) (\(.messages) messages)", .receivers,
          "\(.deliveries) / \(.expected_deliveries)", .missing,
          "\(.time_to_last_median_ms | f(1)) / \(.time_to_last_max_ms | f(1))",
          (.deliveries_per_sec | f(0)),
          "\(.cpu_us_per_delivery | f(2)) (\(.server_cpu_us_per_delivery | f(2)))"]
-        | row' "$results/fanout.json" 2>/dev/null ||
-        echo "| fanout | failed: see fanout.log | | | | | |"
+        | row' "$results/$step.json" 2>/dev/null ||
+        echo "| $step | failed: see $step.log | | | | | |"
+}
+
+group_row() {
+    local step=$1
+    jq -r --arg step "$step" "$jq_lib"'
+        ["\($step) (\(.messages) messages)", "\(.members) / \(.online)",
+         "\(.load)\(if .target_rate then " \(.target_rate | f(0))/s" else "" end)",
+         "\(.deliveries) / \(.expected_deliveries)", "\(.missing) / \(.repeated)",
+         "\(.time_to_last_median_ms | f(1)) / \(.time_to_last_max_ms | f(1))",
+         (.messages_per_sec | f(0)),
+         "\(.cpu_us_per_message | f(0)) (\(.redis_us_per_message | f(1)))",
+         "\(.catch_up.complete) / \(.catch_up.members) × \(.catch_up.messages_each): \(.catch_up.time_median_ms | f(1)) / \(.catch_up.time_max_ms | f(1)) ms, \(.catch_up.cpu_us_per_message | f(1)) µs (\(.catch_up.redis_us_per_message | f(1)))"]
+        | row' "$results/$step.json" 2>/dev/null ||
+        echo "| $step | failed: see $step.log | | | | | | | |"
 }
 
 # The fanout-100k processes as one row: a message's time to the last receipt is its latest
@@ -655,12 +685,19 @@ summary() {
             echo "| group fan-out | receivers | deliveries / expected | missing | send → last receipt, median / max ms | deliveries/s | CPU µs / delivery (servers') |"
             echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
             fanout_row
+            fanout_row fanout-500
+            echo
+            echo "| stored group | members / online | load | deliveries / expected | missing / repeated | send → last online receipt, median / max ms | msg/s | CPU µs / msg (Redis) | catch-up: members × messages, median / max, CPU µs / msg (Redis) |"
+            echo "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"
+            for step in group-rate group-rate-2x group-flat; do
+                group_row "$step"
+            done
             echo
             echo "Redis: $redis_url"
             echo
             echo "| Redis per step | nodes | commands | command time ms | share of each node |"
             echo "| --- | ---: | ---: | ---: | --- |"
-            for step in p2p-unloaded p2p-rate p2p-flat fanout; do
+            for step in p2p-unloaded p2p-rate p2p-flat fanout group-rate group-rate-2x group-flat; do
                 redis_split_row "$step"
             done
         fi
@@ -739,6 +776,18 @@ main() {
             $(($(secs_of "$fanout_interval") * fanout_count + fanout_receivers / connect_rate + 120)) \
             fanout --receivers "$fanout_receivers" --interval "$fanout_interval" \
             --count "$fanout_count" --user-offset 300000
+        bench_step fanout-500 $((group_online / connect_rate + 120)) \
+            fanout --receivers "$group_online" --interval 200ms --count 20 --user-offset 320000
+        local g=(--online "$group_online" --catch-up "$group_catch_up")
+        bench_step group-rate $((group_count / group_rate + 180)) \
+            group --members "$group_members" "${g[@]}" --rate "$group_rate" \
+            --count "$group_count" --user-offset 400000
+        bench_step group-rate-2x $((group_count / group_rate + 180)) \
+            group --members $((2 * group_members)) "${g[@]}" --rate "$group_rate" \
+            --count "$group_count" --user-offset 410000
+        bench_step group-flat 300 \
+            group --members "$group_members" "${g[@]}" --flat-out \
+            --count "$group_flat_count" --user-offset 420000
     fi
     wait_idle
     summary
