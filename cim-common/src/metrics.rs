@@ -263,7 +263,7 @@ pub fn error_code_label(code: crate::pb::ErrorCode) -> &'static str {
 }
 
 /// Every frame kind ([`crate::pb::Frame::kind_name`]), indexed by [`frame_kind_index`].
-pub const FRAME_KINDS: [&str; 13] = [
+pub const FRAME_KINDS: [&str; 14] = [
     "unknown",
     "login",
     "login_result",
@@ -277,6 +277,7 @@ pub const FRAME_KINDS: [&str; 13] = [
     "ack",
     "read_mark",
     "typing",
+    "watch_reads",
 ];
 
 /// The index in [`FRAME_KINDS`] of `frame`'s kind (a match on the body's variant: no string).
@@ -296,6 +297,7 @@ pub fn frame_kind_index(frame: &crate::pb::Frame) -> usize {
         Some(Body::Ack(_)) => 10,
         Some(Body::ReadMark(_)) => 11,
         Some(Body::Typing(_)) => 12,
+        Some(Body::WatchReads(_)) => 13,
     }
 }
 

@@ -10,7 +10,7 @@
 use crate::pb::{
     frame::Body, Ack, Conversation, Error, ErrorCode, Frame, GroupEvent, GroupPosition, Kick,
     KickReason, Login, LoginResult, Message, MessageKind, Ping, Pong, Push, ReadMark, Send,
-    SendResult, SendStatus, Typing,
+    SendResult, SendStatus, Typing, WatchReads,
 };
 use proptest::{collection::vec, option, prelude::*};
 use serde_json::Value;
@@ -240,6 +240,8 @@ pub fn frame(enums: Enums) -> BoxedStrategy<Frame> {
                 user_name,
             })
         }),
+        (any::<u64>(), any::<bool>())
+            .prop_map(|(group_id, stop)| Body::WatchReads(WatchReads { group_id, stop })),
     ];
     option::weighted(0.95, body)
         .prop_map(|body| Frame { body })

@@ -49,6 +49,7 @@ impl Frame {
             Some(Body::Ack(_)) => "ack",
             Some(Body::ReadMark(_)) => "read_mark",
             Some(Body::Typing(_)) => "typing",
+            Some(Body::WatchReads(_)) => "watch_reads",
         }
     }
 }

@@ -44,7 +44,9 @@
  * position ({"ack":{"groups":[{groupId, logSeq}]}}). Groups are created and managed over
  * /api/groups. Typing frames go out at most every TYPING_SEND_MS while the user types; one
  * received shows "NAME is typing…" for TYPING_SHOW_MS. A private conversation shows "seen"
- * under the last of my messages the peer's read mark covers.
+ * under the last of my messages the peer's read mark covers; an open stored group watches its
+ * read marks ({"watchReads":{"groupId"}}, stopped when another conversation opens, sent
+ * again at every login) and shows "seen by N" under my last message N members have read.
  *
  * Conversation keys: "group" (everyone online), "system", "user:NAME" (private),
  * "channel:NAME", "grp:ID" (a stored group).
@@ -583,6 +585,8 @@ function onLoginResult(result) {
   // Read marks sent while the socket was gone were lost: send the active one again.
   for (const conv of chat.conversations.values()) conv.readSent = 0;
   markRead(conversation(chat.active));
+  // A watch lives as long as one connection.
+  watchReads(conversation(chat.active), true);
   refreshConversations();
 }
 
@@ -876,6 +880,8 @@ function conversation(key) {
       activity: 0,
       lastText: "",
       peerReadSeq: 0,
+      /** stored group: user id → seq of the read marks received while watching */
+      readers: new Map(),
       /** the seq of the last ReadMark sent */
       readSent: 0,
       historyLoaded: false,
@@ -990,7 +996,9 @@ function setRecordStatus(record, status, text) {
 
 function openConversation(key) {
   const conv = conversation(key);
+  if (chat.active !== key) watchReads(conversation(chat.active), false);
   chat.active = key;
+  watchReads(conv, true);
   conv.unread = 0;
   $("conversation-title").textContent = conversationTitle(conv);
   $("leave-channel").hidden = conv.kind !== "channel";
@@ -1378,21 +1386,46 @@ function markRead(conv) {
   if (sendFrame({ readMark: { conversation: ref, seq: String(seq) } })) conv.readSent = seq;
 }
 
-/** "seen" under the last of my messages the peer's read mark covers (private, open). */
-function renderSeen(conv) {
-  if (conv.key !== chat.active || conv.kind !== "user") return;
-  for (const old of $("messages").querySelectorAll(".seen")) old.remove();
-  const seen = conv.messages.filter((r) => r.mine && r.logSeq && r.logSeq <= conv.peerReadSeq).pop();
-  if (seen && seen.el) seen.el.append(el("div", { class: "seen", text: "seen" }));
+/** Starts or stops getting a stored group's read marks (only groups: private marks come anyway). */
+function watchReads(conv, on) {
+  if (conv.kind !== "grp" || !conv.groupId) return;
+  sendFrame({ watchReads: on ? { groupId: conv.groupId } : { groupId: conv.groupId, stop: true } });
 }
 
-/** The peer read our private conversation up to `seq`. */
+/**
+ * Private (open): "seen" under the last of my messages the peer's read mark covers. Stored
+ * group (open): "seen by N" under my last message, N the members whose marks cover it.
+ */
+function renderSeen(conv) {
+  if (conv.key !== chat.active || (conv.kind !== "user" && conv.kind !== "grp")) return;
+  for (const old of $("messages").querySelectorAll(".seen")) old.remove();
+  if (conv.kind === "user") {
+    const seen = conv.messages.filter((r) => r.mine && r.logSeq && r.logSeq <= conv.peerReadSeq).pop();
+    if (seen && seen.el) seen.el.append(el("div", { class: "seen", text: "seen" }));
+    return;
+  }
+  const last = conv.messages.filter((r) => r.mine && r.logSeq).pop();
+  if (!last || !last.el) return;
+  const readers = [...conv.readers.values()].filter((seq) => seq >= last.logSeq).length;
+  if (readers > 0) last.el.append(el("div", { class: "seen", text: `seen by ${readers}` }));
+}
+
+/** Someone read a conversation of mine: the private peer, or a member of a watched group. */
 function onReadMark(mark) {
   const ref = mark.conversation || {};
-  if (!ref.userId) return; // group marks are not relayed
+  const seq = Number(mark.seq) || 0;
+  if (ref.groupId) {
+    const conv = chat.conversations.get(`grp:${ref.groupId}`);
+    if (!conv || !mark.userId) return;
+    const id = String(mark.userId);
+    conv.readers.set(id, Math.max(conv.readers.get(id) || 0, seq));
+    renderSeen(conv);
+    return;
+  }
+  if (!ref.userId) return;
   const conv = [...chat.conversations.values()].find((c) => c.kind === "user" && c.userId === String(ref.userId));
   if (!conv) return;
-  conv.peerReadSeq = Math.max(conv.peerReadSeq, Number(mark.seq) || 0);
+  conv.peerReadSeq = Math.max(conv.peerReadSeq, seq);
   renderSeen(conv);
 }
 

@@ -11,6 +11,11 @@
 //! One connection per user per server, so subscriptions are kept by user id and dropped
 //! when the user's connection leaves the table.
 //!
+//! A subscribed connection may also watch a group's read marks (`WatchReads`, at most
+//! [`MAX_READ_WATCHES`] groups): the route relays every group read mark to every live server,
+//! and each hands it to the watchers here only ([`GroupSubs::read_watchers`]). A watch ends
+//! with the subscription (left, removed, disbanded, disconnected).
+//!
 //! Events of one group may reach a server out of order with its messages (two routes push
 //! concurrently). So every pushed group message carries the membership version it was
 //! appended under; a server that has not seen that version checks its subscribers against
@@ -30,6 +35,21 @@ struct Subs {
     /// Per group, the newest membership version this server has checked its subscribers
     /// against (see [`GroupSubs::stale`]).
     versions: HashMap<u64, u64>,
+    /// Per group, the subscribers that watch its read marks (a subset of `by_group`'s).
+    read_watchers: HashMap<u64, HashSet<u64>>,
+}
+
+/// Groups one connection may watch the read marks of at once (a client watches the
+/// conversations it shows, not all of its groups).
+pub(crate) const MAX_READ_WATCHES: usize = 16;
+
+/// Why a `WatchReads` was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum WatchRefused {
+    /// The user is no member of the group (as far as this server knows).
+    NotMember,
+    /// The connection watches [`MAX_READ_WATCHES`] groups already.
+    TooMany,
 }
 
 /// The subscriptions of this server's connections (see the module docs).
@@ -49,6 +69,7 @@ impl GroupSubs {
     }
 
     fn unsubscribe(subs: &mut Subs, user: u64, group: u64) {
+        Self::unwatch(subs, user, group);
         if let Some(users) = subs.by_group.get_mut(&group) {
             users.remove(&user);
             if users.is_empty() {
@@ -69,6 +90,7 @@ impl GroupSubs {
         let mut subs = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(groups) = subs.by_user.remove(&user) {
             for g in groups {
+                Self::unwatch(&mut subs, user, g);
                 if let Some(users) = subs.by_group.get_mut(&g) {
                     users.remove(&user);
                     if users.is_empty() {
@@ -107,6 +129,49 @@ impl GroupSubs {
     pub(crate) fn members(&self, group: u64, except: u64) -> Vec<u64> {
         let subs = self.inner.read().unwrap_or_else(PoisonError::into_inner);
         subs.by_group
+            .get(&group)
+            .map(|users| users.iter().copied().filter(|&u| u != except).collect())
+            .unwrap_or_default()
+    }
+
+    /// Starts (`on`) or ends the watch of `user` on `group`'s read marks. Only a subscriber
+    /// (a member connected here) may watch; ending a watch that is none is no error.
+    pub(crate) fn watch_reads(&self, user: u64, group: u64, on: bool) -> Result<(), WatchRefused> {
+        let mut subs = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        if !on {
+            Self::unwatch(&mut subs, user, group);
+            return Ok(());
+        }
+        let Some(groups) = subs.by_user.get(&user) else {
+            return Err(WatchRefused::NotMember);
+        };
+        if !groups.contains(&group) {
+            return Err(WatchRefused::NotMember);
+        }
+        let watching = |g: &u64| subs.read_watchers.get(g).is_some_and(|w| w.contains(&user));
+        if watching(&group) {
+            return Ok(());
+        }
+        if groups.iter().filter(|g| watching(g)).count() >= MAX_READ_WATCHES {
+            return Err(WatchRefused::TooMany);
+        }
+        subs.read_watchers.entry(group).or_default().insert(user);
+        Ok(())
+    }
+
+    fn unwatch(subs: &mut Subs, user: u64, group: u64) {
+        if let Some(users) = subs.read_watchers.get_mut(&group) {
+            users.remove(&user);
+            if users.is_empty() {
+                subs.read_watchers.remove(&group);
+            }
+        }
+    }
+
+    /// The users here watching `group`'s read marks, but `except` (who set the mark).
+    pub(crate) fn read_watchers(&self, group: u64, except: u64) -> Vec<u64> {
+        let subs = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        subs.read_watchers
             .get(&group)
             .map(|users| users.iter().copied().filter(|&u| u != except).collect())
             .unwrap_or_default()
@@ -205,5 +270,39 @@ mod tests {
         assert!(subs.members(10, 0).is_empty());
         subs.forget_user(1);
         assert!(subs.members(11, 0).is_empty());
+    }
+
+    #[test]
+    fn read_watches_are_for_members_bounded_and_end_with_the_membership() {
+        let subs = GroupSubs::default();
+        let groups: Vec<u64> = (1..=20).collect();
+        subs.subscribe(1, &groups);
+        subs.subscribe(2, &[1, 2]);
+        assert_eq!(subs.watch_reads(3, 1, true), Err(WatchRefused::NotMember));
+        assert_eq!(subs.watch_reads(2, 5, true), Err(WatchRefused::NotMember));
+        for g in 1..=MAX_READ_WATCHES as u64 {
+            assert_eq!(subs.watch_reads(1, g, true), Ok(()));
+        }
+        // Watching one again is no new watch; one more group is.
+        assert_eq!(subs.watch_reads(1, 1, true), Ok(()));
+        assert_eq!(subs.watch_reads(1, 20, true), Err(WatchRefused::TooMany));
+        assert_eq!(subs.watch_reads(1, 16, false), Ok(()));
+        assert_eq!(subs.watch_reads(1, 20, true), Ok(()));
+        assert_eq!(subs.watch_reads(2, 1, true), Ok(()));
+        let mut w = subs.read_watchers(1, 0);
+        w.sort_unstable();
+        assert_eq!(w, [1, 2]);
+        // The one who set the mark does not get it back.
+        assert_eq!(subs.read_watchers(1, 2), [1]);
+        assert!(subs.read_watchers(16, 0).is_empty());
+        // Removed from the group: no more marks of it; disconnected: none at all.
+        subs.after_event(&event(GroupEventType::Removed, 1, &[1]));
+        assert_eq!(subs.read_watchers(1, 0), [2]);
+        assert_eq!(subs.read_watchers(2, 0), [1]);
+        subs.forget_user(1);
+        assert!(subs.read_watchers(2, 0).is_empty());
+        assert!(subs.read_watchers(20, 0).is_empty());
+        subs.after_event(&event(GroupEventType::Disbanded, 1, &[]));
+        assert!(subs.read_watchers(1, 0).is_empty());
     }
 }

@@ -94,10 +94,11 @@ pub(crate) fn signal(table: &ConnTable, signals: Vec<Signal>) -> u64 {
             }
             None => continue,
         };
-        let recipients = if s.group_id != 0 {
-            table.groups.members(s.group_id, from)
-        } else {
-            s.recipients
+        // A group's typing goes to its members here, its read marks to those watching them.
+        let recipients = match (s.group_id, &frame.body) {
+            (0, _) => s.recipients,
+            (g, Some(Body::ReadMark(_))) => table.groups.read_watchers(g, from),
+            (g, _) => table.groups.members(g, from),
         };
         delivered += table.enqueue_many(&recipients, &Outbound::new(frame)).len() as u64;
     }

@@ -282,6 +282,87 @@ async fn history_pages_both_ways_and_unread_counts_follow_read_marks_across_serv
     Ok(())
 }
 
+/// A group's read marks go live to the members that watch them (`WatchReads`), over the
+/// connection or HTTP, on any server; not to the others, nor after the watch stopped. Only
+/// members may watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_read_marks_reach_the_members_watching_them() -> anyhow::Result<()> {
+    let cluster = Cluster::builder().servers(2).routes(1).start().await?;
+    let route = cluster.route();
+    // Round-robin: alice and carol on one server, bob and dave on the other.
+    let mut alice = cluster.user("alice", Transport::Tcp).await?;
+    let mut bob = cluster.user("bob", Transport::WsJson).await?;
+    let mut carol = cluster.user("carol", Transport::Tcp).await?;
+    let mut dave = cluster.user("dave", Transport::Tcp).await?;
+    assert_eq!(alice.server_id(), carol.server_id());
+    assert_ne!(alice.server_id(), bob.server_id());
+    let g = route
+        .create_group(&alice.login.session_token, "team", &[bob.id(), carol.id()])
+        .await?
+        .group
+        .id;
+    next_event(&mut bob, g, GroupEventType::Joined).await?;
+    next_event(&mut carol, g, GroupEventType::Joined).await?;
+    let sent = alice.send_group_chat(g, "read me").await?;
+    let watch = |group_id, stop| {
+        pb::Frame::new(pb::frame::Body::WatchReads(pb::WatchReads {
+            group_id,
+            stop,
+        }))
+    };
+    let read = |seq| {
+        pb::Frame::new(pb::frame::Body::ReadMark(pb::ReadMark {
+            conversation: Some(group(g)),
+            seq,
+            user_id: 0,
+        }))
+    };
+
+    // Dave is no member: refused. Carol watches (her ping's answer: the watch is in place).
+    dave.send_frame(&watch(g, false)).await?;
+    let refused = dave.next_error().await?;
+    assert_eq!(refused.code, pb::ErrorCode::Forbidden as i32, "{refused:?}");
+    carol.send_frame(&watch(g, false)).await?;
+    carol.ping(1).await?;
+
+    // Bob reads over his connection: carol, on the other server, is told.
+    bob.send_frame(&read(sent.log_seq)).await?;
+    let mark = carol.next_read_mark().await?;
+    assert_eq!(
+        (mark.user_id, mark.seq, mark.conversation),
+        (bob.id(), sent.log_seq, Some(group(g)))
+    );
+    // Alice shares carol's server and watches nothing: a server queues one relayed signal
+    // for all its recipients at once, so had she been one, she had it before her pong.
+    let before_pong = alice.ping(2).await?;
+    assert!(
+        !before_pong
+            .iter()
+            .any(|f| matches!(f.body, Some(pb::frame::Body::ReadMark(_)))),
+        "a member not watching got a read mark: {before_pong:?}"
+    );
+
+    // Carol stops, alice starts: bob's next mark, over HTTP, reaches alice only.
+    carol.send_frame(&watch(g, true)).await?;
+    alice.send_frame(&watch(g, false)).await?;
+    carol.ping(3).await?;
+    alice.ping(4).await?;
+    let second = alice.send_group_chat(g, "and me").await?;
+    route
+        .mark_read(&bob.login.session_token, &group(g), second.log_seq)
+        .await?;
+    let mark = alice.next_read_mark().await?;
+    assert_eq!((mark.user_id, mark.seq), (bob.id(), second.log_seq));
+    let before_pong = carol.ping(5).await?;
+    assert!(
+        !before_pong
+            .iter()
+            .any(|f| matches!(f.body, Some(pb::frame::Body::ReadMark(_)))),
+        "a stopped watch still got a read mark: {before_pong:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_reaches_online_members_only() -> anyhow::Result<()> {
     let cluster = Cluster::builder().servers(2).routes(1).start().await?;

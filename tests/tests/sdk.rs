@@ -353,6 +353,52 @@ async fn a_graceful_server_shutdown_moves_the_client_to_another_server() -> anyh
     Ok(())
 }
 
+/// A watch of a group's read marks lives in the client, not in one connection: after the
+/// client reconnects (its server was killed) it still gets the other members' marks.
+#[tokio::test]
+async fn a_group_read_mark_watch_survives_a_reconnect() -> anyhow::Result<()> {
+    let mut cluster = Cluster::builder()
+        .server_config(|c| c.registry_ttl_secs = 2)
+        .start()
+        .await?;
+    let (alice, mut alice_events) = user(&cluster, "alice", Transport::Tcp).await?;
+    let (bob, _bob_events) = user(&cluster, "bob", Transport::Tcp).await?;
+    let victim = server_of(&alice);
+    assert_ne!(victim, server_of(&bob));
+    let g = alice
+        .create_group("team", &[bob.info().user_id])
+        .await?
+        .group
+        .id;
+    let conv = cim_sdk::pb::Conversation {
+        user_id: 0,
+        group_id: g,
+    };
+    let first = bob.send_group_chat(g, "hello").await?;
+    alice.watch_reads(g, true).await?;
+
+    cluster.take_server(&victim).context("victim")?.kill();
+    reconnected(&mut alice_events).await?;
+    // The client tells the new connection its watches before anything else it writes: once
+    // this send is answered, the server has the watch.
+    alice.send_group_chat(g, "back").await?;
+    assert_eq!(
+        bob.mark_read_http(&conv, first.log_seq).await?,
+        first.log_seq
+    );
+    let (_, (by, seq, c)) = wait_for(&mut alice_events, "bob's read mark", |e| match e {
+        Event::ReadMark {
+            conversation,
+            by_user_id,
+            seq,
+        } => Some((*by_user_id, *seq, *conversation)),
+        _ => None,
+    })
+    .await?;
+    assert_eq!((by, seq, c), (bob.info().user_id, first.log_seq, conv));
+    Ok(())
+}
+
 #[tokio::test]
 async fn connect_errors_are_returned_to_the_caller() -> anyhow::Result<()> {
     let cluster = Cluster::builder().start().await?;

@@ -8,7 +8,7 @@
 // Two browser contexts (two people, separate storage): the first on a desktop-sized window,
 // the second on a phone-sized one. They register through the page, chat privately (unread
 // badge, "seen" once the other opened it, a typing indicator), in the group of everyone online,
-// in a stored group created from the page (a member added, messages both ways, acked by
+// in a stored group created from the page (a member added, messages both ways, "seen by 1", acked by
 // position) and in a channel; a message full of markup must show as text and never run; the
 // second page reloads: its conversation list comes back in the same order and opening a
 // conversation loads its newest history page, scrolling to the top the older ones; what was sent to it while away is replayed (marked as
@@ -304,6 +304,12 @@ async function scenario(browser, args) {
     });
     await openConversation(bob, key);
     await sees(bob, "Welcome to the release crew!");
+    // Alice has the group open, so she watches its read marks: bob's opening reads it.
+    if (!framesOf(alice, "watchReads").some((f) => f.watchReads.groupId === key.slice("grp:".length) && !f.watchReads.stop))
+      throw new Error(`${alice.name} did not watch the group's read marks`);
+    await context(`"seen by 1" under ${alice.name}'s welcome once ${bob.name} read it`, () =>
+      message(alice, "Welcome to the release crew!", { mine: true }).locator(".seen", { hasText: "seen by 1" }).waitFor(),
+    );
     await say(bob, "Thanks, glad to be here.");
     await sees(alice, "glad to be here");
     const groupId = key.slice("grp:".length);

@@ -221,11 +221,9 @@ pub async fn mark_read(
         .mark_read(user, conv, seq)
         .await?
         .ok_or_else(|| not_found(conv))?;
-    // The peer sees "seen" live, as for a mark sent over a connection (group marks are not
-    // relayed: see `routing::signals`).
-    if let ConvKey::User(peer) = conv {
-        crate::routing::relay_read_mark(state, user, peer, read_seq).await;
-    }
+    // The peer (a group: its members watching the marks) sees "seen" live, as for a mark
+    // sent over a connection.
+    crate::routing::relay_read_mark(state, user, conv, read_seq).await;
     Ok(ReadMarkAnswer { read_seq })
 }
 

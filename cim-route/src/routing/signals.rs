@@ -1,10 +1,11 @@
 //! Read marks and typing indicators that clients sent over their connections
 //! ([`relay_signals`]). Neither is a message: a read mark is stored (the user's position in
 //! the conversation, see `History::mark_read`) and then relayed; a typing frame is only
-//! relayed. Private conversations: to the peer's server (one route lookup); groups: typing
-//! to every live server with the group's id (its members online get it, as for a group
-//! message). Group read marks are stored but not relayed live: every member reading every
-//! message would make members × members frames; members' marks are read over HTTP.
+//! relayed. Private conversations: to the peer's server (one route lookup); groups: to every
+//! live server with the group's id, where typing reaches the members online (as a group
+//! message does) and read marks only the members that watch the group's marks
+//! (`WatchReads`): every member getting every member's marks would be members × members
+//! frames for a group where everyone reads everything.
 //! Best effort: a relay that fails is not retried (marks are kept; indicators are worth
 //! nothing late).
 
@@ -61,8 +62,11 @@ pub async fn relay_signals(state: &AppState, items: Vec<SignalItem>) {
                         continue;
                     }
                 };
-                if let ConvKey::User(peer) = conv {
-                    to_users.push((peer, read_mark_signal(user, peer, stored)));
+                match conv {
+                    ConvKey::User(peer) => {
+                        to_users.push((peer, read_mark_signal(user, conv, stored)))
+                    }
+                    ConvKey::Group(_) => to_groups.push(read_mark_signal(user, conv, stored)),
                 }
             }
             SignalItem::Typing(user, name, typing) => {
@@ -114,31 +118,47 @@ pub async fn relay_signals(state: &AppState, items: Vec<SignalItem>) {
     send_signals(state, to_users, to_groups).await;
 }
 
-/// The ReadMark frame telling `peer` that `user` read their conversation up to `seq`.
-fn read_mark_signal(user: u64, peer: u64, seq: u64) -> Signal {
-    Signal {
-        recipients: vec![peer],
-        group_id: 0,
-        body: Some(signal::Body::ReadMark(ReadMark {
-            // As the peer sees the conversation: with this user.
-            conversation: Some(Conversation {
+/// The ReadMark frame telling the others in `conv` that `user` read it up to `seq`: the
+/// peer of a private conversation, or a group's watchers.
+fn read_mark_signal(user: u64, conv: ConvKey, seq: u64) -> Signal {
+    let (recipients, group_id, conversation) = match conv {
+        // As the peer sees the conversation: with this user.
+        ConvKey::User(peer) => (
+            vec![peer],
+            0,
+            Conversation {
                 user_id: user,
                 group_id: 0,
-            }),
+            },
+        ),
+        ConvKey::Group(group) => (
+            Vec::new(),
+            group,
+            Conversation {
+                user_id: 0,
+                group_id: group,
+            },
+        ),
+    };
+    Signal {
+        recipients,
+        group_id,
+        body: Some(signal::Body::ReadMark(ReadMark {
+            conversation: Some(conversation),
             seq,
             user_id: user,
         })),
     }
 }
 
-/// Relays a private read mark already stored (the HTTP `…/read` endpoint) to the peer.
-pub async fn relay_read_mark(state: &AppState, user: u64, peer: u64, seq: u64) {
-    send_signals(
-        state,
-        vec![(peer, read_mark_signal(user, peer, seq))],
-        Vec::new(),
-    )
-    .await;
+/// Relays a read mark already stored (the HTTP `…/read` endpoints) to the peer, or to the
+/// group's watchers.
+pub async fn relay_read_mark(state: &AppState, user: u64, conv: ConvKey, seq: u64) {
+    let signal = read_mark_signal(user, conv, seq);
+    match conv {
+        ConvKey::User(peer) => send_signals(state, vec![(peer, signal)], Vec::new()).await,
+        ConvKey::Group(_) => send_signals(state, Vec::new(), vec![signal]).await,
+    }
 }
 
 /// Sends signals to the servers of their users (one route lookup for all) and group

@@ -53,7 +53,9 @@ pub enum Event {
         at_ms: i64,
     },
     /// Someone read a conversation of this user's up to `seq` (a `log_seq`): in a private
-    /// conversation the peer ("seen"); `conversation` names it as this user sees it.
+    /// conversation the peer ("seen"), in a group a member (only while this client watches
+    /// the group's marks: [`crate::Client::watch_reads`]); `conversation` names it as this
+    /// user sees it.
     ReadMark {
         conversation: pb::Conversation,
         by_user_id: u64,

@@ -235,6 +235,7 @@ impl Client {
             recent: RecentIds::new(DEFAULT_CAPACITY),
             token: Some(login.session_token),
             attempt: 0,
+            read_watches: Default::default(),
         };
         tokio::spawn(worker.run(live));
         let client = Client {
@@ -319,7 +320,8 @@ impl Client {
     }
 
     /// Marks `conversation` read up to `seq` (a `log_seq`; marks never move back). The peer
-    /// of a private conversation gets an [`crate::Event::ReadMark`]. Written over the
+    /// of a private conversation gets an [`crate::Event::ReadMark`], in a group the members
+    /// that watch its marks ([`Client::watch_reads`]). Written over the
     /// connection, answered by nothing: the mark is in the store once the route has it
     /// (read it back with the conversation list).
     pub async fn mark_read(
@@ -332,6 +334,21 @@ impl Client {
             seq,
             user_id: 0,
         })))
+        .await
+    }
+
+    /// Starts (or, `watch` false, stops) getting the read marks the other members of stored
+    /// group `group_id` set, as [`crate::Event::ReadMark`]s: e.g. while the group's
+    /// conversation is on screen, to show who has seen what. Kept across reconnects until
+    /// stopped. The server refuses a non-member (an `Error` frame: `Forbidden`) and more
+    /// than 16 watched groups per connection.
+    pub async fn watch_reads(&self, group_id: u64, watch: bool) -> Result<(), ClientError> {
+        self.signal(pb::Frame::new(pb::frame::Body::WatchReads(
+            pb::WatchReads {
+                group_id,
+                stop: !watch,
+            },
+        )))
         .await
     }
 

@@ -13,7 +13,7 @@ use crate::{
     ClientInfo, Transport,
 };
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     sync::{atomic::AtomicU64, Mutex},
     time::Duration,
 };
@@ -52,8 +52,9 @@ pub(crate) enum LogoutSlot {
 /// One send, from a handle to the task.
 pub(crate) struct Command {
     pub send: pb::Send,
-    /// Instead of the send: a frame written as it is, answered once written (read marks and
-    /// typing indicators: the server answers nothing). Not written again after a reconnect.
+    /// Instead of the send: a frame written as it is, answered once written (read marks,
+    /// typing indicators, read-mark watches: the server answers nothing). Not written again
+    /// after a reconnect (but the watches: see [`Worker::read_watches`]).
     pub signal: Option<Frame>,
     pub reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
     /// After this the caller has given up: the send must not be written any more.
@@ -111,6 +112,9 @@ pub(crate) struct Worker {
     pub token: Option<String>,
     /// Reconnect attempts of the current outage.
     pub attempt: u32,
+    /// Groups whose read marks the application watches (`WatchReads`): a watch lives as long
+    /// as the server's connection, so each new connection is told them again.
+    pub read_watches: BTreeSet<u64>,
 }
 
 impl Worker {
@@ -175,6 +179,15 @@ impl Worker {
         if let Err(e) = resend(live, pending).await {
             return End::Reconnect(format!("send failed: {e}"));
         }
+        for &group_id in &self.read_watches {
+            let watch = Frame::new(Body::WatchReads(pb::WatchReads {
+                group_id,
+                stop: false,
+            }));
+            if let Err(e) = write(&mut live.conn, &watch).await {
+                return End::Reconnect(format!("send failed: {e}"));
+            }
+        }
         loop {
             let listening = backlog.is_empty();
             // Unbiased on purpose: a flood of incoming frames must not starve heartbeats
@@ -230,6 +243,13 @@ impl Worker {
                 command = self.commands.recv() => {
                     // `None`: every handle is gone; the stop token is cancelled too.
                     let Some(command) = command else { break End::Stop };
+                    if let Some(Frame { body: Some(Body::WatchReads(w)) }) = &command.signal {
+                        if w.stop {
+                            self.read_watches.remove(&w.group_id);
+                        } else {
+                            self.read_watches.insert(w.group_id);
+                        }
+                    }
                     if let Err(e) = submit(live, transport, command, pending).await {
                         break End::Reconnect(format!("send failed: {e}"));
                     }

@@ -253,6 +253,7 @@ async fn harness(event_capacity: usize) -> Harness {
         recent: RecentIds::new(DEFAULT_CAPACITY),
         token: None,
         attempt: 0,
+        read_watches: Default::default(),
     };
     Harness {
         worker,

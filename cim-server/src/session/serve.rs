@@ -11,6 +11,7 @@ use crate::{
     ack::{self, AckItem},
     conn::{ConnShared, Outbound},
     forward::Signal,
+    groups::{WatchRefused, MAX_READ_WATCHES},
     metrics::Tally,
     pb::{frame::Body, ErrorCode, Frame, KickReason, LoginResult, Pong, SendResult},
     server::ServerState,
@@ -110,6 +111,29 @@ fn on_recv(
             } else if conn.typing_allowed(cim_common::time::now_ms(), TYPING_MIN_GAP_MS) {
                 // Dropped when the queue is full: an indicator is worth nothing late.
                 let _ = state.forward.submit_signal(conn, Signal::Typing(typing));
+            }
+        }
+        Some(Body::WatchReads(w)) => {
+            match state
+                .table
+                .groups
+                .watch_reads(conn.user_id, w.group_id, !w.stop)
+            {
+                Ok(()) => {}
+                Err(WatchRefused::NotMember) => conn.reply(Frame::error(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "not a member of group {}: only members watch its read marks",
+                        w.group_id
+                    ),
+                )),
+                Err(WatchRefused::TooMany) => conn.reply(Frame::error(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "a connection watches the read marks of at most {MAX_READ_WATCHES} \
+                         groups: stop one first"
+                    ),
+                )),
             }
         }
         Some(Body::Login(_)) => conn.reply(Frame::error(

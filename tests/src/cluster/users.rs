@@ -158,6 +158,15 @@ impl TestUser {
         .await
     }
 
+    /// The next Error frame.
+    pub async fn next_error(&mut self) -> anyhow::Result<pb::Error> {
+        self.next_where("an error frame", |f| match &f.body {
+            Some(Body::Error(e)) => Some(e.clone()),
+            _ => None,
+        })
+        .await
+    }
+
     /// The next ReadMark frame.
     pub async fn next_read_mark(&mut self) -> anyhow::Result<pb::ReadMark> {
         self.next_where("a read mark", |f| match &f.body {
