@@ -24,7 +24,7 @@
 #                 the broadcast a stored group's send → last receipt compares with
 #   group-rate    a stored group of [1000] BASELINE_GROUP_MEMBERS members, the online ones
 #                 connected, [20] BASELINE_GROUP_RATE msg/s for [200] BASELINE_GROUP_COUNT
-#                 messages; then [10] BASELINE_GROUP_CATCH_UP offline members catch up
+#                 messages; then [100] BASELINE_GROUP_CATCH_UP offline members catch up
 #   group-rate-2x the same with twice the members (at most the route's groups.max_members,
 #                 2,000 by default): Redis CPU per message must not grow with them
 #   group-flat    the first group's sizes flat out (window 32), [1000]
@@ -124,7 +124,7 @@ group_online=${BASELINE_GROUP_ONLINE:-500}
 group_rate=${BASELINE_GROUP_RATE:-20}
 group_count=${BASELINE_GROUP_COUNT:-200}
 group_flat_count=${BASELINE_GROUP_FLAT_COUNT:-1000}
-group_catch_up=${BASELINE_GROUP_CATCH_UP:-10}
+group_catch_up=${BASELINE_GROUP_CATCH_UP:-100}
 big_connections=${BASELINE_100K_CONNECTIONS:-100000}
 big_processes=${BASELINE_100K_PROCESSES:-6}
 big_hold=${BASELINE_100K_HOLD:-30s}
