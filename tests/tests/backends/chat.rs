@@ -486,6 +486,17 @@ pub(crate) async fn private_logs_are_shared_by_the_pair_and_idempotent(
         [1, 2, 3, 4]
     );
 
+    // The same id twice in one call: kept once, the second answered with the first's copy.
+    let mut twice = vec![pmsg("p6", 1, 2, base + 60), pmsg("p6", 1, 2, base + 61)];
+    twice[1].body = "second attempt".to_string();
+    s.private_append(&mut twice).await?;
+    assert_eq!(log_seqs(&twice), [5, 5]);
+    assert_eq!(twice[1], twice[0], "the first attempt's copy");
+    assert_eq!(
+        msg_ids(&page(1, 2).await?.expect("readable")),
+        ["p1", "p2", "p4", "p5", "p6"]
+    );
+
     // Ids are scoped by conversation: the same id elsewhere is another message.
     let mut elsewhere = [pmsg("p1", 3, 4, base + 6)];
     s.private_append(&mut elsewhere).await?;
@@ -499,7 +510,7 @@ pub(crate) async fn private_logs_are_shared_by_the_pair_and_idempotent(
     }];
     s.private_append(&mut system).await?;
     assert_eq!(system[0].log_seq, 0);
-    assert_eq!(page(2, 1).await?.expect("readable").len(), 4);
+    assert_eq!(page(2, 1).await?.expect("readable").len(), 5);
     s.private_append(&mut []).await?;
     Ok(())
 }
