@@ -184,7 +184,19 @@ fn parse_stream_entry(entry: &Value) -> Option<StoredEvent> {
     })
 }
 
-/// The stream fields of a message event (after `t`, `u`, `n`, `s`, `at`).
+/// The stream fields every event starts with (kind, user, name, server, time): the plain
+/// XADD of presence events and the once-only script of message events write the same.
+fn event_fields(event: &PresenceEvent) -> [(&'static str, String); 5] {
+    [
+        ("t", event.kind.as_str().to_string()),
+        ("u", event.user_id.to_string()),
+        ("n", event.name.clone()),
+        ("s", event.server_id.clone()),
+        ("at", event.at_ms.to_string()),
+    ]
+}
+
+/// The stream fields of a message event (after [`event_fields`]).
 fn message_fields(m: &MessageEvent) -> Vec<(&'static str, String)> {
     let conv = match m.conversation_type.as_str() {
         "group" => crate::store::ConvKey::Group(m.conversation_id),
@@ -220,18 +232,8 @@ impl Events for RedisStore {
                 .arg(self.events_max_len.div_ceil(shards))
                 .arg(format!("{}/{}", m.id, event.user_id))
                 .arg(now)
-                .arg(window)
-                .arg("t")
-                .arg(event.kind.as_str())
-                .arg("u")
-                .arg(event.user_id)
-                .arg("n")
-                .arg(&event.name)
-                .arg("s")
-                .arg(&event.server_id)
-                .arg("at")
-                .arg(event.at_ms);
-            for (field, value) in message_fields(m) {
+                .arg(window);
+            for (field, value) in event_fields(event).into_iter().chain(message_fields(m)) {
                 inv.arg(field).arg(value);
             }
             batch.add(&stream, |pipe| {
@@ -387,17 +389,10 @@ impl RedisStore {
             .arg("MAXLEN")
             .arg("~")
             .arg(self.events_max_len.div_ceil(shards))
-            .arg("*")
-            .arg("t")
-            .arg(event.kind.as_str())
-            .arg("u")
-            .arg(event.user_id)
-            .arg("n")
-            .arg(&event.name)
-            .arg("s")
-            .arg(&event.server_id)
-            .arg("at")
-            .arg(event.at_ms);
+            .arg("*");
+        for (field, value) in event_fields(event) {
+            pipe.arg(field).arg(value);
+        }
         if !event.reason.is_empty() {
             pipe.arg("r").arg(&event.reason);
         }
