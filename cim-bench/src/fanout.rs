@@ -21,7 +21,7 @@ use crate::{
     connect::{servers_of, transport_name},
     p2p::opt,
     probe::{self, CpuUsage},
-    report::{self, code_name, int, ms, num, per_sec, Failures},
+    report::{self, code_name, int, ms, num, per_sec, Failures, Tally},
     setup::{close_all, heartbeat, ping, receive_pushes, Opened, Setup},
     DRAIN_DEADLINE,
 };
@@ -40,7 +40,7 @@ use std::{
     },
     time::{Duration, SystemTime},
 };
-use tokio::{sync::Notify, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Initial buffer size of each receiver connection (a push of one message is ~100 bytes).
@@ -160,25 +160,10 @@ pub(crate) struct Slot {
 
 struct Shared {
     slots: Vec<Slot>,
-    deliveries: AtomicU64,
+    deliveries: Tally,
     /// Messages (numbers) that reached at least one receiver here.
     seen: AtomicU64,
     failures: Failures,
-    /// Signalled whenever deliveries grow.
-    progress: Notify,
-}
-
-impl Shared {
-    /// Returns once the receivers here have `target` deliveries.
-    async fn reached(&self, target: u64) {
-        loop {
-            let notified = self.progress.notified();
-            if self.deliveries.load(Relaxed) >= target {
-                return;
-            }
-            notified.await;
-        }
-    }
 }
 
 /// Runs the `fanout` scenario.
@@ -221,10 +206,9 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
 
     let shared = Arc::new(Shared {
         slots: (0..opts.count).map(|_| Slot::default()).collect(),
-        deliveries: AtomicU64::new(0),
+        deliveries: Tally::default(),
         seen: AtomicU64::new(0),
         failures: Failures::default(),
-        progress: Notify::new(),
     });
     let stop = CancellationToken::new();
     let receiver_tasks: Vec<_> = opened
@@ -259,7 +243,7 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
             };
             format!(
                 "fanout: {what} {n}/{count}, deliveries {}",
-                s.deliveries.load(Relaxed)
+                s.deliveries.get()
             )
         }
     });
@@ -280,7 +264,7 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
     } else {
         outcome.accepted * n as u64
     };
-    let _ = tokio::time::timeout(DRAIN_DEADLINE, shared.reached(expected)).await;
+    let _ = tokio::time::timeout(DRAIN_DEADLINE, shared.deliveries.reached(expected)).await;
     let after = setup.snapshot(&servers_of(&servers), &routes).await;
     stop.cancel();
     for task in receiver_tasks {
@@ -311,7 +295,7 @@ pub async fn run_fanout(setup: &Setup, opts: FanoutOpts) -> anyhow::Result<Fanou
         .map(|m| m.last_unix_ns.saturating_sub(m.sent_unix_ns) as f64 / 1e6)
         .collect();
     times.sort_by(f64::total_cmp);
-    let deliveries = shared.deliveries.load(Relaxed);
+    let deliveries = shared.deliveries.get();
     let busy_secs: f64 = times.iter().sum::<f64>() / 1000.0;
     let cpu = probe::cpu_delta(&before, &after);
     let per_delivery = |ms: Option<u64>| ms.and_then(|ms| per_sec(ms * 1000, deliveries as f64));
@@ -383,14 +367,14 @@ async fn await_others(
 /// here has all `count` messages, or the sender's schedule and the drain deadline are over.
 async fn await_messages(opts: &FanoutOpts, shared: &Shared) {
     let all = opts.count as u64 * opts.receivers as u64;
-    if tokio::time::timeout(opts.start_wait, shared.reached(1))
+    if tokio::time::timeout(opts.start_wait, shared.deliveries.reached(1))
         .await
         .is_err()
     {
         return;
     }
     let schedule = opts.interval * u32::try_from(opts.count).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(schedule + DRAIN_DEADLINE, shared.reached(all)).await;
+    let _ = tokio::time::timeout(schedule + DRAIN_DEADLINE, shared.deliveries.reached(all)).await;
 }
 
 pub(crate) fn median(sorted: &[f64]) -> Option<f64> {
@@ -523,10 +507,7 @@ async fn receive(receiver: Opened, shared: Arc<Shared>, stop: CancellationToken)
             slot.last_ns.fetch_max(now_ns, Relaxed);
             got += 1;
         }
-        if got > 0 {
-            shared.deliveries.fetch_add(got, Relaxed);
-            shared.progress.notify_waiters();
-        }
+        shared.deliveries.add(got);
     })
     .await;
 }

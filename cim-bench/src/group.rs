@@ -26,9 +26,9 @@
 use crate::{
     connect::{servers_of, transport_name},
     fanout::{median, unix_ns, Slot},
-    p2p::{opt, Load},
+    p2p::{opt, Load, RATE_MODE_MAX_OUTSTANDING},
     probe::{self, CpuUsage},
-    report::{self, code_name, int, ms, num, per_sec, Failures},
+    report::{self, code_name, int, ms, num, per_sec, Failures, Tally},
     setup::{close_all, heartbeat, open, ping, receive_pushes, BenchUser, Opened, Setup},
     DRAIN_DEADLINE,
 };
@@ -46,7 +46,7 @@ use std::{
     },
     time::Duration,
 };
-use tokio::{sync::Notify, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Initial buffer size of each member connection (a push of one message is ~120 bytes; a
@@ -62,10 +62,6 @@ const BODY_PREFIX: &str = "group ";
 /// Longest wait for any answer while sends are outstanding: a cluster that answers nothing
 /// for this long has lost the sender's messages.
 const RESULT_DEADLINE: Duration = Duration::from_secs(30);
-
-/// In rate mode, sends the sender may have unanswered before it pauses (the schedule catches
-/// up once answers arrive).
-const RATE_MODE_MAX_OUTSTANDING: usize = 4096;
 
 /// Longest catch-up of one member, from its connect to its last message.
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(60);
@@ -171,24 +167,9 @@ pub struct CatchUpReport {
 struct Shared {
     group: u64,
     slots: Vec<Slot>,
-    deliveries: AtomicU64,
+    deliveries: Tally,
     repeated: AtomicU64,
     failures: Failures,
-    /// Signalled whenever deliveries grow.
-    progress: Notify,
-}
-
-impl Shared {
-    /// Returns once the members here have `target` deliveries.
-    async fn reached(&self, target: u64) {
-        loop {
-            let notified = self.progress.notified();
-            if self.deliveries.load(Relaxed) >= target {
-                return;
-            }
-            notified.await;
-        }
-    }
 }
 
 /// Runs the `group` scenario.
@@ -239,10 +220,9 @@ pub async fn run_group(setup: &Setup, opts: GroupOpts) -> anyhow::Result<GroupRe
     let shared = Arc::new(Shared {
         group,
         slots: (0..opts.count).map(|_| Slot::default()).collect(),
-        deliveries: AtomicU64::new(0),
+        deliveries: Tally::default(),
         repeated: AtomicU64::new(0),
         failures: Failures::default(),
-        progress: Notify::new(),
     });
     let stop = CancellationToken::new();
     let receiver_tasks: Vec<_> = opened
@@ -259,13 +239,13 @@ pub async fn run_group(setup: &Setup, opts: GroupOpts) -> anyhow::Result<GroupRe
             format!(
                 "group: message {}/{count}, deliveries {}",
                 sent.load(Relaxed),
-                s.deliveries.load(Relaxed)
+                s.deliveries.get()
             )
         }
     });
     let outcome = send_all(sender, group, &opts, &shared, &sent_so_far).await;
     let expected = outcome.accepted * opts.online as u64;
-    let _ = tokio::time::timeout(DRAIN_DEADLINE, shared.reached(expected)).await;
+    let _ = tokio::time::timeout(DRAIN_DEADLINE, shared.deliveries.reached(expected)).await;
     let after = setup.snapshot(&servers_of(&servers), &routes).await;
     stop.cancel();
     for task in receiver_tasks {
@@ -298,7 +278,7 @@ pub async fn run_group(setup: &Setup, opts: GroupOpts) -> anyhow::Result<GroupRe
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    let deliveries = shared.deliveries.load(Relaxed);
+    let deliveries = shared.deliveries.get();
     let cpu = probe::cpu_delta(&before, &after);
     let per = |ms: Option<u64>, n: u64| ms.and_then(|ms| per_sec(ms * 1000, n as f64));
     let mut failures = shared.failures.snapshot();
@@ -478,10 +458,7 @@ async fn receive(member: Opened, shared: Arc<Shared>, stop: CancellationToken) {
             slot.last_ns.fetch_max(now_ns, Relaxed);
             got += 1;
         }
-        if got > 0 {
-            shared.deliveries.fetch_add(got, Relaxed);
-            shared.progress.notify_waiters();
-        }
+        shared.deliveries.add(got);
     })
     .await;
 }

@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 /// In rate mode, sends one sender may have unanswered before it pauses (the schedule catches
 /// up once answers arrive): keeps a stalled cluster from making the bench queue without limit.
-const RATE_MODE_MAX_OUTSTANDING: usize = 4096;
+pub(crate) const RATE_MODE_MAX_OUTSTANDING: usize = 4096;
 
 /// Prefix of every bench message body.
 const BODY_PREFIX: &str = "p2p ";

@@ -35,6 +35,38 @@ impl Failures {
     }
 }
 
+/// A count that tasks add to and others wait on (deliveries of the fan-out scenarios).
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    count: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl Tally {
+    pub(crate) fn add(&self, n: u64) {
+        if n > 0 {
+            self.count
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            self.changed.notify_waiters();
+        }
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Returns once the count is at least `target`.
+    pub(crate) async fn reached(&self, target: u64) {
+        loop {
+            let changed = self.changed.notified();
+            if self.get() >= target {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 /// Locks a mutex; a panic elsewhere while holding it leaves counters that are still worth
 /// reporting, so poisoning is ignored.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

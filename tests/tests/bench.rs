@@ -272,22 +272,30 @@ async fn group_reaches_online_members_and_offline_ones_catch_up() -> anyhow::Res
         assert_eq!((c.complete, c.missing, c.repeated), (3, 0, 0), "{report}");
         assert!(c.time_median_ms.is_some_and(|m| m > 0.0), "{report}");
         // The online and the caught-up members acked the whole log; the other two did not
-        // connect (the sender's position is not the bench's to assert).
+        // connect (the sender's position is not the bench's to assert). A connection's last
+        // acks reach the store through its server's acker after the bench closed it: wait.
         let members = store.group_members(report.group_id, 0, 100).await?;
         assert_eq!(members.len(), 12);
-        let mut at_top = 0;
-        for m in &members {
-            let cursors = store.group_cursors(m.user_id).await?;
-            let cursor = cursors
-                .iter()
-                .find(|g| g.group == report.group_id)
-                .context("a member without the group's cursor")?;
-            at_top += usize::from(cursor.position == cursor.top);
-        }
-        assert!(
-            at_top >= 9,
-            "{at_top} members acked the whole log: {report}"
-        );
+        let at_top = || async {
+            let mut n = 0;
+            for m in &members {
+                let cursors = store.group_cursors(m.user_id).await.unwrap_or_default();
+                n += usize::from(
+                    cursors
+                        .iter()
+                        .any(|g| g.group == report.group_id && g.position == g.top),
+                );
+            }
+            n
+        };
+        cim_tests::wait_until(
+            "the online and caught-up members' positions at the top",
+            Duration::from_secs(10),
+            || async { at_top().await >= 9 },
+        )
+        .await
+        .with_context(|| format!("{report}"))?;
+        let at_top = at_top().await;
         assert!(at_top <= 10, "{at_top}: members that never connected acked");
         all_closed(&cluster).await?;
     }

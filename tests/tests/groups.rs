@@ -59,6 +59,25 @@ async fn next_event(
     }
 }
 
+/// Alice, bob (WebSocket JSON), carol and dave connected (round-robin over the servers) and
+/// the group "team" of alice (its owner), bob and carol, whose JOINED events bob and carol
+/// have had. Returns the group's id and the four.
+async fn team(cluster: &Cluster) -> anyhow::Result<(u64, [TestUser; 4])> {
+    let alice = cluster.user("alice", Transport::Tcp).await?;
+    let mut bob = cluster.user("bob", Transport::WsJson).await?;
+    let mut carol = cluster.user("carol", Transport::Tcp).await?;
+    let dave = cluster.user("dave", Transport::Tcp).await?;
+    let g = cluster
+        .route()
+        .create_group(&alice.login.session_token, "team", &[bob.id(), carol.id()])
+        .await?
+        .group
+        .id;
+    next_event(&mut bob, g, GroupEventType::Joined).await?;
+    next_event(&mut carol, g, GroupEventType::Joined).await?;
+    Ok((g, [alice, bob, carol, dave]))
+}
+
 async fn login(cluster: &Cluster, name: &str) -> anyhow::Result<LoginInfo> {
     cluster.register_and_login(name).await
 }
@@ -289,20 +308,10 @@ async fn history_pages_both_ways_and_unread_counts_follow_read_marks_across_serv
 async fn group_read_marks_reach_the_members_watching_them() -> anyhow::Result<()> {
     let cluster = Cluster::builder().servers(2).routes(1).start().await?;
     let route = cluster.route();
+    let (g, [mut alice, mut bob, mut carol, mut dave]) = team(&cluster).await?;
     // Round-robin: alice and carol on one server, bob and dave on the other.
-    let mut alice = cluster.user("alice", Transport::Tcp).await?;
-    let mut bob = cluster.user("bob", Transport::WsJson).await?;
-    let mut carol = cluster.user("carol", Transport::Tcp).await?;
-    let mut dave = cluster.user("dave", Transport::Tcp).await?;
     assert_eq!(alice.server_id(), carol.server_id());
     assert_ne!(alice.server_id(), bob.server_id());
-    let g = route
-        .create_group(&alice.login.session_token, "team", &[bob.id(), carol.id()])
-        .await?
-        .group
-        .id;
-    next_event(&mut bob, g, GroupEventType::Joined).await?;
-    next_event(&mut carol, g, GroupEventType::Joined).await?;
     let sent = alice.send_group_chat(g, "read me").await?;
     let watch = |group_id, stop| {
         pb::Frame::new(pb::frame::Body::WatchReads(pb::WatchReads {
@@ -367,16 +376,7 @@ async fn group_read_marks_reach_the_members_watching_them() -> anyhow::Result<()
 async fn typing_reaches_online_members_only() -> anyhow::Result<()> {
     let cluster = Cluster::builder().servers(2).routes(1).start().await?;
     let route = cluster.route();
-    let mut alice = cluster.user("alice", Transport::Tcp).await?;
-    let mut bob = cluster.user("bob", Transport::WsJson).await?;
-    let mut carol = cluster.user("carol", Transport::Tcp).await?;
-    let mut dave = cluster.user("dave", Transport::Tcp).await?;
-    let created = route
-        .create_group(&alice.login.session_token, "team", &[bob.id(), carol.id()])
-        .await?;
-    let g = created.group.id;
-    next_event(&mut bob, g, GroupEventType::Joined).await?;
-    next_event(&mut carol, g, GroupEventType::Joined).await?;
+    let (g, [mut alice, mut bob, mut carol, mut dave]) = team(&cluster).await?;
 
     let typing = |c: Conversation| {
         pb::Frame::new(pb::frame::Body::Typing(pb::Typing {
