@@ -123,8 +123,20 @@ async function openConversation(person, key) {
   if (await toggle.isVisible()) {
     if ((await toggle.getAttribute("aria-expanded")) !== "true") await toggle.click();
   }
-  await page.locator(`button.conv[data-conv="${key}"]`).click();
-  await page.locator(`button.conv.active[data-conv="${key}"]`).waitFor({ state: "attached" });
+  // The sidebar is redrawn on every presence change and message: a redraw between the
+  // press and the release of a click swallows that click (they hit two different buttons).
+  // Click again then, a few times at most; an error the page threw is still reported.
+  const active = page.locator(`button.conv.active[data-conv="${key}"]`);
+  for (let attempt = 1; ; attempt++) {
+    await page.locator(`button.conv[data-conv="${key}"]`).click();
+    try {
+      await active.waitFor({ state: "attached", timeout: 3000 });
+      return;
+    } catch (e) {
+      if (attempt === 3) throw e;
+      log(`${person.name}: the click on ${key} did not open it; clicking again`);
+    }
+  }
 }
 
 function message(person, text, { mine } = {}) {
@@ -533,6 +545,9 @@ async function main() {
   try {
     await scenario(browser, args);
   } catch (e) {
+    for (const person of opened) {
+      if (person.errors.length) log(`${person.name}'s page reported: ${person.errors.join("; ")}`);
+    }
     if (args.artifacts) await failureScreenshots(args.artifacts);
     throw e;
   } finally {
