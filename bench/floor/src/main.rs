@@ -309,6 +309,7 @@ fn run(command: Command) -> Result<()> {
             let started = std::time::Instant::now();
             let relay_opts = relay.opts(exe()?)?;
             let redis_opts = redis.opts();
+            redis::check_server(&redis_opts)?;
             let b = broadcast::run(&broadcast.opts(exe()?))?;
             let r = relay::run(&relay_opts)?;
             let d = redis::run(&redis_opts)?;

@@ -81,6 +81,11 @@ pub struct Phase {
     pub messages_per_sec: f64,
 }
 
+/// Fails unless the redis-server of `o` can be found (`all` checks before its long first steps).
+pub fn check_server(o: &RedisOpts) -> Result<()> {
+    find_program(&o.server).map(|_| ())
+}
+
 /// Runs the store-and-remove phases against a fresh redis-server.
 pub fn run(o: &RedisOpts) -> Result<RedisReport> {
     if o.messages == 0 || o.keys == 0 || o.pipeline == 0 {
@@ -352,7 +357,10 @@ impl Drop for RedisServer {
 fn find_program(program: &OsString) -> Result<PathBuf> {
     let p = Path::new(program);
     if p.components().count() > 1 {
-        return Ok(p.to_owned());
+        if is_executable(p) {
+            return Ok(p.to_owned());
+        }
+        bail!("{} is not an executable file", p.display());
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)

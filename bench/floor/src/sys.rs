@@ -56,8 +56,9 @@ impl Cpu {
     }
 }
 
-/// `getrusage(RUSAGE_SELF)`: on Linux its user and system times come from the scheduler's
-/// nanosecond accounting, not from 10 ms ticks, so short spans are measurable.
+/// `getrusage(RUSAGE_SELF)`: on Linux its total (user + system) is the scheduler's nanosecond
+/// accounting, not a count of 10 ms ticks, so short spans are measurable; only the split
+/// between user and system follows the ticks (a short span may show all of it as system).
 pub fn self_cpu() -> Cpu {
     // SAFETY: rusage is plain data (integers and timevals); all zeroes is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
