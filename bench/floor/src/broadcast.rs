@@ -112,6 +112,7 @@ pub fn run(o: &BroadcastOpts) -> Result<BroadcastReport> {
     sys::ensure_open_files(o.connections as u64 + 64)?;
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding the broadcast listener")?;
+    sys::set_backlog(&listener, 4096)?;
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
     let procs = o.connections.div_ceil(o.per_process);
@@ -290,6 +291,7 @@ pub fn client_main(addr: SocketAddr, n: usize, messages: usize, max: Duration) -
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let s = TcpStream::connect(addr).with_context(|| format!("connection {i} to {addr}"))?;
+        sys::reset_on_close(&s)?;
         s.set_nonblocking(true)?;
         ep.add_input(s.as_raw_fd(), i as u64)?;
         conns.push(s);

@@ -24,7 +24,9 @@
 //! - Every loop is bounded in count and in time (a deadline per process); every child is
 //!   killed when its parent's guard drops, and by the kernel when the parent dies
 //!   (`PR_SET_PDEATHSIG`).
-//! - Only 127.0.0.1; ports are chosen by the kernel.
+//! - Only 127.0.0.1; ports are chosen by the kernel. Listeners queue 4,096 connects (std's 128
+//!   overflows, and a dropped SYN costs its client a 1 s retransmit); clients close with a
+//!   reset (`SO_LINGER` 0), so a run leaves no TIME_WAIT holding ephemeral ports for the next.
 //! - Times are `CLOCK_MONOTONIC`, which is system-wide, so a send time taken in one process
 //!   and a receipt in another compare directly.
 

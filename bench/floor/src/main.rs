@@ -48,7 +48,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// broadcast, relay and redis in a row (about 40 s at the default sizes)
+    /// broadcast, relay and redis in a row (about 20 s at the default sizes)
     All {
         #[command(flatten)]
         broadcast: BroadcastArgs,

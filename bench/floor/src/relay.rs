@@ -352,6 +352,7 @@ pub fn server_main(pairs: usize, max: Duration) -> Result<()> {
     let deadline = Instant::now() + max;
     sys::ensure_open_files(2 * pairs as u64 + 64)?;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding the relay")?;
+    sys::set_backlog(&listener, 4096)?;
     listener.set_nonblocking(true)?;
     let mut out = io::stdout().lock();
     writeln!(out, "port {}", listener.local_addr()?.port())?;
@@ -459,6 +460,8 @@ pub fn server_main(pairs: usize, max: Duration) -> Result<()> {
                     let n = match (&senders[pair]).read(&mut buf) {
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        // The clients reset their connections when they exit: an end too.
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => 0,
                         Err(e) => return Err(e).context("relay: reading a sender"),
                     };
                     stats.reads += 1;
@@ -501,10 +504,12 @@ pub fn clients_main(
             bail!("relay clients: pair number {id} too large");
         }
         let mut s = TcpStream::connect(addr).context("relay clients: connecting a sender")?;
+        sys::reset_on_close(&s)?;
         s.set_nodelay(true)?;
         s.write_all(&id.to_le_bytes())?;
         s.set_write_timeout(Some(Duration::from_secs(10)))?;
         let mut r = TcpStream::connect(addr).context("relay clients: connecting a receiver")?;
+        sys::reset_on_close(&r)?;
         r.write_all(&(id | RECEIVER).to_le_bytes())?;
         r.set_nonblocking(true)?;
         ep.add_input(r.as_raw_fd(), i as u64)?;

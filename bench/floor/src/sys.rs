@@ -5,6 +5,7 @@
 use crate::error::{Context as _, Error, Result};
 use std::{
     io,
+    net::{TcpListener, TcpStream},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
         unix::process::CommandExt as _,
@@ -128,6 +129,41 @@ pub fn ensure_open_files(need: u64) -> Result<()> {
     // SAFETY: `lim` is a valid rlimit, only read by setrlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         return Err(io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(())
+}
+
+/// Sets the accept queue of a listening socket to `backlog` (a second `listen` only changes
+/// it; the kernel caps it at net.core.somaxconn). std listens with 128, which thousands of
+/// connects at once overflow, and each SYN dropped then costs its client a 1 s retransmit.
+pub fn set_backlog(listener: &TcpListener, backlog: i32) -> Result<()> {
+    // SAFETY: listen takes no pointers; `listener` owns the descriptor for the call.
+    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error()).context("listen");
+    }
+    Ok(())
+}
+
+/// `SO_LINGER` on with a zero timeout: closing `stream` resets the connection instead of
+/// leaving it in TIME_WAIT, whose 60 s would hold one ephemeral port per connection of a run
+/// and slow or starve the connects of the next (10,000 per broadcast).
+pub fn reset_on_close(stream: &TcpStream) -> Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is a valid struct of the size passed, only read by setsockopt.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("setsockopt(SO_LINGER)");
     }
     Ok(())
 }
