@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
-# One image with every cim binary: cim-server, cim-route, cim-standalone, cim-client, cim-bench.
+# One image with every cim binary: cim-server, cim-route, cim-standalone, cim-client, cim-bench,
+# cim-floor (the machine's performance floor: `docker run --rm cim cim-floor broadcast`; its
+# redis scenario needs a redis-server, which the image does not hold).
 #
 #   docker build -t cim .
 #   docker run --rm -p 8080:8080 -p 9000:9000 -p 9001:9001 cim     # standalone mode
@@ -28,7 +30,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --workspace --bins \
     && mkdir -p /out \
     && cp target/release/cim-server target/release/cim-route target/release/cim-standalone \
-          target/release/cim-client target/release/cim-bench /out/
+          target/release/cim-client target/release/cim-bench target/release/cim-floor /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -38,7 +40,7 @@ RUN apt-get update \
 # history (~/.local/share/cim).
 RUN groupadd --system --gid 10001 cim \
     && useradd --system --uid 10001 --gid cim --create-home --home-dir /home/cim cim
-COPY --from=builder /out/cim-server /out/cim-route /out/cim-standalone /out/cim-client /out/cim-bench /usr/local/bin/
+COPY --from=builder /out/cim-server /out/cim-route /out/cim-standalone /out/cim-client /out/cim-bench /out/cim-floor /usr/local/bin/
 USER 10001:10001
 WORKDIR /home/cim
 # Standalone mode reachable from outside the container (flags would beat -e overrides, so the

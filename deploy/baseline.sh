@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The performance baseline of cim, in about ten minutes on 2 cores: starts a local cluster
-# with deploy/cluster.sh in its own run folder and on its own ports (a development cluster on
-# the standard ports can keep running), runs the cim-bench scenarios one after the other,
-# writes every result as JSON plus a markdown summary, prints the summary, and stops
+# The performance baseline of cim, in about ten minutes on 2 cores: measures the machine's
+# floor first (cim-floor, no cim code), then starts a local cluster with deploy/cluster.sh in
+# its own run folder and on its own ports (a development cluster on the standard ports can
+# keep running), runs the cim-bench scenarios one after the other, writes every result as
+# JSON plus a markdown summary (cim / floor ratios first), prints the summary, and stops
 # everything it started, also on failure or ctrl-c.
 #
 #   deploy/baseline.sh              build (release), then run the baseline
@@ -11,6 +12,14 @@
 #                                   processes of ~16,700 idle TCP connections each
 #
 # Steps (sizes in brackets, each overridable by the variable named):
+#   floor         before the cluster starts: `cim-floor all` (bench/floor), this machine's floor
+#                 with no cim code (a loopback broadcast, a one-hop epoll relay, HSET + HDEL on
+#                 an AOF Redis of its own); its broadcast and relay take the sizes of the fanout
+#                 and p2p steps below (connections, messages, pairs, rates, duration), so the
+#                 summary's ratio table compares like with like; BASELINE_FLOOR_ARGS adds
+#                 cim-floor flags of its own (e.g. "--redis-messages 1000000", see
+#                 cim-floor all --help). BASELINE_FLOOR=0 skips it (the ratio table then
+#                 shows no floor figures)
 #   connect-tcp   [19000] BASELINE_TCP_CONNECTIONS idle TCP connections from 2 bench processes
 #                 in parallel (disjoint users and source IPs), held [20s] BASELINE_HOLD
 #   connect-ws    [10000] BASELINE_WS_CONNECTIONS the same over WebSocket
@@ -46,9 +55,13 @@
 #
 # Results in ./run/baseline/results/ (results-100k/ in 100k mode; BASELINE_RUN_DIR sets the
 # run folder), replaced at each run: STEP.json (one cim-bench report; STEP-N.json for each
-# process of a parallel step), STEP.log / STEP-N.log (its progress lines), memory-STEP.json,
-# baseline.json (everything, with the machine and commit), summary.md. The cluster's logs are
-# in the run folder.
+# process of a parallel step; floor.json the `cim-floor all --json` report), STEP.log /
+# STEP-N.log (its progress lines), memory-STEP.json, baseline.json (everything, with the
+# machine and commit), summary.md: first the ratio table (each row of issue 22's target table
+# that this run measures: the cim figure, the floor's, cim / floor and the target; the stored
+# group's rows compare with cim's own figures instead: twice the members, and fanout-500),
+# then the floor's own figures, then one table per kind of step. The cluster's logs are in the
+# run folder. The 100k mode has no floor step and no ratio table.
 #
 # Redis: BASELINE_REDIS_MASTERS [1] runs the cluster on one redis-server (1) or on a Redis
 # Cluster of that many masters (3 or more; cluster.sh's CIM_REDIS_MASTERS). Redis's CPU is
@@ -142,6 +155,9 @@ source_last=40
 extra_names=(server-c server-d server-e server-f server-g server-h)
 
 bench=$bin_dir/cim-bench
+floor=$bin_dir/cim-floor
+run_floor=${BASELINE_FLOOR:-1}
+read -r -a floor_args <<<"${BASELINE_FLOOR_ARGS:-}"
 bench_global=(--route "$route_url" --etcd "$etcd_url" --json)
 
 # cim-bench logs its users in through the route's business API: a key for this run, given to
@@ -502,6 +518,24 @@ bench_step() {
             usec: ($after[$i].usec - $before[$i].usec)}]' >"$results/redis-$name.json"
 }
 
+# floor: `cim-floor all` with the sizes of the fanout and p2p steps, before the cluster starts
+# (nothing of this run competes with it for the cores); its report to floor.json, its
+# progress to floor.log. Bounded: three relay scenarios of the p2p duration, the broadcast
+# and Redis (~10 s), with room to spare.
+floor_step() {
+    local d pid
+    d=$(secs_of "$p2p_duration")
+    log "floor: cim-floor all (this machine's floor: no cim code, no cluster yet)"
+    timeout --kill-after=10 $((3 * d + 300)) "$floor" all --json \
+        --connections "$fanout_receivers" --messages "$fanout_count" \
+        --duration "$p2p_duration" --unloaded-rate "$p2p_unloaded_rate" \
+        --pairs "$p2p_pairs" --rate "$p2p_rate" --flat-pairs "$p2p_flat_pairs" \
+        "${floor_args[@]+"${floor_args[@]}"}" >"$results/floor.json" 2>"$results/floor.log" </dev/null &
+    pid=$!
+    bench_pids+=("$pid")
+    wait_benches floor "$pid"
+}
+
 # One row per private-message step: each Redis node's share of the step's Redis time.
 redis_split_row() {
     local step=$1
@@ -511,6 +545,99 @@ redis_split_row() {
            (map(if $total > 0 then (.usec * 100 / $total | f(1)) + " %" else "-" end) | join(" / "))]
         | row' "$results/redis-$step.json" 2>/dev/null ||
         echo "| $step | - | - | - | - |"
+}
+
+# Issue 22's target table, as far as a normal run measures it: per row the cim figure, the
+# floor's (for the stored group: the cim figure it is compared with), cim / floor and the
+# target. Every report is read if present; a failed or skipped step leaves "-" in its cells.
+ratio_table() {
+    local name
+    local -a files=()
+    for name in floor fanout fanout-500 p2p-unloaded p2p-rate p2p-flat group-rate \
+        group-rate-2x memory-connect-tcp memory-connect-ws; do
+        if [[ -s $results/$name.json ]]; then
+            files+=("$results/$name.json")
+        fi
+    done
+    echo "| measure (issue 22) | cim | floor (group rows: base) | cim / floor | target |"
+    echo "| --- | ---: | ---: | ---: | --- |"
+    jq -nr "$jq_lib"'
+        def cell(d): if type == "number" then f(d) elif . == null then "-" else . end;
+        def kib: if . == null then "-" else . / 1024 | f(2) end;
+        def ms: if . == null then null else . / 1000 end;
+        (reduce inputs as $r ({}; . + {(input_filename | split("/") | last | rtrimstr(".json")): $r}))
+        | .floor as $fl | .fanout as $fo | .["p2p-unloaded"] as $u | .["p2p-rate"] as $rt
+        | .["p2p-flat"] as $fx | .["group-rate"] as $g | .["group-rate-2x"] as $g2
+        | [
+            {m: "broadcast to \($fo.receivers // "-") online: server CPU µs / delivery (floor: the writer)",
+             cim: $fo.server_cpu_us_per_delivery, floor: $fl.broadcast.writer_cpu_us_per_delivery,
+             d: 2, target: "≤ 1.1× floor"},
+            {m: "broadcast to \($fo.receivers // "-") online: send → last receipt, median ms",
+             cim: $fo.time_to_last_median_ms, floor: $fl.broadcast.time_to_last_median_ms,
+             d: 1, target: "≤ 1.1× floor"},
+            {m: "idle memory per TCP / WebSocket connection, KiB",
+             cim: "\(.["memory-connect-tcp"].bytes_per_connection | kib) / \(.["memory-connect-ws"].bytes_per_connection | kib)",
+             floor: null, d: 2, target: "≤ 1.0 / ≤ 2.0 KiB"},
+            {m: "\($rt.pairs // "-") pairs at \($rt.target_rate // "-" | cell(0)) msg/s: CPU µs / msg (cim: cluster incl. Redis; floor: the relay)",
+             cim: $rt.cpu_us_per_message, floor: $fl.relay.rate.relay_cpu_us_per_message,
+             d: 1, target: "≤ 3× floor"},
+            {m: "same load, one-way p50 ms", cim: $rt.latency.p50_ms,
+             floor: ($fl.relay.rate.latency_us.p50 | ms), d: 3, target: "≤ 4× floor"},
+            {m: "same load, one-way p99 ms", cim: $rt.latency.p99_ms,
+             floor: ($fl.relay.rate.latency_us.p99 | ms), d: 3, target: "≤ 3× floor"},
+            {m: "unloaded, 1 pair at \($u.target_rate // "-" | cell(0)) msg/s: one-way p50 ms",
+             cim: $u.latency.p50_ms, floor: ($fl.relay.unloaded.latency_us.p50 | ms),
+             d: 3, target: "≤ 3.5× floor"},
+            {m: "unloaded: one-way p99 ms", cim: $u.latency.p99_ms,
+             floor: ($fl.relay.unloaded.latency_us.p99 | ms), d: 3, target: "≤ 2× floor"},
+            {m: "flat out, \($fx.pairs // "-") pairs, stored + acked (cim lost: \($fx.lost // "-")): msg/s",
+             cim: $fx.throughput_per_sec, floor: $fl.relay.flat.throughput_per_sec,
+             d: 0, target: "≥ 150,000 msg/s, 0 lost"},
+            {m: "flat out: CPU µs / msg (cim: cluster incl. Redis; floor: the relay)",
+             cim: $fx.cpu_us_per_message, floor: $fl.relay.flat.relay_cpu_us_per_message,
+             d: 1, target: "≤ 9 µs"},
+            {m: "Redis CPU µs per stored + acked private message (p2p-flat; floor: HSET + HDEL)",
+             cim: (if $fx.cpu.redis_ms != null and ($fx.delivered // 0) > 0
+                   then $fx.cpu.redis_ms * 1000 / $fx.delivered else null end),
+             floor: $fl.redis.total.cpu_us_per_message, d: 2, target: "≤ 1.5× floor"},
+            {m: "stored group, Redis CPU µs / msg: \($g2.members // "-") members (base: \($g.members // "-"))",
+             cim: $g2.redis_us_per_message, floor: $g.redis_us_per_message,
+             d: 1, target: "≈ 1× (independent of member count)"},
+            {m: "stored group of \($g.members // "-"), \($g.online // "-") online: send → last receipt, median ms (base: fanout-500)",
+             cim: $g.time_to_last_median_ms, floor: .["fanout-500"].time_to_last_median_ms,
+             d: 1, target: "≤ 1.2× base"}
+          ][]
+        | . as $x
+        | [$x.m, ($x.cim | cell($x.d)), ($x.floor | cell($x.d)),
+           (if ($x.cim | type) == "number" and ($x.floor | type) == "number" and $x.floor != 0
+            then "\($x.cim / $x.floor | f(2))×" else "-" end),
+           $x.target]
+        | row' "${files[@]+"${files[@]}"}" </dev/null
+}
+
+# The floor's own figures (floor.json), one row per scenario.
+floor_table() {
+    echo "| floor (cim-floor) | size | delivered / sent | msg/s | one-way p50 / p99 µs | CPU µs / msg |"
+    echo "| --- | --- | ---: | ---: | ---: | --- |"
+    jq -r "$jq_lib"'
+        (.broadcast as $b
+         | ["broadcast", "\($b.connections) connections × \($b.messages)",
+            "\($b.deliveries) / \($b.expected_deliveries)", "-",
+            "send → last receipt \($b.time_to_last_median_ms | f(1)) / max \($b.time_to_last_max_ms | f(1)) ms",
+            "writer \($b.writer_cpu_us_per_delivery | f(2)) per delivery (clients \($b.clients_cpu_us_per_delivery | f(2)))"]
+         | row),
+        (.relay | to_entries[] | .key as $k | .value
+         | ["relay \($k)", "\(.pairs) pair\(if .pairs == 1 then "" else "s" end), \(if .target_rate then "\(.target_rate | f(0)) msg/s" else "window \(.window)" end)",
+            "\(.delivered) / \(.sent)", (.throughput_per_sec | f(0)),
+            "\(.latency_us.p50 | f(0)) / \(.latency_us.p99 | f(0))",
+            "relay \(.relay_cpu_us_per_message | f(2)), all \(.all_cpu_us_per_message | f(2))"]
+         | row),
+        (.redis as $r
+         | ["redis \($r.redis_version)", "\($r.messages) messages, \($r.keys) keys, pipeline \($r.pipeline)",
+            "-", ($r.total.messages_per_sec | f(0)), "-",
+            "HSET \($r.hset.cpu_us_per_message | f(2)) + HDEL \($r.hdel.cpu_us_per_message | f(2)) = \($r.total.cpu_us_per_message | f(2)) (Redis)"]
+         | row)' "$results/floor.json" 2>/dev/null ||
+        echo "| floor | $(if [[ $run_floor == 0 ]]; then echo "skipped (BASELINE_FLOOR=0)"; else echo "failed: see floor.log"; fi) | | | | |"
 }
 
 # Starts servers 3..TOTAL of the 100k mode with cluster.sh's flags, and waits until the
@@ -664,15 +791,21 @@ summary() {
         echo "$(nproc) cores ($cpu), Linux $(uname -r), commit ${commit:0:12}$dirty;" \
             "took $((SECONDS - started_secs)) s."
         echo
-        echo "| connections | open | failed | dropped | connect rate /s | connect p50 / p99 ms | server memory / connection |"
-        echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         if [[ $mode_100k == 1 ]]; then
+            echo "| connections | open | failed | dropped | connect rate /s | connect p50 / p99 ms | server memory / connection |"
+            echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
             connect_row connect-100k
             echo
             echo "| group fan-out | receivers | deliveries / expected | missing | send → last receipt, median / max ms | deliveries/s | CPU µs / delivery (servers') |"
             echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
             fanout_big_row
         else
+            ratio_table
+            echo
+            floor_table
+            echo
+            echo "| connections | open | failed | dropped | connect rate /s | connect p50 / p99 ms | server memory / connection |"
+            echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
             connect_row connect-tcp
             connect_row connect-ws
             echo
@@ -729,11 +862,14 @@ main() {
         redis-cli=redis-tools
 
     if [[ ${BASELINE_SKIP_BUILD:-} != 1 ]]; then
-        log "building: cargo build --release (cim-server, cim-route, cim-bench)"
+        log "building: cargo build --release (cim-server, cim-route, cim-bench, cim-floor)"
         (cd "$repo" && cargo build --release -p cim-server -p cim-route -p cim-bench \
-            --bin cim-server --bin cim-route --bin cim-bench)
+            -p cim-floor --bin cim-server --bin cim-route --bin cim-bench --bin cim-floor)
     fi
     [[ -x $bench ]] || die "$bench is missing (build failed?)"
+    if [[ $mode_100k != 1 && $run_floor != 0 ]]; then
+        [[ -x $floor ]] || die "$floor is missing (build failed?)"
+    fi
 
     if [[ $mode_100k == 1 ]]; then
         ((big_servers >= 2 && big_servers <= 8)) || die "BASELINE_100K_SERVERS must be 2 to 8"
@@ -748,6 +884,9 @@ main() {
     local status=0
     "$repo/deploy/cluster.sh" status >/dev/null 2>&1 || status=$?
     ((status == 3)) || die "a cluster already runs in $run_dir: stop it with CIM_RUN_DIR=$run_dir deploy/cluster.sh stop"
+    if [[ $mode_100k != 1 && $run_floor != 0 ]]; then
+        floor_step
+    fi
     cluster_owned=true
     CIM_SKIP_BUILD=1 "$repo/deploy/cluster.sh" start >"$results/cluster-start.txt"
     server_internal=("$host:$CIM_SRV_A_INTERNAL" "$host:$CIM_SRV_B_INTERNAL")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one release build that ./start.sh and deploy/cluster.sh share: every binary of the
-# workspace (cim-standalone, cim-server, cim-route, cim-client, cim-bench) in one
+# workspace (cim-standalone, cim-server, cim-route, cim-client, cim-bench, cim-floor) in one
 # `cargo build --release --workspace --bins`. One command means one feature resolution, so the
 # scripts never rebuild what the other built (building `-p cim-standalone` and then
 # `-p cim-server -p cim-route` resolves shared crates' features differently and recompiles
