@@ -1,11 +1,12 @@
 # syntax=docker/dockerfile:1
 # One image with every cim binary: cim-server, cim-route, cim-standalone, cim-client, cim-bench,
-# cim-floor (the machine's performance floor: `docker run --rm cim cim-floor broadcast`; its
-# redis scenario needs a redis-server, which the image does not hold).
+# cim-floor (the machine's performance floor; its redis scenario needs a redis-server, which
+# the image does not hold).
 #
 #   docker build -t cim .
 #   docker run --rm -p 8080:8080 -p 9000:9000 -p 9001:9001 cim     # standalone mode
 #   docker run --rm cim cim-server --help                          # any other binary
+#   docker run --rm cim cim-floor broadcast                        # the machine's floor
 #
 # The default command is standalone mode (a route and a connection server in one process,
 # state in memory) listening on 0.0.0.0; it hands clients 127.0.0.1 unless
