@@ -50,6 +50,14 @@ const BATCH_MAX: usize = 512;
 /// see, and they turn one store round trip (and one wake-up of Redis and of this server) per
 /// ack into one per batch at any rate (measured at 10,000 msg/s: see README, Performance).
 const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+/// How long group positions may wait in the acker before they are written, unless their
+/// connection closes first (then at once). A position only says how far a later login
+/// catches up, so holding it costs nothing but re-delivering what came meanwhile if this
+/// server dies (at-least-once to the device, ids de-duplicate). Writing each member's
+/// position at every push was nearly all of a stored group message's Redis time (one script
+/// per online member and push; README, Performance): held, a member's positions of many
+/// pushes become one write.
+const POSITION_LINGER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The acks of one Ack frame, with the connection they came from (its user; a reference
 /// rather than a copy of the name, which only receipts need).
@@ -61,6 +69,8 @@ pub(crate) struct AckItem {
     /// Also send again the receipts of this user that were acked but never confirmed stored
     /// (a login asks for it).
     pub resend_pending: bool,
+    /// The connection closed: write its held group positions now.
+    pub closing: bool,
 }
 
 impl AckItem {
@@ -71,6 +81,18 @@ impl AckItem {
             ids,
             groups,
             resend_pending: false,
+            closing: false,
+        }
+    }
+
+    /// A closed connection's last word: its held group positions are written at once.
+    pub(crate) fn closing(conn: Arc<ConnShared>) -> Self {
+        Self {
+            conn,
+            ids: Vec::new(),
+            groups: Vec::new(),
+            resend_pending: false,
+            closing: true,
         }
     }
 
@@ -81,6 +103,7 @@ impl AckItem {
             ids: Vec::new(),
             groups: Vec::new(),
             resend_pending: true,
+            closing: false,
         }
     }
 }
@@ -160,6 +183,59 @@ fn report_drops(dropped: &AtomicU64, last: &mut Option<tokio::time::Instant>) {
     }
 }
 
+async fn write_positions(store: &Arc<dyn ServerStore>, positions: Vec<(u64, Vec<(u64, u64)>)>) {
+    if positions.is_empty() {
+        return;
+    }
+    if let Err(e) = store.group_ack(&positions).await {
+        warn!(error = %e, users = positions.len(), "storing group positions failed: those messages will be caught up again");
+    }
+}
+
+/// Group positions waiting to be written ([`POSITION_LINGER`]): per user, per group the
+/// highest seq acked.
+#[derive(Default)]
+struct HeldPositions {
+    by_user: HashMap<u64, HashMap<u64, u64>>,
+    /// When the oldest of them arrived.
+    since: Option<tokio::time::Instant>,
+}
+
+impl HeldPositions {
+    fn add(&mut self, user: u64, groups: Vec<(u64, u64)>) {
+        if groups.is_empty() {
+            return;
+        }
+        let held = self.by_user.entry(user).or_default();
+        for (group, seq) in groups {
+            let at = held.entry(group).or_insert(seq);
+            *at = (*at).max(seq);
+        }
+        self.since.get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// When the held positions are due (none held: never).
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.since.map(|since| since + POSITION_LINGER)
+    }
+
+    fn take_user(&mut self, user: u64) -> Option<(u64, Vec<(u64, u64)>)> {
+        let held = self.by_user.remove(&user)?;
+        if self.by_user.is_empty() {
+            self.since = None;
+        }
+        Some((user, held.into_iter().collect()))
+    }
+
+    fn take_all(&mut self) -> Vec<(u64, Vec<(u64, u64)>)> {
+        self.since = None;
+        self.by_user
+            .drain()
+            .map(|(user, held)| (user, held.into_iter().collect()))
+            .collect()
+    }
+}
+
 /// Runs until `cancel`, then removes what is still queued and stops.
 pub(crate) async fn run(
     rx: AckReceiver,
@@ -171,11 +247,17 @@ pub(crate) async fn run(
     let AckReceiver { mut rx, dropped } = rx;
     let mut batch = Vec::new();
     let mut reported = None;
+    let mut held = HeldPositions::default();
     loop {
         report_drops(&dropped, &mut reported);
+        let due = held.due();
         let n = tokio::select! {
             () = cancel.cancelled() => break,
             n = rx.recv_many(&mut batch, BATCH_MAX) => n,
+            () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                write_positions(&store, held.take_all()).await;
+                continue;
+            }
         };
         if n == 0 {
             break;
@@ -199,6 +281,7 @@ pub(crate) async fn run(
             &cancel,
             &tracker,
             std::mem::take(&mut batch),
+            &mut held,
         )
         .await;
     }
@@ -209,8 +292,9 @@ pub(crate) async fn run(
         batch.push(item);
     }
     if !batch.is_empty() {
-        apply(&store, &routes, &cancel, &tracker, batch).await;
+        apply(&store, &routes, &cancel, &tracker, batch, &mut held).await;
     }
+    write_positions(&store, held.take_all()).await;
     debug!("acker stopped");
 }
 
@@ -220,6 +304,7 @@ async fn apply(
     cancel: &CancellationToken,
     tracker: &TaskTracker,
     mut batch: Vec<AckItem>,
+    held: &mut HeldPositions,
 ) {
     let mut names = HashMap::with_capacity(batch.len());
     let resend: Vec<u64> = batch
@@ -227,16 +312,23 @@ async fn apply(
         .filter(|item| item.resend_pending)
         .map(|item| item.conn.user_id)
         .collect();
-    let positions: Vec<(u64, Vec<(u64, u64)>)> = batch
-        .iter_mut()
-        .filter(|item| !item.groups.is_empty())
-        .map(|item| (item.conn.user_id, std::mem::take(&mut item.groups)))
-        .collect();
-    if !positions.is_empty() {
-        if let Err(e) = store.group_ack(&positions).await {
-            warn!(error = %e, users = positions.len(), "storing group positions failed: those messages will be caught up again");
+    // Positions wait (see POSITION_LINGER) but those of closed connections, and all of them
+    // once the oldest is due.
+    let mut positions = Vec::new();
+    for item in batch.iter_mut() {
+        held.add(item.conn.user_id, std::mem::take(&mut item.groups));
+        if item.closing {
+            positions.extend(held.take_user(item.conn.user_id));
         }
     }
+    if held
+        .due()
+        .is_some_and(|due| due <= tokio::time::Instant::now())
+    {
+        positions.extend(held.take_all());
+    }
+    write_positions(store, positions).await;
+    batch.retain(|item| !item.closing);
     let acks = merge_by_user(batch, &mut names);
     let receipts = if acks.is_empty() {
         Vec::new()
@@ -467,6 +559,28 @@ pub(crate) fn validate(ids: Vec<String>) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn held_positions_keep_the_highest_per_group_until_due_or_closed() {
+        let mut held = HeldPositions::default();
+        assert_eq!(held.due(), None);
+        let start = tokio::time::Instant::now();
+        held.add(1, vec![(10, 5), (11, 2)]);
+        held.add(1, vec![(10, 3), (10, 7)]);
+        held.add(2, vec![(10, 4)]);
+        held.add(3, Vec::new());
+        assert_eq!(held.due(), Some(start + POSITION_LINGER));
+        tokio::time::advance(POSITION_LINGER / 2).await;
+        // A later position does not move the deadline: the oldest sets it.
+        held.add(2, vec![(10, 6)]);
+        assert_eq!(held.due(), Some(start + POSITION_LINGER));
+        let (user, mut groups) = held.take_user(1).expect("user 1 held");
+        groups.sort_unstable();
+        assert_eq!((user, groups), (1, vec![(10, 7), (11, 2)]));
+        assert!(held.take_user(3).is_none(), "nothing acked, nothing held");
+        assert_eq!(held.take_all(), vec![(2, vec![(10, 6)])]);
+        assert_eq!(held.due(), None);
+    }
 
     #[test]
     fn ack_frames_are_bounded() {

@@ -225,6 +225,11 @@ async fn cleanup<T: Transport>(
 ) {
     conn.mark_closed();
     state.table.remove_if_same(conn);
+    // Its group positions held in the acker are written now: a next login catches up from
+    // there.
+    state
+        .acks
+        .submit(crate::ack::AckItem::closing(conn.clone()));
     let detach = async {
         if let Err(e) = state
             .store
