@@ -2,7 +2,9 @@
 //! its inbox. Sessions hand acks to the [`AckQueue`] without waiting; one task takes whatever
 //! is queued (waiting [`LINGER`] for more after the first) and removes it from the inboxes
 //! of all those users in one state-store round trip, so acks cost O(1) round trips per
-//! batch, not per message or per user.
+//! batch, not per message or per user. Stored groups are acked by position instead: those
+//! wait longer ([`POSITION_LINGER`], or until their connection closes) and leave as each
+//! user's highest position per group.
 //!
 //! Messages that asked for a receipt come back from the store when acked (each once); they
 //! are forwarded to a route (`ForwardRequest.receipts`), which stores a RECEIPT message for
