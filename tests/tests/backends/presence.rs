@@ -60,6 +60,19 @@ pub(crate) async fn all_events(store: &dyn StateStore) -> anyhow::Result<Vec<Sto
     Ok(store.events_after(None, MAX_EVENTS_READ).await?)
 }
 
+/// Every event, once there are at least `n`: on a cluster the newest may come with a later
+/// read (the shards' clock watermark, see `Events::events_after`).
+pub(crate) async fn events_at_least(
+    store: &dyn StateStore,
+    n: usize,
+) -> anyhow::Result<Vec<StoredEvent>> {
+    wait_until(&format!("{n} events"), DEADLINE, || async {
+        all_events(store).await.is_ok_and(|e| e.len() >= n)
+    })
+    .await?;
+    all_events(store).await
+}
+
 pub(crate) fn event_ids(events: &[StoredEvent]) -> Vec<EventId> {
     events
         .iter()
@@ -76,7 +89,7 @@ pub(crate) async fn attach_and_detach_publish_presence_events(
     let before = now_ms();
     s.connect_user(1, "dora", "s1", "srv-a").await;
     let after = now_ms();
-    let events = all_events(&**s).await?;
+    let events = events_at_least(&**s, 1).await?;
     assert_eq!(summary(&events), [online(1, "dora", "srv-a")]);
     assert!(
         (before..=after).contains(&events[0].event.at_ms),
@@ -99,7 +112,7 @@ pub(crate) async fn attach_and_detach_publish_presence_events(
         .await?;
     s.detach(1, "dora", "s1", "srv-a", reason::CLOSED).await?;
     assert_eq!(
-        summary(&all_events(&**s).await?),
+        summary(&events_at_least(&**s, 2).await?),
         [
             online(1, "dora", "srv-a"),
             offline(1, "dora", "srv-a", reason::HEARTBEAT_TIMEOUT)
@@ -119,7 +132,7 @@ pub(crate) async fn attach_and_detach_publish_presence_events(
     );
     s.detach(1, "dora", "s2", "srv-a", reason::CONNECTION_LOST)
         .await?;
-    let events = all_events(&**s).await?;
+    let events = events_at_least(&**s, 4).await?;
     assert_eq!(
         summary(&events[2..]),
         [online(1, "dora", "srv-a"), online(1, "dora", "srv-b")]
