@@ -237,6 +237,14 @@ fn parse_ip_list(s: &str) -> Result<IpList, String> {
     bench::parse_ips(s).map(IpList)
 }
 
+/// The load of `--flat-out` / `--rate` (`default` messages per second when neither is given).
+fn load(flat_out: bool, rate: Option<f64>, default: f64) -> Load {
+    match flat_out {
+        true => Load::FlatOut,
+        false => Load::Rate(rate.unwrap_or(default)),
+    }
+}
+
 fn parse_worker_threads(s: &str) -> Result<usize, String> {
     let n = s.parse().map_err(|e| format!("{e}"))?;
     cim_common::cli::validate_worker_threads(n)?;
@@ -291,11 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             let opts = P2pOpts {
                 pairs: a.pairs,
                 duration: a.duration,
-                load: if a.flat_out {
-                    Load::FlatOut
-                } else {
-                    Load::Rate(a.rate.unwrap_or(1000.0))
-                },
+                load: load(a.flat_out, a.rate, 1000.0),
                 window: a.window,
                 transport: a.common.transport.into(),
                 user_offset: a.common.user_offset,
@@ -322,11 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             let opts = GroupOpts {
                 members: a.members,
                 online: a.online,
-                load: if a.flat_out {
-                    Load::FlatOut
-                } else {
-                    Load::Rate(a.rate.unwrap_or(50.0))
-                },
+                load: load(a.flat_out, a.rate, 50.0),
                 window: a.window,
                 count: a.count,
                 catch_up: a.catch_up,

@@ -330,7 +330,6 @@ async fn apply(
         positions.extend(held.take_all());
     }
     write_positions(store, positions).await;
-    batch.retain(|item| !item.closing);
     let acks = merge_by_user(batch, &mut names);
     let receipts = if acks.is_empty() {
         Vec::new()
